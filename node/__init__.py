@@ -1,0 +1,1 @@
+"""filch: a peer-to-peer batch task scheduler on etcd and runc."""

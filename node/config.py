@@ -1,0 +1,206 @@
+"""The agent's configuration: one frozen dataclass.
+
+Precedence, highest first: command-line flags, FILCH_* environment variables, a TOML
+file (--config / FILCH_CONFIG), the defaults below (which work on a laptop).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import shutil
+import socket
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from node.errors import InvalidArgument
+
+
+def _default_data_dir() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/filch"
+    return str(Path.home() / ".local/share/filch")
+
+
+def _default_memory() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _default_executor() -> str:
+    # runc isolates, but needs root (rootless runc needs a cgroup delegation we do not assume).
+    return "runc" if os.geteuid() == 0 and shutil.which("runc") else "process"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a node needs to know. Each field's docstring is its --help text."""
+
+    name: str = field(default_factory=socket.gethostname)
+    """Human name of this node (also its etcd member name)."""
+    data_dir: str = field(default_factory=_default_data_dir)
+    """Where the etcd member, logs and container bundles live."""
+    listen: str = "127.0.0.1:7070"
+    """HOST:PORT the gRPC API listens on."""
+    advertise: str = ""
+    """HOST:PORT other nodes use to reach this one (default: --listen)."""
+    etcd_peer_url: str = "http://127.0.0.1:2380"
+    """URL of this node's etcd member for its peers."""
+    etcd_client_url: str = "http://127.0.0.1:2379"
+    """URL of this node's etcd member for clients; must be on loopback (127.0.0.0/8)."""
+    initial_cluster: str = ""
+    """name=peer-url,... of every etcd member at bootstrap (default: this member alone)."""
+    initial_cluster_state: str = "new"
+    """"new" to bootstrap a cluster, "existing" to join one that runs already."""
+    etcd_endpoint: str = ""
+    """Use this existing etcd client URL instead of starting a member (client-only node)."""
+    etcd_binary: str = "etcd"
+    """The etcd server executable."""
+    etcd_quota_bytes: int = 2 * 1024**3
+    """etcd's backend quota; past it etcd raises NOSPACE."""
+    cpus: float = field(default_factory=lambda: float(os.cpu_count() or 1))
+    """CPU cores this node offers to tasks."""
+    memory: int = field(default_factory=_default_memory)
+    """Bytes of memory this node offers to tasks."""
+    executor: str = field(default_factory=_default_executor)
+    """runc (isolated containers; needs root) or process (plain processes, NOT isolated)."""
+    runc_binary: str = "runc"
+    """The runc executable."""
+    task_uid: int = 65534
+    """uid and gid tasks run as (nobody); tasks never run as root."""
+    lease_ttl: int = 5
+    """Seconds: the node lease. Short enough that a dead node's tasks move within seconds,
+    long enough to ride out an etcd leader election (~1 s)."""
+    sweep_interval: float = 5.0
+    """Seconds between full re-reads of the queue and running tasks (repairs missed events)."""
+    steal_delay: float = 0.05
+    """Seconds a fully loaded node waits before trying a steal; an idle node waits ~0."""
+    cancel_grace: float = 5.0
+    """Seconds between SIGTERM and SIGKILL when a task is canceled."""
+    shutdown_grace: float = 10.0
+    """Seconds SIGTERM waits for running tasks before stopping them and handing them back."""
+    config_file: str = ""
+    """TOML file with any of these fields (underscored names)."""
+
+    # -- derived -------------------------------------------------------------------------
+
+    @property
+    def advertise_address(self) -> str:
+        return self.advertise or self.listen
+
+    @property
+    def embedded_etcd(self) -> bool:
+        return not self.etcd_endpoint
+
+    @property
+    def etcd_client_endpoint(self) -> str:
+        return self.etcd_endpoint or self.etcd_client_url
+
+    @property
+    def cpu_capacity_millis(self) -> int:
+        return int(round(self.cpus * 1000))
+
+    @property
+    def initial_cluster_or_self(self) -> str:
+        return self.initial_cluster or f"{self.name}={self.etcd_peer_url}"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.data_dir)
+
+    def validate(self) -> Config:
+        """Return self, or raise InvalidArgument naming the first bad field."""
+        _check_host_port("listen", self.listen)
+        _check_host_port("advertise", self.advertise_address)
+        _check_url("etcd_client_url", self.etcd_client_url, loopback=True)
+        _check_url("etcd_peer_url", self.etcd_peer_url, loopback=False)
+        if self.etcd_endpoint:
+            _check_url("etcd_endpoint", self.etcd_endpoint, loopback=True)
+        for member in filter(None, self.initial_cluster.split(",")):
+            name, sep, url = member.partition("=")
+            if not sep or not name:
+                raise InvalidArgument("initial_cluster", f"{member!r} is not name=peer-url")
+            _check_url("initial_cluster", url, loopback=False)
+        if self.initial_cluster_state not in ("new", "existing"):
+            raise InvalidArgument("initial_cluster_state", "must be 'new' or 'existing'")
+        if not 0 < self.cpus <= 4096:
+            raise InvalidArgument("cpus", f"{self.cpus} is not between 0 and 4096")
+        if not 0 < self.memory <= 1 << 50:
+            raise InvalidArgument("memory", f"{self.memory} bytes is not a sane capacity")
+        if self.executor not in ("runc", "process"):
+            raise InvalidArgument("executor", "must be 'runc' or 'process'")
+        if not 2 <= self.lease_ttl <= 300:
+            raise InvalidArgument("lease_ttl", "must be 2..300 seconds")
+        if self.task_uid == 0:
+            raise InvalidArgument("task_uid", "tasks never run as root; pick a non-zero uid")
+        return self
+
+
+def _check_host_port(name: str, value: str) -> None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(name, f"{value!r} is not HOST:PORT")
+
+
+def _check_url(name: str, value: str, *, loopback: bool) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+        raise InvalidArgument(name, f"{value!r} is not a URL like http://127.0.0.1:2379")
+    if loopback:
+        try:
+            is_loopback = ipaddress.ip_address(parts.hostname).is_loopback
+        except ValueError:
+            is_loopback = parts.hostname == "localhost"
+        if not is_loopback:
+            raise InvalidArgument(
+                name, f"{value!r} must be on loopback (127.0.0.0/8): etcd clients stay local")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    """Convert a TOML or environment value to the field's type."""
+    kind = FIELDS[name].type
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except (TypeError, ValueError):
+        raise InvalidArgument(name, f"{raw!r} is not a number") from None
+    return str(raw)
+
+
+def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Build and validate the Config. flags holds only options the user actually gave.
+
+    Raises InvalidArgument for an unknown TOML key, a malformed value or a failed check.
+    """
+    environ = os.environ if environ is None else environ
+    from_env = {
+        name: environ[f"FILCH_{name.upper()}"]
+        for name in FIELDS
+        if f"FILCH_{name.upper()}" in environ
+    }
+    config_file = flags.get("config_file") or from_env.get("config_file") or ""
+    from_file: dict[str, Any] = {}
+    if config_file:
+        try:
+            with open(config_file, "rb") as stream:
+                from_file = tomllib.load(stream)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise InvalidArgument("config_file", f"cannot read {config_file}: {exc}") from exc
+        unknown = sorted(set(from_file) - set(FIELDS))
+        if unknown:
+            raise InvalidArgument("config_file", f"unknown keys {unknown}")
+    values: dict[str, Any] = {}
+    for source in (from_file, from_env, flags):
+        for name, raw in source.items():
+            if raw is not None:
+                values[name] = _coerce(name, raw)
+    return Config(**values).validate()

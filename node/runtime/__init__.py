@@ -1,0 +1,1 @@
+"""Executors: the only places that start task processes."""
