@@ -170,7 +170,6 @@ class Task(_message.Message):
     NODE_ADDRESS_FIELD_NUMBER: _builtins.int
     NODE_NAME_FIELD_NUMBER: _builtins.int
     FENCING_TOKEN_FIELD_NUMBER: _builtins.int
-    CANCEL_REQUESTED_FIELD_NUMBER: _builtins.int
     SUBMITTED_AT_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
@@ -191,8 +190,6 @@ class Task(_message.Message):
     node_name: _builtins.str
     fencing_token: _builtins.int
     """etcd revision of the steal transaction of the current attempt"""
-    cancel_requested: _builtins.bool
-    """set by Cancel on a running task; the owner stops it"""
     @_builtins.property
     def spec(self) -> Global___TaskSpec: ...
     @_builtins.property
@@ -216,14 +213,13 @@ class Task(_message.Message):
         node_address: _builtins.str = ...,
         node_name: _builtins.str = ...,
         fencing_token: _builtins.int = ...,
-        cancel_requested: _builtins.bool = ...,
         submitted_at: _timestamp_pb2.Timestamp | None = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "spec", b"spec", "started_at", b"started_at", "submitted_at", b"submitted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "cancel_requested", b"cancel_requested", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "finished_at", b"finished_at", "id", b"id", "message", b"message", "node_address", b"node_address", "node_id", b"node_id", "node_name", b"node_name", "reason", b"reason", "request_id", b"request_id", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "finished_at", b"finished_at", "id", b"id", "message", b"message", "node_address", b"node_address", "node_id", b"node_id", "node_name", b"node_name", "reason", b"reason", "request_id", b"request_id", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,289 @@
+"""The only module that talks to etcd: typed reads, watches and lifecycle transactions.
+
+Every change of a task's state is one call to `Store.transition`, which moves the Task
+record and its status key in the same etcd transaction (design.md). Library errors are
+translated here into node.errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.exceptions
+import aetcd.rpc as rpc
+import grpc
+
+from node import keys
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.errors import StoreFull, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Per-request deadline: long enough for a commit during a leader election (~1 s),
+# short enough that a dead member is noticed well inside a lease TTL.
+REQUEST_TIMEOUT = 3.0
+
+# etcd refuses transactions with more operations than this (its --max-txn-ops default).
+MAX_TXN_OPS = 128
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A Task record together with the etcd mod_revision it was read at."""
+
+    task: pb.Task
+    mod_revision: int
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One change under a watched prefix."""
+
+    deleted: bool
+    key: bytes
+    value: bytes
+    revision: int
+
+
+@dataclass(frozen=True)
+class MemberStatus:
+    """What the local etcd member says about itself."""
+
+    member_id: int
+    leader_id: int
+    db_size: int
+    nospace: bool
+
+
+class Compacted(Exception):
+    """A watch asked for history that etcd already compacted; re-list and watch again."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"revision compacted up to {revision}")
+        self.revision = revision
+
+
+def status_key(task: pb.Task) -> bytes:
+    """The status key a task record in this state is paired with."""
+    if task.state == pb.TASK_STATE_PENDING:
+        return keys.queued(task.id)
+    if task.state == pb.TASK_STATE_RUNNING:
+        return keys.running(task.node_id, task.id)
+    epoch = keys.epoch_ms(task.finished_at.seconds + task.finished_at.nanos / 1e9)
+    if task.state == pb.TASK_STATE_COMPLETE:
+        return keys.complete(epoch, task.id)
+    if task.state == pb.TASK_STATE_CANCELED:
+        return keys.canceled(epoch, task.id)
+    raise ValueError(f"task {task.id} has no state")
+
+
+def _compare(key: bytes, target: str, value: int, result: int = 0) -> Any:
+    """An etcd Compare on one key: version, create_revision or mod_revision (EQUAL by default)."""
+    targets = {"version": rpc.Compare.VERSION, "create_revision": rpc.Compare.CREATE,
+               "mod_revision": rpc.Compare.MOD}
+    return rpc.Compare(key=key, target=targets[target], result=result, **{target: value})
+
+
+def _translate(exc: BaseException) -> Exception:
+    """Map an aetcd/grpc error to StoreUnavailable or StoreFull."""
+    text = str(exc)
+    if "space exceeded" in text or "NOSPACE" in text:
+        return StoreFull("etcd is out of space (NOSPACE alarm); "
+                         "finished tasks must be cleaned up before new work is accepted")
+    return StoreUnavailable(f"etcd unavailable: {text or type(exc).__name__}")
+
+
+_ETCD_ERRORS = (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, asyncio.TimeoutError,
+                ConnectionError)
+
+
+class Store:
+    """A connection to the local etcd member and every operation filch performs on it."""
+
+    def __init__(self, endpoint: str, timeout: float = REQUEST_TIMEOUT) -> None:
+        parts = urlsplit(endpoint)
+        self._client = aetcd.Client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379,
+                                    timeout=timeout)
+        self._timeout = timeout
+        self.endpoint = endpoint
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await make()
+        except _ETCD_ERRORS as exc:
+            raise _translate(exc) from exc
+
+    async def _range(self, start: bytes, end: bytes, *, limit: int = 0, keys_only: bool = False,
+                     count_only: bool = False) -> Any:
+        """A raw Range call: aetcd's helpers do not pass limit/count_only through."""
+        await self._call(self._client.connect)
+        request = rpc.RangeRequest(key=start, range_end=end, limit=limit,
+                                         keys_only=keys_only, count_only=count_only)
+        return await self._call(lambda: self._client.kvstub.Range(
+            request, timeout=self._timeout, metadata=self._client.metadata))
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    async def get_task(self, task_id: str) -> Versioned | None:
+        """The task record and its revision, or None when there is no such task."""
+        result = await self._call(lambda: self._client.get(keys.task(task_id)))
+        if result is None:
+            return None
+        return Versioned(pb.Task.FromString(result.value), result.mod_revision)
+
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[Versioned]:
+        """The records of these tasks, one round trip per 128 ids; missing ids are skipped."""
+        found: list[Versioned] = []
+        for start in range(0, len(task_ids), MAX_TXN_OPS):
+            ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=keys.task(task_id)))
+                   for task_id in task_ids[start:start + MAX_TXN_OPS]]
+            response = await self._txn(rpc.TxnRequest(success=ops))
+            for op in response.responses:
+                for kv in op.response_range.kvs:
+                    found.append(Versioned(pb.Task.FromString(kv.value), kv.mod_revision))
+        return found
+
+    async def transition(self, old: Versioned | None, new: pb.Task, *, lease_id: int = 0,
+                         fence: int = 0, owner_gone: bool = False) -> int | None:
+        """Move a task from old to new: record and status key in one transaction.
+
+        - old None (submit): succeeds only if no record with this id exists.
+        - otherwise the record must still be at old.mod_revision, and the old status key
+          must exist — created exactly at revision `fence` when fence is given (the
+          attempt's fencing token), or be absent when owner_gone (requeue after a lease
+          expired).
+        new's status key is put with lease_id when the new state is RUNNING.
+        Returns the transaction's revision (for a steal: the fencing token), or None when
+        a compare failed (someone else moved the task first). Raises StoreUnavailable /
+        StoreFull.
+        """
+        record_key = keys.task(new.id)
+        new_status = status_key(new)
+        compare: list[Any] = []
+        success: list[Any] = []
+        old_status = b""
+        if old is None:
+            compare.append(_compare(record_key, "version", 0))
+        else:
+            compare.append(_compare(record_key, "mod_revision", old.mod_revision))
+            old_status = status_key(old.task)
+            if fence:
+                compare.append(_compare(old_status, "create_revision", fence))
+            elif owner_gone:
+                compare.append(_compare(old_status, "version", 0))
+            else:
+                compare.append(_compare(old_status, "version", 0, rpc.Compare.GREATER))
+            if old_status != new_status:
+                success.append(rpc.RequestOp(
+                    request_delete_range=rpc.DeleteRangeRequest(key=old_status)))
+        if old_status != new_status:
+            lease = lease_id if new.state == pb.TASK_STATE_RUNNING else 0
+            success.append(rpc.RequestOp(
+                request_put=rpc.PutRequest(key=new_status, value=b"", lease=lease)))
+        success.append(rpc.RequestOp(
+            request_put=rpc.PutRequest(key=record_key, value=new.SerializeToString())))
+        response = await self._txn(rpc.TxnRequest(compare=compare, success=success))
+        return int(response.header.revision) if response.succeeded else None
+
+    async def _txn(self, request: Any) -> Any:
+        await self._call(self._client.connect)
+        return await self._call(lambda: self._client.kvstub.Txn(
+            request, timeout=self._timeout, metadata=self._client.metadata))
+
+    async def list_ids(self, prefix: bytes, *, after: bytes = b"", limit: int = 0) -> list[bytes]:
+        """Keys under prefix in key order, starting after `after`."""
+        start = after + b"\0" if after else prefix
+        response = await self._range(start, keys.prefix_end(prefix), limit=limit, keys_only=True)
+        return [kv.key for kv in response.kvs]
+
+    async def list_records(self, *, after: bytes = b"", limit: int = 0) -> tuple[list[Versioned], bool]:
+        """Task records in id order after `after`; returns (records, more)."""
+        start = after + b"\0" if after else keys.TASK_RECORDS_START
+        response = await self._range(start, keys.TASK_RECORDS_END, limit=limit)
+        return ([Versioned(pb.Task.FromString(kv.value), kv.mod_revision) for kv in response.kvs],
+                bool(response.more))
+
+    async def count(self, prefix: bytes) -> int:
+        response = await self._range(prefix, keys.prefix_end(prefix), count_only=True)
+        return int(response.count)
+
+    # -- nodes and leases ----------------------------------------------------------------
+
+    async def grant_lease(self, ttl: int) -> int:
+        lease = await self._call(lambda: self._client.lease(ttl))
+        return int(lease.id)
+
+    async def keep_alive(self, lease_id: int) -> int:
+        """Renew the lease once; returns the TTL etcd granted (<= 0: the lease is gone)."""
+        reply = await self._call(lambda: self._client.refresh_lease(lease_id))
+        return int(reply.TTL) if reply is not None else 0
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        await self._call(lambda: self._client.revoke_lease(lease_id))
+
+    async def put_node(self, node: pb.Node, lease_id: int) -> None:
+        await self._call(lambda: self._client.put(keys.node(node.id), node.SerializeToString(),
+                                                  lease=lease_id))
+
+    async def list_nodes(self) -> list[pb.Node]:
+        response = await self._range(keys.NODES, keys.prefix_end(keys.NODES))
+        return [pb.Node.FromString(kv.value) for kv in response.kvs]
+
+    async def member_status(self) -> MemberStatus:
+        await self._call(self._client.connect)
+        meta = self._client.metadata
+        status = await self._call(lambda: self._client.maintenancestub.Status(
+            rpc.StatusRequest(), timeout=self._timeout, metadata=meta))
+        alarms = await self._call(lambda: self._client.maintenancestub.Alarm(
+            rpc.AlarmRequest(action=rpc.AlarmRequest.GET), timeout=self._timeout, metadata=meta))
+        return MemberStatus(
+            member_id=int(status.header.member_id),
+            leader_id=int(status.leader),
+            db_size=int(status.dbSize),
+            nospace=any(alarm.alarm == rpc.NOSPACE for alarm in alarms.alarms),
+        )
+
+    async def current_revision(self) -> int:
+        response = await self._range(keys.NODES, keys.prefix_end(keys.NODES), count_only=True)
+        return int(response.header.revision)
+
+    # -- watches -------------------------------------------------------------------------
+
+    async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[WatchEvent]:
+        """Every change under prefix from start_revision on, until the stream breaks.
+
+        Raises Compacted when start_revision is no longer in etcd's history, and
+        StoreUnavailable when the stream fails; the caller re-lists and watches again.
+        Cancelling the consumer cancels the etcd watch.
+        """
+        try:
+            stream = await self._client.watch_prefix(prefix, start_revision=start_revision)
+        except aetcd.exceptions.RevisionCompactedError as exc:
+            raise Compacted(exc.compacted_revision) from exc
+        except _ETCD_ERRORS as exc:
+            raise _translate(exc) from exc
+        try:
+            async for event in stream:
+                yield WatchEvent(deleted=event.kind == "DELETE", key=event.kv.key,
+                                 value=event.kv.value, revision=event.kv.mod_revision)
+        except aetcd.exceptions.RevisionCompactedError as exc:
+            raise Compacted(exc.compacted_revision) from exc
+        except _ETCD_ERRORS as exc:
+            raise _translate(exc) from exc
+        finally:
+            try:
+                await asyncio.shield(stream.cancel())
+            except _ETCD_ERRORS:
+                log.debug("cancelling a broken watch failed", exc_info=True)
+        raise StoreUnavailable("etcd watch stream ended")
