@@ -125,11 +125,11 @@ class Store:
             raise _translate(exc) from exc
 
     async def _range(self, start: bytes, end: bytes, *, limit: int = 0, keys_only: bool = False,
-                     count_only: bool = False) -> Any:
-        """A raw Range call: aetcd's helpers do not pass limit/count_only through."""
+                     count_only: bool = False, revision: int = 0) -> Any:
+        """A raw Range call: aetcd's helpers do not pass limit/count_only/revision through."""
         await self._call(self._client.connect)
-        request = rpc.RangeRequest(key=start, range_end=end, limit=limit,
-                                         keys_only=keys_only, count_only=count_only)
+        request = rpc.RangeRequest(key=start, range_end=end, limit=limit, keys_only=keys_only,
+                                   count_only=count_only, revision=revision)
         return await self._call(lambda: self._client.kvstub.Range(
             request, timeout=self._timeout, metadata=self._client.metadata))
 
@@ -201,10 +201,18 @@ class Store:
         return await self._call(lambda: self._client.kvstub.Txn(
             request, timeout=self._timeout, metadata=self._client.metadata))
 
-    async def list_ids(self, prefix: bytes, *, after: bytes = b"", limit: int = 0) -> list[bytes]:
-        """Keys under prefix in key order, starting after `after`."""
+    async def list_ids(self, prefix: bytes, *, after: bytes = b"", limit: int = 0,
+                       revision: int = 0) -> list[bytes]:
+        """Keys under prefix in key order, starting after `after`, optionally as of a past
+        revision (raises Compacted when that history is gone)."""
         start = after + b"\0" if after else prefix
-        response = await self._range(start, keys.prefix_end(prefix), limit=limit, keys_only=True)
+        try:
+            response = await self._range(start, keys.prefix_end(prefix), limit=limit,
+                                         keys_only=True, revision=revision)
+        except StoreUnavailable as exc:
+            if "compacted" in str(exc):
+                raise Compacted(revision) from exc
+            raise
         return [kv.key for kv in response.kvs]
 
     async def list_records(self, *, after: bytes = b"", limit: int = 0) -> tuple[list[Versioned], bool]:

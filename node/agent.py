@@ -1,0 +1,149 @@
+"""`filch agent`: one node — etcd member, API, stealer, runner, membership, recovery.
+
+Shutdown on SIGTERM/SIGINT: health NOT_SERVING, stop stealing, wait up to
+shutdown_grace for running tasks, stop what is left and hand it back to the queue
+(restart=false tasks end NODE_LOST), revoke the lease, stop the gRPC server, cancel the
+loops, close etcd, stop the etcd member.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.api import SchedulerServicer
+from node.config import Config
+from node.etcd_member import EtcdMember
+from node.logs import LogService
+from node.membership import Membership
+from node.recovery import Recovery
+from node.runner import Runner
+from node.runtime.base import Executor
+from node.service import TaskService
+from node.stealer import Stealer
+from node.store import Store
+
+log = logging.getLogger("filch.agent")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+# gRPC server grace on shutdown: lets in-flight unary calls finish; log followers are cut.
+SERVER_STOP_GRACE = 2.0
+
+
+def make_executor(config: Config) -> Executor:
+    """The executor the config asks for (runc isolates; process does not)."""
+    if config.executor == "runc":
+        from node.runtime.runc import RuncExecutor
+        return RuncExecutor(config.runc_binary, config.path / "runc", config.task_uid)
+    from node.runtime.process import ProcessExecutor
+    return ProcessExecutor(config.task_uid if os.geteuid() == 0 else None)
+
+
+class Agent:
+    """Wires the parts of a node together and runs them until asked to stop."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._stop = asyncio.Event()
+        self._exit_code = 0
+
+    def request_stop(self, exit_code: int = 0) -> None:
+        self._exit_code = self._exit_code or exit_code
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Run the node; return the process exit code once shutdown is complete."""
+        config = self.config
+        config.path.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+        member = EtcdMember(config) if config.embedded_etcd else None
+        if member is not None:
+            await member.start()
+        store = Store(config.etcd_client_endpoint)
+        try:
+            return await self._serve(store, member)
+        finally:
+            await store.close()
+            if member is not None:
+                await member.stop()
+
+    async def _serve(self, store: Store, member: EtcdMember | None) -> int:
+        config = self.config
+        executor = make_executor(config)
+        reaped = await executor.reap_stale()
+        if reaped:
+            log.warning("removed %d containers left by an earlier run of this node", reaped)
+
+        stealer: Stealer | None = None
+
+        def changed() -> None:
+            membership.publish()
+            if stealer is not None:
+                stealer.wake()
+
+        runner: Runner
+        membership = Membership(config, store, executor.name, lambda: runner.allocation(),
+                                lambda: runner.fence())
+        runner = Runner(config, store, executor, membership, changed)
+        stealer = Stealer(config, store, runner, membership)
+        recovery = Recovery(config, store)
+        tasks = TaskService(store)
+
+        server = grpc.aio.server()
+        pb_grpc.add_SchedulerServicer_to_server(
+            SchedulerServicer(tasks, LogService(config, store, runner)), server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        server.add_insecure_port(config.listen)
+        await server.start()
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("node %s serving filch.v1.Scheduler on %s (advertised %s), executor %s, "
+                 "%g CPUs, %d bytes", config.name, config.listen, config.advertise_address,
+                 executor.name, config.cpus, config.memory)
+
+        async with asyncio.TaskGroup() as group:
+            loops = [group.create_task(part.run()) for part in
+                     (membership, runner, stealer, recovery)]
+            if member is not None:
+                loops.append(group.create_task(self._watch_member(member)))
+            await self._stop.wait()
+            log.info("shutting down")
+            for service in ("", SERVICE_NAME):
+                await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+            stealer.pause()
+            await runner.drain(config.shutdown_grace)
+            await membership.leave()
+            await server.stop(SERVER_STOP_GRACE)
+            for part in loops:
+                part.cancel()
+        log.info("stopped")
+        return self._exit_code
+
+    async def _watch_member(self, member: EtcdMember) -> None:
+        code = await member.wait()
+        log.error("the etcd member exited with status %s: stopping this node", code)
+        self.request_stop(exit_code=1)
+
+
+def main(config: Config) -> int:
+    """Entry point of `filch agent`."""
+    logging.basicConfig(level=os.environ.get("FILCH_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):
+        return asyncio.run(Agent(config).run())
+    return 130

@@ -1,0 +1,65 @@
+"""The records each lifecycle arrow writes (design.md, "Task lifecycle"). Pure functions.
+
+Store.transition writes them together with their status key; these only build them.
+"""
+
+from __future__ import annotations
+
+from node._gen.filch.v1 import filch_pb2 as pb
+
+
+def _copy(task: pb.Task) -> pb.Task:
+    new = pb.Task()
+    new.CopyFrom(task)
+    return new
+
+
+def stolen(task: pb.Task, node_id: str, node_name: str, node_address: str) -> pb.Task:
+    """PENDING -> RUNNING on this node, as the next attempt."""
+    new = _copy(task)
+    new.state = pb.TASK_STATE_RUNNING
+    new.node_id, new.node_name, new.node_address = node_id, node_name, node_address
+    new.attempt = task.attempt + 1
+    new.message = ""
+    new.started_at.GetCurrentTime()
+    new.ClearField("finished_at")
+    return new
+
+
+def started(task: pb.Task, fencing_token: int) -> pb.Task:
+    """The in-memory RUNNING record with the fencing token the steal transaction produced."""
+    new = _copy(task)
+    new.fencing_token = fencing_token
+    return new
+
+
+def finished(task: pb.Task, state: int, reason: int, *, exit_code: int = 0,
+             message: str = "") -> pb.Task:
+    """-> COMPLETE or CANCELED now, with this reason."""
+    new = _copy(task)
+    new.state = state  # type: ignore[assignment]
+    new.reason = reason  # type: ignore[assignment]
+    new.exit_code = exit_code
+    new.message = message
+    new.finished_at.GetCurrentTime()
+    return new
+
+
+def requeued(task: pb.Task, why: str) -> pb.Task:
+    """RUNNING -> PENDING again (the node was lost or shut down; restart=true)."""
+    new = _copy(task)
+    new.state = pb.TASK_STATE_PENDING
+    new.message = f"requeued after attempt {task.attempt}: {why}"
+    new.fencing_token = 0
+    return new
+
+
+def lost(task: pb.Task, why: str) -> pb.Task:
+    """The attempt's node was lost and the task may not run again: COMPLETE, NODE_LOST."""
+    return finished(task, pb.TASK_STATE_COMPLETE, pb.REASON_NODE_LOST,
+                    message=f"attempt {task.attempt} lost: {why}")
+
+
+def after_owner_lost(task: pb.Task, why: str) -> pb.Task:
+    """What a RUNNING task becomes when its node is gone: requeued or NODE_LOST."""
+    return requeued(task, why) if task.spec.restart else lost(task, why)

@@ -1,0 +1,122 @@
+"""Task logs: kept on the node that ran the attempt, streamed from any node.
+
+The node that ran an attempt streams its log file from disk; any other node proxies the
+request over gRPC to the owner's advertised address (design.md, "Logs").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.config import Config
+from node.errors import FilchError, InvalidArgument, OwnerUnavailable, TaskNotFound
+from node.runner import Runner, log_path
+from node.store import Store
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 64 * 1024
+
+# How often a follower looks for new output. Short enough to feel live in a terminal.
+FOLLOW_POLL = 0.2
+
+# A proxied request carries this metadata so that it is never proxied a second time.
+PROXIED_HEADER = "filch-proxied"
+
+
+class NotStarted(FilchError):
+    """The task has no attempt yet, so there is no log to show."""
+
+
+class LogService:
+    """Streams the log of a task's attempt from wherever it lives."""
+
+    def __init__(self, config: Config, store: Store, runner: Runner) -> None:
+        self._config = config
+        self._store = store
+        self._runner = runner
+
+    async def stream(self, task_id: str, *, follow: bool, attempt: int,
+                     proxied: bool) -> AsyncIterator[bytes]:
+        """Yield the log of one attempt (0: the latest); with follow, until it ends.
+
+        Raises TaskNotFound, NotStarted, InvalidArgument (no such attempt) or
+        OwnerUnavailable (the owning node cannot be reached).
+        """
+        task = await self._wait_started(task_id, follow)
+        if task is None:
+            return      # finished without ever starting: there is no output
+        attempt = attempt or task.attempt
+        if attempt > task.attempt:
+            raise InvalidArgument("attempt", f"task {task_id} has had {task.attempt} attempts")
+        path = log_path(self._config.path, task_id, attempt)
+        if path.exists() or proxied or task.node_address == self._config.advertise_address:
+            if not path.exists():
+                raise TaskNotFound(f"{task_id} (the log of attempt {attempt} is no longer on "
+                                   f"node {self._config.name})")
+            async for chunk in read_file(path, lambda: follow and self._runner.is_running(
+                    task_id, attempt)):
+                yield chunk
+            return
+        if attempt != task.attempt:
+            raise OwnerUnavailable(f"attempt {attempt} of task {task_id} ran on another node "
+                                   f"whose address was not kept; ask that node directly")
+        async for chunk in self._proxy(task, attempt, follow):
+            yield chunk
+
+    async def _wait_started(self, task_id: str, follow: bool) -> pb.Task | None:
+        while True:
+            found = await self._store.get_task(task_id)
+            if found is None:
+                raise TaskNotFound(task_id)
+            task = found.task
+            if task.attempt > 0:
+                return task
+            if task.state in (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED):
+                return None
+            if not follow:
+                raise NotStarted(f"task {task_id} has not started yet, so it has no log; "
+                                 "use `filch logs -f` to wait for it")
+            await asyncio.sleep(FOLLOW_POLL * 5)
+
+    async def _proxy(self, task: pb.Task, attempt: int, follow: bool) -> AsyncIterator[bytes]:
+        where = f"node {task.node_name} ({task.node_address})"
+        request = pb.StreamLogsRequest(id=task.id, follow=follow, attempt=attempt)
+        try:
+            async with grpc.aio.insecure_channel(task.node_address) as channel:
+                stub = pb_grpc.SchedulerStub(channel)
+                call = stub.StreamLogs(request, metadata=((PROXIED_HEADER, "1"),))
+                async for chunk in call:
+                    yield chunk.data
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise OwnerUnavailable(
+                    f"{where}, which ran attempt {attempt} of task {task.id}, cannot be reached; "
+                    "logs are kept only on the node that ran the task") from exc
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise TaskNotFound(f"{task.id} (its log is gone from {where})") from exc
+            raise OwnerUnavailable(f"{where} failed to stream the log: {exc.details()}") from exc
+
+
+async def read_file(path: Path, follow: Callable[[], bool]) -> AsyncIterator[bytes]:
+    """Yield the file's content; while follow() is true, keep waiting for more."""
+    with path.open("rb") as stream:
+        while True:
+            chunk = await asyncio.to_thread(stream.read, CHUNK_BYTES)
+            if chunk:
+                yield chunk
+                continue
+            if not follow():
+                # The writer may have added its last bytes just before it ended.
+                rest = await asyncio.to_thread(stream.read)
+                if rest:
+                    yield rest
+                return
+            await asyncio.sleep(FOLLOW_POLL)

@@ -1,0 +1,190 @@
+"""Node registration on an etcd lease, keepalive, and self-fencing.
+
+A node registers under a fresh id on a fresh lease. If it cannot renew the lease before
+TTL − margin (monotonic clock, counted from when the last acknowledged renewal was
+sent), it fences itself — kills its tasks and stops stealing — before etcd can expire
+the lease and another node requeues them. Then it registers again as a new node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import NoReturn
+
+from node import keys
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.config import Config
+from node.errors import FilchError
+from node.store import Store
+
+log = logging.getLogger(__name__)
+
+# How long before the lease could expire a node gives up and fences itself: enough for
+# killing containers (runc kill is ~10 ms) and for clock-rate differences between hosts.
+FENCE_MARGIN_FRACTION = 0.2
+FENCE_MARGIN_MIN = 0.5
+
+# Renew three times per TTL so that one lost renewal never comes close to the deadline.
+RENEWALS_PER_TTL = 3
+
+# Back-off between registration attempts while etcd is unreachable or has no quorum.
+REGISTER_RETRY = 0.5
+
+# Coalesce node-record updates: allocation changes with every steal and finish.
+PUBLISH_DEBOUNCE = 0.2
+
+
+@dataclass(frozen=True)
+class Registration:
+    """This node's current identity in the cluster."""
+
+    node_id: str
+    lease_id: int
+
+
+@dataclass(frozen=True)
+class Allocation:
+    cpu_millis: int
+    memory_bytes: int
+    running: int
+
+
+class Membership:
+    """Keeps this node registered; tells the rest of the agent when it must fence itself."""
+
+    def __init__(self, config: Config, store: Store, executor_name: str,
+                 allocation: Callable[[], Allocation],
+                 on_fence: Callable[[], Awaitable[None]]) -> None:
+        self._config = config
+        self._store = store
+        self._executor_name = executor_name
+        self._allocation = allocation
+        self._on_fence = on_fence
+        self._dirty = asyncio.Event()
+        self._registered_at = 0.0
+        self._member_id = 0
+        self._deadline = 0.0
+        self.registration: Registration | None = None
+        self.live = asyncio.Event()
+        """Set while this node holds a fresh lease; stealing waits for it."""
+        self.fences = 0
+        self.last_renew_seconds = 0.0
+
+    @property
+    def margin(self) -> float:
+        return max(FENCE_MARGIN_MIN, self._config.lease_ttl * FENCE_MARGIN_FRACTION)
+
+    def publish(self) -> None:
+        """Note that allocation changed; the node record is rewritten shortly."""
+        self._dirty.set()
+
+    async def run(self) -> NoReturn:
+        """Register, renew, fence on failure, register again — forever."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._publish_loop())
+            while True:
+                registration = await self._register()
+                await self._renew_until_lost(registration)
+                await self._fence(registration)
+        raise AssertionError("unreachable")
+
+    async def _register(self) -> Registration:
+        while True:
+            try:
+                lease_id = await self._store.grant_lease(self._config.lease_ttl)
+                sent = time.monotonic()
+                self._member_id = (await self._store.member_status()).member_id
+                registration = Registration(keys.new_node_id(), lease_id)
+                self.registration = registration
+                self._registered_at = time.time()
+                await self._store.put_node(self._node_record(registration), lease_id)
+                self._deadline = sent + self._config.lease_ttl - self.margin
+                self.live.set()
+                log.info("registered as node %s (lease %x, ttl %ss)", registration.node_id,
+                         lease_id, self._config.lease_ttl)
+                return registration
+            except FilchError as exc:
+                self.registration = None
+                log.warning("cannot register yet: %s", exc)
+                await asyncio.sleep(REGISTER_RETRY)
+
+    async def _renew_until_lost(self, registration: Registration) -> None:
+        """Return when the lease is lost or can no longer be trusted."""
+        ttl = self._config.lease_ttl
+        next_renew = time.monotonic() + ttl / RENEWALS_PER_TTL
+        while True:
+            now = time.monotonic()
+            if now >= self._deadline:
+                log.error("lease not renewed for %.1fs (ttl %ss): fencing this node",
+                          now - (self._deadline - ttl + self.margin), ttl)
+                return
+            await asyncio.sleep(max(0.0, min(next_renew, self._deadline) - now))
+            if time.monotonic() >= self._deadline:
+                continue
+            sent = time.monotonic()
+            try:
+                granted = await asyncio.wait_for(self._store.keep_alive(registration.lease_id),
+                                                 timeout=max(0.05, self._deadline - sent))
+            except (FilchError, TimeoutError) as exc:
+                log.warning("lease renewal failed: %s", exc or "timed out")
+                next_renew = time.monotonic() + REGISTER_RETRY
+                continue
+            if granted <= 0:
+                log.error("lease %x expired in etcd: fencing this node", registration.lease_id)
+                return
+            self.last_renew_seconds = time.monotonic() - sent
+            self._deadline = sent + granted - self.margin
+            next_renew = time.monotonic() + granted / RENEWALS_PER_TTL
+
+    async def _fence(self, registration: Registration) -> None:
+        self.live.clear()
+        self.registration = None
+        self.fences += 1
+        await self._on_fence()
+        try:
+            # Release the running keys now instead of at expiry, so requeue starts sooner.
+            await self._store.revoke_lease(registration.lease_id)
+        except FilchError as exc:
+            log.info("could not revoke the old lease (it expires by itself): %s", exc)
+
+    async def leave(self) -> None:
+        """Deregister for shutdown: revoke the lease (deletes the node record). Best effort."""
+        registration, self.registration = self.registration, None
+        self.live.clear()
+        if registration is not None:
+            try:
+                await self._store.revoke_lease(registration.lease_id)
+            except FilchError as exc:
+                log.warning("could not revoke the lease on shutdown: %s", exc)
+
+    def _node_record(self, registration: Registration) -> pb.Node:
+        allocation = self._allocation()
+        record = pb.Node(
+            id=registration.node_id, name=self._config.name,
+            address=self._config.advertise_address,
+            cpu_capacity_millis=self._config.cpu_capacity_millis,
+            memory_capacity_bytes=self._config.memory,
+            cpu_allocated_millis=allocation.cpu_millis,
+            memory_allocated_bytes=allocation.memory_bytes,
+            running=allocation.running, etcd_member_id=self._member_id,
+            executor=self._executor_name)
+        record.registered_at.FromNanoseconds(int(self._registered_at * 1e9))
+        return record
+
+    async def _publish_loop(self) -> NoReturn:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(PUBLISH_DEBOUNCE)
+            self._dirty.clear()
+            registration = self.registration
+            if registration is None:
+                continue
+            try:
+                await self._store.put_node(self._node_record(registration), registration.lease_id)
+            except FilchError as exc:
+                log.warning("could not update the node record: %s", exc)
+                self._dirty.set()

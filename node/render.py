@@ -1,0 +1,315 @@
+"""Tasks and nodes as plain data (for JSON) and as aligned text (for people).
+
+No click and no I/O: the CLI and the HTTP face both print what this module returns.
+The JSON field names are a public contract (scripts parse `filch ... -o json`): add
+fields if you must, never rename or drop one.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import TypedDict
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from node._gen.filch.v1 import filch_pb2
+from node.units import format_cpu, format_size
+
+
+class TaskDict(TypedDict):
+    """A task as `filch status -o json` prints it."""
+
+    id: str
+    name: str
+    state: str  # PENDING RUNNING COMPLETE CANCELED
+    node_id: str
+    node_address: str
+    exit_code: int | None  # set only when the command itself ended (EXITED, OOM_KILLED)
+    reason: str  # EXITED OOM_KILLED NODE_LOST CANCELED START_FAILED, or "" while unfinished
+    message: str
+    command: str
+    args: list[str]
+    cpu: float  # cores
+    memory_bytes: int
+    restart: bool
+    attempt: int
+    submitted_at: str | None  # RFC 3339, UTC, milliseconds
+    started_at: str | None
+    finished_at: str | None
+
+
+class NodeDict(TypedDict):
+    """A node as `filch nodes -o json` prints it."""
+
+    id: str
+    name: str
+    address: str
+    cpu_capacity: float  # cores
+    memory_capacity_bytes: int
+    cpu_allocated: float  # cores
+    memory_allocated_bytes: int
+    running: int
+    etcd_leader: bool
+    executor: str
+    nospace: bool
+
+
+# Only these reasons mean the command itself ended, so only they carry a real exit code.
+_REASONS_WITH_EXIT_CODE = frozenset({filch_pb2.REASON_EXITED, filch_pb2.REASON_OOM_KILLED})
+_FINISHED_STATES = frozenset({filch_pb2.TASK_STATE_COMPLETE, filch_pb2.TASK_STATE_CANCELED})
+
+
+def state_name(state: int) -> str:
+    """"RUNNING" for TASK_STATE_RUNNING; a number from a newer server stays a number."""
+    try:
+        return filch_pb2.TaskState.Name(state).removeprefix("TASK_STATE_")  # type: ignore[arg-type]
+    except ValueError:
+        return str(state)
+
+
+def reason_name(reason: int) -> str:
+    """"OOM_KILLED" for REASON_OOM_KILLED, "" for unset."""
+    if reason == filch_pb2.REASON_UNSPECIFIED:
+        return ""
+    try:
+        return filch_pb2.Reason.Name(reason).removeprefix("REASON_")  # type: ignore[arg-type]
+    except ValueError:
+        return str(reason)
+
+
+def is_finished(task: filch_pb2.Task) -> bool:
+    return task.state in _FINISHED_STATES
+
+
+def exit_code(task: filch_pb2.Task) -> int | None:
+    """The command's exit status, or None when it has not ended by itself."""
+    if is_finished(task) and task.reason in _REASONS_WITH_EXIT_CODE:
+        return task.exit_code
+    return None
+
+
+def timestamp_to_datetime(stamp: Timestamp) -> datetime:
+    return datetime.fromtimestamp(stamp.seconds, UTC).replace(microsecond=stamp.nanos // 1000)
+
+
+def format_timestamp(stamp: Timestamp) -> str:
+    """RFC 3339 in UTC with milliseconds: "2026-11-27T07:10:00.123Z"."""
+    moment = datetime.fromtimestamp(stamp.seconds, UTC)
+    return f"{moment:%Y-%m-%dT%H:%M:%S}.{stamp.nanos // 1_000_000:03d}Z"
+
+
+def _optional_timestamp(message: filch_pb2.Task, field: str) -> str | None:
+    if not message.HasField(field):  # type: ignore[arg-type]
+        return None
+    stamp: Timestamp = getattr(message, field)
+    return format_timestamp(stamp)
+
+
+def task_to_dict(task: filch_pb2.Task) -> TaskDict:
+    """The task's JSON form: enum prefixes stripped, CPU in cores, unset times as None."""
+    return {
+        "id": task.id,
+        "name": task.spec.name,
+        "state": state_name(task.state),
+        "node_id": task.node_id,
+        "node_address": task.node_address,
+        "exit_code": exit_code(task),
+        "reason": reason_name(task.reason),
+        "message": task.message,
+        "command": task.spec.command,
+        "args": list(task.spec.args),
+        "cpu": task.spec.cpu_millis / 1000,
+        "memory_bytes": task.spec.memory_bytes,
+        "restart": task.spec.restart,
+        "attempt": task.attempt,
+        "submitted_at": _optional_timestamp(task, "submitted_at"),
+        "started_at": _optional_timestamp(task, "started_at"),
+        "finished_at": _optional_timestamp(task, "finished_at"),
+    }
+
+
+def node_to_dict(node: filch_pb2.Node) -> NodeDict:
+    """The node's JSON form: CPU in cores, memory in bytes."""
+    return {
+        "id": node.id,
+        "name": node.name,
+        "address": node.address,
+        "cpu_capacity": node.cpu_capacity_millis / 1000,
+        "memory_capacity_bytes": node.memory_capacity_bytes,
+        "cpu_allocated": node.cpu_allocated_millis / 1000,
+        "memory_allocated_bytes": node.memory_allocated_bytes,
+        "running": node.running,
+        "etcd_leader": node.etcd_leader,
+        "executor": node.executor,
+        "nospace": node.nospace,
+    }
+
+
+# -- for people ------------------------------------------------------------------------------
+
+
+def outcome(task: filch_pb2.Task) -> str:
+    """How a finished task ended, as a phrase: "exited with code 3"; "" while unfinished."""
+    if not is_finished(task):
+        return ""
+    match task.reason:
+        case filch_pb2.REASON_EXITED:
+            return f"exited with code {task.exit_code}"
+        case filch_pb2.REASON_OOM_KILLED:
+            limit = format_size(task.spec.memory_bytes) if task.spec.memory_bytes else "default"
+            return f"killed for running out of memory (limit {limit})"
+        case filch_pb2.REASON_NODE_LOST:
+            return "lost with its node (restart is off)"
+        case filch_pb2.REASON_START_FAILED:
+            return "could not start" + (f": {task.message}" if task.message else "")
+        case _:
+            return "canceled"
+
+
+def _short_outcome(task: filch_pb2.Task) -> str:
+    match task.reason:
+        case filch_pb2.REASON_EXITED:
+            return f"exit {task.exit_code}"
+        case filch_pb2.REASON_OOM_KILLED:
+            return "OOM killed"
+        case filch_pb2.REASON_NODE_LOST:
+            return "node lost"
+        case filch_pb2.REASON_START_FAILED:
+            return "start failed"
+        case filch_pb2.REASON_CANCELED:
+            return "canceled"
+    # PENDING tasks carry why they still wait ("no node has 64 free cores").
+    return _truncate(task.message, 50)
+
+
+def node_label(task: filch_pb2.Task) -> str:
+    """The node a task runs (or ran) on, by name when known: "node-2"."""
+    return task.node_name or _short_id(task.node_id) or "-"
+
+
+def format_duration(seconds: float) -> str:
+    """Short, like kubectl's ages: "45s", "3m12s", "2h5m", "6d"."""
+    whole = max(0, int(seconds))
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 10:
+        return f"{minutes}m{secs}s" if secs else f"{minutes}m"
+    if minutes < 60:
+        return f"{minutes}m"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes}m" if minutes else f"{hours}h"
+    return f"{hours // 24}d"
+
+
+def _age(stamp: Timestamp, now: datetime) -> str:
+    if stamp.seconds == 0 and stamp.nanos == 0:
+        return "-"
+    return format_duration((now - timestamp_to_datetime(stamp)).total_seconds())
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """Columns left-aligned, two spaces apart, no trailing blanks; ends without a newline."""
+    lines = [list(header), *(list(row) for row in rows)]
+    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def tasks_table(tasks: Iterable[filch_pb2.Task], now: datetime | None = None) -> str:
+    """One line per task: id, name, state, node, request, age, result."""
+    now = now or datetime.now(UTC)
+    rows = [
+        (
+            task.id,
+            task.spec.name or "-",
+            state_name(task.state),
+            node_label(task) if task.node_id else "-",
+            format_cpu(task.spec.cpu_millis) if task.spec.cpu_millis else "-",
+            format_size(task.spec.memory_bytes) if task.spec.memory_bytes else "-",
+            _age(task.submitted_at, now),
+            _short_outcome(task),
+        )
+        for task in tasks
+    ]
+    return table(("ID", "NAME", "STATE", "NODE", "CPU", "MEM", "AGE", "RESULT"), rows)
+
+
+def nodes_table(nodes: Iterable[filch_pb2.Node]) -> str:
+    """One line per node: allocated/capacity for CPU (cores) and memory, and its flags."""
+    rows = []
+    for node in nodes:
+        flags = [flag for flag, on in (("leader", node.etcd_leader), ("NOSPACE", node.nospace))
+                 if on]
+        rows.append((
+            node.name or "-",
+            _short_id(node.id),
+            node.address,
+            f"{format_cpu(node.cpu_allocated_millis)}/{format_cpu(node.cpu_capacity_millis)}",
+            f"{format_size(node.memory_allocated_bytes)}/"
+            f"{format_size(node.memory_capacity_bytes)}",
+            str(node.running),
+            node.executor or "-",
+            ",".join(flags) or "-",
+        ))
+    return table(
+        ("NAME", "ID", "ADDRESS", "CPU", "MEMORY", "RUNNING", "EXECUTOR", "ETCD"), rows)
+
+
+def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
+    """Every field a person may want about one task, one "Label: value" per line."""
+    now = now or datetime.now(UTC)
+    spec = task.spec
+    state = state_name(task.state)
+    if is_finished(task):
+        state += f" ({outcome(task)})"
+    fields: list[tuple[str, str]] = [("ID", task.id)]
+    if spec.name:
+        fields.append(("Name", spec.name))
+    fields += [
+        ("State", state),
+        ("Command", shlex.join([spec.command, *spec.args])),
+        ("CPU", f"{format_cpu(spec.cpu_millis)} cores" if spec.cpu_millis else "default"),
+        ("Memory", format_size(spec.memory_bytes) if spec.memory_bytes else "default"),
+        ("Restart", "yes, if its node dies" if spec.restart else "no"),
+    ]
+    if spec.env:
+        fields += [("Env" if i == 0 else "", f"{key}={spec.env[key]}")
+                   for i, key in enumerate(sorted(spec.env))]
+    if spec.workdir:
+        fields.append(("Workdir", spec.workdir))
+    if task.node_id:
+        where = f" at {task.node_address}" if task.node_address else ""
+        fields.append(("Node", f"{task.node_name or '-'} ({task.node_id}){where}"))
+    fields.append(("Attempt", str(task.attempt)))
+    for label, name in (("Submitted", "submitted_at"), ("Started", "started_at"),
+                        ("Finished", "finished_at")):
+        stamp = _optional_timestamp(task, name)
+        ago = f" ({_age(getattr(task, name), now)} ago)" if stamp else ""
+        fields.append((label, f"{stamp}{ago}" if stamp else "-"))
+    if task.HasField("started_at"):
+        end = timestamp_to_datetime(task.finished_at) if task.HasField("finished_at") else now
+        took = format_duration((end - timestamp_to_datetime(task.started_at)).total_seconds())
+        fields.append(("Ran for" if task.HasField("finished_at") else "Running for", took))
+    if task.message:
+        fields.append(("Message", task.message))
+    if task.request_id:
+        fields.append(("Request ID", task.request_id))
+    width = max(len(label) for label, _ in fields) + 1
+    return "\n".join(
+        f"{(label + ':') if label else '':<{width}}  {value}".rstrip() for label, value in fields)
+
+
+def _short_id(identifier: str) -> str:
+    # 8 hex digits tell nodes apart in any cluster a person reads a table of.
+    return identifier[:8]
+
+
+def _truncate(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,256 @@
+"""Runs the attempts this node stole, and writes their results behind the fence.
+
+An attempt's result is written only while its running key is still the one the steal
+created (create_revision == fencing token). When the key disappears — the task was
+canceled, or this node lost its lease and the task was requeued — the runner stops the
+container and writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NoReturn
+
+from node import keys, lifecycle
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.config import Config
+from node.errors import ExecutorError, FilchError
+from node.membership import Allocation, Membership, Registration
+from node.runtime.base import Attempt, AttemptSpec, Executor
+from node.store import Compacted, Store, Versioned
+
+log = logging.getLogger(__name__)
+
+# Back-off while etcd cannot take a finish write; the lease deadline bounds the retries.
+FINISH_RETRY = 0.5
+
+
+@dataclass
+class LocalAttempt:
+    """An attempt running on this node."""
+
+    task: pb.Task
+    """The RUNNING record as the steal wrote it (its mod_revision is the fencing token)."""
+    handle: Attempt | None = None
+    revoked: bool = False
+    """Set when the task was taken away (canceled, requeued): its result is not written."""
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def token(self) -> int:
+        return self.task.fencing_token
+
+
+def log_path(data_dir: Path, task_id: str, attempt: int) -> Path:
+    """Where the merged stdout/stderr of one attempt is kept on the node that ran it."""
+    return data_dir / "logs" / task_id / f"{attempt}.log"
+
+
+class Runner:
+    """Owns this node's attempts and its allocated CPU and memory."""
+
+    def __init__(self, config: Config, store: Store, executor: Executor,
+                 membership: Membership, on_change: Callable[[], None]) -> None:
+        self._config = config
+        self._store = store
+        self._executor = executor
+        self._membership = membership
+        self._on_change = on_change
+        self._attempts: dict[str, LocalAttempt] = {}
+        self._reserved_cpu = 0
+        self._reserved_memory = 0
+        self._group: asyncio.TaskGroup | None = None
+        self._freed = asyncio.Event()
+        self.fenced_writes = 0
+
+    # -- capacity ------------------------------------------------------------------------
+
+    def allocation(self) -> Allocation:
+        return Allocation(self._reserved_cpu, self._reserved_memory, len(self._attempts))
+
+    def load(self) -> float:
+        """Fraction of this node in use: the larger of CPU and memory."""
+        return max(self._reserved_cpu / self._config.cpu_capacity_millis,
+                   self._reserved_memory / self._config.memory)
+
+    def fits_free(self, spec: pb.TaskSpec) -> bool:
+        return (self._reserved_cpu + spec.cpu_millis <= self._config.cpu_capacity_millis
+                and self._reserved_memory + spec.memory_bytes <= self._config.memory)
+
+    def fits_ever(self, spec: pb.TaskSpec) -> bool:
+        return (spec.cpu_millis <= self._config.cpu_capacity_millis
+                and spec.memory_bytes <= self._config.memory)
+
+    def reserve(self, spec: pb.TaskSpec) -> None:
+        self._reserved_cpu += spec.cpu_millis
+        self._reserved_memory += spec.memory_bytes
+
+    def release(self, spec: pb.TaskSpec) -> None:
+        self._reserved_cpu -= spec.cpu_millis
+        self._reserved_memory -= spec.memory_bytes
+        self._freed.set()
+
+    async def wait_freed(self) -> None:
+        """Return once some capacity was released since the last call."""
+        await self._freed.wait()
+        self._freed.clear()
+
+    def is_running(self, task_id: str, attempt: int) -> bool:
+        local = self._attempts.get(task_id)
+        return local is not None and local.task.attempt == attempt and not local.done.is_set()
+
+    # -- attempts ------------------------------------------------------------------------
+
+    def launch(self, task: pb.Task) -> None:
+        """Run a task this node just stole (resources already reserved)."""
+        if self._group is None:
+            raise RuntimeError("Runner.run() is not running")
+        local = LocalAttempt(task)
+        self._attempts[task.id] = local
+        self._on_change()
+        self._group.create_task(self._supervise(local), name=f"attempt {task.id}")
+
+    async def _supervise(self, local: LocalAttempt) -> None:
+        task = local.task
+        try:
+            spec = self._attempt_spec(task)
+            try:
+                local.handle = await self._executor.start(spec)
+            except ExecutorError as exc:
+                log.warning("task %s attempt %d failed to start: %s", task.id, task.attempt, exc)
+                await self._finish(local, lifecycle.finished(
+                    task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED, message=str(exc)))
+                return
+            status = await local.handle.wait()
+            if local.revoked:
+                log.info("task %s attempt %d stopped: it was taken away", task.id, task.attempt)
+                return
+            reason = pb.REASON_OOM_KILLED if status.oom_killed else pb.REASON_EXITED
+            await self._finish(local, lifecycle.finished(
+                task, pb.TASK_STATE_COMPLETE, reason, exit_code=status.exit_code))
+        finally:
+            local.done.set()
+            if self._attempts.get(task.id) is local:
+                del self._attempts[task.id]
+            self.release(task.spec)
+            self._on_change()
+
+    async def _finish(self, local: LocalAttempt, new: pb.Task) -> None:
+        """Write the attempt's result behind the fence; give up if the task is no longer ours."""
+        old = Versioned(local.task, local.token)
+        while not local.revoked:
+            try:
+                if await self._store.transition(old, new, fence=local.token) is None:
+                    self.fenced_writes += 1
+                    log.warning("task %s attempt %d: result rejected, this node no longer owns "
+                                "it", new.id, new.attempt)
+                return
+            except FilchError as exc:
+                log.warning("cannot record the end of task %s yet: %s", new.id, exc)
+                await asyncio.sleep(FINISH_RETRY)
+
+    def _attempt_spec(self, task: pb.Task) -> AttemptSpec:
+        data_dir = self._config.path
+        container_id = f"{task.id}-a{task.attempt}"
+        path = log_path(data_dir, task.id, task.attempt)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(task.spec.env)
+        env.update(FILCH_TASK_ID=task.id, FILCH_ATTEMPT=str(task.attempt),
+                   FILCH_NODE=self._config.name)
+        return AttemptSpec(
+            container_id=container_id, task_id=task.id, attempt=task.attempt,
+            command=task.spec.command, args=tuple(task.spec.args), env=env,
+            workdir=task.spec.workdir, cpu_millis=task.spec.cpu_millis,
+            memory_bytes=task.spec.memory_bytes, log_path=path,
+            attempt_dir=data_dir / "attempts" / container_id)
+
+    async def _revoke(self, local: LocalAttempt, grace: float) -> None:
+        local.revoked = True
+        if local.handle is not None:
+            await local.handle.stop(grace)
+
+    async def fence(self) -> None:
+        """The lease is lost: kill every attempt now and write nothing for them."""
+        attempts = list(self._attempts.values())
+        await asyncio.gather(*(self._revoke(local, 0) for local in attempts))
+        if attempts:
+            log.error("fenced: killed %d attempts", len(attempts))
+
+    async def drain(self, grace: float) -> None:
+        """Shutdown: wait up to grace for attempts to end, then stop them and hand them back
+        (restart=true: requeued; restart=false: COMPLETE with reason NODE_LOST)."""
+        waiting = [asyncio.ensure_future(local.done.wait()) for local in self._attempts.values()]
+        if waiting:
+            log.info("waiting up to %.0fs for %d running tasks", grace, len(waiting))
+            await asyncio.wait(waiting, timeout=grace)
+            for waiter in waiting:
+                waiter.cancel()
+        for local in list(self._attempts.values()):
+            await self._revoke(local, self._config.cancel_grace)
+            handed_back = lifecycle.after_owner_lost(local.task, f"node {self._config.name} "
+                                                                 "shut down")
+            try:
+                await self._store.transition(Versioned(local.task, local.token), handed_back,
+                                             fence=local.token)
+            except FilchError as exc:
+                log.warning("could not hand task %s back (its lease expiry will): %s",
+                            local.task.id, exc)
+
+    # -- watching for revocation -----------------------------------------------------------
+
+    async def run(self) -> NoReturn:
+        """Supervise attempts and stop those whose running key disappears."""
+        async with asyncio.TaskGroup() as group:
+            self._group = group
+            group.create_task(self._watch_revocations())
+            group.create_task(self._sweep())
+        raise AssertionError("unreachable")
+
+    async def _sweep(self) -> NoReturn:
+        while True:
+            await asyncio.sleep(self._config.sweep_interval)
+            registration = self._membership.registration
+            if registration is not None:
+                try:
+                    await self._check_owned(registration)
+                except FilchError as exc:
+                    log.info("sweep of running tasks skipped: %s", exc)
+
+    async def _check_owned(self, registration: Registration) -> None:
+        """Level-triggered: stop every local attempt whose running key is gone."""
+        present = {keys.last_segment(key) for key in
+                   await self._store.list_ids(keys.running_of_node(registration.node_id))}
+        for task_id, local in list(self._attempts.items()):
+            if task_id not in present and local.task.node_id == registration.node_id:
+                await self._taken_away(local)
+
+    async def _taken_away(self, local: LocalAttempt) -> None:
+        if not local.revoked and not local.done.is_set():
+            log.info("task %s was canceled or taken away: stopping attempt %d",
+                     local.task.id, local.task.attempt)
+            await self._revoke(local, self._config.cancel_grace)
+
+    async def _watch_revocations(self) -> NoReturn:
+        while True:
+            await self._membership.live.wait()
+            registration = self._membership.registration
+            if registration is None:
+                continue
+            try:
+                start = await self._store.current_revision() + 1
+                await self._check_owned(registration)
+                async for event in self._store.watch(
+                        keys.running_of_node(registration.node_id), start):
+                    if self._membership.registration != registration:
+                        break
+                    local = self._attempts.get(keys.last_segment(event.key))
+                    if event.deleted and local is not None and self._group is not None:
+                        # Stopping takes up to the grace period: do not block the watch.
+                        self._group.create_task(self._taken_away(local))
+            except (FilchError, Compacted) as exc:
+                log.info("watch of this node's running keys restarts: %s", exc)
+                await asyncio.sleep(FINISH_RETRY)

@@ -1,0 +1,338 @@
+"""Run each attempt in its own runc container: the isolating executor (needs root).
+
+Per attempt: write a bundle (node/runtime/bundle.py) into spec.attempt_dir, then
+`runc run --keep` in the foreground; its exit status is the task's. --keep leaves the
+stopped container and its cgroup in place so the OOM-kill counter can be read before
+`runc delete` removes both. Two process spawns per attempt, nothing else.
+
+Cgroups: every container's cgroup is /filch/<container_id>. runc places an absolute
+cgroupsPath at that path below each hierarchy's root (cgroup v1:
+/sys/fs/cgroup/<controller>/filch/<id>; v2: /sys/fs/cgroup/filch/<id>), not under the
+daemon's own cgroup; only relative paths nest under the caller's cgroup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import resource
+import shutil
+from pathlib import Path
+
+from node.errors import ExecutorError
+from node.runtime.base import AttemptSpec, ExitStatus
+from node.runtime.bundle import (
+    DEFAULT_PATH,
+    NOFILE_HARD,
+    WORK_DIR,
+    HostLayout,
+    build_config,
+    write_bundle,
+)
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# Parent of every task's cgroup, so an operator can find, limit or weigh all tasks at once.
+CGROUP_PARENT = "/filch"
+
+# What runc accepts as a container id.
+CONTAINER_ID = re.compile(r"^[\w+.-]+$")
+
+# After SIGKILL a container is gone within milliseconds; runc kill is retried this often
+# (it fails while `runc run` has not yet created the container) ...
+KILL_RETRY_SECONDS = 0.5
+# ... until this long has passed, which only a wedged kernel or runc can exceed.
+KILL_TIMEOUT_SECONDS = 30.0
+
+# How many stale containers reap_stale() deletes at once: `runc delete --force` of a
+# running container polls for its death (~100 ms), so a serial reap of many is slow.
+REAP_CONCURRENCY = 8
+
+
+class RuncExecutor:
+    """Starts attempts as runc containers whose state lives in state_root (`runc --root`).
+
+    state_root must be private to this node: reap_stale() deletes every container in it.
+    """
+
+    name = "runc"
+
+    def __init__(self, runc_binary: str, state_root: Path, task_uid: int) -> None:
+        """Probe the host (which directories to bind, cgroup v1 or v2); spawns nothing.
+
+        Raises ExecutorError if runc_binary cannot be found or task_uid is root.
+        """
+        resolved = shutil.which(runc_binary)
+        if resolved is None:
+            raise ExecutorError(
+                f"runc binary {runc_binary!r} not found (install the runc package, "
+                "set runc_binary, or use the process executor)"
+            )
+        if task_uid == 0:
+            raise ExecutorError("task_uid 0: tasks never run as root; pick a non-zero uid")
+        self._runc = resolved
+        self._state_root = Path(os.path.abspath(state_root))
+        self._task_uid = task_uid
+        self._layout = HostLayout.probe()
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        self._nofile_hard = NOFILE_HARD if hard == resource.RLIM_INFINITY else hard
+        self._cgroup_v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
+        if self._cgroup_v2:
+            self._memory_root = CGROUP_ROOT
+            self._oom_file = "memory.events"
+            # runc ignores a swap limit of 0 when the kernel has no swap controller.
+            self._limit_swap = True
+        else:
+            self._memory_root = CGROUP_ROOT / "memory"
+            self._oom_file = "memory.oom_control"
+            # Without swap accounting (swapaccount=0) runc fails on any swap limit.
+            self._limit_swap = (self._memory_root / "memory.memsw.limit_in_bytes").exists()
+
+    async def start(self, spec: AttemptSpec) -> RuncAttempt:
+        """Write the attempt's bundle into spec.attempt_dir and start `runc run` on it.
+
+        Returns once runc has been spawned; the container itself starts moments later,
+        so runc's own failures (a broken config, cgroup errors) are not raised here: they
+        end the attempt with exit code 1 (usually) and runc's message in the log.
+        Raises ExecutorError when the attempt cannot start: a bad container id or
+        workdir, a command that is not an executable in the bound host directories
+        along the task's PATH, an existing container of that id, or an OSError while
+        writing the bundle or opening the log. Cancellation before the spawn leaves no
+        trace; after it, the attempt runs on unwaited until reap_stale().
+        """
+        cid = spec.container_id
+        if not CONTAINER_ID.match(cid):
+            raise ExecutorError(f"container id {cid!r} is not valid for runc ([A-Za-z0-9_+.-])")
+        cwd = spec.workdir or WORK_DIR
+        if not os.path.isabs(cwd):
+            raise ExecutorError(f"workdir {spec.workdir!r} must be an absolute path")
+        env_path = spec.env.get("PATH", DEFAULT_PATH)
+        if self._layout.find_command(spec.command, env_path, cwd, self._task_uid) is None:
+            # Checked up front because runc's own message ("exec: no such file") lands in
+            # the log as exit code 1, indistinguishable from the task failing.
+            raise ExecutorError(
+                f"command {spec.command!r} not found in the task's PATH ({env_path}) or not "
+                f"executable by uid {self._task_uid}; tasks see only the host's "
+                f"{', '.join(self._layout.binds)} (read-only)"
+            )
+        if (self._state_root / cid).exists():
+            raise ExecutorError(
+                f"a runc container {cid!r} exists already in {self._state_root} "
+                "(left by an earlier run? reap_stale() removes it)"
+            )
+        config = build_config(
+            spec,
+            layout=self._layout,
+            task_uid=self._task_uid,
+            cgroups_path=f"{CGROUP_PARENT}/{cid}",
+            limit_swap=self._limit_swap,
+            nofile_hard=self._nofile_hard,
+        )
+        bundle = spec.attempt_dir
+        # Synchronous on purpose: a few mkdirs and one small write cost less than the
+        # round trip through a worker thread.
+        try:
+            write_bundle(bundle, config, layout=self._layout, task_uid=self._task_uid)
+            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_fd = os.open(
+                spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
+            )
+        except OSError as exc:
+            shutil.rmtree(bundle, ignore_errors=True)
+            raise ExecutorError(f"cannot prepare attempt {cid}: {exc}") from exc
+        try:
+            process = await asyncio.create_subprocess_exec(
+                self._runc, "--root", str(self._state_root),
+                "run", "--keep", "--bundle", str(bundle), cid,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                # Own session: a Ctrl-C at the daemon's terminal must not reach runc, which
+                # would forward it to the task; the daemon decides when tasks stop.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            shutil.rmtree(bundle, ignore_errors=True)
+            raise ExecutorError(f"cannot run {self._runc}: {exc}") from exc
+        finally:
+            os.close(log_fd)
+        return RuncAttempt(self, cid, bundle, process)
+
+    async def reap_stale(self) -> int:
+        """SIGKILL and delete every container in state_root and remove its bundle.
+
+        Meant for node start, before any attempt of this run exists: it would kill those
+        too. Returns how many containers were deleted; ones runc fails to delete are
+        logged and not counted. Raises ExecutorError if runc cannot list the containers.
+        Cancellation stops between deletions.
+        """
+        code, output = await self._runc_command("list", "--format", "json")
+        if code != 0:
+            raise ExecutorError(f"runc list in {self._state_root} failed: {output.strip()}")
+        entries = json.loads(output) or []  # runc prints "null" when there are none
+        limit = asyncio.Semaphore(REAP_CONCURRENCY)
+
+        async def reap(entry: dict[str, object]) -> bool:
+            async with limit:
+                cid = str(entry["id"])
+                if not await self.delete(cid):
+                    return False
+                bundle = entry.get("bundle")
+                if isinstance(bundle, str) and _looks_like_bundle(bundle):
+                    await asyncio.to_thread(shutil.rmtree, bundle, True)
+                log.info("reaped stale container %s", cid)
+                return True
+
+        results = await asyncio.gather(*(reap(entry) for entry in entries))
+        return sum(results)
+
+    # -- used by RuncAttempt ----------------------------------------------------------------
+
+    async def delete(self, cid: str) -> bool:
+        """`runc delete --force`: SIGKILL the container if it runs, remove it and its cgroup.
+
+        True if the container is gone, including when it never existed. Never raises
+        except CancelledError.
+        """
+        code, output = await self._runc_command("delete", "--force", cid)
+        if code == 0 or "does not exist" in output:
+            return True
+        log.warning("runc delete %s failed (exit %d): %s", cid, code, output.strip())
+        return False
+
+    async def kill(self, cid: str, signal_name: str) -> bool:
+        """Send signal_name to every process of the container. True if runc did.
+
+        Fails (False, not logged) when the container does not exist yet or has stopped.
+        """
+        code, _ = await self._runc_command("kill", "--all", cid, signal_name)
+        return code == 0
+
+    def oom_killed(self, cid: str) -> bool:
+        """Whether the kernel OOM-killed a process in the container's cgroup.
+
+        Reads oom_kill from memory.oom_control (v1) or memory.events (v2); the cgroup
+        must still exist (a kept, not yet deleted container). A missing or unreadable
+        file is logged and reported as False.
+        """
+        path = self._memory_root / CGROUP_PARENT.lstrip("/") / cid / self._oom_file
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            log.warning("cannot read the OOM counter of %s: %s", cid, exc)
+            return False
+        for line in text.splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value) > 0
+        log.warning("no oom_kill line in %s (kernel older than 4.13?)", path)
+        return False
+
+    async def _runc_command(self, *args: str) -> tuple[int, str]:
+        """Run `runc --root <state_root> args...`; return its exit code and merged output."""
+        process = await asyncio.create_subprocess_exec(
+            self._runc, "--root", str(self._state_root), *args,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        output, _ = await process.communicate()
+        return _exit_code(process.returncode), output.decode(errors="replace")
+
+
+class RuncAttempt:
+    """One attempt running as `runc run`. Created by RuncExecutor.start()."""
+
+    def __init__(
+        self,
+        executor: RuncExecutor,
+        container_id: str,
+        bundle: Path,
+        process: asyncio.subprocess.Process,
+    ) -> None:
+        self._executor = executor
+        self._cid = container_id
+        self._bundle = bundle
+        self._process = process
+        self._finisher: asyncio.Task[ExitStatus] | None = None
+        self._stop_lock = asyncio.Lock()
+
+    @property
+    def container_id(self) -> str:
+        return self._cid
+
+    async def wait(self) -> ExitStatus:
+        """Wait for the container to exit, read its OOM counter, delete it and its bundle.
+
+        May be called more than once and concurrently; every call returns the same status.
+        Cancelling a waiter does not stop the attempt nor interrupt the cleanup. A
+        failing cleanup is logged (reap_stale() catches the leftovers), never raised.
+        """
+        if self._finisher is None:
+            self._finisher = asyncio.get_running_loop().create_task(
+                self._finish(), name=f"runc-finish-{self._cid}"
+            )
+        return await asyncio.shield(self._finisher)
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM every process of the container, SIGKILL them after grace seconds.
+
+        Returns once the container's processes are dead (its cleanup is wait()'s job);
+        at once if they are already. Idempotent and safe to call concurrently. The task's
+        PID 1 ignores SIGTERM unless it installs a handler (a pid-namespace rule), so such
+        a task dies by SIGKILL after the grace period. Raises ExecutorError if the
+        container survives SIGKILL for KILL_TIMEOUT_SECONDS. Cancellation stops
+        signalling; the container may then live on.
+        """
+        async with self._stop_lock:
+            if self._process.returncode is not None:
+                return
+            await self._executor.kill(self._cid, "TERM")
+            if await self._exits_within(grace):
+                return
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + KILL_TIMEOUT_SECONDS
+            while loop.time() < deadline:
+                await self._executor.kill(self._cid, "KILL")
+                if await self._exits_within(KILL_RETRY_SECONDS):
+                    return
+            raise ExecutorError(
+                f"container {self._cid} survived SIGKILL for {KILL_TIMEOUT_SECONDS:.0f} s"
+            )
+
+    async def _exits_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._process.wait(), timeout=max(0.0, seconds))
+        except TimeoutError:
+            return False
+        return True
+
+    async def _finish(self) -> ExitStatus:
+        code = _exit_code(await self._process.wait())
+        oom_killed = self._executor.oom_killed(self._cid)
+        await self._executor.delete(self._cid)
+        try:
+            await asyncio.to_thread(shutil.rmtree, self._bundle)
+        except OSError as exc:
+            log.warning("cannot remove the bundle of %s: %s", self._cid, exc)
+        return ExitStatus(exit_code=code, oom_killed=oom_killed)
+
+
+def _exit_code(returncode: int | None) -> int:
+    """A shell-style exit status: 128+N for a process killed by signal N."""
+    if returncode is None:
+        raise ValueError("the process has not exited")
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _looks_like_bundle(path: str) -> bool:
+    """Whether path is plausibly one of our bundles, so removing it cannot hurt the host."""
+    parts = Path(path).parts
+    return os.path.isabs(path) and len(parts) >= 3 and os.path.isfile(
+        os.path.join(path, "config.json")
+    )
+

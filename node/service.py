@@ -1,0 +1,145 @@
+"""What the API does once a request is valid: submit, cancel, read and list tasks and nodes."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from node import keys, lifecycle
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.errors import Conflict, InvalidArgument, StoreUnavailable, TaskNotFound
+from node.store import Store, Versioned
+
+# How often submit and cancel retry when another node moved the task in between.
+CONFLICT_RETRIES = 5
+
+_STATE_PREFIX = {
+    pb.TASK_STATE_PENDING: keys.QUEUED,
+    pb.TASK_STATE_RUNNING: keys.RUNNING,
+    pb.TASK_STATE_COMPLETE: keys.COMPLETE,
+    pb.TASK_STATE_CANCELED: keys.CANCELED,
+}
+
+FINISHED = (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED)
+
+
+class TaskService:
+    """Task and node operations shared by the gRPC API and the HTTP face."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    async def submit(self, spec: pb.TaskSpec, request_id: str = "") -> tuple[pb.Task, bool]:
+        """Store a new PENDING task; returns (task, created).
+
+        With a request_id the task id is derived from it, so a retried submit returns the
+        first task (created=False). Raises Conflict when that request_id was used for a
+        different spec, StoreUnavailable / StoreFull when etcd cannot take the write.
+        """
+        task = pb.Task(
+            id=keys.task_id_for_request(request_id) if request_id else keys.new_task_id(),
+            spec=spec, state=pb.TASK_STATE_PENDING, request_id=request_id)
+        task.submitted_at.GetCurrentTime()
+        if await self.store.transition(None, task) is not None:
+            return task, True
+        existing = await self.store.get_task(task.id)
+        if existing is None:
+            raise StoreUnavailable("submit raced with the deletion of an earlier task with this "
+                                   "request_id; retry")
+        if existing.task.spec != spec:
+            raise Conflict(f"request_id {request_id!r} was already used for task "
+                           f"{existing.task.id} with a different spec; use a new request_id")
+        return existing.task, False
+
+    async def get(self, task_id: str) -> pb.Task:
+        found = await self.store.get_task(task_id)
+        if found is None:
+            raise TaskNotFound(task_id)
+        return found.task
+
+    async def cancel(self, task_id: str) -> pb.Task:
+        """Cancel a pending or running task in one transaction; a finished task is returned as is.
+
+        A running task's owner sees its running key disappear and stops the container
+        (SIGTERM, grace, SIGKILL); its own finish write is then rejected by the fence.
+        """
+        for _ in range(CONFLICT_RETRIES):
+            found = await self.store.get_task(task_id)
+            if found is None:
+                raise TaskNotFound(task_id)
+            if found.task.state in FINISHED:
+                return found.task
+            canceled = lifecycle.finished(found.task, pb.TASK_STATE_CANCELED, pb.REASON_CANCELED,
+                                     message="canceled by a user")
+            if await self.store.transition(found, canceled) is not None:
+                return canceled
+        raise StoreUnavailable(f"task {task_id} kept changing while being canceled; retry")
+
+    async def list(self, state: int, page_size: int, page_token: str) -> tuple[list[pb.Task], str]:
+        """One page of tasks, in submission order for PENDING, finish order for finished ones,
+        id order for all. Returns (tasks, next_page_token)."""
+        after = _decode_token(page_token)
+        if state == pb.TASK_STATE_UNSPECIFIED:
+            if after and (not after.startswith(b"/task/") or after.startswith(keys.STATUS)):
+                raise InvalidArgument("page_token", "does not belong to this listing")
+            records, more = await self.store.list_records(after=after, limit=page_size)
+            token = _encode_token(keys.task(records[-1].task.id)) if more and records else ""
+            return [record.task for record in records], token
+        prefix = _STATE_PREFIX[state]
+        if after and not after.startswith(prefix):
+            raise InvalidArgument("page_token", "does not belong to this listing")
+        status_keys = await self.store.list_ids(prefix, after=after, limit=page_size + 1)
+        more = len(status_keys) > page_size
+        status_keys = status_keys[:page_size]
+        records = await self.store.get_tasks([keys.last_segment(key) for key in status_keys])
+        token = _encode_token(status_keys[-1]) if more else ""
+        return [record.task for record in records], token
+
+    async def list_nodes(self) -> list[pb.Node]:
+        """Live nodes, with etcd leadership and NOSPACE as seen by the local member now."""
+        nodes = await self.store.list_nodes()
+        status = await self.store.member_status()
+        for node in nodes:
+            node.etcd_leader = node.etcd_member_id == status.leader_id
+            node.nospace = status.nospace
+        return sorted(nodes, key=lambda node: (node.name, node.id))
+
+    async def explain_pending(self, tasks: list[pb.Task]) -> None:
+        """Fill in message on PENDING tasks no live node could ever fit (derived, never stored)."""
+        pending = [task for task in tasks if task.state == pb.TASK_STATE_PENDING]
+        if not pending:
+            return
+        nodes = await self.store.list_nodes()
+        for task in pending:
+            if task.message:
+                continue
+            if not nodes:
+                task.message = "no live node; waiting for one to join"
+            elif not any(_fits_capacity(task.spec, node) for node in nodes):
+                largest = max(nodes, key=lambda node: node.cpu_capacity_millis)
+                task.message = (
+                    f"no node can ever fit this task: it asks {task.spec.cpu_millis / 1000:g} "
+                    f"CPUs and {task.spec.memory_bytes} bytes; the largest node offers "
+                    f"{largest.cpu_capacity_millis / 1000:g} CPUs and "
+                    f"{largest.memory_capacity_bytes} bytes")
+
+
+def _fits_capacity(spec: pb.TaskSpec, node: pb.Node) -> bool:
+    return (spec.cpu_millis <= node.cpu_capacity_millis
+            and spec.memory_bytes <= node.memory_capacity_bytes)
+
+
+def _encode_token(key: bytes) -> str:
+    return base64.urlsafe_b64encode(key).decode()
+
+
+def _decode_token(token: str) -> bytes:
+    if not token:
+        return b""
+    try:
+        return base64.urlsafe_b64decode(token.encode())
+    except (binascii.Error, ValueError):
+        raise InvalidArgument("page_token", "is not a token returned by ListTasks") from None
+
+
+__all__ = ["FINISHED", "TaskService", "Versioned"]

@@ -1,0 +1,103 @@
+"""Checks on everything a client sends, before anything is written.
+
+Each check raises InvalidArgument naming the field, with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+from node import keys
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.errors import InvalidArgument
+
+# Defaults when a spec leaves cpu or memory at 0 (Nomad's are 100 MHz / 300 MB; a batch
+# task on filch is usually smaller, and a limit that is too low shows up as OOM_KILLED).
+DEFAULT_CPU_MILLIS = 100
+DEFAULT_MEMORY_BYTES = 128 * 1024 * 1024
+
+# Upper bounds: far beyond any machine, small enough to catch unit mistakes (MB vs bytes).
+MAX_CPU_MILLIS = 4096 * 1000
+MAX_MEMORY_BYTES = 1 << 50            # 1 PiB
+MIN_MEMORY_BYTES = 4 * 1024 * 1024    # runc itself needs a few MiB inside the cgroup
+
+# A whole spec is stored in etcd: keep it far below etcd's 1.5 MiB request limit.
+MAX_SPEC_BYTES = 1024 * 1024
+MAX_NAME = 253
+MAX_ARGS = 4096
+MAX_ENV = 1024
+MAX_REQUEST_ID = 128
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+
+def _text(field: str, value: str, *, limit: int) -> None:
+    if "\0" in value:
+        raise InvalidArgument(field, "must not contain NUL bytes")
+    if len(value) > limit:
+        raise InvalidArgument(field, f"is {len(value)} characters long; the limit is {limit}")
+
+
+def task_id(value: str, field: str = "id") -> str:
+    """A well-formed task id, or InvalidArgument."""
+    if not value:
+        raise InvalidArgument(field, "is required (a task id as printed by `filch submit`)")
+    if not keys.is_id(value):
+        shown = value if len(value) <= 64 else value[:64] + "..."
+        raise InvalidArgument(field, f"{shown!r} is not a task id (lowercase UUID, "
+                                     "e.g. 01a21bce-b194-7000-994b-fef8376138b8)")
+    return value
+
+
+def spec(raw: pb.TaskSpec) -> pb.TaskSpec:
+    """A copy of the spec with defaults filled in, or InvalidArgument for the first bad field."""
+    size = raw.ByteSize()
+    if size > MAX_SPEC_BYTES:
+        raise InvalidArgument("spec", f"is {size} bytes; the limit is {MAX_SPEC_BYTES} "
+                                      "(put large inputs in files, not in the command line)")
+    if not raw.command.strip():
+        raise InvalidArgument("spec.command", "is required: the program to run")
+    _text("spec.command", raw.command, limit=4096)
+    _text("spec.name", raw.name, limit=MAX_NAME)
+    _text("spec.workdir", raw.workdir, limit=4096)
+    if raw.workdir and not raw.workdir.startswith("/"):
+        raise InvalidArgument("spec.workdir", f"{raw.workdir!r} must be an absolute path")
+    if len(raw.args) > MAX_ARGS:
+        raise InvalidArgument("spec.args", f"has {len(raw.args)} entries; the limit is {MAX_ARGS}")
+    for index, arg in enumerate(raw.args):
+        _text(f"spec.args[{index}]", arg, limit=MAX_SPEC_BYTES)
+    if len(raw.env) > MAX_ENV:
+        raise InvalidArgument("spec.env", f"has {len(raw.env)} entries; the limit is {MAX_ENV}")
+    for name, value in raw.env.items():
+        if not name or "=" in name or "\0" in name:
+            raise InvalidArgument("spec.env", f"{name!r} is not a valid variable name")
+        _text(f"spec.env[{name}]", value, limit=MAX_SPEC_BYTES)
+    if raw.cpu_millis < 0 or raw.cpu_millis > MAX_CPU_MILLIS:
+        raise InvalidArgument("spec.cpu_millis", f"{raw.cpu_millis} is outside 1..{MAX_CPU_MILLIS} "
+                                                 "millicores (1000 = one core)")
+    if raw.memory_bytes < 0 or raw.memory_bytes > MAX_MEMORY_BYTES:
+        raise InvalidArgument("spec.memory_bytes", f"{raw.memory_bytes} is outside "
+                                                   f"{MIN_MEMORY_BYTES}..{MAX_MEMORY_BYTES} bytes")
+    if 0 < raw.memory_bytes < MIN_MEMORY_BYTES:
+        raise InvalidArgument("spec.memory_bytes", f"{raw.memory_bytes} bytes is too small; "
+                                                   f"at least {MIN_MEMORY_BYTES} (4Mi)")
+    clean = pb.TaskSpec()
+    clean.CopyFrom(raw)
+    clean.cpu_millis = raw.cpu_millis or DEFAULT_CPU_MILLIS
+    clean.memory_bytes = raw.memory_bytes or DEFAULT_MEMORY_BYTES
+    return clean
+
+
+def request_id(value: str) -> str:
+    _text("request_id", value, limit=MAX_REQUEST_ID)
+    return value
+
+
+def page_size(value: int) -> int:
+    if value > MAX_PAGE_SIZE:
+        raise InvalidArgument("page_size", f"{value} is above the limit of {MAX_PAGE_SIZE}")
+    return value or DEFAULT_PAGE_SIZE
+
+
+def state_filter(value: int) -> int:
+    if value not in pb.TaskState.values():
+        raise InvalidArgument("state", f"{value} is not a TaskState")
+    return value

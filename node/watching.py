@@ -1,0 +1,41 @@
+"""The list-then-watch loop every controller in the agent uses (level-triggered)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
+
+from node.errors import FilchError
+from node.store import Compacted, Store, WatchEvent
+
+log = logging.getLogger(__name__)
+
+# Back-off before re-watching after etcd became unreachable.
+WATCH_RETRY = 0.5
+
+
+async def list_and_watch(store: Store, prefix: bytes, relist: Callable[[], Awaitable[None]],
+                         handle: Callable[[WatchEvent], Awaitable[None]]) -> NoReturn:
+    """Call relist(), then handle() for every change under prefix, forever.
+
+    After a broken stream the watch resumes at the last revision seen (inclusive, so a
+    revision cut in half is delivered again: handlers must be idempotent). When that
+    revision was compacted away, relist() runs again, so nothing is missed.
+    """
+    revision = 0
+    while True:
+        try:
+            if revision == 0:
+                revision = await store.current_revision() + 1
+                await relist()
+            async for event in store.watch(prefix, revision):
+                revision = event.revision
+                await handle(event)
+        except Compacted as exc:
+            log.info("watch on %r fell behind compaction (%s): re-listing", prefix, exc)
+            revision = 0
+        except FilchError as exc:
+            log.info("watch on %r restarts: %s", prefix, exc)
+            await asyncio.sleep(WATCH_RETRY)
