@@ -28,8 +28,14 @@ log = logging.getLogger(__name__)
 FENCE_MARGIN_FRACTION = 0.2
 FENCE_MARGIN_MIN = 0.5
 
-# Renew three times per TTL so that one lost renewal never comes close to the deadline.
-RENEWALS_PER_TTL = 3
+# Renew four times per TTL so that one lost renewal never comes close to the deadline.
+RENEWALS_PER_TTL = 4
+
+# One renewal may wait this long. When the etcd leader dies, a renewal sent to a follower
+# hangs until a new leader is elected (~1-2 s); a short per-try timeout retries as soon
+# as there is one, instead of waiting out the whole fence deadline on one stuck call.
+RENEW_TRY_TIMEOUT = 0.7
+RENEW_RETRY = 0.1
 
 # Back-off between registration attempts while etcd is unreachable or has no quorum.
 REGISTER_RETRY = 0.5
@@ -127,11 +133,12 @@ class Membership:
                 continue
             sent = time.monotonic()
             try:
-                granted = await asyncio.wait_for(self._store.keep_alive(registration.lease_id),
-                                                 timeout=max(0.05, self._deadline - sent))
+                granted = await asyncio.wait_for(
+                    self._store.keep_alive(registration.lease_id),
+                    timeout=max(0.05, min(RENEW_TRY_TIMEOUT, self._deadline - sent)))
             except (FilchError, TimeoutError) as exc:
-                log.warning("lease renewal failed: %s", exc or "timed out")
-                next_renew = time.monotonic() + REGISTER_RETRY
+                log.warning("lease renewal failed: %s", exc or "no answer in time")
+                next_renew = time.monotonic() + RENEW_RETRY
                 continue
             if granted <= 0:
                 log.error("lease %x expired in etcd: fencing this node", registration.lease_id)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,6 +31,10 @@ T = TypeVar("T")
 # Per-request deadline: long enough for a commit during a leader election (~1 s),
 # short enough that a dead member is noticed well inside a lease TTL.
 REQUEST_TIMEOUT = 3.0
+
+# Reads retry for this long: an etcd leader election takes about a second.
+READ_RETRY_SECONDS = 3.0
+READ_RETRY_PAUSE = 0.2
 
 # etcd refuses transactions with more operations than this (its --max-txn-ops default).
 MAX_TXN_OPS = 128
@@ -93,8 +98,10 @@ def _compare(key: bytes, target: str, value: int, result: int = 0) -> Any:
 
 
 def _translate(exc: BaseException) -> Exception:
-    """Map an aetcd/grpc error to StoreUnavailable or StoreFull."""
+    """Map an aetcd/grpc error to Compacted, StoreFull or StoreUnavailable."""
     text = str(exc)
+    if "compacted" in text:
+        return Compacted(0)
     if "space exceeded" in text or "NOSPACE" in text:
         return StoreFull("etcd is out of space (NOSPACE alarm); "
                          "finished tasks must be cleaned up before new work is accepted")
@@ -124,20 +131,32 @@ class Store:
         except _ETCD_ERRORS as exc:
             raise _translate(exc) from exc
 
+    async def _read(self, make: Callable[[], Awaitable[T]]) -> T:
+        """A read, retried through a leader election. Never used for writes: a write that
+        failed with "leader changed" may still have been applied."""
+        deadline = time.monotonic() + READ_RETRY_SECONDS
+        while True:
+            try:
+                return await self._call(make)
+            except StoreUnavailable:
+                if time.monotonic() >= deadline:
+                    raise
+                await asyncio.sleep(READ_RETRY_PAUSE)
+
     async def _range(self, start: bytes, end: bytes, *, limit: int = 0, keys_only: bool = False,
                      count_only: bool = False, revision: int = 0) -> Any:
         """A raw Range call: aetcd's helpers do not pass limit/count_only/revision through."""
         await self._call(self._client.connect)
         request = rpc.RangeRequest(key=start, range_end=end, limit=limit, keys_only=keys_only,
                                    count_only=count_only, revision=revision)
-        return await self._call(lambda: self._client.kvstub.Range(
+        return await self._read(lambda: self._client.kvstub.Range(
             request, timeout=self._timeout, metadata=self._client.metadata))
 
     # -- tasks ---------------------------------------------------------------------------
 
     async def get_task(self, task_id: str) -> Versioned | None:
         """The task record and its revision, or None when there is no such task."""
-        result = await self._call(lambda: self._client.get(keys.task(task_id)))
+        result = await self._read(lambda: self._client.get(keys.task(task_id)))
         if result is None:
             return None
         return Versioned(pb.Task.FromString(result.value), result.mod_revision)
@@ -148,7 +167,7 @@ class Store:
         for start in range(0, len(task_ids), MAX_TXN_OPS):
             ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=keys.task(task_id)))
                    for task_id in task_ids[start:start + MAX_TXN_OPS]]
-            response = await self._txn(rpc.TxnRequest(success=ops))
+            response = await self._txn(rpc.TxnRequest(success=ops), read_only=True)
             for op in response.responses:
                 for kv in op.response_range.kvs:
                     found.append(Versioned(pb.Task.FromString(kv.value), kv.mod_revision))
@@ -196,9 +215,10 @@ class Store:
         response = await self._txn(rpc.TxnRequest(compare=compare, success=success))
         return int(response.header.revision) if response.succeeded else None
 
-    async def _txn(self, request: Any) -> Any:
+    async def _txn(self, request: Any, *, read_only: bool = False) -> Any:
         await self._call(self._client.connect)
-        return await self._call(lambda: self._client.kvstub.Txn(
+        call = self._read if read_only else self._call
+        return await call(lambda: self._client.kvstub.Txn(
             request, timeout=self._timeout, metadata=self._client.metadata))
 
     async def list_ids(self, prefix: bytes, *, after: bytes = b"", limit: int = 0,
@@ -206,13 +226,8 @@ class Store:
         """Keys under prefix in key order, starting after `after`, optionally as of a past
         revision (raises Compacted when that history is gone)."""
         start = after + b"\0" if after else prefix
-        try:
-            response = await self._range(start, keys.prefix_end(prefix), limit=limit,
-                                         keys_only=True, revision=revision)
-        except StoreUnavailable as exc:
-            if "compacted" in str(exc):
-                raise Compacted(revision) from exc
-            raise
+        response = await self._range(start, keys.prefix_end(prefix), limit=limit,
+                                     keys_only=True, revision=revision)
         return [kv.key for kv in response.kvs]
 
     async def list_records(self, *, after: bytes = b"", limit: int = 0) -> tuple[list[Versioned], bool]:
