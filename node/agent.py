@@ -117,7 +117,7 @@ class Agent:
                  executor.name, config.cpus, config.memory)
 
         async with asyncio.TaskGroup() as group:
-            loops = [group.create_task(part.run()) for part in
+            loops: list[asyncio.Task[object]] = [group.create_task(part.run()) for part in
                      (membership, runner, stealer, recovery)]
             if member is not None:
                 loops.append(group.create_task(self._watch_member(member)))

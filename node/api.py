@@ -16,8 +16,15 @@ import grpc
 from node import validation
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
-from node.errors import (Conflict, FilchError, InvalidArgument, OwnerUnavailable, StoreFull,
-                         StoreUnavailable, TaskNotFound)
+from node.errors import (
+    Conflict,
+    FilchError,
+    InvalidArgument,
+    OwnerUnavailable,
+    StoreFull,
+    StoreUnavailable,
+    TaskNotFound,
+)
 from node.logs import PROXIED_HEADER, LogService, NotStarted
 from node.service import TaskService
 
@@ -55,7 +62,7 @@ def _unary(method: Callable[[Any, Request, Any], Awaitable[Response]]
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status code, never swallowed
+        except Exception as exc:
             await _abort(context, exc)
     return wrapper
 
@@ -89,7 +96,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def ListTasks(self, request: pb.ListTasksRequest, context: Any) -> pb.ListTasksResponse:
         state = validation.state_filter(request.state)
         page_size = validation.page_size(request.page_size)
-        tasks, token = await self._tasks.list(state, page_size, request.page_token)
+        tasks, token = await self._tasks.list_tasks(state, page_size, request.page_token)
         await self._tasks.explain_pending(tasks)
         return pb.ListTasksResponse(tasks=tasks, next_page_token=token)
 
@@ -107,5 +114,5 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 yield pb.LogChunk(data=data)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status code, never swallowed
+        except Exception as exc:
             await _abort(context, exc)

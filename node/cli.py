@@ -22,10 +22,8 @@ from contextlib import contextmanager
 from typing import Any, NoReturn, TextIO
 
 import click
+import grpc  # type: ignore[import-untyped, unused-ignore]  # no stubs installed (yet)
 from click.core import ParameterSource
-
-# grpcio ships no type information; the unused-ignore lets the same line pass once stubs exist.
-import grpc  # type: ignore[import-untyped, unused-ignore]
 
 from node import config as config_module
 from node import render
@@ -72,18 +70,18 @@ _STATES = {
 
 
 class CommandError(click.ClickException):
-    """A failure the user can act on: shown as one "error: ..." line, then exit_code."""
+    """A failure the user can act on: shown as one "error: ..." line, then exit status."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_FAILURE) -> None:
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        self.status = status
 
 
 class RpcFailure(CommandError):
     """A gRPC call failed; transient ones (node unreachable, deadline) may be retried."""
 
-    def __init__(self, message: str, code: Any, exit_code: int = EXIT_FAILURE) -> None:
-        super().__init__(message, exit_code)
+    def __init__(self, message: str, code: Any, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message, status)
         self.code = code
 
     @property
@@ -101,14 +99,14 @@ def _usage_message(error: click.UsageError) -> str:
     if message[:2].istitle():
         message = message[0].lower() + message[1:]
     if error.ctx is not None:
-        message += f" (see '{error.ctx.command_path} --help')"
+        message = message.rstrip(".") + f" (see '{error.ctx.command_path} --help')"
     return message
 
 
 class FilchGroup(click.Group):
     """A click group whose every failure is one line on stderr and a meaningful status."""
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,
@@ -124,6 +122,8 @@ class FilchGroup(click.Group):
             status = error.exit_code
         except click.UsageError as error:
             status = _fail(_usage_message(error), error.exit_code)
+        except CommandError as error:
+            status = _fail(error.format_message(), error.status)
         except click.ClickException as error:
             status = _fail(error.format_message(), error.exit_code)
         except click.Abort:
@@ -386,7 +386,7 @@ def task_exit_status(task: filch_pb2.Task) -> int:
 # -- parameter types -------------------------------------------------------------------------
 
 
-class SizeParam(click.ParamType):
+class SizeParam(click.ParamType[int]):
     """A size like 64Mi or 1G, as bytes."""
 
     name = "size"
@@ -400,7 +400,7 @@ class SizeParam(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
-class CpuParam(click.ParamType):
+class CpuParam(click.ParamType[int]):
     """CPU as cores (0.5) or millicores (500m), as millicores."""
 
     name = "cores"
@@ -546,7 +546,7 @@ def list_tasks(session: Session, state: str | None, limit: int | None, output: s
 @click.pass_obj
 def logs(session: Session, follow: bool, attempt: int, task_id: str) -> None:
     """Print a task's output (stdout and stderr, as the node recorded them)."""
-    stdout = click.get_binary_stream("stdout")
+    stdout = sys.stdout.buffer
     try:
         for data in session.stream_logs(task_id, follow, attempt):
             stdout.write(data)
@@ -612,6 +612,11 @@ _METAVARS = {
     "memory": "SIZE",
     "etcd_quota_bytes": "SIZE",
     "task_uid": "UID",
+    "lease_ttl": "SECONDS",
+    "sweep_interval": "SECONDS",
+    "steal_delay": "SECONDS",
+    "cancel_grace": "SECONDS",
+    "shutdown_grace": "SECONDS",
 }
 _CHOICES = {"executor": ["runc", "process"], "initial_cluster_state": ["new", "existing"]}
 _SIZE_FIELDS = frozenset({"memory", "etcd_quota_bytes"})
@@ -623,7 +628,7 @@ _COMPUTED_DEFAULTS = {
     "memory": "all memory",
     "executor": "runc as root when installed, else process",
 }
-_CLICK_TYPES: dict[str, click.ParamType] = {
+_CLICK_TYPES: dict[str, click.ParamType[Any]] = {
     "int": click.INT, "float": click.FLOAT, "str": click.STRING}
 
 
@@ -661,7 +666,7 @@ def _config_options() -> list[click.Option]:
     docs = _field_docs()
     options = []
     for field in dataclasses.fields(config_module.Config):
-        kind: click.ParamType
+        kind: click.ParamType[Any]
         if field.name in _SIZE_FIELDS:
             kind = SizeParam()
         elif field.name in _CHOICES:
@@ -669,18 +674,20 @@ def _config_options() -> list[click.Option]:
         else:
             kind = _CLICK_TYPES[str(field.type)]
         flag = _OPTION_NAMES.get(field.name, "--" + field.name.replace("_", "-"))
+        doc = docs.get(field.name, "")
         extra = [f"env: FILCH_{field.name.upper()}"]
-        if default := _default_text(field):
+        default = _default_text(field)
+        if default and "(default:" not in doc:
             extra.insert(0, f"default: {default}")
         options.append(click.Option(
             [flag, field.name], type=kind, default=None, metavar=_METAVARS.get(field.name),
-            help=f"{docs.get(field.name, '')}  [{'; '.join(extra)}]"))
+            help=f"{doc}  [{'; '.join(extra)}]"))
     return options
 
 
 @cli.command(name="agent")
 @click.pass_context
-def agent_command(ctx: click.Context, **options: Any) -> NoReturn:
+def agent_command(ctx: click.Context, /, **options: Any) -> NoReturn:
     """Run a filch node in the foreground: etcd member, API, stealer and runner.
 
     Settings come from these flags, then FILCH_* environment variables, then the
@@ -696,7 +703,7 @@ def agent_command(ctx: click.Context, **options: Any) -> NoReturn:
         raise CommandError(str(error), EXIT_USAGE) from None
     # Imported only now: it pulls in etcd and the runtimes, which the client commands
     # never need, and a bad flag is reported before any of that loads.
-    from node import agent  # type: ignore[attr-defined, unused-ignore]
+    from node import agent
 
     ctx.exit(agent.main(config))
 

@@ -1,7 +1,7 @@
 """The agent's configuration: one frozen dataclass.
 
 Precedence, highest first: command-line flags, FILCH_* environment variables, a TOML
-file (--config / FILCH_CONFIG), the defaults below (which work on a laptop).
+file (--config / FILCH_CONFIG_FILE), the defaults below (which work on a laptop).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from node import units
 from node.errors import InvalidArgument
 
 
@@ -102,7 +103,7 @@ class Config:
 
     @property
     def cpu_capacity_millis(self) -> int:
-        return int(round(self.cpus * 1000))
+        return round(self.cpus * 1000)
 
     @property
     def initial_cluster_or_self(self) -> str:
@@ -162,11 +163,16 @@ def _check_url(name: str, value: str, *, loopback: bool) -> None:
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
+# Fields that also accept sizes like "4Gi" in the environment and the TOML file.
+SIZE_FIELDS = ("memory", "etcd_quota_bytes")
+
 
 def _coerce(name: str, raw: Any) -> Any:
     """Convert a TOML or environment value to the field's type."""
     kind = FIELDS[name].type
     try:
+        if name in SIZE_FIELDS and isinstance(raw, str):
+            return units.parse_size(raw)
         if kind == "int":
             return int(raw)
         if kind == "float":

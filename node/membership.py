@@ -1,7 +1,7 @@
 """Node registration on an etcd lease, keepalive, and self-fencing.
 
 A node registers under a fresh id on a fresh lease. If it cannot renew the lease before
-TTL − margin (monotonic clock, counted from when the last acknowledged renewal was
+TTL - margin (monotonic clock, counted from when the last acknowledged renewal was
 sent), it fences itself — kills its tasks and stops stealing — before etcd can expire
 the lease and another node requeues them. Then it registers again as a new node.
 """

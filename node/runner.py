@@ -171,7 +171,11 @@ class Runner:
     async def _revoke(self, local: LocalAttempt, grace: float) -> None:
         local.revoked = True
         if local.handle is not None:
-            await local.handle.stop(grace)
+            try:
+                await local.handle.stop(grace)
+            except ExecutorError as exc:
+                log.error("task %s attempt %d could not be stopped: %s", local.task.id,
+                          local.task.attempt, exc)
 
     async def fence(self) -> None:
         """The lease is lost: kill every attempt now and write nothing for them."""

@@ -13,7 +13,7 @@ from node.store import Store, Versioned
 # How often submit and cancel retry when another node moved the task in between.
 CONFLICT_RETRIES = 5
 
-_STATE_PREFIX = {
+_STATE_PREFIX: dict[int, bytes] = {
     pb.TASK_STATE_PENDING: keys.QUEUED,
     pb.TASK_STATE_RUNNING: keys.RUNNING,
     pb.TASK_STATE_COMPLETE: keys.COMPLETE,
@@ -75,7 +75,8 @@ class TaskService:
                 return canceled
         raise StoreUnavailable(f"task {task_id} kept changing while being canceled; retry")
 
-    async def list(self, state: int, page_size: int, page_token: str) -> tuple[list[pb.Task], str]:
+    async def list_tasks(self, state: int, page_size: int,
+                         page_token: str) -> tuple[list[pb.Task], str]:
         """One page of tasks, in submission order for PENDING, finish order for finished ones,
         id order for all. Returns (tasks, next_page_token)."""
         after = _decode_token(page_token)

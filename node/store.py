@@ -230,7 +230,8 @@ class Store:
                                      keys_only=True, revision=revision)
         return [kv.key for kv in response.kvs]
 
-    async def list_records(self, *, after: bytes = b"", limit: int = 0) -> tuple[list[Versioned], bool]:
+    async def list_records(self, *, after: bytes = b"",
+                           limit: int = 0) -> tuple[list[Versioned], bool]:
         """Task records in id order after `after`; returns (records, more)."""
         start = after + b"\0" if after else keys.TASK_RECORDS_START
         response = await self._range(start, keys.TASK_RECORDS_END, limit=limit)

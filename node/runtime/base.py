@@ -50,7 +50,10 @@ class Attempt(Protocol):
         ...
 
     async def stop(self, grace: float) -> None:
-        """SIGTERM the attempt, SIGKILL it after grace seconds. Idempotent; returns once it is dead."""
+        """SIGTERM the attempt, SIGKILL it after grace seconds.
+
+        Idempotent; returns once it is dead.
+        """
         ...
 
 

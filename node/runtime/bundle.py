@@ -24,6 +24,7 @@ HOST_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib64", "/etc")
 # Where the writable scratch directory appears inside the container (the default cwd).
 WORK_DIR = "/work"
 
+# PATH of a task unless its env sets one (Debian's default for root, so sbin tools work).
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Hostname inside the task's own uts namespace; the host's name would suggest the task
@@ -267,7 +268,9 @@ def build_config(
     }
 
 
-def write_bundle(bundle: Path, config: dict[str, Any], *, layout: HostLayout, task_uid: int) -> None:
+def write_bundle(
+    bundle: Path, config: dict[str, Any], *, layout: HostLayout, task_uid: int
+) -> None:
     """Create the bundle directory: config.json, rootfs/ (with the layout's symlinks), work/.
 
     work/ is owned by task_uid. Raises OSError (e.g. the bundle exists already, disk full).

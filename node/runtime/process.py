@@ -23,14 +23,14 @@ import os
 import resource
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 from node.errors import ExecutorError
 from node.runtime.base import AttemptSpec, ExitStatus
+from node.runtime.bundle import DEFAULT_PATH
 
 log = logging.getLogger(__name__)
-
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # Processes and threads of task_uid, all its tasks together (RLIMIT_NPROC counts per uid;
 # without cgroups there is no per-task count): a fork bomb stops here instead of
@@ -114,7 +114,7 @@ class ProcessExecutor:
                 extra_groups=[] if drop is not None else None,
                 preexec_fn=functools.partial(_limit_resources, drop is not None),
             )
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, subprocess.SubprocessError) as exc:
             shutil.rmtree(spec.attempt_dir, ignore_errors=True)
             raise ExecutorError(f"cannot start {spec.command!r}: {_describe(exc)}") from exc
         finally:
@@ -203,6 +203,8 @@ class ProcessAttempt:
         self._signal_group(signal.SIGKILL)
         try:
             await asyncio.to_thread(shutil.rmtree, self._attempt_dir)
+        except FileNotFoundError:
+            pass  # removed already (by the runner): nothing left to do
         except OSError as exc:
             log.warning("cannot remove the attempt dir of %s: %s", self._id, exc)
         code = 128 - returncode if returncode < 0 else returncode
@@ -218,7 +220,10 @@ def _limit_resources(own_uid: bool) -> None:
     # A crashing task must not fill the disk (or a coredump service) with cores.
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if own_uid:
-        resource.setrlimit(resource.RLIMIT_NPROC, (NPROC_LIMIT, NPROC_LIMIT))
+        # Lowering only: after the uid drop the hard limit cannot be raised.
+        hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
+        limit = NPROC_LIMIT if hard == resource.RLIM_INFINITY else min(hard, NPROC_LIMIT)
+        resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
 
 
 def _describe(exc: BaseException) -> str:

@@ -84,13 +84,14 @@ class RuncExecutor:
         if self._cgroup_v2:
             self._memory_root = CGROUP_ROOT
             self._oom_file = "memory.events"
-            # runc ignores a swap limit of 0 when the kernel has no swap controller.
-            self._limit_swap = True
         else:
             self._memory_root = CGROUP_ROOT / "memory"
             self._oom_file = "memory.oom_control"
-            # Without swap accounting (swapaccount=0) runc fails on any swap limit.
-            self._limit_swap = (self._memory_root / "memory.memsw.limit_in_bytes").exists()
+        # Without swap accounting (swapaccount=0, no CONFIG_MEMCG_SWAP) runc fails on any
+        # swap limit, so it is set only where the kernel has one.
+        self._limit_swap = _has_swap_accounting(self._cgroup_v2)
+        if not self._limit_swap:
+            log.warning("no cgroup swap accounting: tasks may swap beyond their memory limit")
 
     async def start(self, spec: AttemptSpec) -> RuncAttempt:
         """Write the attempt's bundle into spec.attempt_dir and start `runc run` on it.
@@ -317,6 +318,8 @@ class RuncAttempt:
         await self._executor.delete(self._cid)
         try:
             await asyncio.to_thread(shutil.rmtree, self._bundle)
+        except FileNotFoundError:
+            pass  # removed already (by reap_stale() or the runner): nothing left to do
         except OSError as exc:
             log.warning("cannot remove the bundle of %s: %s", self._cid, exc)
         return ExitStatus(exit_code=code, oom_killed=oom_killed)
@@ -327,6 +330,24 @@ def _exit_code(returncode: int | None) -> int:
     if returncode is None:
         raise ValueError("the process has not exited")
     return 128 - returncode if returncode < 0 else returncode
+
+
+def _has_swap_accounting(cgroup_v2: bool) -> bool:
+    """Whether memory cgroups have swap limits. Never raises; False when it cannot tell."""
+    if not cgroup_v2:
+        return (CGROUP_ROOT / "memory" / "memory.memsw.limit_in_bytes").exists()
+    # The v2 root cgroup has no memory.* limit files: look in the first child cgroups that
+    # have the memory controller (ours, else e.g. system.slice, init.scope).
+    try:
+        own = Path("/proc/self/cgroup").read_text().strip().rpartition("::")[2]
+        candidates = [CGROUP_ROOT / own.lstrip("/")]
+        candidates += sorted(path for path in CGROUP_ROOT.iterdir() if path.is_dir())
+    except OSError:
+        return False
+    for directory in candidates:
+        if (directory / "memory.max").exists():
+            return (directory / "memory.swap.max").exists()
+    return False
 
 
 def _looks_like_bundle(path: str) -> bool:

@@ -1,0 +1,212 @@
+"""A real filch cluster on loopback addresses for end-to-end tests.
+
+Every node is a `filch agent` process with its own etcd member (a child of the agent),
+listening on its own 127.0.X.Y address, so several clusters never collide. Nothing here
+is mocked: tests talk to the nodes over gRPC and through the `filch` CLI.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+
+FILCH = str(Path(sys.executable).with_name("filch"))
+
+# Each cluster gets its own 127.0.X.0/24 so that a leftover process from an earlier
+# cluster (or another test run) can never answer for this one.
+_subnets = itertools.count(100 + os.getpid() % 50)
+
+FINISHED = (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED)
+
+
+def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0,
+             interval: float = 0.1) -> T:
+    """Poll check() until it returns something truthy; fail the test after timeout."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except grpc.RpcError as exc:
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} "
+                         f"(last error: {last_error})")
+
+
+@dataclass
+class Node:
+    """One `filch agent` process and the etcd member it started."""
+
+    name: str
+    ip: str
+    data_dir: Path
+    args: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    log_file: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_file = self.data_dir.with_suffix(".log")
+
+    @property
+    def address(self) -> str:
+        return f"{self.ip}:7070"
+
+    @property
+    def etcd_endpoint(self) -> str:
+        return f"http://{self.ip}:2379"
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen([FILCH, "agent", *self.args], stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+
+    def etcd_pid(self) -> int:
+        return int((self.data_dir / "etcd.pid").read_text())
+
+    def kill_hard(self) -> None:
+        """SIGKILL the etcd member and the daemon: a machine that lost power."""
+        try:
+            os.kill(self.etcd_pid(), signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+class Cluster:
+    """N peer nodes forming one etcd cluster, started and stopped by a test."""
+
+    def __init__(self, root: Path, size: int = 3, *, cpus: float = 2, lease_ttl: int = 5,
+                 executor: str = "runc", extra: tuple[str, ...] = ()) -> None:
+        subnet = next(_subnets)
+        self.nodes: list[Node] = []
+        names = [f"node-{index + 1}" for index in range(size)]
+        ips = [f"127.0.{subnet}.{index + 1}" for index in range(size)]
+        initial = ",".join(f"{name}=http://{ip}:2380" for name, ip in zip(names, ips, strict=True))
+        for name, ip in zip(names, ips, strict=True):
+            args = ["--name", name, "--data-dir", str(root / name),
+                    "--listen", f"{ip}:7070",
+                    "--etcd-peer-url", f"http://{ip}:2380",
+                    "--etcd-client-url", f"http://{ip}:2379",
+                    "--initial-cluster", initial,
+                    "--cpus", str(cpus), "--memory", "8Gi",
+                    "--executor", executor, "--lease-ttl", str(lease_ttl),
+                    "--sweep-interval", "1", *extra]
+            self.nodes.append(Node(name, ip, root / name, args))
+        self._channels: dict[str, grpc.Channel] = {}
+
+    def __enter__(self) -> Cluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self, timeout: float = 60.0) -> None:
+        for node in self.nodes:
+            node.start()
+        try:
+            wait_for("every node to register", lambda: len(self.list_nodes()) == len(self.nodes),
+                     timeout=timeout)
+        except AssertionError:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        for node in self.nodes:
+            node.stop()
+        for node in self.nodes:
+            node.kill_hard()
+
+    def stub(self, index: int = 0) -> pb_grpc.SchedulerStub:
+        address = self.nodes[index].address
+        if address not in self._channels:
+            self._channels[address] = grpc.insecure_channel(address)
+        return pb_grpc.SchedulerStub(self._channels[address])
+
+    def alive(self) -> Iterator[int]:
+        return (index for index, node in enumerate(self.nodes)
+                if node.process is not None and node.process.poll() is None)
+
+    def any_stub(self) -> pb_grpc.SchedulerStub:
+        return self.stub(next(self.alive()))
+
+    # -- conveniences ----------------------------------------------------------------------
+
+    def list_nodes(self) -> list[pb.Node]:
+        return list(self.any_stub().ListNodes(pb.ListNodesRequest(), timeout=5).nodes)
+
+    def submit(self, command: str, *args: str, index: int = 0, **spec: object) -> str:
+        request = pb.SubmitRequest(spec=pb.TaskSpec(command=command, args=args, **spec))
+        return str(self.stub(index).Submit(request, timeout=10).task.id)
+
+    def get(self, task_id: str) -> pb.Task:
+        return self.any_stub().GetTask(pb.GetTaskRequest(id=task_id), timeout=10)
+
+    def wait_state(self, task_id: str, states: tuple[int, ...], timeout: float = 60) -> pb.Task:
+        return wait_for(f"task {task_id} to reach {states}",
+                        lambda: (task := self.get(task_id)).state in states and task,
+                        timeout=timeout)
+
+    def wait_finished(self, task_ids: list[str], timeout: float = 120) -> list[pb.Task]:
+        def check() -> list[pb.Task] | None:
+            tasks = [self.get(task_id) for task_id in task_ids]
+            return tasks if all(task.state in FINISHED for task in tasks) else None
+        return wait_for(f"{len(task_ids)} tasks to finish", check, timeout=timeout, interval=0.3)
+
+    def cli(self, *args: str, index: int = 0, check: bool = False,
+            timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run the filch CLI against one node."""
+        env = dict(os.environ, FILCH_SERVER=self.nodes[index].address)
+        return subprocess.run([FILCH, *args], env=env, capture_output=True, text=True,
+                              timeout=timeout, check=check, stdin=subprocess.DEVNULL)
+
+    def etcd_keys(self) -> dict[str, dict[str, object]]:
+        """Every key in etcd with its value and revisions (read with etcdctl, not filch)."""
+        endpoint = self.nodes[next(self.alive())].etcd_endpoint
+        out = subprocess.run(["etcdctl", "--endpoints", endpoint, "get", "", "--prefix",
+                              "-w", "json"], env=dict(os.environ, ETCDCTL_API="3"),
+                             capture_output=True, text=True, check=True, timeout=30).stdout
+        import base64
+        kvs = json.loads(out).get("kvs", [])
+        return {base64.b64decode(kv["key"]).decode(): kv for kv in kvs}

@@ -1,0 +1,162 @@
+"""What `-o json` and the tables show about tasks and nodes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from node import render
+from node._gen.filch.v1 import filch_pb2 as pb
+
+TASK_FIELDS = {
+    "id", "name", "state", "node_id", "node_address", "exit_code", "reason", "message",
+    "command", "args", "cpu", "memory_bytes", "restart", "attempt",
+    "submitted_at", "started_at", "finished_at",
+}
+NODE_FIELDS = {
+    "id", "name", "address", "cpu_capacity", "memory_capacity_bytes", "cpu_allocated",
+    "memory_allocated_bytes", "running", "etcd_leader", "executor", "nospace",
+}
+NOW = datetime(2026, 11, 27, 7, 15, 0, tzinfo=UTC)
+
+
+def stamp(text: str, millis: int = 0) -> Timestamp:
+    moment = datetime.fromisoformat(text).replace(tzinfo=UTC)
+    return Timestamp(seconds=int(moment.timestamp()), nanos=millis * 1_000_000)
+
+
+def finished_task(**overrides: object) -> pb.Task:
+    task = pb.Task(
+        id="6f1c2b0e-0000-4000-8000-000000000001",
+        spec=pb.TaskSpec(name="build", command="sh", args=["-c", "echo 'hi there'"],
+                         cpu_millis=500, memory_bytes=64 * 2**20, restart=True,
+                         env={"B": "2", "A": "1"}),
+        state=pb.TASK_STATE_COMPLETE,
+        reason=pb.REASON_EXITED,
+        exit_code=3,
+        attempt=1,
+        node_id="a1b2c3d4e5f6",
+        node_address="10.0.0.2:7070",
+        node_name="node-2",
+        submitted_at=stamp("2026-11-27T07:10:00", 123),
+        started_at=stamp("2026-11-27T07:10:01"),
+        finished_at=stamp("2026-11-27T07:12:01"),
+    )
+    for name, value in overrides.items():
+        setattr(task, name, value)
+    return task
+
+
+def test_task_json_has_exactly_the_documented_fields() -> None:
+    data = render.task_to_dict(finished_task())
+    assert set(data) == TASK_FIELDS
+    assert data["state"] == "COMPLETE"
+    assert data["reason"] == "EXITED"
+    assert data["exit_code"] == 3
+    assert data["cpu"] == 0.5
+    assert data["memory_bytes"] == 64 * 2**20
+    assert data["command"] == "sh"
+    assert data["args"] == ["-c", "echo 'hi there'"]
+    assert data["submitted_at"] == "2026-11-27T07:10:00.123Z"
+    assert data["finished_at"] == "2026-11-27T07:12:01.000Z"
+
+
+def test_unfinished_task_has_no_exit_code_reason_or_times() -> None:
+    task = pb.Task(id="x", spec=pb.TaskSpec(command="true"), state=pb.TASK_STATE_PENDING,
+                   submitted_at=stamp("2026-11-27T07:10:00"))
+    data = render.task_to_dict(task)
+    assert data["state"] == "PENDING"
+    assert data["reason"] == ""
+    assert data["exit_code"] is None  # not 0: a pending task has not succeeded
+    assert data["started_at"] is None
+    assert data["finished_at"] is None
+
+
+@pytest.mark.parametrize(
+    ("reason", "exit_code"),
+    [(pb.REASON_EXITED, 0), (pb.REASON_OOM_KILLED, 137), (pb.REASON_NODE_LOST, None),
+     (pb.REASON_START_FAILED, None), (pb.REASON_CANCELED, None)],
+)
+def test_exit_code_is_set_only_when_the_command_itself_ended(
+        reason: pb.Reason.ValueType, exit_code: int | None) -> None:
+    task = finished_task(reason=reason, exit_code=exit_code or 0)
+    assert render.task_to_dict(task)["exit_code"] == exit_code
+    assert render.task_to_dict(task)["reason"] == pb.Reason.Name(reason).removeprefix("REASON_")
+
+
+def test_canceled_task_reports_state_and_reason_canceled() -> None:
+    data = render.task_to_dict(finished_task(state=pb.TASK_STATE_CANCELED,
+                                             reason=pb.REASON_CANCELED))
+    assert (data["state"], data["reason"], data["exit_code"]) == ("CANCELED", "CANCELED", None)
+
+
+def test_node_json_has_the_documented_fields_with_cpu_in_cores() -> None:
+    node = pb.Node(id="n1", name="node-1", address="10.0.0.1:7070", cpu_capacity_millis=4000,
+                   memory_capacity_bytes=16 * 2**30, cpu_allocated_millis=1500,
+                   memory_allocated_bytes=2 * 2**30, running=3, etcd_leader=True,
+                   executor="runc")
+    data = render.node_to_dict(node)
+    assert set(data) == NODE_FIELDS
+    assert data["cpu_capacity"] == 4.0
+    assert data["cpu_allocated"] == 1.5
+    assert data["etcd_leader"] is True
+
+
+def test_tasks_table_aligns_columns_and_shows_sizes_and_ages() -> None:
+    running = pb.Task(id="short", spec=pb.TaskSpec(command="sleep", cpu_millis=2000),
+                      state=pb.TASK_STATE_RUNNING, node_id="b" * 32,
+                      submitted_at=stamp("2026-11-27T07:14:15"))
+    lines = render.tasks_table([finished_task(), running], now=NOW).splitlines()
+    assert lines[0].split() == ["ID", "NAME", "STATE", "NODE", "CPU", "MEM", "AGE", "RESULT"]
+    column = lines[0].index("STATE")
+    assert lines[1][column:].startswith("COMPLETE")
+    assert lines[2][column:].startswith("RUNNING")
+    assert "node-2" in lines[1] and "64Mi" in lines[1] and "exit 3" in lines[1]
+    assert "4m59s" in lines[1]  # submitted 07:10:00.123, now 07:15:00
+    assert "bbbbbbbb" in lines[2] and "45s" in lines[2]
+    assert all(line == line.rstrip() for line in lines)
+
+
+def test_nodes_table_shows_allocation_over_capacity_and_flags() -> None:
+    node = pb.Node(id="0123456789abcdef", name="node-1", address="10.0.0.1:7070",
+                   cpu_capacity_millis=4000, memory_capacity_bytes=16 * 2**30,
+                   cpu_allocated_millis=1500, memory_allocated_bytes=2 * 2**30, running=3,
+                   etcd_leader=True, nospace=True, executor="runc")
+    header, row = render.nodes_table([node]).splitlines()
+    assert header.split()[:3] == ["NAME", "ID", "ADDRESS"]
+    assert row.split() == ["node-1", "01234567", "10.0.0.1:7070", "1.5/4", "2Gi/16Gi", "3",
+                           "runc", "leader,NOSPACE"]
+
+
+def test_task_detail_reads_like_a_description() -> None:
+    text = render.task_detail(finished_task(), now=NOW)
+    assert "State:" in text and "COMPLETE (exited with code 3)" in text
+    assert "sh -c 'echo '\"'\"'hi there'\"'\"''" in text  # shell-quoted, pasteable
+    assert "0.5 cores" in text and "64Mi" in text
+    assert "2026-11-27T07:10:00.123Z (4m59s ago)" in text
+    assert "Ran for:" in text and "2m" in text
+    assert text.index("A=1") < text.index("B=2")
+    labels = [line.split(":")[0] for line in text.splitlines() if ":" in line.split()[0]]
+    assert "Node" in labels and "Attempt" in labels
+    # Values start in one column.
+    starts = {line.index(line.split(None, 1)[1]) for line in text.splitlines()
+              if line.split()[0].endswith(":")}
+    assert len(starts) == 1
+
+
+def test_task_detail_explains_an_out_of_memory_kill() -> None:
+    text = render.task_detail(finished_task(reason=pb.REASON_OOM_KILLED, exit_code=137), now=NOW)
+    assert "out of memory (limit 64Mi)" in text
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (45, "45s"), (192, "3m12s"),
+                                               (600, "10m"), (7500, "2h5m"), (86400 * 6, "6d")])
+def test_format_duration_is_short(seconds: float, text: str) -> None:
+    assert render.format_duration(seconds) == text
+
+
+def test_unknown_enum_values_from_a_newer_server_do_not_crash() -> None:
+    assert render.state_name(99) == "99"
+    assert render.reason_name(99) == "99"
