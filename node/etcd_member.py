@@ -24,7 +24,6 @@ import logging
 import os
 import signal
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import IO

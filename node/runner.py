@@ -38,6 +38,8 @@ class LocalAttempt:
     handle: Attempt | None = None
     revoked: bool = False
     """Set when the task was taken away (canceled, requeued): its result is not written."""
+    exited: bool = False
+    """Set once the process has ended (its own finish then deletes the running key)."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -126,6 +128,7 @@ class Runner:
                     task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED, message=str(exc)))
                 return
             status = await local.handle.wait()
+            local.exited = True
             if local.revoked:
                 log.info("task %s attempt %d stopped: it was taken away", task.id, task.attempt)
                 return
@@ -233,7 +236,7 @@ class Runner:
                 await self._taken_away(local)
 
     async def _taken_away(self, local: LocalAttempt) -> None:
-        if not local.revoked and not local.done.is_set():
+        if not (local.revoked or local.exited or local.done.is_set()):
             log.info("task %s was canceled or taken away: stopping attempt %d",
                      local.task.id, local.task.attempt)
             await self._revoke(local, self._config.cancel_grace)

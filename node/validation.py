@@ -83,6 +83,8 @@ def spec(raw: pb.TaskSpec) -> pb.TaskSpec:
     clean.CopyFrom(raw)
     clean.cpu_millis = raw.cpu_millis or DEFAULT_CPU_MILLIS
     clean.memory_bytes = raw.memory_bytes or DEFAULT_MEMORY_BYTES
+    # Restartable unless the client says otherwise: losing a node should not lose work.
+    clean.restart = raw.restart if raw.HasField("restart") else True
     return clean
 
 

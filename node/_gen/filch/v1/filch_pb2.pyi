@@ -127,7 +127,7 @@ class TaskSpec(_message.Message):
     memory_bytes: _builtins.int
     """memory limit; 0 means the default (128 MiB)"""
     restart: _builtins.bool
-    """requeue if the node running it dies"""
+    """requeue if the node running it dies; unset means true"""
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -142,13 +142,15 @@ class TaskSpec(_message.Message):
         workdir: _builtins.str = ...,
         cpu_millis: _builtins.int = ...,
         memory_bytes: _builtins.int = ...,
-        restart: _builtins.bool = ...,
+        restart: _builtins.bool | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_restart", b"_restart", "restart", b"restart"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "command", b"command", "cpu_millis", b"cpu_millis", "env", b"env", "memory_bytes", b"memory_bytes", "name", b"name", "restart", b"restart", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_restart", b"_restart", "args", b"args", "command", b"command", "cpu_millis", b"cpu_millis", "env", b"env", "memory_bytes", b"memory_bytes", "name", b"name", "restart", b"restart", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__restart: _TypeAlias = _typing.Literal["restart"]  # noqa: Y015
+    _WhichOneofArgType__restart: _TypeAlias = _typing.Literal["_restart", b"_restart"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__restart) -> _WhichOneofReturnType__restart | None: ...
 
 Global___TaskSpec: _TypeAlias = TaskSpec  # noqa: Y015
 

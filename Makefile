@@ -1,0 +1,85 @@
+# filch: build, test and run on one machine (Debian 12; `make deps` wants root).
+#
+#   make test      everything CI runs: system packages, venv, lint, the whole test suite
+#   make run       a 3-node local cluster under supervisord, in the foreground (Ctrl-C stops it)
+#   make lint      ruff + mypy --strict
+#   make proto     regenerate node/_gen/ from proto/ (commit the result)
+#   make clean     remove run/ state and caches (distclean: the venv too)
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+# Rebuilt only when pyproject.toml changes (or the venv is gone).
+VENV_STAMP := $(VENV)/.installed
+
+# Debian packages the tests and `make run` need, as command=package. The command is
+# checked first, so `make deps` costs nothing on a machine that has them all.
+SYSTEM_DEPS := etcd=etcd-server etcdctl=etcd-client runc=runc supervisord=supervisor ip=iproute2
+
+.PHONY: help deps venv proto check-proto lint test run clean distclean
+
+help:
+	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
+
+deps:
+	@missing=""; \
+	for pair in $(SYSTEM_DEPS); do \
+	  command -v "$${pair%%=*}" >/dev/null || missing="$$missing $${pair#*=}"; \
+	done; \
+	$(PYTHON) -m ensurepip --version >/dev/null 2>&1 || missing="$$missing python3-venv"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "missing Debian packages:$$missing; run 'sudo make deps'" >&2; exit 1; \
+	fi; \
+	echo "installing$$missing"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	if ! find /var/lib/apt/lists -maxdepth 1 -name '*_Packages*' -mmin -60 | grep -q .; then \
+	  apt-get update -qq; \
+	fi; \
+	apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	if [[ " $$missing " == *" etcd-server "* && -d /run/systemd/system ]]; then \
+	  echo "disabling Debian's etcd.service: filch agents run their own members"; \
+	  systemctl disable --now etcd.service >/dev/null 2>&1 || true; \
+	fi
+
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+proto: venv
+	PYTHON=$(VENV)/bin/python scripts/gen_proto.sh
+
+# The same check tests/unit/test_generated.py makes, with a readable diff.
+check-proto: venv
+	@out=$$(mktemp -d); trap 'rm -rf "$$out"' EXIT; \
+	log=$$(PYTHON=$(VENV)/bin/python scripts/gen_proto.sh "$$out" 2>&1) || { echo "$$log" >&2; exit 1; }; \
+	diff -ru -x __pycache__ "$$out" node/_gen \
+	  && echo "node/_gen/ matches proto/" \
+	  || { echo "node/_gen/ is stale: run 'make proto' and commit it" >&2; exit 1; }
+
+lint: venv
+	$(VENV)/bin/ruff check node tests
+	$(VENV)/bin/mypy --strict node
+
+# pytest runs last, so its summary line is the last thing `make test` prints.
+test: deps venv lint
+	$(VENV)/bin/pytest tests -q -ra
+
+run: deps venv
+	scripts/run-local.sh
+
+clean:
+	@if [ -f run/supervisord.pid ] && kill -0 "$$(cat run/supervisord.pid)" 2>/dev/null; then \
+	  echo "the local cluster (make run) is still running; stop it first" >&2; exit 1; \
+	fi
+	rm -rf run build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV)
