@@ -167,3 +167,20 @@ def test_listing_pages_and_filters(one_node: Cluster) -> None:
     nodes = json.loads(one_node.cli("nodes", "-o", "json", check=True).stdout)
     assert nodes[0]["etcd_leader"] is True
     assert nodes[0]["cpu_capacity"] == 2.0
+
+
+def test_standard_grpc_tools_work(one_node: Cluster) -> None:
+    """Health checking and reflection are on, so grpc_health_probe / grpcurl work."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    channel = grpc.insecure_channel(one_node.nodes[0].address)
+    health = health_pb2_grpc.HealthStub(channel).Check(
+        health_pb2.HealthCheckRequest(service="filch.v1.Scheduler"), timeout=5)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    services = {service.name for reply in replies
+                for service in reply.list_services_response.service}
+    assert "filch.v1.Scheduler" in services
+    channel.close()
