@@ -149,7 +149,11 @@ def _check_host_port(name: str, value: str) -> None:
 
 def _check_url(name: str, value: str, *, loopback: bool) -> None:
     parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.port is None:
+    try:
+        port = parts.port
+    except ValueError:          # urlsplit raises for a port out of range or not a number
+        port = None
+    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
         raise InvalidArgument(name, f"{value!r} is not a URL like http://127.0.0.1:2379")
     if loopback:
         try:

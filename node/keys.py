@@ -39,7 +39,7 @@ _REQUEST_NAMESPACE = uuid.UUID("5b0c7f0e-6a43-4f55-9d3a-2f0b8f3f6c11")
 
 def is_id(value: str) -> bool:
     """True when value is a well-formed filch id."""
-    return bool(ID_PATTERN.match(value))
+    return bool(ID_PATTERN.fullmatch(value))
 
 
 def new_task_id() -> str:

@@ -60,6 +60,11 @@ def lost(task: pb.Task, why: str) -> pb.Task:
                     message=f"attempt {task.attempt} lost: {why}")
 
 
+def restartable(spec: pb.TaskSpec) -> bool:
+    """restart as the user meant it: unset means true."""
+    return spec.restart if spec.HasField("restart") else True
+
+
 def after_owner_lost(task: pb.Task, why: str) -> pb.Task:
     """What a RUNNING task becomes when its node is gone: requeued or NODE_LOST."""
-    return requeued(task, why) if task.spec.restart else lost(task, why)
+    return requeued(task, why) if restartable(task.spec) else lost(task, why)

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from node import keys
+from node import keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError
@@ -77,8 +77,6 @@ class Membership:
         self.registration: Registration | None = None
         self.live = asyncio.Event()
         """Set while this node holds a fresh lease; stealing waits for it."""
-        self.fences = 0
-        self.last_renew_seconds = 0.0
 
     @property
     def margin(self) -> float:
@@ -110,6 +108,9 @@ class Membership:
                 await self._store.put_node(self._node_record(registration), lease_id)
                 self._deadline = sent + self._config.lease_ttl - self.margin
                 self.live.set()
+                metrics.NODE.info({"name": self._config.name, "node_id": registration.node_id,
+                                   "executor": self._executor_name,
+                                   "address": self._config.advertise_address})
                 log.info("registered as node %s (lease %x, ttl %ss)", registration.node_id,
                          lease_id, self._config.lease_ttl)
                 return registration
@@ -137,20 +138,21 @@ class Membership:
                     self._store.keep_alive(registration.lease_id),
                     timeout=max(0.05, min(RENEW_TRY_TIMEOUT, self._deadline - sent)))
             except (FilchError, TimeoutError) as exc:
+                metrics.KEEPALIVE_FAILURES.inc()
                 log.warning("lease renewal failed: %s", exc or "no answer in time")
                 next_renew = time.monotonic() + RENEW_RETRY
                 continue
             if granted <= 0:
                 log.error("lease %x expired in etcd: fencing this node", registration.lease_id)
                 return
-            self.last_renew_seconds = time.monotonic() - sent
+            metrics.KEEPALIVE.observe(time.monotonic() - sent)
             self._deadline = sent + granted - self.margin
             next_renew = time.monotonic() + granted / RENEWALS_PER_TTL
 
     async def _fence(self, registration: Registration) -> None:
         self.live.clear()
         self.registration = None
-        self.fences += 1
+        metrics.SELF_FENCES.inc()
         await self._on_fence()
         try:
             # Release the running keys now instead of at expiry, so requeue starts sooner.

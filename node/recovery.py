@@ -14,7 +14,7 @@ import asyncio
 import logging
 from typing import NoReturn
 
-from node import keys, lifecycle
+from node import keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError
@@ -35,8 +35,6 @@ class Recovery:
     def __init__(self, config: Config, store: Store) -> None:
         self._config = config
         self._store = store
-        self.requeued = 0
-        self.lost = 0
 
     async def run(self) -> NoReturn:
         async with asyncio.TaskGroup() as group:
@@ -64,7 +62,7 @@ class Recovery:
         for key in running:
             await self.recover(keys.last_segment(key), f"node {node_id} lost its lease")
 
-    async def recover(self, task_id: str, why: str) -> None:
+    async def recover(self, task_id: str, why: str, cause: str = "lease_expired") -> None:
         """Hand a task back if it is still RUNNING on a node whose running key is gone."""
         found = await self._store.get_task(task_id)
         if found is None or found.task.state != pb.TASK_STATE_RUNNING:
@@ -73,9 +71,9 @@ class Recovery:
         if await self._store.transition(found, new, owner_gone=True) is None:
             return      # still owned, or another node recovered it first
         if new.state == pb.TASK_STATE_PENDING:
-            self.requeued += 1
+            metrics.REQUEUES.labels(cause).inc()
         else:
-            self.lost += 1
+            metrics.LOST.inc()
         log.info("task %s: %s (%s)", task_id, "requeued" if new.state == pb.TASK_STATE_PENDING
                  else "NODE_LOST", why)
 
@@ -88,7 +86,8 @@ class Recovery:
             for record in records:
                 task = record.task
                 if task.state == pb.TASK_STATE_RUNNING and status_key(task) not in present:
-                    await self.recover(task.id, f"node {task.node_id} is gone (found by scan)")
+                    await self.recover(task.id, f"node {task.node_id} is gone (found by scan)",
+                                       cause="scan")
             if not more or not records:
                 return
             after = keys.task(records[-1].task.id)

@@ -14,6 +14,7 @@ from typing import TypedDict
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from node import lifecycle
 from node._gen.filch.v1 import filch_pb2
 from node.units import format_cpu, format_size
 
@@ -122,7 +123,7 @@ def task_to_dict(task: filch_pb2.Task) -> TaskDict:
         "args": list(task.spec.args),
         "cpu": task.spec.cpu_millis / 1000,
         "memory_bytes": task.spec.memory_bytes,
-        "restart": task.spec.restart,
+        "restart": lifecycle.restartable(task.spec),
         "attempt": task.attempt,
         "submitted_at": _optional_timestamp(task, "submitted_at"),
         "started_at": _optional_timestamp(task, "started_at"),
@@ -276,7 +277,7 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
         ("Command", shlex.join([spec.command, *spec.args])),
         ("CPU", f"{format_cpu(spec.cpu_millis)} cores" if spec.cpu_millis else "default"),
         ("Memory", format_size(spec.memory_bytes) if spec.memory_bytes else "default"),
-        ("Restart", "yes, if its node dies" if spec.restart else "no"),
+        ("Restart", "yes, if its node dies" if lifecycle.restartable(spec) else "no"),
     ]
     if spec.env:
         fields += [("Env" if i == 0 else "", f"{key}={spec.env[key]}")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from node import keys, lifecycle
+from node import keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import ExecutorError, FilchError
@@ -67,7 +68,6 @@ class Runner:
         self._reserved_memory = 0
         self._group: asyncio.TaskGroup | None = None
         self._freed = asyncio.Event()
-        self.fenced_writes = 0
 
     # -- capacity ------------------------------------------------------------------------
 
@@ -90,11 +90,18 @@ class Runner:
     def reserve(self, spec: pb.TaskSpec) -> None:
         self._reserved_cpu += spec.cpu_millis
         self._reserved_memory += spec.memory_bytes
+        self._export_allocation()
 
     def release(self, spec: pb.TaskSpec) -> None:
         self._reserved_cpu -= spec.cpu_millis
         self._reserved_memory -= spec.memory_bytes
+        self._export_allocation()
         self._freed.set()
+
+    def _export_allocation(self) -> None:
+        metrics.CPU_ALLOCATED.set(self._reserved_cpu / 1000)
+        metrics.MEMORY_ALLOCATED.set(self._reserved_memory)
+        metrics.RUNNING.set(len(self._attempts))
 
     async def wait_freed(self) -> None:
         """Return once some capacity was released since the last call."""
@@ -113,6 +120,7 @@ class Runner:
             raise RuntimeError("Runner.run() is not running")
         local = LocalAttempt(task)
         self._attempts[task.id] = local
+        self._export_allocation()
         self._on_change()
         self._group.create_task(self._supervise(local), name=f"attempt {task.id}")
 
@@ -124,11 +132,14 @@ class Runner:
                 local.handle = await self._executor.start(spec)
             except ExecutorError as exc:
                 log.warning("task %s attempt %d failed to start: %s", task.id, task.attempt, exc)
+                metrics.START_FAILURES.inc()
                 await self._finish(local, lifecycle.finished(
                     task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED, message=str(exc)))
                 return
+            started = time.monotonic()
             status = await local.handle.wait()
             local.exited = True
+            metrics.RUN_TIME.observe(time.monotonic() - started)
             if local.revoked:
                 log.info("task %s attempt %d stopped: it was taken away", task.id, task.attempt)
                 return
@@ -148,9 +159,11 @@ class Runner:
         while not local.revoked:
             try:
                 if await self._store.transition(old, new, fence=local.token) is None:
-                    self.fenced_writes += 1
+                    metrics.FENCED_WRITES.inc()
                     log.warning("task %s attempt %d: result rejected, this node no longer owns "
                                 "it", new.id, new.attempt)
+                else:
+                    metrics.FINISHED.labels(pb.Reason.Name(new.reason)[len("REASON_"):]).inc()
                 return
             except FilchError as exc:
                 log.warning("cannot record the end of task %s yet: %s", new.id, exc)
@@ -201,8 +214,9 @@ class Runner:
             handed_back = lifecycle.after_owner_lost(local.task, f"node {self._config.name} "
                                                                  "shut down")
             try:
-                await self._store.transition(Versioned(local.task, local.token), handed_back,
-                                             fence=local.token)
+                if await self._store.transition(Versioned(local.task, local.token), handed_back,
+                                                fence=local.token) is not None:
+                    metrics.REQUEUES.labels("shutdown").inc()
             except FilchError as exc:
                 log.warning("could not hand task %s back (its lease expiry will): %s",
                             local.task.id, exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 
@@ -12,6 +13,7 @@ from node.store import Store, Versioned
 
 # How often submit and cancel retry when another node moved the task in between.
 CONFLICT_RETRIES = 5
+CONFLICT_PAUSE = 0.05
 
 _STATE_PREFIX: dict[int, bytes] = {
     pb.TASK_STATE_PENDING: keys.QUEUED,
@@ -73,6 +75,12 @@ class TaskService:
                                      message="canceled by a user")
             if await self.store.transition(found, canceled) is not None:
                 return canceled
+            # A running task whose node just died has no running key until recovery
+            # requeues it; cancel it from that state too.
+            if (found.task.state == pb.TASK_STATE_RUNNING and
+                    await self.store.transition(found, canceled, owner_gone=True) is not None):
+                return canceled
+            await asyncio.sleep(CONFLICT_PAUSE)
         raise StoreUnavailable(f"task {task_id} kept changing while being canceled; retry")
 
     async def list_tasks(self, state: int, page_size: int,
@@ -138,7 +146,7 @@ def _decode_token(token: str) -> bytes:
     if not token:
         return b""
     try:
-        return base64.urlsafe_b64decode(token.encode())
+        return base64.b64decode(token.encode(), altchars=b"-_", validate=True)
     except (binascii.Error, ValueError):
         raise InvalidArgument("page_token", "is not a token returned by ListTasks") from None
 

@@ -12,7 +12,7 @@ import logging
 import random
 from typing import NoReturn
 
-from node import keys, lifecycle
+from node import keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError
@@ -51,9 +51,6 @@ class Stealer:
         self._never_fits: set[str] = set()
         self._wake = asyncio.Event()
         self.paused = False
-        self.attempted = 0
-        self.won = 0
-        self.conflicts = 0
 
     def wake(self) -> None:
         """Something changed (new task, freed capacity): look at the queue again."""
@@ -62,6 +59,10 @@ class Stealer:
     def pause(self) -> None:
         """Stop taking new work (shutdown, etcd out of space)."""
         self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        self.wake()
 
     async def run(self) -> NoReturn:
         async with asyncio.TaskGroup() as group:
@@ -124,7 +125,9 @@ class Stealer:
         for task_id in list(self._candidates)[:PASS_LIMIT]:
             if self.paused or self._runner.load() >= 1.0 or not self._membership.live.is_set():
                 break
-            await asyncio.sleep(self._delay())
+            delay = self._delay()
+            metrics.STEAL_DELAY.observe(delay)
+            await asyncio.sleep(delay)
             if task_id not in self._candidates:
                 continue        # another node took it while we waited
             found = await self._store.get_task(task_id)
@@ -147,7 +150,7 @@ class Stealer:
             return False
         task = found.task
         self._runner.reserve(task.spec)
-        self.attempted += 1
+        metrics.STEALS_ATTEMPTED.inc()
         try:
             running = lifecycle.stolen(task, registration.node_id, self._config.name,
                                        self._config.advertise_address)
@@ -157,10 +160,12 @@ class Stealer:
             raise
         self._candidates.pop(task.id, None)
         if token is None:
-            self.conflicts += 1
+            metrics.STEALS_LOST.inc()
             self._runner.release(task.spec)
             return False
-        self.won += 1
+        metrics.STEALS_WON.inc()
+        metrics.START_LATENCY.observe(max(0.0, (running.started_at.ToNanoseconds()
+                                                - task.submitted_at.ToNanoseconds()) / 1e9))
         log.info("stole task %s (attempt %d)", task.id, running.attempt)
         self._runner.launch(lifecycle.started(running, token))
         return True

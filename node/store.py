@@ -99,7 +99,7 @@ def _compare(key: bytes, target: str, value: int, result: int = 0) -> Any:
 
 def _translate(exc: BaseException) -> Exception:
     """Map an aetcd/grpc error to Compacted, StoreFull or StoreUnavailable."""
-    text = str(exc)
+    text = exc.details() or "" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
     if "compacted" in text:
         return Compacted(0)
     if "space exceeded" in text or "NOSPACE" in text:

@@ -98,10 +98,6 @@ def test_is_id_rejects_anything_but_a_lowercase_uuid(value: str) -> None:
     assert not keys.is_id(value)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: keys.ID_PATTERN ends in '$', which also matches before a trailing newline, so "
-    "is_id() (and validation.task_id()) accept '<uuid>\\n' and it becomes part of an etcd "
-    "key; use ID_PATTERN.fullmatch or '\\Z'"))
 def test_is_id_rejects_a_trailing_newline() -> None:
     assert not keys.is_id("01a21bce-b194-7000-994b-fef8376138b8\n")
 

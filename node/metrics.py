@@ -1,0 +1,84 @@
+"""Every Prometheus collector filch exports, defined once (prefix filch_, base units).
+
+Per-node series carry no node label: Prometheus adds `instance`. Cluster-wide gauges
+(queue depth, tasks by state) are the same on every node; dashboards take max() of them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+# Latency buckets from a millisecond (a local etcd round trip) to a minute (a long queue).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                   30, 60)
+# Task run times: batch tasks last from milliseconds to hours.
+RUN_TIME_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
+
+NODE = Info("filch_node", "This node: name, current node id, executor, API address.")
+
+# -- cluster-wide, refreshed by housekeeping --------------------------------------------
+QUEUE_DEPTH = Gauge("filch_queue_depth", "Tasks waiting to be stolen (cluster-wide).")
+TASKS = Gauge("filch_tasks", "Tasks in etcd by state (cluster-wide).", ["state"])
+ETCD_DB_SIZE = Gauge("filch_etcd_db_size_bytes", "Size of the local etcd member's database.")
+ETCD_DB_IN_USE = Gauge("filch_etcd_db_size_in_use_bytes",
+                       "Bytes of the local etcd member's database holding live data.")
+ETCD_QUOTA = Gauge("filch_etcd_quota_bytes", "The etcd backend quota (NOSPACE past it).")
+ETCD_NOSPACE = Gauge("filch_etcd_nospace", "1 while etcd's NOSPACE alarm is raised.")
+ETCD_LEADER = Gauge("filch_etcd_is_leader", "1 when the local etcd member is the leader.")
+ETCD_HAS_LEADER = Gauge("filch_etcd_has_leader", "1 when the local etcd member sees a leader.")
+COMPACTIONS = Counter("filch_etcd_compactions_total", "etcd compactions this node ran.")
+DEFRAGS = Counter("filch_etcd_defrags_total", "Defragmentations of the local etcd member.")
+RETENTION_DELETED = Counter("filch_tasks_deleted_total",
+                            "Finished tasks deleted by retention.", ["state"])
+
+# -- stealing ---------------------------------------------------------------------------
+STEALS_ATTEMPTED = Counter("filch_steals_attempted_total", "Steal transactions tried.")
+STEALS_WON = Counter("filch_steals_won_total", "Steal transactions that took a task.")
+STEALS_LOST = Counter("filch_steals_lost_total",
+                      "Steal transactions lost to another node (compare failed).")
+STEAL_DELAY = Histogram("filch_steal_delay_seconds",
+                        "Load-proportional delay waited before a steal.",
+                        buckets=LATENCY_BUCKETS)
+START_LATENCY = Histogram("filch_task_start_latency_seconds",
+                          "From submit to the steal that started an attempt.",
+                          buckets=LATENCY_BUCKETS)
+
+# -- running ----------------------------------------------------------------------------
+RUNNING = Gauge("filch_running_tasks", "Attempts running on this node.")
+RUN_TIME = Histogram("filch_task_run_seconds", "How long attempts ran on this node.",
+                     buckets=RUN_TIME_BUCKETS)
+FINISHED = Counter("filch_tasks_finished_total", "Attempts this node finished, by reason.",
+                   ["reason"])
+FENCED_WRITES = Counter("filch_fenced_writes_total",
+                        "Result writes rejected because this node no longer owned the task.")
+START_FAILURES = Counter("filch_task_start_failures_total", "Attempts that failed to start.")
+
+# -- liveness ---------------------------------------------------------------------------
+REQUEUES = Counter("filch_requeues_total", "Tasks handed back after losing their node.",
+                   ["cause"])
+LOST = Counter("filch_tasks_node_lost_total",
+               "restart=false tasks ended NODE_LOST because their node was lost.")
+KEEPALIVE = Histogram("filch_lease_keepalive_seconds", "Lease renewal round trips.",
+                      buckets=LATENCY_BUCKETS)
+KEEPALIVE_FAILURES = Counter("filch_lease_keepalive_failures_total",
+                             "Lease renewals that failed or timed out.")
+SELF_FENCES = Counter("filch_self_fences_total",
+                      "Times this node fenced itself after failing to renew its lease.")
+
+# -- capacity ---------------------------------------------------------------------------
+CPU_CAPACITY = Gauge("filch_node_cpu_capacity_cores", "CPU cores this node offers.")
+MEMORY_CAPACITY = Gauge("filch_node_memory_capacity_bytes", "Memory this node offers.")
+CPU_ALLOCATED = Gauge("filch_node_cpu_allocated_cores", "CPU cores allocated to attempts.")
+MEMORY_ALLOCATED = Gauge("filch_node_memory_allocated_bytes", "Memory allocated to attempts.")
+
+# -- API --------------------------------------------------------------------------------
+API_REQUESTS = Counter("filch_api_requests_total", "gRPC requests by method and status code.",
+                       ["method", "code"])
+API_LATENCY = Histogram("filch_api_request_duration_seconds", "gRPC request handling time.",
+                        ["method"], buckets=LATENCY_BUCKETS)
+
+
+def serve(listen: str) -> None:
+    """Expose /metrics on HOST:PORT (a background thread of prometheus_client)."""
+    host, _, port = listen.rpartition(":")
+    start_http_server(int(port), addr=host or "0.0.0.0")

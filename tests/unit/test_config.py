@@ -1,0 +1,253 @@
+"""Configuration: flags > FILCH_* environment > TOML file > defaults, and every check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node.config import Config, load
+from node.errors import InvalidArgument
+
+GiB = 1024**3
+
+
+def write_toml(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "filch.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def rejected(flags: dict[str, Any], environ: dict[str, str] | None = None) -> InvalidArgument:
+    with pytest.raises(InvalidArgument) as caught:
+        load(flags, environ={} if environ is None else environ)
+    return caught.value
+
+
+# -- precedence --------------------------------------------------------------------------
+
+
+def test_defaults_work_without_any_configuration() -> None:
+    config = load({}, environ={})
+    assert config.listen == "127.0.0.1:7070"
+    assert config.etcd_client_url == "http://127.0.0.1:2379"
+    assert config.lease_ttl == 5
+    assert config.task_uid == 65534
+    assert config.embedded_etcd
+    assert config.cpus > 0 and config.memory > 0
+
+
+def test_flags_beat_environment_beat_file_beat_defaults(tmp_path: Path) -> None:
+    config_file = write_toml(tmp_path, """
+        name = "from-file"
+        lease_ttl = 10
+        cpus = 2
+        sweep_interval = 7.5
+    """)
+    environ = {"FILCH_NAME": "from-env", "FILCH_LEASE_TTL": "20", "FILCH_CPUS": "3"}
+    config = load({"config_file": config_file, "lease_ttl": 30}, environ=environ)
+    assert config.lease_ttl == 30            # flag over env and file
+    assert config.name == "from-env"         # env over file
+    assert config.cpus == 3.0                # env over file
+    assert config.sweep_interval == 7.5      # file over default
+    assert config.cancel_grace == 5.0        # default
+    assert config.config_file == config_file
+
+
+def test_environment_converts_to_field_types() -> None:
+    config = load({}, environ={"FILCH_LEASE_TTL": "7", "FILCH_CPUS": "1.5",
+                               "FILCH_LISTEN": "127.0.0.1:9000"})
+    assert config.lease_ttl == 7 and isinstance(config.lease_ttl, int)
+    assert config.cpus == 1.5
+    assert config.cpu_capacity_millis == 1500
+    assert config.listen == "127.0.0.1:9000"
+
+
+def test_unrelated_environment_variables_are_ignored() -> None:
+    config = load({}, environ={"FILCH_NOT_A_FIELD": "x", "LEASE_TTL": "99", "PATH": "/bin"})
+    assert config.lease_ttl == 5
+
+
+def test_a_flag_given_as_none_does_not_override(tmp_path: Path) -> None:
+    config = load({"lease_ttl": None}, environ={"FILCH_LEASE_TTL": "9"})
+    assert config.lease_ttl == 9
+
+
+def test_config_file_can_come_from_the_environment(tmp_path: Path) -> None:
+    config_file = write_toml(tmp_path, 'name = "from-file"\n')
+    assert load({}, environ={"FILCH_CONFIG_FILE": config_file}).name == "from-file"
+
+
+def test_config_file_flag_beats_the_environment(tmp_path: Path) -> None:
+    chosen = write_toml(tmp_path, 'name = "chosen"\n')
+    other = tmp_path / "other.toml"
+    other.write_text('name = "other"\n')
+    config = load({"config_file": chosen}, environ={"FILCH_CONFIG_FILE": str(other)})
+    assert config.name == "chosen"
+
+
+# -- sizes -------------------------------------------------------------------------------
+
+
+def test_memory_accepts_sizes_in_the_environment() -> None:
+    assert load({}, environ={"FILCH_MEMORY": "4Gi"}).memory == 4 * GiB
+    assert load({}, environ={"FILCH_MEMORY": "1073741824"}).memory == GiB
+
+
+def test_sizes_accepted_in_the_toml_file(tmp_path: Path) -> None:
+    config_file = write_toml(tmp_path, 'memory = "512Mi"\netcd_quota_bytes = "1Gi"\n')
+    config = load({"config_file": config_file}, environ={})
+    assert config.memory == 512 * 1024**2
+    assert config.etcd_quota_bytes == GiB
+
+
+def test_toml_memory_as_a_plain_integer(tmp_path: Path) -> None:
+    config_file = write_toml(tmp_path, "memory = 2147483648\n")
+    assert load({"config_file": config_file}, environ={}).memory == 2 * GiB
+
+
+@pytest.mark.parametrize(("name", "value"), [("FILCH_MEMORY", "lots"),
+                                             ("FILCH_MEMORY", "-1Gi"),
+                                             ("FILCH_LEASE_TTL", "five"),
+                                             ("FILCH_CPUS", "many")])
+def test_malformed_environment_values_name_their_field(name: str, value: str) -> None:
+    assert rejected({}, {name: value}).field == name.removeprefix("FILCH_").lower()
+
+
+# -- etcd stays on loopback --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("field", "url"), [
+    ("etcd_client_url", "http://10.1.2.3:2379"),
+    ("etcd_client_url", "http://0.0.0.0:2379"),
+    ("etcd_client_url", "http://etcd.example.com:2379"),
+    ("etcd_client_url", "http://localhost.example.com:2379"),
+    ("etcd_endpoint", "http://192.168.1.10:2379"),
+    ("etcd_endpoint", "https://etcd.example.com:2379"),
+])
+def test_non_loopback_etcd_client_urls_are_rejected(field: str, url: str) -> None:
+    error = rejected({field: url})
+    assert error.field == field
+    assert "loopback" in str(error)
+
+
+def test_non_loopback_etcd_client_url_from_the_environment_is_rejected() -> None:
+    assert rejected({}, {"FILCH_ETCD_CLIENT_URL": "http://10.0.0.1:2379"}).field == \
+        "etcd_client_url"
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:2379", "http://127.0.0.2:32379",
+                                 "http://localhost:2379", "http://[::1]:2379",
+                                 "https://127.0.0.1:2379"])
+def test_loopback_etcd_client_urls_are_accepted(url: str) -> None:
+    assert load({"etcd_client_url": url}, environ={}).etcd_client_url == url
+    config = load({"etcd_endpoint": url}, environ={})
+    assert config.etcd_client_endpoint == url
+    assert not config.embedded_etcd
+
+
+def test_peer_url_may_be_public() -> None:
+    assert load({"etcd_peer_url": "http://10.0.0.5:2380"}, environ={}).etcd_peer_url == \
+        "http://10.0.0.5:2380"
+
+
+@pytest.mark.parametrize(("field", "url"), [("etcd_client_url", "127.0.0.1:2379"),
+                                            ("etcd_client_url", "http://127.0.0.1"),
+                                            ("etcd_client_url", "unix:///run/etcd.sock"),
+                                            ("etcd_peer_url", "http://10.0.0.5")])
+def test_urls_without_scheme_or_port_are_rejected(field: str, url: str) -> None:
+    assert rejected({field: url}).field == field
+
+
+@pytest.mark.parametrize(("field", "url"), [("etcd_client_url", "http://127.0.0.1:99999"),
+                                            ("etcd_endpoint", "http://127.0.0.1:port"),
+                                            ("etcd_peer_url", "http://10.0.0.5:70000")])
+def test_urls_with_an_impossible_port_are_rejected_naming_the_field(field: str, url: str) -> None:
+    assert rejected({field: url}).field == field
+
+
+# -- the TOML file -----------------------------------------------------------------------
+
+
+def test_unknown_toml_key_is_rejected(tmp_path: Path) -> None:
+    config_file = write_toml(tmp_path, 'name = "n"\nlease-ttl = 3\n')
+    error = rejected({"config_file": config_file})
+    assert error.field == "config_file"
+    assert "lease-ttl" in str(error)
+
+
+def test_malformed_toml_is_rejected(tmp_path: Path) -> None:
+    config_file = write_toml(tmp_path, "name = \n")
+    assert rejected({"config_file": config_file}).field == "config_file"
+
+
+def test_missing_config_file_is_rejected(tmp_path: Path) -> None:
+    error = rejected({"config_file": str(tmp_path / "absent.toml")})
+    assert error.field == "config_file"
+    assert "absent.toml" in str(error)
+
+
+# -- other checks ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cluster", ["u", "=http://127.0.0.1:2380", "u=not-a-url",
+                                     "u=http://10.0.0.1", "a=http://10.0.0.1:2380,b"])
+def test_bad_initial_cluster_is_rejected(cluster: str) -> None:
+    assert rejected({"initial_cluster": cluster}).field == "initial_cluster"
+
+
+def test_good_initial_cluster_is_accepted() -> None:
+    cluster = "a=http://10.0.0.1:2380,b=http://10.0.0.2:2380"
+    config = load({"initial_cluster": cluster, "name": "a"}, environ={})
+    assert config.initial_cluster_or_self == cluster
+
+
+def test_initial_cluster_defaults_to_this_member_alone() -> None:
+    config = load({"name": "solo", "etcd_peer_url": "http://10.0.0.9:2380"}, environ={})
+    assert config.initial_cluster_or_self == "solo=http://10.0.0.9:2380"
+
+
+def test_initial_cluster_state_must_be_new_or_existing() -> None:
+    assert load({"initial_cluster_state": "existing"}, environ={}).initial_cluster_state == \
+        "existing"
+    assert rejected({"initial_cluster_state": "join"}).field == "initial_cluster_state"
+
+
+def test_task_uid_zero_is_rejected_from_any_source(tmp_path: Path) -> None:
+    assert rejected({"task_uid": 0}).field == "task_uid"
+    assert rejected({}, {"FILCH_TASK_UID": "0"}).field == "task_uid"
+    config_file = write_toml(tmp_path, "task_uid = 0\n")
+    assert rejected({"config_file": config_file}).field == "task_uid"
+
+
+@pytest.mark.parametrize("ttl", [2, 300])
+def test_lease_ttl_bounds_are_accepted(ttl: int) -> None:
+    assert load({"lease_ttl": ttl}, environ={}).lease_ttl == ttl
+
+
+@pytest.mark.parametrize("ttl", [0, 1, 301, -5])
+def test_lease_ttl_outside_bounds_is_rejected(ttl: int) -> None:
+    assert rejected({"lease_ttl": ttl}).field == "lease_ttl"
+
+
+@pytest.mark.parametrize(("field", "value"), [("cpus", 0), ("cpus", 5000), ("cpus", "nan"),
+                                              ("memory", 0), ("executor", "docker"),
+                                              ("listen", "7070"), ("listen", "host:0"),
+                                              ("advertise", "10.0.0.1:http")])
+def test_other_bad_fields_are_named(field: str, value: Any) -> None:
+    assert rejected({field: value}).field == field
+
+
+def test_advertise_defaults_to_listen() -> None:
+    config = load({"listen": "10.0.0.3:7070"}, environ={})
+    assert config.advertise_address == "10.0.0.3:7070"
+    assert load({"listen": "10.0.0.3:7070", "advertise": "filch-3:7070"},
+                environ={}).advertise_address == "filch-3:7070"
+
+
+def test_config_is_frozen() -> None:
+    config = load({}, environ={})
+    with pytest.raises(AttributeError):
+        config.lease_ttl = 9  # type: ignore[misc]
+    assert isinstance(config, Config)

@@ -1,0 +1,134 @@
+"""The records each lifecycle arrow produces (design.md, "Task lifecycle")."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from node import keys, lifecycle
+from node._gen.filch.v1 import filch_pb2 as pb
+
+NODE_ID = "6f1c2a9e-0d4b-4c1e-9a53-2b8f0e6d7c11"
+
+
+def pending(*, restart: bool | None = True, attempt: int = 0) -> pb.Task:
+    spec = pb.TaskSpec(command="/bin/true", cpu_millis=100, memory_bytes=128 << 20)
+    if restart is not None:
+        spec.restart = restart
+    task = pb.Task(id=keys.new_task_id(), spec=spec, state=pb.TASK_STATE_PENDING,
+                   attempt=attempt)
+    task.submitted_at.GetCurrentTime()
+    return task
+
+
+def running(*, restart: bool | None = True, attempt: int = 0) -> pb.Task:
+    return lifecycle.started(
+        lifecycle.stolen(pending(restart=restart, attempt=attempt), NODE_ID, "n1",
+                         "10.0.0.1:7070"),
+        fencing_token=42)
+
+
+def recent(stamp: Timestamp) -> bool:
+    return abs(stamp.ToNanoseconds() / 1e9 - time.time()) < 60
+
+
+# -- stolen / started --------------------------------------------------------------------
+
+
+def test_stolen_starts_the_next_attempt_on_this_node() -> None:
+    task = pending(attempt=2)
+    task.message = "requeued after attempt 2: node lost"
+    task.finished_at.GetCurrentTime()
+    stolen = lifecycle.stolen(task, NODE_ID, "n1", "10.0.0.1:7070")
+    assert stolen.state == pb.TASK_STATE_RUNNING
+    assert stolen.attempt == 3
+    assert (stolen.node_id, stolen.node_name, stolen.node_address) == \
+        (NODE_ID, "n1", "10.0.0.1:7070")
+    assert stolen.HasField("started_at") and recent(stolen.started_at)
+    assert not stolen.HasField("finished_at")
+    assert stolen.message == ""
+    assert stolen.id == task.id and stolen.spec == task.spec
+    assert stolen.submitted_at == task.submitted_at
+
+
+def test_stolen_leaves_the_original_record_alone() -> None:
+    task = pending()
+    before = task.SerializeToString()
+    lifecycle.stolen(task, NODE_ID, "n1", "10.0.0.1:7070")
+    assert task.SerializeToString() == before
+
+
+def test_first_steal_is_attempt_one() -> None:
+    assert lifecycle.stolen(pending(), NODE_ID, "n1", "a:1").attempt == 1
+
+
+def test_started_records_the_fencing_token() -> None:
+    task = lifecycle.stolen(pending(), NODE_ID, "n1", "a:1")
+    assert lifecycle.started(task, 1234).fencing_token == 1234
+    assert task.fencing_token == 0
+
+
+# -- finished ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("state", "reason", "exit_code"), [
+    (pb.TASK_STATE_COMPLETE, pb.REASON_EXITED, 0),
+    (pb.TASK_STATE_COMPLETE, pb.REASON_EXITED, 3),
+    (pb.TASK_STATE_COMPLETE, pb.REASON_OOM_KILLED, 137),
+    (pb.TASK_STATE_CANCELED, pb.REASON_CANCELED, 0),
+])
+def test_finished_records_the_outcome(state: int, reason: int, exit_code: int) -> None:
+    task = running()
+    done = lifecycle.finished(task, state, reason, exit_code=exit_code, message="why")
+    assert (done.state, done.reason, done.exit_code, done.message) == \
+        (state, reason, exit_code, "why")
+    assert done.HasField("finished_at") and recent(done.finished_at)
+    assert done.node_id == NODE_ID and done.attempt == 1
+    assert task.state == pb.TASK_STATE_RUNNING and not task.HasField("finished_at")
+
+
+def test_finished_can_cancel_a_pending_task() -> None:
+    done = lifecycle.finished(pending(), pb.TASK_STATE_CANCELED, pb.REASON_CANCELED)
+    assert done.state == pb.TASK_STATE_CANCELED
+    assert done.attempt == 0
+
+
+# -- after_owner_lost --------------------------------------------------------------------
+
+
+def test_owner_lost_requeues_a_restartable_task() -> None:
+    task = running(restart=True, attempt=1)
+    assert task.attempt == 2
+    again = lifecycle.after_owner_lost(task, "node n1 lost its lease")
+    assert again.state == pb.TASK_STATE_PENDING
+    assert "attempt 2" in again.message
+    assert "node n1 lost its lease" in again.message
+    assert again.fencing_token == 0
+    assert again.attempt == 2, "the attempt count survives; the next steal makes it 3"
+    assert not again.HasField("finished_at")
+
+
+def test_owner_lost_ends_a_non_restartable_task_as_node_lost() -> None:
+    task = running(restart=False)
+    lost = lifecycle.after_owner_lost(task, "node n1 lost its lease")
+    assert lost.state == pb.TASK_STATE_COMPLETE
+    assert lost.reason == pb.REASON_NODE_LOST
+    assert lost.HasField("finished_at") and recent(lost.finished_at)
+    assert "attempt 1" in lost.message
+    assert "node n1 lost its lease" in lost.message
+
+
+def test_requeued_then_stolen_is_a_fresh_attempt() -> None:
+    again = lifecycle.after_owner_lost(running(restart=True), "lost")
+    other = "0b7e2f55-1c3d-4e6a-8f90-a1b2c3d4e5f6"
+    stolen = lifecycle.stolen(again, other, "n2", "10.0.0.2:7070")
+    assert stolen.attempt == 2
+    assert stolen.node_id == other
+    assert stolen.message == ""
+
+
+def test_owner_lost_treats_unset_restart_as_true() -> None:
+    task = running(restart=None)
+    assert lifecycle.after_owner_lost(task, "lost").state == pb.TASK_STATE_PENDING

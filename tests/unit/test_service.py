@@ -1,0 +1,395 @@
+"""TaskService against a real single-member etcd: submit, cancel, get, list, explain."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+
+from node import keys, lifecycle, validation
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.errors import Conflict, InvalidArgument, TaskNotFound
+from node.service import TaskService
+from node.store import Store
+
+if shutil.which("etcd") is None or shutil.which("etcdctl") is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("etcd is not installed; `make deps` installs it")
+    pytest.skip("etcd is not installed (`make deps` installs it)", allow_module_level=True)
+
+pytestmark = pytest.mark.timeout(60)
+
+NODE_ID = "6f1c2a9e-0d4b-4c1e-9a53-2b8f0e6d7c11"
+
+
+# -- a real etcd (same recipe as test_store.py) ------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def etcdctl(endpoint: str, *args: str) -> str:
+    result = subprocess.run(["etcdctl", "--endpoints", endpoint, *args], capture_output=True,
+                            text=True, timeout=10, check=True)
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A single etcd member on free loopback ports; yields its client URL."""
+    data = tmp_path_factory.mktemp("etcd")
+    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
+    with open(data / "etcd.log", "wb") as log:
+        process = subprocess.Popen(
+            ["etcd", "--name", "u", "--data-dir", str(data / "member"),
+             "--listen-client-urls", client, "--advertise-client-urls", client,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"u={peer}"],
+            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run(["etcdctl", "--endpoints", client, "endpoint", "health"],
+                             capture_output=True, timeout=10).returncode != 0:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("etcd did not start:\n" + (data / "etcd.log").read_text())
+            time.sleep(0.05)
+        yield client
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
+async def store(etcd: str) -> AsyncIterator[Store]:
+    etcdctl(etcd, "del", "", "--prefix")
+    opened = Store(etcd)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+@pytest.fixture
+def service(store: Store) -> TaskService:
+    return TaskService(store)
+
+
+def spec(**fields: Any) -> pb.TaskSpec:
+    """A spec as the API hands it to the service: validated, defaults filled."""
+    return validation.spec(pb.TaskSpec(**{"command": "/bin/true", **fields}))
+
+
+async def steal(store: Store, task_id: str, lease_id: int) -> int:
+    old = await store.get_task(task_id)
+    assert old is not None
+    fence = await store.transition(old, lifecycle.stolen(old.task, NODE_ID, "n1", "127.0.0.1:1"),
+                                   lease_id=lease_id)
+    assert fence is not None
+    return fence
+
+
+async def submit_in_order(service: TaskService, count: int, **fields: Any) -> list[pb.Task]:
+    """Tasks submitted at least a millisecond apart, so their ids sort in submission order."""
+    tasks = []
+    for _ in range(count):
+        task, created = await service.submit(spec(**fields))
+        assert created
+        tasks.append(task)
+        await asyncio.sleep(0.002)
+    return tasks
+
+
+# -- submit ------------------------------------------------------------------------------
+
+
+async def test_submit_stores_a_pending_task(service: TaskService, store: Store) -> None:
+    task, created = await service.submit(spec(name="hello"))
+    assert created
+    assert keys.is_id(task.id)
+    assert task.state == pb.TASK_STATE_PENDING
+    assert task.HasField("submitted_at")
+    assert await service.get(task.id) == task
+    assert await store.list_ids(keys.QUEUED) == [keys.queued(task.id)]
+
+
+async def test_submit_without_request_id_always_creates(service: TaskService) -> None:
+    first, _ = await service.submit(spec())
+    second, created = await service.submit(spec())
+    assert created and first.id != second.id
+
+
+async def test_submit_with_the_same_request_id_returns_the_same_task(
+        service: TaskService, store: Store) -> None:
+    first, created = await service.submit(spec(), request_id="deploy-7")
+    assert created and first.request_id == "deploy-7"
+    again, created = await service.submit(spec(), request_id="deploy-7")
+    assert not created
+    assert again == first
+    assert await store.count(keys.QUEUED) == 1
+
+
+async def test_submit_retry_returns_the_task_as_it_is_now(
+        service: TaskService, store: Store) -> None:
+    first, _ = await service.submit(spec(), request_id="r")
+    await service.cancel(first.id)
+    again, created = await service.submit(spec(), request_id="r")
+    assert not created
+    assert again.id == first.id and again.state == pb.TASK_STATE_CANCELED
+
+
+async def test_reusing_a_request_id_with_another_spec_conflicts(
+        service: TaskService, store: Store) -> None:
+    first, _ = await service.submit(spec(), request_id="deploy-7")
+    with pytest.raises(Conflict) as caught:
+        await service.submit(spec(command="/bin/false"), request_id="deploy-7")
+    assert "deploy-7" in str(caught.value)
+    assert (await service.get(first.id)).spec.command == "/bin/true"
+    assert await store.count(keys.QUEUED) == 1
+
+
+# -- get ---------------------------------------------------------------------------------
+
+
+async def test_get_of_an_unknown_id_raises_task_not_found(service: TaskService) -> None:
+    unknown = keys.new_task_id()
+    with pytest.raises(TaskNotFound) as caught:
+        await service.get(unknown)
+    assert caught.value.task_id == unknown
+    assert unknown in str(caught.value)
+
+
+# -- cancel ------------------------------------------------------------------------------
+
+
+async def test_cancel_of_a_pending_task(service: TaskService, store: Store) -> None:
+    task, _ = await service.submit(spec())
+    canceled = await service.cancel(task.id)
+    assert canceled.state == pb.TASK_STATE_CANCELED
+    assert canceled.reason == pb.REASON_CANCELED
+    assert canceled.HasField("finished_at")
+    assert await service.get(task.id) == canceled
+    assert await store.list_ids(keys.QUEUED) == []
+    assert len(await store.list_ids(keys.CANCELED)) == 1
+
+
+async def test_cancel_of_a_running_task(service: TaskService, store: Store) -> None:
+    task, _ = await service.submit(spec())
+    lease = await store.grant_lease(30)
+    await steal(store, task.id, lease)
+    canceled = await service.cancel(task.id)
+    assert canceled.state == pb.TASK_STATE_CANCELED
+    assert canceled.node_id == NODE_ID
+    assert await store.list_ids(keys.RUNNING) == []
+    assert (await service.get(task.id)).state == pb.TASK_STATE_CANCELED
+
+
+async def test_cancel_of_a_finished_task_returns_it_unchanged(service: TaskService) -> None:
+    task, _ = await service.submit(spec())
+    canceled = await service.cancel(task.id)
+    assert await service.cancel(task.id) == canceled
+    assert await service.get(task.id) == canceled
+
+
+async def test_cancel_of_a_completed_task_leaves_its_outcome(
+        service: TaskService, store: Store) -> None:
+    task, _ = await service.submit(spec())
+    lease = await store.grant_lease(30)
+    fence = await steal(store, task.id, lease)
+    running = await store.get_task(task.id)
+    assert running is not None
+    done = lifecycle.finished(running.task, pb.TASK_STATE_COMPLETE, pb.REASON_EXITED,
+                              exit_code=3)
+    assert await store.transition(running, done, fence=fence) is not None
+    assert await service.cancel(task.id) == done
+    assert (await service.get(task.id)).exit_code == 3
+
+
+async def test_cancel_of_an_unknown_id_raises_task_not_found(service: TaskService) -> None:
+    with pytest.raises(TaskNotFound):
+        await service.cancel(keys.new_task_id())
+
+
+async def test_cancel_of_a_running_task_whose_node_is_gone(
+        service: TaskService, store: Store) -> None:
+    task, _ = await service.submit(spec())
+    lease = await store.grant_lease(30)
+    await steal(store, task.id, lease)
+    await store.revoke_lease(lease)
+    assert (await service.cancel(task.id)).state == pb.TASK_STATE_CANCELED
+
+
+# -- list_tasks --------------------------------------------------------------------------
+
+
+async def all_pages(service: TaskService, state: int, page_size: int) -> list[list[pb.Task]]:
+    pages: list[list[pb.Task]] = []
+    token = ""
+    while True:
+        tasks, token = await service.list_tasks(state, page_size, token)
+        pages.append(tasks)
+        if not token:
+            return pages
+        assert len(pages) < 50, "the listing never ended"
+
+
+async def test_list_pending_pages_in_submission_order(service: TaskService) -> None:
+    tasks = await submit_in_order(service, 5)
+    pages = await all_pages(service, pb.TASK_STATE_PENDING, 2)
+    assert [len(page) for page in pages] == [2, 2, 1]
+    assert [task.id for page in pages for task in page] == [task.id for task in tasks]
+
+
+async def test_an_exact_last_page_has_no_token(service: TaskService) -> None:
+    await submit_in_order(service, 4)
+    pages = await all_pages(service, pb.TASK_STATE_PENDING, 2)
+    assert [len(page) for page in pages] == [2, 2]
+    pages = await all_pages(service, pb.TASK_STATE_UNSPECIFIED, 2)
+    assert [len(page) for page in pages] == [2, 2]
+
+
+async def test_list_by_state_shows_only_that_state(service: TaskService, store: Store) -> None:
+    tasks = await submit_in_order(service, 4)
+    await service.cancel(tasks[0].id)
+    await service.cancel(tasks[2].id)
+    lease = await store.grant_lease(30)
+    await steal(store, tasks[3].id, lease)
+
+    def ids(pages: list[list[pb.Task]]) -> list[str]:
+        return [task.id for page in pages for task in page]
+
+    assert ids(await all_pages(service, pb.TASK_STATE_PENDING, 10)) == [tasks[1].id]
+    assert ids(await all_pages(service, pb.TASK_STATE_RUNNING, 10)) == [tasks[3].id]
+    assert ids(await all_pages(service, pb.TASK_STATE_COMPLETE, 10)) == []
+    canceled = ids(await all_pages(service, pb.TASK_STATE_CANCELED, 1))
+    assert canceled == [tasks[0].id, tasks[2].id], "finished tasks list in finish order"
+    everything = await all_pages(service, pb.TASK_STATE_UNSPECIFIED, 3)
+    assert ids(everything) == [task.id for task in tasks]
+    assert [len(page) for page in everything] == [3, 1]
+
+
+async def test_finished_tasks_list_in_finish_order_not_id_order(service: TaskService) -> None:
+    tasks = await submit_in_order(service, 3)
+    for task in reversed(tasks):
+        await service.cancel(task.id)
+        await asyncio.sleep(0.002)
+    pages = await all_pages(service, pb.TASK_STATE_CANCELED, 2)
+    assert [task.id for page in pages for task in page] == [task.id for task in reversed(tasks)]
+
+
+async def test_list_of_an_empty_state_is_one_empty_page(service: TaskService) -> None:
+    assert await service.list_tasks(pb.TASK_STATE_RUNNING, 10, "") == ([], "")
+    assert await service.list_tasks(pb.TASK_STATE_UNSPECIFIED, 10, "") == ([], "")
+
+
+async def test_a_token_from_another_listing_is_rejected(service: TaskService) -> None:
+    tasks = await submit_in_order(service, 4)
+    await service.cancel(tasks[0].id)
+    await service.cancel(tasks[1].id)
+    # Two tasks in each listing, one per page: every first page carries a token.
+    _, canceled_token = await service.list_tasks(pb.TASK_STATE_CANCELED, 1, "")
+    _, all_token = await service.list_tasks(pb.TASK_STATE_UNSPECIFIED, 1, "")
+    _, pending_token = await service.list_tasks(pb.TASK_STATE_PENDING, 1, "")
+    assert canceled_token and all_token and pending_token
+    for state, token in [(pb.TASK_STATE_CANCELED, pending_token),
+                         (pb.TASK_STATE_RUNNING, pending_token),
+                         (pb.TASK_STATE_UNSPECIFIED, pending_token),
+                         (pb.TASK_STATE_PENDING, canceled_token),
+                         (pb.TASK_STATE_PENDING, all_token),
+                         (pb.TASK_STATE_COMPLETE, all_token)]:
+        with pytest.raises(InvalidArgument) as caught:
+            await service.list_tasks(state, 1, token)
+        assert caught.value.field == "page_token"
+
+
+async def assert_token_rejected(service: TaskService, token: str) -> None:
+    await service.submit(spec())
+    for state in (pb.TASK_STATE_PENDING, pb.TASK_STATE_UNSPECIFIED):
+        with pytest.raises(InvalidArgument) as caught:
+            await service.list_tasks(state, 10, token)
+        assert caught.value.field == "page_token"
+
+
+@pytest.mark.parametrize("token", ["abc", "abcd", base64.urlsafe_b64encode(b"/node/x").decode()])
+async def test_a_made_up_token_is_rejected(service: TaskService, token: str) -> None:
+    await assert_token_rejected(service, token)
+
+
+@pytest.mark.parametrize("token", ["%%%", "!!!!", "\u00e9"])
+async def test_a_token_of_non_base64_characters_is_rejected(service: TaskService,
+                                                            token: str) -> None:
+    await assert_token_rejected(service, token)
+
+
+# -- nodes and explain_pending -----------------------------------------------------------
+
+
+def node(**fields: Any) -> pb.Node:
+    return pb.Node(**{"id": NODE_ID, "name": "n1", "address": "127.0.0.1:7070",
+                      "cpu_capacity_millis": 4000, "memory_capacity_bytes": 8 << 30, **fields})
+
+
+async def test_explain_pending_says_when_no_node_can_ever_fit(
+        service: TaskService, store: Store) -> None:
+    lease = await store.grant_lease(30)
+    await store.put_node(node(), lease)
+    too_big, _ = await service.submit(spec(cpu_millis=16000))
+    too_much_memory, _ = await service.submit(spec(memory_bytes=64 << 30))
+    fits, _ = await service.submit(spec(cpu_millis=4000, memory_bytes=8 << 30))
+    tasks = [too_big, too_much_memory, fits]
+    await service.explain_pending(tasks)
+    assert "no node can ever fit" in too_big.message
+    assert "16 CPUs" in too_big.message and "4 CPUs" in too_big.message
+    assert "no node can ever fit" in too_much_memory.message
+    assert fits.message == ""
+    # Derived, never stored.
+    assert (await service.get(too_big.id)).message == ""
+
+
+async def test_explain_pending_says_when_there_is_no_live_node(
+        service: TaskService, store: Store) -> None:
+    task, _ = await service.submit(spec())
+    await service.explain_pending([task])
+    assert "no live node" in task.message
+
+
+async def test_explain_pending_ignores_tasks_that_are_not_pending(
+        service: TaskService, store: Store) -> None:
+    task, _ = await service.submit(spec(cpu_millis=16000))
+    canceled = await service.cancel(task.id)
+    lease = await store.grant_lease(30)
+    await store.put_node(node(), lease)
+    await service.explain_pending([canceled])
+    assert canceled.message == "canceled by a user"
+
+
+async def test_explain_pending_keeps_an_existing_message(
+        service: TaskService, store: Store) -> None:
+    lease = await store.grant_lease(30)
+    await store.put_node(node(), lease)
+    task, _ = await service.submit(spec(cpu_millis=16000))
+    task.message = "requeued after attempt 1: node lost"
+    await service.explain_pending([task])
+    assert task.message == "requeued after attempt 1: node lost"
+
+
+async def test_list_nodes_marks_the_leader(service: TaskService, store: Store) -> None:
+    status = await store.member_status()
+    lease = await store.grant_lease(30)
+    await store.put_node(node(name="b", etcd_member_id=status.member_id), lease)
+    await store.put_node(node(id=keys.new_node_id(), name="a", etcd_member_id=12345), lease)
+    nodes = await service.list_nodes()
+    assert [(n.name, n.etcd_leader) for n in nodes] == [("a", False), ("b", True)]
+    assert not any(n.nospace for n in nodes)
+    await store.revoke_lease(lease)
+    assert await service.list_nodes() == []
