@@ -18,11 +18,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from node import metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.api import SchedulerServicer
 from node.config import Config
 from node.etcd_member import EtcdMember
+from node.housekeeping import Housekeeping
 from node.logs import LogService
 from node.membership import Membership
 from node.recovery import Recovery
@@ -99,8 +101,12 @@ class Agent:
         runner = Runner(config, store, executor, membership, changed)
         stealer = Stealer(config, store, runner, membership)
         recovery = Recovery(config, store)
+        housekeeping = Housekeeping(config, store, membership, runner, stealer)
         tasks = TaskService(store)
 
+        metrics.CPU_CAPACITY.set(config.cpus)
+        metrics.MEMORY_CAPACITY.set(config.memory)
+        metrics.serve(config.metrics_address)
         server = grpc.aio.server()
         pb_grpc.add_SchedulerServicer_to_server(
             SchedulerServicer(tasks, LogService(config, store, runner)), server)
@@ -112,13 +118,14 @@ class Agent:
         await server.start()
         for service in ("", SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("node %s serving filch.v1.Scheduler on %s (advertised %s), executor %s, "
-                 "%g CPUs, %d bytes", config.name, config.listen, config.advertise_address,
-                 executor.name, config.cpus, config.memory)
+        log.info("node %s serving filch.v1.Scheduler on %s (advertised %s), metrics on %s, "
+                 "executor %s, %g CPUs, %d bytes", config.name, config.listen,
+                 config.advertise_address, config.metrics_address, executor.name, config.cpus,
+                 config.memory)
 
         async with asyncio.TaskGroup() as group:
             loops: list[asyncio.Task[object]] = [group.create_task(part.run()) for part in
-                     (membership, runner, stealer, recovery)]
+                     (membership, runner, stealer, recovery, housekeeping)]
             if member is not None:
                 loops.append(group.create_task(self._watch_member(member)))
             await self._stop.wait()

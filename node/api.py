@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 
-from node import validation
+from node import metrics, validation
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.errors import (
@@ -54,16 +55,25 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
     raise AssertionError("unreachable")
 
 
+def _count(method: str, context: Any, started: float) -> None:
+    code = context.code() or grpc.StatusCode.OK
+    metrics.API_REQUESTS.labels(method, code.name).inc()
+    metrics.API_LATENCY.labels(method).observe(time.monotonic() - started)
+
+
 def _unary(method: Callable[[Any, Request, Any], Awaitable[Response]]
            ) -> Callable[[Any, Request, Any], Awaitable[Response]]:
     @functools.wraps(method)
     async def wrapper(self: Any, request: Request, context: Any) -> Response:
+        started = time.monotonic()
         try:
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # mapped to a status code, never swallowed
             await _abort(context, exc)
+        finally:
+            _count(method.__name__, context, started)
     return wrapper
 
 
@@ -106,6 +116,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     async def StreamLogs(self, request: pb.StreamLogsRequest,
                          context: Any) -> AsyncIterator[pb.LogChunk]:
+        started = time.monotonic()
         try:
             task_id = validation.task_id(request.id)
             proxied = any(key == PROXIED_HEADER for key, _ in context.invocation_metadata() or ())
@@ -114,5 +125,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 yield pb.LogChunk(data=data)
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # mapped to a status code, never swallowed
             await _abort(context, exc)
+        finally:
+            _count("StreamLogs", context, started)

@@ -617,9 +617,17 @@ _METAVARS = {
     "steal_delay": "SECONDS",
     "cancel_grace": "SECONDS",
     "shutdown_grace": "SECONDS",
+    "defrag_threshold": "SIZE",
+    "metrics_listen": "HOST:PORT",
+    "retention": "SECONDS",
+    "log_retention": "SECONDS",
+    "housekeeping_interval": "SECONDS",
+    "compaction_interval": "SECONDS",
+    "compaction_keep": "REVISIONS",
+    "max_finished": "COUNT",
 }
 _CHOICES = {"executor": ["runc", "process"], "initial_cluster_state": ["new", "existing"]}
-_SIZE_FIELDS = frozenset({"memory", "etcd_quota_bytes"})
+_SIZE_FIELDS = frozenset(config_module.SIZE_FIELDS)
 # Defaults computed on the machine at start-up, described rather than computed for --help.
 _COMPUTED_DEFAULTS = {
     "name": "this host's name",

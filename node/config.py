@@ -84,6 +84,22 @@ class Config:
     """Seconds between SIGTERM and SIGKILL when a task is canceled."""
     shutdown_grace: float = 10.0
     """Seconds SIGTERM waits for running tasks before stopping them and handing them back."""
+    metrics_listen: str = ""
+    """HOST:PORT of the Prometheus /metrics endpoint (default: the --listen host, port 9470)."""
+    retention: float = 86400.0
+    """Seconds finished (COMPLETE/CANCELED) tasks are kept before housekeeping deletes them."""
+    max_finished: int = 0
+    """Keep at most this many finished tasks, oldest deleted first (0: no limit)."""
+    log_retention: float = 2 * 86400.0
+    """Seconds this node keeps the log files of attempts it ran."""
+    housekeeping_interval: float = 10.0
+    """Seconds between housekeeping rounds (retention, metrics refresh, NOSPACE checks)."""
+    compaction_interval: float = 300.0
+    """Seconds between etcd compactions."""
+    compaction_keep: int = 10000
+    """Revisions of history a compaction keeps: watchers this far behind can resume."""
+    defrag_threshold: int = 64 * 1024 * 1024
+    """Defragment the local etcd member when this many bytes of its db file are free space."""
     config_file: str = ""
     """TOML file with any of these fields (underscored names)."""
 
@@ -92,6 +108,10 @@ class Config:
     @property
     def advertise_address(self) -> str:
         return self.advertise or self.listen
+
+    @property
+    def metrics_address(self) -> str:
+        return self.metrics_listen or f"{self.listen.rpartition(':')[0]}:9470"
 
     @property
     def embedded_etcd(self) -> bool:
@@ -136,6 +156,11 @@ class Config:
             raise InvalidArgument("executor", "must be 'runc' or 'process'")
         if not 2 <= self.lease_ttl <= 300:
             raise InvalidArgument("lease_ttl", "must be 2..300 seconds")
+        _check_host_port("metrics_listen", self.metrics_address)
+        if self.retention < 0 or self.log_retention < 0:
+            raise InvalidArgument("retention", "must not be negative")
+        if self.housekeeping_interval <= 0 or self.compaction_interval <= 0:
+            raise InvalidArgument("housekeeping_interval", "intervals must be positive")
         if self.task_uid == 0:
             raise InvalidArgument("task_uid", "tasks never run as root; pick a non-zero uid")
         return self
@@ -168,7 +193,7 @@ def _check_url(name: str, value: str, *, loopback: bool) -> None:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 # Fields that also accept sizes like "4Gi" in the environment and the TOML file.
-SIZE_FIELDS = ("memory", "etcd_quota_bytes")
+SIZE_FIELDS = ("memory", "etcd_quota_bytes", "defrag_threshold")
 
 
 def _coerce(name: str, raw: Any) -> Any:

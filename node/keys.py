@@ -6,6 +6,7 @@
 /task/status/complete/<epoch>/<uuid>    -> ""
 /task/status/canceled/<epoch>/<uuid>    -> ""
 /node/<node-id>                         -> Node protobuf (on the node's lease)
+/lock/defrag                            -> node id, only while that node defragments
 
 Ids are lowercase hex UUIDs, so the task records are exactly [/task/0, /task/g).
 """
@@ -32,6 +33,9 @@ RUNNING = b"/task/status/running/"
 COMPLETE = b"/task/status/complete/"
 CANCELED = b"/task/status/canceled/"
 NODES = b"/node/"
+# Held (on the holder's lease) while a node defragments its etcd member, so that two
+# members are never defragmented at once. Absent the rest of the time.
+DEFRAG_LOCK = b"/lock/defrag"
 
 # A namespace for ids derived from a client's request_id (submit idempotency).
 _REQUEST_NAMESPACE = uuid.UUID("5b0c7f0e-6a43-4f55-9d3a-2f0b8f3f6c11")

@@ -78,6 +78,18 @@ API_LATENCY = Histogram("filch_api_request_duration_seconds", "gRPC request hand
                         ["method"], buckets=LATENCY_BUCKETS)
 
 
+# Label values known in advance are created at import, so every series exists (at 0)
+# before it first moves: rate() and alerts then work from the first scrape.
+for _cause in ("lease_expired", "scan", "shutdown"):
+    REQUEUES.labels(_cause)
+for _reason in ("EXITED", "OOM_KILLED", "START_FAILED"):
+    FINISHED.labels(_reason)
+for _state in ("pending", "running", "complete", "canceled"):
+    TASKS.labels(_state)
+for _state in ("complete", "canceled"):
+    RETENTION_DELETED.labels(_state)
+
+
 def serve(listen: str) -> None:
     """Expose /metrics on HOST:PORT (a background thread of prometheus_client)."""
     host, _, port = listen.rpartition(":")

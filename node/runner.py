@@ -108,6 +108,10 @@ class Runner:
         await self._freed.wait()
         self._freed.clear()
 
+    def runs(self, task_id: str) -> bool:
+        """True while an attempt of this task is on this node."""
+        return task_id in self._attempts
+
     def is_running(self, task_id: str, attempt: int) -> bool:
         local = self._attempts.get(task_id)
         return local is not None and local.task.attempt == attempt and not local.done.is_set()

@@ -65,6 +65,7 @@ class MemberStatus:
     member_id: int
     leader_id: int
     db_size: int
+    db_size_in_use: int
     nospace: bool
 
 
@@ -275,8 +276,55 @@ class Store:
             member_id=int(status.header.member_id),
             leader_id=int(status.leader),
             db_size=int(status.dbSize),
+            db_size_in_use=int(status.dbSizeInUse),
             nospace=any(alarm.alarm == rpc.NOSPACE for alarm in alarms.alarms),
         )
+
+    # -- housekeeping --------------------------------------------------------------------
+
+    async def delete_finished(self, status_keys: Sequence[bytes]) -> int:
+        """Delete finished tasks (status key and record together); returns how many.
+
+        Each pair is deleted only while its status key still exists, so several nodes
+        doing this at once, or a task id reused through request_id, is harmless.
+        """
+        deleted = 0
+        for status in status_keys:
+            record = keys.task(keys.last_segment(status))
+            response = await self._txn(rpc.TxnRequest(
+                compare=[_compare(status, "version", 0, rpc.Compare.GREATER)],
+                success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=status)),
+                         rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=record))]))
+            deleted += bool(response.succeeded)
+        return deleted
+
+    async def compact(self, revision: int) -> None:
+        """Drop history before revision (physical: wait until the space is reusable)."""
+        await self._call(lambda: self._client.compact(revision, physical=True))
+
+    async def defragment(self) -> None:
+        """Defragment the member this client talks to (blocks its writes meanwhile)."""
+        await self._call(self._client.defragment)
+
+    async def disarm_nospace(self) -> None:
+        await self._call(self._client.connect)
+        await self._call(lambda: self._client.maintenancestub.Alarm(
+            rpc.AlarmRequest(action=rpc.AlarmRequest.DEACTIVATE, alarm=rpc.NOSPACE),
+            timeout=self._timeout, metadata=self._client.metadata))
+
+    async def try_lock(self, key: bytes, holder: str, lease_id: int) -> bool:
+        """Create key on the lease if nobody holds it; True when this caller got it."""
+        response = await self._txn(rpc.TxnRequest(
+            compare=[_compare(key, "version", 0)],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=holder.encode(),
+                                                              lease=lease_id))]))
+        return bool(response.succeeded)
+
+    async def unlock(self, key: bytes, holder: str) -> None:
+        await self._txn(rpc.TxnRequest(
+            compare=[rpc.Compare(key=key, target=rpc.Compare.VALUE, result=rpc.Compare.EQUAL,
+                                 value=holder.encode())],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))]))
 
     async def current_revision(self) -> int:
         response = await self._range(keys.NODES, keys.prefix_end(keys.NODES), count_only=True)

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,10 @@ class Node:
     @property
     def address(self) -> str:
         return f"{self.ip}:7070"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.ip}:9470/metrics"
 
     @property
     def etcd_endpoint(self) -> str:
@@ -201,6 +206,19 @@ class Cluster:
         return subprocess.run([FILCH, *args], env=env, capture_output=True, text=True,
                               timeout=timeout, check=check, stdin=subprocess.DEVNULL)
 
+    def metrics(self, index: int) -> dict[str, float]:
+        """One node's Prometheus samples, keyed like `name{label="value"}`."""
+        from prometheus_client.parser import text_string_to_metric_families
+        with urllib.request.urlopen(self.nodes[index].metrics_url, timeout=10) as response:
+            text = response.read().decode()
+        samples: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{key}="{value}"'
+                                  for key, value in sorted(sample.labels.items()))
+                samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return samples
+
     def etcd_keys(self) -> dict[str, dict[str, object]]:
         """Every key in etcd with its value and revisions (read with etcdctl, not filch)."""
         endpoint = self.nodes[next(self.alive())].etcd_endpoint
@@ -208,5 +226,5 @@ class Cluster:
                               "-w", "json"], env=dict(os.environ, ETCDCTL_API="3"),
                              capture_output=True, text=True, check=True, timeout=30).stdout
         import base64
-        kvs = json.loads(out).get("kvs", [])
+        kvs = json.loads(out).get("kvs", [])  # etcdctl prints keys base64-encoded
         return {base64.b64decode(kv["key"]).decode(): kv for kv in kvs}

@@ -12,7 +12,7 @@ import pytest
 from tests.e2e.cluster import Cluster
 
 
-def _require_tools() -> None:
+def require_tools() -> None:
     missing = [tool for tool in ("etcd", "etcdctl", "runc") if shutil.which(tool) is None]
     if missing:
         pytest.fail(f"end-to-end tests need {missing}: run `make deps` (apt packages)")
@@ -22,14 +22,14 @@ def _require_tools() -> None:
 
 @pytest.fixture(scope="module")
 def one_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    _require_tools()
+    require_tools()
     with Cluster(tmp_path_factory.mktemp("one"), size=1) as cluster:
         yield cluster
 
 
 @pytest.fixture(scope="module")
 def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    _require_tools()
+    require_tools()
     with Cluster(tmp_path_factory.mktemp("three"), size=3) as cluster:
         yield cluster
 
@@ -37,7 +37,7 @@ def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture
 def fresh_three_nodes(tmp_path: Path) -> Iterator[Cluster]:
     """A cluster of its own, for tests that kill nodes."""
-    _require_tools()
+    require_tools()
     with Cluster(tmp_path, size=3) as cluster:
         yield cluster
 

@@ -120,6 +120,12 @@ def test_killed_node_loses_no_work(fresh_three_nodes: Cluster) -> None:
             assert (task.reason, task.attempt) == (pb.REASON_NODE_LOST, 1), task
         else:
             assert task.reason == pb.REASON_EXITED
+    survivors = [i for i in range(3) if i != victim]
+    requeued = sum(cluster.metrics(i).get('filch_requeues_total{cause="lease_expired"}', 0)
+                   for i in survivors)
+    lost = sum(cluster.metrics(i)["filch_tasks_node_lost_total"] for i in survivors)
+    assert requeued >= len(on_victim & set(restartable))
+    assert lost >= len(on_victim & set(once_only))
     running = [t for t in cluster.any_stub().ListTasks(
         pb.ListTasksRequest(state=pb.TASK_STATE_RUNNING)).tasks]
     assert running == []

@@ -1,0 +1,205 @@
+"""Keeping etcd small for months: retention, compaction, defragmentation, NOSPACE.
+
+Every node runs this; nothing depends on one node being alive. Deleting a finished task
+is a transaction that checks its status key still exists, so nodes doing it at once is
+harmless; defragmentation takes a lock on the node's lease so two members are never
+defragmented together. The same round refreshes the cluster-wide metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from node import keys, metrics
+from node.config import Config
+from node.errors import FilchError
+from node.membership import Membership
+from node.runner import Runner
+from node.stealer import Stealer
+from node.store import Compacted, MemberStatus, Store
+
+log = logging.getLogger(__name__)
+
+# Deleting is batched so one round never holds etcd busy for long.
+RETENTION_BATCH = 500
+
+# NOSPACE is disarmed only when the live data is this far below the quota, so that the
+# alarm does not go off again at the next write.
+DISARM_BELOW_FRACTION = 0.9
+
+
+class Housekeeping:
+    """Periodic cleanup of etcd and of this node's log files."""
+
+    def __init__(self, config: Config, store: Store, membership: Membership, runner: Runner,
+                 stealer: Stealer) -> None:
+        self._config = config
+        self._store = store
+        self._membership = membership
+        self._runner = runner
+        self._stealer = stealer
+        self._last_compaction = time.monotonic()
+        self._compacted_to = 0
+        self.paused_for_space = False
+
+    async def run(self) -> NoReturn:
+        metrics.ETCD_QUOTA.set(self._config.etcd_quota_bytes)
+        while True:
+            try:
+                await self.round()
+            except FilchError as exc:
+                log.info("housekeeping round skipped: %s", exc)
+            await asyncio.sleep(self._config.housekeeping_interval)
+
+    async def round(self) -> None:
+        """One pass: metrics, NOSPACE, retention, compaction, defragmentation, old logs."""
+        status = await self._store.member_status()
+        self._export(status)
+        await self._refresh_counts()
+        if status.nospace:
+            await self._recover_space(status)
+        elif self.paused_for_space:
+            log.warning("etcd has space again: stealing resumes")
+            self.paused_for_space = False
+            self._stealer.resume()
+        await self.apply_retention()
+        if time.monotonic() - self._last_compaction >= self._config.compaction_interval:
+            await self.compact(self._config.compaction_keep)
+        if status.db_size - status.db_size_in_use >= self._config.defrag_threshold:
+            await self.defragment()
+        await asyncio.to_thread(self._remove_old_logs)
+
+    def _export(self, status: MemberStatus) -> None:
+        metrics.ETCD_DB_SIZE.set(status.db_size)
+        metrics.ETCD_DB_IN_USE.set(status.db_size_in_use)
+        metrics.ETCD_NOSPACE.set(int(status.nospace))
+        metrics.ETCD_LEADER.set(int(status.leader_id == status.member_id))
+        metrics.ETCD_HAS_LEADER.set(int(status.leader_id != 0))
+
+    async def _refresh_counts(self) -> None:
+        for state, prefix in (("pending", keys.QUEUED), ("running", keys.RUNNING),
+                              ("complete", keys.COMPLETE), ("canceled", keys.CANCELED)):
+            count = await self._store.count(prefix)
+            metrics.TASKS.labels(state).set(count)
+            if state == "pending":
+                metrics.QUEUE_DEPTH.set(count)
+
+    async def apply_retention(self) -> int:
+        """Delete finished tasks past the retention, then the oldest past max_finished."""
+        cutoff = keys.epoch_ms(time.time() - self._config.retention).encode()
+        deleted = 0
+        for state, prefix in (("complete", keys.COMPLETE), ("canceled", keys.CANCELED)):
+            while True:
+                batch = [key for key in await self._store.list_ids(prefix, limit=RETENTION_BATCH)
+                         if key[len(prefix):] < cutoff]
+                if not batch:
+                    break
+                count = await self._store.delete_finished(batch)
+                metrics.RETENTION_DELETED.labels(state).inc(count)
+                deleted += count
+                if len(batch) < RETENTION_BATCH:
+                    break
+        if self._config.max_finished:
+            deleted += await self._trim_to_max()
+        if deleted:
+            log.info("retention deleted %d finished tasks", deleted)
+        return deleted
+
+    async def _trim_to_max(self) -> int:
+        """Delete the oldest finished tasks (of either state) beyond max_finished."""
+        excess = (await self._store.count(keys.COMPLETE) + await self._store.count(keys.CANCELED)
+                  - self._config.max_finished)
+        deleted = 0
+        while excess > 0:
+            oldest: list[bytes] = []
+            for prefix in (keys.COMPLETE, keys.CANCELED):
+                oldest += await self._store.list_ids(prefix, limit=min(excess, RETENTION_BATCH))
+            oldest.sort(key=lambda key: key.split(b"/")[-2])   # by finish epoch
+            batch = oldest[:min(excess, RETENTION_BATCH)]
+            if not batch:
+                break
+            for key in batch:
+                count = await self._store.delete_finished([key])
+                state = "complete" if key.startswith(keys.COMPLETE) else "canceled"
+                metrics.RETENTION_DELETED.labels(state).inc(count)
+                deleted += count
+            excess -= len(batch)
+        return deleted
+
+    async def compact(self, keep: int) -> None:
+        """Compact etcd history, keeping the last `keep` revisions."""
+        self._last_compaction = time.monotonic()
+        target = await self._store.current_revision() - keep
+        if target <= self._compacted_to:
+            return
+        try:
+            await self._store.compact(target)
+        except Compacted:
+            pass    # another node compacted past this revision already: the goal anyway
+        self._compacted_to = target
+        metrics.COMPACTIONS.inc()
+        log.info("compacted etcd history up to revision %d", target)
+
+    async def defragment(self) -> bool:
+        """Defragment the local member under the cluster-wide lock; False if another holds it."""
+        registration = self._membership.registration
+        if registration is None:
+            return False
+        if not await self._store.try_lock(keys.DEFRAG_LOCK, registration.node_id,
+                                          registration.lease_id):
+            return False
+        try:
+            before = (await self._store.member_status()).db_size
+            await self._store.defragment()
+            after = (await self._store.member_status()).db_size
+            metrics.DEFRAGS.inc()
+            log.info("defragmented the local etcd member: %d -> %d bytes", before, after)
+        finally:
+            await self._store.unlock(keys.DEFRAG_LOCK, registration.node_id)
+        return True
+
+    async def _recover_space(self, status: MemberStatus) -> None:
+        """NOSPACE: stop stealing, free space (retention, compaction, defrag), then disarm."""
+        if not self.paused_for_space:
+            log.error("etcd is out of space (NOSPACE alarm): stealing stops, running tasks "
+                      "go on; freeing space")
+            self.paused_for_space = True
+            self._stealer.pause()
+        await self.apply_retention()
+        await self.compact(keep=0)
+        await self.defragment()
+        status = await self._store.member_status()
+        self._export(status)
+        if status.db_size_in_use < DISARM_BELOW_FRACTION * self._config.etcd_quota_bytes:
+            await self._store.disarm_nospace()
+            log.warning("NOSPACE alarm disarmed: %d of %d bytes in use", status.db_size_in_use,
+                        self._config.etcd_quota_bytes)
+        else:
+            log.error("etcd is still full after cleanup (%d of %d bytes live): lower "
+                      "--retention or --max-finished, or raise --etcd-quota-bytes",
+                      status.db_size_in_use, self._config.etcd_quota_bytes)
+
+    def _remove_old_logs(self) -> None:
+        """Delete log directories of tasks this node no longer runs, past log_retention."""
+        root = self._config.path / "logs"
+        if not root.is_dir():
+            return
+        cutoff = time.time() - self._config.log_retention
+        for task_dir in root.iterdir():
+            if self._runner.runs(task_dir.name):
+                continue
+            if _newest_mtime(task_dir) < cutoff:
+                shutil.rmtree(task_dir, ignore_errors=True)
+
+
+def _newest_mtime(directory: Path) -> float:
+    try:
+        return max((entry.stat().st_mtime for entry in directory.iterdir()),
+                   default=directory.stat().st_mtime)
+    except FileNotFoundError:
+        return time.time()
