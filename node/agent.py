@@ -33,6 +33,7 @@ from node.runtime.base import Executor
 from node.service import TaskService
 from node.stealer import Stealer
 from node.store import Store
+from node.tls import Security, TokenInterceptor
 
 log = logging.getLogger("filch.agent")
 
@@ -107,14 +108,24 @@ class Agent:
         metrics.CPU_CAPACITY.set(config.cpus)
         metrics.MEMORY_CAPACITY.set(config.memory)
         metrics.serve(config.metrics_address)
-        server = grpc.aio.server()
+        security = Security.load(config.tls_ca, config.tls_cert, config.tls_key,
+                                 config.api_token_file)
+        interceptors = [TokenInterceptor(security.token)] if security.token else []
+        server = grpc.aio.server(interceptors=interceptors)
         pb_grpc.add_SchedulerServicer_to_server(
-            SchedulerServicer(tasks, LogService(config, store, runner)), server)
+            SchedulerServicer(tasks, LogService(config, store, runner, security)), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        server.add_insecure_port(config.listen)
+        credentials = security.server_credentials()
+        if credentials is None:
+            log.warning("the API is plain text and open to anyone who can reach %s: "
+                        "configure tls_ca/tls_cert/tls_key/api_token_file (`filch certs`)",
+                        config.listen)
+            server.add_insecure_port(config.listen)
+        else:
+            server.add_secure_port(config.listen, credentials)
         await server.start()
         for service in ("", SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)

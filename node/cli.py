@@ -22,13 +22,14 @@ from contextlib import contextmanager
 from typing import Any, NoReturn, TextIO
 
 import click
-import grpc  # type: ignore[import-untyped, unused-ignore]  # no stubs installed (yet)
+import grpc
 from click.core import ParameterSource
 
 from node import config as config_module
 from node import render
 from node._gen.filch.v1 import filch_pb2, filch_pb2_grpc
 from node.errors import InvalidArgument
+from node.tls import Security
 from node.units import CPU_FORMS, SIZE_FORMS, format_size, parse_cpu, parse_size
 
 DEFAULT_SERVER = "127.0.0.1:7070"
@@ -160,8 +161,10 @@ def _silence_stdout() -> None:
 # -- the connection --------------------------------------------------------------------------
 
 
-def open_channel(server: str) -> Any:
-    """The one place a gRPC channel is made (TLS and the bearer token go here)."""
+def open_channel(server: str, security: Security) -> Any:
+    """The one place a gRPC channel is made: TLS and the bearer token when configured."""
+    if security.tls:
+        return grpc.secure_channel(server, security.channel_credentials())
     return grpc.insecure_channel(server)
 
 
@@ -182,9 +185,10 @@ def _channel_is_ready(channel: Any) -> bool:
 class Session:
     """Calls to one filch node with the user's deadline; raises RpcFailure, never RpcError."""
 
-    def __init__(self, server: str, timeout: float) -> None:
+    def __init__(self, server: str, timeout: float, security: Security | None = None) -> None:
         self.server = server
         self.timeout = timeout
+        self.security = security or Security()
         self._channel: Any = None
         self._stub: Any = None
 
@@ -196,7 +200,7 @@ class Session:
     @property
     def stub(self) -> Any:
         if self._stub is None:
-            self._channel = open_channel(self.server)
+            self._channel = open_channel(self.server, self.security)
             self._stub = filch_pb2_grpc.SchedulerStub(self._channel)
         return self._stub
 
@@ -451,14 +455,27 @@ def _print_json(data: Any) -> None:
 @click.option("--timeout", envvar="FILCH_TIMEOUT", default=DEFAULT_TIMEOUT, show_default=True,
               type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Deadline of each call to the node.")
+@click.option("--ca", envvar="FILCH_CA", default="", metavar="FILE",
+              help="The cluster CA certificate: talk TLS to the node (from `filch certs`).")
+@click.option("--token-file", envvar="FILCH_TOKEN_FILE", default="", metavar="FILE",
+              help="File with the API bearer token (or set FILCH_TOKEN to the token).")
 @click.version_option(package_name="filch", prog_name="filch")
 @click.pass_context
-def cli(ctx: click.Context, server: str, timeout: float) -> None:
+def cli(ctx: click.Context, server: str, timeout: float, ca: str, token_file: str) -> None:
     """filch: a peer-to-peer batch task scheduler.
 
     Submit a task to any node; whichever node has room runs it.
     """
-    session = Session(server, timeout)
+    if ctx.invoked_subcommand in ("agent", "certs"):
+        return      # they take no client settings; a missing CA file must not stop them
+    try:
+        security = Security.load(ca, token_file=token_file,
+                                 token=os.environ.get("FILCH_TOKEN", ""))
+    except InvalidArgument as exc:
+        raise click.UsageError(str(exc)) from None
+    if security.token and not security.tls:
+        raise click.UsageError("a bearer token needs TLS: pass --ca (or FILCH_CA) too")
+    session = Session(server, timeout, security)
     ctx.obj = session
     ctx.call_on_close(session.close)
 
@@ -691,6 +708,30 @@ def _config_options() -> list[click.Option]:
             [flag, field.name], type=kind, default=None, metavar=_METAVARS.get(field.name),
             help=f"{doc}  [{'; '.join(extra)}]"))
     return options
+
+
+@cli.command(name="certs")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--node", "nodes", multiple=True, metavar="NAME=ADDR[,ADDR...]",
+              help="Issue a certificate for this node, valid for these IPs / DNS names "
+                   "(repeatable). 127.0.0.1 and localhost are always included.")
+def certs_command(directory: str, nodes: tuple[str, ...]) -> None:
+    """Create the cluster CA, node certificates and the API token in DIRECTORY.
+
+    What exists is kept, what is missing is added: run it again to add a node. Then give
+    each node --tls-ca DIR/ca.crt --tls-cert DIR/NAME.crt --tls-key DIR/NAME.key
+    --api-token-file DIR/token, and clients --ca DIR/ca.crt --token-file DIR/token.
+    """
+    from pathlib import Path
+
+    from node import certs
+    try:
+        requests = [certs.NodeRequest.parse(text) for text in nodes]
+        created = certs.ensure(Path(directory), requests)
+    except InvalidArgument as exc:
+        raise click.UsageError(str(exc)) from None
+    for name in created:
+        click.echo(str(Path(directory) / name))
 
 
 @cli.command(name="agent")

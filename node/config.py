@@ -100,6 +100,15 @@ class Config:
     """Revisions of history a compaction keeps: watchers this far behind can resume."""
     defrag_threshold: int = 64 * 1024 * 1024
     """Defragment the local etcd member when this many bytes of its db file are free space."""
+    tls_ca: str = ""
+    """The cluster CA certificate (from `filch certs`). With it: TLS on the API and between
+    etcd peers (https:// peer URLs), and a bearer token on every API call."""
+    tls_cert: str = ""
+    """This node's certificate (from `filch certs`)."""
+    tls_key: str = ""
+    """This node's private key (from `filch certs`)."""
+    api_token_file: str = ""
+    """File holding the bearer token API clients must send (from `filch certs`)."""
     config_file: str = ""
     """TOML file with any of these fields (underscored names)."""
 
@@ -161,6 +170,21 @@ class Config:
             raise InvalidArgument("retention", "must not be negative")
         if self.housekeeping_interval <= 0 or self.compaction_interval <= 0:
             raise InvalidArgument("housekeeping_interval", "intervals must be positive")
+        tls = (self.tls_ca, self.tls_cert, self.tls_key)
+        if any(tls) and not all(tls):
+            raise InvalidArgument("tls_ca", "set tls_ca, tls_cert and tls_key together")
+        if self.tls_ca and not self.api_token_file:
+            raise InvalidArgument("api_token_file", "TLS needs the API token too "
+                                  "(`filch certs` writes it next to the certificates)")
+        if self.api_token_file and not self.tls_ca:
+            raise InvalidArgument("api_token_file", "a bearer token over plain text would "
+                                  "leak; configure tls_ca, tls_cert and tls_key as well")
+        if self.tls_ca and self.embedded_etcd:
+            for url in [self.etcd_peer_url, *(member.partition("=")[2] for member in
+                                              filter(None, self.initial_cluster.split(",")))]:
+                if not url.startswith("https://"):
+                    raise InvalidArgument("etcd_peer_url", f"{url!r}: with TLS, etcd peers "
+                                          "talk https:// (mutual TLS)")
         if self.task_uid == 0:
             raise InvalidArgument("task_uid", "tasks never run as root; pick a non-zero uid")
         return self

@@ -116,6 +116,11 @@ class EtcdMember:
             # stderr is redirected to etcd.log, so Go panics land in the same file.
             "--log-outputs", "stderr",
         ]
+        if config.tls_ca:
+            # Peers authenticate each other with certificates from the cluster CA; clients
+            # stay on plain loopback (design.md, "Security").
+            argv += ["--peer-client-cert-auth", "--peer-trusted-ca-file", config.tls_ca,
+                     "--peer-cert-file", config.tls_cert, "--peer-key-file", config.tls_key]
         if not self.bootstrapped:
             # Bootstrap flags. etcd ignores them once the data dir holds a member (it logs
             # "server has been already initialized"); they are left out on a restart so

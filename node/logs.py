@@ -19,6 +19,7 @@ from node.config import Config
 from node.errors import FilchError, InvalidArgument, OwnerUnavailable, TaskNotFound
 from node.runner import Runner, log_path
 from node.store import Store
+from node.tls import Security
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,12 @@ class NotStarted(FilchError):
 class LogService:
     """Streams the log of a task's attempt from wherever it lives."""
 
-    def __init__(self, config: Config, store: Store, runner: Runner) -> None:
+    def __init__(self, config: Config, store: Store, runner: Runner,
+                 security: Security) -> None:
         self._config = config
         self._store = store
         self._runner = runner
+        self._security = security
 
     async def stream(self, task_id: str, *, follow: bool, attempt: int,
                      proxied: bool) -> AsyncIterator[bytes]:
@@ -90,7 +93,7 @@ class LogService:
         where = f"node {task.node_name} ({task.node_address})"
         request = pb.StreamLogsRequest(id=task.id, follow=follow, attempt=attempt)
         try:
-            async with grpc.aio.insecure_channel(task.node_address) as channel:
+            async with self._security.aio_channel(task.node_address) as channel:
                 stub = pb_grpc.SchedulerStub(channel)
                 call = stub.StreamLogs(request, metadata=((PROXIED_HEADER, "1"),))
                 async for chunk in call:

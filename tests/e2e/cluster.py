@@ -24,6 +24,7 @@ import grpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.tls import Security
 
 T = TypeVar("T")
 
@@ -120,21 +121,34 @@ class Cluster:
     """N peer nodes forming one etcd cluster, started and stopped by a test."""
 
     def __init__(self, root: Path, size: int = 3, *, cpus: float = 2, lease_ttl: int = 5,
-                 executor: str = "runc", extra: tuple[str, ...] = ()) -> None:
+                 executor: str = "runc", extra: tuple[str, ...] = (),
+                 pki: Path | None = None) -> None:
+        """pki: a directory made by `filch certs` with a certificate per node name: the
+        cluster then runs TLS (API and etcd peers) with the bearer token."""
         subnet = next(_subnets)
         self.nodes: list[Node] = []
+        self.pki = pki
+        scheme = "https" if pki else "http"
         names = [f"node-{index + 1}" for index in range(size)]
         ips = [f"127.0.{subnet}.{index + 1}" for index in range(size)]
-        initial = ",".join(f"{name}=http://{ip}:2380" for name, ip in zip(names, ips, strict=True))
+        initial = ",".join(f"{name}={scheme}://{ip}:2380"
+                           for name, ip in zip(names, ips, strict=True))
         for name, ip in zip(names, ips, strict=True):
+            tls: tuple[str, ...] = ()
+            if pki:
+                subprocess.run([FILCH, "certs", str(pki), "--node", f"{name}={ip}"], check=True,
+                               capture_output=True)
+                tls = ("--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / f"{name}.crt"),
+                       "--tls-key", str(pki / f"{name}.key"),
+                       "--api-token-file", str(pki / "token"))
             args = ["--name", name, "--data-dir", str(root / name),
                     "--listen", f"{ip}:7070",
-                    "--etcd-peer-url", f"http://{ip}:2380",
+                    "--etcd-peer-url", f"{scheme}://{ip}:2380",
                     "--etcd-client-url", f"http://{ip}:2379",
                     "--initial-cluster", initial,
                     "--cpus", str(cpus), "--memory", "8Gi",
                     "--executor", executor, "--lease-ttl", str(lease_ttl),
-                    "--sweep-interval", "1", *extra]
+                    "--sweep-interval", "1", *tls, *extra]
             self.nodes.append(Node(name, ip, root / name, args))
         self._channels: dict[str, grpc.Channel] = {}
 
@@ -166,8 +180,14 @@ class Cluster:
     def stub(self, index: int = 0) -> pb_grpc.SchedulerStub:
         address = self.nodes[index].address
         if address not in self._channels:
-            self._channels[address] = grpc.insecure_channel(address)
+            self._channels[address] = (
+                grpc.secure_channel(address, self.security().channel_credentials())
+                if self.pki else grpc.insecure_channel(address))
         return pb_grpc.SchedulerStub(self._channels[address])
+
+    def security(self) -> Security:
+        assert self.pki is not None
+        return Security.load(str(self.pki / "ca.crt"), token_file=str(self.pki / "token"))
 
     def alive(self) -> Iterator[int]:
         return (index for index, node in enumerate(self.nodes)
@@ -203,6 +223,9 @@ class Cluster:
             timeout: float = 60) -> subprocess.CompletedProcess[str]:
         """Run the filch CLI against one node."""
         env = dict(os.environ, FILCH_SERVER=self.nodes[index].address)
+        if self.pki:
+            env.update(FILCH_CA=str(self.pki / "ca.crt"),
+                       FILCH_TOKEN_FILE=str(self.pki / "token"))
         return subprocess.run([FILCH, *args], env=env, capture_output=True, text=True,
                               timeout=timeout, check=check, stdin=subprocess.DEVNULL)
 

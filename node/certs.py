@@ -1,0 +1,135 @@
+"""`filch certs`: a cluster CA, per-node certificates and the API bearer token.
+
+Layout of the directory (created mode 0700; keys mode 0600):
+
+    ca.crt ca.key              the cluster CA (EC P-256, 10 years)
+    <node>.crt <node>.key      one per node: serverAuth + clientAuth, SANs = its addresses
+    token                      the bearer token clients send to the gRPC API
+
+Running it again keeps what exists and adds what is missing, so it is safe in Ansible.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from node.errors import InvalidArgument
+
+CA_DAYS = 3650
+# Node certificates are re-issued by re-running `filch certs` (e.g. from Ansible);
+# two years keeps a forgotten cluster working without making a stolen key last forever.
+NODE_DAYS = 730
+TOKEN_BYTES = 32
+
+
+@dataclass(frozen=True)
+class NodeRequest:
+    """A node to certify: its name and the addresses (IPs or DNS names) it is reached at."""
+
+    name: str
+    addresses: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> NodeRequest:
+        """From "name=addr[,addr...]", e.g. "node-1=10.0.0.1,node-1.example"."""
+        name, sep, rest = text.partition("=")
+        if not sep or not name or not rest or "/" in name:
+            raise InvalidArgument("node", f"{text!r} is not NAME=ADDRESS[,ADDRESS...]")
+        return cls(name, tuple(address for address in rest.split(",") if address))
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as stream:
+        stream.write(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "filch"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_path, key_path = directory / "ca.crt", directory / "ca.key"
+    if not cert_path.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (x509.CertificateBuilder()
+                .subject_name(_name("filch cluster CA")).issuer_name(_name("filch cluster CA"))
+                .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(minutes=5))
+                .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                             crl_sign=True, content_commitment=False,
+                                             key_encipherment=False, data_encipherment=False,
+                                             key_agreement=False, encipher_only=False,
+                                             decipher_only=False), critical=True)
+                .sign(key, hashes.SHA256()))
+        _write(key_path, _key_pem(key), 0o600)
+        _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(loaded, ec.EllipticCurvePrivateKey):
+        raise InvalidArgument("ca.key", "is not an EC private key made by `filch certs`")
+    return cert, loaded
+
+
+def _san(addresses: tuple[str, ...]) -> x509.SubjectAlternativeName:
+    names: list[x509.GeneralName] = []
+    for address in (*addresses, "127.0.0.1", "localhost"):
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(address)))
+        except ValueError:
+            names.append(x509.DNSName(address))
+    return x509.SubjectAlternativeName(list(dict.fromkeys(names)))
+
+
+def _issue(directory: Path, request: NodeRequest, ca_cert: x509.Certificate,
+           ca_key: ec.EllipticCurvePrivateKey) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder()
+            .subject_name(_name(request.name)).issuer_name(ca_cert.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=NODE_DAYS))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]),
+                           critical=False)
+            .add_extension(_san(request.addresses), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    _write(directory / f"{request.name}.key", _key_pem(key), 0o600)
+    _write(directory / f"{request.name}.crt", cert.public_bytes(serialization.Encoding.PEM),
+           0o644)
+
+
+def ensure(directory: Path, nodes: list[NodeRequest]) -> list[str]:
+    """Create the CA, the token and each node's certificate unless present; return what
+    was created (file names)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    before = set(os.listdir(directory))
+    ca_cert, ca_key = _load_ca(directory)
+    token = directory / "token"
+    if not token.exists():
+        _write(token, secrets.token_hex(TOKEN_BYTES).encode() + b"\n", 0o600)
+    for request in nodes:
+        if not (directory / f"{request.name}.crt").exists():
+            _issue(directory, request, ca_cert, ca_key)
+    return sorted(set(os.listdir(directory)) - before)
