@@ -22,7 +22,7 @@ from node.config import Config
 from node.errors import ExecutorError, FilchError
 from node.membership import Allocation, Membership, Registration
 from node.runtime.base import Attempt, AttemptSpec, Executor
-from node.store import Compacted, Store, Versioned
+from node.store import MAX_BATCH, Compacted, Move, Store, Versioned
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,25 @@ class LocalAttempt:
         return self.task.fencing_token
 
 
+@dataclass
+class Result:
+    """An attempt's final record, waiting to be written behind its fence."""
+
+    local: LocalAttempt
+    new: pb.Task
+    done: asyncio.Future[None]
+
+    def move(self) -> Move:
+        return Move(Versioned(self.local.task, self.local.token), self.new,
+                    fence=self.local.token)
+
+    def settle_if_revoked(self) -> bool:
+        """Drop a result whose task was taken away meanwhile; True when dropped."""
+        if self.local.revoked:
+            self.done.set_result(None)
+        return self.local.revoked
+
+
 def log_path(data_dir: Path, task_id: str, attempt: int) -> Path:
     """Where the merged stdout/stderr of one attempt is kept on the node that ran it."""
     return data_dir / "logs" / task_id / f"{attempt}.log"
@@ -68,6 +87,7 @@ class Runner:
         self._reserved_memory = 0
         self._group: asyncio.TaskGroup | None = None
         self._freed = asyncio.Event()
+        self._results: asyncio.Queue[Result] = asyncio.Queue()
 
     # -- capacity ------------------------------------------------------------------------
 
@@ -158,20 +178,48 @@ class Runner:
             self._on_change()
 
     async def _finish(self, local: LocalAttempt, new: pb.Task) -> None:
-        """Write the attempt's result behind the fence; give up if the task is no longer ours."""
-        old = Versioned(local.task, local.token)
-        while not local.revoked:
-            try:
-                if await self._store.transition(old, new, fence=local.token) is None:
-                    metrics.FENCED_WRITES.inc()
-                    log.warning("task %s attempt %d: result rejected, this node no longer owns "
-                                "it", new.id, new.attempt)
-                else:
-                    metrics.FINISHED.labels(pb.Reason.Name(new.reason)[len("REASON_"):]).inc()
-                return
-            except FilchError as exc:
-                log.warning("cannot record the end of task %s yet: %s", new.id, exc)
-                await asyncio.sleep(FINISH_RETRY)
+        """Write the attempt's result behind the fence; give up if the task is no longer ours.
+
+        Results that arrive together are written in one transaction (see _write_results).
+        """
+        done = asyncio.get_running_loop().create_future()
+        self._results.put_nowait(Result(local, new, done))
+        await done
+
+    async def _write_results(self) -> NoReturn:
+        """Commit queued results: all in one transaction when every fence holds, else one
+        by one so that a single fenced attempt does not hold back the others."""
+        while True:
+            batch = [await self._results.get()]
+            while len(batch) < MAX_BATCH and not self._results.empty():
+                batch.append(self._results.get_nowait())
+            while True:
+                batch = [result for result in batch if not result.settle_if_revoked()]
+                if not batch:
+                    break
+                try:
+                    await self._commit(batch)
+                    break
+                except FilchError as exc:
+                    log.warning("cannot record the end of %d task(s) yet: %s", len(batch), exc)
+                    await asyncio.sleep(FINISH_RETRY)
+
+    async def _commit(self, batch: list[Result]) -> None:
+        moves = [result.move() for result in batch]
+        if len(batch) > 1 and await self._store.transition_many(moves) is not None:
+            outcomes = [True] * len(batch)
+        else:
+            outcomes = [await self._store.transition_many([move]) is not None
+                        for move in moves]
+        for result, written in zip(batch, outcomes, strict=True):
+            if written:
+                reason = pb.Reason.Name(result.new.reason)[len("REASON_"):]
+                metrics.FINISHED.labels(reason).inc()
+            else:
+                metrics.FENCED_WRITES.inc()
+                log.warning("task %s attempt %d: result rejected, this node no longer owns it",
+                            result.new.id, result.new.attempt)
+            result.done.set_result(None)
 
     def _attempt_spec(self, task: pb.Task) -> AttemptSpec:
         data_dir = self._config.path
@@ -232,6 +280,7 @@ class Runner:
         async with asyncio.TaskGroup() as group:
             self._group = group
             group.create_task(self._watch_revocations())
+            group.create_task(self._write_results())
             group.create_task(self._sweep())
         raise AssertionError("unreachable")
 

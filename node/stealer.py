@@ -16,9 +16,9 @@ from node import keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError
-from node.membership import Membership
+from node.membership import Membership, Registration
 from node.runner import Runner
-from node.store import Store, Versioned, WatchEvent
+from node.store import MAX_BATCH, Move, Store, Versioned, WatchEvent
 from node.watching import list_and_watch
 
 log = logging.getLogger(__name__)
@@ -27,12 +27,17 @@ log = logging.getLogger(__name__)
 # queue of 100,000 tasks costs one short range per sweep, not a full scan.
 SWEEP_BATCH = 1000
 
-# How many candidates one pass considers before re-checking for new events.
+# How many candidates one pass reads (one round trip) before re-checking for new events.
 PASS_LIMIT = 64
+
+# Tasks per steal transaction start here, double after a won steal and halve after a lost
+# one (up to store.MAX_BATCH): large batches while the queue is ours alone, single steals
+# while nodes contend for the same tasks.
+INITIAL_BATCH = 4
 
 # Random extra delay, as a fraction of steal_delay, so equally loaded nodes do not collide
 # in lockstep.
-JITTER_FRACTION = 0.2
+JITTER_FRACTION = 0.1
 
 # Back-off after etcd refused a steal for a reason other than losing the race.
 ERROR_RETRY = 0.5
@@ -51,6 +56,7 @@ class Stealer:
         self._never_fits: set[str] = set()
         self._wake = asyncio.Event()
         self.paused = False
+        self._batch = INITIAL_BATCH
 
     def wake(self) -> None:
         """Something changed (new task, freed capacity): look at the queue again."""
@@ -120,52 +126,64 @@ class Stealer:
                 self._wake.set()
 
     async def _pass(self) -> bool:
-        """Try the oldest candidates once; True when a steal succeeded."""
-        stole = False
-        for task_id in list(self._candidates)[:PASS_LIMIT]:
-            if self.paused or self._runner.load() >= 1.0 or not self._membership.live.is_set():
-                break
-            delay = self._delay()
-            metrics.STEAL_DELAY.observe(delay)
-            await asyncio.sleep(delay)
-            if task_id not in self._candidates:
-                continue        # another node took it while we waited
-            found = await self._store.get_task(task_id)
-            if found is None or found.task.state != pb.TASK_STATE_PENDING:
+        """Read the oldest candidates and steal, in one transaction, those that fit now.
+
+        True when a steal succeeded.
+        """
+        registration = self._membership.registration
+        if registration is None or self.paused or self._runner.load() >= 1.0:
+            return False
+        delay = self._delay()
+        metrics.STEAL_DELAY.observe(delay)
+        await asyncio.sleep(delay)
+        ids = list(self._candidates)[:PASS_LIMIT]      # another node may have taken some
+        if not ids:
+            return False
+        found = {record.task.id: record for record in await self._store.get_tasks(ids)}
+        chosen: list[Versioned] = []
+        for task_id in ids:
+            record = found.get(task_id)
+            if record is None or record.task.state != pb.TASK_STATE_PENDING:
                 self._candidates.pop(task_id, None)
-                continue
-            spec = found.task.spec
-            if not self._runner.fits_ever(spec):
+            elif not self._runner.fits_ever(record.task.spec):
                 self._candidates.pop(task_id, None)
                 self._never_fits.add(task_id)
-                continue
-            if not self._runner.fits_free(spec):
-                continue        # keep it; capacity frees up later
-            stole = await self._steal(found) or stole
-        return stole
+            elif self._runner.fits_free(record.task.spec) and len(chosen) < self._batch:
+                self._runner.reserve(record.task.spec)   # so the next one sees less room
+                chosen.append(record)
+        if not chosen:
+            return False
+        return await self._steal(chosen, registration)
 
-    async def _steal(self, found: Versioned) -> bool:
-        registration = self._membership.registration
-        if registration is None:
-            return False
-        task = found.task
-        self._runner.reserve(task.spec)
-        metrics.STEALS_ATTEMPTED.inc()
+    async def _steal(self, chosen: list[Versioned], registration: Registration) -> bool:
+        """The steal transaction for a batch (resources already reserved)."""
+        moves = [Move(record, lifecycle.stolen(record.task, registration.node_id,
+                                               self._config.name,
+                                               self._config.advertise_address))
+                 for record in chosen]
+        metrics.STEALS_ATTEMPTED.inc(len(moves))
         try:
-            running = lifecycle.stolen(task, registration.node_id, self._config.name,
-                                       self._config.advertise_address)
-            token = await self._store.transition(found, running, lease_id=registration.lease_id)
+            token = await self._store.transition_many(moves, lease_id=registration.lease_id)
         except BaseException:
-            self._runner.release(task.spec)
+            self._release(moves)
             raise
-        self._candidates.pop(task.id, None)
         if token is None:
-            metrics.STEALS_LOST.inc()
-            self._runner.release(task.spec)
+            # Another node took at least one of them; the next pass re-reads them all.
+            metrics.STEALS_LOST.inc(len(moves))
+            self._release(moves)
+            self._batch = max(1, self._batch // 2)
             return False
-        metrics.STEALS_WON.inc()
-        metrics.START_LATENCY.observe(max(0.0, (running.started_at.ToNanoseconds()
-                                                - task.submitted_at.ToNanoseconds()) / 1e9))
-        log.info("stole task %s (attempt %d)", task.id, running.attempt)
-        self._runner.launch(lifecycle.started(running, token))
+        metrics.STEALS_WON.inc(len(moves))
+        self._batch = min(MAX_BATCH, self._batch * 2)
+        for move in moves:
+            self._candidates.pop(move.new.id, None)
+            metrics.START_LATENCY.observe(max(0.0, (move.new.started_at.ToNanoseconds()
+                                                    - move.new.submitted_at.ToNanoseconds()) / 1e9))
+            log.debug("stole task %s (attempt %d)", move.new.id, move.new.attempt)
+            self._runner.launch(lifecycle.started(move.new, token))
+        log.info("stole %d task(s) at revision %d", len(moves), token)
         return True
+
+    def _release(self, moves: list[Move]) -> None:
+        for move in moves:
+            self._runner.release(move.new.spec)

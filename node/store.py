@@ -38,6 +38,8 @@ READ_RETRY_PAUSE = 0.2
 
 # etcd refuses transactions with more operations than this (its --max-txn-ops default).
 MAX_TXN_OPS = 128
+# A move is at most 2 compares and 3 operations, so this many fit in one transaction.
+MAX_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,44 @@ def status_key(task: pb.Task) -> bytes:
     if task.state == pb.TASK_STATE_CANCELED:
         return keys.canceled(epoch, task.id)
     raise ValueError(f"task {task.id} has no state")
+
+
+@dataclass(frozen=True)
+class Move:
+    """One task's transition, for transition_many (fields as in Store.transition)."""
+
+    old: Versioned | None
+    new: pb.Task
+    fence: int = 0
+    owner_gone: bool = False
+
+
+def _append_move(move: Move, lease_id: int, compare: list[Any], success: list[Any]) -> None:
+    """Add one move's compares and operations: record and status key, always together."""
+    old, new = move.old, move.new
+    record_key = keys.task(new.id)
+    new_status = status_key(new)
+    old_status = b""
+    if old is None:
+        compare.append(_compare(record_key, "version", 0))
+    else:
+        compare.append(_compare(record_key, "mod_revision", old.mod_revision))
+        old_status = status_key(old.task)
+        if move.fence:
+            compare.append(_compare(old_status, "create_revision", move.fence))
+        elif move.owner_gone:
+            compare.append(_compare(old_status, "version", 0))
+        else:
+            compare.append(_compare(old_status, "version", 0, rpc.Compare.GREATER))
+        if old_status != new_status:
+            success.append(rpc.RequestOp(
+                request_delete_range=rpc.DeleteRangeRequest(key=old_status)))
+    if old_status != new_status:
+        lease = lease_id if new.state == pb.TASK_STATE_RUNNING else 0
+        success.append(rpc.RequestOp(
+            request_put=rpc.PutRequest(key=new_status, value=b"", lease=lease)))
+    success.append(rpc.RequestOp(
+        request_put=rpc.PutRequest(key=record_key, value=new.SerializeToString())))
 
 
 def _compare(key: bytes, target: str, value: int, result: int = 0) -> Any:
@@ -188,31 +228,19 @@ class Store:
         a compare failed (someone else moved the task first). Raises StoreUnavailable /
         StoreFull.
         """
-        record_key = keys.task(new.id)
-        new_status = status_key(new)
+        return await self.transition_many([Move(old, new, fence, owner_gone)], lease_id=lease_id)
+
+    async def transition_many(self, moves: Sequence[Move], *, lease_id: int = 0) -> int | None:
+        """Several transitions in ONE transaction: all happen, or none (see transition()).
+
+        At most MAX_BATCH moves. Returns the revision, or None when any compare failed.
+        """
+        if not 0 < len(moves) <= MAX_BATCH:
+            raise ValueError(f"{len(moves)} moves; one transaction takes 1..{MAX_BATCH}")
         compare: list[Any] = []
         success: list[Any] = []
-        old_status = b""
-        if old is None:
-            compare.append(_compare(record_key, "version", 0))
-        else:
-            compare.append(_compare(record_key, "mod_revision", old.mod_revision))
-            old_status = status_key(old.task)
-            if fence:
-                compare.append(_compare(old_status, "create_revision", fence))
-            elif owner_gone:
-                compare.append(_compare(old_status, "version", 0))
-            else:
-                compare.append(_compare(old_status, "version", 0, rpc.Compare.GREATER))
-            if old_status != new_status:
-                success.append(rpc.RequestOp(
-                    request_delete_range=rpc.DeleteRangeRequest(key=old_status)))
-        if old_status != new_status:
-            lease = lease_id if new.state == pb.TASK_STATE_RUNNING else 0
-            success.append(rpc.RequestOp(
-                request_put=rpc.PutRequest(key=new_status, value=b"", lease=lease)))
-        success.append(rpc.RequestOp(
-            request_put=rpc.PutRequest(key=record_key, value=new.SerializeToString())))
+        for move in moves:
+            _append_move(move, lease_id, compare, success)
         response = await self._txn(rpc.TxnRequest(compare=compare, success=success))
         return int(response.header.revision) if response.succeeded else None
 

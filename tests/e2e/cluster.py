@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,21 @@ FILCH = str(Path(sys.executable).with_name("filch"))
 # Each cluster gets its own 127.0.X.0/24 so that a leftover process from an earlier
 # cluster (or another test run) can never answer for this one.
 _subnets = itertools.count(100 + os.getpid() % 50)
+
+
+def _free_subnet() -> int:
+    """The next 127.0.X.0/24 whose first address has the API and etcd ports free."""
+    for subnet in _subnets:
+        if subnet > 250:
+            break
+        try:
+            for port in (7070, 2379, 2380):
+                with socket.socket() as probe:
+                    probe.bind((f"127.0.{subnet}.1", port))
+        except OSError:
+            continue
+        return subnet
+    raise RuntimeError("no free 127.0.X.0/24 left for a test cluster")
 
 FINISHED = (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED)
 
@@ -125,7 +141,7 @@ class Cluster:
                  pki: Path | None = None) -> None:
         """pki: a directory made by `filch certs` with a certificate per node name: the
         cluster then runs TLS (API and etcd peers) with the bearer token."""
-        subnet = next(_subnets)
+        subnet = _free_subnet()
         self.nodes: list[Node] = []
         self.pki = pki
         scheme = "https" if pki else "http"
@@ -193,8 +209,13 @@ class Cluster:
         return (index for index, node in enumerate(self.nodes)
                 if node.process is not None and node.process.poll() is None)
 
+    def first_alive(self) -> int:
+        for index in self.alive():
+            return index
+        raise AssertionError("no node of the cluster is running; see their logs")
+
     def any_stub(self) -> pb_grpc.SchedulerStub:
-        return self.stub(next(self.alive()))
+        return self.stub(self.first_alive())
 
     # -- conveniences ----------------------------------------------------------------------
 
@@ -244,7 +265,7 @@ class Cluster:
 
     def etcd_keys(self) -> dict[str, dict[str, object]]:
         """Every key in etcd with its value and revisions (read with etcdctl, not filch)."""
-        endpoint = self.nodes[next(self.alive())].etcd_endpoint
+        endpoint = self.nodes[self.first_alive()].etcd_endpoint
         out = subprocess.run(["etcdctl", "--endpoints", endpoint, "get", "", "--prefix",
                               "-w", "json"], env=dict(os.environ, ETCDCTL_API="3"),
                              capture_output=True, text=True, check=True, timeout=30).stdout
