@@ -4,12 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -19,65 +13,15 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import Conflict, InvalidArgument, TaskNotFound
 from node.service import TaskService
 from node.store import Store
+from tests.unit.etcd_fixture import require_etcd
 
-if shutil.which("etcd") is None or shutil.which("etcdctl") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("etcd is not installed; `make deps` installs it")
-    pytest.skip("etcd is not installed (`make deps` installs it)", allow_module_level=True)
+require_etcd()
 
 pytestmark = pytest.mark.timeout(60)
 
 NODE_ID = "6f1c2a9e-0d4b-4c1e-9a53-2b8f0e6d7c11"
 
 
-# -- a real etcd (same recipe as test_store.py) ------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def etcdctl(endpoint: str, *args: str) -> str:
-    result = subprocess.run(["etcdctl", "--endpoints", endpoint, *args], capture_output=True,
-                            text=True, timeout=10, check=True)
-    return result.stdout
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A single etcd member on free loopback ports; yields its client URL."""
-    data = tmp_path_factory.mktemp("etcd")
-    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    with open(data / "etcd.log", "wb") as log:
-        process = subprocess.Popen(
-            ["etcd", "--name", "u", "--data-dir", str(data / "member"),
-             "--listen-client-urls", client, "--advertise-client-urls", client,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"u={peer}"],
-            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while subprocess.run(["etcdctl", "--endpoints", client, "endpoint", "health"],
-                             capture_output=True, timeout=10).returncode != 0:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("etcd did not start:\n" + (data / "etcd.log").read_text())
-            time.sleep(0.05)
-        yield client
-    finally:
-        process.kill()
-        process.wait()
-
-
-@pytest.fixture
-async def store(etcd: str) -> AsyncIterator[Store]:
-    etcdctl(etcd, "del", "", "--prefix")
-    opened = Store(etcd)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 @pytest.fixture

@@ -8,12 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -22,11 +17,9 @@ from node import keys, lifecycle, validation
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import StoreUnavailable
 from node.store import Compacted, Store, Versioned, WatchEvent, status_key
+from tests.unit.etcd_fixture import etcdctl, free_port, require_etcd
 
-if shutil.which("etcd") is None or shutil.which("etcdctl") is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("etcd is not installed; `make deps` installs it")
-    pytest.skip("etcd is not installed (`make deps` installs it)", allow_module_level=True)
+require_etcd()
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,54 +27,6 @@ NODE_ID = "6f1c2a9e-0d4b-4c1e-9a53-2b8f0e6d7c11"
 OTHER_NODE_ID = "0b7e2f55-1c3d-4e6a-8f90-a1b2c3d4e5f6"
 
 
-# -- a real etcd -------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def etcdctl(endpoint: str, *args: str) -> str:
-    result = subprocess.run(["etcdctl", "--endpoints", endpoint, *args], capture_output=True,
-                            text=True, timeout=10, check=True)
-    return result.stdout
-
-
-@pytest.fixture(scope="module")
-def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A single etcd member on free loopback ports; yields its client URL."""
-    data = tmp_path_factory.mktemp("etcd")
-    client, peer = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
-    with open(data / "etcd.log", "wb") as log:
-        process = subprocess.Popen(
-            ["etcd", "--name", "u", "--data-dir", str(data / "member"),
-             "--listen-client-urls", client, "--advertise-client-urls", client,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"u={peer}"],
-            stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 20
-        while subprocess.run(["etcdctl", "--endpoints", client, "endpoint", "health"],
-                             capture_output=True, timeout=10).returncode != 0:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("etcd did not start:\n" + (data / "etcd.log").read_text())
-            time.sleep(0.05)
-        yield client
-    finally:
-        process.kill()
-        process.wait()
-
-
-@pytest.fixture
-async def store(etcd: str) -> AsyncIterator[Store]:
-    etcdctl(etcd, "del", "", "--prefix")
-    opened = Store(etcd)
-    try:
-        yield opened
-    finally:
-        await opened.close()
 
 
 def kvs(endpoint: str, prefix: str = "") -> list[dict[str, Any]]:
