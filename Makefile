@@ -17,7 +17,8 @@ VENV_STAMP := $(VENV)/.installed
 
 # Debian packages the tests and `make run` need, as command=package. The command is
 # checked first, so `make deps` costs nothing on a machine that has them all.
-SYSTEM_DEPS := etcd=etcd-server etcdctl=etcd-client runc=runc supervisord=supervisor ip=iproute2
+SYSTEM_DEPS := etcd=etcd-server etcdctl=etcd-client runc=runc supervisord=supervisor ip=iproute2 \
+	promtool=prometheus openssl=openssl
 
 .PHONY: help deps venv proto check-proto lint test run clean distclean
 
@@ -40,9 +41,9 @@ deps:
 	  apt-get update -qq; \
 	fi; \
 	apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
-	if [[ " $$missing " == *" etcd-server "* && -d /run/systemd/system ]]; then \
-	  echo "disabling Debian's etcd.service: filch agents run their own members"; \
-	  systemctl disable --now etcd.service >/dev/null 2>&1 || true; \
+	if [[ -d /run/systemd/system ]]; then \
+	  echo "disabling Debian's etcd and prometheus services: filch runs its own"; \
+	  systemctl disable --now etcd.service prometheus.service >/dev/null 2>&1 || true; \
 	fi
 
 venv: $(VENV_STAMP)

@@ -267,8 +267,12 @@ class Runner:
                                                                  "shut down")
             try:
                 if await self._store.transition(Versioned(local.task, local.token), handed_back,
-                                                fence=local.token) is not None:
+                                                fence=local.token) is None:
+                    pass    # already taken away (canceled, or recovered elsewhere)
+                elif handed_back.state == pb.TASK_STATE_PENDING:
                     metrics.REQUEUES.labels("shutdown").inc()
+                else:
+                    metrics.LOST.inc()
             except FilchError as exc:
                 log.warning("could not hand task %s back (its lease expiry will): %s",
                             local.task.id, exc)
