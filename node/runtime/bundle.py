@@ -3,19 +3,21 @@
 The container sees the host's /usr, /bin, /sbin, /lib, /lib64 and /etc read-only at the
 same paths, so the task runs the host's programs without an image. Defaults follow the
 Kubernetes "restricted" profile (non-root, no capabilities, noNewPrivileges, read-only
-root); the pod-security profile's RuntimeDefault seccomp filter is not applied.
+root, the RuntimeDefault seccomp filter of node/runtime/seccomp.py).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from node.runtime.base import AttemptSpec
+from node.runtime.seccomp import default_profile
 
 # Host directories the task may read and execute from. /opt, /home, /srv, /var stay
 # invisible: a task sees programs, libraries and configuration, not other people's data.
@@ -42,8 +44,14 @@ CPU_PERIOD_US = 100_000
 MIN_CPU_QUOTA_US = 1_000
 
 # Threads and processes per task: enough for any sane multi-threaded program, small
-# enough that a fork bomb in one task cannot exhaust the node's pid space (~4M).
+# enough that a fork bomb in one task cannot exhaust the node's pid space. That holds with
+# kernel.pid_max at 4M (systemd's setting); at the kernel's default of 32768, 32 tasks at
+# the limit exhaust it, so nodes should raise pid_max.
 PIDS_LIMIT = 1024
+
+# The host's machine type: which syscall ABIs (x86_64 with i386 and x32, aarch64 with arm)
+# the seccomp filter covers.
+MACHINE = platform.machine()
 
 # Open files: systemd's defaults (soft 1024 keeps select()-based programs safe, hard
 # 524288 lets programs that need many files raise it themselves).
@@ -264,6 +272,8 @@ def build_config(
             "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
+            # Applied after noNewPrivileges, right before the task's execve.
+            "seccomp": default_profile(MACHINE),
         },
     }
 

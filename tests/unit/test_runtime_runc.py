@@ -58,6 +58,12 @@ async def run(executor: Executor, spec: AttemptSpec) -> tuple[ExitStatus, str]:
     return status, spec.log_path.read_text()
 
 
+def runc_states(state_root: Path) -> dict[str, str]:
+    out = subprocess.run(["runc", "--root", str(state_root), "list", "--format", "json"],
+                         check=True, capture_output=True, text=True).stdout
+    return {entry["id"]: entry["status"] for entry in json.loads(out) or []}
+
+
 def runc_ids(state_root: Path) -> list[str]:
     out = subprocess.run(
         ["runc", "--root", str(state_root), "list", "--format", "json"],
@@ -257,7 +263,7 @@ async def test_reap_stale_kills_abandoned_containers(data_dir: Path) -> None:
     spec = make_spec(data_dir, "sleep", "60")
     attempt = await abandoned.start(spec)
     for _ in range(100):
-        if spec.container_id in runc_ids(state_root):
+        if runc_states(state_root).get(spec.container_id) == "running":
             break
         await asyncio.sleep(0.05)
 
