@@ -2,6 +2,7 @@
 #
 #   make test      everything CI runs: system packages, venv, lint, the whole test suite
 #   make run       a 3-node local cluster under supervisord, in the foreground (Ctrl-C stops it)
+#   make image     the node image localhost/filch-node (podman/buildah; see images/README.md)
 #   make lint      ruff + mypy --strict
 #   make proto     regenerate node/_gen/ from proto/ (commit the result)
 #   make clean     remove run/ state and caches (distclean: the venv too)
@@ -18,9 +19,9 @@ VENV_STAMP := $(VENV)/.installed
 # Debian packages the tests and `make run` need, as command=package. The command is
 # checked first, so `make deps` costs nothing on a machine that has them all.
 SYSTEM_DEPS := etcd=etcd-server etcdctl=etcd-client runc=runc supervisord=supervisor ip=iproute2 \
-	promtool=prometheus openssl=openssl
+	promtool=prometheus openssl=openssl podman=podman buildah=buildah debootstrap=debootstrap
 
-.PHONY: help deps venv proto check-proto lint test run clean distclean
+.PHONY: help deps venv proto check-proto lint test run image clean distclean
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
@@ -74,6 +75,9 @@ test: deps venv lint
 
 run: deps venv
 	scripts/run-local.sh
+
+image: deps venv
+	images/build.sh
 
 clean:
 	@if [ -f run/supervisord.pid ] && kill -0 "$$(cat run/supervisord.pid)" 2>/dev/null; then \

@@ -1,0 +1,197 @@
+#!/bin/bash
+# Entrypoint of the filch node image (/usr/local/bin/filch-entrypoint).
+#
+# Fills in the FILCH_* settings the operator did not give, from what the container can see,
+# then execs the command (by default `supervisord -n`, which runs the agent and gunicorn):
+#
+#   FILCH_NAME             the container's hostname
+#   FILCH_ADVERTISE        <container IP>:<port of FILCH_LISTEN>, when FILCH_LISTEN is a wildcard
+#   FILCH_ETCD_PEER_URL    http://<container IP>:2380 (embedded etcd member only)
+#   FILCH_SERVER           the local agent (for gunicorn and `podman exec <c> filch ...`)
+#   FILCH_CPUS/FILCH_MEMORY  the container's CPU quota / memory limit, when it has them
+#   FILCH_EXECUTOR         `process` (with a loud warning) when runc cannot work here: no
+#                          CAP_SYS_ADMIN. With it, a read-only cgroupfs is remounted rw.
+#
+# The container IP is the first global IPv4 address (`hostname -I`); set FILCH_ADVERTISE
+# and FILCH_ETCD_PEER_URL yourself behind NAT or with several networks.
+#
+# Two more modes, for the image's own use:
+#   filch-entrypoint --healthcheck       the HEALTHCHECK: this node is registered in the cluster
+#   filch-entrypoint --fatal-listener    supervisord's event listener that stops the container
+#                                        when a program is FATAL (see supervisord.conf)
+set -euo pipefail
+
+say() { printf 'filch-entrypoint: %s\n' "$*" >&2; }
+
+# The local agent's address, from FILCH_LISTEN (a wildcard means loopback).
+local_server() {
+  local listen=${FILCH_LISTEN:-0.0.0.0:7070} host
+  host=${listen%:*}
+  case $host in 0.0.0.0 | "[::]" | :: | "") host=127.0.0.1 ;; esac
+  echo "$host:${listen##*:}"
+}
+
+# The CLI's and gunicorn's TLS settings follow the agent's (node certificates carry
+# 127.0.0.1 and localhost, so the loopback address verifies).
+client_tls() {
+  if [[ -n ${FILCH_TLS_CA:-} ]]; then export FILCH_CA=${FILCH_CA:-$FILCH_TLS_CA}; fi
+  if [[ -n ${FILCH_API_TOKEN_FILE:-} ]]; then
+    export FILCH_TOKEN_FILE=${FILCH_TOKEN_FILE:-$FILCH_API_TOKEN_FILE}
+  fi
+}
+
+if [[ ${1:-} == --healthcheck ]]; then
+  # Runs with the container's configured environment only (not what main mode derives).
+  # Healthy = the local agent answers, reads the node list from etcd (a member without quorum
+  # fails here) and this node is in it (a fenced or unregistered node is not).
+  export FILCH_SERVER=${FILCH_SERVER:-$(local_server)}
+  client_tls
+  name=${FILCH_NAME:-$(hostname)}
+  nodes=$(/opt/filch/bin/filch --timeout 8 nodes -o json)  # says why on stderr when it fails
+  exec /opt/filch/bin/python -c '
+import json, sys
+names = [node["name"] for node in json.load(sys.stdin)]
+sys.exit(0 if sys.argv[1] in names else f"node {sys.argv[1]!r} is not registered: {names}")
+' "$name" <<<"$nodes"
+fi
+
+if [[ ${1:-} == --fatal-listener ]]; then
+  # supervisord's event listener protocol: READY, then a header line with len:N and N bytes
+  # of payload per event, answered with RESULT 2\nOK.
+  while printf 'READY\n' && read -r header; do
+    len=${header##*len:}; len=${len%% *}
+    payload=""
+    ((len > 0)) && read -r -N "$len" payload
+    printf 'RESULT 2\nOK'
+    say "FATAL: ${payload%%$'\n'*}: supervisord gave up restarting it; stopping the node"
+    kill -TERM "$(cat /run/supervisord.pid 2>/dev/null || echo 1)" 2>/dev/null || true
+  done
+  exit 0
+fi
+
+# -- where am I ---------------------------------------------------------------------------
+ip=""
+for address in $(hostname -I 2>/dev/null || true); do
+  if [[ $address == *.* && $address != 127.* ]]; then ip=$address; break; fi
+done
+if [[ -z $ip ]]; then
+  ip=127.0.0.1
+  say "no global IPv4 address: advertising $ip (a one-node cluster; set FILCH_ADVERTISE)"
+fi
+
+export FILCH_NAME=${FILCH_NAME:-$(hostname)}
+export FILCH_LISTEN=${FILCH_LISTEN:-0.0.0.0:7070}
+case ${FILCH_LISTEN%:*} in
+  0.0.0.0 | "[::]" | :: | "")
+    export FILCH_ADVERTISE=${FILCH_ADVERTISE:-$ip:${FILCH_LISTEN##*:}} ;;
+esac
+if [[ -z ${FILCH_ETCD_ENDPOINT:-} && -z ${FILCH_ETCD_PEER_URL:-} ]]; then
+  export FILCH_ETCD_PEER_URL=http://$ip:2380
+fi
+export FILCH_SERVER=${FILCH_SERVER:-$(local_server)}
+client_tls
+export FILCH_DATA_DIR=${FILCH_DATA_DIR:-/var/lib/filch}
+mkdir -p "$FILCH_DATA_DIR"
+
+# -- the container's own cgroup limits as the node's capacity ---------------------------------
+# Controller paths from /proc/self/cgroup; the limit files are found either below the mounted
+# hierarchy's root (a private cgroup namespace or an unprivileged v1 mount) or at that path.
+cgroup_file() {  # cgroup_file CONTROLLER FILE -> prints the first existing path
+  local controller=$1 file=$2 path mount dir
+  if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then
+    path=$(sed -n 's/^0:://p' /proc/self/cgroup); mount=/sys/fs/cgroup
+  else
+    path=$(awk -F: -v c="$controller" '{ n = split($2, a, ","); for (i = 1; i <= n; i++) if (a[i] == c) print $3 }' /proc/self/cgroup)
+    mount=/sys/fs/cgroup/$controller
+  fi
+  for dir in "$mount$path" "$mount"; do
+    [[ -f $dir/$file ]] && { echo "$dir/$file"; return; }
+  done
+}
+
+if [[ -z ${FILCH_MEMORY:-} ]]; then
+  limit=""
+  if file=$(cgroup_file memory memory.max) && [[ -n $file ]]; then limit=$(<"$file")
+  elif file=$(cgroup_file memory memory.limit_in_bytes) && [[ -n $file ]]; then limit=$(<"$file")
+  fi
+  total=$(($(awk '/^MemTotal:/ { print $2 }' /proc/meminfo) * 1024))
+  if [[ $limit =~ ^[0-9]+$ ]] && ((limit < total)); then
+    # Leave room for etcd, the agent and gunicorn: a quarter of the limit, at most 512 MiB.
+    reserve=$((limit / 4 < 536870912 ? limit / 4 : 536870912))
+    export FILCH_MEMORY=$((limit - reserve))
+  fi
+fi
+if [[ -z ${FILCH_CPUS:-} ]]; then
+  quota="" period=""
+  if file=$(cgroup_file cpu cpu.max) && [[ -n $file ]]; then
+    read -r quota period <"$file"
+  elif file=$(cgroup_file cpu cpu.cfs_quota_us) && [[ -n $file ]]; then
+    quota=$(<"$file"); period=$(<"${file%/*}/cpu.cfs_period_us")
+  fi
+  if [[ $quota =~ ^[0-9]+$ && $period =~ ^[0-9]+$ ]] && ((period > 0)); then
+    export FILCH_CPUS=$(awk -v q="$quota" -v p="$period" 'BEGIN { printf "%.2f", q / p }')
+  elif (($(nproc) < $(getconf _NPROCESSORS_ONLN))); then
+    export FILCH_CPUS=$(nproc)  # a cpuset smaller than the machine
+  fi
+fi
+
+# -- can runc work in here? -------------------------------------------------------------------
+# runc needs CAP_SYS_ADMIN (mounts, namespaces) and a writable cgroupfs. Without --privileged,
+# podman mounts the container's own cgroups read-only: with CAP_SYS_ADMIN we remount them
+# read-write, which lets runc create task cgroups *below the container's own* (tasks stay
+# inside the container's limits) and nothing else.
+capeff=$(awk '/^CapEff:/ { print $2 }' /proc/self/status)
+cap_sys_admin=$(((0x$capeff >> 21) & 1))
+if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then
+  cgroup_mounts=(/sys/fs/cgroup)
+else
+  mapfile -t cgroup_mounts < <(awk '$3 == "cgroup" { print $2 }' /proc/self/mounts)
+fi
+if [[ ${FILCH_EXECUTOR:-runc} == runc && $cap_sys_admin == 1 ]]; then
+  for mount in "${cgroup_mounts[@]}"; do
+    [[ -w $mount ]] || mount -o remount,rw,bind "$mount" 2>/dev/null \
+      || say "could not remount $mount read-write"
+  done
+  if [[ -f /sys/fs/cgroup/cgroup.controllers && -w /sys/fs/cgroup ]] \
+     && [[ -z $(cat /sys/fs/cgroup/cgroup.subtree_control) ]]; then
+    # cgroup v2 ("no internal processes"): controllers can be handed to task cgroups only
+    # once no process lives in the container's root cgroup: move ours to a leaf first (the
+    # recipe of Docker's docker-in-docker image). Verified on cgroup v1 hosts only.
+    mkdir -p /sys/fs/cgroup/supervisor
+    while read -r pid; do
+      echo "$pid" >/sys/fs/cgroup/supervisor/cgroup.procs 2>/dev/null || true
+    done </sys/fs/cgroup/cgroup.procs
+    sed -e 's/ / +/g' -e 's/^/+/' /sys/fs/cgroup/cgroup.controllers \
+      >/sys/fs/cgroup/cgroup.subtree_control 2>/dev/null \
+      || say "could not enable cgroup controllers for tasks"
+  fi
+fi
+if [[ -z ${FILCH_EXECUTOR:-} ]]; then
+  if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then cgroups=/sys/fs/cgroup
+  else cgroups=/sys/fs/cgroup/memory; fi
+  if [[ $cap_sys_admin != 1 || ! -w $cgroups ]]; then
+    export FILCH_EXECUTOR=process
+    say "WARNING: runc cannot run tasks in this container: it needs CAP_SYS_ADMIN and a"
+    say "WARNING: writable $cgroups (podman run --cap-add SYS_ADMIN; see images/README.md)."
+    say "WARNING: Using the process executor, which does NOT isolate tasks."
+    say "WARNING: Set FILCH_EXECUTOR to choose explicitly."
+  fi
+fi
+
+# -- the HTTP face ----------------------------------------------------------------------------
+node_dir=$(echo /opt/filch/lib/python3*/site-packages/node)
+export FILCH_GUNICORN_CONF=$node_dir/gunicorn_conf.py
+if [[ -f $node_dir/http.py && -f $FILCH_GUNICORN_CONF ]]; then
+  export FILCH_HTTP_AUTOSTART=${FILCH_HTTP_AUTOSTART:-true}
+  export FILCH_HTTP_LISTEN=${FILCH_HTTP_LISTEN:-0.0.0.0:8080}
+  install -d -o filch-http -g filch-http -m 0700 /run/filch-http
+else
+  export FILCH_HTTP_AUTOSTART=false
+  say "this filch has no node/http.py or node/gunicorn_conf.py: the HTTP face (:8080) is off"
+fi
+
+say "node $FILCH_NAME: API $FILCH_LISTEN (advertised ${FILCH_ADVERTISE:-$FILCH_LISTEN})," \
+  "etcd ${FILCH_ETCD_ENDPOINT:-peer $FILCH_ETCD_PEER_URL}," \
+  "executor ${FILCH_EXECUTOR:-runc}, data $FILCH_DATA_DIR"
+
+exec "$@"
