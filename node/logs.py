@@ -61,6 +61,11 @@ class LogService:
             raise InvalidArgument("attempt", f"task {task_id} has had {task.attempt} attempts")
         path = log_path(self._config.path, task_id, attempt)
         if path.exists() or proxied or task.node_address == self._config.advertise_address:
+            # Between the steal and the container start the file does not exist yet.
+            while not path.exists() and self._runner.is_running(task_id, attempt):
+                if not follow:
+                    return
+                await asyncio.sleep(FOLLOW_POLL)
             if not path.exists():
                 raise TaskNotFound(f"{task_id} (the log of attempt {attempt} is no longer on "
                                    f"node {self._config.name})")

@@ -186,6 +186,11 @@ class HostLayout:
         return None
 
 
+# Without a terminal, `runc run` copies the task's stdout and stderr pipes to the log in
+# two goroutines, which can reorder lines between them. The task's sh joins stderr to
+# stdout first, then execs the command (so the command is still PID 1).
+MERGE_OUTPUT = ("/bin/sh", "-c", 'exec "$0" "$@" 2>&1')
+
 def build_config(
     spec: AttemptSpec,
     *,
@@ -226,7 +231,7 @@ def build_config(
         "process": {
             "terminal": False,
             "user": {"uid": task_uid, "gid": task_uid},
-            "args": [spec.command, *spec.args],
+            "args": [*MERGE_OUTPUT, spec.command, *spec.args],
             "env": [f"{key}={value}" for key, value in env.items()],
             "cwd": spec.workdir or WORK_DIR,
             "capabilities": {

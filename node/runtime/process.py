@@ -17,7 +17,6 @@ ExitStatus.oom_killed is always False here.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import resource
@@ -37,6 +36,9 @@ log = logging.getLogger(__name__)
 # exhausting the node's pid space, while thousands of threads remain possible. Only set
 # when tasks get their own uid: for the daemon's uid it would count the daemon's threads.
 NPROC_LIMIT = 4096
+
+# util-linux (essential on Debian): applies the rlimits, then execs the task.
+PRLIMIT = shutil.which("prlimit") or "/usr/bin/prlimit"
 
 # How long stop() waits for the process group leader after SIGKILL before giving up:
 # SIGKILL cannot be caught, so only a process stuck in the kernel (D state) takes longer.
@@ -98,9 +100,15 @@ class ProcessExecutor:
             raise ExecutorError(f"cannot prepare attempt {spec.container_id}: {exc}") from exc
         env = {"PATH": DEFAULT_PATH, "HOME": str(work), **spec.env}
         drop = self._drop_to
+        resolved = shutil.which(spec.command, path=env["PATH"])
+        if resolved is None:
+            shutil.rmtree(spec.attempt_dir, ignore_errors=True)
+            os.close(log_fd)
+            raise ExecutorError(f"cannot start {spec.command!r}: not found or not executable "
+                                f"(PATH={env['PATH']})")
         try:
             process = await asyncio.create_subprocess_exec(
-                spec.command, *spec.args,
+                *_with_limits(resolved, spec.args, drop is not None),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
@@ -112,7 +120,6 @@ class ProcessExecutor:
                 user=drop,
                 group=drop,
                 extra_groups=[] if drop is not None else None,
-                preexec_fn=functools.partial(_limit_resources, drop is not None),
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             shutil.rmtree(spec.attempt_dir, ignore_errors=True)
@@ -211,19 +218,19 @@ class ProcessAttempt:
         return ExitStatus(exit_code=code, oom_killed=False)
 
 
-def _limit_resources(own_uid: bool) -> None:
-    """Runs in the child between fork and exec (preexec_fn), after the uid drop.
+def _with_limits(command: str, args: tuple[str, ...], own_uid: bool) -> list[str]:
+    """The argv that starts the task under its rlimits.
 
-    Only setrlimit calls, which take no locks, so this is safe although the daemon has
-    threads (the hazard the subprocess docs warn about is a lock held across fork).
+    util-linux's prlimit sets them on itself and execs the command: no preexec_fn, whose
+    Python code between fork and exec can crash the child of a multi-threaded daemon.
     """
     # A crashing task must not fill the disk (or a coredump service) with cores.
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    limits = ["--core=0"]
     if own_uid:
-        # Lowering only: after the uid drop the hard limit cannot be raised.
         hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
         limit = NPROC_LIMIT if hard == resource.RLIM_INFINITY else min(hard, NPROC_LIMIT)
-        resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+        limits.append(f"--nproc={limit}")
+    return [PRLIMIT, *limits, "--", command, *args]
 
 
 def _describe(exc: BaseException) -> str:

@@ -98,6 +98,15 @@ async def test_log_is_appended_not_truncated(executor: RuncExecutor, data_dir: P
     assert log == "first\nsecond\n"
 
 
+async def test_stdout_and_stderr_keep_their_order(executor: RuncExecutor,
+                                                  data_dir: Path) -> None:
+    script = "for i in 1 2 3 4 5 6 7 8; do echo out$i; echo err$i >&2; done"
+    for _ in range(3):
+        status, log = await run(executor, make_spec(data_dir, "sh", "-c", script))
+        assert status.exit_code == 0
+        assert log.split() == [f"{kind}{i}" for i in range(1, 9) for kind in ("out", "err")]
+
+
 async def test_exit_code_is_the_tasks(executor: RuncExecutor, data_dir: Path) -> None:
     status, _ = await run(executor, make_spec(data_dir, "sh", "-c", "exit 3"))
     assert status.exit_code == 3
