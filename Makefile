@@ -19,7 +19,8 @@ VENV_STAMP := $(VENV)/.installed
 # Debian packages the tests and `make run` need, as command=package. The command is
 # checked first, so `make deps` costs nothing on a machine that has them all.
 SYSTEM_DEPS := etcd=etcd-server etcdctl=etcd-client runc=runc supervisord=supervisor ip=iproute2 \
-	promtool=prometheus openssl=openssl podman=podman buildah=buildah debootstrap=debootstrap
+	promtool=prometheus openssl=openssl podman=podman buildah=buildah debootstrap=debootstrap \
+	chromium=chromium chromedriver=chromium-driver
 
 .PHONY: help deps venv proto check-proto lint test run image clean distclean
 

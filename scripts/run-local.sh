@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # A 3-node filch cluster on this machine (127.0.0.11-13), kept up by supervisord in the
-# foreground. Ctrl-C stops supervisord, which stops every agent, and each agent its etcd
-# member. State, logs and the generated supervisord.conf live under ./run/ (gitignored);
+# foreground: per node a `filch agent` (gRPC on :7070) and a gunicorn serving its HTTP face
+# (health, JSON API, web UI on :8080). Ctrl-C stops supervisord, which stops every agent,
+# and each agent its etcd member. State, logs and the generated supervisord.conf live under ./run/ (gitignored);
 # a second run reuses the data, so the cluster comes back with its tasks.
 #
 # Usage: scripts/run-local.sh        (or `make run`, which installs what it needs first)
-# FILCH=/path/to/filch overrides the agent executable (default: the venv's).
+# FILCH=/path/to/filch overrides the agent executable (default: the venv's), GUNICORN the
+# HTTP server's.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 run=$repo/run
 filch=${FILCH:-$repo/.venv/bin/filch}
+gunicorn=${GUNICORN:-$repo/.venv/bin/gunicorn}
 nodes=(1 2 3)
 
 command -v supervisord >/dev/null || { echo "supervisord is missing: run 'make deps'" >&2; exit 1; }
 [[ -x $filch ]] || { echo "$filch is missing: run 'make venv'" >&2; exit 1; }
+[[ -x $gunicorn ]] || { echo "$gunicorn is missing: run 'make venv'" >&2; exit 1; }
 
 host() { echo "127.0.0.1$1"; }  # node 1 -> 127.0.0.11: any 127/8 address works on Linux
 initial_cluster=$(for n in "${nodes[@]}"; do printf 'node-%s=http://%s:2380,' "$n" "$(host "$n")"; done)
@@ -65,12 +69,32 @@ redirect_stderr=true
 stdout_logfile=$run/node-$n/agent.log
 stdout_logfile_maxbytes=50MB
 stdout_logfile_backups=2
+
+[program:http-$n]
+; The node's HTTP face (node/gunicorn_conf.py), talking to this node's agent over gRPC.
+command=$gunicorn -c $repo/node/gunicorn_conf.py node.http:app
+directory=$repo
+environment=PYTHONUNBUFFERED="1",FILCH_SERVER="$h:7070",FILCH_HTTP_LISTEN="$h:8080"
+autostart=true
+autorestart=true
+startsecs=2
+stopsignal=TERM
+; Longer than gunicorn's graceful_timeout (10 s), which cuts followed log streams.
+stopwaitsecs=15
+killasgroup=true
+redirect_stderr=true
+stdout_logfile=$run/node-$n/http.log
+stdout_logfile_maxbytes=50MB
+stdout_logfile_backups=2
 CONF
   done
 } >"$conf"
 
 cat <<USAGE
 filch: 3 nodes on 127.0.0.11, .12 and .13; state and logs in run/. Ctrl-C stops them all.
+
+  Web UI:  http://$(host 1):8080/   (every node serves one: http://$(host 2):8080/, http://$(host 3):8080/)
+
 Try, in another terminal:
 
   export FILCH_SERVER=127.0.0.11:7070
@@ -79,6 +103,7 @@ Try, in another terminal:
   .venv/bin/filch nodes
   .venv/bin/filch logs <task-id>
 
+  curl -s http://$(host 1):8080/readyz            # is node-1 ready? (JSON API: /api/v1/...)
   tail -f run/node-*/agent.log                    # what the agents say
   supervisorctl -c run/supervisord.conf status    # which processes run
 

@@ -1,0 +1,256 @@
+"""The web UI in a real browser: gunicorn serving node.http in front of a 3-node cluster.
+
+Headless Chromium (Debian `chromium` and `chromium-driver`) driven by selenium. The test
+submits tasks over gRPC, then checks what a person would see: the task in the list, the
+queue depth, its log in the detail view, a cancel that really cancels, the nodes with
+their capacity. Screenshots land in tests/e2e/artifacts/ for people to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from tests.e2e.cluster import Cluster, wait_for
+
+T = TypeVar("T")
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = Path(__file__).with_name("artifacts")
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run")
+# Big enough that every view fits without scrolling in the screenshots.
+WINDOW = (1440, 1000)
+# Page updates poll every 2-3 s; allow for a loaded machine.
+UI_TIMEOUT = 30.0
+
+
+def _require_browser() -> None:
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(path)]
+    if missing:
+        pytest.skip(f"the web UI test needs {', '.join(missing)}: "
+                    "`apt-get install chromium chromium-driver`")
+    pytest.importorskip("selenium", reason="the web UI test needs selenium (pip install selenium)")
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+def _get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+@pytest.fixture(scope="module")
+def http_url(three_nodes: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real gunicorn with node/gunicorn_conf.py, in front of the first node."""
+    _require_browser()
+    node = three_nodes.nodes[0]
+    listen = f"127.0.0.1:{_free_port('127.0.0.1')}"
+    log_path = tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
+    env = dict(os.environ, FILCH_SERVER=node.address, FILCH_HTTP_LISTEN=listen)
+    with log_path.open("wb") as log:
+        server = subprocess.Popen(
+            [GUNICORN, "-c", "node/gunicorn_conf.py", "node.http:app"], cwd=REPO, env=env,
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://{listen}"
+    last: list[object] = []
+    try:
+        def ready() -> bool:
+            if server.poll() is not None:
+                raise AssertionError(f"gunicorn exited: {log_path.read_text()}")
+            try:
+                status, body = _get(f"{url}/readyz")
+            except OSError as error:
+                last[:] = [error]
+                return False
+            last[:] = [body]
+            return status == 200
+        try:
+            wait_for("gunicorn to answer /readyz with 200", ready, timeout=60)
+        except AssertionError as error:
+            raise AssertionError(f"{error}; last answer: {last}") from None
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    access_log = log_path.read_text()
+    assert "Traceback" not in access_log, access_log
+
+
+@pytest.fixture(scope="module")
+def browser(http_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium')}")
+    options.add_argument(f"--window-size={WINDOW[0]},{WINDOW[1]}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    ARTIFACTS.mkdir(exist_ok=True)
+    try:
+        yield driver
+        problems = [entry["message"] for entry in driver.get_log("browser")
+                    if "Content Security Policy" in entry["message"]
+                    or "Uncaught" in entry["message"]]
+        assert not problems, problems
+    finally:
+        driver.quit()
+
+
+def until(driver: Any, what: str, check: Callable[[], T | None]) -> T:
+    """Wait for the page to show something; fail with what was expected and a screenshot."""
+    try:
+        return wait_for(what, check, timeout=UI_TIMEOUT, interval=0.2)
+    except AssertionError:
+        driver.save_screenshot(str(ARTIFACTS / "failure.png"))
+        raise
+
+
+def text_of(driver: Any, element_id: str) -> str:
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.ID, element_id).text)
+
+
+def test_task_list_shows_submitted_tasks_and_the_queue_depth(
+        three_nodes: Cluster, http_url: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    hello = three_nodes.submit("sh", "-c", "echo hello from filch", name="hello")
+    failing = three_nodes.submit("sh", "-c", "echo about to fail; exit 3", name="fails")
+    # 64 CPUs fit on no node: these wait in the queue, so the queue depth is 2.
+    for _ in range(2):
+        three_nodes.submit("true", cpu_millis=64_000, name="too-big")
+    three_nodes.submit("sleep", "120", cpu_millis=500, memory_bytes=256 << 20, name="busy")
+    three_nodes.wait_finished([hello, failing])
+
+    browser.get(f"{http_url}/#/tasks")
+    row = until(browser, "the hello task in the list",
+                lambda: browser.find_elements(By.CSS_SELECTOR, f'tr[data-id="{hello}"]'))[0]
+    assert "COMPLETE" in row.text
+    assert "hello" in row.text
+    pending = len(three_nodes.stub().ListTasks(
+        pb.ListTasksRequest(state=pb.TASK_STATE_PENDING), timeout=10).tasks)
+    assert pending == 2
+    until(browser, "the queue depth to read 2", lambda: text_of(browser, "queue-depth") == "2")
+    failed_row = browser.find_element(By.CSS_SELECTOR, f'tr[data-id="{failing}"]')
+    assert "exit 3" in failed_row.text
+    until(browser, "the readiness pill to say ready",
+          lambda: text_of(browser, "readiness-text").startswith("ready"))
+    browser.save_screenshot(str(ARTIFACTS / "tasks.png"))
+
+    # The state filter leaves only pending tasks.
+    browser.find_element(By.CSS_SELECTOR, '#state-filter button[data-state="PENDING"]').click()
+    rows = browser.find_elements(By.CSS_SELECTOR, "#tasks-body tr")
+    assert len(rows) == 2
+    assert all("PENDING" in row.text for row in rows)
+
+
+def test_task_detail_streams_the_log_while_the_task_runs(
+        three_nodes: Cluster, http_url: str, browser: Any) -> None:
+    script = "for i in 1 2 3 4 5 6; do echo step $i of 6; sleep 1; done; echo done"
+    task_id = three_nodes.submit("sh", "-c", script, name="counter", cpu_millis=250)
+    three_nodes.wait_state(task_id, (pb.TASK_STATE_RUNNING,))
+    browser.get(f"{http_url}/#/tasks/{task_id}")
+    until(browser, "the first line while the task runs",
+          lambda: "step 1 of 6" in text_of(browser, "task-log"))
+    # Seen before the end: the log is streamed, not fetched when the task is over.
+    assert "done" not in text_of(browser, "task-log").split()
+    until(browser, "the last line", lambda: "done" in text_of(browser, "task-log").split())
+    until(browser, "the state to become COMPLETE",
+          lambda: text_of(browser, "task-state") == "COMPLETE")
+    lines = text_of(browser, "task-log").splitlines()
+    assert lines == [f"step {i} of 6" for i in range(1, 7)] + ["done"]
+    browser.save_screenshot(str(ARTIFACTS / "task.png"))
+
+
+def test_cancel_from_the_task_view(three_nodes: Cluster, http_url: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    task_id = three_nodes.submit("sh", "-c", "echo working; sleep 300", name="to-cancel")
+    three_nodes.wait_state(task_id, (pb.TASK_STATE_RUNNING,))
+    browser.get(f"{http_url}/#/tasks/{task_id}")
+    def cancel_button() -> Any:
+        # Looked up afresh each time: the page re-renders while it refreshes.
+        return until(browser, "the cancel button", lambda: (
+            found := browser.find_element(By.ID, "task-cancel")).is_displayed() and found)
+
+    cancel_button()
+    until(browser, "the log so far", lambda: "working" in text_of(browser, "task-log"))
+    assert text_of(browser, "log-status") == "following"
+    browser.save_screenshot(str(ARTIFACTS / "task-running.png"))
+    cancel_button().click()
+    until(browser, "the confirmation", lambda: cancel_button().text == "Click again to cancel")
+    assert three_nodes.get(task_id).state == pb.TASK_STATE_RUNNING  # one click does nothing
+    cancel_button().click()
+    task = three_nodes.wait_state(task_id, (pb.TASK_STATE_CANCELED,))
+    assert task.reason == pb.REASON_CANCELED
+    until(browser, "the page to show CANCELED",
+          lambda: text_of(browser, "task-state") == "CANCELED")
+    assert not browser.find_element(By.ID, "task-cancel").is_displayed()
+
+
+def test_nodes_view_shows_capacity_allocation_and_the_leader(
+        three_nodes: Cluster, http_url: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    for _ in range(3):
+        three_nodes.submit("sleep", "120", cpu_millis=700, memory_bytes=1 << 30, name="load")
+    wait_for("the load to be allocated", lambda: sum(
+        node.cpu_allocated_millis for node in three_nodes.list_nodes()) >= 2600)
+    browser.get(f"{http_url}/#/nodes")
+    cards = until(browser, "three node cards", lambda: (
+        found := browser.find_elements(By.CSS_SELECTOR, "#nodes-grid .node")) and
+        len(found) == 3 and found)
+    assert sorted(card.get_attribute("data-node") for card in cards) == \
+        ["node-1", "node-2", "node-3"]
+    leaders = [card for card in cards if "etcd leader" in card.text]
+    assert len(leaders) == 1
+    leader = next(node for node in three_nodes.list_nodes() if node.etcd_leader)
+    assert leaders[0].get_attribute("data-node") == leader.name
+    assert all("/ 2 cores" in card.text for card in cards)
+    # "2.6 / 6" once loaded; "0 / 6" or the placeholder dash before.
+    until(browser, "the allocation to show",
+          lambda: text_of(browser, "nodes-cpu").split(" / ")[0] not in ("0", "\u2013"))
+    browser.save_screenshot(str(ARTIFACTS / "nodes.png"))
+
+
+def test_json_api_through_gunicorn(three_nodes: Cluster, http_url: str) -> None:
+    """The same app behind the real server: probes and a 404 answer in JSON."""
+    assert _get(f"{http_url}/healthz") == (200, {"status": "ok"})
+    status, body = _get(f"{http_url}/api/v1/tasks/01a21bce-b194-7000-994b-fef8376138b8")
+    assert status == 404
+    assert "no task" in body["error"]
+    status, body = _get(f"{http_url}/api/v1/nodes")
+    assert (status, len(body["nodes"])) == (200, 3)
+

@@ -1,0 +1,398 @@
+"""node.http, called in-process as WSGI, against a real one-node filch cluster.
+
+The node is a real `filch agent` with its own etcd member and runc (tests/e2e/cluster.py),
+as in the end-to-end tests; only the HTTP client side is in-process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+from wsgiref.types import WSGIApplication
+from wsgiref.util import setup_testing_defaults
+
+import grpc
+import pytest
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.http import App, Daemon
+from tests.e2e.cluster import Cluster, wait_for
+
+# Nothing listens here: the port is reserved (tcpmux) and unused on any test machine.
+DEAD_SERVER = "127.0.0.1:1"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    missing = [tool for tool in ("etcd", "etcdctl", "runc") if shutil.which(tool) is None]
+    if missing:
+        pytest.fail(f"these tests need {missing}: run `make deps` (apt packages)")
+    if os.geteuid() != 0:
+        pytest.skip("the runc executor needs root")
+    with Cluster(tmp_path_factory.mktemp("http"), size=1) as started:
+        yield started
+
+
+@pytest.fixture(scope="module")
+def app(cluster: Cluster) -> Iterator[App]:
+    application = App(cluster.nodes[0].address)
+    yield application
+    application.daemon.close()
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        assert self.headers["Content-Type"] == "application/json", self.body
+        return json.loads(self.body)
+
+
+def environ_for(method: str, path: str, query: dict[str, str] | None = None,
+                body: bytes = b"", headers: dict[str, str] | None = None) -> dict[str, Any]:
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": urlencode(query or {}),
+        "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)) if body else "",
+    }
+    for name, value in (headers or {}).items():
+        environ["HTTP_" + name.upper().replace("-", "_")] = value
+    setup_testing_defaults(environ)
+    return environ
+
+
+def start(app: WSGIApplication, method: str, path: str, **kwargs: Any
+          ) -> tuple[int, dict[str, str], Iterable[bytes]]:
+    """Call the app; return the status, headers and the body iterable, unread."""
+    started: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None
+                       ) -> Any:
+        started.append((status, headers))
+        return lambda data: None
+
+    body = app(environ_for(method, path, **kwargs), start_response)
+    status, headers = started[0]
+    return int(status.split()[0]), dict(headers), body
+
+
+def call(app: WSGIApplication, method: str, path: str, **kwargs: Any) -> Reply:
+    status, headers, body = start(app, method, path, **kwargs)
+    try:
+        return Reply(status, headers, b"".join(body))
+    finally:
+        getattr(body, "close", lambda: None)()
+
+
+def submit(app: App, **spec: Any) -> Reply:
+    return call(app, "POST", "/api/v1/tasks", body=json.dumps(spec).encode())
+
+
+# -- probes ------------------------------------------------------------------------------------
+
+
+def test_healthz_is_ok_while_the_daemon_serves(app: App) -> None:
+    reply = call(app, "GET", "/healthz")
+    assert (reply.status, reply.json()) == (200, {"status": "ok"})
+
+
+def test_healthz_says_why_the_daemon_is_not_answering() -> None:
+    reply = call(App(DEAD_SERVER), "GET", "/healthz")
+    assert reply.status == 503
+    assert reply.json()["status"] == "unavailable"
+    assert DEAD_SERVER in reply.json()["reason"]
+
+
+def test_readyz_lists_every_check(app: App, cluster: Cluster) -> None:
+    reply = call(app, "GET", "/readyz")
+    assert reply.status == 200, reply.body
+    checks = {check["name"]: check for check in reply.json()["checks"]}
+    assert list(checks) == ["daemon", "etcd", "lease"]
+    assert all(check["ok"] for check in checks.values())
+    assert cluster.nodes[0].name in checks["lease"]["detail"]
+
+
+def test_readyz_fails_the_lease_check_when_no_node_advertises_this_address(
+        cluster: Cluster) -> None:
+    reply = call(App(cluster.nodes[0].address, advertise="127.0.0.1:9"), "GET", "/readyz")
+    assert reply.status == 503
+    checks = {check["name"]: check["ok"] for check in reply.json()["checks"]}
+    assert checks == {"daemon": True, "etcd": True, "lease": False}
+
+
+def test_readyz_fails_every_check_without_a_daemon() -> None:
+    reply = call(App(DEAD_SERVER), "GET", "/readyz")
+    assert reply.status == 503
+    body = reply.json()
+    assert body["ready"] is False
+    assert [check["ok"] for check in body["checks"]] == [False, False, False]
+
+
+def test_head_answers_without_a_body(app: App) -> None:
+    reply = call(app, "HEAD", "/healthz")
+    assert (reply.status, reply.body) == (200, b"")
+
+
+# -- tasks -------------------------------------------------------------------------------------
+
+
+def test_submit_creates_a_task_that_get_and_list_show(app: App, cluster: Cluster) -> None:
+    reply = submit(app, command="sh", args=["-c", "echo hi"], cpu=0.25, memory="64Mi",
+                   restart=False, env={"GREETING": "hi"}, name="greeter")
+    assert reply.status == 201, reply.body
+    task = reply.json()
+    assert reply.headers["Location"] == f"/api/v1/tasks/{task['id']}"
+    assert (task["command"], task["args"], task["name"]) == ("sh", ["-c", "echo hi"], "greeter")
+    assert (task["cpu"], task["memory_bytes"], task["restart"]) == (0.25, 64 * 2**20, False)
+    # What gRPC stored is what was asked for.
+    stored = cluster.get(task["id"])
+    assert (stored.spec.cpu_millis, dict(stored.spec.env)) == (250, {"GREETING": "hi"})
+
+    fetched = call(app, "GET", f"/api/v1/tasks/{task['id']}")
+    assert fetched.status == 200
+    assert fetched.json()["id"] == task["id"]
+    listed = call(app, "GET", "/api/v1/tasks", query={"page_size": "1000"}).json()
+    assert task["id"] in [item["id"] for item in listed["tasks"]]
+    assert listed["next_page_token"] == ""
+
+
+def test_submit_with_a_request_id_is_idempotent(app: App) -> None:
+    first = submit(app, command="true", request_id="http-idem-1")
+    again = submit(app, command="true", request_id="http-idem-1")
+    assert (first.status, again.status) == (201, 200)
+    assert first.json()["id"] == again.json()["id"]
+    other_spec = submit(app, command="false", request_id="http-idem-1")
+    assert other_spec.status == 409
+    assert "error" in other_spec.json()
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    (b"{not json", "body"),
+    (b"", "body"),
+    (b"[1, 2]", "body"),
+    (b'{"args": ["x"]}', "command"),
+    (b'{"command": 7}', "command"),
+    (b'{"command": "true", "args": "-c x"}', "args"),
+    (b'{"command": "true", "args": ["ok", 3]}', "args[1]"),
+    (b'{"command": "true", "cpu": true}', "cpu"),
+    (b'{"command": "true", "cpu": "lots"}', "cpu"),
+    (b'{"command": "true", "memory": "64Mb?"}', "memory"),
+    (b'{"command": "true", "memory": 1.5}', "memory"),
+    (b'{"command": "true", "restart": "yes"}', "restart"),
+    (b'{"command": "true", "env": {"A": 1}}', "env[A]"),
+    (b'{"command": "true", "mem": "64Mi"}', "mem"),
+    # Checked by the daemon, answered INVALID_ARGUMENT, mapped to 400.
+    (b'{"command": "true", "workdir": "relative/dir"}', "spec.workdir"),
+    (b'{"command": "true", "memory": 1024}', "spec.memory_bytes"),
+])
+def test_bad_submit_bodies_are_400_naming_the_field(app: App, body: bytes, field: str) -> None:
+    reply = call(app, "POST", "/api/v1/tasks", body=body)
+    assert reply.status == 400, reply.body
+    assert reply.json()["error"].startswith(f"{field}:"), reply.json()
+
+
+def test_unknown_and_malformed_task_ids(app: App) -> None:
+    unknown = call(app, "GET", "/api/v1/tasks/01a21bce-b194-7000-994b-fef8376138b8")
+    assert unknown.status == 404
+    assert "no task" in unknown.json()["error"]
+    assert call(app, "GET", "/api/v1/tasks/not-an-id").status == 400
+    assert call(app, "POST", "/api/v1/tasks/not-an-id/cancel").status == 400
+    assert call(app, "GET", "/api/v1/tasks/01a21bce-b194-7000-994b-fef8376138b8/logs").status == 404
+
+
+def test_list_filters_by_state_and_pages(app: App) -> None:
+    # 64 CPUs fit on no node, so these stay pending.
+    ids = {submit(app, command="true", cpu=64).json()["id"] for _ in range(3)}
+    pending = call(app, "GET", "/api/v1/tasks", query={"state": "pending"}).json()["tasks"]
+    assert ids <= {task["id"] for task in pending}
+    assert {task["state"] for task in pending} == {"PENDING"}
+    assert "no node can ever fit" in pending[0]["message"]
+
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = call(app, "GET", "/api/v1/tasks",
+                    query={"state": "PENDING", "page_size": "2", "page_token": token}).json()
+        assert len(page["tasks"]) <= 2
+        seen += [task["id"] for task in page["tasks"]]
+        token = page["next_page_token"]
+        if not token:
+            break
+    assert ids <= set(seen)
+    assert len(seen) == len(set(seen))
+    for task_id in ids:
+        call(app, "POST", f"/api/v1/tasks/{task_id}/cancel")
+
+
+@pytest.mark.parametrize("query", [{"state": "sleeping"}, {"page_size": "lots"},
+                                   {"page_size": "-1"}, {"page_size": "5000"}])
+def test_bad_list_parameters_are_400(app: App, query: dict[str, str]) -> None:
+    reply = call(app, "GET", "/api/v1/tasks", query=query)
+    assert reply.status == 400
+    assert reply.json()["error"].startswith(f"{next(iter(query))}:")
+
+
+def test_cancel_a_pending_task(app: App, cluster: Cluster) -> None:
+    task_id = submit(app, command="true", cpu=64).json()["id"]
+    reply = call(app, "POST", f"/api/v1/tasks/{task_id}/cancel")
+    assert reply.status == 200
+    assert (reply.json()["state"], reply.json()["reason"]) == ("CANCELED", "CANCELED")
+    assert cluster.get(task_id).state == pb.TASK_STATE_CANCELED
+
+
+def test_nodes_lists_the_live_node(app: App, cluster: Cluster) -> None:
+    reply = call(app, "GET", "/api/v1/nodes")
+    assert reply.status == 200
+    [node] = reply.json()["nodes"]
+    assert (node["name"], node["address"]) == ("node-1", cluster.nodes[0].address)
+    assert node["etcd_leader"] is True
+    assert node["cpu_capacity"] == 2
+
+
+def test_api_calls_say_when_the_daemon_is_unreachable() -> None:
+    reply = call(App(DEAD_SERVER), "GET", "/api/v1/nodes")
+    assert reply.status == 503
+    assert f"filch daemon at {DEAD_SERVER} is unavailable" in reply.json()["error"]
+
+
+# -- logs --------------------------------------------------------------------------------------
+
+
+def test_logs_of_a_finished_task(app: App, cluster: Cluster) -> None:
+    task_id = submit(app, command="sh", args=["-c", "echo one; echo two"]).json()["id"]
+    cluster.wait_state(task_id, (pb.TASK_STATE_COMPLETE,))
+    reply = call(app, "GET", f"/api/v1/tasks/{task_id}/logs")
+    assert reply.status == 200
+    assert reply.headers["Content-Type"].startswith("text/plain")
+    assert reply.body == b"one\ntwo\n"
+    assert call(app, "GET", f"/api/v1/tasks/{task_id}/logs", query={"attempt": "1"}).body \
+        == b"one\ntwo\n"
+    assert call(app, "GET", f"/api/v1/tasks/{task_id}/logs", query={"attempt": "2"}).status == 400
+
+
+def test_logs_of_a_task_that_has_not_started_are_409(app: App) -> None:
+    task_id = submit(app, command="true", cpu=64).json()["id"]
+    reply = call(app, "GET", f"/api/v1/tasks/{task_id}/logs")
+    assert reply.status == 409
+    assert "has not started" in reply.json()["error"]
+    call(app, "POST", f"/api/v1/tasks/{task_id}/cancel")
+
+
+def test_followed_logs_stream_while_the_task_runs(app: App, cluster: Cluster) -> None:
+    task_id = submit(app, command="sh", args=["-c", "echo first; sleep 300"]).json()["id"]
+    # Between the steal and the container's start the daemon has no log file yet and says
+    # NOT_FOUND (a daemon-side race, reported); wait until it has one.
+    wait_for("the log to exist",
+             lambda: call(app, "GET", f"/api/v1/tasks/{task_id}/logs").status == 200)
+    status, _, body = start(app, "GET", f"/api/v1/tasks/{task_id}/logs", query={"follow": "1"})
+    try:
+        assert status == 200
+        received = b""
+        chunks = iter(body)
+        while b"first\n" not in received:
+            received += next(chunks)
+        # The first line arrived while the task still runs: it was streamed, not collected.
+        assert cluster.get(task_id).state == pb.TASK_STATE_RUNNING
+        call(app, "POST", f"/api/v1/tasks/{task_id}/cancel")
+        # The follow ends with the attempt (sh may say "Terminated" on its way out).
+        assert (received + b"".join(chunks)).startswith(b"first\n")
+    finally:
+        getattr(body, "close", lambda: None)()
+    assert cluster.get(task_id).state == pb.TASK_STATE_CANCELED
+
+
+def test_closing_a_followed_log_cancels_the_stream(app: App) -> None:
+    # It never starts (no node has 64 CPUs): the follow waits, and the response commits
+    # to 200 once the first moment passes without an error.
+    task_id = submit(app, command="true", cpu=64).json()["id"]
+    try:
+        status, _, body = start(app, "GET", f"/api/v1/tasks/{task_id}/logs",
+                                query={"follow": "1"})
+        assert status == 200
+        getattr(body, "close", lambda: None)()  # what a server does when the client leaves
+        # Nothing more comes out of a closed body, and iterating it does not hang.
+        assert b"".join(body) == b""
+    finally:
+        call(app, "POST", f"/api/v1/tasks/{task_id}/cancel")
+
+
+# -- routing and the UI ------------------------------------------------------------------------
+
+
+def test_unknown_path_is_404_and_wrong_method_405(app: App) -> None:
+    missing = call(app, "GET", "/api/v2/tasks")
+    assert missing.status == 404
+    assert "error" in missing.json()
+    wrong = call(app, "DELETE", "/api/v1/tasks")
+    assert wrong.status == 405
+    assert wrong.headers["Allow"] == "GET, HEAD, POST"
+    assert call(app, "GET", "/api/v1/tasks/01a21bce-b194-7000-994b-fef8376138b8/cancel").status \
+        == 405
+
+
+def test_cross_site_posts_are_refused(app: App) -> None:
+    body = json.dumps({"command": "true"}).encode()
+    reply = call(app, "POST", "/api/v1/tasks", body=body,
+                 headers={"Origin": "https://evil.example", "Host": "127.0.0.1:8080"})
+    assert reply.status == 403
+    same_site = call(app, "POST", "/api/v1/tasks", body=json.dumps({"command": "true"}).encode(),
+                     headers={"Origin": "http://127.0.0.1:8080", "Host": "127.0.0.1:8080"})
+    assert same_site.status == 201
+
+
+def test_the_ui_is_served_from_local_files(app: App) -> None:
+    page = call(app, "GET", "/")
+    assert page.status == 200
+    assert page.headers["Content-Type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    html = page.body.decode()
+    assert '<script src="/static/app.js"' in html
+    assert "http://" not in html and "https://" not in html  # nothing from a CDN
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css"),
+                       ("favicon.svg", "image/svg+xml")):
+        reply = call(app, "GET", f"/static/{name}")
+        assert reply.status == 200
+        assert reply.headers["Content-Type"].startswith(kind)
+    assert call(app, "GET", "/static/../http.py").status == 404
+    assert call(app, "GET", "/static/missing.js").status == 404
+
+
+# -- error mapping -----------------------------------------------------------------------------
+
+
+class FakeRpcError(grpc.RpcError):
+    """An RpcError as grpc raises them: code() and details()."""
+
+    def __init__(self, code: grpc.StatusCode) -> None:
+        self._code = code
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return f"something {self._code.name.lower()}"
+
+
+@pytest.mark.parametrize(("code", "status"), [
+    (grpc.StatusCode.INVALID_ARGUMENT, 400),
+    (grpc.StatusCode.NOT_FOUND, 404),
+    (grpc.StatusCode.ALREADY_EXISTS, 409),
+    (grpc.StatusCode.FAILED_PRECONDITION, 409),
+    (grpc.StatusCode.RESOURCE_EXHAUSTED, 507),
+    (grpc.StatusCode.UNAVAILABLE, 503),
+    (grpc.StatusCode.DEADLINE_EXCEEDED, 504),
+    (grpc.StatusCode.INTERNAL, 502),
+    (grpc.StatusCode.UNKNOWN, 502),
+])
+def test_grpc_codes_map_to_http_statuses(code: grpc.StatusCode, status: int) -> None:
+    failure = Daemon("127.0.0.1:7070").failure(FakeRpcError(code))
+    assert failure.status == status
+    assert failure.message
