@@ -145,13 +145,18 @@ class Housekeeping:
         metrics.COMPACTIONS.inc()
         log.info("compacted etcd history up to revision %d", target)
 
-    async def defragment(self) -> bool:
-        """Defragment the local member under the cluster-wide lock; False if another holds it."""
+    async def defragment(self, *, full: bool = False) -> bool:
+        """Defragment the local member under the cluster-wide lock; False if another holds it.
+
+        full: etcd is out of space, so the lock (a write) cannot be taken; every member must
+        be defragmented anyway before the alarm can go, and no write is served meanwhile.
+        """
         registration = self._membership.registration
         if registration is None:
             return False
-        if not await self._store.try_lock(keys.DEFRAG_LOCK, registration.node_id,
-                                          registration.lease_id):
+        locked = not full and await self._store.try_lock(
+            keys.DEFRAG_LOCK, registration.node_id, registration.lease_id)
+        if not (locked or full):
             return False
         try:
             before = (await self._store.member_status()).db_size
@@ -160,7 +165,8 @@ class Housekeeping:
             metrics.DEFRAGS.inc()
             log.info("defragmented the local etcd member: %d -> %d bytes", before, after)
         finally:
-            await self._store.unlock(keys.DEFRAG_LOCK, registration.node_id)
+            if locked:
+                await self._store.unlock(keys.DEFRAG_LOCK, registration.node_id)
         return True
 
     async def _recover_space(self, status: MemberStatus) -> None:
@@ -172,7 +178,7 @@ class Housekeeping:
             self._stealer.pause()
         await self.apply_retention()
         await self.compact(keep=0)
-        await self.defragment()
+        await self.defragment(full=True)
         status = await self._store.member_status()
         self._export(status)
         if status.db_size_in_use < DISARM_BELOW_FRACTION * self._config.etcd_quota_bytes:

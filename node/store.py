@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -335,10 +336,17 @@ class Store:
         await self._call(self._client.defragment)
 
     async def disarm_nospace(self) -> None:
+        """Clear every member's NOSPACE alarm (an alarm is deactivated per member id)."""
         await self._call(self._client.connect)
-        await self._call(lambda: self._client.maintenancestub.Alarm(
-            rpc.AlarmRequest(action=rpc.AlarmRequest.DEACTIVATE, alarm=rpc.NOSPACE),
-            timeout=self._timeout, metadata=self._client.metadata))
+        meta = self._client.metadata
+        alarms = await self._call(lambda: self._client.maintenancestub.Alarm(
+            rpc.AlarmRequest(action=rpc.AlarmRequest.GET), timeout=self._timeout, metadata=meta))
+        for alarm in alarms.alarms:
+            if alarm.alarm == rpc.NOSPACE:
+                request = rpc.AlarmRequest(action=rpc.AlarmRequest.DEACTIVATE,
+                                           alarm=rpc.NOSPACE, memberID=alarm.memberID)
+                await self._call(partial(self._client.maintenancestub.Alarm, request,
+                                         timeout=self._timeout, metadata=meta))
 
     async def try_lock(self, key: bytes, holder: str, lease_id: int) -> bool:
         """Create key on the lease if nobody holds it; True when this caller got it."""

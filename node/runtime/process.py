@@ -39,6 +39,7 @@ NPROC_LIMIT = 4096
 
 # util-linux (essential on Debian): applies the rlimits, then execs the task.
 PRLIMIT = shutil.which("prlimit") or "/usr/bin/prlimit"
+SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 
 # How long stop() waits for the process group leader after SIGKILL before giving up:
 # SIGKILL cannot be caught, so only a process stuck in the kernel (D state) takes longer.
@@ -108,7 +109,7 @@ class ProcessExecutor:
                                 f"(PATH={env['PATH']})")
         try:
             process = await asyncio.create_subprocess_exec(
-                *_with_limits(resolved, spec.args, drop is not None),
+                *_wrapped(resolved, spec.args, drop),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
@@ -117,9 +118,6 @@ class ProcessExecutor:
                 # Own session and process group: stop() signals the group, and a Ctrl-C at
                 # the daemon's terminal does not reach the task.
                 start_new_session=True,
-                user=drop,
-                group=drop,
-                extra_groups=[] if drop is not None else None,
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             shutil.rmtree(spec.attempt_dir, ignore_errors=True)
@@ -218,19 +216,23 @@ class ProcessAttempt:
         return ExitStatus(exit_code=code, oom_killed=False)
 
 
-def _with_limits(command: str, args: tuple[str, ...], own_uid: bool) -> list[str]:
-    """The argv that starts the task under its rlimits.
+def _wrapped(command: str, args: tuple[str, ...], drop_to: int | None) -> list[str]:
+    """The argv that starts the task as drop_to (if given) under its rlimits.
 
-    util-linux's prlimit sets them on itself and execs the command: no preexec_fn, whose
-    Python code between fork and exec can crash the child of a multi-threaded daemon.
+    util-linux's setpriv drops the uid and groups and prlimit sets the limits, each then
+    execs the next. Doing it in Python instead (subprocess's user=/group= or a
+    preexec_fn) makes CPython fork() rather than vfork() a process full of gRPC threads,
+    and about one child in ten then crashed before exec (exit 139).
     """
     # A crashing task must not fill the disk (or a coredump service) with cores.
     limits = ["--core=0"]
-    if own_uid:
+    argv: list[str] = []
+    if drop_to is not None:
         hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
         limit = NPROC_LIMIT if hard == resource.RLIM_INFINITY else min(hard, NPROC_LIMIT)
         limits.append(f"--nproc={limit}")
-    return [PRLIMIT, *limits, "--", command, *args]
+        argv = [SETPRIV, f"--reuid={drop_to}", f"--regid={drop_to}", "--clear-groups", "--"]
+    return [*argv, PRLIMIT, *limits, "--", command, *args]
 
 
 def _describe(exc: BaseException) -> str:
