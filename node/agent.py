@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,6 +35,7 @@ from node.service import TaskService
 from node.stealer import Stealer
 from node.store import Store
 from node.tls import Security, TokenInterceptor
+from node.watchdog import Watchdog
 
 log = logging.getLogger("filch.agent")
 
@@ -43,13 +45,18 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
 SERVER_STOP_GRACE = 2.0
 
 
-def make_executor(config: Config) -> Executor:
+def make_executor(config: Config, watchdog: Watchdog) -> Executor:
     """The executor the config asks for (runc isolates; process does not)."""
     if config.executor == "runc":
         from node.runtime.runc import RuncExecutor
-        return RuncExecutor(config.runc_binary, config.path / "runc", config.task_uid)
+        return RuncExecutor(config.runc_binary, runc_root(config), config.task_uid)
     from node.runtime.process import ProcessExecutor
-    return ProcessExecutor(config.task_uid if os.geteuid() == 0 else None)
+    return ProcessExecutor(config.task_uid if os.geteuid() == 0 else None, watchdog)
+
+
+def runc_root(config: Config) -> Path:
+    """runc's state directory for this node's containers (the watchdog kills what is there)."""
+    return config.path / "runc"
 
 
 class Agent:
@@ -84,10 +91,22 @@ class Agent:
 
     async def _serve(self, store: Store, member: EtcdMember | None) -> int:
         config = self.config
-        executor = make_executor(config)
+        watchdog = Watchdog(config.runc_binary, str(runc_root(config)))
+        if watchdog.retire_previous():
+            log.warning("stopped the watchdog of an earlier run of this node")
+        executor = make_executor(config, watchdog)
         reaped = await executor.reap_stale()
         if reaped:
             log.warning("removed %d containers left by an earlier run of this node", reaped)
+        await watchdog.start()
+        try:
+            return await self._run_parts(store, member, executor, watchdog)
+        finally:
+            await watchdog.stop()
+
+    async def _run_parts(self, store: Store, member: EtcdMember | None, executor: Executor,
+                         watchdog: Watchdog) -> int:
+        config = self.config
 
         stealer: Stealer | None = None
 
@@ -98,7 +117,7 @@ class Agent:
 
         runner: Runner
         membership = Membership(config, store, executor.name, lambda: runner.allocation(),
-                                lambda: runner.fence())
+                                lambda: runner.fence(), watchdog)
         runner = Runner(config, store, executor, membership, changed)
         stealer = Stealer(config, store, runner, membership)
         recovery = Recovery(config, store)

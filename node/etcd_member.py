@@ -109,6 +109,9 @@ class EtcdMember:
             "--listen-peer-urls", config.etcd_peer_url,
             "--initial-advertise-peer-urls", config.etcd_peer_url,
             "--quota-backend-bytes", str(config.etcd_quota_bytes),
+            # A member cut off for a moment must not come back with a higher term and
+            # depose a healthy leader (etcd 3.4 leaves pre-vote off by default).
+            "--pre-vote",
             # No --auto-compaction-*: the agent's housekeeping compacts history and
             # defragments members one at a time (design.md, "Housekeeping"). Two
             # compactors would only race.

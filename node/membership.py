@@ -20,6 +20,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError
 from node.store import Store
+from node.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +29,11 @@ log = logging.getLogger(__name__)
 FENCE_MARGIN_FRACTION = 0.2
 FENCE_MARGIN_MIN = 0.5
 
-# Renew four times per TTL so that one lost renewal never comes close to the deadline.
+# Renew four times per TTL, and at least every half second, so that one lost renewal
+# never comes close to the deadline: the fence budget after the last renewal is then at
+# least TTL - margin - 0.5 s (a healed link can take ~2 s before etcd answers again).
 RENEWALS_PER_TTL = 4
+MAX_RENEW_INTERVAL = 0.5
 
 # One renewal may wait this long. When the etcd leader dies, a renewal sent to a follower
 # hangs until a new leader is elected (~1-2 s); a short per-try timeout retries as soon
@@ -64,12 +68,14 @@ class Membership:
 
     def __init__(self, config: Config, store: Store, executor_name: str,
                  allocation: Callable[[], Allocation],
-                 on_fence: Callable[[], Awaitable[None]]) -> None:
+                 on_fence: Callable[[], Awaitable[None]],
+                 watchdog: Watchdog | None = None) -> None:
         self._config = config
         self._store = store
         self._executor_name = executor_name
         self._allocation = allocation
         self._on_fence = on_fence
+        self._watchdog = watchdog
         self._dirty = asyncio.Event()
         self._registered_at = 0.0
         self._member_id = 0
@@ -107,6 +113,7 @@ class Membership:
                 self._registered_at = time.time()
                 await self._store.put_node(self._node_record(registration), lease_id)
                 self._deadline = sent + self._config.lease_ttl - self.margin
+                await self._arm_watchdog()
                 self.live.set()
                 metrics.NODE.info({"name": self._config.name, "node_id": registration.node_id,
                                    "executor": self._executor_name,
@@ -122,7 +129,7 @@ class Membership:
     async def _renew_until_lost(self, registration: Registration) -> None:
         """Return when the lease is lost or can no longer be trusted."""
         ttl = self._config.lease_ttl
-        next_renew = time.monotonic() + ttl / RENEWALS_PER_TTL
+        next_renew = time.monotonic() + min(MAX_RENEW_INTERVAL, ttl / RENEWALS_PER_TTL)
         while True:
             now = time.monotonic()
             if now >= self._deadline:
@@ -147,13 +154,20 @@ class Membership:
                 return
             metrics.KEEPALIVE.observe(time.monotonic() - sent)
             self._deadline = sent + granted - self.margin
-            next_renew = time.monotonic() + granted / RENEWALS_PER_TTL
+            await self._arm_watchdog()
+            next_renew = time.monotonic() + min(MAX_RENEW_INTERVAL, granted / RENEWALS_PER_TTL)
+
+    async def _arm_watchdog(self) -> None:
+        if self._watchdog is not None:
+            await self._watchdog.arm(self._deadline)
 
     async def _fence(self, registration: Registration) -> None:
         self.live.clear()
         self.registration = None
         metrics.SELF_FENCES.inc()
         await self._on_fence()
+        if self._watchdog is not None:
+            self._watchdog.disarm()     # nothing runs until registered again
         try:
             # Release the running keys now instead of at expiry, so requeue starts sooner.
             await self._store.revoke_lease(registration.lease_id)
@@ -164,6 +178,8 @@ class Membership:
         """Deregister for shutdown: revoke the lease (deletes the node record). Best effort."""
         registration, self.registration = self.registration, None
         self.live.clear()
+        if self._watchdog is not None:
+            self._watchdog.disarm()
         if registration is not None:
             try:
                 await self._store.revoke_lease(registration.lease_id)

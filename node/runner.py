@@ -204,13 +204,22 @@ class Runner:
                     log.warning("cannot record the end of %d task(s) yet: %s", len(batch), exc)
                     await asyncio.sleep(FINISH_RETRY)
 
+    async def _already_recorded(self, new: pb.Task) -> bool:
+        """After a failed compare: did an earlier try (that timed out) write this result?"""
+        found = await self._store.get_task(new.id)
+        return (found is not None and found.task.state == new.state
+                and found.task.attempt == new.attempt
+                and found.task.fencing_token == new.fencing_token
+                and found.task.finished_at == new.finished_at)
+
     async def _commit(self, batch: list[Result]) -> None:
         moves = [result.move() for result in batch]
         if len(batch) > 1 and await self._store.transition_many(moves) is not None:
             outcomes = [True] * len(batch)
         else:
             outcomes = [await self._store.transition_many([move]) is not None
-                        for move in moves]
+                        or await self._already_recorded(result.new) for move, result
+                        in zip(moves, batch, strict=True)]
         for result, written in zip(batch, outcomes, strict=True):
             if written:
                 reason = pb.Reason.Name(result.new.reason)[len("REASON_"):]

@@ -28,6 +28,7 @@ from pathlib import Path
 from node.errors import ExecutorError
 from node.runtime.base import AttemptSpec, ExitStatus
 from node.runtime.bundle import DEFAULT_PATH
+from node.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +52,14 @@ class ProcessExecutor:
 
     name = "process"
 
-    def __init__(self, task_uid: int | None) -> None:
+    def __init__(self, task_uid: int | None, watchdog: Watchdog | None = None) -> None:
         """Decide whether tasks run as task_uid: only possible (and done) when running as root.
 
-        Never raises. task_uid None or 0 while root means tasks run as root: logged loudly.
+        watchdog, if given, is told each task's process group, so that it can kill them
+        should the agent die or freeze. Never raises. task_uid None or 0 while root means
+        tasks run as root: logged loudly.
         """
+        self._watchdog = watchdog
         euid = os.geteuid()
         self._drop_to = task_uid if euid == 0 and task_uid else None
         runs_as = self._drop_to if self._drop_to is not None else euid
@@ -124,7 +128,9 @@ class ProcessExecutor:
             raise ExecutorError(f"cannot start {spec.command!r}: {_describe(exc)}") from exc
         finally:
             os.close(log_fd)
-        return ProcessAttempt(spec.container_id, spec.attempt_dir, process)
+        if self._watchdog is not None:
+            self._watchdog.track(process.pid)
+        return ProcessAttempt(spec.container_id, spec.attempt_dir, process, self._watchdog)
 
     async def reap_stale(self) -> int:
         """Return 0: plain processes leave no record to find them by after a daemon crash.
@@ -138,7 +144,9 @@ class ProcessExecutor:
 class ProcessAttempt:
     """One attempt running as a process group. Created by ProcessExecutor.start()."""
 
-    def __init__(self, container_id: str, attempt_dir: Path, process: asyncio.subprocess.Process):
+    def __init__(self, container_id: str, attempt_dir: Path,
+                 process: asyncio.subprocess.Process, watchdog: Watchdog | None = None):
+        self._watchdog = watchdog
         self._id = container_id
         self._attempt_dir = attempt_dir
         self._process = process
@@ -206,6 +214,8 @@ class ProcessAttempt:
         returncode = await self._process.wait()
         # Like a container whose PID 1 exits: nothing the task started outlives it.
         self._signal_group(signal.SIGKILL)
+        if self._watchdog is not None:
+            self._watchdog.untrack(self._pgid)
         try:
             await asyncio.to_thread(shutil.rmtree, self._attempt_dir)
         except FileNotFoundError:

@@ -20,6 +20,7 @@ import os
 import re
 import resource
 import shutil
+import signal
 from pathlib import Path
 
 from node.errors import ExecutorError
@@ -171,6 +172,12 @@ class RuncExecutor:
         logged and not counted. Raises ExecutorError if runc cannot list the containers.
         Cancellation stops between deletions.
         """
+        # A `runc run` orphaned by a dead agent could still create its container after
+        # the listing below: kill those first.
+        orphans = await asyncio.to_thread(kill_processes_with_args,
+                                          ("--root", str(self._state_root), "run"))
+        if orphans:
+            log.warning("killed %d runc processes left by an earlier run of this node", orphans)
         code, output = await self._runc_command("list", "--format", "json")
         if code != 0:
             raise ExecutorError(f"runc list in {self._state_root} failed: {output.strip()}")
@@ -356,4 +363,23 @@ def _looks_like_bundle(path: str) -> bool:
     return os.path.isabs(path) and len(parts) >= 3 and os.path.isfile(
         os.path.join(path, "config.json")
     )
+
+
+def kill_processes_with_args(needle: tuple[str, ...]) -> int:
+    """SIGKILL every process whose command line contains these arguments in this order;
+    return how many. Reads /proc, so it sees only this pid namespace."""
+    killed = 0
+    wanted = b"\0".join(arg.encode() for arg in needle)
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as stream:
+                cmdline = stream.read()
+            if wanted in cmdline:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return killed
 

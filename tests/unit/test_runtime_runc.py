@@ -254,7 +254,10 @@ async def test_stop_right_after_start(executor: RuncExecutor, data_dir: Path) ->
     started = time.monotonic()
     await attempt.stop(grace=0.1)
     assert time.monotonic() - started < 5
-    assert (await attempt.wait()).exit_code == 137
+    # 137 once the container ran; runc itself exits 1 when killed while still creating it
+    # (seen on a loaded machine). Either way the attempt is over and gone.
+    assert (await attempt.wait()).exit_code in (137, 1)
+    assert runc_ids(data_dir / "runc") == []
 
 
 async def test_cancelling_wait_does_not_stop_the_attempt(

@@ -1,0 +1,193 @@
+"""A dead man's switch for this node's tasks, in a process of its own.
+
+Self-fencing (membership.py) runs inside the agent, so it cannot act when the agent is
+SIGKILLed or frozen (SIGSTOP, a swapped-out host): its containers would run on while the
+other nodes requeue their tasks at lease expiry, and the task would run twice. The
+watchdog is a small separate process (own session, standard library only) that the agent
+tells the fence deadline after every lease renewal. When the deadline passes without a
+renewal, or the agent's end of the pipe closes because the agent died, it kills every
+task of this node: each runc container under the node's state root and each process
+group the process executor started. So no attempt outlives the point after which another
+node may start the task again.
+
+Protocol, one line per message on the watchdog's stdin:
+    deadline <CLOCK_MONOTONIC seconds>   arm, or move the deadline
+    disarm                               no deadline (not registered, or just fenced)
+    track <pgid> / untrack <pgid>        process-executor task groups
+    exit                                 clean shutdown: kill nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+log = logging.getLogger(__name__)
+
+# Each runc call the watchdog makes may take this long before it is abandoned.
+RUNC_TIMEOUT = 10.0
+
+# After firing, the watchdog sweeps again and again for this long: a `runc run` the agent
+# spawned just before it died or froze can still create its container afterwards.
+SWEEP_SECONDS = 10.0
+SWEEP_INTERVAL = 0.25
+
+
+class Watchdog:
+    """The agent's handle on its watchdog process."""
+
+    def __init__(self, runc_binary: str, runc_root: str) -> None:
+        self._runc_root = runc_root
+        self._argv = [sys.executable, "-m", "node.watchdog", "--runc", runc_binary,
+                      "--runc-root", runc_root]
+        self._process: asyncio.subprocess.Process | None = None
+        self._tracked: set[int] = set()
+        self._deadline: float | None = None
+
+    def retire_previous(self) -> int:
+        """SIGKILL watchdogs of an earlier run of this node (still sweeping after that agent
+        died: they would kill the new agent's containers). Call before start()."""
+        from node.runtime.runc import kill_processes_with_args
+        return kill_processes_with_args(("node.watchdog", "--runc", self._argv[4],
+                                         "--runc-root", self._runc_root))
+
+    async def start(self) -> None:
+        """Start (or restart) the watchdog process and tell it the current state."""
+        self._process = await asyncio.create_subprocess_exec(
+            *self._argv, stdin=asyncio.subprocess.PIPE, start_new_session=True)
+        for pgid in self._tracked:
+            self._send(f"track {pgid}")
+        if self._deadline is not None:
+            self._send(f"deadline {self._deadline}")
+
+    async def arm(self, deadline: float) -> None:
+        """Kill every task at monotonic time `deadline` unless armed again before."""
+        self._deadline = deadline
+        if self._process is None or self._process.returncode is not None:
+            log.error("the watchdog process is gone: starting it again")
+            await self.start()
+        else:
+            self._send(f"deadline {deadline}")
+
+    def disarm(self) -> None:
+        self._deadline = None
+        self._send("disarm")
+
+    def track(self, pgid: int) -> None:
+        self._tracked.add(pgid)
+        self._send(f"track {pgid}")
+
+    def untrack(self, pgid: int) -> None:
+        self._tracked.discard(pgid)
+        self._send(f"untrack {pgid}")
+
+    async def stop(self) -> None:
+        """Clean shutdown: the watchdog exits without killing anything."""
+        if self._process is None or self._process.returncode is not None:
+            return
+        self._send("exit")
+        with contextlib.suppress(ConnectionError):
+            if self._process.stdin is not None:
+                self._process.stdin.close()
+        await self._process.wait()
+
+    def _send(self, line: str) -> None:
+        process = self._process
+        if process is None or process.stdin is None or process.returncode is not None:
+            return
+        try:
+            process.stdin.write(line.encode() + b"\n")
+        except ConnectionError:
+            log.error("cannot reach the watchdog process (%s)", line)
+
+
+# -- the watchdog process ------------------------------------------------------------------
+
+
+def _kill_everything(runc: str, runc_root: str, pgids: set[int]) -> int:
+    """Kill every tracked process group and every container; return how many containers."""
+    for pgid in pgids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    containers: list[str] = []
+    try:
+        listed = subprocess.run([runc, "--root", runc_root, "list", "--format", "json"],
+                                capture_output=True, text=True, timeout=RUNC_TIMEOUT)
+        containers = [entry["id"] for entry in json.loads(listed.stdout or "null") or []]
+    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
+        print(f"filch watchdog: cannot list containers: {exc}", file=sys.stderr)
+    for container in containers:
+        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+            subprocess.run([runc, "--root", runc_root, "kill", "--all", container, "KILL"],
+                           capture_output=True, timeout=RUNC_TIMEOUT)
+    return len(containers)
+
+
+def _sweep(runc: str, runc_root: str, pgids: set[int], why: str, stdin: int | None) -> bool:
+    """Kill everything repeatedly for SWEEP_SECONDS, or until a message arrives on stdin
+    (the agent is back and re-arming). Returns True when stdin became readable."""
+    print(f"filch watchdog: {why}: killing this node's tasks", file=sys.stderr, flush=True)
+    until = time.monotonic() + SWEEP_SECONDS
+    killed = 0
+    while time.monotonic() < until:
+        killed += _kill_everything(runc, runc_root, pgids)
+        if stdin is not None and select.select([stdin], [], [], SWEEP_INTERVAL)[0]:
+            return True
+        if stdin is None:
+            time.sleep(SWEEP_INTERVAL)
+    print(f"filch watchdog: {killed} container kills", file=sys.stderr, flush=True)
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The watchdog process: wait for messages, kill on a missed deadline or on EOF."""
+    parser = argparse.ArgumentParser(prog="filch-watchdog")
+    parser.add_argument("--runc", required=True)
+    parser.add_argument("--runc-root", required=True)
+    args = parser.parse_args(argv)
+    # The agent's terminal or process group must not stop or kill the watchdog with it.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTSTP):
+        signal.signal(signum, signal.SIG_IGN)
+    deadline: float | None = None
+    pgids: set[int] = set()
+    pending = b""
+    stdin = sys.stdin.fileno()
+    while True:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([stdin], [], [], timeout)
+        if not ready:
+            _sweep(args.runc, args.runc_root, pgids,
+                   "the agent missed its fence deadline (frozen or cut off)", stdin)
+            deadline, pgids = None, set()
+            continue
+        chunk = os.read(stdin, 4096)
+        if not chunk:
+            _sweep(args.runc, args.runc_root, pgids, "the agent died", None)
+            return 0
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        for raw in lines:
+            word, _, value = raw.decode().partition(" ")
+            if word == "deadline":
+                deadline = float(value)
+            elif word == "disarm":
+                deadline = None
+            elif word == "track":
+                pgids.add(int(value))
+            elif word == "untrack":
+                pgids.discard(int(value))
+            elif word == "exit":
+                return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
