@@ -21,8 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from node import metrics
 from node._gen.filch.v1 import filch_pb2 as pb
-from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
-from node.api import SchedulerServicer
+from node.api import SchedulerServicer, add_to_server
 from node.config import Config
 from node.etcd_member import EtcdMember
 from node.housekeeping import Housekeeping
@@ -131,8 +130,8 @@ class Agent:
                                  config.api_token_file)
         interceptors = [TokenInterceptor(security.token)] if security.token else []
         server = grpc.aio.server(interceptors=interceptors)
-        pb_grpc.add_SchedulerServicer_to_server(
-            SchedulerServicer(tasks, LogService(config, store, runner, security)), server)
+        add_to_server(SchedulerServicer(tasks, LogService(config, store, runner, security)),
+                      server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

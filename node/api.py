@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from node import metrics, validation
 from node._gen.filch.v1 import filch_pb2 as pb
@@ -55,6 +56,42 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
     raise AssertionError("unreachable")
 
 
+class Malformed:
+    """What the safe deserializer hands a method for bytes that are no valid request."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+def _safe_parser(message_class: Any) -> Callable[[bytes], Any]:
+    """Parse a request; undecodable bytes become Malformed (answered INVALID_ARGUMENT),
+    where gRPC's own deserializer would make the call fail with INTERNAL."""
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return Malformed(f"the request is not a valid {message_class.DESCRIPTOR.full_name} "
+                             "protobuf message")
+    return parse
+
+
+def add_to_server(servicer: SchedulerServicer, server: grpc.aio.Server) -> None:
+    """Register filch.v1.Scheduler like the generated add_SchedulerServicer_to_server, but
+    with request parsers that turn undecodable bytes into INVALID_ARGUMENT."""
+    service = pb.DESCRIPTOR.services_by_name["Scheduler"]
+    handlers = {}
+    for method in service.methods:
+        parse = _safe_parser(getattr(pb, method.input_type.name))
+        output = getattr(pb, method.output_type.name)
+        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=parse,
+                                     response_serializer=output.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
 def _count(method: str, context: Any, started: float) -> None:
     code = context.code() or grpc.StatusCode.OK
     metrics.API_REQUESTS.labels(method, code.name).inc()
@@ -67,6 +104,8 @@ def _unary(method: Callable[[Any, Request, Any], Awaitable[Response]]
     async def wrapper(self: Any, request: Request, context: Any) -> Response:
         started = time.monotonic()
         try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument("request", request.message)
             return await method(self, request, context)
         except grpc.aio.AbortError:
             raise
@@ -118,6 +157,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                          context: Any) -> AsyncIterator[pb.LogChunk]:
         started = time.monotonic()
         try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument("request", request.message)
             task_id = validation.task_id(request.id)
             proxied = any(key == PROXIED_HEADER for key, _ in context.invocation_metadata() or ())
             async for data in self._logs.stream(task_id, follow=request.follow,
