@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -70,3 +71,12 @@ class Executor(Protocol):
     async def reap_stale(self) -> int:
         """Kill and remove attempts left behind by an earlier run of this node; return how many."""
         ...
+
+
+async def exits_within(process: asyncio.subprocess.Process, seconds: float) -> bool:
+    """Wait up to seconds for the process to exit; True if it did."""
+    try:
+        await asyncio.wait_for(process.wait(), timeout=max(0.0, seconds))
+    except TimeoutError:
+        return False
+    return True

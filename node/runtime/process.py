@@ -26,7 +26,7 @@ import subprocess
 from pathlib import Path
 
 from node.errors import ExecutorError
-from node.runtime.base import AttemptSpec, ExitStatus
+from node.runtime.base import AttemptSpec, ExitStatus, exits_within
 from node.runtime.bundle import DEFAULT_PATH
 from node.watchdog import Watchdog
 
@@ -204,11 +204,7 @@ class ProcessAttempt:
             pass  # the group is empty: everything is dead already
 
     async def _exits_within(self, seconds: float) -> bool:
-        try:
-            await asyncio.wait_for(self._process.wait(), timeout=max(0.0, seconds))
-        except TimeoutError:
-            return False
-        return True
+        return await exits_within(self._process, seconds)
 
     async def _finish(self) -> ExitStatus:
         returncode = await self._process.wait()

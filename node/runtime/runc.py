@@ -24,7 +24,7 @@ import signal
 from pathlib import Path
 
 from node.errors import ExecutorError
-from node.runtime.base import AttemptSpec, ExitStatus
+from node.runtime.base import AttemptSpec, ExitStatus, exits_within
 from node.runtime.bundle import (
     DEFAULT_PATH,
     NOFILE_HARD,
@@ -313,11 +313,7 @@ class RuncAttempt:
             )
 
     async def _exits_within(self, seconds: float) -> bool:
-        try:
-            await asyncio.wait_for(self._process.wait(), timeout=max(0.0, seconds))
-        except TimeoutError:
-            return False
-        return True
+        return await exits_within(self._process, seconds)
 
     async def _finish(self) -> ExitStatus:
         code = _exit_code(await self._process.wait())

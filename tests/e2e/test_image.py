@@ -34,7 +34,7 @@ import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
-from tests.e2e.cluster import FILCH, FINISHED
+from tests.e2e.cluster import FILCH, FINISHED, wait_for
 
 T = TypeVar("T")
 
@@ -204,19 +204,12 @@ class ImageCluster:
 
     def wait_for(self, what: str, check: Callable[[], T | None], timeout: float = 60,
                  interval: float = 0.5) -> T:
-        deadline = time.monotonic() + timeout
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            try:
-                result = check()
-                if result:
-                    return result
-            except grpc.RpcError as exc:
-                last_error = exc
-            time.sleep(interval)
-        logs = "\n".join(f"--- podman logs {c.name}\n{c.logs()}" for c in self.containers)
-        raise AssertionError(f"timed out after {timeout}s waiting for {what} "
-                             f"(last error: {last_error})\n{logs}")
+        """As tests.e2e.cluster.wait_for, with the containers' logs on failure."""
+        try:
+            return wait_for(what, check, timeout=timeout, interval=interval)
+        except AssertionError as exc:
+            logs = "\n".join(f"--- podman logs {c.name}\n{c.logs()}" for c in self.containers)
+            raise AssertionError(f"{exc}\n{logs}") from None
 
     def wait_finished(self, task_ids: list[str], timeout: float = 120) -> list[pb.Task]:
         def check() -> list[pb.Task] | None:

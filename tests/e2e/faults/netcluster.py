@@ -41,6 +41,7 @@ import grpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from tests.e2e.cluster import wait_for
 
 T = TypeVar("T")
 
@@ -73,24 +74,6 @@ class NetemUnavailable(Exception):
     """tc cannot add a netem qdisc here (usually: the kernel has no sch_netem)."""
 
 
-def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0,
-             interval: float = 0.1) -> T:
-    """Poll check() until it returns something truthy; fail the test after timeout.
-
-    gRPC errors count as "not yet" (a node may be unreachable during a fault).
-    """
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-            if result:
-                return result
-        except grpc.RpcError as exc:
-            last_error = exc
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} "
-                         f"(last error: {last_error})")
 
 
 def run(*argv: str, timeout: float = 15.0, check: bool = True,
