@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 
 import grpc
@@ -180,6 +181,10 @@ def main(config: Config) -> int:
     """Entry point of `filch agent`."""
     logging.basicConfig(level=os.environ.get("FILCH_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if sys.version_info < (3, 12):
+        # Python 3.11 watches each child with a thread of its own; a pidfd in the event
+        # loop costs nothing per task (3.12 does this by default).
+        asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
     with contextlib.suppress(KeyboardInterrupt):
         return asyncio.run(Agent(config).run())
     return 130
