@@ -3,6 +3,7 @@
 #   make test      everything CI runs: system packages, venv, lint, the whole test suite
 #   make run       a 3-node local cluster under supervisord, in the foreground (Ctrl-C stops it)
 #   make image     the node image localhost/filch-node (podman/buildah; see images/README.md)
+#   make bench     filch vs tuned Slurm vs this machine's ceilings (see bench/README.md)
 #   make lint      ruff + mypy --strict
 #   make proto     regenerate node/_gen/ from proto/ (commit the result)
 #   make clean     remove run/ state and caches (distclean: the venv too)
@@ -22,7 +23,7 @@ SYSTEM_DEPS := etcd=etcd-server etcdctl=etcd-client runc=runc supervisord=superv
 	promtool=prometheus openssl=openssl podman=podman buildah=buildah debootstrap=debootstrap \
 	chromium=chromium chromedriver=chromium-driver iptables=iptables
 
-.PHONY: help deps venv proto check-proto lint test run image clean distclean
+.PHONY: help deps venv proto check-proto lint test run image bench clean distclean
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
@@ -79,6 +80,9 @@ run: deps venv
 
 image: deps venv
 	images/build.sh
+
+bench: deps venv
+	$(VENV)/bin/python -m bench.run
 
 clean:
 	@if [ -f run/supervisord.pid ] && kill -0 "$$(cat run/supervisord.pid)" 2>/dev/null; then \
