@@ -309,9 +309,12 @@ class Runner:
 
     async def _check_owned(self, registration: Registration) -> None:
         """Level-triggered: stop every local attempt whose running key is gone."""
+        # Only attempts that existed before the read: one stolen while it was under way
+        # has a running key the read may not show yet.
+        before = list(self._attempts.items())
         present = {keys.last_segment(key) for key in
                    await self._store.list_ids(keys.running_of_node(registration.node_id))}
-        for task_id, local in list(self._attempts.items()):
+        for task_id, local in before:
             if task_id not in present and local.task.node_id == registration.node_id:
                 await self._taken_away(local)
 

@@ -8,6 +8,7 @@ node's transaction won, and the compare makes ours fail harmlessly.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 from typing import NoReturn
@@ -136,7 +137,9 @@ class Stealer:
         delay = self._delay()
         metrics.STEAL_DELAY.observe(delay)
         await asyncio.sleep(delay)
-        ids = list(self._candidates)[:PASS_LIMIT]      # another node may have taken some
+        # The oldest candidates, without copying all of a deep queue; another node may have
+        # taken some of them while we waited.
+        ids = list(itertools.islice(self._candidates, PASS_LIMIT))
         if not ids:
             return False
         found = {record.task.id: record for record in await self._store.get_tasks(ids)}
