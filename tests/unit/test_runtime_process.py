@@ -8,19 +8,18 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from node.errors import ExecutorError
-from node.runtime.base import AttemptSpec, Executor, ExitStatus
+from node.runtime.base import ExitStatus
 from node.runtime.process import ProcessAttempt, ProcessExecutor
+from tests.unit.attempts import TASK_UID, make_spec, run
 
 pytestmark = pytest.mark.timeout(60)
 
-TASK_UID = 65534
 
 
 @pytest.fixture
@@ -36,27 +35,6 @@ def data_dir() -> Iterator[Path]:
 @pytest.fixture
 def executor() -> ProcessExecutor:
     return ProcessExecutor(TASK_UID)
-
-
-def make_spec(data_dir: Path, *argv: str, **overrides: object) -> AttemptSpec:
-    cid = f"t{uuid.uuid4().hex[:12]}-a1"
-    fields: dict[str, object] = {
-        "container_id": cid,
-        "task_id": cid[:-3],
-        "attempt": 1,
-        "command": argv[0],
-        "args": tuple(argv[1:]),
-        "log_path": data_dir / "logs" / f"{cid}.log",
-        "attempt_dir": data_dir / "attempts" / cid,
-    }
-    fields.update(overrides)
-    return AttemptSpec(**fields)  # type: ignore[arg-type]
-
-
-async def run(executor: Executor, spec: AttemptSpec) -> tuple[ExitStatus, str]:
-    attempt = await executor.start(spec)
-    status = await attempt.wait()
-    return status, spec.log_path.read_text()
 
 
 def group_alive(pgid: int) -> bool:

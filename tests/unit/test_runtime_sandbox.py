@@ -22,7 +22,8 @@ from node.runtime.base import AttemptSpec, ExitStatus
 from node.runtime.bundle import PIDS_LIMIT, HostLayout, build_config
 from node.runtime.runc import RuncExecutor
 from node.runtime.seccomp import ALLOWED, DENIED, default_profile
-from tests.unit.test_runtime_runc import TASK_UID, cgroup_dir, make_spec, run, runc_ids
+from tests.unit.attempts import TASK_UID, make_spec, run
+from tests.unit.test_runtime_runc import cgroup_dir, runc_ids
 
 pytestmark = pytest.mark.timeout(60)
 
