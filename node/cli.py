@@ -17,6 +17,7 @@ import queue
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn, TextIO
@@ -45,6 +46,11 @@ EXIT_OOM_KILLED = 128 + 9  # SIGKILL, which is how the kernel's OOM killer ends 
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE: `filch ls | head` stopped reading
 # Like `docker run`: the command never got to exit by itself (not started, node lost).
 EXIT_NOT_RUN = 125
+
+# A submit the node answers with UNAVAILABLE is retried this long (an etcd election takes
+# about a second; a lossy link can stall a commit for a few).
+SUBMIT_RETRY_SECONDS = 15.0
+SUBMIT_RETRY_PAUSE = 0.5
 
 # Status polling while waiting: quick first looks catch short tasks, the cap keeps a
 # long wait from hammering the node.
@@ -205,9 +211,24 @@ class Session:
         return self._stub
 
     def submit(self, request: filch_pb2.SubmitRequest) -> filch_pb2.Task:
-        with self._translated_errors():
-            response: filch_pb2.SubmitResponse = self.stub.Submit(request, timeout=self.timeout)
-        return response.task
+        """Submit. When the node answers UNAVAILABLE (its etcd is mid-election or behind a
+        lossy link) the submit is retried for a while under the request's idempotency key,
+        so one that did land is not made twice. An unreachable node fails at once."""
+        if not request.request_id:
+            request.request_id = str(uuid.uuid4())
+        deadline = time.monotonic() + SUBMIT_RETRY_SECONDS
+        while True:
+            try:
+                with self._translated_errors():
+                    response: filch_pb2.SubmitResponse = self.stub.Submit(
+                        request, timeout=self.timeout)
+                return response.task
+            except RpcFailure as failure:
+                node_answered = _channel_is_ready(self._channel)
+                if (failure.code != grpc.StatusCode.UNAVAILABLE or not node_answered
+                        or time.monotonic() >= deadline):
+                    raise
+            time.sleep(SUBMIT_RETRY_PAUSE)
 
     def get_task(self, task_id: str) -> filch_pb2.Task:
         with self._translated_errors():

@@ -48,6 +48,7 @@ class FakeScheduler(filch_pb2_grpc.SchedulerServicer):
                               cpu_capacity_millis=2000, memory_capacity_bytes=2**32,
                               executor="process", etcd_leader=True)]
         self.abort_with: tuple[Any, str] | None = None
+        self.unavailable_calls = 0   # answer this many calls UNAVAILABLE first
         self.delay = 0.0
         self.lock = threading.Lock()
 
@@ -55,6 +56,9 @@ class FakeScheduler(filch_pb2_grpc.SchedulerServicer):
         with self.lock:
             self.requests.append(request)
         time.sleep(self.delay)
+        if self.unavailable_calls:
+            self.unavailable_calls -= 1
+            context.abort(grpc.StatusCode.UNAVAILABLE, "etcd unavailable: Deadline Exceeded")
         if self.abort_with:
             context.abort(*self.abort_with)
 
@@ -264,6 +268,17 @@ def test_node_that_answers_unavailable_is_not_called_unreachable(fake: FakeSched
     line = assert_one_line_error(filch(fake, "nodes"), 1)
     assert "etcd has no quorum" in line
     assert "cannot reach" not in line
+
+
+def test_submit_rides_out_a_node_that_answers_unavailable(fake: FakeScheduler) -> None:
+    fake.unavailable_calls = 2
+    result = filch(fake, "submit", "--", "true")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "task-1\n"
+    submits = [r for r in fake.requests if isinstance(r, pb.SubmitRequest)]
+    assert len(submits) == 3
+    # One idempotency key for every try: a try that landed is not made twice.
+    assert submits[0].request_id and {r.request_id for r in submits} == {submits[0].request_id}
 
 
 def test_slow_node_names_the_timeout_option(fake: FakeScheduler) -> None:
