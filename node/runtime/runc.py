@@ -2,8 +2,11 @@
 
 Per attempt: write a bundle (node/runtime/bundle.py) into spec.attempt_dir, then
 `runc run --keep` in the foreground; its exit status is the task's. --keep leaves the
-stopped container and its cgroup in place so the OOM-kill counter can be read before
-`runc delete` removes both. Two process spawns per attempt, nothing else.
+stopped container and its cgroup in place so the OOM-kill counter can be read (cgroup v1
+counts OOM kills only in the task's own cgroup, not in a parent's). The stopped container
+is then removed as `runc delete` would (its cgroup directories, then its state
+directory), without spawning runc a second time: that spawn cost ~15% of a container's
+CPU. `runc delete --force` remains the fallback when anything is in the way.
 
 Cgroups: every container's cgroup is /filch/<container_id>. runc places an absolute
 cgroupsPath at that path below each hierarchy's root (cgroup v1:
@@ -220,6 +223,35 @@ class RuncExecutor:
         code, _ = await self._runc_command("kill", "--all", cid, signal_name)
         return code == 0
 
+    def remove_stopped(self, cid: str) -> bool:
+        """Remove a stopped container (not running, no hooks) as `runc delete` does: rmdir
+        its cgroups, listed in runc's state.json, then remove its state directory.
+
+        True if the container is gone, including when runc never created it. False, with
+        nothing logged, when something is in the way (a process still in a cgroup, an
+        unreadable state file): the caller then uses delete(). Never raises.
+        """
+        state_dir = self._state_root / cid
+        try:
+            state = json.loads((state_dir / "state.json").read_bytes())
+            paths = set(state.get("cgroup_paths", {}).values())
+        except FileNotFoundError:
+            return not state_dir.exists()
+        except (OSError, ValueError, AttributeError):
+            return False
+        for path in paths:
+            try:
+                os.rmdir(path)
+            except FileNotFoundError:
+                continue  # a hierarchy mounted twice (cpu and cpuacct) lists one dir twice
+            except OSError:
+                return False
+        try:
+            shutil.rmtree(state_dir)
+        except OSError:
+            return False
+        return True
+
     def oom_killed(self, cid: str) -> bool:
         """Whether the kernel OOM-killed a process in the container's cgroup.
 
@@ -318,7 +350,8 @@ class RuncAttempt:
     async def _finish(self) -> ExitStatus:
         code = _exit_code(await self._process.wait())
         oom_killed = self._executor.oom_killed(self._cid)
-        await self._executor.delete(self._cid)
+        if not self._executor.remove_stopped(self._cid):
+            await self._executor.delete(self._cid)
         try:
             await asyncio.to_thread(shutil.rmtree, self._bundle)
         except FileNotFoundError:

@@ -65,7 +65,9 @@ async def test_echo_exits_zero_and_logs_and_cleans_up(
     assert log == "hello\n"
     assert not spec.attempt_dir.exists()
     assert spec.container_id not in runc_ids(data_dir / "runc")
-    assert not cgroup_dir("memory", spec.container_id).exists()
+    assert not (data_dir / "runc" / spec.container_id).exists()
+    # Every hierarchy's cgroup is gone, not just the memory one.
+    assert list(CGROUP_ROOT.glob(f"**/{CGROUP_PARENT.lstrip('/')}/{spec.container_id}")) == []
 
 
 async def test_log_is_appended_not_truncated(executor: RuncExecutor, data_dir: Path) -> None:
@@ -180,6 +182,25 @@ async def test_cgroup_limits_follow_the_request(executor: RuncExecutor, data_dir
     finally:
         await attempt.stop(grace=0)
         await attempt.wait()
+
+
+async def test_remove_stopped_leaves_a_running_container_alone(
+    executor: RuncExecutor, data_dir: Path,
+) -> None:
+    spec = make_spec(data_dir, "sleep", "30")
+    attempt = await executor.start(spec)
+    try:
+        for _ in range(100):
+            if runc_states(data_dir / "runc").get(spec.container_id) == "running":
+                break
+            await asyncio.sleep(0.05)
+        assert executor.remove_stopped(spec.container_id) is False
+        assert runc_states(data_dir / "runc").get(spec.container_id) == "running"
+        assert list(CGROUP_ROOT.glob(f"**/{CGROUP_PARENT.lstrip('/')}/{spec.container_id}"))
+    finally:
+        await attempt.stop(grace=0)
+    assert (await attempt.wait()).exit_code == 137
+    assert spec.container_id not in runc_ids(data_dir / "runc")
 
 
 async def test_stop_kills_a_task_that_ignores_sigterm(
