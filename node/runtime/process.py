@@ -38,8 +38,7 @@ log = logging.getLogger(__name__)
 # when tasks get their own uid: for the daemon's uid it would count the daemon's threads.
 NPROC_LIMIT = 4096
 
-# util-linux (essential on Debian): applies the rlimits, then execs the task.
-PRLIMIT = shutil.which("prlimit") or "/usr/bin/prlimit"
+# util-linux (essential on Debian): drops to the task's uid, then execs the task.
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 
 # How long stop() waits for the process group leader after SIGKILL before giving up:
@@ -62,6 +61,7 @@ class ProcessExecutor:
         self._watchdog = watchdog
         euid = os.geteuid()
         self._drop_to = task_uid if euid == 0 and task_uid else None
+        _limit_children(nproc=self._drop_to is not None)
         runs_as = self._drop_to if self._drop_to is not None else euid
         log.warning(
             "process executor: tasks are NOT isolated (no container, no namespaces, memory "
@@ -222,23 +222,32 @@ class ProcessAttempt:
         return ExitStatus(exit_code=code, oom_killed=False)
 
 
-def _wrapped(command: str, args: tuple[str, ...], drop_to: int | None) -> list[str]:
-    """The argv that starts the task as drop_to (if given) under its rlimits.
+def _limit_children(nproc: bool) -> None:
+    """Set the tasks' rlimits on the daemon itself, for its children to inherit.
 
-    util-linux's setpriv drops the uid and groups and prlimit sets the limits, each then
-    execs the next. Doing it in Python instead (subprocess's user=/group= or a
-    preexec_fn) makes CPython fork() rather than vfork() a process full of gRPC threads,
-    and about one child in ten then crashed before exec (exit 139).
+    A crashing task must not fill the disk (or a coredump service) with cores, so
+    RLIMIT_CORE is 0; the daemon gives up its own core dumps with it. RLIMIT_NPROC (only
+    when tasks get their own uid) does not bind the daemon: root is exempt. Setting them
+    here rather than per child keeps the spawn a plain vfork+exec: a preexec_fn would
+    make CPython fork() a process full of gRPC threads (about one child in ten then
+    crashed before exec), and an extra exec of util-linux's prlimit cost ~1 ms of CPU
+    per task.
     """
-    # A crashing task must not fill the disk (or a coredump service) with cores.
-    limits = ["--core=0"]
-    argv: list[str] = []
-    if drop_to is not None:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if nproc:
         hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]
         limit = NPROC_LIMIT if hard == resource.RLIM_INFINITY else min(hard, NPROC_LIMIT)
-        limits.append(f"--nproc={limit}")
-        argv = [SETPRIV, f"--reuid={drop_to}", f"--regid={drop_to}", "--clear-groups", "--"]
-    return [*argv, PRLIMIT, *limits, "--", command, *args]
+        resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+
+
+def _wrapped(command: str, args: tuple[str, ...], drop_to: int | None) -> list[str]:
+    """The argv that starts the task, as drop_to if given: util-linux's setpriv drops the
+    uid and groups, then execs it (subprocess's user=/group= would make CPython fork()
+    rather than vfork(), see _limit_children)."""
+    if drop_to is None:
+        return [command, *args]
+    return [SETPRIV, f"--reuid={drop_to}", f"--regid={drop_to}", "--clear-groups", "--",
+            command, *args]
 
 
 def _describe(exc: BaseException) -> str:

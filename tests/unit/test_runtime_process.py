@@ -15,7 +15,7 @@ import pytest
 
 from node.errors import ExecutorError
 from node.runtime.base import ExitStatus
-from node.runtime.process import ProcessAttempt, ProcessExecutor
+from node.runtime.process import NPROC_LIMIT, ProcessAttempt, ProcessExecutor
 from tests.unit.attempts import TASK_UID, make_spec, run
 
 pytestmark = pytest.mark.timeout(60)
@@ -94,6 +94,17 @@ async def test_runs_as_task_uid_in_its_scratch_dir(
     assert status.exit_code == 0, log
     work = str(spec.attempt_dir / "work")
     assert log.splitlines() == [str(TASK_UID), str(TASK_UID), work, f"{work} bar", "ok"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to task_uid needs root")
+async def test_no_core_dumps_and_a_cap_on_the_task_uids_processes(
+    executor: ProcessExecutor, data_dir: Path,
+) -> None:
+    status, log = await run(executor, make_spec(data_dir, "cat", "/proc/self/limits"))
+    assert status.exit_code == 0, log
+    limits = {line[:26].strip(): line[26:].split()[:2] for line in log.splitlines()[1:]}
+    assert limits["Max core file size"] == ["0", "0"]
+    assert limits["Max processes"] == [str(NPROC_LIMIT)] * 2
 
 
 async def test_workdir_is_used(executor: ProcessExecutor, data_dir: Path) -> None:
