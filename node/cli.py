@@ -649,6 +649,8 @@ _METAVARS = {
     "cpus": "CORES",
     "memory": "SIZE",
     "etcd_quota_bytes": "SIZE",
+    "etcd_heartbeat_ms": "MILLISECONDS",
+    "etcd_election_timeout_ms": "MILLISECONDS",
     "task_uid": "UID",
     "lease_ttl": "SECONDS",
     "sweep_interval": "SECONDS",

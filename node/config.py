@@ -63,6 +63,12 @@ class Config:
     """The etcd server executable."""
     etcd_quota_bytes: int = 2 * 1024**3
     """etcd's backend quota; past it etcd raises NOSPACE."""
+    etcd_heartbeat_ms: int = 50
+    """Milliseconds between the etcd leader's heartbeats (etcd's --heartbeat-interval)."""
+    etcd_election_timeout_ms: int = 500
+    """Milliseconds a follower hears no leader before calling an etcd election (at least 5
+    heartbeats; same on every member). A dead leader delays lease expiry by about twice
+    this, so it adds straight to failover; etcd's own default, 1000, suits WANs."""
     cpus: float = field(default_factory=lambda: float(os.cpu_count() or 1))
     """CPU cores this node offers to tasks."""
     memory: int = field(default_factory=_default_memory)
@@ -75,7 +81,7 @@ class Config:
     """uid and gid tasks run as (nobody); tasks never run as root."""
     lease_ttl: int = 5
     """Seconds: the node lease. Short enough that a dead node's tasks move within seconds,
-    long enough to ride out an etcd leader election (~1 s)."""
+    long enough to ride out an etcd leader election (0.5-1 s)."""
     sweep_interval: float = 5.0
     """Seconds between full re-reads of the queue and running tasks (repairs missed events)."""
     steal_delay: float = 0.05
@@ -163,6 +169,11 @@ class Config:
             raise InvalidArgument("memory", f"{self.memory} bytes is not a sane capacity")
         if self.executor not in ("runc", "process"):
             raise InvalidArgument("executor", "must be 'runc' or 'process'")
+        if not 10 <= self.etcd_heartbeat_ms <= 5000:
+            raise InvalidArgument("etcd_heartbeat_ms", "must be 10..5000 milliseconds")
+        if not 5 * self.etcd_heartbeat_ms <= self.etcd_election_timeout_ms <= 50000:
+            raise InvalidArgument("etcd_election_timeout_ms", "must be at least 5 heartbeats "
+                                  "(etcd_heartbeat_ms) and at most 50000 milliseconds")
         if not 2 <= self.lease_ttl <= 300:
             raise InvalidArgument("lease_ttl", "must be 2..300 seconds")
         _check_host_port("metrics_listen", self.metrics_address)

@@ -112,6 +112,8 @@ class EtcdMember:
             # A member cut off for a moment must not come back with a higher term and
             # depose a healthy leader (etcd 3.4 leaves pre-vote off by default).
             "--pre-vote",
+            "--heartbeat-interval", str(config.etcd_heartbeat_ms),
+            "--election-timeout", str(config.etcd_election_timeout_ms),
             # No --auto-compaction-*: the agent's housekeeping compacts history and
             # defragments members one at a time (design.md, "Housekeeping"). Two
             # compactors would only race.

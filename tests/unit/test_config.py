@@ -231,6 +231,13 @@ def test_lease_ttl_outside_bounds_is_rejected(ttl: int) -> None:
     assert rejected({"lease_ttl": ttl}).field == "lease_ttl"
 
 
+@pytest.mark.parametrize(("heartbeat", "election"), [(50, 249), (5, 500), (50, 60000)])
+def test_etcd_election_timeout_must_be_five_heartbeats_and_sane(heartbeat: int,
+                                                                election: int) -> None:
+    error = rejected({"etcd_heartbeat_ms": heartbeat, "etcd_election_timeout_ms": election})
+    assert error.field in ("etcd_heartbeat_ms", "etcd_election_timeout_ms")
+
+
 @pytest.mark.parametrize(("field", "value"), [("cpus", 0), ("cpus", 5000), ("cpus", "nan"),
                                               ("memory", 0), ("executor", "docker"),
                                               ("listen", "7070"), ("listen", "host:0"),

@@ -120,6 +120,8 @@ async def test_restart_keeps_data_and_ignores_the_bootstrap_cluster(
     first = EtcdMember(config)
     started.append(first)
     assert "--initial-cluster" in first.command()
+    timing = " ".join(first.command())
+    assert "--heartbeat-interval 50 --election-timeout 500" in timing
     await first.start()
     await first.wait_healthy(timeout=30)
     await put(first, "/kept", "yes")

@@ -41,6 +41,7 @@ import grpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.config import Config
 from tests.e2e.cluster import wait_for
 
 T = TypeVar("T")
@@ -424,6 +425,8 @@ class NetCluster:
                              "--initial-advertise-peer-urls", f"http://{ip}:2380",
                              "--initial-cluster", initial, "--initial-cluster-state", "new",
                              "--initial-cluster-token", "filch", "--pre-vote",
+                             "--heartbeat-interval", str(Config.etcd_heartbeat_ms),
+                             "--election-timeout", str(Config.etcd_election_timeout_ms),
                              "--logger", "zap", "--log-outputs", "stderr", *etcd_extra]
             self.nodes.append(NetNode(i, name, ns_name(i + 1), ip, veth_name(i + 1),
                                       data_dir, args, i in external, etcd_args))
