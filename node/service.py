@@ -9,7 +9,8 @@ import binascii
 from node import keys, lifecycle
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import Conflict, InvalidArgument, StoreUnavailable, TaskNotFound
-from node.store import Store, Versioned
+from node.group_commit import GroupCommitter
+from node.store import Move, Store, Versioned
 
 # How often submit and cancel retry when another node moved the task in between.
 CONFLICT_RETRIES = 5
@@ -30,6 +31,8 @@ class TaskService:
 
     def __init__(self, store: Store) -> None:
         self.store = store
+        # Submits that arrive together are created in one transaction.
+        self._submits = GroupCommitter(store)
 
     async def submit(self, spec: pb.TaskSpec, request_id: str = "") -> tuple[pb.Task, bool]:
         """Store a new PENDING task; returns (task, created).
@@ -42,7 +45,7 @@ class TaskService:
             id=keys.task_id_for_request(request_id) if request_id else keys.new_task_id(),
             spec=spec, state=pb.TASK_STATE_PENDING, request_id=request_id)
         task.submitted_at.GetCurrentTime()
-        if await self.store.transition(None, task) is not None:
+        if await self._submits.transition(Move(None, task)) is not None:
             return task, True
         existing = await self.store.get_task(task.id)
         if existing is None:

@@ -337,3 +337,30 @@ async def test_list_nodes_marks_the_leader(service: TaskService, store: Store) -
     assert not any(n.nospace for n in nodes)
     await store.revoke_lease(lease)
     assert await service.list_nodes() == []
+
+
+# -- group commit ------------------------------------------------------------------------
+
+
+async def test_concurrent_submits_share_transactions(service: TaskService,
+                                                     store: Store) -> None:
+    before = await store.current_revision()
+    results = await asyncio.gather(*(service.submit(spec()) for _ in range(100)))
+    assert all(created for _, created in results)
+    assert len({task.id for task, _ in results}) == 100
+    assert len(await store.list_ids(keys.QUEUED)) == 100
+    # Submit 1 goes alone; the 99 that queued behind it share a few transactions.
+    assert await store.current_revision() - before <= 10
+
+
+async def test_a_reused_request_id_in_a_burst_fails_nothing_else(service: TaskService) -> None:
+    first, created = await service.submit(spec(), request_id="dup")
+    assert created
+    results = await asyncio.gather(
+        *(service.submit(spec(), request_id="dup") for _ in range(3)),
+        *(service.submit(spec()) for _ in range(20)),
+        service.submit(spec(args=["other"]), request_id="dup"),
+        return_exceptions=True)
+    assert [(task.id, created) for task, created in results[:3]] == [(first.id, False)] * 3
+    assert all(created for _, created in results[3:23])
+    assert isinstance(results[23], Conflict)
