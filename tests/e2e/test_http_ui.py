@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -128,17 +129,34 @@ def browser(http_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 
 def until(driver: Any, what: str, check: Callable[[], T | None]) -> T:
-    """Wait for the page to show something; fail with what was expected and a screenshot."""
+    """Wait for the page to show something; fail with what was expected and a screenshot.
+
+    An element the page re-rendered between finding and reading it only means "not yet".
+    """
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def settled() -> T | None:
+        try:
+            return check()
+        except StaleElementReferenceException:
+            return None
     try:
-        return wait_for(what, check, timeout=UI_TIMEOUT, interval=0.2)
+        return wait_for(what, settled, timeout=UI_TIMEOUT, interval=0.2)
     except AssertionError:
         driver.save_screenshot(str(ARTIFACTS / "failure.png"))
         raise
 
 
 def text_of(driver: Any, element_id: str) -> str:
+    """The element's text, found afresh if the page re-renders it while it is read."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
 
+    for _ in range(4):
+        try:
+            return str(driver.find_element(By.ID, element_id).text)
+        except StaleElementReferenceException:
+            time.sleep(0.1)
     return str(driver.find_element(By.ID, element_id).text)
 
 
