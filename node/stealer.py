@@ -58,9 +58,6 @@ class Stealer:
         self._wake = asyncio.Event()
         self.paused = False
         self._batch = INITIAL_BATCH
-        # This node's own order of a pass's candidates (spread_order): idle nodes woken by
-        # the same event go for different tasks instead of all for the oldest.
-        self._order_salt = random.getrandbits(64)
 
     def wake(self) -> None:
         """Something changed (new task, freed capacity): look at the queue again."""
@@ -147,7 +144,7 @@ class Stealer:
             return False
         found = {record.task.id: record for record in await self._store.get_tasks(ids)}
         chosen: list[Versioned] = []
-        for task_id in spread_order(ids, self._order_salt):
+        for task_id in ids:
             record = found.get(task_id)
             if record is None or record.task.state != pb.TASK_STATE_PENDING:
                 self._candidates.pop(task_id, None)
@@ -193,13 +190,3 @@ class Stealer:
     def _release(self, moves: list[Move]) -> None:
         for move in moves:
             self._runner.release(move.new.spec)
-
-
-def spread_order(ids: list[str], salt: int) -> list[str]:
-    """ids in an order of their own for this salt (one per node): rendezvous hashing.
-
-    The window is the oldest PASS_LIMIT queued tasks, so FIFO still holds between windows;
-    within one, nodes that contend spread over different tasks and most steal
-    transactions win.
-    """
-    return sorted(ids, key=lambda task_id: hash((salt, task_id)))
