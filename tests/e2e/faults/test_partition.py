@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.config import Config
 from tests.e2e.faults import history
 from tests.e2e.faults.netcluster import NetCluster, wait_for
 
@@ -18,12 +19,13 @@ FENCE_MARGIN_MIN, FENCE_MARGIN_FRACTION = 0.5, 0.2
 # Time allowed for killing the containers once the node decided to fence (runc kill of
 # a few containers: tens of ms; generous for a loaded 2-core machine).
 KILL_ALLOWANCE = 1.0
-# etcd's --election-timeout (default 1 s). A cut-off member that was the leader goes on
-# granting lease renewals locally until check-quorum makes it step down, one election
-# timeout after the cut (etcd 3.4 does not confirm its leadership on LeaseRenew; see
-# etcd-io/etcd#15247): its node's fence deadline moves that much later. The majority's
-# new leader extends every lease on promotion, so the fence still precedes the expiry.
-ETCD_ELECTION_TIMEOUT = 1.0
+# etcd's --election-timeout (filch's default, node/config.py). A cut-off member that was
+# the leader goes on granting lease renewals locally until check-quorum makes it step
+# down, one election timeout after the cut (etcd 3.4 does not confirm its leadership on
+# LeaseRenew; see etcd-io/etcd#15247): its node's fence deadline moves that much later.
+# The majority's new leader extends every lease on promotion, so the fence still precedes
+# the expiry.
+ETCD_ELECTION_TIMEOUT = Config.etcd_election_timeout_ms / 1000
 
 
 def busiest(cluster: NetCluster, ids: list[str]) -> tuple[int, dict[str, pb.Task]]:
