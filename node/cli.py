@@ -17,7 +17,6 @@ import queue
 import shutil
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn, TextIO
@@ -27,7 +26,7 @@ import grpc
 from click.core import ParameterSource
 
 from node import config as config_module
-from node import render
+from node import keys, render
 from node._gen.filch.v1 import filch_pb2, filch_pb2_grpc
 from node.errors import InvalidArgument
 from node.tls import Security
@@ -215,7 +214,9 @@ class Session:
         lossy link) the submit is retried for a while under the request's idempotency key,
         so one that did land is not made twice. An unreachable node fails at once."""
         if not request.request_id:
-            request.request_id = str(uuid.uuid4())
+            # A UUIDv7: the node keeps its timestamp in the task id (keys.task_id_for_request),
+            # so the task still queues in submission order.
+            request.request_id = keys.new_task_id()
         deadline = time.monotonic() + SUBMIT_RETRY_SECONDS
         while True:
             try:

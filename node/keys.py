@@ -48,8 +48,26 @@ def is_id(value: str) -> bool:
 
 def new_task_id() -> str:
     """A time-ordered UUIDv7, so queued keys list in submission order."""
-    millis = time.time_ns() // 1_000_000
-    rand = uuid.uuid4().int
+    return _uuid7(time.time_ns() // 1_000_000, uuid.uuid4().int)
+
+
+def task_id_for_request(request_id: str) -> str:
+    """The task id that a given client request_id always maps to.
+
+    A request_id that is itself a lowercase UUIDv7 (what `filch submit` sends when it
+    retries on its own) keeps its timestamp, so the task queues in submission order like
+    any other; the rest of the id is derived from the whole request_id. Any other
+    request_id maps to a UUIDv5.
+    """
+    derived = uuid.uuid5(_REQUEST_NAMESPACE, request_id).int
+    millis = _uuid7_millis(request_id)
+    if millis is None:
+        return str(uuid.UUID(int=derived))
+    return _uuid7(millis, derived)
+
+
+def _uuid7(millis: int, rand: int) -> str:
+    """A UUIDv7 (RFC 9562) of this Unix millisecond timestamp and 74 bits of rand."""
     value = (millis & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76                                   # version 7
     value |= ((rand >> 64) & 0xFFF) << 64                # 12 random bits
@@ -58,9 +76,14 @@ def new_task_id() -> str:
     return str(uuid.UUID(int=value))
 
 
-def task_id_for_request(request_id: str) -> str:
-    """The task id that a given client request_id always maps to (UUIDv5)."""
-    return str(uuid.uuid5(_REQUEST_NAMESPACE, request_id))
+def _uuid7_millis(value: str) -> int | None:
+    """The timestamp of a canonical lowercase UUIDv7, else None."""
+    if not ID_PATTERN.fullmatch(value):
+        return None
+    parsed = uuid.UUID(value)
+    if parsed.version != 7 or str(parsed) != value:
+        return None
+    return parsed.int >> 80
 
 
 def new_node_id() -> str:

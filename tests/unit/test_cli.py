@@ -24,6 +24,7 @@ from click.testing import CliRunner, Result
 
 import node
 from node import cli as cli_module
+from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc
 from node.config import Config
@@ -279,6 +280,8 @@ def test_submit_rides_out_a_node_that_answers_unavailable(fake: FakeScheduler) -
     assert len(submits) == 3
     # One idempotency key for every try: a try that landed is not made twice.
     assert submits[0].request_id and {r.request_id for r in submits} == {submits[0].request_id}
+    # A UUIDv7, so the node's task id for it still sorts in submission order.
+    assert keys.task_id_for_request(submits[0].request_id)[:13] == submits[0].request_id[:13]
 
 
 def test_slow_node_names_the_timeout_option(fake: FakeScheduler) -> None:

@@ -75,6 +75,24 @@ def test_task_id_for_request_is_deterministic() -> None:
     assert assert_lowercase_uuid(first).version == 5
 
 
+def test_a_uuid7_request_id_keeps_its_place_in_the_queue() -> None:
+    earlier, later = keys.new_task_id(), None
+    time.sleep(0.002)
+    later = keys.new_task_id()
+    first, second = keys.task_id_for_request(earlier), keys.task_id_for_request(later)
+    assert keys.task_id_for_request(earlier) == first       # still deterministic
+    assert assert_lowercase_uuid(first).version == 7
+    assert first[:13] == earlier[:13] and first != earlier  # same millisecond, own bits
+    assert first < second
+
+
+@pytest.mark.parametrize("request_id", ["01A21BCE-B194-7000-994B-FEF8376138B8",
+                                        "01a21bce-b194-4000-994b-fef8376138b8",
+                                        "01a21bceb1947000994bfef8376138b8"])
+def test_other_uuid_shaped_request_ids_map_to_uuid5(request_id: str) -> None:
+    assert assert_lowercase_uuid(keys.task_id_for_request(request_id)).version == 5
+
+
 @given(st.text(min_size=1, max_size=200))
 def test_task_id_for_request_is_a_valid_id_for_any_request_id(request_id: str) -> None:
     assert keys.is_id(keys.task_id_for_request(request_id))
