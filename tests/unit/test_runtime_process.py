@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,8 +37,22 @@ def executor() -> ProcessExecutor:
     return ProcessExecutor(TASK_UID)
 
 
-def group_alive(pgid: int) -> bool:
-    """Whether a live (not zombie) process is in the group; zombies wait for a reaper."""
+async def settles(check: Callable[[], bool], seconds: float = 5.0) -> bool:
+    """Poll check() until it holds (True) or seconds pass (False)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
+def group_size(pgid: int) -> int:
+    """Live (not zombie) processes in the group."""
+    return sum(1 for stat in _stats() if stat[0] != "Z" and int(stat[2]) == pgid)
+
+
+def _stats() -> Iterator[list[str]]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -46,10 +60,7 @@ def group_alive(pgid: int) -> bool:
             stat = (entry / "stat").read_text()
         except OSError:
             continue  # exited meanwhile
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
-            return True
-    return False
+        yield stat[stat.rindex(")") + 2 :].split()
 
 
 def test_warns_that_it_does_not_isolate(caplog: pytest.LogCaptureFixture) -> None:
@@ -137,10 +148,11 @@ async def test_stop_kills_after_grace(executor: ProcessExecutor, data_dir: Path)
 async def test_stop_signals_the_whole_group(executor: ProcessExecutor, data_dir: Path) -> None:
     attempt = await executor.start(make_spec(data_dir, "sh", "-c", "sleep 60 & sleep 60 & wait"))
     assert isinstance(attempt, ProcessAttempt)
-    await asyncio.sleep(0.2)
+    assert await settles(lambda: group_size(attempt.pid) == 3), "the shell and its 2 sleeps"
     await attempt.stop(grace=2)
     await attempt.wait()
-    assert not group_alive(attempt.pid)
+    # SIGKILL is sent to the group at once, but a killed process takes a moment to exit.
+    assert await settles(lambda: group_size(attempt.pid) == 0), "a group member outlived stop()"
 
 
 async def test_stop_is_idempotent(executor: ProcessExecutor, data_dir: Path) -> None:
@@ -157,8 +169,7 @@ async def test_leftover_background_processes_die_with_the_task(
     attempt = await executor.start(make_spec(data_dir, "sh", "-c", "sleep 60 & echo started"))
     assert isinstance(attempt, ProcessAttempt)
     assert (await attempt.wait()).exit_code == 0
-    await asyncio.sleep(0.1)
-    assert not group_alive(attempt.pid)
+    assert await settles(lambda: group_size(attempt.pid) == 0), "the background sleep lives on"
 
 
 async def test_cancelling_wait_does_not_stop_the_attempt(

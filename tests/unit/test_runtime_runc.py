@@ -164,8 +164,10 @@ async def test_cgroup_limits_follow_the_request(executor: RuncExecutor, data_dir
     attempt = await executor.start(spec)
     try:
         memory = cgroup_dir("memory", spec.container_id)
-        for _ in range(100):  # runc creates the cgroup a few ms after it starts
-            if memory.exists():
+        # runc creates the cgroup, then writes its limits, then starts the task: only a
+        # running container is sure to have them all.
+        for _ in range(200):
+            if runc_states(data_dir / "runc").get(spec.container_id) == "running":
                 break
             await asyncio.sleep(0.05)
         if (CGROUP_ROOT / "cgroup.controllers").exists():
