@@ -23,6 +23,8 @@ Only loopback and the addresses of these namespaces are ever contacted.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import json
 import os
 import shlex
@@ -42,11 +44,14 @@ import grpc
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.config import Config
+from node.tls import Security
 from tests.e2e.cluster import wait_for
 
 T = TypeVar("T")
 
 FILCH = str(Path(sys.executable).with_name("filch"))
+# The HTTP face's settings, as the image and Ansible run it (read by gunicorn, not imported).
+GUNICORN_CONF = Path(str(importlib.util.find_spec("node.gunicorn_conf").origin))  # type: ignore[union-attr]
 NETNS_DIR = Path("/run/netns")
 
 # 10.213.<k>.0/24 per cluster. 10.213/16 is private space this suite claims for itself;
@@ -281,6 +286,9 @@ class NetNode:
     etcd_args: list[str] = field(default_factory=list)
     agent: subprocess.Popen[bytes] | None = None
     etcd: subprocess.Popen[bytes] | None = None
+    http_face: subprocess.Popen[bytes] | None = None
+    pki: Path | None = None
+    """The cluster's certificates (tls=True), for etcdctl."""
 
     @property
     def address(self) -> str:
@@ -297,9 +305,12 @@ class NetNode:
     def _enter(self, *argv: str) -> list[str]:
         return ["nsenter", f"--net={NETNS_DIR / self.ns}", "--", *argv]
 
-    def _spawn(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    def spawn(self, argv: list[str], log: Path,
+              extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start argv inside the node's namespace, output appended to log."""
         env = {key: value for key, value in os.environ.items() if key not in _PROXY_VARIABLES}
-        env = {key: value for key, value in env.items() if not key.startswith("ETCD_")}
+        env = {key: value for key, value in env.items()
+               if not key.startswith(("ETCD_", "FILCH_"))} | (extra_env or {})
         with log.open("ab") as output:
             return subprocess.Popen(self._enter(*argv), stdout=output, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
@@ -308,11 +319,11 @@ class NetNode:
         """Start this node's etcd member as a process of its own (external-etcd nodes)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "etcd").mkdir(mode=0o700, exist_ok=True)
-        self.etcd = self._spawn(self.etcd_args, self.data_dir / "etcd.log")
+        self.etcd = self.spawn(self.etcd_args, self.data_dir / "etcd.log")
 
     def start_agent(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.agent = self._spawn([FILCH, "agent", *self.agent_args], self.log_file)
+        self.agent = self.spawn([FILCH, "agent", *self.agent_args], self.log_file)
 
     def agent_alive(self) -> bool:
         return self.agent is not None and self.agent.poll() is None
@@ -329,7 +340,11 @@ class NetNode:
     def etcdctl(self, *args: str, timeout: float = 20.0,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
         """etcdctl against this node's member, from inside its namespace."""
-        return run(*self._enter("etcdctl", "--endpoints", "http://127.0.0.1:2379",
+        tls = [] if self.pki is None else [
+            "--cacert", str(self.pki / "ca.crt"), "--cert", str(self.pki / f"{self.name}.crt"),
+            "--key", str(self.pki / f"{self.name}.key")]
+        scheme = "http" if self.pki is None else "https"
+        return run(*self._enter("etcdctl", "--endpoints", f"{scheme}://127.0.0.1:2379", *tls,
                                 "--command-timeout", "5s", *args),
                    timeout=timeout, check=check, env=dict(os.environ, ETCDCTL_API="3"))
 
@@ -343,13 +358,15 @@ class NetNode:
         return run(*self._enter(*argv), check=check)
 
     def task_pids(self, task_id: str = "") -> list[int]:
-        """Pids of this node's task processes (of one task, if given): in its namespace,
-        with FILCH_NODE=<name> (and FILCH_TASK_ID=<task_id>) in their environment."""
+        """Pids of this node's task processes (of one task, if given): those with
+        FILCH_NODE=<name> (and FILCH_TASK_ID=<task_id>) in their environment. Every process
+        is looked at, not only the node's namespace: tasks have network namespaces of
+        their own (--network isolated/none)."""
         markers = [f"FILCH_NODE={self.name}\0".encode()]
         if task_id:
             markers.append(f"FILCH_TASK_ID={task_id}\0".encode())
         found = []
-        for pid in pids_in_netns(self.ns):
+        for pid in (int(entry.name) for entry in os.scandir("/proc") if entry.name.isdigit()):
             try:
                 environ = Path(f"/proc/{pid}/environ").read_bytes()
             except (FileNotFoundError, ProcessLookupError, PermissionError):
@@ -392,28 +409,41 @@ class NetCluster:
 
     def __init__(self, root: Path, size: int = 3, *, lease_ttl: int = 5,
                  external_etcd: Iterable[int] = (), cpus: float = 2,
-                 extra: tuple[str, ...] = (), etcd_extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), etcd_extra: tuple[str, ...] = (),
+                 tls: bool = False, http: bool = False) -> None:
+        """tls: certificates from `filch certs` (in root/pki) for every node, so the API,
+        etcd and the HTTP face run TLS with the bearer token. http: each node also runs
+        its HTTP face (gunicorn) in its namespace, on its address with TLS, else on the
+        namespace's loopback (without a token it may not bind anything else)."""
         self.root = root
         self.size = size
         self.lease_ttl = lease_ttl
+        self.http = http
+        self.pki = root / "pki" if tls else None
         self.k = _claim_subnet()
         self.bridge, ns_name, veth_name = _names(self.k)
         self.bridge_ip = f"{SUBNET_PREFIX}.{self.k}.{BRIDGE_HOST}"
         external = set(external_etcd)
         names = [f"f{self.k}n{i}" for i in range(1, size + 1)]
         ips = [f"{SUBNET_PREFIX}.{self.k}.{i}" for i in range(1, size + 1)]
-        initial = ",".join(f"{name}=http://{ip}:2380" for name, ip in zip(names, ips,
-                                                                           strict=True))
+        scheme = "https" if tls else "http"
+        initial = ",".join(f"{name}={scheme}://{ip}:2380" for name, ip in zip(names, ips,
+                                                                               strict=True))
+        if self.pki is not None:
+            nodes = [arg for name, ip in zip(names, ips, strict=True)
+                     for arg in ("--node", f"{name}={ip}")]
+            run(FILCH, "certs", str(self.pki), *nodes, timeout=60)
         self.nodes: list[NetNode] = []
         for i, (name, ip) in enumerate(zip(names, ips, strict=True)):
             data_dir = root / name
             args = ["--name", name, "--data-dir", str(data_dir),
                     "--listen", f"{ip}:7070", "--advertise", f"{ip}:7070",
-                    "--etcd-peer-url", f"http://{ip}:2380",
-                    "--etcd-client-url", "http://127.0.0.1:2379",
+                    "--etcd-peer-url", f"{scheme}://{ip}:2380",
+                    "--etcd-client-url", f"{scheme}://127.0.0.1:2379",
                     "--initial-cluster", initial,
                     "--cpus", str(cpus), "--memory", "8Gi", "--executor", "runc",
-                    "--lease-ttl", str(lease_ttl), "--sweep-interval", "1", *extra]
+                    "--lease-ttl", str(lease_ttl), "--sweep-interval", "1",
+                    *self._tls_args(name), *extra]
             etcd_args: list[str] = []
             if i in external:
                 args += ["--etcd-endpoint", "http://127.0.0.1:2379"]
@@ -429,7 +459,7 @@ class NetCluster:
                              "--election-timeout", str(Config.etcd_election_timeout_ms),
                              "--logger", "zap", "--log-outputs", "stderr", *etcd_extra]
             self.nodes.append(NetNode(i, name, ns_name(i + 1), ip, veth_name(i + 1),
-                                      data_dir, args, i in external, etcd_args))
+                                      data_dir, args, i in external, etcd_args, pki=self.pki))
         self.faulty: set[int] = set()
         """Nodes a fault currently makes unreachable or unresponsive (not used for RPCs)."""
         self.crashed_at: dict[int, float] = {}
@@ -440,6 +470,21 @@ class NetCluster:
         """Every task this test submitted and got an id for, with its spec."""
         self._channels: dict[str, grpc.Channel] = {}
         self._network_up = False
+
+    def _tls_args(self, name: str) -> list[str]:
+        if self.pki is None:
+            return []
+        return ["--tls-ca", str(self.pki / "ca.crt"), "--tls-cert", str(self.pki / f"{name}.crt"),
+                "--tls-key", str(self.pki / f"{name}.key"),
+                "--api-token-file", str(self.pki / "token")]
+
+    def security(self) -> Security:
+        assert self.pki is not None, "a cluster without tls=True has no credentials"
+        return Security.load(str(self.pki / "ca.crt"), token_file=str(self.pki / "token"))
+
+    def http_address(self, index: int) -> str:
+        """Where node index's HTTP face listens (see __init__)."""
+        return f"{self.nodes[index].ip}:8080" if self.pki else "127.0.0.1:8080"
 
     # -- setup and teardown -----------------------------------------------------------
 
@@ -479,13 +524,40 @@ class NetCluster:
             node.start_agent()
         wait_for("every node to register",
                  lambda: len(self.list_nodes()) == self.size, timeout=timeout, interval=0.2)
+        if self.http:
+            for node in self.nodes:
+                node.http_face = node.spawn(
+                    [str(Path(sys.executable).with_name("gunicorn")), "-c",
+                     str(GUNICORN_CONF), "node.http:app"],
+                    node.data_dir.with_suffix(".http.log"), self._http_env(node.index))
+            for node in self.nodes:
+                wait_for(f"the HTTP face of {node.name}", functools.partial(
+                    self._http_listening, node.index), timeout=timeout, interval=0.2)
+
+    def _http_env(self, index: int) -> dict[str, str]:
+        node = self.nodes[index]
+        env = {"FILCH_HTTP_LISTEN": self.http_address(index), "FILCH_SERVER": node.address,
+               "FILCH_HTTP_WORKERS": "1", "FILCH_HTTP_THREADS": "4"}
+        if self.pki is not None:
+            env |= {"FILCH_CA": str(self.pki / "ca.crt"),
+                    "FILCH_TOKEN_FILE": str(self.pki / "token"),
+                    "FILCH_TLS_CERT": str(self.pki / f"{node.name}.crt"),
+                    "FILCH_TLS_KEY": str(self.pki / f"{node.name}.key")}
+        return env
+
+    def _http_listening(self, index: int) -> bool:
+        host, _, port = self.http_address(index).rpartition(":")
+        probe = self.nodes[index].netns_exec(
+            sys.executable, "-c", "import socket,sys; socket.create_connection("
+            f"({host!r}, {port}), timeout=1).close()", check=False)
+        return probe.returncode == 0
 
     def close(self) -> None:
         for channel in self._channels.values():
             channel.close()
         self._channels.clear()
         for node in self.nodes:
-            for process in (node.agent, node.etcd):
+            for process in (node.agent, node.etcd, node.http_face):
                 if process is not None and process.poll() is None:
                     with contextlib.suppress(ProcessLookupError):
                         process.kill()
@@ -507,6 +579,9 @@ class NetCluster:
         for node in self.nodes:
             if (NETNS_DIR / node.ns).exists():
                 run("ip", "netns", "del", node.ns, check=False)
+            # Task namespaces (--network isolated/none) a killed agent left behind.
+            for task_ns in NETNS_DIR.glob(f"filch-{node.name}-*"):
+                run("ip", "netns", "del", task_ns.name, check=False)
             run("ip", "link", "del", node.veth_host, check=False)
         if self._network_up:
             run("ip", "link", "del", self.bridge, check=False)
@@ -518,7 +593,10 @@ class NetCluster:
     def stub(self, index: int) -> pb_grpc.SchedulerStub:
         address = self.nodes[index].address
         if address not in self._channels:
-            self._channels[address] = grpc.insecure_channel(address, options=_GRPC_OPTIONS)
+            self._channels[address] = (
+                grpc.secure_channel(address, self.security().channel_credentials(),
+                                    options=_GRPC_OPTIONS)
+                if self.pki else grpc.insecure_channel(address, options=_GRPC_OPTIONS))
         return pb_grpc.SchedulerStub(self._channels[address])
 
     def healthy(self) -> list[int]:
@@ -627,6 +705,11 @@ class NetCluster:
             return None
         return wait_for(f"{len(wanted)} tasks to finish", check, timeout=timeout,
                         interval=0.3)
+
+    def etcd_keys(self) -> set[str]:
+        """Every key in etcd, read with etcdctl on a healthy node (not through filch)."""
+        out = self.nodes[self.healthy()[0]].etcdctl("get", "", "--prefix", "--keys-only").stdout
+        return {line for line in out.splitlines() if line}
 
     def index_of(self, name_or_address: str) -> int:
         return next(node.index for node in self.nodes

@@ -1,0 +1,125 @@
+"""A hostile task against the control plane, from every network mode (issue: tasks are
+untrusted).
+
+Two-node clusters in network namespaces of their own (tests/e2e/faults/netcluster.py), so
+a node's addresses are not the task's own loopback, each node with its HTTP face. From
+inside a task, tests/e2e/escape_probe.py tries to read and write etcd on every address and
+port of every node, to call the gRPC API without the token, to use the HTTP face and to
+reach the metrics. Every probe must be refused or unreachable, and etcd's keyspace must be
+unchanged apart from the probe task's own keys:
+
+    cluster          --network none | isolated    --network host
+    plain (no TLS)   everything unreachable        (not offered: no --allow-host-network;
+                                                    documented as unprotected)
+    TLS + token      everything unreachable        nothing answers without credentials
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from tests.e2e.conftest import require_tools
+from tests.e2e.faults.netcluster import NetCluster, unavailable_reason
+
+PROBE = (Path(__file__).with_name("escape_probe.py")).read_text()
+
+# Ports of a node: etcd client and peer, gRPC API, HTTP face, metrics.
+ETCD, PEER, GRPC, HTTP, METRICS = 2379, 2380, 7070, 8080, 9470
+
+
+@pytest.fixture(scope="module")
+def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, NetCluster]]:
+    """"plain" and "tls" clusters, each started when a test first needs it."""
+    require_tools()
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    started: dict[str, NetCluster] = {}
+    yield started
+    for netcluster in started.values():
+        netcluster.close()
+
+
+def cluster_of(clusters: dict[str, NetCluster], kind: str,
+               tmp_path_factory: pytest.TempPathFactory) -> NetCluster:
+    if kind not in clusters:
+        tls = kind == "tls"
+        # Host networking is offered only where TLS and the token protect the node.
+        extra = ("--allow-host-network",) if tls else ()
+        netcluster = NetCluster(tmp_path_factory.mktemp(kind), size=2, tls=tls, http=True,
+                                extra=extra)
+        clusters[kind] = netcluster.__enter__()
+    return clusters[kind]
+
+
+def targets(cluster: NetCluster, network: str) -> list[dict[str, object]]:
+    """What the probe attacks: every port of every node, by each address it has, plus the
+    loopback addresses a task sharing a node's network would find etcd and the UI on."""
+    tls = cluster.pki is not None
+    found: list[dict[str, object]] = []
+
+    def add(kind: str, host: str, port: int, *schemes: bool) -> None:
+        found.extend({"kind": kind, "host": host, "port": port, "tls": scheme}
+                     for scheme in schemes)
+
+    for host in [node.ip for node in cluster.nodes] + ["127.0.0.1"]:
+        for kind in ("etcd-read", "etcd-write"):
+            add(kind, host, ETCD, False, True)
+        add("peer-read", host, PEER, False, True)
+        add("grpc", host, GRPC, tls)
+        for kind in ("http-read", "http-write"):
+            add(kind, host, HTTP, tls)
+        if network != "host":
+            # Under host networking the metrics are as reachable as from any host process
+            # (they hold no secrets); the other modes reach nothing of the node.
+            add("tcp", host, METRICS, False)
+    return found
+
+
+def run_probe(cluster: NetCluster, network: str) -> tuple[pb.Task, list[dict[str, str]]]:
+    spec = pb.TaskSpec(command="python3",
+                       args=["-c", PROBE, json.dumps(targets(cluster, network))],
+                       network=network, memory_bytes=128 * 2**20)
+    task = cluster.any_stub().Submit(pb.SubmitRequest(spec=spec), timeout=10).task
+    finished = cluster.wait_finished([task.id], timeout=90)[task.id]
+    node = cluster.nodes[cluster.index_of(finished.node_name)]
+    log = (node.data_dir / "logs" / task.id / f"{finished.attempt}.log").read_text()
+    results = [json.loads(line[len("PROBE "):]) for line in log.splitlines()
+               if line.startswith("PROBE ")]
+    assert results, f"the probe printed nothing:\n{log}"
+    return finished, results
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("kind", "network"), [
+    ("plain", "none"), ("plain", "isolated"),
+    # Host networking without certificates is documented as unprotected: not probed.
+    ("tls", "none"), ("tls", "isolated"), ("tls", "host"),
+])
+def test_a_task_cannot_reach_the_control_plane(
+        clusters: dict[str, NetCluster], tmp_path_factory: pytest.TempPathFactory,
+        kind: str, network: str) -> None:
+    cluster = cluster_of(clusters, kind, tmp_path_factory)
+    tls = cluster.pki is not None
+    before = cluster.etcd_keys()
+    task, results = run_probe(cluster, network)
+    assert (task.state, task.exit_code) == (pb.TASK_STATE_COMPLETE, 0), task
+
+    table = "\n".join(f"  {r['kind']:<10} {r['host']}:{r['port']} tls={r['tls']}: "
+                      f"{r['outcome']}" for r in results)
+    print(f"\n{network} network, {'TLS + token' if tls else 'plain'} cluster:\n{table}")
+    got_through = [r for r in results if r["outcome"].startswith("GOT")]
+    assert not got_through, f"the task got through:\n{table}"
+    if network != "host":
+        # Not even a TCP connection: the node and its peers are out of the task's reach.
+        reached = [r for r in results if not r["outcome"].startswith("unreachable")]
+        assert not reached, f"the task reached a node:\n{table}"
+
+    own_keys = {key for key in cluster.etcd_keys() ^ before if task.id in key}
+    assert cluster.etcd_keys() ^ before <= own_keys, "the keyspace changed beyond the task"
+    assert not any(key.startswith("/probe") for key in cluster.etcd_keys())
