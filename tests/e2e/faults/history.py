@@ -34,9 +34,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from tests.e2e.faults.netcluster import TICK, TRACE_MARKER, NetCluster, NetNode
+from tests.e2e.faults.netcluster import FINISHED, TICK, TRACE_MARKER, NetCluster, NetNode
 
-FINISHED = (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED)
 STATE = {value: name.removeprefix("TASK_STATE_") for name, value in pb.TaskState.items()}
 REASON = {value: name.removeprefix("REASON_") for name, value in pb.Reason.items()}
 

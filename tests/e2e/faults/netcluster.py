@@ -33,6 +33,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.config import Config
 from node.tls import Security
-from tests.e2e.cluster import wait_for
+from tests.e2e.cluster import FINISHED, wait_for
 
 T = TypeVar("T")
 
@@ -62,7 +63,6 @@ BRIDGE_HOST = 254
 CLAIM_DIR = Path("/tmp")
 CLAIM_PATTERN = "filch-faults-subnet-{k}.owner"
 
-FINISHED = (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED)
 
 # Every line a traced task prints starts with this marker (history.py parses them).
 TRACE_MARKER = "FILCH-TRACE"
@@ -705,6 +705,15 @@ class NetCluster:
             return None
         return wait_for(f"{len(wanted)} tasks to finish", check, timeout=timeout,
                         interval=0.3)
+
+    def metric(self, index: int, name: str) -> float:
+        """The sum of one metric's samples on node index (its /metrics on <ip>:9470)."""
+        from prometheus_client.parser import text_string_to_metric_families
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with opener.open(f"http://{self.nodes[index].ip}:9470/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return sum(sample.value for family in text_string_to_metric_families(text)
+                   for sample in family.samples if sample.name == name)
 
     def etcd_keys(self) -> set[str]:
         """Every key in etcd, read with etcdctl on a healthy node (not through filch)."""

@@ -98,6 +98,11 @@ def test_sigkill_daemon_only_etcd_member_lives(make_cluster: Callable[..., NetCl
     lost = [i for i in once_only if i in on_victim]
     assert all(finished[i].reason == pb.REASON_NODE_LOST for i in lost), verdict.problems()
     assert verdict.ok("I1", "I3", "I4"), verdict.problems()
+    # I5: the watchdog killed the dead daemon's task processes before anything could
+    # start them again elsewhere.
+    assert orphans_alive == 0, f"{orphans_alive} task processes of the dead daemon ran on"
+    assert outlived < requeue, (f"the dead daemon's attempts ran {outlived:.2f}s after the "
+                                f"kill, past the requeue at {requeue:.2f}s")
 
     # Restarted (as supervisord would), the node reaps what its last run left and joins
     # under a new id.

@@ -11,11 +11,10 @@ import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
+from node.membership import FENCE_MARGIN_FRACTION, FENCE_MARGIN_MIN
 from tests.e2e.faults import history
 from tests.e2e.faults.netcluster import NetCluster, wait_for
 
-# The agent's self-fence margin (node/membership.py): max(0.5 s, 20 % of the TTL).
-FENCE_MARGIN_MIN, FENCE_MARGIN_FRACTION = 0.5, 0.2
 # Time allowed for killing the containers once the node decided to fence (runc kill of
 # a few containers: tens of ms; generous for a loaded 2-core machine).
 KILL_ALLOWANCE = 1.0
@@ -96,6 +95,10 @@ def test_partition_longer_than_ttl(make_cluster: Callable[..., NetCluster]) -> N
     print(f"  {verdict.summary()}")
 
     assert live_at_fence == [], f"runc still lists live containers after the fence: {live_at_fence}"
+    # What an operator's dashboard shows of it (the agent process lived through it all).
+    assert cluster.metric(victim, "filch_self_fences_total") >= 1
+    assert cluster.metric(victim, "filch_lease_keepalive_failures_total") >= 1
+    assert cluster.metric(victim, "filch_fenced_writes_total") == history.rejected_writes(node)
     assert fenced < requeued, "another node took the tasks before the cut-off node had killed them"
     assert fenced <= bound
     assert new_id != old_ids[node.name]

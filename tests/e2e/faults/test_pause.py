@@ -67,6 +67,8 @@ def test_sigstop_daemon_past_ttl(make_cluster: Callable[..., NetCluster]) -> Non
     print(f"  {verdict.summary()}")
 
     assert history.fences(node) >= 1, "the thawed daemon did not fence itself"
+    assert cluster.metric(victim, "filch_self_fences_total") == history.fences(node)
+    assert cluster.metric(victim, "filch_fenced_writes_total") == history.rejected_writes(node)
     assert gone <= THAW_FENCE_BOUND
     assert live_after == []
     assert new_id != old_ids[node.name]

@@ -17,6 +17,8 @@ OUTAGE = 8.0
 # A container may legitimately start this long after the outage began: its steal was
 # committed just before (runc start is ~50 ms; generous for a loaded machine).
 LATE_START_GRACE = 1.0
+# CPU of each long task: on the cluster's 2-CPU nodes, two fit and a third does not.
+TASK_MILLIS = 700
 
 
 @pytest.mark.timeout(240)
@@ -26,15 +28,17 @@ def test_two_of_three_etcd_members_stopped(make_cluster: Callable[..., NetCluste
     every node fences itself; afterwards each task ran once or was requeued once."""
     cluster = make_cluster()
     ttl = cluster.lease_ttl
-    ids = [cluster.submit_traced(14.0, index=i % 3) for i in range(6)]
-    ids += [cluster.submit_traced(14.0, index=i % 3, restart=False) for i in range(2)]
+    # 0.7 CPU each: a 2-CPU node fits two and never three, so each node runs exactly two.
+    ids = [cluster.submit_traced(14.0, index=i % 3, cpu_millis=TASK_MILLIS) for i in range(4)]
+    ids += [cluster.submit_traced(14.0, index=i % 3, restart=False, cpu_millis=TASK_MILLIS)
+            for i in range(2)]
     running = cluster.wait_started(ids)
     busy = {task.node_name for task in running.values()}
-    # Fits no node that runs anything: it waits in the queue, and once the nodes fence
+    assert busy == {node.name for node in cluster.nodes}, "every node runs two tasks"
+    # Fits no node while they run: it waits in the queue, and once the nodes fence
     # themselves during the outage it fits all of them. It must still wait for quorum.
     big = cluster.submit_traced(1.0, cpu_millis=1950)
-    time.sleep(0.5)
-    big_pending = cluster.tasks()[big].state == pb.TASK_STATE_PENDING
+    assert cluster.tasks()[big].state == pb.TASK_STATE_PENDING
     survivor = 0
     stopped = [1, 2]
 
@@ -90,17 +94,16 @@ def test_two_of_three_etcd_members_stopped(make_cluster: Callable[..., NetCluste
           "members resumed")
     big_started = verdict.traces.get((big, finished[big].attempt))
     big_start = big_started.start if big_started and big_started.start else float("nan")
-    print(f"  the big task was {'PENDING' if big_pending else 'not pending'} at the outage "
-          f"and started {big_start - restored_wall:.2f}s after the members resumed")
+    print(f"  the big task was PENDING at the outage and started "
+          f"{big_start - restored_wall:.2f}s after the members resumed")
     print(f"  {verdict.summary()}")
 
     assert all(code.startswith("UNAVAILABLE") for code in codes.values()), codes
     assert started_in_outage == [], started_in_outage
     assert left_running == {node.name: [] for node in cluster.nodes}, \
         f"containers or task processes survived the fence: {left_running}"
-    if big_pending:
-        assert big_started is not None and big_started.start is not None
-        assert big_started.start > restored_wall
+    assert big_started is not None and big_started.start is not None
+    assert big_started.start > restored_wall, "the big task started without quorum"
     assert set(fenced) == busy, f"a node kept running tasks without quorum: {fenced}"
     assert all(history.fences(node) >= 1 for node in cluster.nodes), \
         "a node did not fence itself without quorum"
