@@ -212,9 +212,23 @@ def _age(stamp: Timestamp, now: datetime) -> str:
     return format_duration((now - timestamp_to_datetime(stamp)).total_seconds())
 
 
+def printable(text: str) -> str:
+    """text with control and bidirectional-override characters escaped (\\x1b, \\u202e):
+    a task's name or command is the submitter's text, and a terminal must not take it as
+    escape sequences (retitle the window, hide lines, move the cursor) or reorder it."""
+    return text.translate(_ESCAPES)
+
+
+# C0 and C1 controls, DEL, and the Unicode bidi embeddings, overrides and isolates.
+_ESCAPES = {code: (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+            for code in [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F),
+                         *range(0x2066, 0x206A)]}
+
+
 def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
-    """Columns left-aligned, two spaces apart, no trailing blanks; ends without a newline."""
-    lines = [list(header), *(list(row) for row in rows)]
+    """Columns left-aligned, two spaces apart, no trailing blanks; ends without a newline.
+    Cells are shown printable()."""
+    lines = [list(header), *([printable(cell) for cell in row] for row in rows)]
     widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
     return "\n".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
@@ -302,8 +316,8 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
     if task.request_id:
         fields.append(("Request ID", task.request_id))
     width = max(len(label) for label, _ in fields) + 1
-    return "\n".join(
-        f"{(label + ':') if label else '':<{width}}  {value}".rstrip() for label, value in fields)
+    return "\n".join(f"{(label + ':') if label else '':<{width}}  {printable(value)}".rstrip()
+                     for label, value in fields)
 
 
 def _short_id(identifier: str) -> str:

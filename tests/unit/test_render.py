@@ -160,3 +160,21 @@ def test_format_duration_is_short(seconds: float, text: str) -> None:
 def test_unknown_enum_values_from_a_newer_server_do_not_crash() -> None:
     assert render.state_name(99) == "99"
     assert render.reason_name(99) == "99"
+
+
+def test_control_characters_in_names_and_commands_are_escaped() -> None:
+    """A submitter's name or command must not drive the reader's terminal: clear the
+    screen, retitle the window, fake a second row, or reverse the text (bidi override)."""
+    hostile = finished_task()
+    hostile.spec.CopyFrom(pb.TaskSpec(
+        name="x\x1b[2J\x1b]0;owned\x07", command="sh",
+        args=["-c", "echo\nfake-row COMPLETE", "\u202egnp.exe"], env={"K": "v\r\x9b"}))
+    table = render.tasks_table([hostile], now=NOW)
+    detail = render.task_detail(hostile, now=NOW)
+    for text in (table, detail):
+        assert not any(ord(char) < 0x20 and char != "\n" for char in text), text
+        assert "\x7f" not in text and "\x9b" not in text and "\u202e" not in text
+    assert len(table.splitlines()) == 2                  # the header and one task
+    assert "x\\x1b[2J\\x1b]0;owned\\x07" in table
+    assert "echo\\x0afake-row" in detail and "\\u202egnp.exe" in detail
+    assert "K=v\\x0d\\x9b" in detail
