@@ -8,9 +8,10 @@ import binascii
 
 from node import keys, lifecycle
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.admission import PendingLimit
 from node.errors import Conflict, InvalidArgument, StoreUnavailable, TaskNotFound
 from node.group_commit import GroupCommitter
-from node.limits import LIST_PAGE_BYTES, READ_BATCH_RECORDS
+from node.limits import DEFAULT_MAX_PENDING, LIST_PAGE_BYTES, READ_BATCH_RECORDS
 from node.store import Move, Store, Versioned
 
 # How often submit and cancel retry when another node moved the task in between.
@@ -30,8 +31,9 @@ FINISHED = (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED)
 class TaskService:
     """Task and node operations shared by the gRPC API and the HTTP face."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.store = store
+        self.pending = PendingLimit(store, max_pending)
         # Submits that arrive together are created in one transaction.
         self._submits = GroupCommitter(store)
 
@@ -40,14 +42,17 @@ class TaskService:
 
         With a request_id the task id is derived from it, so a retried submit returns the
         first task (created=False). Raises Conflict when that request_id was used for a
-        different spec, StoreUnavailable / StoreFull when etcd cannot take the write.
+        different spec, Overloaded past --max-pending, StoreUnavailable / StoreFull when
+        etcd cannot take the write.
         """
         task = pb.Task(
             id=keys.task_id_for_request(request_id) if request_id else keys.new_task_id(),
             spec=spec, state=pb.TASK_STATE_PENDING, request_id=request_id)
         task.submitted_at.GetCurrentTime()
-        if await self._submits.transition(Move(None, task)) is not None:
-            return task, True
+        async with self.pending.admit() as created:
+            if await self._submits.transition(Move(None, task)) is not None:
+                created()
+                return task, True
         existing = await self.store.get_task(task.id)
         if existing is None:
             raise StoreUnavailable("submit raced with the deletion of an earlier task with this "

@@ -183,8 +183,6 @@ class Store:
             host=parts.hostname or "127.0.0.1", port=parts.port or 2379, timeout=timeout,
             options={"grpc.max_receive_message_length": STORE_MAX_RECEIVE_BYTES,
                      "grpc.max_send_message_length": STORE_MAX_SEND_BYTES})
-        self.calls = 0
-        """Requests sent to etcd (watches count once, when created): tests check load."""
         self._timeout = timeout
         self.endpoint = endpoint
 
@@ -192,7 +190,6 @@ class Store:
         await self._client.close()
 
     async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
-        self.calls += 1
         try:
             return await make()
         except _ETCD_ERRORS as exc:
