@@ -177,11 +177,13 @@ _ETCD_ERRORS = (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, asyncio.Time
 class Store:
     """A connection to the local etcd member and every operation filch performs on it."""
 
-    def __init__(self, endpoint: str, timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, endpoint: str, timeout: float = REQUEST_TIMEOUT, *,
+                 max_receive_bytes: int = STORE_MAX_RECEIVE_BYTES) -> None:
+        """max_receive_bytes: the channel's receive limit (node/limits.py; tests lower it)."""
         parts = urlsplit(endpoint)
         self._client = aetcd.Client(
             host=parts.hostname or "127.0.0.1", port=parts.port or 2379, timeout=timeout,
-            options={"grpc.max_receive_message_length": STORE_MAX_RECEIVE_BYTES,
+            options={"grpc.max_receive_message_length": max_receive_bytes,
                      "grpc.max_send_message_length": STORE_MAX_SEND_BYTES})
         self._timeout = timeout
         self.endpoint = endpoint
@@ -228,17 +230,27 @@ class Store:
     async def get_tasks(self, task_ids: Sequence[str]) -> list[Versioned]:
         """The records of these tasks, in order, one round trip per READ_BATCH_RECORDS ids
         (so that the answer fits the channel even when every record is as large as a
-        record may be); missing ids are skipped."""
+        record may be); missing ids are skipped. An answer too large anyway (records
+        written under older limits) is read again in halves; TooLarge only for one record
+        that cannot be read at all."""
         found: list[Versioned] = []
         step = min(MAX_TXN_OPS, READ_BATCH_RECORDS)
         for start in range(0, len(task_ids), step):
-            ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=keys.task(task_id)))
-                   for task_id in task_ids[start:start + step]]
-            response = await self._txn(rpc.TxnRequest(success=ops), read_only=True)
-            for op in response.responses:
-                for kv in op.response_range.kvs:
-                    found.append(Versioned(pb.Task.FromString(kv.value), kv.mod_revision))
+            found += await self._get_some(task_ids[start:start + step])
         return found
+
+    async def _get_some(self, task_ids: Sequence[str]) -> list[Versioned]:
+        ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=keys.task(task_id)))
+               for task_id in task_ids]
+        try:
+            response = await self._txn(rpc.TxnRequest(success=ops), read_only=True)
+        except TooLarge:
+            if len(task_ids) == 1:
+                raise
+            half = len(task_ids) // 2
+            return await self._get_some(task_ids[:half]) + await self._get_some(task_ids[half:])
+        return [Versioned(pb.Task.FromString(kv.value), kv.mod_revision)
+                for op in response.responses for kv in op.response_range.kvs]
 
     async def transition(self, old: Versioned | None, new: pb.Task, *, lease_id: int = 0,
                          fence: int = 0, owner_gone: bool = False) -> int | None:
@@ -293,7 +305,14 @@ class Store:
         (so the answer fits the channel); returns (records, more)."""
         start = after + b"\0" if after else keys.TASK_RECORDS_START
         limit = min(limit, READ_BATCH_RECORDS) if limit else READ_BATCH_RECORDS
-        response = await self._range(start, keys.TASK_RECORDS_END, limit=limit)
+        while True:
+            try:
+                response = await self._range(start, keys.TASK_RECORDS_END, limit=limit)
+                break
+            except TooLarge:
+                if limit == 1:
+                    raise
+                limit //= 2     # records written under older limits: read fewer at once
         return ([Versioned(pb.Task.FromString(kv.value), kv.mod_revision) for kv in response.kvs],
                 bool(response.more))
 

@@ -101,3 +101,32 @@ async def test_list_pages_stop_at_the_byte_budget(store: Store, state: int) -> N
         if not token:
             break
     assert sorted(seen) == sorted(ids)
+
+
+async def test_reads_too_large_for_the_channel_are_split(store: Store, etcd: str) -> None:
+    """Records written under larger limits: a read batch that does not fit the channel is
+    read again in halves, by get_tasks and by list_records alike."""
+    tasks = [_task(900_000) for _ in range(4)]
+    for task in tasks:
+        assert await store.transition(None, task) is not None
+    ids = sorted(task.id for task in tasks)
+    narrow = Store(etcd, max_receive_bytes=2 * limits.MiB)
+    tiny = Store(etcd, max_receive_bytes=limits.MiB // 2)
+    try:
+        assert [found.task.id for found in await narrow.get_tasks(ids)] == ids
+        records, more = await narrow.list_records(limit=4)
+        assert records and len(records) < 4 and more
+        listed: list[str] = []
+        after = b""
+        for _ in range(len(ids) + 1):
+            records, more = await narrow.list_records(after=after)
+            listed += [record.task.id for record in records]
+            if not more:
+                break
+            after = keys.task(records[-1].task.id)
+        assert listed == ids
+        with pytest.raises(TooLarge):
+            await tiny.get_tasks(ids[:1])       # one record that cannot be read at all
+    finally:
+        await narrow.close()
+        await tiny.close()
