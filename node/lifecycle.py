@@ -68,9 +68,9 @@ def too_large(task: pb.Task, limit: int) -> pb.Task:
     new = _copy(task)
     new.spec.ClearField("args")
     new.spec.ClearField("env")
-    new.message = _cut(f"the task record is {size} bytes, more than etcd takes in one "
-                       f"request ({limit} bytes): its args and env were dropped. "
-                       + task.message)
+    why = (f"the task record is {size} bytes, more than etcd takes in one request "
+           f"({limit} bytes): its args and env were dropped.")
+    new.message = _cut(f"{why} {task.message}" if task.message else why)
     return new
 
 

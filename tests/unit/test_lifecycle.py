@@ -138,12 +138,13 @@ def test_a_record_too_large_to_write_loses_args_and_env_and_says_so() -> None:
     task = pb.Task(id="01a21bce-b194-7000-994b-fef8376138b8", state=pb.TASK_STATE_RUNNING,
                    spec=pb.TaskSpec(command="sh", name="big", args=["-c", "x" * 10_000],
                                     env={"BIG": "y" * 10_000}))
-    failed = lifecycle.too_large(lifecycle.finished(
-        task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED), 4096)
+    done = lifecycle.finished(task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED)
+    failed = lifecycle.too_large(done, 4096)
     assert failed.reason == pb.REASON_START_FAILED
     assert (failed.spec.command, failed.spec.name) == ("sh", "big")
     assert not failed.spec.args and not failed.spec.env
-    assert f"{task.ByteSize()}" in failed.message and "4096" in failed.message
+    assert failed.message.startswith(f"the task record is {done.ByteSize()} bytes")
+    assert "4096" in failed.message and failed.message.endswith("dropped.")
     assert failed.ByteSize() < 1024
 
 
