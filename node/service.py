@@ -9,7 +9,7 @@ import binascii
 from node import keys, lifecycle
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.admission import PendingLimit
-from node.errors import Conflict, InvalidArgument, StoreUnavailable, TaskNotFound
+from node.errors import Conflict, InvalidArgument, Overloaded, StoreUnavailable, TaskNotFound
 from node.group_commit import GroupCommitter
 from node.limits import DEFAULT_MAX_PENDING, LIST_PAGE_BYTES, READ_BATCH_RECORDS
 from node.store import Move, Store, Versioned
@@ -49,10 +49,15 @@ class TaskService:
             id=keys.task_id_for_request(request_id) if request_id else keys.new_task_id(),
             spec=spec, state=pb.TASK_STATE_PENDING, request_id=request_id)
         task.submitted_at.GetCurrentTime()
-        async with self.pending.admit() as created:
-            if await self._submits.transition(Move(None, task)) is not None:
-                created()
-                return task, True
+        try:
+            async with self.pending.admit() as created:
+                if await self._submits.transition(Move(None, task)) is not None:
+                    created()
+                    return task, True
+        except Overloaded:
+            # A retried submit whose first try landed adds nothing: answer it as usual.
+            if not request_id or await self.store.get_task(task.id) is None:
+                raise
         existing = await self.store.get_task(task.id)
         if existing is None:
             raise StoreUnavailable("submit raced with the deletion of an earlier task with this "

@@ -90,3 +90,13 @@ def test_the_flags_are_checked() -> None:
         assert error.value.field == name
     loaded = config.load({"max_pending": "50", "max_log_streams": "7"}, environ={})
     assert (loaded.max_pending, loaded.max_log_streams) == (50, 7)
+
+
+async def test_a_retried_submit_that_landed_is_answered_at_the_limit(store: Store) -> None:
+    service = TaskService(store, max_pending=1)
+    first, created = await service.submit(spec(), "retry-me")
+    assert created
+    again, created = await service.submit(spec(), "retry-me")
+    assert (again.id, created) == (first.id, False)
+    with pytest.raises(Overloaded):
+        await service.submit(spec(), "a-new-one")
