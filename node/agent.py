@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from node import metrics
+from node import limits, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer, add_to_server
 from node.config import Config
@@ -122,7 +122,7 @@ class Agent:
         stealer = Stealer(config, store, runner, membership)
         recovery = Recovery(config, store)
         housekeeping = Housekeeping(config, store, membership, runner, stealer)
-        tasks = TaskService(store)
+        tasks = TaskService(store, config.max_pending)
 
         metrics.CPU_CAPACITY.set(config.cpus)
         metrics.MEMORY_CAPACITY.set(config.memory)
@@ -130,7 +130,9 @@ class Agent:
         security = Security.load(config.tls_ca, config.tls_cert, config.tls_key,
                                  config.api_token_file)
         interceptors = [TokenInterceptor(security.token)] if security.token else []
-        server = grpc.aio.server(interceptors=interceptors)
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs(config.max_log_streams))
         add_to_server(SchedulerServicer(tasks, LogService(config, store, runner, security)),
                       server)
         health_servicer = health.aio.HealthServicer()

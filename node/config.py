@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from node import units
+from node import limits, units
 from node.errors import InvalidArgument
 
 
@@ -106,6 +106,11 @@ class Config:
     """Revisions of history a compaction keeps: watchers this far behind can resume."""
     defrag_threshold: int = 64 * 1024 * 1024
     """Defragment the local etcd member when this many bytes of its db file are free space."""
+    max_pending: int = limits.DEFAULT_MAX_PENDING
+    """Cluster-wide limit on PENDING tasks: submits beyond it are answered RESOURCE_EXHAUSTED
+    before etcd fills (counted from etcd; nodes may overshoot it by what each admits in 1 s)."""
+    max_log_streams: int = limits.DEFAULT_MAX_LOG_STREAMS
+    """Concurrent log streams this node serves; beyond it RESOURCE_EXHAUSTED."""
     tls_ca: str = ""
     """The cluster CA certificate (from `filch certs`). With it: TLS on the API and between
     etcd peers (https:// peer URLs), and a bearer token on every API call."""
@@ -181,6 +186,10 @@ class Config:
             raise InvalidArgument("retention", "must not be negative")
         if self.housekeeping_interval <= 0 or self.compaction_interval <= 0:
             raise InvalidArgument("housekeeping_interval", "intervals must be positive")
+        if self.max_pending < 1:
+            raise InvalidArgument("max_pending", "must be at least 1")
+        if self.max_log_streams < 1:
+            raise InvalidArgument("max_log_streams", "must be at least 1")
         tls = (self.tls_ca, self.tls_cert, self.tls_key)
         if any(tls) and not all(tls):
             raise InvalidArgument("tls_ca", "set tls_ca, tls_cert and tls_key together")

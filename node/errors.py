@@ -45,3 +45,11 @@ class Fenced(FilchError):
 
 class ExecutorError(FilchError):
     """The task's container or process could not be started."""
+
+
+class TooLarge(FilchError):
+    """etcd or the channel refused a request or answer for its size; split the batch."""
+
+
+class Overloaded(FilchError):
+    """A load limit (pending tasks, log streams) is reached; retry later or raise it."""

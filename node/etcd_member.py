@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
 
+from node import limits
 from node.config import Config
 from node.errors import FilchError
 
@@ -109,6 +110,8 @@ class EtcdMember:
             "--listen-peer-urls", config.etcd_peer_url,
             "--initial-advertise-peer-urls", config.etcd_peer_url,
             "--quota-backend-bytes", str(config.etcd_quota_bytes),
+            # Room for a batch of large records (node/limits.py says why this size).
+            "--max-request-bytes", str(limits.ETCD_MAX_REQUEST_BYTES),
             # A member cut off for a moment must not come back with a higher term and
             # depose a healthy leader (etcd 3.4 leaves pre-vote off by default).
             "--pre-vote",

@@ -1,7 +1,8 @@
 """Group commit: transitions that arrive together share one etcd transaction.
 
 The first transition goes at once; those that arrive while its transaction is in flight
-go together in the next one (up to store.MAX_BATCH). An idle node therefore adds no
+go together in the next one (up to store.MAX_BATCH moves and limits.WRITE_BATCH_BYTES). A
+transaction etcd refuses as too large is split in halves. An idle node therefore adds no
 latency, and a burst of submits costs one Raft entry, fsync and watch event batch per
 transaction instead of one per task.
 """
@@ -10,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 
-from node.store import MAX_BATCH, Move, Store
+from node.errors import InvalidArgument, TooLarge
+from node.limits import ETCD_MAX_REQUEST_BYTES, WRITE_BATCH_BYTES
+from node.store import MAX_BATCH, Move, Store, move_bytes
 
 _Waiter = tuple[Move, "asyncio.Future[int | None]"]
 
@@ -50,15 +53,20 @@ class GroupCommitter:
             self._flusher = None
 
     def _next_batch(self) -> list[_Waiter]:
-        """Take up to MAX_BATCH waiters, at most one per task: etcd refuses a transaction
-        that writes one key twice (two submits with one request_id)."""
+        """Take up to MAX_BATCH waiters and WRITE_BATCH_BYTES (always at least one), at
+        most one per task: etcd refuses a transaction that writes one key twice (two
+        submits with one request_id)."""
         batch: list[_Waiter] = []
         later: list[_Waiter] = []
         ids: set[str] = set()
+        size = 0
         for waiter in self._waiting:
             task_id = waiter[0].new.id
-            if len(batch) < MAX_BATCH and task_id not in ids:
+            grown = size + move_bytes(waiter[0])
+            if (len(batch) < MAX_BATCH and task_id not in ids
+                    and (not batch or grown <= WRITE_BATCH_BYTES)):
                 ids.add(task_id)
+                size = grown
                 batch.append(waiter)
             else:
                 later.append(waiter)
@@ -68,6 +76,19 @@ class GroupCommitter:
     async def _commit(self, batch: list[_Waiter]) -> None:
         try:
             revision = await self._store.transition_many([move for move, _ in batch])
+        except TooLarge as exc:
+            if len(batch) > 1:
+                # Split and retry the halves; each waiter still gets its own answer.
+                half = len(batch) // 2
+                await self._commit(batch[:half])
+                await self._commit(batch[half:])
+                return
+            move, future = batch[0]
+            if not future.done():
+                future.set_exception(InvalidArgument(
+                    "spec", f"the task record is {move.new.ByteSize()} bytes; etcd takes "
+                            f"at most {ETCD_MAX_REQUEST_BYTES} in one request ({exc})"))
+            return
         except Exception as exc:  # handed to every waiter, who raises it
             for _, future in batch:
                 if not future.done():

@@ -6,6 +6,7 @@ Store.transition writes them together with their status key; these only build th
 from __future__ import annotations
 
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.limits import MAX_MESSAGE_CHARS
 
 
 def _copy(task: pb.Task) -> pb.Task:
@@ -40,7 +41,7 @@ def finished(task: pb.Task, state: int, reason: int, *, exit_code: int = 0,
     new.state = state  # type: ignore[assignment]
     new.reason = reason  # type: ignore[assignment]
     new.exit_code = exit_code
-    new.message = message
+    new.message = _cut(message)
     new.finished_at.GetCurrentTime()
     return new
 
@@ -49,7 +50,7 @@ def requeued(task: pb.Task, why: str) -> pb.Task:
     """RUNNING -> PENDING again (the node was lost or shut down; restart=true)."""
     new = _copy(task)
     new.state = pb.TASK_STATE_PENDING
-    new.message = f"requeued after attempt {task.attempt}: {why}"
+    new.message = _cut(f"requeued after attempt {task.attempt}: {why}")
     new.fencing_token = 0
     return new
 
@@ -58,6 +59,26 @@ def lost(task: pb.Task, why: str) -> pb.Task:
     """The attempt's node was lost and the task may not run again: COMPLETE, NODE_LOST."""
     return finished(task, pb.TASK_STATE_COMPLETE, pb.REASON_NODE_LOST,
                     message=f"attempt {task.attempt} lost: {why}")
+
+
+def too_large(task: pb.Task, limit: int) -> pb.Task:
+    """The record `task`, which etcd refused at its size, made small enough to write: args
+    and env (the only fields that can be that large) dropped, and a message saying so."""
+    size = task.ByteSize()
+    new = _copy(task)
+    new.spec.ClearField("args")
+    new.spec.ClearField("env")
+    why = (f"the task record is {size} bytes, more than etcd takes in one request "
+           f"({limit} bytes): its args and env were dropped.")
+    new.message = _cut(f"{why} {task.message}" if task.message else why)
+    return new
+
+
+def _cut(message: str) -> str:
+    """A message short enough that the record stays within limits.RECORD_OVERHEAD_BYTES."""
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[:MAX_MESSAGE_CHARS] + " [...]"
 
 
 def restartable(spec: pb.TaskSpec) -> bool:

@@ -13,12 +13,20 @@ from pathlib import Path
 
 import grpc
 
+from node import keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.config import Config
-from node.errors import FilchError, InvalidArgument, OwnerUnavailable, TaskNotFound
+from node.errors import (
+    FilchError,
+    InvalidArgument,
+    Overloaded,
+    OwnerUnavailable,
+    StoreUnavailable,
+    TaskNotFound,
+)
 from node.runner import Runner, log_path
-from node.store import Store
+from node.store import Compacted, Store
 from node.tls import Security
 
 log = logging.getLogger(__name__)
@@ -27,6 +35,10 @@ CHUNK_BYTES = 64 * 1024
 
 # How often a follower looks for new output. Short enough to feel live in a terminal.
 FOLLOW_POLL = 0.2
+
+# Back-off after the watch on a pending task's record broke (etcd unreachable), before the
+# record is read again.
+WATCH_RETRY = 0.5
 
 # A proxied request carries this metadata so that it is never proxied a second time.
 PROXIED_HEADER = "filch-proxied"
@@ -45,14 +57,33 @@ class LogService:
         self._store = store
         self._runner = runner
         self._security = security
+        self._streams = 0
 
     async def stream(self, task_id: str, *, follow: bool, attempt: int,
                      proxied: bool) -> AsyncIterator[bytes]:
         """Yield the log of one attempt (0: the latest); with follow, until it ends.
 
-        Raises TaskNotFound, NotStarted, InvalidArgument (no such attempt) or
-        OwnerUnavailable (the owning node cannot be reached).
+        Raises TaskNotFound, NotStarted, InvalidArgument (no such attempt),
+        OwnerUnavailable (the owning node cannot be reached) or Overloaded (this node
+        already serves --max-log-streams streams).
         """
+        limit = self._config.max_log_streams
+        if self._streams >= limit:
+            raise Overloaded(f"node {self._config.name} already serves {self._streams} log "
+                             f"streams (limit {limit}, --max-log-streams); retry later or "
+                             "ask another node")
+        self._streams += 1
+        metrics.LOG_STREAMS.inc()
+        try:
+            async for chunk in self._stream(task_id, follow=follow, attempt=attempt,
+                                            proxied=proxied):
+                yield chunk
+        finally:
+            self._streams -= 1
+            metrics.LOG_STREAMS.dec()
+
+    async def _stream(self, task_id: str, *, follow: bool, attempt: int,
+                      proxied: bool) -> AsyncIterator[bytes]:
         task = await self._wait_started(task_id, follow)
         if task is None:
             return      # finished without ever starting: there is no output
@@ -92,7 +123,21 @@ class LogService:
             if not follow:
                 raise NotStarted(f"task {task_id} has not started yet, so it has no log; "
                                  "use `filch logs -f` to wait for it")
-            await asyncio.sleep(FOLLOW_POLL * 5)
+            await self._changed(task_id, found.mod_revision)
+
+    async def _changed(self, task_id: str, revision: int) -> None:
+        """Return once the task's record changed after revision, or when the watch broke
+        (the caller reads the record again either way). One etcd watch per waiting
+        follower, and no requests while nothing happens: a pending task may wait hours."""
+        try:
+            # A task record's key is no prefix of any other key (ids have a fixed length).
+            async for _ in self._store.watch(keys.task(task_id), revision + 1):
+                return
+        except Compacted:
+            return      # it changed long ago: the next read shows how
+        except StoreUnavailable as exc:
+            log.info("watch of task %s restarts: %s", task_id, exc)
+            await asyncio.sleep(WATCH_RETRY)
 
     async def _proxy(self, task: pb.Task, attempt: int, follow: bool) -> AsyncIterator[bytes]:
         where = f"node {task.node_name} ({task.node_address})"

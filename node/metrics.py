@@ -76,6 +76,7 @@ API_REQUESTS = Counter("filch_api_requests_total", "gRPC requests by method and 
                        ["method", "code"])
 API_LATENCY = Histogram("filch_api_request_duration_seconds", "gRPC request handling time.",
                         ["method"], buckets=LATENCY_BUCKETS)
+LOG_STREAMS = Gauge("filch_log_streams", "Log streams this node serves now (--max-log-streams).")
 
 
 # Label values known in advance are created at import, so every series exists (at 0)

@@ -18,6 +18,7 @@ from node import keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError
+from node.limits import READ_BATCH_RECORDS
 from node.store import Compacted, Store, WatchEvent, status_key
 from node.watching import list_and_watch
 
@@ -26,7 +27,9 @@ log = logging.getLogger(__name__)
 # Full scans read every task record: rare, because the node-deletion path is exact and
 # this is only its backstop.
 FULL_SCAN_INTERVAL = 60.0
-SCAN_PAGE = 1000
+# Records per read: as many as fit the store channel even when each is as large as a record
+# may be (node/limits.py).
+SCAN_PAGE = READ_BATCH_RECORDS
 
 
 class Recovery:

@@ -19,10 +19,11 @@ from typing import NoReturn
 from node import keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
-from node.errors import ExecutorError, FilchError
+from node.errors import ExecutorError, FilchError, TooLarge
+from node.limits import ETCD_MAX_REQUEST_BYTES, WRITE_BATCH_BYTES, batches
 from node.membership import Allocation, Membership, Registration
 from node.runtime.base import Attempt, AttemptSpec, Executor
-from node.store import MAX_BATCH, Compacted, Move, Store, Versioned
+from node.store import MAX_BATCH, Compacted, Move, Store, Versioned, move_bytes
 
 log = logging.getLogger(__name__)
 
@@ -190,19 +191,26 @@ class Runner:
         """Commit queued results: all in one transaction when every fence holds, else one
         by one so that a single fenced attempt does not hold back the others."""
         while True:
-            batch = [await self._results.get()]
-            while len(batch) < MAX_BATCH and not self._results.empty():
-                batch.append(self._results.get_nowait())
-            while True:
-                batch = [result for result in batch if not result.settle_if_revoked()]
-                if not batch:
-                    break
-                try:
-                    await self._commit(batch)
-                    break
-                except FilchError as exc:
-                    log.warning("cannot record the end of %d task(s) yet: %s", len(batch), exc)
-                    await asyncio.sleep(FINISH_RETRY)
+            ready = [await self._results.get()]
+            while len(ready) < MAX_BATCH and not self._results.empty():
+                ready.append(self._results.get_nowait())
+            for batch in batches(ready, lambda result: move_bytes(result.move()),
+                                 max_count=MAX_BATCH, max_bytes=WRITE_BATCH_BYTES):
+                await self._commit_until_done(batch)
+
+    async def _commit_until_done(self, batch: list[Result]) -> None:
+        """Retry a batch through etcd outages; the lease deadline bounds the retries (a
+        fenced node's results are dropped as revoked)."""
+        while True:
+            batch = [result for result in batch if not result.settle_if_revoked()]
+            if not batch:
+                return
+            try:
+                await self._commit(batch)
+                return
+            except FilchError as exc:
+                log.warning("cannot record the end of %d task(s) yet: %s", len(batch), exc)
+                await asyncio.sleep(FINISH_RETRY)
 
     async def _already_recorded(self, new: pb.Task) -> bool:
         """After a failed compare: did an earlier try (that timed out) write this result?"""
@@ -214,12 +222,16 @@ class Runner:
 
     async def _commit(self, batch: list[Result]) -> None:
         moves = [result.move() for result in batch]
-        if len(batch) > 1 and await self._store.transition_many(moves) is not None:
+        together = False
+        if len(batch) > 1:
+            try:
+                together = await self._store.transition_many(moves) is not None
+            except TooLarge as exc:
+                log.info("finish batch of %d split: %s", len(batch), exc)
+        if together:
             outcomes = [True] * len(batch)
         else:
-            outcomes = [await self._store.transition_many([move]) is not None
-                        or await self._already_recorded(result.new) for move, result
-                        in zip(moves, batch, strict=True)]
+            outcomes = [await self._write_one(result) for result in batch]
         for result, written in zip(batch, outcomes, strict=True):
             if written:
                 reason = pb.Reason.Name(result.new.reason)[len("REASON_"):]
@@ -229,6 +241,21 @@ class Runner:
                 log.warning("task %s attempt %d: result rejected, this node no longer owns it",
                             result.new.id, result.new.attempt)
             result.done.set_result(None)
+
+    async def _write_one(self, result: Result) -> bool:
+        """Write one result behind its fence; True when it is recorded. A record etcd
+        refuses at its size is written without its args and env (a permanent error, said
+        in the message) rather than retried unchanged forever."""
+        move = result.move()
+        try:
+            if await self._store.transition_many([move]) is not None:
+                return True
+        except TooLarge:
+            smaller = lifecycle.too_large(result.new, ETCD_MAX_REQUEST_BYTES)
+            log.error("task %s: %s", result.new.id, smaller.message)
+            if await self._store.transition(move.old, smaller, fence=move.fence) is not None:
+                return True
+        return await self._already_recorded(result.new)
 
     def _attempt_spec(self, task: pb.Task) -> AttemptSpec:
         data_dir = self._config.path

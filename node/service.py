@@ -8,8 +8,10 @@ import binascii
 
 from node import keys, lifecycle
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.errors import Conflict, InvalidArgument, StoreUnavailable, TaskNotFound
+from node.admission import PendingLimit
+from node.errors import Conflict, InvalidArgument, Overloaded, StoreUnavailable, TaskNotFound
 from node.group_commit import GroupCommitter
+from node.limits import DEFAULT_MAX_PENDING, LIST_PAGE_BYTES, READ_BATCH_RECORDS
 from node.store import Move, Store, Versioned
 
 # How often submit and cancel retry when another node moved the task in between.
@@ -29,8 +31,9 @@ FINISHED = (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED)
 class TaskService:
     """Task and node operations shared by the gRPC API and the HTTP face."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.store = store
+        self.pending = PendingLimit(store, max_pending)
         # Submits that arrive together are created in one transaction.
         self._submits = GroupCommitter(store)
 
@@ -39,14 +42,22 @@ class TaskService:
 
         With a request_id the task id is derived from it, so a retried submit returns the
         first task (created=False). Raises Conflict when that request_id was used for a
-        different spec, StoreUnavailable / StoreFull when etcd cannot take the write.
+        different spec, Overloaded past --max-pending, StoreUnavailable / StoreFull when
+        etcd cannot take the write.
         """
         task = pb.Task(
             id=keys.task_id_for_request(request_id) if request_id else keys.new_task_id(),
             spec=spec, state=pb.TASK_STATE_PENDING, request_id=request_id)
         task.submitted_at.GetCurrentTime()
-        if await self._submits.transition(Move(None, task)) is not None:
-            return task, True
+        try:
+            async with self.pending.admit() as created:
+                if await self._submits.transition(Move(None, task)) is not None:
+                    created()
+                    return task, True
+        except Overloaded:
+            # A retried submit whose first try landed adds nothing: answer it as usual.
+            if not request_id or await self.store.get_task(task.id) is None:
+                raise
         existing = await self.store.get_task(task.id)
         if existing is None:
             raise StoreUnavailable("submit raced with the deletion of an earlier task with this "
@@ -89,23 +100,44 @@ class TaskService:
     async def list_tasks(self, state: int, page_size: int,
                          page_token: str) -> tuple[list[pb.Task], str]:
         """One page of tasks, in submission order for PENDING, finish order for finished ones,
-        id order for all. Returns (tasks, next_page_token)."""
+        id order for all. Returns (tasks, next_page_token).
+
+        A page ends at page_size tasks or LIST_PAGE_BYTES (but holds at least one task), so
+        any client can receive it; etcd is read READ_BATCH_RECORDS records at a time."""
         after = _decode_token(page_token)
+        page = _Page(page_size)
         if state == pb.TASK_STATE_UNSPECIFIED:
             if after and (not after.startswith(b"/task/") or after.startswith(keys.STATUS)):
                 raise InvalidArgument("page_token", "does not belong to this listing")
-            records, more = await self.store.list_records(after=after, limit=page_size)
-            token = _encode_token(keys.task(records[-1].task.id)) if more and records else ""
-            return [record.task for record in records], token
+            more = True
+            while more and not page.full:
+                records, more = await self.store.list_records(
+                    after=after, limit=page_size - len(page.tasks))
+                for record in records:
+                    if not page.add(record.task):
+                        break
+                    after = keys.task(record.task.id)
+                if not records:
+                    more = False
+            return page.tasks, _encode_token(after) if more or page.cut else ""
         prefix = _STATE_PREFIX[state]
         if after and not after.startswith(prefix):
             raise InvalidArgument("page_token", "does not belong to this listing")
         status_keys = await self.store.list_ids(prefix, after=after, limit=page_size + 1)
         more = len(status_keys) > page_size
         status_keys = status_keys[:page_size]
-        records = await self.store.get_tasks([keys.last_segment(key) for key in status_keys])
-        token = _encode_token(status_keys[-1]) if more else ""
-        return [record.task for record in records], token
+        for start in range(0, len(status_keys), READ_BATCH_RECORDS):
+            chunk = status_keys[start:start + READ_BATCH_RECORDS]
+            found = {record.task.id: record.task for record in
+                     await self.store.get_tasks([keys.last_segment(key) for key in chunk])}
+            for key in chunk:
+                task = found.get(keys.last_segment(key))
+                if task is not None and not page.add(task):
+                    break
+                after = key     # a task deleted since the key was listed is skipped
+            if page.cut:
+                break
+        return page.tasks, _encode_token(after) if more or page.cut else ""
 
     async def list_nodes(self) -> list[pb.Node]:
         """Live nodes, with etcd leadership and NOSPACE as seen by the local member now."""
@@ -134,6 +166,31 @@ class TaskService:
                     f"CPUs and {task.spec.memory_bytes} bytes; the largest node offers "
                     f"{largest.cpu_capacity_millis / 1000:g} CPUs and "
                     f"{largest.memory_capacity_bytes} bytes")
+
+
+class _Page:
+    """Tasks of one ListTasks answer, bounded by count and bytes."""
+
+    def __init__(self, page_size: int) -> None:
+        self.tasks: list[pb.Task] = []
+        self._size = page_size
+        self._bytes = 0
+        self.cut = False
+        """True when the byte budget ended the page before page_size."""
+
+    @property
+    def full(self) -> bool:
+        return self.cut or len(self.tasks) >= self._size
+
+    def add(self, task: pb.Task) -> bool:
+        """Add task if the page has room for it; False (and cut) when it does not."""
+        size = task.ByteSize()
+        if self.full or (self.tasks and self._bytes + size > LIST_PAGE_BYTES):
+            self.cut = True
+            return False
+        self.tasks.append(task)
+        self._bytes += size
+        return True
 
 
 def _fits_capacity(spec: pb.TaskSpec, node: pb.Node) -> bool:

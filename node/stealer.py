@@ -16,10 +16,11 @@ from typing import NoReturn
 from node import keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
-from node.errors import FilchError
+from node.errors import FilchError, TooLarge
+from node.limits import ETCD_MAX_REQUEST_BYTES, WRITE_BATCH_BYTES
 from node.membership import Membership, Registration
 from node.runner import Runner
-from node.store import MAX_BATCH, Move, Store, Versioned, WatchEvent
+from node.store import MAX_BATCH, MOVE_KEYS_BYTES, Move, Store, Versioned, WatchEvent
 from node.watching import list_and_watch
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ PASS_LIMIT = 64
 
 # Tasks per steal transaction start here, double after a won steal and halve after a lost
 # one (up to store.MAX_BATCH): large batches while the queue is ours alone, single steals
-# while nodes contend for the same tasks.
+# while nodes contend for the same tasks. A batch also stops at limits.WRITE_BATCH_BYTES.
 INITIAL_BATCH = 4
 
 # Random extra delay, as a fraction of steal_delay, so equally loaded nodes do not collide
@@ -144,6 +145,7 @@ class Stealer:
             return False
         found = {record.task.id: record for record in await self._store.get_tasks(ids)}
         chosen: list[Versioned] = []
+        chosen_bytes = 0
         for task_id in ids:
             record = found.get(task_id)
             if record is None or record.task.state != pb.TASK_STATE_PENDING:
@@ -151,9 +153,11 @@ class Stealer:
             elif not self._runner.fits_ever(record.task.spec):
                 self._candidates.pop(task_id, None)
                 self._never_fits.add(task_id)
-            elif self._runner.fits_free(record.task.spec) and len(chosen) < self._batch:
+            elif (self._runner.fits_free(record.task.spec) and len(chosen) < self._batch
+                  and (not chosen or chosen_bytes + _steal_bytes(record) <= WRITE_BATCH_BYTES)):
                 self._runner.reserve(record.task.spec)   # so the next one sees less room
                 chosen.append(record)
+                chosen_bytes += _steal_bytes(record)
         if not chosen:
             return False
         return await self._steal(chosen, registration)
@@ -167,6 +171,14 @@ class Stealer:
         metrics.STEALS_ATTEMPTED.inc(len(moves))
         try:
             token = await self._store.transition_many(moves, lease_id=registration.lease_id)
+        except TooLarge:
+            self._release(moves)
+            if len(moves) > 1:
+                # Split: the next pass tries half as many (and halves again if need be).
+                self._batch = max(1, len(moves) // 2)
+                return True
+            await self._refuse(chosen[0])
+            return True
         except BaseException:
             self._release(moves)
             raise
@@ -187,6 +199,22 @@ class Stealer:
         log.info("stole %d task(s) at revision %d", len(moves), token)
         return True
 
+    async def _refuse(self, record: Versioned) -> None:
+        """A task whose record alone is too large to write: a permanent error, recorded on
+        the task (COMPLETE, START_FAILED), never retried."""
+        self._candidates.pop(record.task.id, None)
+        failed = lifecycle.too_large(lifecycle.finished(
+            record.task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED),
+            ETCD_MAX_REQUEST_BYTES)
+        if await self._store.transition(record, failed) is not None:
+            log.error("task %s: %s", record.task.id, failed.message)
+
     def _release(self, moves: list[Move]) -> None:
         for move in moves:
             self._runner.release(move.new.spec)
+
+
+def _steal_bytes(record: Versioned) -> int:
+    """What stealing this task adds to a transaction: its record, grown by a few node
+    fields (WRITE_BATCH_BYTES leaves a whole record of headroom for those), and keys."""
+    return record.task.ByteSize() + MOVE_KEYS_BYTES

@@ -23,7 +23,12 @@ import grpc
 
 from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.errors import StoreFull, StoreUnavailable
+from node.errors import StoreFull, StoreUnavailable, TooLarge
+from node.limits import (
+    READ_BATCH_RECORDS,
+    STORE_MAX_RECEIVE_BYTES,
+    STORE_MAX_SEND_BYTES,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +46,8 @@ READ_RETRY_PAUSE = 0.2
 MAX_TXN_OPS = 128
 # A move is at most 2 compares and 3 operations, so this many fit in one transaction.
 MAX_BATCH = 32
+# A move's compares and operations besides its record: three keys of ~80 bytes, framing.
+MOVE_KEYS_BYTES = 512
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,11 @@ def status_key(task: pb.Task) -> bytes:
     raise ValueError(f"task {task.id} has no state")
 
 
+def move_bytes(move: Move) -> int:
+    """What one move adds to a transaction, for limits.batches: its record and keys."""
+    return move.new.ByteSize() + MOVE_KEYS_BYTES
+
+
 @dataclass(frozen=True)
 class Move:
     """One task's transition, for transition_many (fields as in Store.transition)."""
@@ -139,9 +151,17 @@ def _compare(key: bytes, target: str, value: int, result: int = 0) -> Any:
     return rpc.Compare(key=key, target=targets[target], result=result, **{target: value})
 
 
+# What etcd and gRPC say about a request or answer that is too big: etcd's own check
+# (--max-request-bytes, --max-txn-ops) and gRPC's message size limits on either side.
+_TOO_LARGE = ("request is too large", "too many operations in txn request",
+              "larger than max")
+
+
 def _translate(exc: BaseException) -> Exception:
-    """Map an aetcd/grpc error to Compacted, StoreFull or StoreUnavailable."""
+    """Map an aetcd/grpc error to Compacted, TooLarge, StoreFull or StoreUnavailable."""
     text = exc.details() or "" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+    if any(marker in text for marker in _TOO_LARGE):
+        return TooLarge(f"etcd refused the request for its size: {text}")
     if "compacted" in text:
         return Compacted(0)
     if "space exceeded" in text or "NOSPACE" in text:
@@ -157,10 +177,14 @@ _ETCD_ERRORS = (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, asyncio.Time
 class Store:
     """A connection to the local etcd member and every operation filch performs on it."""
 
-    def __init__(self, endpoint: str, timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, endpoint: str, timeout: float = REQUEST_TIMEOUT, *,
+                 max_receive_bytes: int = STORE_MAX_RECEIVE_BYTES) -> None:
+        """max_receive_bytes: the channel's receive limit (node/limits.py; tests lower it)."""
         parts = urlsplit(endpoint)
-        self._client = aetcd.Client(host=parts.hostname or "127.0.0.1", port=parts.port or 2379,
-                                    timeout=timeout)
+        self._client = aetcd.Client(
+            host=parts.hostname or "127.0.0.1", port=parts.port or 2379, timeout=timeout,
+            options={"grpc.max_receive_message_length": max_receive_bytes,
+                     "grpc.max_send_message_length": STORE_MAX_SEND_BYTES})
         self._timeout = timeout
         self.endpoint = endpoint
 
@@ -204,16 +228,29 @@ class Store:
         return Versioned(pb.Task.FromString(result.value), result.mod_revision)
 
     async def get_tasks(self, task_ids: Sequence[str]) -> list[Versioned]:
-        """The records of these tasks, one round trip per 128 ids; missing ids are skipped."""
+        """The records of these tasks, in order, one round trip per READ_BATCH_RECORDS ids
+        (so that the answer fits the channel even when every record is as large as a
+        record may be); missing ids are skipped. An answer too large anyway (records
+        written under older limits) is read again in halves; TooLarge only for one record
+        that cannot be read at all."""
         found: list[Versioned] = []
-        for start in range(0, len(task_ids), MAX_TXN_OPS):
-            ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=keys.task(task_id)))
-                   for task_id in task_ids[start:start + MAX_TXN_OPS]]
-            response = await self._txn(rpc.TxnRequest(success=ops), read_only=True)
-            for op in response.responses:
-                for kv in op.response_range.kvs:
-                    found.append(Versioned(pb.Task.FromString(kv.value), kv.mod_revision))
+        step = min(MAX_TXN_OPS, READ_BATCH_RECORDS)
+        for start in range(0, len(task_ids), step):
+            found += await self._get_some(task_ids[start:start + step])
         return found
+
+    async def _get_some(self, task_ids: Sequence[str]) -> list[Versioned]:
+        ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=keys.task(task_id)))
+               for task_id in task_ids]
+        try:
+            response = await self._txn(rpc.TxnRequest(success=ops), read_only=True)
+        except TooLarge:
+            if len(task_ids) == 1:
+                raise
+            half = len(task_ids) // 2
+            return await self._get_some(task_ids[:half]) + await self._get_some(task_ids[half:])
+        return [Versioned(pb.Task.FromString(kv.value), kv.mod_revision)
+                for op in response.responses for kv in op.response_range.kvs]
 
     async def transition(self, old: Versioned | None, new: pb.Task, *, lease_id: int = 0,
                          fence: int = 0, owner_gone: bool = False) -> int | None:
@@ -234,7 +271,9 @@ class Store:
     async def transition_many(self, moves: Sequence[Move], *, lease_id: int = 0) -> int | None:
         """Several transitions in ONE transaction: all happen, or none (see transition()).
 
-        At most MAX_BATCH moves. Returns the revision, or None when any compare failed.
+        At most MAX_BATCH moves; callers cut batches with limits.batches(..., move_bytes)
+        to WRITE_BATCH_BYTES. Returns the revision, or None when any compare failed.
+        Raises TooLarge when etcd refuses the transaction for its size (split it).
         """
         if not 0 < len(moves) <= MAX_BATCH:
             raise ValueError(f"{len(moves)} moves; one transaction takes 1..{MAX_BATCH}")
@@ -262,9 +301,18 @@ class Store:
 
     async def list_records(self, *, after: bytes = b"",
                            limit: int = 0) -> tuple[list[Versioned], bool]:
-        """Task records in id order after `after`; returns (records, more)."""
+        """Task records in id order after `after`, at most `limit` and READ_BATCH_RECORDS
+        (so the answer fits the channel); returns (records, more)."""
         start = after + b"\0" if after else keys.TASK_RECORDS_START
-        response = await self._range(start, keys.TASK_RECORDS_END, limit=limit)
+        limit = min(limit, READ_BATCH_RECORDS) if limit else READ_BATCH_RECORDS
+        while True:
+            try:
+                response = await self._range(start, keys.TASK_RECORDS_END, limit=limit)
+                break
+            except TooLarge:
+                if limit == 1:
+                    raise
+                limit //= 2     # records written under older limits: read fewer at once
         return ([Versioned(pb.Task.FromString(kv.value), kv.mod_revision) for kv in response.kvs],
                 bool(response.more))
 

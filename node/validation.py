@@ -5,7 +5,7 @@ Each check raises InvalidArgument naming the field, with a message a person can 
 
 from __future__ import annotations
 
-from node import keys
+from node import keys, limits
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import InvalidArgument
 
@@ -19,8 +19,8 @@ MAX_CPU_MILLIS = 4096 * 1000
 MAX_MEMORY_BYTES = 1 << 50            # 1 PiB
 MIN_MEMORY_BYTES = 4 * 1024 * 1024    # runc itself needs a few MiB inside the cgroup
 
-# A whole spec is stored in etcd: keep it far below etcd's 1.5 MiB request limit.
-MAX_SPEC_BYTES = 1024 * 1024
+# A whole spec is stored in etcd; node/limits.py sizes every batch around it.
+MAX_SPEC_BYTES = limits.MAX_SPEC_BYTES
 MAX_NAME = 253
 MAX_ARGS = 4096
 MAX_ENV = 1024

@@ -7,7 +7,7 @@ import time
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from node import keys, lifecycle
+from node import keys, lifecycle, limits
 from node._gen.filch.v1 import filch_pb2 as pb
 
 NODE_ID = "6f1c2a9e-0d4b-4c1e-9a53-2b8f0e6d7c11"
@@ -132,3 +132,24 @@ def test_requeued_then_stolen_is_a_fresh_attempt() -> None:
 def test_owner_lost_treats_unset_restart_as_true() -> None:
     task = running(restart=None)
     assert lifecycle.after_owner_lost(task, "lost").state == pb.TASK_STATE_PENDING
+
+
+def test_a_record_too_large_to_write_loses_args_and_env_and_says_so() -> None:
+    task = pb.Task(id="01a21bce-b194-7000-994b-fef8376138b8", state=pb.TASK_STATE_RUNNING,
+                   spec=pb.TaskSpec(command="sh", name="big", args=["-c", "x" * 10_000],
+                                    env={"BIG": "y" * 10_000}))
+    done = lifecycle.finished(task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED)
+    failed = lifecycle.too_large(done, 4096)
+    assert failed.reason == pb.REASON_START_FAILED
+    assert (failed.spec.command, failed.spec.name) == ("sh", "big")
+    assert not failed.spec.args and not failed.spec.env
+    assert failed.message.startswith(f"the task record is {done.ByteSize()} bytes")
+    assert "4096" in failed.message and failed.message.endswith("dropped.")
+    assert failed.ByteSize() < 1024
+
+
+def test_messages_are_cut_to_keep_records_bounded() -> None:
+    task = pb.Task(id="01a21bce-b194-7000-994b-fef8376138b8", state=pb.TASK_STATE_RUNNING)
+    done = lifecycle.finished(task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED,
+                              message="e" * (10 * limits.MAX_MESSAGE_CHARS))
+    assert len(done.message) <= limits.MAX_MESSAGE_CHARS + 10

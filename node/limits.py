@@ -1,0 +1,101 @@
+"""Every size and load limit in one table, and the helper that cuts batches to fit it.
+
+The numbers depend on each other: a spec must fit in a record, a record in one etcd
+request, a write batch in one request with room to spare, a read batch in the store
+channel's receive limit, and a page of ListTasks in a default gRPC client's receive
+limit. tests/unit/test_limits.py checks those relations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
+
+T = TypeVar("T")
+
+MiB = 1024 * 1024
+
+# -- sizes of what is stored ---------------------------------------------------------------
+
+# A whole spec is stored in etcd, in every record of its task: 1 MiB is plenty for a
+# command line and its environment; larger inputs belong in files.
+MAX_SPEC_BYTES = 1 * MiB
+
+# What a Task record holds besides its spec (ids, node name and address, timestamps, a
+# message): a few hundred bytes in practice. Messages are cut to MAX_MESSAGE_CHARS so that
+# this bound holds.
+RECORD_OVERHEAD_BYTES = 64 * 1024
+MAX_MESSAGE_CHARS = 16 * 1024
+MAX_RECORD_BYTES = MAX_SPEC_BYTES + RECORD_OVERHEAD_BYTES
+
+# -- etcd and its client channel -----------------------------------------------------------
+
+# etcd's --max-request-bytes. Its default, 1.5 MiB, takes one large record but not two; 4 MiB
+# takes a write batch (below) with room for keys and compares, and stays well under the
+# 10 MiB etcd's docs name as the point where large Raft entries delay heartbeats.
+ETCD_MAX_REQUEST_BYTES = 4 * MiB
+
+# gRPC framing and etcd's own request fields around the payload (etcd adds 512 KiB to
+# --max-request-bytes for its server's receive limit; we allow as much on our side).
+GRPC_OVERHEAD_BYTES = 512 * 1024
+
+# Writes: one transaction carries at most this many bytes of records. Below the request
+# limit by a whole record, so a batch that passed this budget never meets "request is too
+# large" (and when it does anyway, the batch is split in halves).
+WRITE_BATCH_BYTES = ETCD_MAX_REQUEST_BYTES - MAX_RECORD_BYTES
+
+# Reads: one range or read transaction returns at most this many bytes of records. Ranges
+# cannot be cut by bytes on etcd's side, so the count of a read is bounded by the worst
+# case: READ_BATCH_BYTES // MAX_RECORD_BYTES records (60), however small they really are.
+READ_BATCH_BYTES = 64 * MiB
+READ_BATCH_RECORDS = READ_BATCH_BYTES // MAX_RECORD_BYTES
+
+# The store's channel to etcd: receive a full read batch plus framing (gRPC's default,
+# 4 MiB, fails a read of five large records); send at most what etcd accepts.
+STORE_MAX_RECEIVE_BYTES = READ_BATCH_BYTES + GRPC_OVERHEAD_BYTES
+STORE_MAX_SEND_BYTES = ETCD_MAX_REQUEST_BYTES + GRPC_OVERHEAD_BYTES
+
+# -- the API -------------------------------------------------------------------------------
+
+# A ListTasks page stops at this many bytes of tasks even below its page_size, so a client
+# with gRPC's default 4 MiB receive limit (the CLI, the HTTP face, third-party clients)
+# can always read it. Two large tasks fit; a page always holds at least one task.
+LIST_PAGE_BYTES = 3 * MiB
+
+# Concurrent log streams one node serves (default of --max-log-streams): each is a
+# coroutine and, while its task is pending, one etcd watch. Beyond it: RESOURCE_EXHAUSTED.
+DEFAULT_MAX_LOG_STREAMS = 1000
+
+# Concurrent RPCs of the gRPC server: every log stream plus as many unary calls, so that
+# a full set of followers never starves Submit or ListTasks. Beyond it gRPC itself answers
+# RESOURCE_EXHAUSTED.
+def max_concurrent_rpcs(max_log_streams: int) -> int:
+    return 2 * max_log_streams + 100
+
+
+# Cluster-wide PENDING tasks (default of --max-pending). Each is ~1 KiB in etcd, at most
+# ~1 MiB: 2 million typical tasks fill about 2 GiB, etcd's default quota — the limit
+# answers before etcd raises NOSPACE, where nothing but deleting tasks would help.
+DEFAULT_MAX_PENDING = 2_000_000
+
+# How long a node trusts its count of pending tasks (one cheap count-only range per
+# interval, however many submits arrive); its own admissions are counted meanwhile.
+PENDING_COUNT_TTL = 1.0
+
+
+def batches(items: Sequence[T], size: Callable[[T], int], *, max_count: int,
+            max_bytes: int) -> Iterator[list[T]]:
+    """Consecutive runs of items, each at most max_count long and max_bytes in size(),
+    in order. An item larger than max_bytes alone forms a batch of one (the caller's
+    write fails "too large" and handles it as the permanent error it is)."""
+    batch: list[T] = []
+    total = 0
+    for item in items:
+        item_size = size(item)
+        if batch and (len(batch) >= max_count or total + item_size > max_bytes):
+            yield batch
+            batch, total = [], 0
+        batch.append(item)
+        total += item_size
+    if batch:
+        yield batch
