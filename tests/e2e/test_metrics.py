@@ -20,7 +20,7 @@ EXPORTED = [
     "filch_node_cpu_capacity_cores", "filch_node_memory_capacity_bytes",
     "filch_node_cpu_allocated_cores", "filch_node_memory_allocated_bytes",
     "filch_api_requests_total", "filch_api_request_duration_seconds",
-    "filch_tasks_finished_total", "filch_node_info",
+    "filch_tasks_finished_total", "filch_node_info", "filch_log_streams",
 ]
 
 
