@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from node import keys, metrics
+from node import failpoints, keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError
@@ -139,6 +139,7 @@ class Membership:
             await asyncio.sleep(max(0.0, min(next_renew, self._deadline) - now))
             if time.monotonic() >= self._deadline:
                 continue
+            await failpoints.hit("membership.before_renew")
             sent = time.monotonic()
             try:
                 granted = await asyncio.wait_for(

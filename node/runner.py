@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from node import keys, lifecycle, metrics
+from node import failpoints, keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import ExecutorError, FilchError
@@ -153,6 +153,7 @@ class Runner:
         try:
             spec = self._attempt_spec(task)
             try:
+                await failpoints.hit("runner.before_start")
                 local.handle = await self._executor.start(spec)
             except ExecutorError as exc:
                 log.warning("task %s attempt %d failed to start: %s", task.id, task.attempt, exc)

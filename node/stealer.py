@@ -13,7 +13,7 @@ import logging
 import random
 from typing import NoReturn
 
-from node import keys, lifecycle, metrics
+from node import failpoints, keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError
@@ -166,7 +166,9 @@ class Stealer:
                  for record in chosen]
         metrics.STEALS_ATTEMPTED.inc(len(moves))
         try:
+            await failpoints.hit("stealer.before_commit")
             token = await self._store.transition_many(moves, lease_id=registration.lease_id)
+            await failpoints.hit("stealer.after_commit")
         except BaseException:
             self._release(moves)
             raise

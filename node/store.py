@@ -150,6 +150,13 @@ def _translate(exc: BaseException) -> Exception:
     return StoreUnavailable(f"etcd unavailable: {text or type(exc).__name__}")
 
 
+def etcd_error(code: str, details: str) -> Exception:
+    """The error a failed etcd call with this gRPC status name and message raises here
+    (failpoints use it to fail exactly like etcd does)."""
+    return _translate(grpc.aio.AioRpcError(grpc.StatusCode[code], grpc.aio.Metadata(),
+                                           grpc.aio.Metadata(), details))
+
+
 _ETCD_ERRORS = (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, asyncio.TimeoutError,
                 ConnectionError)
 

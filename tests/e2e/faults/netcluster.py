@@ -279,6 +279,8 @@ class NetNode:
     agent_args: list[str]
     external_etcd: bool
     etcd_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of the agent (e.g. FILCH_FAILPOINTS)."""
     agent: subprocess.Popen[bytes] | None = None
     etcd: subprocess.Popen[bytes] | None = None
 
@@ -300,6 +302,7 @@ class NetNode:
     def _spawn(self, argv: list[str], log: Path) -> subprocess.Popen[bytes]:
         env = {key: value for key, value in os.environ.items() if key not in _PROXY_VARIABLES}
         env = {key: value for key, value in env.items() if not key.startswith("ETCD_")}
+        env.update(self.env)
         with log.open("ab") as output:
             return subprocess.Popen(self._enter(*argv), stdout=output, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
@@ -392,7 +395,9 @@ class NetCluster:
 
     def __init__(self, root: Path, size: int = 3, *, lease_ttl: int = 5,
                  external_etcd: Iterable[int] = (), cpus: float = 2,
-                 extra: tuple[str, ...] = (), etcd_extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), etcd_extra: tuple[str, ...] = (),
+                 node_env: dict[int, dict[str, str]] | None = None) -> None:
+        """node_env: extra agent environment by node index (e.g. FILCH_FAILPOINTS)."""
         self.root = root
         self.size = size
         self.lease_ttl = lease_ttl
@@ -429,7 +434,8 @@ class NetCluster:
                              "--election-timeout", str(Config.etcd_election_timeout_ms),
                              "--logger", "zap", "--log-outputs", "stderr", *etcd_extra]
             self.nodes.append(NetNode(i, name, ns_name(i + 1), ip, veth_name(i + 1),
-                                      data_dir, args, i in external, etcd_args))
+                                      data_dir, args, i in external, etcd_args,
+                                      env=dict((node_env or {}).get(i, {}))))
         self.faulty: set[int] = set()
         """Nodes a fault currently makes unreachable or unresponsive (not used for RPCs)."""
         self.crashed_at: dict[int, float] = {}
