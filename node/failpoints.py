@@ -26,7 +26,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from node.errors import ExecutorError, FilchError, InvalidArgument
+from node.errors import ExecutorError, InvalidArgument
 from node.store import etcd_error
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ async def hit(name: str) -> None:
         raise error(point.argument)
 
 
-def error(kind: str) -> FilchError:
+def error(kind: str) -> Exception:
     """The exception error(kind) raises."""
     if kind == "executor":
         return ExecutorError("failpoint: the executor failed")
