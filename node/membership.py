@@ -167,8 +167,9 @@ class Membership:
         self.registration = None
         metrics.SELF_FENCES.inc()
         await self._on_fence()
-        if self._watchdog is not None:
-            self._watchdog.disarm()     # nothing runs until registered again
+        # The watchdog stays armed: at the fence deadline it kills whatever of this
+        # registration is still running (an attempt whose start was under way), until
+        # the next registration arms it again.
         try:
             # Release the running keys now instead of at expiry, so requeue starts sooner.
             await self._store.revoke_lease(registration.lease_id)

@@ -80,7 +80,7 @@ API_LATENCY = Histogram("filch_api_request_duration_seconds", "gRPC request hand
 
 # Label values known in advance are created at import, so every series exists (at 0)
 # before it first moves: rate() and alerts then work from the first scrape.
-for _cause in ("lease_expired", "scan", "shutdown"):
+for _cause in ("lease_expired", "scan", "shutdown", "lost_answer"):
     REQUEUES.labels(_cause)
 for _reason in ("EXITED", "OOM_KILLED", "START_FAILED"):
     FINISHED.labels(_reason)

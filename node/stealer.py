@@ -156,7 +156,8 @@ class Stealer:
                 chosen.append(record)
         if not chosen:
             return False
-        return await self._steal(chosen, registration)
+        with self._runner.stealing():
+            return await self._steal(chosen, registration)
 
     async def _steal(self, chosen: list[Versioned], registration: Registration) -> bool:
         """The steal transaction for a batch (resources already reserved)."""

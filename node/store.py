@@ -267,6 +267,12 @@ class Store:
                                      keys_only=True, revision=revision)
         return [kv.key for kv in response.kvs]
 
+    async def list_created(self, prefix: bytes) -> dict[bytes, int]:
+        """Keys under prefix, each with the revision it was created at (for a running key:
+        the fencing token of its attempt)."""
+        response = await self._range(prefix, keys.prefix_end(prefix), keys_only=True)
+        return {kv.key: int(kv.create_revision) for kv in response.kvs}
+
     async def list_records(self, *, after: bytes = b"",
                            limit: int = 0) -> tuple[list[Versioned], bool]:
         """Task records in id order after `after`; returns (records, more)."""
