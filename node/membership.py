@@ -137,9 +137,9 @@ class Membership:
                           now - (self._deadline - ttl + self.margin), ttl)
                 return
             await asyncio.sleep(max(0.0, min(next_renew, self._deadline) - now))
+            await failpoints.hit("membership.before_renew")
             if time.monotonic() >= self._deadline:
                 continue
-            await failpoints.hit("membership.before_renew")
             sent = time.monotonic()
             try:
                 granted = await asyncio.wait_for(

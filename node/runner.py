@@ -380,6 +380,7 @@ class Runner:
         answer was an error (deadline exceeded, leader changed), so the stealer never
         launched it. Run it if it fits now, else hand it back to the queue as recovery
         would (restart=false: NODE_LOST)."""
+        await failpoints.hit("runner.before_adopt")
         found = await self._store.get_task(task_id)
         if (found is None or found.task.state != pb.TASK_STATE_RUNNING
                 or found.task.node_id != registration.node_id or found.mod_revision != token

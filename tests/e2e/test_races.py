@@ -108,3 +108,27 @@ def test_steal_answered_with_an_error_still_runs(tmp_path: Path) -> None:
         # One container ran it: the adopted attempt, not a second one besides it.
         assert task.attempt == 1
         assert not task_pids(task_id)
+
+
+def test_steal_answered_with_an_error_is_handed_back_when_full(tmp_path: Path) -> None:
+    """The same lost answer on a node that filled up meanwhile: the orphaned running key
+    is handed back to the queue (requeued, as recovery would) and runs once there is
+    room. runner.before_adopt holds the sweep until the stealer has taken the next task."""
+    require_tools()
+    failpoint = "stealer.after_commit=1*error(leader);runner.before_adopt=1*sleep(2)"
+    with Cluster(tmp_path, size=1, cpus=1, env={"FILCH_FAILPOINTS": failpoint}) as cluster:
+        node = cluster.nodes[0]
+        # Each takes the whole node: the first steal (answer lost) is `lost`, then the
+        # stealer takes `holder`, which still runs when the sweep looks at `lost`.
+        lost = cluster.submit("sh", "-c", "echo lost", cpu_millis=1000)
+        holder = cluster.submit("sleep", "4", cpu_millis=1000)
+        tasks = {task.id: task for task in cluster.wait_finished([lost, holder], timeout=60)}
+        log = node.log_file.read_text()
+        assert "failpoint stealer.after_commit: error(leader)" in log
+        assert f"task {lost} attempt 1: its steal's answer was lost and it no longer fits: " \
+               "handed back" in log
+        assert (tasks[lost].state, tasks[lost].reason, tasks[lost].attempt) == (
+            pb.TASK_STATE_COMPLETE, pb.REASON_EXITED, 2)
+        assert cluster.cli("logs", lost, check=True).stdout == "lost\n"
+        assert (tasks[holder].reason, tasks[holder].attempt) == (pb.REASON_EXITED, 1)
+        assert cluster.metrics(0)['filch_requeues_total{cause="lost_answer"}'] == 1
