@@ -2,7 +2,7 @@
 
 Each test widens one window that is microseconds wide in production, so it is hit every
 run: a cancel while the container starts, and a steal whose commit landed but whose
-answer was lost. (A steal in flight during a self-fence: tests/e2e/faults/test_fence_race.py.)
+answer was lost (run by the sweep, or handed back when the node has filled up). (A steal in flight during a self-fence: tests/e2e/faults/test_fence_race.py.)
 """
 
 from __future__ import annotations
