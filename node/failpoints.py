@@ -122,6 +122,7 @@ async def hit(name: str) -> None:
     log.warning("failpoint %s: %s(%s)", name, point.action, point.argument)
     if point.action == "sleep":
         await asyncio.sleep(float(point.argument))
+        log.warning("failpoint %s: slept", name)
     else:
         raise error(point.argument)
 

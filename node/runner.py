@@ -179,12 +179,14 @@ class Runner:
     async def _supervise(self, local: LocalAttempt) -> None:
         task = local.task
         try:
-            if local.revoked:
-                return      # fenced or canceled before it started: start nothing
             spec = self._attempt_spec(task)
             try:
                 await failpoints.hit("runner.before_start")
-                local.handle = await self._executor.start(spec)
+                if local.revoked:
+                    return      # fenced or canceled before it started: start nothing
+                handle = await self._executor.start(spec)
+                await failpoints.hit("runner.after_start")
+                local.handle = handle
             except ExecutorError as exc:
                 log.warning("task %s attempt %d failed to start: %s", task.id, task.attempt, exc)
                 metrics.START_FAILURES.inc()

@@ -1,11 +1,15 @@
 """A steal in flight while its node fences itself (failpoints hold the window open).
 
-Window: node 0 commits a steal under its registration R, and the answer reaches the
-stealer only after node 0 lost contact with etcd and fenced R. The stealer checked R
-only before the steal and the fence killed a snapshot of the attempts, so the attempt
-was launched after the fence, under a registration that no longer existed: nothing
-looked at it again, while the other nodes requeued the task at lease expiry and ran
-it a second time (I2, I5).
+Windows, both failing I2 and I5 before they were closed:
+- stealer.after_commit: node 0 commits a steal under its registration R, and the
+  answer reaches the stealer only after node 0 lost contact with etcd and fenced R.
+  The stealer checked R only before the steal and the fence killed a snapshot of the
+  attempts, so the attempt was launched after the fence, under a registration that no
+  longer existed: nothing looked at it again, while the other nodes requeued the task
+  at lease expiry and ran it a second time.
+- runner.before_start: the fence revokes an attempt whose container is about to start;
+  the mark was never looked at, so the container started after the fence and ran to
+  its end beside the requeued attempt.
 """
 
 from __future__ import annotations
@@ -38,15 +42,16 @@ FENCE_BOUND = 0.5
 
 
 @pytest.mark.timeout(240)
-def test_steal_answered_after_a_self_fence_never_runs(
-        make_cluster: Callable[..., NetCluster]) -> None:
+@pytest.mark.parametrize("window", ["stealer.after_commit", "runner.before_start"])
+def test_attempt_in_flight_during_a_self_fence_never_runs(
+        make_cluster: Callable[..., NetCluster], window: str) -> None:
     others = {"FILCH_FAILPOINTS": f"stealer.before_commit=1*sleep({OTHERS_WAIT})"}
     cluster = make_cluster(lease_ttl=TTL, node_env={
-        0: {"FILCH_FAILPOINTS": f"stealer.after_commit=1*sleep({STALL})"}, 1: others, 2: others})
+        0: {"FILCH_FAILPOINTS": f"{window}=1*sleep({STALL})"}, 1: others, 2: others})
     victim = cluster.nodes[0]
     task_id = cluster.submit_traced(TASK_SECONDS, index=1)
-    wait_for("node 0 to commit the steal and stall before launching it",
-             lambda: "failpoint stealer.after_commit" in victim.log_text(), timeout=20,
+    wait_for("node 0 to commit the steal and stall in the window",
+             lambda: f"failpoint {window}: sleep" in victim.log_text(), timeout=20,
              interval=0.02)
     stolen = cluster.tasks(1)[task_id]
     assert (stolen.state, stolen.node_name, stolen.attempt) == (
@@ -66,21 +71,20 @@ def test_steal_answered_after_a_self_fence_never_runs(
                  lambda: (task := cluster.tasks()[task_id]).attempt == 2
                  and task.state == pb.TASK_STATE_RUNNING, timeout=30)
         cluster.wait_started([task_id], timeout=30)
-        wait_for("node 0's stall to end", lambda: "stole 1 task" in victim.log_text()
-                 or "not launched" in victim.log_text(), timeout=STALL + 5)
-        time.sleep(1.0)     # a launch would have a running container by now
-        late = victim.task_pids(task_id)
+        wait_for("node 0's stall to end", lambda: f"failpoint {window}: slept"
+                 in victim.log_text(), timeout=STALL + 5)
     finally:
         cluster.resume_etcd(0)
         cluster.faulty.discard(0)
     finished = cluster.wait_finished(timeout=120)
+    late = victim.task_pids(task_id)
     verdict = history.check(cluster)
     after_fence = history.ran_on_after(verdict, victim.name, fenced_wall, [(task_id, 1)])
-    print(f"\n[steal answered {STALL:.1f}s after its commit, node 0 fenced meanwhile] "
-          f"attempt 1 ran {after_fence:.2f}s past the fence; processes of it on node 0 "
-          f"after the stall: {late}\n  {verdict.summary()}")
+    print(f"\n[{window} held {STALL:.1f}s, node 0 fenced meanwhile] attempt 1 ran "
+          f"{after_fence:.2f}s past the fence; processes of it on node 0 at the end: "
+          f"{late}\n  {verdict.summary()}")
 
-    assert late == [], "the steal was launched after the fence"
+    assert late == [], "attempt 1 still runs on node 0"
     assert after_fence <= FENCE_BOUND, "I5: attempt 1 ran after node 0 fenced itself"
     assert finished[task_id].attempt == 2
     assert verdict.ok("I1", "I3", "I4"), verdict.problems()
