@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from node import limits, metrics
+from node import failpoints, limits, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer, add_to_server
 from node.config import Config
@@ -183,6 +183,8 @@ def main(config: Config) -> int:
     """Entry point of `filch agent`."""
     logging.basicConfig(level=os.environ.get("FILCH_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Test-only fault injection; unset in production (see node/failpoints.py).
+    failpoints.configure(os.environ.get(failpoints.ENVIRONMENT_VARIABLE, ""))
     if sys.version_info < (3, 12):
         # Python 3.11 watches each child with a thread of its own; a pidfd in the event
         # loop costs nothing per task (3.12 does this by default).

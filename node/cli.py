@@ -776,8 +776,12 @@ def agent_command(ctx: click.Context, /, **options: Any) -> NoReturn:
         raise CommandError(str(error), EXIT_USAGE) from None
     # Imported only now: it pulls in etcd and the runtimes, which the client commands
     # never need, and a bad flag is reported before any of that loads.
-    from node import agent
+    from node import agent, failpoints
 
+    try:
+        failpoints.parse(os.environ.get(failpoints.ENVIRONMENT_VARIABLE, ""))
+    except InvalidArgument as error:
+        raise CommandError(str(error), EXIT_USAGE) from None
     ctx.exit(agent.main(config))
 
 

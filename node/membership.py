@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
-from node import keys, metrics
+from node import failpoints, keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError
@@ -137,6 +137,7 @@ class Membership:
                           now - (self._deadline - ttl + self.margin), ttl)
                 return
             await asyncio.sleep(max(0.0, min(next_renew, self._deadline) - now))
+            await failpoints.hit("membership.before_renew")
             if time.monotonic() >= self._deadline:
                 continue
             sent = time.monotonic()
@@ -166,8 +167,9 @@ class Membership:
         self.registration = None
         metrics.SELF_FENCES.inc()
         await self._on_fence()
-        if self._watchdog is not None:
-            self._watchdog.disarm()     # nothing runs until registered again
+        # The watchdog stays armed: at the fence deadline it kills whatever of this
+        # registration is still running (an attempt whose start was under way), until
+        # the next registration arms it again.
         try:
             # Release the running keys now instead of at expiry, so requeue starts sooner.
             await self._store.revoke_lease(registration.lease_id)

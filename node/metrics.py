@@ -81,7 +81,7 @@ LOG_STREAMS = Gauge("filch_log_streams", "Log streams this node serves now (--ma
 
 # Label values known in advance are created at import, so every series exists (at 0)
 # before it first moves: rate() and alerts then work from the first scrape.
-for _cause in ("lease_expired", "scan", "shutdown"):
+for _cause in ("lease_expired", "scan", "shutdown", "lost_answer"):
     REQUEUES.labels(_cause)
 for _reason in ("EXITED", "OOM_KILLED", "START_FAILED"):
     FINISHED.labels(_reason)

@@ -9,14 +9,15 @@ container and writes nothing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
-from node import keys, lifecycle, metrics
+from node import failpoints, keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import ExecutorError, FilchError, TooLarge
@@ -40,6 +41,10 @@ class LocalAttempt:
     handle: Attempt | None = None
     revoked: bool = False
     """Set when the task was taken away (canceled, requeued): its result is not written."""
+    grace: float | None = None
+    """SIGTERM -> SIGKILL seconds for stopping a revoked attempt (the shortest asked for)."""
+    stopping: bool = False
+    """Set while a stop of the container is under way (sweeps do not start another)."""
     exited: bool = False
     """Set once the process has ended (its own finish then deletes the running key)."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -89,6 +94,7 @@ class Runner:
         self._group: asyncio.TaskGroup | None = None
         self._freed = asyncio.Event()
         self._results: asyncio.Queue[Result] = asyncio.Queue()
+        self._steals_in_flight = 0
 
     # -- capacity ------------------------------------------------------------------------
 
@@ -139,10 +145,32 @@ class Runner:
 
     # -- attempts ------------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def stealing(self) -> Iterator[None]:
+        """Held by the stealer from sending a steal until its attempts are launched: a
+        running key of this node without an attempt may meanwhile be that steal's."""
+        self._steals_in_flight += 1
+        try:
+            yield
+        finally:
+            self._steals_in_flight -= 1
+
     def launch(self, task: pb.Task) -> None:
-        """Run a task this node just stole (resources already reserved)."""
+        """Run a task this node just stole (resources already reserved).
+
+        A task stolen under a registration this node no longer holds (it fenced itself
+        while the steal was answered) is not run: its lease is gone or going, and
+        recovery hands it to another node.
+        """
         if self._group is None:
             raise RuntimeError("Runner.run() is not running")
+        registration = self._membership.registration
+        if registration is None or registration.node_id != task.node_id:
+            log.warning("task %s attempt %d not launched: it was stolen under registration "
+                        "%s, which this node fenced meanwhile", task.id, task.attempt,
+                        task.node_id)
+            self.release(task.spec)
+            return
         local = LocalAttempt(task)
         self._attempts[task.id] = local
         self._export_allocation()
@@ -154,13 +182,24 @@ class Runner:
         try:
             spec = self._attempt_spec(task)
             try:
-                local.handle = await self._executor.start(spec)
+                await failpoints.hit("runner.before_start")
+                if local.revoked:
+                    return      # fenced or canceled before it started: start nothing
+                handle = await self._executor.start(spec)
+                await failpoints.hit("runner.after_start")
+                local.handle = handle
             except ExecutorError as exc:
                 log.warning("task %s attempt %d failed to start: %s", task.id, task.attempt, exc)
                 metrics.START_FAILURES.inc()
                 await self._finish(local, lifecycle.finished(
                     task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED, message=str(exc)))
                 return
+            if local.revoked:
+                # Taken away while start() was awaited: the revocation found no container
+                # to stop then, and nothing else would stop it now.
+                log.info("task %s attempt %d was taken away while it started: stopping it",
+                         task.id, task.attempt)
+                await self._revoke(local, self._config.cancel_grace)
             started = time.monotonic()
             status = await local.handle.wait()
             local.exited = True
@@ -273,13 +312,21 @@ class Runner:
             attempt_dir=data_dir / "attempts" / container_id)
 
     async def _revoke(self, local: LocalAttempt, grace: float) -> None:
+        """Mark the attempt taken away and stop its container within grace (or the
+        shorter grace an earlier revocation asked for). An attempt whose start() is still
+        awaited has no container yet: _supervise stops it once start() returns."""
         local.revoked = True
-        if local.handle is not None:
-            try:
-                await local.handle.stop(grace)
-            except ExecutorError as exc:
-                log.error("task %s attempt %d could not be stopped: %s", local.task.id,
-                          local.task.attempt, exc)
+        local.grace = grace if local.grace is None else min(local.grace, grace)
+        if local.handle is None:
+            return
+        local.stopping = True
+        try:
+            await local.handle.stop(local.grace)
+        except ExecutorError as exc:
+            log.error("task %s attempt %d could not be stopped: %s", local.task.id,
+                      local.task.attempt, exc)
+        finally:
+            local.stopping = False
 
     async def fence(self) -> None:
         """The lease is lost: kill every attempt now and write nothing for them."""
@@ -328,6 +375,11 @@ class Runner:
         while True:
             await asyncio.sleep(self._config.sweep_interval)
             registration = self._membership.registration
+            # Attempts of a registration this node no longer holds (it fenced itself) run
+            # without a lease: recovery may already have requeued them. Kill them.
+            for local in list(self._attempts.values()):
+                if registration is None or local.task.node_id != registration.node_id:
+                    self._stop_soon(local, 0)
             if registration is not None:
                 try:
                     await self._check_owned(registration)
@@ -335,21 +387,62 @@ class Runner:
                     log.info("sweep of running tasks skipped: %s", exc)
 
     async def _check_owned(self, registration: Registration) -> None:
-        """Level-triggered: stop every local attempt whose running key is gone."""
+        """Level-triggered, both ways: stop every local attempt whose running key is gone,
+        and run (or hand back) every running key of this node without an attempt."""
         # Only attempts that existed before the read: one stolen while it was under way
         # has a running key the read may not show yet.
         before = list(self._attempts.items())
-        present = {keys.last_segment(key) for key in
-                   await self._store.list_ids(keys.running_of_node(registration.node_id))}
+        present = {keys.last_segment(key): created for key, created in
+                   (await self._store.list_created(
+                       keys.running_of_node(registration.node_id))).items()}
         for task_id, local in before:
             if task_id not in present and local.task.node_id == registration.node_id:
-                await self._taken_away(local)
+                self._stop_soon(local, self._config.cancel_grace)
+        for task_id, created in present.items():
+            # A steal still waiting for its answer has a key and no attempt yet: not ours
+            # to adopt. One answered since the read has its attempt by now.
+            if task_id not in self._attempts and not self._steals_in_flight:
+                await self._adopt(task_id, created, registration)
 
-    async def _taken_away(self, local: LocalAttempt) -> None:
-        if not (local.revoked or local.exited or local.done.is_set()):
+    async def _adopt(self, task_id: str, token: int, registration: Registration) -> None:
+        """A running key of this node without an attempt: the steal committed but its
+        answer was an error (deadline exceeded, leader changed), so the stealer never
+        launched it. Run it if it fits now, else hand it back to the queue as recovery
+        would (restart=false: NODE_LOST)."""
+        await failpoints.hit("runner.before_adopt")
+        found = await self._store.get_task(task_id)
+        if (found is None or found.task.state != pb.TASK_STATE_RUNNING
+                or found.task.node_id != registration.node_id or found.mod_revision != token
+                or task_id in self._attempts or self._steals_in_flight
+                or self._membership.registration != registration):
+            return      # moved meanwhile, or not a lost answer after all
+        task = lifecycle.started(found.task, token)
+        if self.fits_free(task.spec):
+            log.warning("task %s attempt %d: its steal committed but was answered with an "
+                        "error: running it now", task_id, task.attempt)
+            self.reserve(task.spec)
+            self.launch(task)
+            return
+        handed_back = lifecycle.after_owner_lost(
+            task, f"node {self._config.name} had no room left for it when its steal's "
+                  "answer was lost")
+        if await self._store.transition(found, handed_back, fence=token) is not None:
+            log.warning("task %s attempt %d: its steal's answer was lost and it no longer "
+                        "fits: handed back", task_id, task.attempt)
+            if handed_back.state == pb.TASK_STATE_PENDING:
+                metrics.REQUEUES.labels("lost_answer").inc()
+            else:
+                metrics.LOST.inc()
+
+    def _stop_soon(self, local: LocalAttempt, grace: float) -> None:
+        """Stop an attempt in the background (it takes up to the grace period; the watch
+        and the sweep must not wait), unless it has ended or a stop is under way."""
+        if local.exited or local.done.is_set() or local.stopping or self._group is None:
+            return
+        if not local.revoked:
             log.info("task %s was canceled or taken away: stopping attempt %d",
                      local.task.id, local.task.attempt)
-            await self._revoke(local, self._config.cancel_grace)
+        self._group.create_task(self._revoke(local, grace))
 
     async def _watch_revocations(self) -> NoReturn:
         while True:
@@ -362,12 +455,13 @@ class Runner:
                 await self._check_owned(registration)
                 async for event in self._store.watch(
                         keys.running_of_node(registration.node_id), start):
+                    # Handled before looking at the registration: the delete that came
+                    # with a fence is the one that matters most.
+                    local = self._attempts.get(keys.last_segment(event.key))
+                    if event.deleted and local is not None:
+                        self._stop_soon(local, self._config.cancel_grace)
                     if self._membership.registration != registration:
                         break
-                    local = self._attempts.get(keys.last_segment(event.key))
-                    if event.deleted and local is not None and self._group is not None:
-                        # Stopping takes up to the grace period: do not block the watch.
-                        self._group.create_task(self._taken_away(local))
             except (FilchError, Compacted) as exc:
                 log.info("watch of this node's running keys restarts: %s", exc)
                 await asyncio.sleep(FINISH_RETRY)

@@ -13,7 +13,7 @@ import logging
 import random
 from typing import NoReturn
 
-from node import keys, lifecycle, metrics
+from node import failpoints, keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError, TooLarge
@@ -160,7 +160,8 @@ class Stealer:
                 chosen_bytes += _steal_bytes(record)
         if not chosen:
             return False
-        return await self._steal(chosen, registration)
+        with self._runner.stealing():
+            return await self._steal(chosen, registration)
 
     async def _steal(self, chosen: list[Versioned], registration: Registration) -> bool:
         """The steal transaction for a batch (resources already reserved)."""
@@ -170,7 +171,9 @@ class Stealer:
                  for record in chosen]
         metrics.STEALS_ATTEMPTED.inc(len(moves))
         try:
+            await failpoints.hit("stealer.before_commit")
             token = await self._store.transition_many(moves, lease_id=registration.lease_id)
+            await failpoints.hit("stealer.after_commit")
         except TooLarge:
             self._release(moves)
             if len(moves) > 1:

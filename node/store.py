@@ -170,6 +170,13 @@ def _translate(exc: BaseException) -> Exception:
     return StoreUnavailable(f"etcd unavailable: {text or type(exc).__name__}")
 
 
+def etcd_error(code: str, details: str) -> Exception:
+    """The error a failed etcd call with this gRPC status name and message raises here
+    (failpoints use it to fail exactly like etcd does)."""
+    return _translate(grpc.aio.AioRpcError(grpc.StatusCode[code], grpc.aio.Metadata(),
+                                           grpc.aio.Metadata(), details))
+
+
 _ETCD_ERRORS = (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, asyncio.TimeoutError,
                 ConnectionError)
 
@@ -298,6 +305,12 @@ class Store:
         response = await self._range(start, keys.prefix_end(prefix), limit=limit,
                                      keys_only=True, revision=revision)
         return [kv.key for kv in response.kvs]
+
+    async def list_created(self, prefix: bytes) -> dict[bytes, int]:
+        """Keys under prefix, each with the revision it was created at (for a running key:
+        the fencing token of its attempt)."""
+        response = await self._range(prefix, keys.prefix_end(prefix), keys_only=True)
+        return {kv.key: int(kv.create_revision) for kv in response.kvs}
 
     async def list_records(self, *, after: bytes = b"",
                            limit: int = 0) -> tuple[list[Versioned], bool]:

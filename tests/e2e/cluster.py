@@ -79,6 +79,8 @@ class Node:
     data_dir: Path
     args: list[str]
     process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of the agent (e.g. FILCH_FAILPOINTS)."""
     log_file: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -101,7 +103,8 @@ class Node:
         with self.log_file.open("ab") as log:
             self.process = subprocess.Popen([FILCH, "agent", *self.args], stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            env=dict(os.environ, **self.env))
 
     def etcd_pid(self) -> int:
         return int((self.data_dir / "etcd.pid").read_text())
@@ -138,9 +141,10 @@ class Cluster:
 
     def __init__(self, root: Path, size: int = 3, *, cpus: float = 2, lease_ttl: int = 5,
                  executor: str = "runc", extra: tuple[str, ...] = (),
-                 pki: Path | None = None) -> None:
+                 pki: Path | None = None, env: dict[str, str] | None = None) -> None:
         """pki: a directory made by `filch certs` with a certificate per node name: the
-        cluster then runs TLS (API and etcd peers) with the bearer token."""
+        cluster then runs TLS (API and etcd peers) with the bearer token. env: extra
+        environment of every agent."""
         subnet = _free_subnet()
         self.nodes: list[Node] = []
         self.pki = pki
@@ -165,7 +169,7 @@ class Cluster:
                     "--cpus", str(cpus), "--memory", "8Gi",
                     "--executor", executor, "--lease-ttl", str(lease_ttl),
                     "--sweep-interval", "1", *tls, *extra]
-            self.nodes.append(Node(name, ip, root / name, args))
+            self.nodes.append(Node(name, ip, root / name, args, env=dict(env or {})))
         self._channels: dict[str, grpc.Channel] = {}
 
     def __enter__(self) -> Cluster:

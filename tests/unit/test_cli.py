@@ -461,3 +461,16 @@ def test_agent_passes_only_typed_flags_and_exits_with_the_daemons_status(
     assert config.listen == "127.0.0.1:7272"  # flag beats file
     assert config.lease_ttl == 9  # file applies: click passed no default over it
     assert config.steal_delay == 0.5  # environment applies too
+
+
+def test_agent_refuses_bad_failpoints_before_starting_anything(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[Config] = []
+    fake_agent = types.ModuleType("node.agent")
+    fake_agent.main = started.append  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "node.agent", fake_agent)
+    monkeypatch.setattr(node, "agent", fake_agent, raising=False)
+    line = assert_one_line_error(
+        run("agent", env={"FILCH_FAILPOINTS": "stealer.after_commit=exec(sh)"}), 2)
+    assert line.startswith("error: FILCH_FAILPOINTS: 'stealer.after_commit=exec(sh)'")
+    assert started == []

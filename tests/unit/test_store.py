@@ -149,6 +149,17 @@ async def test_steal_puts_the_running_key_on_the_lease(store: Store, etcd: str) 
     assert [kv["lease"] for kv in kvs(etcd) if kv["key"] == keys.task(task.id)] == [0]
 
 
+async def test_list_created_gives_each_running_key_its_fencing_token(store: Store) -> None:
+    lease = await store.grant_lease(30)
+    first, second = await submit(store), await submit(store)
+    tokens = {first.id: await steal(store, first.id, lease),
+              second.id: await steal(store, second.id, lease)}
+    found = await store.list_created(keys.running_of_node(NODE_ID))
+    assert {keys.last_segment(key): token for key, token in found.items()
+            if keys.last_segment(key) in tokens} == tokens
+    assert all(key.startswith(keys.running_of_node(NODE_ID)) for key in found)
+
+
 async def test_revoking_the_lease_deletes_the_running_key_but_not_the_record(
         store: Store, etcd: str) -> None:
     task = await submit(store)

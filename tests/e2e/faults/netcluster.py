@@ -284,6 +284,8 @@ class NetNode:
     agent_args: list[str]
     external_etcd: bool
     etcd_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment of the agent (e.g. FILCH_FAILPOINTS)."""
     agent: subprocess.Popen[bytes] | None = None
     etcd: subprocess.Popen[bytes] | None = None
     http_face: subprocess.Popen[bytes] | None = None
@@ -310,7 +312,7 @@ class NetNode:
         """Start argv inside the node's namespace, output appended to log."""
         env = {key: value for key, value in os.environ.items() if key not in _PROXY_VARIABLES}
         env = {key: value for key, value in env.items()
-               if not key.startswith(("ETCD_", "FILCH_"))} | (extra_env or {})
+               if not key.startswith(("ETCD_", "FILCH_"))} | self.env | (extra_env or {})
         with log.open("ab") as output:
             return subprocess.Popen(self._enter(*argv), stdout=output, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True, env=env)
@@ -410,11 +412,13 @@ class NetCluster:
     def __init__(self, root: Path, size: int = 3, *, lease_ttl: int = 5,
                  external_etcd: Iterable[int] = (), cpus: float = 2,
                  extra: tuple[str, ...] = (), etcd_extra: tuple[str, ...] = (),
-                 tls: bool = False, http: bool = False) -> None:
+                 tls: bool = False, http: bool = False,
+                 node_env: dict[int, dict[str, str]] | None = None) -> None:
         """tls: certificates from `filch certs` (in root/pki) for every node, so the API,
         etcd and the HTTP face run TLS with the bearer token. http: each node also runs
         its HTTP face (gunicorn) in its namespace, on its address with TLS, else on the
-        namespace's loopback (without a token it may not bind anything else)."""
+        namespace's loopback (without a token it may not bind anything else).
+        node_env: extra agent environment by node index (e.g. FILCH_FAILPOINTS)."""
         self.root = root
         self.size = size
         self.lease_ttl = lease_ttl
@@ -459,7 +463,8 @@ class NetCluster:
                              "--election-timeout", str(Config.etcd_election_timeout_ms),
                              "--logger", "zap", "--log-outputs", "stderr", *etcd_extra]
             self.nodes.append(NetNode(i, name, ns_name(i + 1), ip, veth_name(i + 1),
-                                      data_dir, args, i in external, etcd_args, pki=self.pki))
+                                      data_dir, args, i in external, etcd_args,
+                                      env=dict((node_env or {}).get(i, {})), pki=self.pki))
         self.faulty: set[int] = set()
         """Nodes a fault currently makes unreachable or unresponsive (not used for RPCs)."""
         self.crashed_at: dict[int, float] = {}
