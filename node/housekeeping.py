@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from node import keys, metrics
+from node import failpoints, keys, metrics
 from node.config import Config
 from node.errors import FilchError
 from node.membership import Membership
@@ -176,6 +176,7 @@ class Housekeeping:
                       "go on; freeing space")
             self.paused_for_space = True
             self._stealer.pause()
+        await failpoints.hit("housekeeping.before_recover")
         await self.apply_retention()
         await self.compact(keep=0)
         await self.defragment(full=True)

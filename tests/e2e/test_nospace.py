@@ -21,6 +21,8 @@ from tests.e2e.conftest import require_tools
 # (submit, steal, finish) until a compaction: a few dozen of them fill 16 MiB.
 QUOTA = "16Mi"
 PAYLOAD = "x" * 300_000
+# Seconds the NOSPACE recovery is held (a failpoint) so the test can see the alarm on.
+HOLD = 3
 
 
 @pytest.mark.timeout(300)
@@ -29,7 +31,9 @@ def test_out_of_space_refuses_work_keeps_running_tasks_and_recovers(tmp_path: Pa
     extra = ("--etcd-quota-bytes", QUOTA, "--retention", "0", "--housekeeping-interval", "1",
              # No routine compaction: history must pile up until etcd is full.
              "--compaction-interval", "3600")
-    with Cluster(tmp_path, size=1, executor="process", extra=extra) as cluster:
+    # Recovery waits 3 s once the alarm stopped stealing, so the test sees the alarm on.
+    hold = {"FILCH_FAILPOINTS": f"housekeeping.before_recover=1*sleep({HOLD})"}
+    with Cluster(tmp_path, size=1, executor="process", extra=extra, env=hold) as cluster:
         stub = cluster.stub()
         long_task = cluster.submit("sleep", "300")
         cluster.wait_state(long_task, (pb.TASK_STATE_RUNNING,))
@@ -50,6 +54,14 @@ def test_out_of_space_refuses_work_keeps_running_tasks_and_recovers(tmp_path: Pa
         print(f"\netcd full after {time.monotonic() - started:.1f}s: {refused.details()}")
         assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "out of space" in refused.details()
+        # While recovery is held: the alarm shows in `filch nodes` and the metrics, and the
+        # node said that stealing stopped.
+        node = cluster.nodes[0]
+        wait_for("the node to stop stealing", lambda: "failpoint housekeeping.before_recover"
+                 in node.log_text(), timeout=30)
+        assert "stealing stops" in node.log_text()
+        assert [n.nospace for n in cluster.list_nodes()] == [True]
+        assert cluster.metrics(0)["filch_etcd_nospace"] == 1
 
         def recovered() -> bool:
             try:
