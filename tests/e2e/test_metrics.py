@@ -24,6 +24,23 @@ EXPORTED = [
 ]
 
 
+# Each of these must have moved (summed over the cluster) once the workload below ran: a
+# series that merely exists (every collector starts at 0) proves nothing.
+MOVED_BY_WORK = [
+    "filch_tasks", "filch_steals_attempted_total", "filch_steals_won_total",
+    "filch_steal_delay_seconds_count", "filch_task_start_latency_seconds_count",
+    "filch_task_run_seconds_count", "filch_lease_keepalive_seconds_count",
+    "filch_etcd_db_size_bytes", "filch_etcd_db_size_in_use_bytes", "filch_etcd_quota_bytes",
+    "filch_etcd_has_leader", "filch_node_cpu_capacity_cores",
+    "filch_node_memory_capacity_bytes", "filch_api_requests_total",
+    "filch_api_request_duration_seconds_count", "filch_tasks_finished_total",
+    "filch_node_info",
+]
+# These count faults: a healthy cluster shows none (tests/e2e/faults/ asserts they move).
+FAULTS_ONLY = ["filch_self_fences_total", "filch_fenced_writes_total",
+               "filch_tasks_node_lost_total", "filch_requeues_total"]
+
+
 def _total(cluster: Cluster, name: str) -> float:
     return sum(value for index in range(len(cluster.nodes))
                for key, value in cluster.metrics(index).items()
@@ -54,5 +71,10 @@ def test_metrics_move_with_the_work(three_nodes: Cluster) -> None:
     for name, value in after.items():
         assert value >= before[name] + 9, name
     assert sum(three_nodes.metrics(i)["filch_etcd_is_leader"] for i in range(3)) == 1
+    # Cluster-wide gauges (filch_tasks) are refreshed each housekeeping round (10 s).
+    wait_for("every work metric to move", lambda: not [
+        name for name in MOVED_BY_WORK if _total(three_nodes, name) <= 0], timeout=30)
+    assert {name: _total(three_nodes, name) for name in FAULTS_ONLY} == dict.fromkeys(
+        FAULTS_ONLY, 0)
     errors = three_nodes.metrics(1)
     assert errors['filch_api_requests_total{code="INVALID_ARGUMENT",method="GetTask"}'] >= 1
