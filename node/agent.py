@@ -49,7 +49,8 @@ def make_executor(config: Config, watchdog: Watchdog) -> Executor:
     """The executor the config asks for (runc isolates; process does not)."""
     if config.executor == "runc":
         from node.runtime.runc import RuncExecutor
-        return RuncExecutor(config.runc_binary, runc_root(config), config.task_uid)
+        return RuncExecutor(config.runc_binary, runc_root(config), config.task_uid,
+                            attempts_root=config.path / "attempts")
     from node.runtime.process import ProcessExecutor
     return ProcessExecutor(config.task_uid if os.geteuid() == 0 else None, watchdog)
 

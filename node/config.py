@@ -21,7 +21,6 @@ from urllib.parse import urlsplit
 from node import units, validation
 from node.errors import InvalidArgument
 
-
 # Smallest log cap: room for a useful head, the cut marker and a tail (a few KiB each).
 MIN_LOG_BYTES = 16 * 1024
 

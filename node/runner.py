@@ -151,14 +151,19 @@ class Runner:
     async def _supervise(self, local: LocalAttempt) -> None:
         task = local.task
         try:
-            spec = self._attempt_spec(task)
             try:
+                spec = self._attempt_spec(task)
                 local.handle = await self._executor.start(spec)
-            except ExecutorError as exc:
-                log.warning("task %s attempt %d failed to start: %s", task.id, task.attempt, exc)
+            except (ExecutorError, OSError) as exc:
+                # An OSError is a full or broken data disk (the log directory's mkdir): it
+                # ends this attempt, never the agent, whose death would orphan other tasks.
+                message = (str(exc) if isinstance(exc, ExecutorError)
+                           else f"cannot prepare attempt {task.attempt}: {exc}")
+                log.warning("task %s attempt %d failed to start: %s", task.id, task.attempt,
+                            message)
                 metrics.START_FAILURES.inc()
                 await self._finish(local, lifecycle.finished(
-                    task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED, message=str(exc)))
+                    task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED, message=message))
                 return
             started = time.monotonic()
             status = await local.handle.wait()
@@ -243,7 +248,9 @@ class Runner:
             command=task.spec.command, args=tuple(task.spec.args), env=env,
             workdir=task.spec.workdir, cpu_millis=task.spec.cpu_millis,
             memory_bytes=task.spec.memory_bytes, log_path=path,
-            attempt_dir=data_dir / "attempts" / container_id)
+            attempt_dir=data_dir / "attempts" / container_id,
+            max_log_bytes=self._config.max_log_bytes,
+            disk_bytes=task.spec.disk_bytes or self._config.default_disk)
 
     async def _revoke(self, local: LocalAttempt, grace: float) -> None:
         local.revoked = True
