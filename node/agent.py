@@ -101,9 +101,16 @@ class Agent:
             log.warning("removed %d containers left by an earlier run of this node", reaped)
         await watchdog.start()
         try:
-            return await self._run_parts(store, member, executor, watchdog)
-        finally:
-            await watchdog.stop()
+            code = await self._run_parts(store, member, executor, watchdog)
+        except BaseException:
+            # Any other way out (a loop that raised, a failed step of the shutdown, a
+            # cancellation) may leave containers running: the watchdog kills them.
+            log.error("the agent is going down without having stopped its tasks: the "
+                      "watchdog kills them")
+            watchdog.abandon()
+            raise
+        await watchdog.stop()
+        return code
 
     async def _run_parts(self, store: Store, member: EtcdMember | None, executor: Executor,
                          watchdog: Watchdog) -> int:
