@@ -9,6 +9,7 @@ linked out to the real disk), so nothing here can fill the machine's disk.
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -212,7 +213,8 @@ def test_a_dead_agent_leaves_no_container_running(
     trigger = tmp_path / "crash-now"
     monkeypatch.setenv("FILCH_TEST_CRASH_TRIGGER", str(trigger))
     monkeypatch.setattr(cluster_module, "FILCH", str(launcher))
-    duration = str(3000 + os.getpid() % 1000)       # tells our sleep from anyone else's
+    # Tells this test's sleep from anyone else's, including an orphan of the other case.
+    duration = str(100_000 + secrets.randbelow(900_000))
     try:
         check_containers_die_with_the_agent(how, tmp_path / "cluster", trigger, duration)
     finally:
@@ -245,3 +247,10 @@ def check_containers_die_with_the_agent(how: str, root: Path, trigger: Path,
             time.sleep(0.05)
         print(f"\nagent {how}: its container was gone {gone} s after the agent")
         assert gone is not None and gone <= 2.0, node.log_tail()
+        # The dead agent left its attempt's /work mounted: the node's next start
+        # unmounts it.
+        assert scratch.mounted_under(root)
+        trigger.unlink(missing_ok=True)
+        node.start()
+        wait_for("the restarted node to unmount the dead agent's /work",
+                 lambda: not scratch.mounted_under(root), timeout=60)
