@@ -115,8 +115,11 @@ class RuncExecutor:
         end the attempt with exit code 1 (usually) and runc's message in the log.
         Raises ExecutorError when the attempt cannot start: a bad container id or
         workdir, a command that is not an executable in the bound host directories
-        along the task's PATH, an existing container of that id, or an OSError while
-        writing the bundle or opening the log. Cancellation before the spawn leaves no
+        along the task's PATH, an existing container of that id, an OSError while
+        writing the bundle or opening the log, or a /work image (spec.disk_bytes) that
+        cannot be made or mounted (node/runtime/scratch.py). The task's output goes
+        through a pipe the agent drains into the log within spec.max_log_bytes
+        (node/runtime/logcap.py). Cancellation before the spawn leaves no
         trace; after it, the attempt runs on unwaited until reap_stale().
         """
         cid = spec.container_id

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from node.logs import read_file
@@ -110,3 +112,38 @@ def test_layout_fits_the_cap() -> None:
         layout = Layout.for_cap(cap)
         assert layout.head + MARKER_WIDTH + 2 * layout.tail <= cap
         assert layout.tail >= cap // 4
+
+
+async def test_a_live_follower_sees_the_output_exactly_except_marked_cuts(
+        tmp_path: Path) -> None:
+    """`filch logs -f` across live cuts: every byte it shows is the output at the place it
+    claims, and every gap is announced by a marker saying how many bytes it skips."""
+    path = tmp_path / "1.log"
+    lines = 300_000
+    output = CappedLog(path, CAP)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WRITER, str(lines), stdout=output.child_fd,
+        stderr=output.child_fd)
+    output.started()
+    running = True
+    follower = asyncio.ensure_future(collect_following(path, lambda: running))
+    await process.wait()
+    await output.closed(10)
+    running = False
+    shown = await asyncio.wait_for(follower, 30)
+    whole = expected(lines)
+    offset, gaps = 0, 0
+    for index, piece in enumerate(re.split(rb"\n\[filch: ([0-9]+) bytes of output cut "
+                                           rb"here\] *\n", shown)):
+        if index % 2:
+            offset += int(piece)
+            gaps += 1
+        else:
+            assert whole[offset:offset + len(piece)] == piece, (index, offset)
+            offset += len(piece)
+    assert offset == len(whole)
+    assert gaps >= 1 and output.cut > 0
+
+
+async def collect_following(path: Path, follow: Callable[[], bool]) -> bytes:
+    return b"".join([chunk async for chunk in read_file(path, follow, Layout.for_cap(CAP))])
