@@ -114,14 +114,18 @@ def test_writing_past_the_disk_limit_fails_inside_the_task(small_node: Cluster) 
     write = f"head -c {SCRATCH_WRITE_BYTES} /dev/zero > /work/big"
     asked = small_node.submit("sh", "-c", write, disk_bytes=4 * 1024 * 1024)
     default = small_node.submit("sh", "-c", write)      # the node's --default-disk (8 MiB)
+    # A task that tries its way out of /work: through .., or into another attempt's.
     fits = small_node.submit("sh", "-c", "head -c 3000000 /dev/zero > /work/fits && "
-                             "df -k /work | tail -1", disk_bytes=16 * 1024 * 1024)
+                             "grep ' /work ' /proc/mounts && ! touch /work/../escape && "
+                             "! ls /work/../../attempts", disk_bytes=16 * 1024 * 1024)
     tasks = small_node.wait_finished([asked, default, fits], timeout=120)
     for task in tasks[:2]:
         assert task.reason == pb.REASON_EXITED and task.exit_code != 0, task
         log = (data_dir / "logs" / task.id / "1.log").read_text()
         assert "No space left on device" in log, log
     assert (tasks[2].reason, tasks[2].exit_code) == (pb.REASON_EXITED, 0), tasks[2]
+    mounts = (data_dir / "logs" / tasks[2].id / "1.log").read_text()
+    assert " ext4 " in mounts and "nosuid" in mounts and "nodev" in mounts, mounts
     # The node's disk never saw the 20 MB, and the images are gone with their attempts.
     assert free_bytes(data_dir) > DATA_DIR_SIZE // 2
     assert list((data_dir / "attempts").iterdir()) == []

@@ -147,3 +147,22 @@ async def test_a_live_follower_sees_the_output_exactly_except_marked_cuts(
 
 async def collect_following(path: Path, follow: Callable[[], bool]) -> bytes:
     return b"".join([chunk async for chunk in read_file(path, follow, Layout.for_cap(CAP))])
+
+
+async def test_a_forged_marker_in_short_output_changes_nothing_a_reader_sees(
+        tmp_path: Path) -> None:
+    """A task that prints a cut marker right where a real one would go (its log is not
+    cut) cannot make a reader skip or alter any of its output."""
+    path = tmp_path / "1.log"
+    layout = Layout.for_cap(CAP)
+    forged = b"x" * layout.head + marker(10**12) + b"after the forged marker\n"
+    output = CappedLog(path, CAP)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())",
+        stdin=asyncio.subprocess.PIPE, stdout=output.child_fd, stderr=output.child_fd)
+    output.started()
+    await process.communicate(forged)
+    await output.closed(10)
+    assert output.cut == 0
+    assert path.read_bytes() == forged
+    assert await collect(path) == forged
