@@ -29,8 +29,8 @@ UMOUNT = shutil.which("umount") or "/bin/umount"
 # No journal (scratch is thrown away, so crash consistency buys nothing and the journal
 # would cost space and time), lazy inode tables and no discard (mkfs writes little and
 # returns at once), no blocks reserved for root (the task is never root).
-MKFS_OPTIONS = ("-q", "-F", "-O", "^has_journal", "-E", "lazy_itable_init=1,nodiscard",
-                "-m", "0")
+MKFS_OPTIONS = ("-q", "-F", "-O", "^has_journal", "-m", "0")
+MKFS_EXTENDED = "lazy_itable_init=1,nodiscard"
 
 # Name of the image inside the attempt's directory (removed with it).
 IMAGE_NAME = "work.img"
@@ -47,7 +47,8 @@ async def mount(work: Path, size: int, uid: int) -> None:
         _sparse_file(image, size)
     except OSError as exc:
         raise ExecutorError(f"cannot create the /work image {image}: {exc}") from exc
-    await _run(MKFS, *MKFS_OPTIONS, "-E", f"root_owner={uid}:{uid}", str(image))
+    await _run(MKFS, *MKFS_OPTIONS, "-E", f"{MKFS_EXTENDED},root_owner={uid}:{uid}",
+               str(image))
     try:
         await _run(MOUNT, "-t", "ext4", "-o", "loop,nosuid,nodev", str(image), str(work))
     except BaseException:
