@@ -49,7 +49,8 @@ def make_executor(config: Config, watchdog: Watchdog) -> Executor:
     """The executor the config asks for (runc isolates; process does not)."""
     if config.executor == "runc":
         from node.runtime.runc import RuncExecutor
-        return RuncExecutor(config.runc_binary, runc_root(config), config.task_uid)
+        return RuncExecutor(config.runc_binary, runc_root(config), config.task_uid,
+                            attempts_root=config.path / "attempts")
     from node.runtime.process import ProcessExecutor
     return ProcessExecutor(config.task_uid if os.geteuid() == 0 else None, watchdog)
 
@@ -100,9 +101,16 @@ class Agent:
             log.warning("removed %d containers left by an earlier run of this node", reaped)
         await watchdog.start()
         try:
-            return await self._run_parts(store, member, executor, watchdog)
-        finally:
-            await watchdog.stop()
+            code = await self._run_parts(store, member, executor, watchdog)
+        except BaseException:
+            # Any other way out (a loop that raised, a failed step of the shutdown, a
+            # cancellation) may leave containers running: the watchdog kills them.
+            log.error("the agent is going down without having stopped its tasks: the "
+                      "watchdog kills them")
+            watchdog.abandon()
+            raise
+        await watchdog.stop()
+        return code
 
     async def _run_parts(self, store: Store, member: EtcdMember | None, executor: Executor,
                          watchdog: Watchdog) -> int:

@@ -506,6 +506,9 @@ def cli(ctx: click.Context, server: str, timeout: float, ca: str, token_file: st
 @click.option("--cpu", type=CpuParam(), help=f"CPU request: {CPU_FORMS}.  [default: 0.1]")
 @click.option("--mem", type=SizeParam(), metavar="SIZE",
               help=f"Memory limit: {SIZE_FORMS}.  [default: 128Mi]")
+@click.option("--disk", type=SizeParam(), metavar="SIZE",
+              help=f"Size limit of the task's /work: {SIZE_FORMS}.  "
+                   "[default: the node's --default-disk]")
 @click.option("--restart/--no-restart", default=True, show_default=True,
               help="Run the task again elsewhere if its node dies.")
 @click.option("--env", "env", multiple=True, metavar="KEY=VALUE", callback=_parse_env,
@@ -520,7 +523,8 @@ def cli(ctx: click.Context, server: str, timeout: float, ca: str, token_file: st
 @click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARG]...")
 @click.pass_obj
 def submit(
-    session: Session, cpu: int | None, mem: int | None, restart: bool, env: dict[str, str],
+    session: Session, cpu: int | None, mem: int | None, disk: int | None, restart: bool,
+    env: dict[str, str],
     workdir: str, name: str, request_id: str, wait: bool, command: tuple[str, ...],
 ) -> None:
     """Queue CMD to run on whichever node has room; print its task id.
@@ -535,7 +539,7 @@ def submit(
     """
     spec = filch_pb2.TaskSpec(
         command=command[0], args=command[1:], cpu_millis=cpu or 0, memory_bytes=mem or 0,
-        restart=restart, env=env, workdir=workdir, name=name)
+        disk_bytes=disk or 0, restart=restart, env=env, workdir=workdir, name=name)
     task = session.submit(filch_pb2.SubmitRequest(spec=spec, request_id=request_id))
     click.echo(task.id)
     if not wait:
@@ -659,6 +663,8 @@ _METAVARS = {
     "cancel_grace": "SECONDS",
     "shutdown_grace": "SECONDS",
     "defrag_threshold": "SIZE",
+    "max_log_bytes": "SIZE",
+    "default_disk": "SIZE",
     "metrics_listen": "HOST:PORT",
     "retention": "SECONDS",
     "log_retention": "SECONDS",

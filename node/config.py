@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from node import limits, units
+from node import limits, units, validation
 from node.errors import InvalidArgument
+
+# Smallest log cap: room for a useful head, the cut marker and a tail (a few KiB each).
+MIN_LOG_BYTES = 16 * 1024
 
 
 def _default_data_dir() -> str:
@@ -122,6 +125,12 @@ class Config:
     """File holding the bearer token API clients must send (from `filch certs`)."""
     config_file: str = ""
     """TOML file with any of these fields (underscored names)."""
+    max_log_bytes: int = 100 * 1024 * 1024
+    """Cap on each attempt's log file: past it the head and the tail are kept and the
+    middle is cut (marked in the log)."""
+    default_disk: int = 1024**3
+    """Size limit of a task's /work when its spec sets none (runc: a loop-mounted ext4
+    image per attempt; the process executor cannot limit disk)."""
 
     # -- derived -------------------------------------------------------------------------
 
@@ -207,6 +216,12 @@ class Config:
                                           "talk https:// (mutual TLS)")
         if self.task_uid == 0:
             raise InvalidArgument("task_uid", "tasks never run as root; pick a non-zero uid")
+        if not MIN_LOG_BYTES <= self.max_log_bytes <= 1 << 50:
+            raise InvalidArgument("max_log_bytes", f"{self.max_log_bytes} is outside "
+                                  f"{MIN_LOG_BYTES}..{1 << 50} bytes")
+        if self.default_disk == 0:
+            raise InvalidArgument("default_disk", "must be a size (e.g. 1Gi), not 0")
+        validation.disk_bytes(self.default_disk, "default_disk")
         return self
 
 
@@ -237,7 +252,8 @@ def _check_url(name: str, value: str, *, loopback: bool) -> None:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 # Fields that also accept sizes like "4Gi" in the environment and the TOML file.
-SIZE_FIELDS = ("memory", "etcd_quota_bytes", "defrag_threshold")
+SIZE_FIELDS = ("memory", "etcd_quota_bytes", "defrag_threshold", "max_log_bytes",
+               "default_disk")
 
 
 def _coerce(name: str, raw: Any) -> Any:

@@ -105,7 +105,7 @@ _STATES = {
     "canceled": pb.TASK_STATE_CANCELED,
 }
 _SPEC_FIELDS = frozenset(
-    {"command", "args", "cpu", "memory", "restart", "env", "workdir", "name", "request_id"})
+    {"command", "args", "cpu", "memory", "disk", "restart", "env", "workdir", "name", "request_id"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 
@@ -283,6 +283,7 @@ def submit_request(body: Any) -> pb.SubmitRequest:
     spec = pb.TaskSpec(
         command=command, args=args, env=env,
         cpu_millis=_cpu_millis(body.get("cpu")), memory_bytes=_memory_bytes(body.get("memory")),
+        disk_bytes=_size_bytes("disk", body.get("disk")),
         workdir=_typed(body, "workdir", str, "a string") or "",
         name=_typed(body, "name", str, "a string") or "")
     restart = _typed(body, "restart", bool, "true or false")
@@ -304,14 +305,18 @@ def _cpu_millis(value: Any) -> int:
 
 
 def _memory_bytes(value: Any) -> int:
+    return _size_bytes("memory", value)
+
+
+def _size_bytes(field: str, value: Any) -> int:
     if value is None:
         return 0  # the daemon's default
     if isinstance(value, bool) or not isinstance(value, int | str):
-        raise HttpError(400, f"memory: must be {SIZE_FORMS}, not {json.dumps(value)}")
+        raise HttpError(400, f"{field}: must be {SIZE_FORMS}, not {json.dumps(value)}")
     try:
         return parse_size(str(value))
     except ValueError as error:
-        raise HttpError(400, f"memory: {error}") from None
+        raise HttpError(400, f"{field}: {error}") from None
 
 
 # -- log streaming -----------------------------------------------------------------------------

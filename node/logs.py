@@ -26,6 +26,7 @@ from node.errors import (
     TaskNotFound,
 )
 from node.runner import Runner, log_path
+from node.runtime.logcap import Layout, lock_for, read_at
 from node.store import Compacted, Store
 from node.tls import Security
 
@@ -101,7 +102,7 @@ class LogService:
                 raise TaskNotFound(f"{task_id} (the log of attempt {attempt} is no longer on "
                                    f"node {self._config.name})")
             async for chunk in read_file(path, lambda: follow and self._runner.is_running(
-                    task_id, attempt)):
+                    task_id, attempt), Layout.for_cap(self._config.max_log_bytes)):
                 yield chunk
             return
         if attempt != task.attempt:
@@ -158,18 +159,30 @@ class LogService:
             raise OwnerUnavailable(f"{where} failed to stream the log: {exc.details()}") from exc
 
 
-async def read_file(path: Path, follow: Callable[[], bool]) -> AsyncIterator[bytes]:
-    """Yield the file's content; while follow() is true, keep waiting for more."""
+async def read_file(path: Path, follow: Callable[[], bool],
+                    layout: Layout) -> AsyncIterator[bytes]:
+    """Yield the log's content; while follow() is true, keep waiting for more.
+
+    The agent may cut the middle of a live log (node/runtime/logcap.py): each read finds
+    its place again from the output offset, so a follower that fell behind a cut gets a
+    marker line for what it missed instead of repeated or garbled bytes.
+    """
+    def read(offset: int) -> tuple[bytes, int]:
+        with lock_for(path):
+            return read_at(stream.fileno(), offset, layout, CHUNK_BYTES)
+
+    offset = 0
     with path.open("rb") as stream:
         while True:
-            chunk = await asyncio.to_thread(stream.read, CHUNK_BYTES)
+            chunk, offset = await asyncio.to_thread(read, offset)
             if chunk:
                 yield chunk
                 continue
             if not follow():
                 # The writer may have added its last bytes just before it ended.
-                rest = await asyncio.to_thread(stream.read)
-                if rest:
-                    yield rest
-                return
+                while True:
+                    chunk, offset = await asyncio.to_thread(read, offset)
+                    if not chunk:
+                        return
+                    yield chunk
             await asyncio.sleep(FOLLOW_POLL)

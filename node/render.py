@@ -34,6 +34,7 @@ class TaskDict(TypedDict):
     args: list[str]
     cpu: float  # cores
     memory_bytes: int
+    disk_bytes: int  # 0: the node's --default-disk
     restart: bool
     attempt: int
     submitted_at: str | None  # RFC 3339, UTC, milliseconds
@@ -123,6 +124,7 @@ def task_to_dict(task: filch_pb2.Task) -> TaskDict:
         "args": list(task.spec.args),
         "cpu": task.spec.cpu_millis / 1000,
         "memory_bytes": task.spec.memory_bytes,
+        "disk_bytes": task.spec.disk_bytes,
         "restart": lifecycle.restartable(task.spec),
         "attempt": task.attempt,
         "submitted_at": _optional_timestamp(task, "submitted_at"),
@@ -291,6 +293,7 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
         ("Command", shlex.join([spec.command, *spec.args])),
         ("CPU", f"{format_cpu(spec.cpu_millis)} cores" if spec.cpu_millis else "default"),
         ("Memory", format_size(spec.memory_bytes) if spec.memory_bytes else "default"),
+        ("Disk", format_size(spec.disk_bytes) if spec.disk_bytes else "default"),
         ("Restart", "yes, if its node dies" if lifecycle.restartable(spec) else "no"),
     ]
     if spec.env:

@@ -180,19 +180,24 @@ class Runner:
     async def _supervise(self, local: LocalAttempt) -> None:
         task = local.task
         try:
-            spec = self._attempt_spec(task)
             try:
+                spec = self._attempt_spec(task)
                 await failpoints.hit("runner.before_start")
                 if local.revoked:
                     return      # fenced or canceled before it started: start nothing
                 handle = await self._executor.start(spec)
                 await failpoints.hit("runner.after_start")
                 local.handle = handle
-            except ExecutorError as exc:
-                log.warning("task %s attempt %d failed to start: %s", task.id, task.attempt, exc)
+            except (ExecutorError, OSError) as exc:
+                # An OSError is a full or broken data disk (the log directory's mkdir): it
+                # ends this attempt, never the agent, whose death would orphan other tasks.
+                message = (str(exc) if isinstance(exc, ExecutorError)
+                           else f"cannot prepare attempt {task.attempt}: {exc}")
+                log.warning("task %s attempt %d failed to start: %s", task.id, task.attempt,
+                            message)
                 metrics.START_FAILURES.inc()
                 await self._finish(local, lifecycle.finished(
-                    task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED, message=str(exc)))
+                    task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED, message=message))
                 return
             if local.revoked:
                 # Taken away while start() was awaited: the revocation found no container
@@ -309,7 +314,9 @@ class Runner:
             command=task.spec.command, args=tuple(task.spec.args), env=env,
             workdir=task.spec.workdir, cpu_millis=task.spec.cpu_millis,
             memory_bytes=task.spec.memory_bytes, log_path=path,
-            attempt_dir=data_dir / "attempts" / container_id)
+            attempt_dir=data_dir / "attempts" / container_id,
+            max_log_bytes=self._config.max_log_bytes,
+            disk_bytes=task.spec.disk_bytes or self._config.default_disk)
 
     async def _revoke(self, local: LocalAttempt, grace: float) -> None:
         """Mark the attempt taken away and stop its container within grace (or the

@@ -18,6 +18,8 @@ DEFAULT_MEMORY_BYTES = 128 * 1024 * 1024
 MAX_CPU_MILLIS = 4096 * 1000
 MAX_MEMORY_BYTES = 1 << 50            # 1 PiB
 MIN_MEMORY_BYTES = 4 * 1024 * 1024    # runc itself needs a few MiB inside the cgroup
+MAX_DISK_BYTES = 1 << 50              # 1 PiB, like memory: past it, a unit mistake
+MIN_DISK_BYTES = 1024 * 1024          # an ext4 image smaller than 1 MiB holds no useful file
 
 # A whole spec is stored in etcd; node/limits.py sizes every batch around it.
 MAX_SPEC_BYTES = limits.MAX_SPEC_BYTES
@@ -79,6 +81,7 @@ def spec(raw: pb.TaskSpec) -> pb.TaskSpec:
     if 0 < raw.memory_bytes < MIN_MEMORY_BYTES:
         raise InvalidArgument("spec.memory_bytes", f"{raw.memory_bytes} bytes is too small; "
                                                    f"at least {MIN_MEMORY_BYTES} (4Mi)")
+    disk_bytes(raw.disk_bytes, "spec.disk_bytes")
     clean = pb.TaskSpec()
     clean.CopyFrom(raw)
     clean.cpu_millis = raw.cpu_millis or DEFAULT_CPU_MILLIS
@@ -86,6 +89,14 @@ def spec(raw: pb.TaskSpec) -> pb.TaskSpec:
     # Restartable unless the client says otherwise: losing a node should not lose work.
     clean.restart = raw.restart if raw.HasField("restart") else True
     return clean
+
+
+def disk_bytes(value: int, field: str) -> int:
+    """A /work size limit (0: the node's default), or InvalidArgument naming field."""
+    if value != 0 and not MIN_DISK_BYTES <= value <= MAX_DISK_BYTES:
+        raise InvalidArgument(field, f"{value} is outside {MIN_DISK_BYTES}..{MAX_DISK_BYTES} "
+                                     "bytes (1Mi..1Pi; 0 means the node's default)")
+    return value
 
 
 def request_id(value: str) -> str:

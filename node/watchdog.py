@@ -14,7 +14,12 @@ Protocol, one line per message on the watchdog's stdin:
     deadline <CLOCK_MONOTONIC seconds>   arm, or move the deadline
     disarm                               no deadline (not registered, or just fenced)
     track <pgid> / untrack <pgid>        process-executor task groups
-    exit                                 clean shutdown: kill nothing
+    exit                                 clean shutdown: one last kill pass, then exit
+
+Only a clean shutdown says "exit", after the agent stopped every task itself; the last
+pass then finds nothing (one `runc list`). Every other end of the agent (an unhandled
+exception, a failed step of the SIGTERM path, SIGKILL) closes the pipe without it, and
+the watchdog kills and keeps sweeping.
 """
 
 from __future__ import annotations
@@ -91,7 +96,8 @@ class Watchdog:
         self._send(f"untrack {pgid}")
 
     async def stop(self) -> None:
-        """Clean shutdown: the watchdog exits without killing anything."""
+        """Clean shutdown, once the agent stopped its tasks: the watchdog kills whatever
+        is left (nothing, normally) once and exits."""
         if self._process is None or self._process.returncode is not None:
             return
         self._send("exit")
@@ -99,6 +105,16 @@ class Watchdog:
             if self._process.stdin is not None:
                 self._process.stdin.close()
         await self._process.wait()
+
+    def abandon(self) -> None:
+        """The agent is going down without having stopped its tasks: close the pipe
+        without "exit", so that the watchdog kills them (and keeps sweeping for
+        SWEEP_SECONDS). Returns at once; never raises."""
+        process = self._process
+        if process is None or process.stdin is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            process.stdin.close()
 
     def _send(self, line: str) -> None:
         process = self._process
@@ -186,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             elif word == "untrack":
                 pgids.discard(int(value))
             elif word == "exit":
+                # Belt and braces: a clean agent stopped everything, so this finds nothing.
+                _kill_everything(args.runc, args.runc_root, pgids)
                 return 0
 
 

@@ -27,6 +27,10 @@ class AttemptSpec:
     """stdout and stderr of the attempt, merged, appended to this host file."""
     attempt_dir: Path = Path("/tmp")
     """Host directory the executor owns for this attempt (bundle, scratch); removed by cleanup."""
+    max_log_bytes: int = 100 * 1024 * 1024
+    """Cap on the log file: past it the head and the tail are kept (node/runtime/logcap.py)."""
+    disk_bytes: int = 0
+    """Size limit of the scratch dir (/work); 0: no limit of its own. runc only."""
 
 
 @dataclass(frozen=True)

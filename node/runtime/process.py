@@ -2,9 +2,12 @@
 
 It does NOT isolate: a task sees the whole file system, every process and the network,
 and its memory_bytes and cpu_millis are not enforced (they only count against the node's
-capacity). What it does: one session and process group per attempt (stop() signals the
-whole group), a scratch directory as the default cwd and HOME, no core dumps, and, when
-the daemon runs as root, the task runs as task_uid with a cap on that uid's processes.
+capacity). Nor is disk_bytes: the scratch dir is a plain directory on the data disk (a
+loop mount needs root, and without a mount namespace the task could leave it). Its log
+is capped like a container's (node/runtime/logcap.py).
+What it does: one session and process group per attempt (stop() signals the whole
+group), a scratch directory as the default cwd and HOME, no core dumps, and, when the
+daemon runs as root, the task runs as task_uid with a cap on that uid's processes.
 
 Deliberately absent: RLIMIT_AS (it counts reserved address space, so the JVM, Go and
 sanitizer builds fail at a fraction of the limit), RLIMIT_DATA (per process, not per
@@ -28,6 +31,7 @@ from pathlib import Path
 from node.errors import ExecutorError
 from node.runtime.base import AttemptSpec, ExitStatus, exits_within
 from node.runtime.bundle import DEFAULT_PATH
+from node.runtime.logcap import CappedLog
 from node.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,10 @@ SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 # How long stop() waits for the process group leader after SIGKILL before giving up:
 # SIGKILL cannot be caught, so only a process stuck in the kernel (D state) takes longer.
 KILL_TIMEOUT_SECONDS = 30.0
+
+# How long an ended attempt's output pipe may stay open before the rest is dropped: only
+# a process that left the task's group (setsid) keeps it open longer.
+LOG_DRAIN_SECONDS = 2.0
 
 
 class ProcessExecutor:
@@ -97,9 +105,7 @@ class ProcessExecutor:
             if self._drop_to is not None:
                 os.chown(work, self._drop_to, self._drop_to)
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_fd = os.open(
-                spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
-            )
+            output = CappedLog(spec.log_path, spec.max_log_bytes)
         except OSError as exc:
             shutil.rmtree(spec.attempt_dir, ignore_errors=True)
             raise ExecutorError(f"cannot prepare attempt {spec.container_id}: {exc}") from exc
@@ -108,15 +114,15 @@ class ProcessExecutor:
         resolved = shutil.which(spec.command, path=env["PATH"])
         if resolved is None:
             shutil.rmtree(spec.attempt_dir, ignore_errors=True)
-            os.close(log_fd)
+            output.abandon()
             raise ExecutorError(f"cannot start {spec.command!r}: not found or not executable "
                                 f"(PATH={env['PATH']})")
         try:
             process = await asyncio.create_subprocess_exec(
                 *_wrapped(resolved, spec.args, drop),
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
+                stdout=output.child_fd,
+                stderr=output.child_fd,
                 cwd=spec.workdir or work,
                 env=env,
                 # Own session and process group: stop() signals the group, and a Ctrl-C at
@@ -125,12 +131,13 @@ class ProcessExecutor:
             )
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             shutil.rmtree(spec.attempt_dir, ignore_errors=True)
+            output.abandon()
             raise ExecutorError(f"cannot start {spec.command!r}: {_describe(exc)}") from exc
-        finally:
-            os.close(log_fd)
+        output.started()
         if self._watchdog is not None:
             self._watchdog.track(process.pid)
-        return ProcessAttempt(spec.container_id, spec.attempt_dir, process, self._watchdog)
+        return ProcessAttempt(spec.container_id, spec.attempt_dir, process, self._watchdog,
+                              output)
 
     async def reap_stale(self) -> int:
         """Return 0: plain processes leave no record to find them by after a daemon crash.
@@ -145,7 +152,9 @@ class ProcessAttempt:
     """One attempt running as a process group. Created by ProcessExecutor.start()."""
 
     def __init__(self, container_id: str, attempt_dir: Path,
-                 process: asyncio.subprocess.Process, watchdog: Watchdog | None = None):
+                 process: asyncio.subprocess.Process, watchdog: Watchdog | None = None,
+                 output: CappedLog | None = None):
+        self._output = output
         self._watchdog = watchdog
         self._id = container_id
         self._attempt_dir = attempt_dir
@@ -212,6 +221,10 @@ class ProcessAttempt:
         self._signal_group(signal.SIGKILL)
         if self._watchdog is not None:
             self._watchdog.untrack(self._pgid)
+        if self._output is not None:
+            # The group is dead; a process that left it (setsid) and kept the pipe open
+            # gets its further output dropped.
+            await self._output.closed(LOG_DRAIN_SECONDS)
         try:
             await asyncio.to_thread(shutil.rmtree, self._attempt_dir)
         except FileNotFoundError:

@@ -27,6 +27,7 @@ import signal
 from pathlib import Path
 
 from node.errors import ExecutorError
+from node.runtime import scratch
 from node.runtime.base import AttemptSpec, ExitStatus, exits_within
 from node.runtime.bundle import (
     DEFAULT_PATH,
@@ -36,6 +37,7 @@ from node.runtime.bundle import (
     build_config,
     write_bundle,
 )
+from node.runtime.logcap import CappedLog
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ KILL_RETRY_SECONDS = 0.5
 # ... until this long has passed, which only a wedged kernel or runc can exceed.
 KILL_TIMEOUT_SECONDS = 30.0
 
+# How long an ended attempt's output pipe may stay open (runc still copying its last
+# bytes) before the rest is dropped; only a process that escaped the container lasts longer.
+LOG_DRAIN_SECONDS = 5.0
+
 # How many stale containers reap_stale() deletes at once: `runc delete --force` of a
 # running container polls for its death (~100 ms), so a serial reap of many is slow.
 REAP_CONCURRENCY = 8
@@ -65,11 +71,15 @@ class RuncExecutor:
 
     name = "runc"
 
-    def __init__(self, runc_binary: str, state_root: Path, task_uid: int) -> None:
+    def __init__(self, runc_binary: str, state_root: Path, task_uid: int,
+                 attempts_root: Path | None = None) -> None:
         """Probe the host (which directories to bind, cgroup v1 or v2); spawns nothing.
 
-        Raises ExecutorError if runc_binary cannot be found or task_uid is root.
+        attempts_root, if given, holds every attempt_dir: reap_stale() unmounts the /work
+        file systems a dead agent left there. Raises ExecutorError if runc_binary cannot
+        be found or task_uid is root.
         """
+        self._attempts_root = attempts_root
         resolved = shutil.which(runc_binary)
         if resolved is None:
             raise ExecutorError(
@@ -105,8 +115,11 @@ class RuncExecutor:
         end the attempt with exit code 1 (usually) and runc's message in the log.
         Raises ExecutorError when the attempt cannot start: a bad container id or
         workdir, a command that is not an executable in the bound host directories
-        along the task's PATH, an existing container of that id, or an OSError while
-        writing the bundle or opening the log. Cancellation before the spawn leaves no
+        along the task's PATH, an existing container of that id, an OSError while
+        writing the bundle or opening the log, or a /work image (spec.disk_bytes) that
+        cannot be made or mounted (node/runtime/scratch.py). The task's output goes
+        through a pipe the agent drains into the log within spec.max_log_bytes
+        (node/runtime/logcap.py). Cancellation before the spawn leaves no
         trace; after it, the attempt runs on unwaited until reap_stale().
         """
         cid = spec.container_id
@@ -143,29 +156,32 @@ class RuncExecutor:
         try:
             write_bundle(bundle, config, layout=self._layout, task_uid=self._task_uid)
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-            log_fd = os.open(
-                spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
-            )
+            output = CappedLog(spec.log_path, spec.max_log_bytes)
         except OSError as exc:
             shutil.rmtree(bundle, ignore_errors=True)
             raise ExecutorError(f"cannot prepare attempt {cid}: {exc}") from exc
         try:
+            if spec.disk_bytes:
+                await scratch.mount(bundle / "work", spec.disk_bytes, self._task_uid)
             process = await asyncio.create_subprocess_exec(
                 self._runc, "--root", str(self._state_root),
                 "run", "--keep", "--bundle", str(bundle), cid,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=log_fd,
-                stderr=log_fd,
+                stdout=output.child_fd,
+                stderr=output.child_fd,
                 # Own session: a Ctrl-C at the daemon's terminal must not reach runc, which
                 # would forward it to the task; the daemon decides when tasks stop.
                 start_new_session=True,
             )
-        except OSError as exc:
+        except BaseException as exc:
+            output.abandon()
+            await scratch.unmount(bundle / "work")
             shutil.rmtree(bundle, ignore_errors=True)
-            raise ExecutorError(f"cannot run {self._runc}: {exc}") from exc
-        finally:
-            os.close(log_fd)
-        return RuncAttempt(self, cid, bundle, process)
+            if isinstance(exc, OSError):
+                raise ExecutorError(f"cannot run {self._runc}: {exc}") from exc
+            raise
+        output.started()
+        return RuncAttempt(self, cid, bundle, process, output)
 
     async def reap_stale(self) -> int:
         """SIGKILL and delete every container in state_root and remove its bundle.
@@ -194,11 +210,19 @@ class RuncExecutor:
                     return False
                 bundle = entry.get("bundle")
                 if isinstance(bundle, str) and _looks_like_bundle(bundle):
+                    await scratch.unmount(Path(bundle) / "work")
                     await asyncio.to_thread(shutil.rmtree, bundle, True)
                 log.info("reaped stale container %s", cid)
                 return True
 
         results = await asyncio.gather(*(reap(entry) for entry in entries))
+        if self._attempts_root is not None:
+            # /work file systems of attempts whose container was never created, or whose
+            # bundle reap() could not remove, are still mounted.
+            unmounted = await scratch.unmount_all(self._attempts_root)
+            if unmounted:
+                log.warning("unmounted %d /work file systems left by an earlier run",
+                            unmounted)
         return sum(results)
 
     # -- used by RuncAttempt ----------------------------------------------------------------
@@ -293,7 +317,9 @@ class RuncAttempt:
         container_id: str,
         bundle: Path,
         process: asyncio.subprocess.Process,
+        output: CappedLog,
     ) -> None:
+        self._output = output
         self._executor = executor
         self._cid = container_id
         self._bundle = bundle
@@ -352,6 +378,8 @@ class RuncAttempt:
         oom_killed = self._executor.oom_killed(self._cid)
         if not self._executor.remove_stopped(self._cid):
             await self._executor.delete(self._cid)
+        await self._output.closed(LOG_DRAIN_SECONDS)
+        await scratch.unmount(self._bundle / "work")
         try:
             await asyncio.to_thread(shutil.rmtree, self._bundle)
         except FileNotFoundError:

@@ -31,7 +31,7 @@ from node.config import Config
 
 TASK_FIELDS = {
     "id", "name", "state", "node_id", "node_address", "exit_code", "reason", "message",
-    "command", "args", "cpu", "memory_bytes", "restart", "attempt",
+    "command", "args", "cpu", "memory_bytes", "disk_bytes", "restart", "attempt",
     "submitted_at", "started_at", "finished_at",
 }
 
@@ -148,7 +148,8 @@ def test_submit_prints_only_the_task_id(fake: FakeScheduler) -> None:
 
 
 def test_submit_sends_the_spec_the_user_typed(fake: FakeScheduler) -> None:
-    result = filch(fake, "submit", "--cpu", "0.5", "--mem", "64Mi", "--no-restart",
+    result = filch(fake, "submit", "--cpu", "0.5", "--mem", "64Mi", "--disk", "2Gi",
+                   "--no-restart",
                    "--env", "A=1", "--env", "B=x=y", "--workdir", "/work", "--name", "build",
                    "--request-id", "req-7", "--", "sh", "-c", "make --jobs 4")
     assert result.exit_code == 0, result.output
@@ -156,7 +157,8 @@ def test_submit_sends_the_spec_the_user_typed(fake: FakeScheduler) -> None:
     assert request.request_id == "req-7"
     assert request.spec == pb.TaskSpec(
         command="sh", args=["-c", "make --jobs 4"], cpu_millis=500, memory_bytes=64 * 2**20,
-        restart=False, env={"A": "1", "B": "x=y"}, workdir="/work", name="build")
+        disk_bytes=2 * 2**30, restart=False, env={"A": "1", "B": "x=y"}, workdir="/work",
+        name="build")
 
 
 def test_submit_defaults_restart_on_and_leaves_resources_to_the_server(
@@ -165,14 +167,15 @@ def test_submit_defaults_restart_on_and_leaves_resources_to_the_server(
     assert result.exit_code == 0, result.output
     spec = fake.requests[0].spec
     assert spec.restart is True
-    assert (spec.cpu_millis, spec.memory_bytes) == (0, 0)
+    assert (spec.cpu_millis, spec.memory_bytes, spec.disk_bytes) == (0, 0, 0)
     # Options after CMD belong to CMD, even without "--".
     assert (spec.command, list(spec.args)) == ("python3", ["train.py", "--epochs", "3"])
 
 
 @pytest.mark.parametrize(
     ("args", "option"),
-    [(["--mem", "12Q"], "--mem"), (["--cpu", "0"], "--cpu"), (["--cpu", "lots"], "--cpu"),
+    [(["--mem", "12Q"], "--mem"), (["--disk", "12Q"], "--disk"), (["--cpu", "0"], "--cpu"),
+     (["--cpu", "lots"], "--cpu"),
      (["--env", "NOEQUALS"], "--env")],
 )
 def test_submit_rejects_bad_values_in_one_line_without_calling_the_node(

@@ -258,3 +258,19 @@ def test_config_is_frozen() -> None:
     with pytest.raises(AttributeError):
         config.lease_ttl = 9  # type: ignore[misc]
     assert isinstance(config, Config)
+
+
+@pytest.mark.parametrize(("flags", "field"), [
+    ({"max_log_bytes": 1024}, "max_log_bytes"),
+    ({"max_log_bytes": -1}, "max_log_bytes"),
+    ({"default_disk": 0}, "default_disk"),
+    ({"default_disk": 1}, "default_disk"),
+    ({"default_disk": 2**60}, "default_disk"),
+])
+def test_log_cap_and_default_disk_are_checked(flags: dict[str, Any], field: str) -> None:
+    assert rejected(flags).field == field
+
+
+def test_log_cap_and_default_disk_accept_sizes() -> None:
+    config = load({}, environ={"FILCH_MAX_LOG_BYTES": "1Mi", "FILCH_DEFAULT_DISK": "2Gi"})
+    assert (config.max_log_bytes, config.default_disk) == (1024**2, 2 * 1024**3)

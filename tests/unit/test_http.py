@@ -146,12 +146,13 @@ def test_head_answers_without_a_body(app: App) -> None:
 
 def test_submit_creates_a_task_that_get_and_list_show(app: App, cluster: Cluster) -> None:
     reply = submit(app, command="sh", args=["-c", "echo hi"], cpu=0.25, memory="64Mi",
-                   restart=False, env={"GREETING": "hi"}, name="greeter")
+                   disk="2Gi", restart=False, env={"GREETING": "hi"}, name="greeter")
     assert reply.status == 201, reply.body
     task = reply.json()
     assert reply.headers["Location"] == f"/api/v1/tasks/{task['id']}"
     assert (task["command"], task["args"], task["name"]) == ("sh", ["-c", "echo hi"], "greeter")
     assert (task["cpu"], task["memory_bytes"], task["restart"]) == (0.25, 64 * 2**20, False)
+    assert task["disk_bytes"] == 2 * 2**30
     # What gRPC stored is what was asked for.
     stored = cluster.get(task["id"])
     assert (stored.spec.cpu_millis, dict(stored.spec.env)) == (250, {"GREETING": "hi"})
@@ -186,12 +187,15 @@ def test_submit_with_a_request_id_is_idempotent(app: App) -> None:
     (b'{"command": "true", "cpu": "lots"}', "cpu"),
     (b'{"command": "true", "memory": "64Mb?"}', "memory"),
     (b'{"command": "true", "memory": 1.5}', "memory"),
+    (b'{"command": "true", "disk": "lots"}', "disk"),
+    (b'{"command": "true", "disk": true}', "disk"),
     (b'{"command": "true", "restart": "yes"}', "restart"),
     (b'{"command": "true", "env": {"A": 1}}', "env[A]"),
     (b'{"command": "true", "mem": "64Mi"}', "mem"),
     # Checked by the daemon, answered INVALID_ARGUMENT, mapped to 400.
     (b'{"command": "true", "workdir": "relative/dir"}', "spec.workdir"),
     (b'{"command": "true", "memory": 1024}', "spec.memory_bytes"),
+    (b'{"command": "true", "disk": 1024}', "spec.disk_bytes"),
 ])
 def test_bad_submit_bodies_are_400_naming_the_field(app: App, body: bytes, field: str) -> None:
     reply = call(app, "POST", "/api/v1/tasks", body=body)

@@ -116,6 +116,7 @@ class TaskSpec(_message.Message):
     CPU_MILLIS_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     RESTART_FIELD_NUMBER: _builtins.int
+    DISK_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """optional human label, <= 253 chars"""
     command: _builtins.str
@@ -128,6 +129,8 @@ class TaskSpec(_message.Message):
     """memory limit; 0 means the default (128 MiB)"""
     restart: _builtins.bool
     """requeue if the node running it dies; unset means true"""
+    disk_bytes: _builtins.int
+    """size limit of the task's /work; 0 means the node's --default-disk"""
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -143,10 +146,11 @@ class TaskSpec(_message.Message):
         cpu_millis: _builtins.int = ...,
         memory_bytes: _builtins.int = ...,
         restart: _builtins.bool | None = ...,
+        disk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_restart", b"_restart", "restart", b"restart"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_restart", b"_restart", "args", b"args", "command", b"command", "cpu_millis", b"cpu_millis", "env", b"env", "memory_bytes", b"memory_bytes", "name", b"name", "restart", b"restart", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_restart", b"_restart", "args", b"args", "command", b"command", "cpu_millis", b"cpu_millis", "disk_bytes", b"disk_bytes", "env", b"env", "memory_bytes", b"memory_bytes", "name", b"name", "restart", b"restart", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__restart: _TypeAlias = _typing.Literal["restart"]  # noqa: Y015
     _WhichOneofArgType__restart: _TypeAlias = _typing.Literal["_restart", b"_restart"]  # noqa: Y015
