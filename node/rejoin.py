@@ -48,6 +48,12 @@ MARKER_NAME = "etcd-member.json"
 # hold the start for long, and each peer is asked at most once.
 _REQUEST_TIMEOUT = 5.0
 
+# Largest member list answer read: ~200 bytes a member, and etcd clusters have a handful.
+_MAX_ANSWER_BYTES = 4 * 1024 * 1024
+
+# How much of an error answer the agent quotes: etcd's messages are one short sentence.
+_MAX_DETAIL_CHARS = 300
+
 # How long --rejoin retries a member change etcd calls unsafe *for now*: etcd refuses to
 # add a voter ("unhealthy cluster") until the members have been connected for 5 s (its
 # HealthInterval), e.g. right after a restart or the remove that precedes the add.
@@ -86,11 +92,19 @@ class Member:
         return bool(self.client_urls)
 
     @staticmethod
-    def parse(raw: dict[str, Any]) -> Member:
+    def parse(raw: object) -> Member:
+        """One member from etcd's JSON. Raises ValueError for anything else."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"a member is a JSON object, not {type(raw).__name__}")
         # Peers' /members spell the id "id" (a JSON number); the gateway "ID" (a string).
-        return Member(id=int(raw.get("id", raw.get("ID", 0))), name=str(raw.get("name", "")),
-                      peer_urls=tuple(raw.get("peerURLs", ())),
-                      client_urls=tuple(raw.get("clientURLs", ())))
+        member_id = raw.get("id", raw.get("ID", 0))
+        urls = {key: raw.get(key) or [] for key in ("peerURLs", "clientURLs")}
+        if (not isinstance(member_id, int | str) or not isinstance(raw.get("name", ""), str)
+                or not all(isinstance(value, list) and all(isinstance(url, str) for url in value)
+                           for value in urls.values())):
+            raise ValueError("a member's id, name or URLs have the wrong type")
+        return Member(id=int(member_id), name=raw.get("name", ""),
+                      peer_urls=tuple(urls["peerURLs"]), client_urls=tuple(urls["clientURLs"]))
 
 
 def marker_path(config: Config) -> Path:
@@ -201,7 +215,8 @@ def rejoin(config: Config, via: str = "") -> Config:
     add this node's peer URL as a new member unless an earlier --rejoin already did, and
     return config with that member list as initial_cluster and state "existing". Leftovers
     of the old data dir are deleted. Each step looks at the member list first, so a retry
-    after a crash anywhere converges. Blocking. Raises RejoinFailed.
+    after a crash anywhere converges; a change etcd calls unsafe for now ("unhealthy
+    cluster") is retried for up to _RETRY_FOR seconds. Blocking. Raises RejoinFailed.
     """
     if not wal_is_empty(config):
         log.info("the etcd data of member %s is intact: --rejoin has nothing to do", config.name)
@@ -236,8 +251,8 @@ def _replace_member(config: Config, via: str) -> list[Member]:
                  pending[0].id, config.etcd_peer_url)
         return members
     added = _member_api(config, endpoint, "add", {"peerURLs": [config.etcd_peer_url]})
-    log.warning("added this node as new etcd member %x through %s",
-                Member.parse(added.get("member", {})).id, endpoint)
+    log.warning("added this node as new etcd member %s through %s",
+                _printable(str(added.get("member"))), endpoint)
     return member_list(config, endpoint)
 
 
@@ -286,21 +301,41 @@ def _initial_cluster(config: Config, members: list[Member]) -> str:
 
 
 def peer_members(config: Config, peer_url: str) -> tuple[int, list[Member]]:
-    """(cluster id, members) as the member at peer_url sees them. Raises OSError."""
+    """(cluster id, members) as the member at peer_url sees them.
+
+    Raises OSError when it does not answer, or answers something else than etcd would.
+    """
     url = peer_url.rstrip("/") + "/members"
-    with urllib.request.urlopen(url, timeout=_REQUEST_TIMEOUT,
-                                context=_tls_context(config, url)) as response:
-        cluster_id = int(response.headers.get("X-Etcd-Cluster-Id", "0"), 16)
-        body = json.loads(response.read())
-    if not isinstance(body, list):
-        raise OSError(f"{url} answered {type(body).__name__}, not a member list")
-    return cluster_id, [Member.parse(raw) for raw in body]
+    try:
+        with urllib.request.urlopen(url, timeout=_REQUEST_TIMEOUT,
+                                    context=_tls_context(config, url)) as response:
+            cluster_id = int(response.headers.get("X-Etcd-Cluster-Id", "0"), 16)
+            body = json.loads(_read_bounded(response))
+        if not isinstance(body, list):
+            raise ValueError(f"{type(body).__name__}, not a member list")
+        return cluster_id, [Member.parse(raw) for raw in body]
+    except ValueError as exc:
+        raise OSError(f"{url} answered something else than etcd's member list: {exc}") from exc
+
+
+def _read_bounded(response: Any) -> bytes:
+    # Whoever answers on a peer URL must not make the agent read without end.
+    body: bytes = response.read(_MAX_ANSWER_BYTES + 1)
+    if len(body) > _MAX_ANSWER_BYTES:
+        raise ValueError(f"more than {_MAX_ANSWER_BYTES} bytes")
+    return body
 
 
 def member_list(config: Config, endpoint: str) -> list[Member]:
     """The member list as the member at endpoint (a client URL) sees it. Raises RejoinFailed."""
     answer = _member_api(config, endpoint, "list", {})
-    return [Member.parse(raw) for raw in answer.get("members", [])]
+    try:
+        raw_members = answer.get("members")
+        if not isinstance(raw_members, list):
+            raise ValueError("no member list")
+        return [Member.parse(raw) for raw in raw_members]
+    except ValueError as exc:
+        raise RejoinFailed(f"member list at {endpoint} is not etcd's: {exc}") from exc
 
 
 def _member_api(config: Config, endpoint: str, call: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -310,11 +345,11 @@ def _member_api(config: Config, endpoint: str, call: str, body: dict[str, Any]) 
     try:
         with urllib.request.urlopen(request, timeout=_REQUEST_TIMEOUT,
                                     context=_tls_context(config, url)) as response:
-            answer = json.loads(response.read())
+            answer = json.loads(_read_bounded(response))
     except urllib.error.HTTPError as exc:
         try:
-            error = json.loads(exc.read())
-            detail, code = str(error["message"]), int(error["code"])
+            error = json.loads(exc.read(_MAX_ANSWER_BYTES))
+            detail, code = _printable(str(error["message"])), int(error["code"])
         except (OSError, ValueError, KeyError, TypeError):
             detail, code = str(exc), 0
         raise RejoinFailed(f"member {call} at {endpoint} failed: {detail}",
@@ -324,6 +359,11 @@ def _member_api(config: Config, endpoint: str, call: str, body: dict[str, Any]) 
     if not isinstance(answer, dict):
         raise RejoinFailed(f"member {call} at {endpoint} answered something else than JSON")
     return answer
+
+
+def _printable(text: str) -> str:
+    # Quoted in the agent's one-line error on the operator's terminal: no control codes.
+    return "".join(c if c.isprintable() else "?" for c in text)[:_MAX_DETAIL_CHARS]
 
 
 def _tls_context(config: Config, url: str) -> ssl.SSLContext | None:

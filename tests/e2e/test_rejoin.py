@@ -51,6 +51,21 @@ def put_before_wipe(cluster: Cluster) -> str:
     return task_id
 
 
+def start_refused(node: Node, *extra: str) -> str:
+    """Run the node's agent in the foreground; assert it refused, changed nothing, and
+    return its one-line error."""
+    result = subprocess.run([FILCH, "agent", *node.args, *extra], capture_output=True,
+                            text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: etcd data of member node-3"), result.stderr
+    assert "'filch agent --rejoin" in last and "new member" in last
+    # Refused before etcd ran: the data dir is still empty.
+    assert not (node.data_dir / "etcd" / "member").exists()
+    return last
+
+
 def test_a_plain_restart_after_the_wipe_is_refused_and_changes_nothing(
         fresh_three_nodes: Cluster) -> None:
     cluster = fresh_three_nodes
@@ -59,18 +74,41 @@ def test_a_plain_restart_after_the_wipe_is_refused_and_changes_nothing(
     assert (third.data_dir / MARKER_NAME).exists()
     wipe(third)
 
-    result = subprocess.run([FILCH, "agent", *third.args], capture_output=True, text=True,
-                            timeout=120, stdin=subprocess.DEVNULL)
+    line = start_refused(third)
 
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.stderr
-    assert lines[-1].startswith("error: etcd data of member node-3"), result.stderr
-    assert "--rejoin" in lines[-1] and "new member" in lines[-1]
-    # Refused before etcd ran: the data dir is still empty, the old member still listed.
-    assert not (third.data_dir / "etcd" / "member").exists()
+    assert f"{int(str(old_id)):x}" in line and MARKER_NAME in line
     assert members(cluster, 0)["node-3"]["ID"] == old_id
     # The other two carry on: a quorum, and tasks run.
+    task_id = cluster.submit("true")
+    assert cluster.wait_finished([task_id])[0].state == pb.TASK_STATE_COMPLETE
+    # The case etcd itself lets through: no peer answers at start-up (the whole cluster
+    # restarts), and etcd would bootstrap an empty member under the old id, which votes.
+    for node in cluster.nodes[:2]:
+        node.stop()
+    start_refused(third)
+    # Nor can --rejoin go ahead without a healthy member; it says so and changes nothing.
+    result = subprocess.run([FILCH, "agent", *third.args, "--rejoin"], capture_output=True,
+                            text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: --rejoin found no healthy etcd member"), result.stderr
+    assert not (third.data_dir / "etcd" / "member").exists()
+    assert (third.data_dir / MARKER_NAME).exists()
+
+
+def test_without_the_marker_the_peers_evidence_refuses_an_existing_join(
+        fresh_three_nodes: Cluster) -> None:
+    cluster = fresh_three_nodes
+    third = cluster.nodes[2]
+    old_id = members(cluster, 0)["node-3"]["ID"]
+    wipe(third)
+    (third.data_dir / MARKER_NAME).unlink()  # the whole data dir was lost, or an old node
+
+    # `existing` with an empty dir is what etcd would let rejoin under the old id.
+    for state in ("existing", "new"):
+        line = start_refused(third, "--initial-cluster-state", state)
+        assert f"{int(str(old_id)):x}" in line and "lists it as started" in line
+    assert members(cluster, 0)["node-3"]["ID"] == old_id
     task_id = cluster.submit("true")
     assert cluster.wait_finished([task_id])[0].state == pb.TASK_STATE_COMPLETE
 
