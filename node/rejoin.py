@@ -43,10 +43,13 @@ log = logging.getLogger(__name__)
 
 MARKER_NAME = "etcd-member.json"
 
-# Timeout of one request to a peer or a member API. A healthy member answers the member
-# API within an election or two (our election timeout is 0.5 s); a dead host must not
-# hold the start for long, and each peer is asked at most once.
+# Timeout of one member API request: a healthy member answers within an election or two
+# (our election timeout is 0.5 s, etcd's default 1 s).
 _REQUEST_TIMEOUT = 5.0
+
+# Timeout of one peer's GET /members, which a member answers at once, quorum or not: a
+# dead or firewalled peer must not hold every start for long (each is asked once).
+_PEER_TIMEOUT = 2.0
 
 # Largest member list answer read: ~200 bytes a member, and etcd clusters have a handful.
 _MAX_ANSWER_BYTES = 4 * 1024 * 1024
@@ -307,7 +310,7 @@ def peer_members(config: Config, peer_url: str) -> tuple[int, list[Member]]:
     """
     url = peer_url.rstrip("/") + "/members"
     try:
-        with urllib.request.urlopen(url, timeout=_REQUEST_TIMEOUT,
+        with urllib.request.urlopen(url, timeout=_PEER_TIMEOUT,
                                     context=_tls_context(config, url)) as response:
             cluster_id = int(response.headers.get("X-Etcd-Cluster-Id", "0"), 16)
             body = json.loads(_read_bounded(response))

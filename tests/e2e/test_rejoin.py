@@ -11,12 +11,14 @@ import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.rejoin import MARKER_NAME
 from tests.e2e.cluster import FILCH, Cluster, Node, wait_for
+from tests.e2e.conftest import require_tools
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -149,6 +151,23 @@ def test_rejoin_converges_after_a_crash_between_its_steps(fresh_three_nodes: Clu
 
     assert_rejoined(cluster, old_id, before)
     assert members(cluster, 0)["node-3"]["ID"] == added[0]["ID"]  # reused, not added twice
+
+
+def test_rejoin_over_mutual_tls_between_peers(tmp_path: Path) -> None:
+    """With certificates the peers' GET /members needs the node's client certificate."""
+    require_tools()
+    with Cluster(tmp_path / "cluster", size=3, pki=tmp_path / "pki") as cluster:
+        third = cluster.nodes[2]
+        before = put_before_wipe(cluster)
+        old_id = members(cluster, 0)["node-3"]["ID"]
+        wipe(third)
+        (third.data_dir / MARKER_NAME).unlink()  # the refusal rests on the peers' word
+        line = start_refused(third)
+        assert "lists it as started" in line
+
+        rejoin(cluster, third)
+
+        assert_rejoined(cluster, old_id, before)
 
 
 def rejoin(cluster: Cluster, node: Node) -> None:
