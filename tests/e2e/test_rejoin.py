@@ -104,7 +104,8 @@ def test_without_the_marker_the_peers_evidence_refuses_an_existing_join(
     third = cluster.nodes[2]
     old_id = members(cluster, 0)["node-3"]["ID"]
     wipe(third)
-    (third.data_dir / MARKER_NAME).unlink()  # the whole data dir was lost, or an old node
+    # The whole data dir was lost, or the node predates the marker.
+    (third.data_dir / MARKER_NAME).unlink(missing_ok=True)
 
     # `existing` with an empty dir is what etcd would let rejoin under the old id.
     for state in ("existing", "new"):
@@ -126,6 +127,13 @@ def test_rejoin_replaces_the_member_and_the_node_serves_the_old_data(
     rejoin(cluster, third)
 
     assert_rejoined(cluster, old_id, before)
+    # From now on the node restarts plainly, as the new member, with its data.
+    new_id = members(cluster, 0)["node-3"]["ID"]
+    third.stop()
+    wait_for("node-3 to leave", lambda: len(cluster.list_nodes()) == 2, timeout=30)
+    third.start()
+    wait_for("node-3 to register again", lambda: len(cluster.list_nodes()) == 3, timeout=60)
+    assert members(cluster, 0)["node-3"]["ID"] == new_id
 
 
 def test_rejoin_converges_after_a_crash_between_its_steps(fresh_three_nodes: Cluster) -> None:
@@ -161,7 +169,7 @@ def test_rejoin_over_mutual_tls_between_peers(tmp_path: Path) -> None:
         before = put_before_wipe(cluster)
         old_id = members(cluster, 0)["node-3"]["ID"]
         wipe(third)
-        (third.data_dir / MARKER_NAME).unlink()  # the refusal rests on the peers' word
+        (third.data_dir / MARKER_NAME).unlink(missing_ok=True)  # the peers' word alone
         line = start_refused(third)
         assert "lists it as started" in line
 
