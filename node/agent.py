@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from node import failpoints, limits, metrics
+from node import failpoints, limits, metrics, rejoin
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer, add_to_server
 from node.config import Config
@@ -63,8 +63,11 @@ def runc_root(config: Config) -> Path:
 class Agent:
     """Wires the parts of a node together and runs them until asked to stop."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, rejoin_via: str | None = None) -> None:
+        """rejoin_via: not None for `--rejoin` (replace a member whose etcd data is gone),
+        "" to find a healthy member through the --initial-cluster peers, else its client URL."""
         self.config = config
+        self.rejoin_via = rejoin_via
         self._stop = asyncio.Event()
         self._exit_code = 0
 
@@ -79,9 +82,10 @@ class Agent:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
-        member = EtcdMember(config) if config.embedded_etcd else None
+        member = await self._prepare_member() if config.embedded_etcd else None
         if member is not None:
             await member.start()
+            await asyncio.to_thread(rejoin.record_identity, member.config)
         store = Store(config.etcd_client_endpoint)
         try:
             return await self._serve(store, member)
@@ -89,6 +93,17 @@ class Agent:
             await store.close()
             if member is not None:
                 await member.stop()
+
+    async def _prepare_member(self) -> EtcdMember:
+        """The member to start: as configured, or (--rejoin) a new one replacing the old.
+
+        Raises MemberDataLost when the data dir is empty but this node was a member (and
+        --rejoin was not given), RejoinFailed when --rejoin cannot replace it.
+        """
+        if self.rejoin_via is None:
+            await asyncio.to_thread(rejoin.check_data, self.config)
+            return EtcdMember(self.config)
+        return EtcdMember(await asyncio.to_thread(rejoin.rejoin, self.config, self.rejoin_via))
 
     async def _serve(self, store: Store, member: EtcdMember | None) -> int:
         config = self.config
@@ -187,8 +202,8 @@ class Agent:
         self.request_stop(exit_code=1)
 
 
-def main(config: Config) -> int:
-    """Entry point of `filch agent`."""
+def main(config: Config, rejoin_via: str | None = None) -> int:
+    """Entry point of `filch agent` (rejoin_via: see Agent)."""
     logging.basicConfig(level=os.environ.get("FILCH_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Test-only fault injection; unset in production (see node/failpoints.py).
@@ -198,5 +213,5 @@ def main(config: Config) -> int:
         # loop costs nothing per task (3.12 does this by default).
         asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(Agent(config).run())
+        return asyncio.run(Agent(config, rejoin_via).run())
     return 130

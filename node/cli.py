@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NoReturn, TextIO
+from urllib.parse import urlsplit
 
 import click
 import grpc
@@ -765,8 +766,18 @@ def certs_command(directory: str, nodes: tuple[str, ...]) -> None:
 
 
 @cli.command(name="agent")
+# A one-off recovery action, not a setting: a flag only (no FILCH_* variable, no TOML key),
+# so that it cannot stay switched on across restarts by accident.
+@click.option("--rejoin", is_flag=True, default=False,
+              help="This node's etcd data is lost: remove its old member from the cluster "
+                   "through a healthy member, and join as a new member. Does nothing when "
+                   "the data is intact; safe to repeat after a crash.")
+@click.option("--rejoin-via", metavar="URL", default="",
+              help="With --rejoin: the client URL of a healthy member to go through "
+                   "(default: the client URLs the --initial-cluster peers advertise).")
 @click.pass_context
-def agent_command(ctx: click.Context, /, **options: Any) -> NoReturn:
+def agent_command(ctx: click.Context, /, rejoin: bool, rejoin_via: str,
+                  **options: Any) -> NoReturn:
     """Run a filch node in the foreground: etcd member, API, stealer and runner.
 
     Settings come from these flags, then FILCH_* environment variables, then the
@@ -780,15 +791,30 @@ def agent_command(ctx: click.Context, /, **options: Any) -> NoReturn:
         config = config_module.load(flags)
     except InvalidArgument as error:
         raise CommandError(str(error), EXIT_USAGE) from None
+    if rejoin_via and not rejoin:
+        raise click.UsageError("--rejoin-via needs --rejoin")
+    if rejoin_via:
+        parts = urlsplit(rejoin_via)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise click.UsageError(f"--rejoin-via: {rejoin_via!r} is not a URL like "
+                                   "http://127.0.0.1:2379")
+    if rejoin and not config.embedded_etcd:
+        raise click.UsageError("--rejoin replaces this node's own etcd member; a node with "
+                               "--etcd-endpoint has none")
     # Imported only now: it pulls in etcd and the runtimes, which the client commands
     # never need, and a bad flag is reported before any of that loads.
     from node import agent, failpoints
+    from node.rejoin import MemberDataLost, RejoinFailed
 
     try:
         failpoints.parse(os.environ.get(failpoints.ENVIRONMENT_VARIABLE, ""))
     except InvalidArgument as error:
         raise CommandError(str(error), EXIT_USAGE) from None
-    ctx.exit(agent.main(config))
+    try:
+        status = agent.main(config, rejoin_via) if rejoin else agent.main(config)
+    except (MemberDataLost, RejoinFailed) as error:
+        raise CommandError(str(error)) from None
+    ctx.exit(status)
 
 
 agent_command.params.extend(_config_options())
