@@ -42,25 +42,25 @@ def test_logs_read_followed_and_cancelled_through_other_nodes(three_nodes: Clust
 
     wait_for("some output", lambda: "line 3" in three_nodes.cli("logs", task_id,
                                                                   index=reader).stdout)
-    follower = subprocess.Popen(
-        [FILCH, "--server", three_nodes.nodes[reader].address, "logs", "-f", task_id],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert follower.stdout is not None
-        first = follower.stdout.readline()
-        assert first == "line 0\n"
-        seen = [follower.stdout.readline() for _ in range(20)]
-        assert seen[-1].startswith("line ")
-        result = three_nodes.cli("cancel", task_id, index=canceller, check=True)
-        assert "CANCELED" in result.stdout
-        # The follow ends by itself once the owner has stopped the task (bounded: 30 s).
-        watchdog = threading.Timer(30, follower.kill)
-        watchdog.start()
-        rest = follower.stdout.read()
-        watchdog.cancel()
-        assert follower.wait() == 0
-    finally:
-        follower.kill()
+    with subprocess.Popen(
+            [FILCH, "--server", three_nodes.nodes[reader].address, "logs", "-f", task_id],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as follower:
+        try:
+            assert follower.stdout is not None
+            first = follower.stdout.readline()
+            assert first == "line 0\n"
+            seen = [follower.stdout.readline() for _ in range(20)]
+            assert seen[-1].startswith("line ")
+            result = three_nodes.cli("cancel", task_id, index=canceller, check=True)
+            assert "CANCELED" in result.stdout
+            # The follow ends by itself once the owner has stopped the task (bounded: 30 s).
+            watchdog = threading.Timer(30, follower.kill)
+            watchdog.start()
+            rest = follower.stdout.read()
+            watchdog.cancel()
+            assert follower.wait() == 0
+        finally:
+            follower.kill()
     lines = [first, *seen, *rest.splitlines(keepends=True)]
     numbers = [int(line.split()[1]) for line in lines if line.startswith("line ")]
     assert numbers == list(range(len(numbers))), "the followed log skipped or repeated lines"

@@ -189,6 +189,9 @@ def _watch(node: NetNode, start: int, target: int,
     finally:
         process.kill()
         process.wait()
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
 # -- the check ------------------------------------------------------------------------------
