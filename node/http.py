@@ -480,7 +480,7 @@ class App:
         try:
             response = self._dispatch(request)
         except HttpError as error:
-            if error.status == 401 and not request.path.startswith("/api/"):
+            if error.status == 401 and request.path == "/":
                 # A person opening the UI: a page that sends them to the sign-in form.
                 response = self._file("signin-redirect.html", status=401)
             else:
@@ -514,7 +514,11 @@ class App:
             elif access == SIGN_IN and found:
                 self.gate.check_same_origin(request.environ)
         except Refused as refused:
-            raise self._refusal(request, refused) from None
+            # A 401 names the scheme; the UI page itself ("/") gets, instead, a page that
+            # leads to the sign-in form (__call__).
+            headers = [("WWW-Authenticate", 'Bearer realm="filch"')] \
+                if refused.status == 401 else []
+            raise HttpError(refused.status, refused.message, headers) from None
         if not found:
             allowed_methods = {name for _, methods, _ in matched for name in methods}
             if not allowed_methods:
@@ -525,13 +529,6 @@ class App:
                                  f"use {allowed}", [("Allow", allowed)])
         _, handler, match = found[0]
         return handler(request, match)
-
-    def _refusal(self, request: Request, refused: Refused) -> HttpError:
-        if refused.status != 401:
-            return HttpError(refused.status, refused.message)
-        if request.path.startswith("/api/"):
-            return HttpError(401, refused.message, [("WWW-Authenticate", 'Bearer realm="filch"')])
-        return HttpError(401, refused.message)  # __call__ answers the UI with a page
 
     # -- probes --------------------------------------------------------------------------------
 

@@ -472,6 +472,7 @@ def test_the_bearer_token_needs_nothing_more(guarded: App) -> None:
 def test_the_ui_signs_in_with_the_token_into_an_httponly_strict_cookie(guarded: App) -> None:
     wrong = call(guarded, "POST", "/login", body=b'{"token": "guess"}')
     assert wrong.status == 401 and "Set-Cookie" not in wrong.headers
+    assert wrong.json()["error"] == "token: wrong token"  # what the form shows
     set_cookie = sign_in(guarded)
     attributes = [part.strip() for part in set_cookie.split(";")]
     assert {"HttpOnly", "SameSite=Strict", "Path=/"} <= set(attributes)
