@@ -97,3 +97,8 @@ loglevel = "info"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
 
 proc_name = "filch-http"
+
+# gunicorn >= 25 serves a control socket (gunicornc) in XDG_RUNTIME_DIR, else in
+# $HOME/.gunicorn; a system user without a runtime dir has neither (its home is /nonexistent),
+# so it is off rather than a warning at every start. Older gunicorn ignores the setting.
+control_socket_disable = not os.environ.get("XDG_RUNTIME_DIR")
