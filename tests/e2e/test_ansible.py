@@ -548,6 +548,8 @@ except OSError:
 GUNICORN_UIDS = """
 import os
 for pid in filter(str.isdigit, os.listdir("/proc")):
+    if pid == str(os.getpid()):
+        continue  # this script's own command line names gunicorn too
     try:
         if b"gunicorn" in open(f"/proc/{pid}/cmdline", "rb").read():
             print(next(line.split()[1] for line in open(f"/proc/{pid}/status")
