@@ -198,6 +198,10 @@ if [[ -f $node_dir/http.py && -f $FILCH_GUNICORN_CONF ]]; then
     export FILCH_HTTP_LISTEN=${FILCH_HTTP_LISTEN:-127.0.0.1:8080}
     say "no API token (FILCH_API_TOKEN_FILE): the HTTP face listens on $FILCH_HTTP_LISTEN only"
   fi
+  if [[ -n ${FILCH_CA:-} ]]; then  # its directory may be 0700 root (`filch certs`)
+    install -o root -g filch -m 0644 "$FILCH_CA" /run/filch/ca.crt
+    export FILCH_CA=/run/filch/ca.crt
+  fi
   if [[ -n ${FILCH_TLS_CERT:-} && -n ${FILCH_TLS_KEY:-} ]]; then
     install -o root -g filch -m 0644 "$FILCH_TLS_CERT" /run/filch/node.crt
     install -o root -g filch -m 0640 "$FILCH_TLS_KEY" /run/filch/node.key
