@@ -30,12 +30,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import re
-import select
-import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -49,6 +46,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from node import render
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.http_logs import LogBody, LogStream
 from node.tls import Security
 from node.units import CPU_FORMS, SIZE_FORMS, parse_cpu, parse_size
 from node.webauth import Gate, Refused, cleared_cookie, default_hosts, session_cookie
@@ -68,12 +66,6 @@ PROBE_TIMEOUT = 2.0
 # commits to "200 OK": errors such as "not started" arrive within milliseconds and get
 # their own status; a followed task that is quiet just streams once it speaks.
 LOG_PEEK = 1.0
-# While a followed log is quiet, how often to check whether the client has gone away,
-# so that a closed browser tab gives its worker thread back.
-LOG_IDLE_CHECK = 1.0
-# Chunks held between the gRPC stream and a slow HTTP client (64 KiB each): enough to keep
-# the pipe full, bounded so a huge log pushes back on the daemon instead of filling memory.
-LOG_BUFFER_CHUNKS = 64
 # A spec is at most 1 MiB (validation.MAX_SPEC_BYTES); JSON escaping may double it.
 MAX_BODY_BYTES = 2 * 1024 * 1024
 # Enough pages for any listing a person reads; the daemon caps a page at 1000 itself.
@@ -321,101 +313,6 @@ def _memory_bytes(value: Any) -> int:
         raise HttpError(400, f"memory: {error}") from None
 
 
-# -- log streaming -----------------------------------------------------------------------------
-
-_END = object()  # the stream finished cleanly
-
-
-class LogStream:
-    """Moves a StreamLogs call's chunks from gRPC's iterator to a WSGI body on its own
-    thread, so the body can wait with a timeout (for the first event, and to notice a
-    client that went away while the log is quiet)."""
-
-    def __init__(self, call: Any, client: socket.socket | None) -> None:
-        self._call = call
-        self.client = client
-        self._events: queue.Queue[object] = queue.Queue(LOG_BUFFER_CHUNKS)
-        self._stopped = threading.Event()
-        threading.Thread(target=self._pump, name="filch-log-pump", daemon=True).start()
-
-    def _pump(self) -> None:
-        try:
-            for chunk in self._call:
-                self._put(chunk.data)
-            self._put(_END)
-        except grpc.RpcError as error:
-            self._put(error)
-
-    def _put(self, item: object) -> None:
-        while not self._stopped.is_set():
-            try:
-                self._events.put(item, timeout=LOG_IDLE_CHECK)
-                return
-            except queue.Full:
-                continue
-
-    def next_event(self, timeout: float) -> object | None:
-        """Bytes, _END, a grpc.RpcError, or None when nothing arrived within timeout."""
-        try:
-            return self._events.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def stop(self) -> None:
-        """Cancel the call; idempotent. The pump thread ends once gRPC reports it."""
-        self._stopped.set()
-        self._call.cancel()
-
-
-class LogBody:
-    """A WSGI body of log chunks as they arrive. Its close(), which every WSGI server calls
-    (also when the client left or the body was never read), cancels the gRPC call."""
-
-    def __init__(self, stream: LogStream, first: object | None,
-                 failure: Callable[[grpc.RpcError], HttpError]) -> None:
-        self._stream = stream
-        self._first = first
-        self._failure = failure
-        self._closed = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        event = self._first
-        if event is None:
-            # Nothing to say yet (a quiet or unstarted task): gunicorn sends the headers on
-            # an empty write, so the client learns now that its request was accepted.
-            yield b""
-        while event is not _END and not self._closed:
-            if isinstance(event, bytes):
-                yield event
-            elif isinstance(event, grpc.RpcError):
-                # The headers are out, so the status cannot change: end with a line that
-                # says why the text stops here.
-                message = self._failure(event).message
-                log.warning("log stream broke off: %s", message)
-                yield f"\n[filch: the log stream broke off: {message}]\n".encode()
-                return
-            elif _client_gone(self._stream.client):
-                return
-            event = self._stream.next_event(LOG_IDLE_CHECK)
-
-    def close(self) -> None:
-        self._closed = True
-        self._stream.stop()
-
-
-def _client_gone(client: socket.socket | None) -> bool:
-    """Whether the HTTP client closed its connection (only gunicorn tells us its socket)."""
-    if client is None:
-        return False
-    try:
-        readable, _, _ = select.select([client], [], [], 0)
-        return bool(readable) and client.recv(1, socket.MSG_PEEK) == b""
-    except (BlockingIOError, ValueError):
-        return False  # nothing to read after all, or a TLS socket, which cannot peek
-    except OSError:
-        return True
-
-
 # -- the application ---------------------------------------------------------------------------
 
 Handler = Callable[[Request, re.Match[str]], Response]
@@ -632,7 +529,8 @@ class App:
         if isinstance(first, grpc.RpcError):
             stream.stop()
             raise self.daemon.failure(first)
-        return Response(200, LogBody(stream, first, self.daemon.failure), [
+        body = LogBody(stream, first, lambda error: self.daemon.failure(error).message)
+        return Response(200, body, [
             ("Content-Type", "text/plain; charset=utf-8"),
             ("Cache-Control", "no-store"),
             ("X-Content-Type-Options", "nosniff"),
