@@ -72,7 +72,8 @@ def default_hosts(environ: Mapping[str, str]) -> set[str]:
     """This node's names and addresses as the process environment knows them: the HTTP and
     gRPC bind and advertise hosts, the node name, the machine's host name, and
     FILCH_HTTP_ALLOWED_HOSTS (comma-separated, added to the rest)."""
-    hosts = {socket.gethostname(), socket.getfqdn(), environ.get("FILCH_NAME", "")}
+    # Not getfqdn(): a reverse DNS lookup at start could hang where DNS is broken.
+    hosts = {socket.gethostname(), environ.get("FILCH_NAME", "")}
     for variable in ("FILCH_HTTP_LISTEN", "FILCH_ADVERTISE", "FILCH_LISTEN", "FILCH_SERVER"):
         hosts.add(environ.get(variable, "").rpartition(":")[0])
     hosts.update(environ.get("FILCH_HTTP_ALLOWED_HOSTS", "").split(","))
