@@ -194,8 +194,8 @@ if [[ -f $node_dir/http.py && -f $FILCH_GUNICORN_CONF ]]; then
     install -o root -g filch -m 0640 "$FILCH_TOKEN_FILE" /run/filch/token
     export FILCH_TOKEN_FILE=/run/filch/token
     export FILCH_HTTP_LISTEN=${FILCH_HTTP_LISTEN:-0.0.0.0:8080}
-  else
-    export FILCH_HTTP_LISTEN=${FILCH_HTTP_LISTEN:-127.0.0.1:8080}
+  elif [[ -z ${FILCH_HTTP_LISTEN:-} ]]; then
+    export FILCH_HTTP_LISTEN=127.0.0.1:8080
     say "no API token (FILCH_API_TOKEN_FILE): the HTTP face listens on $FILCH_HTTP_LISTEN only"
   fi
   if [[ -n ${FILCH_CA:-} ]]; then  # its directory may be 0700 root (`filch certs`)
