@@ -181,16 +181,39 @@ fi
 # -- the HTTP face ----------------------------------------------------------------------------
 node_dir=$(echo /opt/filch/lib/python3*/site-packages/node)
 export FILCH_GUNICORN_CONF=$node_dir/gunicorn_conf.py
+# gunicorn runs as filch-http (group filch) and cannot read the operator's files, which
+# `filch certs` makes 0600 root: it gets copies of the token and the node's key, mode 0640
+# root:filch, in /run/filch (also right when the originals are on a read-only mount).
+# Without a token it listens on the container's loopback only: nothing binds beyond
+# loopback without one (gunicorn_conf.py refuses, and the container would stop).
 if [[ -f $node_dir/http.py && -f $FILCH_GUNICORN_CONF ]]; then
   export FILCH_HTTP_AUTOSTART=${FILCH_HTTP_AUTOSTART:-true}
-  export FILCH_HTTP_LISTEN=${FILCH_HTTP_LISTEN:-0.0.0.0:8080}
   install -d -o filch-http -g filch-http -m 0700 /run/filch-http
+  install -d -o root -g filch -m 0750 /run/filch
+  if [[ -n ${FILCH_TOKEN_FILE:-} ]]; then
+    install -o root -g filch -m 0640 "$FILCH_TOKEN_FILE" /run/filch/token
+    export FILCH_TOKEN_FILE=/run/filch/token
+    export FILCH_HTTP_LISTEN=${FILCH_HTTP_LISTEN:-0.0.0.0:8080}
+  elif [[ -z ${FILCH_HTTP_LISTEN:-} ]]; then
+    export FILCH_HTTP_LISTEN=127.0.0.1:8080
+    say "no API token (FILCH_API_TOKEN_FILE): the HTTP face listens on $FILCH_HTTP_LISTEN only"
+  fi
+  if [[ -n ${FILCH_CA:-} ]]; then  # its directory may be 0700 root (`filch certs`)
+    install -o root -g filch -m 0644 "$FILCH_CA" /run/filch/ca.crt
+    export FILCH_CA=/run/filch/ca.crt
+  fi
+  if [[ -n ${FILCH_TLS_CERT:-} && -n ${FILCH_TLS_KEY:-} ]]; then
+    install -o root -g filch -m 0644 "$FILCH_TLS_CERT" /run/filch/node.crt
+    install -o root -g filch -m 0640 "$FILCH_TLS_KEY" /run/filch/node.key
+    export FILCH_HTTP_CERT=/run/filch/node.crt FILCH_HTTP_KEY=/run/filch/node.key
+  fi
 else
   export FILCH_HTTP_AUTOSTART=false
   say "this filch has no node/http.py or node/gunicorn_conf.py: the HTTP face (:8080) is off"
 fi
 
 say "node $FILCH_NAME: API $FILCH_LISTEN (advertised ${FILCH_ADVERTISE:-$FILCH_LISTEN})," \
+  "HTTP ${FILCH_HTTP_LISTEN:-off}," \
   "etcd ${FILCH_ETCD_ENDPOINT:-peer $FILCH_ETCD_PEER_URL}," \
   "executor ${FILCH_EXECUTOR:-runc}, data $FILCH_DATA_DIR"
 

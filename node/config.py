@@ -23,6 +23,11 @@ from node.errors import InvalidArgument
 
 # Smallest log cap: room for a useful head, the cut marker and a tail (a few KiB each).
 MIN_LOG_BYTES = 16 * 1024
+# The /metrics port the README, the image, Ansible and Terraform all document: one fixed
+# port per node keeps scrape configs short.
+METRICS_PORT = 9470
+# Hosts that mean "every address" in a HOST:PORT listen address.
+_WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
 
 
 def _default_data_dir() -> str:
@@ -94,7 +99,8 @@ class Config:
     shutdown_grace: float = 10.0
     """Seconds SIGTERM waits for running tasks before stopping them and handing them back."""
     metrics_listen: str = ""
-    """HOST:PORT of the Prometheus /metrics endpoint (default: the --listen host, port 9470)."""
+    """HOST:PORT of the Prometheus /metrics endpoint (default: the --listen host, port 9470;
+    the --advertise host when --listen is a wildcard: the node's own address, not all)."""
     retention: float = 86400.0
     """Seconds finished (COMPLETE/CANCELED) tasks are kept before housekeeping deletes them."""
     max_finished: int = 0
@@ -140,7 +146,15 @@ class Config:
 
     @property
     def metrics_address(self) -> str:
-        return self.metrics_listen or f"{self.listen.rpartition(':')[0]}:9470"
+        if self.metrics_listen:
+            return self.metrics_listen
+        host = self.listen.rpartition(":")[0]
+        if host in _WILDCARDS:
+            # Listening everywhere is for the API; metrics stay on the address peers and
+            # Prometheus know the node by (loopback when even that is a wildcard).
+            advertised = self.advertise_address.rpartition(":")[0]
+            host = advertised if advertised not in _WILDCARDS else "127.0.0.1"
+        return f"{host}:{METRICS_PORT}"
 
     @property
     def embedded_etcd(self) -> bool:

@@ -6,6 +6,17 @@ Environment:
     FILCH_HTTP_THREADS      threads per worker (default 16)
     FILCH_SERVER            the local daemon's gRPC address (read by node.http)
     FILCH_ADVERTISE         the address the daemon advertises, if not FILCH_SERVER (readiness)
+    FILCH_TOKEN_FILE        the API token (or FILCH_TOKEN): /api/ and the UI then need it
+    FILCH_HTTP_CERT         serve TLS with this certificate (default FILCH_TLS_CERT) ...
+    FILCH_HTTP_KEY          ... and key (default FILCH_TLS_KEY): the node's own
+    FILCH_HTTP_ALLOWED_HOSTS  more names Host may carry (node/webauth.py has the defaults)
+
+Nothing binds beyond loopback without a token: with FILCH_HTTP_LISTEN on another address
+and no token, this file stops gunicorn with a one-line error before it binds anything.
+
+Files: gunicorn runs as an unprivileged user in the group `filch`; the token and the node's
+key are mode 0640, group filch, so it can read them and other local users cannot (the
+image's entrypoint, Ansible and README say how).
 
 Why gthread: `GET /api/v1/tasks/<id>/logs?follow=1` holds its request for as long as the
 task runs (minutes, hours). A `sync` worker serves one request at a time and is killed
@@ -20,7 +31,45 @@ from __future__ import annotations
 
 import os
 
-bind = [os.environ.get("FILCH_HTTP_LISTEN") or "127.0.0.1:8080"]
+from node.webauth import host_name, is_loopback
+
+
+def _token() -> str:
+    """The token gunicorn's workers will demand ("" for none); exits naming an unreadable
+    file, which is the usual permission trap (a 0600 root file)."""
+    if os.environ.get("FILCH_TOKEN"):
+        return os.environ["FILCH_TOKEN"].strip()
+    path = os.environ.get("FILCH_TOKEN_FILE", "")
+    if not path:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return stream.read().strip()
+    except OSError as error:
+        raise SystemExit(f"filch-http: cannot read the token file {path}: {error.strerror} "
+                         "(give it group filch, mode 0640, and run gunicorn in that group)"
+                         ) from None
+
+
+def refusal(listen: str, token: str) -> str | None:
+    """Why gunicorn must not bind `listen` (None when it may): beyond loopback, the HTTP face
+    would run commands for anyone who reaches it unless a token guards it."""
+    if token or listen.startswith("unix:") or is_loopback(host_name(listen.rpartition(":")[0])):
+        return None
+    return (f"filch-http: refusing to bind {listen} without a token: set FILCH_TOKEN_FILE "
+            "(made by `filch certs`) or bind a loopback address such as 127.0.0.1:8080")
+
+
+_listen = os.environ.get("FILCH_HTTP_LISTEN") or "127.0.0.1:8080"
+if (_why := refusal(_listen, _token())) is not None:
+    raise SystemExit(_why)
+bind = [_listen]
+
+# TLS with the node's certificate when it has one (the agent's own FILCH_TLS_* by default).
+certfile = os.environ.get("FILCH_HTTP_CERT") or os.environ.get("FILCH_TLS_CERT") or None
+keyfile = os.environ.get("FILCH_HTTP_KEY") or os.environ.get("FILCH_TLS_KEY") or None
+if bool(certfile) != bool(keyfile):
+    raise SystemExit("filch-http: TLS needs both FILCH_HTTP_CERT and FILCH_HTTP_KEY")
 
 worker_class = "gthread"
 # Two processes: one can restart (max_requests, a crash) while the other serves.
@@ -48,3 +97,8 @@ loglevel = "info"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms "%(a)s"'
 
 proc_name = "filch-http"
+
+# gunicorn >= 25 serves a control socket (gunicornc) in XDG_RUNTIME_DIR, else in
+# $HOME/.gunicorn; a system user without a runtime dir has neither (its home is /nonexistent),
+# so it is off rather than a warning at every start. Older gunicorn ignores the setting.
+control_socket_disable = not os.environ.get("XDG_RUNTIME_DIR")

@@ -14,6 +14,12 @@ render.node_to_dict, the same ones `filch ... -o json` prints.
     GET  /api/v1/tasks/<id>/logs        ?follow=1&attempt=N, streamed as text/plain
     GET  /api/v1/nodes
     GET  /                              the web UI (files in node/web/)
+    GET  /login                         the UI's sign-in form; POST /login {"token": ...}
+    POST /logout                        ends the UI's session (clears its cookie)
+
+Who may call what is node/webauth.py's business: probes are open, everything else must name
+this node in Host, and with a token configured /api/ and the UI need the token (bearer) or
+the session cookie /login sets.
 
 gRPC status codes become HTTP statuses (_HTTP_STATUS) with the body {"error": "..."};
 a client never sees a traceback.
@@ -24,17 +30,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import re
-import select
-import socket
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 from wsgiref.types import StartResponse, WSGIEnvironment
 
 import grpc
@@ -43,8 +46,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from node import render
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.http_logs import LogBody, LogStream
 from node.tls import Security
 from node.units import CPU_FORMS, SIZE_FORMS, parse_cpu, parse_size
+from node.webauth import Gate, Refused, cleared_cookie, default_hosts, session_cookie
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +66,6 @@ PROBE_TIMEOUT = 2.0
 # commits to "200 OK": errors such as "not started" arrive within milliseconds and get
 # their own status; a followed task that is quiet just streams once it speaks.
 LOG_PEEK = 1.0
-# While a followed log is quiet, how often to check whether the client has gone away,
-# so that a closed browser tab gives its worker thread back.
-LOG_IDLE_CHECK = 1.0
-# Chunks held between the gRPC stream and a slow HTTP client (64 KiB each): enough to keep
-# the pipe full, bounded so a huge log pushes back on the daemon instead of filling memory.
-LOG_BUFFER_CHUNKS = 64
 # A spec is at most 1 MiB (validation.MAX_SPEC_BYTES); JSON escaping may double it.
 MAX_BODY_BYTES = 2 * 1024 * 1024
 # Enough pages for any listing a person reads; the daemon caps a page at 1000 itself.
@@ -319,140 +318,63 @@ def _size_bytes(field: str, value: Any) -> int:
         raise HttpError(400, f"{field}: {error}") from None
 
 
-# -- log streaming -----------------------------------------------------------------------------
-
-_END = object()  # the stream finished cleanly
-
-
-class LogStream:
-    """Moves a StreamLogs call's chunks from gRPC's iterator to a WSGI body on its own
-    thread, so the body can wait with a timeout (for the first event, and to notice a
-    client that went away while the log is quiet)."""
-
-    def __init__(self, call: Any, client: socket.socket | None) -> None:
-        self._call = call
-        self.client = client
-        self._events: queue.Queue[object] = queue.Queue(LOG_BUFFER_CHUNKS)
-        self._stopped = threading.Event()
-        threading.Thread(target=self._pump, name="filch-log-pump", daemon=True).start()
-
-    def _pump(self) -> None:
-        try:
-            for chunk in self._call:
-                self._put(chunk.data)
-            self._put(_END)
-        except grpc.RpcError as error:
-            self._put(error)
-
-    def _put(self, item: object) -> None:
-        while not self._stopped.is_set():
-            try:
-                self._events.put(item, timeout=LOG_IDLE_CHECK)
-                return
-            except queue.Full:
-                continue
-
-    def next_event(self, timeout: float) -> object | None:
-        """Bytes, _END, a grpc.RpcError, or None when nothing arrived within timeout."""
-        try:
-            return self._events.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def stop(self) -> None:
-        """Cancel the call; idempotent. The pump thread ends once gRPC reports it."""
-        self._stopped.set()
-        self._call.cancel()
-
-
-class LogBody:
-    """A WSGI body of log chunks as they arrive. Its close(), which every WSGI server calls
-    (also when the client left or the body was never read), cancels the gRPC call."""
-
-    def __init__(self, stream: LogStream, first: object | None,
-                 failure: Callable[[grpc.RpcError], HttpError]) -> None:
-        self._stream = stream
-        self._first = first
-        self._failure = failure
-        self._closed = False
-
-    def __iter__(self) -> Iterator[bytes]:
-        event = self._first
-        if event is None:
-            # Nothing to say yet (a quiet or unstarted task): gunicorn sends the headers on
-            # an empty write, so the client learns now that its request was accepted.
-            yield b""
-        while event is not _END and not self._closed:
-            if isinstance(event, bytes):
-                yield event
-            elif isinstance(event, grpc.RpcError):
-                # The headers are out, so the status cannot change: end with a line that
-                # says why the text stops here.
-                message = self._failure(event).message
-                log.warning("log stream broke off: %s", message)
-                yield f"\n[filch: the log stream broke off: {message}]\n".encode()
-                return
-            elif _client_gone(self._stream.client):
-                return
-            event = self._stream.next_event(LOG_IDLE_CHECK)
-
-    def close(self) -> None:
-        self._closed = True
-        self._stream.stop()
-
-
-def _client_gone(client: socket.socket | None) -> bool:
-    """Whether the HTTP client closed its connection (only gunicorn tells us its socket)."""
-    if client is None:
-        return False
-    try:
-        readable, _, _ = select.select([client], [], [], 0)
-        return bool(readable) and client.recv(1, socket.MSG_PEEK) == b""
-    except (BlockingIOError, ValueError):
-        return False  # nothing to read after all, or a TLS socket, which cannot peek
-    except OSError:
-        return True
-
-
 # -- the application ---------------------------------------------------------------------------
 
 Handler = Callable[[Request, re.Match[str]], Response]
+
+
+# Who may reach a route (node/webauth.py): probes skip every check (load balancers and
+# kubelets probe by IP or by names we cannot know); PUBLIC routes check Host only (the sign-in
+# form and the UI's static files, which hold no data); SIGN_IN routes also need the
+# same-origin proof; PRIVATE routes need the token or the session cookie.
+PROBE, PUBLIC, SIGN_IN, PRIVATE = "probe", "public", "sign-in", "private"
 
 
 class App:
     """The WSGI application: a small router over PATH_INFO and the method."""
 
     def __init__(self, server: str, advertise: str | None = None,
-                 web_dir: Path = WEB_DIR, security: Security | None = None) -> None:
+                 web_dir: Path = WEB_DIR, security: Security | None = None,
+                 allowed_hosts: Iterable[str] = ()) -> None:
         """server: the daemon's gRPC HOST:PORT. advertise: the address the daemon's node
         record carries (default: server), which readiness looks for in the node list.
-        security: the CA and token when the daemon serves TLS."""
+        security: the CA and token when the daemon serves TLS; its token, if any, is also
+        what /api/ and the UI demand. allowed_hosts: this node's names and addresses that
+        Host may carry, besides loopback (see webauth.default_hosts)."""
         self.daemon = Daemon(server, security)
         self.advertise = advertise or server
         self.web_dir = web_dir
-        routes: list[tuple[str, dict[str, Handler]]] = [
-            (r"/healthz", {"GET": self.healthz}),
-            (r"/readyz", {"GET": self.readyz}),
-            (r"/api/v1/tasks", {"GET": self.list_tasks, "POST": self.submit}),
-            (r"/api/v1/tasks/(?P<id>[^/]+)", {"GET": self.get_task}),
-            (r"/api/v1/tasks/(?P<id>[^/]+)/cancel", {"POST": self.cancel}),
-            (r"/api/v1/tasks/(?P<id>[^/]+)/logs", {"GET": self.logs}),
-            (r"/api/v1/nodes", {"GET": self.list_nodes}),
-            (r"/", {"GET": self.index}),
+        self.gate = Gate.create(self.daemon.security.token, allowed_hosts)
+        routes: list[tuple[str, str, dict[str, Handler]]] = [
+            (r"/healthz", PROBE, {"GET": self.healthz}),
+            (r"/readyz", PROBE, {"GET": self.readyz}),
+            (r"/api/v1/tasks", PRIVATE, {"GET": self.list_tasks, "POST": self.submit}),
+            (r"/api/v1/tasks/(?P<id>[^/]+)", PRIVATE, {"GET": self.get_task}),
+            (r"/api/v1/tasks/(?P<id>[^/]+)/cancel", PRIVATE, {"POST": self.cancel}),
+            (r"/api/v1/tasks/(?P<id>[^/]+)/logs", PRIVATE, {"GET": self.logs}),
+            (r"/api/v1/nodes", PRIVATE, {"GET": self.list_nodes}),
+            (r"/api/.*", PRIVATE, {}),  # unknown API paths: 401 before 404, as the rest
+            (r"/", PRIVATE, {"GET": self.index}),
+            (r"/login", PUBLIC, {"GET": self.login_page}),
+            (r"/login", SIGN_IN, {"POST": self.login}),
+            (r"/logout", SIGN_IN, {"POST": self.logout}),
             # A plain file name only, so no request can reach outside web_dir.
-            (r"/static/(?P<name>[A-Za-z0-9_-]+\.[a-z]+)", {"GET": self.static}),
+            (r"/static/(?P<name>[A-Za-z0-9_-]+\.[a-z]+)", PUBLIC, {"GET": self.static}),
         ]
-        self._routes = [(re.compile(pattern), methods) for pattern, methods in routes]
+        self._routes = [(re.compile(pattern), access, methods)
+                        for pattern, access, methods in routes]
 
     @classmethod
     def from_environment(cls) -> App:
-        """The app gunicorn serves: FILCH_SERVER, FILCH_ADVERTISE for readiness, and
-        FILCH_CA with FILCH_TOKEN_FILE (or FILCH_TOKEN) when the daemon serves TLS."""
+        """The app gunicorn serves: FILCH_SERVER, FILCH_ADVERTISE for readiness, FILCH_CA
+        with FILCH_TOKEN_FILE (or FILCH_TOKEN), and the Host allowlist's sources
+        (webauth.default_hosts, FILCH_HTTP_ALLOWED_HOSTS among them)."""
         server = os.environ.get("FILCH_SERVER") or DEFAULT_SERVER
         security = Security.load(os.environ.get("FILCH_CA", ""),
                                  token_file=os.environ.get("FILCH_TOKEN_FILE", ""),
                                  token=os.environ.get("FILCH_TOKEN", ""))
-        return cls(server, os.environ.get("FILCH_ADVERTISE") or None, security=security)
+        return cls(server, os.environ.get("FILCH_ADVERTISE") or None, security=security,
+                   allowed_hosts=default_hosts(os.environ))
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse
                  ) -> Iterable[bytes]:
@@ -460,7 +382,11 @@ class App:
         try:
             response = self._dispatch(request)
         except HttpError as error:
-            response = json_response(error.status, {"error": error.message}, error.headers)
+            if error.status == 401 and request.path == "/":
+                # A person opening the UI: a page that sends them to the sign-in form.
+                response = self._file("signin-redirect.html", status=401)
+            else:
+                response = json_response(error.status, {"error": error.message}, error.headers)
         except Exception as error:
             log.exception("internal error serving %s %s", request.method, request.path)
             response = json_response(500, {"error": f"internal error ({type(error).__name__}); "
@@ -473,20 +399,38 @@ class App:
         return response.body
 
     def _dispatch(self, request: Request) -> Response:
-        for pattern, methods in self._routes:
-            match = pattern.fullmatch(request.path)
-            if match is None:
-                continue
-            method = "GET" if request.method == "HEAD" else request.method
-            handler = methods.get(method)
-            if handler is None:
-                allowed = ", ".join(sorted({*methods, "HEAD"} if "GET" in methods else methods))
-                raise HttpError(405, f"{request.method} is not allowed on {request.path}; "
-                                     f"use {allowed}", [("Allow", allowed)])
-            if method != "GET":
-                _check_same_origin(request)
-            return handler(request, match)
-        raise HttpError(404, f"no such path: {request.path}")
+        method = "GET" if request.method == "HEAD" else request.method
+        matched = [(access, methods, match) for pattern, access, methods in self._routes
+                   if (match := pattern.fullmatch(request.path)) is not None]
+        if not matched:
+            raise HttpError(404, f"no such path: {request.path}")
+        found = [(access, methods[method], match) for access, methods, match in matched
+                 if method in methods]
+        access = found[0][0] if found else matched[0][0]
+        try:
+            if access != PROBE:
+                self.gate.check_host(request.environ)
+            if access == PRIVATE:
+                # A method no handler takes changes nothing: it gets its 405 once signed in.
+                self.gate.authenticate(request.environ, method if found else "GET")
+            elif access == SIGN_IN and found:
+                self.gate.check_same_origin(request.environ)
+        except Refused as refused:
+            # A 401 names the scheme; the UI page itself ("/") gets, instead, a page that
+            # leads to the sign-in form (__call__).
+            headers = [("WWW-Authenticate", 'Bearer realm="filch"')] \
+                if refused.status == 401 else []
+            raise HttpError(refused.status, refused.message, headers) from None
+        if not found:
+            allowed_methods = {name for _, methods, _ in matched for name in methods}
+            if not allowed_methods:
+                raise HttpError(404, f"no such path: {request.path}")
+            allowed = ", ".join(sorted(allowed_methods | {"HEAD"} if "GET" in allowed_methods
+                                       else allowed_methods))
+            raise HttpError(405, f"{request.method} is not allowed on {request.path}; "
+                                 f"use {allowed}", [("Allow", allowed)])
+        _, handler, match = found[0]
+        return handler(request, match)
 
     # -- probes --------------------------------------------------------------------------------
 
@@ -590,7 +534,8 @@ class App:
         if isinstance(first, grpc.RpcError):
             stream.stop()
             raise self.daemon.failure(first)
-        return Response(200, LogBody(stream, first, self.daemon.failure), [
+        body = LogBody(stream, first, lambda error: self.daemon.failure(error).message)
+        return Response(200, body, [
             ("Content-Type", "text/plain; charset=utf-8"),
             ("Cache-Control", "no-store"),
             ("X-Content-Type-Options", "nosniff"),
@@ -614,29 +559,43 @@ class App:
     def static(self, request: Request, match: re.Match[str]) -> Response:
         return self._file(match["name"])
 
-    def _file(self, name: str) -> Response:
+    def login_page(self, request: Request, match: re.Match[str]) -> Response:
+        return self._file("login.html")
+
+    def login(self, request: Request, match: re.Match[str]) -> Response:
+        """{"token": "..."} -> 204 with the session cookie; 401 for a wrong token."""
+        body = request.json_body()
+        token = body.get("token") if isinstance(body, dict) else None
+        if not isinstance(token, str):
+            raise HttpError(400, "token: required: a JSON object {\"token\": \"...\"}")
+        try:
+            value = self.gate.login(token)
+        except Refused as refused:
+            raise HttpError(refused.status, refused.message) from None
+        return Response(204, [], [("Set-Cookie", session_cookie(value, _tls(request))),
+                                  ("Cache-Control", "no-store")])
+
+    def logout(self, request: Request, match: re.Match[str]) -> Response:
+        return Response(204, [], [("Set-Cookie", cleared_cookie(_tls(request))),
+                                  ("Cache-Control", "no-store")])
+
+    def _file(self, name: str, status: int = 200) -> Response:
         # The route allows only a plain file name, so no path can leave web_dir.
         path = self.web_dir / name
         content_type = _CONTENT_TYPES.get(path.suffix)
         if content_type is None or not path.is_file():
             raise HttpError(404, f"no such file: {name}")
         data = path.read_bytes()
-        return Response(200, [data], [("Content-Type", content_type),
+        return Response(status, [data], [("Content-Type", content_type),
                                       ("Content-Length", str(len(data))),
                                       # Small files; always revalidate so an upgrade shows.
                                       ("Cache-Control", "no-cache"),
                                       *_UI_SECURITY_HEADERS])
 
 
-def _check_same_origin(request: Request) -> None:
-    """Refuse a state-changing request that a browser sent on behalf of another site
-    (the API has no authentication yet, so this is what stops cross-site cancels)."""
-    origin = request.environ.get("HTTP_ORIGIN")
-    if not origin:
-        return  # not sent by a browser page: curl, scripts, other servers
-    host = request.environ.get("HTTP_HOST", "")
-    if urlsplit(origin).netloc != host:
-        raise HttpError(403, f"cross-origin request from {origin} refused")
+def _tls(request: Request) -> bool:
+    """Whether the request came over TLS, so the cookie may only travel over TLS."""
+    return request.environ.get("wsgi.url_scheme") == "https"
 
 
 def _close(body: Iterable[bytes]) -> None:

@@ -1,6 +1,7 @@
 # A test cluster of filch nodes on AWS: one VPC with one public subnet, N Debian 12
 # instances, and a security group that opens only what filch uses between members (etcd
-# peers 2380, the gRPC API 7070, metrics 9470, the HTTP face 8080) plus SSH from the
+# peers 2380, the gRPC API 7070, metrics 9470, the HTTP face 8080: each one something the
+# Ansible roles make listen on the member's address) plus SSH from the
 # operator. The instances are bare Debian: deploy/site.yml (Ansible) makes them nodes,
 # with the inventory this module renders (output ansible_inventory).
 

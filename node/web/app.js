@@ -43,8 +43,22 @@ class ApiError extends Error {
   }
 }
 
+// The session is an HttpOnly cookie (set by /login, invisible to this script) that
+// same-origin fetches carry. A 401 means there is none (or the token changed): sign in again.
+function toSignIn() {
+  window.location.assign("/login");
+}
+
+// State-changing calls send JSON: the server refuses cookie-authenticated POSTs without it
+// (a cross-site form cannot send that content type).
 async function api(path, options = {}) {
-  const response = await fetch(path, { headers: { Accept: "application/json" }, ...options });
+  const headers = { Accept: "application/json" };
+  if (options.method && options.method !== "GET") headers["Content-Type"] = "application/json";
+  const response = await fetch(path, { credentials: "same-origin", headers, ...options });
+  if (response.status === 401) {
+    toSignIn();
+    throw new ApiError(401, "not signed in");
+  }
   let body = null;
   try {
     body = await response.json();
@@ -165,7 +179,7 @@ function cancelButton(button, taskId, onDone) {
     button.disabled = true;
     button.textContent = "Canceling…";
     try {
-      await api(`/api/v1/tasks/${encodeURIComponent(taskId)}/cancel`, { method: "POST" });
+      await api(`/api/v1/tasks/${encodeURIComponent(taskId)}/cancel`, { method: "POST", body: "{}" });
       showBanner(null);
     } catch (error) {
       showBanner(`Cancel failed: ${error.message}`);
@@ -418,7 +432,8 @@ async function startLog(task, attempt) {
     const params = new URLSearchParams({ follow: "1" });
     if (attempt) params.set("attempt", String(attempt));
     const response = await fetch(`/api/v1/tasks/${encodeURIComponent(task.id)}/logs?${params}`,
-      { signal: controller.signal });
+      { credentials: "same-origin", signal: controller.signal });
+    if (response.status === 401) toSignIn();
     if (!response.ok) {
       let message = `${response.status} ${response.statusText}`;
       try { message = (await response.json()).error || message; } catch (_) { /* keep it */ }
@@ -581,6 +596,10 @@ function start() {
     select.dataset.pinned = "1";
     const task = await api(`/api/v1/tasks/${encodeURIComponent(currentTaskId())}`);
     startLog(task, Number(select.value));
+  });
+  $("sign-out").addEventListener("click", async () => {
+    try { await api("/logout", { method: "POST", body: "{}" }); } catch (_) { /* signed out anyway */ }
+    toSignIn();
   });
   window.addEventListener("hashchange", route);
   document.addEventListener("visibilitychange", () => { if (!document.hidden) route(); });

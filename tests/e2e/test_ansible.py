@@ -503,16 +503,60 @@ def test_converge_three_hosts(lab: Lab) -> None:
         members = lab.members("filch-1")
         assert sorted(row[2] for row in members) == ["filch-1", "filch-2", "filch-3"]
         assert all(row[1] == "started" and row[3].startswith("https://") for row in members)
-        # Keys stay private on the hosts.
-        modes = lab.exec("filch-3", ["stat", "-c", "%a %n", "/etc/filch/tls/node.key",
+        # Keys stay private on the hosts: root, and the group the HTTP face runs in.
+        modes = lab.exec("filch-3", ["stat", "-c", "%a %U:%G %n", "/etc/filch/tls/node.key",
                                      "/etc/filch/tls/token", "/etc/filch/tls"]).stdout
-        assert modes.split() == ["600", "/etc/filch/tls/node.key", "600",
-                                 "/etc/filch/tls/token", "700", "/etc/filch/tls"]
+        assert modes.split() == ["640", "root:filch", "/etc/filch/tls/node.key",
+                                 "640", "root:filch", "/etc/filch/tls/token",
+                                 "750", "root:filch", "/etc/filch/tls"]
+        # The HTTP face: deployed, HTTPS with the node's certificate, the token required.
+        for name, host in lab.hosts.items():
+            answers = lab.exec(name, ["python3", "-c", HTTP_PROBE, host.address]).stdout
+            assert answers.split() == ["401", "200", "400", "refused"], (name, answers)
+        uids = lab.exec("filch-1", ["python3", "-c", GUNICORN_UIDS]).stdout.split()
+        assert uids and "0" not in uids, uids
         # Without the token the API refuses.
         denied = lab.exec("filch-1", ["/usr/local/bin/filch", "--server",
                                       f"{lab.hosts['filch-1'].address}:7070", "--ca",
                                       "/etc/filch/tls/ca.crt", "nodes"], check=False)
         assert denied.returncode != 0
+
+
+# Run on a host with its address: GET /api/v1/nodes over HTTPS without and with the token,
+# then with a foreign Host (DNS rebinding); last, whether metrics answer on loopback (they
+# must not: they bind the node's own address only).
+HTTP_PROBE = """
+import socket, ssl, sys, urllib.error, urllib.request
+address = sys.argv[1]
+context = ssl.create_default_context(cafile="/etc/filch/tls/ca.crt")
+token = open("/etc/filch/tls/token").read().strip()
+for headers in ({}, {"Authorization": "Bearer " + token},
+                {"Authorization": "Bearer " + token, "Host": "evil.example"}):
+    request = urllib.request.Request(f"https://{address}:8080/api/v1/nodes", headers=headers)
+    try:
+        print(urllib.request.urlopen(request, context=context, timeout=10).status)
+    except urllib.error.HTTPError as error:
+        print(error.code)
+try:
+    socket.create_connection(("127.0.0.1", 9470), timeout=5).close()
+    print("metrics-on-loopback")
+except OSError:
+    print("refused")
+"""
+
+# The real uids of the gunicorn processes on a host (no procps in the host image).
+GUNICORN_UIDS = """
+import os
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    if pid == str(os.getpid()):
+        continue  # this script's own command line names gunicorn too
+    try:
+        if b"gunicorn" in open(f"/proc/{pid}/cmdline", "rb").read():
+            print(next(line.split()[1] for line in open(f"/proc/{pid}/status")
+                       if line.startswith("Uid:")))
+    except OSError:
+        pass
+"""
 
 
 def test_second_run_changes_nothing(lab: Lab) -> None:
@@ -602,7 +646,8 @@ def test_remove_a_node(lab: Lab) -> None:
                 assert task["state"] == "RUNNING" and node_of(lab, task) != "filch-2", task
         # The host is clean.
         leftovers = lab.exec("filch-2", ["ls", "-d", "/etc/filch", "/var/lib/filch",
-                                         "/opt/filch", "/etc/supervisor/conf.d/filch-agent.conf"],
+                                         "/opt/filch", "/etc/supervisor/conf.d/filch-agent.conf",
+                                         "/etc/supervisor/conf.d/filch-http.conf"],
                              check=False)
         assert leftovers.stdout == "", leftovers.stdout
         # Removing it again changes nothing.

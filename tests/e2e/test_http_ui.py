@@ -1,9 +1,11 @@
 """The web UI in a real browser: gunicorn serving node.http in front of a 3-node cluster.
 
-Headless Chromium (Debian `chromium` and `chromium-driver`) driven by selenium. The test
-submits tasks over gRPC, then checks what a person would see: the task in the list, the
-queue depth, its log in the detail view, a cancel that really cancels, the nodes with
-their capacity. Screenshots land in tests/e2e/artifacts/ for people to look at.
+Headless Chromium (Debian `chromium` and `chromium-driver`) driven by selenium. The node has
+an API token, so the browser first signs in with it (the form at /login, which sets an
+HttpOnly session cookie). The test submits tasks over gRPC, then checks what a person would
+see: the task in the list, the queue depth, its log in the detail view, a cancel that
+really cancels, the nodes with their capacity. Screenshots land in tests/e2e/artifacts/
+for people to look at.
 """
 
 from __future__ import annotations
@@ -55,9 +57,15 @@ def _free_port(host: str) -> int:
         return int(probe.getsockname()[1])
 
 
-def _get(url: str) -> tuple[int, Any]:
+# The token the HTTP face demands (what `filch certs` writes, here made up for the test).
+TOKEN = "0123456789abcdef" * 4
+
+
+def _get(url: str, token: str = "") -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                    timeout=5) as response:
             return response.status, json.load(response)
     except urllib.error.HTTPError as error:
         return error.code, json.load(error)
@@ -69,8 +77,13 @@ def http_url(three_nodes: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
     _require_browser()
     node = three_nodes.nodes[0]
     listen = f"127.0.0.1:{_free_port('127.0.0.1')}"
-    log_path = tmp_path_factory.mktemp("gunicorn") / "gunicorn.log"
-    env = dict(os.environ, FILCH_SERVER=node.address, FILCH_HTTP_LISTEN=listen)
+    directory = tmp_path_factory.mktemp("gunicorn")
+    log_path = directory / "gunicorn.log"
+    token_file = directory / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o640)
+    env = dict(os.environ, FILCH_SERVER=node.address, FILCH_HTTP_LISTEN=listen,
+               FILCH_TOKEN_FILE=str(token_file))
     with log_path.open("wb") as log:
         server = subprocess.Popen(
             [GUNICORN, "-c", "node/gunicorn_conf.py", "node.http:app"], cwd=REPO, env=env,
@@ -119,6 +132,7 @@ def browser(http_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
     ARTIFACTS.mkdir(exist_ok=True)
     try:
+        sign_in(driver, http_url)
         yield driver
         problems = [entry["message"] for entry in driver.get_log("browser")
                     if "Content Security Policy" in entry["message"]
@@ -145,6 +159,30 @@ def until(driver: Any, what: str, check: Callable[[], T | None]) -> T:
     except AssertionError:
         driver.save_screenshot(str(ARTIFACTS / "failure.png"))
         raise
+
+
+def sign_in(driver: Any, url: str) -> None:
+    """What a person does first: open the UI, land on the sign-in form, paste the token."""
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{url}/#/tasks")
+    until(driver, "the sign-in form", lambda: driver.current_url == f"{url}/login"
+          and driver.find_elements(By.ID, "token"))
+    driver.find_element(By.ID, "token").send_keys("not-the-token")
+    driver.find_element(By.ID, "signin-submit").click()
+    until(driver, "the wrong token to be refused",
+          lambda: "wrong token" in text_of(driver, "banner"))
+    field = driver.find_element(By.ID, "token")
+    field.clear()
+    field.send_keys(TOKEN)
+    driver.find_element(By.ID, "signin-submit").click()
+    until(driver, "the UI after signing in",
+          lambda: driver.current_url.startswith(f"{url}/#/tasks"))
+    # The session lives in an HttpOnly cookie: no script on the page can read it.
+    assert driver.execute_script("return document.cookie") == ""
+    [cookie] = driver.get_cookies()
+    assert (cookie["httpOnly"], cookie["sameSite"]) == (True, "Strict")
+    assert TOKEN not in cookie["value"]
 
 
 def text_of(driver: Any, element_id: str) -> str:
@@ -264,11 +302,28 @@ def test_nodes_view_shows_capacity_allocation_and_the_leader(
 
 
 def test_json_api_through_gunicorn(three_nodes: Cluster, http_url: str) -> None:
-    """The same app behind the real server: probes and a 404 answer in JSON."""
+    """The same app behind the real server: probes open, the API behind the token."""
     assert _get(f"{http_url}/healthz") == (200, {"status": "ok"})
-    status, body = _get(f"{http_url}/api/v1/tasks/01a21bce-b194-7000-994b-fef8376138b8")
+    assert _get(f"{http_url}/api/v1/nodes")[0] == 401
+    status, body = _get(f"{http_url}/api/v1/tasks/01a21bce-b194-7000-994b-fef8376138b8",
+                        TOKEN)
     assert status == 404
     assert "no task" in body["error"]
-    status, body = _get(f"{http_url}/api/v1/nodes")
+    status, body = _get(f"{http_url}/api/v1/nodes", TOKEN)
     assert (status, len(body["nodes"])) == (200, 3)
+
+
+def test_sign_out_sends_the_browser_back_to_the_sign_in_form(http_url: str, browser: Any
+                                                             ) -> None:
+    """Last: it ends the browser's session."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{http_url}/#/nodes")
+    until(browser, "the sign-out button", lambda: browser.find_element(By.ID, "sign-out")
+          .is_displayed())
+    browser.find_element(By.ID, "sign-out").click()
+    until(browser, "the sign-in form", lambda: browser.current_url == f"{http_url}/login")
+    assert browser.get_cookies() == []
+    browser.get(f"{http_url}/#/tasks")
+    until(browser, "the sign-in form again", lambda: browser.current_url == f"{http_url}/login")
 

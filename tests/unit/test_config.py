@@ -253,6 +253,19 @@ def test_advertise_defaults_to_listen() -> None:
                 environ={}).advertise_address == "filch-3:7070"
 
 
+@pytest.mark.parametrize(("settings", "address"), [
+    ({"listen": "10.0.0.3:7070"}, "10.0.0.3:9470"),
+    # The image and Ansible listen everywhere: metrics stay on the node's own address.
+    ({"listen": "0.0.0.0:7070", "advertise": "10.0.0.3:7070"}, "10.0.0.3:9470"),
+    ({"listen": "[::]:7070", "advertise": "node-3.example:7070"}, "node-3.example:9470"),
+    ({"listen": "0.0.0.0:7070"}, "127.0.0.1:9470"),
+    ({"listen": "0.0.0.0:7070", "metrics_listen": "0.0.0.0:9100"}, "0.0.0.0:9100"),
+])
+def test_metrics_bind_the_nodes_own_address_by_default(settings: dict[str, str], address: str
+                                                      ) -> None:
+    assert load(settings, environ={}).metrics_address == address
+
+
 def test_config_is_frozen() -> None:
     config = load({}, environ={})
     with pytest.raises(AttributeError):

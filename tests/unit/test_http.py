@@ -6,12 +6,18 @@ as in the end-to-end tests; only the HTTP client side is in-process.
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
 import shutil
+import socket
+import ssl
+import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 from wsgiref.types import WSGIApplication
@@ -20,12 +26,17 @@ from wsgiref.util import setup_testing_defaults
 import grpc
 import pytest
 
+from node import certs
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.http import App, Daemon
+from node.tls import Security
 from tests.e2e.cluster import Cluster, wait_for
 
 # Nothing listens here: the port is reserved (tcpmux) and unused on any test machine.
 DEAD_SERVER = "127.0.0.1:1"
+REPO = Path(__file__).resolve().parents[2]
+CONF = REPO / "node" / "gunicorn_conf.py"
+GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +69,19 @@ class Reply:
 
 
 def environ_for(method: str, path: str, query: dict[str, str] | None = None,
-                body: bytes = b"", headers: dict[str, str] | None = None) -> dict[str, Any]:
+                body: bytes = b"", headers: dict[str, str] | None = None,
+                content_type: str | None = None, scheme: str = "http") -> dict[str, Any]:
+    """A request as a browser or curl would send it. POSTs say they carry JSON unless
+    content_type says otherwise ("" for none), as the UI and well-behaved programs do."""
     environ: dict[str, Any] = {
         "REQUEST_METHOD": method, "PATH_INFO": path, "QUERY_STRING": urlencode(query or {}),
         "wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)) if body else "",
+        "wsgi.url_scheme": scheme,
     }
+    if content_type is None and method == "POST":
+        content_type = "application/json"
+    if content_type:
+        environ["CONTENT_TYPE"] = content_type
     for name, value in (headers or {}).items():
         environ["HTTP_" + name.upper().replace("-", "_")] = value
     setup_testing_defaults(environ)
@@ -367,6 +386,260 @@ def test_the_ui_is_served_from_local_files(app: App) -> None:
         assert reply.headers["Content-Type"].startswith(kind)
     assert call(app, "GET", "/static/../http.py").status == 404
     assert call(app, "GET", "/static/missing.js").status == 404
+
+
+# -- authentication (node/webauth.py) ----------------------------------------------------------
+
+TOKEN = "f" * 64
+# Names this node answers to besides loopback, as FILCH_HTTP_ALLOWED_HOSTS would add them.
+NODE_HOST = "node-1.example"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def guarded(cluster: Cluster) -> Iterator[App]:
+    """The app as a node with a token serves it."""
+    application = App(cluster.nodes[0].address, security=Security(token=TOKEN),
+                      allowed_hosts=[NODE_HOST, "10.9.8.7"])
+    yield application
+    application.daemon.close()
+
+
+def sign_in(app: App, scheme: str = "http") -> str:
+    """The session cookie's Set-Cookie header after a good sign-in."""
+    reply = call(app, "POST", "/login", body=json.dumps({"token": TOKEN}).encode(),
+                 scheme=scheme)
+    assert reply.status == 204, reply.body
+    return reply.headers["Set-Cookie"]
+
+
+def cookie_of(set_cookie: str) -> dict[str, str]:
+    return {"Cookie": set_cookie.split(";")[0]}
+
+
+def is_free(app: App, request_id: str) -> bool:
+    """Whether no task was ever submitted under request_id (nothing changed): a bearer submit
+    under it with a spec of its own creates (201) rather than conflicting (409)."""
+    reply = call(app, "POST", "/api/v1/tasks", headers=BEARER, body=json.dumps(
+        {"command": "true", "cpu": 64, "name": "probe", "request_id": request_id}).encode())
+    assert reply.status in (201, 409), reply.body
+    if reply.status == 201:
+        call(app, "POST", f"/api/v1/tasks/{reply.json()['id']}/cancel", headers=BEARER)
+    return reply.status == 201
+
+
+ROUTES = [("GET", "/api/v1/tasks"), ("POST", "/api/v1/tasks"),
+          ("GET", "/api/v1/tasks/01a21bce-b194-7000-994b-fef8376138b8"),
+          ("POST", "/api/v1/tasks/01a21bce-b194-7000-994b-fef8376138b8/cancel"),
+          ("GET", "/api/v1/tasks/01a21bce-b194-7000-994b-fef8376138b8/logs"),
+          ("GET", "/api/v1/nodes"), ("GET", "/api/v2/anything"), ("DELETE", "/api/v1/tasks")]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+def test_without_the_token_every_api_route_is_401(guarded: App, method: str, path: str
+                                                  ) -> None:
+    body = json.dumps({"command": "true"}).encode() if method == "POST" else b""
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN},
+                    {"Cookie": f"filch_session={TOKEN}"}):
+        reply = call(guarded, method, path, body=body, headers=headers)
+        assert reply.status == 401, (headers, reply.body)
+        assert "Bearer" in reply.headers["WWW-Authenticate"]
+        assert "not signed in" in reply.json()["error"]
+
+
+def test_without_the_token_the_ui_is_401_and_points_to_the_sign_in_form(guarded: App) -> None:
+    page = call(guarded, "GET", "/")
+    assert page.status == 401
+    assert page.headers["Content-Type"].startswith("text/html")
+    assert b'url=/login' in page.body
+    form = call(guarded, "GET", "/login")
+    assert (form.status, form.headers["Content-Type"][:9]) == (200, "text/html")
+    assert b'src="/static/login.js"' in form.body
+    # The probes stay open for load balancers and kubelets.
+    assert call(guarded, "GET", "/healthz").status == 200
+    assert call(guarded, "GET", "/readyz").status == 200
+
+
+def test_the_bearer_token_needs_nothing_more(guarded: App) -> None:
+    # No JSON content type, a foreign Origin: a program with the token is trusted.
+    reply = call(guarded, "POST", "/api/v1/tasks", headers={**BEARER, "Origin": "null"},
+                 content_type="text/plain", body=json.dumps({"command": "true", "cpu": 64}
+                                                            ).encode())
+    assert reply.status == 201, reply.body
+    task_id = reply.json()["id"]
+    assert call(guarded, "GET", f"/api/v1/tasks/{task_id}", headers=BEARER).status == 200
+    canceled = call(guarded, "POST", f"/api/v1/tasks/{task_id}/cancel", headers=BEARER,
+                    content_type="")
+    assert (canceled.status, canceled.json()["state"]) == (200, "CANCELED")
+
+
+def test_the_ui_signs_in_with_the_token_into_an_httponly_strict_cookie(guarded: App) -> None:
+    wrong = call(guarded, "POST", "/login", body=b'{"token": "guess"}')
+    assert wrong.status == 401 and "Set-Cookie" not in wrong.headers
+    assert wrong.json()["error"] == "token: wrong token"  # what the form shows
+    set_cookie = sign_in(guarded)
+    attributes = [part.strip() for part in set_cookie.split(";")]
+    assert {"HttpOnly", "SameSite=Strict", "Path=/"} <= set(attributes)
+    assert "Secure" not in attributes  # plain HTTP: a Secure cookie would never come back
+    assert TOKEN not in set_cookie  # a derived value, useless against the gRPC API
+    cookie = cookie_of(set_cookie)
+    assert call(guarded, "GET", "/", headers=cookie).status == 200
+    assert call(guarded, "GET", "/api/v1/nodes", headers=cookie).status == 200
+    submitted = call(guarded, "POST", "/api/v1/tasks", headers=cookie,
+                     body=json.dumps({"command": "true", "cpu": 64}).encode())
+    assert submitted.status == 201, submitted.body
+    canceled = call(guarded, "POST", f"/api/v1/tasks/{submitted.json()['id']}/cancel",
+                    headers={**cookie, "Origin": f"http://{NODE_HOST}:8080",
+                             "Host": f"{NODE_HOST}:8080"}, body=b"{}")
+    assert canceled.status == 200, canceled.body
+    out = call(guarded, "POST", "/logout", headers=cookie, body=b"{}")
+    assert out.status == 204 and "Max-Age=0" in out.headers["Set-Cookie"]
+
+
+def test_the_cookie_is_secure_under_tls(guarded: App) -> None:
+    assert "; Secure" in sign_in(guarded, scheme="https")
+    out = call(guarded, "POST", "/logout", body=b"{}", scheme="https")
+    assert "; Secure" in out.headers["Set-Cookie"]
+
+
+@pytest.mark.parametrize("content_type", ["", "application/x-www-form-urlencoded",
+                                          "multipart/form-data; boundary=x", "text/plain"])
+def test_a_cookie_post_without_a_json_content_type_is_refused(guarded: App, content_type: str
+                                                              ) -> None:
+    """What a cross-site HTML form can send (it never carries Origin on some browsers)."""
+    request_id = f"csrf-form-{content_type[:9] or 'none'}"
+    reply = call(guarded, "POST", "/api/v1/tasks", headers=cookie_of(sign_in(guarded)),
+                 content_type=content_type,
+                 body=json.dumps({"command": "true", "request_id": request_id}).encode())
+    assert reply.status == 403, reply.body
+    assert reply.json()["error"].startswith("Content-Type:")
+    assert is_free(guarded, request_id)
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "http://127.0.0.1.evil.example",
+                                    "null"])
+def test_a_cookie_post_from_another_origin_is_refused(guarded: App, origin: str) -> None:
+    request_id = f"csrf-origin-{len(origin)}"
+    reply = call(guarded, "POST", "/api/v1/tasks",
+                 headers={**cookie_of(sign_in(guarded)), "Origin": origin},
+                 body=json.dumps({"command": "true", "request_id": request_id}).encode())
+    assert reply.status == 403, reply.body
+    assert reply.json()["error"].startswith("Origin:")
+    assert is_free(guarded, request_id)
+
+
+def test_a_form_post_without_origin_is_refused_on_a_node_without_a_token(app: App) -> None:
+    """No token (a loopback-only node): any local page could post; the JSON rule stops it."""
+    reply = call(app, "POST", "/api/v1/tasks", content_type="application/x-www-form-urlencoded",
+                 body=b"command=true&request_id=csrf-open")
+    assert reply.status == 403
+    assert call(app, "POST", "/api/v1/tasks", content_type="text/plain",
+                body=json.dumps({"command": "true"}).encode()).status == 403
+
+
+@pytest.mark.parametrize("path", ["/api/v1/tasks", "/", "/login", "/static/app.js"])
+def test_a_rebinding_host_is_refused(guarded: App, app: App, path: str) -> None:
+    """A DNS-rebinding page talks to us under its own name, with our cookie-less browser."""
+    for host in ("evil.example", "evil.example:8080", "127.0.0.1.nip.io", ""):
+        for application, headers in ((guarded, BEARER), (app, {})):
+            reply = call(application, "GET", path, headers={**headers, "Host": host})
+            assert reply.status == 400, (host, reply.body)
+            assert reply.json()["error"].startswith("Host:")
+    for host in (NODE_HOST, f"{NODE_HOST.upper()}:8080", "10.9.8.7:8080", "localhost:8080",
+                 "127.0.0.11:8080", "[::1]:8080"):
+        assert call(guarded, "GET", path, headers={**BEARER, "Host": host}).status == 200, host
+
+
+def test_a_login_from_another_site_is_refused(guarded: App) -> None:
+    """Login CSRF (signing the victim in to our node) needs the same proof as any POST."""
+    form = call(guarded, "POST", "/login", content_type="application/x-www-form-urlencoded",
+                body=f"token={TOKEN}".encode())
+    assert form.status == 403 and "Set-Cookie" not in form.headers
+    cross = call(guarded, "POST", "/login", headers={"Origin": "https://evil.example"},
+                 body=json.dumps({"token": TOKEN}).encode())
+    assert cross.status == 403 and "Set-Cookie" not in cross.headers
+
+
+# -- gunicorn: the refusal rule and TLS -------------------------------------------------------
+
+
+def gunicorn(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    base = {key: value for key, value in os.environ.items() if not key.startswith("FILCH_")}
+    return subprocess.run([str(GUNICORN), "-c", str(CONF), *args, "node.http:app"],
+                          env={**base, **env}, capture_output=True, text=True, timeout=30,
+                          cwd=REPO, stdin=subprocess.DEVNULL)
+
+
+def test_gunicorn_refuses_to_bind_beyond_loopback_without_a_token(tmp_path: Path) -> None:
+    refused = gunicorn({"FILCH_HTTP_LISTEN": "0.0.0.0:8080"}, "--check-config")
+    assert refused.returncode != 0
+    lines = refused.stderr.strip().splitlines()
+    assert lines == ["filch-http: refusing to bind 0.0.0.0:8080 without a token: set "
+                     "FILCH_TOKEN_FILE (made by `filch certs`) or bind a loopback address "
+                     "such as 127.0.0.1:8080"], refused.stderr
+    token = tmp_path / "token"
+    token.write_text(TOKEN + "\n")
+    assert gunicorn({"FILCH_HTTP_LISTEN": "0.0.0.0:8080", "FILCH_TOKEN_FILE": str(token)},
+                    "--check-config").returncode == 0
+    assert gunicorn({"FILCH_HTTP_LISTEN": "127.0.0.1:8080"}, "--check-config").returncode == 0
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    assert gunicorn({"FILCH_HTTP_LISTEN": "[::]:8080", "FILCH_TOKEN_FILE": str(empty)},
+                    "--check-config").returncode != 0
+
+
+def test_gunicorn_serves_tls_with_the_node_certificate(tmp_path: Path, cluster: Cluster
+                                                       ) -> None:
+    """The real server: HTTPS with the node's certificate, the token, a Secure cookie."""
+    certs.ensure(tmp_path, [certs.NodeRequest("node-1", ("127.0.0.1",))])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FILCH_")}
+    env.update(FILCH_HTTP_LISTEN=f"127.0.0.1:{port}", FILCH_TOKEN_FILE=str(tmp_path / "token"),
+               FILCH_TLS_CERT=str(tmp_path / "node-1.crt"),
+               FILCH_TLS_KEY=str(tmp_path / "node-1.key"),
+               FILCH_SERVER=cluster.nodes[0].address, FILCH_HTTP_WORKERS="1")
+    server = subprocess.Popen([str(GUNICORN), "-c", str(CONF), "node.http:app"], env=env,
+                              cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    context = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+    token = (tmp_path / "token").read_text().strip()
+
+    def request(path: str, **kwargs: Any) -> tuple[int, dict[str, str]]:
+        connection = http.client.HTTPSConnection("127.0.0.1", port, context=context,
+                                                 timeout=10)
+        try:
+            connection.request(kwargs.pop("method", "GET"), path, **kwargs)
+            response = connection.getresponse()
+            response.read()
+            return response.status, dict(response.getheaders())
+        finally:
+            connection.close()
+
+    def up() -> bool:
+        try:
+            return request("/healthz")[0] == 200
+        except OSError:
+            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            return False
+
+    try:
+        wait_for("gunicorn to serve TLS", up, timeout=30)
+        assert request("/api/v1/nodes")[0] == 401
+        assert request("/api/v1/nodes", headers={"Authorization": f"Bearer {token}"})[0] == 200
+        status, headers = request("/login", method="POST", body=json.dumps({"token": token}),
+                                  headers={"Content-Type": "application/json"})
+        assert status == 204
+        assert "Secure" in headers["Set-Cookie"] and "HttpOnly" in headers["Set-Cookie"]
+        plain = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        with pytest.raises((http.client.HTTPException, OSError)):  # TLS only
+            plain.request("GET", "/healthz")
+            plain.getresponse()
+        plain.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 # -- error mapping -----------------------------------------------------------------------------

@@ -318,6 +318,36 @@ def test_security_group_opens_only_the_documented_ports(
         "SSH must not default to open: the operator names where Ansible runs from"
 
 
+# Where the Ansible roles make each opened port listen, beyond loopback: (role variable,
+# the file that binds it, the bind spelled as in that file).
+LISTENERS = {
+    "etcd_peer": ("filch_node_peer_port", "tasks/cluster.yml",
+                  "://{{ filch_node_address }}:{{ filch_node_peer_port }}"),
+    "api": ("filch_node_api_port", "templates/filch.toml.j2",
+            'listen = "0.0.0.0:{{ filch_node_api_port }}"'),
+    "metrics": ("filch_node_metrics_port", "templates/filch.toml.j2",
+                'metrics_listen = "{{ filch_node_address }}:{{ filch_node_metrics_port }}"'),
+    "http": ("filch_node_http_port", "templates/supervisor-http-program.conf.j2",
+             'FILCH_HTTP_LISTEN="0.0.0.0:{{ filch_node_http_port }}"'),
+}
+
+
+def test_every_opened_port_has_something_listening_on_it() -> None:
+    """Terraform opens a port only if the Ansible roles deploy something that listens there
+    on a member's address; etcd's client port (2379) stays on loopback, so stays closed."""
+    import yaml
+
+    role = ROLES / "filch_node"
+    defaults = yaml.safe_load((role / "defaults/main.yml").read_text())
+    assert set(LISTENERS) == set(MEMBER_PORTS)
+    for name, (variable, path, bind) in LISTENERS.items():
+        assert defaults[variable] == MEMBER_PORTS[name], name
+        assert bind in (role / path).read_text(), f"{path} does not bind {name}: {bind}"
+    assert defaults["filch_node_http"] is True  # the HTTP face is deployed by default
+    assert defaults["filch_node_etcd_client_url"].startswith("http://127.0.0.1:")
+    assert 2379 not in MEMBER_PORTS.values()
+
+
 def test_example_passes_only_declared_inputs_and_every_required_one(
         module: dict[str, dict[str, Any]]) -> None:
     example = _parse(EXAMPLE / "main.tf")
