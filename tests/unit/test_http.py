@@ -600,9 +600,11 @@ def test_gunicorn_serves_tls_with_the_node_certificate(tmp_path: Path, cluster: 
                FILCH_TLS_CERT=str(tmp_path / "node-1.crt"),
                FILCH_TLS_KEY=str(tmp_path / "node-1.key"),
                FILCH_SERVER=cluster.nodes[0].address, FILCH_HTTP_WORKERS="1")
-    server = subprocess.Popen([str(GUNICORN), "-c", str(CONF), "node.http:app"], env=env,
-                              cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE)
+    server_log = tmp_path / "gunicorn.log"
+    with server_log.open("wb") as output:
+        server = subprocess.Popen([str(GUNICORN), "-c", str(CONF), "node.http:app"], env=env,
+                                  cwd=REPO, stdin=subprocess.DEVNULL, stdout=output,
+                                  stderr=subprocess.STDOUT)
     context = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
     token = (tmp_path / "token").read_text().strip()
 
@@ -621,7 +623,7 @@ def test_gunicorn_serves_tls_with_the_node_certificate(tmp_path: Path, cluster: 
         try:
             return request("/healthz")[0] == 200
         except OSError:
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
+            assert server.poll() is None, server_log.read_text(errors="replace")
             return False
 
     try:

@@ -12,7 +12,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 
 TASK_FIELDS = {
     "id", "name", "state", "node_id", "node_address", "exit_code", "reason", "message",
-    "command", "args", "cpu", "memory_bytes", "restart", "attempt",
+    "command", "args", "cpu", "memory_bytes", "disk_bytes", "restart", "attempt",
     "submitted_at", "started_at", "finished_at",
 }
 NODE_FIELDS = {
