@@ -1,10 +1,31 @@
 """Run each attempt as a plain subprocess: the fallback for machines without runc or root.
 
-It does NOT isolate: a task sees the whole file system, every process and the network,
-and its memory_bytes and cpu_millis are not enforced (they only count against the node's
+It does NOT isolate: a task sees the whole file system, every process and the network
+(no network namespace: the runc executor's --network does not apply here), and its
+memory_bytes and cpu_millis are not enforced (they only count against the node's
 capacity). What it does: one session and process group per attempt (stop() signals the
-whole group), a scratch directory as the default cwd and HOME, no core dumps, and, when
-the daemon runs as root, the task runs as task_uid with a cap on that uid's processes.
+whole group), a private scratch directory as the default cwd and HOME and a private
+TMPDIR (both 0700), no core dumps, and, when the daemon runs as root, the task runs as
+task_uid with a cap on that uid's processes.
+
+Root never sees the task's environment as environment. As root the argv is
+`setpriv --reuid --regid --clear-groups -- /bin/sh -c UNPACK_ENV filch-task -- CMD ARGS`
+with a fixed clean environment (PATH, HOME, TMPDIR) plus the task's variables renamed to
+FILCH_TASK_ENV_<n>=KEY=VALUE: neither ld.so nor setpriv interprets those names, so
+LD_PRELOAD, LD_LIBRARY_PATH, GLIBC_TUNABLES, GCONV_PATH, LOCPATH and the like take
+effect only in the task's own execve, after the uid drop. The shell (dash, ~1 ms of CPU)
+restores them and execs the task. Rejected: subprocess's user=/group= and preexec_fn
+(CPython then fork()s the gRPC-threaded daemon instead of vfork(); ~1 child in 10
+crashed), a Python helper (~10 ms of interpreter start per task), `env -i K=V` after
+setpriv (values on a command line: /proc/<pid>/cmdline is world-readable). Hence task
+variable names must be portable shell names (node.validation.ENV_NAME).
+
+Not done: a mount namespace with a private /tmp (unshare + a root shell + mount cost
+~2.1 ms of CPU per task, measured, on top of ~1.8 ms: it would halve this executor's
+throughput). Programs that ignore TMPDIR still share the host's /tmp. And every task
+runs as the same task_uid, so tasks are not isolated from each other: one can ptrace
+another, read its /proc/<pid>/environ, or enter its directories through /proc/<pid>/cwd.
+The 0700 directories keep out other local users, not other tasks.
 
 Deliberately absent: RLIMIT_AS (it counts reserved address space, so the JVM, Go and
 sanitizer builds fail at a fraction of the limit), RLIMIT_DATA (per process, not per
@@ -28,6 +49,7 @@ from pathlib import Path
 from node.errors import ExecutorError
 from node.runtime.base import AttemptSpec, ExitStatus, exits_within
 from node.runtime.bundle import DEFAULT_PATH
+from node.validation import ENV_NAME
 from node.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -40,6 +62,29 @@ NPROC_LIMIT = 4096
 
 # util-linux (essential on Debian): drops to the task's uid, then execs the task.
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
+
+# POSIX sh (dash on Debian): runs UNPACK_ENV as the task's uid, after the drop.
+SHELL = "/bin/sh"
+
+# The task's variables travel to the unprivileged shell under these names, which no
+# loader, libc or util-linux code looks at (see the module docstring).
+ENV_PREFIX = "FILCH_TASK_ENV_"
+
+# Runs as the task's uid. Phase one moves each FILCH_TASK_ENV_<n> (numbered from 0 without
+# gaps) into the positional parameters and unsets it, before anything of the task's is
+# exported, so a task variable named like the counter cannot derail the loop. Phase two
+# exports them up to the "--" that precedes the command (a KEY=VALUE always has an "=",
+# so it never equals "--"), then execs the command. eval only ever sees fixed names and
+# the counter's digits, never a value.
+UNPACK_ENV = r"""i=0
+while eval "[ \"\${FILCH_TASK_ENV_$i+set}\" ]"; do
+eval "set -- \"\$FILCH_TASK_ENV_$i\" \"\$@\"; unset FILCH_TASK_ENV_$i"
+i=$((i+1))
+done
+while [ "$1" != -- ]; do export "$1"; shift; done
+shift
+exec "$@"
+"""
 
 # How long stop() waits for the process group leader after SIGKILL before giving up:
 # SIGKILL cannot be caught, so only a process stuck in the kernel (D state) takes longer.
@@ -87,15 +132,24 @@ class ProcessExecutor:
         """
         if spec.workdir and not os.path.isabs(spec.workdir):
             raise ExecutorError(f"workdir {spec.workdir!r} must be an absolute path")
+        # Specs stored before names were restricted reach here unvalidated; the shell that
+        # restores the environment could not export such a name.
+        bad = next((name for name in spec.env if not ENV_NAME.fullmatch(name)), None)
+        if bad is not None:
+            raise ExecutorError(f"env name {bad!r} is not a portable variable name "
+                                "(letters, digits and _, not starting with a digit)")
         work = spec.attempt_dir / "work"
-        # Synchronous on purpose: two mkdirs cost less than a trip through a worker thread.
+        tmp = spec.attempt_dir / "tmp"
+        # Synchronous on purpose: a few mkdirs cost less than a trip through a worker thread.
         try:
             spec.attempt_dir.mkdir(parents=True, exist_ok=True)
-            # 0711: the task's uid must traverse it to reach work/, not list it.
+            # 0711: the task's uid must traverse it to reach work/ and tmp/, not list it.
             os.chmod(spec.attempt_dir, 0o711)
-            work.mkdir(mode=0o750, exist_ok=True)
-            if self._drop_to is not None:
-                os.chown(work, self._drop_to, self._drop_to)
+            for private in (work, tmp):
+                # 0700 and the task's own: other local users can neither list nor enter.
+                private.mkdir(mode=0o700, exist_ok=True)
+                if self._drop_to is not None:
+                    os.chown(private, self._drop_to, self._drop_to)
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
             log_fd = os.open(
                 spec.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640
@@ -103,17 +157,19 @@ class ProcessExecutor:
         except OSError as exc:
             shutil.rmtree(spec.attempt_dir, ignore_errors=True)
             raise ExecutorError(f"cannot prepare attempt {spec.container_id}: {exc}") from exc
-        env = {"PATH": DEFAULT_PATH, "HOME": str(work), **spec.env}
+        base = {"PATH": DEFAULT_PATH, "HOME": str(work), "TMPDIR": str(tmp)}
         drop = self._drop_to
-        resolved = shutil.which(spec.command, path=env["PATH"])
+        resolved = shutil.which(spec.command, path=spec.env.get("PATH", DEFAULT_PATH))
         if resolved is None:
             shutil.rmtree(spec.attempt_dir, ignore_errors=True)
             os.close(log_fd)
+            path = spec.env.get("PATH", DEFAULT_PATH)
             raise ExecutorError(f"cannot start {spec.command!r}: not found or not executable "
-                                f"(PATH={env['PATH']})")
+                                f"(PATH={path})")
+        argv, env = launch(resolved, spec.args, base, spec.env, drop)
         try:
             process = await asyncio.create_subprocess_exec(
-                *_wrapped(resolved, spec.args, drop),
+                *argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
@@ -240,14 +296,24 @@ def _limit_children(nproc: bool) -> None:
         resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
 
 
-def _wrapped(command: str, args: tuple[str, ...], drop_to: int | None) -> list[str]:
-    """The argv that starts the task, as drop_to if given: util-linux's setpriv drops the
-    uid and groups, then execs it (subprocess's user=/group= would make CPython fork()
-    rather than vfork(), see _limit_children)."""
+def launch(command: str, args: tuple[str, ...], base: dict[str, str], task_env: dict[str, str],
+           drop_to: int | None) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that start the task, as drop_to if given.
+
+    Without drop_to: the command itself with base overridden by task_env. With drop_to:
+    util-linux's setpriv, as root with only base and the renamed task variables, drops
+    the uid and groups and execs SHELL, which restores the task's variables and execs the
+    command (subprocess's user=/group= would make CPython fork() rather than vfork(), see
+    _limit_children). No value of task_env appears in the argv, which every local user can
+    read in /proc/<pid>/cmdline.
+    """
     if drop_to is None:
-        return [command, *args]
-    return [SETPRIV, f"--reuid={drop_to}", f"--regid={drop_to}", "--clear-groups", "--",
-            command, *args]
+        return [command, *args], {**base, **task_env}
+    renamed = {f"{ENV_PREFIX}{index}": f"{name}={value}"
+               for index, (name, value) in enumerate(task_env.items())}
+    argv = [SETPRIV, f"--reuid={drop_to}", f"--regid={drop_to}", "--clear-groups", "--",
+            SHELL, "-c", UNPACK_ENV, "filch-task", "--", command, *args]
+    return argv, {**base, **renamed}
 
 
 def _describe(exc: BaseException) -> str:
