@@ -379,6 +379,9 @@ def test_no_env_value_is_on_any_command_line() -> None:
     assert all(name in base or name.startswith(ENV_PREFIX) for name in root_env)
     assert sorted(v for k, v in root_env.items() if k.startswith(ENV_PREFIX)) == \
         sorted(f"{k}={v}" for k, v in env.items())
+    # No task variables: no shell to restore them, setpriv execs the command.
+    assert launch("/bin/true", ("arg",), base, {}, TASK_UID) == \
+        ([*argv[:5], "/bin/true", "arg"], base)
 
 
 @needs_root
