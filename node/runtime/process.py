@@ -9,16 +9,18 @@ TMPDIR (both 0700), no core dumps, and, when the daemon runs as root, the task r
 task_uid with a cap on that uid's processes.
 
 Root never sees the task's environment as environment. As root the argv is
-`setpriv --reuid --regid --clear-groups -- /bin/sh -c UNPACK_ENV filch-task -- CMD ARGS`
-with a fixed clean environment (PATH, HOME, TMPDIR) plus the task's variables renamed to
+`setpriv --reuid --regid --clear-groups -- /bin/sh -c SCRIPT filch-task CMD ARGS` with a
+fixed clean environment (PATH, HOME, TMPDIR) plus the task's variables renamed to
 FILCH_TASK_ENV_<n>=KEY=VALUE: neither ld.so nor setpriv interprets those names, so
 LD_PRELOAD, LD_LIBRARY_PATH, GLIBC_TUNABLES, GCONV_PATH, LOCPATH and the like take
-effect only in the task's own execve, after the uid drop. The shell (dash, ~1 ms of CPU)
-restores them and execs the task. Rejected: subprocess's user=/group= and preexec_fn
-(CPython then fork()s the gRPC-threaded daemon instead of vfork(); ~1 child in 10
-crashed), a Python helper (~10 ms of interpreter start per task), `env -i K=V` after
-setpriv (values on a command line: /proc/<pid>/cmdline is world-readable). Hence task
-variable names must be portable shell names (node.validation.ENV_NAME).
+effect only in the task's own execve, after the uid drop. SCRIPT (see unpack_script;
+names only, never a value) runs as the task's uid in dash, ~1 ms of CPU, restores them
+and execs the task; a task without variables skips it. Rejected: subprocess's
+user=/group= and preexec_fn (CPython then fork()s the gRPC-threaded daemon instead of
+vfork(); ~1 child in 10 crashed), a Python helper (~10 ms of interpreter start per task),
+`env -i K=V` after setpriv (values on a command line: /proc/<pid>/cmdline is
+world-readable). Hence task variable names must be portable shell names
+(node.validation.ENV_NAME).
 
 Not done: a mount namespace with a private /tmp (unshare + a root shell + mount cost
 ~2.1 ms of CPU per task, measured, on top of ~1.8 ms: it would halve this executor's
@@ -38,12 +40,14 @@ ExitStatus.oom_killed is always False here.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import resource
 import shutil
 import signal
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 from node.errors import ExecutorError
@@ -70,21 +74,6 @@ SHELL = "/bin/sh"
 # loader, libc or util-linux code looks at (see the module docstring).
 ENV_PREFIX = "FILCH_TASK_ENV_"
 
-# Runs as the task's uid. Phase one moves each FILCH_TASK_ENV_<n> (numbered from 0 without
-# gaps) into the positional parameters and unsets it, before anything of the task's is
-# exported, so a task variable named like the counter cannot derail the loop. Phase two
-# exports them up to the "--" that precedes the command (a KEY=VALUE always has an "=",
-# so it never equals "--"), then execs the command. eval only ever sees fixed names and
-# the counter's digits, never a value.
-UNPACK_ENV = r"""i=0
-while eval "[ \"\${FILCH_TASK_ENV_$i+set}\" ]"; do
-eval "set -- \"\$FILCH_TASK_ENV_$i\" \"\$@\"; unset FILCH_TASK_ENV_$i"
-i=$((i+1))
-done
-while [ "$1" != -- ]; do export "$1"; shift; done
-shift
-exec "$@"
-"""
 
 # How long stop() waits for the process group leader after SIGKILL before giving up:
 # SIGKILL cannot be caught, so only a process stuck in the kernel (D state) takes longer.
@@ -314,10 +303,27 @@ def launch(command: str, args: tuple[str, ...], base: dict[str, str], task_env: 
     if not task_env:
         # Nothing to restore: skip the shell and its ~1 ms of CPU (most batch tasks).
         return [*drop, command, *args], dict(base)
-    renamed = {f"{ENV_PREFIX}{index}": f"{name}={value}"
-               for index, (name, value) in enumerate(task_env.items())}
-    return [*drop, SHELL, "-c", UNPACK_ENV, "filch-task", "--", command, *args], \
+    # Numbers a task variable uses as its own name are skipped, so that unsetting the
+    # renamed variables never removes one of the task's.
+    numbers = (n for n in itertools.count() if f"{ENV_PREFIX}{n}" not in task_env)
+    renamed = {f"{ENV_PREFIX}{n}": f"{name}={value}"
+               for n, (name, value) in zip(numbers, task_env.items(), strict=False)}
+    return [*drop, SHELL, "-c", unpack_script(renamed), "filch-task", command, *args], \
         {**base, **renamed}
+
+
+def unpack_script(renamed: Iterable[str]) -> str:
+    """The sh script that exports the renamed variables' KEY=VALUE values, unsets the
+    renamed variables and execs "$@".
+
+    Made of fixed text and the renamed names only, never a value (it is on the command
+    line). One export expands every value before it assigns any, so no task variable
+    (IFS, PATH, FILCH_TASK_ENV_7...) can change what the rest of the script reads; the
+    script uses no variable of its own. No loop and no eval: 1024 variables cost ms.
+    """
+    names = list(renamed)
+    values = " ".join(f'"${name}"' for name in names)
+    return f'export {values} && unset {" ".join(names)} && exec "$@"'
 
 
 def _describe(exc: BaseException) -> str:

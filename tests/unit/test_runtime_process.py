@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from node import validation
 from node.errors import ExecutorError
 from node.runtime.base import ExitStatus
 from node.runtime.process import (
@@ -342,6 +343,7 @@ AWKWARD_ENV = {
     "i": "not the unpacker's counter",
     "IFS": "=",
     "FILCH_TASK_ENV_0": "LD_PRELOAD=/nonexistent.so",
+    "FILCH_TASK_ENV_2": "",
     "PATH": "/usr/bin:/bin",
 }
 
@@ -358,6 +360,18 @@ async def test_awkward_env_values_and_names_reach_the_task_intact(
     extra = set(seen) - set(AWKWARD_ENV)
     # dash adds PWD, as any shell does; nothing of the unpacker is left behind.
     assert extra <= {"HOME", "TMPDIR", "PWD"}, extra
+
+
+async def test_the_most_variables_a_spec_may_have_all_arrive(
+    executor: ProcessExecutor, data_dir: Path,
+) -> None:
+    env = {f"V{index}": f"value {index}\n" * 10 for index in range(validation.MAX_ENV)}
+    started = time.monotonic()
+    status, log = await run(executor, make_spec(data_dir, "env", "-0", env=env))
+    assert status.exit_code == 0, log
+    assert time.monotonic() - started < 5
+    seen = dict(entry.split("=", 1) for entry in log.split("\0") if entry)
+    assert {name: seen.get(name) for name in env} == env
 
 
 async def test_a_stored_env_name_a_shell_cannot_export_is_refused(
