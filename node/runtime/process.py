@@ -22,12 +22,13 @@ vfork(); ~1 child in 10 crashed), a Python helper (~10 ms of interpreter start p
 world-readable). Hence task variable names must be portable shell names
 (node.validation.ENV_NAME).
 
-Not done: a mount namespace with a private /tmp (unshare + a root shell + mount cost
-~2.1 ms of CPU per task, measured, on top of ~1.8 ms: it would halve this executor's
-throughput). Programs that ignore TMPDIR still share the host's /tmp. And every task
-runs as the same task_uid, so tasks are not isolated from each other: one can ptrace
-another, read its /proc/<pid>/environ, or enter its directories through /proc/<pid>/cwd.
-The 0700 directories keep out other local users, not other tasks.
+Not done: a mount namespace with a private /tmp. unshare + a root shell + mount cost
+~2.1 ms of CPU per task (measured), and a process task costs ~4.2 ms of CPU in all in
+`make bench`: a third of this executor's throughput. Programs that ignore TMPDIR still
+share the host's /tmp. And every task runs as the same task_uid, so tasks are not
+isolated from each other: one can ptrace another, read its /proc/<pid>/environ, or enter
+its directories through /proc/<pid>/cwd. The 0700 directories keep out other local
+users, not other tasks.
 
 Deliberately absent: RLIMIT_AS (it counts reserved address space, so the JVM, Go and
 sanitizer builds fail at a fraction of the limit), RLIMIT_DATA (per process, not per
