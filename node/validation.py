@@ -28,12 +28,12 @@ MAX_ARGS = 4096
 MAX_ENV = 1024
 MAX_REQUEST_ID = 128
 MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
 
 # Environment variable names: POSIX's portable set. The process executor restores a
 # task's environment with a shell after dropping root (see node/runtime/process.py), and
 # a shell can export nothing else; other programs' conventions agree.
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-DEFAULT_PAGE_SIZE = 100
 
 
 def _text(field: str, value: str, *, limit: int) -> None:

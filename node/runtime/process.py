@@ -68,13 +68,12 @@ NPROC_LIMIT = 4096
 # util-linux (essential on Debian): drops to the task's uid, then execs the task.
 SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 
-# POSIX sh (dash on Debian): runs UNPACK_ENV as the task's uid, after the drop.
+# POSIX sh (dash on Debian): runs unpack_script() as the task's uid, after the drop.
 SHELL = "/bin/sh"
 
 # The task's variables travel to the unprivileged shell under these names, which no
 # loader, libc or util-linux code looks at (see the module docstring).
 ENV_PREFIX = "FILCH_TASK_ENV_"
-
 
 # How long stop() waits for the process group leader after SIGKILL before giving up:
 # SIGKILL cannot be caught, so only a process stuck in the kernel (D state) takes longer.
@@ -149,11 +148,11 @@ class ProcessExecutor:
             raise ExecutorError(f"cannot prepare attempt {spec.container_id}: {exc}") from exc
         base = {"PATH": DEFAULT_PATH, "HOME": str(work), "TMPDIR": str(tmp)}
         drop = self._drop_to
-        resolved = shutil.which(spec.command, path=spec.env.get("PATH", DEFAULT_PATH))
+        path = spec.env.get("PATH", DEFAULT_PATH)
+        resolved = shutil.which(spec.command, path=path)
         if resolved is None:
             shutil.rmtree(spec.attempt_dir, ignore_errors=True)
             os.close(log_fd)
-            path = spec.env.get("PATH", DEFAULT_PATH)
             raise ExecutorError(f"cannot start {spec.command!r}: not found or not executable "
                                 f"(PATH={path})")
         argv, env = launch(resolved, spec.args, base, spec.env, drop)
