@@ -11,16 +11,16 @@ task_uid with a cap on that uid's processes.
 Root never sees the task's environment as environment. As root the argv is
 `setpriv --reuid --regid --clear-groups -- /bin/sh -c SCRIPT filch-task CMD ARGS` with a
 fixed clean environment (PATH, HOME, TMPDIR) plus the task's variables renamed to
-FILCH_TASK_ENV_<n>=KEY=VALUE: neither ld.so nor setpriv interprets those names, so
-LD_PRELOAD, LD_LIBRARY_PATH, GLIBC_TUNABLES, GCONV_PATH, LOCPATH and the like take
-effect only in the task's own execve, after the uid drop. SCRIPT (see unpack_script;
-names only, never a value) runs as the task's uid in dash, ~1 ms of CPU, restores them
-and execs the task; a task without variables skips it. Rejected: subprocess's
-user=/group= and preexec_fn (CPython then fork()s the gRPC-threaded daemon instead of
-vfork(); ~1 child in 10 crashed), a Python helper (~10 ms of interpreter start per task),
-`env -i K=V` after setpriv (values on a command line: /proc/<pid>/cmdline is
-world-readable). Hence task variable names must be portable shell names
-(node.validation.ENV_NAME).
+FILCH_TASK_ENV_<n>=KEY=VALUE (those already named FILCH_* pass as they are): neither
+ld.so, libc nor setpriv interprets FILCH_* names, so LD_PRELOAD, LD_LIBRARY_PATH,
+GLIBC_TUNABLES, GCONV_PATH, LOCPATH and the like take effect only in the task's own
+execve, after the uid drop. SCRIPT (see unpack_script; names only, never a value) runs
+as the task's uid in dash, ~1 ms of CPU, restores them and execs the task; a task with
+only FILCH_* variables (the runner's own) skips it. Rejected: subprocess's user=/group=
+and preexec_fn (CPython then fork()s the gRPC-threaded daemon instead of vfork(); ~1
+child in 10 crashed), a Python helper (~10 ms of interpreter start per task), `env -i
+K=V` after setpriv (values on a command line: /proc/<pid>/cmdline is world-readable).
+Hence task variable names must be portable shell names (node.validation.ENV_NAME).
 
 Not done: a mount namespace with a private /tmp. unshare + a root shell + mount cost
 ~2.1 ms of CPU per task (measured), and a process task costs ~4.2 ms of CPU in all in
@@ -71,8 +71,13 @@ SETPRIV = shutil.which("setpriv") or "/usr/bin/setpriv"
 # POSIX sh (dash on Debian): runs unpack_script() as the task's uid, after the drop.
 SHELL = "/bin/sh"
 
-# The task's variables travel to the unprivileged shell under these names, which no
-# loader, libc or util-linux code looks at (see the module docstring).
+# Names under filch's own prefix mean nothing to ld.so, libc, setpriv or libcap-ng, so
+# such variables may pass through root's environment as they are. The runner's
+# FILCH_TASK_ID, FILCH_ATTEMPT and FILCH_NODE then need no shell (most tasks set no other).
+INERT_PREFIX = "FILCH_"
+
+# The task's other variables travel to the unprivileged shell under these names (inert
+# for the same reason; see the module docstring).
 ENV_PREFIX = "FILCH_TASK_ENV_"
 
 # How long stop() waits for the process group leader after SIGKILL before giving up:
@@ -290,9 +295,10 @@ def launch(command: str, args: tuple[str, ...], base: dict[str, str], task_env: 
     """The argv and environment that start the task, as drop_to if given.
 
     Without drop_to: the command itself with base overridden by task_env. With drop_to:
-    util-linux's setpriv, run as root with only base and the renamed task variables,
-    drops the uid and groups and execs SHELL, which restores the task's variables and
-    execs the command; when task_env is empty, setpriv execs the command itself.
+    util-linux's setpriv, run as root with only base, the task's variables named
+    INERT_PREFIX* and the others renamed, drops the uid and groups and execs SHELL, which
+    restores the renamed ones and execs the command; when there are none, setpriv execs
+    the command itself.
     (subprocess's user=/group= would make CPython fork() rather than vfork(), see
     _limit_children.) No value of task_env appears in the argv, which every local user
     can read in /proc/<pid>/cmdline.
@@ -300,16 +306,18 @@ def launch(command: str, args: tuple[str, ...], base: dict[str, str], task_env: 
     if drop_to is None:
         return [command, *args], {**base, **task_env}
     drop = [SETPRIV, f"--reuid={drop_to}", f"--regid={drop_to}", "--clear-groups", "--"]
-    if not task_env:
-        # Nothing to restore: skip the shell and its ~1 ms of CPU (most batch tasks).
-        return [*drop, command, *args], dict(base)
+    inert = {name: value for name, value in task_env.items() if name.startswith(INERT_PREFIX)}
+    if len(inert) == len(task_env):
+        # Nothing to restore: skip the shell and its ~1 ms of CPU.
+        return [*drop, command, *args], {**base, **inert}
     # Numbers a task variable uses as its own name are skipped, so that unsetting the
     # renamed variables never removes one of the task's.
     numbers = (n for n in itertools.count() if f"{ENV_PREFIX}{n}" not in task_env)
+    rest = ((name, value) for name, value in task_env.items() if name not in inert)
     renamed = {f"{ENV_PREFIX}{n}": f"{name}={value}"
-               for n, (name, value) in zip(numbers, task_env.items(), strict=False)}
+               for n, (name, value) in zip(numbers, rest, strict=False)}
     return [*drop, SHELL, "-c", unpack_script(renamed), "filch-task", command, *args], \
-        {**base, **renamed}
+        {**base, **inert, **renamed}
 
 
 def unpack_script(renamed: Iterable[str]) -> str:

@@ -344,6 +344,7 @@ AWKWARD_ENV = {
     "IFS": "=",
     "FILCH_TASK_ENV_0": "LD_PRELOAD=/nonexistent.so",
     "FILCH_TASK_ENV_2": "",
+    "FILCH_SERVER": "127.0.0.1:7070",
     "PATH": "/usr/bin:/bin",
 }
 
@@ -385,17 +386,22 @@ async def test_a_stored_env_name_a_shell_cannot_export_is_refused(
 
 def test_no_env_value_is_on_any_command_line() -> None:
     secret = "s3cret-value-\u00e9"
-    env = {"TOKEN": secret, "LD_PRELOAD": "/tmp/x.so", "GLIBC_TUNABLES": "x=1"}
+    env = {"TOKEN": secret, "LD_PRELOAD": "/tmp/x.so", "GLIBC_TUNABLES": "x=1",
+           "FILCH_NODE": "n1"}
     base = {"PATH": "/usr/bin", "HOME": "/h", "TMPDIR": "/t"}
     argv, root_env = launch("/bin/true", ("arg",), base, env, TASK_UID)
     assert not any(secret in arg or "/tmp/x.so" in arg for arg in argv)
     # Only fixed names reach the root-run setpriv; the task's ride under ENV_PREFIX.
-    assert all(name in base or name.startswith(ENV_PREFIX) for name in root_env)
+    assert all(name in base or name.startswith("FILCH_") for name in root_env)
     assert sorted(v for k, v in root_env.items() if k.startswith(ENV_PREFIX)) == \
-        sorted(f"{k}={v}" for k, v in env.items())
-    # No task variables: no shell to restore them, setpriv execs the command.
-    assert launch("/bin/true", ("arg",), base, {}, TASK_UID) == \
-        ([*argv[:5], "/bin/true", "arg"], base)
+        sorted(f"{k}={v}" for k, v in env.items() if not k.startswith("FILCH_"))
+    # FILCH_* names (the runner sets three) pass as they are: ld.so, libc and setpriv
+    # read none. Only they, or none at all: no shell, setpriv execs the command.
+    assert root_env["FILCH_NODE"] == "n1" and "TOKEN" not in root_env
+    ours = {"FILCH_TASK_ID": "t", "FILCH_ATTEMPT": "1"}
+    for only in ({}, ours):
+        assert launch("/bin/true", ("arg",), base, only, TASK_UID) == \
+            ([*argv[:5], "/bin/true", "arg"], {**base, **only})
 
 
 @needs_root
