@@ -219,8 +219,9 @@ __attribute__((constructor)) static void mark(void) {
 }
 """
 
-# setpriv's own library: a fake one found through LD_LIBRARY_PATH would run as root.
-LIBCAP_NG = Path("/usr/lib/x86_64-linux-gnu/libcap-ng.so.0")
+# setpriv's own library (Debian's multiarch path): a fake one found through
+# LD_LIBRARY_PATH would run as root.
+LIBCAP_NG = next(Path("/usr/lib").glob("*/libcap-ng.so.0"), Path("/usr/lib/libcap-ng.so.0"))
 
 
 @dataclass(frozen=True)
