@@ -61,6 +61,16 @@ def group_alive(pgid: int) -> bool:
     return False
 
 
+async def group_dies(pgid: int) -> bool:
+    """Whether the group empties within 2 s: a killed process exits only once scheduled,
+    which on a loaded machine can take a moment after the signal."""
+    for _ in range(40):
+        if not group_alive(pgid):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
 def test_warns_that_it_does_not_isolate(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="node.runtime.process"):
         ProcessExecutor(TASK_UID)
@@ -149,7 +159,7 @@ async def test_stop_signals_the_whole_group(executor: ProcessExecutor, data_dir:
     await asyncio.sleep(0.2)
     await attempt.stop(grace=2)
     await attempt.wait()
-    assert not group_alive(attempt.pid)
+    assert await group_dies(attempt.pid)
 
 
 async def test_stop_is_idempotent(executor: ProcessExecutor, data_dir: Path) -> None:
@@ -166,8 +176,7 @@ async def test_leftover_background_processes_die_with_the_task(
     attempt = await executor.start(make_spec(data_dir, "sh", "-c", "sleep 60 & echo started"))
     assert isinstance(attempt, ProcessAttempt)
     assert (await attempt.wait()).exit_code == 0
-    await asyncio.sleep(0.1)
-    assert not group_alive(attempt.pid)
+    assert await group_dies(attempt.pid)
 
 
 async def test_cancelling_wait_does_not_stop_the_attempt(
