@@ -5,6 +5,8 @@ Each check raises InvalidArgument naming the field, with a message a person can 
 
 from __future__ import annotations
 
+import re
+
 from node import keys, limits
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import InvalidArgument
@@ -29,6 +31,11 @@ MAX_ENV = 1024
 MAX_REQUEST_ID = 128
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
+
+# Environment variable names: POSIX's portable set. The process executor restores a
+# task's environment with a shell after dropping root (see node/runtime/process.py), and
+# a shell can export nothing else; other programs' conventions agree.
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _text(field: str, value: str, *, limit: int) -> None:
@@ -69,8 +76,10 @@ def spec(raw: pb.TaskSpec) -> pb.TaskSpec:
     if len(raw.env) > MAX_ENV:
         raise InvalidArgument("spec.env", f"has {len(raw.env)} entries; the limit is {MAX_ENV}")
     for name, value in raw.env.items():
-        if not name or "=" in name or "\0" in name:
-            raise InvalidArgument("spec.env", f"{name!r} is not a valid variable name")
+        if not ENV_NAME.fullmatch(name):
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            raise InvalidArgument("spec.env", f"{shown!r} is not a valid variable name (letters, "
+                                              "digits and _, not starting with a digit)")
         _text(f"spec.env[{name}]", value, limit=MAX_SPEC_BYTES)
     if raw.cpu_millis < 0 or raw.cpu_millis > MAX_CPU_MILLIS:
         raise InvalidArgument("spec.cpu_millis", f"{raw.cpu_millis} is outside 1..{MAX_CPU_MILLIS} "

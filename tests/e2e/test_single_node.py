@@ -124,6 +124,8 @@ def test_oversized_and_hostile_specs_are_rejected_over_grpc(one_node: Cluster) -
         pb.TaskSpec(command="true", memory_bytes=-5),
         pb.TaskSpec(command="true", cpu_millis=-1),
         pb.TaskSpec(command="true", env={"A=B": "c"}),
+        pb.TaskSpec(command="true", env={"MY-VAR": "c"}),
+        pb.TaskSpec(command="true", env={"A\nLD_PRELOAD": "/tmp/x.so"}),
         pb.TaskSpec(),
     ]
     for spec in hostile:

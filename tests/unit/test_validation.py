@@ -72,6 +72,14 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("NUL in workdir", {"workdir": "/tmp/\0"}, "spec.workdir"),
     ("env name with =", {"env": {"A=B": "x"}}, "spec.env"),
     ("empty env name", {"env": {"": "x"}}, "spec.env"),
+    # Only portable shell names: the process executor exports them from sh.
+    ("env name with -", {"env": {"MY-VAR": "x"}}, "spec.env"),
+    ("env name with a space", {"env": {"LD PRELOAD": "x"}}, "spec.env"),
+    ("env name with a newline", {"env": {"A\nLD_PRELOAD": "x"}}, "spec.env"),
+    ("env name starting with a digit", {"env": {"1A": "x"}}, "spec.env"),
+    ("env name with a dot", {"env": {"a.b": "x"}}, "spec.env"),
+    ("non-ASCII env name", {"env": {"\u00e9T\u00c9": "x"}}, "spec.env"),
+    ("env name with a quote", {"env": {"A'$(id)'": "x"}}, "spec.env"),
     ("relative workdir", {"workdir": "work/dir"}, "spec.workdir"),
     ("dot workdir", {"workdir": "./x"}, "spec.workdir"),
     ("negative cpu", {"cpu_millis": -1}, "spec.cpu_millis"),
@@ -145,7 +153,7 @@ def test_spec_returns_a_spec_in_bounds_or_raises_invalid_argument(raw: pb.TaskSp
     assert len(clean.name) <= validation.MAX_NAME
     texts = [clean.command, clean.name, clean.workdir, *clean.args, *clean.env, *clean.env.values()]
     assert not any("\0" in text for text in texts)
-    assert all(name and "=" not in name for name in clean.env)
+    assert all(validation.ENV_NAME.fullmatch(name) for name in clean.env)
     assert raw.ByteSize() <= validation.MAX_SPEC_BYTES
     # Validating a stored spec again changes nothing (submit compares specs on retry).
     assert validation.spec(clean) == clean
