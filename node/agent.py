@@ -25,12 +25,13 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer, add_to_server
 from node.config import Config
 from node.etcd_member import EtcdMember
-from node.housekeeping import Housekeeping
+from node.housekeeping import Housekeeping, cluster_addresses
 from node.logs import LogService
 from node.membership import Membership
 from node.recovery import Recovery
 from node.runner import Runner
 from node.runtime.base import Executor
+from node.runtime.network import TaskNetwork
 from node.service import TaskService
 from node.stealer import Stealer
 from node.store import Store
@@ -45,11 +46,19 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
 SERVER_STOP_GRACE = 2.0
 
 
-def make_executor(config: Config, watchdog: Watchdog) -> Executor:
+def make_network(config: Config) -> TaskNetwork | None:
+    """The task network of a runc node (the process executor does not isolate networks)."""
+    if config.executor != "runc":
+        return None
+    return TaskNetwork(config.name, config.task_subnet, config.path / "network")
+
+
+def make_executor(config: Config, watchdog: Watchdog,
+                  network: TaskNetwork | None = None) -> Executor:
     """The executor the config asks for (runc isolates; process does not)."""
     if config.executor == "runc":
         from node.runtime.runc import RuncExecutor
-        return RuncExecutor(config.runc_binary, runc_root(config), config.task_uid)
+        return RuncExecutor(config.runc_binary, runc_root(config), config.task_uid, network)
     from node.runtime.process import ProcessExecutor
     return ProcessExecutor(config.task_uid if os.geteuid() == 0 else None, watchdog)
 
@@ -91,21 +100,28 @@ class Agent:
 
     async def _serve(self, store: Store, member: EtcdMember | None) -> int:
         config = self.config
-        watchdog = Watchdog(config.runc_binary, str(runc_root(config)))
+        network = make_network(config)
+        watchdog = Watchdog(config.runc_binary, str(runc_root(config)),
+                            network.netns_prefix if network is not None else "")
         if watchdog.retire_previous():
             log.warning("stopped the watchdog of an earlier run of this node")
-        executor = make_executor(config, watchdog)
+        executor = make_executor(config, watchdog, network)
         reaped = await executor.reap_stale()
         if reaped:
             log.warning("removed %d containers left by an earlier run of this node", reaped)
+        if network is not None:
+            # Before the first isolated task can start (attach() refuses until then).
+            await network.set_cluster_addresses(await cluster_addresses(store))
         await watchdog.start()
         try:
-            return await self._run_parts(store, member, executor, watchdog)
+            return await self._run_parts(store, member, executor, watchdog, network)
         finally:
             await watchdog.stop()
+            if network is not None:
+                await network.remove_all()
 
     async def _run_parts(self, store: Store, member: EtcdMember | None, executor: Executor,
-                         watchdog: Watchdog) -> int:
+                         watchdog: Watchdog, network: TaskNetwork | None) -> int:
         config = self.config
 
         stealer: Stealer | None = None
@@ -121,7 +137,9 @@ class Agent:
         runner = Runner(config, store, executor, membership, changed)
         stealer = Stealer(config, store, runner, membership)
         recovery = Recovery(config, store)
-        housekeeping = Housekeeping(config, store, membership, runner, stealer)
+        housekeeping = Housekeeping(
+            config, store, membership, runner, stealer,
+            network.set_cluster_addresses if network is not None else None)
         tasks = TaskService(store)
 
         metrics.CPU_CAPACITY.set(config.cpus)

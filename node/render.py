@@ -35,6 +35,7 @@ class TaskDict(TypedDict):
     cpu: float  # cores
     memory_bytes: int
     restart: bool
+    network: str  # isolated, none or host (runc tasks; process-executor tasks share the host's)
     attempt: int
     submitted_at: str | None  # RFC 3339, UTC, milliseconds
     started_at: str | None
@@ -55,6 +56,7 @@ class NodeDict(TypedDict):
     etcd_leader: bool
     executor: str
     nospace: bool
+    allow_host_network: bool
 
 
 # Only these reasons mean the command itself ended, so only they carry a real exit code.
@@ -124,6 +126,7 @@ def task_to_dict(task: filch_pb2.Task) -> TaskDict:
         "cpu": task.spec.cpu_millis / 1000,
         "memory_bytes": task.spec.memory_bytes,
         "restart": lifecycle.restartable(task.spec),
+        "network": task.spec.network or "isolated",
         "attempt": task.attempt,
         "submitted_at": _optional_timestamp(task, "submitted_at"),
         "started_at": _optional_timestamp(task, "started_at"),
@@ -145,6 +148,7 @@ def node_to_dict(node: filch_pb2.Node) -> NodeDict:
         "etcd_leader": node.etcd_leader,
         "executor": node.executor,
         "nospace": node.nospace,
+        "allow_host_network": node.allow_host_network,
     }
 
 
@@ -278,6 +282,7 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
         ("CPU", f"{format_cpu(spec.cpu_millis)} cores" if spec.cpu_millis else "default"),
         ("Memory", format_size(spec.memory_bytes) if spec.memory_bytes else "default"),
         ("Restart", "yes, if its node dies" if lifecycle.restartable(spec) else "no"),
+        ("Network", spec.network or "isolated"),
     ]
     if spec.env:
         fields += [("Env" if i == 0 else "", f"{key}={spec.env[key]}")

@@ -104,6 +104,10 @@ class Runner:
                 and self._reserved_memory + spec.memory_bytes <= self._config.memory)
 
     def fits_ever(self, spec: pb.TaskSpec) -> bool:
+        """Whether this node could ever run the task: capacity, and --network host only
+        where the agent allows it (service.explain_pending says so on the task)."""
+        if spec.network == "host" and not self._config.allow_host_network:
+            return False
         return (spec.cpu_millis <= self._config.cpu_capacity_millis
                 and spec.memory_bytes <= self._config.memory)
 
@@ -243,7 +247,8 @@ class Runner:
             command=task.spec.command, args=tuple(task.spec.args), env=env,
             workdir=task.spec.workdir, cpu_millis=task.spec.cpu_millis,
             memory_bytes=task.spec.memory_bytes, log_path=path,
-            attempt_dir=data_dir / "attempts" / container_id)
+            attempt_dir=data_dir / "attempts" / container_id,
+            network=task.spec.network or "isolated")
 
     async def _revoke(self, local: LocalAttempt, grace: float) -> None:
         local.revoked = True

@@ -27,6 +27,8 @@ class AttemptSpec:
     """stdout and stderr of the attempt, merged, appended to this host file."""
     attempt_dir: Path = Path("/tmp")
     """Host directory the executor owns for this attempt (bundle, scratch); removed by cleanup."""
+    network: str = "isolated"
+    """"isolated", "none" or "host" (runc only: the process executor shares the host's)."""
 
 
 @dataclass(frozen=True)

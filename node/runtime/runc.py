@@ -12,6 +12,10 @@ Cgroups: every container's cgroup is /filch/<container_id>. runc places an absol
 cgroupsPath at that path below each hierarchy's root (cgroup v1:
 /sys/fs/cgroup/<controller>/filch/<id>; v2: /sys/fs/cgroup/filch/<id>), not under the
 daemon's own cgroup; only relative paths nest under the caller's cgroup.
+
+Network: an "isolated" attempt joins a namespace node/runtime/network.py prepares (and
+removes once the container is gone); "none" gets a fresh one with loopback only; "host"
+shares the host's (the stealer takes such tasks only where the node allows it).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import shutil
 import signal
 from pathlib import Path
 
-from node.errors import ExecutorError
+from node.errors import ExecutorError, InvalidArgument
+from node.runtime import network as net
 from node.runtime.base import AttemptSpec, ExitStatus, exits_within
 from node.runtime.bundle import (
     DEFAULT_PATH,
@@ -65,10 +70,13 @@ class RuncExecutor:
 
     name = "runc"
 
-    def __init__(self, runc_binary: str, state_root: Path, task_uid: int) -> None:
+    def __init__(self, runc_binary: str, state_root: Path, task_uid: int,
+                 network: net.TaskNetwork | None = None) -> None:
         """Probe the host (which directories to bind, cgroup v1 or v2); spawns nothing.
 
-        Raises ExecutorError if runc_binary cannot be found or task_uid is root.
+        network sets up "isolated" attempts; without one they fail to start (tests that
+        need no network pass None). Raises ExecutorError if runc_binary cannot be found
+        or task_uid is root.
         """
         resolved = shutil.which(runc_binary)
         if resolved is None:
@@ -81,6 +89,8 @@ class RuncExecutor:
         self._runc = resolved
         self._state_root = Path(os.path.abspath(state_root))
         self._task_uid = task_uid
+        self._network = network
+        self._ipv6 = Path("/proc/sys/net/ipv6").is_dir()
         self._layout = HostLayout.probe()
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         self._nofile_hard = NOFILE_HARD if hard == resource.RLIM_INFINITY else hard
@@ -129,6 +139,32 @@ class RuncExecutor:
                 f"a runc container {cid!r} exists already in {self._state_root} "
                 "(left by an earlier run? reap_stale() removes it)"
             )
+        lease = await self._attach(spec.network)
+        try:
+            return await self._start(spec, lease)
+        except BaseException:
+            if lease is not None and self._network is not None:
+                await asyncio.shield(self._network.release(lease))
+            raise
+
+    async def _attach(self, mode: str) -> net.Lease | None:
+        """The prepared namespace of an isolated attempt; None for the other modes."""
+        try:
+            if net.parse_mode(mode) != net.ISOLATED:
+                return None
+        except InvalidArgument as exc:
+            raise ExecutorError(str(exc)) from None
+        if self._network is None:
+            raise ExecutorError("this executor has no task network: use --network none "
+                                "or host")
+        return await self._network.attach()
+
+    async def _start(self, spec: AttemptSpec, lease: net.Lease | None) -> RuncAttempt:
+        cid = spec.container_id
+        netns = lease.path if lease is not None else (
+            "" if net.parse_mode(spec.network) == net.NONE else None)
+        resolv_conf = (self._network.resolv_conf
+                       if lease is not None and self._network is not None else None)
         config = build_config(
             spec,
             layout=self._layout,
@@ -136,6 +172,9 @@ class RuncExecutor:
             cgroups_path=f"{CGROUP_PARENT}/{cid}",
             limit_swap=self._limit_swap,
             nofile_hard=self._nofile_hard,
+            netns=netns,
+            resolv_conf=resolv_conf,
+            ipv6=self._ipv6,
         )
         bundle = spec.attempt_dir
         # Synchronous on purpose: a few mkdirs and one small write cost less than the
@@ -165,15 +204,17 @@ class RuncExecutor:
             raise ExecutorError(f"cannot run {self._runc}: {exc}") from exc
         finally:
             os.close(log_fd)
-        return RuncAttempt(self, cid, bundle, process)
+        return RuncAttempt(self, cid, bundle, process, lease)
 
     async def reap_stale(self) -> int:
-        """SIGKILL and delete every container in state_root and remove its bundle.
+        """SIGKILL and delete every container in state_root and remove its bundle, then
+        reset the task network (every namespace, veth, bridge and nft rule of this node
+        name goes; the bridge and table are created afresh).
 
         Meant for node start, before any attempt of this run exists: it would kill those
         too. Returns how many containers were deleted; ones runc fails to delete are
-        logged and not counted. Raises ExecutorError if runc cannot list the containers.
-        Cancellation stops between deletions.
+        logged and not counted. Raises ExecutorError if runc cannot list the containers
+        or the network cannot be set up. Cancellation stops between deletions.
         """
         # A `runc run` orphaned by a dead agent could still create its container after
         # the listing below: kill those first.
@@ -199,7 +240,13 @@ class RuncExecutor:
                 return True
 
         results = await asyncio.gather(*(reap(entry) for entry in entries))
+        if self._network is not None:
+            await self._network.reset()
         return sum(results)
+
+    async def release(self, lease: net.Lease | None) -> None:
+        if lease is not None and self._network is not None:
+            await self._network.release(lease)
 
     # -- used by RuncAttempt ----------------------------------------------------------------
 
@@ -293,8 +340,10 @@ class RuncAttempt:
         container_id: str,
         bundle: Path,
         process: asyncio.subprocess.Process,
+        lease: net.Lease | None = None,
     ) -> None:
         self._executor = executor
+        self._lease = lease
         self._cid = container_id
         self._bundle = bundle
         self._process = process
@@ -352,6 +401,8 @@ class RuncAttempt:
         oom_killed = self._executor.oom_killed(self._cid)
         if not self._executor.remove_stopped(self._cid):
             await self._executor.delete(self._cid)
+        # After the container: its processes no longer hold the namespace.
+        await self._executor.release(self._lease)
         try:
             await asyncio.to_thread(shutil.rmtree, self._bundle)
         except FileNotFoundError:
