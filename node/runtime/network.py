@@ -88,7 +88,7 @@ def name_hash(node_name: str) -> str:
 
 def sanitised(node_name: str) -> str:
     """The node name as nft and netns names accept it; a hash is appended if it changed."""
-    clean = re.sub(r"[^A-Za-z0-9_]", "_", node_name)[:48]
+    clean = re.sub(r"[^A-Za-z0-9_.-]", "_", node_name)[:48]
     return clean if clean == node_name else f"{clean}_{name_hash(node_name)}"
 
 

@@ -145,7 +145,9 @@ class Cluster:
         self.nodes: list[Node] = []
         self.pki = pki
         scheme = "https" if pki else "http"
-        names = [f"node-{index + 1}" for index in range(size)]
+        # Names unique per cluster: a node's task network (bridge, nft table, namespaces)
+        # is keyed by its name, and clusters of one test run may be alive together.
+        names = [f"node-{index + 1}-{subnet}" for index in range(size)]
         ips = [f"127.0.{subnet}.{index + 1}" for index in range(size)]
         initial = ",".join(f"{name}={scheme}://{ip}:2380"
                            for name, ip in zip(names, ips, strict=True))
