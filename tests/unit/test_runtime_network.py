@@ -69,6 +69,10 @@ def links() -> set[str]:
     return {link["ifname"] for link in json.loads(sh("ip", "-j", "link", "show"))}
 
 
+def namespaces(prefix: str) -> list[str]:
+    return [name for name in os.listdir(net.NETNS_DIR) if name.startswith(prefix)]
+
+
 def tables() -> set[str]:
     return {line.split()[-1] for line in sh("nft", "list", "tables").splitlines()}
 
@@ -274,8 +278,7 @@ async def test_attempt_end_removes_its_namespace_and_veth(
     await network.set_cluster_addresses([])
     for command in (("true",), ("sh", "-c", "exit 3")):
         await run(executor, make_spec(tmp_path, *command, network="isolated"))
-        assert not [name for name in os.listdir(net.NETNS_DIR)
-                    if name.startswith(network.netns_prefix)]
+        assert namespaces(network.netns_prefix) == []
         assert [name for name in links() if name.startswith(network.veth_prefix)] == []
     # A start failure (the command does not exist) leaves nothing either.
     with pytest.raises(ExecutorError):
@@ -300,7 +303,7 @@ async def test_reset_removes_everything_an_earlier_run_left(tmp_path: Path) -> N
     await later.reset()
     try:
         for lease in leases:
-            assert not os.path.exists(lease.path)
+            assert lease.netns not in namespaces(earlier.netns_prefix)
             assert lease.veth not in links()
         assert later.bridge in links() and later.table in tables()
     finally:
