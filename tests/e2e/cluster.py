@@ -78,11 +78,14 @@ class Node:
     ip: str
     data_dir: Path
     args: list[str]
+    client_ip: str = ""
+    """Loopback address of its etcd client URL (etcd clients stay local); default: ip."""
     process: subprocess.Popen[bytes] | None = None
     log_file: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.log_file = self.data_dir.with_suffix(".log")
+        self.client_ip = self.client_ip or self.ip
 
     @property
     def address(self) -> str:
@@ -94,7 +97,7 @@ class Node:
 
     @property
     def etcd_endpoint(self) -> str:
-        return f"http://{self.ip}:2379"
+        return f"http://{self.client_ip}:2379"
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -138,9 +141,11 @@ class Cluster:
 
     def __init__(self, root: Path, size: int = 3, *, cpus: float = 2, lease_ttl: int = 5,
                  executor: str = "runc", extra: tuple[str, ...] = (),
-                 pki: Path | None = None) -> None:
+                 pki: Path | None = None, addresses: list[str] | None = None) -> None:
         """pki: a directory made by `filch certs` with a certificate per node name: the
-        cluster then runs TLS (API and etcd peers) with the bearer token."""
+        cluster then runs TLS (API and etcd peers) with the bearer token.
+        addresses: one per node, for the API, metrics and etcd peers instead of loopback
+        ones (the etcd client URL stays on loopback)."""
         subnet = _free_subnet()
         self.nodes: list[Node] = []
         self.pki = pki
@@ -148,10 +153,11 @@ class Cluster:
         # Names unique per cluster: a node's task network (bridge, nft table, namespaces)
         # is keyed by its name, and clusters of one test run may be alive together.
         names = [f"node-{index + 1}-{subnet}" for index in range(size)]
-        ips = [f"127.0.{subnet}.{index + 1}" for index in range(size)]
+        loopbacks = [f"127.0.{subnet}.{index + 1}" for index in range(size)]
+        ips = addresses or loopbacks
         initial = ",".join(f"{name}={scheme}://{ip}:2380"
                            for name, ip in zip(names, ips, strict=True))
-        for name, ip in zip(names, ips, strict=True):
+        for name, ip, loopback in zip(names, ips, loopbacks, strict=True):
             tls: tuple[str, ...] = ()
             if pki:
                 subprocess.run([FILCH, "certs", str(pki), "--node", f"{name}={ip}"], check=True,
@@ -162,12 +168,12 @@ class Cluster:
             args = ["--name", name, "--data-dir", str(root / name),
                     "--listen", f"{ip}:7070",
                     "--etcd-peer-url", f"{scheme}://{ip}:2380",
-                    "--etcd-client-url", f"http://{ip}:2379",
+                    "--etcd-client-url", f"http://{loopback}:2379",
                     "--initial-cluster", initial,
                     "--cpus", str(cpus), "--memory", "8Gi",
                     "--executor", executor, "--lease-ttl", str(lease_ttl),
                     "--sweep-interval", "1", *tls, *extra]
-            self.nodes.append(Node(name, ip, root / name, args))
+            self.nodes.append(Node(name, ip, root / name, args, client_ip=loopback))
         self._channels: dict[str, grpc.Channel] = {}
 
     def __enter__(self) -> Cluster:
