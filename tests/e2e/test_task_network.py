@@ -98,7 +98,8 @@ def run_probe(cluster: Cluster, network: str, *urls: str) -> tuple[str, dict[str
 
 
 def keyspace(cluster: Cluster) -> dict[str, tuple[object, object]]:
-    return {key: (kv.get("value"), kv.get("mod_revision")) for key, kv in cluster.etcd_keys().items()}
+    return {key: (kv.get("value"), kv.get("mod_revision"))
+            for key, kv in cluster.etcd_keys().items()}
 
 
 def namespaces(prefix: str) -> list[str]:
