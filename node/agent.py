@@ -24,6 +24,7 @@ from node import metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer, add_to_server
 from node.config import Config
+from node.errors import FilchError
 from node.etcd_member import EtcdMember
 from node.housekeeping import Housekeeping, cluster_addresses
 from node.logs import LogService
@@ -41,6 +42,9 @@ from node.watchdog import Watchdog
 log = logging.getLogger("filch.agent")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
+
+# Between tries to read the cluster's addresses at start (etcd may still lack a quorum).
+FIREWALL_RETRY = 0.5
 
 # gRPC server grace on shutdown: lets in-flight unary calls finish; log followers are cut.
 SERVER_STOP_GRACE = 2.0
@@ -109,9 +113,6 @@ class Agent:
         reaped = await executor.reap_stale()
         if reaped:
             log.warning("removed %d containers left by an earlier run of this node", reaped)
-        if network is not None:
-            # Before the first isolated task can start (attach() refuses until then).
-            await network.set_cluster_addresses(await cluster_addresses(store))
         await watchdog.start()
         try:
             return await self._run_parts(store, member, executor, watchdog, network)
@@ -176,6 +177,8 @@ class Agent:
                      (membership, runner, stealer, recovery, housekeeping)]
             if member is not None:
                 loops.append(group.create_task(self._watch_member(member)))
+            if network is not None:
+                loops.append(group.create_task(fill_firewall(store, network)))
             await self._stop.wait()
             log.info("shutting down")
             for service in ("", SERVICE_NAME):
@@ -193,6 +196,18 @@ class Agent:
         code = await member.wait()
         log.error("the etcd member exited with status %s: stopping this node", code)
         self.request_stop(exit_code=1)
+
+
+async def fill_firewall(store: Store, network: TaskNetwork) -> None:
+    """Fill the task firewall's cluster addresses as soon as etcd answers (isolated
+    attempts wait for it); housekeeping refreshes them from then on."""
+    while True:
+        try:
+            await network.set_cluster_addresses(await cluster_addresses(store))
+            return
+        except FilchError as exc:
+            log.info("task firewall not filled yet: %s", exc)
+            await asyncio.sleep(FIREWALL_RETRY)
 
 
 def main(config: Config) -> int:

@@ -57,6 +57,10 @@ ETC_RESOLV_CONF = Path("/etc/resolv.conf")
 # An `ip` or `nft` call that takes longer than this is wedged (they take milliseconds).
 COMMAND_TIMEOUT = 30.0
 
+# How long an isolated attempt waits for the first fill of the cluster address set (the
+# agent fills it as soon as etcd answers; a node without etcd quorum cannot steal anyway).
+CLUSTER_WAIT = 30.0
+
 
 def parse_mode(value: str) -> str:
     """The network mode ("" means isolated), or InvalidArgument naming spec.network."""
@@ -173,7 +177,7 @@ class TaskNetwork:
         self._state_dir = state_dir
         self._subnet: ipaddress.IPv4Network | None = None
         self._free: list[int] = []
-        self._cluster_known = False
+        self._cluster_known = asyncio.Event()
         self._resolv_conf: Path | None = None
         self._warned_dns = False
 
@@ -255,9 +259,9 @@ table inet {self.table} {{
         if v6:
             lines.append(f"add element inet {self.table} cluster6 {{ {', '.join(sorted(v6))} }}")
         await _run("nft", "-f", "-", stdin="\n".join(lines) + "\n")
-        if not self._cluster_known:
+        if not self._cluster_known.is_set():
             log.info("task firewall: %d cluster addresses", len(v4) + len(v6))
-        self._cluster_known = True
+        self._cluster_known.set()
         # The same cadence picks up a changed upstream resolver.
         self.refresh_resolv_conf()
 
@@ -289,13 +293,15 @@ table inet {self.table} {{
     async def attach(self) -> Lease:
         """Create a namespace with lo and eth0 (on the bridge, NATed) for one attempt.
 
-        Raises ExecutorError when no slot is free, the cluster address set was never
-        filled (tasks could reach the other nodes), or ip fails (nothing is left then).
-        Cancellation may leave the namespace behind until release() or reset().
+        Waits up to CLUSTER_WAIT for the first fill of the cluster address set. Raises
+        ExecutorError when it stays empty (tasks could reach the other nodes), no slot is
+        free, or ip fails (nothing is left then). Cancellation releases what was made.
         """
-        if not self._cluster_known:
+        try:
+            await asyncio.wait_for(self._cluster_known.wait(), CLUSTER_WAIT)
+        except TimeoutError:
             raise ExecutorError("the task firewall does not know the cluster's addresses "
-                                "yet; isolated tasks wait for it")
+                                f"after {CLUSTER_WAIT:.0f} s (is etcd reachable?)") from None
         if not self._free:
             raise ExecutorError(f"no free address in the task subnet {self.subnet}")
         slot = self._free.pop()
@@ -346,7 +352,7 @@ table inet {self.table} {{
                         len(namespaces), len(links))
         await _run("nft", "-f", "-", stdin=f"table inet {self.table} {{}}\n"
                                            f"delete table inet {self.table}\n")
-        self._cluster_known = False
+        self._cluster_known.clear()
 
     async def _own_links(self) -> list[str]:
         output = await _run("ip", "-j", "link", "show")

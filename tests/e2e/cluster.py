@@ -160,8 +160,13 @@ class Cluster:
         for name, ip, loopback in zip(names, ips, loopbacks, strict=True):
             tls: tuple[str, ...] = ()
             if pki:
-                subprocess.run([FILCH, "certs", str(pki), "--node", f"{name}={ip}"], check=True,
-                               capture_output=True)
+                # On non-loopback addresses of one machine a peer connects from the
+                # address it dials (the local route's source): its certificate must
+                # name every address of the cluster. Loopback ones use 127.0.0.1.
+                sans = ",".join([ip, *(other for other in ips if other != ip)]) \
+                    if addresses else ip
+                subprocess.run([FILCH, "certs", str(pki), "--node", f"{name}={sans}"],
+                               check=True, capture_output=True)
                 tls = ("--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / f"{name}.crt"),
                        "--tls-key", str(pki / f"{name}.key"),
                        "--api-token-file", str(pki / "token"))

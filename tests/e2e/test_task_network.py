@@ -8,6 +8,7 @@ see the host's /usr); every probe goes to those addresses only.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -49,13 +50,18 @@ print(json.dumps(result))
 """
 
 
+# A distinct 198.19.X.0/24 for every HostAddresses of this process (198.18.0.0/15 is the
+# benchmarking range: routed nowhere).
+_THIRD_OCTETS = itertools.count(100 + os.getpid() % 100)
+
+
 class HostAddresses:
     """Addresses on a veth pair of the host (the kernel here has no dummy interfaces):
     where the test's nodes listen."""
 
     def __init__(self, count: int) -> None:
         self.link = f"fd{uuid.uuid4().hex[:8]}"
-        third = 100 + os.getpid() % 100
+        third = next(_THIRD_OCTETS)
         self.addresses = [f"198.19.{third}.{index + 1}" for index in range(count)]
         commands = [f"link add {self.link} type veth peer name {self.link}p"]
         commands += [f"addr add {address}/32 dev {self.link}" for address in self.addresses]
@@ -73,6 +79,19 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     try:
         with Cluster(tmp_path_factory.mktemp("net"), size=2,
                      addresses=addresses.addresses) as started:
+            yield started
+    finally:
+        addresses.close()
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The same, with TLS and the API token (`filch certs`)."""
+    require_tools()
+    addresses = HostAddresses(2)
+    root = tmp_path_factory.mktemp("net-tls")
+    try:
+        with Cluster(root, size=2, addresses=addresses.addresses, pki=root / "pki") as started:
             yield started
     finally:
         addresses.close()
@@ -118,8 +137,11 @@ def task_network(cluster: Cluster, index: int) -> net.TaskNetwork:
 
 
 @pytest.mark.parametrize("mode", ["none", "isolated"])
+@pytest.mark.parametrize("security", ["plain", "tls"])
 def test_task_reaches_no_service_of_any_node_and_keyspace_is_unchanged(
-        cluster: Cluster, mode: str) -> None:
+        request: pytest.FixtureRequest, mode: str, security: str) -> None:
+    cluster: Cluster = request.getfixturevalue("cluster" if security == "plain"
+                                               else "tls_cluster")
     before = keyspace(cluster)
     task_id, result = run_probe(cluster, mode, *targets(cluster))
     assert set(result) == set(targets(cluster))

@@ -287,7 +287,8 @@ async def test_attempt_end_removes_its_namespace_and_veth(
 
 
 async def test_isolated_refused_until_the_cluster_addresses_are_known(
-        executor: RuncExecutor, tmp_path: Path) -> None:
+        executor: RuncExecutor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(net, "CLUSTER_WAIT", 0.2)
     with pytest.raises(ExecutorError, match="cluster"):
         await executor.start(make_spec(tmp_path, "true", network="isolated"))
 
