@@ -348,8 +348,8 @@ table inet {self.table} {{
         if commands:
             await _run("ip", "-force", "-batch", "-", stdin="\n".join(commands) + "\n",
                        quiet_missing=True)
-            log.warning("removed %d network namespaces and %d links of an earlier run",
-                        len(namespaces), len(links))
+            log.info("removed %d task namespaces and %d links (bridge, veths) of node %s",
+                     len(namespaces), len(links), self._node_name)
         await _run("nft", "-f", "-", stdin=f"table inet {self.table} {{}}\n"
                                            f"delete table inet {self.table}\n")
         self._cluster_known.clear()
