@@ -12,7 +12,9 @@ import itertools
 import json
 import os
 import signal
+import socketserver
 import subprocess
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,28 +28,51 @@ from tests.e2e.conftest import require_tools
 
 pytestmark = pytest.mark.timeout(300)
 
-# The probe: for each URL in argv, POST an etcd v3 put of /pwned (harmless to the other
-# services, which answer with an error status) and report "open" if anything answered
-# at all, else the error's name. In parallel, 1.5 s each: a dropped packet costs one
-# timeout in total.
+# The probe: for each URL in argv, connect (TCP) and, if that works, POST an etcd v3 put
+# of /pwned (the other services answer it with an error). Reports "open" for a connection
+# that succeeded, else the error's name. In parallel, 1.5 s each: a dropped packet costs
+# one timeout in total.
 PROBE = """
-import json, sys, threading, urllib.error, urllib.request
+import json, socket, sys, threading, urllib.parse, urllib.request
 result = {}
 def probe(url):
+    parts = urllib.parse.urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port), timeout=1.5).close()
+    except OSError as exc:
+        result[url] = type(exc).__name__
+        return
+    result[url] = "open"
     body = b'{"key": "L3B3bmVk", "value": "eA=="}'
     try:
         urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=1.5).close()
-        result[url] = "open"
-    except urllib.error.HTTPError:
-        result[url] = "open"
-    except (OSError, urllib.error.URLError) as exc:
-        reason = getattr(exc, "reason", exc)
-        result[url] = type(reason).__name__ if isinstance(reason, BaseException) else str(reason)
+    except Exception:
+        pass
 threads = [threading.Thread(target=probe, args=(url,)) for url in sys.argv[1:]]
 [t.start() for t in threads]
 [t.join() for t in threads]
 print(json.dumps(result))
 """
+
+# Where the stand-in for each node's HTTP face listens (the image's port): the firewall
+# drops every port of the node, not a list of them.
+HTTP_PORT = 8080
+
+
+class Acceptor(socketserver.ThreadingTCPServer):
+    """Accepts TCP connections and closes them: a stand-in for the HTTP face."""
+
+    daemon_threads = True
+
+    def __init__(self, address: str) -> None:
+        super().__init__((address, HTTP_PORT), socketserver.BaseRequestHandler)
+        self.thread = threading.Thread(target=self.serve_forever, kwargs={"poll_interval": 0.1})
+        self.thread.start()
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.thread.join(timeout=10)
 
 
 # A distinct 198.19.X.0/24 for every HostAddresses of this process (198.18.0.0/15 is the
@@ -67,8 +92,11 @@ class HostAddresses:
         commands += [f"addr add {address}/32 dev {self.link}" for address in self.addresses]
         commands += [f"link set {self.link}p up", f"link set {self.link} up", ""]
         subprocess.run(["ip", "-batch", "-"], input="\n".join(commands), text=True, check=True)
+        self.acceptors = [Acceptor(address) for address in self.addresses]
 
     def close(self) -> None:
+        for acceptor in self.acceptors:
+            acceptor.close()
         subprocess.run(["ip", "link", "del", self.link], capture_output=True)
 
 
@@ -98,11 +126,12 @@ def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def targets(cluster: Cluster) -> list[str]:
-    """Every service of every node: etcd client and peer, gRPC API, metrics."""
+    """Every service of every node: etcd client and peer, gRPC API, metrics, HTTP."""
     urls = []
     for node in cluster.nodes:
         urls += [f"http://{node.client_ip}:2379/v3/kv/put", f"http://{node.ip}:2380/v3/kv/put",
-                 f"http://{node.ip}:7070/", f"http://{node.ip}:9470/metrics"]
+                 f"http://{node.ip}:7070/", f"http://{node.ip}:9470/metrics",
+                 f"http://{node.ip}:{HTTP_PORT}/api/v1/tasks"]
     return urls
 
 
@@ -184,6 +213,7 @@ def test_host_task_waits_for_a_node_that_allows_it_then_runs_there(cluster: Clus
     _, result = run_probe(cluster, "host", *targets(cluster))
     assert result[f"http://{second.ip}:9470/metrics"] == "open", result
     assert result[f"http://{second.client_ip}:2379/v3/kv/put"] == "open", result
+    assert result[f"http://{second.ip}:{HTTP_PORT}/api/v1/tasks"] == "open", result
 
 
 def test_agent_sigkill_and_restart_leave_nothing_of_the_old_run(cluster: Cluster) -> None:
