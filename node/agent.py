@@ -106,7 +106,8 @@ class Agent:
         config = self.config
         network = make_network(config)
         watchdog = Watchdog(config.runc_binary, str(runc_root(config)),
-                            network.netns_prefix if network is not None else "")
+                            *((network.netns_prefix, network.bridge, network.table)
+                              if network is not None else ()))
         if watchdog.retire_previous():
             log.warning("stopped the watchdog of an earlier run of this node")
         executor = make_executor(config, watchdog, network)

@@ -8,8 +8,9 @@ tells the fence deadline after every lease renewal. When the deadline passes wit
 renewal, or the agent's end of the pipe closes because the agent died, it kills every
 task of this node: each runc container under the node's state root and each process
 group the process executor started; then it deletes the node's task network namespaces
-(`ip netns del`), whose veths go with them. So no attempt outlives the point after which another
-node may start the task again.
+(`ip netns del`), whose veths go with them. When the agent died (not merely froze), it
+also removes the node's task bridge and nft table: the next run makes them afresh. So no
+attempt outlives the point after which another node may start the task again.
 
 Protocol, one line per message on the watchdog's stdin:
     deadline <CLOCK_MONOTONIC seconds>   arm, or move the deadline
@@ -49,13 +50,16 @@ SWEEP_INTERVAL = 0.25
 class Watchdog:
     """The agent's handle on its watchdog process."""
 
-    def __init__(self, runc_binary: str, runc_root: str, netns_prefix: str = "") -> None:
-        """netns_prefix: the node's task namespaces are /run/netns/<prefix><slot>."""
+    def __init__(self, runc_binary: str, runc_root: str, netns_prefix: str = "",
+                 bridge: str = "", table: str = "") -> None:
+        """netns_prefix: the node's task namespaces are /run/netns/<prefix><slot>;
+        bridge and table: its task bridge and nft table (inet family)."""
         self._runc_root = runc_root
         self._argv = [sys.executable, "-m", "node.watchdog", "--runc", runc_binary,
                       "--runc-root", runc_root]
         if netns_prefix:
-            self._argv += ["--netns-prefix", netns_prefix]
+            self._argv += ["--netns-prefix", netns_prefix, "--bridge", bridge,
+                           "--table", table]
         self._process: asyncio.subprocess.Process | None = None
         self._tracked: set[int] = set()
         self._deadline: float | None = None
@@ -134,6 +138,17 @@ def _delete_namespaces(prefix: str) -> None:
                        input="".join(f"netns del {name}\n" for name in names).encode())
 
 
+def _remove_network(bridge: str, table: str) -> None:
+    """Remove the node's task bridge and nft table (the agent is dead)."""
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        if bridge:
+            subprocess.run(["ip", "link", "del", bridge], capture_output=True,
+                           timeout=RUNC_TIMEOUT)
+        if table:
+            subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True,
+                           timeout=RUNC_TIMEOUT)
+
+
 def _kill_everything(runc: str, runc_root: str, pgids: set[int], netns_prefix: str = "") -> int:
     """Kill every tracked process group and every container, delete the task namespaces;
     return how many containers."""
@@ -179,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runc", required=True)
     parser.add_argument("--runc-root", required=True)
     parser.add_argument("--netns-prefix", default="")
+    parser.add_argument("--bridge", default="")
+    parser.add_argument("--table", default="")
     args = parser.parse_args(argv)
     # The agent's terminal or process group must not stop or kill the watchdog with it.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTSTP):
@@ -199,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         chunk = os.read(stdin, 4096)
         if not chunk:
             _sweep(args.runc, args.runc_root, pgids, "the agent died", None, args.netns_prefix)
+            _remove_network(args.bridge, args.table)
             return 0
         pending += chunk
         *lines, pending = pending.split(b"\n")

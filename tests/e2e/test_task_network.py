@@ -230,6 +230,8 @@ def test_agent_sigkill_and_restart_leave_nothing_of_the_old_run(cluster: Cluster
     first.process.wait()
     wait_for("the watchdog to delete the namespace",
              lambda: not namespaces(names.netns_prefix), timeout=30)
+    # ... and, the agent being dead, its bridge and table once its sweep ends.
+    wait_for("the watchdog to remove the bridge", lambda: not links(names.bridge), timeout=30)
     first.kill_hard()
     first.start()
     wait_for("the node to come back", lambda: len(cluster.list_nodes()) == 2, timeout=60)
