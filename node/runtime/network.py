@@ -178,6 +178,7 @@ class TaskNetwork:
         self._subnet: ipaddress.IPv4Network | None = None
         self._free: list[int] = []
         self._cluster_known = asyncio.Event()
+        self._broken = ""
         self._resolv_conf: Path | None = None
         self._warned_dns = False
 
@@ -195,7 +196,17 @@ class TaskNetwork:
     async def reset(self) -> None:
         """Remove everything of this node name (namespaces, veths, bridge, table), then
         create the bridge and table afresh, enable IPv4 forwarding and write resolv.conf.
-        Raises ExecutorError when ip or nft fail."""
+        Raises ExecutorError when ip or nft fail (e.g. no CAP_NET_ADMIN); the network is
+        then unusable: attach() refuses with that reason, and nothing else touches it."""
+        try:
+            await self._reset()
+        except ExecutorError as exc:
+            self._broken = str(exc)
+            self._cluster_known.set()   # nothing to wait for: attach() refuses at once
+            raise
+        self._broken = ""
+
+    async def _reset(self) -> None:
         await self.remove_all()
         routed = await self._routed_networks()
         self._subnet = self._explicit or auto_subnet(self._node_name, routed)
@@ -206,7 +217,7 @@ class TaskNetwork:
             f"addr add {gateway}/{self._subnet.prefixlen} dev {self.bridge}",
             f"link set dev {self.bridge} up", ""]))
         await _run("nft", "-f", "-", stdin=self._ruleset())
-        await asyncio.to_thread(Path("/proc/sys/net/ipv4/ip_forward").write_text, "1\n")
+        await asyncio.to_thread(_enable_forwarding)
         # Slots 0..n-1 map to gateway+1 ..; the network, gateway and broadcast are not tasks'.
         self._free = list(range(self._subnet.num_addresses - 3))
         self._free.reverse()   # pop() hands out the lowest slot first
@@ -245,7 +256,10 @@ table inet {self.table} {{
         rewrite resolv.conf.
 
         Entries are IP addresses or host names (resolved here). Raises ExecutorError
-        when nft fails; a name that does not resolve is logged and skipped."""
+        when nft fails; a name that does not resolve is logged and skipped. Does nothing
+        when reset() failed."""
+        if self._broken:
+            return
         v4: set[str] = set()
         v6: set[str] = set()
         for entry in set(addresses):
@@ -302,6 +316,9 @@ table inet {self.table} {{
         except TimeoutError:
             raise ExecutorError("the task firewall does not know the cluster's addresses "
                                 f"after {CLUSTER_WAIT:.0f} s (is etcd reachable?)") from None
+        if self._broken:
+            raise ExecutorError(f"this node could not set up task networks: {self._broken} "
+                                "(use --network none, or give the agent CAP_NET_ADMIN)")
         if not self._free:
             raise ExecutorError(f"no free address in the task subnet {self.subnet}")
         slot = self._free.pop()
@@ -387,6 +404,19 @@ async def _resolve(entry: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Add
         log.warning("cannot resolve cluster address %r for the task firewall: %s", host, exc)
         return []
     return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+
+
+def _enable_forwarding() -> None:
+    """net.ipv4.ip_forward = 1 in this network namespace (NAT needs it). Raises
+    ExecutorError when it is off and cannot be turned on (a read-only /proc/sys in a
+    container: `podman run --sysctl net.ipv4.ip_forward=1`)."""
+    path = Path("/proc/sys/net/ipv4/ip_forward")
+    try:
+        if path.read_text().strip() != "1":
+            path.write_text("1\n")
+    except OSError as exc:
+        raise ExecutorError(f"cannot enable net.ipv4.ip_forward ({exc}); in a container, "
+                            "start it with --sysctl net.ipv4.ip_forward=1") from exc
 
 
 def _listdir(path: Path) -> list[str]:

@@ -213,8 +213,9 @@ class RuncExecutor:
 
         Meant for node start, before any attempt of this run exists: it would kill those
         too. Returns how many containers were deleted; ones runc fails to delete are
-        logged and not counted. Raises ExecutorError if runc cannot list the containers
-        or the network cannot be set up. Cancellation stops between deletions.
+        logged and not counted. Raises ExecutorError if runc cannot list the containers.
+        A network that cannot be set up is logged; its isolated attempts are then
+        refused. Cancellation stops between deletions.
         """
         # A `runc run` orphaned by a dead agent could still create its container after
         # the listing below: kill those first.
@@ -241,7 +242,12 @@ class RuncExecutor:
 
         results = await asyncio.gather(*(reap(entry) for entry in entries))
         if self._network is not None:
-            await self._network.reset()
+            try:
+                await self._network.reset()
+            except ExecutorError as exc:
+                # Fail closed, not dead: isolated attempts are refused with this reason,
+                # none and host ones still run.
+                log.error("isolated tasks cannot run on this node: %s", exc)
         return sum(results)
 
     async def release(self, lease: net.Lease | None) -> None:

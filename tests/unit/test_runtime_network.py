@@ -310,3 +310,20 @@ async def test_reset_removes_everything_an_earlier_run_left(tmp_path: Path) -> N
     finally:
         await later.remove_all()
     assert later.bridge not in links() and later.table not in tables()
+
+
+async def test_a_node_that_cannot_build_networks_refuses_isolated_tasks_only(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No ip or nft on the PATH: what a host without iproute2/nftables (or a container
+    # without CAP_NET_ADMIN) gets. The agent still starts; isolated attempts fail closed.
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    broken = net.TaskNetwork(f"unit-{uuid.uuid4().hex[:8]}", "auto", tmp_path / "network")
+    executor = RuncExecutor(shutil.which("runc", path="/usr/sbin:/usr/bin:/sbin:/bin") or "runc",
+                            tmp_path / "runc", TASK_UID, broken)
+    assert await executor.reap_stale() == 0
+    await broken.set_cluster_addresses(["192.0.2.1"])   # a no-op, not an error
+    monkeypatch.setenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+    with pytest.raises(ExecutorError, match="could not set up task networks"):
+        await executor.start(make_spec(tmp_path, "true", network="isolated"))
+    status, _ = await run(executor, make_spec(tmp_path, "true", network="none"))
+    assert status.exit_code == 0
