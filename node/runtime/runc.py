@@ -115,9 +115,10 @@ class RuncExecutor:
         end the attempt with exit code 1 (usually) and runc's message in the log.
         Raises ExecutorError when the attempt cannot start: a bad container id or
         workdir, a command that is not an executable in the bound host directories
-        along the task's PATH, an existing container of that id, or an OSError while
-        writing the bundle or opening the log. Cancellation before the spawn leaves no
-        trace; after it, the attempt runs on unwaited until reap_stale().
+        along the task's PATH, an existing container of that id, an isolated attempt
+        whose network namespace cannot be prepared (network.py says why), or an OSError
+        while writing the bundle or opening the log. Cancellation before the spawn leaves
+        no trace; after it, the attempt runs on unwaited until reap_stale().
         """
         cid = spec.container_id
         if not CONTAINER_ID.match(cid):
