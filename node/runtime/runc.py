@@ -251,9 +251,10 @@ class RuncExecutor:
                 log.error("isolated tasks cannot run on this node: %s", exc)
         return sum(results)
 
-    async def release(self, lease: net.Lease | None) -> None:
+    def release_soon(self, lease: net.Lease | None) -> None:
+        """Remove an ended attempt's network namespace in the background."""
         if lease is not None and self._network is not None:
-            await self._network.release(lease)
+            self._network.release_soon(lease)
 
     # -- used by RuncAttempt ----------------------------------------------------------------
 
@@ -409,7 +410,7 @@ class RuncAttempt:
         if not self._executor.remove_stopped(self._cid):
             await self._executor.delete(self._cid)
         # After the container: its processes no longer hold the namespace.
-        await self._executor.release(self._lease)
+        self._executor.release_soon(self._lease)
         try:
             await asyncio.to_thread(shutil.rmtree, self._bundle)
         except FileNotFoundError:

@@ -273,13 +273,22 @@ async def test_isolated_task_gets_upstream_dns_and_no_ipv6(
     assert "\n1\n" in log and log.rstrip().endswith("read-only")
 
 
+async def gone(network: net.TaskNetwork) -> None:
+    """Wait (up to 10 s) until no namespace or veth of the network is left: an ended
+    attempt's are removed in the background."""
+    deadline = time.monotonic() + 10
+    while namespaces(network.netns_prefix) or [
+            name for name in links() if name.startswith(network.veth_prefix)]:
+        assert time.monotonic() < deadline, "the attempt's namespace or veth is still there"
+        await asyncio.sleep(0.05)
+
+
 async def test_attempt_end_removes_its_namespace_and_veth(
         executor: RuncExecutor, network: net.TaskNetwork, tmp_path: Path) -> None:
     await network.set_cluster_addresses([])
     for command in (("true",), ("sh", "-c", "exit 3")):
         await run(executor, make_spec(tmp_path, *command, network="isolated"))
-        assert namespaces(network.netns_prefix) == []
-        assert [name for name in links() if name.startswith(network.veth_prefix)] == []
+        await gone(network)
     # A start failure (the command does not exist) leaves nothing either.
     with pytest.raises(ExecutorError):
         await executor.start(make_spec(tmp_path, "/no/such/cmd", network="isolated"))
