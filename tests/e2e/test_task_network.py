@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
@@ -241,3 +242,15 @@ def test_agent_sigkill_and_restart_leave_nothing_of_the_old_run(cluster: Cluster
     tables = subprocess.run(["nft", "list", "tables"], check=True, capture_output=True,
                             text=True).stdout.split()
     assert tables.count(names.table) == 1
+
+
+def test_unknown_network_mode_is_refused_naming_the_field_and_writes_nothing(
+        cluster: Cluster) -> None:
+    before = keyspace(cluster)
+    with pytest.raises(grpc.RpcError) as caught:
+        cluster.submit("true", network="bridge")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "network" in (caught.value.details() or "")
+    assert {key: value for key, value in keyspace(cluster).items()
+            if not key.startswith("/node/")} == {
+        key: value for key, value in before.items() if not key.startswith("/node/")}
