@@ -2,8 +2,9 @@
 
 Modes (TaskSpec.network): "isolated" (the default, also ""): a namespace of its own with
 loopback and one veth on this node's bridge, outbound access through NAT, DNS through the
-host's upstream resolvers; "none": loopback only (runc creates that namespace itself);
-"host": the host's namespace (unsafe: only on nodes started with --allow-host-network).
+host's upstream resolvers (resolv.py); "none": loopback only (runc creates that namespace
+itself); "host": the host's namespace (unsafe: only on nodes started with
+--allow-host-network).
 
 Everything of one node carries names derived from the node's name, so a node finds and
 removes exactly its own leftovers after a crash, even with several nodes on one machine:
@@ -35,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.errors import ExecutorError, InvalidArgument
+from node.runtime.resolv import TaskResolvConf
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,6 @@ AUTO_POOL = ipaddress.IPv4Network("100.64.0.0/10")
 AUTO_PREFIX = 24
 # Explicit subnets: /16 is 65,533 tasks (more than any node runs), /28 still 13.
 MIN_PREFIX, MAX_PREFIX = 16, 28
-
-# Where the upstream resolvers are when /etc/resolv.conf names systemd-resolved's stub.
-SYSTEMD_RESOLV_CONF = Path("/run/systemd/resolve/resolv.conf")
-ETC_RESOLV_CONF = Path("/etc/resolv.conf")
 
 # An `ip` or `nft` call that takes longer than this is wedged (they take milliseconds).
 COMMAND_TIMEOUT = 30.0
@@ -111,40 +109,6 @@ def auto_subnet(node_name: str, routed: Iterable[ipaddress.IPv4Network]) -> ipad
     raise ExecutorError(f"no free /{AUTO_PREFIX} in {AUTO_POOL} for tasks: set task_subnet")
 
 
-def upstream_resolvers(etc: Path = ETC_RESOLV_CONF,
-                       systemd: Path = SYSTEMD_RESOLV_CONF) -> tuple[list[str], list[str]]:
-    """(nameservers, search/options lines) a task namespace can use: the host's own,
-    or systemd-resolved's upstream ones when the host's name a loopback stub. Loopback
-    servers are never returned (a task's loopback is its own). Never raises."""
-    servers, extra = _read_resolv_conf(etc)
-    if any(_is_loopback(server) for server in servers):
-        upstream, upstream_extra = _read_resolv_conf(systemd)
-        servers, extra = upstream, upstream_extra or extra
-    return [server for server in servers if not _is_loopback(server)], extra
-
-
-def _read_resolv_conf(path: Path) -> tuple[list[str], list[str]]:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return [], []
-    servers, extra = [], []
-    for line in lines:
-        words = line.split()
-        if len(words) >= 2 and words[0] == "nameserver":
-            servers.append(words[1])
-        elif words and words[0] in ("search", "domain", "options"):
-            extra.append(" ".join(words))
-    return servers, extra
-
-
-def _is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address.split("%")[0]).is_loopback
-    except ValueError:
-        return False
-
-
 @dataclass(frozen=True)
 class Lease:
     """One isolated attempt's namespace: release it when the container is gone."""
@@ -180,8 +144,8 @@ class TaskNetwork:
         self._releasing: set[asyncio.Task[None]] = set()
         self._cluster_known = asyncio.Event()
         self._broken = ""
+        self._dns = TaskResolvConf(state_dir / "resolv.conf")
         self._resolv_conf: Path | None = None
-        self._warned_dns = False
 
     @property
     def subnet(self) -> ipaddress.IPv4Network:
@@ -283,27 +247,7 @@ table inet {self.table} {{
     def refresh_resolv_conf(self) -> None:
         """(Re)write the tasks' resolv.conf from the host's upstream resolvers. Running
         tasks keep the copy they started with. Never raises."""
-        servers, extra = upstream_resolvers()
-        if not servers:
-            if not self._warned_dns:
-                log.warning("no non-loopback DNS resolver in %s or %s: isolated tasks get "
-                            "no DNS", ETC_RESOLV_CONF, SYSTEMD_RESOLV_CONF)
-                self._warned_dns = True
-            self._resolv_conf = None
-            return
-        path = self._state_dir / "resolv.conf"
-        text = "".join(f"{line}\n" for line in extra + [f"nameserver {s}" for s in servers])
-        try:
-            self._state_dir.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(".new")
-            temporary.write_text(text)
-            temporary.chmod(0o644)
-            temporary.replace(path)   # atomic: a task starting now sees old or new, whole
-        except OSError as exc:
-            log.warning("cannot write %s: %s; isolated tasks get no DNS", path, exc)
-            self._resolv_conf = None
-            return
-        self._resolv_conf = path
+        self._resolv_conf = self._dns.refresh()
 
     async def attach(self) -> Lease:
         """Create a namespace with lo and eth0 (on the bridge, NATed) for one attempt.

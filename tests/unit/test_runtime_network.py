@@ -22,6 +22,7 @@ import pytest
 
 from node.errors import ExecutorError, InvalidArgument
 from node.runtime import network as net
+from node.runtime import resolv
 from node.runtime.runc import RuncExecutor
 from tests.unit.attempts import TASK_UID, make_spec, run
 
@@ -189,11 +190,11 @@ def test_upstream_resolvers_skip_loopback_stubs(tmp_path: Path) -> None:
     etc, systemd = tmp_path / "etc", tmp_path / "systemd"
     etc.write_text("nameserver 127.0.0.53\noptions edns0\nsearch lan\n")
     systemd.write_text("nameserver 192.0.2.53\nnameserver ::1\nsearch corp\n")
-    assert net.upstream_resolvers(etc, systemd) == (["192.0.2.53"], ["search corp"])
+    assert resolv.upstream_resolvers(etc, systemd) == (["192.0.2.53"], ["search corp"])
     systemd.unlink()
-    assert net.upstream_resolvers(etc, systemd) == ([], ["options edns0", "search lan"])
+    assert resolv.upstream_resolvers(etc, systemd) == ([], ["options edns0", "search lan"])
     etc.write_text("nameserver 198.51.100.1\n")
-    assert net.upstream_resolvers(etc, systemd) == (["198.51.100.1"], [])
+    assert resolv.upstream_resolvers(etc, systemd) == (["198.51.100.1"], [])
 
 
 # -- modes, against real containers ---------------------------------------------------------
@@ -266,7 +267,7 @@ async def test_isolated_task_gets_upstream_dns_and_no_ipv6(
                      "echo x >> /etc/resolv.conf || echo read-only", network="isolated")
     status, log = await run(executor, spec)
     assert status.exit_code == 0, log
-    servers, _ = net.upstream_resolvers()
+    servers, _ = resolv.upstream_resolvers()
     for server in servers:
         assert f"nameserver {server}" in log
     assert "127.0.0." not in log
