@@ -21,7 +21,8 @@ VENV_STAMP := $(VENV)/.installed
 # checked first, so `make deps` costs nothing on a machine that has them all.
 SYSTEM_DEPS := etcd=etcd-server etcdctl=etcd-client runc=runc supervisord=supervisor ip=iproute2 \
 	promtool=prometheus openssl=openssl podman=podman buildah=buildah debootstrap=debootstrap \
-	chromium=chromium chromedriver=chromium-driver iptables=iptables mkfs.ext4=e2fsprogs gcc=gcc
+	chromium=chromium chromedriver=chromium-driver iptables=iptables nft=nftables \
+	mkfs.ext4=e2fsprogs gcc=gcc
 
 .PHONY: help deps venv proto check-proto lint test run image bench clean distclean
 

@@ -89,7 +89,7 @@ flock -w 1200 9 || die "another images/build.sh holds $cache/lock for 20 minutes
 # The hash covers everything that decides the rootfs's content; bump recipe= when the steps
 # below change. The tree is a snapshot: Debian's security updates as of the day it was made
 # (printed below); FILCH_IMAGE_REFRESH=1 makes a fresh one.
-packages=python3,python3-venv,etcd-server,runc,supervisor,ca-certificates
+packages=python3,python3-venv,etcd-server,runc,supervisor,ca-certificates,iproute2,nftables
 recipe="recipe=3 suite=bookworm variant=minbase arch=$(dpkg --print-architecture) mirror=$mirror include=$packages"
 hash=$(printf '%s' "$recipe" | sha256sum | cut -c1-12)
 rootfs=$cache/base-$hash

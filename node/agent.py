@@ -24,13 +24,15 @@ from node import failpoints, limits, metrics, rejoin
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer, add_to_server
 from node.config import Config
+from node.errors import FilchError
 from node.etcd_member import EtcdMember
-from node.housekeeping import Housekeeping
+from node.housekeeping import Housekeeping, cluster_addresses
 from node.logs import LogService
 from node.membership import Membership
 from node.recovery import Recovery
 from node.runner import Runner
 from node.runtime.base import Executor
+from node.runtime.network import TaskNetwork
 from node.service import TaskService
 from node.stealer import Stealer
 from node.store import Store
@@ -41,16 +43,27 @@ log = logging.getLogger("filch.agent")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
 
+# Between tries to read the cluster's addresses at start (etcd may still lack a quorum).
+FIREWALL_RETRY = 0.5
+
 # gRPC server grace on shutdown: lets in-flight unary calls finish; log followers are cut.
 SERVER_STOP_GRACE = 2.0
 
 
-def make_executor(config: Config, watchdog: Watchdog) -> Executor:
+def make_network(config: Config) -> TaskNetwork | None:
+    """The task network of a runc node (the process executor does not isolate networks)."""
+    if config.executor != "runc":
+        return None
+    return TaskNetwork(config.name, config.task_subnet, config.path / "network")
+
+
+def make_executor(config: Config, watchdog: Watchdog,
+                  network: TaskNetwork | None = None) -> Executor:
     """The executor the config asks for (runc isolates; process does not)."""
     if config.executor == "runc":
         from node.runtime.runc import RuncExecutor
         return RuncExecutor(config.runc_binary, runc_root(config), config.task_uid,
-                            attempts_root=config.path / "attempts")
+                            attempts_root=config.path / "attempts", network=network)
     from node.runtime.process import ProcessExecutor
     return ProcessExecutor(config.task_uid if os.geteuid() == 0 else None, watchdog)
 
@@ -107,28 +120,34 @@ class Agent:
 
     async def _serve(self, store: Store, member: EtcdMember | None) -> int:
         config = self.config
-        watchdog = Watchdog(config.runc_binary, str(runc_root(config)))
+        network = make_network(config)
+        watchdog = Watchdog(config.runc_binary, str(runc_root(config)),
+                            *((network.netns_prefix, network.bridge, network.table)
+                              if network is not None else ()))
         if watchdog.retire_previous():
             log.warning("stopped the watchdog of an earlier run of this node")
-        executor = make_executor(config, watchdog)
+        executor = make_executor(config, watchdog, network)
         reaped = await executor.reap_stale()
         if reaped:
             log.warning("removed %d containers left by an earlier run of this node", reaped)
         await watchdog.start()
         try:
-            code = await self._run_parts(store, member, executor, watchdog)
+            code = await self._run_parts(store, member, executor, watchdog, network)
         except BaseException:
             # Any other way out (a loop that raised, a failed step of the shutdown, a
-            # cancellation) may leave containers running: the watchdog kills them.
+            # cancellation) may leave containers running: the watchdog kills them (and
+            # removes this node's task namespaces, bridge and firewall table).
             log.error("the agent is going down without having stopped its tasks: the "
                       "watchdog kills them")
             watchdog.abandon()
             raise
         await watchdog.stop()
+        if network is not None:
+            await network.remove_all()
         return code
 
     async def _run_parts(self, store: Store, member: EtcdMember | None, executor: Executor,
-                         watchdog: Watchdog) -> int:
+                         watchdog: Watchdog, network: TaskNetwork | None) -> int:
         config = self.config
 
         stealer: Stealer | None = None
@@ -144,7 +163,9 @@ class Agent:
         runner = Runner(config, store, executor, membership, changed)
         stealer = Stealer(config, store, runner, membership)
         recovery = Recovery(config, store)
-        housekeeping = Housekeeping(config, store, membership, runner, stealer)
+        housekeeping = Housekeeping(
+            config, store, membership, runner, stealer,
+            network.set_cluster_addresses if network is not None else None)
         tasks = TaskService(store, config.max_pending)
 
         metrics.CPU_CAPACITY.set(config.cpus)
@@ -183,6 +204,8 @@ class Agent:
                      (membership, runner, stealer, recovery, housekeeping)]
             if member is not None:
                 loops.append(group.create_task(self._watch_member(member)))
+            if network is not None:
+                loops.append(group.create_task(fill_firewall(store, network)))
             await self._stop.wait()
             log.info("shutting down")
             for service in ("", SERVICE_NAME):
@@ -200,6 +223,18 @@ class Agent:
         code = await member.wait()
         log.error("the etcd member exited with status %s: stopping this node", code)
         self.request_stop(exit_code=1)
+
+
+async def fill_firewall(store: Store, network: TaskNetwork) -> None:
+    """Fill the task firewall's cluster addresses as soon as etcd answers (isolated
+    attempts wait for it); housekeeping refreshes them from then on."""
+    while True:
+        try:
+            await network.set_cluster_addresses(await cluster_addresses(store))
+            return
+        except FilchError as exc:
+            log.info("task firewall not filled yet: %s", exc)
+            await asyncio.sleep(FIREWALL_RETRY)
 
 
 def main(config: Config, rejoin_via: str | None = None) -> int:

@@ -519,14 +519,18 @@ def cli(ctx: click.Context, server: str, timeout: float, ca: str, token_file: st
 @click.option("--name", default="", help="A label for people; need not be unique.")
 @click.option("--request-id", default="", metavar="ID",
               help="Idempotency key: submitting the same ID again returns the same task.")
+@click.option("--network", type=click.Choice(["isolated", "none", "host"]),
+              help="runc tasks: own namespace with NATed outbound access (isolated), loopback "
+                   "only (none), or the host's network (host: only nodes started with "
+                   "--allow-host-network run it).  [default: isolated]")
 @click.option("--wait", is_flag=True,
               help="Wait for the task to finish and exit with its exit code.")
 @click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARG]...")
 @click.pass_obj
 def submit(
     session: Session, cpu: int | None, mem: int | None, disk: int | None, restart: bool,
-    env: dict[str, str],
-    workdir: str, name: str, request_id: str, wait: bool, command: tuple[str, ...],
+    env: dict[str, str], workdir: str, name: str, request_id: str, network: str | None,
+    wait: bool, command: tuple[str, ...],
 ) -> None:
     """Queue CMD to run on whichever node has room; print its task id.
 
@@ -540,7 +544,8 @@ def submit(
     """
     spec = filch_pb2.TaskSpec(
         command=command[0], args=command[1:], cpu_millis=cpu or 0, memory_bytes=mem or 0,
-        disk_bytes=disk or 0, restart=restart, env=env, workdir=workdir, name=name)
+        disk_bytes=disk or 0, restart=restart, env=env, workdir=workdir, name=name,
+        network=network or "")
     task = session.submit(filch_pb2.SubmitRequest(spec=spec, request_id=request_id))
     click.echo(task.id)
     if not wait:
@@ -673,6 +678,7 @@ _METAVARS = {
     "compaction_interval": "SECONDS",
     "compaction_keep": "REVISIONS",
     "max_finished": "COUNT",
+    "task_subnet": "CIDR",
 }
 _CHOICES = {"executor": ["runc", "process"], "initial_cluster_state": ["new", "existing"]}
 _SIZE_FIELDS = frozenset(config_module.SIZE_FIELDS)
@@ -685,7 +691,7 @@ _COMPUTED_DEFAULTS = {
     "executor": "runc as root when installed, else process",
 }
 _CLICK_TYPES: dict[str, click.ParamType[Any]] = {
-    "int": click.INT, "float": click.FLOAT, "str": click.STRING}
+    "int": click.INT, "float": click.FLOAT, "str": click.STRING, "bool": click.BOOL}
 
 
 def _field_docs() -> dict[str, str]:
@@ -735,6 +741,11 @@ def _config_options() -> list[click.Option]:
         default = _default_text(field)
         if default and "(default:" not in doc:
             extra.insert(0, f"default: {default}")
+        if str(field.type) == "bool":
+            # A switch: given means true (FILCH_* and the TOML file can say false).
+            options.append(click.Option([flag, field.name], is_flag=True, default=None,
+                                        help=f"{doc}  [{'; '.join(extra)}]"))
+            continue
         options.append(click.Option(
             [flag, field.name], type=kind, default=None, metavar=_METAVARS.get(field.name),
             help=f"{doc}  [{'; '.join(extra)}]"))

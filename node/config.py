@@ -87,6 +87,12 @@ class Config:
     """The runc executable."""
     task_uid: int = 65534
     """uid and gid tasks run as (nobody); tasks never run as root."""
+    task_subnet: str = "auto"
+    """IPv4 CIDR (/16../28) for isolated runc tasks' addresses; auto: a /24 in 100.64.0.0/10
+    picked from a hash of the node name, skipping subnets already routed here."""
+    allow_host_network: bool = False
+    """UNSAFE: also run --network host tasks, which share this machine's network and can
+    reach etcd and every node's API. Off: such tasks wait for a node that allows them."""
     lease_ttl: int = 5
     """Seconds: the node lease. Short enough that a dead node's tasks move within seconds,
     long enough to ride out an etcd leader election (0.5-1 s)."""
@@ -236,6 +242,8 @@ class Config:
         if self.default_disk == 0:
             raise InvalidArgument("default_disk", "must be a size (e.g. 1Gi), not 0")
         validation.disk_bytes(self.default_disk, "default_disk")
+        from node.runtime.network import parse_subnet
+        parse_subnet(self.task_subnet)
         return self
 
 
@@ -280,9 +288,24 @@ def _coerce(name: str, raw: Any) -> Any:
             return int(raw)
         if kind == "float":
             return float(raw)
+        if kind == "bool":
+            return _boolean(name, raw)
     except (TypeError, ValueError):
         raise InvalidArgument(name, f"{raw!r} is not a number") from None
     return str(raw)
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def _boolean(name: str, raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    text = str(raw).strip().lower()
+    if text not in _TRUE | _FALSE:
+        raise InvalidArgument(name, f"{raw!r} is not true or false")
+    return text in _TRUE
 
 
 def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> Config:

@@ -12,8 +12,10 @@ import asyncio
 import logging
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import NoReturn
+from urllib.parse import urlsplit
 
 from node import failpoints, keys, metrics
 from node.config import Config
@@ -37,8 +39,12 @@ class Housekeeping:
     """Periodic cleanup of etcd and of this node's log files."""
 
     def __init__(self, config: Config, store: Store, membership: Membership, runner: Runner,
-                 stealer: Stealer) -> None:
+                 stealer: Stealer,
+                 firewall: Callable[[list[str]], Awaitable[None]] | None = None) -> None:
+        """firewall, when given, receives every cluster address each round (the task
+        network's set of addresses tasks may not reach)."""
         self._config = config
+        self._firewall = firewall
         self._store = store
         self._membership = membership
         self._runner = runner
@@ -57,7 +63,10 @@ class Housekeeping:
             await asyncio.sleep(self._config.housekeeping_interval)
 
     async def round(self) -> None:
-        """One pass: metrics, NOSPACE, retention, compaction, defragmentation, old logs."""
+        """One pass: task firewall, metrics, NOSPACE, retention, compaction,
+        defragmentation, old logs."""
+        if self._firewall is not None:
+            await self._firewall(await cluster_addresses(self._store))
         status = await self._store.member_status()
         self._export(status)
         await self._refresh_counts()
@@ -210,3 +219,12 @@ def _newest_mtime(directory: Path) -> float:
                    default=directory.stat().st_mtime)
     except FileNotFoundError:
         return time.time()
+
+
+async def cluster_addresses(store: Store) -> list[str]:
+    """Hosts of every etcd member's peer and client URLs and of every live node's
+    advertised address: what tasks must never reach. Raises FilchError if etcd fails."""
+    hosts = {urlsplit(url).hostname or "" for url in await store.member_urls()}
+    hosts |= {node.address.rpartition(":")[0].strip("[]") for node in await store.list_nodes()}
+    hosts.discard("")
+    return sorted(hosts)

@@ -104,7 +104,8 @@ _STATES = {
     "canceled": pb.TASK_STATE_CANCELED,
 }
 _SPEC_FIELDS = frozenset(
-    {"command", "args", "cpu", "memory", "disk", "restart", "env", "workdir", "name", "request_id"})
+    {"command", "args", "cpu", "memory", "disk", "restart", "env", "workdir", "name",
+     "request_id", "network"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
 
@@ -284,7 +285,8 @@ def submit_request(body: Any) -> pb.SubmitRequest:
         cpu_millis=_cpu_millis(body.get("cpu")), memory_bytes=_memory_bytes(body.get("memory")),
         disk_bytes=_size_bytes("disk", body.get("disk")),
         workdir=_typed(body, "workdir", str, "a string") or "",
-        name=_typed(body, "name", str, "a string") or "")
+        name=_typed(body, "name", str, "a string") or "",
+        network=_typed(body, "network", str, "a string") or "")
     restart = _typed(body, "restart", bool, "true or false")
     if restart is not None:
         spec.restart = restart

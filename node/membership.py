@@ -198,7 +198,7 @@ class Membership:
             cpu_allocated_millis=allocation.cpu_millis,
             memory_allocated_bytes=allocation.memory_bytes,
             running=allocation.running, etcd_member_id=self._member_id,
-            executor=self._executor_name)
+            executor=self._executor_name, allow_host_network=self._config.allow_host_network)
         record.registered_at.FromNanoseconds(int(self._registered_at * 1e9))
         return record
 

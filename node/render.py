@@ -36,6 +36,7 @@ class TaskDict(TypedDict):
     memory_bytes: int
     disk_bytes: int  # 0: the node's --default-disk
     restart: bool
+    network: str  # isolated, none or host (runc tasks; process-executor tasks share the host's)
     attempt: int
     submitted_at: str | None  # RFC 3339, UTC, milliseconds
     started_at: str | None
@@ -56,6 +57,7 @@ class NodeDict(TypedDict):
     etcd_leader: bool
     executor: str
     nospace: bool
+    allow_host_network: bool
 
 
 # Only these reasons mean the command itself ended, so only they carry a real exit code.
@@ -126,6 +128,7 @@ def task_to_dict(task: filch_pb2.Task) -> TaskDict:
         "memory_bytes": task.spec.memory_bytes,
         "disk_bytes": task.spec.disk_bytes,
         "restart": lifecycle.restartable(task.spec),
+        "network": task.spec.network or "isolated",
         "attempt": task.attempt,
         "submitted_at": _optional_timestamp(task, "submitted_at"),
         "started_at": _optional_timestamp(task, "started_at"),
@@ -147,6 +150,7 @@ def node_to_dict(node: filch_pb2.Node) -> NodeDict:
         "etcd_leader": node.etcd_leader,
         "executor": node.executor,
         "nospace": node.nospace,
+        "allow_host_network": node.allow_host_network,
     }
 
 
@@ -295,6 +299,7 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
         ("Memory", format_size(spec.memory_bytes) if spec.memory_bytes else "default"),
         ("Disk", format_size(spec.disk_bytes) if spec.disk_bytes else "default"),
         ("Restart", "yes, if its node dies" if lifecycle.restartable(spec) else "no"),
+        ("Network", spec.network or "isolated"),
     ]
     if spec.env:
         fields += [("Env" if i == 0 else "", f"{key}={spec.env[key]}")

@@ -111,6 +111,10 @@ class Runner:
                 and self._reserved_memory + spec.memory_bytes <= self._config.memory)
 
     def fits_ever(self, spec: pb.TaskSpec) -> bool:
+        """Whether this node could ever run the task: capacity, and --network host only
+        where the agent allows it (service.explain_pending says so on the task)."""
+        if spec.network == "host" and not self._config.allow_host_network:
+            return False
         return (spec.cpu_millis <= self._config.cpu_capacity_millis
                 and spec.memory_bytes <= self._config.memory)
 
@@ -316,7 +320,8 @@ class Runner:
             memory_bytes=task.spec.memory_bytes, log_path=path,
             attempt_dir=data_dir / "attempts" / container_id,
             max_log_bytes=self._config.max_log_bytes,
-            disk_bytes=task.spec.disk_bytes or self._config.default_disk)
+            disk_bytes=task.spec.disk_bytes or self._config.default_disk,
+            network=task.spec.network or "isolated")
 
     async def _revoke(self, local: LocalAttempt, grace: float) -> None:
         """Mark the attempt taken away and stop its container within grace (or the

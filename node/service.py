@@ -157,10 +157,16 @@ class TaskService:
         for task in pending:
             if task.message:
                 continue
+            allowing = [node for node in nodes
+                        if task.spec.network != "host" or node.allow_host_network]
             if not nodes:
                 task.message = "no live node; waiting for one to join"
-            elif not any(_fits_capacity(task.spec, node) for node in nodes):
-                largest = max(nodes, key=lambda node: node.cpu_capacity_millis)
+            elif not allowing:
+                task.message = ("no live node runs --network host tasks: such a task shares "
+                                "the machine's network, so only nodes started with "
+                                "--allow-host-network (unsafe) take it")
+            elif not any(_fits_capacity(task.spec, node) for node in allowing):
+                largest = max(allowing, key=lambda node: node.cpu_capacity_millis)
                 task.message = (
                     f"no node can ever fit this task: it asks {task.spec.cpu_millis / 1000:g} "
                     f"CPUs and {task.spec.memory_bytes} bytes; the largest node offers "

@@ -370,6 +370,14 @@ class Store:
             nospace=any(alarm.alarm == rpc.NOSPACE for alarm in alarms.alarms),
         )
 
+    async def member_urls(self) -> list[str]:
+        """Every etcd member's peer and client URLs (for the task firewall)."""
+        await self._call(self._client.connect)
+        reply = await self._call(lambda: self._client.clusterstub.MemberList(
+            rpc.MemberListRequest(), timeout=self._timeout, metadata=self._client.metadata))
+        return [str(url) for member in reply.members
+                for url in (*member.peerURLs, *member.clientURLs)]
+
     # -- housekeeping --------------------------------------------------------------------
 
     async def delete_finished(self, status_keys: Sequence[bytes]) -> int:

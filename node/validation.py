@@ -10,6 +10,8 @@ import re
 from node import keys, limits
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import InvalidArgument
+from node.runtime.network import ISOLATED
+from node.runtime.network import MODES as NETWORK_MODES
 
 # Defaults when a spec leaves cpu or memory at 0 (Nomad's are 100 MHz / 300 MB; a batch
 # task on filch is usually smaller, and a limit that is too low shows up as OOM_KILLED).
@@ -91,8 +93,14 @@ def spec(raw: pb.TaskSpec) -> pb.TaskSpec:
         raise InvalidArgument("spec.memory_bytes", f"{raw.memory_bytes} bytes is too small; "
                                                    f"at least {MIN_MEMORY_BYTES} (4Mi)")
     disk_bytes(raw.disk_bytes, "spec.disk_bytes")
+    network = raw.network or ISOLATED
+    if network not in NETWORK_MODES:
+        shown = raw.network[:32]
+        raise InvalidArgument("spec.network", f"{shown!r} is not one of "
+                                              f"{', '.join(NETWORK_MODES)}")
     clean = pb.TaskSpec()
     clean.CopyFrom(raw)
+    clean.network = network
     clean.cpu_millis = raw.cpu_millis or DEFAULT_CPU_MILLIS
     clean.memory_bytes = raw.memory_bytes or DEFAULT_MEMORY_BYTES
     # Restartable unless the client says otherwise: losing a node should not lose work.

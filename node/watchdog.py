@@ -7,8 +7,10 @@ watchdog is a small separate process (own session, standard library only) that t
 tells the fence deadline after every lease renewal. When the deadline passes without a
 renewal, or the agent's end of the pipe closes because the agent died, it kills every
 task of this node: each runc container under the node's state root and each process
-group the process executor started. So no attempt outlives the point after which another
-node may start the task again.
+group the process executor started; then it deletes the node's task network namespaces
+(`ip netns del`), whose veths go with them. When the agent died (not merely froze), it
+also removes the node's task bridge and nft table: the next run makes them afresh. So no
+attempt outlives the point after which another node may start the task again.
 
 Protocol, one line per message on the watchdog's stdin:
     deadline <CLOCK_MONOTONIC seconds>   arm, or move the deadline
@@ -38,7 +40,10 @@ import time
 
 log = logging.getLogger(__name__)
 
-# Each runc call the watchdog makes may take this long before it is abandoned.
+# Where `ip netns` keeps named network namespaces (node/runtime/network.py's NETNS_DIR).
+NETNS_DIR = "/run/netns"
+
+# Each runc or ip call the watchdog makes may take this long before it is abandoned.
 RUNC_TIMEOUT = 10.0
 
 # After firing, the watchdog sweeps again and again for this long: a `runc run` the agent
@@ -50,10 +55,16 @@ SWEEP_INTERVAL = 0.25
 class Watchdog:
     """The agent's handle on its watchdog process."""
 
-    def __init__(self, runc_binary: str, runc_root: str) -> None:
+    def __init__(self, runc_binary: str, runc_root: str, netns_prefix: str = "",
+                 bridge: str = "", table: str = "") -> None:
+        """netns_prefix: the node's task namespaces are /run/netns/<prefix><slot>;
+        bridge and table: its task bridge and nft table (inet family)."""
         self._runc_root = runc_root
         self._argv = [sys.executable, "-m", "node.watchdog", "--runc", runc_binary,
                       "--runc-root", runc_root]
+        if netns_prefix:
+            self._argv += ["--netns-prefix", netns_prefix, "--bridge", bridge,
+                           "--table", table]
         self._process: asyncio.subprocess.Process | None = None
         self._tracked: set[int] = set()
         self._deadline: float | None = None
@@ -129,8 +140,34 @@ class Watchdog:
 # -- the watchdog process ------------------------------------------------------------------
 
 
-def _kill_everything(runc: str, runc_root: str, pgids: set[int]) -> int:
-    """Kill every tracked process group and every container; return how many containers."""
+def _delete_namespaces(prefix: str) -> None:
+    """Delete this node's task network namespaces (after their containers were killed)."""
+    try:
+        names = [name for name in os.listdir(NETNS_DIR)
+                 if name.startswith(prefix) and name[len(prefix):].isdigit()]
+    except OSError:
+        return
+    if not names:
+        return
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(["ip", "-force", "-batch", "-"], capture_output=True, timeout=RUNC_TIMEOUT,
+                       input="".join(f"netns del {name}\n" for name in names).encode())
+
+
+def _remove_network(bridge: str, table: str) -> None:
+    """Remove the node's task bridge and nft table (the agent is dead)."""
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        if bridge:
+            subprocess.run(["ip", "link", "del", bridge], capture_output=True,
+                           timeout=RUNC_TIMEOUT)
+        if table:
+            subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True,
+                           timeout=RUNC_TIMEOUT)
+
+
+def _kill_everything(runc: str, runc_root: str, pgids: set[int], netns_prefix: str = "") -> int:
+    """Kill every tracked process group and every container, delete the task namespaces;
+    return how many containers."""
     for pgid in pgids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
@@ -145,17 +182,20 @@ def _kill_everything(runc: str, runc_root: str, pgids: set[int]) -> int:
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
             subprocess.run([runc, "--root", runc_root, "kill", "--all", container, "KILL"],
                            capture_output=True, timeout=RUNC_TIMEOUT)
+    if netns_prefix:
+        _delete_namespaces(netns_prefix)
     return len(containers)
 
 
-def _sweep(runc: str, runc_root: str, pgids: set[int], why: str, stdin: int | None) -> bool:
+def _sweep(runc: str, runc_root: str, pgids: set[int], why: str, stdin: int | None,
+           netns_prefix: str = "") -> bool:
     """Kill everything repeatedly for SWEEP_SECONDS, or until a message arrives on stdin
     (the agent is back and re-arming). Returns True when stdin became readable."""
     print(f"filch watchdog: {why}: killing this node's tasks", file=sys.stderr, flush=True)
     until = time.monotonic() + SWEEP_SECONDS
     killed = 0
     while time.monotonic() < until:
-        killed += _kill_everything(runc, runc_root, pgids)
+        killed += _kill_everything(runc, runc_root, pgids, netns_prefix)
         if stdin is not None and select.select([stdin], [], [], SWEEP_INTERVAL)[0]:
             return True
         if stdin is None:
@@ -169,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="filch-watchdog")
     parser.add_argument("--runc", required=True)
     parser.add_argument("--runc-root", required=True)
+    parser.add_argument("--netns-prefix", default="")
+    parser.add_argument("--bridge", default="")
+    parser.add_argument("--table", default="")
     args = parser.parse_args(argv)
     # The agent's terminal or process group must not stop or kill the watchdog with it.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTSTP):
@@ -182,12 +225,14 @@ def main(argv: list[str] | None = None) -> int:
         ready, _, _ = select.select([stdin], [], [], timeout)
         if not ready:
             _sweep(args.runc, args.runc_root, pgids,
-                   "the agent missed its fence deadline (frozen or cut off)", stdin)
+                   "the agent missed its fence deadline (frozen or cut off)", stdin,
+                   args.netns_prefix)
             deadline, pgids = None, set()
             continue
         chunk = os.read(stdin, 4096)
         if not chunk:
-            _sweep(args.runc, args.runc_root, pgids, "the agent died", None)
+            _sweep(args.runc, args.runc_root, pgids, "the agent died", None, args.netns_prefix)
+            _remove_network(args.bridge, args.table)
             return 0
         pending += chunk
         *lines, pending = pending.split(b"\n")

@@ -31,6 +31,8 @@ class AttemptSpec:
     """Cap on the log file: past it the head and the tail are kept (node/runtime/logcap.py)."""
     disk_bytes: int = 0
     """Size limit of the scratch dir (/work); 0: no limit of its own. runc only."""
+    network: str = "isolated"
+    """"isolated", "none" or "host" (runc only: the process executor shares the host's)."""
 
 
 @dataclass(frozen=True)

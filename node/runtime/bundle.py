@@ -199,6 +199,9 @@ def build_config(
     cgroups_path: str,
     limit_swap: bool,
     nofile_hard: int = NOFILE_HARD,
+    netns: str | None = None,
+    resolv_conf: str | None = None,
+    ipv6: bool = False,
 ) -> dict[str, Any]:
     """The OCI runtime config (config.json) for one attempt. Pure; never raises.
 
@@ -206,6 +209,10 @@ def build_config(
     kernel has no swap accounting (cgroup v1 without memory.memsw.*), where runc would fail.
     nofile_hard caps the open-files limit: without CAP_SYS_RESOURCE runc cannot raise it
     above its own.
+    netns: None shares the host's network namespace; "" gives the task a new one with
+    loopback only (runc brings lo up); a path joins that prepared namespace.
+    resolv_conf, a host file, is mounted read-only over the task's /etc/resolv.conf.
+    ipv6: the kernel has IPv6, so disable it inside the task's own namespace.
     """
     env = {"PATH": DEFAULT_PATH, "HOME": "/tmp", **spec.env}
     memory: dict[str, int] = {"limit": spec.memory_bytes}
@@ -225,6 +232,18 @@ def build_config(
             "options": ["rbind", "rw", "nosuid", "nodev"],
         }
     )
+    if resolv_conf is not None:
+        mounts.append({"destination": "/etc/resolv.conf", "type": "bind",
+                       "source": resolv_conf, "options": read_only_bind})
+    namespaces: list[dict[str, str]] = [
+        {"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}]
+    sysctl: dict[str, str] = {}
+    if netns is not None:
+        namespaces.append({"type": "network", "path": netns} if netns else {"type": "network"})
+        if ipv6:
+            # Tasks get IPv4 only: the firewall needs one family to reason about.
+            sysctl = {"net.ipv6.conf.all.disable_ipv6": "1",
+                      "net.ipv6.conf.default.disable_ipv6": "1"}
     no_capabilities: list[str] = []
     return {
         "ociVersion": "1.0.2-dev",
@@ -272,9 +291,9 @@ def build_config(
                 # No IO weight: every task would get the same one, and weights only compete
                 # among siblings under the common parent, so it would change nothing.
             },
-            # No network namespace: tasks use the host network for now (there is no
-            # per-task network setup, and tasks need to reach the cluster and the internet).
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            # Network: see node/runtime/network.py (none, isolated, or the host's).
+            "namespaces": namespaces,
+            "sysctl": sysctl,
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
             # Applied after noNewPrivileges, right before the task's execve.

@@ -38,6 +38,10 @@ task: a task of ten processes could use ten times its memory anyway) and RLIMIT_
 (total CPU seconds, not a rate: it would kill long tasks rather than slow them).
 OOM kills cannot be told apart from other SIGKILLs without a cgroup, so
 ExitStatus.oom_killed is always False here.
+
+Network: AttemptSpec.network is ignored. Every task, whatever its --network (none,
+isolated or host), runs in the host's network namespace and can reach whatever the
+node reaches, etcd and every node's API included (node/runtime/network.py serves runc).
 """
 
 from __future__ import annotations

@@ -12,6 +12,10 @@ Cgroups: every container's cgroup is /filch/<container_id>. runc places an absol
 cgroupsPath at that path below each hierarchy's root (cgroup v1:
 /sys/fs/cgroup/<controller>/filch/<id>; v2: /sys/fs/cgroup/filch/<id>), not under the
 daemon's own cgroup; only relative paths nest under the caller's cgroup.
+
+Network: an "isolated" attempt joins a namespace node/runtime/network.py prepares (and
+removes once the container is gone); "none" gets a fresh one with loopback only; "host"
+shares the host's (the stealer takes such tasks only where the node allows it).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import shutil
 import signal
 from pathlib import Path
 
-from node.errors import ExecutorError
+from node.errors import ExecutorError, InvalidArgument
+from node.runtime import network as net
 from node.runtime import scratch
 from node.runtime.base import AttemptSpec, ExitStatus, exits_within
 from node.runtime.bundle import (
@@ -71,13 +76,15 @@ class RuncExecutor:
 
     name = "runc"
 
-    def __init__(self, runc_binary: str, state_root: Path, task_uid: int,
-                 attempts_root: Path | None = None) -> None:
+    def __init__(self, runc_binary: str, state_root: Path, task_uid: int, *,
+                 attempts_root: Path | None = None,
+                 network: net.TaskNetwork | None = None) -> None:
         """Probe the host (which directories to bind, cgroup v1 or v2); spawns nothing.
 
         attempts_root, if given, holds every attempt_dir: reap_stale() unmounts the /work
-        file systems a dead agent left there. Raises ExecutorError if runc_binary cannot
-        be found or task_uid is root.
+        file systems a dead agent left there. network sets up "isolated" attempts;
+        without one they fail to start (tests that need no network pass None). Raises
+        ExecutorError if runc_binary cannot be found or task_uid is root.
         """
         self._attempts_root = attempts_root
         resolved = shutil.which(runc_binary)
@@ -91,6 +98,8 @@ class RuncExecutor:
         self._runc = resolved
         self._state_root = Path(os.path.abspath(state_root))
         self._task_uid = task_uid
+        self._network = network
+        self._ipv6 = Path("/proc/sys/net/ipv6").is_dir()
         self._layout = HostLayout.probe()
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         self._nofile_hard = NOFILE_HARD if hard == resource.RLIM_INFINITY else hard
@@ -115,12 +124,13 @@ class RuncExecutor:
         end the attempt with exit code 1 (usually) and runc's message in the log.
         Raises ExecutorError when the attempt cannot start: a bad container id or
         workdir, a command that is not an executable in the bound host directories
-        along the task's PATH, an existing container of that id, an OSError while
-        writing the bundle or opening the log, or a /work image (spec.disk_bytes) that
-        cannot be made or mounted (node/runtime/scratch.py). The task's output goes
+        along the task's PATH, an existing container of that id, an isolated attempt
+        whose network namespace cannot be prepared (network.py says why), an OSError
+        while writing the bundle or opening the log, or a /work image (spec.disk_bytes)
+        that cannot be made or mounted (node/runtime/scratch.py). The task's output goes
         through a pipe the agent drains into the log within spec.max_log_bytes
-        (node/runtime/logcap.py). Cancellation before the spawn leaves no
-        trace; after it, the attempt runs on unwaited until reap_stale().
+        (node/runtime/logcap.py). Cancellation before the spawn leaves no trace; after
+        it, the attempt runs on unwaited until reap_stale().
         """
         cid = spec.container_id
         if not CONTAINER_ID.match(cid):
@@ -142,6 +152,32 @@ class RuncExecutor:
                 f"a runc container {cid!r} exists already in {self._state_root} "
                 "(left by an earlier run? reap_stale() removes it)"
             )
+        lease = await self._attach(spec.network)
+        try:
+            return await self._start(spec, lease)
+        except BaseException:
+            if lease is not None and self._network is not None:
+                await asyncio.shield(self._network.release(lease))
+            raise
+
+    async def _attach(self, mode: str) -> net.Lease | None:
+        """The prepared namespace of an isolated attempt; None for the other modes."""
+        try:
+            if net.parse_mode(mode) != net.ISOLATED:
+                return None
+        except InvalidArgument as exc:
+            raise ExecutorError(str(exc)) from None
+        if self._network is None:
+            raise ExecutorError("this executor has no task network: use --network none "
+                                "or host")
+        return await self._network.attach()
+
+    async def _start(self, spec: AttemptSpec, lease: net.Lease | None) -> RuncAttempt:
+        cid = spec.container_id
+        netns = lease.path if lease is not None else (
+            "" if net.parse_mode(spec.network) == net.NONE else None)
+        resolv_conf = (self._network.resolv_conf
+                       if lease is not None and self._network is not None else None)
         config = build_config(
             spec,
             layout=self._layout,
@@ -149,6 +185,9 @@ class RuncExecutor:
             cgroups_path=f"{CGROUP_PARENT}/{cid}",
             limit_swap=self._limit_swap,
             nofile_hard=self._nofile_hard,
+            netns=netns,
+            resolv_conf=resolv_conf,
+            ipv6=self._ipv6,
         )
         bundle = spec.attempt_dir
         # Synchronous on purpose: a few mkdirs and one small write cost less than the
@@ -181,15 +220,18 @@ class RuncExecutor:
                 raise ExecutorError(f"cannot run {self._runc}: {exc}") from exc
             raise
         output.started()
-        return RuncAttempt(self, cid, bundle, process, output)
+        return RuncAttempt(self, cid, bundle, process, output, lease)
 
     async def reap_stale(self) -> int:
-        """SIGKILL and delete every container in state_root and remove its bundle.
+        """SIGKILL and delete every container in state_root and remove its bundle, then
+        reset the task network (every namespace, veth, bridge and nft rule of this node
+        name goes; the bridge and table are created afresh).
 
         Meant for node start, before any attempt of this run exists: it would kill those
         too. Returns how many containers were deleted; ones runc fails to delete are
         logged and not counted. Raises ExecutorError if runc cannot list the containers.
-        Cancellation stops between deletions.
+        A network that cannot be set up is logged; its isolated attempts are then
+        refused. Cancellation stops between deletions.
         """
         # A `runc run` orphaned by a dead agent could still create its container after
         # the listing below: kill those first.
@@ -223,7 +265,19 @@ class RuncExecutor:
             if unmounted:
                 log.warning("unmounted %d /work file systems left by an earlier run",
                             unmounted)
+        if self._network is not None:
+            try:
+                await self._network.reset()
+            except ExecutorError as exc:
+                # Fail closed, not dead: isolated attempts are refused with this reason,
+                # none and host ones still run.
+                log.error("isolated tasks cannot run on this node: %s", exc)
         return sum(results)
+
+    def release_soon(self, lease: net.Lease | None) -> None:
+        """Remove an ended attempt's network namespace in the background."""
+        if lease is not None and self._network is not None:
+            self._network.release_soon(lease)
 
     # -- used by RuncAttempt ----------------------------------------------------------------
 
@@ -318,9 +372,11 @@ class RuncAttempt:
         bundle: Path,
         process: asyncio.subprocess.Process,
         output: CappedLog,
+        lease: net.Lease | None = None,
     ) -> None:
         self._output = output
         self._executor = executor
+        self._lease = lease
         self._cid = container_id
         self._bundle = bundle
         self._process = process
@@ -380,6 +436,8 @@ class RuncAttempt:
             await self._executor.delete(self._cid)
         await self._output.closed(LOG_DRAIN_SECONDS)
         await scratch.unmount(self._bundle / "work")
+        # After the container: its processes no longer hold the namespace.
+        self._executor.release_soon(self._lease)
         try:
             await asyncio.to_thread(shutil.rmtree, self._bundle)
         except FileNotFoundError:

@@ -78,6 +78,8 @@ class Node:
     ip: str
     data_dir: Path
     args: list[str]
+    client_ip: str = ""
+    """Loopback address of its etcd client URL (etcd clients stay local); default: ip."""
     process: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
     """Extra environment of the agent (e.g. FILCH_FAILPOINTS)."""
@@ -85,6 +87,7 @@ class Node:
 
     def __post_init__(self) -> None:
         self.log_file = self.data_dir.with_suffix(".log")
+        self.client_ip = self.client_ip or self.ip
 
     @property
     def address(self) -> str:
@@ -96,7 +99,7 @@ class Node:
 
     @property
     def etcd_endpoint(self) -> str:
-        return f"http://{self.ip}:2379"
+        return f"http://{self.client_ip}:2379"
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -147,35 +150,46 @@ class Cluster:
 
     def __init__(self, root: Path, size: int = 3, *, cpus: float = 2, lease_ttl: int = 5,
                  executor: str = "runc", extra: tuple[str, ...] = (),
-                 pki: Path | None = None, env: dict[str, str] | None = None) -> None:
+                 pki: Path | None = None, env: dict[str, str] | None = None,
+                 addresses: list[str] | None = None) -> None:
         """pki: a directory made by `filch certs` with a certificate per node name: the
         cluster then runs TLS (API and etcd peers) with the bearer token. env: extra
-        environment of every agent."""
+        environment of every agent. addresses: one per node, for the API, metrics and
+        etcd peers instead of loopback ones (the etcd client URL stays on loopback)."""
         subnet = _free_subnet()
         self.nodes: list[Node] = []
         self.pki = pki
         scheme = "https" if pki else "http"
-        names = [f"node-{index + 1}" for index in range(size)]
-        ips = [f"127.0.{subnet}.{index + 1}" for index in range(size)]
+        # Names unique per cluster: a node's task network (bridge, nft table, namespaces)
+        # is keyed by its name, and clusters of one test run may be alive together.
+        names = [f"node-{index + 1}-{subnet}" for index in range(size)]
+        loopbacks = [f"127.0.{subnet}.{index + 1}" for index in range(size)]
+        ips = addresses or loopbacks
         initial = ",".join(f"{name}={scheme}://{ip}:2380"
                            for name, ip in zip(names, ips, strict=True))
-        for name, ip in zip(names, ips, strict=True):
+        for name, ip, loopback in zip(names, ips, loopbacks, strict=True):
             tls: tuple[str, ...] = ()
             if pki:
-                subprocess.run([FILCH, "certs", str(pki), "--node", f"{name}={ip}"], check=True,
-                               capture_output=True)
+                # On non-loopback addresses of one machine a peer connects from the
+                # address it dials (the local route's source): its certificate must
+                # name every address of the cluster. Loopback ones use 127.0.0.1.
+                sans = ",".join([ip, *(other for other in ips if other != ip)]) \
+                    if addresses else ip
+                subprocess.run([FILCH, "certs", str(pki), "--node", f"{name}={sans}"],
+                               check=True, capture_output=True)
                 tls = ("--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / f"{name}.crt"),
                        "--tls-key", str(pki / f"{name}.key"),
                        "--api-token-file", str(pki / "token"))
             args = ["--name", name, "--data-dir", str(root / name),
                     "--listen", f"{ip}:7070",
                     "--etcd-peer-url", f"{scheme}://{ip}:2380",
-                    "--etcd-client-url", f"http://{ip}:2379",
+                    "--etcd-client-url", f"http://{loopback}:2379",
                     "--initial-cluster", initial,
                     "--cpus", str(cpus), "--memory", "8Gi",
                     "--executor", executor, "--lease-ttl", str(lease_ttl),
                     "--sweep-interval", "1", *tls, *extra]
-            self.nodes.append(Node(name, ip, root / name, args, env=dict(env or {})))
+            self.nodes.append(Node(name, ip, root / name, args, env=dict(env or {}),
+                                   client_ip=loopback))
         self._channels: dict[str, grpc.Channel] = {}
 
     def __enter__(self) -> Cluster:

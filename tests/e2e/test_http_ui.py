@@ -289,7 +289,7 @@ def test_nodes_view_shows_capacity_allocation_and_the_leader(
         found := browser.find_elements(By.CSS_SELECTOR, "#nodes-grid .node")) and
         len(found) == 3 and found)
     assert sorted(card.get_attribute("data-node") for card in cards) == \
-        ["node-1", "node-2", "node-3"]
+        sorted(node.name for node in three_nodes.nodes)
     leaders = [card for card in cards if "etcd leader" in card.text]
     assert len(leaders) == 1
     leader = next(node for node in three_nodes.list_nodes() if node.etcd_leader)

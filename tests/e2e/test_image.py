@@ -41,8 +41,10 @@ BUILD = REPO / "images" / "build.sh"
 VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
 IMAGE = f"localhost/filch-node:{VERSION}"
 TOOLS = {"podman": "podman", "buildah": "buildah", "debootstrap": "debootstrap"}
-# The one privilege runc needs inside the node container (images/README.md explains why).
-PRIVILEGES = ("--cap-add", "SYS_ADMIN")
+# The privileges runc and the task network need inside the node container
+# (images/README.md explains why).
+PRIVILEGES = ("--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN",
+              "--sysctl", "net.ipv4.ip_forward=1")
 NAMES = ("node-1", "node-2", "node-3")
 
 pytestmark = pytest.mark.timeout(600)

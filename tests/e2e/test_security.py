@@ -89,8 +89,9 @@ def _peer_handshake(cluster: Cluster, cert: Path | None, key: Path | None) -> st
 
 def test_etcd_peers_require_a_cluster_certificate(tls_cluster: Cluster, tmp_path: Path) -> None:
     assert tls_cluster.pki is not None
-    answer = _peer_handshake(tls_cluster, tls_cluster.pki / "node-2.crt",
-                             tls_cluster.pki / "node-2.key")
+    second = tls_cluster.nodes[1].name
+    answer = _peer_handshake(tls_cluster, tls_cluster.pki / f"{second}.crt",
+                             tls_cluster.pki / f"{second}.key")
     assert "etcdserver" in answer
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         answer = _peer_handshake(tls_cluster, None, None)

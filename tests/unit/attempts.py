@@ -20,6 +20,8 @@ def make_spec(data_dir: Path, *argv: str, **overrides: object) -> AttemptSpec:
         "args": tuple(argv[1:]),
         "log_path": data_dir / "logs" / f"{cid}.log",
         "attempt_dir": data_dir / "attempts" / cid,
+        # These executors have no task network (tests of it build their own).
+        "network": "none",
     }
     fields.update(overrides)
     return AttemptSpec(**fields)  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ from node.config import Config
 
 TASK_FIELDS = {
     "id", "name", "state", "node_id", "node_address", "exit_code", "reason", "message",
-    "command", "args", "cpu", "memory_bytes", "disk_bytes", "restart", "attempt",
+    "command", "args", "cpu", "memory_bytes", "disk_bytes", "restart", "network", "attempt",
     "submitted_at", "started_at", "finished_at",
 }
 
@@ -159,6 +159,15 @@ def test_submit_sends_the_spec_the_user_typed(fake: FakeScheduler) -> None:
         command="sh", args=["-c", "make --jobs 4"], cpu_millis=500, memory_bytes=64 * 2**20,
         disk_bytes=2 * 2**30, restart=False, env={"A": "1", "B": "x=y"}, workdir="/work",
         name="build")
+
+
+def test_submit_network_flag_sets_the_mode_and_refuses_unknown_ones(fake: FakeScheduler) -> None:
+    result = filch(fake, "submit", "--network", "none", "--", "true")
+    assert result.exit_code == 0, result.output
+    assert fake.requests[-1].spec.network == "none"
+    result = filch(fake, "submit", "--network", "bridge", "--", "true")
+    assert result.exit_code != 0
+    assert "--network" in result.output
 
 
 def test_submit_defaults_restart_on_and_leaves_resources_to_the_server(

@@ -287,3 +287,22 @@ def test_log_cap_and_default_disk_are_checked(flags: dict[str, Any], field: str)
 def test_log_cap_and_default_disk_accept_sizes() -> None:
     config = load({}, environ={"FILCH_MAX_LOG_BYTES": "1Mi", "FILCH_DEFAULT_DISK": "2Gi"})
     assert (config.max_log_bytes, config.default_disk) == (1024**2, 2 * 1024**3)
+
+
+def test_task_network_settings_default_safe_and_parse_from_every_source(tmp_path: Path) -> None:
+    config = load({}, environ={})
+    assert (config.task_subnet, config.allow_host_network) == ("auto", False)
+    config_file = tmp_path / "filch.toml"
+    config_file.write_text('allow_host_network = true\ntask_subnet = "100.64.9.0/24"\n')
+    config = load({"config_file": str(config_file)}, environ={})
+    assert (config.task_subnet, config.allow_host_network) == ("100.64.9.0/24", True)
+    config = load({}, environ={"FILCH_ALLOW_HOST_NETWORK": "no"})
+    assert config.allow_host_network is False
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("task_subnet", "10.0.0.0/8"), ("task_subnet", "100.64.9.1/24"), ("task_subnet", "fd00::/64"),
+    ("allow_host_network", "maybe")])
+def test_bad_task_network_settings_name_their_field(field: str, value: str) -> None:
+    with pytest.raises(InvalidArgument, match=field):
+        load({}, environ={f"FILCH_{field.upper()}": value})

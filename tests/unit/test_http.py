@@ -275,7 +275,7 @@ def test_nodes_lists_the_live_node(app: App, cluster: Cluster) -> None:
     reply = call(app, "GET", "/api/v1/nodes")
     assert reply.status == 200
     [node] = reply.json()["nodes"]
-    assert (node["name"], node["address"]) == ("node-1", cluster.nodes[0].address)
+    assert (node["name"], node["address"]) == (cluster.nodes[0].name, cluster.nodes[0].address)
     assert node["etcd_leader"] is True
     assert node["cpu_capacity"] == 2
 

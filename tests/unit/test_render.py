@@ -12,12 +12,13 @@ from node._gen.filch.v1 import filch_pb2 as pb
 
 TASK_FIELDS = {
     "id", "name", "state", "node_id", "node_address", "exit_code", "reason", "message",
-    "command", "args", "cpu", "memory_bytes", "disk_bytes", "restart", "attempt",
+    "command", "args", "cpu", "memory_bytes", "disk_bytes", "restart", "network", "attempt",
     "submitted_at", "started_at", "finished_at",
 }
 NODE_FIELDS = {
     "id", "name", "address", "cpu_capacity", "memory_capacity_bytes", "cpu_allocated",
     "memory_allocated_bytes", "running", "etcd_leader", "executor", "nospace",
+    "allow_host_network",
 }
 NOW = datetime(2026, 11, 27, 7, 15, 0, tzinfo=UTC)
 

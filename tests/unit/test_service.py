@@ -300,6 +300,21 @@ async def test_explain_pending_says_when_no_node_can_ever_fit(
     assert (await service.get(too_big.id)).message == ""
 
 
+async def test_explain_pending_says_when_no_live_node_allows_host_network(
+        service: TaskService, store: Store) -> None:
+    lease = await store.grant_lease(30)
+    await store.put_node(node(), lease)
+    host, _ = await service.submit(spec(network="host"))
+    isolated, _ = await service.submit(spec())
+    await service.explain_pending([host, isolated])
+    assert "--allow-host-network" in host.message
+    assert isolated.message == ""
+    await store.put_node(node(allow_host_network=True), lease)
+    host.message = ""
+    await service.explain_pending([host])
+    assert host.message == ""
+
+
 async def test_explain_pending_says_when_there_is_no_live_node(
         service: TaskService, store: Store) -> None:
     task, _ = await service.submit(spec())

@@ -43,7 +43,7 @@ def test_spec_keeps_restart_false_when_explicit() -> None:
 def test_spec_keeps_given_values_and_does_not_touch_the_request() -> None:
     raw = pb.TaskSpec(name="train", command="/usr/bin/python3", args=["-c", "print(1)"],
                       env={"HOME": "/tmp"}, workdir="/work", cpu_millis=2500,
-                      memory_bytes=4 * MiB, restart=True)
+                      memory_bytes=4 * MiB, restart=True, network="none")
     before = raw.SerializeToString()
     clean = validation.spec(raw)
     assert raw.SerializeToString() == before
@@ -210,3 +210,15 @@ def test_state_filter_accepts_every_task_state(state: int) -> None:
 @pytest.mark.parametrize("state", [5, 99, -1])
 def test_state_filter_rejects_unknown_enum_numbers(state: int) -> None:
     assert invalid(validation.state_filter, state).field == "state"
+
+
+def test_network_defaults_to_isolated_and_accepts_the_three_modes() -> None:
+    assert validation.spec(pb.TaskSpec(command="true")).network == "isolated"
+    for mode in ("isolated", "none", "host"):
+        assert validation.spec(pb.TaskSpec(command="true", network=mode)).network == mode
+
+
+@pytest.mark.parametrize("mode", ["bridge", "HOST", "host ", "none;rm", "\0"])
+def test_unknown_network_mode_is_refused_naming_the_field(mode: str) -> None:
+    with pytest.raises(InvalidArgument, match=r"spec\.network"):
+        validation.spec(pb.TaskSpec(command="true", network=mode))

@@ -116,6 +116,7 @@ class TaskSpec(_message.Message):
     CPU_MILLIS_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     RESTART_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
     DISK_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """optional human label, <= 253 chars"""
@@ -129,6 +130,8 @@ class TaskSpec(_message.Message):
     """memory limit; 0 means the default (128 MiB)"""
     restart: _builtins.bool
     """requeue if the node running it dies; unset means true"""
+    network: _builtins.str
+    """runc tasks: "isolated" ("" too), "none" or "host" """
     disk_bytes: _builtins.int
     """size limit of the task's /work; 0 means the node's --default-disk"""
     @_builtins.property
@@ -146,11 +149,12 @@ class TaskSpec(_message.Message):
         cpu_millis: _builtins.int = ...,
         memory_bytes: _builtins.int = ...,
         restart: _builtins.bool | None = ...,
+        network: _builtins.str = ...,
         disk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_restart", b"_restart", "restart", b"restart"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_restart", b"_restart", "args", b"args", "command", b"command", "cpu_millis", b"cpu_millis", "disk_bytes", b"disk_bytes", "env", b"env", "memory_bytes", b"memory_bytes", "name", b"name", "restart", b"restart", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_restart", b"_restart", "args", b"args", "command", b"command", "cpu_millis", b"cpu_millis", "disk_bytes", b"disk_bytes", "env", b"env", "memory_bytes", b"memory_bytes", "name", b"name", "network", b"network", "restart", b"restart", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__restart: _TypeAlias = _typing.Literal["restart"]  # noqa: Y015
     _WhichOneofArgType__restart: _TypeAlias = _typing.Literal["_restart", b"_restart"]  # noqa: Y015
@@ -250,6 +254,7 @@ class Node(_message.Message):
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
     ETCD_LEADER_FIELD_NUMBER: _builtins.int
     NOSPACE_FIELD_NUMBER: _builtins.int
+    ALLOW_HOST_NETWORK_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     address: _builtins.str
@@ -266,6 +271,8 @@ class Node(_message.Message):
     """filled in when listed, never stored"""
     nospace: _builtins.bool
     """filled in when listed: etcd raised the NOSPACE alarm"""
+    allow_host_network: _builtins.bool
+    """started with --allow-host-network: runs --network host tasks"""
     @_builtins.property
     def registered_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -284,10 +291,11 @@ class Node(_message.Message):
         registered_at: _timestamp_pb2.Timestamp | None = ...,
         etcd_leader: _builtins.bool = ...,
         nospace: _builtins.bool = ...,
+        allow_host_network: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "cpu_allocated_millis", b"cpu_allocated_millis", "cpu_capacity_millis", b"cpu_capacity_millis", "etcd_leader", b"etcd_leader", "etcd_member_id", b"etcd_member_id", "executor", b"executor", "id", b"id", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_capacity_bytes", b"memory_capacity_bytes", "name", b"name", "nospace", b"nospace", "registered_at", b"registered_at", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allow_host_network", b"allow_host_network", "cpu_allocated_millis", b"cpu_allocated_millis", "cpu_capacity_millis", b"cpu_capacity_millis", "etcd_leader", b"etcd_leader", "etcd_member_id", b"etcd_member_id", "executor", b"executor", "id", b"id", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_capacity_bytes", b"memory_capacity_bytes", "name", b"name", "nospace", b"nospace", "registered_at", b"registered_at", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
