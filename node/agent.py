@@ -24,6 +24,7 @@ from node import metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer, add_to_server
 from node.config import Config
+from node.errors import FilchError
 from node.etcd_member import EtcdMember
 from node.housekeeping import Housekeeping
 from node.logs import LogService
@@ -33,7 +34,7 @@ from node.runner import Runner
 from node.runtime.base import Executor
 from node.service import TaskService
 from node.stealer import Stealer
-from node.store import Store
+from node.store import EtcdTLS, Store
 from node.tls import Security, TokenInterceptor
 from node.watchdog import Watchdog
 
@@ -78,10 +79,15 @@ class Agent:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
+        # The node's own certificate is the agent's etcd client certificate (it has client
+        # usage; `filch certs` keeps its key 0600). Read before the member starts, so an
+        # unreadable file stops the node with one line.
+        tls = (EtcdTLS(config.tls_ca, config.tls_cert, config.tls_key) if config.tls_ca
+               else None)
+        store = Store(config.etcd_client_endpoint, tls=tls)
         member = EtcdMember(config) if config.embedded_etcd else None
         if member is not None:
             await member.start()
-        store = Store(config.etcd_client_endpoint)
         try:
             return await self._serve(store, member)
         finally:
@@ -186,5 +192,9 @@ def main(config: Config) -> int:
         # loop costs nothing per task (3.12 does this by default).
         asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(Agent(config).run())
+        try:
+            return asyncio.run(Agent(config).run())
+        except FilchError as error:  # e.g. an unreadable certificate, etcd failed to start
+            log.error("%s", error)
+            return 1
     return 130
