@@ -61,6 +61,12 @@ def _refused(url: str, context: ssl.SSLContext | None) -> None:
             raise AssertionError(f"{operation} on {url} answered: {answer[:200]!r}")
 
 
+def _keys(etcdctl_json: str) -> set[str]:
+    """The key names in `etcdctl get -w json` output (base64-encoded there)."""
+    kvs = json.loads(etcdctl_json).get("kvs", [])
+    return {base64.b64decode(kv["key"]).decode() for kv in kvs}
+
+
 def _snapshot(cluster: Cluster) -> dict[str, object]:
     return {key: kv["mod_revision"] for key, kv in cluster.etcd_keys().items()}
 
@@ -159,3 +165,45 @@ def test_a_node_with_certificates_refuses_a_plain_etcd_endpoint(tls_member: Clus
     assert result.returncode == 2  # a usage error, before anything starts
     assert "etcd_endpoint" in result.stderr and "https://" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_public_etcd_client_api_across_namespaces(tmp_path: Path) -> None:
+    """A member serving etcd's client API on its network address (10.213.k.1, in a
+    namespace of its own) and a client-only node in another namespace reaching it across
+    the bridge; strangers on that network (this test, in the root namespace) get nothing."""
+    from tests.e2e.faults.netcluster import NetCluster, unavailable_reason
+    reason = unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    pki = tmp_path / "pki"
+    with NetCluster(tmp_path / "nodes", size=2, pki=pki, public_etcd=True,
+                    client_only=(1,)) as cluster:
+        member, client = cluster.nodes
+        assert member.etcd_url == f"https://{member.ip}:2379" == client.etcd_url
+        assert not (client.data_dir / "etcd").exists()
+        before = _keys(member.etcdctl("get", "", "--prefix", "--keys-only", "-w",
+                                      "json").stdout)
+        _refused(f"http://{member.ip}:2379", None)
+        _refused(member.etcd_url, ssl.create_default_context(cafile=str(pki / "ca.crt")))
+        other = tmp_path / "other-pki"
+        subprocess.run([FILCH, "certs", str(other), "--node", f"{member.name}={member.ip}"],
+                       check=True, capture_output=True)
+        impostor = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        impostor.load_cert_chain(str(other / f"{member.name}.crt"),
+                                 str(other / f"{member.name}.key"))
+        _refused(member.etcd_url, impostor)
+        after = _keys(member.etcdctl("get", "", "--prefix", "--keys-only", "-w",
+                                     "json").stdout)
+        assert after == before and "/probe" not in after
+
+        # Only the client-only node can steal while the member's agent is stopped (its etcd
+        # member, a separate process, keeps serving).
+        cluster.pause(member.index)
+        try:
+            task_id = cluster.submit(("sh", "-c", "echo via $FILCH_NODE"), index=client.index)
+            task = cluster.wait_finished([task_id], timeout=60)[task_id]
+        finally:
+            cluster.resume(member.index)
+        assert task.node_name == client.name and task.exit_code == 0, client.log_tail()
+        log = client.data_dir / "logs" / task_id / f"{task.attempt}.log"
+        assert log.read_text() == f"via {client.name}\n"

@@ -42,6 +42,7 @@ import grpc
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.config import Config
+from node.tls import Security
 from tests.e2e.cluster import wait_for
 
 T = TypeVar("T")
@@ -281,6 +282,20 @@ class NetNode:
     etcd_args: list[str] = field(default_factory=list)
     agent: subprocess.Popen[bytes] | None = None
     etcd: subprocess.Popen[bytes] | None = None
+    etcd_url: str = "http://127.0.0.1:2379"
+    """The etcd client URL this node's agent uses (its member's, or a member's elsewhere)."""
+    pki: Path | None = None
+    """With TLS: the `filch certs` directory holding this node's <name>.crt/.key."""
+
+    def etcdctl_argv(self, *args: str) -> list[str]:
+        """etcdctl against this node's etcd URL, from inside its namespace; with TLS it
+        presents the node's certificate (etcd's client port demands one)."""
+        tls: list[str] = []
+        if self.pki is not None:
+            tls = ["--cacert", str(self.pki / "ca.crt"),
+                   "--cert", str(self.pki / f"{self.name}.crt"),
+                   "--key", str(self.pki / f"{self.name}.key")]
+        return self._enter("etcdctl", "--endpoints", self.etcd_url, *tls, *args)
 
     @property
     def address(self) -> str:
@@ -329,8 +344,7 @@ class NetNode:
     def etcdctl(self, *args: str, timeout: float = 20.0,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
         """etcdctl against this node's member, from inside its namespace."""
-        return run(*self._enter("etcdctl", "--endpoints", "http://127.0.0.1:2379",
-                                "--command-timeout", "5s", *args),
+        return run(*self.etcdctl_argv("--command-timeout", "5s", *args),
                    timeout=timeout, check=check, env=dict(os.environ, ETCDCTL_API="3"))
 
     def etcd_leadership(self) -> tuple[int, int]:
@@ -392,44 +406,75 @@ class NetCluster:
 
     def __init__(self, root: Path, size: int = 3, *, lease_ttl: int = 5,
                  external_etcd: Iterable[int] = (), cpus: float = 2,
-                 extra: tuple[str, ...] = (), etcd_extra: tuple[str, ...] = ()) -> None:
+                 extra: tuple[str, ...] = (), etcd_extra: tuple[str, ...] = (),
+                 pki: Path | None = None, public_etcd: bool = False,
+                 client_only: Iterable[int] = ()) -> None:
+        """pki: a directory for `filch certs`: the cluster then runs TLS (API with the token,
+        etcd peers and clients with certificates). public_etcd (TLS only): members serve
+        etcd's client API on their eth0 address instead of the namespace's loopback.
+        client_only (needs public_etcd): these nodes run no member and use the first
+        member's client URL (--etcd-endpoint), across the bridge."""
         self.root = root
         self.size = size
         self.lease_ttl = lease_ttl
+        self.pki = pki
         self.k = _claim_subnet()
         self.bridge, ns_name, veth_name = _names(self.k)
         self.bridge_ip = f"{SUBNET_PREFIX}.{self.k}.{BRIDGE_HOST}"
         external = set(external_etcd)
+        clients = set(client_only)
+        assert not clients or (pki and public_etcd), "client-only nodes need public TLS etcd"
+        assert not public_etcd or pki, "etcd's client API is public only with TLS"
+        scheme = "https" if pki else "http"
         names = [f"f{self.k}n{i}" for i in range(1, size + 1)]
         ips = [f"{SUBNET_PREFIX}.{self.k}.{i}" for i in range(1, size + 1)]
-        initial = ",".join(f"{name}=http://{ip}:2380" for name, ip in zip(names, ips,
-                                                                           strict=True))
+        initial = ",".join(f"{name}={scheme}://{ip}:2380"
+                           for i, (name, ip) in enumerate(zip(names, ips, strict=True))
+                           if i not in clients)
+        members = [i for i in range(size) if i not in clients]
         self.nodes: list[NetNode] = []
         for i, (name, ip) in enumerate(zip(names, ips, strict=True)):
             data_dir = root / name
+            client_url = f"{scheme}://{ip if public_etcd else '127.0.0.1'}:2379"
+            tls: list[str] = []
+            etcd_tls: list[str] = []
+            if pki:
+                run(FILCH, "certs", str(pki), "--node", f"{name}={ip}", timeout=60)
+                files = [str(pki / "ca.crt"), str(pki / f"{name}.crt"), str(pki / f"{name}.key")]
+                tls = ["--tls-ca", files[0], "--tls-cert", files[1], "--tls-key", files[2],
+                       "--api-token-file", str(pki / "token")]
+                etcd_tls = ["--peer-client-cert-auth", "--peer-trusted-ca-file", files[0],
+                            "--peer-cert-file", files[1], "--peer-key-file", files[2],
+                            "--client-cert-auth", "--trusted-ca-file", files[0],
+                            "--cert-file", files[1], "--key-file", files[2]]
             args = ["--name", name, "--data-dir", str(data_dir),
                     "--listen", f"{ip}:7070", "--advertise", f"{ip}:7070",
-                    "--etcd-peer-url", f"http://{ip}:2380",
-                    "--etcd-client-url", "http://127.0.0.1:2379",
+                    "--etcd-peer-url", f"{scheme}://{ip}:2380",
+                    "--etcd-client-url", client_url,
                     "--initial-cluster", initial,
                     "--cpus", str(cpus), "--memory", "8Gi", "--executor", "runc",
-                    "--lease-ttl", str(lease_ttl), "--sweep-interval", "1", *extra]
+                    "--lease-ttl", str(lease_ttl), "--sweep-interval", "1", *tls, *extra]
             etcd_args: list[str] = []
-            if i in external:
-                args += ["--etcd-endpoint", "http://127.0.0.1:2379"]
+            if i in clients:
+                client_url = f"https://{ips[members[0]]}:2379"
+                args += ["--etcd-endpoint", client_url]
+            elif i in external:
+                args += ["--etcd-endpoint", client_url]
                 # The same member the agent would embed (node/etcd_member.py), run on its own.
                 etcd_args = ["etcd", "--name", name, "--data-dir", str(data_dir / "etcd"),
-                             "--listen-client-urls", "http://127.0.0.1:2379",
-                             "--advertise-client-urls", "http://127.0.0.1:2379",
-                             "--listen-peer-urls", f"http://{ip}:2380",
-                             "--initial-advertise-peer-urls", f"http://{ip}:2380",
+                             "--listen-client-urls", client_url,
+                             "--advertise-client-urls", client_url,
+                             "--listen-peer-urls", f"{scheme}://{ip}:2380",
+                             "--initial-advertise-peer-urls", f"{scheme}://{ip}:2380",
                              "--initial-cluster", initial, "--initial-cluster-state", "new",
                              "--initial-cluster-token", "filch", "--pre-vote",
                              "--heartbeat-interval", str(Config.etcd_heartbeat_ms),
                              "--election-timeout", str(Config.etcd_election_timeout_ms),
-                             "--logger", "zap", "--log-outputs", "stderr", *etcd_extra]
+                             "--logger", "zap", "--log-outputs", "stderr", *etcd_tls,
+                             *etcd_extra]
             self.nodes.append(NetNode(i, name, ns_name(i + 1), ip, veth_name(i + 1),
-                                      data_dir, args, i in external, etcd_args))
+                                      data_dir, args, i in external, etcd_args,
+                                      etcd_url=client_url, pki=pki))
         self.faulty: set[int] = set()
         """Nodes a fault currently makes unreachable or unresponsive (not used for RPCs)."""
         self.crashed_at: dict[int, float] = {}
@@ -518,7 +563,11 @@ class NetCluster:
     def stub(self, index: int) -> pb_grpc.SchedulerStub:
         address = self.nodes[index].address
         if address not in self._channels:
-            self._channels[address] = grpc.insecure_channel(address, options=_GRPC_OPTIONS)
+            self._channels[address] = (
+                grpc.secure_channel(address, Security.load(
+                    str(self.pki / "ca.crt"), token_file=str(self.pki / "token"),
+                ).channel_credentials(), options=_GRPC_OPTIONS)
+                if self.pki else grpc.insecure_channel(address, options=_GRPC_OPTIONS))
         return pb_grpc.SchedulerStub(self._channels[address])
 
     def healthy(self) -> list[int]:
