@@ -528,3 +528,15 @@ def test_an_unreadable_certificate_file_is_named(tmp_path: Path) -> None:
     tls = EtcdTLS(str(tmp_path / "ca.crt"), str(tmp_path / "n.crt"), str(tmp_path / "gone.key"))
     with pytest.raises(InvalidArgument, match=r"^tls_key: cannot read .*gone\.key"):
         Store("https://127.0.0.1:2379", tls=tls)
+
+
+def test_a_key_others_can_read_is_warned_about(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Whoever reads the key owns etcd: the agent says so (filch certs re-tightens it)."""
+    certs.ensure(tmp_path, [certs.NodeRequest("n", ("127.0.0.1",))])
+    tls = EtcdTLS(str(tmp_path / "ca.crt"), str(tmp_path / "n.crt"), str(tmp_path / "n.key"))
+    tls.credentials()
+    assert "readable by other users" not in caplog.text
+    (tmp_path / "n.key").chmod(0o644)
+    tls.credentials()
+    assert "readable by other users" in caplog.text and "n.key" in caplog.text
