@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import ssl
 import stat
 import subprocess
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +21,7 @@ import pytest
 from node._gen.filch.v1 import filch_pb2 as pb
 from tests.e2e.cluster import FILCH, Cluster, Node, wait_for
 from tests.e2e.conftest import require_tools
+from tests.e2e.faults.netcluster import NetCluster, unavailable_reason
 
 # Each probe gives up after this long: a refused handshake fails at once, and a listener
 # that hung would fail the test rather than stall it.
@@ -161,7 +160,7 @@ def test_a_node_with_certificates_refuses_a_plain_etcd_endpoint(tls_member: Clus
         [FILCH, "agent", "--etcd-endpoint", plain, "--tls-ca", str(pki / "ca.crt"),
          "--tls-cert", str(pki / "node-1.crt"), "--tls-key", str(pki / "node-1.key"),
          "--api-token-file", str(pki / "token")],
-        capture_output=True, text=True, timeout=30, env=dict(os.environ))
+        capture_output=True, text=True, timeout=30)
     assert result.returncode == 2  # a usage error, before anything starts
     assert "etcd_endpoint" in result.stderr and "https://" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -171,7 +170,6 @@ def test_public_etcd_client_api_across_namespaces(tmp_path: Path) -> None:
     """A member serving etcd's client API on its network address (10.213.k.1, in a
     namespace of its own) and a client-only node in another namespace reaching it across
     the bridge; strangers on that network (this test, in the root namespace) get nothing."""
-    from tests.e2e.faults.netcluster import NetCluster, unavailable_reason
     reason = unavailable_reason()
     if reason:
         pytest.skip(reason)
