@@ -6,7 +6,8 @@
 #
 #   FILCH_NAME             the container's hostname
 #   FILCH_ADVERTISE        <container IP>:<port of FILCH_LISTEN>, when FILCH_LISTEN is a wildcard
-#   FILCH_ETCD_PEER_URL    http://<container IP>:2380 (embedded etcd member only)
+#   FILCH_ETCD_PEER_URL    http(s)://<container IP>:2380 (embedded etcd member only;
+#                          https:// with FILCH_TLS_CA)
 #   FILCH_SERVER           the local agent (for gunicorn and `podman exec <c> filch ...`)
 #   FILCH_CPUS/FILCH_MEMORY  the container's CPU quota / memory limit, when it has them
 #   FILCH_EXECUTOR         `process` (with a loud warning) when runc cannot work here: no
@@ -86,7 +87,11 @@ case ${FILCH_LISTEN%:*} in
     export FILCH_ADVERTISE=${FILCH_ADVERTISE:-$ip:${FILCH_LISTEN##*:}} ;;
 esac
 if [[ -z ${FILCH_ETCD_ENDPOINT:-} && -z ${FILCH_ETCD_PEER_URL:-} ]]; then
-  export FILCH_ETCD_PEER_URL=http://$ip:2380
+  # With certificates peers talk mutual TLS (the agent refuses http:// peers then); etcd's
+  # client URL needs nothing here: it defaults to https://127.0.0.1:2379 under TLS.
+  scheme=http
+  if [[ -n ${FILCH_TLS_CA:-} ]]; then scheme=https; fi
+  export FILCH_ETCD_PEER_URL=$scheme://$ip:2380
 fi
 export FILCH_SERVER=${FILCH_SERVER:-$(local_server)}
 client_tls

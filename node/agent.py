@@ -35,7 +35,7 @@ from node.runtime.base import Executor
 from node.runtime.network import TaskNetwork
 from node.service import TaskService
 from node.stealer import Stealer
-from node.store import Store
+from node.store import EtcdTLS, Store
 from node.tls import Security, TokenInterceptor
 from node.watchdog import Watchdog
 
@@ -95,11 +95,16 @@ class Agent:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
+        # The node's own certificate is the agent's etcd client certificate (it has client
+        # usage; `filch certs` keeps its key 0600). Read before the member starts, so an
+        # unreadable file stops the node with one line.
+        tls = (EtcdTLS(config.tls_ca, config.tls_cert, config.tls_key) if config.tls_ca
+               else None)
+        store = Store(config.etcd_client_endpoint, tls=tls)
         member = await self._prepare_member() if config.embedded_etcd else None
         if member is not None:
             await member.start()
             await asyncio.to_thread(rejoin.record_identity, member.config)
-        store = Store(config.etcd_client_endpoint)
         try:
             return await self._serve(store, member)
         finally:
@@ -248,5 +253,11 @@ def main(config: Config, rejoin_via: str | None = None) -> int:
         # loop costs nothing per task (3.12 does this by default).
         asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(Agent(config, rejoin_via).run())
+        try:
+            return asyncio.run(Agent(config, rejoin_via).run())
+        except (rejoin.MemberDataLost, rejoin.RejoinFailed):
+            raise   # the CLI prints these as one line and exits 1
+        except FilchError as error:  # e.g. an unreadable certificate, etcd failed to start
+            log.error("%s", error)
+            return 1
     return 130

@@ -3,7 +3,8 @@
 Layout of the directory (created mode 0700; keys mode 0600):
 
     ca.crt ca.key              the cluster CA (EC P-256, 10 years)
-    <node>.crt <node>.key      one per node: serverAuth + clientAuth, SANs = its addresses
+    <node>.crt <node>.key      one per node: serverAuth + clientAuth, SANs = its addresses;
+                               also the agent's client certificate for etcd's client port
     token                      the bearer token clients send to the gRPC API
 
 Running it again keeps what exists and adds what is missing, so it is safe in Ansible.
@@ -132,4 +133,8 @@ def ensure(directory: Path, nodes: list[NodeRequest]) -> list[str]:
     for request in nodes:
         if not (directory / f"{request.name}.crt").exists():
             _issue(directory, request, ca_cert, ca_key)
+    # A node's key is also its etcd client credential (full access to the keyspace): keys
+    # stay readable by their owner (root on a node) alone, even if someone loosened them.
+    for key in directory.glob("*.key"):
+        key.chmod(0o600)
     return sorted(set(os.listdir(directory)) - before)

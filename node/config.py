@@ -6,6 +6,7 @@ file (--config / FILCH_CONFIG_FILE), the defaults below (which work on a laptop)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -60,13 +61,16 @@ class Config:
     etcd_peer_url: str = "http://127.0.0.1:2380"
     """URL of this node's etcd member for its peers."""
     etcd_client_url: str = "http://127.0.0.1:2379"
-    """URL of this node's etcd member for clients; must be on loopback (127.0.0.0/8)."""
+    """URL of this node's etcd member for clients. Without TLS: http:// on loopback
+    (127.0.0.0/8). With TLS: https:// (default https://127.0.0.1:2379), any address, and
+    clients must present a certificate from the cluster CA."""
     initial_cluster: str = ""
     """name=peer-url,... of every etcd member at bootstrap (default: this member alone)."""
     initial_cluster_state: str = "new"
     """"new" to bootstrap a cluster, "existing" to join one that runs already."""
     etcd_endpoint: str = ""
-    """Use this existing etcd client URL instead of starting a member (client-only node)."""
+    """Use this existing etcd client URL instead of starting a member (client-only node).
+    Without TLS: http:// on loopback. With TLS: https://, e.g. a member's public address."""
     etcd_binary: str = "etcd"
     """The etcd server executable."""
     etcd_quota_bytes: int = 2 * 1024**3
@@ -186,10 +190,12 @@ class Config:
         """Return self, or raise InvalidArgument naming the first bad field."""
         _check_host_port("listen", self.listen)
         _check_host_port("advertise", self.advertise_address)
-        _check_url("etcd_client_url", self.etcd_client_url, loopback=True)
+        _check_url("etcd_client_url", self.etcd_client_url, loopback=False)
         _check_url("etcd_peer_url", self.etcd_peer_url, loopback=False)
+        _check_etcd_client("etcd_client_url", self.etcd_client_url, tls=bool(self.tls_ca))
         if self.etcd_endpoint:
-            _check_url("etcd_endpoint", self.etcd_endpoint, loopback=True)
+            _check_url("etcd_endpoint", self.etcd_endpoint, loopback=False)
+            _check_etcd_client("etcd_endpoint", self.etcd_endpoint, tls=bool(self.tls_ca))
         for member in filter(None, self.initial_cluster.split(",")):
             name, sep, url = member.partition("=")
             if not sep or not name:
@@ -253,6 +259,28 @@ def _check_host_port(name: str, value: str) -> None:
         raise InvalidArgument(name, f"{value!r} is not HOST:PORT")
 
 
+def _check_etcd_client(name: str, value: str, *, tls: bool) -> None:
+    """etcd's client API hands out the whole keyspace: without certificates it stays plain
+    on loopback; with them it is https:// only (etcd then demands a client certificate)
+    and may listen on a public address."""
+    scheme = urlsplit(value).scheme
+    if tls and scheme != "https":
+        raise InvalidArgument(name, f"{value!r}: with TLS, etcd clients talk https:// "
+                              "(client certificates from the cluster CA)")
+    if not tls and scheme != "http":
+        raise InvalidArgument(name, f"{value!r}: without TLS (--tls-ca/--tls-cert/--tls-key) "
+                              "etcd clients talk plain http:// on loopback")
+    if not tls:
+        _check_url(name, value, loopback=True)
+    host = urlsplit(value).hostname or ""
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(host).is_unspecified:
+            # The agent connects to this URL and etcd advertises it: it must name an address
+            # on the node's certificate, not a wildcard.
+            raise InvalidArgument(name, f"{value!r} is a wildcard; name one of the node's "
+                                  "addresses (one its certificate names)")
+
+
 def _check_url(name: str, value: str, *, loopback: bool) -> None:
     parts = urlsplit(value)
     try:
@@ -268,10 +296,14 @@ def _check_url(name: str, value: str, *, loopback: bool) -> None:
             is_loopback = parts.hostname == "localhost"
         if not is_loopback:
             raise InvalidArgument(
-                name, f"{value!r} must be on loopback (127.0.0.0/8): etcd clients stay local")
+                name, f"{value!r} must be on loopback (127.0.0.0/8): without TLS etcd clients "
+                "stay local (with --tls-ca/--tls-cert/--tls-key an https:// URL may be public)")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+# The default etcd_client_url when the node has certificates.
+TLS_ETCD_CLIENT_URL = "https://127.0.0.1:2379"
 
 # Fields that also accept sizes like "4Gi" in the environment and the TOML file.
 SIZE_FIELDS = ("memory", "etcd_quota_bytes", "defrag_threshold", "max_log_bytes",
@@ -335,4 +367,8 @@ def load(flags: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> 
         for name, raw in source.items():
             if raw is not None:
                 values[name] = _coerce(name, raw)
+    if values.get("tls_ca") and "etcd_client_url" not in values:
+        # With certificates etcd's client port speaks TLS, loopback included (a task on
+        # the host network or another local user must not reach it).
+        values["etcd_client_url"] = TLS_ETCD_CLIENT_URL
     return Config(**values).validate()

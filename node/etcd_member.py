@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import time
 import urllib.request
 from pathlib import Path
@@ -125,10 +126,15 @@ class EtcdMember:
             "--log-outputs", "stderr",
         ]
         if config.tls_ca:
-            # Peers authenticate each other with certificates from the cluster CA; clients
-            # stay on plain loopback (design.md, "Security").
+            # Peers and clients alike authenticate with certificates from the cluster CA: the
+            # client port hands out the whole keyspace, so on loopback too a task sharing
+            # the host network or another local user must not reach it (design.md,
+            # "Security"). The agent's own client certificate is the node's, readable by
+            # root only.
             argv += ["--peer-client-cert-auth", "--peer-trusted-ca-file", config.tls_ca,
-                     "--peer-cert-file", config.tls_cert, "--peer-key-file", config.tls_key]
+                     "--peer-cert-file", config.tls_cert, "--peer-key-file", config.tls_key,
+                     "--client-cert-auth", "--trusted-ca-file", config.tls_ca,
+                     "--cert-file", config.tls_cert, "--key-file", config.tls_key]
         if not self.bootstrapped:
             # Bootstrap flags. etcd ignores them once the data dir holds a member (it logs
             # "server has been already initialized"); they are left out on a restart so
@@ -224,11 +230,12 @@ class EtcdMember:
         Raises EtcdMemberError if the member exits or is not healthy within timeout seconds.
         """
         url = self.config.etcd_client_url.rstrip("/") + "/health"
+        context = self._client_tls()
         try:
             async with asyncio.timeout(timeout):
                 while True:
                     self._check_alive()
-                    body = await asyncio.to_thread(_http_get_json, url)
+                    body = await asyncio.to_thread(_http_get_json, url, context)
                     if body is not None and body.get("health") == "true":
                         return
                     await asyncio.sleep(_PROBE_INTERVAL)
@@ -238,6 +245,14 @@ class EtcdMember:
                               ) from None
 
     # -- internals -------------------------------------------------------------------------
+
+    def _client_tls(self) -> ssl.SSLContext | None:
+        """The TLS context a probe of the client port needs: the node's certificate."""
+        if not self.config.tls_ca:
+            return None
+        context = ssl.create_default_context(cafile=self.config.tls_ca)
+        context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        return context
 
     def _prepare_files(self) -> None:
         # etcd 3.4 warns about, and newer versions refuse, a data dir others can read.
@@ -377,10 +392,10 @@ def _child_environment() -> dict[str, str]:
             if not k.startswith("ETCD_") or k == "ETCD_UNSUPPORTED_ARCH"}
 
 
-def _http_get_json(url: str) -> dict[str, object] | None:
+def _http_get_json(url: str, context: ssl.SSLContext | None = None) -> dict[str, object] | None:
     """GET url and return its JSON object, or None if it does not answer (yet)."""
     try:
-        with urllib.request.urlopen(url, timeout=_PROBE_TIMEOUT) as response:
+        with urllib.request.urlopen(url, timeout=_PROBE_TIMEOUT, context=context) as response:
             body = json.loads(response.read())
     except (OSError, ValueError):  # refused, timed out, HTTP error, not JSON yet
         return None

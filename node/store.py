@@ -13,17 +13,19 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc as rpc
+import aetcd.watcher
 import grpc
 
 from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.errors import StoreFull, StoreUnavailable, TooLarge
+from node.errors import InvalidArgument, StoreFull, StoreUnavailable, TooLarge
 from node.limits import (
     READ_BATCH_RECORDS,
     STORE_MAX_RECEIVE_BYTES,
@@ -181,17 +183,84 @@ _ETCD_ERRORS = (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, asyncio.Time
                 ConnectionError)
 
 
+@dataclass(frozen=True)
+class EtcdTLS:
+    """Files for a TLS connection to etcd: the cluster CA and a client certificate + key."""
+
+    ca: str
+    cert: str
+    key: str
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """Raises InvalidArgument naming the tls_* field whose file cannot be read."""
+        blobs: list[bytes] = []
+        for name, path in (("tls_ca", self.ca), ("tls_cert", self.cert), ("tls_key", self.key)):
+            try:
+                blobs.append(Path(path).read_bytes())
+            except OSError as exc:
+                raise InvalidArgument(name, f"cannot read {path}: {exc.strerror}") from exc
+        ca, cert, key = blobs
+        if Path(self.key).stat().st_mode & 0o077:
+            # Whoever can read this key can read and rewrite the whole cluster.
+            log.warning("%s is readable by other users than its owner: anyone who reads it "
+                        "gets full access to etcd; `chmod 600 %s`", self.key, self.key)
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
+                                            certificate_chain=cert)
+
+
+class _TLSClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type hints
+    """aetcd 1.0 only opens plain channels; this client opens a TLS one with a client
+    certificate. `connect` mirrors aetcd.Client.connect otherwise, minus etcd's
+    username/password auth (filch authenticates with the certificate)."""
+
+    _is_connecting: bool  # set by aetcd.Client.__init__
+
+    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._credentials = credentials
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # another coroutine is opening the channel
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}",
+                                                   self._credentials,
+                                                   options=list(self._options.items()))
+            self.kvstub = rpc.KVStub(self.channel)
+            self.clusterstub = rpc.ClusterStub(self.channel)
+            self.leasestub = rpc.LeaseStub(self.channel)
+            self.maintenancestub = rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel),
+                                                  timeout=self._timeout, metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
 class Store:
     """A connection to the local etcd member and every operation filch performs on it."""
 
     def __init__(self, endpoint: str, timeout: float = REQUEST_TIMEOUT, *,
+                 tls: EtcdTLS | None = None,
                  max_receive_bytes: int = STORE_MAX_RECEIVE_BYTES) -> None:
-        """max_receive_bytes: the channel's receive limit (node/limits.py; tests lower it)."""
+        """An https:// endpoint needs tls (etcd then demands the client certificate).
+        max_receive_bytes: the channel's receive limit (node/limits.py; tests lower it).
+        Raises InvalidArgument when the scheme and tls disagree or a TLS file is unreadable.
+        Connects lazily, on the first call."""
         parts = urlsplit(endpoint)
-        self._client = aetcd.Client(
-            host=parts.hostname or "127.0.0.1", port=parts.port or 2379, timeout=timeout,
-            options={"grpc.max_receive_message_length": max_receive_bytes,
-                     "grpc.max_send_message_length": STORE_MAX_SEND_BYTES})
+        if (parts.scheme == "https") != (tls is not None):
+            raise InvalidArgument("etcd_endpoint", f"{endpoint!r}: https:// goes with "
+                                  "client certificates (tls_*), http:// without them")
+        address = {"host": parts.hostname or "127.0.0.1", "port": parts.port or 2379,
+                   "timeout": timeout,
+                   "options": {"grpc.max_receive_message_length": max_receive_bytes,
+                               "grpc.max_send_message_length": STORE_MAX_SEND_BYTES}}
+        self._client = (aetcd.Client(**address) if tls is None
+                        else _TLSClient(tls.credentials(), **address))
         self._timeout = timeout
         self.endpoint = endpoint
 

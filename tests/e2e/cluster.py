@@ -97,9 +97,11 @@ class Node:
     def metrics_url(self) -> str:
         return f"http://{self.ip}:9470/metrics"
 
+    tls: bool = False
+
     @property
     def etcd_endpoint(self) -> str:
-        return f"http://{self.client_ip}:2379"
+        return f"{'https' if self.tls else 'http'}://{self.client_ip}:2379"
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +175,8 @@ class Cluster:
                 # On non-loopback addresses of one machine a peer connects from the
                 # address it dials (the local route's source): its certificate must
                 # name every address of the cluster. Loopback ones use 127.0.0.1.
-                sans = ",".join([ip, *(other for other in ips if other != ip)]) \
+                # The etcd client URL stays on the loopback address: named too.
+                sans = ",".join([ip, loopback, *(other for other in ips if other != ip)]) \
                     if addresses else ip
                 subprocess.run([FILCH, "certs", str(pki), "--node", f"{name}={sans}"],
                                check=True, capture_output=True)
@@ -183,13 +186,13 @@ class Cluster:
             args = ["--name", name, "--data-dir", str(root / name),
                     "--listen", f"{ip}:7070",
                     "--etcd-peer-url", f"{scheme}://{ip}:2380",
-                    "--etcd-client-url", f"http://{loopback}:2379",
+                    "--etcd-client-url", f"{scheme}://{loopback}:2379",
                     "--initial-cluster", initial,
                     "--cpus", str(cpus), "--memory", "8Gi",
                     "--executor", executor, "--lease-ttl", str(lease_ttl),
                     "--sweep-interval", "1", *tls, *extra]
             self.nodes.append(Node(name, ip, root / name, args, env=dict(env or {}),
-                                   client_ip=loopback))
+                                   client_ip=loopback, tls=pki is not None))
         self._channels: dict[str, grpc.Channel] = {}
 
     def __enter__(self) -> Cluster:
@@ -289,10 +292,20 @@ class Cluster:
 
     def etcd_keys(self) -> dict[str, dict[str, object]]:
         """Every key in etcd with its value and revisions (read with etcdctl, not filch)."""
-        endpoint = self.nodes[self.first_alive()].etcd_endpoint
-        out = subprocess.run(["etcdctl", "--endpoints", endpoint, "get", "", "--prefix",
-                              "-w", "json"], env=dict(os.environ, ETCDCTL_API="3"),
+        out = subprocess.run(self.etcdctl("get", "", "--prefix", "-w", "json"),
+                             env=dict(os.environ, ETCDCTL_API="3"),
                              capture_output=True, text=True, check=True, timeout=30).stdout
         import base64
         kvs = json.loads(out).get("kvs", [])  # etcdctl prints keys base64-encoded
         return {base64.b64decode(kv["key"]).decode(): kv for kv in kvs}
+
+    def etcdctl(self, *args: str) -> list[str]:
+        """An etcdctl command line against the first live member; with TLS it presents that
+        node's certificate (etcd's client port demands one)."""
+        node = self.nodes[self.first_alive()]
+        argv = ["etcdctl", "--endpoints", node.etcd_endpoint]
+        if self.pki:
+            argv += ["--cacert", str(self.pki / "ca.crt"),
+                     "--cert", str(self.pki / f"{node.name}.crt"),
+                     "--key", str(self.pki / f"{node.name}.key")]
+        return [*argv, *args]

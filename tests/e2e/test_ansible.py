@@ -288,8 +288,11 @@ class Lab:
 
     def members(self, name: str) -> list[list[str]]:
         """`etcdctl member list` on host `name`: [id, status, name, peer URL, ...] rows."""
-        out = self.exec(name, ["etcdctl", "--endpoints", "http://127.0.0.1:2379", "member",
-                               "list"]).stdout
+        # etcd's client port demands the node's certificate (the playbook runs with TLS).
+        out = self.exec(name, ["etcdctl", "--endpoints", "https://127.0.0.1:2379",
+                               "--cacert", "/etc/filch/tls/ca.crt",
+                               "--cert", "/etc/filch/tls/node.crt",
+                               "--key", "/etc/filch/tls/node.key", "member", "list"]).stdout
         return [line.split(", ") for line in out.splitlines() if line.strip()]
 
     # -- Ansible --------------------------------------------------------------------------

@@ -51,7 +51,8 @@ def cluster_of(clusters: dict[str, NetCluster], kind: str,
         tls = kind == "tls"
         # Host networking is offered only where TLS and the token protect the node.
         extra = ("--allow-host-network",) if tls else ()
-        netcluster = NetCluster(tmp_path_factory.mktemp(kind), size=2, tls=tls, http=True,
+        root = tmp_path_factory.mktemp(kind)
+        netcluster = NetCluster(root, size=2, pki=root / "pki" if tls else None, http=True,
                                 extra=extra)
         clusters[kind] = netcluster.__enter__()
     return clusters[kind]

@@ -115,7 +115,11 @@ def test_malformed_environment_values_name_their_field(name: str, value: str) ->
     assert rejected({}, {name: value}).field == name.removeprefix("FILCH_").lower()
 
 
-# -- etcd stays on loopback --------------------------------------------------------------
+# -- etcd's client API: plain on loopback, or TLS with client certificates ----------------
+
+# A node with certificates (files need not exist: validation checks combinations only).
+TLS = {"tls_ca": "/pki/ca.crt", "tls_cert": "/pki/n.crt", "tls_key": "/pki/n.key",
+       "api_token_file": "/pki/token", "etcd_peer_url": "https://127.0.0.1:2380"}
 
 
 @pytest.mark.parametrize(("field", "url"), [
@@ -124,12 +128,64 @@ def test_malformed_environment_values_name_their_field(name: str, value: str) ->
     ("etcd_client_url", "http://etcd.example.com:2379"),
     ("etcd_client_url", "http://localhost.example.com:2379"),
     ("etcd_endpoint", "http://192.168.1.10:2379"),
-    ("etcd_endpoint", "https://etcd.example.com:2379"),
 ])
-def test_non_loopback_etcd_client_urls_are_rejected(field: str, url: str) -> None:
+def test_without_tls_non_loopback_etcd_client_urls_are_rejected(field: str, url: str) -> None:
     error = rejected({field: url})
     assert error.field == field
-    assert "loopback" in str(error)
+    assert "loopback" in str(error) and "tls" in str(error)
+    assert len(str(error).splitlines()) == 1
+
+
+@pytest.mark.parametrize(("field", "url"), [
+    ("etcd_client_url", "https://127.0.0.1:2379"),
+    ("etcd_client_url", "https://10.1.2.3:2379"),
+    ("etcd_endpoint", "https://127.0.0.1:2379"),
+    ("etcd_endpoint", "https://etcd.example.com:2379"),
+])
+def test_without_tls_https_etcd_client_urls_are_rejected(field: str, url: str) -> None:
+    """No certificates, no TLS client: https:// would need what the node does not have."""
+    error = rejected({field: url})
+    assert error.field == field
+    assert "http://" in str(error)
+
+
+@pytest.mark.parametrize(("field", "url"), [
+    ("etcd_client_url", "http://127.0.0.1:2379"),
+    ("etcd_client_url", "http://10.1.2.3:2379"),
+    ("etcd_endpoint", "http://127.0.0.1:2379"),
+    ("etcd_endpoint", "http://10.1.2.3:2379"),
+    ("etcd_client_url", "https://0.0.0.0:2379"),
+    ("etcd_client_url", "https://[::]:2379"),
+    ("etcd_endpoint", "https://0.0.0.0:2379"),
+])
+def test_with_tls_plain_or_wildcard_etcd_client_urls_are_rejected(field: str, url: str) -> None:
+    """With certificates, loopback too speaks TLS: a host-network task or another local
+    user must not reach etcd in plain text."""
+    error = rejected({**TLS, field: url})
+    assert error.field == field
+    assert "certificate" in str(error)
+
+
+@pytest.mark.parametrize("url", ["https://127.0.0.1:2379", "https://10.1.2.3:2379",
+                                 "https://[fd00::1]:2379", "https://node-1.example:2379"])
+def test_with_tls_public_https_etcd_client_urls_are_accepted(url: str) -> None:
+    assert load({**TLS, "etcd_client_url": url}, environ={}).etcd_client_url == url
+    config = load({**TLS, "etcd_endpoint": url}, environ={})
+    assert config.etcd_client_endpoint == url
+    assert not config.embedded_etcd
+
+
+def test_with_tls_the_default_etcd_client_url_is_https_on_loopback() -> None:
+    assert load(TLS, environ={}).etcd_client_url == "https://127.0.0.1:2379"
+    environ = {f"FILCH_{name.upper()}": value for name, value in TLS.items()}
+    assert load({}, environ=environ).etcd_client_url == "https://127.0.0.1:2379"
+
+
+def test_an_explicit_etcd_client_url_is_not_upgraded_to_https() -> None:
+    """The https default fills in only what the operator left out."""
+    assert rejected({}, {**{f"FILCH_{k.upper()}": v for k, v in TLS.items()},
+                         "FILCH_ETCD_CLIENT_URL": "http://127.0.0.1:2379"}).field == \
+        "etcd_client_url"
 
 
 def test_non_loopback_etcd_client_url_from_the_environment_is_rejected() -> None:
@@ -138,8 +194,7 @@ def test_non_loopback_etcd_client_url_from_the_environment_is_rejected() -> None
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:2379", "http://127.0.0.2:32379",
-                                 "http://localhost:2379", "http://[::1]:2379",
-                                 "https://127.0.0.1:2379"])
+                                 "http://localhost:2379", "http://[::1]:2379"])
 def test_loopback_etcd_client_urls_are_accepted(url: str) -> None:
     assert load({"etcd_client_url": url}, environ={}).etcd_client_url == url
     config = load({"etcd_endpoint": url}, environ={})

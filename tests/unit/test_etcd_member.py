@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import sys
 import urllib.request
 from collections.abc import AsyncIterator
@@ -17,8 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from node import certs
 from node.config import Config
+from node.errors import InvalidArgument
 from node.etcd_member import EtcdMember, EtcdMemberError
+from node.store import EtcdTLS, Store
 
 if shutil.which("etcd") is None:
     if os.environ.get("CI"):
@@ -253,3 +257,48 @@ async def test_start_stops_a_member_left_by_an_earlier_run(
         if leftover.returncode is None:
             leftover.kill()
             await leftover.wait()
+
+
+async def test_tls_member_demands_a_client_certificate(
+        tmp_path: Path, started: list[EtcdMember]) -> None:
+    """With certificates the client port is TLS + client-cert-auth; the agent's Store gets in
+    with the node's certificate, nobody gets in without one or in plain text."""
+    pki = tmp_path / "pki"
+    certs.ensure(pki, [certs.NodeRequest("tls", ("127.0.0.1",))])
+    plain = member_config(tmp_path, "tls", "127.0.0.1")
+    config = dataclasses.replace(
+        plain, etcd_peer_url=plain.etcd_peer_url.replace("http:", "https:"),
+        etcd_client_url=plain.etcd_client_url.replace("http:", "https:"),
+        tls_ca=str(pki / "ca.crt"), tls_cert=str(pki / "tls.crt"), tls_key=str(pki / "tls.key"),
+        api_token_file=str(pki / "token")).validate()
+    member = EtcdMember(config)
+    started.append(member)
+    argv = member.command()
+    assert "--client-cert-auth" in argv
+    assert argv[argv.index("--trusted-ca-file") + 1] == config.tls_ca
+    await member.start()
+    await member.wait_healthy(timeout=30)  # probes with the node's certificate
+
+    tls = EtcdTLS(config.tls_ca, config.tls_cert, config.tls_key)
+    store = Store(config.etcd_client_url, tls=tls)
+    try:
+        assert await store.current_revision() >= 1
+    finally:
+        await store.close()
+    body = {"key": _b64("/")}
+    plain_url = config.etcd_client_url.replace("https:", "http:") + "/v3/kv/range"
+    with pytest.raises(OSError):  # http.client errors are OSErrors (ConnectionResetError...)
+        await asyncio.to_thread(_post, plain_url, body)
+    anonymous = ssl.create_default_context(cafile=config.tls_ca)
+    with pytest.raises((ssl.SSLError, OSError)):
+        await asyncio.to_thread(_post_tls, config.etcd_client_url + "/v3/kv/range", body,
+                                anonymous)
+    with pytest.raises(InvalidArgument, match="etcd_endpoint"):
+        Store(config.etcd_client_url)  # https:// without certificates is a usage error
+
+
+def _post_tls(url: str, body: dict[str, str], context: ssl.SSLContext) -> dict[str, object]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=10, context=context) as response:
+        result: dict[str, object] = json.loads(response.read())
+    return result

@@ -9,14 +9,15 @@ import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from node import keys, lifecycle, validation
+from node import certs, keys, lifecycle, validation
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.errors import StoreUnavailable
-from node.store import Compacted, Store, Versioned, WatchEvent, status_key
+from node.errors import InvalidArgument, StoreUnavailable
+from node.store import Compacted, EtcdTLS, Store, Versioned, WatchEvent, status_key
 from tests.unit.etcd_fixture import etcdctl, free_port, require_etcd
 
 require_etcd()
@@ -518,3 +519,35 @@ async def test_a_watch_on_an_unreachable_etcd_raises_store_unavailable(
         closed_store: Store) -> None:
     with pytest.raises(StoreUnavailable):
         await collect(closed_store.watch(keys.QUEUED, 1), 1)
+
+
+# -- TLS settings --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_scheme_and_client_certificates_go_together(scheme: str, tmp_path: Path) -> None:
+    """http:// with certificates would silently skip them; https:// without them cannot
+    pass etcd's client-cert-auth. Both are usage errors, before any connection."""
+    certs.ensure(tmp_path, [certs.NodeRequest("n", ("127.0.0.1",))])
+    tls = EtcdTLS(str(tmp_path / "ca.crt"), str(tmp_path / "n.crt"), str(tmp_path / "n.key"))
+    with pytest.raises(InvalidArgument, match="etcd_endpoint"):
+        Store(f"{scheme}://127.0.0.1:2379", tls=tls if scheme == "http" else None)
+
+
+def test_an_unreadable_certificate_file_is_named(tmp_path: Path) -> None:
+    certs.ensure(tmp_path, [certs.NodeRequest("n", ("127.0.0.1",))])
+    tls = EtcdTLS(str(tmp_path / "ca.crt"), str(tmp_path / "n.crt"), str(tmp_path / "gone.key"))
+    with pytest.raises(InvalidArgument, match=r"^tls_key: cannot read .*gone\.key"):
+        Store("https://127.0.0.1:2379", tls=tls)
+
+
+def test_a_key_others_can_read_is_warned_about(tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Whoever reads the key owns etcd: the agent says so (filch certs re-tightens it)."""
+    certs.ensure(tmp_path, [certs.NodeRequest("n", ("127.0.0.1",))])
+    tls = EtcdTLS(str(tmp_path / "ca.crt"), str(tmp_path / "n.crt"), str(tmp_path / "n.key"))
+    tls.credentials()
+    assert "readable by other users" not in caplog.text
+    (tmp_path / "n.key").chmod(0o644)
+    tls.credentials()
+    assert "readable by other users" in caplog.text and "n.key" in caplog.text

@@ -147,9 +147,7 @@ def read_history(node: NetNode, timeout: float = 30.0) -> History:
 
 def _watch(node: NetNode, start: int, target: int,
            deadline: float) -> tuple[list[Event], int]:
-    argv = ["nsenter", f"--net=/run/netns/{node.ns}", "--", "etcdctl", "--endpoints",
-            "http://127.0.0.1:2379", "watch", "--rev", str(start), "--prefix", "/", "-w",
-            "json"]
+    argv = node.etcdctl_argv("watch", "--rev", str(start), "--prefix", "/", "-w", "json")
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                stdin=subprocess.DEVNULL, env=dict(os.environ, ETCDCTL_API="3"))
     assert process.stdout is not None

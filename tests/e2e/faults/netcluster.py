@@ -288,9 +288,20 @@ class NetNode:
     """Extra environment of the agent (e.g. FILCH_FAILPOINTS)."""
     agent: subprocess.Popen[bytes] | None = None
     etcd: subprocess.Popen[bytes] | None = None
-    http_face: subprocess.Popen[bytes] | None = None
+    etcd_url: str = "http://127.0.0.1:2379"
+    """The etcd client URL this node's agent uses (its member's, or a member's elsewhere)."""
     pki: Path | None = None
-    """The cluster's certificates (tls=True), for etcdctl."""
+    """With TLS: the `filch certs` directory holding this node's <name>.crt/.key."""
+
+    def etcdctl_argv(self, *args: str) -> list[str]:
+        """etcdctl against this node's etcd URL, from inside its namespace; with TLS it
+        presents the node's certificate (etcd's client port demands one)."""
+        tls: list[str] = []
+        if self.pki is not None:
+            tls = ["--cacert", str(self.pki / "ca.crt"),
+                   "--cert", str(self.pki / f"{self.name}.crt"),
+                   "--key", str(self.pki / f"{self.name}.key")]
+        return self._enter("etcdctl", "--endpoints", self.etcd_url, *tls, *args)
 
     @property
     def address(self) -> str:
@@ -342,12 +353,7 @@ class NetNode:
     def etcdctl(self, *args: str, timeout: float = 20.0,
                 check: bool = True) -> subprocess.CompletedProcess[str]:
         """etcdctl against this node's member, from inside its namespace."""
-        tls = [] if self.pki is None else [
-            "--cacert", str(self.pki / "ca.crt"), "--cert", str(self.pki / f"{self.name}.crt"),
-            "--key", str(self.pki / f"{self.name}.key")]
-        scheme = "http" if self.pki is None else "https"
-        return run(*self._enter("etcdctl", "--endpoints", f"{scheme}://127.0.0.1:2379", *tls,
-                                "--command-timeout", "5s", *args),
+        return run(*self.etcdctl_argv("--command-timeout", "5s", *args),
                    timeout=timeout, check=check, env=dict(os.environ, ETCDCTL_API="3"))
 
     def etcd_leadership(self) -> tuple[int, int]:
@@ -412,59 +418,80 @@ class NetCluster:
     def __init__(self, root: Path, size: int = 3, *, lease_ttl: int = 5,
                  external_etcd: Iterable[int] = (), cpus: float = 2,
                  extra: tuple[str, ...] = (), etcd_extra: tuple[str, ...] = (),
-                 tls: bool = False, http: bool = False,
+                 pki: Path | None = None, public_etcd: bool = False,
+                 client_only: Iterable[int] = (), http: bool = False,
                  node_env: dict[int, dict[str, str]] | None = None) -> None:
-        """tls: certificates from `filch certs` (in root/pki) for every node, so the API,
-        etcd and the HTTP face run TLS with the bearer token. http: each node also runs
-        its HTTP face (gunicorn) in its namespace, on its address with TLS, else on the
-        namespace's loopback (without a token it may not bind anything else).
+        """pki: a directory for `filch certs`: the cluster then runs TLS (API with the token,
+        etcd peers and clients with certificates). public_etcd (TLS only): members serve
+        etcd's client API on their eth0 address instead of the namespace's loopback.
+        client_only (needs public_etcd): these nodes run no member and use the first
+        member's client URL (--etcd-endpoint), across the bridge. http: each node also
+        runs its HTTP face (gunicorn) in its namespace, on its address with TLS, else on
+        the namespace's loopback (without a token it may not bind anything else).
         node_env: extra agent environment by node index (e.g. FILCH_FAILPOINTS)."""
         self.root = root
         self.size = size
         self.lease_ttl = lease_ttl
         self.http = http
-        self.pki = root / "pki" if tls else None
+        self.pki = pki
         self.k = _claim_subnet()
         self.bridge, ns_name, veth_name = _names(self.k)
         self.bridge_ip = f"{SUBNET_PREFIX}.{self.k}.{BRIDGE_HOST}"
         external = set(external_etcd)
+        clients = set(client_only)
+        assert not clients or (pki and public_etcd), "client-only nodes need public TLS etcd"
+        assert not public_etcd or pki, "etcd's client API is public only with TLS"
+        scheme = "https" if pki else "http"
         names = [f"f{self.k}n{i}" for i in range(1, size + 1)]
         ips = [f"{SUBNET_PREFIX}.{self.k}.{i}" for i in range(1, size + 1)]
-        scheme = "https" if tls else "http"
-        initial = ",".join(f"{name}={scheme}://{ip}:2380" for name, ip in zip(names, ips,
-                                                                               strict=True))
-        if self.pki is not None:
-            nodes = [arg for name, ip in zip(names, ips, strict=True)
-                     for arg in ("--node", f"{name}={ip}")]
-            run(FILCH, "certs", str(self.pki), *nodes, timeout=60)
+        initial = ",".join(f"{name}={scheme}://{ip}:2380"
+                           for i, (name, ip) in enumerate(zip(names, ips, strict=True))
+                           if i not in clients)
+        members = [i for i in range(size) if i not in clients]
         self.nodes: list[NetNode] = []
         for i, (name, ip) in enumerate(zip(names, ips, strict=True)):
             data_dir = root / name
+            client_url = f"{scheme}://{ip if public_etcd else '127.0.0.1'}:2379"
+            tls: list[str] = []
+            etcd_tls: list[str] = []
+            if pki:
+                run(FILCH, "certs", str(pki), "--node", f"{name}={ip}", timeout=60)
+                files = [str(pki / "ca.crt"), str(pki / f"{name}.crt"), str(pki / f"{name}.key")]
+                tls = ["--tls-ca", files[0], "--tls-cert", files[1], "--tls-key", files[2],
+                       "--api-token-file", str(pki / "token")]
+                etcd_tls = ["--peer-client-cert-auth", "--peer-trusted-ca-file", files[0],
+                            "--peer-cert-file", files[1], "--peer-key-file", files[2],
+                            "--client-cert-auth", "--trusted-ca-file", files[0],
+                            "--cert-file", files[1], "--key-file", files[2]]
             args = ["--name", name, "--data-dir", str(data_dir),
                     "--listen", f"{ip}:7070", "--advertise", f"{ip}:7070",
                     "--etcd-peer-url", f"{scheme}://{ip}:2380",
-                    "--etcd-client-url", f"{scheme}://127.0.0.1:2379",
+                    "--etcd-client-url", client_url,
                     "--initial-cluster", initial,
                     "--cpus", str(cpus), "--memory", "8Gi", "--executor", "runc",
-                    "--lease-ttl", str(lease_ttl), "--sweep-interval", "1",
-                    *self._tls_args(name), *extra]
+                    "--lease-ttl", str(lease_ttl), "--sweep-interval", "1", *tls, *extra]
             etcd_args: list[str] = []
-            if i in external:
-                args += ["--etcd-endpoint", "http://127.0.0.1:2379"]
+            if i in clients:
+                client_url = f"https://{ips[members[0]]}:2379"
+                args += ["--etcd-endpoint", client_url]
+            elif i in external:
+                args += ["--etcd-endpoint", client_url]
                 # The same member the agent would embed (node/etcd_member.py), run on its own.
                 etcd_args = ["etcd", "--name", name, "--data-dir", str(data_dir / "etcd"),
-                             "--listen-client-urls", "http://127.0.0.1:2379",
-                             "--advertise-client-urls", "http://127.0.0.1:2379",
-                             "--listen-peer-urls", f"http://{ip}:2380",
-                             "--initial-advertise-peer-urls", f"http://{ip}:2380",
+                             "--listen-client-urls", client_url,
+                             "--advertise-client-urls", client_url,
+                             "--listen-peer-urls", f"{scheme}://{ip}:2380",
+                             "--initial-advertise-peer-urls", f"{scheme}://{ip}:2380",
                              "--initial-cluster", initial, "--initial-cluster-state", "new",
                              "--initial-cluster-token", "filch", "--pre-vote",
                              "--heartbeat-interval", str(Config.etcd_heartbeat_ms),
                              "--election-timeout", str(Config.etcd_election_timeout_ms),
-                             "--logger", "zap", "--log-outputs", "stderr", *etcd_extra]
+                             "--logger", "zap", "--log-outputs", "stderr", *etcd_tls,
+                             *etcd_extra]
             self.nodes.append(NetNode(i, name, ns_name(i + 1), ip, veth_name(i + 1),
                                       data_dir, args, i in external, etcd_args,
-                                      env=dict((node_env or {}).get(i, {})), pki=self.pki))
+                                      etcd_url=client_url, pki=pki,
+                                      env=dict((node_env or {}).get(i, {}))))
         self.faulty: set[int] = set()
         """Nodes a fault currently makes unreachable or unresponsive (not used for RPCs)."""
         self.crashed_at: dict[int, float] = {}
@@ -476,15 +503,8 @@ class NetCluster:
         self._channels: dict[str, grpc.Channel] = {}
         self._network_up = False
 
-    def _tls_args(self, name: str) -> list[str]:
-        if self.pki is None:
-            return []
-        return ["--tls-ca", str(self.pki / "ca.crt"), "--tls-cert", str(self.pki / f"{name}.crt"),
-                "--tls-key", str(self.pki / f"{name}.key"),
-                "--api-token-file", str(self.pki / "token")]
-
     def security(self) -> Security:
-        assert self.pki is not None, "a cluster without tls=True has no credentials"
+        assert self.pki is not None, "a cluster without pki has no credentials"
         return Security.load(str(self.pki / "ca.crt"), token_file=str(self.pki / "token"))
 
     def http_address(self, index: int) -> str:
