@@ -344,7 +344,7 @@ def test_every_opened_port_has_something_listening_on_it() -> None:
         assert defaults[variable] == MEMBER_PORTS[name], name
         assert bind in (role / path).read_text(), f"{path} does not bind {name}: {bind}"
     assert defaults["filch_node_http"] is True  # the HTTP face is deployed by default
-    assert defaults["filch_node_etcd_client_url"].startswith("http://127.0.0.1:")
+    assert "://127.0.0.1:" in defaults["filch_node_etcd_client_url"]  # loopback, TLS or not
     assert 2379 not in MEMBER_PORTS.values()
 
 
