@@ -16,9 +16,12 @@ removes exactly its own leftovers after a crash, even with several nodes on one 
 Firewall, in the node's own table (inet: IPv4 and IPv6 alike): anything arriving from the
 bridge for a local address of this host is dropped (input hook: etcd, gRPC, HTTP,
 metrics, whatever listens); forwarded traffic from the bridge is dropped when it goes
-back to the bridge (task to task), when it is IPv6, or when it is addressed to any
-cluster node (a set fed from the etcd member list and the live node records). Bridge
-ports are also `isolated on`, so tasks cannot talk to each other at layer 2.
+back to the bridge (task to task), when it is IPv6, when it is addressed to any
+cluster node (a set fed from the etcd member list and the live node records) or to a
+link-local address (169.254.0.0/16: a cloud's metadata service hands out the machine's
+credentials there). Nothing opens a connection to a task: new connections forwarded
+towards the bridge are dropped (from another node's tasks on the same machine, say).
+Bridge ports are also `isolated on`, so tasks cannot talk to each other at layer 2.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ ISOLATED, NONE, HOST = "isolated", "none", "host"
 MODES = (ISOLATED, NONE, HOST)
 
 NETNS_DIR = Path("/run/netns")
+# Link-local IPv4, dropped from tasks: cloud metadata services (169.254.169.254) answer
+# there with the machine's credentials, and nothing a batch task needs lives there.
+LINK_LOCAL = "169.254.0.0/16"
 
 # Shared address space (RFC 6598): private, clear of podman's 10.88.0.0/16 and of the
 # RFC 1918 ranges home and office networks use. Each node takes one /24 of it.
@@ -208,6 +214,8 @@ table inet {self.table} {{
     iifname {bridge} meta nfproto ipv6 drop
     iifname {bridge} ip daddr @cluster4 drop
     iifname {bridge} ip6 daddr @cluster6 drop
+    iifname {bridge} ip daddr {LINK_LOCAL} drop
+    oifname {bridge} ct state new drop
   }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;

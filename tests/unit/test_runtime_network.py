@@ -231,6 +231,38 @@ async def test_isolated_reaches_outside_but_not_the_node_nor_the_cluster(
         assert result == {"198.18.77.2:8000": "TimeoutError"}
 
 
+@pytest.fixture
+def metadata_server(outside: Outside) -> Iterator[str]:
+    """A cloud's metadata service (169.254.169.254 hands out the machine's credentials),
+    stood in for by a server in the test's namespace, routed like the outside one."""
+    metadata = "169.254.169.254"
+    sh("ip", "-n", outside.netns, "addr", "add", f"{metadata}/32", "dev", "eth0")
+    sh("ip", "route", "add", f"{metadata}/32", "dev", outside.host_veth)
+    with subprocess.Popen(["ip", "netns", "exec", outside.netns, sys.executable, "-c",
+                           ACCEPT_FOREVER, metadata],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
+        try:
+            yield f"{metadata}:8000"
+        finally:
+            server.kill()
+            subprocess.run(["ip", "route", "del", f"{metadata}/32"], capture_output=True)
+
+
+async def test_isolated_cannot_reach_link_local_metadata(
+        executor: RuncExecutor, network: net.TaskNetwork, tmp_path: Path,
+        metadata_server: str) -> None:
+    await network.set_cluster_addresses([])
+    target = metadata_server
+    host = RuncExecutor("runc", tmp_path / "runc-host", TASK_UID, network=None)
+    deadline = time.monotonic() + 10
+    while await probe(host, tmp_path, "host", target) != {target: "open"}:
+        assert time.monotonic() < deadline, "the stand-in metadata server did not start"
+    assert await probe(executor, tmp_path, "isolated", target) == {target: "TimeoutError"}
+    # The outside world stays reachable: only link-local addresses are cut off.
+    assert await probe(executor, tmp_path, "isolated", "198.18.77.2:8000") == {
+        "198.18.77.2:8000": "open"}
+
+
 async def test_host_mode_shares_the_host_network(tmp_path: Path) -> None:
     executor = RuncExecutor("runc", tmp_path / "runc", TASK_UID, network=None)
     server, address = await serve_on_loopback()
