@@ -74,7 +74,7 @@ lint: venv
 
 # pytest runs last, so its summary line is the last thing `make test` prints.
 test: deps venv lint
-	$(VENV)/bin/pytest tests -q -ra
+	$(VENV)/bin/pytest tests -q -ra --durations=15
 
 run: deps venv
 	scripts/run-local.sh
