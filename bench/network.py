@@ -58,23 +58,36 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
+def measure(root: Path, modes: list[str], samples: int, tasks: int) -> dict[str, dict[str, float]]:
+    """Per mode: idle submit->start p50/p99 (s) and throughput (tasks/s), on one cluster."""
+    results: dict[str, dict[str, float]] = {}
+    with Cluster(root, size=3, extra=("--allow-host-network",)) as cluster:
+        for mode in modes:          # warm-up: caches, the first namespace, page cache
+            idle_latency(cluster, mode, 3)
+        for mode in modes:
+            latencies = idle_latency(cluster, mode, samples)
+            results[mode] = {"p50": statistics.median(latencies),
+                             "p99": percentile(latencies, 0.99), "samples": len(latencies),
+                             "throughput": throughput(cluster, mode, tasks), "tasks": tasks}
+    return results
+
+
+def describe(mode: str, entry: dict[str, float]) -> str:
+    return (f"{mode:9} idle submit->start p50 {entry['p50']:.3f} s p99 {entry['p99']:.3f} s "
+            f"(n={entry['samples']:.0f}); throughput {entry['throughput']:.1f} tasks/s "
+            f"(N={entry['tasks']:.0f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="bench.network")
     parser.add_argument("--samples", type=int, default=40)
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--modes", default="host,isolated,none")
     args = parser.parse_args()
-    modes = args.modes.split(",")
-    with tempfile.TemporaryDirectory(prefix="filch-bench-net-") as root, \
-            Cluster(Path(root), size=3, extra=("--allow-host-network",)) as cluster:
-        for mode in modes:          # warm-up: caches, the first namespace, page cache
-            idle_latency(cluster, mode, 3)
-        for mode in modes:
-            latencies = idle_latency(cluster, mode, args.samples)
-            rate = throughput(cluster, mode, args.tasks)
-            print(f"{mode:9} idle submit->start p50 {statistics.median(latencies):.3f} s "
-                  f"p99 {percentile(latencies, 0.99):.3f} s (n={len(latencies)}); "
-                  f"throughput {rate:.1f} tasks/s (N={args.tasks})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="filch-bench-net-") as root:
+        results = measure(Path(root), args.modes.split(","), args.samples, args.tasks)
+    for mode, entry in results.items():
+        print(describe(mode, entry), flush=True)
 
 
 if __name__ == "__main__":

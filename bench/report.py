@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from bench.network import describe as network_line
 from bench.util import latency_percentiles, summary
 
 NOMINAL_TXNS_PER_TASK = 3      # submit, steal, finish (design.md, "The cost model")
@@ -292,6 +293,9 @@ def table(results: dict[str, Any]) -> str:
     for key, entry in d["slurm"].items():
         kind, _, n = key.partition("_")
         lines.append(f"  Slurm {kind:<7} N={n:<5}  {_fmt(entry)}")
+    if results.get("network"):
+        lines += ["", "NETWORK MODES (runc; one 3-node cluster; host = before per-task networks)"]
+        lines += [f"  {network_line(mode, entry)}" for mode, entry in results["network"].items()]
     lines += ["", "LATENCY (s; pooled over repeats: p50 / p90 / p99)"]
     for executor in ("runc", "process"):
         for kind, label in (("latency_idle", "idle"), ("latency_loaded", "50% load")):

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings, report, slurm, workloads
+from bench import ceilings, network, report, slurm, workloads
 from bench.util import (
     CLEANUP,
     AsyncRunner,
@@ -49,14 +49,17 @@ MODES: dict[str, dict[str, Any]] = {
     "quick": {"repeats": 1, "sizes": [200], "slurm_repeats": {200: 1},
               "idle_latency": {"runc": 20, "process": 15}, "loaded_seconds": 6.0,
               "fairness_waves": 4, "failover_repeats": 1, "queue_n": 3000,
-              "many_client_only": 8, "many_n": 300, "many_repeats": 1},
+              "many_client_only": 8, "many_n": 300, "many_repeats": 1,
+              "network_samples": 15, "network_tasks": 60},
     "full": {"repeats": 3, "sizes": [200, 2000], "slurm_repeats": {200: 3, 2000: 1},
              "idle_latency": {"runc": 50, "process": 30}, "loaded_seconds": 15.0,
              "fairness_waves": 6, "failover_repeats": 3, "queue_n": 100_000,
-             "many_client_only": 20, "many_n": 2000, "many_repeats": 2},
+             "many_client_only": 20, "many_n": 2000, "many_repeats": 2,
+             "network_samples": 40, "network_tasks": 200},
 }
 
-SECTIONS = ("ceilings", "slurm", "throughput", "fairness", "failover", "many", "queue")
+SECTIONS = ("ceilings", "slurm", "throughput", "network", "fairness", "failover", "many",
+            "queue")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -145,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                                                    out), {"runs": []})
         section("throughput", lambda out: run_throughput(
             root, runner, plan, args.profile, args.out / f"{stamp}-profile.txt", out), {})
+        # What per-task network isolation costs: host (as before it) vs isolated vs none.
+        section("network", lambda out: out.update(network.measure(
+            root / "network", ["host", "isolated", "none"], plan["network_samples"],
+            plan["network_tasks"])), {})
         section("fairness", lambda out: run_fairness(root, runner, plan, out), {})
         # Alternately a follower's and the etcd leader's node (first a follower).
         section("failover", lambda out: out.extend(
