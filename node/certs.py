@@ -16,6 +16,7 @@ import datetime
 import ipaddress
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,9 +51,39 @@ class NodeRequest:
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    """Create path with exactly mode. Never follows a link nor replaces a file: a key or
+    token planted or left there (by another user, an earlier run) is an error, not a
+    target. Raises InvalidArgument naming the file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     mode)
+    except FileExistsError:
+        raise InvalidArgument(path.name, f"{path} exists already (or is a link): filch "
+                              "certs never overwrites a file; remove it to make a new one"
+                              ) from None
     with os.fdopen(fd, "wb") as stream:
+        os.fchmod(stream.fileno(), mode)       # the umask must not loosen nor tighten it
         stream.write(data)
+
+
+def _check_private(directory: Path) -> None:
+    """Refuse a directory another user could write into (they could plant links or keys)."""
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+        raise InvalidArgument("directory", f"{directory} must be a directory of this user "
+                              "that no one else can write to (e.g. mode 0700)")
+
+
+def _require_pair(directory: Path, stem: str) -> bool:
+    """Whether stem.crt exists; refuses a stem.key without its certificate, which a new
+    certificate would need to replace (another key's certificate must not be issued)."""
+    if (directory / f"{stem}.crt").exists():
+        return True
+    if os.path.lexists(directory / f"{stem}.key"):
+        raise InvalidArgument(f"{stem}.key", f"{directory / stem}.key exists without "
+                              f"{stem}.crt: restore the certificate, or remove the key to "
+                              "issue a new pair")
+    return False
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -67,7 +98,7 @@ def _name(common_name: str) -> x509.Name:
 
 def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     cert_path, key_path = directory / "ca.crt", directory / "ca.key"
-    if not cert_path.exists():
+    if not _require_pair(directory, "ca"):
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         cert = (x509.CertificateBuilder()
@@ -125,16 +156,22 @@ def ensure(directory: Path, nodes: list[NodeRequest]) -> list[str]:
     """Create the CA, the token and each node's certificate unless present; return what
     was created (file names)."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(directory)
     before = set(os.listdir(directory))
     ca_cert, ca_key = _load_ca(directory)
     token = directory / "token"
+    if token.is_symlink():
+        raise InvalidArgument("token", f"{token} is a symbolic link: the token must be a file")
     if not token.exists():
         _write(token, secrets.token_hex(TOKEN_BYTES).encode() + b"\n", 0o600)
     for request in nodes:
-        if not (directory / f"{request.name}.crt").exists():
+        if not _require_pair(directory, request.name):
             _issue(directory, request, ca_cert, ca_key)
     # A node's key is also its etcd client credential (full access to the keyspace): keys
     # stay readable by their owner (root on a node) alone, even if someone loosened them.
+    # A link is never followed (chmod would change its target).
     for key in directory.glob("*.key"):
+        if key.is_symlink():
+            raise InvalidArgument(key.name, f"{key} is a symbolic link: keys must be files")
         key.chmod(0o600)
     return sorted(set(os.listdir(directory)) - before)
