@@ -288,6 +288,7 @@ class NetNode:
     """Extra environment of the agent (e.g. FILCH_FAILPOINTS)."""
     agent: subprocess.Popen[bytes] | None = None
     etcd: subprocess.Popen[bytes] | None = None
+    http_face: subprocess.Popen[bytes] | None = None
     etcd_url: str = "http://127.0.0.1:2379"
     """The etcd client URL this node's agent uses (its member's, or a member's elsewhere)."""
     pki: Path | None = None
@@ -855,7 +856,7 @@ class NetCluster:
         node = self.nodes[index]
         argv = list(node.etcd_args)
         cut = argv.index("--initial-cluster")
-        node.etcd = node._spawn(argv[:cut] + argv[cut + 6:], node.data_dir / "etcd.log")
+        node.etcd = node.spawn(argv[:cut] + argv[cut + 6:], node.data_dir / "etcd.log")
 
     def netem(self, index: int, spec: str) -> None:
         """`tc qdisc add dev eth0 root netem <spec>` in the node's namespace (egress).
