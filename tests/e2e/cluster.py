@@ -25,6 +25,7 @@ import grpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.runtime.scratch import mounted_under
 from node.tls import Security
 
 T = TypeVar("T")
@@ -51,6 +52,13 @@ def _free_subnet() -> int:
     raise RuntimeError("no free 127.0.X.0/24 left for a test cluster")
 
 FINISHED = (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED)
+
+
+def unmount_scratch(data_dir: Path) -> None:
+    """Unmount the /work file systems (node/runtime/scratch.py) a killed agent left in its
+    data dir: a restarted agent would, but a test's cluster is not restarted."""
+    for point in mounted_under(data_dir):
+        subprocess.run(["umount", "--lazy", str(point)], capture_output=True, check=False)
 
 
 def wait_for(what: str, check: Callable[[], T | None], timeout: float = 30.0,
@@ -219,6 +227,7 @@ class Cluster:
             node.stop()
         for node in self.nodes:
             node.kill_hard()
+            unmount_scratch(node.data_dir)
 
     def stub(self, index: int = 0) -> pb_grpc.SchedulerStub:
         address = self.nodes[index].address

@@ -46,7 +46,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.config import Config
 from node.tls import Security
-from tests.e2e.cluster import FINISHED, wait_for
+from tests.e2e.cluster import FINISHED, unmount_scratch, wait_for
 
 T = TypeVar("T")
 
@@ -591,7 +591,7 @@ class NetCluster:
             for pid in pids_in_netns(node.ns):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            for process in (node.agent, node.etcd):
+            for process in (node.agent, node.etcd, node.http_face):
                 if process is not None:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         process.wait(10)
@@ -602,6 +602,7 @@ class NetCluster:
                     str(entry["id"]), check=False)
         for node in self.nodes:
             _remove_cgroups(node)
+            unmount_scratch(node.data_dir)
         for node in self.nodes:
             if (NETNS_DIR / node.ns).exists():
                 run("ip", "netns", "del", node.ns, check=False)
