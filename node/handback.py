@@ -28,6 +28,10 @@ class Cause:
     why: str
 
 
+_SAID = {pb.TASK_STATE_PENDING: "requeued", pb.TASK_STATE_COMPLETE: "NODE_LOST",
+         pb.TASK_STATE_CANCELED: "canceled"}
+
+
 def canceled(why: str) -> Cause:
     return Cause("canceled", why)
 
@@ -54,6 +58,5 @@ async def handback(store: Store, found: Versioned, cause: Cause, *,
         metrics.REQUEUES.labels(cause.label).inc()
     elif new.state == pb.TASK_STATE_COMPLETE:
         metrics.LOST.inc()
-    log.info("task %s: %s (%s)", new.id, pb.TaskState.Name(new.state)[len("TASK_STATE_"):],
-             cause.why)
+    log.info("task %s: %s (%s)", new.id, _SAID[new.state], cause.why)
     return new
