@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +30,7 @@ from node.etcd_member import EtcdMember
 from node.housekeeping import Housekeeping, cluster_addresses
 from node.logs import LogService
 from node.membership import Membership
+from node.node_state import NodeState
 from node.recovery import Recovery
 from node.runner import Runner
 from node.runtime.base import Executor
@@ -71,6 +73,14 @@ def make_executor(config: Config, watchdog: Watchdog,
 def runc_root(config: Config) -> Path:
     """runc's state directory for this node's containers (the watchdog kills what is there)."""
     return config.path / "runc"
+
+
+class Part(Protocol):
+    """One loop of the node: run() until cancelled; shutdown() undoes what it holds."""
+
+    async def run(self) -> object: ...
+
+    async def shutdown(self) -> None: ...
 
 
 class Agent:
@@ -154,23 +164,18 @@ class Agent:
     async def _run_parts(self, store: Store, member: EtcdMember | None, executor: Executor,
                          watchdog: Watchdog, network: TaskNetwork | None) -> int:
         config = self.config
-
-        stealer: Stealer | None = None
-
-        def changed() -> None:
-            membership.publish()
-            if stealer is not None:
-                stealer.wake()
-
-        runner: Runner
-        membership = Membership(config, store, executor.name, lambda: runner.allocation(),
-                                lambda: runner.fence(), watchdog)
-        runner = Runner(config, store, executor, membership, changed)
-        stealer = Stealer(config, store, runner, membership)
-        recovery = Recovery(config, store)
+        # Built in dependency order from the shared node state: no part refers back.
+        state = NodeState.for_config(config)
+        runner = Runner(config=config, store=store, executor=executor, state=state)
+        membership = Membership(config=config, store=store, state=state,
+                                executor_name=executor.name, runner=runner, watchdog=watchdog)
+        stealer = Stealer(config=config, store=store, state=state, runner=runner)
+        recovery = Recovery(config=config, store=store)
         housekeeping = Housekeeping(
             config, store, membership, runner, stealer,
             network.set_cluster_addresses if network is not None else None)
+        # In shutdown order: stop stealing, drain the attempts, leave the cluster.
+        parts: tuple[Part, ...] = (stealer, runner, membership, recovery)
         tasks = TaskService(store, config.max_pending)
 
         metrics.CPU_CAPACITY.set(config.cpus)
@@ -205,8 +210,9 @@ class Agent:
                  config.memory)
 
         async with asyncio.TaskGroup() as group:
-            loops: list[asyncio.Task[object]] = [group.create_task(part.run()) for part in
-                     (membership, runner, stealer, recovery, housekeeping)]
+            loops: list[asyncio.Task[object]] = [group.create_task(part.run())
+                                                 for part in parts]
+            loops.append(group.create_task(housekeeping.run()))
             if member is not None:
                 loops.append(group.create_task(self._watch_member(member)))
             if network is not None:
@@ -215,12 +221,11 @@ class Agent:
             log.info("shutting down")
             for service in ("", SERVICE_NAME):
                 await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-            stealer.pause()
-            await runner.drain(config.shutdown_grace)
-            await membership.leave()
+            for part in parts:
+                await part.shutdown()
             await server.stop(SERVER_STOP_GRACE)
-            for part in loops:
-                part.cancel()
+            for task in loops:
+                task.cancel()
         log.info("stopped")
         return self._exit_code
 

@@ -5,14 +5,18 @@ go together in the next one (up to store.MAX_BATCH moves and limits.WRITE_BATCH_
 transaction etcd refuses as too large is split in halves. An idle node therefore adds no
 latency, and a burst of submits costs one Raft entry, fsync and watch event batch per
 transaction instead of one per task.
+
+Submits (service.py) and attempt results (results.py) both go through it. A result is a
+fenced move: it compares the running key's create_revision with the fencing token, so a
+shared transaction whose fence fails is retried move by move, like a reused request_id.
 """
 
 from __future__ import annotations
 
 import asyncio
 
-from node.errors import InvalidArgument, TooLarge
-from node.limits import ETCD_MAX_REQUEST_BYTES, WRITE_BATCH_BYTES
+from node.errors import TooLarge
+from node.limits import WRITE_BATCH_BYTES
 from node.store import MAX_BATCH, Move, Store, move_bytes
 
 _Waiter = tuple[Move, "asyncio.Future[int | None]"]
@@ -30,7 +34,7 @@ class GroupCommitter:
         """As Store.transition_many([move]): the revision, or None when move's compare
         failed. Other moves in the same transaction never make it fail: when a shared
         transaction fails a compare, each of its moves is retried alone. Raises what the
-        store raises (StoreUnavailable, StoreFull)."""
+        store raises (StoreUnavailable, StoreFull, TooLarge when move alone is too large)."""
         future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
         self._waiting.append((move, future))
         if self._flusher is None:
@@ -83,11 +87,8 @@ class GroupCommitter:
                 await self._commit(batch[:half])
                 await self._commit(batch[half:])
                 return
-            move, future = batch[0]
-            if not future.done():
-                future.set_exception(InvalidArgument(
-                    "spec", f"the task record is {move.new.ByteSize()} bytes; etcd takes "
-                            f"at most {ETCD_MAX_REQUEST_BYTES} in one request ({exc})"))
+            if not batch[0][1].done():
+                batch[0][1].set_exception(exc)
             return
         except Exception as exc:  # handed to every waiter, who raises it
             for _, future in batch:

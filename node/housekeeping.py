@@ -75,7 +75,7 @@ class Housekeeping:
         elif self.paused_for_space:
             log.warning("etcd has space again: stealing resumes")
             self.paused_for_space = False
-            self._stealer.resume()
+            self._stealer.resume("nospace")
         await self.apply_retention()
         if time.monotonic() - self._last_compaction >= self._config.compaction_interval:
             await self.compact(self._config.compaction_keep)
@@ -184,7 +184,7 @@ class Housekeeping:
             log.error("etcd is out of space (NOSPACE alarm): stealing stops, running tasks "
                       "go on; freeing space")
             self.paused_for_space = True
-            self._stealer.pause()
+            self._stealer.pause("nospace")
         await failpoints.hit("housekeeping.before_recover")
         await self.apply_retention()
         await self.compact(keep=0)

@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 from node import failpoints, keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError
+from node.node_state import NodeState, Registration
 from node.store import Store
 from node.watchdog import Watchdog
 
@@ -48,49 +47,42 @@ REGISTER_RETRY = 0.5
 PUBLISH_DEBOUNCE = 0.2
 
 
-@dataclass(frozen=True)
-class Registration:
-    """This node's current identity in the cluster."""
-
-    node_id: str
-    lease_id: int
-
-
-@dataclass(frozen=True)
-class Allocation:
-    cpu_millis: int
-    memory_bytes: int
-    running: int
+class Fenceable(Protocol):
+    async def fence(self) -> None:
+        """The lease is lost: kill every attempt now and write nothing for them."""
 
 
 class Membership:
     """Keeps this node registered; tells the rest of the agent when it must fence itself."""
 
-    def __init__(self, config: Config, store: Store, executor_name: str,
-                 allocation: Callable[[], Allocation],
-                 on_fence: Callable[[], Awaitable[None]],
-                 watchdog: Watchdog | None = None) -> None:
+    def __init__(self, *, config: Config, store: Store, state: NodeState, executor_name: str,
+                 runner: Fenceable, watchdog: Watchdog | None = None) -> None:
+        """runner is fenced when the lease is lost; watchdog, when given, is armed with
+        every fence deadline (it kills the tasks if this process cannot)."""
         self._config = config
         self._store = store
+        self._state = state
         self._executor_name = executor_name
-        self._allocation = allocation
-        self._on_fence = on_fence
+        self._runner = runner
         self._watchdog = watchdog
-        self._dirty = asyncio.Event()
+        # Set by every change of the capacity ledger: the node record is rewritten.
+        self._dirty = state.capacity.subscribe()
         self._registered_at = 0.0
         self._member_id = 0
         self._deadline = 0.0
-        self.registration: Registration | None = None
-        self.live = asyncio.Event()
+
+    @property
+    def registration(self) -> Registration | None:
+        return self._state.registration
+
+    @property
+    def live(self) -> asyncio.Event:
         """Set while this node holds a fresh lease; stealing waits for it."""
+        return self._state.live
 
     @property
     def margin(self) -> float:
         return max(FENCE_MARGIN_MIN, self._config.lease_ttl * FENCE_MARGIN_FRACTION)
-
-    def publish(self) -> None:
-        """Note that allocation changed; the node record is rewritten shortly."""
-        self._dirty.set()
 
     async def run(self) -> NoReturn:
         """Register, renew, fence on failure, register again — forever."""
@@ -109,7 +101,7 @@ class Membership:
                 sent = time.monotonic()
                 self._member_id = (await self._store.member_status()).member_id
                 registration = Registration(keys.new_node_id(), lease_id)
-                self.registration = registration
+                self._state.registration = registration
                 self._registered_at = time.time()
                 await self._store.put_node(self._node_record(registration), lease_id)
                 self._deadline = sent + self._config.lease_ttl - self.margin
@@ -122,7 +114,7 @@ class Membership:
                          lease_id, self._config.lease_ttl)
                 return registration
             except FilchError as exc:
-                self.registration = None
+                self._state.registration = None
                 log.warning("cannot register yet: %s", exc)
                 await asyncio.sleep(REGISTER_RETRY)
 
@@ -164,9 +156,9 @@ class Membership:
 
     async def _fence(self, registration: Registration) -> None:
         self.live.clear()
-        self.registration = None
+        self._state.registration = None
         metrics.SELF_FENCES.inc()
-        await self._on_fence()
+        await self._runner.fence()
         # The watchdog stays armed: at the fence deadline it kills whatever of this
         # registration is still running (an attempt whose start was under way), until
         # the next registration arms it again.
@@ -176,9 +168,9 @@ class Membership:
         except FilchError as exc:
             log.info("could not revoke the old lease (it expires by itself): %s", exc)
 
-    async def leave(self) -> None:
-        """Deregister for shutdown: revoke the lease (deletes the node record). Best effort."""
-        registration, self.registration = self.registration, None
+    async def shutdown(self) -> None:
+        """Deregister: revoke the lease (deletes the node record). Best effort; idempotent."""
+        registration, self._state.registration = self._state.registration, None
         self.live.clear()
         if self._watchdog is not None:
             self._watchdog.disarm()
@@ -189,7 +181,7 @@ class Membership:
                 log.warning("could not revoke the lease on shutdown: %s", exc)
 
     def _node_record(self, registration: Registration) -> pb.Node:
-        allocation = self._allocation()
+        allocation = self._state.capacity.allocation()
         record = pb.Node(
             id=registration.node_id, name=self._config.name,
             address=self._config.advertise_address,

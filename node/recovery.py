@@ -14,10 +14,11 @@ import asyncio
 import logging
 from typing import NoReturn
 
-from node import keys, lifecycle, metrics
+from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError
+from node.handback import Cause, handback
 from node.limits import READ_BATCH_RECORDS
 from node.store import Compacted, Store, WatchEvent, status_key
 from node.watching import list_and_watch
@@ -35,9 +36,12 @@ SCAN_PAGE = READ_BATCH_RECORDS
 class Recovery:
     """Finds RUNNING tasks whose node is gone and hands them back."""
 
-    def __init__(self, config: Config, store: Store) -> None:
+    def __init__(self, *, config: Config, store: Store) -> None:
         self._config = config
         self._store = store
+
+    async def shutdown(self) -> None:
+        """Nothing to undo: recovery only reads and compares (its loop is cancelled)."""
 
     async def run(self) -> NoReturn:
         async with asyncio.TaskGroup() as group:
@@ -68,17 +72,9 @@ class Recovery:
     async def recover(self, task_id: str, why: str, cause: str = "lease_expired") -> None:
         """Hand a task back if it is still RUNNING on a node whose running key is gone."""
         found = await self._store.get_task(task_id)
-        if found is None or found.task.state != pb.TASK_STATE_RUNNING:
-            return
-        new = lifecycle.after_owner_lost(found.task, why)
-        if await self._store.transition(found, new, owner_gone=True) is None:
-            return      # still owned, or another node recovered it first
-        if new.state == pb.TASK_STATE_PENDING:
-            metrics.REQUEUES.labels(cause).inc()
-        else:
-            metrics.LOST.inc()
-        log.info("task %s: %s (%s)", task_id, "requeued" if new.state == pb.TASK_STATE_PENDING
-                 else "NODE_LOST", why)
+        if found is not None and found.task.state == pb.TASK_STATE_RUNNING:
+            # None: still owned, or another node recovered it first.
+            await handback(self._store, found, Cause(cause, why))
 
     async def scan(self) -> None:
         """Read every record; recover RUNNING ones whose running key is missing."""

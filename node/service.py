@@ -6,12 +6,25 @@ import asyncio
 import base64
 import binascii
 
-from node import keys, lifecycle
+from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.admission import PendingLimit
-from node.errors import Conflict, InvalidArgument, Overloaded, StoreUnavailable, TaskNotFound
+from node.errors import (
+    Conflict,
+    InvalidArgument,
+    Overloaded,
+    StoreUnavailable,
+    TaskNotFound,
+    TooLarge,
+)
 from node.group_commit import GroupCommitter
-from node.limits import DEFAULT_MAX_PENDING, LIST_PAGE_BYTES, READ_BATCH_RECORDS
+from node.handback import canceled, handback, outcome
+from node.limits import (
+    DEFAULT_MAX_PENDING,
+    ETCD_MAX_REQUEST_BYTES,
+    LIST_PAGE_BYTES,
+    READ_BATCH_RECORDS,
+)
 from node.store import Move, Store, Versioned
 
 # How often submit and cancel retry when another node moved the task in between.
@@ -54,6 +67,10 @@ class TaskService:
                 if await self._submits.transition(Move(None, task)) is not None:
                     created()
                     return task, True
+        except TooLarge as exc:
+            raise InvalidArgument(
+                "spec", f"the task record is {task.ByteSize()} bytes; etcd takes at most "
+                        f"{ETCD_MAX_REQUEST_BYTES} in one request ({exc})") from None
         except Overloaded:
             # A retried submit whose first try landed adds nothing: answer it as usual.
             if not request_id or await self.store.get_task(task.id) is None:
@@ -85,15 +102,16 @@ class TaskService:
                 raise TaskNotFound(task_id)
             if found.task.state in FINISHED:
                 return found.task
-            canceled = lifecycle.finished(found.task, pb.TASK_STATE_CANCELED, pb.REASON_CANCELED,
-                                     message="canceled by a user")
-            if await self.store.transition(found, canceled) is not None:
-                return canceled
+            cause = canceled("canceled by a user")
+            new = outcome(found.task, cause)
+            if await self.store.transition(found, new) is not None:
+                return new
             # A running task whose node just died has no running key until recovery
-            # requeues it; cancel it from that state too.
-            if (found.task.state == pb.TASK_STATE_RUNNING and
-                    await self.store.transition(found, canceled, owner_gone=True) is not None):
-                return canceled
+            # requeues it: hand it back from that state, canceled.
+            if found.task.state == pb.TASK_STATE_RUNNING:
+                handed_back = await handback(self.store, found, cause)
+                if handed_back is not None:
+                    return handed_back
             await asyncio.sleep(CONFLICT_PAUSE)
         raise StoreUnavailable(f"task {task_id} kept changing while being canceled; retry")
 

@@ -11,15 +11,14 @@ import asyncio
 import itertools
 import logging
 import random
-from typing import NoReturn
+from typing import NoReturn, Protocol
 
 from node import failpoints, keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError, TooLarge
 from node.limits import ETCD_MAX_REQUEST_BYTES, WRITE_BATCH_BYTES
-from node.membership import Membership, Registration
-from node.runner import Runner
+from node.node_state import NodeState, Registration
 from node.store import MAX_BATCH, MOVE_KEYS_BYTES, Move, Store, Versioned, WatchEvent
 from node.watching import list_and_watch
 
@@ -45,32 +44,50 @@ JITTER_FRACTION = 0.1
 ERROR_RETRY = 0.5
 
 
+class Launcher(Protocol):
+    def launch(self, task: pb.Task) -> None:
+        """Run a task this node just stole (its resources already reserved)."""
+
+
 class Stealer:
     """Finds queued tasks and steals those this node has room for."""
 
-    def __init__(self, config: Config, store: Store, runner: Runner,
-                 membership: Membership) -> None:
+    def __init__(self, *, config: Config, store: Store, state: NodeState,
+                 runner: Launcher) -> None:
         self._config = config
         self._store = store
+        self._state = state
+        self._capacity = state.capacity
         self._runner = runner
-        self._membership = membership
         self._candidates: dict[str, None] = {}   # insertion-ordered set: oldest first
         self._never_fits: set[str] = set()
-        self._wake = asyncio.Event()
-        self.paused = False
+        # Set by new candidates and by every change of the capacity ledger (freed room).
+        self._wake = state.capacity.subscribe()
+        self._pauses: set[str] = set()
         self._batch = INITIAL_BATCH
 
     def wake(self) -> None:
         """Something changed (new task, freed capacity): look at the queue again."""
         self._wake.set()
 
-    def pause(self) -> None:
-        """Stop taking new work (shutdown, etcd out of space)."""
-        self.paused = True
+    @property
+    def paused(self) -> bool:
+        """Stealing runs only while no reason to pause is left."""
+        return bool(self._pauses)
 
-    def resume(self) -> None:
-        self.paused = False
-        self.wake()
+    def pause(self, reason: str) -> None:
+        """Stop taking new work for reason ("shutdown", "nospace") until resume(reason)."""
+        self._pauses.add(reason)
+
+    def resume(self, reason: str) -> None:
+        """Drop one reason to pause; stealing resumes once none is left."""
+        self._pauses.discard(reason)
+        if not self._pauses:
+            self.wake()
+
+    async def shutdown(self) -> None:
+        """Stop stealing for good (idempotent); attempts already stolen go on."""
+        self.pause("shutdown")
 
     async def run(self) -> NoReturn:
         async with asyncio.TaskGroup() as group:
@@ -108,13 +125,13 @@ class Stealer:
 
     def _delay(self) -> float:
         base = self._config.steal_delay
-        return base * self._runner.load() + random.uniform(0, base * JITTER_FRACTION)
+        return base * self._capacity.load() + random.uniform(0, base * JITTER_FRACTION)
 
     async def _work(self) -> NoReturn:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self._membership.live.wait()
+            await self._state.live.wait()
             if self.paused:
                 continue
             try:
@@ -132,8 +149,8 @@ class Stealer:
 
         True when a steal succeeded.
         """
-        registration = self._membership.registration
-        if registration is None or self.paused or self._runner.load() >= 1.0:
+        registration = self._state.registration
+        if registration is None or self.paused or self._capacity.load() >= 1.0:
             return False
         delay = self._delay()
         metrics.STEAL_DELAY.observe(delay)
@@ -150,17 +167,17 @@ class Stealer:
             record = found.get(task_id)
             if record is None or record.task.state != pb.TASK_STATE_PENDING:
                 self._candidates.pop(task_id, None)
-            elif not self._runner.fits_ever(record.task.spec):
+            elif not self._capacity.fits_ever(record.task.spec):
                 self._candidates.pop(task_id, None)
                 self._never_fits.add(task_id)
-            elif (self._runner.fits_free(record.task.spec) and len(chosen) < self._batch
+            elif (self._capacity.fits_free(record.task.spec) and len(chosen) < self._batch
                   and (not chosen or chosen_bytes + _steal_bytes(record) <= WRITE_BATCH_BYTES)):
-                self._runner.reserve(record.task.spec)   # so the next one sees less room
+                self._capacity.reserve(record.task.spec)   # so the next one sees less room
                 chosen.append(record)
                 chosen_bytes += _steal_bytes(record)
         if not chosen:
             return False
-        with self._runner.stealing():
+        with self._capacity.stealing():
             return await self._steal(chosen, registration)
 
     async def _steal(self, chosen: list[Versioned], registration: Registration) -> bool:
@@ -214,7 +231,7 @@ class Stealer:
 
     def _release(self, moves: list[Move]) -> None:
         for move in moves:
-            self._runner.release(move.new.spec)
+            self._capacity.release(move.new.spec)
 
 
 def _steal_bytes(record: Versioned) -> int:

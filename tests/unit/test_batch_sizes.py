@@ -1,4 +1,4 @@
-"""The runner's finish batches and the stealer's steal against etcd's request limit.
+"""Attempt results' batches and the stealer's steal against etcd's request limit.
 
 The etcd here keeps its default --max-request-bytes (1.5 MiB), below filch's write budget,
 so batches the budget lets through are really refused and must be split, and a record
@@ -16,8 +16,9 @@ from node import keys, lifecycle
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import TooLarge
-from node.membership import Registration
-from node.runner import LocalAttempt, Result, Runner
+from node.node_state import NodeState, Registration
+from node.results import LocalAttempt, ResultWriter
+from node.runner import Runner
 from node.stealer import Stealer
 from node.store import Store, Versioned
 from tests.unit.etcd_fixture import require_etcd
@@ -32,10 +33,10 @@ ETCD_DEFAULT_REQUEST_BYTES = 1536 * 1024
 NEAR_THE_LIMIT = ETCD_DEFAULT_REQUEST_BYTES - 12 * 1024
 
 
-def _runner(store: Store, config: Config) -> Runner:
-    # The executor and membership are not used by the parts under test.
+def _runner(store: Store, config: Config, state: NodeState) -> Runner:
+    # The executor is not used by the parts under test.
     nothing: Any = None
-    return Runner(config, store, nothing, nothing, lambda: None)
+    return Runner(config=config, store=store, executor=nothing, state=state)
 
 
 async def _queued(store: Store, env_bytes: int) -> Versioned:
@@ -56,10 +57,9 @@ async def _running(store: Store, env_bytes: int, lease: int) -> LocalAttempt:
     return LocalAttempt(lifecycle.started(stolen, token))
 
 
-def _result(local: LocalAttempt, message: str = "") -> Result:
-    new = lifecycle.finished(local.task, pb.TASK_STATE_COMPLETE, pb.REASON_EXITED,
-                             message=message)
-    return Result(local, new, asyncio.get_running_loop().create_future())
+def _result(local: LocalAttempt, message: str = "") -> pb.Task:
+    return lifecycle.finished(local.task, pb.TASK_STATE_COMPLETE, pb.REASON_EXITED,
+                              message=message)
 
 
 async def test_a_finish_batch_etcd_refuses_is_written_one_by_one(store: Store) -> None:
@@ -67,13 +67,16 @@ async def test_a_finish_batch_etcd_refuses_is_written_one_by_one(store: Store) -
     attempts = [await _running(store, 900_000, lease) for _ in range(2)]
     results = [_result(local) for local in attempts]
     with pytest.raises(TooLarge):       # together they really are too large
-        await store.transition_many([result.move() for result in results])
-    await _runner(store, Config())._commit(results)
+        await store.transition_many([local.move(new) for local, new
+                                     in zip(attempts, results, strict=True)])
+    writer = ResultWriter(store=store)
+    # Ending together, they go to the group committer together and are split there.
+    assert all(await asyncio.gather(*(writer.write(local, new)
+                                      for local, new in zip(attempts, results, strict=True))))
     for local in attempts:
         found = await store.get_task(local.task.id)
         assert found is not None and found.task.state == pb.TASK_STATE_COMPLETE
         assert found.task.spec.env["BIG"] == "x" * 900_000
-    assert all(result.done.done() for result in results)
 
 
 async def test_a_result_too_large_alone_is_recorded_without_args_and_env(store: Store) -> None:
@@ -81,8 +84,8 @@ async def test_a_result_too_large_alone_is_recorded_without_args_and_env(store: 
     local = await _running(store, NEAR_THE_LIMIT, lease)
     result = _result(local, message="m" * 16 * 1024)
     with pytest.raises(TooLarge):       # alone it really is too large
-        await store.transition_many([result.move()])
-    await _runner(store, Config())._commit([result])
+        await store.transition_many([local.move(result)])
+    assert await ResultWriter(store=store).write(local, result)
     found = await store.get_task(local.task.id)
     assert found is not None
     assert (found.task.state, found.task.reason) == (pb.TASK_STATE_COMPLETE, pb.REASON_EXITED)
@@ -96,10 +99,10 @@ async def test_a_steal_too_large_alone_ends_the_task_start_failed(store: Store) 
     config = Config(name="n" * 16 * 1024, cpus=4, memory=8 << 30)
     lease = await store.grant_lease(60)
     queued = await _queued(store, NEAR_THE_LIMIT)
-    runner = _runner(store, config)
-    nothing: Any = None
-    stealer = Stealer(config, store, runner, nothing)
-    runner.reserve(queued.task.spec)
+    state = NodeState.for_config(config)
+    stealer = Stealer(config=config, store=store, state=state,
+                      runner=_runner(store, config, state))
+    state.capacity.reserve(queued.task.spec)
     assert await stealer._steal([queued], Registration(NODE_ID, lease))
     found = await store.get_task(queued.task.id)
     assert found is not None
@@ -107,4 +110,4 @@ async def test_a_steal_too_large_alone_ends_the_task_start_failed(store: Store) 
                                                      pb.REASON_START_FAILED)
     assert not found.task.spec.env and "args and env were dropped" in found.task.message
     assert await store.count(keys.QUEUED) == 0
-    assert runner.load() == 0       # the reservation was released, nothing launched
+    assert state.capacity.load() == 0       # the reservation was released, nothing launched

@@ -1,0 +1,104 @@
+"""The capacity ledger: the CPU and memory this node has promised to its attempts.
+
+The stealer reserves before it steals (so the next candidate sees less room), the runner
+releases when an attempt ends, membership publishes the totals in the node record. Every
+change sets the events handed out by subscribe(), so those parts wake without knowing
+each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from node import metrics
+from node._gen.filch.v1 import filch_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Allocation:
+    cpu_millis: int
+    memory_bytes: int
+    running: int
+
+
+class Capacity:
+    """Reservations against this node's CPU and memory, and how many attempts run."""
+
+    def __init__(self, *, cpu_millis: int, memory_bytes: int,
+                 allow_host_network: bool = False) -> None:
+        self.cpu_millis = cpu_millis
+        self.memory_bytes = memory_bytes
+        self._allow_host_network = allow_host_network
+        self._cpu = 0
+        self._memory = 0
+        self._running = 0
+        self._steals_in_flight = 0
+        self._listeners: list[asyncio.Event] = []
+
+    def subscribe(self) -> asyncio.Event:
+        """An event set on every change of the ledger (its holder clears it)."""
+        event = asyncio.Event()
+        self._listeners.append(event)
+        return event
+
+    def allocation(self) -> Allocation:
+        return Allocation(self._cpu, self._memory, self._running)
+
+    def load(self) -> float:
+        """Fraction of this node in use: the larger of CPU and memory."""
+        return max(self._cpu / self.cpu_millis, self._memory / self.memory_bytes)
+
+    def fits_free(self, spec: pb.TaskSpec) -> bool:
+        return (self._cpu + spec.cpu_millis <= self.cpu_millis
+                and self._memory + spec.memory_bytes <= self.memory_bytes)
+
+    def fits_ever(self, spec: pb.TaskSpec) -> bool:
+        """Whether this node could ever run the task: capacity, and --network host only
+        where the agent allows it (service.explain_pending says so on the task)."""
+        if spec.network == "host" and not self._allow_host_network:
+            return False
+        return spec.cpu_millis <= self.cpu_millis and spec.memory_bytes <= self.memory_bytes
+
+    def reserve(self, spec: pb.TaskSpec) -> None:
+        self._cpu += spec.cpu_millis
+        self._memory += spec.memory_bytes
+        self._changed()
+
+    def release(self, spec: pb.TaskSpec) -> None:
+        self._cpu -= spec.cpu_millis
+        self._memory -= spec.memory_bytes
+        self._changed()
+
+    def started(self) -> None:
+        """An attempt of a reserved task now runs (released with its end)."""
+        self._running += 1
+        self._changed()
+
+    def ended(self, spec: pb.TaskSpec) -> None:
+        """A started attempt ended: its reservation goes back."""
+        self._running -= 1
+        self.release(spec)
+
+    @contextlib.contextmanager
+    def stealing(self) -> Iterator[None]:
+        """Held by the stealer from sending a steal until its attempts are launched: a
+        running key of this node without an attempt may meanwhile be that steal's."""
+        self._steals_in_flight += 1
+        try:
+            yield
+        finally:
+            self._steals_in_flight -= 1
+
+    @property
+    def steals_in_flight(self) -> bool:
+        return self._steals_in_flight > 0
+
+    def _changed(self) -> None:
+        metrics.CPU_ALLOCATED.set(self._cpu / 1000)
+        metrics.MEMORY_ALLOCATED.set(self._memory)
+        metrics.RUNNING.set(self._running)
+        for event in self._listeners:
+            event.set()

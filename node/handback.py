@@ -1,0 +1,62 @@
+"""Handing a RUNNING task back: the one place its owner's loss or exit is recorded.
+
+Recovery (its node died), the runner's drain (shutdown) and adoption (no room for a
+lost steal answer), and cancel (its node died meanwhile) all end an attempt here. The
+compare is either the fence — this node still owns the attempt (its running key was
+created at the fencing token) — or, for another node's task, that the running key is
+gone; so nodes racing to hand back one task is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from node import lifecycle, metrics
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.store import Store, Versioned
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Cause:
+    """Why a task is handed back: a metric label and the message put on the task."""
+
+    label: str
+    """lease_expired, scan, shutdown, lost_answer (the requeue metric), or canceled."""
+    why: str
+
+
+_SAID = {pb.TASK_STATE_PENDING: "requeued", pb.TASK_STATE_COMPLETE: "NODE_LOST",
+         pb.TASK_STATE_CANCELED: "canceled"}
+
+
+def canceled(why: str) -> Cause:
+    return Cause("canceled", why)
+
+
+def outcome(task: pb.Task, cause: Cause) -> pb.Task:
+    """The record after a hand-back: canceled, requeued (restart=true) or NODE_LOST."""
+    if cause.label == "canceled":
+        return lifecycle.finished(task, pb.TASK_STATE_CANCELED, pb.REASON_CANCELED,
+                                  message=cause.why)
+    return lifecycle.after_owner_lost(task, cause.why)
+
+
+async def handback(store: Store, found: Versioned, cause: Cause, *,
+                   fence: int = 0) -> pb.Task | None:
+    """Move a RUNNING task off its attempt; the new record, or None when the compare
+    failed (moved meanwhile, or still owned by a live node).
+
+    fence: this node's fencing token for the attempt; 0 for a task whose owner is gone.
+    """
+    new = outcome(found.task, cause)
+    if await store.transition(found, new, fence=fence, owner_gone=not fence) is None:
+        return None
+    if new.state == pb.TASK_STATE_PENDING:
+        metrics.REQUEUES.labels(cause.label).inc()
+    elif new.state == pb.TASK_STATE_COMPLETE:
+        metrics.LOST.inc()
+    log.info("task %s: %s (%s)", new.id, _SAID[new.state], cause.why)
+    return new

@@ -1,0 +1,62 @@
+"""The capacity ledger: reserve/release/fits/load, and the events it sets on a change."""
+
+from __future__ import annotations
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.capacity import Allocation, Capacity
+
+
+def _spec(cpu_millis: int, memory_bytes: int, network: str = "") -> pb.TaskSpec:
+    return pb.TaskSpec(command="true", cpu_millis=cpu_millis, memory_bytes=memory_bytes,
+                       network=network)
+
+
+def test_reserve_and_release_move_load_and_what_fits() -> None:
+    capacity = Capacity(cpu_millis=2000, memory_bytes=1000)
+    big = _spec(1500, 100)
+    assert capacity.fits_free(big) and capacity.load() == 0
+    capacity.reserve(big)
+    assert capacity.load() == 0.75      # the larger of CPU (0.75) and memory (0.1)
+    assert not capacity.fits_free(_spec(600, 1))
+    assert capacity.fits_free(_spec(500, 900))
+    capacity.release(big)
+    assert capacity.load() == 0 and capacity.fits_free(_spec(2000, 1000))
+
+
+def test_fits_ever_is_capacity_and_host_network_permission() -> None:
+    capacity = Capacity(cpu_millis=2000, memory_bytes=1000)
+    capacity.reserve(_spec(2000, 1000))
+    assert capacity.fits_ever(_spec(2000, 1000))        # full now, not forever
+    assert not capacity.fits_ever(_spec(2001, 1))
+    assert not capacity.fits_ever(_spec(1, 1, network="host"))
+    allowing = Capacity(cpu_millis=2000, memory_bytes=1000, allow_host_network=True)
+    assert allowing.fits_ever(_spec(1, 1, network="host"))
+
+
+def test_allocation_counts_running_attempts_until_they_end() -> None:
+    capacity = Capacity(cpu_millis=2000, memory_bytes=1000)
+    spec = _spec(500, 200)
+    capacity.reserve(spec)
+    capacity.started()
+    assert capacity.allocation() == Allocation(500, 200, 1)
+    capacity.ended(spec)
+    assert capacity.allocation() == Allocation(0, 0, 0)
+
+
+def test_every_change_sets_every_subscriber() -> None:
+    capacity = Capacity(cpu_millis=2000, memory_bytes=1000)
+    first, second = capacity.subscribe(), capacity.subscribe()
+    capacity.reserve(_spec(1, 1))
+    assert first.is_set() and second.is_set()
+    first.clear()
+    second.clear()
+    capacity.release(_spec(1, 1))
+    assert first.is_set() and second.is_set()
+
+
+def test_stealing_is_counted_while_held() -> None:
+    capacity = Capacity(cpu_millis=2000, memory_bytes=1000)
+    assert not capacity.steals_in_flight
+    with capacity.stealing(), capacity.stealing():
+        assert capacity.steals_in_flight
+    assert not capacity.steals_in_flight

@@ -1,0 +1,115 @@
+"""Membership against a real etcd: registration, the node record, and the self-fence
+deadline when renewals stop getting through."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.config import Config
+from node.membership import Membership
+from node.node_state import NodeState
+from node.store import Store
+from tests.unit.etcd_fixture import etcdctl, require_etcd
+
+require_etcd()
+
+pytestmark = pytest.mark.timeout(60)
+
+TTL = 2
+
+
+class Fences:
+    """Stands in for the runner: records when it is fenced, and what the node looked like."""
+
+    def __init__(self, state: NodeState) -> None:
+        self._state = state
+        self.at: list[float] = []
+        self.live_then: list[bool] = []
+        self.fenced = asyncio.Event()
+
+    async def fence(self) -> None:
+        self.at.append(time.monotonic())
+        self.live_then.append(self._state.live.is_set() or self._state.registration is not None)
+        self.fenced.set()
+
+
+class Unrenewable(Store):
+    """A store whose lease renewals never get an answer (a partition, a stuck leader)."""
+
+    async def keep_alive(self, lease_id: int) -> int:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+@pytest.fixture
+async def unrenewable(etcd: str) -> AsyncIterator[Store]:
+    etcdctl(etcd, "del", "", "--prefix")
+    opened = Unrenewable(etcd)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+async def _running(membership: Membership) -> asyncio.Task[object]:
+    task: asyncio.Task[object] = asyncio.create_task(membership.run())
+    await asyncio.wait_for(membership.live.wait(), timeout=10)
+    return task
+
+
+async def _stop(task: asyncio.Task[object]) -> None:
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_blocked_renewals_fence_before_ttl_minus_margin(unrenewable: Store) -> None:
+    config = Config(name="n", lease_ttl=TTL)
+    state = NodeState.for_config(config)
+    fences = Fences(state)
+    membership = Membership(config=config, store=unrenewable, state=state,
+                            executor_name="process", runner=fences)
+    task = await _running(membership)
+    registered = time.monotonic()
+    first = state.registration
+    try:
+        await asyncio.wait_for(fences.fenced.wait(), timeout=TTL + 2)
+        deadline = TTL - membership.margin
+        took = fences.at[0] - registered
+        # Fenced by the deadline (counted from the renewal sent before registering), never
+        # as late as the lease's expiry, and not long before the deadline either.
+        assert deadline - 0.3 <= took <= deadline + 0.2 < TTL
+        assert fences.live_then == [False]      # stealing stopped before the kill
+        # It registers again, as a new node.
+        await asyncio.wait_for(membership.live.wait(), timeout=10)
+        assert state.registration is not None and state.registration != first
+    finally:
+        await _stop(task)
+    await membership.shutdown()
+    await membership.shutdown()     # idempotent
+    assert state.registration is None and not await unrenewable.list_nodes()
+
+
+async def test_the_node_record_follows_the_capacity_ledger(store: Store) -> None:
+    config = Config(name="n", lease_ttl=TTL, cpus=2, memory=1 << 30)
+    state = NodeState.for_config(config)
+    membership = Membership(config=config, store=store, state=state,
+                            executor_name="process", runner=Fences(state))
+    task = await _running(membership)
+    try:
+        state.capacity.reserve(pb.TaskSpec(cpu_millis=1500, memory_bytes=1 << 20))
+        for _ in range(100):     # published within PUBLISH_DEBOUNCE
+            if [node for node in await store.list_nodes() if node.cpu_allocated_millis == 1500]:
+                break
+            await asyncio.sleep(0.05)
+        [node] = await store.list_nodes()
+        assert state.registration is not None and node.id == state.registration.node_id
+        assert node.memory_allocated_bytes == 1 << 20
+    finally:
+        await _stop(task)
+        await membership.shutdown()

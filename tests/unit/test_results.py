@@ -1,0 +1,71 @@
+"""Results behind the fence, against a real etcd: written only while the running key is
+the steal's, dropped once revoked, and an earlier timed-out write recognised."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from node import keys, lifecycle, metrics
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.results import LocalAttempt, ResultWriter
+from node.store import Store
+from tests.unit.etcd_fixture import require_etcd
+
+require_etcd()
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def _running(store: Store) -> LocalAttempt:
+    task = pb.Task(id=keys.new_task_id(), state=pb.TASK_STATE_PENDING,
+                   spec=pb.TaskSpec(command="true"))
+    task.submitted_at.GetCurrentTime()
+    assert await store.transition(None, task) is not None
+    queued = await store.get_task(task.id)
+    assert queued is not None
+    stolen = lifecycle.stolen(queued.task, keys.new_node_id(), "n", "127.0.0.1:1")
+    token = await store.transition(queued, stolen, lease_id=await store.grant_lease(60))
+    assert token is not None
+    return LocalAttempt(lifecycle.started(stolen, token))
+
+
+def _exited(local: LocalAttempt) -> pb.Task:
+    return lifecycle.finished(local.task, pb.TASK_STATE_COMPLETE, pb.REASON_EXITED)
+
+
+async def test_results_ending_together_are_recorded_and_a_fenced_one_is_rejected(
+        store: Store) -> None:
+    kept, taken = await _running(store), await _running(store)
+    found = await store.get_task(taken.task.id)
+    assert found is not None     # canceled meanwhile: its running key is gone
+    canceled = lifecycle.finished(found.task, pb.TASK_STATE_CANCELED, pb.REASON_CANCELED)
+    assert await store.transition(found, canceled) is not None
+    fenced_before = metrics.FENCED_WRITES._value.get()
+    writer = ResultWriter(store=store)
+    assert await asyncio.gather(writer.write(kept, _exited(kept)),
+                                writer.write(taken, _exited(taken))) == [True, False]
+    assert metrics.FENCED_WRITES._value.get() - fenced_before == 1
+    recorded, untouched = await store.get_task(kept.task.id), await store.get_task(taken.task.id)
+    assert recorded is not None and recorded.task.state == pb.TASK_STATE_COMPLETE
+    assert untouched is not None and untouched.task.state == pb.TASK_STATE_CANCELED
+
+
+async def test_a_revoked_attempts_result_is_dropped(store: Store) -> None:
+    local = await _running(store)
+    local.revoked = True
+    assert not await ResultWriter(store=store).write(local, _exited(local))
+    found = await store.get_task(local.task.id)
+    assert found is not None and found.task.state == pb.TASK_STATE_RUNNING
+
+
+async def test_a_result_an_earlier_timed_out_try_wrote_is_recognised(store: Store) -> None:
+    local = await _running(store)
+    new = _exited(local)
+    assert await store.transition_many([local.move(new)]) is not None  # the lost answer
+    assert await ResultWriter(store=store).write(local, new)
+    # A different result (another finish time) is not mistaken for it.
+    other = _exited(local)
+    other.finished_at.FromNanoseconds(new.finished_at.ToNanoseconds() + 1)
+    assert not await ResultWriter(store=store).write(local, other)

@@ -1,0 +1,111 @@
+"""The stealer against a real etcd: a batch won or lost whole, and pausing with reasons."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from node import keys, metrics
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.config import Config
+from node.housekeeping import Housekeeping
+from node.node_state import NodeState, Registration
+from node.stealer import Stealer
+from node.store import Store, Versioned
+from tests.unit.etcd_fixture import require_etcd
+
+require_etcd()
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class Launched:
+    """Stands in for the runner: records what the stealer launches."""
+
+    def __init__(self) -> None:
+        self.tasks: list[pb.Task] = []
+
+    def launch(self, task: pb.Task) -> None:
+        self.tasks.append(task)
+
+
+async def _node(store: Store, name: str) -> tuple[Stealer, NodeState, Launched]:
+    config = Config(name=name, cpus=4, memory=8 << 30)
+    state = NodeState.for_config(config)
+    state.registration = Registration(keys.new_node_id(), await store.grant_lease(60))
+    launched = Launched()
+    return Stealer(config=config, store=store, state=state, runner=launched), state, launched
+
+
+async def _queued(store: Store, count: int) -> list[Versioned]:
+    for _ in range(count):
+        task = pb.Task(id=keys.new_task_id(), state=pb.TASK_STATE_PENDING,
+                       spec=pb.TaskSpec(command="true", cpu_millis=500, memory_bytes=1 << 20))
+        task.submitted_at.GetCurrentTime()
+        assert await store.transition(None, task) is not None
+    return await store.get_tasks([keys.last_segment(key)
+                                  for key in await store.list_ids(keys.QUEUED)])
+
+
+async def test_two_stealers_race_for_a_batch_one_wins_the_other_counts_a_loss(
+        store: Store) -> None:
+    records = await _queued(store, 3)
+    nodes = [await _node(store, name) for name in ("a", "b")]
+    for _, state, _ in nodes:
+        for record in records:
+            state.capacity.reserve(record.task.spec)
+    lost_before = metrics.STEALS_LOST._value.get()
+    outcomes = await asyncio.gather(*(stealer._steal(records, state.registration)
+                                      for stealer, state, _ in nodes if state.registration))
+    assert sorted(outcomes) == [False, True]
+    winner, loser = (nodes[0], nodes[1]) if outcomes[0] else (nodes[1], nodes[0])
+    assert len(winner[2].tasks) == 3 and not loser[2].tasks
+    assert metrics.STEALS_LOST._value.get() - lost_before == 3
+    # The loser released its reservations; the winner keeps them for its attempts.
+    assert loser[1].capacity.load() == 0
+    assert winner[1].capacity.allocation().cpu_millis == 1500
+    running = await store.get_tasks([record.task.id for record in records])
+    assert winner[1].registration is not None
+    assert {record.task.node_id for record in running} == {winner[1].registration.node_id}
+    assert await store.count(keys.RUNNING) == 3 and await store.count(keys.QUEUED) == 0
+
+
+async def test_a_pass_steals_what_fits_and_leaves_the_rest(store: Store) -> None:
+    await _queued(store, 3)
+    stealer, state, launched = await _node(store, "a")
+    state.capacity.reserve(pb.TaskSpec(cpu_millis=3000))   # room for two of the three
+    await stealer._relist()
+    assert await stealer._pass()
+    assert len(launched.tasks) == 2 and state.capacity.load() == 1.0
+    assert await store.count(keys.QUEUED) == 1
+    assert not await stealer._pass()      # full: nothing more is tried
+
+
+async def test_a_shutdown_pause_survives_a_nospace_recovery(store: Store,
+                                                            tmp_path: Path) -> None:
+    stealer, state, _ = await _node(store, "a")
+    stealer.pause("nospace")
+    stealer.pause("shutdown")
+    # Housekeeping reads the registration (defrag lock) and what runs (old logs) only.
+    runner: Any = Launched()
+    housekeeping = Housekeeping(Config(name="a", data_dir=str(tmp_path)), store, state,
+                                runner, stealer)
+    housekeeping.paused_for_space = True
+    await housekeeping.round()      # etcd has space: the NOSPACE reason goes
+    assert not housekeeping.paused_for_space
+    assert stealer.paused
+    stealer.resume("shutdown")
+    assert not stealer.paused
+
+
+async def test_stealing_waits_for_every_reason_to_go(store: Store) -> None:
+    await _queued(store, 1)
+    stealer, _, launched = await _node(store, "a")
+    stealer.pause("nospace")
+    await stealer._relist()
+    assert not await stealer._pass()
+    stealer.resume("nospace")
+    assert await stealer._pass() and len(launched.tasks) == 1
