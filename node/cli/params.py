@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -9,32 +10,32 @@ import click
 from node.units import parse_cpu, parse_size
 
 
-class SizeParam(click.ParamType[int]):
+class _UnitParam(click.ParamType[int]):
+    """A number with units, parsed by `parse` (node.units); an int passes through."""
+
+    parse: Callable[[str], int]
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return self.parse(str(value))
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+class SizeParam(_UnitParam):
     """A size like 64Mi or 1G, as bytes."""
 
     name = "size"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_size(str(value))
-        except ValueError as error:
-            self.fail(str(error), param, ctx)
+    parse = staticmethod(parse_size)
 
 
-class CpuParam(click.ParamType[int]):
+class CpuParam(_UnitParam):
     """CPU as cores (0.5) or millicores (500m), as millicores."""
 
     name = "cores"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
-        try:
-            return parse_cpu(str(value))
-        except ValueError as error:
-            self.fail(str(error), param, ctx)
+    parse = staticmethod(parse_cpu)
 
 
 def parse_env(
