@@ -325,15 +325,13 @@ class Client:
 
 def _spec(fields: dict[str, Any]) -> pb.TaskSpec:
     """A TaskSpec from keywords; cpu, memory and disk may be text ("0.5", "256Mi")."""
-    cpu, memory, disk = fields.pop("cpu", None), fields.pop("memory", None), \
-        fields.pop("disk", None)
+    cpu = fields.pop("cpu", None)
+    sizes = {name: fields.pop(name) for name in ("memory", "disk") if name in fields}
     spec = pb.TaskSpec(**fields)
     if cpu is not None:
         spec.cpu_millis = parse_cpu(str(cpu))
-    if memory is not None:
-        spec.memory_bytes = memory if isinstance(memory, int) else parse_size(memory)
-    if disk is not None:
-        spec.disk_bytes = disk if isinstance(disk, int) else parse_size(disk)
+    for name, size in sizes.items():
+        setattr(spec, f"{name}_bytes", size if isinstance(size, int) else parse_size(size))
     return spec
 
 
