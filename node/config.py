@@ -48,105 +48,106 @@ def _default_executor() -> str:
 
 @dataclass(frozen=True)
 class Config:
-    """Everything a node needs to know. Each field's docstring is its --help text."""
+    """Everything a node needs to know. Each field's metadata["help"] is its --help text."""
 
-    name: str = field(default_factory=socket.gethostname)
-    """Human name of this node (also its etcd member name)."""
-    data_dir: str = field(default_factory=_default_data_dir)
-    """Where the etcd member, logs and container bundles live."""
-    listen: str = "127.0.0.1:7070"
-    """HOST:PORT the gRPC API listens on."""
-    advertise: str = ""
-    """HOST:PORT other nodes use to reach this one (default: --listen)."""
-    etcd_peer_url: str = "http://127.0.0.1:2380"
-    """URL of this node's etcd member for its peers."""
-    etcd_client_url: str = "http://127.0.0.1:2379"
-    """URL of this node's etcd member for clients. Without TLS: http:// on loopback
-    (127.0.0.0/8). With TLS: https:// (default https://127.0.0.1:2379), any address, and
-    clients must present a certificate from the cluster CA."""
-    initial_cluster: str = ""
-    """name=peer-url,... of every etcd member at bootstrap (default: this member alone)."""
-    initial_cluster_state: str = "new"
-    """"new" to bootstrap a cluster, "existing" to join one that runs already."""
-    etcd_endpoint: str = ""
-    """Use this existing etcd client URL instead of starting a member (client-only node).
-    Without TLS: http:// on loopback. With TLS: https://, e.g. a member's public address."""
-    etcd_binary: str = "etcd"
-    """The etcd server executable."""
-    etcd_quota_bytes: int = 2 * 1024**3
-    """etcd's backend quota; past it etcd raises NOSPACE."""
-    etcd_heartbeat_ms: int = 50
-    """Milliseconds between the etcd leader's heartbeats (etcd's --heartbeat-interval)."""
-    etcd_election_timeout_ms: int = 500
-    """Milliseconds a follower hears no leader before calling an etcd election (at least 5
-    heartbeats; same on every member). A dead leader delays lease expiry by about twice
-    this, so it adds straight to failover; etcd's own default, 1000, suits WANs."""
-    cpus: float = field(default_factory=lambda: float(os.cpu_count() or 1))
-    """CPU cores this node offers to tasks."""
-    memory: int = field(default_factory=_default_memory)
-    """Bytes of memory this node offers to tasks."""
-    executor: str = field(default_factory=_default_executor)
-    """runc (isolated containers; needs root) or process (plain processes, NOT isolated)."""
-    runc_binary: str = "runc"
-    """The runc executable."""
-    task_uid: int = 65534
-    """uid and gid tasks run as (nobody); tasks never run as root."""
-    task_subnet: str = "auto"
-    """IPv4 CIDR (/16../28) for isolated runc tasks' addresses; auto: a /24 in 100.64.0.0/10
-    picked from a hash of the node name, skipping subnets already routed here."""
-    allow_host_network: bool = False
-    """UNSAFE: also run --network host tasks, which share this machine's network and can
-    reach etcd and every node's API. Off: such tasks wait for a node that allows them."""
-    lease_ttl: int = 5
-    """Seconds: the node lease. Short enough that a dead node's tasks move within seconds,
-    long enough to ride out an etcd leader election (0.5-1 s)."""
-    sweep_interval: float = 5.0
-    """Seconds between full re-reads of the queue and running tasks (repairs missed events)."""
-    steal_delay: float = 0.05
-    """Seconds a fully loaded node waits before trying a steal; an idle node waits ~0."""
-    cancel_grace: float = 5.0
-    """Seconds between SIGTERM and SIGKILL when a task is canceled."""
-    shutdown_grace: float = 10.0
-    """Seconds SIGTERM waits for running tasks before stopping them and handing them back."""
-    metrics_listen: str = ""
-    """HOST:PORT of the Prometheus /metrics endpoint (default: the --listen host, port 9470;
-    the --advertise host when --listen is a wildcard: the node's own address, not all)."""
-    retention: float = 86400.0
-    """Seconds finished (COMPLETE/CANCELED) tasks are kept before housekeeping deletes them."""
-    max_finished: int = 0
-    """Keep at most this many finished tasks, oldest deleted first (0: no limit)."""
-    log_retention: float = 2 * 86400.0
-    """Seconds this node keeps the log files of attempts it ran."""
-    housekeeping_interval: float = 10.0
-    """Seconds between housekeeping rounds (retention, metrics refresh, NOSPACE checks)."""
-    compaction_interval: float = 300.0
-    """Seconds between etcd compactions."""
-    compaction_keep: int = 10000
-    """Revisions of history a compaction keeps: watchers this far behind can resume."""
-    defrag_threshold: int = 64 * 1024 * 1024
-    """Defragment the local etcd member when this many bytes of its db file are free space."""
-    max_pending: int = limits.DEFAULT_MAX_PENDING
-    """Cluster-wide limit on PENDING tasks: submits beyond it are answered RESOURCE_EXHAUSTED
-    before etcd fills (counted from etcd; nodes may overshoot it by what each admits in 1 s)."""
-    max_log_streams: int = limits.DEFAULT_MAX_LOG_STREAMS
-    """Concurrent log streams this node serves; beyond it RESOURCE_EXHAUSTED."""
-    tls_ca: str = ""
-    """The cluster CA certificate (from `filch certs`). With it: TLS on the API and between
-    etcd peers (https:// peer URLs), and a bearer token on every API call."""
-    tls_cert: str = ""
-    """This node's certificate (from `filch certs`)."""
-    tls_key: str = ""
-    """This node's private key (from `filch certs`)."""
-    api_token_file: str = ""
-    """File holding the bearer token API clients must send (from `filch certs`)."""
-    config_file: str = ""
-    """TOML file with any of these fields (underscored names)."""
-    max_log_bytes: int = 100 * 1024 * 1024
-    """Cap on each attempt's log file: past it the head and the tail are kept and the
-    middle is cut (marked in the log)."""
-    default_disk: int = 1024**3
-    """Size limit of a task's /work when its spec sets none (runc: a loop-mounted ext4
-    image per attempt; the process executor cannot limit disk)."""
+    name: str = field(default_factory=socket.gethostname, metadata={"help": (
+        "Human name of this node (also its etcd member name).")})
+    data_dir: str = field(default_factory=_default_data_dir, metadata={"help": (
+        "Where the etcd member, logs and container bundles live.")})
+    listen: str = field(default="127.0.0.1:7070", metadata={"help": (
+        "HOST:PORT the gRPC API listens on.")})
+    advertise: str = field(default="", metadata={"help": (
+        "HOST:PORT other nodes use to reach this one (default: --listen).")})
+    etcd_peer_url: str = field(default="http://127.0.0.1:2380", metadata={"help": (
+        "URL of this node's etcd member for its peers.")})
+    etcd_client_url: str = field(default="http://127.0.0.1:2379", metadata={"help": (
+        "URL of this node's etcd member for clients. Without TLS: http:// on loopback "
+        "(127.0.0.0/8). With TLS: https:// (default https://127.0.0.1:2379), any address, and "
+        "clients must present a certificate from the cluster CA.")})
+    initial_cluster: str = field(default="", metadata={"help": (
+        "name=peer-url,... of every etcd member at bootstrap (default: this member alone).")})
+    initial_cluster_state: str = field(default="new", metadata={"help": (
+        "\"new\" to bootstrap a cluster, \"existing\" to join one that runs already.")})
+    etcd_endpoint: str = field(default="", metadata={"help": (
+        "Use this existing etcd client URL instead of starting a member (client-only node). "
+        "Without TLS: http:// on loopback. With TLS: https://, e.g. a member's public address.")})
+    etcd_binary: str = field(default="etcd", metadata={"help": (
+        "The etcd server executable.")})
+    etcd_quota_bytes: int = field(default=2 * 1024**3, metadata={"help": (
+        "etcd's backend quota; past it etcd raises NOSPACE.")})
+    etcd_heartbeat_ms: int = field(default=50, metadata={"help": (
+        "Milliseconds between the etcd leader's heartbeats (etcd's --heartbeat-interval).")})
+    etcd_election_timeout_ms: int = field(default=500, metadata={"help": (
+        "Milliseconds a follower hears no leader before calling an etcd election (at least 5 "
+        "heartbeats; same on every member). A dead leader delays lease expiry by about twice this,"
+        " so it adds straight to failover; etcd's own default, 1000, suits WANs.")})
+    cpus: float = field(default_factory=lambda: float(os.cpu_count() or 1), metadata={"help": (
+        "CPU cores this node offers to tasks.")})
+    memory: int = field(default_factory=_default_memory, metadata={"help": (
+        "Bytes of memory this node offers to tasks.")})
+    executor: str = field(default_factory=_default_executor, metadata={"help": (
+        "runc (isolated containers; needs root) or process (plain processes, NOT isolated).")})
+    runc_binary: str = field(default="runc", metadata={"help": (
+        "The runc executable.")})
+    task_uid: int = field(default=65534, metadata={"help": (
+        "uid and gid tasks run as (nobody); tasks never run as root.")})
+    task_subnet: str = field(default="auto", metadata={"help": (
+        "IPv4 CIDR (/16../28) for isolated runc tasks' addresses; auto: a /24 in 100.64.0.0/10 "
+        "picked from a hash of the node name, skipping subnets already routed here.")})
+    allow_host_network: bool = field(default=False, metadata={"help": (
+        "UNSAFE: also run --network host tasks, which share this machine's network and can reach "
+        "etcd and every node's API. Off: such tasks wait for a node that allows them.")})
+    lease_ttl: int = field(default=5, metadata={"help": (
+        "Seconds: the node lease. Short enough that a dead node's tasks move within seconds, long "
+        "enough to ride out an etcd leader election (0.5-1 s).")})
+    sweep_interval: float = field(default=5.0, metadata={"help": (
+        "Seconds between full re-reads of the queue and running tasks (repairs missed events).")})
+    steal_delay: float = field(default=0.05, metadata={"help": (
+        "Seconds a fully loaded node waits before trying a steal; an idle node waits ~0.")})
+    cancel_grace: float = field(default=5.0, metadata={"help": (
+        "Seconds between SIGTERM and SIGKILL when a task is canceled.")})
+    shutdown_grace: float = field(default=10.0, metadata={"help": (
+        "Seconds SIGTERM waits for running tasks before stopping them and handing them back.")})
+    metrics_listen: str = field(default="", metadata={"help": (
+        "HOST:PORT of the Prometheus /metrics endpoint (default: the --listen host, port 9470; the"
+        " --advertise host when --listen is a wildcard: the node's own address, not all).")})
+    retention: float = field(default=86400.0, metadata={"help": (
+        "Seconds finished (COMPLETE/CANCELED) tasks are kept before housekeeping deletes them.")})
+    max_finished: int = field(default=0, metadata={"help": (
+        "Keep at most this many finished tasks, oldest deleted first (0: no limit).")})
+    log_retention: float = field(default=2 * 86400.0, metadata={"help": (
+        "Seconds this node keeps the log files of attempts it ran.")})
+    housekeeping_interval: float = field(default=10.0, metadata={"help": (
+        "Seconds between housekeeping rounds (retention, metrics refresh, NOSPACE checks).")})
+    compaction_interval: float = field(default=300.0, metadata={"help": (
+        "Seconds between etcd compactions.")})
+    compaction_keep: int = field(default=10000, metadata={"help": (
+        "Revisions of history a compaction keeps: watchers this far behind can resume.")})
+    defrag_threshold: int = field(default=64 * 1024 * 1024, metadata={"help": (
+        "Defragment the local etcd member when this many bytes of its db file are free space.")})
+    max_pending: int = field(default=limits.DEFAULT_MAX_PENDING, metadata={"help": (
+        "Cluster-wide limit on PENDING tasks: submits beyond it are answered RESOURCE_EXHAUSTED "
+        "before etcd fills (counted from etcd; nodes may overshoot it by what each admits in "
+        "1 s).")})
+    max_log_streams: int = field(default=limits.DEFAULT_MAX_LOG_STREAMS, metadata={"help": (
+        "Concurrent log streams this node serves; beyond it RESOURCE_EXHAUSTED.")})
+    tls_ca: str = field(default="", metadata={"help": (
+        "The cluster CA certificate (from `filch certs`). With it: TLS on the API and between etcd"
+        " peers (https:// peer URLs), and a bearer token on every API call.")})
+    tls_cert: str = field(default="", metadata={"help": (
+        "This node's certificate (from `filch certs`).")})
+    tls_key: str = field(default="", metadata={"help": (
+        "This node's private key (from `filch certs`).")})
+    api_token_file: str = field(default="", metadata={"help": (
+        "File holding the bearer token API clients must send (from `filch certs`).")})
+    config_file: str = field(default="", metadata={"help": (
+        "TOML file with any of these fields (underscored names).")})
+    max_log_bytes: int = field(default=100 * 1024 * 1024, metadata={"help": (
+        "Cap on each attempt's log file: past it the head and the tail are kept and the middle is "
+        "cut (marked in the log).")})
+    default_disk: int = field(default=1024**3, metadata={"help": (
+        "Size limit of a task's /work when its spec sets none (runc: a loop-mounted ext4 image per"
+        " attempt; the process executor cannot limit disk).")})
 
     # -- derived -------------------------------------------------------------------------
 

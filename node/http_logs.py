@@ -1,5 +1,5 @@
-"""Streaming a task's log to an HTTP client: a StreamLogs call's chunks, moved from gRPC's
-iterator to a WSGI body on a thread of their own, so the body can wait with a timeout (for
+"""Streaming a task's log to an HTTP client: a StreamLogs call's chunks, moved from the
+client's iterator to a WSGI body on a thread of their own, so the body can wait with a timeout (for
 the first event, and to notice a client that went away while the log is quiet)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import queue
 import select
 import socket
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
-import grpc
+from node.client import ClientError, LogCall
+from node.http_wire import failure
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class LogStream:
     thread, so the body can wait with a timeout (for the first event, and to notice a
     client that went away while the log is quiet)."""
 
-    def __init__(self, call: Any, client: socket.socket | None) -> None:
+    def __init__(self, call: LogCall, client: socket.socket | None) -> None:
         self._call = call
         self.client = client
         self._events: queue.Queue[object] = queue.Queue(LOG_BUFFER_CHUNKS)
@@ -40,10 +40,10 @@ class LogStream:
 
     def _pump(self) -> None:
         try:
-            for chunk in self._call:
-                self._put(chunk.data)
+            for data in self._call:
+                self._put(data)
             self._put(_END)
-        except grpc.RpcError as error:
+        except ClientError as error:
             self._put(error)
 
     def _put(self, item: object) -> None:
@@ -55,7 +55,7 @@ class LogStream:
                 continue
 
     def next_event(self, timeout: float) -> object | None:
-        """Bytes, _END, a grpc.RpcError, or None when nothing arrived within timeout."""
+        """Bytes, _END, a ClientError, or None when nothing arrived within timeout."""
         try:
             return self._events.get(timeout=timeout)
         except queue.Empty:
@@ -71,11 +71,9 @@ class LogBody:
     """A WSGI body of log chunks as they arrive. Its close(), which every WSGI server calls
     (also when the client left or the body was never read), cancels the gRPC call."""
 
-    def __init__(self, stream: LogStream, first: object | None,
-                 failure: Callable[[grpc.RpcError], str]) -> None:
+    def __init__(self, stream: LogStream, first: object | None) -> None:
         self._stream = stream
         self._first = first
-        self._failure = failure
         self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -87,10 +85,10 @@ class LogBody:
         while event is not _END and not self._closed:
             if isinstance(event, bytes):
                 yield event
-            elif isinstance(event, grpc.RpcError):
+            elif isinstance(event, ClientError):
                 # The headers are out, so the status cannot change: end with a line that
                 # says why the text stops here.
-                message = self._failure(event)
+                message = failure(event).message
                 log.warning("log stream broke off: %s", message)
                 yield f"\n[filch: the log stream broke off: {message}]\n".encode()
                 return

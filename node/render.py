@@ -63,6 +63,13 @@ class NodeDict(TypedDict):
 # Only these reasons mean the command itself ended, so only they carry a real exit code.
 _REASONS_WITH_EXIT_CODE = frozenset({filch_pb2.REASON_EXITED, filch_pb2.REASON_OOM_KILLED})
 _FINISHED_STATES = frozenset({filch_pb2.TASK_STATE_COMPLETE, filch_pb2.TASK_STATE_CANCELED})
+# The state names people type (`filch ls --state`, `?state=` on the HTTP API), one table.
+STATE_BY_NAME: dict[str, filch_pb2.TaskState.ValueType] = {
+    "pending": filch_pb2.TASK_STATE_PENDING,
+    "running": filch_pb2.TASK_STATE_RUNNING,
+    "complete": filch_pb2.TASK_STATE_COMPLETE,
+    "canceled": filch_pb2.TASK_STATE_CANCELED,
+}
 
 
 def state_name(state: int) -> str:

@@ -57,9 +57,6 @@ class Security:
             return None
         return grpc.ssl_server_credentials([(self.key, self.cert)])
 
-    def call_metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"),) if self.token else ()
-
     def channel_credentials(self) -> grpc.ChannelCredentials:
         """TLS trusting the cluster CA, plus the token on every call when there is one."""
         credentials = grpc.ssl_channel_credentials(root_certificates=self.ca)

@@ -24,9 +24,11 @@ from click.testing import CliRunner, Result
 
 import node
 from node import cli as cli_module
+from node import client as client_module
 from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc
+from node.cli import output as cli_output
 from node.config import Config
 
 TASK_FIELDS = {
@@ -234,9 +236,9 @@ def test_ctrl_c_while_waiting_exits_130_quietly(
     def interrupted(seconds: float) -> None:
         raise KeyboardInterrupt
 
-    # Only the CLI's clock is patched: the fake server's threads keep the real one.
+    # Only the client's clock is patched: the fake server's threads keep the real one.
     clock = types.SimpleNamespace(monotonic=time.monotonic, sleep=interrupted)
-    monkeypatch.setattr(cli_module, "time", clock)
+    monkeypatch.setattr(client_module, "time", clock)
     result = filch(fake, "submit", "--wait", "--", "sleep", "100")
     assert result.exit_code == 130
     assert result.stdout == "task-1\n"
@@ -411,9 +413,9 @@ class Terminal(io.StringIO):
 def test_progress_draws_on_a_terminal_and_erases_itself(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TERM", "xterm")
     terminal = Terminal()
-    progress = cli_module.Progress(terminal)
+    progress = cli_output.Progress(terminal)
     task = pb.Task(state=pb.TASK_STATE_RUNNING, node_name="node-2")
-    progress.draw(cli_module._progress_text(task, 3.14, reconnecting=False))
+    progress.draw(cli_output.progress_text(task, 3.14, reconnecting=False))
     assert "⠋ RUNNING on node-2 · 3.1s" in terminal.getvalue()
     progress.clear()
     assert terminal.getvalue().endswith("\r\033[K")
@@ -421,7 +423,7 @@ def test_progress_draws_on_a_terminal_and_erases_itself(monkeypatch: pytest.Monk
 
 def test_progress_stays_silent_when_stderr_is_not_a_terminal() -> None:
     stream = io.StringIO()
-    progress = cli_module.Progress(stream)
+    progress = cli_output.Progress(stream)
     progress.draw("RUNNING")
     progress.clear()
     assert stream.getvalue() == ""

@@ -28,7 +28,9 @@ import pytest
 
 from node import certs
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.http import App, Daemon
+from node.client import ClientError
+from node.http import App
+from node.http_wire import failure as http_failure
 from node.tls import Security
 from tests.e2e.cluster import Cluster, wait_for
 
@@ -672,6 +674,8 @@ class FakeRpcError(grpc.RpcError):
     (grpc.StatusCode.UNKNOWN, 502),
 ])
 def test_grpc_codes_map_to_http_statuses(code: grpc.StatusCode, status: int) -> None:
-    failure = Daemon("127.0.0.1:7070").failure(FakeRpcError(code))
+    error = FakeRpcError(code)
+    failure = http_failure(ClientError(code, error.details(), server="127.0.0.1:7070",
+                                       timeout=10.0))
     assert failure.status == status
     assert failure.message

@@ -1,0 +1,141 @@
+"""The `filch` command: submit, watch and cancel tasks over gRPC, list nodes, run a node.
+
+Every failure ends as ONE line on stderr ("error: ...") and a non-zero exit status:
+2 for a bad argument, 1 for anything else, 130 after Ctrl-C. Never a traceback
+(FILCH_DEBUG=1 shows one for an unexpected error). stdout carries only results,
+so `id=$(filch submit -- make test)` and `filch ls -o json | jq` just work.
+
+This module is the group and its entry point; the commands are in commands.py and
+agent_flags.py, what they print in output.py.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from node.cli.agent_flags import agent_command
+from node.cli.commands import CLIENT_COMMANDS
+from node.cli.output import (
+    EXIT_BROKEN_PIPE,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    CommandError,
+    client_failure,
+    one_line,
+)
+from node.cli.params import check_server
+from node.client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, ClientError
+from node.errors import InvalidArgument
+from node.tls import Security
+
+
+def _usage_message(error: click.UsageError) -> str:
+    message = error.format_message()
+    # click capitalises its sentences; ours read "error: invalid value for ...".
+    if message[:2].istitle():
+        message = message[0].lower() + message[1:]
+    if error.ctx is not None:
+        message = message.rstrip(".") + f" (see '{error.ctx.command_path} --help')"
+    return message
+
+
+class FilchGroup(click.Group):
+    """A click group whose every failure is one line on stderr and a meaningful status."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            status = result if isinstance(result, int) else 0
+        except click.exceptions.NoArgsIsHelpError as error:
+            error.show()
+            status = error.exit_code
+        except click.UsageError as error:
+            status = _fail(_usage_message(error), error.exit_code)
+        except ClientError as error:
+            failure = client_failure(error)
+            status = _fail(failure.format_message(), failure.status)
+        except CommandError as error:
+            status = _fail(error.format_message(), error.status)
+        except click.ClickException as error:
+            status = _fail(error.format_message(), error.exit_code)
+        except click.Abort:
+            # Ctrl-C: the user knows what they did; say nothing more.
+            status = EXIT_INTERRUPTED
+        except BrokenPipeError:
+            _silence_stdout()
+            status = EXIT_BROKEN_PIPE
+        except Exception as error:
+            if os.environ.get("FILCH_DEBUG"):
+                raise
+            status = _fail(f"unexpected {type(error).__name__}: {error} "
+                           "(FILCH_DEBUG=1 shows the traceback)", EXIT_FAILURE)
+        if standalone_mode:
+            sys.exit(status)
+        return status
+
+
+def _fail(message: str, status: int) -> int:
+    click.echo(f"error: {one_line(message)}", err=True)
+    return status
+
+
+def _silence_stdout() -> None:
+    # The reader is gone: point stdout at /dev/null so the interpreter's final flush does
+    # not raise a second BrokenPipeError at exit.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+@click.group(cls=FilchGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--server", envvar="FILCH_SERVER", default=DEFAULT_SERVER, show_default=True,
+              metavar="HOST:PORT", callback=check_server, help="The filch node to talk to.")
+@click.option("--timeout", envvar="FILCH_TIMEOUT", default=DEFAULT_TIMEOUT, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Deadline of each call to the node.")
+@click.option("--ca", envvar="FILCH_CA", default="", metavar="FILE",
+              help="The cluster CA certificate: talk TLS to the node (from `filch certs`).")
+@click.option("--token-file", envvar="FILCH_TOKEN_FILE", default="", metavar="FILE",
+              help="File with the API bearer token (or set FILCH_TOKEN to the token).")
+@click.version_option(package_name="filch", prog_name="filch")
+@click.pass_context
+def cli(ctx: click.Context, server: str, timeout: float, ca: str, token_file: str) -> None:
+    """filch: a peer-to-peer batch task scheduler.
+
+    Submit a task to any node; whichever node has room runs it.
+    """
+    if ctx.invoked_subcommand in ("agent", "certs"):
+        return      # they take no client settings; a missing CA file must not stop them
+    try:
+        security = Security.load(ca, token_file=token_file,
+                                 token=os.environ.get("FILCH_TOKEN", ""))
+    except InvalidArgument as exc:
+        raise click.UsageError(str(exc)) from None
+    if security.token and not security.tls:
+        raise click.UsageError("a bearer token needs TLS: pass --ca (or FILCH_CA) too")
+    client = Client.with_security(server, security, timeout=timeout)
+    ctx.obj = client
+    ctx.call_on_close(client.close)
+
+
+for _command in (*CLIENT_COMMANDS, agent_command):
+    cli.add_command(_command)
+
+
+def main() -> None:
+    """The `filch` console script."""
+    cli.main(prog_name="filch")

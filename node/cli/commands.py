@@ -1,0 +1,205 @@
+"""The client commands: submit, status, ls, logs, cancel, nodes, and certs. Every call to
+the node goes through node.client.Client, which the group puts in the context."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+
+from node import render
+from node._gen.filch.v1 import filch_pb2
+from node.cli.output import (
+    EXIT_INTERRUPTED,
+    CommandError,
+    Progress,
+    output_option,
+    print_json,
+    task_exit_status,
+)
+from node.cli.params import CpuParam, SizeParam, parse_env
+from node.client import Client
+from node.errors import InvalidArgument
+from node.units import CPU_FORMS, SIZE_FORMS
+
+# How long `filch cancel` waits for the node to stop a running task: past its cancel
+# grace (SIGTERM -> SIGKILL, 5 s by default) with a wide margin for a loaded node.
+CANCEL_WAIT = 60.0
+
+
+def wait_for(client: Client, task: filch_pb2.Task, until: Callable[[filch_pb2.Task], bool],
+             limit: float | None = None) -> filch_pb2.Task:
+    """Client.wait with the spinner on a terminal; Ctrl-C exits 130 (the task goes on)."""
+    progress = Progress()
+    try:
+        return client.wait(task.id, progress.show, until=until, limit=limit, task=task)
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        progress.clear()
+
+
+@click.command(context_settings={"allow_interspersed_args": False})
+@click.option("--cpu", type=CpuParam(), help=f"CPU request: {CPU_FORMS}.  [default: 0.1]")
+@click.option("--mem", type=SizeParam(), metavar="SIZE",
+              help=f"Memory limit: {SIZE_FORMS}.  [default: 128Mi]")
+@click.option("--disk", type=SizeParam(), metavar="SIZE",
+              help=f"Size limit of the task's /work: {SIZE_FORMS}.  "
+                   "[default: the node's --default-disk]")
+@click.option("--restart/--no-restart", default=True, show_default=True,
+              help="Run the task again elsewhere if its node dies.")
+@click.option("--env", "env", multiple=True, metavar="KEY=VALUE", callback=parse_env,
+              help="An environment variable for the task (repeatable).")
+@click.option("--workdir", default="", metavar="DIR",
+              help="Working directory inside the task (default: its own scratch dir).")
+@click.option("--name", default="", help="A label for people; need not be unique.")
+@click.option("--request-id", default="", metavar="ID",
+              help="Idempotency key: submitting the same ID again returns the same task.")
+@click.option("--network", type=click.Choice(["isolated", "none", "host"]),
+              help="runc tasks: own namespace with NATed outbound access (isolated), loopback "
+                   "only (none), or the host's network (host: only nodes started with "
+                   "--allow-host-network run it).  [default: isolated]")
+@click.option("--wait", is_flag=True,
+              help="Wait for the task to finish and exit with its exit code.")
+@click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARG]...")
+@click.pass_obj
+def submit(
+    client: Client, cpu: int | None, mem: int | None, disk: int | None, restart: bool,
+    env: dict[str, str], workdir: str, name: str, request_id: str, network: str | None,
+    wait: bool, command: tuple[str, ...],
+) -> None:
+    """Queue CMD to run on whichever node has room; print its task id.
+
+    With --wait, exit with the task's exit code: 137 when it ran out of memory,
+    130 when canceled, 125 when it never ran to the end (could not start, node lost).
+
+    \b
+    Examples:
+      filch submit --cpu 0.5 --mem 256Mi -- python3 train.py --epochs 3
+      id=$(filch submit -- make test) && filch logs -f "$id"
+    """
+    spec = filch_pb2.TaskSpec(
+        command=command[0], args=command[1:], cpu_millis=cpu or 0, memory_bytes=mem or 0,
+        disk_bytes=disk or 0, restart=restart, env=env, workdir=workdir, name=name,
+        network=network or "")
+    task = client.submit(spec, request_id=request_id)
+    click.echo(task.id)
+    if not wait:
+        return
+    task = wait_for(client, task, render.is_finished)
+    status = task_exit_status(task)
+    if status != 0:
+        click.echo(f"task {task.id} {render.outcome(task)}", err=True)
+    raise click.exceptions.Exit(status)
+
+
+@click.command()
+@click.argument("task_id", metavar="ID")
+@output_option
+@click.pass_obj
+def status(client: Client, task_id: str, output: str) -> None:
+    """Show one task in detail."""
+    task = client.get(task_id)
+    if output == "json":
+        print_json(render.task_to_dict(task))
+    else:
+        click.echo(render.task_detail(task))
+
+
+@click.command(name="ls")
+@click.option("--state", type=click.Choice(list(render.STATE_BY_NAME), case_sensitive=False),
+              help="Only tasks in this state.")
+@click.option("--limit", type=click.IntRange(min=1), metavar="N", help="At most N tasks.")
+@output_option
+@click.pass_obj
+def list_tasks(client: Client, state: str | None, limit: int | None, output: str) -> None:
+    """List tasks (all of them, unless --state or --limit)."""
+    tasks = client.list(state, limit)
+    if output == "json":
+        print_json([render.task_to_dict(task) for task in tasks])
+    elif tasks:
+        click.echo(render.tasks_table(tasks))
+    else:
+        click.echo("no tasks" + (f" in state {state.upper()}" if state else ""), err=True)
+
+
+@click.command()
+@click.option("-f", "--follow", is_flag=True, help="Keep streaming until the task ends.")
+@click.option("--attempt", type=click.IntRange(min=0), default=0, metavar="N",
+              help="Logs of attempt N (default: the latest).")
+@click.argument("task_id", metavar="ID")
+@click.pass_obj
+def logs(client: Client, follow: bool, attempt: int, task_id: str) -> None:
+    """Print a task's output (stdout and stderr, as the node recorded them)."""
+    stdout = sys.stdout.buffer
+    try:
+        for data in client.logs(task_id, follow, attempt):
+            stdout.write(data)
+            stdout.flush()
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+
+
+@click.command()
+@click.option("--no-wait", is_flag=True, help="Return as soon as the cancel is recorded.")
+@click.argument("task_id", metavar="ID")
+@click.pass_obj
+def cancel(client: Client, no_wait: bool, task_id: str) -> None:
+    """Cancel a task and print the state it ends in.
+
+    A running task gets SIGTERM, then SIGKILL after the node's grace period; this waits
+    (at most 60 s) until it has stopped.
+    """
+    task = client.cancel(task_id)
+
+    def stopped(current: filch_pb2.Task) -> bool:
+        return current.state != filch_pb2.TASK_STATE_RUNNING
+
+    if not no_wait:
+        task = wait_for(client, task, stopped, limit=CANCEL_WAIT)
+    click.echo(render.state_name(task.state))
+    if not no_wait and not stopped(task):
+        raise CommandError(
+            f"task {task.id} still runs {CANCEL_WAIT:g} s after the cancel; "
+            f"`filch status {task.id}` shows when it stops")
+
+
+@click.command()
+@output_option
+@click.pass_obj
+def nodes(client: Client, output: str) -> None:
+    """List the live nodes, their capacity and what is allocated on them."""
+    found = client.nodes()
+    if output == "json":
+        print_json([render.node_to_dict(node) for node in found])
+    elif found:
+        click.echo(render.nodes_table(found))
+    else:
+        click.echo("no nodes", err=True)
+
+
+@click.command(name="certs")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--node", "nodes", multiple=True, metavar="NAME=ADDR[,ADDR...]",
+              help="Issue a certificate for this node, valid for these IPs / DNS names "
+                   "(repeatable). 127.0.0.1 and localhost are always included.")
+def certs_command(directory: str, nodes: tuple[str, ...]) -> None:
+    """Create the cluster CA, node certificates and the API token in DIRECTORY.
+
+    What exists is kept, what is missing is added: run it again to add a node. Then give
+    each node --tls-ca DIR/ca.crt --tls-cert DIR/NAME.crt --tls-key DIR/NAME.key
+    --api-token-file DIR/token, and clients --ca DIR/ca.crt --token-file DIR/token.
+    """
+    from node import certs
+    try:
+        requests = [certs.NodeRequest.parse(text) for text in nodes]
+        created = certs.ensure(Path(directory), requests)
+    except InvalidArgument as exc:
+        raise click.UsageError(str(exc)) from None
+    for name in created:
+        click.echo(str(Path(directory) / name))
+
+
+CLIENT_COMMANDS = (submit, status, list_tasks, logs, cancel, nodes, certs_command)

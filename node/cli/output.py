@@ -1,0 +1,133 @@
+"""What the `filch` command prints: exit statuses, one-line errors, JSON, the wait spinner."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+import click
+import grpc
+
+from node import render
+from node._gen.filch.v1 import filch_pb2
+from node.client import ClientError
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+# What shells report for a process killed by a signal: 128 + the signal number.
+EXIT_INTERRUPTED = 128 + 2  # SIGINT
+EXIT_OOM_KILLED = 128 + 9  # SIGKILL, which is how the kernel's OOM killer ends it
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE: `filch ls | head` stopped reading
+# Like `docker run`: the command never got to exit by itself (not started, node lost).
+EXIT_NOT_RUN = 125
+
+
+class CommandError(click.ClickException):
+    """A failure the user can act on: shown as one "error: ..." line, then exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def client_failure(error: ClientError) -> CommandError:
+    """A failed call in the CLI's words, with the flag that would help."""
+    if error.code == grpc.StatusCode.INVALID_ARGUMENT:
+        return CommandError(error.message, EXIT_USAGE)
+    if error.code == grpc.StatusCode.UNAVAILABLE and not error.reachable:
+        return CommandError(
+            f"cannot reach filch at {error.server} ({error.message}); is the node running? "
+            "set --server or FILCH_SERVER")
+    if error.code == grpc.StatusCode.UNAVAILABLE:
+        # The node answered, but says it cannot serve (etcd has no quorum, say).
+        return CommandError(f"filch at {error.server} is unavailable: {error.message}")
+    if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CommandError(
+            f"filch at {error.server} did not answer within {error.timeout or 0:g} s; "
+            "raise --timeout (or FILCH_TIMEOUT) if the node is just slow")
+    return CommandError(error.message)
+
+
+def output_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "-o", "--output", type=click.Choice(["table", "json"]), default="table",
+        show_default=True, help="table for people, json for programs.")(function)
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def task_exit_status(task: filch_pb2.Task) -> int:
+    """The status `filch submit --wait` exits with, shell conventions where they exist."""
+    if task.state == filch_pb2.TASK_STATE_CANCELED or task.reason == filch_pb2.REASON_CANCELED:
+        return EXIT_INTERRUPTED
+    match task.reason:
+        case filch_pb2.REASON_EXITED:
+            if task.exit_code < 0:  # a process executor reports "killed by signal N" as -N
+                return 128 - task.exit_code
+            return min(task.exit_code, 255)
+        case filch_pb2.REASON_OOM_KILLED:
+            return EXIT_OOM_KILLED
+        case filch_pb2.REASON_NODE_LOST | filch_pb2.REASON_START_FAILED:
+            return EXIT_NOT_RUN
+    return EXIT_FAILURE
+
+
+class Progress:
+    """One self-erasing status line on stderr, drawn only when stderr is a terminal."""
+
+    _FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+    _ASCII_FRAMES = "|/-\\"
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream or sys.stderr
+        self.enabled = self._stream.isatty() and os.environ.get("TERM") != "dumb"
+        self._frames = self._FRAMES
+        try:
+            self._FRAMES.encode(self._stream.encoding or "ascii")
+        except (UnicodeEncodeError, LookupError):
+            self._frames = self._ASCII_FRAMES
+        self._tick = 0
+        self._drawn = False
+
+    def draw(self, text: str) -> None:
+        if not self.enabled:
+            return
+        frame = self._frames[self._tick % len(self._frames)]
+        self._tick += 1
+        # A line wider than the terminal wraps, and \r then erases only its last part.
+        width = shutil.get_terminal_size().columns - 1
+        line = f"{frame} {text}"[:width]
+        self._stream.write(f"\r{line}\033[K")
+        self._stream.flush()
+        self._drawn = True
+
+    def show(self, task: filch_pb2.Task, elapsed: float, reconnecting: bool) -> None:
+        """Client.wait's on_progress."""
+        self.draw(progress_text(task, elapsed, reconnecting))
+
+    def clear(self) -> None:
+        if self._drawn:
+            self._stream.write("\r\033[K")
+            self._stream.flush()
+            self._drawn = False
+
+
+def progress_text(task: filch_pb2.Task, elapsed: float, reconnecting: bool) -> str:
+    state = render.state_name(task.state)
+    if task.state == filch_pb2.TASK_STATE_RUNNING:
+        state += f" on {render.node_label(task)}"
+    elif task.message:
+        state += f" ({task.message})"
+    if reconnecting:
+        state += " · reconnecting"
+    return f"{state} · {elapsed:.1f}s"

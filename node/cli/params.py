@@ -1,0 +1,56 @@
+"""The CLI's own parameter types and checks: sizes, CPU amounts, KEY=VALUE, HOST:PORT."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from node.units import parse_cpu, parse_size
+
+
+class _UnitParam(click.ParamType[int]):
+    """A number with units, parsed by `parse` (node.units); an int passes through."""
+
+    parse: Callable[[str], int]
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return self.parse(str(value))
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+class SizeParam(_UnitParam):
+    """A size like 64Mi or 1G, as bytes."""
+
+    name = "size"
+    parse = staticmethod(parse_size)
+
+
+class CpuParam(_UnitParam):
+    """CPU as cores (0.5) or millicores (500m), as millicores."""
+
+    name = "cores"
+    parse = staticmethod(parse_cpu)
+
+
+def parse_env(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", ctx, param)
+        env[key] = value
+    return env
+
+
+def check_server(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if "://" in value:
+        raise click.BadParameter(f"{value!r} is a URL; give HOST:PORT", ctx, param)
+    return value

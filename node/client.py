@@ -1,0 +1,349 @@
+"""The one public client of a filch node's gRPC API: sync, for scripts, the CLI and the
+threaded HTTP face.
+
+    from node.client import Client, NotFound
+
+    with Client("127.0.0.1:7070", ca="pki/ca.crt", token_file="pki/token") as filch:
+        task = filch.submit(command="make", args=["test"], cpu="0.5", memory="256Mi")
+        done = filch.wait(task.id)
+
+Every failure is a ClientError (a subclass per common gRPC code), never a grpc.RpcError.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from node import keys, render
+from node._gen.filch.v1 import filch_pb2 as pb
+from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.tls import Security
+from node.units import parse_cpu, parse_size
+
+DEFAULT_SERVER = "127.0.0.1:7070"
+# Per-RPC deadline: rides out an etcd leader election (~1 s) with room to spare, yet a hung
+# node fails the call in seconds rather than never.
+DEFAULT_TIMEOUT = 10.0
+# A submit the node answers with UNAVAILABLE is retried this long (an etcd election takes
+# about a second; a lossy link can stall a commit for a few).
+SUBMIT_RETRY_SECONDS = 15.0
+SUBMIT_RETRY_PAUSE = 0.5
+# Status polling while waiting: quick first looks catch short tasks, the cap keeps a
+# long wait from hammering the node.
+POLL_FIRST = 0.1
+POLL_MAX = 1.0
+# How long a wait rides out a node that stops answering (restart, leader election).
+RECONNECT_GRACE = 30.0
+# How often wait() reports progress between polls: smooth enough for a spinner.
+PROGRESS_TICK = 0.1
+# The node caps a page at 1000 itself.
+PAGE_SIZE = 1000
+
+# on_progress(task, seconds waited, whether the node is not answering right now)
+ProgressCallback = Callable[[pb.Task, float, bool], None]
+
+
+class ClientError(Exception):
+    """A call failed. code: the grpc.StatusCode; message: the node's words (one line).
+
+    server, timeout: what was called and with which deadline, for callers that word
+    their own message; reachable: for UNAVAILABLE, whether the node answered at all.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, server: str,
+                 timeout: float | None, reachable: bool = True) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.server = server
+        self.timeout = timeout
+        self.reachable = reachable
+
+    @property
+    def transient(self) -> bool:
+        """Worth another try later: the node or its etcd is away for now."""
+        return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class InvalidRequest(ClientError):
+    """INVALID_ARGUMENT: the node refused a value; the message names it."""
+
+
+class NotFound(ClientError):
+    """NOT_FOUND: no such task (or attempt, or log yet)."""
+
+
+class Unauthenticated(ClientError):
+    """UNAUTHENTICATED: a missing or wrong bearer token."""
+
+
+class Unavailable(ClientError):
+    """UNAVAILABLE: the node is unreachable (reachable=False) or cannot serve now."""
+
+
+class DeadlineExceeded(ClientError):
+    """DEADLINE_EXCEEDED: no answer within the timeout."""
+
+
+_ERROR_TYPES: dict[grpc.StatusCode, type[ClientError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+
+class LogCall:
+    """A task's log as an iterator of bytes; cancel() ends it from another thread."""
+
+    def __init__(self, call: Any, client: Client) -> None:
+        self._call = call
+        self._client = client
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for chunk in self._call:
+                yield chunk.data
+        except grpc.RpcError as error:
+            raise self._client.error(error, None) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class Client:
+    """Calls to one filch node. The channel is made on first use in each process (a gRPC
+    channel must not cross a fork, and gunicorn forks its workers) and shared by threads."""
+
+    def __init__(self, server: str = DEFAULT_SERVER, *, ca: str | Path | None = None,
+                 token: str | None = None, token_file: str | Path | None = None,
+                 timeout: float = DEFAULT_TIMEOUT) -> None:
+        """ca: the cluster CA certificate file (TLS); token or token_file: the API bearer
+        token, which needs TLS. Raises node.errors.InvalidArgument for an unreadable file."""
+        security = Security.load(str(ca or ""), token_file=str(token_file or ""),
+                                 token=token or "")
+        if security.token and not security.tls:
+            raise ValueError("a bearer token needs TLS: give the cluster CA too")
+        self.server = server
+        self.timeout = timeout
+        self.security = security
+        self._lock = threading.Lock()
+        self._owner_pid = 0
+        self._channel: grpc.Channel | None = None
+
+    @classmethod
+    def with_security(cls, server: str, security: Security, *,
+                      timeout: float = DEFAULT_TIMEOUT) -> Client:
+        """A client from credentials already loaded (the CLI's flags, the HTTP face's env)."""
+        client = cls(server, timeout=timeout)
+        client.security = security
+        return client
+
+    @classmethod
+    def from_env(cls) -> Client:
+        """FILCH_SERVER, FILCH_CA, FILCH_TOKEN_FILE or FILCH_TOKEN, FILCH_TIMEOUT."""
+        env = os.environ
+        return cls(env.get("FILCH_SERVER") or DEFAULT_SERVER, ca=env.get("FILCH_CA"),
+                   token=env.get("FILCH_TOKEN"), token_file=env.get("FILCH_TOKEN_FILE"),
+                   timeout=float(env.get("FILCH_TIMEOUT") or DEFAULT_TIMEOUT))
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            # One inherited across a fork belongs to the parent: not ours to close.
+            if self._channel is not None and self._owner_pid == os.getpid():
+                self._channel.close()
+            self._channel = None
+
+    def channel(self) -> grpc.Channel:
+        with self._lock:
+            if self._channel is None or self._owner_pid != os.getpid():
+                self._channel = (
+                    grpc.secure_channel(self.server, self.security.channel_credentials())
+                    if self.security.tls else grpc.insecure_channel(self.server))
+                self._owner_pid = os.getpid()
+            return self._channel
+
+    @property
+    def _stub(self) -> pb_grpc.SchedulerStub:
+        return pb_grpc.SchedulerStub(self.channel())
+
+    # -- tasks ---------------------------------------------------------------------------------
+
+    def submit(self, spec: pb.TaskSpec | None = None, *, request_id: str | None = None,
+               **fields: Any) -> pb.Task:
+        """Queue a task: a TaskSpec, or its fields as keywords (cpu and memory/disk also as
+        text: cpu="0.5", memory="256Mi"). Retried while the node answers UNAVAILABLE, under
+        one request id (a fresh UUIDv7 unless given), so a submit is never made twice."""
+        if spec is None:
+            spec = _spec(fields)
+        elif fields:
+            raise TypeError("give a TaskSpec or its fields, not both")
+        request = pb.SubmitRequest(spec=spec, request_id=request_id or "")
+        return self.submit_request(request).task
+
+    def submit_request(self, request: pb.SubmitRequest, *,
+                       retry_for: float = SUBMIT_RETRY_SECONDS) -> pb.SubmitResponse:
+        """Submit as given; the response says whether the task was created or matched."""
+        if not request.request_id:
+            # A UUIDv7: the node keeps its timestamp in the task id (keys.task_id_for_request),
+            # so the task still queues in submission order.
+            request.request_id = keys.new_task_id()
+        deadline = time.monotonic() + retry_for
+        while True:
+            try:
+                response: pb.SubmitResponse = self._call(self._stub.Submit, request)
+                return response
+            except Unavailable as failure:
+                # An unreachable node fails at once; one that answered may be mid-election.
+                if not failure.reachable or time.monotonic() >= deadline:
+                    raise
+            time.sleep(SUBMIT_RETRY_PAUSE)
+
+    def get(self, task_id: str) -> pb.Task:
+        task: pb.Task = self._call(self._stub.GetTask, pb.GetTaskRequest(id=task_id))
+        return task
+
+    def cancel(self, task_id: str) -> pb.Task:
+        response: pb.CancelResponse = self._call(self._stub.Cancel, pb.CancelRequest(id=task_id))
+        return response.task
+
+    def wait(self, task_id: str, on_progress: ProgressCallback | None = None, *,
+             until: Callable[[pb.Task], bool] = render.is_finished,
+             limit: float | None = None, task: pb.Task | None = None) -> pb.Task:
+        """Poll until until(task) (default: finished) or limit seconds pass; the last record.
+
+        on_progress is called every PROGRESS_TICK while waiting. A node that stops
+        answering is ridden out for RECONNECT_GRACE seconds, then its error is raised.
+        task: a record already in hand (say, from submit), checked before the first poll.
+        """
+        task = task if task is not None else self.get(task_id)
+        start = time.monotonic()
+        delay = POLL_FIRST
+        next_poll = start + delay
+        failing_since: float | None = None
+        while not until(task):
+            now = time.monotonic()
+            if limit is not None and now - start >= limit:
+                break
+            if now >= next_poll:
+                try:
+                    task = self.get(task_id)
+                    failing_since = None
+                except ClientError as failure:
+                    failing_since = failing_since or now
+                    if not failure.transient or now - failing_since > RECONNECT_GRACE:
+                        raise
+                delay = min(delay * 2, POLL_MAX)
+                next_poll = time.monotonic() + delay
+                continue
+            if on_progress is not None:
+                on_progress(task, now - start, failing_since is not None)
+            time.sleep(max(0.0, min(PROGRESS_TICK, next_poll - now)))
+        return task
+
+    def logs(self, task_id: str, follow: bool = False, attempt: int = 0) -> LogCall:
+        """The task's output as it arrives (attempt 0: the latest). No deadline: a followed
+        log lasts as long as the task, and a big one takes as long as it takes."""
+        request = pb.StreamLogsRequest(id=task_id, follow=follow, attempt=attempt)
+        return LogCall(self._stub.StreamLogs(request), self)
+
+    def list(self, state: str | int | None = None, limit: int | None = None) -> list[pb.Task]:
+        """Every task (in state, a name like "running" or a TaskState), following page
+        tokens until the end or limit tasks."""
+        tasks: builtins.list[pb.Task] = []
+        token = ""
+        while limit is None or len(tasks) < limit:
+            size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - len(tasks))
+            page, next_token = self.list_page(state, size, token)
+            tasks.extend(page)
+            # A token that does not move would loop forever; treat it as the last page.
+            if not next_token or next_token == token:
+                break
+            token = next_token
+        return tasks if limit is None else tasks[:limit]
+
+    def list_page(self, state: str | int | None, page_size: int,
+                  page_token: str = "") -> tuple[builtins.list[pb.Task], str]:
+        """One page of tasks and the token of the next ("" at the end)."""
+        if isinstance(state, str):
+            state = render.STATE_BY_NAME[state.lower()]
+        request = pb.ListTasksRequest(state=state or 0,  # type: ignore[arg-type]
+                                      page_size=page_size, page_token=page_token)
+        response: pb.ListTasksResponse = self._call(self._stub.ListTasks, request)
+        return list(response.tasks), response.next_page_token
+
+    # -- the cluster ---------------------------------------------------------------------------
+
+    def nodes(self, *, timeout: float | None = None) -> builtins.list[pb.Node]:
+        response: pb.ListNodesResponse = self._call(
+            self._stub.ListNodes, pb.ListNodesRequest(), timeout)
+        return list(response.nodes)
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The gRPC health status name of service ("" for the node): "SERVING", ..."""
+        stub = health_pb2_grpc.HealthStub(self.channel())
+        response = self._call(stub.Check, health_pb2.HealthCheckRequest(service=service),
+                              timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    # -- errors --------------------------------------------------------------------------------
+
+    def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        deadline = self.timeout if timeout is None else timeout
+        try:
+            return method(request, timeout=deadline)
+        except grpc.RpcError as error:
+            raise self.error(error, deadline) from None
+
+    def error(self, error: grpc.RpcError, timeout: float | None) -> ClientError:
+        """The typed error for a failed call."""
+        code: grpc.StatusCode = error.code()
+        details = " ".join((error.details() or "").split()) or code.name
+        reachable = code != grpc.StatusCode.UNAVAILABLE or _is_ready(self.channel())
+        kind = _ERROR_TYPES.get(code, ClientError)
+        return kind(code, details, server=self.server, timeout=timeout, reachable=reachable)
+
+
+def _spec(fields: dict[str, Any]) -> pb.TaskSpec:
+    """A TaskSpec from keywords; cpu, memory and disk may be text ("0.5", "256Mi")."""
+    cpu = fields.pop("cpu", None)
+    sizes = {name: fields.pop(name) for name in ("memory", "disk") if name in fields}
+    spec = pb.TaskSpec(**fields)
+    if cpu is not None:
+        spec.cpu_millis = parse_cpu(str(cpu))
+    for name, size in sizes.items():
+        setattr(spec, f"{name}_bytes", size if isinstance(size, int) else parse_size(size))
+    return spec
+
+
+def _is_ready(channel: grpc.Channel) -> bool:
+    """Whether the channel holds a live connection right now (polled, never connects)."""
+    states: queue.Queue[grpc.ChannelConnectivity] = queue.Queue()
+    callback = states.put
+    channel.subscribe(callback, try_to_connect=False)
+    try:
+        # gRPC reports the current state from its polling thread within a millisecond.
+        return states.get(timeout=0.2) == grpc.ChannelConnectivity.READY
+    except queue.Empty:
+        return False
+    finally:
+        channel.unsubscribe(callback)
