@@ -172,10 +172,10 @@ class Agent:
         stealer = Stealer(config=config, store=store, state=state, runner=runner)
         recovery = Recovery(config=config, store=store)
         housekeeping = Housekeeping(
-            config, store, membership, runner, stealer,
-            network.set_cluster_addresses if network is not None else None)
-        # In shutdown order: stop stealing, drain the attempts, leave the cluster.
-        parts: tuple[Part, ...] = (stealer, runner, membership, recovery)
+            config=config, store=store, state=state, runner=runner, stealer=stealer,
+            firewall=network.set_cluster_addresses if network is not None else None)
+        # In shutdown order: stop stealing (and cleaning up), drain the attempts, leave.
+        parts: tuple[Part, ...] = (stealer, housekeeping, runner, membership, recovery)
         tasks = TaskService(store, config.max_pending)
 
         metrics.CPU_CAPACITY.set(config.cpus)
@@ -212,7 +212,6 @@ class Agent:
         async with asyncio.TaskGroup() as group:
             loops: list[asyncio.Task[object]] = [group.create_task(part.run())
                                                  for part in parts]
-            loops.append(group.create_task(housekeeping.run()))
             if member is not None:
                 loops.append(group.create_task(self._watch_member(member)))
             if network is not None:

@@ -9,18 +9,18 @@ defragmented together. The same round refreshes the cluster-wide metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import NoReturn
 from urllib.parse import urlsplit
 
 from node import failpoints, keys, metrics
 from node.config import Config
 from node.errors import FilchError
-from node.membership import Membership
+from node.node_state import NodeState
 from node.runner import Runner
 from node.stealer import Stealer
 from node.store import Compacted, MemberStatus, Store
@@ -38,7 +38,7 @@ DISARM_BELOW_FRACTION = 0.9
 class Housekeeping:
     """Periodic cleanup of etcd and of this node's log files."""
 
-    def __init__(self, config: Config, store: Store, membership: Membership, runner: Runner,
+    def __init__(self, *, config: Config, store: Store, state: NodeState, runner: Runner,
                  stealer: Stealer,
                  firewall: Callable[[list[str]], Awaitable[None]] | None = None) -> None:
         """firewall, when given, receives every cluster address each round (the task
@@ -46,21 +46,29 @@ class Housekeeping:
         self._config = config
         self._firewall = firewall
         self._store = store
-        self._membership = membership
+        self._state = state
         self._runner = runner
         self._stealer = stealer
         self._last_compaction = time.monotonic()
         self._compacted_to = 0
+        self._stopping = asyncio.Event()
         self.paused_for_space = False
 
-    async def run(self) -> NoReturn:
+    async def run(self) -> None:
+        """A round every housekeeping_interval until shutdown()."""
         metrics.ETCD_QUOTA.set(self._config.etcd_quota_bytes)
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self.round()
             except FilchError as exc:
                 log.info("housekeeping round skipped: %s", exc)
-            await asyncio.sleep(self._config.housekeeping_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(),
+                                       self._config.housekeeping_interval)
+
+    async def shutdown(self) -> None:
+        """No round starts after this (one in progress finishes). Idempotent."""
+        self._stopping.set()
 
     async def round(self) -> None:
         """One pass: task firewall, metrics, NOSPACE, retention, compaction,
@@ -160,7 +168,7 @@ class Housekeeping:
         full: etcd is out of space, so the lock (a write) cannot be taken; every member must
         be defragmented anyway before the alarm can go, and no write is served meanwhile.
         """
-        registration = self._membership.registration
+        registration = self._state.registration
         if registration is None:
             return False
         locked = not full and await self._store.try_lock(

@@ -16,6 +16,7 @@ import grpc
 from node import keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.attempt_files import log_path
 from node.config import Config
 from node.errors import (
     FilchError,
@@ -25,7 +26,7 @@ from node.errors import (
     StoreUnavailable,
     TaskNotFound,
 )
-from node.runner import Runner, log_path
+from node.runner import Runner
 from node.runtime.logcap import Layout, lock_for, read_at
 from node.store import Compacted, Store
 from node.tls import Security

@@ -91,8 +91,8 @@ async def test_a_shutdown_pause_survives_a_nospace_recovery(store: Store,
     stealer.pause("shutdown")
     # Housekeeping reads the registration (defrag lock) and what runs (old logs) only.
     runner: Any = Launched()
-    housekeeping = Housekeeping(Config(name="a", data_dir=str(tmp_path)), store, state,
-                                runner, stealer)
+    housekeeping = Housekeeping(config=Config(name="a", data_dir=str(tmp_path)), store=store,
+                                state=state, runner=runner, stealer=stealer)
     housekeeping.paused_for_space = True
     await housekeeping.round()      # etcd has space: the NOSPACE reason goes
     assert not housekeeping.paused_for_space
