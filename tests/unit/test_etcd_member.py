@@ -15,6 +15,7 @@ import sys
 import urllib.request
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -247,7 +248,15 @@ async def test_start_stops_a_member_left_by_an_earlier_run(
         *member.command(), stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     try:
         member.pid_path.write_text(f"{leftover.pid}\n")
-        await asyncio.sleep(1)  # let it bind the ports a new member needs
+        # Once the leftover holds the client port, a new member needs it gone first.
+        client = urlsplit(config.etcd_client_url)
+        for _ in range(200):
+            with socket.socket() as probe:
+                if probe.connect_ex((client.hostname, client.port)) == 0:
+                    break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the leftover member never listened")
 
         await member.start()
         await member.wait_healthy(timeout=30)

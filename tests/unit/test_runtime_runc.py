@@ -211,7 +211,10 @@ async def test_stop_kills_a_task_that_ignores_sigterm(
     # `sleep` as the container's PID 1 has no SIGTERM handler, so only SIGKILL ends it.
     spec = make_spec(data_dir, "sleep", "60")
     attempt = await executor.start(spec)
-    await asyncio.sleep(0.3)
+    for _ in range(200):         # SIGTERM must reach a running task, not a starting one
+        if runc_states(data_dir / "runc").get(spec.container_id) == "running":
+            break
+        await asyncio.sleep(0.05)
     started = time.monotonic()
     await attempt.stop(grace=1)
     assert time.monotonic() - started < 5
