@@ -95,11 +95,11 @@ class Agent:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
-        # The node's own certificate is the agent's etcd client certificate (it has client
-        # usage; `filch certs` keeps its key 0600). Read before the member starts, so an
-        # unreadable file stops the node with one line.
-        tls = (EtcdTLS(config.tls_ca, config.tls_cert, config.tls_key) if config.tls_ca
-               else None)
+        # The node's etcd certificate (etcd CA, key 0600 root) is the agent's etcd client
+        # certificate. Read before the member starts, so an unreadable file stops the
+        # node with one line.
+        tls = (EtcdTLS(config.etcd_tls_ca, config.etcd_tls_cert, config.etcd_tls_key)
+               if config.tls_ca else None)
         store = Store(config.etcd_client_endpoint, tls=tls)
         member = await self._prepare_member() if config.embedded_etcd else None
         if member is not None:

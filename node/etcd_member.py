@@ -126,15 +126,16 @@ class EtcdMember:
             "--log-outputs", "stderr",
         ]
         if config.tls_ca:
-            # Peers and clients alike authenticate with certificates from the cluster CA: the
+            # Peers and clients alike authenticate with certificates from the etcd CA: the
             # client port hands out the whole keyspace, so on loopback too a task sharing
             # the host network or another local user must not reach it (design.md,
-            # "Security"). The agent's own client certificate is the node's, readable by
-            # root only.
-            argv += ["--peer-client-cert-auth", "--peer-trusted-ca-file", config.tls_ca,
-                     "--peer-cert-file", config.tls_cert, "--peer-key-file", config.tls_key,
-                     "--client-cert-auth", "--trusted-ca-file", config.tls_ca,
-                     "--cert-file", config.tls_cert, "--key-file", config.tls_key]
+            # "Security"). Not the cluster CA: the HTTP face's group can read the node's
+            # API key; the etcd key is root's alone.
+            argv += ["--peer-client-cert-auth", "--peer-trusted-ca-file", config.etcd_tls_ca,
+                     "--peer-cert-file", config.etcd_tls_cert,
+                     "--peer-key-file", config.etcd_tls_key,
+                     "--client-cert-auth", "--trusted-ca-file", config.etcd_tls_ca,
+                     "--cert-file", config.etcd_tls_cert, "--key-file", config.etcd_tls_key]
         if not self.bootstrapped:
             # Bootstrap flags. etcd ignores them once the data dir holds a member (it logs
             # "server has been already initialized"); they are left out on a restart so
@@ -247,11 +248,11 @@ class EtcdMember:
     # -- internals -------------------------------------------------------------------------
 
     def _client_tls(self) -> ssl.SSLContext | None:
-        """The TLS context a probe of the client port needs: the node's certificate."""
+        """The TLS context a probe of the client port needs: the node's etcd certificate."""
         if not self.config.tls_ca:
             return None
-        context = ssl.create_default_context(cafile=self.config.tls_ca)
-        context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
+        context = ssl.create_default_context(cafile=self.config.etcd_tls_ca)
+        context.load_cert_chain(self.config.etcd_tls_cert, self.config.etcd_tls_key)
         return context
 
     def _prepare_files(self) -> None:

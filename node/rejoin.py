@@ -370,12 +370,13 @@ def _printable(text: str) -> str:
 
 
 def _tls_context(config: Config, url: str) -> ssl.SSLContext | None:
-    """With certificates, https:// URLs are mutual TLS with the node's certificate."""
+    """With certificates, https:// URLs (etcd's) are mutual TLS with the node's etcd
+    certificate."""
     if urlsplit(url).scheme != "https":
         return None
-    context = ssl.create_default_context(cafile=config.tls_ca or None)
-    if config.tls_cert:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
+    context = ssl.create_default_context(cafile=config.etcd_tls_ca or None)
+    if config.etcd_tls_cert:
+        context.load_cert_chain(config.etcd_tls_cert, config.etcd_tls_key)
     return context
 
 

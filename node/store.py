@@ -185,7 +185,8 @@ _ETCD_ERRORS = (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, asyncio.Time
 
 @dataclass(frozen=True)
 class EtcdTLS:
-    """Files for a TLS connection to etcd: the cluster CA and a client certificate + key."""
+    """Files for a TLS connection to etcd: the etcd CA and the node's etcd certificate +
+    key (`filch certs`)."""
 
     ca: str
     cert: str
@@ -194,7 +195,8 @@ class EtcdTLS:
     def credentials(self) -> grpc.ChannelCredentials:
         """Raises InvalidArgument naming the tls_* field whose file cannot be read."""
         blobs: list[bytes] = []
-        for name, path in (("tls_ca", self.ca), ("tls_cert", self.cert), ("tls_key", self.key)):
+        for name, path in (("etcd_tls_ca", self.ca), ("etcd_tls_cert", self.cert),
+                           ("etcd_tls_key", self.key)):
             try:
                 blobs.append(Path(path).read_bytes())
             except OSError as exc:
