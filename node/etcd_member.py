@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 from node import limits
 from node.config import Config
-from node.errors import FilchError
+from node.errors import EtcdMemberError
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,6 @@ _PROBE_INTERVAL = 0.1
 
 # Per-request timeout of a probe. etcd answers /version instantly once it serves at all.
 _PROBE_TIMEOUT = 1.0
-
-
-class EtcdMemberError(FilchError):
-    """The embedded etcd member could not be started; the message quotes etcd.log."""
 
 
 class EtcdMember:

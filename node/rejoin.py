@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from node.config import Config
-from node.errors import FilchError
+from node.errors import MemberDataLost, RejoinFailed
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +65,6 @@ _RETRY_PAUSE = 1.0
 
 # gRPC status etcd's gateway reports for "unhealthy cluster", no leader, a timeout.
 _UNAVAILABLE = 14
-
-
-class MemberDataLost(FilchError):
-    """This node was an etcd member but its data dir is empty; it must rejoin as a new one."""
-
-
-class RejoinFailed(FilchError):
-    """`filch agent --rejoin` could not replace the old member (no healthy member, etc.)."""
-
-    def __init__(self, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.transient = transient
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import grpc
 
 from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.errors import InvalidArgument, StoreFull, StoreUnavailable, TooLarge
+from node.errors import Compacted, InvalidArgument, StoreFull, StoreUnavailable, TooLarge
 from node.limits import (
     READ_BATCH_RECORDS,
     STORE_MAX_RECEIVE_BYTES,
@@ -79,14 +79,6 @@ class MemberStatus:
     db_size: int
     db_size_in_use: int
     nospace: bool
-
-
-class Compacted(Exception):
-    """A watch asked for history that etcd already compacted; re-list and watch again."""
-
-    def __init__(self, revision: int) -> None:
-        super().__init__(f"revision compacted up to {revision}")
-        self.revision = revision
 
 
 def status_key(task: pb.Task) -> bytes:

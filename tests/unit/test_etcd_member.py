@@ -20,8 +20,8 @@ import pytest
 
 from node import certs
 from node.config import Config
-from node.errors import InvalidArgument
-from node.etcd_member import EtcdMember, EtcdMemberError
+from node.errors import EtcdMemberError, InvalidArgument
+from node.etcd_member import EtcdMember
 from node.store import EtcdTLS, Store
 
 if shutil.which("etcd") is None:

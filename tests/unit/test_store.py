@@ -16,8 +16,8 @@ import pytest
 
 from node import certs, keys, lifecycle, validation
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.errors import InvalidArgument, StoreUnavailable
-from node.store import Compacted, EtcdTLS, Store, Versioned, WatchEvent, status_key
+from node.errors import Compacted, InvalidArgument, StoreUnavailable
+from node.store import EtcdTLS, Store, Versioned, WatchEvent, status_key
 from tests.unit.etcd_fixture import etcdctl, free_port, require_etcd
 
 require_etcd()
