@@ -25,6 +25,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer, add_to_server
 from node.config import Config
 from node.errors import FilchError
+from node.etcd_client import EtcdTLS
 from node.etcd_member import EtcdMember
 from node.housekeeping import Housekeeping, cluster_addresses
 from node.logs import LogService
@@ -35,7 +36,7 @@ from node.runtime.base import Executor
 from node.runtime.network import TaskNetwork
 from node.service import TaskService
 from node.stealer import Stealer
-from node.store import EtcdTLS, Store
+from node.store import Store
 from node.tls import Security, TokenInterceptor
 from node.watchdog import Watchdog
 

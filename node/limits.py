@@ -55,6 +55,13 @@ READ_BATCH_RECORDS = READ_BATCH_BYTES // MAX_RECORD_BYTES
 STORE_MAX_RECEIVE_BYTES = READ_BATCH_BYTES + GRPC_OVERHEAD_BYTES
 STORE_MAX_SEND_BYTES = ETCD_MAX_REQUEST_BYTES + GRPC_OVERHEAD_BYTES
 
+# etcd refuses transactions with more operations than this (its --max-txn-ops default).
+MAX_TXN_OPS = 128
+# A move is at most 2 compares and 3 operations, so this many fit in one transaction.
+MAX_BATCH = 32
+# A move's compares and operations besides its record: three keys of ~80 bytes, framing.
+MOVE_KEYS_BYTES = 512
+
 # -- the API -------------------------------------------------------------------------------
 
 # A ListTasks page stops at this many bytes of tasks even below its page_size, so a client

@@ -21,10 +21,11 @@ from node import failpoints, keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import Compacted, ExecutorError, FilchError, TooLarge
-from node.limits import ETCD_MAX_REQUEST_BYTES, WRITE_BATCH_BYTES, batches
+from node.limits import ETCD_MAX_REQUEST_BYTES, MAX_BATCH, WRITE_BATCH_BYTES, batches
 from node.membership import Allocation, Membership, Registration
 from node.runtime.base import Attempt, AttemptSpec, Executor
-from node.store import MAX_BATCH, Move, Store, Versioned, move_bytes
+from node.store import Store
+from node.txn import Move, Versioned, move_bytes
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from node.admission import PendingLimit
 from node.errors import Conflict, InvalidArgument, Overloaded, StoreUnavailable, TaskNotFound
 from node.group_commit import GroupCommitter
 from node.limits import DEFAULT_MAX_PENDING, LIST_PAGE_BYTES, READ_BATCH_RECORDS
-from node.store import Move, Store, Versioned
+from node.store import Store
+from node.txn import Move, Versioned
 
 # How often submit and cancel retry when another node moved the task in between.
 CONFLICT_RETRIES = 5

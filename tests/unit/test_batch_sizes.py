@@ -19,7 +19,8 @@ from node.errors import TooLarge
 from node.membership import Registration
 from node.runner import LocalAttempt, Result, Runner
 from node.stealer import Stealer
-from node.store import Store, Versioned
+from node.store import Store
+from node.txn import Versioned
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

@@ -21,8 +21,9 @@ import pytest
 from node import certs
 from node.config import Config
 from node.errors import EtcdMemberError, InvalidArgument
+from node.etcd_client import EtcdTLS
 from node.etcd_member import EtcdMember
-from node.store import EtcdTLS, Store
+from node.store import Store
 
 if shutil.which("etcd") is None:
     if os.environ.get("CI"):

@@ -14,8 +14,10 @@ from node import keys, limits, validation
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import InvalidArgument, TooLarge
 from node.group_commit import GroupCommitter
+from node.limits import MAX_BATCH, MOVE_KEYS_BYTES
 from node.service import TaskService
-from node.store import MAX_BATCH, MOVE_KEYS_BYTES, Move, Store
+from node.store import Store
+from node.txn import Move
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

@@ -17,7 +17,9 @@ import pytest
 from node import certs, keys, lifecycle, validation
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import Compacted, InvalidArgument, StoreUnavailable
-from node.store import EtcdTLS, Store, Versioned, WatchEvent, status_key
+from node.etcd_client import EtcdTLS
+from node.store import Store, WatchEvent
+from node.txn import Versioned, status_key
 from tests.unit.etcd_fixture import etcdctl, free_port, require_etcd
 
 require_etcd()
