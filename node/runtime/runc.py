@@ -27,7 +27,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 from pathlib import Path
 
 from node.errors import ExecutorError, InvalidArgument
@@ -42,6 +41,7 @@ from node.runtime.bundle import (
     build_config,
     write_bundle,
 )
+from node.runtime.kill import kill_processes_with_args
 from node.runtime.logcap import CappedLog
 
 log = logging.getLogger(__name__)
@@ -478,23 +478,4 @@ def _looks_like_bundle(path: str) -> bool:
     return os.path.isabs(path) and len(parts) >= 3 and os.path.isfile(
         os.path.join(path, "config.json")
     )
-
-
-def kill_processes_with_args(needle: tuple[str, ...]) -> int:
-    """SIGKILL every process whose command line contains these arguments in this order;
-    return how many. Reads /proc, so it sees only this pid namespace."""
-    killed = 0
-    wanted = b"\0".join(arg.encode() for arg in needle)
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as stream:
-                cmdline = stream.read()
-            if wanted in cmdline:
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed += 1
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return killed
 
