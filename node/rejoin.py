@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 from node.config import Config
 from node.errors import MemberDataLost, RejoinFailed
+from node.etcd_flags import client_tls
 
 log = logging.getLogger(__name__)
 
@@ -360,12 +361,7 @@ def _printable(text: str) -> str:
 def _tls_context(config: Config, url: str) -> ssl.SSLContext | None:
     """With certificates, https:// URLs (etcd's) are mutual TLS with the node's etcd
     certificate."""
-    if urlsplit(url).scheme != "https":
-        return None
-    context = ssl.create_default_context(cafile=config.etcd_tls_ca or None)
-    if config.etcd_tls_cert:
-        context.load_cert_chain(config.etcd_tls_cert, config.etcd_tls_key)
-    return context
+    return client_tls(config) if urlsplit(url).scheme == "https" else None
 
 
 def _other_peer_urls(config: Config) -> list[str]:
