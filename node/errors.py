@@ -40,10 +40,6 @@ class OwnerUnavailable(FilchError):
     """The node that holds a task's logs cannot be reached."""
 
 
-class Fenced(FilchError):
-    """This node no longer owns the task: its write was rejected by the fencing compare."""
-
-
 class ExecutorError(FilchError):
     """The task's container or process could not be started."""
 
