@@ -24,6 +24,10 @@ class TaskNotFound(FilchError):
         self.task_id = task_id
 
 
+class NotStarted(FilchError):
+    """The task has no attempt yet, so there is no log to show."""
+
+
 class Conflict(FilchError):
     """The request contradicts existing state (e.g. a request_id reused with another spec)."""
 
@@ -34,6 +38,14 @@ class StoreUnavailable(FilchError):
 
 class StoreFull(FilchError):
     """etcd raised its NOSPACE alarm; nothing new is accepted until housekeeping frees space."""
+
+
+class Compacted(FilchError):
+    """A read or watch asked for history etcd already compacted; re-list and watch again."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"revision compacted up to {revision}")
+        self.revision = revision
 
 
 class OwnerUnavailable(FilchError):
@@ -50,18 +62,6 @@ class TooLarge(FilchError):
 
 class Overloaded(FilchError):
     """A load limit (pending tasks, log streams) is reached; retry later or raise it."""
-
-
-class Compacted(FilchError):
-    """A read or watch asked for history etcd already compacted; re-list and watch again."""
-
-    def __init__(self, revision: int) -> None:
-        super().__init__(f"revision compacted up to {revision}")
-        self.revision = revision
-
-
-class NotStarted(FilchError):
-    """The task has no attempt yet, so there is no log to show."""
 
 
 class EtcdMemberError(FilchError):
