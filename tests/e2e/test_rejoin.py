@@ -44,10 +44,13 @@ def etcdctl(cluster: Cluster, endpoint: str, *args: str) -> str:
 
 
 def members(cluster: Cluster, index: int) -> dict[str, dict[str, object]]:
-    """The member list as node `index`'s etcd member sees it, keyed by member name."""
+    """The member list as node `index`'s etcd member sees it, keyed by "node-N" (the
+    cluster's names carry a suffix that keeps them unique per test run)."""
     answer = json.loads(etcdctl(cluster, cluster.nodes[index].etcd_endpoint, "member",
                                 "list", "-w", "json"))
-    return {str(m.get("name", "")): m for m in answer["members"]}
+    short = {node.name: f"node-{i + 1}" for i, node in enumerate(cluster.nodes)}
+    return {short.get(str(m.get("name", "")), str(m.get("name", ""))): m
+            for m in answer["members"]}
 
 
 def wipe(node: Node) -> None:
@@ -160,7 +163,7 @@ def test_rejoin_converges_after_a_crash_between_its_steps(fresh_three_nodes: Clu
     etcdctl(cluster, first, "member", "remove", f"{int(str(old_id)):x}")
     # etcd refuses a new voter until its members have been connected for 5 s.
     wait_for("etcd to accept the new member", lambda: subprocess.run(
-        [*etcdctl_argv(cluster, first), "member", "add", "node-3", "--peer-urls",
+        [*etcdctl_argv(cluster, first), "member", "add", third.name, "--peer-urls",
          f"http://{third.ip}:2380"], env=ETCDCTL_ENV, capture_output=True, timeout=30,
     ).returncode == 0, timeout=30, interval=0.5)
     listed = json.loads(etcdctl(cluster, first, "member", "list", "-w", "json"))["members"]
@@ -216,7 +219,7 @@ def assert_rejoined(cluster: Cluster, old_id: object, before: str) -> None:
     assert out.strip() == "kept"
     task = cluster.stub(2).GetTask(pb.GetTaskRequest(id=before), timeout=10)
     assert task.state == pb.TASK_STATE_COMPLETE
-    assert_runs_tasks(cluster, "node-3")
+    assert_runs_tasks(cluster, cluster.nodes[2].name)
     marker = json.loads((cluster.nodes[2].data_dir / MARKER_NAME).read_text())
     assert int(marker["member_id"], 16) == int(str(listed["node-3"]["ID"]))
 
