@@ -220,8 +220,12 @@ def assert_rejoined(cluster: Cluster, old_id: object, before: str) -> None:
     task = cluster.stub(2).GetTask(pb.GetTaskRequest(id=before), timeout=10)
     assert task.state == pb.TASK_STATE_COMPLETE
     assert_runs_tasks(cluster, cluster.nodes[2].name)
-    marker = json.loads((cluster.nodes[2].data_dir / MARKER_NAME).read_text())
-    assert int(marker["member_id"], 16) == int(str(listed["node-3"]["ID"]))
+    # The agent records the new member once it is up: possibly after etcd lists it started.
+    def marker_names_the_new_member() -> bool:
+        marker = json.loads((cluster.nodes[2].data_dir / MARKER_NAME).read_text())
+        return int(marker["member_id"], 16) == int(str(listed["node-3"]["ID"]))
+
+    wait_for("the marker to name the new member", marker_names_the_new_member, timeout=30)
 
 
 def assert_runs_tasks(cluster: Cluster, name: str) -> None:

@@ -595,7 +595,7 @@ class NetCluster:
             for pid in pids_in_netns(node.ns):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            for process in (node.agent, node.etcd):
+            for process in (node.agent, node.etcd, node.http_face):
                 if process is not None:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         process.wait(10)
