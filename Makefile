@@ -1,7 +1,8 @@
 # filch: build, test and run on one machine (Debian 12; `make deps` wants root).
 #
 #   make test      everything CI runs: system packages, venv, lint, the whole test suite
-#   make run       a 3-node local cluster under supervisord, in the foreground (Ctrl-C stops it)
+#   make run       a 3-node local cluster under supervisord, in the foreground (Ctrl-C stops it);
+#                  installs only what running needs (no test or dev toolchain)
 #   make image     the node image localhost/filch-node (podman/buildah; see images/README.md)
 #   make bench     filch vs tuned Slurm vs this machine's ceilings (see bench/README.md)
 #   make lint      ruff + mypy --strict
@@ -14,30 +15,41 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV := .venv
-# Rebuilt only when pyproject.toml changes (or the venv is gone).
+# Rebuilt only when pyproject.toml changes (or the venv is gone): the package with its dev
+# and test extras, or (`make run`) the package alone.
 VENV_STAMP := $(VENV)/.installed
+RUN_VENV_STAMP := $(VENV)/.installed-run
 
-# Debian packages the tests and `make run` need, as command=package. The command is
-# checked first, so `make deps` costs nothing on a machine that has them all.
-SYSTEM_DEPS := etcd=etcd-server etcdctl=etcd-client runc=runc supervisord=supervisor ip=iproute2 \
-	promtool=prometheus openssl=openssl podman=podman buildah=buildah debootstrap=debootstrap \
-	chromium=chromium chromedriver=chromium-driver iptables=iptables nft=nftables \
-	mkfs.ext4=e2fsprogs gcc=gcc
+# Debian packages as command=package. The command is checked first, so `make deps` costs
+# nothing on a machine that has them all. Running a node needs these ...
+RUN_DEPS := etcd=etcd-server etcdctl=etcd-client runc=runc supervisord=supervisor ip=iproute2 \
+	nft=nftables mkfs.ext4=e2fsprogs
+# ... the tests, the image and the benchmark these as well.
+TEST_DEPS := promtool=prometheus openssl=openssl podman=podman buildah=buildah \
+	debootstrap=debootstrap chromium=chromium chromedriver=chromium-driver \
+	iptables=iptables gcc=gcc
 
-.PHONY: help deps venv proto check-proto lint test run image bench clean distclean
+.PHONY: help deps run-deps install-deps venv run-venv proto check-proto lint test run image bench clean \
+	distclean
 
 help:
 	@sed -n 's/^#   //p' $(MAKEFILE_LIST)
 
 deps:
+	@$(MAKE) -s install-deps PAIRS="$(RUN_DEPS) $(TEST_DEPS)"
+
+run-deps:
+	@$(MAKE) -s install-deps PAIRS="$(RUN_DEPS)"
+
+install-deps:
 	@missing=""; \
-	for pair in $(SYSTEM_DEPS); do \
+	for pair in $(PAIRS); do \
 	  command -v "$${pair%%=*}" >/dev/null || missing="$$missing $${pair#*=}"; \
 	done; \
 	$(PYTHON) -m ensurepip --version >/dev/null 2>&1 || missing="$$missing python3-venv"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" != 0 ]; then \
-	  echo "missing Debian packages:$$missing; run 'sudo make deps'" >&2; exit 1; \
+	  echo "missing Debian packages:$$missing; run this make target as root" >&2; exit 1; \
 	fi; \
 	echo "installing$$missing"; \
 	export DEBIAN_FRONTEND=noninteractive; \
@@ -55,6 +67,15 @@ venv: $(VENV_STAMP)
 $(VENV_STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $@ $(RUN_VENV_STAMP)
+
+run-venv: $(RUN_VENV_STAMP)
+
+# The package and its runtime dependencies only (a dev venv has them too: its target
+# touches this stamp).
+$(RUN_VENV_STAMP): pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -e .
 	touch $@
 
 proto: venv
@@ -76,7 +97,7 @@ lint: venv
 test: deps venv lint
 	$(VENV)/bin/pytest tests -q -ra --durations=15
 
-run: deps venv
+run: run-deps run-venv
 	scripts/run-local.sh
 
 image: deps venv

@@ -179,7 +179,7 @@ def _write_bundles(root: Path, count: int, prefix: str) -> list[tuple[str, Path]
     """count bundles for /bin/true exactly as the runc executor writes them."""
     from node.runtime.base import AttemptSpec
     from node.runtime.bundle import NOFILE_HARD, HostLayout, build_config, write_bundle
-    from node.runtime.runc import _has_swap_accounting
+    from node.runtime.cgroups import has_swap_accounting
     layout = HostLayout.probe()
     # As RuncExecutor: without CAP_SYS_RESOURCE runc cannot raise the limit above its own.
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -192,7 +192,7 @@ def _write_bundles(root: Path, count: int, prefix: str) -> list[tuple[str, Path]
                            args=(), attempt_dir=root / cid, log_path=root / f"{cid}.log")
         config = build_config(spec, layout=layout, task_uid=65534,
                               cgroups_path=f"/filch-bench/{cid}",
-                              limit_swap=_has_swap_accounting(cgroup_v2),
+                              limit_swap=has_swap_accounting(cgroup_v2),
                               nofile_hard=nofile_hard)
         write_bundle(spec.attempt_dir, config, layout=layout, task_uid=65534)
         bundles.append((cid, spec.attempt_dir))

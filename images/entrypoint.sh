@@ -189,6 +189,8 @@ export FILCH_GUNICORN_CONF=$node_dir/gunicorn_conf.py
 # gunicorn runs as filch-http (group filch) and cannot read the operator's files, which
 # `filch certs` makes 0600 root: it gets copies of the token and the node's key, mode 0640
 # root:filch, in /run/filch (also right when the originals are on a read-only mount).
+# Never the etcd key (NAME-etcd.key, next to the node's; the agent reads it in place):
+# etcd trusts only the etcd CA, so what gunicorn can read gets no access to etcd.
 # Without a token it listens on the container's loopback only: nothing binds beyond
 # loopback without one (gunicorn_conf.py refuses, and the container would stop).
 if [[ -f $node_dir/http.py && -f $FILCH_GUNICORN_CONF ]]; then

@@ -26,6 +26,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer, add_to_server
 from node.config import Config
 from node.errors import FilchError
+from node.etcd_client import EtcdTLS
 from node.etcd_member import EtcdMember
 from node.housekeeping import Housekeeping, cluster_addresses
 from node.logs import LogService
@@ -37,7 +38,7 @@ from node.runtime.base import Executor
 from node.runtime.network import TaskNetwork
 from node.service import TaskService
 from node.stealer import Stealer
-from node.store import EtcdTLS, Store
+from node.store import Store
 from node.tls import Security, TokenInterceptor
 from node.watchdog import Watchdog
 
@@ -105,11 +106,11 @@ class Agent:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
-        # The node's own certificate is the agent's etcd client certificate (it has client
-        # usage; `filch certs` keeps its key 0600). Read before the member starts, so an
-        # unreadable file stops the node with one line.
-        tls = (EtcdTLS(config.tls_ca, config.tls_cert, config.tls_key) if config.tls_ca
-               else None)
+        # The node's etcd certificate (etcd CA, key 0600 root) is the agent's etcd client
+        # certificate. Read before the member starts, so an unreadable file stops the
+        # node with one line.
+        tls = (EtcdTLS(config.etcd_tls_ca, config.etcd_tls_cert, config.etcd_tls_key)
+               if config.tls_ca else None)
         store = Store(config.etcd_client_endpoint, tls=tls)
         member = await self._prepare_member() if config.embedded_etcd else None
         if member is not None:

@@ -22,13 +22,14 @@ from node.errors import (
     Conflict,
     FilchError,
     InvalidArgument,
+    NotStarted,
     Overloaded,
     OwnerUnavailable,
     StoreFull,
     StoreUnavailable,
     TaskNotFound,
 )
-from node.logs import PROXIED_HEADER, LogService, NotStarted
+from node.logs import PROXIED_HEADER, LogService
 from node.service import TaskService
 
 log = logging.getLogger(__name__)

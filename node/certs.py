@@ -4,8 +4,15 @@ Layout of the directory (created mode 0700; keys mode 0600):
 
     ca.crt ca.key              the cluster CA (EC P-256, 10 years)
     <node>.crt <node>.key      one per node: serverAuth + clientAuth, SANs = its addresses;
-                               also the agent's client certificate for etcd's client port
+                               the gRPC API's and the HTTP face's certificate
+    etcd-ca.crt etcd-ca.key    a CA for etcd alone (its client and peer ports trust only it)
+    <node>-etcd.crt .key       one per node from the etcd CA: etcd's server and peer
+                               certificate and the agent's etcd client certificate
     token                      the bearer token clients send to the gRPC API
+
+Why two CAs: the HTTP face's group may read <node>.key (gunicorn serves TLS with it), and
+etcd hands out the whole keyspace to any client certificate it trusts; so etcd trusts a
+CA whose certificates only root on each node can read.
 
 Running it again keeps what exists and adds what is missing, so it is safe in Ansible.
 """
@@ -96,13 +103,14 @@ def _name(common_name: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    cert_path, key_path = directory / "ca.crt", directory / "ca.key"
-    if not _require_pair(directory, "ca"):
+def _load_ca(directory: Path, stem: str,
+             common_name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    cert_path, key_path = directory / f"{stem}.crt", directory / f"{stem}.key"
+    if not _require_pair(directory, stem):
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         cert = (x509.CertificateBuilder()
-                .subject_name(_name("filch cluster CA")).issuer_name(_name("filch cluster CA"))
+                .subject_name(_name(common_name)).issuer_name(_name(common_name))
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
                 .not_valid_before(now - datetime.timedelta(minutes=5))
                 .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
@@ -118,7 +126,7 @@ def _load_ca(directory: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     loaded = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     if not isinstance(loaded, ec.EllipticCurvePrivateKey):
-        raise InvalidArgument("ca.key", "is not an EC private key made by `filch certs`")
+        raise InvalidArgument(f"{stem}.key", "is not an EC private key made by `filch certs`")
     return cert, loaded
 
 
@@ -132,7 +140,7 @@ def _san(addresses: tuple[str, ...]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(list(dict.fromkeys(names)))
 
 
-def _issue(directory: Path, request: NodeRequest, ca_cert: x509.Certificate,
+def _issue(directory: Path, stem: str, request: NodeRequest, ca_cert: x509.Certificate,
            ca_key: ec.EllipticCurvePrivateKey) -> None:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -147,8 +155,8 @@ def _issue(directory: Path, request: NodeRequest, ca_cert: x509.Certificate,
                            critical=False)
             .add_extension(_san(request.addresses), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    _write(directory / f"{request.name}.key", _key_pem(key), 0o600)
-    _write(directory / f"{request.name}.crt", cert.public_bytes(serialization.Encoding.PEM),
+    _write(directory / f"{stem}.key", _key_pem(key), 0o600)
+    _write(directory / f"{stem}.crt", cert.public_bytes(serialization.Encoding.PEM),
            0o644)
 
 
@@ -158,7 +166,8 @@ def ensure(directory: Path, nodes: list[NodeRequest]) -> list[str]:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     _check_private(directory)
     before = set(os.listdir(directory))
-    ca_cert, ca_key = _load_ca(directory)
+    ca_cert, ca_key = _load_ca(directory, "ca", "filch cluster CA")
+    etcd_ca_cert, etcd_ca_key = _load_ca(directory, "etcd-ca", "filch etcd CA")
     token = directory / "token"
     if token.is_symlink():
         raise InvalidArgument("token", f"{token} is a symbolic link: the token must be a file")
@@ -166,10 +175,12 @@ def ensure(directory: Path, nodes: list[NodeRequest]) -> list[str]:
         _write(token, secrets.token_hex(TOKEN_BYTES).encode() + b"\n", 0o600)
     for request in nodes:
         if not _require_pair(directory, request.name):
-            _issue(directory, request, ca_cert, ca_key)
-    # A node's key is also its etcd client credential (full access to the keyspace): keys
-    # stay readable by their owner (root on a node) alone, even if someone loosened them.
-    # A link is never followed (chmod would change its target).
+            _issue(directory, request.name, request, ca_cert, ca_key)
+        if not _require_pair(directory, f"{request.name}-etcd"):
+            _issue(directory, f"{request.name}-etcd", request, etcd_ca_cert, etcd_ca_key)
+    # An etcd key is full access to the keyspace: keys stay readable by their owner (root
+    # on a node) alone here, even if someone loosened them. A link is never followed
+    # (chmod would change its target).
     for key in directory.glob("*.key"):
         if key.is_symlink():
             raise InvalidArgument(key.name, f"{key} is a symbolic link: keys must be files")

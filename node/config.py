@@ -138,6 +138,14 @@ class Config:
         "This node's certificate (from `filch certs`).")})
     tls_key: str = field(default="", metadata={"help": (
         "This node's private key (from `filch certs`).")})
+    etcd_tls_ca: str = field(default="", metadata={"help": (
+        "The CA etcd trusts for clients and peers; default: etcd-ca.crt next to tls_ca. A CA "
+        "of its own, because the HTTP face's group may read tls_key (`filch certs`).")})
+    etcd_tls_cert: str = field(default="", metadata={"help": (
+        "etcd's server/peer certificate and the agent's etcd client certificate; default: "
+        "NAME-etcd.crt next to tls_cert (NAME.crt).")})
+    etcd_tls_key: str = field(default="", metadata={"help": (
+        "Its key (root only); default: NAME-etcd.key next to tls_key (NAME.key).")})
     api_token_file: str = field(default="", metadata={"help": (
         "File holding the bearer token API clients must send (from `filch certs`).")})
     config_file: str = field(default="", metadata={"help": (
@@ -186,6 +194,16 @@ class Config:
     @property
     def path(self) -> Path:
         return Path(self.data_dir)
+
+    def __post_init__(self) -> None:
+        # The etcd credentials sit next to the node's (`filch certs` layout), so flag sets
+        # from before the etcd CA keep working once the files exist.
+        if self.tls_ca:
+            for name, value in (("etcd_tls_ca", _beside(self.tls_ca, "etcd-ca")),
+                                ("etcd_tls_cert", _beside(self.tls_cert, None)),
+                                ("etcd_tls_key", _beside(self.tls_key, None))):
+                if not getattr(self, name):
+                    object.__setattr__(self, name, value)
 
     def validate(self) -> Config:
         """Return self, or raise InvalidArgument naming the first bad field."""
@@ -252,6 +270,14 @@ class Config:
         from node.runtime.network import parse_subnet
         parse_subnet(self.task_subnet)
         return self
+
+
+def _beside(path: str, stem: str | None) -> str:
+    """The file next to path named stem (or path's own stem + "-etcd"), same suffix."""
+    if not path:
+        return ""
+    original = Path(path)
+    return str(original.with_name(f"{stem or original.stem + '-etcd'}{original.suffix}"))
 
 
 def _check_host_port(name: str, value: str) -> None:

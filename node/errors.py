@@ -1,4 +1,5 @@
-"""The exceptions filch raises across module boundaries. The API maps them to gRPC codes."""
+"""Every exception filch raises on purpose: one small tree under FilchError. The API maps
+them to gRPC codes; modules raise and catch these, never library errors."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ class TaskNotFound(FilchError):
         self.task_id = task_id
 
 
+class NotStarted(FilchError):
+    """The task has no attempt yet, so there is no log to show."""
+
+
 class Conflict(FilchError):
     """The request contradicts existing state (e.g. a request_id reused with another spec)."""
 
@@ -35,12 +40,16 @@ class StoreFull(FilchError):
     """etcd raised its NOSPACE alarm; nothing new is accepted until housekeeping frees space."""
 
 
+class Compacted(FilchError):
+    """A read or watch asked for history etcd already compacted; re-list and watch again."""
+
+    def __init__(self, revision: int) -> None:
+        super().__init__(f"revision compacted up to {revision}")
+        self.revision = revision
+
+
 class OwnerUnavailable(FilchError):
     """The node that holds a task's logs cannot be reached."""
-
-
-class Fenced(FilchError):
-    """This node no longer owns the task: its write was rejected by the fencing compare."""
 
 
 class ExecutorError(FilchError):
@@ -53,3 +62,19 @@ class TooLarge(FilchError):
 
 class Overloaded(FilchError):
     """A load limit (pending tasks, log streams) is reached; retry later or raise it."""
+
+
+class EtcdMemberError(FilchError):
+    """The embedded etcd member could not be started; the message quotes etcd.log."""
+
+
+class MemberDataLost(FilchError):
+    """This node was an etcd member but its data dir is empty; it must rejoin as a new one."""
+
+
+class RejoinFailed(FilchError):
+    """`filch agent --rejoin` could not replace the old member (no healthy member, etc.)."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient

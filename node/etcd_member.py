@@ -11,7 +11,7 @@ Files under <data_dir>:
     etcd.pid    the running member's pid (tests SIGKILL it to simulate a crash)
 
 This module never talks to etcd as a client (store.py does); it only probes the member's
-HTTP endpoints to know when it is up.
+HTTP endpoints to know when it is up. Its command line is node/etcd_flags.py's.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlsplit
 
-from node import limits
 from node.config import Config
-from node.errors import FilchError
+from node.errors import EtcdMemberError
+from node.etcd_flags import child_environment, client_tls, etcd_argv
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +54,6 @@ _PROBE_INTERVAL = 0.1
 
 # Per-request timeout of a probe. etcd answers /version instantly once it serves at all.
 _PROBE_TIMEOUT = 1.0
-
-
-class EtcdMemberError(FilchError):
-    """The embedded etcd member could not be started; the message quotes etcd.log."""
 
 
 class EtcdMember:
@@ -101,50 +97,7 @@ class EtcdMember:
 
     def command(self) -> list[str]:
         """The etcd command line for this config (exposed for logs and tests)."""
-        config = self.config
-        argv = [
-            config.etcd_binary,
-            "--name", config.name,
-            "--data-dir", str(self.data_dir),
-            "--listen-client-urls", config.etcd_client_url,
-            "--advertise-client-urls", config.etcd_client_url,
-            "--listen-peer-urls", config.etcd_peer_url,
-            "--initial-advertise-peer-urls", config.etcd_peer_url,
-            "--quota-backend-bytes", str(config.etcd_quota_bytes),
-            # Room for a batch of large records (node/limits.py says why this size).
-            "--max-request-bytes", str(limits.ETCD_MAX_REQUEST_BYTES),
-            # A member cut off for a moment must not come back with a higher term and
-            # depose a healthy leader (etcd 3.4 leaves pre-vote off by default).
-            "--pre-vote",
-            "--heartbeat-interval", str(config.etcd_heartbeat_ms),
-            "--election-timeout", str(config.etcd_election_timeout_ms),
-            # No --auto-compaction-*: the agent's housekeeping compacts history and
-            # defragments members one at a time (design.md, "Housekeeping"). Two
-            # compactors would only race.
-            "--logger", "zap",
-            # stderr is redirected to etcd.log, so Go panics land in the same file.
-            "--log-outputs", "stderr",
-        ]
-        if config.tls_ca:
-            # Peers and clients alike authenticate with certificates from the cluster CA: the
-            # client port hands out the whole keyspace, so on loopback too a task sharing
-            # the host network or another local user must not reach it (design.md,
-            # "Security"). The agent's own client certificate is the node's, readable by
-            # root only.
-            argv += ["--peer-client-cert-auth", "--peer-trusted-ca-file", config.tls_ca,
-                     "--peer-cert-file", config.tls_cert, "--peer-key-file", config.tls_key,
-                     "--client-cert-auth", "--trusted-ca-file", config.tls_ca,
-                     "--cert-file", config.tls_cert, "--key-file", config.tls_key]
-        if not self.bootstrapped:
-            # Bootstrap flags. etcd ignores them once the data dir holds a member (it logs
-            # "server has been already initialized"); they are left out on a restart so
-            # that nobody reads a stale cluster list in `ps`.
-            argv += [
-                "--initial-cluster", config.initial_cluster_or_self,
-                "--initial-cluster-state", config.initial_cluster_state,
-                "--initial-cluster-token", "filch",
-            ]
-        return argv
+        return etcd_argv(self.config, self.data_dir, bootstrapped=self.bootstrapped)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -230,7 +183,7 @@ class EtcdMember:
         Raises EtcdMemberError if the member exits or is not healthy within timeout seconds.
         """
         url = self.config.etcd_client_url.rstrip("/") + "/health"
-        context = self._client_tls()
+        context = client_tls(self.config)
         try:
             async with asyncio.timeout(timeout):
                 while True:
@@ -245,14 +198,6 @@ class EtcdMember:
                               ) from None
 
     # -- internals -------------------------------------------------------------------------
-
-    def _client_tls(self) -> ssl.SSLContext | None:
-        """The TLS context a probe of the client port needs: the node's certificate."""
-        if not self.config.tls_ca:
-            return None
-        context = ssl.create_default_context(cafile=self.config.tls_ca)
-        context.load_cert_chain(self.config.tls_cert, self.config.tls_key)
-        return context
 
     def _prepare_files(self) -> None:
         # etcd 3.4 warns about, and newer versions refuse, a data dir others can read.
@@ -279,7 +224,7 @@ class EtcdMember:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=output,
                 stderr=output,
-                env=_child_environment(),
+                env=child_environment(),
                 preexec_fn=die_with_parent,
                 # Own session: a Ctrl-C in the agent's terminal must not reach etcd, which
                 # the agent still needs while it hands its tasks back on shutdown.
@@ -385,13 +330,6 @@ class EtcdMember:
                               "survives SIGKILL")
 
 
-def _child_environment() -> dict[str, str]:
-    # etcd reads ETCD_* variables as flags and refuses to start when one shadows a flag we
-    # pass ("conflicting environment variable"); the command line is the whole config.
-    return {k: v for k, v in os.environ.items()
-            if not k.startswith("ETCD_") or k == "ETCD_UNSUPPORTED_ARCH"}
-
-
 def _http_get_json(url: str, context: ssl.SSLContext | None = None) -> dict[str, object] | None:
     """GET url and return its JSON object, or None if it does not answer (yet)."""
     try:
@@ -456,4 +394,4 @@ async def _exited(pidfd: int, within: float) -> bool:
     return True
 
 
-__all__ = ["EtcdMember", "EtcdMemberError"]
+__all__ = ["EtcdMember"]

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 
 from node.errors import ExecutorError, InvalidArgument
-from node.store import etcd_error
+from node.etcd_errors import etcd_error
 
 log = logging.getLogger(__name__)
 

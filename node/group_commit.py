@@ -16,8 +16,9 @@ from __future__ import annotations
 import asyncio
 
 from node.errors import TooLarge
-from node.limits import WRITE_BATCH_BYTES
-from node.store import MAX_BATCH, Move, Store, move_bytes
+from node.limits import MAX_BATCH, WRITE_BATCH_BYTES
+from node.store import Store
+from node.txn import Move, move_bytes
 
 _Waiter = tuple[Move, "asyncio.Future[int | None]"]
 

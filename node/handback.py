@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from node import lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.store import Store, Versioned
+from node.store import Store
+from node.txn import Versioned
 
 log = logging.getLogger(__name__)
 

@@ -19,11 +19,11 @@ from urllib.parse import urlsplit
 
 from node import failpoints, keys, metrics
 from node.config import Config
-from node.errors import FilchError
+from node.errors import Compacted, FilchError
 from node.node_state import NodeState
 from node.runner import Runner
 from node.stealer import Stealer
-from node.store import Compacted, MemberStatus, Store
+from node.store import MemberStatus, Store
 
 log = logging.getLogger(__name__)
 

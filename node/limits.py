@@ -28,6 +28,20 @@ RECORD_OVERHEAD_BYTES = 64 * 1024
 MAX_MESSAGE_CHARS = 16 * 1024
 MAX_RECORD_BYTES = MAX_SPEC_BYTES + RECORD_OVERHEAD_BYTES
 
+# -- what a spec may ask for (node/validation.py checks them) -------------------------------
+
+# Upper bounds: far beyond any machine, small enough to catch unit mistakes (MB vs bytes).
+MAX_CPU_MILLIS = 4096 * 1000
+MAX_MEMORY_BYTES = 1 << 50            # 1 PiB
+MIN_MEMORY_BYTES = 4 * MiB            # runc itself needs a few MiB inside the cgroup
+MAX_DISK_BYTES = 1 << 50              # 1 PiB, like memory: past it, a unit mistake
+MIN_DISK_BYTES = 1 * MiB              # an ext4 image smaller than 1 MiB holds no useful file
+MAX_NAME = 253
+MAX_ARGS = 4096
+MAX_ENV = 1024
+MAX_REQUEST_ID = 128
+MAX_PAGE_SIZE = 1000
+
 # -- etcd and its client channel -----------------------------------------------------------
 
 # etcd's --max-request-bytes. Its default, 1.5 MiB, takes one large record but not two; 4 MiB
@@ -54,6 +68,13 @@ READ_BATCH_RECORDS = READ_BATCH_BYTES // MAX_RECORD_BYTES
 # 4 MiB, fails a read of five large records); send at most what etcd accepts.
 STORE_MAX_RECEIVE_BYTES = READ_BATCH_BYTES + GRPC_OVERHEAD_BYTES
 STORE_MAX_SEND_BYTES = ETCD_MAX_REQUEST_BYTES + GRPC_OVERHEAD_BYTES
+
+# etcd refuses transactions with more operations than this (its --max-txn-ops default).
+MAX_TXN_OPS = 128
+# A move is at most 2 compares and 3 operations, so this many fit in one transaction.
+MAX_BATCH = 32
+# A move's compares and operations besides its record: three keys of ~80 bytes, framing.
+MOVE_KEYS_BYTES = 512
 
 # -- the API -------------------------------------------------------------------------------
 

@@ -19,8 +19,9 @@ from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.attempt_files import log_path
 from node.config import Config
 from node.errors import (
-    FilchError,
+    Compacted,
     InvalidArgument,
+    NotStarted,
     Overloaded,
     OwnerUnavailable,
     StoreUnavailable,
@@ -28,7 +29,7 @@ from node.errors import (
 )
 from node.runner import Runner
 from node.runtime.logcap import Layout, lock_for, read_at
-from node.store import Compacted, Store
+from node.store import Store
 from node.tls import Security
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,6 @@ WATCH_RETRY = 0.5
 
 # A proxied request carries this metadata so that it is never proxied a second time.
 PROXIED_HEADER = "filch-proxied"
-
-
-class NotStarted(FilchError):
-    """The task has no attempt yet, so there is no log to show."""
 
 
 class LogService:

@@ -17,10 +17,11 @@ from typing import NoReturn
 from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
-from node.errors import FilchError
+from node.errors import Compacted, FilchError
 from node.handback import Cause, handback
 from node.limits import READ_BATCH_RECORDS
-from node.store import Compacted, Store, WatchEvent, status_key
+from node.store import Store, WatchEvent
+from node.txn import status_key
 from node.watching import list_and_watch
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from node.config import Config
-from node.errors import FilchError
+from node.errors import MemberDataLost, RejoinFailed
+from node.etcd_flags import client_tls
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +66,6 @@ _RETRY_PAUSE = 1.0
 
 # gRPC status etcd's gateway reports for "unhealthy cluster", no leader, a timeout.
 _UNAVAILABLE = 14
-
-
-class MemberDataLost(FilchError):
-    """This node was an etcd member but its data dir is empty; it must rejoin as a new one."""
-
-
-class RejoinFailed(FilchError):
-    """`filch agent --rejoin` could not replace the old member (no healthy member, etc.)."""
-
-    def __init__(self, message: str, *, transient: bool = False) -> None:
-        super().__init__(message)
-        self.transient = transient
 
 
 @dataclass(frozen=True)
@@ -370,13 +359,9 @@ def _printable(text: str) -> str:
 
 
 def _tls_context(config: Config, url: str) -> ssl.SSLContext | None:
-    """With certificates, https:// URLs are mutual TLS with the node's certificate."""
-    if urlsplit(url).scheme != "https":
-        return None
-    context = ssl.create_default_context(cafile=config.tls_ca or None)
-    if config.tls_cert:
-        context.load_cert_chain(config.tls_cert, config.tls_key)
-    return context
+    """With certificates, https:// URLs (etcd's) are mutual TLS with the node's etcd
+    certificate."""
+    return client_tls(config) if urlsplit(url).scheme == "https" else None
 
 
 def _other_peer_urls(config: Config) -> list[str]:

@@ -19,7 +19,8 @@ from node.errors import FilchError, TooLarge
 from node.group_commit import GroupCommitter
 from node.limits import ETCD_MAX_REQUEST_BYTES
 from node.runtime.base import Attempt
-from node.store import Move, Store, Versioned
+from node.store import Store
+from node.txn import Move, Versioned
 
 log = logging.getLogger(__name__)
 

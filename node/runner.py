@@ -23,7 +23,8 @@ from node.handback import Cause, handback
 from node.node_state import NodeState, Registration
 from node.results import LocalAttempt, ResultWriter
 from node.runtime.base import AttemptSpec, Executor
-from node.store import Store, Versioned, WatchEvent
+from node.store import Store, WatchEvent
+from node.txn import Versioned
 from node.watching import list_and_watch
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,8 @@ from node.limits import (
     LIST_PAGE_BYTES,
     READ_BATCH_RECORDS,
 )
-from node.store import Move, Store, Versioned
+from node.store import Store
+from node.txn import Move, Versioned
 
 # How often submit and cancel retry when another node moved the task in between.
 CONFLICT_RETRIES = 5

@@ -17,9 +17,10 @@ from node import failpoints, keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError, TooLarge
-from node.limits import ETCD_MAX_REQUEST_BYTES, WRITE_BATCH_BYTES
+from node.limits import ETCD_MAX_REQUEST_BYTES, MAX_BATCH, MOVE_KEYS_BYTES, WRITE_BATCH_BYTES
 from node.node_state import NodeState, Registration
-from node.store import MAX_BATCH, MOVE_KEYS_BYTES, Move, Store, Versioned, WatchEvent
+from node.store import Store, WatchEvent
+from node.txn import Move, Versioned
 from node.watching import list_and_watch
 
 log = logging.getLogger(__name__)

@@ -2,37 +2,36 @@
 
 Every change of a task's state is one call to `Store.transition`, which moves the Task
 record and its status key in the same etcd transaction (design.md). Library errors are
-translated here into node.errors.
+translated into node.errors (node/etcd_errors.py); the connection is node/etcd_client.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc as rpc
-import aetcd.watcher
-import grpc
 
 from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.errors import InvalidArgument, StoreFull, StoreUnavailable, TooLarge
+from node.errors import Compacted, InvalidArgument, StoreUnavailable, TooLarge
+from node.etcd_client import EtcdTLS, TLSClient
+from node.etcd_errors import ETCD_ERRORS, translate
 from node.limits import (
+    MAX_BATCH,
+    MAX_TXN_OPS,
     READ_BATCH_RECORDS,
     STORE_MAX_RECEIVE_BYTES,
     STORE_MAX_SEND_BYTES,
 )
-
-log = logging.getLogger(__name__)
+from node.txn import Move, Versioned, append_move, key_compare
 
 T = TypeVar("T")
 
@@ -43,21 +42,6 @@ REQUEST_TIMEOUT = 3.0
 # Reads retry for this long: an etcd leader election takes about a second.
 READ_RETRY_SECONDS = 3.0
 READ_RETRY_PAUSE = 0.2
-
-# etcd refuses transactions with more operations than this (its --max-txn-ops default).
-MAX_TXN_OPS = 128
-# A move is at most 2 compares and 3 operations, so this many fit in one transaction.
-MAX_BATCH = 32
-# A move's compares and operations besides its record: three keys of ~80 bytes, framing.
-MOVE_KEYS_BYTES = 512
-
-
-@dataclass(frozen=True)
-class Versioned:
-    """A Task record together with the etcd mod_revision it was read at."""
-
-    task: pb.Task
-    mod_revision: int
 
 
 @dataclass(frozen=True)
@@ -81,166 +65,6 @@ class MemberStatus:
     nospace: bool
 
 
-class Compacted(Exception):
-    """A watch asked for history that etcd already compacted; re-list and watch again."""
-
-    def __init__(self, revision: int) -> None:
-        super().__init__(f"revision compacted up to {revision}")
-        self.revision = revision
-
-
-def status_key(task: pb.Task) -> bytes:
-    """The status key a task record in this state is paired with."""
-    if task.state == pb.TASK_STATE_PENDING:
-        return keys.queued(task.id)
-    if task.state == pb.TASK_STATE_RUNNING:
-        return keys.running(task.node_id, task.id)
-    epoch = keys.epoch_ms(task.finished_at.seconds + task.finished_at.nanos / 1e9)
-    if task.state == pb.TASK_STATE_COMPLETE:
-        return keys.complete(epoch, task.id)
-    if task.state == pb.TASK_STATE_CANCELED:
-        return keys.canceled(epoch, task.id)
-    raise ValueError(f"task {task.id} has no state")
-
-
-def move_bytes(move: Move) -> int:
-    """What one move adds to a transaction, for limits.batches: its record and keys."""
-    return move.new.ByteSize() + MOVE_KEYS_BYTES
-
-
-@dataclass(frozen=True)
-class Move:
-    """One task's transition, for transition_many (fields as in Store.transition)."""
-
-    old: Versioned | None
-    new: pb.Task
-    fence: int = 0
-    owner_gone: bool = False
-
-
-def _append_move(move: Move, lease_id: int, compare: list[Any], success: list[Any]) -> None:
-    """Add one move's compares and operations: record and status key, always together."""
-    old, new = move.old, move.new
-    record_key = keys.task(new.id)
-    new_status = status_key(new)
-    old_status = b""
-    if old is None:
-        compare.append(_compare(record_key, "version", 0))
-    else:
-        compare.append(_compare(record_key, "mod_revision", old.mod_revision))
-        old_status = status_key(old.task)
-        if move.fence:
-            compare.append(_compare(old_status, "create_revision", move.fence))
-        elif move.owner_gone:
-            compare.append(_compare(old_status, "version", 0))
-        else:
-            compare.append(_compare(old_status, "version", 0, rpc.Compare.GREATER))
-        if old_status != new_status:
-            success.append(rpc.RequestOp(
-                request_delete_range=rpc.DeleteRangeRequest(key=old_status)))
-    if old_status != new_status:
-        lease = lease_id if new.state == pb.TASK_STATE_RUNNING else 0
-        success.append(rpc.RequestOp(
-            request_put=rpc.PutRequest(key=new_status, value=b"", lease=lease)))
-    success.append(rpc.RequestOp(
-        request_put=rpc.PutRequest(key=record_key, value=new.SerializeToString())))
-
-
-def _compare(key: bytes, target: str, value: int, result: int = 0) -> Any:
-    """An etcd Compare on one key: version, create_revision or mod_revision (EQUAL by default)."""
-    targets = {"version": rpc.Compare.VERSION, "create_revision": rpc.Compare.CREATE,
-               "mod_revision": rpc.Compare.MOD}
-    return rpc.Compare(key=key, target=targets[target], result=result, **{target: value})
-
-
-# What etcd and gRPC say about a request or answer that is too big: etcd's own check
-# (--max-request-bytes, --max-txn-ops) and gRPC's message size limits on either side.
-_TOO_LARGE = ("request is too large", "too many operations in txn request",
-              "larger than max")
-
-
-def _translate(exc: BaseException) -> Exception:
-    """Map an aetcd/grpc error to Compacted, TooLarge, StoreFull or StoreUnavailable."""
-    text = exc.details() or "" if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
-    if any(marker in text for marker in _TOO_LARGE):
-        return TooLarge(f"etcd refused the request for its size: {text}")
-    if "compacted" in text:
-        return Compacted(0)
-    if "space exceeded" in text or "NOSPACE" in text:
-        return StoreFull("etcd is out of space (NOSPACE alarm); "
-                         "finished tasks must be cleaned up before new work is accepted")
-    return StoreUnavailable(f"etcd unavailable: {text or type(exc).__name__}")
-
-
-def etcd_error(code: str, details: str) -> Exception:
-    """The error a failed etcd call with this gRPC status name and message raises here
-    (failpoints use it to fail exactly like etcd does)."""
-    return _translate(grpc.aio.AioRpcError(grpc.StatusCode[code], grpc.aio.Metadata(),
-                                           grpc.aio.Metadata(), details))
-
-
-_ETCD_ERRORS = (aetcd.exceptions.ClientError, grpc.aio.AioRpcError, asyncio.TimeoutError,
-                ConnectionError)
-
-
-@dataclass(frozen=True)
-class EtcdTLS:
-    """Files for a TLS connection to etcd: the cluster CA and a client certificate + key."""
-
-    ca: str
-    cert: str
-    key: str
-
-    def credentials(self) -> grpc.ChannelCredentials:
-        """Raises InvalidArgument naming the tls_* field whose file cannot be read."""
-        blobs: list[bytes] = []
-        for name, path in (("tls_ca", self.ca), ("tls_cert", self.cert), ("tls_key", self.key)):
-            try:
-                blobs.append(Path(path).read_bytes())
-            except OSError as exc:
-                raise InvalidArgument(name, f"cannot read {path}: {exc.strerror}") from exc
-        ca, cert, key = blobs
-        if Path(self.key).stat().st_mode & 0o077:
-            # Whoever can read this key can read and rewrite the whole cluster.
-            log.warning("%s is readable by other users than its owner: anyone who reads it "
-                        "gets full access to etcd; `chmod 600 %s`", self.key, self.key)
-        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key,
-                                            certificate_chain=cert)
-
-
-class _TLSClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type hints
-    """aetcd 1.0 only opens plain channels; this client opens a TLS one with a client
-    certificate. `connect` mirrors aetcd.Client.connect otherwise, minus etcd's
-    username/password auth (filch authenticates with the certificate)."""
-
-    _is_connecting: bool  # set by aetcd.Client.__init__
-
-    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._credentials = credentials
-
-    async def connect(self) -> None:
-        if self._connected.is_set():
-            return
-        if self._is_connecting:  # another coroutine is opening the channel
-            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
-            return
-        try:
-            self._is_connecting = True
-            self.channel = grpc.aio.secure_channel(f"{self._host}:{self._port}",
-                                                   self._credentials,
-                                                   options=list(self._options.items()))
-            self.kvstub = rpc.KVStub(self.channel)
-            self.clusterstub = rpc.ClusterStub(self.channel)
-            self.leasestub = rpc.LeaseStub(self.channel)
-            self.maintenancestub = rpc.MaintenanceStub(self.channel)
-            self._watcher = aetcd.watcher.Watcher(rpc.WatchStub(self.channel),
-                                                  timeout=self._timeout, metadata=self.metadata)
-            self._connected.set()
-        finally:
-            self._is_connecting = False
-
-
 class Store:
     """A connection to the local etcd member and every operation filch performs on it."""
 
@@ -260,7 +84,7 @@ class Store:
                    "options": {"grpc.max_receive_message_length": max_receive_bytes,
                                "grpc.max_send_message_length": STORE_MAX_SEND_BYTES}}
         self._client = (aetcd.Client(**address) if tls is None
-                        else _TLSClient(tls.credentials(), **address))
+                        else TLSClient(tls.credentials(), **address))
         self._timeout = timeout
         self.endpoint = endpoint
 
@@ -270,8 +94,8 @@ class Store:
     async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
         try:
             return await make()
-        except _ETCD_ERRORS as exc:
-            raise _translate(exc) from exc
+        except ETCD_ERRORS as exc:
+            raise translate(exc) from exc
 
     async def _read(self, make: Callable[[], Awaitable[T]]) -> T:
         """A read, retried through a leader election. Never used for writes: a write that
@@ -291,8 +115,29 @@ class Store:
         await self._call(self._client.connect)
         request = rpc.RangeRequest(key=start, range_end=end, limit=limit, keys_only=keys_only,
                                    count_only=count_only, revision=revision)
-        return await self._read(lambda: self._client.kvstub.Range(
-            request, timeout=self._timeout, metadata=self._client.metadata))
+        try:
+            return await self._read(lambda: self._client.kvstub.Range(
+                request, timeout=self._timeout, metadata=self._client.metadata))
+        except Compacted as exc:
+            raise Compacted(await self._compact_revision(revision)) from exc
+
+    async def _compact_revision(self, revision: int) -> int:
+        """The revision etcd compacted history up to. A range only says "compacted"; a
+        watch from that revision is refused with the number, so ask with one (0: unknown)."""
+        stream = None
+        try:
+            stream = await self._client.watch(keys.NODES, start_revision=revision)
+            # The refusal arrives as the stream's first item; an event instead means
+            # the history is back (cannot be), silence means etcd did not say.
+            await asyncio.wait_for(anext(aiter(stream)), self._timeout)
+        except aetcd.exceptions.RevisionCompactedError as exc:
+            return int(exc.compacted_revision)
+        except (*ETCD_ERRORS, StopAsyncIteration):
+            pass
+        finally:
+            if stream is not None:
+                await asyncio.shield(stream.cancel())
+        return 0
 
     # -- tasks ---------------------------------------------------------------------------
 
@@ -356,7 +201,7 @@ class Store:
         compare: list[Any] = []
         success: list[Any] = []
         for move in moves:
-            _append_move(move, lease_id, compare, success)
+            append_move(move, lease_id, compare, success)
         response = await self._txn(rpc.TxnRequest(compare=compare, success=success))
         return int(response.header.revision) if response.succeeded else None
 
@@ -459,7 +304,7 @@ class Store:
         for status in status_keys:
             record = keys.task(keys.last_segment(status))
             response = await self._txn(rpc.TxnRequest(
-                compare=[_compare(status, "version", 0, rpc.Compare.GREATER)],
+                compare=[key_compare(status, "version", 0, rpc.Compare.GREATER)],
                 success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=status)),
                          rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=record))]))
             deleted += bool(response.succeeded)
@@ -489,7 +334,7 @@ class Store:
     async def try_lock(self, key: bytes, holder: str, lease_id: int) -> bool:
         """Create key on the lease if nobody holds it; True when this caller got it."""
         response = await self._txn(rpc.TxnRequest(
-            compare=[_compare(key, "version", 0)],
+            compare=[key_compare(key, "version", 0)],
             success=[rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=holder.encode(),
                                                               lease=lease_id))]))
         return bool(response.succeeded)
@@ -515,21 +360,17 @@ class Store:
         """
         try:
             stream = await self._client.watch_prefix(prefix, start_revision=start_revision)
-        except aetcd.exceptions.RevisionCompactedError as exc:
-            raise Compacted(exc.compacted_revision) from exc
-        except _ETCD_ERRORS as exc:
-            raise _translate(exc) from exc
+        except ETCD_ERRORS as exc:
+            raise translate(exc) from exc
         try:
             async for event in stream:
                 yield WatchEvent(deleted=event.kind == "DELETE", key=event.kv.key,
                                  value=event.kv.value, revision=event.kv.mod_revision)
-        except aetcd.exceptions.RevisionCompactedError as exc:
-            raise Compacted(exc.compacted_revision) from exc
-        except _ETCD_ERRORS as exc:
-            raise _translate(exc) from exc
+        except ETCD_ERRORS as exc:
+            raise translate(exc) from exc
         finally:
             try:
                 await asyncio.shield(stream.cancel())
-            except _ETCD_ERRORS:
-                log.debug("cancelling a broken watch failed", exc_info=True)
+            except ETCD_ERRORS:
+                pass  # the stream is already broken; its error was raised above
         raise StoreUnavailable("etcd watch stream ended")

@@ -7,9 +7,22 @@ from __future__ import annotations
 
 import re
 
-from node import keys, limits
+from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import InvalidArgument
+from node.limits import (
+    MAX_ARGS,
+    MAX_CPU_MILLIS,
+    MAX_DISK_BYTES,
+    MAX_ENV,
+    MAX_MEMORY_BYTES,
+    MAX_NAME,
+    MAX_PAGE_SIZE,
+    MAX_REQUEST_ID,
+    MAX_SPEC_BYTES,
+    MIN_DISK_BYTES,
+    MIN_MEMORY_BYTES,
+)
 from node.runtime.network import ISOLATED
 from node.runtime.network import MODES as NETWORK_MODES
 
@@ -18,20 +31,6 @@ from node.runtime.network import MODES as NETWORK_MODES
 DEFAULT_CPU_MILLIS = 100
 DEFAULT_MEMORY_BYTES = 128 * 1024 * 1024
 
-# Upper bounds: far beyond any machine, small enough to catch unit mistakes (MB vs bytes).
-MAX_CPU_MILLIS = 4096 * 1000
-MAX_MEMORY_BYTES = 1 << 50            # 1 PiB
-MIN_MEMORY_BYTES = 4 * 1024 * 1024    # runc itself needs a few MiB inside the cgroup
-MAX_DISK_BYTES = 1 << 50              # 1 PiB, like memory: past it, a unit mistake
-MIN_DISK_BYTES = 1024 * 1024          # an ext4 image smaller than 1 MiB holds no useful file
-
-# A whole spec is stored in etcd; node/limits.py sizes every batch around it.
-MAX_SPEC_BYTES = limits.MAX_SPEC_BYTES
-MAX_NAME = 253
-MAX_ARGS = 4096
-MAX_ENV = 1024
-MAX_REQUEST_ID = 128
-MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 
 # Environment variable names: POSIX's portable set. The process executor restores a

@@ -29,22 +29,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
 
+# Standard library only, like this module: the watchdog process must not need grpc/aetcd.
+from node.runtime.kill import kill_node_tasks, kill_processes_with_args, remove_network
+
 log = logging.getLogger(__name__)
-
-# Where `ip netns` keeps named network namespaces (node/runtime/network.py's NETNS_DIR).
-NETNS_DIR = "/run/netns"
-
-# Each runc or ip call the watchdog makes may take this long before it is abandoned.
-RUNC_TIMEOUT = 10.0
 
 # After firing, the watchdog sweeps again and again for this long: a `runc run` the agent
 # spawned just before it died or froze can still create its container afterwards.
@@ -72,7 +67,6 @@ class Watchdog:
     def retire_previous(self) -> int:
         """SIGKILL watchdogs of an earlier run of this node (still sweeping after that agent
         died: they would kill the new agent's containers). Call before start()."""
-        from node.runtime.runc import kill_processes_with_args
         return kill_processes_with_args(("node.watchdog", "--runc", self._argv[4],
                                          "--runc-root", self._runc_root))
 
@@ -140,53 +134,6 @@ class Watchdog:
 # -- the watchdog process ------------------------------------------------------------------
 
 
-def _delete_namespaces(prefix: str) -> None:
-    """Delete this node's task network namespaces (after their containers were killed)."""
-    try:
-        names = [name for name in os.listdir(NETNS_DIR)
-                 if name.startswith(prefix) and name[len(prefix):].isdigit()]
-    except OSError:
-        return
-    if not names:
-        return
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        subprocess.run(["ip", "-force", "-batch", "-"], capture_output=True, timeout=RUNC_TIMEOUT,
-                       input="".join(f"netns del {name}\n" for name in names).encode())
-
-
-def _remove_network(bridge: str, table: str) -> None:
-    """Remove the node's task bridge and nft table (the agent is dead)."""
-    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-        if bridge:
-            subprocess.run(["ip", "link", "del", bridge], capture_output=True,
-                           timeout=RUNC_TIMEOUT)
-        if table:
-            subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True,
-                           timeout=RUNC_TIMEOUT)
-
-
-def _kill_everything(runc: str, runc_root: str, pgids: set[int], netns_prefix: str = "") -> int:
-    """Kill every tracked process group and every container, delete the task namespaces;
-    return how many containers."""
-    for pgid in pgids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
-    containers: list[str] = []
-    try:
-        listed = subprocess.run([runc, "--root", runc_root, "list", "--format", "json"],
-                                capture_output=True, text=True, timeout=RUNC_TIMEOUT)
-        containers = [entry["id"] for entry in json.loads(listed.stdout or "null") or []]
-    except (OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
-        print(f"filch watchdog: cannot list containers: {exc}", file=sys.stderr)
-    for container in containers:
-        with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            subprocess.run([runc, "--root", runc_root, "kill", "--all", container, "KILL"],
-                           capture_output=True, timeout=RUNC_TIMEOUT)
-    if netns_prefix:
-        _delete_namespaces(netns_prefix)
-    return len(containers)
-
-
 def _sweep(runc: str, runc_root: str, pgids: set[int], why: str, stdin: int | None,
            netns_prefix: str = "") -> bool:
     """Kill everything repeatedly for SWEEP_SECONDS, or until a message arrives on stdin
@@ -195,7 +142,7 @@ def _sweep(runc: str, runc_root: str, pgids: set[int], why: str, stdin: int | No
     until = time.monotonic() + SWEEP_SECONDS
     killed = 0
     while time.monotonic() < until:
-        killed += _kill_everything(runc, runc_root, pgids, netns_prefix)
+        killed += kill_node_tasks(runc, runc_root, pgids, netns_prefix)
         if stdin is not None and select.select([stdin], [], [], SWEEP_INTERVAL)[0]:
             return True
         if stdin is None:
@@ -232,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         chunk = os.read(stdin, 4096)
         if not chunk:
             _sweep(args.runc, args.runc_root, pgids, "the agent died", None, args.netns_prefix)
-            _remove_network(args.bridge, args.table)
+            remove_network(args.bridge, args.table)
             return 0
         pending += chunk
         *lines, pending = pending.split(b"\n")
@@ -248,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 pgids.discard(int(value))
             elif word == "exit":
                 # Belt and braces: a clean agent stopped everything, so this finds nothing.
-                _kill_everything(args.runc, args.runc_root, pgids)
+                kill_node_tasks(args.runc, args.runc_root, pgids)
                 return 0
 
 

@@ -6,8 +6,8 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from node.errors import FilchError
-from node.store import Compacted, Store, WatchEvent
+from node.errors import Compacted, FilchError
+from node.store import Store, WatchEvent
 
 log = logging.getLogger(__name__)
 

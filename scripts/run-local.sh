@@ -15,9 +15,11 @@ filch=${FILCH:-$repo/.venv/bin/filch}
 gunicorn=${GUNICORN:-$repo/.venv/bin/gunicorn}
 nodes=(1 2 3)
 
-command -v supervisord >/dev/null || { echo "supervisord is missing: run 'make deps'" >&2; exit 1; }
-[[ -x $filch ]] || { echo "$filch is missing: run 'make venv'" >&2; exit 1; }
-[[ -x $gunicorn ]] || { echo "$gunicorn is missing: run 'make venv'" >&2; exit 1; }
+for tool in supervisord etcd runc ip nft mkfs.ext4; do
+  command -v "$tool" >/dev/null || { echo "$tool is missing: run 'make run-deps'" >&2; exit 1; }
+done
+[[ -x $filch ]] || { echo "$filch is missing: run 'make run-venv'" >&2; exit 1; }
+[[ -x $gunicorn ]] || { echo "$gunicorn is missing: run 'make run-venv'" >&2; exit 1; }
 
 host() { echo "127.0.0.1$1"; }  # node 1 -> 127.0.0.11: any 127/8 address works on Linux
 initial_cluster=$(for n in "${nodes[@]}"; do printf 'node-%s=http://%s:2380,' "$n" "$(host "$n")"; done)

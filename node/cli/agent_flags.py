@@ -148,7 +148,7 @@ def agent_command(ctx: click.Context, /, rejoin: bool, rejoin_via: str,
     # Imported only now: it pulls in etcd and the runtimes, which the client commands
     # never need, and a bad flag is reported before any of that loads.
     from node import agent, failpoints
-    from node.rejoin import MemberDataLost, RejoinFailed
+    from node.errors import MemberDataLost, RejoinFailed
 
     try:
         failpoints.parse(os.environ.get(failpoints.ENVIRONMENT_VARIABLE, ""))

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from node.errors import ExecutorError, InvalidArgument
+from node.runtime import kill
 from node.runtime.resolv import TaskResolvConf
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ log = logging.getLogger(__name__)
 ISOLATED, NONE, HOST = "isolated", "none", "host"
 MODES = (ISOLATED, NONE, HOST)
 
-NETNS_DIR = Path("/run/netns")
+NETNS_DIR = Path(kill.NETNS_DIR)
 # Link-local IPv4, dropped from tasks: cloud metadata services (169.254.169.254) answer
 # there with the machine's credentials, and nothing a batch task needs lives there.
 LINK_LOCAL = "169.254.0.0/16"

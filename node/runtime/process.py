@@ -60,9 +60,9 @@ from pathlib import Path
 from node.errors import ExecutorError
 from node.runtime.base import AttemptSpec, ExitStatus, exits_within
 from node.runtime.bundle import DEFAULT_PATH
+from node.runtime.kill import GroupTracker
 from node.runtime.logcap import CappedLog
 from node.validation import ENV_NAME
-from node.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class ProcessExecutor:
 
     name = "process"
 
-    def __init__(self, task_uid: int | None, watchdog: Watchdog | None = None) -> None:
+    def __init__(self, task_uid: int | None, watchdog: GroupTracker | None = None) -> None:
         """Decide whether tasks run as task_uid: only possible (and done) when running as root.
 
         watchdog, if given, is told each task's process group, so that it can kill them
@@ -205,7 +205,7 @@ class ProcessAttempt:
     """One attempt running as a process group. Created by ProcessExecutor.start()."""
 
     def __init__(self, container_id: str, attempt_dir: Path,
-                 process: asyncio.subprocess.Process, watchdog: Watchdog | None = None,
+                 process: asyncio.subprocess.Process, watchdog: GroupTracker | None = None,
                  output: CappedLog | None = None):
         self._output = output
         self._watchdog = watchdog

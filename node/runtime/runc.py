@@ -8,10 +8,8 @@ is then removed as `runc delete` would (its cgroup directories, then its state
 directory), without spawning runc a second time: that spawn cost ~15% of a container's
 CPU. `runc delete --force` remains the fallback when anything is in the way.
 
-Cgroups: every container's cgroup is /filch/<container_id>. runc places an absolute
-cgroupsPath at that path below each hierarchy's root (cgroup v1:
-/sys/fs/cgroup/<controller>/filch/<id>; v2: /sys/fs/cgroup/filch/<id>), not under the
-daemon's own cgroup; only relative paths nest under the caller's cgroup.
+Cgroups: every container's cgroup is /filch/<container_id> (node/runtime/cgroups.py,
+which also reads OOM kills and removes a stopped container's cgroups and state).
 
 Network: an "isolated" attempt joins a namespace node/runtime/network.py prepares (and
 removes once the container is gone); "none" gets a fresh one with loopback only; "host"
@@ -27,12 +25,11 @@ import os
 import re
 import resource
 import shutil
-import signal
 from pathlib import Path
 
 from node.errors import ExecutorError, InvalidArgument
+from node.runtime import cgroups, scratch
 from node.runtime import network as net
-from node.runtime import scratch
 from node.runtime.base import AttemptSpec, ExitStatus, exits_within
 from node.runtime.bundle import (
     DEFAULT_PATH,
@@ -42,13 +39,10 @@ from node.runtime.bundle import (
     build_config,
     write_bundle,
 )
+from node.runtime.kill import kill_processes_with_args
 from node.runtime.logcap import CappedLog
 
 log = logging.getLogger(__name__)
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-# Parent of every task's cgroup, so an operator can find, limit or weigh all tasks at once.
-CGROUP_PARENT = "/filch"
 
 # What runc accepts as a container id.
 CONTAINER_ID = re.compile(r"^[\w+.-]+$")
@@ -103,17 +97,8 @@ class RuncExecutor:
         self._layout = HostLayout.probe()
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         self._nofile_hard = NOFILE_HARD if hard == resource.RLIM_INFINITY else hard
-        self._cgroup_v2 = (CGROUP_ROOT / "cgroup.controllers").exists()
-        if self._cgroup_v2:
-            self._memory_root = CGROUP_ROOT
-            self._oom_file = "memory.events"
-        else:
-            self._memory_root = CGROUP_ROOT / "memory"
-            self._oom_file = "memory.oom_control"
-        # Without swap accounting (swapaccount=0, no CONFIG_MEMCG_SWAP) runc fails on any
-        # swap limit, so it is set only where the kernel has one.
-        self._limit_swap = _has_swap_accounting(self._cgroup_v2)
-        if not self._limit_swap:
+        self._cgroups = cgroups.Cgroups.probe()
+        if not self._cgroups.limit_swap:
             log.warning("no cgroup swap accounting: tasks may swap beyond their memory limit")
 
     async def start(self, spec: AttemptSpec) -> RuncAttempt:
@@ -182,8 +167,8 @@ class RuncExecutor:
             spec,
             layout=self._layout,
             task_uid=self._task_uid,
-            cgroups_path=f"{CGROUP_PARENT}/{cid}",
-            limit_swap=self._limit_swap,
+            cgroups_path=cgroups.path(cid),
+            limit_swap=self._cgroups.limit_swap,
             nofile_hard=self._nofile_hard,
             netns=netns,
             resolv_conf=resolv_conf,
@@ -302,53 +287,12 @@ class RuncExecutor:
         return code == 0
 
     def remove_stopped(self, cid: str) -> bool:
-        """Remove a stopped container (not running, no hooks) as `runc delete` does: rmdir
-        its cgroups, listed in runc's state.json, then remove its state directory.
-
-        True if the container is gone, including when runc never created it. False, with
-        nothing logged, when something is in the way (a process still in a cgroup, an
-        unreadable state file): the caller then uses delete(). Never raises.
-        """
-        state_dir = self._state_root / cid
-        try:
-            state = json.loads((state_dir / "state.json").read_bytes())
-            paths = set(state.get("cgroup_paths", {}).values())
-        except FileNotFoundError:
-            return not state_dir.exists()
-        except (OSError, ValueError, AttributeError):
-            return False
-        for path in paths:
-            try:
-                os.rmdir(path)
-            except FileNotFoundError:
-                continue  # a hierarchy mounted twice (cpu and cpuacct) lists one dir twice
-            except OSError:
-                return False
-        try:
-            shutil.rmtree(state_dir)
-        except OSError:
-            return False
-        return True
+        """Remove a stopped container as `runc delete` does (node/runtime/cgroups.py)."""
+        return cgroups.remove_stopped(self._state_root, cid)
 
     def oom_killed(self, cid: str) -> bool:
-        """Whether the kernel OOM-killed a process in the container's cgroup.
-
-        Reads oom_kill from memory.oom_control (v1) or memory.events (v2); the cgroup
-        must still exist (a kept, not yet deleted container). A missing or unreadable
-        file is logged and reported as False.
-        """
-        path = self._memory_root / CGROUP_PARENT.lstrip("/") / cid / self._oom_file
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            log.warning("cannot read the OOM counter of %s: %s", cid, exc)
-            return False
-        for line in text.splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value) > 0
-        log.warning("no oom_kill line in %s (kernel older than 4.13?)", path)
-        return False
+        """Whether the kernel OOM-killed a process in the container's cgroup."""
+        return self._cgroups.oom_killed(cid)
 
     async def _runc_command(self, *args: str) -> tuple[int, str]:
         """Run `runc --root <state_root> args...`; return its exit code and merged output."""
@@ -454,47 +398,10 @@ def _exit_code(returncode: int | None) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _has_swap_accounting(cgroup_v2: bool) -> bool:
-    """Whether memory cgroups have swap limits. Never raises; False when it cannot tell."""
-    if not cgroup_v2:
-        return (CGROUP_ROOT / "memory" / "memory.memsw.limit_in_bytes").exists()
-    # The v2 root cgroup has no memory.* limit files: look in the first child cgroups that
-    # have the memory controller (ours, else e.g. system.slice, init.scope).
-    try:
-        own = Path("/proc/self/cgroup").read_text().strip().rpartition("::")[2]
-        candidates = [CGROUP_ROOT / own.lstrip("/")]
-        candidates += sorted(path for path in CGROUP_ROOT.iterdir() if path.is_dir())
-    except OSError:
-        return False
-    for directory in candidates:
-        if (directory / "memory.max").exists():
-            return (directory / "memory.swap.max").exists()
-    return False
-
-
 def _looks_like_bundle(path: str) -> bool:
     """Whether path is plausibly one of our bundles, so removing it cannot hurt the host."""
     parts = Path(path).parts
     return os.path.isabs(path) and len(parts) >= 3 and os.path.isfile(
         os.path.join(path, "config.json")
     )
-
-
-def kill_processes_with_args(needle: tuple[str, ...]) -> int:
-    """SIGKILL every process whose command line contains these arguments in this order;
-    return how many. Reads /proc, so it sees only this pid namespace."""
-    killed = 0
-    wanted = b"\0".join(arg.encode() for arg in needle)
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/cmdline", "rb") as stream:
-                cmdline = stream.read()
-            if wanted in cmdline:
-                os.kill(int(entry.name), signal.SIGKILL)
-                killed += 1
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return killed
 

@@ -310,11 +310,11 @@ class Cluster:
 
     def etcdctl(self, *args: str) -> list[str]:
         """An etcdctl command line against the first live member; with TLS it presents that
-        node's certificate (etcd's client port demands one)."""
+        node's etcd certificate (etcd's client port trusts the etcd CA alone)."""
         node = self.nodes[self.first_alive()]
         argv = ["etcdctl", "--endpoints", node.etcd_endpoint]
         if self.pki:
-            argv += ["--cacert", str(self.pki / "ca.crt"),
-                     "--cert", str(self.pki / f"{node.name}.crt"),
-                     "--key", str(self.pki / f"{node.name}.key")]
+            argv += ["--cacert", str(self.pki / "etcd-ca.crt"),
+                     "--cert", str(self.pki / f"{node.name}-etcd.crt"),
+                     "--key", str(self.pki / f"{node.name}-etcd.key")]
         return [*argv, *args]

@@ -288,11 +288,13 @@ class Lab:
 
     def members(self, name: str) -> list[list[str]]:
         """`etcdctl member list` on host `name`: [id, status, name, peer URL, ...] rows."""
-        # etcd's client port demands the node's certificate (the playbook runs with TLS).
+        # etcd's client port demands the node's etcd certificate (the playbook runs with
+        # TLS; etcd trusts its own CA, not the cluster CA).
         out = self.exec(name, ["etcdctl", "--endpoints", "https://127.0.0.1:2379",
-                               "--cacert", "/etc/filch/tls/ca.crt",
-                               "--cert", "/etc/filch/tls/node.crt",
-                               "--key", "/etc/filch/tls/node.key", "member", "list"]).stdout
+                               "--cacert", "/etc/filch/tls/etcd-ca.crt",
+                               "--cert", "/etc/filch/tls/node-etcd.crt",
+                               "--key", "/etc/filch/tls/node-etcd.key", "member",
+                               "list"]).stdout
         return [line.split(", ") for line in out.splitlines() if line.strip()]
 
     # -- Ansible --------------------------------------------------------------------------
@@ -506,12 +508,15 @@ def test_converge_three_hosts(lab: Lab) -> None:
         members = lab.members("filch-1")
         assert sorted(row[2] for row in members) == ["filch-1", "filch-2", "filch-3"]
         assert all(row[1] == "started" and row[3].startswith("https://") for row in members)
-        # Keys stay private on the hosts: root, and the group the HTTP face runs in.
+        # Keys stay private on the hosts: root, and the group the HTTP face runs in; the
+        # etcd key root's alone (it opens etcd, which the HTTP face must not reach).
         modes = lab.exec("filch-3", ["stat", "-c", "%a %U:%G %n", "/etc/filch/tls/node.key",
-                                     "/etc/filch/tls/token", "/etc/filch/tls"]).stdout
+                                     "/etc/filch/tls/token", "/etc/filch/tls",
+                                     "/etc/filch/tls/node-etcd.key"]).stdout
         assert modes.split() == ["640", "root:filch", "/etc/filch/tls/node.key",
                                  "640", "root:filch", "/etc/filch/tls/token",
-                                 "750", "root:filch", "/etc/filch/tls"]
+                                 "750", "root:filch", "/etc/filch/tls",
+                                 "600", "root:root", "/etc/filch/tls/node-etcd.key"]
         # The HTTP face: deployed, HTTPS with the node's certificate, the token required.
         for name, host in lab.hosts.items():
             answers = lab.exec(name, ["python3", "-c", HTTP_PROBE, host.address]).stdout

@@ -2,7 +2,8 @@
 address reaches a member over https with its certificate.
 
 Every probe is what a task on the host network or another local user could try: plain
-HTTP, TLS without a client certificate, a certificate from another CA, reading the key.
+HTTP, TLS without a client certificate, a certificate from another CA, the node's API
+certificate (the HTTP face's group can read its key), reading the etcd key.
 """
 
 from __future__ import annotations
@@ -81,12 +82,12 @@ def test_etcd_client_port_refuses_strangers(tls_member: Cluster, tmp_path: Path)
     # (a) plain HTTP to the client port: a TLS listener answers nothing useful.
     _refused(node.etcd_endpoint.replace("https://", "http://"), None)
 
-    # (b) TLS that trusts the cluster CA, but no client certificate.
-    anonymous = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    # (b) TLS that trusts etcd's CA, but no client certificate.
+    anonymous = ssl.create_default_context(cafile=str(pki / "etcd-ca.crt"))
     _refused(node.etcd_endpoint, anonymous)
     # ...and etcd's own client, the tool a local user would reach for.
     bare = subprocess.run(["etcdctl", "--endpoints", node.etcd_endpoint, "--dial-timeout", "3s",
-                           "--command-timeout", "5s", "--cacert", str(pki / "ca.crt"),
+                           "--command-timeout", "5s", "--cacert", str(pki / "etcd-ca.crt"),
                            "get", "", "--prefix"],
                           capture_output=True, text=True, timeout=30)
     assert bare.returncode != 0 and "/node" not in bare.stdout
@@ -95,12 +96,24 @@ def test_etcd_client_port_refuses_strangers(tls_member: Cluster, tmp_path: Path)
     other = tmp_path / "other-pki"
     subprocess.run([FILCH, "certs", str(other), "--node", f"{node.name}={node.ip}"], check=True,
                    capture_output=True)
-    impostor = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-    impostor.load_cert_chain(str(other / f"{node.name}.crt"), str(other / f"{node.name}.key"))
+    impostor = ssl.create_default_context(cafile=str(pki / "etcd-ca.crt"))
+    impostor.load_cert_chain(str(other / f"{node.name}-etcd.crt"),
+                             str(other / f"{node.name}-etcd.key"))
     _refused(node.etcd_endpoint, impostor)
 
-    # (d) the client key is root's alone: another local user cannot read it.
-    key = pki / f"{node.name}.key"
+    # (d) the node's API certificate (the cluster CA's, whose key the HTTP face's group
+    # may read) opens neither etcd's client port nor its peer port.
+    api = ssl.create_default_context(cafile=str(pki / "etcd-ca.crt"))
+    api.load_cert_chain(str(pki / f"{node.name}.crt"), str(pki / f"{node.name}.key"))
+    _refused(node.etcd_endpoint, api)
+    peer_url = f"https://{node.ip}:2380"
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{peer_url}/members", timeout=PROBE_TIMEOUT,
+                               context=api).close()
+        raise AssertionError(f"{peer_url}/members answered the API certificate")
+
+    # (e) the etcd key is root's alone: another local user cannot read it.
+    key = pki / f"{node.name}-etcd.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.stat().st_uid == 0
     stolen = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
                              "--clear-groups", "cat", str(key)],
@@ -108,10 +121,14 @@ def test_etcd_client_port_refuses_strangers(tls_member: Cluster, tmp_path: Path)
     assert stolen.returncode != 0 and "PRIVATE KEY" not in stolen.stdout
     assert "Permission denied" in stolen.stderr
 
-    # The node's own certificate gets in (what the agent does), and nothing was written.
-    member = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-    member.load_cert_chain(str(pki / f"{node.name}.crt"), str(key))
+    # The node's etcd certificate gets in on both ports (what the agent and a rejoining
+    # member do), and nothing was written.
+    member = ssl.create_default_context(cafile=str(pki / "etcd-ca.crt"))
+    member.load_cert_chain(str(pki / f"{node.name}-etcd.crt"), str(key))
     assert b'"kvs"' in _kv_request(node.etcd_endpoint, "range", member)
+    with urllib.request.urlopen(f"{peer_url}/members", timeout=PROBE_TIMEOUT,
+                                context=member) as response:
+        assert node.name in response.read().decode()
     after = _snapshot(tls_member)
     assert "/probe" not in after
     assert {k: v for k, v in after.items() if k.startswith("/task/")} == \
@@ -182,14 +199,19 @@ def test_public_etcd_client_api_across_namespaces(tmp_path: Path) -> None:
         before = _keys(member.etcdctl("get", "", "--prefix", "--keys-only", "-w",
                                       "json").stdout)
         _refused(f"http://{member.ip}:2379", None)
-        _refused(member.etcd_url, ssl.create_default_context(cafile=str(pki / "ca.crt")))
+        _refused(member.etcd_url,
+                 ssl.create_default_context(cafile=str(pki / "etcd-ca.crt")))
         other = tmp_path / "other-pki"
         subprocess.run([FILCH, "certs", str(other), "--node", f"{member.name}={member.ip}"],
                        check=True, capture_output=True)
-        impostor = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-        impostor.load_cert_chain(str(other / f"{member.name}.crt"),
-                                 str(other / f"{member.name}.key"))
+        impostor = ssl.create_default_context(cafile=str(pki / "etcd-ca.crt"))
+        impostor.load_cert_chain(str(other / f"{member.name}-etcd.crt"),
+                                 str(other / f"{member.name}-etcd.key"))
         _refused(member.etcd_url, impostor)
+        # The member's API certificate (cluster CA) is a stranger to etcd too.
+        api = ssl.create_default_context(cafile=str(pki / "etcd-ca.crt"))
+        api.load_cert_chain(str(pki / f"{member.name}.crt"), str(pki / f"{member.name}.key"))
+        _refused(member.etcd_url, api)
         after = _keys(member.etcdctl("get", "", "--prefix", "--keys-only", "-w",
                                      "json").stdout)
         assert after == before and "/probe" not in after

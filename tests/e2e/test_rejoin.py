@@ -25,17 +25,32 @@ pytestmark = pytest.mark.timeout(300)
 ETCDCTL_ENV = dict(os.environ, ETCDCTL_API="3")
 
 
-def etcdctl(endpoint: str, *args: str) -> str:
-    return subprocess.run(["etcdctl", "--endpoints", endpoint, "--command-timeout", "5s",
+def etcdctl_argv(cluster: Cluster, endpoint: str) -> list[str]:
+    """etcdctl against endpoint; with TLS it presents node-1's etcd certificate (every
+    member trusts the etcd CA)."""
+    argv = ["etcdctl", "--endpoints", endpoint]
+    if cluster.pki is not None:
+        name = cluster.nodes[0].name
+        argv += ["--cacert", str(cluster.pki / "etcd-ca.crt"),
+                 "--cert", str(cluster.pki / f"{name}-etcd.crt"),
+                 "--key", str(cluster.pki / f"{name}-etcd.key")]
+    return argv
+
+
+def etcdctl(cluster: Cluster, endpoint: str, *args: str) -> str:
+    return subprocess.run([*etcdctl_argv(cluster, endpoint), "--command-timeout", "5s",
                            *args], env=ETCDCTL_ENV, capture_output=True, text=True,
                           check=True, timeout=30).stdout
 
 
 def members(cluster: Cluster, index: int) -> dict[str, dict[str, object]]:
-    """The member list as node `index`'s etcd member sees it, keyed by member name."""
-    answer = json.loads(etcdctl(cluster.nodes[index].etcd_endpoint, "member", "list", "-w",
-                                "json"))
-    return {str(m.get("name", "")): m for m in answer["members"]}
+    """The member list as node `index`'s etcd member sees it, keyed by "node-N" (the
+    cluster's names carry a suffix that keeps them unique per test run)."""
+    answer = json.loads(etcdctl(cluster, cluster.nodes[index].etcd_endpoint, "member",
+                                "list", "-w", "json"))
+    short = {node.name: f"node-{i + 1}" for i, node in enumerate(cluster.nodes)}
+    return {short.get(str(m.get("name", "")), str(m.get("name", ""))): m
+            for m in answer["members"]}
 
 
 def wipe(node: Node) -> None:
@@ -49,7 +64,7 @@ def put_before_wipe(cluster: Cluster) -> str:
     """A task that completed and a raw key, both written while all three members ran."""
     task_id = cluster.submit("true")
     cluster.wait_finished([task_id])
-    etcdctl(cluster.nodes[0].etcd_endpoint, "put", "/rejoin-test/before", "kept")
+    etcdctl(cluster, cluster.nodes[0].etcd_endpoint, "put", "/rejoin-test/before", "kept")
     return task_id
 
 
@@ -145,14 +160,14 @@ def test_rejoin_converges_after_a_crash_between_its_steps(fresh_three_nodes: Clu
     # An earlier --rejoin that crashed after both member changes, before etcd started:
     # the old member is gone and an unstarted one holds the peer URL.
     first = cluster.nodes[0].etcd_endpoint
-    etcdctl(first, "member", "remove", f"{int(str(old_id)):x}")
+    etcdctl(cluster, first, "member", "remove", f"{int(str(old_id)):x}")
     # etcd refuses a new voter until its members have been connected for 5 s.
     wait_for("etcd to accept the new member", lambda: subprocess.run(
-        ["etcdctl", "--endpoints", first, "member", "add", "node-3", "--peer-urls",
+        [*etcdctl_argv(cluster, first), "member", "add", third.name, "--peer-urls",
          f"http://{third.ip}:2380"], env=ETCDCTL_ENV, capture_output=True, timeout=30,
     ).returncode == 0, timeout=30, interval=0.5)
-    added = [m for m in json.loads(etcdctl(first, "member", "list", "-w", "json"))["members"]
-             if not m.get("name")]
+    listed = json.loads(etcdctl(cluster, first, "member", "list", "-w", "json"))["members"]
+    added = [m for m in listed if not m.get("name")]
     assert len(added) == 1
 
     rejoin(cluster, third)
@@ -194,19 +209,23 @@ def assert_rejoined(cluster: Cluster, old_id: object, before: str) -> None:
     listed = wait_for("three started members", three_started, timeout=60)
     assert listed["node-3"]["ID"] != old_id
     health = subprocess.run(
-        ["etcdctl", "--endpoints", cluster.nodes[2].etcd_endpoint, "endpoint", "health",
+        [*etcdctl_argv(cluster, cluster.nodes[2].etcd_endpoint), "endpoint", "health",
          "--cluster"], env=ETCDCTL_ENV, capture_output=True, text=True, timeout=30)
     assert health.returncode == 0, health.stderr
     assert health.stdout.count("is healthy") + health.stderr.count("is healthy") == 3
     # Written before the wipe, read through the new member (serializable: its own copy).
-    out = etcdctl(cluster.nodes[2].etcd_endpoint, "get", "--consistency", "s",
+    out = etcdctl(cluster, cluster.nodes[2].etcd_endpoint, "get", "--consistency", "s",
                   "/rejoin-test/before", "--print-value-only")
     assert out.strip() == "kept"
     task = cluster.stub(2).GetTask(pb.GetTaskRequest(id=before), timeout=10)
     assert task.state == pb.TASK_STATE_COMPLETE
-    assert_runs_tasks(cluster, "node-3")
-    marker = json.loads((cluster.nodes[2].data_dir / MARKER_NAME).read_text())
-    assert int(marker["member_id"], 16) == int(str(listed["node-3"]["ID"]))
+    assert_runs_tasks(cluster, cluster.nodes[2].name)
+    # The agent records the new member once it is up: possibly after etcd lists it started.
+    def marker_names_the_new_member() -> bool:
+        marker = json.loads((cluster.nodes[2].data_dir / MARKER_NAME).read_text())
+        return int(marker["member_id"], 16) == int(str(listed["node-3"]["ID"]))
+
+    wait_for("the marker to name the new member", marker_names_the_new_member, timeout=30)
 
 
 def assert_runs_tasks(cluster: Cluster, name: str) -> None:

@@ -77,7 +77,7 @@ def test_plain_text_clients_cannot_talk_to_a_tls_node(tls_cluster: Cluster) -> N
 def _peer_handshake(cluster: Cluster, cert: Path | None, key: Path | None) -> str:
     """GET /version on a member's peer port over TLS; returns the body or raises."""
     assert cluster.pki is not None
-    context = ssl.create_default_context(cafile=str(cluster.pki / "ca.crt"))
+    context = ssl.create_default_context(cafile=str(cluster.pki / "etcd-ca.crt"))
     if cert and key:
         context.load_cert_chain(str(cert), str(key))
     ip = cluster.nodes[0].ip
@@ -87,12 +87,19 @@ def _peer_handshake(cluster: Cluster, cert: Path | None, key: Path | None) -> st
         return tls.recv(65536).decode(errors="replace")
 
 
-def test_etcd_peers_require_a_cluster_certificate(tls_cluster: Cluster, tmp_path: Path) -> None:
+def test_etcd_peers_require_an_etcd_certificate(tls_cluster: Cluster, tmp_path: Path) -> None:
     assert tls_cluster.pki is not None
     second = tls_cluster.nodes[1].name
-    answer = _peer_handshake(tls_cluster, tls_cluster.pki / f"{second}.crt",
-                             tls_cluster.pki / f"{second}.key")
+    answer = _peer_handshake(tls_cluster, tls_cluster.pki / f"{second}-etcd.crt",
+                             tls_cluster.pki / f"{second}-etcd.key")
     assert "etcdserver" in answer
+    # The node's API certificate (cluster CA; the HTTP face's group may read its key) is
+    # refused on the peer port.
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        answer = _peer_handshake(tls_cluster, tls_cluster.pki / f"{second}.crt",
+                                 tls_cluster.pki / f"{second}.key")
+        if not answer:
+            raise ConnectionError("closed without an answer")
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
         answer = _peer_handshake(tls_cluster, None, None)
         if not answer:
@@ -102,7 +109,8 @@ def test_etcd_peers_require_a_cluster_certificate(tls_cluster: Cluster, tmp_path
     subprocess.run([FILCH, "certs", str(other), "--node", "intruder=127.0.0.1"], check=True,
                    capture_output=True)
     with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-        answer = _peer_handshake(tls_cluster, other / "intruder.crt", other / "intruder.key")
+        answer = _peer_handshake(tls_cluster, other / "intruder-etcd.crt",
+                                 other / "intruder-etcd.key")
         if not answer:
             raise ConnectionError("closed without an answer")
 
@@ -110,12 +118,14 @@ def test_etcd_peers_require_a_cluster_certificate(tls_cluster: Cluster, tmp_path
 def test_certs_is_idempotent(tmp_path: Path) -> None:
     first = subprocess.run([FILCH, "certs", str(tmp_path), "--node", "a=10.0.0.1"],
                            capture_output=True, text=True, check=True).stdout.split()
-    assert {Path(p).name for p in first} == {"ca.crt", "ca.key", "token", "a.crt", "a.key"}
+    assert {Path(p).name for p in first} == {"ca.crt", "ca.key", "token", "a.crt", "a.key",
+                                             "etcd-ca.crt", "etcd-ca.key", "a-etcd.crt",
+                                             "a-etcd.key"}
     ca = (tmp_path / "ca.crt").read_bytes()
     again = subprocess.run([FILCH, "certs", str(tmp_path), "--node", "a=10.0.0.1",
                             "--node", "b=10.0.0.2"], capture_output=True, text=True,
                            check=True).stdout.split()
-    assert {Path(p).name for p in again} == {"b.crt", "b.key"}
+    assert {Path(p).name for p in again} == {"b.crt", "b.key", "b-etcd.crt", "b-etcd.key"}
     assert (tmp_path / "ca.crt").read_bytes() == ca
     assert oct((tmp_path / "ca.key").stat().st_mode & 0o777) == "0o600"
     out = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"),

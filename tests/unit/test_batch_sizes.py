@@ -20,7 +20,8 @@ from node.node_state import NodeState, Registration
 from node.results import LocalAttempt, ResultWriter
 from node.runner import Runner
 from node.stealer import Stealer
-from node.store import Store, Versioned
+from node.store import Store
+from node.txn import Versioned
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

@@ -18,18 +18,31 @@ def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def test_keys_are_owner_only_and_the_node_cert_is_an_etcd_client_cert(tmp_path: Path) -> None:
+def test_keys_are_owner_only_and_etcd_has_a_ca_of_its_own(tmp_path: Path) -> None:
     pki = tmp_path / "pki"
     created = certs.ensure(pki, [certs.NodeRequest("n1", ("10.0.0.1",))])
-    assert created == ["ca.crt", "ca.key", "n1.crt", "n1.key", "token"]
+    assert created == ["ca.crt", "ca.key", "etcd-ca.crt", "etcd-ca.key", "n1-etcd.crt",
+                       "n1-etcd.key", "n1.crt", "n1.key", "token"]
     assert mode(pki) == 0o700
-    assert mode(pki / "ca.key") == mode(pki / "n1.key") == mode(pki / "token") == 0o600
-    assert mode(pki / "n1.crt") == 0o644
-    # The agent's etcd client certificate is the node's: it must carry client usage.
-    cert = x509.load_pem_x509_certificate((pki / "n1.crt").read_bytes())
-    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert ExtendedKeyUsageOID.CLIENT_AUTH in usage
-    assert ExtendedKeyUsageOID.SERVER_AUTH in usage
+    assert {mode(pki / name) for name in ("ca.key", "n1.key", "token", "etcd-ca.key",
+                                           "n1-etcd.key")} == {0o600}
+    assert mode(pki / "n1.crt") == mode(pki / "n1-etcd.crt") == 0o644
+    cluster_ca = x509.load_pem_x509_certificate((pki / "ca.crt").read_bytes())
+    etcd_ca = x509.load_pem_x509_certificate((pki / "etcd-ca.crt").read_bytes())
+    assert cluster_ca.subject != etcd_ca.subject
+    assert cluster_ca.public_key() != etcd_ca.public_key()
+    # etcd's certificate serves (client and peer ports) and is the agent's client one; it
+    # is signed by the etcd CA, the API certificate by the cluster CA.
+    etcd_cert = x509.load_pem_x509_certificate((pki / "n1-etcd.crt").read_bytes())
+    api_cert = x509.load_pem_x509_certificate((pki / "n1.crt").read_bytes())
+    for cert, issuer in ((etcd_cert, etcd_ca), (api_cert, cluster_ca)):
+        cert.verify_directly_issued_by(issuer)
+        usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert ExtendedKeyUsageOID.CLIENT_AUTH in usage
+        assert ExtendedKeyUsageOID.SERVER_AUTH in usage
+    names = etcd_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == \
+        {"10.0.0.1", "127.0.0.1"}
 
 
 def test_running_again_tightens_loosened_keys(tmp_path: Path) -> None:
@@ -38,9 +51,10 @@ def test_running_again_tightens_loosened_keys(tmp_path: Path) -> None:
     certs.ensure(pki, [certs.NodeRequest("n1", ("10.0.0.1",))])
     (pki / "n1.key").chmod(0o644)
     (pki / "ca.key").chmod(0o640)
+    (pki / "n1-etcd.key").chmod(0o640)
     before = (pki / "n1.key").read_bytes()
     assert certs.ensure(pki, [certs.NodeRequest("n1", ("10.0.0.1",))]) == []
-    assert mode(pki / "n1.key") == mode(pki / "ca.key") == 0o600
+    assert mode(pki / "n1.key") == mode(pki / "ca.key") == mode(pki / "n1-etcd.key") == 0o600
     assert (pki / "n1.key").read_bytes() == before  # kept, not re-issued
 
 

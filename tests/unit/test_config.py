@@ -181,6 +181,18 @@ def test_with_tls_the_default_etcd_client_url_is_https_on_loopback() -> None:
     assert load({}, environ=environ).etcd_client_url == "https://127.0.0.1:2379"
 
 
+def test_etcd_credentials_default_to_the_files_beside_the_nodes() -> None:
+    """etcd trusts its own CA (the HTTP face's group may read tls_key): the files
+    `filch certs` writes next to the node's, so existing flag sets keep working."""
+    config = load(TLS, environ={})
+    assert (config.etcd_tls_ca, config.etcd_tls_cert, config.etcd_tls_key) == \
+        ("/pki/etcd-ca.crt", "/pki/n-etcd.crt", "/pki/n-etcd.key")
+    explicit = load({**TLS, "etcd_tls_key": "/elsewhere/k.pem"}, environ={})
+    assert explicit.etcd_tls_key == "/elsewhere/k.pem"
+    assert explicit.etcd_tls_cert == "/pki/n-etcd.crt"
+    assert load({}, environ={}).etcd_tls_ca == ""
+
+
 def test_an_explicit_etcd_client_url_is_not_upgraded_to_https() -> None:
     """The https default fills in only what the operator left out."""
     assert rejected({}, {**{f"FILCH_{k.upper()}": v for k, v in TLS.items()},

@@ -21,9 +21,10 @@ import pytest
 
 from node import certs
 from node.config import Config
-from node.errors import InvalidArgument
-from node.etcd_member import EtcdMember, EtcdMemberError
-from node.store import EtcdTLS, Store
+from node.errors import EtcdMemberError, InvalidArgument
+from node.etcd_client import EtcdTLS
+from node.etcd_member import EtcdMember
+from node.store import Store
 
 if shutil.which("etcd") is None:
     if os.environ.get("CI"):
@@ -270,8 +271,9 @@ async def test_start_stops_a_member_left_by_an_earlier_run(
 
 async def test_tls_member_demands_a_client_certificate(
         tmp_path: Path, started: list[EtcdMember]) -> None:
-    """With certificates the client port is TLS + client-cert-auth; the agent's Store gets in
-    with the node's certificate, nobody gets in without one or in plain text."""
+    """With certificates the client port is TLS + client-cert-auth against the etcd CA; the
+    agent's Store gets in with the node's etcd certificate, nobody gets in without one, in
+    plain text, or with the node's API certificate (cluster CA)."""
     pki = tmp_path / "pki"
     certs.ensure(pki, [certs.NodeRequest("tls", ("127.0.0.1",))])
     plain = member_config(tmp_path, "tls", "127.0.0.1")
@@ -284,11 +286,15 @@ async def test_tls_member_demands_a_client_certificate(
     started.append(member)
     argv = member.command()
     assert "--client-cert-auth" in argv
-    assert argv[argv.index("--trusted-ca-file") + 1] == config.tls_ca
+    assert argv[argv.index("--trusted-ca-file") + 1] == config.etcd_tls_ca == \
+        str(pki / "etcd-ca.crt")
+    assert argv[argv.index("--peer-trusted-ca-file") + 1] == config.etcd_tls_ca
+    assert argv[argv.index("--cert-file") + 1] == str(pki / "tls-etcd.crt")
+    assert argv[argv.index("--peer-key-file") + 1] == str(pki / "tls-etcd.key")
     await member.start()
     await member.wait_healthy(timeout=30)  # probes with the node's certificate
 
-    tls = EtcdTLS(config.tls_ca, config.tls_cert, config.tls_key)
+    tls = EtcdTLS(config.etcd_tls_ca, config.etcd_tls_cert, config.etcd_tls_key)
     store = Store(config.etcd_client_url, tls=tls)
     try:
         assert await store.current_revision() >= 1
@@ -298,10 +304,14 @@ async def test_tls_member_demands_a_client_certificate(
     plain_url = config.etcd_client_url.replace("https:", "http:") + "/v3/kv/range"
     with pytest.raises(OSError):  # http.client errors are OSErrors (ConnectionResetError...)
         await asyncio.to_thread(_post, plain_url, body)
-    anonymous = ssl.create_default_context(cafile=config.tls_ca)
+    anonymous = ssl.create_default_context(cafile=config.etcd_tls_ca)
     with pytest.raises((ssl.SSLError, OSError)):
         await asyncio.to_thread(_post_tls, config.etcd_client_url + "/v3/kv/range", body,
                                 anonymous)
+    api = ssl.create_default_context(cafile=config.etcd_tls_ca)
+    api.load_cert_chain(config.tls_cert, config.tls_key)
+    with pytest.raises((ssl.SSLError, OSError)):
+        await asyncio.to_thread(_post_tls, config.etcd_client_url + "/v3/kv/range", body, api)
     with pytest.raises(InvalidArgument, match="etcd_endpoint"):
         Store(config.etcd_client_url)  # https:// without certificates is a usage error
 

@@ -11,7 +11,8 @@ from node import keys, lifecycle
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import TooLarge
 from node.group_commit import GroupCommitter
-from node.store import Move, Store, Versioned
+from node.store import Store
+from node.txn import Move, Versioned
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

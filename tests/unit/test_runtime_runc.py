@@ -14,7 +14,8 @@ import pytest
 
 from node.errors import ExecutorError
 from node.runtime.base import ExitStatus
-from node.runtime.runc import CGROUP_PARENT, CGROUP_ROOT, RuncExecutor
+from node.runtime.cgroups import CGROUP_PARENT, CGROUP_ROOT
+from node.runtime.runc import RuncExecutor
 from tests.unit.attempts import TASK_UID, make_spec, run
 
 pytestmark = [

@@ -14,7 +14,8 @@ from node.config import Config
 from node.housekeeping import Housekeeping
 from node.node_state import NodeState, Registration
 from node.stealer import Stealer
-from node.store import Store, Versioned
+from node.store import Store
+from node.txn import Versioned
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

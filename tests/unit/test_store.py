@@ -16,8 +16,10 @@ import pytest
 
 from node import certs, keys, lifecycle, validation
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.errors import InvalidArgument, StoreUnavailable
-from node.store import Compacted, EtcdTLS, Store, Versioned, WatchEvent, status_key
+from node.errors import Compacted, InvalidArgument, StoreUnavailable
+from node.etcd_client import EtcdTLS
+from node.store import Store, WatchEvent
+from node.txn import Versioned, status_key
 from tests.unit.etcd_fixture import etcdctl, free_port, require_etcd
 
 require_etcd()
@@ -537,7 +539,7 @@ def test_scheme_and_client_certificates_go_together(scheme: str, tmp_path: Path)
 def test_an_unreadable_certificate_file_is_named(tmp_path: Path) -> None:
     certs.ensure(tmp_path, [certs.NodeRequest("n", ("127.0.0.1",))])
     tls = EtcdTLS(str(tmp_path / "ca.crt"), str(tmp_path / "n.crt"), str(tmp_path / "gone.key"))
-    with pytest.raises(InvalidArgument, match=r"^tls_key: cannot read .*gone\.key"):
+    with pytest.raises(InvalidArgument, match=r"^etcd_tls_key: cannot read .*gone\.key"):
         Store("https://127.0.0.1:2379", tls=tls)
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node import keys, validation
+from node import keys, limits, validation
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import InvalidArgument
 
@@ -53,10 +53,10 @@ def test_spec_keeps_given_values_and_does_not_touch_the_request() -> None:
 
 def test_spec_accepts_the_boundaries() -> None:
     validation.spec(pb.TaskSpec(command="x", cpu_millis=1, memory_bytes=4 * MiB))
-    validation.spec(pb.TaskSpec(command="x", cpu_millis=validation.MAX_CPU_MILLIS,
-                                memory_bytes=validation.MAX_MEMORY_BYTES))
-    validation.spec(pb.TaskSpec(command="x", args=[""] * validation.MAX_ARGS))
-    validation.spec(pb.TaskSpec(command="x", name="n" * validation.MAX_NAME))
+    validation.spec(pb.TaskSpec(command="x", cpu_millis=limits.MAX_CPU_MILLIS,
+                                memory_bytes=limits.MAX_MEMORY_BYTES))
+    validation.spec(pb.TaskSpec(command="x", args=[""] * limits.MAX_ARGS))
+    validation.spec(pb.TaskSpec(command="x", name="n" * limits.MAX_NAME))
 
 
 # -- spec(): one bad field each ----------------------------------------------------------
@@ -83,19 +83,19 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("relative workdir", {"workdir": "work/dir"}, "spec.workdir"),
     ("dot workdir", {"workdir": "./x"}, "spec.workdir"),
     ("negative cpu", {"cpu_millis": -1}, "spec.cpu_millis"),
-    ("huge cpu", {"cpu_millis": validation.MAX_CPU_MILLIS + 1}, "spec.cpu_millis"),
+    ("huge cpu", {"cpu_millis": limits.MAX_CPU_MILLIS + 1}, "spec.cpu_millis"),
     ("int64 cpu", {"cpu_millis": 2**63 - 1}, "spec.cpu_millis"),
     ("negative memory", {"memory_bytes": -1}, "spec.memory_bytes"),
-    ("huge memory", {"memory_bytes": validation.MAX_MEMORY_BYTES + 1}, "spec.memory_bytes"),
+    ("huge memory", {"memory_bytes": limits.MAX_MEMORY_BYTES + 1}, "spec.memory_bytes"),
     ("memory below 4 MiB", {"memory_bytes": 4 * MiB - 1}, "spec.memory_bytes"),
     ("memory of one byte", {"memory_bytes": 1}, "spec.memory_bytes"),
     ("negative disk", {"disk_bytes": -1}, "spec.disk_bytes"),
     ("disk of one byte", {"disk_bytes": 1}, "spec.disk_bytes"),
-    ("huge disk", {"disk_bytes": validation.MAX_DISK_BYTES + 1}, "spec.disk_bytes"),
-    ("long name", {"name": "n" * (validation.MAX_NAME + 1)}, "spec.name"),
-    ("too many args", {"args": [""] * (validation.MAX_ARGS + 1)}, "spec.args"),
-    ("too many env", {"env": {f"V{i}": "" for i in range(validation.MAX_ENV + 1)}}, "spec.env"),
-    ("spec over 1 MiB", {"args": ["x" * validation.MAX_SPEC_BYTES]}, "spec"),
+    ("huge disk", {"disk_bytes": limits.MAX_DISK_BYTES + 1}, "spec.disk_bytes"),
+    ("long name", {"name": "n" * (limits.MAX_NAME + 1)}, "spec.name"),
+    ("too many args", {"args": [""] * (limits.MAX_ARGS + 1)}, "spec.args"),
+    ("too many env", {"env": {f"V{i}": "" for i in range(limits.MAX_ENV + 1)}}, "spec.env"),
+    ("spec over 1 MiB", {"args": ["x" * limits.MAX_SPEC_BYTES]}, "spec"),
 ]
 
 
@@ -115,9 +115,9 @@ def test_spec_reports_the_limit_in_the_message() -> None:
 
 INT64 = st.one_of(
     st.integers(min_value=-(2**63), max_value=2**63 - 1),
-    st.sampled_from([0, 1, -1, 999, 4 * MiB - 1, 4 * MiB, validation.MAX_CPU_MILLIS,
-                     validation.MAX_CPU_MILLIS + 1, validation.MAX_MEMORY_BYTES,
-                     validation.MAX_MEMORY_BYTES + 1]),
+    st.sampled_from([0, 1, -1, 999, 4 * MiB - 1, 4 * MiB, limits.MAX_CPU_MILLIS,
+                     limits.MAX_CPU_MILLIS + 1, limits.MAX_MEMORY_BYTES,
+                     limits.MAX_MEMORY_BYTES + 1]),
 )
 TEXT = st.one_of(st.text(max_size=40),
                  st.sampled_from(["", " ", "\t", "\0", "a\0b", "/", "/tmp", "rel/ative", "A=B",
@@ -144,17 +144,17 @@ def test_spec_returns_a_spec_in_bounds_or_raises_invalid_argument(raw: pb.TaskSp
     except InvalidArgument as error:
         assert error.field == "spec" or error.field.startswith("spec.")
         return
-    assert 1 <= clean.cpu_millis <= validation.MAX_CPU_MILLIS
-    assert validation.MIN_MEMORY_BYTES <= clean.memory_bytes <= validation.MAX_MEMORY_BYTES
+    assert 1 <= clean.cpu_millis <= limits.MAX_CPU_MILLIS
+    assert limits.MIN_MEMORY_BYTES <= clean.memory_bytes <= limits.MAX_MEMORY_BYTES
     assert clean.HasField("restart")
     assert clean.restart == (raw.restart if raw.HasField("restart") else True)
     assert clean.command.strip()
     assert clean.workdir == "" or clean.workdir.startswith("/")
-    assert len(clean.name) <= validation.MAX_NAME
+    assert len(clean.name) <= limits.MAX_NAME
     texts = [clean.command, clean.name, clean.workdir, *clean.args, *clean.env, *clean.env.values()]
     assert not any("\0" in text for text in texts)
     assert all(validation.ENV_NAME.fullmatch(name) for name in clean.env)
-    assert raw.ByteSize() <= validation.MAX_SPEC_BYTES
+    assert raw.ByteSize() <= limits.MAX_SPEC_BYTES
     # Validating a stored spec again changes nothing (submit compares specs on retry).
     assert validation.spec(clean) == clean
 
@@ -184,7 +184,7 @@ def test_task_id_does_not_echo_a_huge_value() -> None:
 
 
 def test_request_id_limits() -> None:
-    assert validation.request_id("r" * validation.MAX_REQUEST_ID) == "r" * 128
+    assert validation.request_id("r" * limits.MAX_REQUEST_ID) == "r" * 128
     assert validation.request_id("") == ""
     assert invalid(validation.request_id, "r" * 129).field == "request_id"
     assert invalid(validation.request_id, "a\0").field == "request_id"

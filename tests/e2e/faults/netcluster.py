@@ -292,16 +292,17 @@ class NetNode:
     etcd_url: str = "http://127.0.0.1:2379"
     """The etcd client URL this node's agent uses (its member's, or a member's elsewhere)."""
     pki: Path | None = None
-    """With TLS: the `filch certs` directory holding this node's <name>.crt/.key."""
+    """With TLS: the `filch certs` directory holding this node's <name>.crt/.key and
+    <name>-etcd.crt/.key."""
 
     def etcdctl_argv(self, *args: str) -> list[str]:
         """etcdctl against this node's etcd URL, from inside its namespace; with TLS it
-        presents the node's certificate (etcd's client port demands one)."""
+        presents the node's etcd certificate (etcd's client port trusts the etcd CA)."""
         tls: list[str] = []
         if self.pki is not None:
-            tls = ["--cacert", str(self.pki / "ca.crt"),
-                   "--cert", str(self.pki / f"{self.name}.crt"),
-                   "--key", str(self.pki / f"{self.name}.key")]
+            tls = ["--cacert", str(self.pki / "etcd-ca.crt"),
+                   "--cert", str(self.pki / f"{self.name}-etcd.crt"),
+                   "--key", str(self.pki / f"{self.name}-etcd.key")]
         return self._enter("etcdctl", "--endpoints", self.etcd_url, *tls, *args)
 
     @property
@@ -457,9 +458,12 @@ class NetCluster:
             etcd_tls: list[str] = []
             if pki:
                 run(FILCH, "certs", str(pki), "--node", f"{name}={ip}", timeout=60)
-                files = [str(pki / "ca.crt"), str(pki / f"{name}.crt"), str(pki / f"{name}.key")]
-                tls = ["--tls-ca", files[0], "--tls-cert", files[1], "--tls-key", files[2],
+                tls = ["--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / f"{name}.crt"),
+                       "--tls-key", str(pki / f"{name}.key"),
                        "--api-token-file", str(pki / "token")]
+                # etcd trusts the etcd CA alone (node/certs.py says why).
+                files = [str(pki / "etcd-ca.crt"), str(pki / f"{name}-etcd.crt"),
+                         str(pki / f"{name}-etcd.key")]
                 etcd_tls = ["--peer-client-cert-auth", "--peer-trusted-ca-file", files[0],
                             "--peer-cert-file", files[1], "--peer-key-file", files[2],
                             "--client-cert-auth", "--trusted-ca-file", files[0],

@@ -1,0 +1,86 @@
+"""A lifecycle transaction's parts: the record a move starts from, the move, its status
+key, and the compares and operations that keep record and status key together (design.md:
+both change in one etcd transaction, fenced by the attempt's token)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import aetcd.rpc as rpc
+
+from node import keys
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.limits import MOVE_KEYS_BYTES
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """A Task record together with the etcd mod_revision it was read at."""
+
+    task: pb.Task
+    mod_revision: int
+
+
+def status_key(task: pb.Task) -> bytes:
+    """The status key a task record in this state is paired with."""
+    if task.state == pb.TASK_STATE_PENDING:
+        return keys.queued(task.id)
+    if task.state == pb.TASK_STATE_RUNNING:
+        return keys.running(task.node_id, task.id)
+    epoch = keys.epoch_ms(task.finished_at.seconds + task.finished_at.nanos / 1e9)
+    if task.state == pb.TASK_STATE_COMPLETE:
+        return keys.complete(epoch, task.id)
+    if task.state == pb.TASK_STATE_CANCELED:
+        return keys.canceled(epoch, task.id)
+    raise ValueError(f"task {task.id} has no state")
+
+
+def move_bytes(move: Move) -> int:
+    """What one move adds to a transaction, for limits.batches: its record and keys."""
+    return move.new.ByteSize() + MOVE_KEYS_BYTES
+
+
+@dataclass(frozen=True)
+class Move:
+    """One task's transition, for transition_many (fields as in Store.transition)."""
+
+    old: Versioned | None
+    new: pb.Task
+    fence: int = 0
+    owner_gone: bool = False
+
+
+def append_move(move: Move, lease_id: int, compare: list[Any], success: list[Any]) -> None:
+    """Add one move's compares and operations: record and status key, always together."""
+    old, new = move.old, move.new
+    record_key = keys.task(new.id)
+    new_status = status_key(new)
+    old_status = b""
+    if old is None:
+        compare.append(key_compare(record_key, "version", 0))
+    else:
+        compare.append(key_compare(record_key, "mod_revision", old.mod_revision))
+        old_status = status_key(old.task)
+        if move.fence:
+            compare.append(key_compare(old_status, "create_revision", move.fence))
+        elif move.owner_gone:
+            compare.append(key_compare(old_status, "version", 0))
+        else:
+            compare.append(key_compare(old_status, "version", 0, rpc.Compare.GREATER))
+        if old_status != new_status:
+            success.append(rpc.RequestOp(
+                request_delete_range=rpc.DeleteRangeRequest(key=old_status)))
+    if old_status != new_status:
+        lease = lease_id if new.state == pb.TASK_STATE_RUNNING else 0
+        success.append(rpc.RequestOp(
+            request_put=rpc.PutRequest(key=new_status, value=b"", lease=lease)))
+    success.append(rpc.RequestOp(
+        request_put=rpc.PutRequest(key=record_key, value=new.SerializeToString())))
+
+
+def key_compare(key: bytes, target: str, value: int, result: int = 0) -> Any:
+    """An etcd Compare on one key: version, create_revision or mod_revision (EQUAL by default)."""
+    targets = {"version": rpc.Compare.VERSION, "create_revision": rpc.Compare.CREATE,
+               "mod_revision": rpc.Compare.MOD}
+    return rpc.Compare(key=key, target=targets[target], result=result, **{target: value})

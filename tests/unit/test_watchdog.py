@@ -1,0 +1,52 @@
+"""The watchdog process: stdlib only, and it kills what it tracks when the agent's pipe
+closes or its fence deadline passes (the killing itself is node/runtime/kill.py's)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_the_watchdog_imports_no_grpc_or_aetcd() -> None:
+    probe = ("import sys, node.watchdog; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+             "('grpc', 'aetcd', 'google')))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=30).stdout
+    assert out.strip() == "[]"
+
+
+def start_watchdog(tmp_path: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "node.watchdog", "--runc", "runc",
+                             "--runc-root", str(tmp_path / "runc")],
+                            stdin=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+
+
+@pytest.mark.parametrize("ending", ["pipe closed", "deadline missed"])
+def test_kills_tracked_groups(tmp_path: Path, ending: str) -> None:
+    task = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    watchdog = start_watchdog(tmp_path)
+    assert watchdog.stdin is not None
+    try:
+        message = f"track {task.pid}\n"
+        if ending == "deadline missed":
+            message += f"deadline {time.monotonic() + 0.5}\n"
+        watchdog.stdin.write(message.encode())
+        watchdog.stdin.flush()
+        if ending == "pipe closed":
+            watchdog.stdin.close()
+        assert task.wait(timeout=20) == -9
+    finally:
+        for process in (task, watchdog):
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+        if watchdog.stdin is not None and not watchdog.stdin.closed:
+            watchdog.stdin.close()
