@@ -44,15 +44,12 @@ def mount_small_fs(image: Path, target: Path, size: int) -> None:
     subprocess.run(["mount", "-o", "loop", str(image), str(target)], check=True)
 
 
-def small_data_dir(tmp_path: Path) -> Path:
-    """Cluster root whose node-1 data dir is a DATA_DIR_SIZE ext4 (etcd kept outside)."""
-    root = tmp_path / "cluster"
-    data = root / "node-1"
+def make_small(tmp_path: Path, data: Path) -> None:
+    """Make the data dir `data` a DATA_DIR_SIZE ext4 (etcd's files kept outside it)."""
     mount_small_fs(tmp_path / "data.img", data, DATA_DIR_SIZE)
     (tmp_path / "etcd").mkdir()
     (data / "etcd").symlink_to(tmp_path / "etcd")
     (data / "etcd.log").symlink_to(tmp_path / "etcd.log")
-    return root
 
 
 def unmount(path: Path) -> None:
@@ -63,13 +60,17 @@ def unmount(path: Path) -> None:
 def small_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     require_tools()
     tmp_path = tmp_path_factory.mktemp("disk")
-    root = small_data_dir(tmp_path)
+    extra = ("--max-log-bytes", str(LOG_CAP), "--default-disk", str(DEFAULT_DISK))
+    # Built first, started later: the node's data dir (named after the node, which the
+    # cluster names) becomes the small file system in between.
+    cluster = Cluster(tmp_path / "cluster", size=1, extra=extra)
+    data = cluster.nodes[0].data_dir
+    make_small(tmp_path, data)
     try:
-        extra = ("--max-log-bytes", str(LOG_CAP), "--default-disk", str(DEFAULT_DISK))
-        with Cluster(root, size=1, extra=extra) as cluster:
+        with cluster:
             yield cluster
     finally:
-        unmount(root / "node-1")
+        unmount(data)
 
 
 def free_bytes(path: Path) -> int:
