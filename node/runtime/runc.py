@@ -100,6 +100,13 @@ class RuncExecutor:
         self._cgroups = cgroups.Cgroups.probe()
         if not self._cgroups.limit_swap:
             log.warning("no cgroup swap accounting: tasks may swap beyond their memory limit")
+        # Without loop devices (a container without device access) /work cannot be
+        # size-limited: tasks still run, and the operator is told what is not enforced.
+        self._disk_limits = scratch.available()
+        if not self._disk_limits:
+            log.warning("no loop devices (%s): task /work sizes (--disk, --default-disk) are "
+                        "NOT enforced here; give the node /dev/loop-control and loop devices "
+                        "to enforce them", scratch.LOOP_CONTROL)
 
     async def start(self, spec: AttemptSpec) -> RuncAttempt:
         """Write the attempt's bundle into spec.attempt_dir and start `runc run` on it.
@@ -185,7 +192,7 @@ class RuncExecutor:
             shutil.rmtree(bundle, ignore_errors=True)
             raise ExecutorError(f"cannot prepare attempt {cid}: {exc}") from exc
         try:
-            if spec.disk_bytes:
+            if spec.disk_bytes and self._disk_limits:
                 await scratch.mount(bundle / "work", spec.disk_bytes, self._task_uid)
             process = await asyncio.create_subprocess_exec(
                 self._runc, "--root", str(self._state_root),

@@ -36,6 +36,16 @@ MKFS_EXTENDED = "lazy_itable_init=1,nodiscard"
 IMAGE_NAME = "work.img"
 
 
+# Where loop devices are handed out; a container without device access (podman's default
+# /dev) has none.
+LOOP_CONTROL = Path("/dev/loop-control")
+
+
+def available() -> bool:
+    """Whether loop devices can be had here, so /work can be size-limited."""
+    return os.access(LOOP_CONTROL, os.R_OK | os.W_OK)
+
+
 async def mount(work: Path, size: int, uid: int) -> None:
     """Mount a fresh ext4 file system of `size` bytes, owned by uid, over the directory
     `work`; its image lives next to it. Raises ExecutorError with mkfs's or mount's
