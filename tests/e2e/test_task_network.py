@@ -223,7 +223,8 @@ def test_agent_sigkill_and_restart_leave_nothing_of_the_old_run(cluster: Cluster
         found := cluster.get(task_id)).state == pb.TASK_STATE_RUNNING and found)
     index = next(i for i, node in enumerate(cluster.nodes) if node.name == task.node_name)
     first, names = cluster.nodes[index], task_network(cluster, index)
-    assert namespaces(names.netns_prefix)
+    # RUNNING is written by the steal, before the container (and its namespace) exists.
+    wait_for("the task's namespace", lambda: namespaces(names.netns_prefix), timeout=30)
     # SIGKILL the agent alone (its etcd member lives on): the watchdog kills the
     # container and deletes the namespace.
     assert first.process is not None
