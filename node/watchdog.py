@@ -7,9 +7,10 @@ watchdog is a small separate process (own session, standard library only) that t
 tells the fence deadline after every lease renewal. When the deadline passes without a
 renewal, or the agent's end of the pipe closes because the agent died, it kills every
 task of this node: each runc container under the node's state root and each process
-group the process executor started; then it deletes the node's task network namespaces
-(`ip netns del`), whose veths go with them. When the agent died (not merely froze), it
-also removes the node's task bridge and nft table: the next run makes them afresh. So no
+group the process executor started. When the agent died (not merely froze), it also
+deletes the node's task network namespaces (`ip netns del`, their veths go with them),
+bridge and nft table: the next run makes them afresh; a frozen or cut-off agent removes
+its attempts' namespaces itself once it fences. So no
 attempt outlives the point after which another node may start the task again.
 
 Protocol, one line per message on the watchdog's stdin:
@@ -171,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         ready, _, _ = select.select([stdin], [], [], timeout)
         if not ready:
+            # Containers only: the agent lives (frozen or cut off) and removes its
+            # attempts' namespaces itself; deleting them here raced with the namespaces
+            # of the attempts it starts once registered again (a spurious START_FAILED).
             _sweep(args.runc, args.runc_root, pgids,
-                   "the agent missed its fence deadline (frozen or cut off)", stdin,
-                   args.netns_prefix)
+                   "the agent missed its fence deadline (frozen or cut off)", stdin)
             deadline, pgids = None, set()
             continue
         chunk = os.read(stdin, 4096)
