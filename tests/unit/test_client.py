@@ -6,8 +6,6 @@ for an unknown id, bad input, an unreachable node and a wrong token.
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Iterator
 
 import grpc
@@ -23,22 +21,15 @@ from node.client import (
     Unavailable,
 )
 from tests.e2e.cluster import Cluster
+from tests.e2e.conftest import require_tools
 
 # Nothing listens here: the port is reserved (tcpmux) and unused on any test machine.
 DEAD_SERVER = "127.0.0.1:1"
 
 
-def _require_root_and_tools() -> None:
-    missing = [tool for tool in ("etcd", "etcdctl", "runc") if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(f"these tests need {missing}: run `make deps` (apt packages)")
-    if os.geteuid() != 0:
-        pytest.skip("the runc executor needs root")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    _require_root_and_tools()
+    require_tools()
     with Cluster(tmp_path_factory.mktemp("client"), size=1) as started:
         yield started
 
@@ -142,7 +133,7 @@ def test_a_token_without_tls_is_refused() -> None:
 
 @pytest.fixture(scope="module")
 def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    _require_root_and_tools()
+    require_tools()
     root = tmp_path_factory.mktemp("client-tls")
     with Cluster(root / "nodes", size=1, pki=root / "pki") as started:
         yield started
