@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 
 from node.errors import TooLarge
-from node.limits import MAX_BATCH, WRITE_BATCH_BYTES
+from node.limits import MAX_BATCH, MAX_TXN_OPS, WRITE_BATCH_BYTES
 from node.store import Store
-from node.txn import Move, move_bytes
+from node.txn import Move, move_bytes, move_ops
 
 _Waiter = tuple[Move, "asyncio.Future[int | None]"]
 
@@ -65,13 +65,16 @@ class GroupCommitter:
         later: list[_Waiter] = []
         ids: set[str] = set()
         size = 0
+        ops = 0
         for waiter in self._waiting:
             task_id = waiter[0].new.id
             grown = size + move_bytes(waiter[0])
+            more_ops = ops + move_ops(waiter[0])
             if (len(batch) < MAX_BATCH and task_id not in ids
-                    and (not batch or grown <= WRITE_BATCH_BYTES)):
+                    and (not batch or (grown <= WRITE_BATCH_BYTES and more_ops <= MAX_TXN_OPS))):
                 ids.add(task_id)
                 size = grown
+                ops = more_ops
                 batch.append(waiter)
             else:
                 later.append(waiter)

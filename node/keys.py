@@ -5,8 +5,15 @@
 /task/status/running/<node-id>/<uuid>   -> ""  (on the node's lease)
 /task/status/complete/<epoch>/<uuid>    -> ""
 /task/status/canceled/<epoch>/<uuid>    -> ""
+/task/status/blocked/<uuid>             -> ""  (PENDING but held: dependencies, its
+                                               array's submission, a retry back-off)
 /node/<node-id>                         -> Node protobuf (on the node's lease)
 /lock/defrag                            -> node id, only while that node defragments
+/queue/<rank>/<owner>/<uuid>            -> ""  (beside each queued key: priority order)
+/dep/<parent-id>/<child-uuid>           -> ""  (child is held until parent ends; parent is
+                                               a task id, or an array id)
+/array/<array-id>                       -> Array protobuf (written once all its tasks exist)
+/owner/<name>                           -> Owner protobuf (fair-share weight)
 
 Ids are lowercase hex UUIDs, so the task records are exactly [/task/0, /task/g).
 """
@@ -32,6 +39,13 @@ QUEUED = b"/task/status/queued/"
 RUNNING = b"/task/status/running/"
 COMPLETE = b"/task/status/complete/"
 CANCELED = b"/task/status/canceled/"
+BLOCKED = b"/task/status/blocked/"
+# Beside every queued key, in the same transaction: /queue/<rank>/<owner>/<id>, so that
+# key order is highest priority first, then owner, then submission order.
+QUEUE = b"/queue/"
+DEPENDENCIES = b"/dep/"
+ARRAYS = b"/array/"
+OWNERS = b"/owner/"
 NODES = b"/node/"
 # Held (on the holder's lease) while a node defragments its etcd member, so that two
 # members are never defragmented at once. Absent the rest of the time.
@@ -39,6 +53,23 @@ DEFRAG_LOCK = b"/lock/defrag"
 
 # A namespace for ids derived from a client's request_id (submit idempotency).
 _REQUEST_NAMESPACE = uuid.UUID("5b0c7f0e-6a43-4f55-9d3a-2f0b8f3f6c11")
+# ... and for an array task's id, derived from its array id and position.
+_ARRAY_NAMESPACE = uuid.UUID("0e4bd0b6-3c55-4d8a-a4a1-6e1d2b7c9f20")
+
+# Priorities run from -1000 to 1000; a queue key holds rank = 1000 - priority, zero
+# padded, so that lexical order is highest priority first.
+MIN_PRIORITY = -1000
+MAX_PRIORITY = 1000
+RANK_DIGITS = 4
+
+# An owner name (fair share): part of a key, so no "/" and nothing a shell or a terminal
+# would mangle.
+OWNER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+DEFAULT_OWNER = "default"
+
+# An array's position (0-based, not its index) occupies the top bits of the random part
+# of its tasks' UUIDv7s, so that an array's tasks list, queue and run in index order.
+ARRAY_POSITION_BITS = 17
 
 
 def is_id(value: str) -> bool:
@@ -64,6 +95,21 @@ def task_id_for_request(request_id: str) -> str:
     if millis is None:
         return str(uuid.UUID(int=derived))
     return _uuid7(millis, derived)
+
+
+def array_task_id(array_id: str, position: int) -> str:
+    """The id of the task at this position (0-based) of an array: derived, so that a
+    retried array submit finds the tasks it already wrote, and `ls --array` needs no
+    index. It carries the array's timestamp (a UUIDv7 array id) and sorts by position."""
+    if not 0 <= position < 1 << ARRAY_POSITION_BITS:
+        raise ValueError(f"array position {position} out of range")
+    millis = _uuid7_millis(array_id)
+    if millis is None:
+        millis = 0
+    derived = uuid.uuid5(_ARRAY_NAMESPACE, f"{array_id}/{position}").int
+    low_bits = 74 - ARRAY_POSITION_BITS
+    rand = (position << low_bits) | (derived & ((1 << low_bits) - 1))
+    return _uuid7(millis, rand)
 
 
 def _uuid7(millis: int, rand: int) -> str:
@@ -119,6 +165,54 @@ def complete(epoch: str, task_id: str) -> bytes:
 
 def canceled(epoch: str, task_id: str) -> bytes:
     return CANCELED + epoch.encode() + b"/" + task_id.encode()
+
+
+def blocked(task_id: str) -> bytes:
+    return BLOCKED + task_id.encode()
+
+
+def queue(priority: int, owner: str, task_id: str) -> bytes:
+    """The priority-ordered queue key beside a queued key."""
+    return QUEUE + queue_rank(priority) + b"/" + owner.encode() + b"/" + task_id.encode()
+
+
+def queue_rank(priority: int) -> bytes:
+    """The rank segment of a priority: a smaller rank sorts first and is stolen first."""
+    return str(MAX_PRIORITY - priority).zfill(RANK_DIGITS).encode()
+
+
+def queue_above(priority: int) -> tuple[bytes, bytes]:
+    """The range of queue keys of every priority strictly higher than this one."""
+    return QUEUE, QUEUE + queue_rank(priority)
+
+
+def parse_queue(key: bytes) -> tuple[int, str, str]:
+    """(priority, owner, task_id) of a queue key."""
+    rank, owner, task_id = key[len(QUEUE):].decode().split("/")
+    return MAX_PRIORITY - int(rank), owner, task_id
+
+
+def dependency(parent_id: str, child_id: str) -> bytes:
+    return DEPENDENCIES + parent_id.encode() + b"/" + child_id.encode()
+
+
+def dependents_of(parent_id: str) -> bytes:
+    """The prefix of every task held until parent_id (a task or an array) ends."""
+    return DEPENDENCIES + parent_id.encode() + b"/"
+
+
+def parse_dependency(key: bytes) -> tuple[str, str]:
+    """(parent_id, child_id) of a dependency key."""
+    parent_id, child_id = key[len(DEPENDENCIES):].decode().split("/")
+    return parent_id, child_id
+
+
+def array(array_id: str) -> bytes:
+    return ARRAYS + array_id.encode()
+
+
+def owner(name: str) -> bytes:
+    return OWNERS + name.encode()
 
 
 def node(node_id: str) -> bytes:

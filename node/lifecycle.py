@@ -46,6 +46,16 @@ def finished(task: pb.Task, state: int, reason: int, *, exit_code: int = 0,
     return new
 
 
+def released(task: pb.Task) -> pb.Task:
+    """A held PENDING task (dependencies met, its array complete, its back-off over) into
+    the queue: its blocked key becomes a queued key (txn.py moves the index keys)."""
+    new = _copy(task)
+    new.hold = pb.HOLD_NONE
+    new.message = ""
+    new.ClearField("not_before")
+    return new
+
+
 def requeued(task: pb.Task, why: str) -> pb.Task:
     """RUNNING -> PENDING again (the node was lost or shut down; restart=true)."""
     new = _copy(task)

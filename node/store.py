@@ -202,6 +202,9 @@ class Store:
         success: list[Any] = []
         for move in moves:
             append_move(move, lease_id, compare, success)
+        if max(len(compare), len(success)) > MAX_TXN_OPS:
+            raise ValueError(f"{len(success)} operations; etcd takes at most {MAX_TXN_OPS} "
+                             "in one transaction (cut batches with txn.move_ops)")
         response = await self._txn(rpc.TxnRequest(compare=compare, success=success))
         return int(response.header.revision) if response.succeeded else None
 

@@ -25,7 +25,7 @@ class Versioned:
 def status_key(task: pb.Task) -> bytes:
     """The status key a task record in this state is paired with."""
     if task.state == pb.TASK_STATE_PENDING:
-        return keys.queued(task.id)
+        return keys.blocked(task.id) if task.hold != pb.HOLD_NONE else keys.queued(task.id)
     if task.state == pb.TASK_STATE_RUNNING:
         return keys.running(task.node_id, task.id)
     epoch = keys.epoch_ms(task.finished_at.seconds + task.finished_at.nanos / 1e9)
@@ -34,6 +34,20 @@ def status_key(task: pb.Task) -> bytes:
     if task.state == pb.TASK_STATE_CANCELED:
         return keys.canceled(epoch, task.id)
     raise ValueError(f"task {task.id} has no state")
+
+
+def index_keys(task: pb.Task) -> set[bytes]:
+    """The secondary keys (value "") that exist while the record is in this state: the
+    priority queue key beside a queued key, and while a task waits for its dependencies
+    (or for its array's submission, which may carry dependencies too) one key per
+    parent, so that a parent's end finds its dependents with one range read."""
+    if task.state != pb.TASK_STATE_PENDING:
+        return set()
+    if task.hold == pb.HOLD_NONE:
+        return {keys.queue(task.spec.priority, task.spec.owner or keys.DEFAULT_OWNER, task.id)}
+    if task.hold in (pb.HOLD_DEPENDENCIES, pb.HOLD_ARRAY):
+        return {keys.dependency(parent.id, task.id) for parent in task.spec.after}
+    return set()
 
 
 def move_bytes(move: Move) -> int:
@@ -49,6 +63,8 @@ class Move:
     new: pb.Task
     fence: int = 0
     owner_gone: bool = False
+    requires: tuple[bytes, ...] = ()
+    """Keys that must exist for the move to happen (a submit's parents)."""
 
 
 def append_move(move: Move, lease_id: int, compare: list[Any], success: list[Any]) -> None:
@@ -75,12 +91,33 @@ def append_move(move: Move, lease_id: int, compare: list[Any], success: list[Any
         lease = lease_id if new.state == pb.TASK_STATE_RUNNING else 0
         success.append(rpc.RequestOp(
             request_put=rpc.PutRequest(key=new_status, value=b"", lease=lease)))
+    for key in move.requires:
+        compare.append(key_compare(key, "version", 0, rpc.Compare.GREATER))
+    old_index = index_keys(old.task) if old is not None else set()
+    new_index = index_keys(new)
+    for key in sorted(old_index - new_index):
+        success.append(rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key)))
+    for key in sorted(new_index - old_index):
+        success.append(rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=b"")))
     success.append(rpc.RequestOp(
         request_put=rpc.PutRequest(key=record_key, value=new.SerializeToString())))
 
 
-def key_compare(key: bytes, target: str, value: int, result: int = 0) -> Any:
-    """An etcd Compare on one key: version, create_revision or mod_revision (EQUAL by default)."""
+def move_ops(move: Move) -> int:
+    """What one move adds to the longer of a transaction's compare and operation lists
+    (etcd's --max-txn-ops bounds each list; limits.MAX_TXN_OPS)."""
+    compare: list[Any] = []
+    success: list[Any] = []
+    append_move(move, 0, compare, success)
+    return max(len(compare), len(success))
+
+
+def key_compare(key: bytes, target: str, value: int, result: int = 0,
+                range_end: bytes = b"") -> Any:
+    """An etcd Compare on one key (or every key of [key, range_end): an empty range
+    compares as a key that does not exist): version, create_revision or mod_revision
+    (EQUAL by default)."""
     targets = {"version": rpc.Compare.VERSION, "create_revision": rpc.Compare.CREATE,
                "mod_revision": rpc.Compare.MOD}
-    return rpc.Compare(key=key, target=targets[target], result=result, **{target: value})
+    return rpc.Compare(key=key, target=targets[target], result=result, range_end=range_end,
+                       **{target: value})

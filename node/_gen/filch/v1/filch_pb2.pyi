@@ -65,6 +65,10 @@ class _ReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reason.ValueTy
     """a user canceled it"""
     REASON_START_FAILED: _Reason.ValueType  # 5
     """the container or process could not be started; see message"""
+    REASON_TIMED_OUT: _Reason.ValueType  # 6
+    """it ran past spec.time_limit_seconds and was stopped"""
+    REASON_DEPENDENCY_FAILED: _Reason.ValueType  # 7
+    """CANCELED: a task it waited for can no longer let it run"""
 
 class Reason(_Reason, metaclass=_ReasonEnumTypeWrapper):
     """Why a task finished. Unset while it has not."""
@@ -80,7 +84,91 @@ REASON_CANCELED: Reason.ValueType  # 4
 """a user canceled it"""
 REASON_START_FAILED: Reason.ValueType  # 5
 """the container or process could not be started; see message"""
+REASON_TIMED_OUT: Reason.ValueType  # 6
+"""it ran past spec.time_limit_seconds and was stopped"""
+REASON_DEPENDENCY_FAILED: Reason.ValueType  # 7
+"""CANCELED: a task it waited for can no longer let it run"""
 Global___Reason: _TypeAlias = Reason  # noqa: Y015
+
+class _DependencyKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DependencyKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DependencyKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DEPENDENCY_KIND_UNSPECIFIED: _DependencyKind.ValueType  # 0
+    DEPENDENCY_KIND_SUCCESS: _DependencyKind.ValueType  # 1
+    """--after: the task ended COMPLETE with exit code 0"""
+    DEPENDENCY_KIND_ANY: _DependencyKind.ValueType  # 2
+    """--after-any: the task ended, however"""
+    DEPENDENCY_KIND_ARRAY: _DependencyKind.ValueType  # 3
+    """--after-array: every task of the array ended COMPLETE, exit 0"""
+
+class DependencyKind(_DependencyKind, metaclass=_DependencyKindEnumTypeWrapper):
+    """What a dependency waits for (TaskSpec.after)."""
+
+DEPENDENCY_KIND_UNSPECIFIED: DependencyKind.ValueType  # 0
+DEPENDENCY_KIND_SUCCESS: DependencyKind.ValueType  # 1
+"""--after: the task ended COMPLETE with exit code 0"""
+DEPENDENCY_KIND_ANY: DependencyKind.ValueType  # 2
+"""--after-any: the task ended, however"""
+DEPENDENCY_KIND_ARRAY: DependencyKind.ValueType  # 3
+"""--after-array: every task of the array ended COMPLETE, exit 0"""
+Global___DependencyKind: _TypeAlias = DependencyKind  # noqa: Y015
+
+class _Hold:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _HoldEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Hold.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    HOLD_NONE: _Hold.ValueType  # 0
+    """queued: any node with room may steal it"""
+    HOLD_DEPENDENCIES: _Hold.ValueType  # 1
+    """waiting for spec.after; message names what is left"""
+    HOLD_ARRAY: _Hold.ValueType  # 2
+    """its array's submission has not completed yet (all or nothing)"""
+    HOLD_RETRY: _Hold.ValueType  # 3
+    """waiting for its retry back-off to end (not_before)"""
+
+class Hold(_Hold, metaclass=_HoldEnumTypeWrapper):
+    """Why a PENDING task is held back from the queue (its status key is then
+    /task/status/blocked/<id>, and no node steals it).
+    """
+
+HOLD_NONE: Hold.ValueType  # 0
+"""queued: any node with room may steal it"""
+HOLD_DEPENDENCIES: Hold.ValueType  # 1
+"""waiting for spec.after; message names what is left"""
+HOLD_ARRAY: Hold.ValueType  # 2
+"""its array's submission has not completed yet (all or nothing)"""
+HOLD_RETRY: Hold.ValueType  # 3
+"""waiting for its retry back-off to end (not_before)"""
+Global___Hold: _TypeAlias = Hold  # noqa: Y015
+
+@_typing.final
+class Dependency(_message.Message):
+    """One dependency: a task id, or an array id for DEPENDENCY_KIND_ARRAY."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    kind: Global___DependencyKind.ValueType
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        kind: Global___DependencyKind.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Dependency: _TypeAlias = Dependency  # noqa: Y015
 
 @_typing.final
 class TaskSpec(_message.Message):
@@ -118,6 +206,13 @@ class TaskSpec(_message.Message):
     RESTART_FIELD_NUMBER: _builtins.int
     NETWORK_FIELD_NUMBER: _builtins.int
     DISK_BYTES_FIELD_NUMBER: _builtins.int
+    AFTER_FIELD_NUMBER: _builtins.int
+    TIME_LIMIT_SECONDS_FIELD_NUMBER: _builtins.int
+    RETRIES_FIELD_NUMBER: _builtins.int
+    RETRY_ON_FIELD_NUMBER: _builtins.int
+    RETRY_BACKOFF_SECONDS_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """optional human label, <= 253 chars"""
     command: _builtins.str
@@ -134,10 +229,28 @@ class TaskSpec(_message.Message):
     """runc tasks: "isolated" ("" too), "none" or "host" """
     disk_bytes: _builtins.int
     """size limit of the task's /work; 0 means the node's --default-disk"""
+    time_limit_seconds: _builtins.float
+    """an attempt running longer is stopped: TIMED_OUT; 0: none"""
+    retries: _builtins.int
+    """attempts after the first, for failures listed in retry_on"""
+    retry_backoff_seconds: _builtins.float
+    """base of the exponential back-off (jittered); 0: 1 s"""
+    priority: _builtins.int
+    """-1000..1000: higher is stolen first; default 0"""
+    owner: _builtins.str
+    """whose work this is, for fair share; default "default" """
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def after(self) -> _containers.RepeatedCompositeFieldContainer[Global___Dependency]:
+        """start only once these are met (ids of existing tasks/arrays)"""
+
+    @_builtins.property
+    def retry_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """failure classes retried: failed, oom, timeout, start-failed"""
+
     def __init__(
         self,
         *,
@@ -151,16 +264,71 @@ class TaskSpec(_message.Message):
         restart: _builtins.bool | None = ...,
         network: _builtins.str = ...,
         disk_bytes: _builtins.int = ...,
+        after: _abc.Iterable[Global___Dependency] | None = ...,
+        time_limit_seconds: _builtins.float = ...,
+        retries: _builtins.int = ...,
+        retry_on: _abc.Iterable[_builtins.str] | None = ...,
+        retry_backoff_seconds: _builtins.float = ...,
+        priority: _builtins.int = ...,
+        owner: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_restart", b"_restart", "restart", b"restart"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_restart", b"_restart", "args", b"args", "command", b"command", "cpu_millis", b"cpu_millis", "disk_bytes", b"disk_bytes", "env", b"env", "memory_bytes", b"memory_bytes", "name", b"name", "network", b"network", "restart", b"restart", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_restart", b"_restart", "after", b"after", "args", b"args", "command", b"command", "cpu_millis", b"cpu_millis", "disk_bytes", b"disk_bytes", "env", b"env", "memory_bytes", b"memory_bytes", "name", b"name", "network", b"network", "owner", b"owner", "priority", b"priority", "restart", b"restart", "retries", b"retries", "retry_backoff_seconds", b"retry_backoff_seconds", "retry_on", b"retry_on", "time_limit_seconds", b"time_limit_seconds", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__restart: _TypeAlias = _typing.Literal["restart"]  # noqa: Y015
     _WhichOneofArgType__restart: _TypeAlias = _typing.Literal["_restart", b"_restart"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__restart) -> _WhichOneofReturnType__restart | None: ...
 
 Global___TaskSpec: _TypeAlias = TaskSpec  # noqa: Y015
+
+@_typing.final
+class AttemptRecord(_message.Message):
+    """An ended attempt, kept in the task's history."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    NODE_NAME_FIELD_NUMBER: _builtins.int
+    NODE_ADDRESS_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    FINISHED_AT_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    node_id: _builtins.str
+    node_name: _builtins.str
+    node_address: _builtins.str
+    """gRPC address of its node, for reading its log"""
+    exit_code: _builtins.int
+    reason: Global___Reason.ValueType
+    message: _builtins.str
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        node_name: _builtins.str = ...,
+        node_address: _builtins.str = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        finished_at: _timestamp_pb2.Timestamp | None = ...,
+        exit_code: _builtins.int = ...,
+        reason: Global___Reason.ValueType = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "exit_code", b"exit_code", "finished_at", b"finished_at", "message", b"message", "node_address", b"node_address", "node_id", b"node_id", "node_name", b"node_name", "reason", b"reason", "started_at", b"started_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttemptRecord: _TypeAlias = AttemptRecord  # noqa: Y015
 
 @_typing.final
 class Task(_message.Message):
@@ -183,6 +351,12 @@ class Task(_message.Message):
     SUBMITTED_AT_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     FINISHED_AT_FIELD_NUMBER: _builtins.int
+    ARRAY_ID_FIELD_NUMBER: _builtins.int
+    ARRAY_INDEX_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    HOLD_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    RETRIES_USED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___TaskState.ValueType
     reason: Global___Reason.ValueType
@@ -200,6 +374,14 @@ class Task(_message.Message):
     node_name: _builtins.str
     fencing_token: _builtins.int
     """etcd revision of the steal transaction of the current attempt"""
+    array_id: _builtins.str
+    """the array this task belongs to, if any"""
+    array_index: _builtins.int
+    """its index in that array (FILCH_ARRAY_INDEX)"""
+    hold: Global___Hold.ValueType
+    """PENDING only: why it is not in the queue yet"""
+    retries_used: _builtins.int
+    """how many of spec.retries have been spent"""
     @_builtins.property
     def spec(self) -> Global___TaskSpec: ...
     @_builtins.property
@@ -208,6 +390,14 @@ class Task(_message.Message):
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def finished_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptRecord]:
+        """every ended attempt, oldest first"""
+
+    @_builtins.property
+    def not_before(self) -> _timestamp_pb2.Timestamp:
+        """HOLD_RETRY: when it may be queued again"""
+
     def __init__(
         self,
         *,
@@ -226,20 +416,182 @@ class Task(_message.Message):
         submitted_at: _timestamp_pb2.Timestamp | None = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         finished_at: _timestamp_pb2.Timestamp | None = ...,
+        array_id: _builtins.str = ...,
+        array_index: _builtins.int = ...,
+        attempts: _abc.Iterable[Global___AttemptRecord] | None = ...,
+        hold: Global___Hold.ValueType = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
+        retries_used: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "spec", b"spec", "started_at", b"started_at", "submitted_at", b"submitted_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "not_before", b"not_before", "spec", b"spec", "started_at", b"started_at", "submitted_at", b"submitted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "finished_at", b"finished_at", "id", b"id", "message", b"message", "node_address", b"node_address", "node_id", b"node_id", "node_name", b"node_name", "reason", b"reason", "request_id", b"request_id", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["array_id", b"array_id", "array_index", b"array_index", "attempt", b"attempt", "attempts", b"attempts", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "finished_at", b"finished_at", "hold", b"hold", "id", b"id", "message", b"message", "node_address", b"node_address", "node_id", b"node_id", "node_name", b"node_name", "not_before", b"not_before", "reason", b"reason", "request_id", b"request_id", "retries_used", b"retries_used", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Task: _TypeAlias = Task  # noqa: Y015
 
 @_typing.final
+class Array(_message.Message):
+    """An array of tasks submitted in one call, stored at /array/<id> once every task of it
+    exists (the array is all or nothing: until then its tasks are held, HOLD_ARRAY).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    SUBMITTED_AT_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    start: _builtins.int
+    end: _builtins.int
+    """inclusive"""
+    step: _builtins.int
+    count: _builtins.int
+    request_id: _builtins.str
+    @_builtins.property
+    def submitted_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+        step: _builtins.int = ...,
+        count: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+        submitted_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["submitted_at", b"submitted_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "end", b"end", "id", b"id", "request_id", b"request_id", "start", b"start", "step", b"step", "submitted_at", b"submitted_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Array: _TypeAlias = Array  # noqa: Y015
+
+@_typing.final
+class ArraySpec(_message.Message):
+    """A range of array indices: START-END[:STEP], END inclusive."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    start: _builtins.int
+    end: _builtins.int
+    step: _builtins.int
+    """0 means 1"""
+    def __init__(
+        self,
+        *,
+        start: _builtins.int = ...,
+        end: _builtins.int = ...,
+        step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "start", b"start", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArraySpec: _TypeAlias = ArraySpec  # noqa: Y015
+
+@_typing.final
+class OwnerUsage(_message.Message):
+    """Resources one owner's running tasks hold."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPU_MILLIS_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    RUNNING_FIELD_NUMBER: _builtins.int
+    cpu_millis: _builtins.int
+    memory_bytes: _builtins.int
+    running: _builtins.int
+    def __init__(
+        self,
+        *,
+        cpu_millis: _builtins.int = ...,
+        memory_bytes: _builtins.int = ...,
+        running: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_millis", b"cpu_millis", "memory_bytes", b"memory_bytes", "running", b"running"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OwnerUsage: _TypeAlias = OwnerUsage  # noqa: Y015
+
+@_typing.final
+class Owner(_message.Message):
+    """An owner (fair share): its weight is stored at /owner/<name>; the rest is filled in
+    when listed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    SHARE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    weight: _builtins.float
+    """share relative to other owners; 1 when never set"""
+    share: _builtins.float
+    """dominant share of the cluster's CPU and memory, 0..1"""
+    @_builtins.property
+    def usage(self) -> Global___OwnerUsage:
+        """what its running tasks hold across the cluster"""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        weight: _builtins.float = ...,
+        usage: Global___OwnerUsage | None = ...,
+        share: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "share", b"share", "usage", b"usage", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Owner: _TypeAlias = Owner  # noqa: Y015
+
+@_typing.final
 class Node(_message.Message):
     """A live node, stored at /node/<id> on the node's lease."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class OwnersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___OwnerUsage: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___OwnerUsage | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
@@ -255,6 +607,7 @@ class Node(_message.Message):
     ETCD_LEADER_FIELD_NUMBER: _builtins.int
     NOSPACE_FIELD_NUMBER: _builtins.int
     ALLOW_HOST_NETWORK_FIELD_NUMBER: _builtins.int
+    OWNERS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     address: _builtins.str
@@ -275,6 +628,10 @@ class Node(_message.Message):
     """started with --allow-host-network: runs --network host tasks"""
     @_builtins.property
     def registered_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def owners(self) -> _containers.MessageMap[_builtins.str, Global___OwnerUsage]:
+        """what each owner's tasks hold on this node (fair share)"""
+
     def __init__(
         self,
         *,
@@ -292,10 +649,11 @@ class Node(_message.Message):
         etcd_leader: _builtins.bool = ...,
         nospace: _builtins.bool = ...,
         allow_host_network: _builtins.bool = ...,
+        owners: _abc.Mapping[_builtins.str, Global___OwnerUsage] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allow_host_network", b"allow_host_network", "cpu_allocated_millis", b"cpu_allocated_millis", "cpu_capacity_millis", b"cpu_capacity_millis", "etcd_leader", b"etcd_leader", "etcd_member_id", b"etcd_member_id", "executor", b"executor", "id", b"id", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_capacity_bytes", b"memory_capacity_bytes", "name", b"name", "nospace", b"nospace", "registered_at", b"registered_at", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allow_host_network", b"allow_host_network", "cpu_allocated_millis", b"cpu_allocated_millis", "cpu_capacity_millis", b"cpu_capacity_millis", "etcd_leader", b"etcd_leader", "etcd_member_id", b"etcd_member_id", "executor", b"executor", "id", b"id", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_capacity_bytes", b"memory_capacity_bytes", "name", b"name", "nospace", b"nospace", "owners", b"owners", "registered_at", b"registered_at", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -307,19 +665,25 @@ class SubmitRequest(_message.Message):
 
     SPEC_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ARRAY_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """optional: the same id twice yields the same task"""
+    """optional: the same id twice yields the same task (array)"""
     @_builtins.property
     def spec(self) -> Global___TaskSpec: ...
+    @_builtins.property
+    def array(self) -> Global___ArraySpec:
+        """optional: one task per index, all or nothing"""
+
     def __init__(
         self,
         *,
         spec: Global___TaskSpec | None = ...,
         request_id: _builtins.str = ...,
+        array: Global___ArraySpec | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["array", b"array", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["array", b"array", "request_id", b"request_id", "spec", b"spec"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -331,19 +695,31 @@ class SubmitResponse(_message.Message):
 
     TASK_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
+    ARRAY_ID_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
     created: _builtins.bool
     """false when request_id matched an existing task"""
+    array_id: _builtins.str
+    """set for an array"""
     @_builtins.property
-    def task(self) -> Global___Task: ...
+    def task(self) -> Global___Task:
+        """the task (for an array: its first task)"""
+
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """an array's task ids in index order"""
+
     def __init__(
         self,
         *,
         task: Global___Task | None = ...,
         created: _builtins.bool = ...,
+        array_id: _builtins.str = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["array_id", b"array_id", "created", b"created", "task", b"task", "task_ids", b"task_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -354,15 +730,20 @@ class CancelRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ID_FIELD_NUMBER: _builtins.int
+    ARRAY_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
+    """a task id, or"""
+    array_id: _builtins.str
+    """every unfinished task of this array"""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
+        array_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["array_id", b"array_id", "id", b"id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -373,16 +754,22 @@ class CancelResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_FIELD_NUMBER: _builtins.int
+    CANCELED_FIELD_NUMBER: _builtins.int
+    canceled: _builtins.int
+    """how many tasks this call canceled"""
     @_builtins.property
-    def task(self) -> Global___Task: ...
+    def task(self) -> Global___Task:
+        """the canceled task (not set for an array)"""
+
     def __init__(
         self,
         *,
         task: Global___Task | None = ...,
+        canceled: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canceled", b"canceled", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -414,22 +801,26 @@ class ListTasksRequest(_message.Message):
     STATE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    ARRAY_ID_FIELD_NUMBER: _builtins.int
     state: Global___TaskState.ValueType
     """UNSPECIFIED lists every state"""
     page_size: _builtins.int
     """default 100, at most 1000"""
     page_token: _builtins.str
     """from a previous response"""
+    array_id: _builtins.str
+    """only this array's tasks, in index order"""
     def __init__(
         self,
         *,
         state: Global___TaskState.ValueType = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        array_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["array_id", b"array_id", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -539,3 +930,61 @@ class ListNodesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+
+@_typing.final
+class SetOwnerWeightRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    weight: _builtins.float
+    """> 0; 1 is everyone's default"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetOwnerWeightRequest: _TypeAlias = SetOwnerWeightRequest  # noqa: Y015
+
+@_typing.final
+class ListOwnersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOwnersRequest: _TypeAlias = ListOwnersRequest  # noqa: Y015
+
+@_typing.final
+class ListOwnersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def owners(self) -> _containers.RepeatedCompositeFieldContainer[Global___Owner]: ...
+    def __init__(
+        self,
+        *,
+        owners: _abc.Iterable[Global___Owner] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owners", b"owners"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListOwnersResponse: _TypeAlias = ListOwnersResponse  # noqa: Y015

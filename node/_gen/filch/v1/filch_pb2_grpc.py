@@ -64,6 +64,16 @@ class SchedulerStub:
                 request_serializer=filch_dot_v1_dot_filch__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=filch_dot_v1_dot_filch__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.SetOwnerWeight = channel.unary_unary(
+                '/filch.v1.Scheduler/SetOwnerWeight',
+                request_serializer=filch_dot_v1_dot_filch__pb2.SetOwnerWeightRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.Owner.FromString,
+                _registered_method=True)
+        self.ListOwners = channel.unary_unary(
+                '/filch.v1.Scheduler/ListOwners',
+                request_serializer=filch_dot_v1_dot_filch__pb2.ListOwnersRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.ListOwnersResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -105,6 +115,18 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetOwnerWeight(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListOwners(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +159,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=filch_dot_v1_dot_filch__pb2.ListNodesRequest.FromString,
                     response_serializer=filch_dot_v1_dot_filch__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'SetOwnerWeight': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOwnerWeight,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.SetOwnerWeightRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.Owner.SerializeToString,
+            ),
+            'ListOwners': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListOwners,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.ListOwnersRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.ListOwnersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +333,60 @@ class Scheduler:
             '/filch.v1.Scheduler/ListNodes',
             filch_dot_v1_dot_filch__pb2.ListNodesRequest.SerializeToString,
             filch_dot_v1_dot_filch__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOwnerWeight(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/SetOwnerWeight',
+            filch_dot_v1_dot_filch__pb2.SetOwnerWeightRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.Owner.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListOwners(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/ListOwners',
+            filch_dot_v1_dot_filch__pb2.ListOwnersRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.ListOwnersResponse.FromString,
             options,
             channel_credentials,
             insecure,

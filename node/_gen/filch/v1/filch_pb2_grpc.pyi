@@ -37,6 +37,8 @@ class SchedulerStub:
     ListTasks: _grpc.UnaryUnaryMultiCallable[_filch_pb2.ListTasksRequest, _filch_pb2.ListTasksResponse]
     StreamLogs: _grpc.UnaryStreamMultiCallable[_filch_pb2.StreamLogsRequest, _filch_pb2.LogChunk]
     ListNodes: _grpc.UnaryUnaryMultiCallable[_filch_pb2.ListNodesRequest, _filch_pb2.ListNodesResponse]
+    SetOwnerWeight: _grpc.UnaryUnaryMultiCallable[_filch_pb2.SetOwnerWeightRequest, _filch_pb2.Owner]
+    ListOwners: _grpc.UnaryUnaryMultiCallable[_filch_pb2.ListOwnersRequest, _filch_pb2.ListOwnersResponse]
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -47,6 +49,8 @@ class SchedulerAsyncStub(SchedulerStub):
     ListTasks: _aio.UnaryUnaryMultiCallable[_filch_pb2.ListTasksRequest, _filch_pb2.ListTasksResponse]  # type: ignore[assignment]
     StreamLogs: _aio.UnaryStreamMultiCallable[_filch_pb2.StreamLogsRequest, _filch_pb2.LogChunk]  # type: ignore[assignment]
     ListNodes: _aio.UnaryUnaryMultiCallable[_filch_pb2.ListNodesRequest, _filch_pb2.ListNodesResponse]  # type: ignore[assignment]
+    SetOwnerWeight: _aio.UnaryUnaryMultiCallable[_filch_pb2.SetOwnerWeightRequest, _filch_pb2.Owner]  # type: ignore[assignment]
+    ListOwners: _aio.UnaryUnaryMultiCallable[_filch_pb2.ListOwnersRequest, _filch_pb2.ListOwnersResponse]  # type: ignore[assignment]
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -90,5 +94,19 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         request: _filch_pb2.ListNodesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_filch_pb2.ListNodesResponse, _abc.Awaitable[_filch_pb2.ListNodesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetOwnerWeight(
+        self,
+        request: _filch_pb2.SetOwnerWeightRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.Owner, _abc.Awaitable[_filch_pb2.Owner]]: ...
+
+    @_abc_1.abstractmethod
+    def ListOwners(
+        self,
+        request: _filch_pb2.ListOwnersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.ListOwnersResponse, _abc.Awaitable[_filch_pb2.ListOwnersResponse]]: ...
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
