@@ -130,11 +130,20 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
         spec = validation.spec(request.spec)
         request_id = validation.request_id(request.request_id)
+        if request.HasField("array"):
+            return await self._tasks.submit_array(spec, validation.array(request.array),
+                                                  request_id)
         task, created = await self._tasks.submit(spec, request_id)
         return pb.SubmitResponse(task=task, created=created)
 
     @_unary
     async def Cancel(self, request: pb.CancelRequest, context: Any) -> pb.CancelResponse:
+        if request.array_id:
+            if request.id:
+                raise InvalidArgument("array_id", "give a task id or an array id, not both")
+            count = await self._tasks.cancel_array(validation.task_id(request.array_id,
+                                                                      "array_id"))
+            return pb.CancelResponse(canceled=count)
         task = await self._tasks.cancel(validation.task_id(request.id))
         return pb.CancelResponse(task=task)
 
@@ -148,7 +157,13 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def ListTasks(self, request: pb.ListTasksRequest, context: Any) -> pb.ListTasksResponse:
         state = validation.state_filter(request.state)
         page_size = validation.page_size(request.page_size)
-        tasks, token = await self._tasks.list_tasks(state, page_size, request.page_token)
+        if request.array_id:
+            if state != pb.TASK_STATE_UNSPECIFIED:
+                raise InvalidArgument("state", "cannot be combined with array_id")
+            tasks, token = await self._tasks.list_array(
+                validation.task_id(request.array_id, "array_id"), page_size, request.page_token)
+        else:
+            tasks, token = await self._tasks.list_tasks(state, page_size, request.page_token)
         await self._tasks.explain_pending(tasks)
         return pb.ListTasksResponse(tasks=tasks, next_page_token=token)
 

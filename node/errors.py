@@ -24,6 +24,15 @@ class TaskNotFound(FilchError):
         self.task_id = task_id
 
 
+class ArrayNotFound(TaskNotFound):
+    """No array has this id (or its submission has not completed)."""
+
+    def __init__(self, array_id: str) -> None:
+        FilchError.__init__(self, f"no array with id {array_id!r} (an array exists once its "
+                                  "submission completed)")
+        self.task_id = array_id
+
+
 class NotStarted(FilchError):
     """The task has no attempt yet, so there is no log to show."""
 

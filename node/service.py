@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 
-from node import keys
+from node import keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.admission import PendingLimit
 from node.errors import (
@@ -17,12 +15,14 @@ from node.errors import (
     TaskNotFound,
     TooLarge,
 )
+from node.arrays import Arrays
+from node.conditions import FAILED, WAITING, DependencyCheck, failed, prepare
 from node.group_commit import GroupCommitter
 from node.handback import canceled, handback, outcome
+from node.paging import Page, decode_token, encode_token
 from node.limits import (
     DEFAULT_MAX_PENDING,
     ETCD_MAX_REQUEST_BYTES,
-    LIST_PAGE_BYTES,
     READ_BATCH_RECORDS,
 )
 from node.store import Store
@@ -50,24 +50,64 @@ class TaskService:
         self.pending = PendingLimit(store, max_pending)
         # Submits that arrive together are created in one transaction.
         self._submits = GroupCommitter(store)
+        self.check = DependencyCheck(store)
+        self.arrays = Arrays(store, self.pending, self.check)
 
     async def submit(self, spec: pb.TaskSpec, request_id: str = "") -> tuple[pb.Task, bool]:
-        """Store a new PENDING task; returns (task, created).
+        """Store a new task; returns (task, created).
 
-        With a request_id the task id is derived from it, so a retried submit returns the
-        first task (created=False). Raises Conflict when that request_id was used for a
+        Without dependencies, or with all of them met, it is queued; with some left it is
+        held (HOLD_DEPENDENCIES, message naming them); when one can no longer be met it is
+        created CANCELED with reason DEPENDENCY_FAILED, so a script sees the same outcome
+        whenever it submits. With a request_id the task id is derived from it, so a retried
+        submit returns the first task (created=False). Raises InvalidArgument for an
+        unknown parent (nothing written), Conflict when that request_id was used for a
         different spec, Overloaded past --max-pending, StoreUnavailable / StoreFull when
         etcd cannot take the write.
         """
-        task = pb.Task(
-            id=keys.task_id_for_request(request_id) if request_id else keys.new_task_id(),
-            spec=spec, state=pb.TASK_STATE_PENDING, request_id=request_id)
-        task.submitted_at.GetCurrentTime()
+        for _ in range(CONFLICT_RETRIES):
+            prepared = await prepare(self.store, self.check, spec)
+            task = pb.Task(
+                id=keys.task_id_for_request(request_id) if request_id else keys.new_task_id(),
+                spec=spec, state=pb.TASK_STATE_PENDING, request_id=request_id)
+            task.submitted_at.GetCurrentTime()
+            requires: tuple[bytes, ...] = ()
+            if prepared.state == WAITING:
+                task.hold, task.message = pb.HOLD_DEPENDENCIES, prepared.message
+                requires = prepared.requires
+            elif prepared.state == FAILED:
+                task = failed(task, prepared.message)
+            revision = await self._create(Move(None, task, requires=requires), request_id)
+            if revision is None:
+                existing = await self.store.get_task(task.id)
+                if existing is None:
+                    continue    # a parent was deleted meanwhile: prepare() says which
+                if existing.task.spec != spec:
+                    raise Conflict(f"request_id {request_id!r} was already used for task "
+                                   f"{existing.task.id} with a different spec; use a new "
+                                   "request_id")
+                return existing.task, False
+            if prepared.state == FAILED:
+                metrics.DEPENDENCY_FAILURES.inc()
+            if prepared.state == WAITING:
+                # A parent may have ended between the read above and this write: its end
+                # then found no dependent yet. Decide once more now.
+                settled = await self.check.settle(Versioned(task, revision))
+                if settled is not None:
+                    task = settled.task
+            return task, True
+        raise StoreUnavailable("the submit's parents kept changing; retry")
+
+    async def _create(self, move: Move, request_id: str) -> int | None:
+        """Write a new task: its revision, or None when the id exists or a required key
+        does not."""
+        task = move.new
         try:
             async with self.pending.admit() as created:
-                if await self._submits.transition(Move(None, task)) is not None:
+                revision = await self._submits.transition(move)
+                if revision is not None:
                     created()
-                    return task, True
+                return revision
         except TooLarge as exc:
             raise InvalidArgument(
                 "spec", f"the task record is {task.ByteSize()} bytes; etcd takes at most "
@@ -76,14 +116,22 @@ class TaskService:
             # A retried submit whose first try landed adds nothing: answer it as usual.
             if not request_id or await self.store.get_task(task.id) is None:
                 raise
-        existing = await self.store.get_task(task.id)
-        if existing is None:
-            raise StoreUnavailable("submit raced with the deletion of an earlier task with this "
-                                   "request_id; retry")
-        if existing.task.spec != spec:
-            raise Conflict(f"request_id {request_id!r} was already used for task "
-                           f"{existing.task.id} with a different spec; use a new request_id")
-        return existing.task, False
+            return None
+
+    async def submit_array(self, spec: pb.TaskSpec, array: pb.ArraySpec,
+                           request_id: str = "") -> pb.SubmitResponse:
+        """One task per index of array, all or nothing (node/arrays.py)."""
+        prepared = await prepare(self.store, self.check, spec)
+        return await self.arrays.submit(spec, array, request_id, prepared)
+
+    async def cancel_array(self, array_id: str) -> int:
+        """Cancel every unfinished task of an array; how many. Raises ArrayNotFound."""
+        return await self.arrays.cancel(array_id, self.cancel)
+
+    async def list_array(self, array_id: str, page_size: int,
+                         page_token: str) -> tuple[list[pb.Task], str]:
+        """One page of an array's tasks, in index order. Raises ArrayNotFound."""
+        return await self.arrays.list(array_id, page_size, page_token)
 
     async def get(self, task_id: str) -> pb.Task:
         found = await self.store.get_task(task_id)
@@ -123,8 +171,8 @@ class TaskService:
 
         A page ends at page_size tasks or LIST_PAGE_BYTES (but holds at least one task), so
         any client can receive it; etcd is read READ_BATCH_RECORDS records at a time."""
-        after = _decode_token(page_token)
-        page = _Page(page_size)
+        after = decode_token(page_token)
+        page = Page(page_size)
         if state == pb.TASK_STATE_UNSPECIFIED:
             if after and (not after.startswith(b"/task/") or after.startswith(keys.STATUS)):
                 raise InvalidArgument("page_token", "does not belong to this listing")
@@ -138,7 +186,7 @@ class TaskService:
                     after = keys.task(record.task.id)
                 if not records:
                     more = False
-            return page.tasks, _encode_token(after) if more or page.cut else ""
+            return page.tasks, encode_token(after) if more or page.cut else ""
         prefix = _STATE_PREFIX[state]
         if after and not after.startswith(prefix):
             raise InvalidArgument("page_token", "does not belong to this listing")
@@ -156,7 +204,7 @@ class TaskService:
                 after = key     # a task deleted since the key was listed is skipped
             if page.cut:
                 break
-        return page.tasks, _encode_token(after) if more or page.cut else ""
+        return page.tasks, encode_token(after) if more or page.cut else ""
 
     async def list_nodes(self) -> list[pb.Node]:
         """Live nodes, with etcd leadership and NOSPACE as seen by the local member now."""
@@ -193,47 +241,9 @@ class TaskService:
                     f"{largest.memory_capacity_bytes} bytes")
 
 
-class _Page:
-    """Tasks of one ListTasks answer, bounded by count and bytes."""
-
-    def __init__(self, page_size: int) -> None:
-        self.tasks: list[pb.Task] = []
-        self._size = page_size
-        self._bytes = 0
-        self.cut = False
-        """True when the byte budget ended the page before page_size."""
-
-    @property
-    def full(self) -> bool:
-        return self.cut or len(self.tasks) >= self._size
-
-    def add(self, task: pb.Task) -> bool:
-        """Add task if the page has room for it; False (and cut) when it does not."""
-        size = task.ByteSize()
-        if self.full or (self.tasks and self._bytes + size > LIST_PAGE_BYTES):
-            self.cut = True
-            return False
-        self.tasks.append(task)
-        self._bytes += size
-        return True
-
-
 def _fits_capacity(spec: pb.TaskSpec, node: pb.Node) -> bool:
     return (spec.cpu_millis <= node.cpu_capacity_millis
             and spec.memory_bytes <= node.memory_capacity_bytes)
-
-
-def _encode_token(key: bytes) -> str:
-    return base64.urlsafe_b64encode(key).decode()
-
-
-def _decode_token(token: str) -> bytes:
-    if not token:
-        return b""
-    try:
-        return base64.b64decode(token.encode(), altchars=b"-_", validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidArgument("page_token", "is not a token returned by ListTasks") from None
 
 
 __all__ = ["FINISHED", "TaskService", "Versioned"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, TypeVar
@@ -31,7 +31,7 @@ from node.limits import (
     STORE_MAX_RECEIVE_BYTES,
     STORE_MAX_SEND_BYTES,
 )
-from node.txn import Move, Versioned, append_move, key_compare
+from node.txn import Move, Versioned, append_move, index_keys, key_compare, status_key
 
 T = TypeVar("T")
 
@@ -297,21 +297,86 @@ class Store:
 
     # -- housekeeping --------------------------------------------------------------------
 
-    async def delete_finished(self, status_keys: Sequence[bytes]) -> int:
+    async def delete_finished(self, status_keys: Sequence[bytes],
+                              array_ids: Mapping[bytes, str] | None = None) -> int:
         """Delete finished tasks (status key and record together); returns how many.
 
         Each pair is deleted only while its status key still exists, so several nodes
-        doing this at once, or a task id reused through request_id, is harmless.
+        doing this at once, or a task id reused through request_id, is harmless; and only
+        while no held task depends on it (no /dep/<id>/ key, nor /dep/<array-id>/ for a
+        task of an array: array_ids maps a status key to its task's array id), so that
+        retention waits for its dependents.
         """
         deleted = 0
         for status in status_keys:
-            record = keys.task(keys.last_segment(status))
+            task_id = keys.last_segment(status)
+            compare = [key_compare(status, "version", 0, rpc.Compare.GREATER)]
+            parents = [task_id]
+            if array_ids and array_ids.get(status):
+                parents.append(array_ids[status])
+            for parent in parents:
+                prefix = keys.dependents_of(parent)
+                # An empty range compares as a missing key: version 0.
+                compare.append(key_compare(prefix, "version", 0,
+                                           range_end=keys.prefix_end(prefix)))
             response = await self._txn(rpc.TxnRequest(
-                compare=[key_compare(status, "version", 0, rpc.Compare.GREATER)],
+                compare=compare,
                 success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=status)),
-                         rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=record))]))
+                         rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                             key=keys.task(task_id)))]))
             deleted += bool(response.succeeded)
         return deleted
+
+    async def delete_tasks(self, found: Sequence[Versioned]) -> bool:
+        """Delete these tasks (record, status key and index keys) in one transaction, each
+        only while its record is unchanged; False when one changed meanwhile. For tasks
+        that never ran: an abandoned array's held tasks."""
+        compare: list[Any] = []
+        success: list[Any] = []
+        for versioned in found:
+            task = versioned.task
+            compare.append(key_compare(keys.task(task.id), "mod_revision",
+                                       versioned.mod_revision))
+            for key in (keys.task(task.id), status_key(task), *sorted(index_keys(task))):
+                success.append(rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key)))
+        response = await self._txn(rpc.TxnRequest(compare=compare, success=success))
+        return bool(response.succeeded)
+
+    # -- arrays --------------------------------------------------------------------------
+
+    async def get_array(self, array_id: str) -> pb.Array | None:
+        """The array record, or None while its submission has not completed (or never was)."""
+        result = await self._read(lambda: self._client.get(keys.array(array_id)))
+        return None if result is None else pb.Array.FromString(result.value)
+
+    async def create_array(self, array: pb.Array) -> bool:
+        """Write the array record unless one exists; True when this call wrote it."""
+        key = keys.array(array.id)
+        response = await self._txn(rpc.TxnRequest(
+            compare=[key_compare(key, "version", 0)],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(
+                key=key, value=array.SerializeToString()))]))
+        return bool(response.succeeded)
+
+    async def delete_array(self, array_id: str) -> bool:
+        """Delete the array record while nothing depends on the array any more (no
+        /dep/<array-id>/ key); True when deleted. The caller checked its tasks are gone."""
+        prefix = keys.dependents_of(array_id)
+        response = await self._txn(rpc.TxnRequest(
+            compare=[key_compare(prefix, "version", 0, range_end=keys.prefix_end(prefix))],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                key=keys.array(array_id)))]))
+        return bool(response.succeeded)
+
+    async def list_arrays(self, *, after: bytes = b"", limit: int = 0) -> list[pb.Array]:
+        """Array records in id order after the key `after`."""
+        start = after + b"\0" if after else keys.ARRAYS
+        response = await self._range(start, keys.prefix_end(keys.ARRAYS), limit=limit)
+        return [pb.Array.FromString(kv.value) for kv in response.kvs]
+
+    async def exists(self, key: bytes) -> bool:
+        response = await self._range(key, b"", count_only=True)
+        return int(response.count) > 0
 
     async def compact(self, revision: int) -> None:
         """Drop history before revision (physical: wait until the space is reusable)."""
