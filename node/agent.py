@@ -25,6 +25,7 @@ from node import failpoints, limits, metrics, rejoin
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer, add_to_server
 from node.config import Config
+from node.dependencies import Resolver
 from node.errors import FilchError
 from node.etcd_client import EtcdTLS
 from node.etcd_member import EtcdMember
@@ -172,11 +173,13 @@ class Agent:
                                 executor_name=executor.name, runner=runner, watchdog=watchdog)
         stealer = Stealer(config=config, store=store, state=state, runner=runner)
         recovery = Recovery(config=config, store=store)
+        resolver = Resolver(config=config, store=store)
         housekeeping = Housekeeping(
             config=config, store=store, state=state, runner=runner, stealer=stealer,
             firewall=network.set_cluster_addresses if network is not None else None)
         # In shutdown order: stop stealing (and cleaning up), drain the attempts, leave.
-        parts: tuple[Part, ...] = (stealer, housekeeping, runner, membership, recovery)
+        parts: tuple[Part, ...] = (stealer, resolver, housekeeping, runner, membership,
+                                   recovery)
         tasks = TaskService(store, config.max_pending)
 
         metrics.CPU_CAPACITY.set(config.cpus)

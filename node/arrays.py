@@ -32,8 +32,8 @@ from node.conditions import (
 )
 from node.errors import ArrayNotFound, Conflict, FilchError, InvalidArgument, StoreUnavailable
 from node.handback import canceled, outcome
-from node.paging import Page
 from node.limits import MAX_BATCH, MAX_TXN_OPS, READ_BATCH_RECORDS, WRITE_BATCH_BYTES
+from node.paging import Page
 from node.store import Store
 from node.txn import Move, Versioned, move_bytes, move_ops
 
@@ -165,8 +165,9 @@ class Arrays:
                               submitted_at=template.submitted_at)
             await self._store.create_array(record)
             created()
-        first_task = await self._release(written, prepared)
-        return pb.SubmitResponse(task=first_task or tasks[0], created=True, array_id=array_id,
+        released = await self._release(written, prepared)
+        metrics.ARRAY_TASKS_SUBMITTED.inc(len(tasks))
+        return pb.SubmitResponse(task=released or tasks[0], created=True, array_id=array_id,
                                  task_ids=ids)
 
     async def _write_held(self, tasks: list[pb.Task], prepared: Prepared,
@@ -205,6 +206,8 @@ class Arrays:
                  if record.task.state == pb.TASK_STATE_PENDING
                  and record.task.hold == pb.HOLD_ARRAY]
         revisions = await write_moves(self._store, moves)
+        metrics.DEPENDENCY_RELEASES.labels("array").inc(
+            sum(revision is not None for revision in revisions))
         if prepared.state == FAILED:
             metrics.DEPENDENCY_FAILURES.inc(sum(revision is not None for revision in revisions))
         if prepared.state == WAITING and written:

@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from node import keys, render
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.limits import CLIENT_MAX_RECEIVE_BYTES
 from node.tls import Security
 from node.units import parse_cpu, parse_size
 
@@ -176,9 +177,11 @@ class Client:
     def channel(self) -> grpc.Channel:
         with self._lock:
             if self._channel is None or self._owner_pid != os.getpid():
+                options = [("grpc.max_receive_message_length", CLIENT_MAX_RECEIVE_BYTES)]
                 self._channel = (
-                    grpc.secure_channel(self.server, self.security.channel_credentials())
-                    if self.security.tls else grpc.insecure_channel(self.server))
+                    grpc.secure_channel(self.server, self.security.channel_credentials(),
+                                        options=options)
+                    if self.security.tls else grpc.insecure_channel(self.server, options=options))
                 self._owner_pid = os.getpid()
             return self._channel
 
@@ -233,6 +236,12 @@ class Client:
         response: pb.CancelResponse = self._call(self._stub.Cancel, pb.CancelRequest(id=task_id))
         return response.task
 
+    def cancel_array(self, array_id: str) -> int:
+        """Cancel every unfinished task of an array (held ones too); how many."""
+        response: pb.CancelResponse = self._call(self._stub.Cancel,
+                                                 pb.CancelRequest(array_id=array_id))
+        return response.canceled
+
     def wait(self, task_id: str, on_progress: ProgressCallback | None = None, *,
              until: Callable[[pb.Task], bool] = render.is_finished,
              limit: float | None = None, task: pb.Task | None = None) -> pb.Task:
@@ -273,14 +282,15 @@ class Client:
         request = pb.StreamLogsRequest(id=task_id, follow=follow, attempt=attempt)
         return LogCall(self._stub.StreamLogs(request), self)
 
-    def list(self, state: str | int | None = None, limit: int | None = None) -> list[pb.Task]:
-        """Every task (in state, a name like "running" or a TaskState), following page
-        tokens until the end or limit tasks."""
+    def list(self, state: str | int | None = None, limit: int | None = None, *,
+             array_id: str = "") -> list[pb.Task]:
+        """Every task (in state, a name like "running" or a TaskState; or of one array,
+        in index order), following page tokens until the end or limit tasks."""
         tasks: builtins.list[pb.Task] = []
         token = ""
         while limit is None or len(tasks) < limit:
             size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - len(tasks))
-            page, next_token = self.list_page(state, size, token)
+            page, next_token = self.list_page(state, size, token, array_id=array_id)
             tasks.extend(page)
             # A token that does not move would loop forever; treat it as the last page.
             if not next_token or next_token == token:
@@ -288,13 +298,15 @@ class Client:
             token = next_token
         return tasks if limit is None else tasks[:limit]
 
-    def list_page(self, state: str | int | None, page_size: int,
-                  page_token: str = "") -> tuple[builtins.list[pb.Task], str]:
-        """One page of tasks and the token of the next ("" at the end)."""
+    def list_page(self, state: str | int | None, page_size: int, page_token: str = "", *,
+                  array_id: str = "") -> tuple[builtins.list[pb.Task], str]:
+        """One page of tasks (of one array, when array_id) and the token of the next
+        ("" at the end)."""
         if isinstance(state, str):
             state = render.STATE_BY_NAME[state.lower()]
         request = pb.ListTasksRequest(state=state or 0,  # type: ignore[arg-type]
-                                      page_size=page_size, page_token=page_token)
+                                      page_size=page_size, page_token=page_token,
+                                      array_id=array_id)
         response: pb.ListTasksResponse = self._call(self._stub.ListTasks, request)
         return list(response.tasks), response.next_page_token
 

@@ -209,6 +209,8 @@ class DependencyCheck:
             return None
         if state == FAILED:
             metrics.DEPENDENCY_FAILURES.inc()
+        elif state == MET:
+            metrics.DEPENDENCY_RELEASES.labels("dependencies").inc()
         return Versioned(new, revision)
 
 

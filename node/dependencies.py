@@ -261,6 +261,9 @@ class Resolver:
                     abandoned.append(found)
         written = await write_moves(self._store, releases)
         for move, revision in zip(releases, written, strict=True):
+            if revision is not None:
+                metrics.DEPENDENCY_RELEASES.labels(hold_label(move.old.task.hold)
+                                                   if move.old else "").inc()
             if revision is not None and move.new.hold == pb.HOLD_DEPENDENCIES:
                 await self.check.settle(Versioned(move.new, revision), parents)
         for start in range(0, len(abandoned), MAX_BATCH):

@@ -18,8 +18,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from node import failpoints, keys, metrics
+from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import Compacted, FilchError
+from node.limits import READ_BATCH_RECORDS
 from node.node_state import NodeState
 from node.runner import Runner
 from node.stealer import Stealer
@@ -29,6 +31,10 @@ log = logging.getLogger(__name__)
 
 # Deleting is batched so one round never holds etcd busy for long.
 RETENTION_BATCH = 500
+
+# Array records one round examines for deletion (each costs reads of its task ids until
+# one exists): bounded, the next round goes on from there.
+ARRAY_BATCH = 100
 
 # NOSPACE is disarmed only when the live data is this far below the quota, so that the
 # alarm does not go off again at the next write.
@@ -53,6 +59,7 @@ class Housekeeping:
         self._compacted_to = 0
         self._stopping = asyncio.Event()
         self.paused_for_space = False
+        self._array_cursor = b""
 
     async def run(self) -> None:
         """A round every housekeeping_interval until shutdown()."""
@@ -102,9 +109,11 @@ class Housekeeping:
         for state, prefix in (("pending", keys.QUEUED), ("running", keys.RUNNING),
                               ("complete", keys.COMPLETE), ("canceled", keys.CANCELED)):
             count = await self._store.count(prefix)
-            metrics.TASKS.labels(state).set(count)
             if state == "pending":
                 metrics.QUEUE_DEPTH.set(count)
+                # Held tasks are PENDING too (the resolver's sweep counts them by hold).
+                count += await self._store.count(keys.BLOCKED)
+            metrics.TASKS.labels(state).set(count)
 
     async def apply_retention(self) -> int:
         """Delete finished tasks past the retention, then the oldest past max_finished."""
@@ -116,7 +125,7 @@ class Housekeeping:
                          if key[len(prefix):] < cutoff]
                 if not batch:
                     break
-                count = await self._store.delete_finished(batch)
+                count = await self._store.delete_finished(batch, await self._array_ids(batch))
                 metrics.RETENTION_DELETED.labels(state).inc(count)
                 deleted += count
                 if len(batch) < RETENTION_BATCH:
@@ -125,7 +134,39 @@ class Housekeeping:
             deleted += await self._trim_to_max()
         if deleted:
             log.info("retention deleted %d finished tasks", deleted)
+        await self._delete_arrays()
         return deleted
+
+    async def _array_ids(self, status_keys: list[bytes]) -> dict[bytes, str]:
+        """The array id of each of these finished tasks that belongs to an array (read
+        from their records, READ_BATCH_RECORDS at a time; nothing read while no array
+        exists), so that retention also waits for the array's dependents."""
+        if not status_keys or await self._store.count(keys.ARRAYS) == 0:
+            return {}
+        by_id = {keys.last_segment(key): key for key in status_keys}
+        records = await self._store.get_tasks(list(by_id))
+        return {by_id[record.task.id]: record.task.array_id for record in records
+                if record.task.array_id}
+
+    async def _delete_arrays(self) -> None:
+        """Delete up to ARRAY_BATCH array records (from where the last round stopped)
+        none of whose tasks exist any more and that nothing depends on."""
+        arrays = await self._store.list_arrays(after=self._array_cursor, limit=ARRAY_BATCH)
+        self._array_cursor = keys.array(arrays[-1].id) if len(arrays) == ARRAY_BATCH else b""
+        for array in arrays:
+            if await self._any_task_left(array):
+                continue
+            if await self._store.delete_array(array.id):
+                log.info("deleted array %s: none of its %d tasks is left", array.id,
+                         array.count)
+
+    async def _any_task_left(self, array: pb.Array) -> bool:
+        for start in range(0, array.count, READ_BATCH_RECORDS):
+            ids = [keys.array_task_id(array.id, position)
+                   for position in range(start, min(array.count, start + READ_BATCH_RECORDS))]
+            if await self._store.get_tasks(ids):
+                return True
+        return False
 
     async def _trim_to_max(self) -> int:
         """Delete the oldest finished tasks (of either state) beyond max_finished."""
@@ -140,8 +181,9 @@ class Housekeeping:
             batch = oldest[:min(excess, RETENTION_BATCH)]
             if not batch:
                 break
+            array_ids = await self._array_ids(batch)
             for key in batch:
-                count = await self._store.delete_finished([key])
+                count = await self._store.delete_finished([key], array_ids)
                 state = "complete" if key.startswith(keys.COMPLETE) else "canceled"
                 metrics.RETENTION_DELETED.labels(state).inc(count)
                 deleted += count

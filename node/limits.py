@@ -90,6 +90,13 @@ MOVE_KEYS_BYTES = 512
 # can always read it. Two large tasks fit; a page always holds at least one task.
 LIST_PAGE_BYTES = 3 * MiB
 
+# An array submit's answer holds every task id (36 characters and 2 bytes of framing
+# each) and the first task's record: 100,000 ids alone are 3.8 MB, so with a large spec
+# it passes gRPC's default 4 MiB receive limit. filch's client raises its own limit to
+# this (one answer, not paged: an array is submitted and answered all or nothing).
+ARRAY_ID_BYTES = 38
+CLIENT_MAX_RECEIVE_BYTES = MAX_ARRAY_TASKS * ARRAY_ID_BYTES + MAX_RECORD_BYTES + GRPC_OVERHEAD_BYTES
+
 # Concurrent log streams one node serves (default of --max-log-streams): each is a
 # coroutine and, while its task is pending, one etcd watch. Beyond it: RESOURCE_EXHAUSTED.
 DEFAULT_MAX_LOG_STREAMS = 1000

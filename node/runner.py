@@ -128,6 +128,8 @@ class Runner:
         env = dict(task.spec.env)
         env.update(FILCH_TASK_ID=task.id, FILCH_ATTEMPT=str(task.attempt),
                    FILCH_NODE=self._config.name)
+        if task.array_id:
+            env["FILCH_ARRAY_INDEX"] = str(task.array_index)
         return AttemptSpec(
             container_id=container_id, task_id=task.id, attempt=task.attempt,
             command=task.spec.command, args=tuple(task.spec.args), env=env,

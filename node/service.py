@@ -7,6 +7,8 @@ import asyncio
 from node import keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.admission import PendingLimit
+from node.arrays import Arrays
+from node.conditions import FAILED, WAITING, DependencyCheck, failed, prepare
 from node.errors import (
     Conflict,
     InvalidArgument,
@@ -15,16 +17,14 @@ from node.errors import (
     TaskNotFound,
     TooLarge,
 )
-from node.arrays import Arrays
-from node.conditions import FAILED, WAITING, DependencyCheck, failed, prepare
 from node.group_commit import GroupCommitter
 from node.handback import canceled, handback, outcome
-from node.paging import Page, decode_token, encode_token
 from node.limits import (
     DEFAULT_MAX_PENDING,
     ETCD_MAX_REQUEST_BYTES,
     READ_BATCH_RECORDS,
 )
+from node.paging import Page, decode_token, encode_token
 from node.store import Store
 from node.txn import Move, Versioned
 

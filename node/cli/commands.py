@@ -206,17 +206,23 @@ def status(client: Client, task_id: str, output: str) -> None:
 @click.option("--state", type=click.Choice(list(render.STATE_BY_NAME), case_sensitive=False),
               help="Only tasks in this state.")
 @click.option("--limit", type=click.IntRange(min=1), metavar="N", help="At most N tasks.")
+@click.option("--array", "array_id", default="", metavar="ARRAY_ID",
+              help="Only the tasks of this array, in index order.")
 @output_option
 @click.pass_obj
-def list_tasks(client: Client, state: str | None, limit: int | None, output: str) -> None:
-    """List tasks (all of them, unless --state or --limit)."""
-    tasks = client.list(state, limit)
+def list_tasks(client: Client, state: str | None, limit: int | None, array_id: str,
+               output: str) -> None:
+    """List tasks (all of them, unless --state, --array or --limit)."""
+    if array_id and state:
+        raise click.UsageError("--array lists every task of the array; leave out --state")
+    tasks = client.list(state, limit, array_id=array_id)
     if output == "json":
         print_json([render.task_to_dict(task) for task in tasks])
     elif tasks:
         click.echo(render.tasks_table(tasks))
     else:
-        click.echo("no tasks" + (f" in state {state.upper()}" if state else ""), err=True)
+        click.echo("no tasks" + (f" in state {state.upper()}" if state else "")
+                   + (f" left of array {array_id}" if array_id else ""), err=True)
 
 
 @click.command()
@@ -238,14 +244,22 @@ def logs(client: Client, follow: bool, attempt: int, task_id: str) -> None:
 
 @click.command()
 @click.option("--no-wait", is_flag=True, help="Return as soon as the cancel is recorded.")
-@click.argument("task_id", metavar="ID")
+@click.option("--array", "array_id", default="", metavar="ARRAY_ID",
+              help="Cancel every unfinished task of this array instead (print how many).")
+@click.argument("task_id", metavar="ID", required=False, default="")
 @click.pass_obj
-def cancel(client: Client, no_wait: bool, task_id: str) -> None:
-    """Cancel a task and print the state it ends in.
+def cancel(client: Client, no_wait: bool, array_id: str, task_id: str) -> None:
+    """Cancel a task and print the state it ends in (or, with --array, every unfinished
+    task of an array, and print how many were canceled).
 
     A running task gets SIGTERM, then SIGKILL after the node's grace period; this waits
-    (at most 60 s) until it has stopped.
+    (at most 60 s) until it has stopped. An array's running tasks are not waited for.
     """
+    if bool(array_id) == bool(task_id):
+        raise click.UsageError("give a task ID or --array ARRAY_ID (one of them)")
+    if array_id:
+        click.echo(client.cancel_array(array_id))
+        return
     task = client.cancel(task_id)
 
     def stopped(current: filch_pb2.Task) -> bool:
