@@ -107,9 +107,13 @@ def array_task_id(array_id: str, position: int) -> str:
     if millis is None:
         millis = 0
     derived = uuid.uuid5(_ARRAY_NAMESPACE, f"{array_id}/{position}").int
-    low_bits = 74 - ARRAY_POSITION_BITS
-    rand = (position << low_bits) | (derived & ((1 << low_bits) - 1))
-    return _uuid7(millis, rand)
+    # The UUID's random part is 12 bits (rand_a), the variant, then 62 bits (rand_b): the
+    # position's top 12 bits fill rand_a and its other bits the top of rand_b, so that id
+    # order is position order.
+    rest = ARRAY_POSITION_BITS - 12
+    low_bits = 62 - rest
+    rand_b = ((position & ((1 << rest) - 1)) << low_bits) | (derived & ((1 << low_bits) - 1))
+    return _uuid7(millis, ((position >> rest) << 64) | rand_b)
 
 
 def _uuid7(millis: int, rand: int) -> str:

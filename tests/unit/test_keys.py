@@ -225,3 +225,11 @@ def test_status_and_node_keys_fall_outside_the_record_range() -> None:
                 keys.complete(epoch, task_id), keys.canceled(epoch, task_id),
                 keys.node(node_id), keys.prefix_end(keys.STATUS)):
         assert not in_records(key), key
+
+
+def test_array_task_ids_sort_in_position_order() -> None:
+    # Every position bit lands in the id (no two positions share a prefix), so the id order
+    # is the index order across bit boundaries (31 -> 32, 127 -> 128, ...).
+    array_id = keys.new_task_id()
+    ids = [keys.array_task_id(array_id, position) for position in range(0, 1 << 17, 7)]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
