@@ -8,10 +8,13 @@ answers node/http_wire.py, log streaming node/http_logs.py.
 
     GET  /healthz                       liveness: the daemon answers its gRPC health check
     GET  /readyz                        readiness: daemon serving, etcd answering, lease held
-    GET  /api/v1/tasks                  ?state=pending&page_size=N&page_token=T
-    POST /api/v1/tasks                  submit (JSON spec): 201 created, 200 request_id matched
+    GET  /api/v1/tasks                  ?state=pending&page_size=N&page_token=T, or
+                                        ?array_id=A (that array's tasks, in index order)
+    POST /api/v1/tasks                  submit (JSON spec): 201 created, 200 request_id matched;
+                                        with "array": {"array_id", "task_ids", "task"}
     GET  /api/v1/tasks/<id>
     POST /api/v1/tasks/<id>/cancel
+    POST /api/v1/arrays/<id>/cancel     every unfinished task of the array: {"canceled": N}
     GET  /api/v1/tasks/<id>/logs        ?follow=1&attempt=N, streamed as text/plain
     GET  /api/v1/nodes
     GET  /                              the web UI (files in node/web/)
@@ -94,6 +97,7 @@ class App:
             (r"/api/v1/tasks/(?P<id>[^/]+)", PRIVATE, {"GET": api.get_task}),
             (r"/api/v1/tasks/(?P<id>[^/]+)/cancel", PRIVATE, {"POST": api.cancel}),
             (r"/api/v1/tasks/(?P<id>[^/]+)/logs", PRIVATE, {"GET": api.logs}),
+            (r"/api/v1/arrays/(?P<id>[^/]+)/cancel", PRIVATE, {"POST": api.cancel_array}),
             (r"/api/v1/nodes", PRIVATE, {"GET": api.list_nodes}),
             (r"/api/.*", PRIVATE, {}),  # unknown API paths: 401 before 404, as the rest
             (r"/", PRIVATE, {"GET": self.index}),

@@ -30,7 +30,11 @@ MAX_PAGE_SIZE = 1000
 
 _SPEC_FIELDS = frozenset(
     {"command", "args", "cpu", "memory", "disk", "restart", "env", "workdir", "name",
-     "request_id", "network"})
+     "request_id", "network", "array", "after", "after_any", "after_array"})
+
+# The JSON spellings of a dependency's kind (the CLI's --after, --after-any, --after-array).
+_DEPENDENCY_FIELDS = (("after", pb.DEPENDENCY_KIND_SUCCESS), ("after_any", pb.DEPENDENCY_KIND_ANY),
+                      ("after_array", pb.DEPENDENCY_KIND_ARRAY))
 
 
 class Api:
@@ -92,11 +96,14 @@ class Api:
         if state_text not in ("", "all") and state_text not in render.STATE_BY_NAME:
             raise HttpError(400, f"state: {state_text!r} is not one of "
                                  f"{', '.join(render.STATE_BY_NAME)} (or empty for all)")
+        array_id = request.param("array_id").strip()
+        if array_id and state_text not in ("", "all"):
+            raise HttpError(400, "state: cannot be combined with array_id")
         try:
             tasks, next_token = self.client.list_page(
                 render.STATE_BY_NAME.get(state_text), request.int_param("page_size",
                                                                         MAX_PAGE_SIZE),
-                request.param("page_token"))
+                request.param("page_token"), array_id=array_id)
         except ClientError as error:
             raise failure(error) from None
         return json_response(200, {"tasks": [render.task_to_dict(task) for task in tasks],
@@ -118,6 +125,11 @@ class Api:
             response = self.client.submit_request(submit, retry_for=0)
         except ClientError as error:
             raise failure(error) from None
+        if response.array_id:
+            return json_response(201 if response.created else 200, {
+                "array_id": response.array_id, "task_ids": list(response.task_ids),
+                "task": render.task_to_dict(response.task)},
+                [("Location", f"/api/v1/tasks?array_id={response.array_id}")])
         return json_response(201 if response.created else 200,
                              render.task_to_dict(response.task),
                              [("Location", f"/api/v1/tasks/{response.task.id}")])
@@ -128,6 +140,13 @@ class Api:
         except ClientError as error:
             raise failure(error) from None
         return json_response(200, render.task_to_dict(task))
+
+    def cancel_array(self, request: Request, match: re.Match[str]) -> Response:
+        try:
+            count = self.client.cancel_array(match["id"])
+        except ClientError as error:
+            raise failure(error) from None
+        return json_response(200, {"array_id": match["id"], "canceled": count})
 
     def logs(self, request: Request, match: re.Match[str]) -> Response:
         """The log as it arrives (no deadline: a followed log lasts as long as the task)."""
@@ -202,8 +221,27 @@ def submit_request(body: Any) -> pb.SubmitRequest:
     restart = _typed(body, "restart", bool, "true or false")
     if restart is not None:
         spec.restart = restart
-    return pb.SubmitRequest(spec=spec,
-                            request_id=_typed(body, "request_id", str, "a string") or "")
+    for field, kind in _DEPENDENCY_FIELDS:
+        parents = _typed(body, field, list, "a list of ids") or []
+        for index, parent in enumerate(parents):
+            if not isinstance(parent, str):
+                raise HttpError(400, f"{field}[{index}]: must be an id, not {json.dumps(parent)}")
+            spec.after.append(pb.Dependency(id=parent, kind=kind))
+    submit = pb.SubmitRequest(spec=spec,
+                              request_id=_typed(body, "request_id", str, "a string") or "")
+    array = _typed(body, "array", dict, 'an object {"start": N, "end": N, "step": N}')
+    if array is not None:
+        unknown = sorted(set(array) - {"start", "end", "step"})
+        if unknown:
+            raise HttpError(400, f"array.{unknown[0]}: unknown field (known: end, start, step)")
+        for name in ("start", "end", "step"):
+            value = _typed(array, name, int, "a whole number")
+            if value is not None and not 0 <= value < 2**63:
+                raise HttpError(400, f"array.{name}: {value} is out of range")
+        submit.array.CopyFrom(pb.ArraySpec(start=array.get("start") or 0,
+                                           end=array.get("end") or 0,
+                                           step=array.get("step") or 0))
+    return submit
 
 
 def _cpu_millis(value: Any) -> int:

@@ -196,6 +196,23 @@ def test_submit_with_a_request_id_is_idempotent(app: App) -> None:
     assert "error" in other_spec.json()
 
 
+def test_arrays_and_dependencies_over_http(app: App, cluster: Cluster) -> None:
+    reply = submit(app, command="sleep", args=["30"], array={"start": 1, "end": 5})
+    assert reply.status == 201, reply.body
+    array = reply.json()
+    assert len(array["task_ids"]) == 5 and array["task"]["id"] == array["task_ids"][0]
+    listed = call(app, "GET", "/api/v1/tasks", query={"array_id": array["array_id"]}).json()
+    assert [task["array_index"] for task in listed["tasks"]] == [1, 2, 3, 4, 5]
+    child = submit(app, command="true", after_array=[array["array_id"]])
+    assert child.status == 201 and child.json()["state"] == "PENDING", child.body
+    canceled = call(app, "POST", f"/api/v1/arrays/{array['array_id']}/cancel")
+    assert canceled.json()["canceled"] == 5
+    unknown = submit(app, command="true", after=["01a21bce-b194-7000-994b-fef8376138b8"])
+    assert unknown.status == 400 and "no task" in unknown.json()["error"]
+    wait_for("the dependent to fail", lambda: cluster.get(child.json()["id"]).reason
+             == pb.REASON_DEPENDENCY_FAILED)
+
+
 @pytest.mark.parametrize(("body", "field"), [
     (b"{not json", "body"),
     (b"", "body"),
