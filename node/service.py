@@ -32,11 +32,13 @@ from node.txn import Move, Versioned
 CONFLICT_RETRIES = 5
 CONFLICT_PAUSE = 0.05
 
-_STATE_PREFIX: dict[int, bytes] = {
-    pb.TASK_STATE_PENDING: keys.QUEUED,
-    pb.TASK_STATE_RUNNING: keys.RUNNING,
-    pb.TASK_STATE_COMPLETE: keys.COMPLETE,
-    pb.TASK_STATE_CANCELED: keys.CANCELED,
+# The status keys of each state, listed in this order: queued tasks first (submission
+# order), then held ones (dependencies, array, retry back-off).
+_STATE_PREFIXES: dict[int, tuple[bytes, ...]] = {
+    pb.TASK_STATE_PENDING: (keys.QUEUED, keys.BLOCKED),
+    pb.TASK_STATE_RUNNING: (keys.RUNNING,),
+    pb.TASK_STATE_COMPLETE: (keys.COMPLETE,),
+    pb.TASK_STATE_CANCELED: (keys.CANCELED,),
 }
 
 FINISHED = (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED)
@@ -166,7 +168,8 @@ class TaskService:
 
     async def list_tasks(self, state: int, page_size: int,
                          page_token: str) -> tuple[list[pb.Task], str]:
-        """One page of tasks, in submission order for PENDING, finish order for finished ones,
+        """One page of tasks, in submission order for PENDING (queued ones, then held ones),
+        finish order for finished ones,
         id order for all. Returns (tasks, next_page_token).
 
         A page ends at page_size tasks or LIST_PAGE_BYTES (but holds at least one task), so
@@ -187,24 +190,36 @@ class TaskService:
                 if not records:
                     more = False
             return page.tasks, encode_token(after) if more or page.cut else ""
-        prefix = _STATE_PREFIX[state]
-        if after and not after.startswith(prefix):
+        prefixes = _STATE_PREFIXES[state]
+        if after and not after.startswith(prefixes):
             raise InvalidArgument("page_token", "does not belong to this listing")
-        status_keys = await self.store.list_ids(prefix, after=after, limit=page_size + 1)
-        more = len(status_keys) > page_size
-        status_keys = status_keys[:page_size]
-        for start in range(0, len(status_keys), READ_BATCH_RECORDS):
-            chunk = status_keys[start:start + READ_BATCH_RECORDS]
-            found = {record.task.id: record.task for record in
-                     await self.store.get_tasks([keys.last_segment(key) for key in chunk])}
-            for key in chunk:
-                task = found.get(keys.last_segment(key))
-                if task is not None and not page.add(task):
+        for prefix in prefixes:
+            if after and not after.startswith(prefix):
+                continue    # the token is past this prefix
+            if page.full:
+                if not await self.store.list_ids(prefix, limit=1):
+                    continue
+                # The next prefix starts after its own name (list_ids starts after `after`).
+                return page.tasks, encode_token(prefix)
+            status_keys = await self.store.list_ids(prefix, after=after,
+                                                    limit=page_size - len(page.tasks) + 1)
+            more = len(status_keys) > page_size - len(page.tasks)
+            status_keys = status_keys[:page_size - len(page.tasks)]
+            for start in range(0, len(status_keys), READ_BATCH_RECORDS):
+                chunk = status_keys[start:start + READ_BATCH_RECORDS]
+                found = {record.task.id: record.task for record in
+                         await self.store.get_tasks([keys.last_segment(key) for key in chunk])}
+                for key in chunk:
+                    task = found.get(keys.last_segment(key))
+                    if task is not None and not page.add(task):
+                        break
+                    after = key     # a task deleted since the key was listed is skipped
+                if page.cut:
                     break
-                after = key     # a task deleted since the key was listed is skipped
-            if page.cut:
-                break
-        return page.tasks, encode_token(after) if more or page.cut else ""
+            if more or page.cut:
+                return page.tasks, encode_token(after)
+            after = b""
+        return page.tasks, ""
 
     async def list_nodes(self) -> list[pb.Node]:
         """Live nodes, with etcd leadership and NOSPACE as seen by the local member now."""

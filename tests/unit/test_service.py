@@ -10,7 +10,7 @@ import pytest
 
 from node import keys, lifecycle, validation
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.errors import Conflict, InvalidArgument, TaskNotFound
+from node.errors import Conflict, InvalidArgument, Overloaded, TaskNotFound
 from node.service import TaskService
 from node.store import Store
 from tests.unit.etcd_fixture import require_etcd
@@ -379,3 +379,58 @@ async def test_a_reused_request_id_in_a_burst_fails_nothing_else(service: TaskSe
     assert [(task.id, created) for task, created in results[:3]] == [(first.id, False)] * 3
     assert all(created for _, created in results[3:23])
     assert isinstance(results[23], Conflict)
+
+
+# -- dependencies and arrays -----------------------------------------------------------------
+
+
+def after(*parents: str) -> list[pb.Dependency]:
+    return [pb.Dependency(id=parent, kind=pb.DEPENDENCY_KIND_SUCCESS) for parent in parents]
+
+
+async def test_a_dependent_is_held_and_listed_pending_after_the_queued(
+        service: TaskService) -> None:
+    parents = await submit_in_order(service, 3)
+    child, created = await service.submit(spec(after=after(parents[0].id, parents[0].id)))
+    assert created and child.hold == pb.HOLD_DEPENDENCIES
+    assert child.message == f"waiting for 1 dependency: {parents[0].id} (PENDING)"
+    pages = await all_pages(service, pb.TASK_STATE_PENDING, 2)
+    assert [len(page) for page in pages] == [2, 2]
+    listed = [task.id for page in pages for task in page]
+    assert listed == [task.id for task in parents] + [child.id]
+
+
+async def test_an_unknown_parent_is_refused_before_anything_is_written(
+        service: TaskService, store: Store) -> None:
+    unknown = keys.new_task_id()
+    with pytest.raises(InvalidArgument, match=f"no task {unknown}"):
+        await service.submit(spec(after=after(unknown)), request_id="dep-1")
+    assert await store.list_ids(b"/") == []
+
+
+async def test_an_array_submit_creates_every_task_once_and_lists_and_cancels_them(
+        service: TaskService, store: Store) -> None:
+    array = pb.ArraySpec(start=3, end=12, step=3)
+    response = await service.submit_array(spec(), array, "array-1")
+    assert response.created and len(response.task_ids) == 4
+    assert response.task.id == response.task_ids[0] and response.task.hold == pb.HOLD_NONE
+    again = await service.submit_array(spec(), array, "array-1")
+    assert not again.created and again.task_ids == response.task_ids
+    with pytest.raises(Conflict):
+        await service.submit_array(spec(command="/bin/false"), array, "array-1")
+    tasks, token = await service.list_array(response.array_id, 3, "")
+    rest, last = await service.list_array(response.array_id, 3, token)
+    assert [task.array_index for task in tasks + rest] == [3, 6, 9, 12] and last == ""
+    assert len(await store.list_ids(keys.QUEUED)) == 4
+    assert await service.cancel_array(response.array_id) == 4
+    assert await service.cancel_array(response.array_id) == 0
+    with pytest.raises(TaskNotFound):
+        await service.list_array(keys.new_task_id(), 10, "")
+
+
+async def test_an_array_past_the_pending_limit_is_refused_whole(store: Store) -> None:
+    service = TaskService(store, max_pending=5)
+    with pytest.raises(Overloaded):
+        await service.submit_array(spec(), pb.ArraySpec(start=0, end=5), "too-many")
+    assert await store.list_ids(b"/") == []
+    assert len((await service.submit_array(spec(), pb.ArraySpec(start=0, end=4), "")).task_ids) == 5
