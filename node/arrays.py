@@ -247,21 +247,34 @@ class Arrays:
         A task that moved meanwhile is canceled alone (cancel_one: TaskService.cancel)."""
         array = await self._existing(array_id)
         cause = canceled("canceled by a user (the whole array)")
-        count = 0
-        ids = [keys.array_task_id(array_id, at) for at in range(array.count)]
-        for start in range(0, len(ids), READ_BATCH_RECORDS):
-            records = await self._store.get_tasks(ids[start:start + READ_BATCH_RECORDS])
-            moves = [Move(record, outcome(record.task, cause)) for record in records
-                     if record.task.state not in FINISHED]
-            revisions = await write_moves(self._store, moves)
-            for move, revision in zip(moves, revisions, strict=True):
-                if revision is not None:
-                    count += 1
-                    continue
-                task = await cancel_one(move.new.id)
-                count += (task.state == pb.TASK_STATE_CANCELED
-                          and task.reason == pb.REASON_CANCELED)
-        return count
+        counts: list[int] = []
+        starts = list(range(0, array.count, READ_BATCH_RECORDS))
+        starts.reverse()
+
+        async def canceler() -> None:
+            while starts:
+                start = starts.pop()
+                ids = [keys.array_task_id(array_id, at)
+                       for at in range(start, min(array.count, start + READ_BATCH_RECORDS))]
+                records = await self._store.get_tasks(ids)
+                moves = [Move(record, outcome(record.task, cause)) for record in records
+                         if record.task.state not in FINISHED]
+                revisions = await write_moves(self._store, moves)
+                for move, revision in zip(moves, revisions, strict=True):
+                    if revision is not None:
+                        counts.append(1)
+                        continue
+                    task = await cancel_one(move.new.id)
+                    counts.append(int(task.state == pb.TASK_STATE_CANCELED
+                                      and task.reason == pb.REASON_CANCELED))
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for _ in range(min(WRITE_CONCURRENCY, len(starts))):
+                    group.create_task(canceler())
+        except ExceptionGroup as errors:
+            raise first_error(errors) from None
+        return sum(counts)
 
     async def _existing(self, array_id: str) -> pb.Array:
         array = await self._store.get_array(array_id)

@@ -48,6 +48,12 @@ POLL_MAX = 1.0
 RECONNECT_GRACE = 30.0
 # How often wait() reports progress between polls: smooth enough for a spinner.
 PROGRESS_TICK = 0.1
+# An array submit's deadline adds a second per this many tasks: a loaded 3-node cluster
+# writes several thousand per second (each task twice: held, then released), so this
+# leaves a wide margin while a hung node still fails the call in minutes, not never.
+ARRAY_SUBMIT_FLOOR_RATE = 500
+# Added to the deadline of an array cancel: the node cancels up to 100,000 tasks in it.
+ARRAY_CANCEL_EXTRA = 300.0
 # The node caps a page at 1000 itself.
 PAGE_SIZE = 1000
 
@@ -218,9 +224,15 @@ class Client:
             # so the task still queues in submission order.
             request.request_id = keys.new_task_id()
         deadline = time.monotonic() + retry_for
+        timeout = self.timeout
+        if request.HasField("array"):
+            # Every task of an array is written in this one call: the deadline grows with it.
+            span = request.array
+            count = max(0, (span.end - span.start) // (span.step or 1) + 1)
+            timeout += count / ARRAY_SUBMIT_FLOOR_RATE
         while True:
             try:
-                response: pb.SubmitResponse = self._call(self._stub.Submit, request)
+                response: pb.SubmitResponse = self._call(self._stub.Submit, request, timeout)
                 return response
             except Unavailable as failure:
                 # An unreachable node fails at once; one that answered may be mid-election.
@@ -236,10 +248,13 @@ class Client:
         response: pb.CancelResponse = self._call(self._stub.Cancel, pb.CancelRequest(id=task_id))
         return response.task
 
-    def cancel_array(self, array_id: str) -> int:
-        """Cancel every unfinished task of an array (held ones too); how many."""
-        response: pb.CancelResponse = self._call(self._stub.Cancel,
-                                                 pb.CancelRequest(array_id=array_id))
+    def cancel_array(self, array_id: str, *, timeout: float | None = None) -> int:
+        """Cancel every unfinished task of an array (held ones too); how many. timeout:
+        this call's deadline (default: the client's, plus ARRAY_CANCEL_EXTRA: an array of
+        100,000 tasks takes a while)."""
+        response: pb.CancelResponse = self._call(
+            self._stub.Cancel, pb.CancelRequest(array_id=array_id),
+            self.timeout + ARRAY_CANCEL_EXTRA if timeout is None else timeout)
         return response.canceled
 
     def wait(self, task_id: str, on_progress: ProgressCallback | None = None, *,
