@@ -268,7 +268,8 @@ class Resolver:
                 await self.check.settle(Versioned(move.new, revision), parents)
         for start in range(0, len(abandoned), MAX_BATCH):
             batch = abandoned[start:start + MAX_BATCH]
-            if await self._store.delete_tasks(batch):
+            absent = sorted({keys.array(found.task.array_id) for found in batch})
+            if await self._store.delete_tasks(batch, absent=absent):
                 log.warning("deleted %d tasks of arrays whose submission was abandoned over "
                             "%.0f s ago (e.g. %s of array %s)", len(batch), ABANDONED_ARRAY_AGE,
                             batch[0].task.id, batch[0].task.array_id)

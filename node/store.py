@@ -327,11 +327,13 @@ class Store:
             deleted += bool(response.succeeded)
         return deleted
 
-    async def delete_tasks(self, found: Sequence[Versioned]) -> bool:
+    async def delete_tasks(self, found: Sequence[Versioned], *,
+                           absent: Sequence[bytes] = ()) -> bool:
         """Delete these tasks (record, status key and index keys) in one transaction, each
-        only while its record is unchanged; False when one changed meanwhile. For tasks
-        that never ran: an abandoned array's held tasks."""
-        compare: list[Any] = []
+        only while its record is unchanged and only while no key of `absent` exists;
+        False when that no longer holds. For tasks that never ran: an abandoned array's
+        held tasks (absent: its array record, which a late retry may still write)."""
+        compare: list[Any] = [key_compare(key, "version", 0) for key in absent]
         success: list[Any] = []
         for versioned in found:
             task = versioned.task
