@@ -52,6 +52,10 @@ FINISHED = Counter("filch_tasks_finished_total", "Attempts this node finished, b
 FENCED_WRITES = Counter("filch_fenced_writes_total",
                         "Result writes rejected because this node no longer owned the task.")
 START_FAILURES = Counter("filch_task_start_failures_total", "Attempts that failed to start.")
+TIMEOUTS = Counter("filch_task_timeouts_total",
+                   "Attempts this node stopped for running past their time limit.")
+RETRIES = Counter("filch_task_retries_total",
+                  "Attempt ends this node turned into a retry, by failure class.", ["class"])
 
 # -- liveness ---------------------------------------------------------------------------
 REQUEUES = Counter("filch_requeues_total", "Tasks handed back after losing their node.",
@@ -89,6 +93,8 @@ for _state in ("pending", "running", "complete", "canceled"):
     TASKS.labels(_state)
 for _state in ("complete", "canceled"):
     RETENTION_DELETED.labels(_state)
+for _class in ("failed", "oom", "timeout", "start-failed"):
+    RETRIES.labels(_class)
 
 
 def serve(listen: str) -> None:
