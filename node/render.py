@@ -41,6 +41,19 @@ class TaskDict(TypedDict):
     submitted_at: str | None  # RFC 3339, UTC, milliseconds
     started_at: str | None
     finished_at: str | None
+    attempts: list[AttemptDict]  # ended attempts, oldest first, then the running one
+
+
+class AttemptDict(TypedDict):
+    """One attempt of a task, in its JSON form's `attempts`."""
+
+    attempt: int
+    node_id: str
+    node_name: str
+    started_at: str | None
+    finished_at: str | None  # None while it runs
+    exit_code: int | None  # as in TaskDict: only when the command itself ended
+    reason: str  # "" while it runs; NODE_LOST for an attempt whose node was lost
 
 
 class NodeDict(TypedDict):
@@ -62,6 +75,8 @@ class NodeDict(TypedDict):
 
 # Only these reasons mean the command itself ended, so only they carry a real exit code.
 _REASONS_WITH_EXIT_CODE = frozenset({filch_pb2.REASON_EXITED, filch_pb2.REASON_OOM_KILLED})
+# An attempt stopped at its time limit was killed by a signal, and shows the status seen.
+_ATTEMPT_REASONS_WITH_EXIT_CODE = _REASONS_WITH_EXIT_CODE | {filch_pb2.REASON_TIMED_OUT}
 _FINISHED_STATES = frozenset({filch_pb2.TASK_STATE_COMPLETE, filch_pb2.TASK_STATE_CANCELED})
 # The state names people type (`filch ls --state`, `?state=` on the HTTP API), one table.
 STATE_BY_NAME: dict[str, filch_pb2.TaskState.ValueType] = {
@@ -111,7 +126,8 @@ def format_timestamp(stamp: Timestamp) -> str:
     return f"{moment:%Y-%m-%dT%H:%M:%S}.{stamp.nanos // 1_000_000:03d}Z"
 
 
-def _optional_timestamp(message: filch_pb2.Task, field: str) -> str | None:
+def _optional_timestamp(message: filch_pb2.Task | filch_pb2.AttemptRecord,
+                        field: str) -> str | None:
     if not message.HasField(field):  # type: ignore[arg-type]
         return None
     stamp: Timestamp = getattr(message, field)
@@ -140,7 +156,33 @@ def task_to_dict(task: filch_pb2.Task) -> TaskDict:
         "submitted_at": _optional_timestamp(task, "submitted_at"),
         "started_at": _optional_timestamp(task, "started_at"),
         "finished_at": _optional_timestamp(task, "finished_at"),
+        "attempts": attempts_to_dicts(task),
     }
+
+
+def attempts_to_dicts(task: filch_pb2.Task) -> list[AttemptDict]:
+    """The task's attempts: those ended (its kept history), then the running one."""
+    ended: list[AttemptDict] = [{
+        "attempt": record.attempt,
+        "node_id": record.node_id,
+        "node_name": record.node_name,
+        "started_at": _optional_timestamp(record, "started_at"),
+        "finished_at": _optional_timestamp(record, "finished_at"),
+        "exit_code": record.exit_code if record.reason in _ATTEMPT_REASONS_WITH_EXIT_CODE
+        else None,
+        "reason": reason_name(record.reason),
+    } for record in task.attempts]
+    if task.state == filch_pb2.TASK_STATE_RUNNING:
+        ended.append({
+            "attempt": task.attempt,
+            "node_id": task.node_id,
+            "node_name": task.node_name,
+            "started_at": _optional_timestamp(task, "started_at"),
+            "finished_at": None,
+            "exit_code": None,
+            "reason": "",
+        })
+    return ended
 
 
 def node_to_dict(node: filch_pb2.Node) -> NodeDict:
@@ -331,8 +373,27 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
     if task.request_id:
         fields.append(("Request ID", task.request_id))
     width = max(len(label) for label, _ in fields) + 1
-    return "\n".join(f"{(label + ':') if label else '':<{width}}  {printable(value)}".rstrip()
-                     for label, value in fields)
+    detail = "\n".join(f"{(label + ':') if label else '':<{width}}  {printable(value)}".rstrip()
+                       for label, value in fields)
+    history = attempts_table(task)
+    return f"{detail}\n\nAttempts:\n{history}" if history else detail
+
+
+def attempts_table(task: filch_pb2.Task) -> str:
+    """The attempt history as a table (attempt, node, started, finished, exit, reason);
+    "" while no attempt has ended (the Node and Started lines tell about a first one)."""
+    attempts = attempts_to_dicts(task)
+    if not task.attempts:
+        return ""
+    rows = [(str(item["attempt"]), item["node_name"] or _short_id(item["node_id"]) or "-",
+             item["started_at"] or "-", item["finished_at"] or "running",
+             "-" if item["exit_code"] is None else str(item["exit_code"]),
+             item["reason"] or "-") for item in attempts]
+    shown = table(("ATTEMPT", "NODE", "STARTED", "FINISHED", "EXIT", "REASON"), rows)
+    if task.attempts and task.attempts[0].attempt > 1:
+        shown += (f"\n(attempts 1-{task.attempts[0].attempt - 1} are no longer kept: the "
+                  f"history holds the newest {lifecycle.MAX_ATTEMPT_RECORDS})")
+    return shown
 
 
 def _short_id(identifier: str) -> str:

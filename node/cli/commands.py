@@ -20,7 +20,7 @@ from node.cli.output import (
     task_exit_status,
 )
 from node.cli.params import CpuParam, SizeParam, parse_env
-from node.client import Client
+from node.client import Client, ClientError
 from node.errors import InvalidArgument
 from node.units import CPU_FORMS, SIZE_FORMS
 
@@ -39,6 +39,39 @@ def wait_for(client: Client, task: filch_pb2.Task, until: Callable[[filch_pb2.Ta
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
     finally:
         progress.clear()
+
+
+def follow_and_wait(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
+    """Stream every attempt's output to stdout while the task runs (`submit --wait
+    --follow`); say on stderr how each attempt ended when another follows. Ctrl-C exits
+    130 (the task goes on). Returns the finished record."""
+    stdout = sys.stdout.buffer
+
+    def write(data: bytes) -> None:
+        stdout.write(data)
+        stdout.flush()
+
+    def attempt_end(current: filch_pb2.Task, attempt: int) -> None:
+        if render.is_finished(current) and current.attempt <= attempt:
+            return      # the last one: the exit status says how it ended
+        ended = next((record for record in current.attempts if record.attempt == attempt),
+                     None)
+        how = render.reason_name(ended.reason) if ended is not None else "ended"
+        if ended is not None and ended.reason == filch_pb2.REASON_EXITED:
+            how = f"exit code {ended.exit_code}"
+        then = f"; {current.message}" if current.message else ""
+        click.echo(f"filch: attempt {attempt} of task {current.id} ended ({how}){then}",
+                   err=True)
+
+    def missing(attempt: int, error: ClientError) -> None:
+        click.echo(f"filch: the output of attempt {attempt} cannot be read: {error.message}",
+                   err=True)
+
+    try:
+        return client.follow(task.id, write, on_attempt_end=attempt_end, on_missing=missing,
+                             task=task)
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
 
 @click.command(context_settings={"allow_interspersed_args": False})

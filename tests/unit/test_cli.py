@@ -34,7 +34,7 @@ from node.config import Config
 TASK_FIELDS = {
     "id", "name", "state", "node_id", "node_address", "exit_code", "reason", "message",
     "command", "args", "cpu", "memory_bytes", "disk_bytes", "restart", "network", "attempt",
-    "submitted_at", "started_at", "finished_at",
+    "submitted_at", "started_at", "finished_at", "attempts",
 }
 
 

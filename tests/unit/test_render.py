@@ -13,7 +13,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 TASK_FIELDS = {
     "id", "name", "state", "node_id", "node_address", "exit_code", "reason", "message",
     "command", "args", "cpu", "memory_bytes", "disk_bytes", "restart", "network", "attempt",
-    "submitted_at", "started_at", "finished_at",
+    "submitted_at", "started_at", "finished_at", "attempts",
 }
 NODE_FIELDS = {
     "id", "name", "address", "cpu_capacity", "memory_capacity_bytes", "cpu_allocated",
