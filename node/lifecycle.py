@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from node import retries
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.limits import MAX_MESSAGE_CHARS
 
@@ -62,26 +61,11 @@ def finished(task: pb.Task, state: int, reason: int, *, exit_code: int = 0,
     return new
 
 
-def attempt_ended(task: pb.Task, reason: int, *, exit_code: int = 0, message: str = "",
-                  backoff: float | None = None) -> pb.Task:
-    """What a RUNNING task becomes when its attempt ended by itself (exited, OOM, timed
-    out, failed to start): PENDING held for a retry when its failure class is in
-    spec.retry_on and retries are left, else COMPLETE with this reason.
-
-    backoff: the seconds to wait before the retry (default: retries.backoff, jittered).
-    """
-    failure = retries.should_retry(task, reason, exit_code)
-    if failure is None:
-        return finished(task, pb.TASK_STATE_COMPLETE, reason, exit_code=exit_code,
-                        message=message)
-    wait = retries.backoff(task.spec, task.retries_used) if backoff is None else backoff
-    return retried(task, reason, exit_code=exit_code, message=message, backoff=wait)
-
-
-def retried(task: pb.Task, reason: int, *, exit_code: int, message: str,
-            backoff: float) -> pb.Task:
+def retried(task: pb.Task, reason: int, *, exit_code: int, message: str, backoff: float,
+            why: str) -> pb.Task:
     """RUNNING -> PENDING, held (HOLD_RETRY) until now + backoff, one retry spent; the
-    attempt joins the history with how it ended."""
+    attempt joins the history with how it ended (message, else why). why: the task's
+    message ("retry 1 of 3 in 1.6s after exit code 1"; retries.attempt_ended words it)."""
     new = _copy(task)
     now = Timestamp()
     now.GetCurrentTime()
@@ -93,17 +77,9 @@ def retried(task: pb.Task, reason: int, *, exit_code: int, message: str,
     new.reason = pb.REASON_UNSPECIFIED
     new.exit_code = 0
     new.ClearField("finished_at")
-    why = retries.describe_end(reason, exit_code, time_limit=task.spec.time_limit_seconds,
-                               message=message)
-    new.message = _cut(f"retry {new.retries_used} of {task.spec.retries} in "
-                       f"{retries.seconds(backoff)} after {why}")
+    new.message = _cut(why)
     _record_attempt(task, new, reason, exit_code, message or why, now)
     return new
-
-
-def timed_out_message(limit: float) -> str:
-    """The message of an attempt stopped at its time limit."""
-    return f"ran longer than its time limit of {retries.seconds(limit)}"
 
 
 def released(task: pb.Task) -> pb.Task:
@@ -178,6 +154,20 @@ def _cut(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
     if len(message) <= limit:
         return message
     return message[:limit] + " [...]"
+
+
+# Failure classes --retry-on names, in the order help texts list them.
+RETRY_CLASSES = ("failed", "oom", "timeout", "start-failed")
+
+
+def failure_class(task: pb.Task | pb.AttemptRecord) -> str | None:
+    """The --retry-on class of how this attempt ended (a finished record, or an attempt of
+    the history), or None for a success or an end that is never retried (canceled, node
+    lost: node loss is governed by spec.restart and spends no retry)."""
+    if task.reason == pb.REASON_EXITED:
+        return "failed" if task.exit_code != 0 else None
+    return {pb.REASON_OOM_KILLED: "oom", pb.REASON_TIMED_OUT: "timeout",
+            pb.REASON_START_FAILED: "start-failed"}.get(task.reason)
 
 
 def restartable(spec: pb.TaskSpec) -> bool:

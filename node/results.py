@@ -13,7 +13,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from node import lifecycle, metrics, retries
+from node import lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import FilchError, TooLarge
 from node.group_commit import GroupCommitter
@@ -59,7 +59,7 @@ class LocalAttempt:
 
 class ResultWriter:
     """Records attempts' ends: COMPLETE with their reason, or PENDING for a retry
-    (lifecycle.attempt_ended decides), or nothing when revoked."""
+    (retries.attempt_ended decides), or nothing when revoked."""
 
     def __init__(self, *, store: Store) -> None:
         self._store = store
@@ -115,6 +115,6 @@ def _count(new: pb.Task) -> None:
     reason = ended.reason if ended is not None and ended.attempt == new.attempt else new.reason
     metrics.FINISHED.labels(pb.Reason.Name(reason)[len("REASON_"):]).inc()
     if new.state == pb.TASK_STATE_PENDING and new.hold == pb.HOLD_RETRY and ended is not None:
-        failure = retries.failure_class(ended.reason, ended.exit_code)
+        failure = lifecycle.failure_class(ended)
         if failure is not None:
             metrics.RETRIES.labels(failure).inc()

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import NoReturn
 
-from node import failpoints, keys, lifecycle, metrics
+from node import failpoints, keys, lifecycle, metrics, retries
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.attempt_files import attempt_dir, log_path
 from node.config import Config
@@ -101,7 +101,7 @@ class Runner:
                 log.warning("task %s attempt %d failed to start: %s", task.id, task.attempt,
                             message)
                 metrics.START_FAILURES.inc()
-                await self._record_end(local, lifecycle.attempt_ended(
+                await self._record_end(local, retries.attempt_ended(
                     task, pb.REASON_START_FAILED, message=message))
                 return
             if local.revoked:
@@ -118,12 +118,12 @@ class Runner:
                 log.info("task %s attempt %d stopped: it was taken away", task.id, task.attempt)
                 return
             if timed_out:
-                await self._record_end(local, lifecycle.attempt_ended(
+                await self._record_end(local, retries.attempt_ended(
                     task, pb.REASON_TIMED_OUT, exit_code=status.exit_code,
-                    message=lifecycle.timed_out_message(task.spec.time_limit_seconds)))
+                    message=retries.timed_out_message(task.spec.time_limit_seconds)))
                 return
             reason = pb.REASON_OOM_KILLED if status.oom_killed else pb.REASON_EXITED
-            await self._record_end(local, lifecycle.attempt_ended(
+            await self._record_end(local, retries.attempt_ended(
                 task, reason, exit_code=status.exit_code))
         finally:
             local.done.set()

@@ -15,14 +15,23 @@ from node.cli.output import (
     EXIT_INTERRUPTED,
     CommandError,
     Progress,
+    one_line,
     output_option,
     print_json,
     task_exit_status,
 )
-from node.cli.params import CpuParam, SizeParam, parse_env
+from node.cli.params import (
+    ArrayParam,
+    CpuParam,
+    DurationParam,
+    SizeParam,
+    parse_env,
+    split_retry_classes,
+)
 from node.client import Client, ClientError
 from node.errors import InvalidArgument
-from node.units import CPU_FORMS, SIZE_FORMS
+from node.lifecycle import RETRY_CLASSES
+from node.units import CPU_FORMS, DURATION_FORMS, SIZE_FORMS
 
 # How long `filch cancel` waits for the node to stop a running task: past its cancel
 # grace (SIGTERM -> SIGKILL, 5 s by default) with a wide margin for a loaded node.
@@ -41,39 +50,6 @@ def wait_for(client: Client, task: filch_pb2.Task, until: Callable[[filch_pb2.Ta
         progress.clear()
 
 
-def follow_and_wait(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
-    """Stream every attempt's output to stdout while the task runs (`submit --wait
-    --follow`); say on stderr how each attempt ended when another follows. Ctrl-C exits
-    130 (the task goes on). Returns the finished record."""
-    stdout = sys.stdout.buffer
-
-    def write(data: bytes) -> None:
-        stdout.write(data)
-        stdout.flush()
-
-    def attempt_end(current: filch_pb2.Task, attempt: int) -> None:
-        if render.is_finished(current) and current.attempt <= attempt:
-            return      # the last one: the exit status says how it ended
-        ended = next((record for record in current.attempts if record.attempt == attempt),
-                     None)
-        how = render.reason_name(ended.reason) if ended is not None else "ended"
-        if ended is not None and ended.reason == filch_pb2.REASON_EXITED:
-            how = f"exit code {ended.exit_code}"
-        then = f"; {current.message}" if current.message else ""
-        click.echo(f"filch: attempt {attempt} of task {current.id} ended ({how}){then}",
-                   err=True)
-
-    def missing(attempt: int, error: ClientError) -> None:
-        click.echo(f"filch: the output of attempt {attempt} cannot be read: {error.message}",
-                   err=True)
-
-    try:
-        return client.follow(task.id, write, on_attempt_end=attempt_end, on_missing=missing,
-                             task=task)
-    except KeyboardInterrupt:
-        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
-
-
 @click.command(context_settings={"allow_interspersed_args": False})
 @click.option("--cpu", type=CpuParam(), help=f"CPU request: {CPU_FORMS}.  [default: 0.1]")
 @click.option("--mem", type=SizeParam(), metavar="SIZE",
@@ -89,43 +65,134 @@ def follow_and_wait(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
               help="Working directory inside the task (default: its own scratch dir).")
 @click.option("--name", default="", help="A label for people; need not be unique.")
 @click.option("--request-id", default="", metavar="ID",
-              help="Idempotency key: submitting the same ID again returns the same task.")
+              help="Idempotency key: submitting the same ID again returns the same task "
+                   "(or completes the same array).")
 @click.option("--network", type=click.Choice(["isolated", "none", "host"]),
               help="runc tasks: own namespace with NATed outbound access (isolated), loopback "
                    "only (none), or the host's network (host: only nodes started with "
                    "--allow-host-network run it).  [default: isolated]")
+@click.option("--array", "array", type=ArrayParam(), metavar="START-END[:STEP]",
+              help="One task per index (END included, at most 100,000), each with "
+                   "FILCH_ARRAY_INDEX; prints the task ids in index order.")
+@click.option("--after", "after", multiple=True, metavar="ID",
+              help="Start only after task ID ended COMPLETE with exit code 0 (repeatable).")
+@click.option("--after-any", "after_any", multiple=True, metavar="ID",
+              help="Start only after task ID ended, however it ended (repeatable).")
+@click.option("--after-array", "after_array", multiple=True, metavar="ARRAY_ID",
+              help="Start only after every task of the array ended COMPLETE with exit "
+                   "code 0 (repeatable).")
+@click.option("--time-limit", type=DurationParam(), metavar="DURATION",
+              help=f"Stop an attempt running longer ({DURATION_FORMS}): it ends TIMED_OUT.")
+@click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True,
+              metavar="N", help="Run the task again, up to N times, after a failure of a "
+                                "class in --retry-on.")
+@click.option("--retry-on", "retry_on", multiple=True, callback=split_retry_classes,
+              metavar="CLASS[,CLASS]",
+              help=f"Failure classes retried: {', '.join(RETRY_CLASSES)}.  "
+                   "[default: all of them]")
+@click.option("--retry-backoff", type=DurationParam(), metavar="DURATION",
+              help="First retry's delay, doubling each time, with jitter.  [default: 1s]")
+@click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True,
+              metavar="N", help="-1000..1000: among tasks that fit, the highest runs first.")
+@click.option("--owner", default="", envvar="FILCH_OWNER", metavar="NAME",
+              help="Whose work this is: the cluster is shared fairly between owners with "
+                   "pending work.  [env FILCH_OWNER; default: default]")
 @click.option("--wait", is_flag=True,
               help="Wait for the task to finish and exit with its exit code.")
+@click.option("-f", "--follow", is_flag=True,
+              help="With --wait: stream the task's output meanwhile (every attempt).")
 @click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARG]...")
 @click.pass_obj
 def submit(
     client: Client, cpu: int | None, mem: int | None, disk: int | None, restart: bool,
     env: dict[str, str], workdir: str, name: str, request_id: str, network: str | None,
-    wait: bool, command: tuple[str, ...],
+    array: tuple[int, int, int] | None, after: tuple[str, ...], after_any: tuple[str, ...],
+    after_array: tuple[str, ...], time_limit: float | None, retries: int,
+    retry_on: list[str], retry_backoff: float | None, priority: int, owner: str,
+    wait: bool, follow: bool, command: tuple[str, ...],
 ) -> None:
     """Queue CMD to run on whichever node has room; print its task id.
 
     With --wait, exit with the task's exit code: 137 when it ran out of memory,
-    130 when canceled, 125 when it never ran to the end (could not start, node lost).
+    124 when it ran past --time-limit, 130 when canceled, 125 when it never ran to
+    the end (could not start, node lost, a dependency failed).
 
     \b
     Examples:
       filch submit --cpu 0.5 --mem 256Mi -- python3 train.py --epochs 3
       id=$(filch submit -- make test) && filch logs -f "$id"
+      filch submit --array 1-100 -- sh -c 'echo "part $FILCH_ARRAY_INDEX"'
+      filch submit --after "$id" --retries 2 --time-limit 10m -- ./report.sh
     """
+    if follow and not wait:
+        raise click.UsageError("--follow goes with --wait (use `filch logs -f ID` otherwise)")
+    if array is not None and wait:
+        raise click.UsageError("--wait takes one task; for an array use "
+                               "`filch ls --array ARRAY_ID`")
+    dependencies = [filch_pb2.Dependency(id=parent, kind=kind)
+                    for parents, kind in ((after, filch_pb2.DEPENDENCY_KIND_SUCCESS),
+                                          (after_any, filch_pb2.DEPENDENCY_KIND_ANY),
+                                          (after_array, filch_pb2.DEPENDENCY_KIND_ARRAY))
+                    for parent in parents]
     spec = filch_pb2.TaskSpec(
         command=command[0], args=command[1:], cpu_millis=cpu or 0, memory_bytes=mem or 0,
         disk_bytes=disk or 0, restart=restart, env=env, workdir=workdir, name=name,
-        network=network or "")
+        network=network or "", after=dependencies, time_limit_seconds=time_limit or 0,
+        retries=retries, retry_on=retry_on, retry_backoff_seconds=retry_backoff or 0,
+        priority=priority, owner=owner)
+    if array is not None:
+        start, end, step = array
+        response = client.submit_array(spec, filch_pb2.ArraySpec(start=start, end=end,
+                                                                  step=step),
+                                       request_id=request_id)
+        click.echo("\n".join(response.task_ids))
+        return
     task = client.submit(spec, request_id=request_id)
     click.echo(task.id)
     if not wait:
         return
-    task = wait_for(client, task, render.is_finished)
+    if follow:
+        task = follow_task(client, task)
+    else:
+        task = wait_for(client, task, render.is_finished)
     status = task_exit_status(task)
     if status != 0:
         click.echo(f"task {task.id} {render.outcome(task)}", err=True)
     raise click.exceptions.Exit(status)
+
+
+def follow_task(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
+    """Stream every attempt's output to stdout as it happens, until the task ends (after a
+    retry or a requeue, the next attempt's); the final record. How an attempt ended is
+    said on stderr when another follows. Ctrl-C exits 130 (the task goes on)."""
+    stdout = sys.stdout.buffer
+
+    def write(data: bytes) -> None:
+        stdout.write(data)
+        stdout.flush()
+
+    def attempt_end(current: filch_pb2.Task, attempt: int) -> None:
+        if render.is_finished(current) and current.attempt <= attempt:
+            return      # the last one: the exit status says how it ended
+        ended = next((record for record in current.attempts if record.attempt == attempt),
+                     None)
+        how = "ended"
+        if ended is not None:
+            how = (f"exit code {ended.exit_code}" if ended.reason == filch_pb2.REASON_EXITED
+                   else render.reason_name(ended.reason))
+        then = f"; {current.message}" if current.message else ""
+        click.echo(f"filch: attempt {attempt} of task {current.id} ended ({how}){then}",
+                   err=True)
+
+    def missing(attempt: int, failure: ClientError) -> None:
+        click.echo(f"filch: the output of attempt {attempt} cannot be read: "
+                   f"{one_line(failure.message)}", err=True)
+
+    try:
+        return client.follow(task.id, write, on_attempt_end=attempt_end, on_missing=missing,
+                             task=task)
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
 
 @click.command()
