@@ -61,11 +61,11 @@ def finished(task: pb.Task, state: int, reason: int, *, exit_code: int = 0,
     return new
 
 
-def retried(task: pb.Task, reason: int, *, exit_code: int, message: str, backoff: float,
+def retried(task: pb.Task, reason: int, *, exit_code: int, backoff: float,
             why: str) -> pb.Task:
     """RUNNING -> PENDING, held (HOLD_RETRY) until now + backoff, one retry spent; the
-    attempt joins the history with how it ended (message, else why). why: the task's
-    message ("retry 1 of 3 in 1.6s after exit code 1"; retries.attempt_ended words it)."""
+    attempt joins the history with how it ended. why: the message of both ("retry 1 of 3
+    in 1.6s after exit code 1"; retries.attempt_ended words it)."""
     new = _copy(task)
     now = Timestamp()
     now.GetCurrentTime()
@@ -78,7 +78,7 @@ def retried(task: pb.Task, reason: int, *, exit_code: int, message: str, backoff
     new.exit_code = 0
     new.ClearField("finished_at")
     new.message = _cut(why)
-    _record_attempt(task, new, reason, exit_code, message or why, now)
+    _record_attempt(task, new, reason, exit_code, why, now)
     return new
 
 

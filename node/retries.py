@@ -46,8 +46,7 @@ def attempt_ended(task: pb.Task, reason: int, *, exit_code: int = 0, message: st
                        message=message)
     why = (f"retry {task.retries_used + 1} of {task.spec.retries} in "
            f"{format_seconds(round(wait, 1) if wait < 60 else round(wait))} after {how}")
-    return lifecycle.retried(task, reason, exit_code=exit_code, message=message,
-                             backoff=wait, why=why)
+    return lifecycle.retried(task, reason, exit_code=exit_code, backoff=wait, why=why)
 
 
 def backoff(spec: pb.TaskSpec, retries_used: int,

@@ -176,11 +176,13 @@ def follow_task(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
             return      # the last one: the exit status says how it ended
         ended = next((record for record in current.attempts if record.attempt == attempt),
                      None)
-        how = "ended"
+        how, then = "ended", ""
         if ended is not None:
             how = (f"exit code {ended.exit_code}" if ended.reason == filch_pb2.REASON_EXITED
                    else render.reason_name(ended.reason))
-        then = f"; {current.message}" if current.message else ""
+            # A retry's attempt record says so ("retry 1 of 3 in 1.6s after ..."); the task's
+            # own message may already be the next attempt's.
+            then = f"; {ended.message}" if ended.message else ""
         click.echo(f"filch: attempt {attempt} of task {current.id} ended ({how}){then}",
                    err=True)
 
