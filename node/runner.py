@@ -325,7 +325,12 @@ class Runner:
     def _stop_soon(self, local: LocalAttempt, grace: float) -> None:
         """Stop an attempt in the background (it takes up to the grace period; the watch
         and the sweep must not wait), unless it has ended or a stop is under way."""
-        if local.exited or local.done.is_set() or local.stopping or self._group is None:
+        if local.exited or local.done.is_set() or self._group is None:
+            return
+        if local.stopping:
+            # A stop at its time limit is under way: it is taken away all the same, so its
+            # result is not written.
+            local.revoked = True
             return
         if not local.revoked:
             log.info("task %s was canceled or taken away: stopping attempt %d",

@@ -30,6 +30,7 @@ from node.cli.params import (
 )
 from node.client import Client, ClientError
 from node.errors import InvalidArgument
+from node.follow import follow
 from node.lifecycle import RETRY_CLASSES
 from node.units import CPU_FORMS, DURATION_FORMS, SIZE_FORMS
 
@@ -191,8 +192,8 @@ def follow_task(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
                    f"{one_line(failure.message)}", err=True)
 
     try:
-        return client.follow(task.id, write, on_attempt_end=attempt_end, on_missing=missing,
-                             task=task)
+        return follow(client, task.id, write, on_attempt_end=attempt_end, on_missing=missing,
+                      task=task)
     except KeyboardInterrupt:
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
