@@ -464,7 +464,9 @@ def table(results: dict[str, Any]) -> str:
 
 
 def _x(value: float) -> str:
-    return "-" if value is None or math.isnan(value) else f"{value:.1f}x"
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.1f}x" if value >= 1 else f"{value:.2g}x"   # 0.0019x, not 0.0x
 
 
 def _array_lines(arrays: dict[str, Any]) -> list[str]:

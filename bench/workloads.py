@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -914,7 +915,7 @@ def array_throughput(bench: BenchCluster, n: int, node: int = 0) -> dict[str, An
     result = bench.cluster.cli(*command, index=node, timeout=ARRAY_SUBMIT_TIMEOUT + 30)
     submitted = time.time()
     if result.returncode != 0:
-        raise BenchError(f"filch {' '.join(command)} failed ({result.returncode}): "
+        raise BenchError(f"filch {shlex.join(command)} failed ({result.returncode}): "
                          f"{(result.stderr or result.stdout).strip()[-500:]}")
     ids = result.stdout.split()
     if len(ids) != n:
