@@ -982,6 +982,8 @@ def _check_array(bench: BenchCluster, ids: list[str], records: list[pb.Task], *,
     try:
         status = bench.cluster.cli("status", ids[0], "-o", "json", index=node, check=True)
         array_id = json.loads(status.stdout)["array_id"]
+        if not array_id:
+            raise ValueError(f"filch status {ids[0]} shows no array_id")
         listing = bench.cluster.cli("--timeout", "120", "ls", "--array", array_id, "-o", "json",
                                     index=node, check=True, timeout=150)
         checks.update(array_id=array_id, listed_by_array=len(json.loads(listing.stdout)))
