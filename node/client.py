@@ -200,6 +200,13 @@ class Client:
         request = pb.SubmitRequest(spec=spec, request_id=request_id or "")
         return self.submit_request(request).task
 
+    def submit_array(self, spec: pb.TaskSpec, array: pb.ArraySpec, *,
+                     request_id: str | None = None) -> pb.SubmitResponse:
+        """Queue one task per index of array in one call (all or nothing, retried under one
+        request id like submit); the response lists the task ids in index order."""
+        request = pb.SubmitRequest(spec=spec, request_id=request_id or "", array=array)
+        return self.submit_request(request)
+
     def submit_request(self, request: pb.SubmitRequest, *,
                        retry_for: float = SUBMIT_RETRY_SECONDS) -> pb.SubmitResponse:
         """Submit as given; the response says whether the task was created or matched."""

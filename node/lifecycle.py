@@ -91,6 +91,19 @@ def _cut(message: str) -> str:
     return message[:MAX_MESSAGE_CHARS] + " [...]"
 
 
+# Failure classes --retry-on names, in the order help texts list them.
+RETRY_CLASSES = ("failed", "oom", "timeout", "start-failed")
+
+
+def failure_class(task: pb.Task) -> str | None:
+    """The --retry-on class of how this attempt ended (validation.RETRY_CLASSES), or None
+    for a success or an end that is never retried (canceled, node lost)."""
+    if task.reason == pb.REASON_EXITED:
+        return "failed" if task.exit_code != 0 else None
+    return {pb.REASON_OOM_KILLED: "oom", pb.REASON_TIMED_OUT: "timeout",
+            pb.REASON_START_FAILED: "start-failed"}.get(task.reason)
+
+
 def restartable(spec: pb.TaskSpec) -> bool:
     """restart as the user meant it: unset means true."""
     return spec.restart if spec.HasField("restart") else True

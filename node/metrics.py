@@ -78,15 +78,45 @@ API_LATENCY = Histogram("filch_api_request_duration_seconds", "gRPC request hand
                         ["method"], buckets=LATENCY_BUCKETS)
 LOG_STREAMS = Gauge("filch_log_streams", "Log streams this node serves now (--max-log-streams).")
 
+# -- batch work (issue 12): holds, dependencies, time limits, retries, fair share
+BLOCKED = Gauge("filch_tasks_blocked",
+                "PENDING tasks held out of the queue (cluster-wide), by hold: dependencies, "
+                "array (submission not complete), retry (back-off).", ["hold"])
+DEPENDENCY_RELEASES = Counter("filch_dependency_releases_total",
+                              "Held tasks this node released into the queue, by hold.",
+                              ["hold"])
+DEPENDENCY_FAILURES = Counter("filch_dependency_failures_total",
+                              "Tasks this node ended CANCELED DEPENDENCY_FAILED.")
+TIMEOUTS = Counter("filch_task_timeouts_total",
+                   "Attempts this node stopped at their time limit (TIMED_OUT).")
+RETRIES = Counter("filch_task_retries_total",
+                  "Attempts this node ended and scheduled for a retry, by failure class.",
+                  ["failure_class"])
+ARRAY_TASKS_SUBMITTED = Counter("filch_array_tasks_submitted_total",
+                                "Tasks created by array submits on this node.")
+OWNER_SHARE = Gauge("filch_owner_dominant_share",
+                    "Each owner's weighted dominant share of the cluster's CPU and memory, "
+                    "as this node's stealer sees it.", ["owner"])
+OWNER_RUNNING = Gauge("filch_owner_running_tasks",
+                      "Each owner's running tasks across the cluster, as this node sees it.",
+                      ["owner"])
+OWNER_PICKS = Counter("filch_owner_steals_total",
+                      "Tasks this node stole, by owner (fair share in action).", ["owner"])
+
 
 # Label values known in advance are created at import, so every series exists (at 0)
 # before it first moves: rate() and alerts then work from the first scrape.
 for _cause in ("lease_expired", "scan", "shutdown", "lost_answer"):
     REQUEUES.labels(_cause)
-for _reason in ("EXITED", "OOM_KILLED", "START_FAILED"):
+for _reason in ("EXITED", "OOM_KILLED", "START_FAILED", "TIMED_OUT"):
     FINISHED.labels(_reason)
 for _state in ("pending", "running", "complete", "canceled"):
     TASKS.labels(_state)
+for _hold in ("dependencies", "array", "retry"):
+    BLOCKED.labels(_hold)
+    DEPENDENCY_RELEASES.labels(_hold)
+for _class in ("failed", "oom", "timeout", "start-failed"):
+    RETRIES.labels(_class)
 for _state in ("complete", "canceled"):
     RETENTION_DELETED.labels(_state)
 

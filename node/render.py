@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from node import lifecycle
 from node._gen.filch.v1 import filch_pb2
-from node.units import format_cpu, format_size
+from node.units import format_cpu, format_seconds, format_size
 
 
 class TaskDict(TypedDict):
@@ -41,6 +41,35 @@ class TaskDict(TypedDict):
     submitted_at: str | None  # RFC 3339, UTC, milliseconds
     started_at: str | None
     finished_at: str | None
+    array_id: str | None  # the array this task belongs to
+    array_index: int | None
+    after: list[DependencyDict]
+    hold: str | None  # PENDING only: DEPENDENCIES, ARRAY or RETRY while held back
+    not_before: str | None  # hold RETRY: when it may run again
+    time_limit_seconds: float  # 0: none
+    retries: int
+    retry_on: list[str]
+    retry_backoff_seconds: float
+    retries_used: int
+    priority: int
+    owner: str
+    attempts: list[AttemptDict]  # every ended attempt, then the running one
+
+
+class DependencyDict(TypedDict):
+    id: str
+    kind: str  # success (--after), any (--after-any) or array (--after-array)
+
+
+class AttemptDict(TypedDict):
+    attempt: int
+    node_id: str
+    node_name: str
+    started_at: str | None
+    finished_at: str | None  # None while it runs
+    exit_code: int | None
+    reason: str
+    message: str
 
 
 class NodeDict(TypedDict):
@@ -59,6 +88,10 @@ class NodeDict(TypedDict):
     nospace: bool
     allow_host_network: bool
 
+
+DEPENDENCY_KINDS = {filch_pb2.DEPENDENCY_KIND_SUCCESS: "success",
+                    filch_pb2.DEPENDENCY_KIND_ANY: "any",
+                    filch_pb2.DEPENDENCY_KIND_ARRAY: "array"}
 
 # Only these reasons mean the command itself ended, so only they carry a real exit code.
 _REASONS_WITH_EXIT_CODE = frozenset({filch_pb2.REASON_EXITED, filch_pb2.REASON_OOM_KILLED})
@@ -111,7 +144,8 @@ def format_timestamp(stamp: Timestamp) -> str:
     return f"{moment:%Y-%m-%dT%H:%M:%S}.{stamp.nanos // 1_000_000:03d}Z"
 
 
-def _optional_timestamp(message: filch_pb2.Task, field: str) -> str | None:
+def _optional_timestamp(message: filch_pb2.Task | filch_pb2.AttemptRecord,
+                        field: str) -> str | None:
     if not message.HasField(field):  # type: ignore[arg-type]
         return None
     stamp: Timestamp = getattr(message, field)
@@ -140,6 +174,57 @@ def task_to_dict(task: filch_pb2.Task) -> TaskDict:
         "submitted_at": _optional_timestamp(task, "submitted_at"),
         "started_at": _optional_timestamp(task, "started_at"),
         "finished_at": _optional_timestamp(task, "finished_at"),
+        "array_id": task.array_id or None,
+        "array_index": task.array_index if task.array_id else None,
+        "after": [{"id": parent.id, "kind": DEPENDENCY_KINDS.get(parent.kind, "success")}
+                  for parent in task.spec.after],
+        "hold": hold_name(task),
+        "not_before": (_optional_timestamp(task, "not_before")
+                       if task.hold == filch_pb2.HOLD_RETRY else None),
+        "time_limit_seconds": task.spec.time_limit_seconds,
+        "retries": task.spec.retries,
+        "retry_on": list(task.spec.retry_on),
+        "retry_backoff_seconds": task.spec.retry_backoff_seconds,
+        "retries_used": task.retries_used,
+        "priority": task.spec.priority,
+        "owner": task.spec.owner or "default",
+        "attempts": [attempt_to_dict(attempt) for attempt in attempt_history(task)],
+    }
+
+
+def hold_name(task: filch_pb2.Task) -> str | None:
+    """"DEPENDENCIES" for a PENDING task held for its dependencies; None when not held."""
+    if task.state != filch_pb2.TASK_STATE_PENDING or task.hold == filch_pb2.HOLD_NONE:
+        return None
+    try:
+        return filch_pb2.Hold.Name(task.hold).removeprefix("HOLD_")
+    except ValueError:
+        return str(task.hold)
+
+
+def attempt_history(task: filch_pb2.Task) -> list[filch_pb2.AttemptRecord]:
+    """Every ended attempt, then the one running now (without finished_at)."""
+    history = list(task.attempts)
+    if task.state == filch_pb2.TASK_STATE_RUNNING and (
+            not history or history[-1].attempt < task.attempt):
+        history.append(filch_pb2.AttemptRecord(
+            attempt=task.attempt, node_id=task.node_id, node_name=task.node_name,
+            node_address=task.node_address, started_at=task.started_at))
+    return history
+
+
+def attempt_to_dict(attempt: filch_pb2.AttemptRecord) -> AttemptDict:
+    ended = attempt.HasField("finished_at")
+    return {
+        "attempt": attempt.attempt,
+        "node_id": attempt.node_id,
+        "node_name": attempt.node_name,
+        "started_at": _optional_timestamp(attempt, "started_at"),
+        "finished_at": _optional_timestamp(attempt, "finished_at"),
+        "exit_code": (attempt.exit_code if ended and attempt.reason in _REASONS_WITH_EXIT_CODE
+                      else None),
+        "reason": reason_name(attempt.reason),
+        "message": attempt.message,
     }
 
 
@@ -178,6 +263,10 @@ def outcome(task: filch_pb2.Task) -> str:
             return "lost with its node (restart is off)"
         case filch_pb2.REASON_START_FAILED:
             return "could not start" + (f": {task.message}" if task.message else "")
+        case filch_pb2.REASON_TIMED_OUT:
+            return f"stopped at its time limit ({format_seconds(task.spec.time_limit_seconds)})"
+        case filch_pb2.REASON_DEPENDENCY_FAILED:
+            return "canceled: " + (task.message or "a dependency failed")
         case _:
             return "canceled"
 
@@ -192,6 +281,10 @@ def _short_outcome(task: filch_pb2.Task) -> str:
             return "node lost"
         case filch_pb2.REASON_START_FAILED:
             return "start failed"
+        case filch_pb2.REASON_TIMED_OUT:
+            return "timed out"
+        case filch_pb2.REASON_DEPENDENCY_FAILED:
+            return "dependency failed"
         case filch_pb2.REASON_CANCELED:
             return "canceled"
     # PENDING tasks carry why they still wait ("no node has 64 free cores").
@@ -307,7 +400,24 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
         ("Disk", format_size(spec.disk_bytes) if spec.disk_bytes else "default"),
         ("Restart", "yes, if its node dies" if lifecycle.restartable(spec) else "no"),
         ("Network", spec.network or "isolated"),
+        ("Owner", spec.owner or "default"),
+        ("Priority", str(spec.priority)),
     ]
+    if task.array_id:
+        fields.append(("Array", f"{task.array_id} index {task.array_index}"))
+    fields += [("After" if i == 0 else "",
+                f"{parent.id} ({DEPENDENCY_KINDS.get(parent.kind, 'success')})")
+               for i, parent in enumerate(spec.after)]
+    if spec.time_limit_seconds:
+        fields.append(("Time limit", format_seconds(spec.time_limit_seconds)))
+    if spec.retries:
+        fields.append(("Retries", f"{task.retries_used} of {spec.retries} used, on "
+                                  f"{','.join(spec.retry_on)}, back-off from "
+                                  f"{format_seconds(spec.retry_backoff_seconds)}"))
+    held = hold_name(task)
+    if held:
+        fields.append(("Held", held.lower() + (f" until {_optional_timestamp(task, 'not_before')}"
+                                               if task.HasField("not_before") else "")))
     if spec.env:
         fields += [("Env" if i == 0 else "", f"{key}={spec.env[key]}")
                    for i, key in enumerate(sorted(spec.env))]
@@ -331,8 +441,23 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
     if task.request_id:
         fields.append(("Request ID", task.request_id))
     width = max(len(label) for label, _ in fields) + 1
-    return "\n".join(f"{(label + ':') if label else '':<{width}}  {printable(value)}".rstrip()
+    text = "\n".join(f"{(label + ':') if label else '':<{width}}  {printable(value)}".rstrip()
                      for label, value in fields)
+    history = attempt_history(task)
+    if len(history) > 1 or (history and history[-1].HasField("finished_at")):
+        text += "\n\nAttempts:\n" + _attempts_table(history)
+    return text
+
+
+def _attempts_table(history: Sequence[filch_pb2.AttemptRecord]) -> str:
+    rows = [(str(attempt.attempt), attempt.node_name or _short_id(attempt.node_id) or "-",
+             _optional_timestamp(attempt, "started_at") or "-",
+             _optional_timestamp(attempt, "finished_at") or "running",
+             str(attempt.exit_code) if attempt.reason in _REASONS_WITH_EXIT_CODE else "-",
+             reason_name(attempt.reason) or "-",
+             _truncate(attempt.message, 60) or "-")
+            for attempt in history]
+    return table(("ATTEMPT", "NODE", "STARTED", "FINISHED", "EXIT", "REASON", "MESSAGE"), rows)
 
 
 def _short_id(identifier: str) -> str:

@@ -96,3 +96,47 @@ def format_cpu(millis: int) -> str:
     if remainder == 0:
         return str(cores)
     return f"{millis / 1000:.3f}".rstrip("0")
+
+
+DURATION_FORMS = "a duration like 90s, 5m, 2h or 1h30m (a plain number is seconds)"
+
+# 30 days: a time limit or back-off longer than that is a unit mistake, not a plan.
+MAX_DURATION_SECONDS = 30 * 86400
+
+_DURATION_PART = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h|d)")
+_DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60),
+                   "h": Decimal(3600), "d": Decimal(86400)}
+
+
+def parse_duration(text: str) -> float:
+    """Return the seconds text spells: "90s" -> 90, "5m" -> 300, "1h30m" -> 5400, "2.5" -> 2.5.
+
+    Raises ValueError, naming the accepted forms, for junk, zero and anything past 30 days.
+    """
+    spelled = text.strip()
+    if re.fullmatch(r"\d+(?:\.\d+)?", spelled):
+        seconds = Decimal(spelled)
+    else:
+        parts = list(_DURATION_PART.finditer(spelled))
+        if not parts or "".join(part.group(0) for part in parts) != spelled:
+            raise ValueError(f"{text!r} is not {DURATION_FORMS}")
+        seconds = sum((Decimal(part["number"]) * _DURATION_UNITS[part["unit"]]
+                       for part in parts), Decimal(0))
+    if seconds <= 0:
+        raise ValueError(f"{text!r} is zero; give {DURATION_FORMS}")
+    if seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"{text!r} is longer than 30 days")
+    return float(seconds)
+
+
+def format_seconds(seconds: float) -> str:
+    """Spell a duration the way parse_duration reads it: 5400 -> "1h30m", 2.5 -> "2.5s"."""
+    if seconds != int(seconds) or seconds < 60:
+        return f"{seconds:g}s"
+    whole = int(seconds)
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, whole = divmod(whole, size)
+        if count:
+            out += f"{count}{unit}"
+    return out

@@ -5,14 +5,18 @@ Each check raises InvalidArgument naming the field, with a message a person can 
 
 from __future__ import annotations
 
+import math
 import re
 
 from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import InvalidArgument
+from node.lifecycle import RETRY_CLASSES
 from node.limits import (
     MAX_ARGS,
+    MAX_ARRAY_TASKS,
     MAX_CPU_MILLIS,
+    MAX_DEPENDENCIES,
     MAX_DISK_BYTES,
     MAX_ENV,
     MAX_MEMORY_BYTES,
@@ -25,6 +29,18 @@ from node.limits import (
 )
 from node.runtime.network import ISOLATED
 from node.runtime.network import MODES as NETWORK_MODES
+from node.units import MAX_DURATION_SECONDS
+
+# Retries one task may ask for: beyond this a task is broken, not unlucky; each attempt
+# also stays in the record's history.
+MAX_RETRIES = 100
+
+# Back-off base when a spec asks for retries without one (the issue's default).
+DEFAULT_RETRY_BACKOFF_SECONDS = 1.0
+
+# Array indices stay below this (Slurm's MaxArraySize is 1001 by default, at most 4
+# million): larger numbers are typos, and FILCH_ARRAY_INDEX stays a short number.
+MAX_ARRAY_INDEX = 10_000_000
 
 # Defaults when a spec leaves cpu or memory at 0 (Nomad's are 100 MHz / 300 MB; a batch
 # task on filch is usually smaller, and a limit that is too low shows up as OOM_KILLED).
@@ -97,14 +113,87 @@ def spec(raw: pb.TaskSpec) -> pb.TaskSpec:
         shown = raw.network[:32]
         raise InvalidArgument("spec.network", f"{shown!r} is not one of "
                                               f"{', '.join(NETWORK_MODES)}")
+    _dependencies(raw)
+    _seconds("spec.time_limit_seconds", raw.time_limit_seconds)
+    _seconds("spec.retry_backoff_seconds", raw.retry_backoff_seconds)
+    if raw.retries > MAX_RETRIES:
+        raise InvalidArgument("spec.retries", f"{raw.retries} is above the limit of "
+                                              f"{MAX_RETRIES}")
+    for name in raw.retry_on:
+        if name not in RETRY_CLASSES:
+            raise InvalidArgument("spec.retry_on", f"{name[:32]!r} is not one of "
+                                                   f"{', '.join(RETRY_CLASSES)}")
+    if not keys.MIN_PRIORITY <= raw.priority <= keys.MAX_PRIORITY:
+        raise InvalidArgument("spec.priority", f"{raw.priority} is outside "
+                                               f"{keys.MIN_PRIORITY}..{keys.MAX_PRIORITY}")
+    owner(raw.owner or keys.DEFAULT_OWNER, "spec.owner")
     clean = pb.TaskSpec()
     clean.CopyFrom(raw)
     clean.network = network
+    clean.owner = raw.owner or keys.DEFAULT_OWNER
+    # One entry per parent, in the order given (a parent named twice is waited for once).
+    unique = {parent.id: parent.kind or pb.DEPENDENCY_KIND_SUCCESS for parent in raw.after}
+    del clean.after[:]
+    clean.after.extend(pb.Dependency(id=parent_id, kind=kind)
+                       for parent_id, kind in unique.items())
+    # Every class when retries are asked for without naming any (a Kubernetes Job's
+    # backoffLimit also counts every failure); the order is the table's.
+    classes = set(raw.retry_on) or (set(RETRY_CLASSES) if raw.retries else set())
+    del clean.retry_on[:]
+    clean.retry_on.extend(name for name in RETRY_CLASSES if name in classes)
+    if raw.retries and not raw.retry_backoff_seconds:
+        clean.retry_backoff_seconds = DEFAULT_RETRY_BACKOFF_SECONDS
     clean.cpu_millis = raw.cpu_millis or DEFAULT_CPU_MILLIS
     clean.memory_bytes = raw.memory_bytes or DEFAULT_MEMORY_BYTES
     # Restartable unless the client says otherwise: losing a node should not lose work.
     clean.restart = raw.restart if raw.HasField("restart") else True
     return clean
+
+
+def _dependencies(raw: pb.TaskSpec) -> None:
+    if len(raw.after) > MAX_DEPENDENCIES:
+        raise InvalidArgument("spec.after", f"has {len(raw.after)} entries; the limit is "
+                                            f"{MAX_DEPENDENCIES} (depend on an array instead "
+                                            "of its tasks: --after-array)")
+    kinds: dict[str, int] = {}
+    for parent in raw.after:
+        task_id(parent.id, "spec.after")
+        if parent.kind not in pb.DependencyKind.values():
+            raise InvalidArgument("spec.after", f"{parent.kind} is not a DependencyKind")
+        kind = parent.kind or pb.DEPENDENCY_KIND_SUCCESS
+        if kinds.setdefault(parent.id, kind) != kind:
+            raise InvalidArgument("spec.after", f"{parent.id} is named with two different "
+                                                "kinds (--after and --after-any); give one")
+
+
+def _seconds(field: str, value: float) -> None:
+    if not math.isfinite(value) or not 0 <= value <= MAX_DURATION_SECONDS:
+        raise InvalidArgument(field, f"{value} is outside 0..{MAX_DURATION_SECONDS} seconds "
+                                     "(30 days; 0 means none)")
+
+
+def owner(value: str, field: str = "owner") -> str:
+    """An owner name (fair share), or InvalidArgument naming field."""
+    if not keys.OWNER_PATTERN.fullmatch(value):
+        shown = value if len(value) <= 64 else value[:64] + "..."
+        raise InvalidArgument(field, f"{shown!r} is not an owner name (1-64 letters, digits, "
+                                     "'.', '_', '@' or '-', starting with a letter or digit)")
+    return value
+
+
+def array(raw: pb.ArraySpec) -> pb.ArraySpec:
+    """An array's index range with the step filled in, or InvalidArgument naming `array`."""
+    step = raw.step or 1
+    if step < 1:
+        raise InvalidArgument("array", f"step {raw.step} must be at least 1")
+    if not 0 <= raw.start <= raw.end < MAX_ARRAY_INDEX:
+        raise InvalidArgument("array", f"{raw.start}-{raw.end} is not a range of indices "
+                                       f"with 0 <= START <= END < {MAX_ARRAY_INDEX}")
+    count = (raw.end - raw.start) // step + 1
+    if count > MAX_ARRAY_TASKS:
+        raise InvalidArgument("array", f"{raw.start}-{raw.end}:{step} makes {count} tasks; "
+                                       f"one submit makes at most {MAX_ARRAY_TASKS}")
+    return pb.ArraySpec(start=raw.start, end=raw.end, step=step)
 
 
 def disk_bytes(value: int, field: str) -> int:

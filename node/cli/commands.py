@@ -3,6 +3,7 @@ the node goes through node.client.Client, which the group puts in the context.""
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,14 +16,23 @@ from node.cli.output import (
     EXIT_INTERRUPTED,
     CommandError,
     Progress,
+    one_line,
     output_option,
     print_json,
     task_exit_status,
 )
-from node.cli.params import CpuParam, SizeParam, parse_env
-from node.client import Client
+from node.cli.params import (
+    ArrayParam,
+    CpuParam,
+    DurationParam,
+    SizeParam,
+    parse_env,
+    split_retry_classes,
+)
+from node.client import Client, ClientError
 from node.errors import InvalidArgument
-from node.units import CPU_FORMS, SIZE_FORMS
+from node.lifecycle import RETRY_CLASSES
+from node.units import CPU_FORMS, DURATION_FORMS, SIZE_FORMS
 
 # How long `filch cancel` waits for the node to stop a running task: past its cancel
 # grace (SIGTERM -> SIGKILL, 5 s by default) with a wide margin for a loaded node.
@@ -56,43 +66,127 @@ def wait_for(client: Client, task: filch_pb2.Task, until: Callable[[filch_pb2.Ta
               help="Working directory inside the task (default: its own scratch dir).")
 @click.option("--name", default="", help="A label for people; need not be unique.")
 @click.option("--request-id", default="", metavar="ID",
-              help="Idempotency key: submitting the same ID again returns the same task.")
+              help="Idempotency key: submitting the same ID again returns the same task "
+                   "(or completes the same array).")
 @click.option("--network", type=click.Choice(["isolated", "none", "host"]),
               help="runc tasks: own namespace with NATed outbound access (isolated), loopback "
                    "only (none), or the host's network (host: only nodes started with "
                    "--allow-host-network run it).  [default: isolated]")
+@click.option("--array", "array", type=ArrayParam(), metavar="START-END[:STEP]",
+              help="One task per index (END included, at most 100,000), each with "
+                   "FILCH_ARRAY_INDEX; prints the task ids in index order.")
+@click.option("--after", "after", multiple=True, metavar="ID",
+              help="Start only after task ID ended COMPLETE with exit code 0 (repeatable).")
+@click.option("--after-any", "after_any", multiple=True, metavar="ID",
+              help="Start only after task ID ended, however it ended (repeatable).")
+@click.option("--after-array", "after_array", multiple=True, metavar="ARRAY_ID",
+              help="Start only after every task of the array ended COMPLETE with exit "
+                   "code 0 (repeatable).")
+@click.option("--time-limit", type=DurationParam(), metavar="DURATION",
+              help=f"Stop an attempt running longer ({DURATION_FORMS}): it ends TIMED_OUT.")
+@click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True,
+              metavar="N", help="Run the task again, up to N times, after a failure of a "
+                                "class in --retry-on.")
+@click.option("--retry-on", "retry_on", multiple=True, callback=split_retry_classes,
+              metavar="CLASS[,CLASS]",
+              help=f"Failure classes retried: {', '.join(RETRY_CLASSES)}.  "
+                   "[default: all of them]")
+@click.option("--retry-backoff", type=DurationParam(), metavar="DURATION",
+              help="First retry's delay, doubling each time, with jitter.  [default: 1s]")
+@click.option("--priority", type=click.IntRange(-1000, 1000), default=0, show_default=True,
+              metavar="N", help="-1000..1000: among tasks that fit, the highest runs first.")
+@click.option("--owner", default="", envvar="FILCH_OWNER", metavar="NAME",
+              help="Whose work this is: the cluster is shared fairly between owners with "
+                   "pending work.  [env FILCH_OWNER; default: default]")
 @click.option("--wait", is_flag=True,
               help="Wait for the task to finish and exit with its exit code.")
+@click.option("-f", "--follow", is_flag=True,
+              help="With --wait: stream the task's output meanwhile (every attempt).")
 @click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARG]...")
 @click.pass_obj
 def submit(
     client: Client, cpu: int | None, mem: int | None, disk: int | None, restart: bool,
     env: dict[str, str], workdir: str, name: str, request_id: str, network: str | None,
-    wait: bool, command: tuple[str, ...],
+    array: tuple[int, int, int] | None, after: tuple[str, ...], after_any: tuple[str, ...],
+    after_array: tuple[str, ...], time_limit: float | None, retries: int,
+    retry_on: list[str], retry_backoff: float | None, priority: int, owner: str,
+    wait: bool, follow: bool, command: tuple[str, ...],
 ) -> None:
     """Queue CMD to run on whichever node has room; print its task id.
 
     With --wait, exit with the task's exit code: 137 when it ran out of memory,
-    130 when canceled, 125 when it never ran to the end (could not start, node lost).
+    124 when it ran past --time-limit, 130 when canceled, 125 when it never ran to
+    the end (could not start, node lost, a dependency failed).
 
     \b
     Examples:
       filch submit --cpu 0.5 --mem 256Mi -- python3 train.py --epochs 3
       id=$(filch submit -- make test) && filch logs -f "$id"
+      filch submit --array 1-100 -- sh -c 'echo "part $FILCH_ARRAY_INDEX"'
+      filch submit --after "$id" --retries 2 --time-limit 10m -- ./report.sh
     """
+    if follow and not wait:
+        raise click.UsageError("--follow goes with --wait (use `filch logs -f ID` otherwise)")
+    if array is not None and wait:
+        raise click.UsageError("--wait takes one task; for an array use "
+                               "`filch ls --array ARRAY_ID`")
+    dependencies = [filch_pb2.Dependency(id=parent, kind=kind)
+                    for parents, kind in ((after, filch_pb2.DEPENDENCY_KIND_SUCCESS),
+                                          (after_any, filch_pb2.DEPENDENCY_KIND_ANY),
+                                          (after_array, filch_pb2.DEPENDENCY_KIND_ARRAY))
+                    for parent in parents]
     spec = filch_pb2.TaskSpec(
         command=command[0], args=command[1:], cpu_millis=cpu or 0, memory_bytes=mem or 0,
         disk_bytes=disk or 0, restart=restart, env=env, workdir=workdir, name=name,
-        network=network or "")
+        network=network or "", after=dependencies, time_limit_seconds=time_limit or 0,
+        retries=retries, retry_on=retry_on, retry_backoff_seconds=retry_backoff or 0,
+        priority=priority, owner=owner)
+    if array is not None:
+        start, end, step = array
+        response = client.submit_array(spec, filch_pb2.ArraySpec(start=start, end=end,
+                                                                  step=step),
+                                       request_id=request_id)
+        click.echo("\n".join(response.task_ids))
+        return
     task = client.submit(spec, request_id=request_id)
     click.echo(task.id)
     if not wait:
         return
-    task = wait_for(client, task, render.is_finished)
+    if follow:
+        task = follow_task(client, task)
+    else:
+        task = wait_for(client, task, render.is_finished)
     status = task_exit_status(task)
     if status != 0:
         click.echo(f"task {task.id} {render.outcome(task)}", err=True)
     raise click.exceptions.Exit(status)
+
+
+def _reached(attempt: int, task: filch_pb2.Task) -> bool:
+    return render.is_finished(task) or task.attempt >= attempt
+
+
+def follow_task(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
+    """Stream every attempt's output to stdout as it happens, until the task ends; the
+    final record. Ctrl-C exits 130 (the task goes on)."""
+    stdout = sys.stdout.buffer
+    attempt = 1
+    try:
+        while True:
+            current = client.wait(task.id, until=functools.partial(_reached, attempt))
+            if current.attempt < attempt:
+                return current
+            try:
+                for data in client.logs(task.id, follow=True, attempt=attempt):
+                    stdout.write(data)
+                    stdout.flush()
+            except ClientError as failure:
+                # Its node died mid-stream: say so and go on with the next attempt.
+                click.echo(f"filch: the output of attempt {attempt} is cut short: "
+                           f"{one_line(str(failure))}", err=True)
+            attempt += 1
+    except KeyboardInterrupt:
+        raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 
 
 @click.command()

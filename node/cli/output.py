@@ -24,6 +24,8 @@ EXIT_OOM_KILLED = 128 + 9  # SIGKILL, which is how the kernel's OOM killer ends 
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE: `filch ls | head` stopped reading
 # Like `docker run`: the command never got to exit by itself (not started, node lost).
 EXIT_NOT_RUN = 125
+# timeout(1)'s status for a command it stopped at its time limit.
+EXIT_TIMED_OUT = 124
 
 
 class CommandError(click.ClickException):
@@ -68,6 +70,8 @@ def print_json(data: Any) -> None:
 
 def task_exit_status(task: filch_pb2.Task) -> int:
     """The status `filch submit --wait` exits with, shell conventions where they exist."""
+    if task.reason == filch_pb2.REASON_DEPENDENCY_FAILED:
+        return EXIT_NOT_RUN
     if task.state == filch_pb2.TASK_STATE_CANCELED or task.reason == filch_pb2.REASON_CANCELED:
         return EXIT_INTERRUPTED
     match task.reason:
@@ -77,6 +81,8 @@ def task_exit_status(task: filch_pb2.Task) -> int:
             return min(task.exit_code, 255)
         case filch_pb2.REASON_OOM_KILLED:
             return EXIT_OOM_KILLED
+        case filch_pb2.REASON_TIMED_OUT:
+            return EXIT_TIMED_OUT
         case filch_pb2.REASON_NODE_LOST | filch_pb2.REASON_START_FAILED:
             return EXIT_NOT_RUN
     return EXIT_FAILURE

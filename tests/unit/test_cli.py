@@ -34,7 +34,9 @@ from node.config import Config
 TASK_FIELDS = {
     "id", "name", "state", "node_id", "node_address", "exit_code", "reason", "message",
     "command", "args", "cpu", "memory_bytes", "disk_bytes", "restart", "network", "attempt",
-    "submitted_at", "started_at", "finished_at",
+    "submitted_at", "started_at", "finished_at", "array_id", "array_index", "after", "hold",
+    "not_before", "time_limit_seconds", "retries", "retry_on", "retry_backoff_seconds",
+    "retries_used", "priority", "owner", "attempts",
 }
 
 
@@ -120,8 +122,8 @@ def run(*args: str, env: dict[str, str] | None = None) -> Result:
     return CliRunner().invoke(cli_module.cli, list(args), env=env)
 
 
-def filch(fake: FakeScheduler, *args: str) -> Result:
-    return run("--server", fake.address, *args)  # type: ignore[attr-defined]
+def filch(fake: FakeScheduler, *args: str, env: dict[str, str] | None = None) -> Result:
+    return run("--server", fake.address, *args, env=env)  # type: ignore[attr-defined]
 
 
 def assert_one_line_error(result: Result, exit_code: int) -> str:
@@ -147,6 +149,42 @@ def test_submit_prints_only_the_task_id(fake: FakeScheduler) -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout == "task-1\n"
     assert result.stderr == ""
+
+
+def test_submit_sends_the_batch_flags_the_user_typed(fake: FakeScheduler) -> None:
+    parent = "01a21bce-b194-7000-994b-fef8376138b8"
+    array = "01a21bce-b194-7000-994b-fef8376138b9"
+    result = filch(fake, "submit", "--after", parent, "--after-any", parent[:-1] + "7",
+                   "--after-array", array, "--time-limit", "1h30m", "--retries", "3",
+                   "--retry-on", "failed,oom", "--retry-on", "timeout", "--retry-backoff", "2s",
+                   "--priority", "-5", "--owner", "alice", "--", "true")
+    assert result.exit_code == 0, result.output
+    [request] = fake.requests
+    assert list(request.spec.after) == [
+        pb.Dependency(id=parent, kind=pb.DEPENDENCY_KIND_SUCCESS),
+        pb.Dependency(id=parent[:-1] + "7", kind=pb.DEPENDENCY_KIND_ANY),
+        pb.Dependency(id=array, kind=pb.DEPENDENCY_KIND_ARRAY)]
+    assert request.spec.time_limit_seconds == 5400
+    assert (request.spec.retries, list(request.spec.retry_on)) == (3, ["failed", "oom", "timeout"])
+    assert request.spec.retry_backoff_seconds == 2
+    assert (request.spec.priority, request.spec.owner) == (-5, "alice")
+
+
+def test_submit_takes_the_owner_from_the_environment(fake: FakeScheduler) -> None:
+    result = filch(fake, "submit", "--", "true", env={"FILCH_OWNER": "bob"})
+    assert result.exit_code == 0, result.output
+    assert fake.requests[0].spec.owner == "bob"
+
+
+@pytest.mark.parametrize("flags", [
+    ("--time-limit", "soon"), ("--time-limit", "0s"), ("--priority", "1001"),
+    ("--array", "5-x"), ("--retries", "-1"), ("--follow",)])
+def test_submit_refuses_bad_batch_flags_before_calling(fake: FakeScheduler,
+                                                       flags: tuple[str, ...]) -> None:
+    result = filch(fake, "submit", *flags, "--", "true")
+    assert result.exit_code == 2, result.output
+    assert fake.requests == []
+    assert "Traceback" not in result.output
 
 
 def test_submit_sends_the_spec_the_user_typed(fake: FakeScheduler) -> None:

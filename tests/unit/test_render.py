@@ -13,7 +13,9 @@ from node._gen.filch.v1 import filch_pb2 as pb
 TASK_FIELDS = {
     "id", "name", "state", "node_id", "node_address", "exit_code", "reason", "message",
     "command", "args", "cpu", "memory_bytes", "disk_bytes", "restart", "network", "attempt",
-    "submitted_at", "started_at", "finished_at",
+    "submitted_at", "started_at", "finished_at", "array_id", "array_index", "after", "hold",
+    "not_before", "time_limit_seconds", "retries", "retry_on", "retry_backoff_seconds",
+    "retries_used", "priority", "owner", "attempts",
 }
 NODE_FIELDS = {
     "id", "name", "address", "cpu_capacity", "memory_capacity_bytes", "cpu_allocated",
@@ -179,3 +181,28 @@ def test_control_characters_in_names_and_commands_are_escaped() -> None:
     assert "x\\x1b[2J\\x1b]0;owned\\x07" in table
     assert "echo\\x0afake-row" in detail and "\\u202egnp.exe" in detail
     assert "K=v\\x0d\\x9b" in detail
+
+
+def test_task_json_lists_every_ended_attempt_then_the_running_one() -> None:
+    task = pb.Task(id="t", state=pb.TASK_STATE_RUNNING, attempt=2, node_id="n2",
+                   node_name="node-2", spec=pb.TaskSpec(command="x", retries=3))
+    task.started_at.FromSeconds(1_800_000_100)
+    first = task.attempts.add(attempt=1, node_id="n1", node_name="node-1", exit_code=1,
+                              reason=pb.REASON_EXITED)
+    first.started_at.FromSeconds(1_800_000_000)
+    first.finished_at.FromSeconds(1_800_000_050)
+    data = render.task_to_dict(task)
+    assert [(a["attempt"], a["node_name"], a["exit_code"], a["reason"], a["finished_at"] is None)
+            for a in data["attempts"]] == [(1, "node-1", 1, "EXITED", False),
+                                           (2, "node-2", None, "", True)]
+    detail = render.task_detail(task)
+    assert "Attempts:" in detail and "node-1" in detail and "running" in detail
+
+
+def test_a_held_task_says_why_and_until_when() -> None:
+    task = pb.Task(id="t", state=pb.TASK_STATE_PENDING, hold=pb.HOLD_RETRY,
+                   spec=pb.TaskSpec(command="x"))
+    task.not_before.FromSeconds(1_800_000_000)
+    data = render.task_to_dict(task)
+    assert data["hold"] == "RETRY" and data["not_before"] is not None
+    assert render.task_to_dict(pb.Task(id="t", state=pb.TASK_STATE_PENDING))["hold"] is None

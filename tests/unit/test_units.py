@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from node.units import format_cpu, format_size, parse_cpu, parse_size
+from node.units import (
+    format_cpu,
+    format_seconds,
+    format_size,
+    parse_cpu,
+    parse_duration,
+    parse_size,
+)
 
 
 @pytest.mark.parametrize(
@@ -91,3 +98,23 @@ def test_parse_cpu_rejects_amounts_finer_than_a_millicore() -> None:
                                               (1, "0.001"), (0, "0")])
 def test_format_cpu_prints_cores(millis: int, text: str) -> None:
     assert format_cpu(millis) == text
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("90s", 90), ("5m", 300), ("2h", 7200), ("1h30m", 5400), ("1d", 86400), ("2.5", 2.5),
+    ("500ms", 0.5), (" 10m ", 600)])
+def test_parse_duration_reads_the_usual_spellings(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "5x", "m5", "0s", "-1s", "31d", "1h 30m", "5mm"])
+def test_parse_duration_refuses_junk_zero_and_months(text: str) -> None:
+    with pytest.raises(ValueError, match=r"duration|zero|30 days"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(5400, "1h30m"), (2.5, "2.5s"), (30, "30s"),
+                                               (86400, "1d")])
+def test_format_seconds_round_trips(seconds: float, text: str) -> None:
+    assert format_seconds(seconds) == text
+    assert parse_duration(text) == seconds

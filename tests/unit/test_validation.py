@@ -43,12 +43,38 @@ def test_spec_keeps_restart_false_when_explicit() -> None:
 def test_spec_keeps_given_values_and_does_not_touch_the_request() -> None:
     raw = pb.TaskSpec(name="train", command="/usr/bin/python3", args=["-c", "print(1)"],
                       env={"HOME": "/tmp"}, workdir="/work", cpu_millis=2500,
-                      memory_bytes=4 * MiB, restart=True, network="none")
+                      memory_bytes=4 * MiB, restart=True, network="none", owner="alice",
+                      priority=7, time_limit_seconds=90, retries=2, retry_on=["failed"],
+                      retry_backoff_seconds=3,
+                      after=[pb.Dependency(id=PARENT, kind=pb.DEPENDENCY_KIND_ANY)])
     before = raw.SerializeToString()
     clean = validation.spec(raw)
     assert raw.SerializeToString() == before
     assert clean == raw
     assert clean is not raw
+
+
+def test_spec_fills_in_the_batch_defaults() -> None:
+    clean = validation.spec(pb.TaskSpec(command="x", retries=2,
+                                        after=[pb.Dependency(id=PARENT),
+                                               pb.Dependency(id=PARENT)]))
+    assert clean.owner == "default"
+    assert list(clean.retry_on) == ["failed", "oom", "timeout", "start-failed"]
+    assert clean.retry_backoff_seconds == 1.0
+    assert list(clean.after) == [pb.Dependency(id=PARENT, kind=pb.DEPENDENCY_KIND_SUCCESS)]
+    plain = validation.spec(pb.TaskSpec(command="x"))
+    assert (list(plain.retry_on), plain.retry_backoff_seconds) == ([], 0)
+
+
+@pytest.mark.parametrize(("start", "end", "step"), [(5, 4, 1), (0, 10_000_000, 1),
+                                                    (0, 100_000, 1), (0, 3, -1)])
+def test_array_refuses_bad_ranges(start: int, end: int, step: int) -> None:
+    assert invalid(validation.array, pb.ArraySpec(start=start, end=end, step=step)).field == "array"
+
+
+def test_array_fills_in_the_step_and_takes_100000() -> None:
+    assert validation.array(pb.ArraySpec(start=1, end=100_000)) == pb.ArraySpec(
+        start=1, end=100_000, step=1)
 
 
 def test_spec_accepts_the_boundaries() -> None:
@@ -60,6 +86,8 @@ def test_spec_accepts_the_boundaries() -> None:
 
 
 # -- spec(): one bad field each ----------------------------------------------------------
+
+PARENT = "01a21bce-b194-7000-994b-fef8376138b8"
 
 BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("empty command", {"command": ""}, "spec.command"),
@@ -96,6 +124,23 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("too many args", {"args": [""] * (limits.MAX_ARGS + 1)}, "spec.args"),
     ("too many env", {"env": {f"V{i}": "" for i in range(limits.MAX_ENV + 1)}}, "spec.env"),
     ("spec over 1 MiB", {"args": ["x" * limits.MAX_SPEC_BYTES]}, "spec"),
+    ("bad parent id", {"after": [pb.Dependency(id="../x")]}, "spec.after"),
+    ("parent with two kinds", {"after": [pb.Dependency(id=PARENT),
+                                         pb.Dependency(id=PARENT, kind=2)]}, "spec.after"),
+    ("unknown dependency kind", {"after": [pb.Dependency(id=PARENT, kind=9)]}, "spec.after"),
+    ("too many parents", {"after": [pb.Dependency(id=PARENT[:-3] + f"{i:03x}")
+                                    for i in range(limits.MAX_DEPENDENCIES + 1)]}, "spec.after"),
+    ("negative time limit", {"time_limit_seconds": -1}, "spec.time_limit_seconds"),
+    ("NaN time limit", {"time_limit_seconds": float("nan")}, "spec.time_limit_seconds"),
+    ("year-long time limit", {"time_limit_seconds": 366 * 86400}, "spec.time_limit_seconds"),
+    ("infinite back-off", {"retry_backoff_seconds": float("inf")}, "spec.retry_backoff_seconds"),
+    ("too many retries", {"retries": 101}, "spec.retries"),
+    ("unknown retry class", {"retry_on": ["segfault"]}, "spec.retry_on"),
+    ("priority above 1000", {"priority": 1001}, "spec.priority"),
+    ("priority below -1000", {"priority": -1001}, "spec.priority"),
+    ("owner with a slash", {"owner": "a/b"}, "spec.owner"),
+    ("owner with a newline", {"owner": "a\nb"}, "spec.owner"),
+    ("long owner", {"owner": "o" * 65}, "spec.owner"),
 ]
 
 
