@@ -6,7 +6,7 @@ running tasks hold; its share is fairshare.share over the cluster's CPU and memo
 
 from __future__ import annotations
 
-from node import keys
+from node import keys, validation
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import InvalidArgument
 from node.fairshare import DEFAULT_WEIGHT, MAX_WEIGHT, Usage, cluster_usage, share, valid_weight
@@ -17,24 +17,17 @@ from node.store import Store
 MAX_QUEUED_GROUPS = 1000
 
 
-def owner_name(value: str, field: str = "name") -> str:
-    """A valid owner name, or InvalidArgument naming field."""
-    if not value:
-        raise InvalidArgument(field, "is required: the owner's name")
-    if not keys.OWNER_PATTERN.fullmatch(value):
-        shown = value if len(value) <= 80 else value[:80] + "..."
-        raise InvalidArgument(field, f"{shown!r} is not an owner name (1-64 characters: "
-                                     "letters, digits and . _ @ -, starting with a letter "
-                                     "or digit)")
-    return value
-
-
 def owner_weight(value: float, field: str = "weight") -> float:
     """A valid weight (finite, > 0, <= MAX_WEIGHT), or InvalidArgument naming field."""
     if not valid_weight(value):
         raise InvalidArgument(field, f"{value!r} is not a weight: give a number above 0 and "
                                      f"at most {MAX_WEIGHT:g} (1 is everyone's default)")
     return value
+
+
+def owner_name(value: str, field: str = "name") -> str:
+    """A valid owner name, or InvalidArgument naming field."""
+    return validation.owner(value, field)
 
 
 class OwnerService:

@@ -25,7 +25,7 @@ from node import failpoints, keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError, TooLarge
-from node.fairshare import Candidate, Usage, cluster_usage, select
+from node.fairshare import DEFAULT_WEIGHT, Candidate, Usage, cluster_usage, select, share
 from node.limits import ETCD_MAX_REQUEST_BYTES, MAX_BATCH, MOVE_KEYS_BYTES, WRITE_BATCH_BYTES
 from node.node_state import NodeState, Registration
 from node.store import Store, WatchEvent
@@ -102,6 +102,7 @@ class Stealer:
         # What fair share reads: live node records, and the owners' weights.
         self._nodes: dict[str, pb.Node] = {}
         self._weights: dict[str, float] = {}
+        self._published: set[str] = set()      # owners in the share gauges
         # Set by new candidates and by every change of the capacity ledger (freed room).
         self._wake = state.capacity.subscribe()
         self._pauses: set[str] = set()
@@ -234,6 +235,7 @@ class Stealer:
             try:
                 await self._relist()
                 await self._relist_nodes()
+                self._publish_shares(*self._cluster_usage())
             except FilchError as exc:
                 log.info("queue sweep skipped: %s", exc)
 
@@ -309,7 +311,7 @@ class Stealer:
                     candidates.append(Candidate(
                         task_id, spec.priority, spec.owner or keys.DEFAULT_OWNER,
                         spec.cpu_millis, spec.memory_bytes, _steal_bytes(record)))
-            picks = self._select(candidates, registration)
+            picks = self._select(candidates)
             if len(picks) >= self._batch:
                 break
         if not picks:
@@ -323,16 +325,34 @@ class Stealer:
         with self._capacity.stealing():
             return await self._steal(chosen, registration, guard)
 
-    def _select(self, candidates: list[Candidate], registration: Registration) -> list[Candidate]:
+    def _select(self, candidates: list[Candidate]) -> list[Candidate]:
         capacity = self._capacity
         allocation = capacity.allocation()
-        usage, totals = cluster_usage(self._nodes.values(), registration.node_id,
-                                      capacity.owners(),
-                                      Usage(capacity.cpu_millis, capacity.memory_bytes))
+        usage, totals = self._cluster_usage()
         free = Usage(capacity.cpu_millis - allocation.cpu_millis,
                      capacity.memory_bytes - allocation.memory_bytes)
+        self._publish_shares(usage, totals)
         return select(candidates, usage=usage, totals=totals, weights=self._weights,
                       free=free, limit=self._batch, max_bytes=WRITE_BATCH_BYTES)
+
+    def _cluster_usage(self) -> tuple[dict[str, Usage], Usage]:
+        registration = self._state.registration
+        capacity = self._capacity
+        return cluster_usage(self._nodes.values(),
+                             registration.node_id if registration is not None else None,
+                             capacity.owners(), Usage(capacity.cpu_millis, capacity.memory_bytes))
+
+    def _publish_shares(self, usage: dict[str, Usage], totals: Usage) -> None:
+        """Share and running tasks by owner, as this node sees the cluster; owners that
+        hold nothing any more leave the gauges."""
+        for owner in self._published - set(usage):
+            metrics.OWNER_SHARE.remove(owner)
+            metrics.OWNER_RUNNING.remove(owner)
+        for owner, held in usage.items():
+            metrics.OWNER_SHARE.labels(owner).set(
+                share(held, totals, self._weights.get(owner, DEFAULT_WEIGHT)))
+            metrics.OWNER_RUNNING.labels(owner).set(held.running)
+        self._published = set(usage)
 
     async def _steal(self, chosen: list[Versioned], registration: Registration,
                      guard: object = None) -> bool:
@@ -370,6 +390,7 @@ class Stealer:
         self._batch = min(MAX_BATCH, self._batch * 2)
         for move in moves:
             self._forget(_group_of(move.new), move.new.id)
+            metrics.OWNER_PICKS.labels(_group_of(move.new)[1]).inc()
             metrics.START_LATENCY.observe(max(0.0, (move.new.started_at.ToNanoseconds()
                                                     - move.new.submitted_at.ToNanoseconds()) / 1e9))
             log.debug("stole task %s (attempt %d)", move.new.id, move.new.attempt)
