@@ -1,7 +1,7 @@
 """Work stealing: take queued tasks that fit, after a delay proportional to this node's load.
 
 Candidates come from the priority index /queue/<rank>/<owner>/<id>: watch events and a
-bounded relist (one short range per (priority, owner) group) keep a local view of it.
+bounded relist keep a local view of it (node/queue_view.py).
 Each pass reads the records of the groups' oldest candidates and lets node/fairshare.py
 choose: highest priority first, then the owner with the lowest weighted dominant share
 of the cluster (from the node records' per-owner usage and the weights at /owner/).
@@ -17,8 +17,6 @@ import asyncio
 import itertools
 import logging
 import random
-import time
-from collections.abc import Iterator
 from typing import NoReturn, Protocol
 
 from node import failpoints, keys, lifecycle, metrics
@@ -28,24 +26,12 @@ from node.errors import FilchError, TooLarge
 from node.fairshare import DEFAULT_WEIGHT, Candidate, Usage, cluster_usage, select, share
 from node.limits import ETCD_MAX_REQUEST_BYTES, MAX_BATCH, MOVE_KEYS_BYTES, WRITE_BATCH_BYTES
 from node.node_state import NodeState, Registration
+from node.queue_view import Group, QueueView
 from node.store import Store, WatchEvent
 from node.txn import Move, Versioned, none_created_after
 from node.watching import list_and_watch
 
 log = logging.getLogger(__name__)
-
-Group = tuple[int, str]
-"""(priority, owner): one run of the priority index, oldest task first."""
-
-# How many keys one relist reads of each (priority, owner) group before it skips to the
-# next group: plenty to keep every node busy until the watch or the next relist brings
-# more, and a queue of 100,000 tasks costs a few short ranges, not a full scan.
-GROUP_READ = 256
-# Ranges one relist reads at most: owners times priorities in use, with room to spare.
-# Groups past it (the lowest priorities) wait for the watch or a shallower queue.
-MAX_RELIST_RANGES = 256
-# A group the relist cut short is read again once this few of its candidates are left.
-REFILL_BELOW = GROUP_READ // 4
 
 # How many candidates one read of a pass takes (a round trip), and per group at least
 # this many (more while batches are larger): enough lookahead that a large task at a
@@ -55,11 +41,6 @@ MIN_GROUP_PASS = 8
 # Reads one pass makes at most: when the higher priorities hold nothing that fits now,
 # the next read looks at lower ones.
 MAX_READS_PER_PASS = 4
-
-# How long the queue watch must have been quiet before this node trusts that it has
-# handled every key of the last revision it saw (one transaction's keys arrive as
-# consecutive events; until then its view counts as complete up to the revision before).
-SETTLE_SECONDS = 0.02
 
 # Tasks per steal transaction start here, double after a won steal and halve after a lost
 # one (up to store.MAX_BATCH): large batches while the queue is ours alone, single steals
@@ -89,16 +70,7 @@ class Stealer:
         self._state = state
         self._capacity = state.capacity
         self._runner = runner
-        # Per group an insertion-ordered set of ids: oldest first.
-        self._groups: dict[Group, dict[str, None]] = {}
-        self._never_fits: set[str] = set()
-        self._truncated: set[Group] = set()
-        self._refill = asyncio.Event()
-        # The view of the queue holds every key written up to _view_revision; the watch's
-        # last event is promoted to it once the watch settled (see SETTLE_SECONDS).
-        self._view_revision = 0
-        self._last_event_revision = 0
-        self._last_event_at = 0.0
+        self._queue = QueueView()
         # What fair share reads: live node records, and the owners' weights.
         self._nodes: dict[str, pb.Node] = {}
         self._weights: dict[str, float] = {}
@@ -143,67 +115,15 @@ class Stealer:
             group.create_task(self._work())
         raise AssertionError("unreachable")
 
-    # -- the view of the queue ---------------------------------------------------------------
+    # -- what the choice reads ---------------------------------------------------------------
 
     async def _relist(self) -> None:
-        """Read the priority index, one bounded range per group (a skip scan): after
-        GROUP_READ keys of a group, jump to the next group; at most MAX_RELIST_RANGES."""
-        start, end = keys.QUEUE, keys.prefix_end(keys.QUEUE)
-        first_revision = 0
-        truncated: set[Group] = set()
-        for _ in range(MAX_RELIST_RANGES):
-            page = await self._store.list_page(start, end, limit=GROUP_READ)
-            first_revision = first_revision or page.revision
-            for key in page.keys:
-                priority, owner, task_id = keys.parse_queue(key)
-                self._add((priority, owner), task_id)
-            if not page.more or not page.keys:
-                break
-            # The last group of a full page may go on: skip the rest of it.
-            priority, owner, _ = keys.parse_queue(page.keys[-1])
-            truncated.add((priority, owner))
-            start = keys.prefix_end(keys.queue_group(priority, owner))
-        self._truncated = truncated
-        # Every key that existed at the first range's revision was read (or belongs to a
-        # group read in part): the view is complete up to there.
-        self._view_revision = max(self._view_revision, first_revision)
+        await self._queue.relist(self._store)
         self.wake()
 
-    def _add(self, group: Group, task_id: str) -> None:
-        if task_id not in self._never_fits:
-            self._groups.setdefault(group, {})[task_id] = None
-
-    def _forget(self, group: Group, task_id: str) -> None:
-        ids = self._groups.get(group)
-        if ids is None:
-            return
-        ids.pop(task_id, None)
-        if len(ids) < REFILL_BELOW and group in self._truncated:
-            self._truncated.discard(group)
-            self._refill.set()
-        if not ids:
-            del self._groups[group]
-
     async def _on_event(self, event: WatchEvent) -> None:
-        if event.revision > self._last_event_revision:
-            # Every event before this revision has been handled.
-            self._view_revision = max(self._view_revision, self._last_event_revision)
-            self._last_event_revision = event.revision
-        self._last_event_at = time.monotonic()
-        priority, owner, task_id = keys.parse_queue(event.key)
-        if event.deleted:
-            self._forget((priority, owner), task_id)
-            self._never_fits.discard(task_id)
-        else:
-            self._add((priority, owner), task_id)
+        if self._queue.on_event(event):
             self.wake()
-
-    def _complete_revision(self) -> int:
-        """The revision up to which this node has seen every queue key written."""
-        if (self._last_event_revision > self._view_revision
-                and time.monotonic() - self._last_event_at >= SETTLE_SECONDS):
-            self._view_revision = self._last_event_revision
-        return self._view_revision
 
     async def _relist_nodes(self) -> None:
         self._nodes = {node.id: node for node in await self._store.list_nodes()}
@@ -228,10 +148,10 @@ class Stealer:
     async def _sweep(self) -> NoReturn:
         while True:
             try:
-                await asyncio.wait_for(self._refill.wait(), self._config.sweep_interval)
+                await asyncio.wait_for(self._queue.refill.wait(), self._config.sweep_interval)
             except TimeoutError:
                 pass
-            self._refill.clear()
+            self._queue.refill.clear()
             try:
                 await self._relist()
                 await self._relist_nodes()
@@ -262,22 +182,6 @@ class Stealer:
                 # There may be more: look again without waiting for an event.
                 self._wake.set()
 
-    def _reads(self) -> Iterator[list[tuple[Group, str]]]:
-        """The candidates of a pass, read by read: whole priorities at a time (so that
-        fair share sees every owner of one), the oldest few of each group."""
-        per_group = max(MIN_GROUP_PASS, self._batch)
-        chunk: list[tuple[Group, str]] = []
-        groups = sorted(self._groups, key=lambda group: (-group[0], group[1]))
-        for _, same in itertools.groupby(groups, key=lambda group: group[0]):
-            if len(chunk) >= PASS_LIMIT:
-                yield chunk
-                chunk = []
-            for group in same:
-                chunk += [(group, task_id) for task_id in
-                          itertools.islice(self._groups.get(group, ()), per_group)]
-        if chunk:
-            yield chunk
-
     async def _pass(self) -> bool:
         """Read the heads of the queue and steal, in one transaction, what fair share picks
         among the tasks that fit now. True when a steal succeeded."""
@@ -291,20 +195,25 @@ class Stealer:
         candidates: list[Candidate] = []
         picks: list[Candidate] = []
         view_revision = 0
-        for chunk in itertools.islice(self._reads(), MAX_READS_PER_PASS):
+        reads = self._queue.reads(per_group=max(MIN_GROUP_PASS, self._batch),
+                                  per_read=PASS_LIMIT)
+        for chunk in itertools.islice(reads, MAX_READS_PER_PASS):
+            if not view_revision:
+                # What the view was complete up to when the first read was chosen (no
+                # await since): every higher-priority key it held was read before any
+                # lower one, so the guard below covers exactly the keys not read.
+                view_revision = self._queue.complete_revision()
             # Another node may have taken some of them while we waited.
             found = {record.task.id: record for record in
                      await self._store.get_tasks([task_id for _, task_id in chunk])}
-            # What the view held when these were chosen (no await from here on).
-            view_revision = self._complete_revision()
             for group, task_id in chunk:
                 record = found.get(task_id)
                 if (record is None or record.task.state != pb.TASK_STATE_PENDING
                         or record.task.hold != pb.HOLD_NONE):
-                    self._forget(group, task_id)
+                    self._queue.forget(group, task_id)
                 elif not self._capacity.fits_ever(record.task.spec):
-                    self._forget(group, task_id)
-                    self._never_fits.add(task_id)
+                    self._queue.forget(group, task_id)
+                    self._queue.never_fits.add(task_id)
                 else:
                     records[task_id] = record
                     spec = record.task.spec
@@ -389,7 +298,7 @@ class Stealer:
         metrics.STEALS_WON.inc(len(moves))
         self._batch = min(MAX_BATCH, self._batch * 2)
         for move in moves:
-            self._forget(_group_of(move.new), move.new.id)
+            self._queue.forget(_group_of(move.new), move.new.id)
             metrics.OWNER_PICKS.labels(_group_of(move.new)[1]).inc()
             metrics.START_LATENCY.observe(max(0.0, (move.new.started_at.ToNanoseconds()
                                                     - move.new.submitted_at.ToNanoseconds()) / 1e9))
@@ -401,7 +310,7 @@ class Stealer:
     async def _refuse(self, record: Versioned) -> None:
         """A task whose record alone is too large to write: a permanent error, recorded on
         the task (COMPLETE, START_FAILED), never retried."""
-        self._forget(_group_of(record.task), record.task.id)
+        self._queue.forget(_group_of(record.task), record.task.id)
         failed = lifecycle.too_large(lifecycle.finished(
             record.task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED),
             ETCD_MAX_REQUEST_BYTES)

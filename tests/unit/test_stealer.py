@@ -153,12 +153,12 @@ async def test_a_seen_higher_priority_task_that_does_not_fit_now_does_not_block(
 
 async def test_a_relist_reads_a_bounded_range_per_group(store: Store,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("node.stealer.GROUP_READ", 2)
+    monkeypatch.setattr("node.queue_view.GROUP_READ", 2)
     first = await _queue(store, priority=5, owner="a")
     deep = [await _queue(store, owner="a") for _ in range(5)]
     other = await _queue(store, owner="b")
     stealer, _, _ = await _node(store, "a")
     await stealer._relist()
-    assert stealer._groups == {(5, "a"): {first: None}, (0, "a"): {deep[0]: None},
+    assert stealer._queue.groups == {(5, "a"): {first: None}, (0, "a"): {deep[0]: None},
                                (0, "b"): {other: None}}
-    assert stealer._truncated == {(0, "a")}
+    assert stealer._queue.truncated == {(0, "a")}
