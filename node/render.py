@@ -446,6 +446,9 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
     history = attempt_history(task)
     if len(history) > 1 or (history and history[-1].HasField("finished_at")):
         text += "\n\nAttempts:\n" + _attempts_table(history)
+        if history[0].attempt > 1:
+            text += (f"\n(attempts 1-{history[0].attempt - 1} are no longer kept: the history "
+                     f"holds the newest {lifecycle.MAX_ATTEMPT_RECORDS})")
     return text
 
 
