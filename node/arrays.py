@@ -37,6 +37,11 @@ from node.paging import Page
 from node.store import Store
 from node.txn import Move, Versioned, move_bytes, move_ops
 
+# Tasks an array submit builds, writes or releases per step: the event loop is held for
+# the Python part of one step only (~0.1 s), so that the node's lease keepalive, its
+# steals and other calls go on while a 100,000-task array is written.
+STEP = 2048
+
 # Transactions of one batch write in flight at once: etcd commits concurrent proposals
 # with one fsync, so a few in flight multiply an array's write rate; more only queue.
 WRITE_CONCURRENCY = 8
@@ -116,6 +121,17 @@ def indices(spec: pb.ArraySpec) -> range:
     return range(spec.start, spec.end + 1, spec.step or 1)
 
 
+async def task_ids(array_id: str, count: int) -> list[str]:
+    """The ids of an array's tasks in position order, made STEP at a time with the event
+    loop let go in between (100,000 ids take a good part of a second)."""
+    ids: list[str] = []
+    for start in range(0, count, STEP):
+        ids += [keys.array_task_id(array_id, position)
+                for position in range(start, min(count, start + STEP))]
+        await asyncio.sleep(0)
+    return ids
+
+
 class Arrays:
     """Array submit, list and cancel (the service's array half)."""
 
@@ -131,7 +147,7 @@ class Arrays:
         past --max-pending, InvalidArgument when a parent vanished meanwhile."""
         array_id = keys.task_id_for_request(request_id) if request_id else keys.new_task_id()
         span = indices(array)
-        ids = [keys.array_task_id(array_id, position) for position in range(len(span))]
+        ids = await task_ids(array_id, len(span))
         existing = await self._store.get_array(array_id)
         if existing is not None:
             if (existing.start, existing.end, existing.step) != (span.start, span.stop - 1,
@@ -143,32 +159,42 @@ class Arrays:
             if first is not None and first.task.spec != spec:
                 raise _conflict(request_id, array_id)
             # An earlier try wrote the record but may not have released every task.
-            written = await self._store.get_tasks(ids)
-            first_task = (await self._release(written, prepared)) or (
-                first.task if first is not None else pb.Task(id=ids[0]))
+            released = None
+            for start in range(0, len(ids), STEP):
+                done = await self._release(await self._store.get_tasks(ids[start:start + STEP]),
+                                           prepared)
+                released = released or done
+            await self._recheck(ids, prepared)
+            first_task = released or (first.task if first is not None else pb.Task(id=ids[0]))
             return pb.SubmitResponse(task=first_task, created=False, array_id=array_id,
                                      task_ids=ids)
         template = pb.Task(spec=spec, state=pb.TASK_STATE_PENDING, hold=pb.HOLD_ARRAY,
                            array_id=array_id, request_id=request_id,
                            message="its array's submission is not complete yet")
         template.submitted_at.GetCurrentTime()
-        tasks = []
-        for task_id, index in zip(ids, span, strict=True):
-            task = pb.Task()
-            task.CopyFrom(template)
-            task.id, task.array_index = task_id, index
-            tasks.append(task)
-        async with self._pending.admit(len(tasks)) as created:
-            written = await self._write_held(tasks, prepared, spec)
+        written: list[Versioned] = []
+        async with self._pending.admit(len(ids)) as created:
+            for start in range(0, len(ids), STEP):
+                tasks = []
+                for position in range(start, min(len(ids), start + STEP)):
+                    task = pb.Task()
+                    task.CopyFrom(template)
+                    task.id, task.array_index = ids[position], span[position]
+                    tasks.append(task)
+                written += await self._write_held(tasks, prepared, spec)
             record = pb.Array(id=array_id, start=span.start, end=span.stop - 1, step=span.step,
-                              count=len(tasks), request_id=request_id,
+                              count=len(ids), request_id=request_id,
                               submitted_at=template.submitted_at)
             await self._store.create_array(record)
             created()
-        released = await self._release(written, prepared)
-        metrics.ARRAY_TASKS_SUBMITTED.inc(len(tasks))
-        return pb.SubmitResponse(task=released or tasks[0], created=True, array_id=array_id,
-                                 task_ids=ids)
+        released = None
+        for start in range(0, len(written), STEP):
+            done = await self._release(written[start:start + STEP], prepared)
+            released = released or done
+        await self._recheck(ids, prepared)
+        metrics.ARRAY_TASKS_SUBMITTED.inc(len(ids))
+        return pb.SubmitResponse(task=released or written[0].task, created=True,
+                                 array_id=array_id, task_ids=ids)
 
     async def _write_held(self, tasks: list[pb.Task], prepared: Prepared,
                           spec: pb.TaskSpec) -> list[Versioned]:
@@ -200,29 +226,36 @@ class Arrays:
                 for task, revision in zip(tasks, revisions, strict=True)]
 
     async def _release(self, written: Sequence[Versioned], prepared: Prepared) -> pb.Task | None:
-        """Take the array's tasks out of HOLD_ARRAY, as the dependencies found at submit
-        say; returns the first task's record (None when another node released it)."""
+        """Take these tasks of the array out of HOLD_ARRAY, as the dependencies found at
+        submit say; returns the first one's new record (None when another node released
+        it first)."""
         moves = [Move(record, _released(record.task, prepared)) for record in written
                  if record.task.state == pb.TASK_STATE_PENDING
                  and record.task.hold == pb.HOLD_ARRAY]
         revisions = await write_moves(self._store, moves)
-        metrics.DEPENDENCY_RELEASES.labels("array").inc(
-            sum(revision is not None for revision in revisions))
+        count = sum(revision is not None for revision in revisions)
+        metrics.DEPENDENCY_RELEASES.labels("array").inc(count)
         if prepared.state == FAILED:
-            metrics.DEPENDENCY_FAILURES.inc(sum(revision is not None for revision in revisions))
-        if prepared.state == WAITING and written:
-            # A parent may have ended between the submit's reading and the release, while
-            # its dependents were held for the array and so not decided: decide now.
-            state, _ = verdict(await self._check.conditions(written[0].task, {}))
-            if state != WAITING:
-                for start in range(0, len(written), READ_BATCH_RECORDS):
-                    batch = [record.task.id for record in written[start:start + READ_BATCH_RECORDS]]
-                    for record in await self._store.get_tasks(batch):
-                        await self._check.settle(record)
+            metrics.DEPENDENCY_FAILURES.inc(count)
         for move, revision in zip(moves, revisions, strict=True):
             if move.new.id == written[0].task.id and revision is not None:
                 return move.new
         return None
+
+    async def _recheck(self, ids: Sequence[str], prepared: Prepared) -> None:
+        """A parent may have ended between the submit's reading and the release, while the
+        array's tasks were held for the array and so not decided: decide them now."""
+        if prepared.state != WAITING or not ids:
+            return
+        first = await self._store.get_task(ids[0])
+        if first is None:
+            return
+        state, _ = verdict(await self._check.conditions(first.task, {}))
+        if state == WAITING:
+            return
+        for start in range(0, len(ids), READ_BATCH_RECORDS):
+            for record in await self._store.get_tasks(ids[start:start + READ_BATCH_RECORDS]):
+                await self._check.settle(record)
 
     async def list(self, array_id: str, page_size: int,
                    page_token: str) -> tuple[list[pb.Task], str]:

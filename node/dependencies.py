@@ -22,7 +22,7 @@ from typing import NoReturn
 
 from node import keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.arrays import write_moves
+from node.arrays import task_ids, write_moves
 from node.conditions import DependencyCheck, waiting_for_array
 from node.config import Config
 from node.errors import FilchError
@@ -140,7 +140,7 @@ class Resolver:
             array = await self._store.get_array(parent_id)
             if array is None:
                 continue
-            ids = [keys.array_task_id(parent_id, position) for position in range(array.count)]
+            ids = await task_ids(parent_id, array.count)
             self._member_ids[parent_id] = ids
             self._members.update(dict.fromkeys(ids, parent_id))
 
