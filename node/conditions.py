@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from node import keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
@@ -17,6 +18,8 @@ from node.errors import InvalidArgument
 from node.limits import READ_BATCH_RECORDS
 from node.store import Store
 from node.txn import Versioned
+
+T = TypeVar("T")
 
 MET = "met"
 WAITING = "waiting"
@@ -156,7 +159,8 @@ class DependencyCheck:
             array = await self._store.get_array(array_id)
             if array is None:
                 return Condition(FAILED, f"array {array_id} no longer exists")
-            count = self._remember(self._counts, array_id, array.count)
+            count = array.count
+            self._remember(self._counts, array_id, count)
         position = self._frontier.get(array_id, 0)
         step = 1
         while position < count:
@@ -176,11 +180,12 @@ class DependencyCheck:
         self._remember(self._frontier, array_id, position)
         return Condition(MET)
 
-    def _remember(self, memory: dict[str, int] | dict[str, str], key: str, value: object) -> int:
+    @staticmethod
+    def _remember(memory: dict[str, T], key: str, value: T) -> None:
+        """memory[key] = value, starting over past REMEMBERED_ARRAYS keys (bounded)."""
         if len(memory) >= REMEMBERED_ARRAYS and key not in memory:
             memory.clear()
-        memory[key] = value  # type: ignore[assignment]
-        return value if isinstance(value, int) else 0
+        memory[key] = value
 
     async def settle(self, found: Versioned,
                      parents: MutableMapping[str, pb.Task | None] | None = None
