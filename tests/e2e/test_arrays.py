@@ -85,7 +85,13 @@ def test_array_of_500_runs_every_index_once(cluster: Cluster) -> None:
     ids = result.stdout.split()
     assert len(ids) == 500 and len(set(ids)) == 500
     array_id = cluster.get(ids[0]).array_id
+    after = cluster.cli("submit", "--after-array", array_id, "--", "true", check=True)
+    child = after.stdout.strip()
     tasks = wait_array_finished(cluster, array_id, timeout=90)
+    done = cluster.wait_finished([child], timeout=30)[0]
+    assert done.exit_code == 0 and done.reason == pb.REASON_EXITED
+    last_end = max(task.finished_at.ToNanoseconds() for task in tasks)
+    assert done.started_at.ToNanoseconds() >= last_end, "the dependent ran before the array"
     assert [task.id for task in tasks] == ids
     assert [task.array_index for task in tasks] == list(range(500))
     assert all(task.reason == pb.REASON_EXITED and task.exit_code == 0 for task in tasks)

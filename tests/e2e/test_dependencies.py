@@ -135,6 +135,8 @@ def test_retention_keeps_a_parent_while_a_dependent_waits(tmp_path: Path) -> Non
         parent = cluster.submit("true")
         witness = cluster.submit("true")
         child = cluster.submit("true", after=after(parent) + after(blocker))
+        array = cluster.stub().Submit(pb.SubmitRequest(
+            spec=pb.TaskSpec(command="true"), array=pb.ArraySpec(start=1, end=3)), timeout=10)
 
         def gone(task_id: str) -> bool:
             try:
@@ -150,3 +152,6 @@ def test_retention_keeps_a_parent_while_a_dependent_waits(tmp_path: Path) -> Non
         wait_for("retention to delete the parent once the child was released",
                  lambda: gone(parent), timeout=45)
         assert gone(child) or cluster.get(child).state != pb.TASK_STATE_PENDING
+        # An array's record goes once none of its tasks is left.
+        wait_for("housekeeping to delete the array record",
+                 lambda: f"/array/{array.array_id}" not in cluster.etcd_keys(), timeout=30)
