@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from node import render
+from node import http_batch, render
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.client import Client, ClientError
 from node.http_logs import LogBody, LogStream
@@ -30,7 +30,7 @@ MAX_PAGE_SIZE = 1000
 
 _SPEC_FIELDS = frozenset(
     {"command", "args", "cpu", "memory", "disk", "restart", "env", "workdir", "name",
-     "request_id", "network"})
+     "request_id", "network"}) | http_batch.FIELDS
 
 
 class Api:
@@ -118,6 +118,10 @@ class Api:
             response = self.client.submit_request(submit, retry_for=0)
         except ClientError as error:
             raise failure(error) from None
+        if submit.HasField("array"):
+            return json_response(201 if response.created else 200,
+                                 http_batch.array_reply(response),
+                                 [("Location", f"/api/v1/tasks?array={response.array_id}")])
         return json_response(201 if response.created else 200,
                              render.task_to_dict(response.task),
                              [("Location", f"/api/v1/tasks/{response.task.id}")])
@@ -202,8 +206,11 @@ def submit_request(body: Any) -> pb.SubmitRequest:
     restart = _typed(body, "restart", bool, "true or false")
     if restart is not None:
         spec.restart = restart
+    http_batch.apply(body, spec)
+    array = http_batch.array_spec(body.get("array"))
     return pb.SubmitRequest(spec=spec,
-                            request_id=_typed(body, "request_id", str, "a string") or "")
+                            request_id=_typed(body, "request_id", str, "a string") or "",
+                            array=array)
 
 
 def _cpu_millis(value: Any) -> int:
