@@ -434,13 +434,27 @@ def test_the_ui_is_served_from_local_files(app: App) -> None:
     html = page.body.decode()
     assert '<script src="/static/app.js"' in html
     assert "http://" not in html and "https://" not in html  # nothing from a CDN
-    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css"),
+    for name, kind in (("app.js", "text/javascript"), ("batch.js", "text/javascript"),
+                       ("style.css", "text/css"),
                        ("favicon.svg", "image/svg+xml")):
         reply = call(app, "GET", f"/static/{name}")
         assert reply.status == 200
         assert reply.headers["Content-Type"].startswith(kind)
     assert call(app, "GET", "/static/../http.py").status == 404
     assert call(app, "GET", "/static/missing.js").status == 404
+
+
+def test_the_ui_never_parses_data_as_html() -> None:
+    """Names, owners, commands and messages are user input: the UI's scripts build elements
+    and set text (node/web/app.js el()), and nothing in them turns a string into markup.
+    The headless-browser test (tests/e2e/test_http_ui.py) shows such a name as typed."""
+    sinks = ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+             "new Function", "createContextualFragment", "DOMParser")
+    scripts = sorted((REPO / "node" / "web").glob("*.js"))
+    assert {path.name for path in scripts} >= {"app.js", "batch.js"}
+    for path in scripts:
+        source = path.read_text()
+        assert not [sink for sink in sinks if sink in source], path.name
 
 
 # -- authentication (node/webauth.py) ----------------------------------------------------------
