@@ -134,8 +134,51 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
             "few_conflicts": conflicts(many["few"]["runs"]),
             "many_conflicts": conflicts(many["many"]["runs"]),
         }
+    if results.get("arrays"):
+        out["arrays"] = derive_arrays(results["arrays"], out)
     out["targets"] = targets(out)
     out["anomalies"] = anomalies(results)
+    return out
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def derive_arrays(arrays: dict[str, Any], derived: dict[str, Any]) -> dict[str, Any]:
+    """One array of N tasks from one submit call: filch (per executor) and Slurm, their
+    medians, and filch's ratios to Slurm and to one Submit per task (the throughput
+    section's runs at the same N, same run)."""
+    n = arrays.get("n")
+    slurm_runs = (arrays.get("slurm") or {}).get("runs", [])
+    out: dict[str, Any] = {"n": n, "slurm": {
+        "submit_rate": summary(r["submit_rate"] for r in slurm_runs),
+        "throughput": summary(r["throughput"] for r in slurm_runs),
+        "runs": len(slurm_runs),
+        "conf_changes": (arrays.get("slurm") or {}).get("conf_changes", {})}}
+    slurm_submit = out["slurm"]["submit_rate"]["median"]
+    slurm_rate = out["slurm"]["throughput"]["median"]
+    for executor in ("process", "runc"):
+        rows = arrays.get(executor)
+        if not rows:
+            continue
+        valid = [r for r in rows if r.get("valid", True)]
+        entry: dict[str, Any] = {
+            "submit_rate": summary(r["submit_rate"] for r in rows),
+            "throughput": summary(r["throughput"] for r in valid),
+            "cli_call_seconds": summary(r["cli_call_seconds"] for r in rows),
+            "revisions_per_task": summary(r["revisions_per_task"] for r in valid),
+            "runs": len(rows), "stuck_runs": len(rows) - len(valid),
+            "failed_fraction": sum(r["failed"] for r in rows) / max(1, sum(r["n"] for r in rows)),
+        }
+        submit, rate = entry["submit_rate"]["median"], entry["throughput"]["median"]
+        entry["vs_slurm"] = {"submit_rate": _ratio(submit, slurm_submit),
+                             "throughput": _ratio(rate, slurm_rate)}
+        single = derived.get("filch", {}).get(f"{executor}_{n}", {})
+        entry["vs_one_submit_per_task"] = {
+            "submit_rate": _ratio(submit, single.get("submit_rate", {}).get("median", math.nan)),
+            "throughput": _ratio(rate, single.get("throughput", {}).get("median", math.nan))}
+        out[executor] = entry
     return out
 
 
@@ -167,6 +210,15 @@ def anomalies(results: dict[str, Any]) -> list[str]:
             if run.get("stuck") or run.get("failed"):
                 found.append(f"{part} nodes: stuck {len(run.get('stuck', []))}, "
                              f"failed {run.get('failed')}")
+    arrays = results.get("arrays") or {}
+    for executor in ("process", "runc"):
+        for run in arrays.get(executor) or []:
+            found += [f"{executor} array N={run['n']}: {problem}"
+                      for problem in _array_problems(run)]
+    for run in (arrays.get("slurm") or {}).get("runs", []):
+        if run.get("missing_outputs") or run.get("wrong_outputs"):
+            found.append(f"Slurm array N={run['n']}: {run['missing_outputs']} output(s) "
+                         f"missing, {run['wrong_outputs']} without their own index")
     start, end = results.get("code_at_start") or {}, results.get("code_at_end") or {}
     if start and end and (start.get("measured") != end.get("measured")
                           or start.get("dirty") != end.get("dirty")):
@@ -176,6 +228,27 @@ def anomalies(results: dict[str, Any]) -> list[str]:
                      f"{start.get('commit', '')[:10]} -> {end.get('commit', '')[:10]} "
                      f"({', '.join(changed) or 'uncommitted edits'}); dirty {end.get('dirty')}")
     return found
+
+
+def _array_problems(run: dict[str, Any]) -> list[str]:
+    """What went wrong in one filch array run (stuck, failed, wrong index, bad listing)."""
+    problems = []
+    if run.get("stuck"):
+        problems.append(f"{len(run['stuck'])} task(s) stuck")
+    if run.get("failed"):
+        problems.append(f"{run['failed']} task(s) failed {run.get('failed_exit_codes')}")
+    for key, what in (("missing_records", "without a record"),
+                      ("wrong_outputs", "did not print their own index"),
+                      ("wrong_array_index", "with the wrong array_index")):
+        if run.get(key):
+            problems.append(f"{run[key]} task(s) {what}")
+    if run.get("array_ids", 1) != 1:
+        problems.append(f"{run['array_ids']} distinct array_ids")
+    if run.get("list_error"):
+        problems.append(f"filch ls --array failed: {run['list_error']}")
+    elif run.get("listed_by_array", run["n"]) != run["n"]:
+        problems.append(f"filch ls --array listed {run['listed_by_array']} of {run['n']}")
+    return problems
 
 
 def _slurm_best(derived: dict[str, Any], n: int) -> float:
@@ -293,6 +366,8 @@ def table(results: dict[str, Any]) -> str:
     for key, entry in d["slurm"].items():
         kind, _, n = key.partition("_")
         lines.append(f"  Slurm {kind:<7} N={n:<5}  {_fmt(entry)}")
+    if d.get("arrays"):
+        lines += ["", *_array_lines(d["arrays"])]
     if results.get("network"):
         lines += ["", "NETWORK MODES (runc; one 3-node cluster; host = before per-task networks)"]
         lines += [f"  {network_line(mode, entry)}" for mode, entry in results["network"].items()]
@@ -388,6 +463,39 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _x(value: float) -> str:
+    if value is None or math.isnan(value):
+        return "-"
+    return f"{value:.1f}x" if value >= 1 else f"{value:.2g}x"   # 0.0019x, not 0.0x
+
+
+def _array_lines(arrays: dict[str, Any]) -> list[str]:
+    n = arrays["n"]
+    lines = [f"ARRAYS (one array of N={n} tasks from one submit call; submit/s = N / that "
+             "call's wall time, tasks/s = N / (call start -> all finished))"]
+    for executor in ("process", "runc"):
+        entry = arrays.get(executor)
+        if not entry:
+            continue
+        lines.append(
+            f"  filch {executor:<7} submit/s {_fmt(entry['submit_rate'], 0):<20} tasks/s "
+            f"{_fmt(entry['throughput']):<22} failed {100 * entry['failed_fraction']:.1f}%"
+            + (f", STUCK runs {entry['stuck_runs']}/{entry['runs']}" if entry["stuck_runs"]
+               else "")
+            + f"\n      vs Slurm: submit/s {_x(entry['vs_slurm']['submit_rate'])}, tasks/s "
+            f"{_x(entry['vs_slurm']['throughput'])}; vs one Submit per task (THROUGHPUT, "
+            f"N={n}): submit/s {_x(entry['vs_one_submit_per_task']['submit_rate'])}, tasks/s "
+            f"{_x(entry['vs_one_submit_per_task']['throughput'])}; a CLI call alone "
+            f"{_fmt(entry['cli_call_seconds'], 2)} s; rev/task "
+            f"{_fmt(entry['revisions_per_task'], 2)}")
+    slurm = arrays["slurm"]
+    changes = ", ".join(f"{key}={value}" for key, value in slurm["conf_changes"].items())
+    lines.append(f"  Slurm         submit/s {_fmt(slurm['submit_rate'], 0):<20} tasks/s "
+                 f"{_fmt(slurm['throughput']):<22} sbatch --array=1-{n} (tuned config"
+                 + (f" + {changes})" if changes else ")"))
+    return lines
+
+
 def _cpu_bound(entry: dict[str, Any], results: dict[str, Any]) -> float:
     """Tasks/s at which this run's CPU per task (agents, tasks, etcd, client) fills every
     core of the machine: the bound a shared 2-core box really sets."""
@@ -418,6 +526,15 @@ def plot(results: dict[str, Any], path: Path) -> None:
     for key, entry in d["slurm"].items():
         kind, _, n = key.partition("_")
         bars.append((f"Slurm {kind}\nN={n}", entry, "tab:red"))
+    arrays = d.get("arrays") or {}
+    for executor in ("process", "runc"):
+        if arrays.get(executor):
+            bars.append((f"filch {executor}\n1 array N={arrays['n']}",
+                         arrays[executor]["throughput"],
+                         "tab:blue" if executor == "process" else "tab:cyan"))
+    if arrays.get("slurm", {}).get("runs"):
+        bars.append((f"Slurm\n1 array N={arrays['n']}", arrays["slurm"]["throughput"],
+                     "tab:red"))
     bars.append((f"etcd(64)\n/{d['txns_per_task']:.2f}",
                  {k: (v / d["txns_per_task"] if isinstance(v, float) else v)
                   for k, v in d["etcd_64"].items()}, "tab:gray"))

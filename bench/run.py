@@ -50,16 +50,16 @@ MODES: dict[str, dict[str, Any]] = {
               "idle_latency": {"runc": 20, "process": 15}, "loaded_seconds": 6.0,
               "fairness_waves": 4, "failover_repeats": 1, "queue_n": 3000,
               "many_client_only": 8, "many_n": 300, "many_repeats": 1,
-              "network_samples": 15, "network_tasks": 60},
+              "network_samples": 15, "network_tasks": 60, "array_n": 200},
     "full": {"repeats": 3, "sizes": [200, 2000], "slurm_repeats": {200: 3, 2000: 1},
              "idle_latency": {"runc": 50, "process": 30}, "loaded_seconds": 15.0,
              "fairness_waves": 6, "failover_repeats": 3, "queue_n": 100_000,
              "many_client_only": 20, "many_n": 2000, "many_repeats": 2,
-             "network_samples": 40, "network_tasks": 200},
+             "network_samples": 40, "network_tasks": 200, "array_n": 2000},
 }
 
-SECTIONS = ("ceilings", "slurm", "throughput", "network", "fairness", "failover", "many",
-            "queue")
+SECTIONS = ("ceilings", "slurm", "throughput", "arrays", "network", "fairness", "failover",
+            "many", "queue")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,6 +69,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="repeats per measurement")
     parser.add_argument("--queue-n", type=int, help="pending tasks in the deep-queue workload")
     parser.add_argument("--many", type=int, help="client-only nodes in the many-nodes run")
+    parser.add_argument("--array-n", type=int, help="tasks in the one array of the arrays part")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these parts")
     parser.add_argument("--skip", nargs="+", choices=SECTIONS, default=[],
                         help="leave these parts out")
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
         plan["queue_n"] = args.queue_n
     if args.many:
         plan["many_client_only"] = args.many
+    if args.array_n:
+        plan["array_n"] = args.array_n
     sections = [s for s in (args.only or SECTIONS) if s not in args.skip]
 
     # SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the finally below cleans up.
@@ -148,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
                                                    out), {"runs": []})
         section("throughput", lambda out: run_throughput(
             root, runner, plan, args.profile, args.out / f"{stamp}-profile.txt", out), {})
+        # One array of array_n tasks, one submit call each: filch (both executors) and Slurm.
+        section("arrays", lambda out: run_arrays(root, runner, plan, out), {})
         # What per-task network isolation costs: host (as before it) vs isolated vs none.
         section("network", lambda out: out.update(network.measure(
             root / "network", ["host", "isolated", "none"], plan["network_samples"],
@@ -235,6 +240,47 @@ def run_throughput(root: Path, runner: AsyncRunner, plan: dict[str, Any], profil
                     f"N={largest}, {result['throughput']:.0f} tasks/s")
         finally:
             workloads.finish_cluster(bench)
+
+
+def run_arrays(root: Path, runner: AsyncRunner, plan: dict[str, Any],
+               out: dict[str, Any]) -> None:
+    """One array of N tasks created by one submit call: Slurm (`sbatch --array`, its own
+    daemons) first, then filch per executor on its own cluster (`filch submit --array`,
+    after a small warm-up array). Each side runs even when the other failed."""
+    n = plan["array_n"]
+    out["n"] = n
+    errors: dict[str, str] = {}
+    try:
+        slurm.measure_array(root, n, plan["slurm_repeats"].get(n, 1),
+                            out.setdefault("slurm", {"runs": []}))
+    except Exception as exc:        # the filch side still runs
+        errors["slurm"] = f"{type(exc).__name__}: {exc}"
+        log.error("arrays, Slurm side failed: %s\n%s", exc, traceback.format_exc())
+    finally:
+        CLEANUP.run_all()
+    for executor in ("process", "runc"):
+        runs: list[dict[str, Any]] = []
+        out[executor] = runs
+        try:
+            bench = workloads.start_cluster(root, runner, f"arr-{executor}", executor=executor)
+            try:
+                workloads.array_throughput(bench, 20)    # warm-up: imports, bundles, CLI
+                for repeat in range(plan["repeats"]):
+                    result = workloads.array_throughput(bench, n)
+                    result["repeat"] = repeat
+                    runs.append(result)
+                    log.info("%s one array of %d: submit %.0f/s, %.1f tasks/s", executor, n,
+                             result["submit_rate"], result["throughput"])
+            finally:
+                workloads.finish_cluster(bench)
+        except Exception as exc:
+            errors[executor] = f"{type(exc).__name__}: {exc}"
+            log.error("arrays, filch %s failed: %s\n%s", executor, exc, traceback.format_exc())
+        finally:
+            CLEANUP.run_all()
+    if errors:
+        out["errors"] = errors
+        raise BenchError("; ".join(f"{side}: {error}" for side, error in errors.items()))
 
 
 def run_fairness(root: Path, runner: AsyncRunner, plan: dict[str, Any],

@@ -31,6 +31,10 @@ SPOOL_DIRS = (Path("/var/spool/slurmctld"), Path("/var/spool/slurmd"), Path("/va
 # Slurm's default MaxArraySize is 1001 (indices 0..1000); the tuned config keeps it, so
 # larger arrays are submitted as several arrays of this many jobs.
 ARRAY_CHUNK = 1000
+DEFAULT_MAX_ARRAY_SIZE = 1001
+
+# The arrays section's job: prints its own index (as filch's array tasks print theirs).
+ARRAY_COMMAND = "echo $SLURM_ARRAY_TASK_ID"
 
 # sbatch processes in flight: enough to keep slurmctld's RPC threads busy, few enough that
 # the 2-core machine is not spent on forking sbatch.
@@ -46,12 +50,20 @@ def conf_template() -> Path:
     return SHARED_CONF if SHARED_CONF.exists() else local
 
 
-def render_conf(template: str) -> str:
-    """The tuned config with CPUs = nproc and RealMemory no larger than this machine has."""
+def render_conf(template: str, extra: dict[str, str] | None = None) -> str:
+    """The tuned config with CPUs = nproc and RealMemory no larger than this machine has;
+    `extra` settings (e.g. MaxArraySize) replace the template's or are added before the
+    node and partition lines."""
+    extra = dict(extra or {})
     memory_mib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
     lines = []
     for line in template.splitlines():
+        key = line.partition("=")[0]
+        if key in extra:
+            line = f"{key}={extra.pop(key)}"
         if line.startswith("NodeName="):
+            lines += [f"{name}={value}" for name, value in extra.items()]
+            extra = {}
             fields = []
             for field in line.split():
                 key, _, value = field.partition("=")
@@ -62,14 +74,16 @@ def render_conf(template: str) -> str:
                 fields.append(f"{key}={value}" if _ else key)
             line = " ".join(fields)
         lines.append(line)
+    lines += [f"{name}={value}" for name, value in extra.items()]
     return "\n".join(lines) + "\n"
 
 
 class Slurm:
     """munged + slurmctld + slurmd with the tuned config; `with Slurm(...)` or start/stop."""
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, extra_conf: dict[str, str] | None = None) -> None:
         self.work_dir = work_dir
+        self.extra_conf = dict(extra_conf or {})
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
         self._conf_backup: str | None = None
         self._wrote_conf = False
@@ -179,7 +193,7 @@ class Slurm:
         CONF_PATH.parent.mkdir(parents=True, exist_ok=True)
         if CONF_PATH.exists():
             self._conf_backup = CONF_PATH.read_text()
-        CONF_PATH.write_text(render_conf(conf_template().read_text()))
+        CONF_PATH.write_text(render_conf(conf_template().read_text(), self.extra_conf))
         self._wrote_conf = True
 
     def _check_alive(self) -> None:
@@ -219,6 +233,23 @@ class Slurm:
             time.sleep(0.2 * (attempt + 1))
         raise BenchError(f"sbatch {' '.join(args)} failed: {result.stderr.strip()}")
 
+    def _wait_drained(self, n: int) -> float:
+        """Poll squeue (every 0.1 s) until it shows no job; returns the wall time it was
+        first seen empty. Bounded: a run that stops making progress for STALL_TIMEOUT, or
+        takes longer than 120 s + 1 s per job, is aborted."""
+        remaining, last_change, last_remaining = n, time.monotonic(), -1
+        hard_deadline = time.monotonic() + 120 + n * 1.0
+        while remaining > 0:
+            remaining = self.queue_length()
+            if remaining != last_remaining:
+                last_change, last_remaining = time.monotonic(), remaining
+            if time.monotonic() - last_change > STALL_TIMEOUT or \
+                    time.monotonic() > hard_deadline:
+                raise BenchError(f"Slurm stalled with {remaining} of {n} jobs left")
+            if remaining:
+                time.sleep(0.1)
+        return time.time()
+
     @property
     def jobs_dir(self) -> Path:
         return self.work_dir / "jobs"
@@ -239,23 +270,41 @@ class Slurm:
             with concurrent.futures.ThreadPoolExecutor(SUBMIT_CONCURRENCY) as pool:
                 list(pool.map(lambda _: self._sbatch("--wrap", "true"), range(n)))
         submitted = time.time()
-        # Bounded: a run that stops making progress for STALL_TIMEOUT is aborted.
-        remaining, last_change, last_remaining = n, time.monotonic(), -1
-        hard_deadline = time.monotonic() + 120 + n * 1.0
-        while remaining > 0:
-            remaining = self.queue_length()
-            if remaining != last_remaining:
-                last_change, last_remaining = time.monotonic(), remaining
-            if time.monotonic() - last_change > STALL_TIMEOUT or \
-                    time.monotonic() > hard_deadline:
-                raise BenchError(f"Slurm stalled with {remaining} of {n} jobs left")
-            if remaining:
-                time.sleep(0.1)
-        finished = time.time()
+        finished = self._wait_drained(n)
         outputs = len(list(self.jobs_dir.glob("slurm-*.out")))
         return {"n": n, "array": array, "seconds": finished - started,
                 "submit_seconds": submitted - started,
                 "throughput": n / (finished - started), "job_outputs": outputs}
+
+    def one_array(self, n: int) -> dict[str, Any]:
+        """One `sbatch --array=1-n --wrap 'echo $SLURM_ARRAY_TASK_ID'` (the peer of
+        `filch submit --array`): submit rate = n / that sbatch call's wall time; jobs/s = n /
+        (sbatch start -> squeue empty). Afterwards every task's output file is checked to
+        hold its own index. Not retried: a retry would hide in the submit time."""
+        poll("Slurm's queue to be empty before a run", lambda: self.queue_length() == 0,
+             timeout=120, interval=0.5)
+        shutil.rmtree(self.jobs_dir, ignore_errors=True)
+        self.jobs_dir.mkdir(parents=True)
+        started = time.time()
+        result = run(["sbatch", "--parsable", "--chdir", str(self.jobs_dir), f"--array=1-{n}",
+                      "--wrap", ARRAY_COMMAND], timeout=300, check=False)
+        submitted = time.time()
+        if result.returncode != 0:
+            raise BenchError(f"sbatch --array=1-{n} failed: {result.stderr.strip()}")
+        job_id = result.stdout.strip().partition(";")[0]
+        finished = self._wait_drained(n)
+        wrong = missing = 0
+        for index in range(1, n + 1):
+            try:
+                text = (self.jobs_dir / f"slurm-{job_id}_{index}.out").read_text()
+            except OSError:
+                missing += 1
+                continue
+            wrong += text.strip() != str(index)
+        return {"n": n, "job_id": job_id, "command": ARRAY_COMMAND,
+                "submit_seconds": submitted - started, "submit_rate": n / (submitted - started),
+                "seconds": finished - started, "throughput": n / (finished - started),
+                "missing_outputs": missing, "wrong_outputs": wrong}
 
 
 def measure(work_dir: Path, sizes: list[int], repeats: dict[int, int],
@@ -280,3 +329,25 @@ def measure(work_dir: Path, sizes: list[int], repeats: dict[int, int],
         finally:
             slurm.stop()
     return results
+
+
+def measure_array(work_dir: Path, n: int, repeats: int, results: dict[str, Any]) -> None:
+    """The arrays section's Slurm side: `repeats` runs of one n-task array, appended to
+    results["runs"] as they are measured. Its own Slurm, with MaxArraySize raised above n
+    when the default (1,001) is too small for one array of n; otherwise the tuned config."""
+    results.setdefault("runs", [])
+    extra = {"MaxArraySize": str(n + 1)} if n + 1 > DEFAULT_MAX_ARRAY_SIZE else {}
+    with tempfile.TemporaryDirectory(dir=work_dir, prefix="slurm-array-") as tmp:
+        slurm = Slurm(Path(tmp), extra_conf=extra)
+        slurm.start()
+        try:
+            results["version"] = slurm.version
+            results["conf_changes"] = extra
+            for repeat in range(repeats):
+                run_result = slurm.one_array(n)
+                run_result["repeat"] = repeat
+                log.info("slurm one array of %d: submit %.0f/s, %.1f jobs/s", n,
+                         run_result["submit_rate"], run_result["throughput"])
+                results["runs"].append(run_result)
+        finally:
+            slurm.stop()

@@ -1,5 +1,5 @@
 """filch's workloads on real local clusters (tests/e2e/cluster.py): throughput, latency,
-fairness, failover, a deep queue, and many client-only nodes.
+fairness, failover, a deep queue, many client-only nodes, and task arrays.
 
 Every cluster is a set of real `filch agent` processes with their own etcd members on
 127.0.X.Y; the benchmark talks to them over gRPC like any client, and reads etcd with
@@ -12,9 +12,11 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import itertools
+import json
 import math
 import os
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -436,16 +438,8 @@ def throughput(bench: BenchCluster, n: int, *, profile_to: Path | None = None) -
             end = wait_count(bench, keys.COMPLETE, baseline + n, what=f"{n} tasks to complete",
                              timeout=120 + n * 0.5, stall=STUCK_SECONDS)
         except Stuck:
-            # A filch bug, not a slow machine: record which tasks stuck where, cancel them
-            # (so later runs start clean) and mark this run invalid.
             end = math.nan
-            for task in bench.tasks(submitted.ids):
-                if task.state not in (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED):
-                    stuck.append({"id": task.id, "state": pb.TaskState.Name(task.state),
-                                  "node": task.node_name, "attempt": task.attempt,
-                                  "log": _log_lines(bench, task.id)})
-                    bench.stubs[0].Cancel(pb.CancelRequest(id=task.id), timeout=30)
-            log.error("%d of %d tasks stuck: %s", len(stuck), n, stuck[:3])
+            stuck = _cancel_stuck(bench, submitted.ids)
     finally:
         if profiler is not None:
             profiler.send_signal(signal.SIGINT)
@@ -484,6 +478,20 @@ def throughput(bench: BenchCluster, n: int, *, profile_to: Path | None = None) -
         "per_node": dict(sorted(per_node.items())),
         "steals": steals,
     }
+
+
+def _cancel_stuck(bench: BenchCluster, ids: Sequence[str]) -> list[dict[str, Any]]:
+    """After a Stuck: a filch bug, not a slow machine. Record which tasks stuck where, cancel
+    them (so later runs start clean); the caller marks its run invalid."""
+    stuck: list[dict[str, Any]] = []
+    for task in bench.tasks(ids):
+        if task.state not in (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED):
+            stuck.append({"id": task.id, "state": pb.TaskState.Name(task.state),
+                          "node": task.node_name, "attempt": task.attempt,
+                          "log": _log_lines(bench, task.id)})
+            bench.stubs[0].Cancel(pb.CancelRequest(id=task.id), timeout=30)
+    log.error("%d of %d tasks stuck: %s", len(stuck), len(ids), stuck[:3])
+    return stuck
 
 
 def _thread_breakdown(before: dict[str, float], after: dict[str, float],
@@ -874,3 +882,111 @@ def many_nodes(root: Path, runner: AsyncRunner, client_only: int, n: int,
                 "agent_rss_mib": [rss_bytes(pid) / 2**20 for pid in bench.agent_pids()]}
     finally:
         finish_cluster(bench)
+
+
+# -- 7. arrays -------------------------------------------------------------------------------
+
+# One array task: prints its own index (`filch submit --array` sets FILCH_ARRAY_INDEX).
+ARRAY_COMMAND = ("sh", "-c", "echo $FILCH_ARRAY_INDEX")
+# The CLI's gRPC deadline (--timeout) for the one Submit that creates the whole array; its
+# default (10 s) is meant for one task.
+ARRAY_SUBMIT_TIMEOUT = 300
+
+
+def array_throughput(bench: BenchCluster, n: int, node: int = 0) -> dict[str, Any]:
+    """One `filch submit --array 1-n -- sh -c 'echo $FILCH_ARRAY_INDEX'` against one node
+    (one CLI process, one API call). submit rate = n / that call's wall time (CLI start and
+    exit included, as sbatch's are on the Slurm side); tasks/s = n / (call start -> the
+    moment etcd shows n more completions; polled every 50 ms, as throughput() does).
+
+    After the clock stops: every task's log holds its own index (ids come back in index
+    order), the records share one array_id, and `filch ls --array` lists all n."""
+    baseline = bench.count(keys.COMPLETE)
+    revision_before = bench.revision()
+    cpu_before = bench.cpu()
+    # What any CLI call costs here (process start, imports, connection): context for the
+    # submit rate, which includes it once.
+    began = time.perf_counter()
+    bench.cluster.cli("ls", "--limit", "1", "-o", "json", index=node, check=True)
+    cli_call_seconds = time.perf_counter() - began
+    command = ("--timeout", str(ARRAY_SUBMIT_TIMEOUT), "submit", "--array", f"1-{n}", "--",
+               *ARRAY_COMMAND)
+    started = time.time()
+    result = bench.cluster.cli(*command, index=node, timeout=ARRAY_SUBMIT_TIMEOUT + 30)
+    submitted = time.time()
+    if result.returncode != 0:
+        raise BenchError(f"filch {shlex.join(command)} failed ({result.returncode}): "
+                         f"{(result.stderr or result.stdout).strip()[-500:]}")
+    ids = result.stdout.split()
+    if len(ids) != n:
+        raise BenchError(f"filch submit --array 1-{n} printed {len(ids)} ids")
+    stuck: list[dict[str, Any]] = []
+    try:
+        end = wait_count(bench, keys.COMPLETE, baseline + n, what=f"an array of {n} to complete",
+                         timeout=120 + n * 0.5, stall=STUCK_SECONDS)
+    except Stuck:
+        end = math.nan
+        stuck = _cancel_stuck(bench, ids)
+    revision_after = bench.revision()
+    cpu_after = bench.cpu()
+    records = bench.tasks(ids)
+    failed = [task for task in records
+              if task.state == pb.TASK_STATE_COMPLETE and (task.reason != pb.REASON_EXITED
+                                                          or task.exit_code)]
+    elapsed = end - started
+    return {
+        "n": n, "valid": not stuck, "stuck": stuck, "node": bench.nodes[node].name,
+        "command": list(command),
+        "seconds": elapsed, "throughput": n / elapsed,
+        "submit_seconds": submitted - started, "submit_rate": n / (submitted - started),
+        "cli_call_seconds": cli_call_seconds,
+        "seconds_to_last_finished_at": max(
+            (task_seconds(task.finished_at) for task in records), default=math.nan) - started,
+        "revisions": revision_after - revision_before,
+        "revisions_per_task": (revision_after - revision_before) / n,
+        "cpu_ms_per_task": {key: 1000 * (cpu_after[key] - cpu_before[key]) / n
+                            for key in cpu_before},
+        "failed": len(failed),
+        "failed_exit_codes": dict(Counter(str(task.exit_code) for task in failed)),
+        "per_node": dict(sorted(Counter(task.node_name for task in records).items())),
+        **_check_array(bench, ids, records, first_index=1, node=node),
+    }
+
+
+def _check_array(bench: BenchCluster, ids: list[str], records: list[pb.Task], *,
+                 first_index: int, node: int) -> dict[str, Any]:
+    """Did each task get its own index? Its log (what `echo $FILCH_ARRAY_INDEX` printed)
+    against its place in the submit's output, and its record's array_index; one array_id
+    for all; `filch ls --array ARRAY_ID` lists every one. Counts, never raises."""
+    by_id = {task.id: task for task in records}
+    missing = wrong_output = wrong_index = 0
+    array_ids: set[str] = set()
+    for position, task_id in enumerate(ids):
+        expected = first_index + position
+        task = by_id.get(task_id)
+        if task is None:
+            missing += 1
+            continue
+        # getattr: the record's array fields are read only where the proto has them.
+        array_ids.add(str(getattr(task, "array_id", "")))
+        if getattr(task, "array_index", expected) != expected:
+            wrong_index += 1
+        try:
+            path = log_path(bench.node_name_of(task).data_dir, task.id, task.attempt)
+            wrong_output += path.read_text().strip() != str(expected)
+        except (OSError, BenchError):
+            wrong_output += 1
+    checks: dict[str, Any] = {"missing_records": missing, "wrong_outputs": wrong_output,
+                              "wrong_array_index": wrong_index,
+                              "array_ids": len(array_ids)}
+    try:
+        status = bench.cluster.cli("status", ids[0], "-o", "json", index=node, check=True)
+        array_id = json.loads(status.stdout)["array_id"]
+        if not array_id:
+            raise ValueError(f"filch status {ids[0]} shows no array_id")
+        listing = bench.cluster.cli("--timeout", "120", "ls", "--array", array_id, "-o", "json",
+                                    index=node, check=True, timeout=150)
+        checks.update(array_id=array_id, listed_by_array=len(json.loads(listing.stdout)))
+    except (subprocess.SubprocessError, ValueError, KeyError, TypeError) as exc:
+        checks["list_error"] = f"{type(exc).__name__}: {str(exc)[-300:]}"
+    return checks

@@ -197,6 +197,22 @@ def test_upstream_resolvers_skip_loopback_stubs(tmp_path: Path) -> None:
     assert resolv.upstream_resolvers(etc, systemd) == (["198.51.100.1"], [])
 
 
+def test_task_resolv_conf_is_replaced_only_when_it_changes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every housekeeping round refreshes it; a needless rename raced with runc's bind
+    mount of it (ENOENT at container start under load)."""
+    monkeypatch.setattr(resolv, "upstream_resolvers", lambda: (["192.0.2.53"], []))
+    generated = resolv.TaskResolvConf(tmp_path / "net" / "resolv.conf")
+    path = generated.refresh()
+    assert path is not None
+    inode = path.stat().st_ino
+    assert generated.refresh() == path
+    assert path.stat().st_ino == inode
+    path.write_text("nameserver 203.0.113.9\n")
+    generated.refresh()
+    assert path.stat().st_ino != inode and "203.0.113.9" not in path.read_text()
+
+
 # -- modes, against real containers ---------------------------------------------------------
 
 
