@@ -121,7 +121,7 @@ class Api:
         if submit.HasField("array"):
             return json_response(201 if response.created else 200,
                                  http_batch.array_reply(response),
-                                 [("Location", f"/api/v1/tasks?array={response.array_id}")])
+                                 [("Location", f"/api/v1/tasks?array_id={response.array_id}")])
         return json_response(201 if response.created else 200,
                              render.task_to_dict(response.task),
                              [("Location", f"/api/v1/tasks/{response.task.id}")])

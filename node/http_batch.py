@@ -14,13 +14,14 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from node import render
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.http_wire import HttpError
 from node.units import DURATION_FORMS, parse_duration
 
 # The body fields this module reads, besides the ones node/http_api.py reads.
-FIELDS = frozenset({"after", "time_limit_seconds", "retries", "retry_on",
-                    "retry_backoff_seconds", "priority", "owner", "array"})
+FIELDS = frozenset({"after", "after_any", "after_array", "time_limit_seconds", "retries",
+                    "retry_on", "retry_backoff_seconds", "priority", "owner", "array"})
 
 # The JSON spellings of a dependency's kind (render.DEPENDENCY_KINDS, reversed).
 KINDS = {"success": pb.DEPENDENCY_KIND_SUCCESS, "any": pb.DEPENDENCY_KIND_ANY,
@@ -39,6 +40,11 @@ _MAX_EXACT = 2**53
 def apply(body: Mapping[str, Any], spec: pb.TaskSpec) -> None:
     """Copy the batch fields of body into spec; HttpError 400 naming the first bad one."""
     spec.after.extend(dependencies(body.get("after")))
+    # The CLI's spellings too: --after-any ID... and --after-array ARRAY_ID... as id lists.
+    for field, kind in (("after_any", pb.DEPENDENCY_KIND_ANY),
+                        ("after_array", pb.DEPENDENCY_KIND_ARRAY)):
+        spec.after.extend(pb.Dependency(id=parent, kind=kind)
+                          for parent in names(field, body.get(field)))
     spec.time_limit_seconds = seconds("time_limit_seconds", body.get("time_limit_seconds"))
     spec.retries = whole("retries", body.get("retries"), _UINT32)
     spec.retry_on.extend(names("retry_on", body.get("retry_on")))
@@ -145,6 +151,7 @@ def array_spec(value: Any) -> pb.ArraySpec | None:
 
 
 def array_reply(response: pb.SubmitResponse) -> dict[str, Any]:
-    """What an array submit answers: its id and its task ids in index order."""
+    """What an array submit answers: its id, its task ids in index order, whether this call
+    created it (false: its request id matched), and its first task."""
     return {"array_id": response.array_id, "task_ids": list(response.task_ids),
-            "created": response.created}
+            "created": response.created, "task": render.task_to_dict(response.task)}

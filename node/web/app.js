@@ -247,7 +247,7 @@ async function fetchAllTasks() {
   for (let page = 0; page < MAX_PAGES; page++) {
     const params = new URLSearchParams({ page_size: "1000" });
     if (token) params.set("page_token", token);
-    if (arrayFilter) params.set("array", arrayFilter);
+    if (arrayFilter) params.set("array_id", arrayFilter);
     const body = await api(`/api/v1/tasks?${params}`);
     tasks.push(...body.tasks);
     if (!body.next_page_token || body.next_page_token === token) return { tasks, truncated };
@@ -273,7 +273,7 @@ async function refreshTasks() {
 }
 
 function renderTasks(tasks, truncated) {
-  // Also filtered here, so the view is right whatever the list endpoint does with ?array=.
+  // Also filtered here, so the view is right whatever the list endpoint does with ?array_id=.
   if (arrayFilter) tasks = tasks.filter((task) => task.array_id === arrayFilter);
   const counts = { "": tasks.length, PENDING: 0, RUNNING: 0, COMPLETE: 0, CANCELED: 0 };
   for (const task of tasks) counts[task.state] = (counts[task.state] || 0) + 1;

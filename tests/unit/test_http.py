@@ -267,8 +267,9 @@ def test_an_array_submit_answers_its_id_and_task_ids(app: App, cluster: Cluster)
     reply = submit(app, **body)
     assert reply.status == 201, reply.body
     answer = reply.json()
-    assert reply.headers["Location"] == f"/api/v1/tasks?array={answer['array_id']}"
+    assert reply.headers["Location"] == f"/api/v1/tasks?array_id={answer['array_id']}"
     assert len(answer["task_ids"]) == 3
+    assert answer["task"]["id"] == answer["task_ids"][0]
     tasks = [call(app, "GET", f"/api/v1/tasks/{task_id}").json()
              for task_id in answer["task_ids"]]
     assert [(task["array_id"], task["array_index"]) for task in tasks] == \

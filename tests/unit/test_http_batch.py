@@ -23,13 +23,15 @@ def test_every_batch_field_reaches_the_spec() -> None:
         "command": "sh", "args": ["-c", "echo $FILCH_ARRAY_INDEX"],
         "after": [PARENT, {"id": OTHER, "kind": "any"}, {"id": PARENT + "0", "kind": "array"},
                   {"id": OTHER + "0"}],
+        "after_any": [OTHER + "1"], "after_array": [PARENT + "1"],
         "time_limit_seconds": 90, "retries": 3, "retry_on": ["failed", "oom"],
         "retry_backoff_seconds": "1m30s", "priority": -7, "owner": "alice",
         "array": {"start": 1, "end": 9, "step": 2}, "request_id": "r-1"})
     spec = request.spec
     assert [(parent.id, parent.kind) for parent in spec.after] == [
         (PARENT, pb.DEPENDENCY_KIND_SUCCESS), (OTHER, pb.DEPENDENCY_KIND_ANY),
-        (PARENT + "0", pb.DEPENDENCY_KIND_ARRAY), (OTHER + "0", pb.DEPENDENCY_KIND_SUCCESS)]
+        (PARENT + "0", pb.DEPENDENCY_KIND_ARRAY), (OTHER + "0", pb.DEPENDENCY_KIND_SUCCESS),
+        (OTHER + "1", pb.DEPENDENCY_KIND_ANY), (PARENT + "1", pb.DEPENDENCY_KIND_ARRAY)]
     assert (spec.time_limit_seconds, spec.retries, list(spec.retry_on)) == \
         (90.0, 3, ["failed", "oom"])
     assert (spec.retry_backoff_seconds, spec.priority, spec.owner) == (90.0, -7, "alice")
@@ -51,6 +53,8 @@ def test_absent_batch_fields_leave_the_daemons_defaults() -> None:
     ({"after": [{"id": ""}]}, "after[0].id"),
     ({"after": [{"id": PARENT, "kind": "sometimes"}]}, "after[0].kind"),
     ({"after": [{"id": PARENT, "knd": "any"}]}, "after[0].knd"),
+    ({"after_any": PARENT}, "after_any"),
+    ({"after_array": [PARENT, None]}, "after_array[1]"),
     ({"time_limit_seconds": True}, "time_limit_seconds"),
     ({"time_limit_seconds": "soon"}, "time_limit_seconds"),
     ({"time_limit_seconds": [5]}, "time_limit_seconds"),
@@ -86,5 +90,7 @@ def test_wrong_types_are_400_naming_the_field(body: dict[str, Any], field: str) 
 def test_an_array_answer_lists_its_id_and_task_ids_in_index_order() -> None:
     response = pb.SubmitResponse(task=pb.Task(id=PARENT), created=True, array_id=OTHER,
                                  task_ids=[PARENT, OTHER])
-    assert array_reply(response) == {"array_id": OTHER, "task_ids": [PARENT, OTHER],
-                                     "created": True}
+    answer = array_reply(response)
+    assert answer["task"]["id"] == PARENT
+    assert {key: answer[key] for key in ("array_id", "task_ids", "created")} == {
+        "array_id": OTHER, "task_ids": [PARENT, OTHER], "created": True}
