@@ -349,6 +349,25 @@ def test_task_detail_shows_owner_priority_and_dependencies(
     browser.save_screenshot(str(ARTIFACTS / "task-batch.png"))
 
 
+def test_an_arrays_page_lists_its_tasks_only(three_nodes: Cluster, http_url: str,
+                                            browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    response = three_nodes.stub().Submit(pb.SubmitRequest(
+        spec=pb.TaskSpec(command="true", name="array-member"),
+        array=pb.ArraySpec(start=1, end=3)), timeout=10)
+    three_nodes.wait_finished(list(response.task_ids))
+    browser.get(f"{http_url}/#/tasks/{response.task_ids[1]}")
+    until(browser, "the link to the task's array", lambda: browser.find_elements(
+        By.CSS_SELECTOR, '[data-field="Array"] a'))[0].click()
+    until(browser, "the array's page", lambda: text_of(browser, "array-filter-id")
+          == response.array_id)
+    browser.find_element(By.CSS_SELECTOR, '#state-filter button[data-state=""]').click()
+    until(browser, "exactly the array's tasks", lambda: sorted(
+        row.get_attribute("data-id") for row in browser.find_elements(
+            By.CSS_SELECTOR, "#tasks-body tr")) == sorted(response.task_ids))
+
+
 def test_attempt_history_hold_and_array_render_as_text(http_url: str, browser: Any) -> None:
     """The page draws whatever the JSON API says: a record with a retry history, a hold
     and an array, given to the page's renderer directly (for an id no task has, so the
