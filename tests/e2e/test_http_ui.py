@@ -368,6 +368,33 @@ def test_an_arrays_page_lists_its_tasks_only(three_nodes: Cluster, http_url: str
             By.CSS_SELECTOR, "#tasks-body tr")) == sorted(response.task_ids))
 
 
+def test_a_retried_tasks_page_shows_every_attempt(three_nodes: Cluster, http_url: str,
+                                                 browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    script = 'echo "attempt $FILCH_ATTEMPT"; [ "$FILCH_ATTEMPT" -ge 3 ]'
+    task_id = three_nodes.submit("sh", "-c", script, name="flaky", retries=3,
+                                 retry_on=["failed"], retry_backoff_seconds=0.1)
+    task = three_nodes.wait_finished([task_id])[0]
+    assert (task.attempt, task.exit_code) == (3, 0)
+    browser.get(f"{http_url}/#/tasks/{task_id}")
+
+    def attempt_rows() -> list[list[str]]:
+        return [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+                for row in browser.find_elements(By.CSS_SELECTOR, "#attempts-body tr")]
+    rows = until(browser, "three attempts", lambda: len(found := attempt_rows()) == 3 and found)
+    assert [(row[0], row[4], row[5]) for row in rows] == [
+        ("1", "1", "EXITED"), ("2", "1", "EXITED"), ("3", "0", "EXITED")]
+    names = {node.name for node in three_nodes.nodes}
+    assert all(row[1] in names for row in rows), rows
+    until(browser, "the retries field", lambda: browser.find_element(
+        By.CSS_SELECTOR, '[data-field="Retries"] dd').text.startswith("2 of 3 used"))
+    # The log of any attempt, picked in the page.
+    Select(browser.find_element(By.ID, "attempt-select")).select_by_value("1")
+    until(browser, "attempt 1's log", lambda: text_of(browser, "task-log") == "attempt 1")
+
+
 def test_attempt_history_hold_and_array_render_as_text(http_url: str, browser: Any) -> None:
     """The page draws whatever the JSON API says: a record with a retry history, a hold
     and an array, given to the page's renderer directly (for an id no task has, so the
