@@ -30,6 +30,7 @@ from node.errors import (
     TaskNotFound,
 )
 from node.logs import PROXIED_HEADER, LogService
+from node.owners import OwnerService, owner_name, owner_weight
 from node.service import TaskService
 
 log = logging.getLogger(__name__)
@@ -173,3 +174,16 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             await _abort(context, exc)
         finally:
             _count("StreamLogs", context, started)
+
+    # -- owners (fair share) -------------------------------------------------------------
+
+    @_unary
+    async def SetOwnerWeight(self, request: pb.SetOwnerWeightRequest, context: Any) -> pb.Owner:
+        name = owner_name(request.name)
+        weight = owner_weight(request.weight)
+        return await OwnerService(self._tasks.store).set_weight(name, weight)
+
+    @_unary
+    async def ListOwners(self, request: pb.ListOwnersRequest,
+                         context: Any) -> pb.ListOwnersResponse:
+        return pb.ListOwnersResponse(owners=await OwnerService(self._tasks.store).list_owners())

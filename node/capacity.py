@@ -13,8 +13,9 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from node import metrics
+from node import keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.fairshare import Usage
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,8 @@ class Capacity:
         self._memory = 0
         self._running = 0
         self._steals_in_flight = 0
+        # Per owner (fair share): what this node's reserved and running attempts hold.
+        self._owners: dict[str, Usage] = {}
         self._listeners: list[asyncio.Event] = []
 
     def subscribe(self) -> asyncio.Event:
@@ -46,6 +49,11 @@ class Capacity:
 
     def allocation(self) -> Allocation:
         return Allocation(self._cpu, self._memory, self._running)
+
+    def owners(self) -> dict[str, Usage]:
+        """What each owner's attempts on this node hold (reserved or running); owners
+        holding nothing are left out."""
+        return dict(self._owners)
 
     def load(self) -> float:
         """Fraction of this node in use: the larger of CPU and memory."""
@@ -65,12 +73,23 @@ class Capacity:
     def reserve(self, spec: pb.TaskSpec) -> None:
         self._cpu += spec.cpu_millis
         self._memory += spec.memory_bytes
+        self._count_owner(spec, 1)
         self._changed()
 
     def release(self, spec: pb.TaskSpec) -> None:
         self._cpu -= spec.cpu_millis
         self._memory -= spec.memory_bytes
+        self._count_owner(spec, -1)
         self._changed()
+
+    def _count_owner(self, spec: pb.TaskSpec, sign: int) -> None:
+        owner = spec.owner or keys.DEFAULT_OWNER
+        held = self._owners.get(owner, Usage()).plus(
+            sign * spec.cpu_millis, sign * spec.memory_bytes, sign)
+        if held.running > 0:
+            self._owners[owner] = held
+        else:
+            self._owners.pop(owner, None)
 
     def started(self) -> None:
         """An attempt of a reserved task now runs (released with its end)."""

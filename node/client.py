@@ -312,6 +312,20 @@ class Client:
                               timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
 
+    # -- owners (fair share) -------------------------------------------------------------------
+
+    def set_owner_weight(self, name: str, weight: float) -> pb.Owner:
+        """Give an owner a fair-share weight (> 0, at most 1000; 1 is the default)."""
+        owner: pb.Owner = self._call(self._stub.SetOwnerWeight,
+                                     pb.SetOwnerWeightRequest(name=name, weight=weight))
+        return owner
+
+    def owners(self) -> builtins.list[pb.Owner]:
+        """Every owner with a weight or with queued or running work, its usage and share."""
+        response: pb.ListOwnersResponse = self._call(self._stub.ListOwners,
+                                                     pb.ListOwnersRequest())
+        return list(response.owners)
+
     # -- errors --------------------------------------------------------------------------------
 
     def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:

@@ -14,6 +14,8 @@ answers node/http_wire.py, log streaming node/http_logs.py.
     POST /api/v1/tasks/<id>/cancel
     GET  /api/v1/tasks/<id>/logs        ?follow=1&attempt=N, streamed as text/plain
     GET  /api/v1/nodes
+    GET  /api/v1/owners                 fair share: weight, usage and share of every owner
+    POST /api/v1/owners/<name>/weight   {"weight": W}
     GET  /                              the web UI (files in node/web/)
     GET  /login                         the UI's sign-in form; POST /login {"token": ...}
     POST /logout                        ends the UI's session (clears its cookie)
@@ -95,6 +97,8 @@ class App:
             (r"/api/v1/tasks/(?P<id>[^/]+)/cancel", PRIVATE, {"POST": api.cancel}),
             (r"/api/v1/tasks/(?P<id>[^/]+)/logs", PRIVATE, {"GET": api.logs}),
             (r"/api/v1/nodes", PRIVATE, {"GET": api.list_nodes}),
+            (r"/api/v1/owners", PRIVATE, {"GET": api.list_owners}),
+            (r"/api/v1/owners/(?P<name>[^/]+)/weight", PRIVATE, {"POST": api.set_owner_weight}),
             (r"/api/.*", PRIVATE, {}),  # unknown API paths: 401 before 404, as the rest
             (r"/", PRIVATE, {"GET": self.index}),
             (r"/login", PUBLIC, {"GET": self.login_page}),

@@ -161,6 +161,29 @@ class Api:
             raise failure(error) from None
         return json_response(200, {"nodes": [render.node_to_dict(node) for node in nodes]})
 
+    # -- owners (fair share) -------------------------------------------------------------------
+
+    def list_owners(self, request: Request, match: re.Match[str]) -> Response:
+        try:
+            owners = self.client.owners()
+        except ClientError as error:
+            raise failure(error) from None
+        return json_response(200, {"owners": [render.owner_to_dict(owner) for owner in owners]})
+
+    def set_owner_weight(self, request: Request, match: re.Match[str]) -> Response:
+        """POST {"weight": W}: the daemon validates name and weight (400 naming the field)."""
+        body = request.json_body()
+        if not isinstance(body, dict) or set(body) != {"weight"}:
+            raise HttpError(400, 'body: must be a JSON object {"weight": NUMBER}')
+        weight = body["weight"]
+        # bool is an int in Python but not in JSON: true is not a weight.
+        if isinstance(weight, bool) or not isinstance(weight, int | float):
+            raise HttpError(400, f"weight: must be a number, not {json.dumps(weight)}")
+        try:
+            owner = self.client.set_owner_weight(match["name"], float(weight))
+        except ClientError as error:
+            raise failure(error) from None
+        return json_response(200, render.owner_to_dict(owner))
 
 # -- request bodies ----------------------------------------------------------------------------
 

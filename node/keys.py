@@ -176,6 +176,11 @@ def queue(priority: int, owner: str, task_id: str) -> bytes:
     return QUEUE + queue_rank(priority) + b"/" + owner.encode() + b"/" + task_id.encode()
 
 
+def queue_group(priority: int, owner: str) -> bytes:
+    """The prefix of one owner's queue keys of one priority (oldest first)."""
+    return QUEUE + queue_rank(priority) + b"/" + owner.encode() + b"/"
+
+
 def queue_rank(priority: int) -> bytes:
     """The rank segment of a priority: a smaller rank sorts first and is stolen first."""
     return str(MAX_PRIORITY - priority).zfill(RANK_DIGITS).encode()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -27,6 +28,7 @@ from node.errors import (
     StoreUnavailable,
     TaskNotFound,
 )
+from node.lifecycle import MAX_ATTEMPT_RECORDS
 from node.runner import Runner
 from node.runtime.logcap import Layout, lock_for, read_at
 from node.store import Store
@@ -88,9 +90,12 @@ class LogService:
             return      # finished without ever starting: there is no output
         attempt = attempt or task.attempt
         if attempt > task.attempt:
-            raise InvalidArgument("attempt", f"task {task_id} has had {task.attempt} attempts")
+            raise InvalidArgument("attempt", f"task {task_id} has no attempt {attempt}: its "
+                                  f"attempts are {_attempt_range(task)}")
+        where = ran_on(task, attempt)
         path = log_path(self._config.path, task_id, attempt)
-        if path.exists() or proxied or task.node_address == self._config.advertise_address:
+        if path.exists() or proxied or (where is not None
+                                        and where.address == self._config.advertise_address):
             # Between the steal and the container start the file does not exist yet.
             while not path.exists() and self._runner.is_running(task_id, attempt):
                 if not follow:
@@ -103,10 +108,12 @@ class LogService:
                     task_id, attempt), Layout.for_cap(self._config.max_log_bytes)):
                 yield chunk
             return
-        if attempt != task.attempt:
-            raise OwnerUnavailable(f"attempt {attempt} of task {task_id} ran on another node "
-                                   f"whose address was not kept; ask that node directly")
-        async for chunk in self._proxy(task, attempt, follow):
+        if where is None:
+            raise OwnerUnavailable(
+                f"attempt {attempt} of task {task_id} ran on another node, which the task's "
+                f"history no longer names (it keeps the newest {MAX_ATTEMPT_RECORDS} "
+                "attempts); its log is on that node only")
+        async for chunk in self._proxy(task.id, where, attempt, follow):
             yield chunk
 
     async def _wait_started(self, task_id: str, follow: bool) -> pb.Task | None:
@@ -138,11 +145,12 @@ class LogService:
             log.info("watch of task %s restarts: %s", task_id, exc)
             await asyncio.sleep(WATCH_RETRY)
 
-    async def _proxy(self, task: pb.Task, attempt: int, follow: bool) -> AsyncIterator[bytes]:
-        where = f"node {task.node_name} ({task.node_address})"
-        request = pb.StreamLogsRequest(id=task.id, follow=follow, attempt=attempt)
+    async def _proxy(self, task_id: str, node: Place, attempt: int,
+                     follow: bool) -> AsyncIterator[bytes]:
+        where = f"node {node.name} ({node.address})"
+        request = pb.StreamLogsRequest(id=task_id, follow=follow, attempt=attempt)
         try:
-            async with self._security.aio_channel(task.node_address) as channel:
+            async with self._security.aio_channel(node.address) as channel:
                 stub = pb_grpc.SchedulerStub(channel)
                 call = stub.StreamLogs(request, metadata=((PROXIED_HEADER, "1"),))
                 async for chunk in call:
@@ -150,11 +158,37 @@ class LogService:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise OwnerUnavailable(
-                    f"{where}, which ran attempt {attempt} of task {task.id}, cannot be reached; "
-                    "logs are kept only on the node that ran the task") from exc
+                    f"{where}, which ran attempt {attempt} of task {task_id}, cannot be "
+                    "reached (it is gone or down); logs are kept only on the node that ran "
+                    "the attempt") from exc
             if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise TaskNotFound(f"{task.id} (its log is gone from {where})") from exc
+                raise TaskNotFound(f"{task_id} (its log is gone from {where})") from exc
             raise OwnerUnavailable(f"{where} failed to stream the log: {exc.details()}") from exc
+
+
+@dataclass(frozen=True)
+class Place:
+    """The node an attempt ran on, as its record names it."""
+
+    name: str
+    address: str
+
+
+def ran_on(task: pb.Task, attempt: int) -> Place | None:
+    """Where this attempt of the task ran: its history entry, or the task's own node
+    fields for the current attempt; None when the history no longer holds it."""
+    for ended in task.attempts:
+        if ended.attempt == attempt:
+            return Place(ended.node_name, ended.node_address)
+    if attempt == task.attempt and task.node_address:
+        return Place(task.node_name, task.node_address)
+    return None
+
+
+def _attempt_range(task: pb.Task) -> str:
+    if task.attempt == 0:
+        return "none yet"
+    return "1" if task.attempt == 1 else f"1-{task.attempt}"
 
 
 async def read_file(path: Path, follow: Callable[[], bool],

@@ -192,6 +192,12 @@ class Membership:
             running=allocation.running, etcd_member_id=self._member_id,
             executor=self._executor_name, allow_host_network=self._config.allow_host_network)
         record.registered_at.FromNanoseconds(int(self._registered_at * 1e9))
+        # Every stealer reads these for fair share; they change with the allocation, so
+        # they ride on the same debounced writes (at most one per PUBLISH_DEBOUNCE).
+        for owner, held in self._state.capacity.owners().items():
+            record.owners[owner].CopyFrom(pb.OwnerUsage(
+                cpu_millis=held.cpu_millis, memory_bytes=held.memory_bytes,
+                running=held.running))
         return record
 
     async def _publish_loop(self) -> NoReturn:

@@ -446,6 +446,9 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
     history = attempt_history(task)
     if len(history) > 1 or (history and history[-1].HasField("finished_at")):
         text += "\n\nAttempts:\n" + _attempts_table(history)
+        if history[0].attempt > 1:
+            text += (f"\n(attempts 1-{history[0].attempt - 1} are no longer kept: the history "
+                     f"holds the newest {lifecycle.MAX_ATTEMPT_RECORDS})")
     return text
 
 
@@ -468,3 +471,27 @@ def _short_id(identifier: str) -> str:
 def _truncate(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# -- owners (fair share) ---------------------------------------------------------------------
+
+
+def owner_to_dict(owner: filch_pb2.Owner) -> dict[str, object]:
+    """An owner's JSON form (`filch owner ls -o json`, GET /api/v1/owners): CPU in cores,
+    memory in bytes, share as a fraction of the cluster (0..1, weighted)."""
+    return {
+        "name": owner.name,
+        "weight": owner.weight,
+        "cpu": owner.usage.cpu_millis / 1000,
+        "memory_bytes": owner.usage.memory_bytes,
+        "running": owner.usage.running,
+        "share": owner.share,
+    }
+
+
+def owners_table(owners: Iterable[filch_pb2.Owner]) -> str:
+    """One line per owner: weight, what its running tasks hold, its weighted share."""
+    rows = [(printable(owner.name), f"{owner.weight:g}", format_cpu(owner.usage.cpu_millis),
+             format_size(owner.usage.memory_bytes), str(owner.usage.running),
+             f"{owner.share * 100:.1f}%") for owner in owners]
+    return table(("OWNER", "WEIGHT", "CPU", "MEMORY", "RUNNING", "SHARE"), rows)

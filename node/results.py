@@ -44,6 +44,8 @@ class LocalAttempt:
     """Set while a stop of the container is under way (sweeps do not start another)."""
     exited: bool = False
     """Set once the process has ended (its own finish then deletes the running key)."""
+    ran_before: float = 0.0
+    """Seconds of its time limit spent before this node started it (adopted attempts)."""
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -56,7 +58,8 @@ class LocalAttempt:
 
 
 class ResultWriter:
-    """Records attempts' ends: COMPLETE with their reason, or nothing when revoked."""
+    """Records attempts' ends: COMPLETE with their reason, or PENDING for a retry
+    (retries.attempt_ended decides), or nothing when revoked."""
 
     def __init__(self, *, store: Store) -> None:
         self._store = store
@@ -73,7 +76,7 @@ class ResultWriter:
                 await asyncio.sleep(FINISH_RETRY)
                 continue
             if written:
-                metrics.FINISHED.labels(pb.Reason.Name(new.reason)[len("REASON_"):]).inc()
+                _count(new)
             else:
                 metrics.FENCED_WRITES.inc()
                 log.warning("task %s attempt %d: result rejected, this node no longer owns it",
@@ -95,9 +98,23 @@ class ResultWriter:
         return await self._already_recorded(new)
 
     async def _already_recorded(self, new: pb.Task) -> bool:
-        """After a failed compare: did an earlier try (that timed out) write this result?"""
+        """After a failed compare: did an earlier try (that timed out) write this result?
+        (A retry's record has no finished_at and no token: its new history entry, with
+        that attempt's end time, tells it apart.)"""
         found = await self._store.get_task(new.id)
         return (found is not None and found.task.state == new.state
                 and found.task.attempt == new.attempt
                 and found.task.fencing_token == new.fencing_token
-                and found.task.finished_at == new.finished_at)
+                and found.task.finished_at == new.finished_at
+                and found.task.attempts[-1:] == new.attempts[-1:])
+
+
+def _count(new: pb.Task) -> None:
+    """The metrics of an attempt end just written: its reason, and a retry by class."""
+    ended = new.attempts[-1] if new.attempts else None
+    reason = ended.reason if ended is not None and ended.attempt == new.attempt else new.reason
+    metrics.FINISHED.labels(pb.Reason.Name(reason)[len("REASON_"):]).inc()
+    if new.state == pb.TASK_STATE_PENDING and new.hold == pb.HOLD_RETRY and ended is not None:
+        failure = lifecycle.failure_class(ended)
+        if failure is not None:
+            metrics.RETRIES.labels(failure).inc()

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import NoReturn
 
-from node import failpoints, keys, lifecycle, metrics
+from node import failpoints, keys, lifecycle, metrics, retries
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.attempt_files import attempt_dir, log_path
 from node.config import Config
@@ -22,12 +22,17 @@ from node.errors import ExecutorError, FilchError
 from node.handback import Cause, handback
 from node.node_state import NodeState, Registration
 from node.results import LocalAttempt, ResultWriter
-from node.runtime.base import AttemptSpec, Executor
+from node.runtime.base import Attempt, AttemptSpec, Executor, ExitStatus
 from node.store import Store, WatchEvent
 from node.txn import Versioned
 from node.watching import list_and_watch
 
 log = logging.getLogger(__name__)
+
+# Releasing a retry at its not_before: tries while etcd does not answer, and the pause
+# between them. Bounded: past them the resolver sweep (any node) releases it.
+RELEASE_TRIES = 10
+RELEASE_PAUSE = 1.0
 
 __all__ = ["LocalAttempt", "Runner", "log_path"]
 
@@ -56,8 +61,9 @@ class Runner:
 
     # -- attempts ------------------------------------------------------------------------
 
-    def launch(self, task: pb.Task) -> None:
-        """Run a task this node just stole (resources already reserved).
+    def launch(self, task: pb.Task, *, ran_before: float = 0.0) -> None:
+        """Run a task this node just stole (resources already reserved). ran_before: the
+        seconds of its time limit already spent (an adopted attempt's since its steal).
 
         A task stolen under a registration this node no longer holds (it fenced itself
         while the steal was answered) is not run: its lease is gone or going, and
@@ -71,7 +77,7 @@ class Runner:
                         task.node_id)
             self._capacity.release(task.spec)
             return
-        local = LocalAttempt(task)
+        local = LocalAttempt(task, ran_before=ran_before)
         self._attempts[task.id] = local
         self._capacity.started()
         self._group.create_task(self._supervise(local), name=f"attempt {task.id}")
@@ -95,8 +101,8 @@ class Runner:
                 log.warning("task %s attempt %d failed to start: %s", task.id, task.attempt,
                             message)
                 metrics.START_FAILURES.inc()
-                await self._results.write(local, lifecycle.finished(
-                    task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED, message=message))
+                await self._record_end(local, retries.attempt_ended(
+                    task, pb.REASON_START_FAILED, message=message))
                 return
             if local.revoked:
                 # Taken away while start() was awaited: the revocation found no container
@@ -105,20 +111,82 @@ class Runner:
                          task.id, task.attempt)
                 await self._revoke(local, self._config.cancel_grace)
             started = time.monotonic()
-            status = await local.handle.wait()
+            status, timed_out = await self._wait_within_limit(local, local.handle)
             local.exited = True
             metrics.RUN_TIME.observe(time.monotonic() - started)
             if local.revoked:
                 log.info("task %s attempt %d stopped: it was taken away", task.id, task.attempt)
                 return
+            if timed_out:
+                await self._record_end(local, retries.attempt_ended(
+                    task, pb.REASON_TIMED_OUT, exit_code=status.exit_code,
+                    message=retries.timed_out_message(task.spec.time_limit_seconds)))
+                return
             reason = pb.REASON_OOM_KILLED if status.oom_killed else pb.REASON_EXITED
-            await self._results.write(local, lifecycle.finished(
-                task, pb.TASK_STATE_COMPLETE, reason, exit_code=status.exit_code))
+            await self._record_end(local, retries.attempt_ended(
+                task, reason, exit_code=status.exit_code))
         finally:
             local.done.set()
             if self._attempts.get(task.id) is local:
                 del self._attempts[task.id]
             self._capacity.ended(task.spec)
+
+    async def _wait_within_limit(self, local: LocalAttempt,
+                                 handle: Attempt) -> tuple[ExitStatus, bool]:
+        """Wait for the attempt to end; past spec.time_limit_seconds (counted from its
+        start on this node, or for an adopted attempt from its recorded started_at) stop
+        it: SIGTERM, the node's cancel grace, SIGKILL. Returns its exit status and
+        whether the time limit stopped it (False when it ended, or was taken away, first)."""
+        limit = local.task.spec.time_limit_seconds
+        if limit <= 0:
+            return await handle.wait(), False
+        try:
+            # Cancelling this waiter does not stop the attempt (Attempt.wait's promise).
+            return await asyncio.wait_for(handle.wait(), limit - local.ran_before), False
+        except TimeoutError:
+            pass
+        if local.revoked:
+            return await handle.wait(), False   # a revocation already stops it
+        log.info("task %s attempt %d ran longer than its time limit of %gs: stopping it",
+                 local.task.id, local.task.attempt, limit)
+        metrics.TIMEOUTS.inc()
+        local.stopping = True
+        try:
+            await handle.stop(self._config.cancel_grace)
+        except ExecutorError as exc:
+            log.error("task %s attempt %d could not be stopped at its time limit: %s",
+                      local.task.id, local.task.attempt, exc)
+        finally:
+            local.stopping = False
+        return await handle.wait(), True
+
+    async def _record_end(self, local: LocalAttempt, new: pb.Task) -> None:
+        """Write an attempt's end; a retry it became is released by this node at its
+        not_before (the resolver sweep of any node does it too, should this one die)."""
+        if not await self._results.write(local, new) or new.hold != pb.HOLD_RETRY:
+            return
+        log.info("task %s attempt %d: %s", new.id, new.attempt, new.message)
+        if self._group is not None:
+            self._group.create_task(self._release_later(new), name=f"retry {new.id}")
+
+    async def _release_later(self, held: pb.Task) -> None:
+        """At held.not_before, queue the task again if it still waits for that retry (same
+        retries_used). A conflict means someone else moved it: fine. Gives up after a few
+        failed tries to reach etcd: the resolver sweep releases it then."""
+        await asyncio.sleep(max(0.0, held.not_before.ToNanoseconds() / 1e9 - time.time()))
+        for _ in range(RELEASE_TRIES):
+            try:
+                found = await self._store.get_task(held.id)
+                if (found is None or found.task.state != pb.TASK_STATE_PENDING
+                        or found.task.hold != pb.HOLD_RETRY
+                        or found.task.retries_used != held.retries_used):
+                    return
+                if await self._store.transition(found, lifecycle.released(found.task)):
+                    log.info("task %s queued again for attempt %d", held.id, held.attempt + 1)
+                return
+            except FilchError as exc:
+                log.info("task %s: retry not released yet: %s", held.id, exc)
+                await asyncio.sleep(RELEASE_PAUSE)
 
     def _attempt_spec(self, task: pb.Task) -> AttemptSpec:
         data_dir = self._config.path
@@ -244,7 +312,9 @@ class Runner:
             log.warning("task %s attempt %d: its steal committed but was answered with an "
                         "error: running it now", task_id, task.attempt)
             self._capacity.reserve(task.spec)
-            self.launch(task)
+            # Its time limit counts from the steal (started_at), not from now.
+            self.launch(task, ran_before=max(
+                0.0, time.time() - task.started_at.ToNanoseconds() / 1e9))
             return
         cause = Cause("lost_answer", f"node {self._config.name} had no room left for it "
                                      "when its steal's answer was lost")
@@ -255,7 +325,12 @@ class Runner:
     def _stop_soon(self, local: LocalAttempt, grace: float) -> None:
         """Stop an attempt in the background (it takes up to the grace period; the watch
         and the sweep must not wait), unless it has ended or a stop is under way."""
-        if local.exited or local.done.is_set() or local.stopping or self._group is None:
+        if local.exited or local.done.is_set() or self._group is None:
+            return
+        if local.stopping:
+            # A stop at its time limit is under way: it is taken away all the same, so its
+            # result is not written.
+            local.revoked = True
             return
         if not local.revoked:
             log.info("task %s was canceled or taken away: stopping attempt %d",

@@ -1,8 +1,14 @@
 """Work stealing: take queued tasks that fit, after a delay proportional to this node's load.
 
-Watch events and the periodic sweep only add candidate ids; the worker reads each
-candidate's record and tries the steal transaction. Losing a race is normal: another
-node's transaction won, and the compare makes ours fail harmlessly.
+Candidates come from the priority index /queue/<rank>/<owner>/<id>: watch events and a
+bounded relist keep a local view of it (node/queue_view.py).
+Each pass reads the records of the groups' oldest candidates and lets node/fairshare.py
+choose: highest priority first, then the owner with the lowest weighted dominant share
+of the cluster (from the node records' per-owner usage and the weights at /owner/).
+Losing a race is normal: another node's transaction won, and the compare makes ours fail
+harmlessly. The steal also compares that no queue key of a higher priority than the
+lowest one taken appeared after this node's view of the queue was complete, so that no
+node takes a low task while a higher one it has not seen yet waits.
 """
 
 from __future__ import annotations
@@ -17,20 +23,24 @@ from node import failpoints, keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError, TooLarge
+from node.fairshare import DEFAULT_WEIGHT, Candidate, Usage, cluster_usage, select, share
 from node.limits import ETCD_MAX_REQUEST_BYTES, MAX_BATCH, MOVE_KEYS_BYTES, WRITE_BATCH_BYTES
 from node.node_state import NodeState, Registration
+from node.queue_view import Group, QueueView
 from node.store import Store, WatchEvent
-from node.txn import Move, Versioned
+from node.txn import Move, Versioned, none_created_after
 from node.watching import list_and_watch
 
 log = logging.getLogger(__name__)
 
-# How many queued ids one sweep reads: enough to keep every node busy, small enough that a
-# queue of 100,000 tasks costs one short range per sweep, not a full scan.
-SWEEP_BATCH = 1000
-
-# How many candidates one pass reads (one round trip) before re-checking for new events.
+# How many candidates one read of a pass takes (a round trip), and per group at least
+# this many (more while batches are larger): enough lookahead that a large task at a
+# group's head does not hide the smaller ones behind it.
 PASS_LIMIT = 64
+MIN_GROUP_PASS = 8
+# Reads one pass makes at most: when the higher priorities hold nothing that fits now,
+# the next read looks at lower ones.
+MAX_READS_PER_PASS = 4
 
 # Tasks per steal transaction start here, double after a won steal and halve after a lost
 # one (up to store.MAX_BATCH): large batches while the queue is ours alone, single steals
@@ -60,8 +70,11 @@ class Stealer:
         self._state = state
         self._capacity = state.capacity
         self._runner = runner
-        self._candidates: dict[str, None] = {}   # insertion-ordered set: oldest first
-        self._never_fits: set[str] = set()
+        self._queue = QueueView()
+        # What fair share reads: live node records, and the owners' weights.
+        self._nodes: dict[str, pb.Node] = {}
+        self._weights: dict[str, float] = {}
+        self._published: set[str] = set()      # owners in the share gauges
         # Set by new candidates and by every change of the capacity ledger (freed room).
         self._wake = state.capacity.subscribe()
         self._pauses: set[str] = set()
@@ -92,37 +105,61 @@ class Stealer:
 
     async def run(self) -> NoReturn:
         async with asyncio.TaskGroup() as group:
-            group.create_task(list_and_watch(self._store, keys.QUEUED, self._relist,
+            group.create_task(list_and_watch(self._store, keys.QUEUE, self._relist,
                                              self._on_event))
+            group.create_task(list_and_watch(self._store, keys.NODES, self._relist_nodes,
+                                             self._on_node))
+            group.create_task(list_and_watch(self._store, keys.OWNERS, self._relist_owners,
+                                             self._on_owner))
             group.create_task(self._sweep())
             group.create_task(self._work())
         raise AssertionError("unreachable")
 
+    # -- what the choice reads ---------------------------------------------------------------
+
     async def _relist(self) -> None:
-        for key in await self._store.list_ids(keys.QUEUED, limit=SWEEP_BATCH):
-            self._add(keys.last_segment(key))
+        await self._queue.relist(self._store)
         self.wake()
 
-    def _add(self, task_id: str) -> None:
-        if task_id not in self._never_fits:
-            self._candidates[task_id] = None
-
     async def _on_event(self, event: WatchEvent) -> None:
-        task_id = keys.last_segment(event.key)
-        if event.deleted:
-            self._candidates.pop(task_id, None)
-            self._never_fits.discard(task_id)
-        else:
-            self._add(task_id)
+        if self._queue.on_event(event):
             self.wake()
+
+    async def _relist_nodes(self) -> None:
+        self._nodes = {node.id: node for node in await self._store.list_nodes()}
+
+    async def _on_node(self, event: WatchEvent) -> None:
+        node_id = keys.last_segment(event.key)
+        if event.deleted:
+            self._nodes.pop(node_id, None)
+        else:
+            self._nodes[node_id] = pb.Node.FromString(event.value)
+
+    async def _relist_owners(self) -> None:
+        self._weights = {owner.name: owner.weight for owner in await self._store.list_owners()}
+
+    async def _on_owner(self, event: WatchEvent) -> None:
+        name = keys.last_segment(event.key)
+        if event.deleted:
+            self._weights.pop(name, None)
+        else:
+            self._weights[name] = pb.Owner.FromString(event.value).weight
 
     async def _sweep(self) -> NoReturn:
         while True:
-            await asyncio.sleep(self._config.sweep_interval)
+            try:
+                await asyncio.wait_for(self._queue.refill.wait(), self._config.sweep_interval)
+            except TimeoutError:
+                pass
+            self._queue.refill.clear()
             try:
                 await self._relist()
+                await self._relist_nodes()
+                self._publish_shares(*self._cluster_usage())
             except FilchError as exc:
                 log.info("queue sweep skipped: %s", exc)
+
+    # -- stealing --------------------------------------------------------------------------
 
     def _delay(self) -> float:
         base = self._config.steal_delay
@@ -146,43 +183,90 @@ class Stealer:
                 self._wake.set()
 
     async def _pass(self) -> bool:
-        """Read the oldest candidates and steal, in one transaction, those that fit now.
-
-        True when a steal succeeded.
-        """
+        """Read the heads of the queue and steal, in one transaction, what fair share picks
+        among the tasks that fit now. True when a steal succeeded."""
         registration = self._state.registration
         if registration is None or self.paused or self._capacity.load() >= 1.0:
             return False
         delay = self._delay()
         metrics.STEAL_DELAY.observe(delay)
         await asyncio.sleep(delay)
-        # The oldest candidates, without copying all of a deep queue; another node may have
-        # taken some of them while we waited.
-        ids = list(itertools.islice(self._candidates, PASS_LIMIT))
-        if not ids:
+        records: dict[str, Versioned] = {}
+        candidates: list[Candidate] = []
+        picks: list[Candidate] = []
+        view_revision = 0
+        reads = self._queue.reads(per_group=max(MIN_GROUP_PASS, self._batch),
+                                  per_read=PASS_LIMIT)
+        for chunk in itertools.islice(reads, MAX_READS_PER_PASS):
+            if not view_revision:
+                # What the view was complete up to when the first read was chosen (no
+                # await since): every higher-priority key it held was read before any
+                # lower one, so the guard below covers exactly the keys not read.
+                view_revision = self._queue.complete_revision()
+            # Another node may have taken some of them while we waited.
+            found = {record.task.id: record for record in
+                     await self._store.get_tasks([task_id for _, task_id in chunk])}
+            for group, task_id in chunk:
+                record = found.get(task_id)
+                if (record is None or record.task.state != pb.TASK_STATE_PENDING
+                        or record.task.hold != pb.HOLD_NONE):
+                    self._queue.forget(group, task_id)
+                elif not self._capacity.fits_ever(record.task.spec):
+                    self._queue.forget(group, task_id)
+                    self._queue.never_fits.add(task_id)
+                else:
+                    records[task_id] = record
+                    spec = record.task.spec
+                    candidates.append(Candidate(
+                        task_id, spec.priority, spec.owner or keys.DEFAULT_OWNER,
+                        spec.cpu_millis, spec.memory_bytes, _steal_bytes(record)))
+            picks = self._select(candidates)
+            if len(picks) >= self._batch:
+                break
+        if not picks:
             return False
-        found = {record.task.id: record for record in await self._store.get_tasks(ids)}
-        chosen: list[Versioned] = []
-        chosen_bytes = 0
-        for task_id in ids:
-            record = found.get(task_id)
-            if record is None or record.task.state != pb.TASK_STATE_PENDING:
-                self._candidates.pop(task_id, None)
-            elif not self._capacity.fits_ever(record.task.spec):
-                self._candidates.pop(task_id, None)
-                self._never_fits.add(task_id)
-            elif (self._capacity.fits_free(record.task.spec) and len(chosen) < self._batch
-                  and (not chosen or chosen_bytes + _steal_bytes(record) <= WRITE_BATCH_BYTES)):
-                self._capacity.reserve(record.task.spec)   # so the next one sees less room
-                chosen.append(record)
-                chosen_bytes += _steal_bytes(record)
-        if not chosen:
-            return False
+        chosen = [records[pick.task_id] for pick in picks]
+        for record in chosen:
+            self._capacity.reserve(record.task.spec)
+        # No queue key of a priority above the lowest taken may have appeared unseen.
+        guard = none_created_after(*keys.queue_above(min(pick.priority for pick in picks)),
+                                   view_revision)
         with self._capacity.stealing():
-            return await self._steal(chosen, registration)
+            return await self._steal(chosen, registration, guard)
 
-    async def _steal(self, chosen: list[Versioned], registration: Registration) -> bool:
-        """The steal transaction for a batch (resources already reserved)."""
+    def _select(self, candidates: list[Candidate]) -> list[Candidate]:
+        capacity = self._capacity
+        allocation = capacity.allocation()
+        usage, totals = self._cluster_usage()
+        free = Usage(capacity.cpu_millis - allocation.cpu_millis,
+                     capacity.memory_bytes - allocation.memory_bytes)
+        self._publish_shares(usage, totals)
+        return select(candidates, usage=usage, totals=totals, weights=self._weights,
+                      free=free, limit=self._batch, max_bytes=WRITE_BATCH_BYTES)
+
+    def _cluster_usage(self) -> tuple[dict[str, Usage], Usage]:
+        registration = self._state.registration
+        capacity = self._capacity
+        return cluster_usage(self._nodes.values(),
+                             registration.node_id if registration is not None else None,
+                             capacity.owners(), Usage(capacity.cpu_millis, capacity.memory_bytes))
+
+    def _publish_shares(self, usage: dict[str, Usage], totals: Usage) -> None:
+        """Share and running tasks by owner, as this node sees the cluster; owners that
+        hold nothing any more leave the gauges."""
+        for owner in self._published - set(usage):
+            metrics.OWNER_SHARE.remove(owner)
+            metrics.OWNER_RUNNING.remove(owner)
+        for owner, held in usage.items():
+            metrics.OWNER_SHARE.labels(owner).set(
+                share(held, totals, self._weights.get(owner, DEFAULT_WEIGHT)))
+            metrics.OWNER_RUNNING.labels(owner).set(held.running)
+        self._published = set(usage)
+
+    async def _steal(self, chosen: list[Versioned], registration: Registration,
+                     guard: object = None) -> bool:
+        """The steal transaction for a batch (resources already reserved); guard: the
+        priority compare (txn.none_created_after), when there is one."""
         moves = [Move(record, lifecycle.stolen(record.task, registration.node_id,
                                                self._config.name,
                                                self._config.advertise_address))
@@ -190,7 +274,8 @@ class Stealer:
         metrics.STEALS_ATTEMPTED.inc(len(moves))
         try:
             await failpoints.hit("stealer.before_commit")
-            token = await self._store.transition_many(moves, lease_id=registration.lease_id)
+            token = await self._store.transition_many(
+                moves, lease_id=registration.lease_id, guards=() if guard is None else (guard,))
             await failpoints.hit("stealer.after_commit")
         except TooLarge:
             self._release(moves)
@@ -204,7 +289,8 @@ class Stealer:
             self._release(moves)
             raise
         if token is None:
-            # Another node took at least one of them; the next pass re-reads them all.
+            # Another node took at least one of them, or a higher priority task appeared
+            # that this node has not seen yet; the next pass re-reads them all.
             metrics.STEALS_LOST.inc(len(moves))
             self._release(moves)
             self._batch = max(1, self._batch // 2)
@@ -212,7 +298,8 @@ class Stealer:
         metrics.STEALS_WON.inc(len(moves))
         self._batch = min(MAX_BATCH, self._batch * 2)
         for move in moves:
-            self._candidates.pop(move.new.id, None)
+            self._queue.forget(_group_of(move.new), move.new.id)
+            metrics.OWNER_PICKS.labels(_group_of(move.new)[1]).inc()
             metrics.START_LATENCY.observe(max(0.0, (move.new.started_at.ToNanoseconds()
                                                     - move.new.submitted_at.ToNanoseconds()) / 1e9))
             log.debug("stole task %s (attempt %d)", move.new.id, move.new.attempt)
@@ -223,7 +310,7 @@ class Stealer:
     async def _refuse(self, record: Versioned) -> None:
         """A task whose record alone is too large to write: a permanent error, recorded on
         the task (COMPLETE, START_FAILED), never retried."""
-        self._candidates.pop(record.task.id, None)
+        self._queue.forget(_group_of(record.task), record.task.id)
         failed = lifecycle.too_large(lifecycle.finished(
             record.task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED),
             ETCD_MAX_REQUEST_BYTES)
@@ -239,3 +326,7 @@ def _steal_bytes(record: Versioned) -> int:
     """What stealing this task adds to a transaction: its record, grown by a few node
     fields (WRITE_BATCH_BYTES leaves a whole record of headroom for those), and keys."""
     return record.task.ByteSize() + MOVE_KEYS_BYTES
+
+
+def _group_of(task: pb.Task) -> Group:
+    return task.spec.priority, task.spec.owner or keys.DEFAULT_OWNER

@@ -55,6 +55,15 @@ class WatchEvent:
 
 
 @dataclass(frozen=True)
+class KeyPage:
+    """One bounded range of keys and the etcd revision it was read at."""
+
+    keys: list[bytes]
+    revision: int
+    more: bool
+
+
+@dataclass(frozen=True)
 class MemberStatus:
     """What the local etcd member says about itself."""
 
@@ -189,8 +198,10 @@ class Store:
         """
         return await self.transition_many([Move(old, new, fence, owner_gone)], lease_id=lease_id)
 
-    async def transition_many(self, moves: Sequence[Move], *, lease_id: int = 0) -> int | None:
+    async def transition_many(self, moves: Sequence[Move], *, lease_id: int = 0,
+                              guards: Sequence[Any] = ()) -> int | None:
         """Several transitions in ONE transaction: all happen, or none (see transition()).
+        guards: further compares (txn.key_compare, txn.none_created_after) that must hold.
 
         At most MAX_BATCH moves; callers cut batches with limits.batches(..., move_bytes)
         to WRITE_BATCH_BYTES. Returns the revision, or None when any compare failed.
@@ -202,6 +213,7 @@ class Store:
         success: list[Any] = []
         for move in moves:
             append_move(move, lease_id, compare, success)
+        compare.extend(guards)
         if max(len(compare), len(success)) > MAX_TXN_OPS:
             raise ValueError(f"{len(success)} operations; etcd takes at most {MAX_TXN_OPS} "
                              "in one transaction (cut batches with txn.move_ops)")
@@ -222,6 +234,12 @@ class Store:
         response = await self._range(start, keys.prefix_end(prefix), limit=limit,
                                      keys_only=True, revision=revision)
         return [kv.key for kv in response.kvs]
+
+    async def list_page(self, start: bytes, end: bytes, *, limit: int) -> KeyPage:
+        """Keys of [start, end) in key order, at most limit, with the revision read at."""
+        response = await self._range(start, end, limit=limit, keys_only=True)
+        return KeyPage([kv.key for kv in response.kvs], int(response.header.revision),
+                       bool(response.more))
 
     async def list_created(self, prefix: bytes) -> dict[bytes, int]:
         """Keys under prefix, each with the revision it was created at (for a running key:
@@ -377,3 +395,16 @@ class Store:
             except ETCD_ERRORS:
                 pass  # the stream is already broken; its error was raised above
         raise StoreUnavailable("etcd watch stream ended")
+
+    # -- owners (fair share) ---------------------------------------------------------------
+
+    async def put_owner(self, owner: pb.Owner) -> None:
+        """Store an owner's weight (only name and weight are kept)."""
+        stored = pb.Owner(name=owner.name, weight=owner.weight)
+        await self._call(lambda: self._client.put(keys.owner(owner.name),
+                                                  stored.SerializeToString()))
+
+    async def list_owners(self) -> list[pb.Owner]:
+        """Every owner with a stored weight, in name order."""
+        response = await self._range(keys.OWNERS, keys.prefix_end(keys.OWNERS))
+        return [pb.Owner.FromString(kv.value) for kv in response.kvs]

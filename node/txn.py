@@ -121,3 +121,10 @@ def key_compare(key: bytes, target: str, value: int, result: int = 0,
                "mod_revision": rpc.Compare.MOD}
     return rpc.Compare(key=key, target=targets[target], result=result, range_end=range_end,
                        **{target: value})
+
+
+def none_created_after(start: bytes, end: bytes, revision: int) -> Any:
+    """A compare that holds while no key of [start, end) was written after revision (an
+    empty range holds). For keys written once and never changed (the queue keys), their
+    mod_revision is their creation."""
+    return key_compare(start, "mod_revision", revision + 1, rpc.Compare.LESS, range_end=end)

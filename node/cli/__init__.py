@@ -28,6 +28,7 @@ from node.cli.output import (
     client_failure,
     one_line,
 )
+from node.cli.owners import owner_group
 from node.cli.params import check_server
 from node.client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, ClientError
 from node.errors import InvalidArgument
@@ -132,7 +133,7 @@ def cli(ctx: click.Context, server: str, timeout: float, ca: str, token_file: st
     ctx.call_on_close(client.close)
 
 
-for _command in (*CLIENT_COMMANDS, agent_command):
+for _command in (*CLIENT_COMMANDS, owner_group, agent_command):
     cli.add_command(_command)
 
 

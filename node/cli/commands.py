@@ -3,7 +3,6 @@ the node goes through node.client.Client, which the group puts in the context.""
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +30,7 @@ from node.cli.params import (
 )
 from node.client import Client, ClientError
 from node.errors import InvalidArgument
+from node.follow import follow
 from node.lifecycle import RETRY_CLASSES
 from node.units import CPU_FORMS, DURATION_FORMS, SIZE_FORMS
 
@@ -162,29 +162,38 @@ def submit(
     raise click.exceptions.Exit(status)
 
 
-def _reached(attempt: int, task: filch_pb2.Task) -> bool:
-    return render.is_finished(task) or task.attempt >= attempt
-
-
 def follow_task(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
-    """Stream every attempt's output to stdout as it happens, until the task ends; the
-    final record. Ctrl-C exits 130 (the task goes on)."""
+    """Stream every attempt's output to stdout as it happens, until the task ends (after a
+    retry or a requeue, the next attempt's); the final record. How an attempt ended is
+    said on stderr when another follows. Ctrl-C exits 130 (the task goes on)."""
     stdout = sys.stdout.buffer
-    attempt = 1
+
+    def write(data: bytes) -> None:
+        stdout.write(data)
+        stdout.flush()
+
+    def attempt_end(current: filch_pb2.Task, attempt: int) -> None:
+        if render.is_finished(current) and current.attempt <= attempt:
+            return      # the last one: the exit status says how it ended
+        ended = next((record for record in current.attempts if record.attempt == attempt),
+                     None)
+        how, then = "ended", ""
+        if ended is not None:
+            how = (f"exit code {ended.exit_code}" if ended.reason == filch_pb2.REASON_EXITED
+                   else render.reason_name(ended.reason))
+            # A retry's attempt record says so ("retry 1 of 3 in 1.6s after ..."); the task's
+            # own message may already be the next attempt's.
+            then = f"; {ended.message}" if ended.message else ""
+        click.echo(f"filch: attempt {attempt} of task {current.id} ended ({how}){then}",
+                   err=True)
+
+    def missing(attempt: int, failure: ClientError) -> None:
+        click.echo(f"filch: the output of attempt {attempt} cannot be read: "
+                   f"{one_line(failure.message)}", err=True)
+
     try:
-        while True:
-            current = client.wait(task.id, until=functools.partial(_reached, attempt))
-            if current.attempt < attempt:
-                return current
-            try:
-                for data in client.logs(task.id, follow=True, attempt=attempt):
-                    stdout.write(data)
-                    stdout.flush()
-            except ClientError as failure:
-                # Its node died mid-stream: say so and go on with the next attempt.
-                click.echo(f"filch: the output of attempt {attempt} is cut short: "
-                           f"{one_line(str(failure))}", err=True)
-            attempt += 1
+        return follow(client, task.id, write, on_attempt_end=attempt_end, on_missing=missing,
+                      task=task)
     except KeyboardInterrupt:
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
 

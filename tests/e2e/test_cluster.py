@@ -20,6 +20,10 @@ SCHEMA = [re.compile(pattern) for pattern in (
     rf"^/task/status/complete/\d{{16}}/{UUID}$",
     rf"^/task/status/canceled/\d{{16}}/{UUID}$",
     rf"^/node/{UUID}$",
+    # Beside each queued key: the priority index (rank = 1000 - priority), and owners'
+    # fair-share weights.
+    rf"^/queue/\d{{4}}/[A-Za-z0-9][A-Za-z0-9._@-]{{0,63}}/{UUID}$",
+    r"^/owner/[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",
 )]
 
 
@@ -143,6 +147,8 @@ def assert_keyspace_matches_schema(cluster: Cluster) -> None:
                                  if key.startswith("/task/status/"))
     assert set(status) == records
     assert all(count == 1 for count in status.values())
+    queued = {key.rsplit("/", 1)[1] for key in found if key.startswith("/task/status/queued/")}
+    assert {key.rsplit("/", 1)[1] for key in found if key.startswith("/queue/")} == queued
 
 
 def test_keyspace_matches_the_schema(three_nodes: Cluster) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.capacity import Allocation, Capacity
+from node.fairshare import Usage
 
 
 def _spec(cpu_millis: int, memory_bytes: int, network: str = "") -> pb.TaskSpec:
@@ -60,3 +61,17 @@ def test_stealing_is_counted_while_held() -> None:
     with capacity.stealing(), capacity.stealing():
         assert capacity.steals_in_flight
     assert not capacity.steals_in_flight
+
+
+def test_the_ledger_holds_what_each_owner_holds_until_released() -> None:
+    capacity = Capacity(cpu_millis=4000, memory_bytes=8 << 30)
+    first = pb.TaskSpec(cpu_millis=1000, memory_bytes=1 << 30, owner="alice")
+    second = pb.TaskSpec(cpu_millis=500, memory_bytes=1 << 20)       # the default owner
+    capacity.reserve(first)
+    capacity.reserve(first)
+    capacity.reserve(second)
+    assert capacity.owners() == {"alice": Usage(2000, 2 << 30, 2),
+                                 "default": Usage(500, 1 << 20, 1)}
+    capacity.release(first)
+    capacity.release(second)
+    assert capacity.owners() == {"alice": Usage(1000, 1 << 30, 1)}

@@ -1,6 +1,7 @@
 """node.client against a real one-node filch cluster (tests/e2e/cluster.py), plain and TLS.
 
-What a script sees: tasks submitted, waited for, logged, canceled and listed; typed errors
+What a script sees: tasks submitted, waited for, logged (every attempt followed), canceled
+and listed; typed errors
 for an unknown id, bad input, an unreachable node and a wrong token.
 """
 
@@ -20,6 +21,7 @@ from node.client import (
     Unauthenticated,
     Unavailable,
 )
+from node.follow import follow
 from tests.e2e.cluster import Cluster
 from tests.e2e.conftest import require_tools
 
@@ -52,6 +54,20 @@ def test_submit_wait_and_logs(client: Client) -> None:
     assert done.spec.cpu_millis == 100 and done.spec.memory_bytes == 64 * 2**20
     assert b"".join(client.logs(task.id)) == b"hello from a script\n"
     assert client.get(task.id).id == task.id
+
+
+def test_follow_streams_every_attempt_in_order(client: Client) -> None:
+    task = client.submit(command="sh", args=["-c", 'echo "try $FILCH_ATTEMPT"; exit 4'],
+                         retries=1, retry_on=["failed"], retry_backoff_seconds=0.2)
+    output: list[bytes] = []
+    ended: list[tuple[int, int]] = []
+    done = follow(client, task.id, output.append,
+                  on_attempt_end=lambda current, n: ended.append((n, current.attempt)))
+    assert b"".join(output) == b"try 1\ntry 2\n"
+    assert (done.state, done.reason, done.exit_code) == (pb.TASK_STATE_COMPLETE,
+                                                          pb.REASON_EXITED, 4)
+    assert [number for number, _ in ended] == [1, 2]
+    assert [record.attempt for record in done.attempts] == [1, 2]
 
 
 def test_submit_with_a_request_id_is_idempotent(client: Client) -> None:

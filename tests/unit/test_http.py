@@ -502,7 +502,8 @@ ROUTES = [("GET", "/api/v1/tasks"), ("POST", "/api/v1/tasks"),
           ("GET", "/api/v1/tasks/01a21bce-b194-7000-994b-fef8376138b8"),
           ("POST", "/api/v1/tasks/01a21bce-b194-7000-994b-fef8376138b8/cancel"),
           ("GET", "/api/v1/tasks/01a21bce-b194-7000-994b-fef8376138b8/logs"),
-          ("GET", "/api/v1/nodes"), ("GET", "/api/v2/anything"), ("DELETE", "/api/v1/tasks")]
+          ("GET", "/api/v1/nodes"), ("GET", "/api/v2/anything"), ("DELETE", "/api/v1/tasks"),
+          ("GET", "/api/v1/owners"), ("POST", "/api/v1/owners/alice/weight")]
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
@@ -747,3 +748,30 @@ def test_grpc_codes_map_to_http_statuses(code: grpc.StatusCode, status: int) -> 
                                        timeout=10.0))
     assert failure.status == status
     assert failure.message
+
+
+# -- owners (fair share) -----------------------------------------------------------------------
+
+
+def test_an_owner_weight_set_over_http_is_listed(app: App) -> None:
+    reply = call(app, "POST", "/api/v1/owners/http-owner/weight",
+                 body=json.dumps({"weight": 2.5}).encode())
+    assert reply.status == 200, reply.body
+    assert (reply.json()["name"], reply.json()["weight"]) == ("http-owner", 2.5)
+    listed = call(app, "GET", "/api/v1/owners").json()["owners"]
+    assert {"name": "http-owner", "weight": 2.5}.items() <= next(
+        owner for owner in listed if owner["name"] == "http-owner").items()
+
+
+@pytest.mark.parametrize(("name", "body", "field"), [
+    ("alice", b'{"weight": "2"}', "weight"), ("alice", b'{"weight": true}', "weight"),
+    ("alice", b'{"weight": 0}', "weight"), ("alice", b'{"weight": 1e9}', "weight"),
+    ("alice", b'{"wait": 2}', "body"), ("-alice", b'{"weight": 2}', "name"),
+])
+def test_bad_owner_weights_are_400_naming_the_field(app: App, name: str, body: bytes,
+                                                    field: str) -> None:
+    reply = call(app, "POST", f"/api/v1/owners/{name}/weight", body=body)
+    assert reply.status == 400, reply.body
+    assert reply.json()["error"].startswith(f"{field}:")
+    listed = call(app, "GET", "/api/v1/owners").json()["owners"]
+    assert all(owner["name"] != name or owner["weight"] == 1 for owner in listed)

@@ -153,3 +153,61 @@ def test_messages_are_cut_to_keep_records_bounded() -> None:
     done = lifecycle.finished(task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED,
                               message="e" * (10 * limits.MAX_MESSAGE_CHARS))
     assert len(done.message) <= limits.MAX_MESSAGE_CHARS + 10
+
+
+# -- attempt history -----------------------------------------------------------------------
+
+
+def test_every_attempt_end_joins_the_history() -> None:
+    """Finish, cancel, requeue and NODE_LOST each append the attempt that ended, with the
+    node it ran on and how it ended; the next steal leaves the history alone."""
+    requeued = lifecycle.after_owner_lost(running(restart=True), "node n1 lost its lease")
+    [first] = requeued.attempts
+    assert (first.attempt, first.node_id, first.node_name, first.node_address) == \
+        (1, NODE_ID, "n1", "10.0.0.1:7070")
+    assert first.reason == pb.REASON_NODE_LOST and "lost its lease" in first.message
+    assert first.HasField("started_at") and recent(first.finished_at)
+    other = "0b7e2f55-1c3d-4e6a-8f90-a1b2c3d4e5f6"
+    second = lifecycle.started(lifecycle.stolen(requeued, other, "n2", "10.0.0.2:7070"), 7)
+    assert list(second.attempts) == [first]
+    done = lifecycle.finished(second, pb.TASK_STATE_COMPLETE, pb.REASON_EXITED, exit_code=3)
+    assert [(a.attempt, a.node_name, a.reason, a.exit_code) for a in done.attempts] == \
+        [(1, "n1", pb.REASON_NODE_LOST, 0), (2, "n2", pb.REASON_EXITED, 3)]
+    assert done.attempts[-1].finished_at == done.finished_at
+    canceled = lifecycle.finished(running(), pb.TASK_STATE_CANCELED, pb.REASON_CANCELED)
+    assert [a.reason for a in canceled.attempts] == [pb.REASON_CANCELED]
+    lost = lifecycle.after_owner_lost(running(restart=False), "gone")
+    assert [a.reason for a in lost.attempts] == [pb.REASON_NODE_LOST]
+
+
+def test_ending_a_task_that_never_ran_records_no_attempt() -> None:
+    done = lifecycle.finished(pending(), pb.TASK_STATE_CANCELED, pb.REASON_DEPENDENCY_FAILED)
+    assert not done.attempts
+
+
+def test_the_history_keeps_the_newest_attempts_and_says_when_it_dropped_some() -> None:
+    task = running()
+    for _ in range(lifecycle.MAX_ATTEMPT_RECORDS + 4):
+        again = lifecycle.after_owner_lost(task, "lost")
+        task = lifecycle.started(lifecycle.stolen(again, NODE_ID, "n1", "a:1"), 1)
+    done = lifecycle.finished(task, pb.TASK_STATE_COMPLETE, pb.REASON_EXITED)
+    last = lifecycle.MAX_ATTEMPT_RECORDS + 5
+    assert [a.attempt for a in done.attempts] == \
+        list(range(last - lifecycle.MAX_ATTEMPT_RECORDS + 1, last + 1))
+    assert "attempts 1-5 were dropped" in done.message
+
+
+def test_a_full_history_of_the_largest_attempts_stays_within_the_record_overhead() -> None:
+    """The worst case: every kept attempt with the longest node name, address and message,
+    and the task's own message at its limit. ASCII: the limits count characters."""
+    task = running()
+    task.node_name = "n" * 253
+    task.node_address = "a" * 260
+    for _ in range(lifecycle.MAX_ATTEMPT_RECORDS + 1):
+        again = lifecycle.after_owner_lost(task, "x" * limits.MAX_MESSAGE_CHARS)
+        task = lifecycle.started(lifecycle.stolen(again, NODE_ID, "n" * 253, "a" * 260),
+                                 2**62)
+    done = lifecycle.finished(task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED,
+                              exit_code=-(2**31), message="m" * limits.MAX_MESSAGE_CHARS)
+    assert len(done.attempts) == lifecycle.MAX_ATTEMPT_RECORDS
+    assert done.ByteSize() - done.spec.ByteSize() <= limits.RECORD_OVERHEAD_BYTES

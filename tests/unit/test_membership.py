@@ -102,7 +102,8 @@ async def test_the_node_record_follows_the_capacity_ledger(store: Store) -> None
                             executor_name="process", runner=Fences(state))
     task = await _running(membership)
     try:
-        state.capacity.reserve(pb.TaskSpec(cpu_millis=1500, memory_bytes=1 << 20))
+        state.capacity.reserve(pb.TaskSpec(cpu_millis=1500, memory_bytes=1 << 20,
+                                           owner="alice"))
         for _ in range(100):     # published within PUBLISH_DEBOUNCE
             if [node for node in await store.list_nodes() if node.cpu_allocated_millis == 1500]:
                 break
@@ -110,6 +111,9 @@ async def test_the_node_record_follows_the_capacity_ledger(store: Store) -> None
         [node] = await store.list_nodes()
         assert state.registration is not None and node.id == state.registration.node_id
         assert node.memory_allocated_bytes == 1 << 20
+        # What each owner holds, for every stealer's fair share.
+        assert dict(node.owners) == {"alice": pb.OwnerUsage(
+            cpu_millis=1500, memory_bytes=1 << 20, running=1)}
     finally:
         await _stop(task)
         await membership.shutdown()

@@ -1,14 +1,19 @@
 """The runner against a real etcd and the process executor: drain on shutdown hands
-back what is still running — requeued (restart) or NODE_LOST (no restart)."""
+back what is still running — requeued (restart) or NODE_LOST (no restart); an attempt past
+its time limit is stopped (TIMED_OUT); a retryable end is held, then queued again at its
+not_before by the node that wrote it."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 
-from node import keys, lifecycle
+from node import keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.node_state import NodeState, Registration
@@ -22,11 +27,13 @@ require_etcd()
 pytestmark = pytest.mark.timeout(60)
 
 
-async def _steal(store: Store, state: NodeState, runner: Runner, *, restart: bool) -> str:
-    """Queue a long task and steal it for this node, as the stealer would."""
-    task = pb.Task(id=keys.new_task_id(), state=pb.TASK_STATE_PENDING,
-                   spec=pb.TaskSpec(command="sleep", args=["30"], restart=restart,
-                                    cpu_millis=100, memory_bytes=1 << 20))
+async def _steal(store: Store, state: NodeState, runner: Runner, *, restart: bool = True,
+                 spec: pb.TaskSpec | None = None) -> str:
+    """Queue a task (default: a long one) and steal it for this node, as the stealer would."""
+    spec = spec or pb.TaskSpec(command="sleep", args=["30"])
+    spec.restart = restart
+    spec.cpu_millis, spec.memory_bytes = 100, 1 << 20
+    task = pb.Task(id=keys.new_task_id(), state=pb.TASK_STATE_PENDING, spec=spec)
     task.submitted_at.GetCurrentTime()
     assert await store.transition(None, task) is not None
     queued = await store.get_task(task.id)
@@ -39,8 +46,9 @@ async def _steal(store: Store, state: NodeState, runner: Runner, *, restart: boo
     return task.id
 
 
-async def test_drain_requeues_restartable_tasks_and_ends_the_others_node_lost(
-        store: Store, tmp_path: Path) -> None:
+@contextlib.asynccontextmanager
+async def _running(store: Store, tmp_path: Path) -> AsyncIterator[tuple[NodeState, Runner]]:
+    """A registered node's runner, running (process executor)."""
     config = Config(name="n", data_dir=str(tmp_path), executor="process",
                     shutdown_grace=0.2, cancel_grace=1.0)
     state = NodeState.for_config(config)
@@ -50,6 +58,68 @@ async def test_drain_requeues_restartable_tasks_and_ends_the_others_node_lost(
     loop = asyncio.create_task(runner.run())
     await asyncio.sleep(0)      # run() enters its task group
     try:
+        yield state, runner
+    finally:
+        loop.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await loop
+
+
+async def _until(store: Store, task_id: str, done: Callable[[pb.Task], bool]) -> pb.Task:
+    """The task's record once done(record); the test's timeout bounds the wait."""
+    while True:
+        found = await store.get_task(task_id)
+        assert found is not None
+        if done(found.task):
+            return found.task
+        await asyncio.sleep(0.05)
+
+
+async def test_an_attempt_past_its_time_limit_is_stopped_and_ends_timed_out(
+        store: Store, tmp_path: Path) -> None:
+    """The process executor: SIGTERM at the limit (sh exits on it here, before the grace)."""
+    async with _running(store, tmp_path) as (state, runner):
+        spec = pb.TaskSpec(command="sh", args=["-c", "echo started; sleep 30"],
+                           time_limit_seconds=0.5)
+        before = metrics.TIMEOUTS._value.get()
+        task_id = await _steal(store, state, runner, spec=spec)
+        started = time.monotonic()
+        done = await _until(store, task_id, lambda task: task.state != pb.TASK_STATE_RUNNING)
+        took = time.monotonic() - started
+        assert (done.state, done.reason) == (pb.TASK_STATE_COMPLETE, pb.REASON_TIMED_OUT)
+        assert done.message == "ran longer than its time limit of 0.5s"
+        assert done.exit_code != 0
+        # The limit, plus at most the grace (1 s), plus a second for a slow machine.
+        assert 0.5 <= took < 0.5 + 1.0 + 1.0, took
+        assert [a.reason for a in done.attempts] == [pb.REASON_TIMED_OUT]
+        assert metrics.TIMEOUTS._value.get() == before + 1
+        assert not runner.runs(task_id)
+
+
+async def test_a_retryable_end_is_held_then_queued_again_at_its_not_before(
+        store: Store, tmp_path: Path) -> None:
+    async with _running(store, tmp_path) as (state, runner):
+        spec = pb.TaskSpec(command="sh", args=["-c", "exit 3"], retries=2,
+                           retry_on=["failed"], retry_backoff_seconds=0.4)
+        task_id = await _steal(store, state, runner, spec=spec)
+        held = await _until(store, task_id, lambda task: task.state != pb.TASK_STATE_RUNNING)
+        assert (held.state, held.hold, held.retries_used) == \
+            (pb.TASK_STATE_PENDING, pb.HOLD_RETRY, 1)
+        assert held.message.startswith("retry 1 of 2 in ") and \
+            held.message.endswith("after exit code 3"), held.message
+        assert f"/task/status/blocked/{task_id}".encode() in \
+            await store.list_ids(keys.STATUS)
+        queued = await _until(store, task_id, lambda task: task.hold == pb.HOLD_NONE)
+        released_at = time.time()
+        assert queued.state == pb.TASK_STATE_PENDING and queued.retries_used == 1
+        # Released no earlier than not_before (clocks of one machine: a small tolerance).
+        assert released_at >= held.not_before.ToNanoseconds() / 1e9 - 0.05
+        assert await store.count(keys.queued("")) == 1
+
+
+async def test_drain_requeues_restartable_tasks_and_ends_the_others_node_lost(
+        store: Store, tmp_path: Path) -> None:
+    async with _running(store, tmp_path) as (state, runner):
         again = await _steal(store, state, runner, restart=True)
         lost = await _steal(store, state, runner, restart=False)
         assert runner.is_running(again, 1) and runner.is_running(lost, 1)
@@ -70,7 +140,3 @@ async def test_drain_requeues_restartable_tasks_and_ends_the_others_node_lost(
         await runner.shutdown()     # idempotent: nothing left
         after = await store.get_task(again)
         assert after is not None and after.mod_revision == requeued.mod_revision
-    finally:
-        loop.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await loop

@@ -110,3 +110,55 @@ async def test_stealing_waits_for_every_reason_to_go(store: Store) -> None:
     assert not await stealer._pass()
     stealer.resume("nospace")
     assert await stealer._pass() and len(launched.tasks) == 1
+
+
+async def _queue(store: Store, *, priority: int = 0, owner: str = "default",
+                 cpu_millis: int = 500) -> str:
+    task = pb.Task(id=keys.new_task_id(), state=pb.TASK_STATE_PENDING,
+                   spec=pb.TaskSpec(command="true", cpu_millis=cpu_millis, memory_bytes=1 << 20,
+                                    priority=priority, owner=owner))
+    task.submitted_at.GetCurrentTime()
+    assert await store.transition(None, task) is not None
+    return task.id
+
+
+async def test_a_steal_fails_while_a_higher_priority_task_it_has_not_seen_waits(
+        store: Store) -> None:
+    low = await _queue(store)
+    stealer, state, launched = await _node(store, "a")
+    await stealer._relist()            # the view: complete up to now, the low task only
+    high = await _queue(store, priority=10)     # no watch runs: this node has not seen it
+    lost_before = metrics.STEALS_LOST._value.get()
+    assert not await stealer._pass()
+    # The priority compare failed: nothing moved, the loss is counted, room given back.
+    assert metrics.STEALS_LOST._value.get() - lost_before == 1
+    assert not launched.tasks and state.capacity.load() == 0
+    assert await store.count(keys.QUEUED) == 2 and await store.count(keys.QUEUE) == 2
+    await stealer._relist()            # now seen: the high one goes first
+    assert await stealer._pass()
+    assert [task.id for task in launched.tasks][:1] == [high]
+    assert {task.id for task in launched.tasks} <= {high, low}
+
+
+async def test_a_seen_higher_priority_task_that_does_not_fit_now_does_not_block(
+        store: Store) -> None:
+    await _queue(store, priority=10, cpu_millis=4000)
+    low = await _queue(store)
+    stealer, state, launched = await _node(store, "a")
+    state.capacity.reserve(pb.TaskSpec(cpu_millis=1000))
+    await stealer._relist()
+    assert await stealer._pass()
+    assert [task.id for task in launched.tasks] == [low]
+
+
+async def test_a_relist_reads_a_bounded_range_per_group(store: Store,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("node.queue_view.GROUP_READ", 2)
+    first = await _queue(store, priority=5, owner="a")
+    deep = [await _queue(store, owner="a") for _ in range(5)]
+    other = await _queue(store, owner="b")
+    stealer, _, _ = await _node(store, "a")
+    await stealer._relist()
+    assert stealer._queue.groups == {(5, "a"): {first: None}, (0, "a"): {deep[0]: None},
+                               (0, "b"): {other: None}}
+    assert stealer._queue.truncated == {(0, "a")}
