@@ -356,6 +356,7 @@ def test_an_arrays_page_lists_its_tasks_only(three_nodes: Cluster, http_url: str
     response = three_nodes.stub().Submit(pb.SubmitRequest(
         spec=pb.TaskSpec(command="true", name="array-member"),
         array=pb.ArraySpec(start=1, end=3)), timeout=10)
+    assert len(response.task_ids) == 3, response
     three_nodes.wait_finished(list(response.task_ids))
     browser.get(f"{http_url}/#/tasks/{response.task_ids[1]}")
     until(browser, "the link to the task's array", lambda: browser.find_elements(
