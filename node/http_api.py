@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from node import render
+from node import http_batch, render
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.client import Client, ClientError
 from node.http_logs import LogBody, LogStream
@@ -30,11 +30,7 @@ MAX_PAGE_SIZE = 1000
 
 _SPEC_FIELDS = frozenset(
     {"command", "args", "cpu", "memory", "disk", "restart", "env", "workdir", "name",
-     "request_id", "network", "array", "after", "after_any", "after_array"})
-
-# The JSON spellings of a dependency's kind (the CLI's --after, --after-any, --after-array).
-_DEPENDENCY_FIELDS = (("after", pb.DEPENDENCY_KIND_SUCCESS), ("after_any", pb.DEPENDENCY_KIND_ANY),
-                      ("after_array", pb.DEPENDENCY_KIND_ARRAY))
+     "request_id", "network"}) | http_batch.FIELDS
 
 
 class Api:
@@ -125,11 +121,10 @@ class Api:
             response = self.client.submit_request(submit, retry_for=0)
         except ClientError as error:
             raise failure(error) from None
-        if response.array_id:
-            return json_response(201 if response.created else 200, {
-                "array_id": response.array_id, "task_ids": list(response.task_ids),
-                "task": render.task_to_dict(response.task)},
-                [("Location", f"/api/v1/tasks?array_id={response.array_id}")])
+        if submit.HasField("array"):
+            return json_response(201 if response.created else 200,
+                                 http_batch.array_reply(response),
+                                 [("Location", f"/api/v1/tasks?array_id={response.array_id}")])
         return json_response(201 if response.created else 200,
                              render.task_to_dict(response.task),
                              [("Location", f"/api/v1/tasks/{response.task.id}")])
@@ -244,27 +239,11 @@ def submit_request(body: Any) -> pb.SubmitRequest:
     restart = _typed(body, "restart", bool, "true or false")
     if restart is not None:
         spec.restart = restart
-    for field, kind in _DEPENDENCY_FIELDS:
-        parents = _typed(body, field, list, "a list of ids") or []
-        for index, parent in enumerate(parents):
-            if not isinstance(parent, str):
-                raise HttpError(400, f"{field}[{index}]: must be an id, not {json.dumps(parent)}")
-            spec.after.append(pb.Dependency(id=parent, kind=kind))
-    submit = pb.SubmitRequest(spec=spec,
-                              request_id=_typed(body, "request_id", str, "a string") or "")
-    array = _typed(body, "array", dict, 'an object {"start": N, "end": N, "step": N}')
-    if array is not None:
-        unknown = sorted(set(array) - {"start", "end", "step"})
-        if unknown:
-            raise HttpError(400, f"array.{unknown[0]}: unknown field (known: end, start, step)")
-        for name in ("start", "end", "step"):
-            value = _typed(array, name, int, "a whole number")
-            if value is not None and not 0 <= value < 2**63:
-                raise HttpError(400, f"array.{name}: {value} is out of range")
-        submit.array.CopyFrom(pb.ArraySpec(start=array.get("start") or 0,
-                                           end=array.get("end") or 0,
-                                           step=array.get("step") or 0))
-    return submit
+    http_batch.apply(body, spec)
+    array = http_batch.array_spec(body.get("array"))
+    return pb.SubmitRequest(spec=spec,
+                            request_id=_typed(body, "request_id", str, "a string") or "",
+                            array=array)
 
 
 def _cpu_millis(value: Any) -> int:

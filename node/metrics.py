@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
 
+from node.keys import DEFAULT_OWNER
+
 # Latency buckets from a millisecond (a local etcd round trip) to a minute (a long queue).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
                    30, 60)
@@ -119,6 +121,10 @@ for _class in ("failed", "oom", "timeout", "start-failed"):
     RETRIES.labels(_class)
 for _state in ("complete", "canceled"):
     RETENTION_DELETED.labels(_state)
+# Every task without --owner is the default owner's (keys.DEFAULT_OWNER), so its series
+# is known in advance too: the dashboard's owner panels show data on any cluster.
+for _owner_metric in (OWNER_SHARE, OWNER_RUNNING, OWNER_PICKS):
+    _owner_metric.labels(DEFAULT_OWNER)
 
 
 def serve(listen: str) -> None:

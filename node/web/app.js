@@ -1,5 +1,6 @@
 // filch web UI: plain JavaScript over the node's JSON API (/api/v1), no dependencies.
-// Views are chosen by the URL fragment: #/tasks, #/tasks/<id>, #/nodes.
+// Views are chosen by the URL fragment: #/tasks, #/tasks/<id>, #/arrays/<id>, #/nodes.
+// The batch fields (arrays, dependencies, attempts) are drawn by batch.js.
 "use strict";
 
 // Refresh periods: quick enough that a task's state change shows within a glance,
@@ -136,6 +137,8 @@ function outcome(task) {
     case "OOM_KILLED": return "OOM killed";
     case "NODE_LOST": return "node lost";
     case "START_FAILED": return "start failed";
+    case "TIMED_OUT": return "timed out";
+    case "DEPENDENCY_FAILED": return "dependency failed";
     case "CANCELED": return "canceled";
     default: return task.message || "";
   }
@@ -147,6 +150,8 @@ function longOutcome(task) {
     case "OOM_KILLED": return `killed for running out of memory (limit ${formatSize(task.memory_bytes)})`;
     case "NODE_LOST": return "lost with its node (restart is off)";
     case "START_FAILED": return "could not start";
+    case "TIMED_OUT": return `stopped at its time limit (${formatSeconds(task.time_limit_seconds)})`;
+    case "DEPENDENCY_FAILED": return `canceled: ${task.message || "a dependency failed"}`;
     case "CANCELED": return "canceled";
     default: return "";
   }
@@ -216,6 +221,8 @@ function poll(work, every) {
 // -- tasks ----------------------------------------------------------------------------------
 
 let stateFilter = "";
+// #/arrays/<id>: the list shows that array's tasks only.
+let arrayFilter = null;
 let lastTasks = [];
 // Node names by id, from the node list: tasks carry only the node's id and address.
 let nodeNames = new Map();
@@ -240,6 +247,7 @@ async function fetchAllTasks() {
   for (let page = 0; page < MAX_PAGES; page++) {
     const params = new URLSearchParams({ page_size: "1000" });
     if (token) params.set("page_token", token);
+    if (arrayFilter) params.set("array_id", arrayFilter);
     const body = await api(`/api/v1/tasks?${params}`);
     tasks.push(...body.tasks);
     if (!body.next_page_token || body.next_page_token === token) return { tasks, truncated };
@@ -265,11 +273,16 @@ async function refreshTasks() {
 }
 
 function renderTasks(tasks, truncated) {
+  // Also filtered here, so the view is right whatever the list endpoint does with ?array_id=.
+  if (arrayFilter) tasks = tasks.filter((task) => task.array_id === arrayFilter);
   const counts = { "": tasks.length, PENDING: 0, RUNNING: 0, COMPLETE: 0, CANCELED: 0 };
   for (const task of tasks) counts[task.state] = (counts[task.state] || 0) + 1;
   const plus = truncated ? "+" : "";
-  $("queue-depth").textContent = `${counts.PENDING}${plus}`;
-  $("stat-queue").classList.toggle("busy", counts.PENDING > 0);
+  // Held tasks (dependencies, array, retry back-off) are pending but not in the queue.
+  const held = tasks.filter((task) => task.state === "PENDING" && task.hold).length;
+  $("queue-depth").textContent = `${counts.PENDING - held}${plus}`;
+  $("stat-queue").classList.toggle("busy", counts.PENDING - held > 0);
+  $("queue-held").textContent = held ? ` · ${held} held (dependencies, arrays, retries)` : "";
   $("count-running").textContent = counts.RUNNING;
   $("count-complete").textContent = `${counts.COMPLETE}${plus}`;
   $("count-canceled").textContent = `${counts.CANCELED}${plus}`;
@@ -309,6 +322,7 @@ function taskRow(task) {
     el("td", { text: nodeLabel(task.node_id), title: task.node_id ? `${task.node_id} at ${task.node_address}` : "" }),
     el("td", { class: "num", text: formatCpu(task.cpu) }),
     el("td", { class: "num", text: formatSize(task.memory_bytes) }),
+    ...batchCells(task),
     el("td", { text: ago(task.submitted_at), title: task.submitted_at || "" }),
     el("td", { class: "result", text: outcome(task), title: task.message || "" }),
     actions,
@@ -388,13 +402,16 @@ function renderTask(task) {
     ["Finished", task.finished_at || "–"],
     [task.finished_at ? "Ran for" : "Running for", ran],
   ];
+  fields.push(...batchFields(task));
   if (task.message) fields.push(["Message", task.message, "wide"]);
   $("task-fields").replaceChildren(...fields.map(([label, value, extra]) => {
     const wide = extra && extra.includes("wide");
     const mono = extra && extra.includes("mono");
-    return el("div", { class: wide ? "wide" : "" },
-      el("dt", { text: label }), el("dd", { class: mono ? "mono" : "", text: String(value) }));
+    // Elements (links) go in as they are; everything else as text, never as HTML.
+    const dd = value instanceof Node ? el("dd", {}, value) : el("dd", { class: mono ? "mono" : "", text: String(value) });
+    return el("div", { class: wide ? "wide" : "", "data-field": label }, el("dt", { text: label }), dd);
   }));
+  renderAttempts(task);
 
   const select = $("attempt-select");
   $("attempt-label").hidden = task.attempt < 2;
@@ -552,6 +569,15 @@ async function refreshReadiness() {
 function route() {
   const taskId = currentTaskId();
   const view = taskId ? "task" : location.hash === "#/nodes" ? "nodes" : "tasks";
+  const arrayMatch = location.hash.match(/^#\/arrays\/([^/]+)$/);
+  const array = arrayMatch ? decodeURIComponent(arrayMatch[1]) : null;
+  if (array !== arrayFilter) {
+    arrayFilter = array;
+    lastTasks = [];
+    $("tasks-body").replaceChildren();
+  }
+  $("array-filter").hidden = !arrayFilter;
+  $("array-filter-id").textContent = arrayFilter || "";
   for (const section of document.querySelectorAll(".view")) {
     section.hidden = section.id !== `view-${view}`;
   }
@@ -564,7 +590,7 @@ function route() {
   }
   showBanner(null);
   if (view === "tasks") {
-    document.title = "Tasks · filch";
+    document.title = arrayFilter ? `Array ${shortTaskId(arrayFilter)} · filch` : "Tasks · filch";
     poll(refreshTasks, TASKS_EVERY_MS);
   } else if (view === "nodes") {
     document.title = "Nodes · filch";
@@ -579,6 +605,7 @@ function route() {
       $("task-log").replaceChildren();
       $("task-cancel").hidden = true;
       $("attempt-select").replaceChildren();
+      $("attempts-card").hidden = true;
       delete $("attempt-select").dataset.pinned;
     }
     poll(() => refreshTask(taskId), TASK_EVERY_MS);

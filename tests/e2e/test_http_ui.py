@@ -211,9 +211,11 @@ def test_task_list_shows_submitted_tasks_and_the_queue_depth(
     three_nodes.wait_finished([hello, failing])
 
     browser.get(f"{http_url}/#/tasks")
-    row = until(browser, "the hello task in the list",
-                lambda: browser.find_elements(By.CSS_SELECTOR, f'tr[data-id="{hello}"]'))[0]
-    assert "COMPLETE" in row.text
+    # The list may still show an earlier refresh (the page was open already): wait for
+    # the one that shows the task finished.
+    row = until(browser, "the hello task in the list, finished", lambda: (
+        found := browser.find_elements(By.CSS_SELECTOR, f'tr[data-id="{hello}"]'))
+        and "COMPLETE" in found[0].text and found)[0]
     assert "hello" in row.text
     pending = len(three_nodes.stub().ListTasks(
         pb.ListTasksRequest(state=pb.TASK_STATE_PENDING), timeout=10).tasks)
@@ -299,6 +301,144 @@ def test_nodes_view_shows_capacity_allocation_and_the_leader(
     until(browser, "the allocation to show",
           lambda: text_of(browser, "nodes-cpu").split(" / ")[0] not in ("0", "\u2013"))
     browser.save_screenshot(str(ARTIFACTS / "nodes.png"))
+
+
+# User input that would run if the page ever used it as HTML (CSP blocks inline script
+# anyway; the test checks that it is not even parsed: no element, the text shown as typed).
+HOSTILE = """<img src=x onerror="alert(1)"><script>alert('x')</script> "quoted" & 'single'"""
+
+
+def test_task_detail_shows_owner_priority_and_dependencies(
+        three_nodes: Cluster, http_url: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    parent = three_nodes.submit("sh", "-c", "echo parent", name=HOSTILE)
+    child = three_nodes.submit(
+        "true", name="child", owner="ui-owner", priority=7, time_limit_seconds=90,
+        retries=2, retry_on=["failed"],
+        after=[pb.Dependency(id=parent, kind=pb.DEPENDENCY_KIND_ANY)])
+    three_nodes.wait_finished([parent, child])
+
+    browser.get(f"{http_url}/#/tasks")
+    # An earlier test left the list filtered to pending tasks.
+    until(browser, "the state filter", lambda: browser.find_element(
+        By.CSS_SELECTOR, '#state-filter button[data-state=""]')).click()
+    row = until(browser, "the child in the list",
+                lambda: browser.find_elements(By.CSS_SELECTOR, f'tr[data-id="{child}"]'))[0]
+    cells = [cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+    assert ["7", "ui-owner"] == cells[7:9], cells
+    hostile_row = browser.find_element(By.CSS_SELECTOR, f'tr[data-id="{parent}"]')
+    assert hostile_row.find_element(By.CSS_SELECTOR, "td.name").get_attribute("title") == HOSTILE
+    assert not hostile_row.find_elements(By.CSS_SELECTOR, "img, script")
+
+    browser.get(f"{http_url}/#/tasks/{child}")
+
+    def field(label: str) -> str:
+        return str(browser.find_element(By.CSS_SELECTOR, f'[data-field="{label}"] dd').text)
+
+    until(browser, "the child's fields", lambda: browser.find_elements(
+        By.CSS_SELECTOR, '[data-field="After"]'))
+    assert (field("Owner"), field("Priority"), field("Time limit")) == ("ui-owner", "7", "1m30s")
+    assert field("Retries").startswith("0 of 2 used · on failed")
+    link = browser.find_element(By.CSS_SELECTOR, f'[data-parent="{parent}"] a')
+    assert "any" in field("After")
+    link.click()
+    until(browser, "the parent's page", lambda: text_of(browser, "task-id") == parent)
+    until(browser, "the parent's name, as typed", lambda: text_of(browser, "task-title") == HOSTILE)
+    assert not browser.find_elements(By.CSS_SELECTOR, "#task-title *")
+    browser.save_screenshot(str(ARTIFACTS / "task-batch.png"))
+
+
+def test_an_arrays_page_lists_its_tasks_only(three_nodes: Cluster, http_url: str,
+                                            browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    response = three_nodes.stub().Submit(pb.SubmitRequest(
+        spec=pb.TaskSpec(command="true", name="array-member"),
+        array=pb.ArraySpec(start=1, end=3)), timeout=10)
+    assert len(response.task_ids) == 3, response
+    three_nodes.wait_finished(list(response.task_ids))
+    browser.get(f"{http_url}/#/tasks/{response.task_ids[1]}")
+    until(browser, "the link to the task's array", lambda: browser.find_elements(
+        By.CSS_SELECTOR, '[data-field="Array"] a'))[0].click()
+    until(browser, "the array's page", lambda: text_of(browser, "array-filter-id")
+          == response.array_id)
+    browser.find_element(By.CSS_SELECTOR, '#state-filter button[data-state=""]').click()
+    until(browser, "exactly the array's tasks", lambda: sorted(
+        row.get_attribute("data-id") for row in browser.find_elements(
+            By.CSS_SELECTOR, "#tasks-body tr")) == sorted(response.task_ids))
+
+
+def test_a_retried_tasks_page_shows_every_attempt(three_nodes: Cluster, http_url: str,
+                                                 browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    script = 'echo "attempt $FILCH_ATTEMPT"; [ "$FILCH_ATTEMPT" -ge 3 ]'
+    task_id = three_nodes.submit("sh", "-c", script, name="flaky", retries=3,
+                                 retry_on=["failed"], retry_backoff_seconds=0.1)
+    task = three_nodes.wait_finished([task_id])[0]
+    assert (task.attempt, task.exit_code) == (3, 0)
+    browser.get(f"{http_url}/#/tasks/{task_id}")
+
+    def attempt_rows() -> list[list[str]]:
+        return [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+                for row in browser.find_elements(By.CSS_SELECTOR, "#attempts-body tr")]
+    rows = until(browser, "three attempts", lambda: len(found := attempt_rows()) == 3 and found)
+    assert [(row[0], row[4], row[5]) for row in rows] == [
+        ("1", "1", "EXITED"), ("2", "1", "EXITED"), ("3", "0", "EXITED")]
+    names = {node.name for node in three_nodes.nodes}
+    assert all(row[1] in names for row in rows), rows
+    until(browser, "the retries field", lambda: browser.find_element(
+        By.CSS_SELECTOR, '[data-field="Retries"] dd').text.startswith("2 of 3 used"))
+    # The log of any attempt, picked in the page.
+    Select(browser.find_element(By.ID, "attempt-select")).select_by_value("1")
+    until(browser, "attempt 1's log", lambda: text_of(browser, "task-log") == "attempt 1")
+
+
+def test_attempt_history_hold_and_array_render_as_text(http_url: str, browser: Any) -> None:
+    """The page draws whatever the JSON API says: a record with a retry history, a hold
+    and an array, given to the page's renderer directly (for an id no task has, so the
+    page's own polling, which gets a 404, never draws over it)."""
+    from selenium.webdriver.common.by import By
+
+    unknown = "01a21bce-b194-7000-994b-fef8376138b8"
+    array = "01a21bce-b194-7000-994b-fef837613800"
+    attempt = {"node_id": "9" * 32, "node_name": "node-x", "started_at": "2026-01-01T00:00:00.000Z",
+               "finished_at": "2026-01-01T00:00:05.000Z", "exit_code": 1, "reason": "EXITED",
+               "message": HOSTILE}
+    task = {
+        "id": unknown, "name": HOSTILE, "state": "PENDING", "reason": "", "exit_code": None,
+        "message": "retrying in 4s", "command": "sh", "args": ["-c", HOSTILE], "cpu": 0.1,
+        "memory_bytes": 128 << 20, "restart": True, "attempt": 2, "node_id": "9" * 32,
+        "node_address": "", "submitted_at": None, "started_at": None, "finished_at": None,
+        "array_id": array, "array_index": 4, "after": [], "hold": "RETRY",
+        "not_before": "2026-01-01T00:00:12.000Z", "time_limit_seconds": 0, "retries": 3,
+        "retry_on": ["failed", "oom"], "retry_backoff_seconds": 2, "retries_used": 2,
+        "priority": -3, "owner": HOSTILE,
+        "attempts": [{**attempt, "attempt": 1}, {**attempt, "attempt": 2, "exit_code": None,
+                                                   "reason": "TIMED_OUT", "message": ""}]}
+    browser.get(f"{http_url}/#/tasks/{unknown}")
+    until(browser, "the page to find no such task",
+          lambda: "No task" in text_of(browser, "banner"))
+    browser.execute_script("renderTask(arguments[0])", task)
+    rows = browser.find_elements(By.CSS_SELECTOR, "#attempts-body tr")
+    assert browser.find_element(By.ID, "attempts-card").is_displayed()
+    times = [attempt["started_at"], attempt["finished_at"]]
+    assert [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")] for row in rows] == [
+        ["1", "node-x", *times, "1", "EXITED", HOSTILE],
+        ["2", "node-x", *times, "\u2013", "TIMED_OUT", "\u2013"]]
+    fields = {element.find_element(By.TAG_NAME, "dt").get_attribute("textContent"):
+              element.find_element(By.TAG_NAME, "dd").text
+              for element in browser.find_elements(By.CSS_SELECTOR, "#task-fields > div")}
+    assert fields["Owner"] == HOSTILE
+    assert fields["Held"] == "retry until 2026-01-01T00:00:12.000Z"
+    assert fields["Retries"] == "2 of 3 used · on failed, oom · back-off from 2s"
+    assert fields["Array"] == f"{array} · index 4"
+    assert browser.find_element(By.CSS_SELECTOR, '[data-field="Array"] a').get_attribute(
+        "href").endswith(f"#/arrays/{array}")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#view-task img, #view-task script")
+    browser.save_screenshot(str(ARTIFACTS / "task-attempts.png"))
 
 
 def test_json_api_through_gunicorn(three_nodes: Cluster, http_url: str) -> None:

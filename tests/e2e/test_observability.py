@@ -258,11 +258,19 @@ def test_dashboards_are_well_formed() -> None:
         cells: set[tuple[int, int]] = set()
         for panel in board["panels"]:
             where = f"{file}: panel {panel.get('title')!r}"
-            assert panel["type"] in PANEL_TYPES, where
-            assert panel["datasource"] == DATASOURCE, where
-            assert panel["targets"], f"{where} has no query"
-            assert len({target["refId"] for target in panel["targets"]}) == len(panel["targets"])
-            for target in panel["targets"]:
+            if panel["type"] == "row":
+                # A section heading across the board, expanded so its panels stay on the
+                # top level (a collapsed row would hide them from these checks).
+                assert (panel["collapsed"], panel["panels"]) == (False, []), where
+                assert (panel["gridPos"]["w"], panel["gridPos"]["x"]) == (24, 0), where
+                assert "targets" not in panel, where
+            else:
+                assert panel["type"] in PANEL_TYPES, where
+                assert panel["datasource"] == DATASOURCE, where
+                assert panel["targets"], f"{where} has no query"
+            targets = panel.get("targets", [])
+            assert len({target["refId"] for target in targets}) == len(targets)
+            for target in targets:
                 assert target["datasource"] == DATASOURCE, where
                 assert target["expr"].strip(), where
                 for name in _VARIABLE.findall(target["expr"]):

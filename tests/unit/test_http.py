@@ -234,11 +234,65 @@ def test_arrays_and_dependencies_over_http(app: App, cluster: Cluster) -> None:
     (b'{"command": "true", "workdir": "relative/dir"}', "spec.workdir"),
     (b'{"command": "true", "memory": 1024}', "spec.memory_bytes"),
     (b'{"command": "true", "disk": 1024}', "spec.disk_bytes"),
+    # Batch fields (node/http_batch.py): types here, values by the daemon.
+    (b'{"command": "true", "after": "x"}', "after"),
+    (b'{"command": "true", "retries": "3"}', "retries"),
+    (b'{"command": "true", "array": {"start": 1}}', "array.end"),
+    (b'{"command": "true", "after": ["not-an-id"]}', "spec.after"),
+    (b'{"command": "true", "priority": 5000}', "spec.priority"),
+    (b'{"command": "true", "retry_on": ["sometimes"]}', "spec.retry_on"),
+    (b'{"command": "true", "owner": "<script>"}', "spec.owner"),
+    (b'{"command": "true", "time_limit_seconds": -1}', "spec.time_limit_seconds"),
 ])
 def test_bad_submit_bodies_are_400_naming_the_field(app: App, body: bytes, field: str) -> None:
     reply = call(app, "POST", "/api/v1/tasks", body=body)
     assert reply.status == 400, reply.body
     assert reply.json()["error"].startswith(f"{field}:"), reply.json()
+
+
+@pytest.mark.parametrize("batch", [
+    {"priority": "high"}, {"after": [{"id": "x", "kind": "sometimes"}]},
+    {"array": {"start": 0, "end": 3, "step": "2"}}, {"priority": 5000},
+    {"retry_on": ["failed", "sometimes"]}, {"time_limit_seconds": "soon"}])
+def test_a_bad_batch_field_writes_nothing(app: App, batch: dict[str, Any]) -> None:
+    request_id = f"http-bad-batch-{sorted(batch)[0]}-{len(json.dumps(batch))}"
+    reply = submit(app, command="true", cpu=64, request_id=request_id, **batch)
+    assert reply.status == 400, reply.body
+    assert is_free(app, request_id)
+
+
+def test_batch_fields_are_stored_and_shown_as_submitted(app: App, cluster: Cluster) -> None:
+    # 64 CPUs fit on no node: both stay pending, whatever the dependency engine does.
+    parent = submit(app, command="true", cpu=64).json()["id"]
+    reply = submit(app, command="true", cpu=64, after=[{"id": parent, "kind": "any"}],
+                   time_limit_seconds="90s", retries=2, retry_on=["failed", "oom"],
+                   retry_backoff_seconds=3, priority=9, owner="alice")
+    assert reply.status == 201, reply.body
+    task = reply.json()
+    assert task["after"] == [{"id": parent, "kind": "any"}]
+    assert (task["time_limit_seconds"], task["retries"], task["retry_on"]) == \
+        (90, 2, ["failed", "oom"])
+    assert (task["retry_backoff_seconds"], task["priority"], task["owner"]) == (3, 9, "alice")
+    stored = cluster.get(task["id"])
+    assert (stored.spec.priority, stored.spec.owner) == (9, "alice")
+    assert call(app, "GET", f"/api/v1/tasks/{task['id']}").json()["after"] == task["after"]
+
+
+def test_an_array_submit_answers_its_id_and_task_ids(app: App, cluster: Cluster) -> None:
+    body = {"command": "true", "cpu": 64, "array": {"start": 2, "end": 8, "step": 3},
+            "request_id": "http-array-1"}
+    reply = submit(app, **body)
+    assert reply.status == 201, reply.body
+    answer = reply.json()
+    assert reply.headers["Location"] == f"/api/v1/tasks?array_id={answer['array_id']}"
+    assert len(answer["task_ids"]) == 3
+    assert answer["task"]["id"] == answer["task_ids"][0]
+    tasks = [call(app, "GET", f"/api/v1/tasks/{task_id}").json()
+             for task_id in answer["task_ids"]]
+    assert [(task["array_id"], task["array_index"]) for task in tasks] == \
+        [(answer["array_id"], index) for index in (2, 5, 8)]
+    again = submit(app, **body)  # the same request id completes, never doubles
+    assert (again.status, again.json()["task_ids"]) == (200, answer["task_ids"])
 
 
 def test_unknown_and_malformed_task_ids(app: App) -> None:
@@ -398,13 +452,27 @@ def test_the_ui_is_served_from_local_files(app: App) -> None:
     html = page.body.decode()
     assert '<script src="/static/app.js"' in html
     assert "http://" not in html and "https://" not in html  # nothing from a CDN
-    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css"),
+    for name, kind in (("app.js", "text/javascript"), ("batch.js", "text/javascript"),
+                       ("style.css", "text/css"),
                        ("favicon.svg", "image/svg+xml")):
         reply = call(app, "GET", f"/static/{name}")
         assert reply.status == 200
         assert reply.headers["Content-Type"].startswith(kind)
     assert call(app, "GET", "/static/../http.py").status == 404
     assert call(app, "GET", "/static/missing.js").status == 404
+
+
+def test_the_ui_never_parses_data_as_html() -> None:
+    """Names, owners, commands and messages are user input: the UI's scripts build elements
+    and set text (node/web/app.js el()), and nothing in them turns a string into markup.
+    The headless-browser test (tests/e2e/test_http_ui.py) shows such a name as typed."""
+    sinks = ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+             "new Function", "createContextualFragment", "DOMParser")
+    scripts = sorted((REPO / "node" / "web").glob("*.js"))
+    assert {path.name for path in scripts} >= {"app.js", "batch.js"}
+    for path in scripts:
+        source = path.read_text()
+        assert not [sink for sink in sinks if sink in source], path.name
 
 
 # -- authentication (node/webauth.py) ----------------------------------------------------------
