@@ -756,7 +756,7 @@ class CancelResponse(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     CANCELED_FIELD_NUMBER: _builtins.int
     canceled: _builtins.int
-    """how many tasks this call canceled"""
+    """for an array: how many tasks this call canceled"""
     @_builtins.property
     def task(self) -> Global___Task:
         """the canceled task (not set for an array)"""
