@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 from node import failpoints, keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
@@ -36,6 +37,8 @@ from node.limits import MAX_BATCH, MAX_TXN_OPS, READ_BATCH_RECORDS, WRITE_BATCH_
 from node.paging import Page
 from node.store import Store
 from node.txn import Move, Versioned, move_bytes, move_ops
+
+T = TypeVar("T")
 
 # Tasks an array submit builds, writes or releases per step: the event loop is held for
 # the Python part of one step only (~0.1 s), so that the node's lease keepalive, its
@@ -84,29 +87,38 @@ async def write_moves(store: Store, moves: Sequence[Move], *,
     after each transaction (a failpoint). Raises what the store raises; transactions in
     flight then finish or not, each all or nothing."""
     revisions: list[int | None] = [None] * len(moves)
-    pending = cut(moves)
-    pending.reverse()
 
-    async def writer() -> None:
+    async def write(batch: list[int]) -> None:
+        revision = await store.transition_many([moves[at] for at in batch])
+        if revision is None and len(batch) > 1:
+            for at in batch:
+                revisions[at] = await store.transition_many([moves[at]])
+        else:
+            for at in batch:
+                revisions[at] = revision
+        if after_batch is not None:
+            await after_batch()
+
+    await concurrently(cut(moves), write)
+    return revisions
+
+
+async def concurrently(items: Sequence[T], handle: Callable[[T], Awaitable[None]]) -> None:
+    """handle(item) for every item, in order of start, WRITE_CONCURRENCY at a time. Raises
+    the first filch error (else the first error) any of them raised; the others are
+    cancelled."""
+    pending = list(reversed(items))
+
+    async def worker() -> None:
         while pending:
-            batch = pending.pop()
-            revision = await store.transition_many([moves[at] for at in batch])
-            if revision is None and len(batch) > 1:
-                for at in batch:
-                    revisions[at] = await store.transition_many([moves[at]])
-            else:
-                for at in batch:
-                    revisions[at] = revision
-            if after_batch is not None:
-                await after_batch()
+            await handle(pending.pop())
 
     try:
         async with asyncio.TaskGroup() as group:
             for _ in range(min(WRITE_CONCURRENCY, len(pending))):
-                group.create_task(writer())
+                group.create_task(worker())
     except ExceptionGroup as errors:
         raise first_error(errors) from None
-    return revisions
 
 
 def first_error(errors: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -281,32 +293,23 @@ class Arrays:
         array = await self._existing(array_id)
         cause = canceled("canceled by a user (the whole array)")
         counts: list[int] = []
-        starts = list(range(0, array.count, READ_BATCH_RECORDS))
-        starts.reverse()
 
-        async def canceler() -> None:
-            while starts:
-                start = starts.pop()
-                ids = [keys.array_task_id(array_id, at)
-                       for at in range(start, min(array.count, start + READ_BATCH_RECORDS))]
-                records = await self._store.get_tasks(ids)
-                moves = [Move(record, outcome(record.task, cause)) for record in records
-                         if record.task.state not in FINISHED]
-                revisions = await write_moves(self._store, moves)
-                for move, revision in zip(moves, revisions, strict=True):
-                    if revision is not None:
-                        counts.append(1)
-                        continue
-                    task = await cancel_one(move.new.id)
-                    counts.append(int(task.state == pb.TASK_STATE_CANCELED
-                                      and task.reason == pb.REASON_CANCELED))
+        async def cancel_chunk(start: int) -> None:
+            ids = [keys.array_task_id(array_id, at)
+                   for at in range(start, min(array.count, start + READ_BATCH_RECORDS))]
+            records = await self._store.get_tasks(ids)
+            moves = [Move(record, outcome(record.task, cause)) for record in records
+                     if record.task.state not in FINISHED]
+            revisions = await write_moves(self._store, moves)
+            for move, revision in zip(moves, revisions, strict=True):
+                if revision is not None:
+                    counts.append(1)
+                    continue
+                task = await cancel_one(move.new.id)
+                counts.append(int(task.state == pb.TASK_STATE_CANCELED
+                                  and task.reason == pb.REASON_CANCELED))
 
-        try:
-            async with asyncio.TaskGroup() as group:
-                for _ in range(min(WRITE_CONCURRENCY, len(starts))):
-                    group.create_task(canceler())
-        except ExceptionGroup as errors:
-            raise first_error(errors) from None
+        await concurrently(range(0, array.count, READ_BATCH_RECORDS), cancel_chunk)
         return sum(counts)
 
     async def _existing(self, array_id: str) -> pb.Array:
