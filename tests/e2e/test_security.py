@@ -42,6 +42,7 @@ def test_calls_without_the_token_are_unauthenticated(tls_cluster: Cluster) -> No
     assert tls_cluster.pki is not None
     address = tls_cluster.nodes[0].address
     ca = (tls_cluster.pki / "ca.crt").read_bytes()
+    records_before = set(tls_cluster.etcd_keys())
     for token in ("", "not-the-token"):
         credentials = grpc.ssl_channel_credentials(root_certificates=ca)
         if token:
@@ -55,10 +56,25 @@ def test_calls_without_the_token_are_unauthenticated(tls_cluster: Cluster) -> No
             with pytest.raises(grpc.RpcError) as caught:
                 list(stub.StreamLogs(pb.StreamLogsRequest(id="x"), timeout=10))
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            # The batch RPCs: an array, an array cancel, owner weights.
+            array_id = "01a21bce-b194-7000-994b-fef8376138b8"
+            for method, request in (
+                    (stub.Submit, pb.SubmitRequest(spec=pb.TaskSpec(command="true"),
+                                                   array=pb.ArraySpec(start=1, end=5))),
+                    (stub.Cancel, pb.CancelRequest(array_id=array_id)),
+                    (stub.SetOwnerWeight, pb.SetOwnerWeightRequest(name="mallory", weight=1000)),
+                    (stub.ListOwners, pb.ListOwnersRequest())):
+                with pytest.raises(grpc.RpcError) as caught:
+                    method(request, timeout=10)
+                assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
             # Health checks stay open for probes.
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
                                                               timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
+    # Nothing of those calls was written.
+    written = [key for key in tls_cluster.etcd_keys() if key.startswith(("/array/", "/owner/"))
+               or (key.startswith("/task/") and key not in records_before)]
+    assert written == []
     # The CLI says what to do, in one line.
     result = subprocess.run([FILCH, "--server", address, "--ca", str(tls_cluster.pki / "ca.crt"),
                              "nodes"], capture_output=True, text=True, timeout=30)

@@ -520,7 +520,9 @@ ROUTES = [("GET", "/api/v1/tasks"), ("POST", "/api/v1/tasks"),
           ("POST", "/api/v1/tasks/01a21bce-b194-7000-994b-fef8376138b8/cancel"),
           ("GET", "/api/v1/tasks/01a21bce-b194-7000-994b-fef8376138b8/logs"),
           ("GET", "/api/v1/nodes"), ("GET", "/api/v2/anything"), ("DELETE", "/api/v1/tasks"),
-          ("GET", "/api/v1/owners"), ("POST", "/api/v1/owners/alice/weight")]
+          ("GET", "/api/v1/owners"), ("POST", "/api/v1/owners/alice/weight"),
+          ("GET", "/api/v1/tasks?array_id=01a21bce-b194-7000-994b-fef8376138b8"),
+          ("POST", "/api/v1/arrays/01a21bce-b194-7000-994b-fef8376138b8/cancel")]
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
