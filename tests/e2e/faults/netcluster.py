@@ -363,6 +363,26 @@ class NetNode:
         status = json.loads(self.etcdctl("endpoint", "status", "-w", "json").stdout)[0]
         return int(status["Status"]["leader"]), int(status["Status"]["raftTerm"])
 
+    def etcd_member_id(self) -> int:
+        """This node's etcd member id, as its member reports it."""
+        status = json.loads(self.etcdctl("endpoint", "status", "-w", "json").stdout)[0]
+        return int(status["Status"]["header"]["member_id"])
+
+    def hand_off_etcd_leadership(self, timeout: float = 20.0) -> None:
+        """If this node's member leads etcd, move leadership to another member and wait
+        until this one follows it. Pausing a *leading* member past the lease TTL makes it
+        revoke every lease when it resumes (etcd#15247, fixed in 3.4.28; Debian ships
+        3.4.23): a test about one node's own fence pauses a follower."""
+        own = self.etcd_member_id()
+        if self.etcd_leadership()[0] != own:
+            return
+        listed = json.loads(self.etcdctl("member", "list", "-w", "json").stdout)["members"]
+        target = next(int(member["ID"]) for member in listed if int(member["ID"]) != own)
+        self.etcdctl("move-leader", f"{target:x}")
+        wait_for(f"{self.name}'s etcd member to follow another",
+                 lambda: self.etcd_leadership()[0] not in (0, own), timeout=timeout,
+                 interval=0.05)
+
     def netns_exec(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """A network tool (ip, tc, iptables) inside this node's namespace."""
         return run(*self._enter(*argv), check=check)

@@ -58,7 +58,10 @@ def test_attempt_in_flight_during_a_self_fence_never_runs(
         pb.TASK_STATE_RUNNING, victim.name, 1)
 
     # Node 0's etcd member freezes: its renewals go unanswered, it fences itself at its
-    # deadline while the stealer still holds the committed steal.
+    # deadline while the stealer still holds the committed steal. A follower freezes: a
+    # frozen leader revokes every lease on resuming (etcd#15247 in Debian's 3.4.23), which
+    # would requeue attempt 2 as well (README, "Limitations").
+    victim.hand_off_etcd_leadership()
     cluster.faulty.add(0)
     cluster.pause_etcd(0)
     try:
