@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
@@ -47,8 +49,8 @@ log = logging.getLogger("filch.agent")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
 
-# Between tries to read the cluster's addresses at start (etcd may still lack a quorum).
-FIREWALL_RETRY = 0.5
+# Between tries of a start-up step that needs etcd to answer (it may still lack a quorum).
+ETCD_RETRY = 0.5
 
 # gRPC server grace on shutdown: lets in-flight unary calls finish; log followers are cut.
 SERVER_STOP_GRACE = 2.0
@@ -116,7 +118,6 @@ class Agent:
         member = await self._prepare_member() if config.embedded_etcd else None
         if member is not None:
             await member.start()
-            await asyncio.to_thread(rejoin.record_identity, member.config)
         try:
             return await self._serve(store, member)
         finally:
@@ -218,8 +219,11 @@ class Agent:
                                                  for part in parts]
             if member is not None:
                 loops.append(group.create_task(self._watch_member(member)))
+                loops.append(group.create_task(once_etcd_answers(
+                    "etcd member marker", functools.partial(record_member, store, member.config))))
             if network is not None:
-                loops.append(group.create_task(fill_firewall(store, network)))
+                loops.append(group.create_task(once_etcd_answers(
+                    "task firewall", functools.partial(fill_firewall, store, network))))
             await self._stop.wait()
             log.info("shutting down")
             for service in ("", SERVICE_NAME):
@@ -238,16 +242,32 @@ class Agent:
         self.request_stop(exit_code=1)
 
 
-async def fill_firewall(store: Store, network: TaskNetwork) -> None:
-    """Fill the task firewall's cluster addresses as soon as etcd answers (isolated
-    attempts wait for it); housekeeping refreshes them from then on."""
+async def once_etcd_answers(what: str, action: Callable[[], Awaitable[None]]) -> None:
+    """Run action once; while etcd does not answer (no quorum yet), retry."""
     while True:
         try:
-            await network.set_cluster_addresses(await cluster_addresses(store))
+            await action()
             return
         except FilchError as exc:
-            log.info("task firewall not filled yet: %s", exc)
-            await asyncio.sleep(FIREWALL_RETRY)
+            log.info("%s not done yet: %s", what, exc)
+            await asyncio.sleep(ETCD_RETRY)
+
+
+async def fill_firewall(store: Store, network: TaskNetwork) -> None:
+    """Fill the task firewall's cluster addresses (isolated attempts wait for them);
+    housekeeping refreshes them from then on."""
+    await network.set_cluster_addresses(await cluster_addresses(store))
+
+
+async def record_member(store: Store, config: Config) -> None:
+    """Write the member marker (node/rejoin.py) with the id the member reports itself."""
+    status = await store.member_status()
+    try:
+        await asyncio.to_thread(rejoin.record_identity, config, status.member_id,
+                                status.cluster_id)
+    except OSError as exc:
+        # The node works without it, only less protected against a lost data dir.
+        log.warning("cannot write %s: %s", rejoin.marker_path(config), exc)
 
 
 def main(config: Config, rejoin_via: str | None = None) -> int:

@@ -142,24 +142,15 @@ def _data_lost(config: Config, member_id: str, evidence: str) -> MemberDataLost:
         "remove it and re-add it as a new member")
 
 
-def record_identity(config: Config) -> None:
-    """Write the marker for the running member: its id and cluster id, read from its peer
-    endpoint. Called once the member is up; keeps an unchanged marker as it is.
+def record_identity(config: Config, member_id: int, cluster_id: int) -> None:
+    """Write the marker for the running member, whose own status (not its member list)
+    gave member_id and cluster_id; keep an unchanged marker as it is. Blocking.
 
-    A failure is logged, not raised: the node works without it, only less protected.
+    Not from the member list: a member that joins replays the cluster's log from the
+    start, and until it has caught up, its list shows the member it replaces, under the
+    same peer URL, and maybe not itself.
     """
-    try:
-        cluster_id, members = peer_members(config, config.etcd_peer_url)
-    except OSError as exc:
-        log.warning("cannot read this member's id from %s (%s); %s not updated",
-                    config.etcd_peer_url, exc, marker_path(config))
-        return
-    me = next((m for m in members if config.etcd_peer_url in m.peer_urls), None)
-    if me is None:
-        log.warning("this member's peer URL %s is not in its own member list; %s not updated",
-                    config.etcd_peer_url, marker_path(config))
-        return
-    record = {"name": config.name, "member_id": f"{me.id:x}", "cluster_id": f"{cluster_id:x}",
+    record = {"name": config.name, "member_id": f"{member_id:x}", "cluster_id": f"{cluster_id:x}",
               "peer_url": config.etcd_peer_url}
     if _read_marker(config) == record:
         return

@@ -68,6 +68,7 @@ class MemberStatus:
     """What the local etcd member says about itself."""
 
     member_id: int
+    cluster_id: int
     leader_id: int
     db_size: int
     db_size_in_use: int
@@ -299,6 +300,7 @@ class Store:
             rpc.AlarmRequest(action=rpc.AlarmRequest.GET), timeout=self._timeout, metadata=meta))
         return MemberStatus(
             member_id=int(status.header.member_id),
+            cluster_id=int(status.header.cluster_id),
             leader_id=int(status.leader),
             db_size=int(status.dbSize),
             db_size_in_use=int(status.dbSizeInUse),

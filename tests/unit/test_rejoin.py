@@ -132,21 +132,21 @@ def test_a_hostile_peer_answer_is_treated_as_no_answer(tmp_path: Path, peer: Sta
 # -- the marker ----------------------------------------------------------------------------------
 
 
-def test_the_marker_records_the_member_outside_the_etcd_dir(tmp_path: Path,
-                                                            peer: StandInPeer) -> None:
-    config = Config(name="node-3", data_dir=str(tmp_path), etcd_peer_url=peer.url)
-    peer.members({**me(started=True), "peerURLs": [peer.url]})
+def test_the_marker_records_the_member_outside_the_etcd_dir(tmp_path: Path) -> None:
+    config = Config(name="node-3", data_dir=str(tmp_path),
+                    etcd_peer_url="http://127.0.0.3:2380")
     victim = tmp_path / "victim"
     victim.write_text("keep")
     (tmp_path / rejoin.MARKER_NAME).symlink_to(victim)  # a planted link is replaced, not followed
 
-    rejoin.record_identity(config)
+    rejoin.record_identity(config, 0xF00D, 0xABC)
 
     marker = tmp_path / rejoin.MARKER_NAME
     assert not marker.is_symlink() and victim.read_text() == "keep"
     assert marker.parent == tmp_path  # outside <data_dir>/etcd, which a wipe removes
     assert json.loads(marker.read_text()) == {"name": "node-3", "member_id": "f00d",
-                                              "cluster_id": "abc", "peer_url": peer.url}
+                                              "cluster_id": "abc",
+                                              "peer_url": "http://127.0.0.3:2380"}
     assert marker.stat().st_mode & 0o777 == 0o600
 
 
