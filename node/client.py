@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -59,6 +59,10 @@ PAGE_SIZE = 1000
 
 # on_progress(task, seconds waited, whether the node is not answering right now)
 ProgressCallback = Callable[[pb.Task, float, bool], None]
+# the same for an array's tasks (in index order)
+ArrayProgressCallback = Callable[[list[pb.Task], float, bool], None]
+# what a wait polls: one task's record, or an array's
+Polled = TypeVar("Polled")
 
 
 class ClientError(Exception):
@@ -266,30 +270,48 @@ class Client:
         answering is ridden out for RECONNECT_GRACE seconds, then its error is raised.
         task: a record already in hand (say, from submit), checked before the first poll.
         """
-        task = task if task is not None else self.get(task_id)
+        return self._poll(lambda: self.get(task_id), until, on_progress, limit,
+                          task if task is not None else self.get(task_id))
+
+    def wait_array(self, array_id: str, on_progress: ArrayProgressCallback | None = None, *,
+                   limit: float | None = None) -> builtins.list[pb.Task]:
+        """Poll until every task of the array has finished or limit seconds pass; its
+        tasks as last listed, in index order. Like wait(), it rides out a node that stops
+        answering; a poll waits at least twice as long as the last listing took (100,000
+        tasks list in ~10 s), so a wait never keeps the cluster busy listing."""
+        def finished(tasks: builtins.list[pb.Task]) -> bool:
+            return all(render.is_finished(task) for task in tasks)
+
+        return self._poll(lambda: self.list(array_id=array_id), finished, on_progress, limit,
+                          self.list(array_id=array_id))
+
+    def _poll(self, fetch: Callable[[], Polled], done: Callable[[Polled], bool],
+              on_progress: Callable[[Polled, float, bool], None] | None,
+              limit: float | None, current: Polled) -> Polled:
         start = time.monotonic()
         delay = POLL_FIRST
         next_poll = start + delay
         failing_since: float | None = None
-        while not until(task):
+        while not done(current):
             now = time.monotonic()
             if limit is not None and now - start >= limit:
                 break
             if now >= next_poll:
                 try:
-                    task = self.get(task_id)
+                    current = fetch()
                     failing_since = None
                 except ClientError as failure:
                     failing_since = failing_since or now
                     if not failure.transient or now - failing_since > RECONNECT_GRACE:
                         raise
-                delay = min(delay * 2, POLL_MAX)
+                took = time.monotonic() - now
+                delay = max(min(delay * 2, POLL_MAX), 2 * took)
                 next_poll = time.monotonic() + delay
                 continue
             if on_progress is not None:
-                on_progress(task, now - start, failing_since is not None)
+                on_progress(current, now - start, failing_since is not None)
             time.sleep(max(0.0, min(PROGRESS_TICK, next_poll - now)))
-        return task
+        return current
 
     def logs(self, task_id: str, follow: bool = False, attempt: int = 0) -> LogCall:
         """The task's output as it arrives (attempt 0: the latest). No deadline: a followed

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import click
 
@@ -15,6 +16,7 @@ from node.cli.output import (
     EXIT_INTERRUPTED,
     CommandError,
     Progress,
+    array_exit_status,
     one_line,
     output_option,
     print_json,
@@ -34,21 +36,35 @@ from node.follow import follow
 from node.lifecycle import RETRY_CLASSES
 from node.units import CPU_FORMS, DURATION_FORMS, SIZE_FORMS
 
+# What a wait returns: a task, or an array's tasks.
+Waited = TypeVar("Waited")
+
 # How long `filch cancel` waits for the node to stop a running task: past its cancel
 # grace (SIGTERM -> SIGKILL, 5 s by default) with a wide margin for a loaded node.
 CANCEL_WAIT = 60.0
 
 
-def wait_for(client: Client, task: filch_pb2.Task, until: Callable[[filch_pb2.Task], bool],
-             limit: float | None = None) -> filch_pb2.Task:
-    """Client.wait with the spinner on a terminal; Ctrl-C exits 130 (the task goes on)."""
+def with_progress(wait: Callable[[Progress], Waited]) -> Waited:
+    """Run a wait with its progress line on a terminal; Ctrl-C exits 130 (the work goes on)."""
     progress = Progress()
     try:
-        return client.wait(task.id, progress.show, until=until, limit=limit, task=task)
+        return wait(progress)
     except KeyboardInterrupt:
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
     finally:
         progress.clear()
+
+
+def wait_for(client: Client, task: filch_pb2.Task, until: Callable[[filch_pb2.Task], bool],
+             limit: float | None = None) -> filch_pb2.Task:
+    """Client.wait with the progress line."""
+    return with_progress(lambda progress: client.wait(task.id, progress.show, until=until,
+                                                      limit=limit, task=task))
+
+
+def wait_for_array(client: Client, array_id: str) -> list[filch_pb2.Task]:
+    """Client.wait_array with the progress line."""
+    return with_progress(lambda progress: client.wait_array(array_id, progress.show_array))
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
@@ -116,7 +132,8 @@ def submit(
 
     With --wait, exit with the task's exit code: 137 when it ran out of memory,
     124 when it ran past --time-limit, 130 when canceled, 125 when it never ran to
-    the end (could not start, node lost, a dependency failed).
+    the end (could not start, node lost, a dependency failed). With --array, wait
+    for every task and exit with the highest of their codes.
 
     \b
     Examples:
@@ -127,9 +144,9 @@ def submit(
     """
     if follow and not wait:
         raise click.UsageError("--follow goes with --wait (use `filch logs -f ID` otherwise)")
-    if array is not None and wait:
-        raise click.UsageError("--wait takes one task; for an array use "
-                               "`filch ls --array ARRAY_ID`")
+    if array is not None and follow:
+        raise click.UsageError("--follow streams one task's output; follow a task of the "
+                               "array with `filch logs -f ID`")
     dependencies = [filch_pb2.Dependency(id=parent, kind=kind)
                     for parents, kind in ((after, filch_pb2.DEPENDENCY_KIND_SUCCESS),
                                           (after_any, filch_pb2.DEPENDENCY_KIND_ANY),
@@ -147,6 +164,11 @@ def submit(
                                                                   step=step),
                                        request_id=request_id)
         click.echo("\n".join(response.task_ids))
+        if wait:
+            status, failures = array_exit_status(wait_for_array(client, response.array_id))
+            for line in failures:
+                click.echo(line, err=True)
+            raise click.exceptions.Exit(status)
         return
     task = client.submit(spec, request_id=request_id)
     click.echo(task.id)

@@ -121,6 +121,11 @@ class Progress:
         """Client.wait's on_progress."""
         self.draw(progress_text(task, elapsed, reconnecting))
 
+    def show_array(self, tasks: list[filch_pb2.Task], elapsed: float,
+                   reconnecting: bool) -> None:
+        """Client.wait_array's on_progress."""
+        self.draw(array_progress_text(tasks, elapsed, reconnecting))
+
     def clear(self) -> None:
         if self._drawn:
             self._stream.write("\r\033[K")
@@ -137,3 +142,31 @@ def progress_text(task: filch_pb2.Task, elapsed: float, reconnecting: bool) -> s
     if reconnecting:
         state += " · reconnecting"
     return f"{state} · {elapsed:.1f}s"
+
+
+def array_progress_text(tasks: list[filch_pb2.Task], elapsed: float, reconnecting: bool) -> str:
+    finished = sum(render.is_finished(task) for task in tasks)
+    running = sum(task.state == filch_pb2.TASK_STATE_RUNNING for task in tasks)
+    text = f"{finished} of {len(tasks)} finished · {running} running"
+    if reconnecting:
+        text += " · reconnecting"
+    return f"{text} · {elapsed:.1f}s"
+
+
+# How many of an array's unsuccessful tasks `submit --wait --array` names on stderr.
+ARRAY_FAILURES_NAMED = 3
+
+
+def array_exit_status(tasks: list[filch_pb2.Task]) -> tuple[int, list[str]]:
+    """The status `filch submit --wait --array` exits with: the highest of its tasks'
+    (as `sbatch --wait` does for an array); and lines for stderr naming what failed."""
+    failed = [task for task in tasks if task_exit_status(task) != 0]
+    if not failed:
+        return 0, []
+    lines = [f"{len(failed)} of {len(tasks)} tasks of the array did not succeed"]
+    lines += [f"task {task.id} (index {task.array_index}) {render.outcome(task)}"
+              for task in failed[:ARRAY_FAILURES_NAMED]]
+    if len(failed) > ARRAY_FAILURES_NAMED:
+        lines.append(f"... and {len(failed) - ARRAY_FAILURES_NAMED} more "
+                     "(`filch ls --array ARRAY_ID` lists them all)")
+    return max(task_exit_status(task) for task in failed), lines

@@ -173,3 +173,29 @@ def test_partial_array_is_invisible_until_a_retry_completes_it(cluster: Cluster)
     cluster.cli("cancel", "--array", array_id, check=True)
     tasks = wait_array_finished(cluster, array_id, timeout=30)
     assert all(task.attempt <= 1 for task in tasks)
+
+
+@pytest.mark.timeout(60)
+def test_submit_wait_on_an_array_exits_with_its_highest_status(cluster: Cluster) -> None:
+    # Index 4 exits 3 after the others have started; index 5 exits 1: the highest wins.
+    script = 'case $FILCH_ARRAY_INDEX in 4) sleep 1; exit 3;; 5) exit 1;; esac; sleep 0.5'
+    result = cluster.cli("submit", "--wait", "--array", "1-6", "--cpu", "0.05", "--",
+                         "sh", "-c", script)
+    ids = result.stdout.split()
+    assert len(ids) == 6
+    assert result.returncode == 3, result.stderr
+    # It returned only once every task had finished, and says which ones failed.
+    tasks = [cluster.get(task_id) for task_id in ids]
+    assert all(task.state in FINISHED for task in tasks)
+    assert [task.exit_code for task in tasks] == [0, 0, 0, 3, 1, 0]
+    assert "2 of 6 tasks of the array did not succeed" in result.stderr
+    assert f"task {ids[3]} (index 4) exited with code 3" in result.stderr
+
+    fine = cluster.cli("submit", "--wait", "--array", "1-3", "--cpu", "0.05", "--", "true")
+    assert fine.returncode == 0 and fine.stderr == "" and len(fine.stdout.split()) == 3
+
+    before = {name for name in cluster.etcd_keys() if name.startswith("/array/")}
+    refused = cluster.cli("submit", "--wait", "--follow", "--array", "1-3", "--", "true")
+    assert refused.returncode == 2 and "filch logs -f ID" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert {name for name in cluster.etcd_keys() if name.startswith("/array/")} == before

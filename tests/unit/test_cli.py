@@ -526,3 +526,27 @@ def test_agent_refuses_bad_failpoints_before_starting_anything(
         run("agent", env={"FILCH_FAILPOINTS": "stealer.after_commit=exec(sh)"}), 2)
     assert line.startswith("error: FILCH_FAILPOINTS: 'stealer.after_commit=exec(sh)'")
     assert started == []
+
+
+def array_task(index: int, exit_code: int = 0,
+               reason: int = pb.REASON_EXITED) -> pb.Task:
+    return pb.Task(id=f"t{index}", array_index=index, state=pb.TASK_STATE_COMPLETE,
+                   reason=reason, exit_code=exit_code)  # type: ignore[arg-type]
+
+
+def test_an_array_exits_with_its_highest_status_and_names_the_first_failures() -> None:
+    tasks = [array_task(0), array_task(1, 1), array_task(2, reason=pb.REASON_OOM_KILLED),
+             array_task(3, 2), array_task(4, 9), array_task(5)]
+    status, lines = cli_output.array_exit_status(tasks)
+    assert status == 137  # OOM beats exit 9, as in sbatch --wait
+    assert lines[0] == "4 of 6 tasks of the array did not succeed"
+    assert lines[1] == "task t1 (index 1) exited with code 1"
+    assert len(lines) == 1 + cli_output.ARRAY_FAILURES_NAMED + 1
+    assert lines[-1].startswith("... and 1 more")
+    assert cli_output.array_exit_status([array_task(0), array_task(1)]) == (0, [])
+
+
+def test_array_progress_counts_finished_and_running() -> None:
+    running = pb.Task(state=pb.TASK_STATE_RUNNING)
+    text = cli_output.array_progress_text([array_task(0), running, pb.Task()], 2.0, True)
+    assert text == "1 of 3 finished · 1 running · reconnecting · 2.0s"
