@@ -54,6 +54,11 @@ _IDENTIFIER = re.compile(r"[A-Za-z_:][A-Za-z0-9_:]*")
 _VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
 _LEGEND_LABEL = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 _LABEL_VALUES = re.compile(r"^label_values\((.+),\s*(\w+)\)$")
+# A filch series and its label matchers, e.g. filch_tasks{job="$job"} (label values hold
+# no braces on these dashboards).
+_SELECTOR = re.compile(r"\b(filch_\w+)\s*(\{[^}]*\})?")
+# What picks one node on the node dashboard, in every query.
+NODE_MATCHERS = '{job="$job", instance="$instance"}'
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -93,6 +98,18 @@ def dashboard_queries(board: dict[str, Any]) -> Iterator[tuple[str, dict[str, An
     for panel in board["panels"]:
         for target in panel.get("targets", []):
             yield panel["title"], target
+
+
+def row_panels(board: dict[str, Any], title: str) -> list[dict[str, Any]]:
+    """The panels under the row titled `title`, up to the next row (in board order)."""
+    panels: list[dict[str, Any]] = []
+    inside = False
+    for panel in board["panels"]:
+        if panel["type"] == "row":
+            inside = panel["title"] == title
+        elif inside:
+            panels.append(panel)
+    return panels
 
 
 def variable_queries(board: dict[str, Any]) -> Iterator[tuple[str, str]]:
@@ -284,6 +301,26 @@ def test_dashboards_are_well_formed() -> None:
             cells |= mine
     node = {v["name"]: v for v in boards["filch-node.json"]["templating"]["list"]}
     assert node["instance"]["type"] == "query"
+
+
+def test_node_dashboard_shows_one_node() -> None:
+    """Every query picks the selected node, and the cluster's Batch work row is there too."""
+    boards = load_dashboards()
+    node = boards["filch-node.json"]
+    for title, target in dashboard_queries(node):
+        selectors = _SELECTOR.findall(target["expr"])
+        assert selectors, f"{title!r}: no filch series in {target['expr']}"
+        for name, matchers in selectors:
+            assert matchers == NODE_MATCHERS, f"{title!r}: {name}{matchers} is not this node's"
+
+    def batch_metrics(file: str) -> set[str]:
+        panels = row_panels(boards[file], "Batch work")
+        assert panels, f"{file}: no Batch work row"
+        for panel in panels:
+            assert len(panel.get("description", "")) > 60, f"{file}: {panel['title']!r}"
+        return {name for panel in panels for target in panel["targets"]
+                for name in metric_names(target["expr"])}
+    assert batch_metrics("filch-node.json") == batch_metrics("filch-cluster.json")
 
 
 def test_dashboards_show_exactly_the_exported_metrics() -> None:
