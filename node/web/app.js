@@ -161,8 +161,10 @@ function cancelable(task) {
   return task.state === "PENDING" || task.state === "RUNNING";
 }
 
-// A cancel button that asks for a second click before it acts.
-function cancelButton(button, taskId, onDone) {
+// A cancel button that asks for a second click before it acts: the second click POSTs to
+// url (a task's or an array's cancel), then onDone(reply) runs with the JSON reply, or with
+// null when the call failed (the failure is already in the banner).
+function cancelButton(button, url, onDone) {
   let armed = null;
   button.textContent = button.dataset.label || "Cancel";
   button.classList.remove("confirm");
@@ -183,15 +185,24 @@ function cancelButton(button, taskId, onDone) {
     armed = null;
     button.disabled = true;
     button.textContent = "Canceling…";
+    let reply = null;
     try {
-      await api(`/api/v1/tasks/${encodeURIComponent(taskId)}/cancel`, { method: "POST", body: "{}" });
+      reply = await api(url, { method: "POST", body: "{}" });
       showBanner(null);
     } catch (error) {
       showBanner(`Cancel failed: ${error.message}`);
     }
-    onDone();
+    onDone(reply);
   };
   return button;
+}
+
+function taskCancelUrl(taskId) {
+  return `/api/v1/tasks/${encodeURIComponent(taskId)}/cancel`;
+}
+
+function arrayCancelUrl(arrayId) {
+  return `/api/v1/arrays/${encodeURIComponent(arrayId)}/cancel`;
 }
 
 function showBanner(message) {
@@ -286,6 +297,7 @@ function renderTasks(tasks, truncated) {
   $("count-running").textContent = counts.RUNNING;
   $("count-complete").textContent = `${counts.COMPLETE}${plus}`;
   $("count-canceled").textContent = `${counts.CANCELED}${plus}`;
+  renderArrayCancel(arrayFilter, tasks, truncated);
   for (const badge of document.querySelectorAll("[data-count]")) {
     badge.textContent = counts[badge.dataset.count] ?? 0;
   }
@@ -312,7 +324,7 @@ function taskRow(task) {
   const actions = el("td", { class: "actions" });
   if (cancelable(task)) {
     const button = el("button", { type: "button", class: "danger small", "data-label": "Cancel" });
-    actions.append(cancelButton(button, task.id, refreshTasks));
+    actions.append(cancelButton(button, taskCancelUrl(task.id), refreshTasks));
   }
   const row = el("tr", { "data-id": task.id, onclick: () => { location.hash = href; } },
     el("td", {}, el("a", { href, class: "mono", text: shortTaskId(task.id), title: task.id })),
@@ -378,7 +390,7 @@ function renderTask(task) {
   if (cancelable(task)) {
     if (cancel.hidden || cancel.dataset.task !== task.id) {
       cancel.dataset.task = task.id;
-      cancelButton(cancel, task.id, () => refreshTask(task.id));
+      cancelButton(cancel, taskCancelUrl(task.id), () => refreshTask(task.id));
     }
     cancel.hidden = false;
   } else {
@@ -575,6 +587,9 @@ function route() {
     arrayFilter = array;
     lastTasks = [];
     $("tasks-body").replaceChildren();
+    // Another array's button and count: the next list draws this one's.
+    $("array-cancel").hidden = true;
+    $("array-cancel-result").textContent = "";
   }
   $("array-filter").hidden = !arrayFilter;
   $("array-filter-id").textContent = arrayFilter || "";

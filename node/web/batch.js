@@ -1,6 +1,7 @@
 // filch web UI, batch work: what a task's JSON says about its array, dependencies, hold,
-// time limit, retries, priority, owner and attempts, as page elements. Loaded before
-// app.js, whose helpers (el, shortId, shortTaskId, nodeLabel) these functions call.
+// time limit, retries, priority, owner and attempts, as page elements, and the array
+// page's cancel button. Loaded before app.js, whose helpers (el, shortId, shortTaskId,
+// nodeLabel, cancelable, cancelButton) these functions call.
 // Everything a user typed (names, owners, messages) goes in as text, never as HTML.
 "use strict";
 
@@ -25,6 +26,32 @@ function taskLink(id) {
 function arrayLink(arrayId) {
   return el("a", { href: `#/arrays/${encodeURIComponent(arrayId)}`, class: "mono", text: arrayId,
     title: "this array's tasks" });
+}
+
+// The array page's "Cancel array" button: shown while the array has an unfinished task
+// (or the list was cut short, so one may exist unread), left alone while it waits for
+// its second click.
+function renderArrayCancel(arrayId, tasks, truncated) {
+  const button = $("array-cancel");
+  if (!arrayId || !(truncated || tasks.some(cancelable))) {
+    button.hidden = true;
+    return;
+  }
+  if (button.hidden || button.dataset.array !== arrayId) armArrayCancel(button, arrayId);
+  button.hidden = false;
+}
+
+function armArrayCancel(button, arrayId) {
+  button.dataset.array = arrayId;
+  cancelButton(button, arrayCancelUrl(arrayId), (reply) => {
+    // Ready for another try (after a failure, or for tasks that were still being written).
+    armArrayCancel(button, arrayId);
+    // A failure stays in the banner: refreshing now would clear it.
+    if (!reply) return;
+    const count = Number(reply.canceled) || 0;
+    $("array-cancel-result").textContent = `${count} task${count === 1 ? "" : "s"} canceled`;
+    refreshTasks();
+  });
 }
 
 // What a dependency kind means, as the submit flags say it.

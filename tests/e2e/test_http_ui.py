@@ -369,6 +369,45 @@ def test_an_arrays_page_lists_its_tasks_only(three_nodes: Cluster, http_url: str
             By.CSS_SELECTOR, "#tasks-body tr")) == sorted(response.task_ids))
 
 
+def test_cancel_from_an_arrays_page(three_nodes: Cluster, http_url: str, browser: Any) -> None:
+    from selenium.webdriver.common.by import By
+
+    # A core each: on the loaded cluster some run and the rest wait; all are unfinished.
+    response = three_nodes.stub().Submit(pb.SubmitRequest(
+        spec=pb.TaskSpec(command="sleep", args=["300"], name="array-to-cancel",
+                         cpu_millis=1000),
+        array=pb.ArraySpec(start=1, end=5)), timeout=10)
+    array_id = response.array_id
+
+    def states() -> list[str]:
+        """The array's task states, as the JSON API (not the page) reports them."""
+        status, body = _get(f"{http_url}/api/v1/tasks?array_id={array_id}&page_size=1000",
+                            TOKEN)
+        assert status == 200, body
+        return sorted(task["state"] for task in body["tasks"])
+
+    def cancel_button() -> Any:
+        # Looked up afresh each time: the page re-renders while it refreshes.
+        return until(browser, "the cancel-array button", lambda: (
+            found := browser.find_element(By.ID, "array-cancel")).is_displayed() and found)
+
+    browser.get(f"{http_url}/#/arrays/{array_id}")
+    until(browser, "the array's page", lambda: text_of(browser, "array-filter-id") == array_id)
+    cancel_button().click()
+    until(browser, "the confirmation", lambda: cancel_button().text == "Click again to cancel")
+    # One click does nothing.
+    assert set(states()) <= {"PENDING", "RUNNING"} and len(states()) == 5, states()
+    cancel_button().click()
+    until(browser, "the count of canceled tasks",
+          lambda: text_of(browser, "array-cancel-result") == "5 tasks canceled")
+    wait_for("every task of the array to be canceled", lambda: states() == ["CANCELED"] * 5)
+    until(browser, "the refreshed array view", lambda: text_of(browser, "count-canceled") == "5")
+    # Nothing left to cancel: the button goes.
+    until(browser, "the button to hide",
+          lambda: not browser.find_element(By.ID, "array-cancel").is_displayed())
+    browser.save_screenshot(str(ARTIFACTS / "array-canceled.png"))
+
+
 def test_a_retried_tasks_page_shows_every_attempt(three_nodes: Cluster, http_url: str,
                                                  browser: Any) -> None:
     from selenium.webdriver.common.by import By
