@@ -191,6 +191,9 @@ function cancelButton(button, url, onDone) {
       showBanner(null);
     } catch (error) {
       showBanner(`Cancel failed: ${error.message}`);
+      // Ready for another try: the task page keeps this button while the task runs.
+      button.disabled = false;
+      button.textContent = button.dataset.label || "Cancel";
     }
     onDone(reply);
   };
