@@ -253,8 +253,13 @@ class Stealer:
 
     def _publish_shares(self, usage: dict[str, Usage], totals: Usage) -> None:
         """Share and running tasks by owner, as this node sees the cluster; owners that
-        hold nothing any more leave the gauges."""
+        hold nothing any more leave the gauges, except the default owner (its series always
+        exists, from start-up: metrics.py), which reads 0."""
         for owner in self._published - set(usage):
+            if owner == keys.DEFAULT_OWNER:
+                metrics.OWNER_SHARE.labels(owner).set(0)
+                metrics.OWNER_RUNNING.labels(owner).set(0)
+                continue
             metrics.OWNER_SHARE.remove(owner)
             metrics.OWNER_RUNNING.remove(owner)
         for owner, held in usage.items():

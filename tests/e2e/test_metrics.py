@@ -21,11 +21,12 @@ EXPORTED = [
     "filch_node_cpu_allocated_cores", "filch_node_memory_allocated_bytes",
     "filch_api_requests_total", "filch_api_request_duration_seconds",
     "filch_tasks_finished_total", "filch_node_info", "filch_log_streams",
-    # Batch work (both dashboards' rows). Not the owner share and running gauges: the
-    # stealer drops an owner from them once it holds nothing, so they may have no series.
+    # Batch work (both dashboards' rows); the owner gauges have the default owner's series
+    # from start-up on, and keep it (at 0) when it holds nothing.
     "filch_tasks_blocked", "filch_dependency_releases_total",
     "filch_dependency_failures_total", "filch_task_timeouts_total", "filch_task_retries_total",
     "filch_array_tasks_submitted_total", "filch_owner_steals_total",
+    "filch_owner_dominant_share", "filch_owner_running_tasks",
 ]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from node import keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
@@ -162,3 +163,25 @@ async def test_a_relist_reads_a_bounded_range_per_group(store: Store,
     assert stealer._queue.groups == {(5, "a"): {first: None}, (0, "a"): {deep[0]: None},
                                (0, "b"): {other: None}}
     assert stealer._queue.truncated == {(0, "a")}
+
+
+async def test_an_owner_holding_nothing_leaves_the_share_gauges_but_the_default_stays_at_0(
+        store: Store) -> None:
+    await _queue(store, owner="alice")
+    await _queue(store)
+    stealer, state, launched = await _node(store, "a")
+    await stealer._relist()
+    assert await stealer._pass() and len(launched.tasks) == 2
+
+    def running(owner: str) -> float | None:
+        return REGISTRY.get_sample_value("filch_owner_running_tasks", {"owner": owner})
+
+    stealer._publish_shares(*stealer._cluster_usage())   # what each sweep does
+    assert running("alice") == 1 and running(keys.DEFAULT_OWNER) == 1
+    for task in launched.tasks:
+        state.capacity.release(task.spec)
+    stealer._publish_shares(*stealer._cluster_usage())
+    assert running("alice") is None          # owner names come and go: no series piles up
+    assert running(keys.DEFAULT_OWNER) == 0  # the dashboards' default series stays
+    assert REGISTRY.get_sample_value("filch_owner_dominant_share",
+                                     {"owner": keys.DEFAULT_OWNER}) == 0
