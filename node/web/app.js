@@ -273,8 +273,11 @@ async function fetchAllTasks() {
 
 async function refreshTasks() {
   if (!$("auto-refresh").checked && lastTasks.length) return;
+  const view = arrayFilter;
   try {
     const [{ tasks, truncated }] = await Promise.all([fetchAllTasks(), refreshNodeNames()]);
+    // The page moved to another list meanwhile: this answer is not its (its own refresh is).
+    if (view !== arrayFilter) return;
     lastTasks = tasks;
     // Redrawing would disarm a "Click again to cancel" button under the pointer.
     if (document.querySelector("#tasks-body button.confirm")) return;
@@ -287,8 +290,6 @@ async function refreshTasks() {
 }
 
 function renderTasks(tasks, truncated) {
-  // Also filtered here, so the view is right whatever the list endpoint does with ?array_id=.
-  if (arrayFilter) tasks = tasks.filter((task) => task.array_id === arrayFilter);
   const counts = { "": tasks.length, PENDING: 0, RUNNING: 0, COMPLETE: 0, CANCELED: 0 };
   for (const task of tasks) counts[task.state] = (counts[task.state] || 0) + 1;
   const plus = truncated ? "+" : "";
