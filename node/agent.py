@@ -181,7 +181,8 @@ class Agent:
         # In shutdown order: stop stealing (and cleaning up), drain the attempts, leave.
         parts: tuple[Part, ...] = (stealer, resolver, housekeeping, runner, membership,
                                    recovery)
-        tasks = TaskService(store, config.max_pending)
+        tasks = TaskService(store, config.max_pending, etcd_quota_bytes=config.etcd_quota_bytes,
+                            submit_budget=config.submit_budget)
 
         metrics.CPU_CAPACITY.set(config.cpus)
         metrics.MEMORY_CAPACITY.set(config.memory)

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 from node import failpoints, keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.admission import PendingLimit
+from node.admission import Admission
 from node.conditions import (
     FAILED,
     FINISHED,
@@ -33,10 +33,16 @@ from node.conditions import (
 )
 from node.errors import ArrayNotFound, Conflict, FilchError, InvalidArgument, StoreUnavailable
 from node.handback import canceled, outcome
-from node.limits import MAX_BATCH, MAX_TXN_OPS, READ_BATCH_RECORDS, WRITE_BATCH_BYTES
+from node.limits import (
+    ETCD_KEY_OVERHEAD_BYTES,
+    MAX_BATCH,
+    MAX_TXN_OPS,
+    READ_BATCH_RECORDS,
+    WRITE_BATCH_BYTES,
+)
 from node.paging import Page
 from node.store import Store
-from node.txn import Move, Versioned, move_bytes, move_ops
+from node.txn import Move, Versioned, move_bytes, move_ops, written_bytes
 
 T = TypeVar("T")
 
@@ -147,16 +153,17 @@ async def task_ids(array_id: str, count: int) -> list[str]:
 class Arrays:
     """Array submit, list and cancel (the service's array half)."""
 
-    def __init__(self, store: Store, pending: PendingLimit, check: DependencyCheck) -> None:
+    def __init__(self, store: Store, admission: Admission, check: DependencyCheck) -> None:
         self._store = store
-        self._pending = pending
+        self._admission = admission
         self._check = check
 
     async def submit(self, spec: pb.TaskSpec, array: pb.ArraySpec, request_id: str,
                      prepared: Prepared) -> pb.SubmitResponse:
         """Create every task of the array, all or nothing (see the module docstring).
         Raises Conflict when request_id was used for another spec or range, Overloaded
-        past --max-pending, InvalidArgument when a parent vanished meanwhile."""
+        past --max-pending or --submit-budget (nothing written), InvalidArgument when a
+        parent vanished meanwhile."""
         array_id = keys.task_id_for_request(request_id) if request_id else keys.new_task_id()
         span = indices(array)
         ids = await task_ids(array_id, len(span))
@@ -185,7 +192,12 @@ class Arrays:
                            message="its array's submission is not complete yet")
         template.submitted_at.GetCurrentTime()
         written: list[Versioned] = []
-        async with self._pending.admit(len(ids)) as created:
+        record = pb.Array(id=array_id, start=span.start, end=span.stop - 1, step=span.step,
+                          count=len(ids), request_id=request_id,
+                          submitted_at=template.submitted_at)
+        size = footprint(template, ids[-1], span[-1], prepared, record)
+        async with self._admission.admit(len(ids), size,
+                                         f"this array of {len(ids)} tasks") as created:
             for start in range(0, len(ids), STEP):
                 tasks = []
                 for position in range(start, min(len(ids), start + STEP)):
@@ -194,9 +206,6 @@ class Arrays:
                     task.id, task.array_index = ids[position], span[position]
                     tasks.append(task)
                 written += await self._write_held(tasks, prepared, spec)
-            record = pb.Array(id=array_id, start=span.start, end=span.stop - 1, step=span.step,
-                              count=len(ids), request_id=request_id,
-                              submitted_at=template.submitted_at)
             await self._store.create_array(record)
             created()
         released = None
@@ -317,6 +326,22 @@ class Arrays:
         if array is None:
             raise ArrayNotFound(array_id)
         return array
+
+
+def footprint(template: pb.Task, last_id: str, last_index: int, prepared: Prepared,
+              record: pb.Array) -> int:
+    """The bytes an array submit writes into etcd, from one representative task (the
+    template with the largest index, so no task's record is longer) times the count: each
+    task is written held (record, blocked key, one dependency key per parent) and then
+    released (the record again, its new status and index keys, tombstones of the old ones),
+    plus the array record."""
+    held = pb.Task()
+    held.CopyFrom(template)
+    held.id, held.array_index = last_id, last_index
+    per_task = (written_bytes(Move(None, held, requires=prepared.requires))
+                + written_bytes(Move(Versioned(held, 0), _released(held, prepared))))
+    return (per_task * record.count + len(keys.array(record.id)) + record.ByteSize()
+            + ETCD_KEY_OVERHEAD_BYTES)
 
 
 def _released(task: pb.Task, prepared: Prepared) -> pb.Task:

@@ -39,6 +39,8 @@ CA_DAYS = 3650
 # two years keeps a forgotten cluster working without making a stolen key last forever.
 NODE_DAYS = 730
 TOKEN_BYTES = 32
+# Stems of the directory's own files: no node's certificate may take their names.
+RESERVED_NAMES = frozenset({"ca", "etcd-ca"})
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,18 @@ class NodeRequest:
 
     name: str
     addresses: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        # Files are named NAME.crt (cluster CA) and NAME-etcd.crt (etcd CA) beside ca.crt
+        # and etcd-ca.crt: a node "X-etcd" would be handed node X's etcd certificate (or X
+        # the API one of "X-etcd"), a node "ca" the cluster CA itself. An existing file is
+        # kept, not re-checked, so the names must never meet.
+        if self.name.endswith("-etcd") or self.name in RESERVED_NAMES:
+            raise InvalidArgument("node", f"{self.name!r} cannot be a node name in a certs "
+                                  "directory: its files would collide with another node's "
+                                  "etcd certificate (NAME-etcd.crt) or a CA's; rename the "
+                                  "node (names ending in -etcd, and ca and etcd-ca, are "
+                                  "reserved)")
 
     @classmethod
     def parse(cls, text: str) -> NodeRequest:

@@ -73,7 +73,7 @@ class Config:
         "Without TLS: http:// on loopback. With TLS: https://, e.g. a member's public address.")})
     etcd_binary: str = field(default="etcd", metadata={"help": (
         "The etcd server executable.")})
-    etcd_quota_bytes: int = field(default=2 * 1024**3, metadata={"help": (
+    etcd_quota_bytes: int = field(default=limits.DEFAULT_ETCD_QUOTA_BYTES, metadata={"help": (
         "etcd's backend quota; past it etcd raises NOSPACE.")})
     etcd_heartbeat_ms: int = field(default=50, metadata={"help": (
         "Milliseconds between the etcd leader's heartbeats (etcd's --heartbeat-interval).")})
@@ -129,6 +129,11 @@ class Config:
         "Cluster-wide limit on PENDING tasks: submits beyond it are answered RESOURCE_EXHAUSTED "
         "before etcd fills (counted from etcd; nodes may overshoot it by what each admits in "
         "1 s).")})
+    submit_budget: float = field(default=limits.DEFAULT_SUBMIT_BUDGET, metadata={"help": (
+        "Fraction of --etcd-quota-bytes submits may fill: a submit whose estimated bytes would "
+        "take etcd's database in use past it is answered RESOURCE_EXHAUSTED, nothing written. "
+        "The rest is room for steals, finishes and housekeeping; 1 leaves only etcd's NOSPACE "
+        "alarm, which then stops every write.")})
     max_log_streams: int = field(default=limits.DEFAULT_MAX_LOG_STREAMS, metadata={"help": (
         "Concurrent log streams this node serves; beyond it RESOURCE_EXHAUSTED.")})
     tls_ca: str = field(default="", metadata={"help": (
@@ -242,6 +247,9 @@ class Config:
             raise InvalidArgument("housekeeping_interval", "intervals must be positive")
         if self.max_pending < 1:
             raise InvalidArgument("max_pending", "must be at least 1")
+        if not 0 < self.submit_budget <= 1:
+            raise InvalidArgument("submit_budget", f"{self.submit_budget} is not a fraction of "
+                                  "the etcd quota between 0 (exclusive) and 1, e.g. 0.8")
         if self.max_log_streams < 1:
             raise InvalidArgument("max_log_streams", "must be at least 1")
         tls = (self.tls_ca, self.tls_cert, self.tls_key)

@@ -113,6 +113,22 @@ def max_concurrent_rpcs(max_log_streams: int) -> int:
 # answers before etcd raises NOSPACE, where nothing but deleting tasks would help.
 DEFAULT_MAX_PENDING = 2_000_000
 
+# etcd's backend quota (default of --etcd-quota-bytes): etcd's own default, 2 GiB.
+DEFAULT_ETCD_QUOTA_BYTES = 2 * 1024**3
+
+# Submits may fill etcd's quota up to this fraction (default of --submit-budget): a submit
+# whose estimated bytes would pass it is refused before anything is written. The rest is
+# room for what tasks write after their submit (steals, finishes, retries: each a new copy
+# of the record until compaction) and for housekeeping to work in; NOSPACE is disarmed only
+# below 0.9 of the quota (node/housekeeping.py), so submits must stop below that.
+DEFAULT_SUBMIT_BUDGET = 0.8
+
+# What etcd stores per key revision beyond the key and value bytes themselves: the 17-byte
+# revision that keys its bbolt entry, bbolt's 16-byte leaf element header, and the
+# KeyValue's revision, version and lease fields (~20 bytes). A delete writes a tombstone of
+# the same shape. Rounded up: the estimate must not promise room that is not there.
+ETCD_KEY_OVERHEAD_BYTES = 64
+
 # How long a node trusts its count of pending tasks (one cheap count-only range per
 # interval, however many submits arrive); its own admissions are counted meanwhile.
 PENDING_COUNT_TTL = 1.0

@@ -7,6 +7,7 @@ fields if you must, never rename or drop one.
 
 from __future__ import annotations
 
+import codecs
 import shlex
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
@@ -329,6 +330,23 @@ def printable(text: str) -> str:
 _ESCAPES = {code: (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
             for code in [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F),
                          *range(0x2066, 0x206A)]}
+# A task's output keeps its lines and columns: newline and tab are its layout, not an attack.
+_OUTPUT_ESCAPES = {code: text for code, text in _ESCAPES.items() if chr(code) not in "\n\t"}
+
+
+class OutputEscaper:
+    """A task's output, chunk by chunk, made safe for a terminal: printable()'s escapes
+    except newline and tab, and bytes that are not UTF-8 shown as \\xNN (a raw 0x9b is
+    an 8-bit CSI to some terminals). A character split across two chunks is decoded
+    whole, so escaping never depends on where the stream was cut."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="backslashreplace")
+
+    def escape(self, data: bytes, final: bool = False) -> bytes:
+        """The escaped form of data (UTF-8); final=True at the end of the stream flushes
+        an incomplete character as its escaped bytes."""
+        return self._decoder.decode(data, final).translate(_OUTPUT_ESCAPES).encode()
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:

@@ -6,7 +6,7 @@ import asyncio
 
 from node import keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.admission import PendingLimit
+from node.admission import Admission, ByteBudget, PendingLimit
 from node.arrays import Arrays
 from node.conditions import FAILED, WAITING, DependencyCheck, failed, prepare
 from node.errors import (
@@ -20,13 +20,15 @@ from node.errors import (
 from node.group_commit import GroupCommitter
 from node.handback import canceled, handback, outcome
 from node.limits import (
+    DEFAULT_ETCD_QUOTA_BYTES,
     DEFAULT_MAX_PENDING,
+    DEFAULT_SUBMIT_BUDGET,
     ETCD_MAX_REQUEST_BYTES,
     READ_BATCH_RECORDS,
 )
 from node.paging import Page, decode_token, encode_token
 from node.store import Store
-from node.txn import Move, Versioned
+from node.txn import Move, Versioned, written_bytes
 
 # How often submit and cancel retry when another node moved the task in between.
 CONFLICT_RETRIES = 5
@@ -47,13 +49,17 @@ FINISHED = (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED)
 class TaskService:
     """Task and node operations shared by the gRPC API and the HTTP face."""
 
-    def __init__(self, store: Store, max_pending: int = DEFAULT_MAX_PENDING) -> None:
+    def __init__(self, store: Store, max_pending: int = DEFAULT_MAX_PENDING, *,
+                 etcd_quota_bytes: int = DEFAULT_ETCD_QUOTA_BYTES,
+                 submit_budget: float = DEFAULT_SUBMIT_BUDGET) -> None:
         self.store = store
-        self.pending = PendingLimit(store, max_pending)
+        self.admission = Admission(
+            PendingLimit(store, max_pending),
+            ByteBudget(store, quota=etcd_quota_bytes, budget=submit_budget))
         # Submits that arrive together are created in one transaction.
         self._submits = GroupCommitter(store)
         self.check = DependencyCheck(store)
-        self.arrays = Arrays(store, self.pending, self.check)
+        self.arrays = Arrays(store, self.admission, self.check)
 
     async def submit(self, spec: pb.TaskSpec, request_id: str = "") -> tuple[pb.Task, bool]:
         """Store a new task; returns (task, created).
@@ -64,8 +70,8 @@ class TaskService:
         whenever it submits. With a request_id the task id is derived from it, so a retried
         submit returns the first task (created=False). Raises InvalidArgument for an
         unknown parent (nothing written), Conflict when that request_id was used for a
-        different spec, Overloaded past --max-pending, StoreUnavailable / StoreFull when
-        etcd cannot take the write.
+        different spec, Overloaded past --max-pending or --submit-budget (nothing written),
+        StoreUnavailable / StoreFull when etcd cannot take the write.
         """
         for _ in range(CONFLICT_RETRIES):
             prepared = await prepare(self.store, self.check, spec)
@@ -105,7 +111,7 @@ class TaskService:
         does not."""
         task = move.new
         try:
-            async with self.pending.admit() as created:
+            async with self.admission.admit(1, written_bytes(move), "this task") as created:
                 revision = await self._submits.transition(move)
                 if revision is not None:
                     created()

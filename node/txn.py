@@ -11,7 +11,7 @@ import aetcd.rpc as rpc
 
 from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.limits import MOVE_KEYS_BYTES
+from node.limits import ETCD_KEY_OVERHEAD_BYTES, MOVE_KEYS_BYTES
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,22 @@ def append_move(move: Move, lease_id: int, compare: list[Any], success: list[Any
         success.append(rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=b"")))
     success.append(rpc.RequestOp(
         request_put=rpc.PutRequest(key=record_key, value=new.SerializeToString())))
+
+
+def written_bytes(move: Move) -> int:
+    """What one move adds to etcd's database: every key it puts (key, value and etcd's
+    per-revision overhead) and every key it deletes (a tombstone), until compaction."""
+    compare: list[Any] = []
+    success: list[Any] = []
+    append_move(move, 0, compare, success)
+    total = 0
+    for op in success:
+        if op.HasField("request_put"):
+            total += len(op.request_put.key) + len(op.request_put.value)
+        else:
+            total += len(op.request_delete_range.key)
+        total += ETCD_KEY_OVERHEAD_BYTES
+    return total
 
 
 def move_ops(move: Move) -> int:

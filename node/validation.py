@@ -6,6 +6,7 @@ Each check raises InvalidArgument naming the field, with a message a person can 
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 
 from node import keys
@@ -86,6 +87,7 @@ def spec(raw: pb.TaskSpec) -> pb.TaskSpec:
     _text("spec.workdir", raw.workdir, limit=4096)
     if raw.workdir and not raw.workdir.startswith("/"):
         raise InvalidArgument("spec.workdir", f"{raw.workdir!r} must be an absolute path")
+    _check_workdir(raw.workdir)
     if len(raw.args) > MAX_ARGS:
         raise InvalidArgument("spec.args", f"has {len(raw.args)} entries; the limit is {MAX_ARGS}")
     for index, arg in enumerate(raw.args):
@@ -219,3 +221,22 @@ def state_filter(value: int) -> int:
     if value not in pb.TaskState.values():
         raise InvalidArgument("state", f"{value} is not a TaskState")
     return value
+
+
+# Kernel interfaces, not directories to work in: a task started in /proc/<pid> or /sys
+# works on the host's process and device tables through relative paths.
+KERNEL_FILESYSTEMS = ("/proc", "/sys")
+
+
+def _check_workdir(workdir: str) -> None:
+    """Refuse a workdir under /proc or /sys, however it is spelled (//proc, /tmp/../sys)."""
+    if not workdir:
+        return
+    # posixpath.normpath keeps a leading "//" (POSIX leaves it implementation-defined);
+    # Linux treats it as "/".
+    normal = posixpath.normpath("/" + workdir.lstrip("/"))
+    for root in KERNEL_FILESYSTEMS:
+        if normal == root or normal.startswith(root + "/"):
+            raise InvalidArgument("spec.workdir", f"{workdir!r} is under {root}, a kernel "
+                                  "interface, not a directory to work in; use /work or "
+                                  "another path")

@@ -52,6 +52,7 @@ _METAVARS = {
     "compaction_keep": "REVISIONS",
     "max_finished": "COUNT",
     "task_subnet": "CIDR",
+    "submit_budget": "FRACTION",
 }
 _CHOICES = {"executor": ["runc", "process"], "initial_cluster_state": ["new", "existing"]}
 _SIZE_FIELDS = frozenset(config_module.SIZE_FIELDS)

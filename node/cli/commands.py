@@ -3,7 +3,6 @@ the node goes through node.client.Client, which the group puts in the context.""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -16,6 +15,7 @@ from node.cli.output import (
     EXIT_INTERRUPTED,
     CommandError,
     Progress,
+    TaskOutput,
     array_exit_status,
     one_line,
     output_option,
@@ -188,11 +188,7 @@ def follow_task(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
     """Stream every attempt's output to stdout as it happens, until the task ends (after a
     retry or a requeue, the next attempt's); the final record. How an attempt ended is
     said on stderr when another follows. Ctrl-C exits 130 (the task goes on)."""
-    stdout = sys.stdout.buffer
-
-    def write(data: bytes) -> None:
-        stdout.write(data)
-        stdout.flush()
+    stdout = TaskOutput()
 
     def attempt_end(current: filch_pb2.Task, attempt: int) -> None:
         if render.is_finished(current) and current.attempt <= attempt:
@@ -214,10 +210,12 @@ def follow_task(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
                    f"{one_line(failure.message)}", err=True)
 
     try:
-        return follow(client, task.id, write, on_attempt_end=attempt_end, on_missing=missing,
-                      task=task)
+        return follow(client, task.id, stdout.write, on_attempt_end=attempt_end,
+                      on_missing=missing, task=task)
     except KeyboardInterrupt:
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        stdout.close()
 
 
 @click.command()
@@ -264,13 +262,14 @@ def list_tasks(client: Client, state: str | None, limit: int | None, array_id: s
 @click.pass_obj
 def logs(client: Client, follow: bool, attempt: int, task_id: str) -> None:
     """Print a task's output (stdout and stderr, as the node recorded them)."""
-    stdout = sys.stdout.buffer
+    stdout = TaskOutput()
     try:
         for data in client.logs(task_id, follow, attempt):
             stdout.write(data)
-            stdout.flush()
     except KeyboardInterrupt:
         raise click.exceptions.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        stdout.close()
 
 
 @click.command()

@@ -7,7 +7,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import click
 import grpc
@@ -34,6 +34,29 @@ class CommandError(click.ClickException):
     def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
         super().__init__(message)
         self.status = status
+
+
+class TaskOutput:
+    """Where a task's output goes (`logs`, `submit --wait --follow`): stdout byte for byte
+    when piped or redirected, so files and pipes get what the task wrote; escaped when
+    stdout is a terminal, so the task cannot drive it (retitle the window, clear the
+    screen, rewrite earlier lines, answer-back sequences)."""
+
+    def __init__(self, stream: BinaryIO | None = None, *, terminal: bool | None = None) -> None:
+        self._stream = stream if stream is not None else sys.stdout.buffer
+        if terminal is None:
+            terminal = self._stream.isatty()
+        self._escaper = render.OutputEscaper() if terminal else None
+
+    def write(self, data: bytes) -> None:
+        self._stream.write(self._escaper.escape(data) if self._escaper else data)
+        self._stream.flush()
+
+    def close(self) -> None:
+        """The stream ended: a character cut at its very end is shown as its bytes."""
+        if self._escaper is not None:
+            self._stream.write(self._escaper.escape(b"", final=True))
+            self._stream.flush()
 
 
 def one_line(text: str) -> str:

@@ -30,7 +30,9 @@ def test_out_of_space_refuses_work_keeps_running_tasks_and_recovers(tmp_path: Pa
     require_tools()
     extra = ("--etcd-quota-bytes", QUOTA, "--retention", "0", "--housekeeping-interval", "1",
              # No routine compaction: history must pile up until etcd is full.
-             "--compaction-interval", "3600")
+             "--compaction-interval", "3600",
+             # No byte budget: submits must go on until etcd itself is full.
+             "--submit-budget", "1")
     # Recovery waits 3 s once the alarm stopped stealing, so the test sees the alarm on.
     hold = {"FILCH_FAILPOINTS": f"housekeeping.before_recover=1*sleep({HOLD})"}
     with Cluster(tmp_path, size=1, executor="process", extra=extra, env=hold) as cluster:

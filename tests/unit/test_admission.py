@@ -1,17 +1,22 @@
-"""PendingLimit against a real etcd: exact at one node, counted from etcd, cheap."""
+"""PendingLimit against a real etcd: exact at one node, counted from etcd, cheap; the byte
+budget: estimated from real serialized records, refused before anything is written."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import cast
 
 import pytest
 
-from node import config, keys, validation
+from node import config, keys, limits, validation
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.admission import PendingLimit
+from node.admission import ByteBudget, PendingLimit
+from node.arrays import footprint
+from node.conditions import MET, Prepared
 from node.errors import InvalidArgument, Overloaded
 from node.service import TaskService
-from node.store import Store
+from node.store import MemberStatus, Store
+from node.txn import Move, written_bytes
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()
@@ -100,3 +105,116 @@ async def test_a_retried_submit_that_landed_is_answered_at_the_limit(store: Stor
     assert (again.id, created) == (first.id, False)
     with pytest.raises(Overloaded):
         await service.submit(spec(), "a-new-one")
+
+
+# -- the byte budget (--submit-budget) -------------------------------------------------------
+
+
+def big_spec(size: int, **fields: object) -> pb.TaskSpec:
+    return validation.spec(pb.TaskSpec(command="true", args=["x" * size], **fields))
+
+
+def test_a_single_submit_is_estimated_from_its_serialized_record() -> None:
+    task = pb.Task(id=keys.new_task_id(), spec=big_spec(100_000), state=pb.TASK_STATE_PENDING)
+    size = written_bytes(Move(None, task))
+    # The record once, its key, the queued and queue keys, each with etcd's overhead.
+    assert task.ByteSize() + 3 * limits.ETCD_KEY_OVERHEAD_BYTES < size
+    assert size < task.ByteSize() + 1024
+    # --after: one dependency key per parent (instead of the queue key).
+    parents = [pb.Dependency(id=keys.new_task_id()) for _ in range(64)]
+    held = pb.Task(id=task.id, spec=big_spec(100_000, after=parents),
+                   state=pb.TASK_STATE_PENDING, hold=pb.HOLD_DEPENDENCIES)
+    edges = written_bytes(Move(None, held)) - held.ByteSize()
+    assert edges > 64 * (len(keys.dependency(parents[0].id, task.id))
+                         + limits.ETCD_KEY_OVERHEAD_BYTES)
+
+
+def test_an_array_counts_every_task_written_held_and_then_released() -> None:
+    template = pb.Task(spec=big_spec(500_000), state=pb.TASK_STATE_PENDING,
+                       hold=pb.HOLD_ARRAY, array_id=keys.new_task_id())
+    record = pb.Array(id=template.array_id, start=0, end=99_999, step=1, count=100_000)
+    size = footprint(template, keys.array_task_id(record.id, 99_999), 99_999,
+                     Prepared(MET, "", ()), record)
+    # Each of the 100,000 records is written twice: ~93 GiB, nowhere near a 2 GiB quota.
+    assert 2 * 100_000 * 500_000 < size < 2 * 100_000 * 501_000
+
+
+class Status:
+    """A store whose member status says what the test wants."""
+
+    def __init__(self, in_use: int, size: int | None = None) -> None:
+        self.in_use, self.size, self.reads = in_use, size or in_use, 0
+
+    async def member_status(self) -> MemberStatus:
+        self.reads += 1
+        return MemberStatus(member_id=1, cluster_id=1, leader_id=1, db_size=self.size,
+                            db_size_in_use=self.in_use, nospace=False)
+
+
+async def test_the_budget_refuses_past_the_fraction_naming_the_numbers() -> None:
+    status = Status(in_use=1_288_490_189)         # 1.2 GiB
+    budget = ByteBudget(cast(Store, status), quota=2 * 1024**3, budget=0.8, clock=Clock())
+    with pytest.raises(Overloaded) as refused:
+        async with budget.admit(100 * 1024**3, "this array of 100000 tasks"):
+            pass
+    assert str(refused.value).startswith(
+        "this array of 100000 tasks would write ~100.0 GiB into etcd; 1.2 GiB of the 2.0 GiB "
+        "quota is in use and submits stop at 80% (1.6 GiB, --submit-budget): submit fewer or "
+        "smaller tasks")
+    # Exactly up to the limit fits; a byte more does not.
+    room = budget.limit - status.in_use
+    async with budget.admit(room, "this task"):
+        pass
+    with pytest.raises(Overloaded):
+        async with budget.admit(room + 1, "this task"):
+            pass
+
+
+async def test_the_budget_adds_its_own_admissions_until_the_next_read() -> None:
+    clock = Clock()
+    status = Status(in_use=0)
+    budget = ByteBudget(cast(Store, status), quota=1000, budget=0.5, clock=clock)
+    async with budget.admit(300, "this task") as written:
+        written()
+    with pytest.raises(Overloaded):                # 300 admitted + 300 > 500
+        async with budget.admit(300, "this task"):
+            pass
+    async with budget.admit(200, "this task"):     # not written: gives its room back
+        pass
+    assert status.reads == 1
+    clock.now += 1.0
+    status.in_use = 100                            # etcd now says what really landed
+    async with budget.admit(400, "this task"):
+        pass
+    assert status.reads == 2
+
+
+async def test_an_etcd_without_db_size_in_use_counts_its_whole_file() -> None:
+    status = Status(in_use=0, size=900)
+    budget = ByteBudget(cast(Store, status), quota=1000, budget=1.0, clock=Clock())
+    with pytest.raises(Overloaded):
+        async with budget.admit(101, "this task"):
+            pass
+
+
+async def test_an_array_past_the_budget_writes_nothing(store: Store) -> None:
+    in_use = (await store.member_status()).db_size_in_use
+    # Room for 150 kB more: not for a 200 kB task, nor for an array of 40 of them.
+    service = TaskService(store, etcd_quota_bytes=int((in_use + 150_000) / 0.8))
+    with pytest.raises(Overloaded) as refused:
+        await service.submit_array(big_spec(200_000), pb.ArraySpec(start=1, end=40))
+    assert "this array of 40 tasks would write ~15.3 MiB into etcd" in str(refused.value)
+    with pytest.raises(Overloaded) as refused:
+        await service.submit(big_spec(200_000))
+    assert "this task would write ~195.7 KiB into etcd" in str(refused.value)
+    assert await store.count(b"/") == 0
+    task, created = await service.submit(spec())
+    assert created and await service.get(task.id) == task
+
+
+def test_the_budget_flag_is_a_fraction() -> None:
+    for value in ("0", "1.5", "-0.2"):
+        with pytest.raises(InvalidArgument) as error:
+            config.load({"submit_budget": value}, environ={})
+        assert error.value.field == "submit_budget"
+    assert config.load({"submit_budget": "1"}, environ={}).submit_budget == 1.0

@@ -105,3 +105,20 @@ def test_a_directory_others_can_write_to_is_refused(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="no one else can write"):
         certs.ensure(pki, [certs.NodeRequest("n1", ("10.0.0.1",))])
     assert os.listdir(pki) == []
+
+
+@pytest.mark.parametrize("name", ["n1-etcd", "ca", "etcd-ca"])
+def test_a_name_whose_files_would_collide_is_refused(tmp_path: Path, name: str) -> None:
+    pki = tmp_path / "pki"
+    certs.ensure(pki, [certs.NodeRequest("n1", ("10.0.0.1",))])
+    before = {path.name: path.read_bytes() for path in pki.iterdir()}
+    with pytest.raises(InvalidArgument) as refused:
+        certs.ensure(pki, [certs.NodeRequest.parse(f"{name}=10.0.0.2")])
+    assert refused.value.field == "node"
+    assert f"{name!r} cannot be a node name" in str(refused.value)
+    assert "rename the node" in str(refused.value)
+    # Nothing was issued or handed out: n1's etcd certificate is still n1's alone.
+    assert {path.name: path.read_bytes() for path in pki.iterdir()} == before
+    # Names that only look alike are fine.
+    certs.ensure(pki, [certs.NodeRequest("etcd", ("10.0.0.3",)),
+                       certs.NodeRequest("n1-etcd2", ("10.0.0.4",))])

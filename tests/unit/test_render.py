@@ -206,3 +206,19 @@ def test_a_held_task_says_why_and_until_when() -> None:
     data = render.task_to_dict(task)
     assert data["hold"] == "RETRY" and data["not_before"] is not None
     assert render.task_to_dict(pb.Task(id="t", state=pb.TASK_STATE_PENDING))["hold"] is None
+
+
+def test_task_output_keeps_newlines_and_tabs_and_escapes_every_other_control() -> None:
+    escaper = render.OutputEscaper()
+    hostile = b"a\tb\n\x1b]0;pwned\x07\x1b[2J\rover\x00\x7f\xc2\x9b1m\xe2\x80\xaeevil\n"
+    assert escaper.escape(hostile, final=True) == (
+        b"a\tb\n\\x1b]0;pwned\\x07\\x1b[2J\\x0dover\\x00\\x7f\\x9b1m\\u202eevil\n")
+
+
+def test_task_output_is_decoded_across_chunks_and_bad_bytes_are_shown() -> None:
+    escaper = render.OutputEscaper()
+    snowman = "\u2603".encode()
+    chunks = [b"x" + snowman[:1], snowman[1:2], snowman[2:] + b"\xff", b"\x9b", b"\xe2\x80"]
+    out = b"".join(escaper.escape(chunk) for chunk in chunks) + escaper.escape(b"", True)
+    # The split character arrives whole; a raw 0x9b (8-bit CSI) and a cut end as text.
+    assert out == b"x" + snowman + b"\\xff\\x9b\\xe2\\x80"

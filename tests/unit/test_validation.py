@@ -110,6 +110,12 @@ BAD_SPECS: list[tuple[str, dict[str, Any], str]] = [
     ("env name with a quote", {"env": {"A'$(id)'": "x"}}, "spec.env"),
     ("relative workdir", {"workdir": "work/dir"}, "spec.workdir"),
     ("dot workdir", {"workdir": "./x"}, "spec.workdir"),
+    # Kernel interfaces, however spelled: a task there works on the host's tables.
+    ("workdir /proc", {"workdir": "/proc"}, "spec.workdir"),
+    ("workdir /proc/1", {"workdir": "/proc/1/"}, "spec.workdir"),
+    ("workdir //proc", {"workdir": "//proc/self"}, "spec.workdir"),
+    ("workdir ..-escaped /sys", {"workdir": "/tmp/../sys/kernel"}, "spec.workdir"),
+    ("workdir /./sys", {"workdir": "/./sys//fs/cgroup"}, "spec.workdir"),
     ("negative cpu", {"cpu_millis": -1}, "spec.cpu_millis"),
     ("huge cpu", {"cpu_millis": limits.MAX_CPU_MILLIS + 1}, "spec.cpu_millis"),
     ("int64 cpu", {"cpu_millis": 2**63 - 1}, "spec.cpu_millis"),
@@ -267,3 +273,8 @@ def test_network_defaults_to_isolated_and_accepts_the_three_modes() -> None:
 def test_unknown_network_mode_is_refused_naming_the_field(mode: str) -> None:
     with pytest.raises(InvalidArgument, match=r"spec\.network"):
         validation.spec(pb.TaskSpec(command="true", network=mode))
+
+
+@pytest.mark.parametrize("workdir", ["/processes", "/proc2", "/system/sys", "/work/proc"])
+def test_workdirs_that_only_look_like_proc_or_sys_are_accepted(workdir: str) -> None:
+    assert validation.spec(pb.TaskSpec(command="x", workdir=workdir)).workdir == workdir
