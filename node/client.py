@@ -1,5 +1,5 @@
 """The one public client of a filch node's gRPC API: sync, for scripts, the CLI and the
-threaded HTTP face.
+HTTP face (whose gevent worker makes grpc cooperative: node/http_worker.py).
 
     from node.client import Client, NotFound
 
