@@ -40,6 +40,7 @@ from node.runner import Runner
 from node.runtime.base import Executor
 from node.runtime.network import TaskNetwork
 from node.service import TaskService
+from node.sessions import SessionService
 from node.stealer import Stealer
 from node.store import Store
 from node.tls import Security, TokenInterceptor
@@ -193,7 +194,8 @@ class Agent:
         server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs(config.max_log_streams))
-        add_to_server(SchedulerServicer(tasks, LogService(config, store, runner, security)),
+        add_to_server(SchedulerServicer(tasks, LogService(config, store, runner, security),
+                                        SessionService(store=store, ttl=config.session_ttl)),
                       server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

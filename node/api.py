@@ -25,6 +25,7 @@ from node.errors import (
     NotStarted,
     Overloaded,
     OwnerUnavailable,
+    SessionNotFound,
     StoreFull,
     StoreUnavailable,
     TaskNotFound,
@@ -32,6 +33,7 @@ from node.errors import (
 from node.logs import PROXIED_HEADER, LogService
 from node.owners import OwnerService, owner_name, owner_weight
 from node.service import TaskService
+from node.sessions import SessionService, identity, session_id
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ Response = TypeVar("Response")
 _CODES: list[tuple[type[FilchError], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (TaskNotFound, grpc.StatusCode.NOT_FOUND),
+    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
     (Conflict, grpc.StatusCode.ALREADY_EXISTS),
     (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -123,9 +126,11 @@ def _unary(method: Callable[[Any, Request, Any], Awaitable[Response]]
 class SchedulerServicer(pb_grpc.SchedulerServicer):
     """filch.v1.Scheduler on this node."""
 
-    def __init__(self, tasks: TaskService, logs: LogService) -> None:
+    def __init__(self, tasks: TaskService, logs: LogService,
+                 sessions: SessionService) -> None:
         self._tasks = tasks
         self._logs = logs
+        self._sessions = sessions
 
     @_unary
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
@@ -202,3 +207,21 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def ListOwners(self, request: pb.ListOwnersRequest,
                          context: Any) -> pb.ListOwnersResponse:
         return pb.ListOwnersResponse(owners=await OwnerService(self._tasks.store).list_owners())
+
+    # -- web UI sessions (the token guards these like every call) --------------------------
+
+    @_unary
+    async def CreateSession(self, request: pb.CreateSessionRequest,
+                            context: Any) -> pb.CreateSessionResponse:
+        new_id, session = await self._sessions.create(identity(request.identity))
+        return pb.CreateSessionResponse(session_id=new_id, session=session)
+
+    @_unary
+    async def CheckSession(self, request: pb.CheckSessionRequest, context: Any) -> pb.Session:
+        return await self._sessions.check(session_id(request.session_id))
+
+    @_unary
+    async def RevokeSession(self, request: pb.RevokeSessionRequest,
+                            context: Any) -> pb.RevokeSessionResponse:
+        revoked = await self._sessions.revoke(session_id(request.session_id))
+        return pb.RevokeSessionResponse(revoked=revoked)

@@ -1,5 +1,5 @@
 """The one public client of a filch node's gRPC API: sync, for scripts, the CLI and the
-threaded HTTP face.
+HTTP face (whose gevent worker makes grpc cooperative: node/http_worker.py).
 
     from node.client import Client, NotFound
 
@@ -374,6 +374,26 @@ class Client:
         response: pb.ListOwnersResponse = self._call(self._stub.ListOwners,
                                                      pb.ListOwnersRequest())
         return list(response.owners)
+
+    # -- web UI sessions (the HTTP face's sign-in) -------------------------------------------
+
+    def create_session(self, identity: str) -> pb.CreateSessionResponse:
+        """A new session for identity (the caller proves itself with the token)."""
+        response: pb.CreateSessionResponse = self._call(
+            self._stub.CreateSession, pb.CreateSessionRequest(identity=identity))
+        return response
+
+    def check_session(self, session_id: str) -> pb.Session:
+        """The live session; raises NotFound (unknown, revoked, expired) or InvalidRequest."""
+        session: pb.Session = self._call(self._stub.CheckSession,
+                                         pb.CheckSessionRequest(session_id=session_id))
+        return session
+
+    def revoke_session(self, session_id: str) -> bool:
+        """End a session on every node; False when there was no such session."""
+        response: pb.RevokeSessionResponse = self._call(
+            self._stub.RevokeSession, pb.RevokeSessionRequest(session_id=session_id))
+        return response.revoked
 
     # -- errors --------------------------------------------------------------------------------
 

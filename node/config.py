@@ -27,6 +27,10 @@ MIN_LOG_BYTES = 16 * 1024
 # The /metrics port the README, the image, Ansible and Terraform all document: one fixed
 # port per node keeps scrape configs short.
 METRICS_PORT = 9470
+# A web UI session's lifetime: at least long enough to sign in and load a page (and above
+# etcd's minimum lease TTL), at most a month, after which the token must be typed again.
+MIN_SESSION_TTL = 5
+MAX_SESSION_TTL = 30 * 86400
 # Hosts that mean "every address" in a HOST:PORT listen address.
 _WILDCARDS = frozenset({"", "0.0.0.0", "::", "[::]"})
 
@@ -136,6 +140,8 @@ class Config:
         "alarm, which then stops every write.")})
     max_log_streams: int = field(default=limits.DEFAULT_MAX_LOG_STREAMS, metadata={"help": (
         "Concurrent log streams this node serves; beyond it RESOURCE_EXHAUSTED.")})
+    session_ttl: int = field(default=12 * 3600, metadata={"help": (
+        "Seconds a web UI sign-in lasts (sessions this node creates); sign-out ends it sooner.")})
     tls_ca: str = field(default="", metadata={"help": (
         "The cluster CA certificate (from `filch certs`). With it: TLS on the API and between etcd"
         " peers (https:// peer URLs), and a bearer token on every API call.")})
@@ -250,6 +256,9 @@ class Config:
         if not 0 < self.submit_budget <= 1:
             raise InvalidArgument("submit_budget", f"{self.submit_budget} is not a fraction of "
                                   "the etcd quota between 0 (exclusive) and 1, e.g. 0.8")
+        if not MIN_SESSION_TTL <= self.session_ttl <= MAX_SESSION_TTL:
+            raise InvalidArgument("session_ttl", f"{self.session_ttl}: must be "
+                                  f"{MIN_SESSION_TTL}..{MAX_SESSION_TTL} seconds (30 days)")
         if self.max_log_streams < 1:
             raise InvalidArgument("max_log_streams", "must be at least 1")
         tls = (self.tls_ca, self.tls_cert, self.tls_key)

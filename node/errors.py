@@ -24,6 +24,14 @@ class TaskNotFound(FilchError):
         self.task_id = task_id
 
 
+class SessionNotFound(FilchError):
+    """No live web UI session has this id: never issued, signed out, or expired."""
+
+    def __init__(self) -> None:
+        super().__init__("session_id: no such session (signed out, expired or never "
+                         "issued); sign in again")
+
+
 class ArrayNotFound(TaskNotFound):
     """No array has this id (or its submission has not completed)."""
 

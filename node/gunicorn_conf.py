@@ -3,7 +3,7 @@
 Environment:
     FILCH_HTTP_LISTEN       HOST:PORT to bind (default 127.0.0.1:8080)
     FILCH_HTTP_WORKERS      worker processes (default 2)
-    FILCH_HTTP_THREADS      threads per worker (default 16)
+    FILCH_HTTP_CONNECTIONS  open connections per worker (default 1000)
     FILCH_SERVER            the local daemon's gRPC address (read by node.http)
     FILCH_ADVERTISE         the address the daemon advertises, if not FILCH_SERVER (readiness)
     FILCH_TOKEN_FILE        the API token (or FILCH_TOKEN): /api/ and the UI then need it
@@ -18,13 +18,23 @@ Files: gunicorn runs as an unprivileged user in the group `filch`; the token and
 key are mode 0640, group filch, so it can read them and other local users cannot (the
 image's entrypoint, Ansible and README say how).
 
-Why gthread: `GET /api/v1/tasks/<id>/logs?follow=1` holds its request for as long as the
-task runs (minutes, hours). A `sync` worker serves one request at a time and is killed
-when one outlasts `timeout`, so a single followed log would block the worker and then
-lose it. A `gthread` worker serves each request on a thread of its own and keeps its
-heartbeat on the main thread, so long streams neither block other requests nor trip the
-timeout; each open log view (a browser tab) costs one thread until it is closed. The work
-itself is waiting on gRPC, which releases the GIL, so threads are the cheap way to wait.
+Nothing is served to another machine without a token either: node/http.py checks the peer
+of every request (REMOTE_ADDR), since `-b` and GUNICORN_CMD_ARGS bind past this file.
+
+Why gevent (node/http_worker.py), chosen over gthread and an ASGI worker:
+`GET /api/v1/tasks/<id>/logs?follow=1` holds its request for as long as the task runs
+(minutes, hours), and the UI will keep a server-sent-event stream open per tab. A
+`gthread` worker spends a thread of a fixed pool on each such stream, and on each client
+that trickles its request in a byte at a time (slowloris): gunicorn has no deadline on
+reading a request once its first byte came, so 32 slow sockets or open log views stop
+the node's UI and API for everyone. The `gevent` worker gives each connection a greenlet
+(KiBs), bounded by `worker_connections`; the request line and headers are read under a
+gevent.Timeout (our worker: REQUEST_READ_TIMEOUT, 10 s; the body gets 10 s more), while
+the answer, a stream, has none. The app stays a plain WSGI app and its gRPC client stays
+the sync one: grpc's gevent support (grpc.experimental.gevent, in grpcio itself) makes its
+calls and streams wait on the hub. An ASGI worker (uvicorn's, or gunicorn's own `asgi`)
+handles slow clients as well, but would run this sync app on a thread pool, so every
+followed log would hold a thread again, unless the app and its client became async.
 """
 
 from __future__ import annotations
@@ -71,18 +81,22 @@ keyfile = os.environ.get("FILCH_HTTP_KEY") or os.environ.get("FILCH_TLS_KEY") or
 if bool(certfile) != bool(keyfile):
     raise SystemExit("filch-http: TLS needs both FILCH_HTTP_CERT and FILCH_HTTP_KEY")
 
-worker_class = "gthread"
+worker_class = "node.http_worker.Worker"
 # Two processes: one can restart (max_requests, a crash) while the other serves.
 workers = int(os.environ.get("FILCH_HTTP_WORKERS") or 2)
-# Per worker: room for a handful of followed logs alongside the UI's polling and probes.
-threads = int(os.environ.get("FILCH_HTTP_THREADS") or 16)
+# Per worker: open connections (streams, slow and idle clients included) cost a greenlet
+# each; far more than browsers and scripts open, small enough to stay within the default
+# 1024 open files of a worker. Beyond it, new connections wait in the listen backlog.
+worker_connections = int(os.environ.get("FILCH_HTTP_CONNECTIONS") or 1000)
 
-# For gthread this bounds only an unresponsive worker process, never a long request.
+# Bounds only an unresponsive worker process (its heartbeat), never a long request.
 timeout = 30
 # On SIGTERM, in-flight requests get this long; followed logs are cut after it.
 graceful_timeout = 10
 # The UI polls every few seconds: keep its connection instead of reconnecting each time.
-keepalive = 5
+# Must not be 0: the gevent worker then reads requests with no deadline at all. The idle
+# time itself is node/http_worker.py's REQUEST_READ_TIMEOUT.
+keepalive = 10
 
 # Recycle workers now and then so a slow leak cannot grow forever; jitter keeps the two
 # workers from restarting together.

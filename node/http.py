@@ -21,11 +21,12 @@ answers node/http_wire.py, log streaming node/http_logs.py.
     POST /api/v1/owners/<name>/weight   {"weight": W}
     GET  /                              the web UI (files in node/web/)
     GET  /login                         the UI's sign-in form; POST /login {"token": ...}
-    POST /logout                        ends the UI's session (clears its cookie)
+    POST /logout                        ends the UI's session on every node, clears its cookie
 
-Who may call what is node/webauth.py's business: probes are open, everything else must name
-this node in Host, and with a token configured /api/ and the UI need the token (bearer) or
-the session cookie /login sets.
+Who may call what is node/webauth.py's business: a node without a token serves loopback
+peers only; probes are open, everything else must name this node in Host, and with a token
+configured /api/ and the UI need the token (bearer) or the session cookie /login sets
+(a session the agent keeps in etcd: node/sessions.py).
 
 gRPC status codes become HTTP statuses (http_wire.failure) with the body {"error": "..."};
 a client never sees a traceback.
@@ -41,9 +42,9 @@ from http import HTTPStatus
 from pathlib import Path
 from wsgiref.types import StartResponse, WSGIEnvironment
 
-from node.client import DEFAULT_SERVER, Client
+from node.client import DEFAULT_SERVER, Client, ClientError, InvalidRequest, NotFound
 from node.http_api import Api
-from node.http_wire import HttpError, Request, Response, json_response
+from node.http_wire import HttpError, Request, Response, failure, json_response
 from node.tls import Security
 from node.webauth import Gate, Refused, cleared_cookie, default_hosts, session_cookie
 
@@ -75,6 +76,45 @@ Handler = Callable[[Request, re.Match[str]], Response]
 PROBE, PUBLIC, SIGN_IN, PRIVATE = "probe", "public", "sign-in", "private"
 
 
+class AgentSessions:
+    """Sessions as the local agent keeps them (CreateSession, CheckSession, RevokeSession):
+    this process holds none, so a sign-out anywhere is seen by every worker and node. The
+    agent caches a positive check for sessions.CHECK_CACHE_SECONDS (5 s); this side does
+    not cache, so a sign-out through this node is effective here at once."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def create(self, identity: str) -> tuple[str, int]:
+        try:
+            created = self._client.create_session(identity)
+        except ClientError as error:
+            raise _refused(error) from None
+        lifetime = created.session.expires_at.seconds - created.session.created_at.seconds
+        return created.session_id, lifetime
+
+    def check(self, session_id: str) -> str | None:
+        try:
+            return self._client.check_session(session_id).identity
+        except (NotFound, InvalidRequest):
+            return None
+        except ClientError as error:
+            raise _refused(error) from None
+
+    def revoke(self, session_id: str) -> None:
+        try:
+            self._client.revoke_session(session_id)
+        except (NotFound, InvalidRequest):
+            pass  # already over, or never a session: signed out either way
+        except ClientError as error:
+            raise _refused(error) from None
+
+
+def _refused(error: ClientError) -> Refused:
+    failed = failure(error)
+    return Refused(failed.status, f"sessions: {failed.message}")
+
+
 class App:
     """The WSGI application: a small router over PATH_INFO and the method."""
 
@@ -90,7 +130,8 @@ class App:
         self.daemon = Client.with_security(server, security or Security())
         self.api = Api(client=self.daemon, advertise=advertise or server)
         self.web_dir = web_dir
-        self.gate = Gate.create(self.daemon.security.token, allowed_hosts)
+        self.gate = Gate.create(self.daemon.security.token, allowed_hosts,
+                                AgentSessions(self.daemon))
         api = self.api
         routes: list[tuple[str, str, dict[str, Handler]]] = [
             (r"/healthz", PROBE, {"GET": api.healthz}),
@@ -158,6 +199,7 @@ class App:
                  if method in methods]
         access = found[0][0] if found else matched[0][0]
         try:
+            self.gate.check_peer(request.environ)
             if access != PROBE:
                 self.gate.check_host(request.environ)
             if access == PRIVATE:
@@ -200,13 +242,19 @@ class App:
         if not isinstance(token, str):
             raise HttpError(400, "token: required: a JSON object {\"token\": \"...\"}")
         try:
-            value = self.gate.login(token)
+            value, lifetime = self.gate.login(token)
         except Refused as refused:
             raise HttpError(refused.status, refused.message) from None
-        return Response(204, [], [("Set-Cookie", session_cookie(value, request.tls)),
+        return Response(204, [], [("Set-Cookie", session_cookie(value, request.tls, lifetime)),
                                   ("Cache-Control", "no-store")])
 
     def logout(self, request: Request, match: re.Match[str]) -> Response:
+        """Ends the cookie's session on every node (the agent deletes it from etcd), then
+        clears the cookie; 503 when the agent cannot, so the user knows it still lives."""
+        try:
+            self.gate.logout(request.environ)
+        except Refused as refused:
+            raise HttpError(refused.status, refused.message) from None
         return Response(204, [], [("Set-Cookie", cleared_cookie(request.tls)),
                                   ("Cache-Control", "no-store")])
 

@@ -1,6 +1,7 @@
 """Streaming a task's log to an HTTP client: a StreamLogs call's chunks, moved from the
-client's iterator to a WSGI body on a thread of their own, so the body can wait with a timeout (for
-the first event, and to notice a client that went away while the log is quiet)."""
+client's iterator to a WSGI body on a thread of their own (a greenlet under the gevent worker,
+node/http_worker.py), so the body can wait with a timeout (for the first event, and to notice
+a client that went away while the log is quiet)."""
 
 from __future__ import annotations
 

@@ -120,7 +120,11 @@ class Request:
         if length > MAX_BODY_BYTES:
             raise HttpError(413, f"body: {length} bytes; the limit is {MAX_BODY_BYTES}")
         stream = self.environ["wsgi.input"]
-        raw: bytes = stream.read(length) if length else stream.read(MAX_BODY_BYTES + 1)
+        try:
+            raw: bytes = stream.read(length) if length else stream.read(MAX_BODY_BYTES + 1)
+        except TimeoutError as error:
+            # The server's read deadline (node/http_worker.py): a client too slow to send.
+            raise HttpError(408, f"{error}; send the whole request at once") from None
         if len(raw) > MAX_BODY_BYTES:
             raise HttpError(413, f"body: more than {MAX_BODY_BYTES} bytes")
         if not raw.strip():

@@ -14,6 +14,7 @@
                                                a task id, or an array id)
 /array/<array-id>                       -> Array protobuf (written once all its tasks exist)
 /owner/<name>                           -> Owner protobuf (fair-share weight)
+/session/<sha256 hex of the session id> -> Session protobuf (on a lease of its lifetime)
 
 Ids are lowercase hex UUIDs, so the task records are exactly [/task/0, /task/g).
 """
@@ -47,6 +48,9 @@ DEPENDENCIES = b"/dep/"
 ARRAYS = b"/array/"
 OWNERS = b"/owner/"
 NODES = b"/node/"
+# Web UI sessions, keyed by the SHA-256 of their id: the id is the browser's secret and is
+# never stored, so whoever reads etcd (a backup, a snapshot) cannot sign in with it.
+SESSIONS = b"/session/"
 # Held (on the holder's lease) while a node defragments its etcd member, so that two
 # members are never defragmented at once. Absent the rest of the time.
 DEFRAG_LOCK = b"/lock/defrag"
@@ -222,6 +226,11 @@ def array(array_id: str) -> bytes:
 
 def owner(name: str) -> bytes:
     return OWNERS + name.encode()
+
+
+def session(id_hash: str) -> bytes:
+    """id_hash: the lowercase hex SHA-256 of a session id (node/sessions.py)."""
+    return SESSIONS + id_hash.encode()
 
 
 def node(node_id: str) -> bytes:

@@ -8,6 +8,7 @@ translated into node.errors (node/etcd_errors.py); the connection is node/etcd_c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ import aetcd.rpc as rpc
 
 from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.errors import Compacted, InvalidArgument, StoreUnavailable, TooLarge
+from node.errors import Compacted, FilchError, InvalidArgument, StoreUnavailable, TooLarge
 from node.etcd_client import EtcdTLS, TLSClient
 from node.etcd_errors import ETCD_ERRORS, translate
 from node.limits import (
@@ -464,6 +465,36 @@ class Store:
             except ETCD_ERRORS:
                 pass  # the stream is already broken; its error was raised above
         raise StoreUnavailable("etcd watch stream ended")
+
+    # -- web UI sessions -------------------------------------------------------------------
+
+    async def put_session(self, id_hash: str, session: pb.Session, ttl: int) -> None:
+        """Store a session on a lease of its own that etcd ends after ttl seconds."""
+        lease_id = await self.grant_lease(ttl)
+        try:
+            await self._call(lambda: self._client.put(
+                keys.session(id_hash), session.SerializeToString(), lease=lease_id))
+        except BaseException:
+            # A lease that holds nothing would only wait out its TTL: give it back now.
+            with contextlib.suppress(FilchError):
+                await self.revoke_lease(lease_id)
+            raise
+
+    async def get_session(self, id_hash: str) -> pb.Session | None:
+        result = await self._read(lambda: self._client.get(keys.session(id_hash)))
+        return None if result is None else pb.Session.FromString(result.value)
+
+    async def delete_session(self, id_hash: str) -> bool:
+        """End a session at once: delete its key, then give its lease back (best effort:
+        a lease that holds nothing ends by itself at its TTL). False when there was none."""
+        deleted = await self._call(lambda: self._client.delete(keys.session(id_hash),
+                                                               prev_kv=True))
+        if deleted is None:
+            return False
+        if deleted.prev_kv is not None and deleted.prev_kv.lease:
+            with contextlib.suppress(FilchError):
+                await self.revoke_lease(int(deleted.prev_kv.lease))
+        return True
 
     # -- owners (fair share) ---------------------------------------------------------------
 

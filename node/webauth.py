@@ -5,10 +5,15 @@ The rules (README, "The HTTP face"):
 
 - Every request but the probes must name this node in `Host` (a name or address on the
   allowlist). A DNS-rebinding page reaches us under its own name, so its `Host` is refused.
+- Without a token, only loopback peers are served (REMOTE_ADDR, checked here whatever
+  address gunicorn was told to bind: `-b` and GUNICORN_CMD_ARGS bypass gunicorn_conf.py).
 - With a token configured, every `/api/` route and the UI need it: programs send
   `Authorization: Bearer <token>`; the browser sends the session cookie that `POST /login`
-  set after the user typed the token. The cookie holds HMAC(token, "filch-ui-session"), not
-  the token: it is worthless against the gRPC API, and changing the token ends every session.
+  set after the user typed the token. The cookie holds a random session id (node/sessions.py:
+  server-side, expiring, ended by `POST /logout` on every node), not the token: it is
+  worthless against the gRPC API. Sessions outlive a change of the token (they were
+  granted by whoever held the old one); `filch` has no "end all sessions" yet, so rotating
+  the token because it leaked means also waiting out --session-ttl or deleting /session/.
 - A request that changes state and is not bearer-authenticated (the cookie, or no token at
   all on a loopback-only node) must carry `Content-Type: application/json`, and any `Origin`
   must be on the allowlist. A cross-site HTML form cannot send that content type, and a
@@ -17,19 +22,21 @@ The rules (README, "The HTTP face"):
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
+import re
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 COOKIE_NAME: Final = "filch_session"
-# What the session value is derived from; a constant, so every worker and every node with
-# the same token agrees on it without shared state.
-SESSION_CONTEXT: Final = b"filch-ui-session"
+# What a session id looks like (node/sessions.py: secrets.token_urlsafe(32)); anything else
+# in the cookie is refused here, without asking the agent.
+SESSION_ID: Final = re.compile(r"^[A-Za-z0-9_-]{43}$")
+# Who signs in with the token, until filch has users.
+ADMIN: Final = "admin"
 # Names that always mean this machine; 127.0.0.0/8 and ::1 literals are accepted as well.
 LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 STATE_CHANGING: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -64,8 +71,38 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def session_value(token: str) -> str:
-    return hmac.new(token.encode(), SESSION_CONTEXT, hashlib.sha256).hexdigest()
+def peer_is_local(environ: Mapping[str, Any]) -> bool:
+    """Whether the TCP peer is this machine: a loopback address, or none at all (a unix
+    socket, which file permissions guard)."""
+    peer = str(environ.get("REMOTE_ADDR") or "")
+    return not peer or is_loopback(peer)
+
+
+class Sessions(Protocol):
+    """Where sessions live: the agent (node/http.py asks it over gRPC)."""
+
+    def create(self, identity: str) -> tuple[str, int]:
+        """A new session: (its id, seconds it lasts). Raises Refused when it cannot."""
+
+    def check(self, session_id: str) -> str | None:
+        """The identity of a live session; None when it is unknown, revoked or expired.
+        Raises Refused (503) when the agent cannot say."""
+
+    def revoke(self, session_id: str) -> None:
+        """End the session on every node (nothing when there is none)."""
+
+
+class NoSessions:
+    """For a node without a token: there is nothing to sign in to."""
+
+    def create(self, identity: str) -> tuple[str, int]:
+        raise Refused(409, "token: this node has no token; the UI needs no sign-in")
+
+    def check(self, session_id: str) -> str | None:
+        return None
+
+    def revoke(self, session_id: str) -> None:
+        return None
 
 
 def default_hosts(environ: Mapping[str, str]) -> set[str]:
@@ -82,14 +119,27 @@ def default_hosts(environ: Mapping[str, str]) -> set[str]:
 
 @dataclass(frozen=True)
 class Gate:
-    """The checks, given the token ("" for none) and the allowed host names."""
+    """The checks, given the token ("" for none), the allowed host names and where
+    sessions live."""
 
     token: str
     allowed_hosts: frozenset[str]
+    sessions: Sessions
 
     @classmethod
-    def create(cls, token: str, hosts: Iterable[str]) -> Gate:
-        return cls(token, frozenset(host_name(host) for host in hosts if host_name(host)))
+    def create(cls, token: str, hosts: Iterable[str],
+               sessions: Sessions | None = None) -> Gate:
+        return cls(token, frozenset(host_name(host) for host in hosts if host_name(host)),
+                   sessions or NoSessions())
+
+    def check_peer(self, environ: Mapping[str, Any]) -> None:
+        """Raises Refused (403) when a node without a token is reached from another
+        machine: nothing but the loopback interface may reach an unguarded node."""
+        if not self.token and not peer_is_local(environ):
+            raise Refused(403, f"this node's HTTP face has no token, so it serves loopback "
+                               f"clients only (you are {environ.get('REMOTE_ADDR')}): give "
+                               "it FILCH_TOKEN_FILE (made by `filch certs`), or bind "
+                               "127.0.0.1 and reach it through an SSH tunnel")
 
     def host_allowed(self, host: str) -> bool:
         return is_loopback(host) or host in self.allowed_hosts
@@ -109,16 +159,12 @@ class Gate:
         return bool(self.token) and scheme.lower() == "bearer" and hmac.compare_digest(
             given.strip().encode(), self.token.encode())
 
-    def cookie(self, environ: Mapping[str, Any]) -> bool:
-        """Whether the request carries the right session cookie."""
+    def cookie(self, environ: Mapping[str, Any]) -> str | None:
+        """The identity of the live session the request's cookie names, else None."""
         if not self.token:
-            return False
-        for part in str(environ.get("HTTP_COOKIE", "")).split(";"):
-            name, _, value = part.strip().partition("=")
-            if name == COOKIE_NAME and hmac.compare_digest(
-                    value.strip().encode(), session_value(self.token).encode()):
-                return True
-        return False
+            return None
+        value = session_of(environ)
+        return None if value is None else self.sessions.check(value)
 
     def authenticate(self, environ: Mapping[str, Any], method: str) -> None:
         """Raises Refused (401 or 403) unless the request may go on: a bearer token passes;
@@ -126,7 +172,7 @@ class Gate:
         same-origin proof."""
         if self.bearer(environ):
             return
-        if self.token and not self.cookie(environ):
+        if self.token and self.cookie(environ) is None:
             raise Refused(401, "not signed in: send Authorization: Bearer <token>, or sign "
                                "in to the web UI at /login")
         if method in STATE_CHANGING:
@@ -142,24 +188,41 @@ class Gate:
         if origin and not self.host_allowed(host_name(urlsplit(origin).netloc)):
             raise Refused(403, f"Origin: cross-origin request from {origin} refused")
 
-    def login(self, given: str) -> str:
-        """The session value for a correct token; raises Refused (401) otherwise."""
+    def login(self, given: str) -> tuple[str, int]:
+        """A new session (its id and lifetime in seconds) for a correct token; raises
+        Refused (401) otherwise, 409 on a node without a token."""
         if not self.token:
             raise Refused(409, "token: this node has no token; the UI needs no sign-in")
         if not hmac.compare_digest(given.strip().encode(), self.token.encode()):
             raise Refused(401, "token: wrong token")
-        return session_value(self.token)
+        return self.sessions.create(ADMIN)
+
+    def logout(self, environ: Mapping[str, Any]) -> None:
+        """End the session the cookie names, on every node (nothing when there is none)."""
+        value = session_of(environ)
+        if self.token and value is not None:
+            self.sessions.revoke(value)
 
 
-def session_cookie(value: str, secure: bool) -> str:
+def session_of(environ: Mapping[str, Any]) -> str | None:
+    """The well-formed session id in the request's cookie, else None."""
+    for part in str(environ.get("HTTP_COOKIE", "")).split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == COOKIE_NAME and SESSION_ID.fullmatch(value.strip()):
+            return value.strip()
+    return None
+
+
+def session_cookie(value: str, secure: bool, max_age: int) -> str:
     """The Set-Cookie value: never readable by page scripts (HttpOnly), never sent by
-    another site's page (SameSite=Strict), only over TLS when we serve TLS (Secure).
-    No Max-Age: the session ends with the browser's, or at /logout."""
-    attributes = [f"{COOKIE_NAME}={value}", "Path=/", "HttpOnly", "SameSite=Strict"]
+    another site's page (SameSite=Strict), only over TLS when we serve TLS (Secure), and
+    dropped by the browser when the session expires on the server (Max-Age)."""
+    attributes = [f"{COOKIE_NAME}={value}", "Path=/", "HttpOnly", "SameSite=Strict",
+                  f"Max-Age={max_age}"]
     if secure:
         attributes.append("Secure")
     return "; ".join(attributes)
 
 
 def cleared_cookie(secure: bool) -> str:
-    return session_cookie("", secure) + "; Max-Age=0"
+    return session_cookie("", secure, 0)

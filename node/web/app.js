@@ -45,7 +45,8 @@ class ApiError extends Error {
 }
 
 // The session is an HttpOnly cookie (set by /login, invisible to this script) that
-// same-origin fetches carry. A 401 means there is none (or the token changed): sign in again.
+// same-origin fetches carry. A 401 means there is none (or it expired, or was signed
+// out): sign in again.
 function toSignIn() {
   window.location.assign("/login");
 }

@@ -63,7 +63,11 @@ def test_calls_without_the_token_are_unauthenticated(tls_cluster: Cluster) -> No
                                                    array=pb.ArraySpec(start=1, end=5))),
                     (stub.Cancel, pb.CancelRequest(array_id=array_id)),
                     (stub.SetOwnerWeight, pb.SetOwnerWeightRequest(name="mallory", weight=1000)),
-                    (stub.ListOwners, pb.ListOwnersRequest())):
+                    (stub.ListOwners, pb.ListOwnersRequest()),
+                    # Web UI sessions: no sign-in without the token, no probing of ids.
+                    (stub.CreateSession, pb.CreateSessionRequest(identity="admin")),
+                    (stub.CheckSession, pb.CheckSessionRequest(session_id="A" * 43)),
+                    (stub.RevokeSession, pb.RevokeSessionRequest(session_id="A" * 43))):
                 with pytest.raises(grpc.RpcError) as caught:
                     method(request, timeout=10)
                 assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -72,7 +76,8 @@ def test_calls_without_the_token_are_unauthenticated(tls_cluster: Cluster) -> No
                                                               timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     # Nothing of those calls was written.
-    written = [key for key in tls_cluster.etcd_keys() if key.startswith(("/array/", "/owner/"))
+    written = [key for key in tls_cluster.etcd_keys()
+               if key.startswith(("/array/", "/owner/", "/session/"))
                or (key.startswith("/task/") and key not in records_before)]
     assert written == []
     # The CLI says what to do, in one line.

@@ -298,6 +298,16 @@ def test_lease_ttl_outside_bounds_is_rejected(ttl: int) -> None:
     assert rejected({"lease_ttl": ttl}).field == "lease_ttl"
 
 
+def test_a_web_session_lasts_12_hours_by_default() -> None:
+    assert load({}, environ={}).session_ttl == 43200
+    assert load({}, environ={"FILCH_SESSION_TTL": "60"}).session_ttl == 60
+
+
+@pytest.mark.parametrize("ttl", [0, 4, 30 * 86400 + 1, -1])
+def test_session_ttl_outside_bounds_is_rejected(ttl: int) -> None:
+    assert rejected({"session_ttl": ttl}).field == "session_ttl"
+
+
 @pytest.mark.parametrize(("heartbeat", "election"), [(50, 249), (5, 500), (50, 60000)])
 def test_etcd_election_timeout_must_be_five_heartbeats_and_sane(heartbeat: int,
                                                                 election: int) -> None:

@@ -72,7 +72,8 @@ class Reply:
 
 def environ_for(method: str, path: str, query: dict[str, str] | None = None,
                 body: bytes = b"", headers: dict[str, str] | None = None,
-                content_type: str | None = None, scheme: str = "http") -> dict[str, Any]:
+                content_type: str | None = None, scheme: str = "http",
+                extra: dict[str, str] | None = None) -> dict[str, Any]:
     """A request as a browser or curl would send it. POSTs say they carry JSON unless
     content_type says otherwise ("" for none), as the UI and well-behaved programs do."""
     environ: dict[str, Any] = {
@@ -86,6 +87,7 @@ def environ_for(method: str, path: str, query: dict[str, str] | None = None,
         environ["CONTENT_TYPE"] = content_type
     for name, value in (headers or {}).items():
         environ["HTTP_" + name.upper().replace("-", "_")] = value
+    environ.update(extra or {})
     setup_testing_defaults(environ)
     return environ
 
@@ -584,6 +586,26 @@ def test_the_ui_signs_in_with_the_token_into_an_httponly_strict_cookie(guarded: 
     assert canceled.status == 200, canceled.body
     out = call(guarded, "POST", "/logout", headers=cookie, body=b"{}")
     assert out.status == 204 and "Max-Age=0" in out.headers["Set-Cookie"]
+    # Signed out on the server: the old cookie value is refused at once, not just forgotten.
+    assert call(guarded, "GET", "/api/v1/nodes", headers=cookie).status == 401
+    assert call(guarded, "GET", "/", headers=cookie).status == 401
+
+
+def test_a_session_cookie_lasts_as_long_as_the_session(guarded: App) -> None:
+    """Default --session-ttl: 12 h, and the browser is told to drop the cookie then."""
+    set_cookie = sign_in(guarded)
+    assert "Max-Age=43200" in [part.strip() for part in set_cookie.split(";")]
+    call(guarded, "POST", "/logout", headers=cookie_of(set_cookie), body=b"{}")
+
+
+def test_a_node_without_a_token_refuses_every_peer_but_loopback(app: App) -> None:
+    """Whatever gunicorn bound (-b, GUNICORN_CMD_ARGS), the app itself checks the peer."""
+    for path in ("/api/v1/nodes", "/", "/healthz", "/login"):
+        reply = call(app, "GET", path, headers={"Host": "127.0.0.1"},
+                     extra={"REMOTE_ADDR": "10.20.30.40"})
+        assert reply.status == 403, (path, reply.body)
+        assert "no token" in reply.json()["error"]
+    assert call(app, "GET", "/api/v1/nodes", extra={"REMOTE_ADDR": "127.0.0.1"}).status == 200
 
 
 def test_the_cookie_is_secure_under_tls(guarded: App) -> None:

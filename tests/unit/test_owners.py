@@ -12,6 +12,7 @@ from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer
 from node.service import TaskService
+from node.sessions import SessionService
 from node.store import Store
 from tests.unit.etcd_fixture import require_etcd
 
@@ -36,7 +37,7 @@ class Context:
 
 def _servicer(store: Store) -> SchedulerServicer:
     logs: Any = None        # the owner calls never read logs
-    return SchedulerServicer(TaskService(store), logs)
+    return SchedulerServicer(TaskService(store), logs, SessionService(store=store, ttl=60))
 
 
 @pytest.mark.parametrize(("name", "weight", "field"), [

@@ -1,17 +1,35 @@
-"""node/webauth.py on its own: Host parsing, the allowlist's sources, the session value.
+"""node/webauth.py on its own: Host parsing, the allowlist's sources, sessions, peers.
 
 The rules as a whole run against a real node in tests/unit/test_http.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import secrets
 import socket
+from typing import Any
 
 import pytest
 
-from node.webauth import Gate, Refused, default_hosts, host_name, is_loopback, session_value
+from node.webauth import Gate, Refused, default_hosts, host_name, is_loopback
+
+
+class FakeSessions:
+    """Sessions kept in a dict, as the agent keeps them in etcd."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, str] = {}
+
+    def create(self, identity: str) -> tuple[str, int]:
+        new_id = secrets.token_urlsafe(32)
+        self.live[new_id] = identity
+        return new_id, 3600
+
+    def check(self, session_id: str) -> str | None:
+        return self.live.get(session_id)
+
+    def revoke(self, session_id: str) -> None:
+        self.live.pop(session_id, None)
 
 
 @pytest.mark.parametrize(("given", "host"), [
@@ -41,16 +59,13 @@ def test_default_hosts_are_the_nodes_names_and_addresses() -> None:
     assert not hosts & {"", "0.0.0.0", "::"}  # a wildcard bind names no host
 
 
-def test_the_session_value_is_an_hmac_of_the_token_not_the_token() -> None:
-    token = "ab" * 32
-    value = session_value(token)
-    assert value == hmac.new(token.encode(), b"filch-ui-session", hashlib.sha256).hexdigest()
-    assert token not in value and value != session_value("cd" * 32)
-
-
-def test_login_needs_the_exact_token() -> None:
-    gate = Gate.create("secret-token", [])
-    assert gate.login(" secret-token\n") == session_value("secret-token")
+def test_login_needs_the_exact_token_and_makes_a_random_session() -> None:
+    sessions = FakeSessions()
+    gate = Gate.create("secret-token", [], sessions)
+    first, lifetime = gate.login(" secret-token\n")
+    second, _ = gate.login("secret-token")
+    assert first != second and lifetime == 3600   # random, not derived from the token
+    assert sessions.live == {first: "admin", second: "admin"}
     for wrong in ("", "secret", "secret-token-and-more", "SECRET-TOKEN"):
         with pytest.raises(Refused) as refused:
             gate.login(wrong)
@@ -60,8 +75,50 @@ def test_login_needs_the_exact_token() -> None:
     assert no_token.value.status == 409
 
 
+def _cookie(value: str) -> dict[str, Any]:
+    return {"HTTP_COOKIE": f"other=1; filch_session={value}"}
+
+
+def test_a_cookie_passes_only_while_its_session_lives() -> None:
+    sessions = FakeSessions()
+    gate = Gate.create("secret-token", [], sessions)
+    value, _ = gate.login("secret-token")
+    assert gate.cookie(_cookie(value)) == "admin"
+    gate.authenticate(_cookie(value), "GET")
+    gate.logout(_cookie(value))
+    assert value not in sessions.live
+    with pytest.raises(Refused) as refused:
+        gate.authenticate(_cookie(value), "GET")
+    assert refused.value.status == 401
+
+
+@pytest.mark.parametrize("forged", ["", "secret-token", secrets.token_urlsafe(32), "x" * 43,
+                                    "A" * 42 + "/", "a" * 64])
+def test_a_forged_or_guessed_cookie_is_refused(forged: str) -> None:
+    gate = Gate.create("secret-token", [], FakeSessions())
+    gate.login("secret-token")
+    assert gate.cookie(_cookie(forged)) is None
+    with pytest.raises(Refused):
+        gate.authenticate(_cookie(forged), "GET")
+
+
+@pytest.mark.parametrize(("peer", "served"), [
+    ("127.0.0.1", True), ("127.3.2.1", True), ("::1", True), ("", True),
+    ("10.0.0.5", False), ("192.168.1.9", False), ("fe80::1", False), ("0.0.0.0", False),
+])
+def test_a_node_without_a_token_serves_loopback_peers_only(peer: str, served: bool) -> None:
+    environ = {"REMOTE_ADDR": peer}
+    if served:
+        Gate.create("", []).check_peer(environ)
+    else:
+        with pytest.raises(Refused) as refused:
+            Gate.create("", []).check_peer(environ)
+        assert refused.value.status == 403 and "no token" in refused.value.message
+    Gate.create("secret-token", []).check_peer(environ)   # the token guards the rest
+
+
 def test_a_node_without_a_token_accepts_no_bearer_and_no_cookie() -> None:
     """An empty token must never match an empty credential."""
     gate = Gate.create("", [])
     assert not gate.bearer({"HTTP_AUTHORIZATION": "Bearer "})
-    assert not gate.cookie({"HTTP_COOKIE": "filch_session="})
+    assert gate.cookie({"HTTP_COOKIE": "filch_session="}) is None

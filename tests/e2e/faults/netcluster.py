@@ -587,7 +587,7 @@ class NetCluster:
     def _http_env(self, index: int) -> dict[str, str]:
         node = self.nodes[index]
         env = {"FILCH_HTTP_LISTEN": self.http_address(index), "FILCH_SERVER": node.address,
-               "FILCH_HTTP_WORKERS": "1", "FILCH_HTTP_THREADS": "4"}
+               "FILCH_HTTP_WORKERS": "1"}
         if self.pki is not None:
             env |= {"FILCH_CA": str(self.pki / "ca.crt"),
                     "FILCH_TOKEN_FILE": str(self.pki / "token"),

@@ -74,6 +74,21 @@ class SchedulerStub:
                 request_serializer=filch_dot_v1_dot_filch__pb2.ListOwnersRequest.SerializeToString,
                 response_deserializer=filch_dot_v1_dot_filch__pb2.ListOwnersResponse.FromString,
                 _registered_method=True)
+        self.CreateSession = channel.unary_unary(
+                '/filch.v1.Scheduler/CreateSession',
+                request_serializer=filch_dot_v1_dot_filch__pb2.CreateSessionRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.CreateSessionResponse.FromString,
+                _registered_method=True)
+        self.CheckSession = channel.unary_unary(
+                '/filch.v1.Scheduler/CheckSession',
+                request_serializer=filch_dot_v1_dot_filch__pb2.CheckSessionRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.Session.FromString,
+                _registered_method=True)
+        self.RevokeSession = channel.unary_unary(
+                '/filch.v1.Scheduler/RevokeSession',
+                request_serializer=filch_dot_v1_dot_filch__pb2.RevokeSessionRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.RevokeSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -127,6 +142,26 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateSession(self, request, context):
+        """Web UI sessions (node/sessions.py): the HTTP face has no etcd access, so it asks its agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckSession(self, request, context):
+        """NOT_FOUND: unknown or expired
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeSession(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +204,21 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListOwners,
                     request_deserializer=filch_dot_v1_dot_filch__pb2.ListOwnersRequest.FromString,
                     response_serializer=filch_dot_v1_dot_filch__pb2.ListOwnersResponse.SerializeToString,
+            ),
+            'CreateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateSession,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.CreateSessionRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.CreateSessionResponse.SerializeToString,
+            ),
+            'CheckSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckSession,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.CheckSessionRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.Session.SerializeToString,
+            ),
+            'RevokeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeSession,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.RevokeSessionRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.RevokeSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +437,87 @@ class Scheduler:
             '/filch.v1.Scheduler/ListOwners',
             filch_dot_v1_dot_filch__pb2.ListOwnersRequest.SerializeToString,
             filch_dot_v1_dot_filch__pb2.ListOwnersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/CreateSession',
+            filch_dot_v1_dot_filch__pb2.CreateSessionRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.CreateSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/CheckSession',
+            filch_dot_v1_dot_filch__pb2.CheckSessionRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.Session.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/RevokeSession',
+            filch_dot_v1_dot_filch__pb2.RevokeSessionRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.RevokeSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

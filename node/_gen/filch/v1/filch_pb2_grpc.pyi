@@ -39,6 +39,11 @@ class SchedulerStub:
     ListNodes: _grpc.UnaryUnaryMultiCallable[_filch_pb2.ListNodesRequest, _filch_pb2.ListNodesResponse]
     SetOwnerWeight: _grpc.UnaryUnaryMultiCallable[_filch_pb2.SetOwnerWeightRequest, _filch_pb2.Owner]
     ListOwners: _grpc.UnaryUnaryMultiCallable[_filch_pb2.ListOwnersRequest, _filch_pb2.ListOwnersResponse]
+    CreateSession: _grpc.UnaryUnaryMultiCallable[_filch_pb2.CreateSessionRequest, _filch_pb2.CreateSessionResponse]
+    """Web UI sessions (node/sessions.py): the HTTP face has no etcd access, so it asks its agent."""
+    CheckSession: _grpc.UnaryUnaryMultiCallable[_filch_pb2.CheckSessionRequest, _filch_pb2.Session]
+    """NOT_FOUND: unknown or expired"""
+    RevokeSession: _grpc.UnaryUnaryMultiCallable[_filch_pb2.RevokeSessionRequest, _filch_pb2.RevokeSessionResponse]
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -51,6 +56,11 @@ class SchedulerAsyncStub(SchedulerStub):
     ListNodes: _aio.UnaryUnaryMultiCallable[_filch_pb2.ListNodesRequest, _filch_pb2.ListNodesResponse]  # type: ignore[assignment]
     SetOwnerWeight: _aio.UnaryUnaryMultiCallable[_filch_pb2.SetOwnerWeightRequest, _filch_pb2.Owner]  # type: ignore[assignment]
     ListOwners: _aio.UnaryUnaryMultiCallable[_filch_pb2.ListOwnersRequest, _filch_pb2.ListOwnersResponse]  # type: ignore[assignment]
+    CreateSession: _aio.UnaryUnaryMultiCallable[_filch_pb2.CreateSessionRequest, _filch_pb2.CreateSessionResponse]  # type: ignore[assignment]
+    """Web UI sessions (node/sessions.py): the HTTP face has no etcd access, so it asks its agent."""
+    CheckSession: _aio.UnaryUnaryMultiCallable[_filch_pb2.CheckSessionRequest, _filch_pb2.Session]  # type: ignore[assignment]
+    """NOT_FOUND: unknown or expired"""
+    RevokeSession: _aio.UnaryUnaryMultiCallable[_filch_pb2.RevokeSessionRequest, _filch_pb2.RevokeSessionResponse]  # type: ignore[assignment]
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -108,5 +118,28 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         request: _filch_pb2.ListOwnersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_filch_pb2.ListOwnersResponse, _abc.Awaitable[_filch_pb2.ListOwnersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CreateSession(
+        self,
+        request: _filch_pb2.CreateSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.CreateSessionResponse, _abc.Awaitable[_filch_pb2.CreateSessionResponse]]:
+        """Web UI sessions (node/sessions.py): the HTTP face has no etcd access, so it asks its agent."""
+
+    @_abc_1.abstractmethod
+    def CheckSession(
+        self,
+        request: _filch_pb2.CheckSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.Session, _abc.Awaitable[_filch_pb2.Session]]:
+        """NOT_FOUND: unknown or expired"""
+
+    @_abc_1.abstractmethod
+    def RevokeSession(
+        self,
+        request: _filch_pb2.RevokeSessionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.RevokeSessionResponse, _abc.Awaitable[_filch_pb2.RevokeSessionResponse]]: ...
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
