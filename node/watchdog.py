@@ -10,7 +10,8 @@ task of this node: each runc container under the node's state root and each proc
 group and attempt cgroup the process executor started. When the agent died (not merely
 froze), it also deletes the node's task network namespaces (`ip netns del`, their veths
 go with them), bridge and nft table: the next run makes them afresh; a frozen or cut-off
-agent removes its attempts' namespaces itself once it fences. So no attempt outlives the point after which another node may start the task again.
+agent removes its attempts' namespaces itself once it fences. So no attempt outlives the
+point after which another node may start the task again.
 
 Protocol, one line per message on the watchdog's stdin:
     deadline <CLOCK_MONOTONIC seconds>   arm, or move the deadline
