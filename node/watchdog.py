@@ -40,7 +40,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # Standard library only, like this module: the watchdog process must not need grpc/aetcd.
-from node.runtime.kill import kill_node_tasks, kill_processes_with_args, remove_network
+from node.runtime.kill import (
+    kill_node_tasks,
+    kill_processes_with_args,
+    remove_empty,
+    remove_network,
+)
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             _sweep(args.runc, args.runc_root, pgids, "the agent died", None, args.netns_prefix,
                    args.cgroup_parent)
             remove_network(args.bridge, args.table)
+            remove_empty(args.cgroup_parent)
             return 0
         pending += chunk
         *lines, pending = pending.split(b"\n")
@@ -210,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                 # Belt and braces: a clean agent stopped everything, so this finds nothing.
                 kill_node_tasks(args.runc, args.runc_root, pgids,
                                 cgroup_parents=args.cgroup_parent)
+                remove_empty(args.cgroup_parent)
                 return 0
 
 

@@ -205,3 +205,11 @@ def kill_cgroups_under(parents: Sequence[Path]) -> int:
         busy += bool(cgroup_pids(dirs))
         kill_cgroup(dirs)
     return busy
+
+
+def remove_empty(directories: Sequence[Path]) -> None:
+    """rmdir each directory (a node's cgroup parents once its attempts are gone); one
+    still in use (a cgroup with processes or children) stays. Never raises."""
+    for directory in directories:
+        with contextlib.suppress(OSError):
+            directory.rmdir()
