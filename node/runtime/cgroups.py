@@ -187,8 +187,8 @@ def _enable_v2_controllers(parent: Path) -> None:
     allows it (best effort: killing by cgroup needs no controller)."""
     if not (CGROUP_ROOT / "cgroup.controllers").exists():
         return
-    for directory in (*reversed(parent.relative_to(CGROUP_ROOT).parents), ):
-        subtree = CGROUP_ROOT / directory / "cgroup.subtree_control"
+    for ancestor in reversed(parent.relative_to(CGROUP_ROOT).parents):
+        subtree = CGROUP_ROOT / ancestor / "cgroup.subtree_control"
         for controller in ("memory", "pids"):
             try:
                 subtree.write_text(f"+{controller}")

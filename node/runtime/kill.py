@@ -174,16 +174,15 @@ def kill_cgroup(dirs: Sequence[Path], timeout: float = CGROUP_KILL_SECONDS,
     kill; without one it lists and kills again until nothing is left. Never raises.
     """
     deadline = time.monotonic() + timeout
-    while True:
+    # Most attempts leave nothing behind: one read of cgroup.procs, no freeze.
+    while cgroup_pids(dirs):
+        if time.monotonic() > deadline:
+            print(f"filch: processes in cgroup {dirs[0]} survive SIGKILL", file=sys.stderr)
+            return False
         frozen = _set_frozen(dirs, True)
         signal_cgroup(dirs, signal.SIGKILL)
         if frozen:
             _set_frozen(dirs, False)   # the killed processes die as they thaw
-        if not cgroup_pids(dirs):
-            break
-        if time.monotonic() > deadline:
-            print(f"filch: processes in cgroup {dirs[0]} survive SIGKILL", file=sys.stderr)
-            return False
         time.sleep(CGROUP_POLL)
     if remove:
         for directory in dirs:
