@@ -10,8 +10,10 @@
 #                          https:// with FILCH_TLS_CA)
 #   FILCH_SERVER           the local agent (for gunicorn and `podman exec <c> filch ...`)
 #   FILCH_CPUS/FILCH_MEMORY  the container's CPU quota / memory limit, when it has them
-#   FILCH_EXECUTOR         `process` (with a loud warning) when runc cannot work here: no
-#                          CAP_SYS_ADMIN. With it, a read-only cgroupfs is remounted rw.
+#   FILCH_EXECUTOR         never chosen here: runc (the agent's default) needs CAP_SYS_ADMIN;
+#                          without it the entrypoint refuses to start unless the operator set
+#                          FILCH_EXECUTOR=process (and, with TLS, FILCH_ALLOW_UNISOLATED_TASKS=1).
+#                          With it, a read-only cgroupfs is remounted rw.
 #
 # The container IP is the first global IPv4 address (`hostname -I`); set FILCH_ADVERTISE
 # and FILCH_ETCD_PEER_URL yourself behind NAT or with several networks.
@@ -152,7 +154,7 @@ if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then
 else
   mapfile -t cgroup_mounts < <(awk '$3 == "cgroup" { print $2 }' /proc/self/mounts)
 fi
-if [[ ${FILCH_EXECUTOR:-runc} == runc && $cap_sys_admin == 1 ]]; then
+if [[ $cap_sys_admin == 1 ]]; then  # runc, and the process executor's task cgroups
   for mount in "${cgroup_mounts[@]}"; do
     [[ -w $mount ]] || mount -o remount,rw,bind "$mount" 2>/dev/null \
       || say "could not remount $mount read-write"
@@ -171,15 +173,30 @@ if [[ ${FILCH_EXECUTOR:-runc} == runc && $cap_sys_admin == 1 ]]; then
       || say "could not enable cgroup controllers for tasks"
   fi
 fi
-if [[ -z ${FILCH_EXECUTOR:-} ]]; then
-  if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then cgroups=/sys/fs/cgroup
-  else cgroups=/sys/fs/cgroup/memory; fi
+# Fail closed: no weaker executor is picked here (the agent checks the same rule again:
+# node/isolation.py). The process executor gives each task a cgroup where it can write one.
+if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then cgroups=/sys/fs/cgroup
+else cgroups=/sys/fs/cgroup/memory; fi
+allowed=false
+[[ ${FILCH_ALLOW_UNISOLATED_TASKS:-} =~ ^(1|true|yes|on)$ ]] && allowed=true
+if [[ ${FILCH_EXECUTOR:-runc} == runc ]]; then
   if [[ $cap_sys_admin != 1 || ! -w $cgroups ]]; then
-    export FILCH_EXECUTOR=process
-    say "WARNING: runc cannot run tasks in this container: it needs CAP_SYS_ADMIN and a"
-    say "WARNING: writable $cgroups (podman run --cap-add SYS_ADMIN; see images/README.md)."
-    say "WARNING: Using the process executor, which does NOT isolate tasks."
-    say "WARNING: Set FILCH_EXECUTOR to choose explicitly."
+    say "refusing to start: runc cannot isolate tasks in this container: it needs"
+    say "CAP_SYS_ADMIN and a writable $cgroups (podman run --cap-add SYS_ADMIN; see"
+    say "images/README.md). To run tasks NOT isolated instead, set FILCH_EXECUTOR=process"
+    say "and, with TLS or a read-only $cgroups, FILCH_ALLOW_UNISOLATED_TASKS=1 (UNSAFE)"
+    exit 78  # EX_CONFIG
+  fi
+elif [[ ${FILCH_EXECUTOR} == process && $allowed == false ]]; then
+  if [[ -n ${FILCH_TLS_CA:-} ]]; then
+    say "refusing to start: FILCH_EXECUTOR=process with TLS gives tasks the container's"
+    say "network (etcd, every node's API): set FILCH_ALLOW_UNISOLATED_TASKS=1 to accept (UNSAFE)"
+    exit 78
+  elif [[ ! -w $cgroups ]]; then
+    say "refusing to start: FILCH_EXECUTOR=process cannot give each task a cgroup ($cgroups"
+    say "is read-only), so setsid would escape a cancel: set FILCH_ALLOW_UNISOLATED_TASKS=1"
+    say "to accept (UNSAFE), or give the container CAP_SYS_ADMIN and use runc"
+    exit 78
   fi
 fi
 

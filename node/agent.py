@@ -28,7 +28,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer, add_to_server
 from node.config import Config
 from node.dependencies import Resolver
-from node.errors import FilchError
+from node.errors import ExecutorError, FilchError
 from node.etcd_client import EtcdTLS
 from node.etcd_member import EtcdMember
 from node.housekeeping import Housekeeping, cluster_addresses
@@ -38,6 +38,7 @@ from node.node_state import NodeState
 from node.recovery import Recovery
 from node.runner import Runner
 from node.runtime.base import Executor
+from node.runtime.cgroups import ProcessCgroups
 from node.runtime.network import TaskNetwork
 from node.service import TaskService
 from node.sessions import SessionService
@@ -66,13 +67,29 @@ def make_network(config: Config) -> TaskNetwork | None:
 
 def make_executor(config: Config, watchdog: Watchdog,
                   network: TaskNetwork | None = None) -> Executor:
-    """The executor the config asks for (runc isolates; process does not)."""
+    """The executor the config asks for (runc isolates; process does not).
+
+    Raises ExecutorError when the process executor cannot give each task a cgroup and
+    allow_unisolated_tasks is off (the CLI refused that already: node/isolation.py).
+    """
     if config.executor == "runc":
         from node.runtime.runc import RuncExecutor
         return RuncExecutor(config.runc_binary, runc_root(config), config.task_uid,
                             attempts_root=config.path / "attempts", network=network)
     from node.runtime.process import ProcessExecutor
-    return ProcessExecutor(config.task_uid if os.geteuid() == 0 else None, watchdog)
+    cgroups = process_cgroups(config)
+    if not cgroups.usable():
+        if not config.allow_unisolated_tasks:
+            raise ExecutorError("the process executor cannot give each task a cgroup (not "
+                                "root, or no writable cgroup hierarchy): refusing to run "
+                                "tasks; pass --allow-unisolated-tasks to run them anyway")
+        return ProcessExecutor(config.task_uid if os.geteuid() == 0 else None, watchdog)
+    return ProcessExecutor(config.task_uid if os.geteuid() == 0 else None, watchdog, cgroups)
+
+
+def process_cgroups(config: Config) -> ProcessCgroups:
+    """Where the process executor's attempt cgroups live (the watchdog kills there)."""
+    return ProcessCgroups.for_node(config.name)
 
 
 def runc_root(config: Config) -> Path:
@@ -142,7 +159,9 @@ class Agent:
         network = make_network(config)
         watchdog = Watchdog(config.runc_binary, str(runc_root(config)),
                             *((network.netns_prefix, network.bridge, network.table)
-                              if network is not None else ()))
+                              if network is not None else ("", "", "")),
+                            cgroup_parents=(process_cgroups(config).parents
+                                            if config.executor == "process" else ()))
         if watchdog.retire_previous():
             log.warning("stopped the watchdog of an earlier run of this node")
         executor = make_executor(config, watchdog, network)

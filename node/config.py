@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import ipaddress
 import os
-import shutil
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -43,11 +42,6 @@ def _default_data_dir() -> str:
 
 def _default_memory() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _default_executor() -> str:
-    # runc isolates, but needs root (rootless runc needs a cgroup delegation we do not assume).
-    return "runc" if os.geteuid() == 0 and shutil.which("runc") else "process"
 
 
 @dataclass(frozen=True)
@@ -89,8 +83,10 @@ class Config:
         "CPU cores this node offers to tasks.")})
     memory: int = field(default_factory=_default_memory, metadata={"help": (
         "Bytes of memory this node offers to tasks.")})
-    executor: str = field(default_factory=_default_executor, metadata={"help": (
-        "runc (isolated containers; needs root) or process (plain processes, NOT isolated).")})
+    executor: str = field(default="runc", metadata={"help": (
+        "runc (isolated containers; needs root and runc) or process (plain processes, NOT "
+        "isolated). Never chosen for you: without root or runc the agent refuses to start "
+        "until you install runc and run it as root, or pass --executor process.")})
     runc_binary: str = field(default="runc", metadata={"help": (
         "The runc executable.")})
     task_uid: int = field(default=65534, metadata={"help": (
@@ -98,6 +94,12 @@ class Config:
     task_subnet: str = field(default="auto", metadata={"help": (
         "IPv4 CIDR (/16../28) for isolated runc tasks' addresses; auto: a /24 in 100.64.0.0/10 "
         "picked from a hash of the node name, skipping subnets already routed here.")})
+    allow_unisolated_tasks: bool = field(default=False, metadata={"help": (
+        "UNSAFE: run tasks without isolation where the node would refuse: the process "
+        "executor on a node with certificates or a token (tasks share the host network and "
+        "reach etcd and every node's API; without root they also run as the agent's uid and "
+        "can read its TLS key, etcd key and API token), or without a cgroup per task (a task "
+        "that calls setsid survives its cancel).")})
     allow_host_network: bool = field(default=False, metadata={"help": (
         "UNSAFE: also run --network host tasks, which share this machine's network and can reach "
         "etcd and every node's API. Off: such tasks wait for a node that allows them.")})

@@ -7,11 +7,11 @@ watchdog is a small separate process (own session, standard library only) that t
 tells the fence deadline after every lease renewal. When the deadline passes without a
 renewal, or the agent's end of the pipe closes because the agent died, it kills every
 task of this node: each runc container under the node's state root and each process
-group the process executor started. When the agent died (not merely froze), it also
-deletes the node's task network namespaces (`ip netns del`, their veths go with them),
-bridge and nft table: the next run makes them afresh; a frozen or cut-off agent removes
-its attempts' namespaces itself once it fences. So no
-attempt outlives the point after which another node may start the task again.
+group and attempt cgroup the process executor started. When the agent died (not merely
+froze), it also deletes the node's task network namespaces (`ip netns del`, their veths
+go with them), bridge and nft table: the next run makes them afresh; a frozen or cut-off
+agent removes its attempts' namespaces itself once it fences. So no attempt outlives the
+point after which another node may start the task again.
 
 Protocol, one line per message on the watchdog's stdin:
     deadline <CLOCK_MONOTONIC seconds>   arm, or move the deadline
@@ -36,9 +36,16 @@ import select
 import signal
 import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 
 # Standard library only, like this module: the watchdog process must not need grpc/aetcd.
-from node.runtime.kill import kill_node_tasks, kill_processes_with_args, remove_network
+from node.runtime.kill import (
+    kill_node_tasks,
+    kill_processes_with_args,
+    remove_empty,
+    remove_network,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +59,20 @@ class Watchdog:
     """The agent's handle on its watchdog process."""
 
     def __init__(self, runc_binary: str, runc_root: str, netns_prefix: str = "",
-                 bridge: str = "", table: str = "") -> None:
+                 bridge: str = "", table: str = "",
+                 cgroup_parents: Sequence[Path] = ()) -> None:
         """netns_prefix: the node's task namespaces are /run/netns/<prefix><slot>;
-        bridge and table: its task bridge and nft table (inet family)."""
+        bridge and table: its task bridge and nft table (inet family); cgroup_parents:
+        the process executor's node directory in each cgroup hierarchy (every attempt
+        cgroup below is killed)."""
         self._runc_root = runc_root
         self._argv = [sys.executable, "-m", "node.watchdog", "--runc", runc_binary,
                       "--runc-root", runc_root]
         if netns_prefix:
             self._argv += ["--netns-prefix", netns_prefix, "--bridge", bridge,
                            "--table", table]
+        for parent in cgroup_parents:
+            self._argv += ["--cgroup-parent", str(parent)]
         self._process: asyncio.subprocess.Process | None = None
         self._tracked: set[int] = set()
         self._deadline: float | None = None
@@ -136,14 +148,14 @@ class Watchdog:
 
 
 def _sweep(runc: str, runc_root: str, pgids: set[int], why: str, stdin: int | None,
-           netns_prefix: str = "") -> bool:
+           netns_prefix: str = "", cgroup_parents: Sequence[Path] = ()) -> bool:
     """Kill everything repeatedly for SWEEP_SECONDS, or until a message arrives on stdin
     (the agent is back and re-arming). Returns True when stdin became readable."""
     print(f"filch watchdog: {why}: killing this node's tasks", file=sys.stderr, flush=True)
     until = time.monotonic() + SWEEP_SECONDS
     killed = 0
     while time.monotonic() < until:
-        killed += kill_node_tasks(runc, runc_root, pgids, netns_prefix)
+        killed += kill_node_tasks(runc, runc_root, pgids, netns_prefix, cgroup_parents)
         if stdin is not None and select.select([stdin], [], [], SWEEP_INTERVAL)[0]:
             return True
         if stdin is None:
@@ -160,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--netns-prefix", default="")
     parser.add_argument("--bridge", default="")
     parser.add_argument("--table", default="")
+    parser.add_argument("--cgroup-parent", action="append", default=[], type=Path)
     args = parser.parse_args(argv)
     # The agent's terminal or process group must not stop or kill the watchdog with it.
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGTSTP):
@@ -176,13 +189,16 @@ def main(argv: list[str] | None = None) -> int:
             # attempts' namespaces itself; deleting them here raced with the namespaces
             # of the attempts it starts once registered again (a spurious START_FAILED).
             _sweep(args.runc, args.runc_root, pgids,
-                   "the agent missed its fence deadline (frozen or cut off)", stdin)
+                   "the agent missed its fence deadline (frozen or cut off)", stdin,
+                   cgroup_parents=args.cgroup_parent)
             deadline, pgids = None, set()
             continue
         chunk = os.read(stdin, 4096)
         if not chunk:
-            _sweep(args.runc, args.runc_root, pgids, "the agent died", None, args.netns_prefix)
+            _sweep(args.runc, args.runc_root, pgids, "the agent died", None, args.netns_prefix,
+                   args.cgroup_parent)
             remove_network(args.bridge, args.table)
+            remove_empty(args.cgroup_parent)
             return 0
         pending += chunk
         *lines, pending = pending.split(b"\n")
@@ -198,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                 pgids.discard(int(value))
             elif word == "exit":
                 # Belt and braces: a clean agent stopped everything, so this finds nothing.
-                kill_node_tasks(args.runc, args.runc_root, pgids)
+                kill_node_tasks(args.runc, args.runc_root, pgids,
+                                cgroup_parents=args.cgroup_parent)
+                remove_empty(args.cgroup_parent)
                 return 0
 
 

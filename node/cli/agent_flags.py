@@ -62,7 +62,6 @@ _COMPUTED_DEFAULTS = {
     "data_dir": "/var/lib/filch as root, else ~/.local/share/filch",
     "cpus": "all cores",
     "memory": "all memory",
-    "executor": "runc as root when installed, else process",
 }
 _CLICK_TYPES: dict[str, click.ParamType[Any]] = {
     "int": click.INT, "float": click.FLOAT, "str": click.STRING, "bool": click.BOOL}
@@ -136,6 +135,15 @@ def agent_command(ctx: click.Context, /, rejoin: bool, rejoin_via: str,
         config = config_module.load(flags)
     except InvalidArgument as error:
         raise CommandError(str(error), EXIT_USAGE) from None
+    # Before anything starts or is written: a node that cannot isolate tasks as asked
+    # refuses here, in one line (node/isolation.py).
+    from node import isolation
+    host = isolation.Host.probe(config)
+    refused = isolation.refusal(config, host)
+    if refused is not None:
+        raise CommandError(refused, EXIT_USAGE)
+    for warning in isolation.warnings(config, host):
+        click.echo(f"filch agent: WARNING: {warning}", err=True)
     if rejoin_via and not rejoin:
         raise click.UsageError("--rejoin-via needs --rejoin")
     if rejoin_via:

@@ -113,3 +113,88 @@ def has_swap_accounting(cgroup_v2: bool) -> bool:
         if (directory / "memory.max").exists():
             return (directory / "memory.swap.max").exists()
     return False
+
+
+# -- the process executor's attempt cgroups ---------------------------------------------------
+
+# cgroup v1 controllers an attempt cgroup is made in: memory and pids account for the task
+# (an operator may set limits on the node's parent), freezer lets a kill stop forks first.
+PROCESS_CONTROLLERS = ("memory", "pids", "freezer")
+
+
+@dataclass(frozen=True)
+class ProcessCgroups:
+    """Where the process executor puts each attempt: <hierarchy>/filch/process.<node>/<id>
+    in each hierarchy (v1: PROCESS_CONTROLLERS that are mounted; v2: the unified one).
+
+    A process can leave its process group (setsid) but not its cgroup: stop() and the
+    watchdog kill by cgroup (node/runtime/kill.py).
+    """
+
+    parents: tuple[Path, ...]
+    """The node's directory in each hierarchy; attempt cgroups are its children."""
+
+    @classmethod
+    def for_node(cls, node: str) -> ProcessCgroups:
+        """The node's parents (not created). Empty when no hierarchy is mounted."""
+        relative = Path(CGROUP_PARENT.lstrip("/")) / f"process.{node}"
+        return cls(tuple(hierarchy / relative for hierarchy in hierarchies()))
+
+    def usable(self) -> bool:
+        """Whether attempt cgroups can be made here (root, a writable hierarchy): creates
+        the parents. Never raises."""
+        if not self.parents or os.geteuid() != 0:
+            return False
+        try:
+            for parent in self.parents:
+                parent.mkdir(parents=True, exist_ok=True)
+                _enable_v2_controllers(parent)
+        except OSError as exc:
+            log.warning("cannot create the task cgroup %s: %s", parent, exc)
+            return False
+        return True
+
+    def create(self, cid: str) -> tuple[Path, ...]:
+        """Make the attempt's cgroup; returns its directory in each hierarchy. Raises
+        OSError (e.g. the parents were removed under us)."""
+        dirs = tuple(parent / cid for parent in self.parents)
+        for directory in dirs:
+            directory.mkdir(parents=True, exist_ok=True)
+        return dirs
+
+
+def hierarchies() -> list[Path]:
+    """The mounted hierarchies the process executor uses (see ProcessCgroups)."""
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        return [CGROUP_ROOT]
+    found: list[Path] = []
+    try:
+        mounts = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return found
+    for line in mounts:
+        fields = line.split()
+        if len(fields) < 4 or fields[2] != "cgroup":
+            continue
+        options = fields[3].split(",")
+        if any(controller in options for controller in PROCESS_CONTROLLERS):
+            found.append(Path(fields[1]))
+    return found
+
+
+def _enable_v2_controllers(parent: Path) -> None:
+    """cgroup v2: hand memory and pids down to the attempt cgroups, where the kernel
+    allows it (best effort: killing by cgroup needs no controller)."""
+    if not (CGROUP_ROOT / "cgroup.controllers").exists():
+        return
+    for ancestor in reversed(parent.relative_to(CGROUP_ROOT).parents):
+        subtree = CGROUP_ROOT / ancestor / "cgroup.subtree_control"
+        for controller in ("memory", "pids"):
+            try:
+                subtree.write_text(f"+{controller}")
+            except OSError:
+                continue
+    try:
+        (parent / "cgroup.subtree_control").write_text("+memory +pids")
+    except OSError:
+        pass

@@ -5,8 +5,9 @@ It does NOT isolate: a task sees the whole file system, every process and the ne
 memory_bytes and cpu_millis are not enforced (they only count against the node's
 capacity). Nor is disk_bytes: the scratch dir is a plain directory on the data disk (a
 loop mount needs root, and without a mount namespace the task could leave it). Its log
-is capped like a container's (node/runtime/logcap.py). What it does: one session and
-process group per attempt (stop() signals the whole group), a private scratch directory
+is capped like a container's (node/runtime/logcap.py). What it does: one cgroup, session
+and process group per attempt (stop() kills every process in the cgroup, so setsid or a
+double fork escapes nothing; see "Cgroups" below), a private scratch directory
 as the default cwd and HOME and a private TMPDIR (both 0700), no core dumps, and, when
 the daemon runs as root, the task runs as task_uid with a cap on that uid's processes.
 
@@ -39,6 +40,15 @@ task: a task of ten processes could use ten times its memory anyway) and RLIMIT_
 OOM kills cannot be told apart from other SIGKILLs without a cgroup, so
 ExitStatus.oom_killed is always False here.
 
+Cgroups: each attempt gets its own (node/runtime/cgroups.py, memory+pids+freezer on
+cgroup v1, the unified hierarchy on v2), entered before the task's first instruction: a
+root shell writes its own pid to cgroup.procs and execs setpriv (~1 ms of CPU; preexec_fn
+is ruled out, see above). stop() and the end of an attempt freeze the cgroup, SIGKILL
+every process in it and remove it; the watchdog does the same for every attempt cgroup of
+the node when the agent dies. Without cgroups (not root, no writable hierarchy) the agent
+refuses this executor unless --allow-unisolated-tasks (node/isolation.py): tasks then fall
+back to process groups, which setsid escapes.
+
 Network: AttemptSpec.network is ignored. Every task, whatever its --network (none,
 isolated or host), runs in the host's network namespace and can reach whatever the
 node reaches, etcd and every node's API included (node/runtime/network.py serves runc).
@@ -51,6 +61,7 @@ import itertools
 import logging
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -60,7 +71,8 @@ from pathlib import Path
 from node.errors import ExecutorError
 from node.runtime.base import AttemptSpec, ExitStatus, exits_within
 from node.runtime.bundle import DEFAULT_PATH
-from node.runtime.kill import GroupTracker
+from node.runtime.cgroups import ProcessCgroups
+from node.runtime.kill import GroupTracker, kill_cgroup, kill_cgroups_under, signal_cgroup
 from node.runtime.logcap import CappedLog
 from node.validation import ENV_NAME
 
@@ -101,14 +113,18 @@ class ProcessExecutor:
 
     name = "process"
 
-    def __init__(self, task_uid: int | None, watchdog: GroupTracker | None = None) -> None:
+    def __init__(self, task_uid: int | None, watchdog: GroupTracker | None = None,
+                 cgroups: ProcessCgroups | None = None) -> None:
         """Decide whether tasks run as task_uid: only possible (and done) when running as root.
 
         watchdog, if given, is told each task's process group, so that it can kill them
-        should the agent die or freeze. Never raises. task_uid None or 0 while root means
+        should the agent die or freeze. cgroups, if given (usable() checked by the
+        caller), gives each attempt a cgroup to kill by; None: process groups only, which
+        setsid escapes (logged loudly). Never raises. task_uid None or 0 while root means
         tasks run as root: logged loudly.
         """
         self._watchdog = watchdog
+        self._cgroups = cgroups
         euid = os.geteuid()
         self._drop_to = task_uid if euid == 0 and task_uid else None
         _limit_children(nproc=self._drop_to is not None)
@@ -119,6 +135,10 @@ class ProcessExecutor:
             "processes and network in reach. Use the runc executor where isolation matters.",
             runs_as,
         )
+        if cgroups is None:
+            log.warning("process executor: NO cgroup per task (not root, or no writable "
+                        "cgroup hierarchy): a task that calls setsid or double-forks "
+                        "survives its cancel and the agent's death")
         if runs_as == 0:
             log.warning("process executor: tasks run as root (set task_uid to a non-zero uid)")
         elif task_uid is not None and runs_as != task_uid:
@@ -170,6 +190,16 @@ class ProcessExecutor:
             raise ExecutorError(f"cannot start {spec.command!r}: not found or not executable "
                                 f"(PATH={path})")
         argv, env = launch(resolved, spec.args, base, spec.env, drop)
+        cgroup: tuple[Path, ...] = ()
+        if self._cgroups is not None:
+            try:
+                cgroup = self._cgroups.create(spec.container_id)
+            except OSError as exc:
+                shutil.rmtree(spec.attempt_dir, ignore_errors=True)
+                output.abandon()
+                raise ExecutorError(f"cannot create the cgroup of {spec.container_id}, "
+                                    f"refusing to run it uncontained: {exc}") from exc
+            argv = enter_cgroup(cgroup, argv)
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
@@ -185,20 +215,23 @@ class ProcessExecutor:
         except (OSError, ValueError, subprocess.SubprocessError) as exc:
             shutil.rmtree(spec.attempt_dir, ignore_errors=True)
             output.abandon()
+            if cgroup:
+                await asyncio.to_thread(kill_cgroup, cgroup)
             raise ExecutorError(f"cannot start {spec.command!r}: {_describe(exc)}") from exc
         output.started()
         if self._watchdog is not None:
             self._watchdog.track(process.pid)
         return ProcessAttempt(spec.container_id, spec.attempt_dir, process, self._watchdog,
-                              output)
+                              output, cgroup)
 
     async def reap_stale(self) -> int:
-        """Return 0: plain processes leave no record to find them by after a daemon crash.
-
-        Tasks of a daemon that was SIGKILLed keep running in their own sessions until they
-        end; only the runc executor can find and kill them.
+        """Kill what attempts of an earlier run of this node left in their cgroups (its
+        agent was SIGKILLed and its watchdog too); return how many cgroups held a process.
+        Without cgroups: 0 (plain process groups leave no record to find them by).
         """
-        return 0
+        if self._cgroups is None:
+            return 0
+        return await asyncio.to_thread(kill_cgroups_under, self._cgroups.parents)
 
 
 class ProcessAttempt:
@@ -206,8 +239,10 @@ class ProcessAttempt:
 
     def __init__(self, container_id: str, attempt_dir: Path,
                  process: asyncio.subprocess.Process, watchdog: GroupTracker | None = None,
-                 output: CappedLog | None = None):
+                 output: CappedLog | None = None, cgroup: tuple[Path, ...] = ()):
+        """cgroup: the attempt's cgroup directories (empty: none; kill by group only)."""
         self._output = output
+        self._cgroup = cgroup
         self._watchdog = watchdog
         self._id = container_id
         self._attempt_dir = attempt_dir
@@ -238,9 +273,10 @@ class ProcessAttempt:
         """SIGTERM the process group, SIGKILL it after grace seconds; return once the leader
         is dead (at once if it is already).
 
-        Idempotent and safe to call concurrently. Processes that left the group (setsid)
-        escape: this executor does not isolate. Raises ExecutorError if the leader survives
-        SIGKILL for KILL_TIMEOUT_SECONDS. Cancellation stops signalling.
+        Idempotent and safe to call concurrently. With a cgroup every process in it is
+        signalled and, on SIGKILL, the cgroup is emptied (processes that left the group by
+        setsid included); without one such processes escape. Raises ExecutorError if the
+        leader survives SIGKILL for KILL_TIMEOUT_SECONDS. Cancellation stops signalling.
         """
         async with self._stop_lock:
             if self._process.returncode is not None:
@@ -248,9 +284,9 @@ class ProcessAttempt:
             self._signal_group(signal.SIGTERM)
             if await self._exits_within(grace):
                 # Members that outlived the leader get no more grace than it had.
-                self._signal_group(signal.SIGKILL)
+                await self._kill_all()
                 return
-            self._signal_group(signal.SIGKILL)
+            await self._kill_all()
             if not await self._exits_within(KILL_TIMEOUT_SECONDS):
                 raise ExecutorError(
                     f"process {self._process.pid} of {self._id} survived SIGKILL for "
@@ -264,6 +300,15 @@ class ProcessAttempt:
             os.killpg(self._pgid, signum)
         except ProcessLookupError:
             pass  # the group is empty: everything is dead already
+        if self._cgroup and signum != signal.SIGKILL:
+            signal_cgroup(self._cgroup, signum)
+
+    async def _kill_all(self, remove: bool = False) -> None:
+        """SIGKILL the group and, with a cgroup, everything in it until it is empty
+        (remove: then delete the cgroup)."""
+        self._signal_group(signal.SIGKILL)
+        if self._cgroup:
+            await asyncio.to_thread(kill_cgroup, self._cgroup, remove=remove)
 
     async def _exits_within(self, seconds: float) -> bool:
         return await exits_within(self._process, seconds)
@@ -271,7 +316,7 @@ class ProcessAttempt:
     async def _finish(self) -> ExitStatus:
         returncode = await self._process.wait()
         # Like a container whose PID 1 exits: nothing the task started outlives it.
-        self._signal_group(signal.SIGKILL)
+        await self._kill_all(remove=True)
         if self._watchdog is not None:
             self._watchdog.untrack(self._pgid)
         if self._output is not None:
@@ -334,6 +379,20 @@ def launch(command: str, args: tuple[str, ...], base: dict[str, str], task_env: 
                for n, (name, value) in zip(numbers, rest, strict=False)}
     return [*drop, SHELL, "-c", unpack_script(renamed), "filch-task", command, *args], \
         {**base, **inert, **renamed}
+
+
+def enter_cgroup(cgroup: tuple[Path, ...], argv: list[str]) -> list[str]:
+    """argv prefixed with a root shell that moves itself into the attempt's cgroup (in
+    every hierarchy) and execs argv: the task's first instruction already runs inside.
+
+    The script is fixed text and the cgroup paths (filch's own names), never a task
+    value; the shell sees the environment launch() made (fixed PATH/HOME/TMPDIR and
+    inert FILCH_* names), nothing dash interprets. If a write fails the shell exits
+    with status 2 before running anything of the task.
+    """
+    writes = " && ".join(f"echo $$ >{shlex.quote(str(directory / 'cgroup.procs'))}"
+                         for directory in cgroup)
+    return [SHELL, "-c", f'{writes} && exec "$@"', "filch-cgroup", *argv]
 
 
 def unpack_script(renamed: Iterable[str]) -> str:

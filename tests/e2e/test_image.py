@@ -392,3 +392,43 @@ def test_healthcheck_fails_without_the_agent(cluster: ImageCluster) -> None:
     assert stop.returncode == 0, stop.stdout + stop.stderr
     result = run("podman", "healthcheck", "run", container.name, check=False)
     assert result.returncode != 0, result.stdout
+
+
+# -- the entrypoint on its own: no image build ---------------------------------------------
+# What runs when CAP_SYS_ADMIN is missing decides whether tasks are isolated; it is checked
+# here by running images/entrypoint.sh on the host without that capability.
+
+ENTRYPOINT = REPO / "images" / "entrypoint.sh"
+
+
+def _entrypoint_without_sys_admin(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("dropping CAP_SYS_ADMIN from a root shell needs root and setpriv")
+    clean = {key: value for key, value in os.environ.items() if not key.startswith("FILCH_")}
+    return subprocess.run(
+        ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", "bash",
+         str(ENTRYPOINT), "echo", "agent-started"],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+        env={**clean, "FILCH_DATA_DIR": str(tmp_path / "data"), **env})
+
+
+def test_entrypoint_refuses_without_cap_sys_admin(tmp_path: Path) -> None:
+    """It used to fall back to the process executor with a warning, even with TLS."""
+    result = _entrypoint_without_sys_admin(tmp_path, FILCH_TLS_CA="/pki/ca.crt")
+    assert result.returncode != 0 and "agent-started" not in result.stdout, result.stderr
+    assert "FILCH_EXECUTOR=process" in result.stderr
+    assert "FILCH_ALLOW_UNISOLATED_TASKS=1" in result.stderr
+    # With TLS, choosing the process executor is not enough.
+    result = _entrypoint_without_sys_admin(tmp_path, FILCH_TLS_CA="/pki/ca.crt",
+                                           FILCH_EXECUTOR="process")
+    assert result.returncode != 0 and "FILCH_ALLOW_UNISOLATED_TASKS=1" in result.stderr
+
+
+def test_entrypoint_runs_the_process_executor_when_chosen(tmp_path: Path) -> None:
+    result = _entrypoint_without_sys_admin(tmp_path, FILCH_EXECUTOR="process")
+    assert result.returncode == 0 and "agent-started" in result.stdout, result.stderr
+    assert "executor process" in result.stderr
+    result = _entrypoint_without_sys_admin(tmp_path, FILCH_EXECUTOR="process",
+                                           FILCH_TLS_CA="/pki/ca.crt",
+                                           FILCH_ALLOW_UNISOLATED_TASKS="1")
+    assert result.returncode == 0 and "agent-started" in result.stdout, result.stderr

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -152,3 +156,51 @@ def test_certs_is_idempotent(tmp_path: Path) -> None:
     out = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "ca.crt"),
                           str(tmp_path / "b.crt")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+# An unprivileged uid that exists everywhere.
+NOBODY = 65534
+
+
+def test_a_non_root_agent_with_certificates_refuses_to_start() -> None:
+    """Attacker setting: an operator starts the agent as an ordinary user with the node's
+    certificates and token. It used to pick the process executor silently, and a task
+    (same uid) printed the token and the private keys; now it refuses, naming the flag."""
+    if os.geteuid() != 0:
+        pytest.skip("making files for another uid needs root")
+    # Not pytest's tmp_path: its 0700 parent would keep the unprivileged agent out.
+    root = Path(tempfile.mkdtemp(prefix="filch-nonroot-"))
+    try:
+        root.chmod(0o755)
+        pki, data = root / "pki", root / "data"
+        subprocess.run([FILCH, "certs", str(pki), "--node", "ordinary=127.0.253.1"],
+                       check=True, capture_output=True)
+        data.mkdir()
+        for path in (pki, data, *pki.iterdir()):
+            os.chown(path, NOBODY, NOBODY)
+        agent = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                 FILCH, "agent", "--name", "ordinary", "--data-dir", str(data),
+                 "--listen", "127.0.253.1:7070",
+                 "--etcd-peer-url", "https://127.0.253.1:2380",
+                 "--etcd-client-url", "https://127.0.253.1:2379",
+                 "--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / "ordinary.crt"),
+                 "--tls-key", str(pki / "ordinary.key"), "--api-token-file", str(pki / "token")]
+        process = subprocess.Popen(agent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   stdin=subprocess.DEVNULL, text=True,
+                                   env=dict(os.environ, HOME=str(data)),
+                                   start_new_session=True)
+        try:
+            _, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
+            if (data / "etcd.pid").exists():   # the member it started (old code)
+                os.kill(int((data / "etcd.pid").read_text()), signal.SIGKILL)
+            pytest.fail("a non-root agent with certificates and a token started (its tasks "
+                        "would run as its uid and read the node's keys and token)")
+        assert process.returncode != 0
+        assert "--allow-unisolated-tasks" in stderr and "Traceback" not in stderr, stderr
+        # Refused before etcd started: nothing was written anywhere.
+        assert list(data.iterdir()) == []
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

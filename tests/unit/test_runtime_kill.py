@@ -74,3 +74,27 @@ def test_kills_tracked_process_groups_only(tmp_path: Path) -> None:
             if process.poll() is None:
                 process.kill()
             process.wait()
+
+
+def test_kill_cgroup_empties_and_removes_a_cgroup_setsid_cannot_leave() -> None:
+    """What the process executor and the watchdog rely on: a process that left its group
+    and session (setsid) is still in its cgroup, and kill_cgroup finds and kills it."""
+    from node.runtime.cgroups import ProcessCgroups
+    from node.runtime.kill import cgroup_pids, kill_cgroup, remove_empty
+    cgroups = ProcessCgroups.for_node(f"unit-{os.getpid()}")
+    if not cgroups.usable():
+        pytest.skip("needs root and a writable cgroup hierarchy")
+    dirs = cgroups.create("attempt")
+    writes = " && ".join(f"echo $$ >{directory / 'cgroup.procs'}" for directory in dirs)
+    shell = subprocess.Popen(["sh", "-c", f"{writes} || exit 1; setsid sleep 1000 & wait"])
+    try:
+        deadline = time.monotonic() + 10
+        while len(cgroup_pids(dirs)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(cgroup_pids(dirs)) >= 2
+        assert kill_cgroup(dirs)
+        assert not any(directory.exists() for directory in dirs)
+        shell.wait(timeout=10)
+    finally:
+        shell.kill()
+        remove_empty(cgroups.parents)
