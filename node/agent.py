@@ -141,6 +141,9 @@ class Agent:
 
     async def _serve(self, store: Store, member: EtcdMember | None) -> int:
         config = self.config
+        # Created first so that every part that finds out what this node can enforce
+        # (the probe below, the task firewall) reports to the one published set.
+        node_capabilities = Capabilities()
         network = make_network(config)
         watchdog = Watchdog(config.runc_binary, str(runc_root(config)),
                             *((network.netns_prefix, network.bridge, network.table)
@@ -152,7 +155,7 @@ class Agent:
         reaped = await executor.reap_stale()
         if reaped:
             log.warning("removed %d containers left by an earlier run of this node", reaped)
-        node_capabilities = await probe_capabilities(config, executor, plan)
+        await probe_capabilities(config, executor, plan, node_capabilities)
         await watchdog.start()
         try:
             code = await self._run_parts(store, member, executor, watchdog, network,
@@ -287,11 +290,11 @@ def disk_plan(config: Config) -> disk.DiskPlan:
     return plan
 
 
-async def probe_capabilities(config: Config, executor: Executor,
-                             plan: disk.DiskPlan) -> Capabilities:
-    """What this node can enforce, probed once at start (node/capabilities.py). The task
-    network's verified policy is set by fill_firewall. Raises InvalidArgument when the
-    default /work size could never fit the disk capacity."""
+async def probe_capabilities(config: Config, executor: Executor, plan: disk.DiskPlan,
+                             node_capabilities: Capabilities) -> None:
+    """Set what this node can enforce, probed once at start (node/capabilities.py); the
+    task network's verified policy is set by fill_firewall. Raises InvalidArgument when
+    the default /work size could never fit the disk capacity."""
     enforced = False
     if config.executor == "runc":
         from node.runtime.runc import RuncExecutor
@@ -309,10 +312,11 @@ async def probe_capabilities(config: Config, executor: Executor,
         raise InvalidArgument("default_disk", f"{config.default_disk} bytes is more than this "
                               f"node's disk capacity ({plan.capacity} bytes): no task without "
                               "--disk could run; lower --default-disk or free disk space")
-    return Capabilities({
-        capabilities.EXECUTOR: executor.name,
-        capabilities.NETWORK_ISOLATED: capabilities.FALSE,
-        capabilities.DISK_ENFORCED: capabilities.TRUE if enforced else capabilities.FALSE})
+    node_capabilities.set(capabilities.EXECUTOR, executor.name)
+    node_capabilities.set(capabilities.DISK_ENFORCED,
+                          capabilities.TRUE if enforced else capabilities.FALSE)
+    if node_capabilities.get(capabilities.NETWORK_ISOLATED) == "":
+        node_capabilities.set(capabilities.NETWORK_ISOLATED, capabilities.FALSE)
 
 
 async def record_member(store: Store, config: Config) -> None:

@@ -297,6 +297,10 @@ def test_disk_is_counted_like_cpu_and_memory(disk_nodes: Cluster) -> None:
     assert shown[first]["disk_capacity_bytes"] == CAPACITY
     assert shown[first]["capabilities"]["filch.io/disk-enforced"] == "true"
     assert shown[second]["capabilities"]["filch.io/disk-enforced"] == "false"
+    samples = [disk_nodes.metrics(index) for index in range(2)]
+    assert samples[0]["filch_node_disk_capacity_bytes"] == CAPACITY
+    enforced = 'filch_node_capability{{name="filch.io/disk-enforced",value="{}"}}'
+    assert samples[0][enforced.format("true")] == samples[1][enforced.format("false")] == 1
     table = disk_nodes.cli("nodes", check=True).stdout
     assert "0/64Mi" in table and "advisory" in table and "disk-enforced=false" in table
 
