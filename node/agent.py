@@ -23,12 +23,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from node import failpoints, limits, metrics, rejoin
+from node import capabilities, disk, failpoints, limits, metrics, rejoin
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer, add_to_server
+from node.capabilities import Capabilities
 from node.config import Config
 from node.dependencies import Resolver
-from node.errors import ExecutorError, FilchError
+from node.errors import ExecutorError, FilchError, InvalidArgument
 from node.etcd_client import EtcdTLS
 from node.etcd_member import EtcdMember
 from node.housekeeping import Housekeeping, cluster_addresses
@@ -37,6 +38,7 @@ from node.membership import Membership
 from node.node_state import NodeState
 from node.recovery import Recovery
 from node.runner import Runner
+from node.runtime import scratch
 from node.runtime.base import Executor
 from node.runtime.cgroups import ProcessCgroups
 from node.runtime.network import TaskNetwork
@@ -66,7 +68,7 @@ def make_network(config: Config) -> TaskNetwork | None:
 
 
 def make_executor(config: Config, watchdog: Watchdog,
-                  network: TaskNetwork | None = None) -> Executor:
+                  network: TaskNetwork | None = None, disk_reserve: int = 0) -> Executor:
     """The executor the config asks for (runc isolates; process does not).
 
     Raises ExecutorError when the process executor cannot give each task a cgroup and
@@ -75,7 +77,8 @@ def make_executor(config: Config, watchdog: Watchdog,
     if config.executor == "runc":
         from node.runtime.runc import RuncExecutor
         return RuncExecutor(config.runc_binary, runc_root(config), config.task_uid,
-                            attempts_root=config.path / "attempts", network=network)
+                            attempts_root=disk.attempts_root(config), network=network,
+                            disk_reserve=disk_reserve)
     from node.runtime.process import ProcessExecutor
     cgroups = process_cgroups(config)
     if not cgroups.usable():
@@ -156,6 +159,9 @@ class Agent:
 
     async def _serve(self, store: Store, member: EtcdMember | None) -> int:
         config = self.config
+        # Created first so that every part that finds out what this node can enforce
+        # (the probe below, the task firewall) reports to the one published set.
+        node_capabilities = Capabilities()
         network = make_network(config)
         watchdog = Watchdog(config.runc_binary, str(runc_root(config)),
                             *((network.netns_prefix, network.bridge, network.table)
@@ -164,13 +170,16 @@ class Agent:
                                             if config.executor == "process" else ()))
         if watchdog.retire_previous():
             log.warning("stopped the watchdog of an earlier run of this node")
-        executor = make_executor(config, watchdog, network)
+        plan = await asyncio.to_thread(disk_plan, config)
+        executor = make_executor(config, watchdog, network, plan.reserve)
         reaped = await executor.reap_stale()
         if reaped:
             log.warning("removed %d containers left by an earlier run of this node", reaped)
+        await probe_capabilities(config, executor, plan, node_capabilities)
         await watchdog.start()
         try:
-            code = await self._run_parts(store, member, executor, watchdog, network)
+            code = await self._run_parts(store, member, executor, watchdog, network,
+                                         node_capabilities, plan)
         except BaseException:
             # Any other way out (a loop that raised, a failed step of the shutdown, a
             # cancellation) may leave containers running: the watchdog kills them (and
@@ -185,10 +194,12 @@ class Agent:
         return code
 
     async def _run_parts(self, store: Store, member: EtcdMember | None, executor: Executor,
-                         watchdog: Watchdog, network: TaskNetwork | None) -> int:
+                         watchdog: Watchdog, network: TaskNetwork | None,
+                         node_capabilities: Capabilities, plan: disk.DiskPlan) -> int:
         config = self.config
         # Built in dependency order from the shared node state: no part refers back.
-        state = NodeState.for_config(config)
+        state = NodeState.for_config(config, capabilities=node_capabilities,
+                                     disk_capacity=plan.capacity)
         runner = Runner(config=config, store=store, executor=executor, state=state)
         membership = Membership(config=config, store=store, state=state,
                                 executor_name=executor.name, runner=runner, watchdog=watchdog)
@@ -206,6 +217,7 @@ class Agent:
 
         metrics.CPU_CAPACITY.set(config.cpus)
         metrics.MEMORY_CAPACITY.set(config.memory)
+        metrics.DISK_CAPACITY.set(plan.capacity)
         metrics.serve(config.metrics_address)
         security = Security.load(config.tls_ca, config.tls_cert, config.tls_key,
                                  config.api_token_file)
@@ -245,7 +257,8 @@ class Agent:
                     "etcd member marker", functools.partial(record_member, store, member.config))))
             if network is not None:
                 loops.append(group.create_task(once_etcd_answers(
-                    "task firewall", functools.partial(fill_firewall, store, network))))
+                    "task firewall", functools.partial(fill_firewall, store, network,
+                                                       node_capabilities))))
             await self._stop.wait()
             log.info("shutting down")
             for service in ("", SERVICE_NAME):
@@ -275,10 +288,57 @@ async def once_etcd_answers(what: str, action: Callable[[], Awaitable[None]]) ->
             await asyncio.sleep(ETCD_RETRY)
 
 
-async def fill_firewall(store: Store, network: TaskNetwork) -> None:
+async def fill_firewall(store: Store, network: TaskNetwork,
+                        node_capabilities: Capabilities) -> None:
     """Fill the task firewall's cluster addresses (isolated attempts wait for them);
-    housekeeping refreshes them from then on."""
+    housekeeping refreshes them from then on. Only then does the node take isolated
+    tasks (filch.io/network-isolated)."""
     await network.set_cluster_addresses(await cluster_addresses(store))
+    node_capabilities.set(capabilities.NETWORK_ISOLATED, capabilities.TRUE)
+
+
+def disk_plan(config: Config) -> disk.DiskPlan:
+    """node/disk.py's plan, said in the log. Raises InvalidArgument when the data dir's
+    file system cannot be read."""
+    try:
+        plan = disk.plan(config)
+    except OSError as exc:
+        raise InvalidArgument("data_dir", f"cannot read its file system: {exc}") from exc
+    auto = plan.filesystem_bytes - plan.reserve
+    if config.disk_capacity > auto:
+        log.warning("disk_capacity %d is more than the file system of %s holds beyond its "
+                    "reserve (%d bytes): tasks may fill it", config.disk_capacity,
+                    disk.attempts_root(config), auto)
+    return plan
+
+
+async def probe_capabilities(config: Config, executor: Executor, plan: disk.DiskPlan,
+                             node_capabilities: Capabilities) -> None:
+    """Set what this node can enforce, probed once at start (node/capabilities.py); the
+    task network's verified policy is set by fill_firewall. Raises InvalidArgument when
+    the default /work size could never fit the disk capacity."""
+    enforced = False
+    if config.executor == "runc":
+        from node.runtime.runc import RuncExecutor
+        assert isinstance(executor, RuncExecutor)
+        root = disk.attempts_root(config)
+        root.mkdir(parents=True, exist_ok=True)
+        reason = await scratch.probe(root)
+        enforced = reason is None
+        executor.disk_limits = enforced
+        if reason is not None:
+            log.warning("task /work sizes cannot be enforced here (%s): tasks that name "
+                        "--disk wait for another node; the others run with an advisory "
+                        "--default-disk", reason)
+    if enforced and config.default_disk > plan.capacity:
+        raise InvalidArgument("default_disk", f"{config.default_disk} bytes is more than this "
+                              f"node's disk capacity ({plan.capacity} bytes): no task without "
+                              "--disk could run; lower --default-disk or free disk space")
+    node_capabilities.set(capabilities.EXECUTOR, executor.name)
+    node_capabilities.set(capabilities.DISK_ENFORCED,
+                          capabilities.TRUE if enforced else capabilities.FALSE)
+    if node_capabilities.get(capabilities.NETWORK_ISOLATED) == "":
+        node_capabilities.set(capabilities.NETWORK_ISOLATED, capabilities.FALSE)
 
 
 async def record_member(store: Store, config: Config) -> None:

@@ -167,8 +167,17 @@ class Config:
         "Cap on each attempt's log file: past it the head and the tail are kept and the middle is "
         "cut (marked in the log).")})
     default_disk: int = field(default=1024**3, metadata={"help": (
-        "Size limit of a task's /work when its spec sets none (runc: a loop-mounted ext4 image per"
-        " attempt; the process executor cannot limit disk).")})
+        "Size limit of a task's /work when its spec sets none (runc with loop devices: a "
+        "loop-mounted ext4 image per attempt, counted against --disk-capacity; elsewhere "
+        "advisory: not enforced, not counted).")})
+    disk_capacity: int = field(default=0, metadata={"help": (
+        "Bytes of disk this node offers to tasks' /work images; the sum of its running "
+        "attempts' sizes stays within it. 0: the size of the file system holding "
+        "DATA_DIR/attempts minus a reserve (etcd's quota when etcd's data is on it, and 10% "
+        "for logs and bookkeeping).")})
+    etcd_data_dir: str = field(default="", metadata={"help": (
+        "Where the embedded etcd member keeps its data (default: DATA_DIR/etcd). Put it on a "
+        "volume of its own so that nothing tasks write can fill etcd's WAL.")})
 
     # -- derived -------------------------------------------------------------------------
 
@@ -207,6 +216,12 @@ class Config:
     @property
     def path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def etcd_path(self) -> Path:
+        """The etcd member's data directory (the same as before the option existed when
+        unset, so existing nodes keep their data)."""
+        return Path(self.etcd_data_dir) if self.etcd_data_dir else self.path / "etcd"
 
     def __post_init__(self) -> None:
         # The etcd credentials sit next to the node's (`filch certs` layout), so flag sets
@@ -286,6 +301,13 @@ class Config:
         if self.default_disk == 0:
             raise InvalidArgument("default_disk", "must be a size (e.g. 1Gi), not 0")
         validation.disk_bytes(self.default_disk, "default_disk")
+        if self.disk_capacity < 0 or self.disk_capacity > limits.MAX_DISK_BYTES:
+            raise InvalidArgument("disk_capacity", f"{self.disk_capacity} is not a size "
+                                  "between 0 (auto) and 1Pi")
+        if self.disk_capacity and self.default_disk > self.disk_capacity:
+            raise InvalidArgument("default_disk", f"{self.default_disk} bytes is more than "
+                                  f"disk_capacity ({self.disk_capacity}): no task without "
+                                  "--disk could ever run here; lower --default-disk")
         from node.runtime.network import parse_subnet
         parse_subnet(self.task_subnet)
         return self
@@ -353,7 +375,7 @@ TLS_ETCD_CLIENT_URL = "https://127.0.0.1:2379"
 
 # Fields that also accept sizes like "4Gi" in the environment and the TOML file.
 SIZE_FIELDS = ("memory", "etcd_quota_bytes", "defrag_threshold", "max_log_bytes",
-               "default_disk")
+               "default_disk", "disk_capacity")
 
 
 def _coerce(name: str, raw: Any) -> Any:

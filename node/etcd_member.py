@@ -6,7 +6,7 @@ SIGKILLed (PR_SET_PDEATHSIG), so supervisord never finds an orphaned member hold
 ports and the data dir when it restarts the agent.
 
 Files under <data_dir>:
-    etcd/       the member's data directory (mode 0700)
+    etcd/       the member's data directory (mode 0700; --etcd-data-dir puts it elsewhere)
     etcd.log    etcd's output (zap JSON lines, plus anything Go prints on a crash)
     etcd.pid    the running member's pid (tests SIGKILL it to simulate a crash)
 
@@ -66,7 +66,7 @@ class EtcdMember:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.data_dir = config.path / "etcd"
+        self.data_dir = config.etcd_path
         self.log_path = config.path / "etcd.log"
         self.pid_path = config.path / "etcd.pid"
         self._process: asyncio.subprocess.Process | None = None

@@ -33,6 +33,8 @@ class Candidate:
     memory_bytes: int
     size: int = 0
     """What stealing it adds to a transaction, in bytes."""
+    disk_bytes: int = 0
+    """The disk it counts on the stealing node (Capacity.disk_of)."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def cluster_usage(nodes: Iterable[pb.Node], own_node_id: str | None,
 
 def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], totals: Usage,
            weights: Mapping[str, float], free: Usage, limit: int,
-           max_bytes: int = 0) -> list[Candidate]:
+           max_bytes: int = 0, disk_free: int | None = None) -> list[Candidate]:
     """The candidates to steal now, in the order picked.
 
     candidates: oldest first within each (priority, owner). Highest priority first; within
@@ -84,6 +86,8 @@ def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], total
     at once towards its owner's usage and against free, so one batch spreads over owners
     as the cluster would. A task that does not fit never blocks smaller ones behind it.
     Stops at limit tasks, or (max_bytes > 0) before the picks' sizes pass max_bytes.
+    disk_free (None: not counted) is the node's free disk, counted like CPU and memory
+    (disk is not part of the share: it is no scarce, contended resource of the cluster).
     """
     by_priority: dict[int, dict[str, list[Candidate]]] = {}
     for candidate in candidates:
@@ -91,6 +95,7 @@ def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], total
             candidate.owner, []).append(candidate)
     held = dict(usage)
     cpu_free, memory_free = free.cpu_millis, free.memory_bytes
+    disk_left = disk_free
     chosen: list[Candidate] = []
     used_bytes = 0
     for priority in sorted(by_priority, reverse=True):
@@ -102,6 +107,7 @@ def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], total
             pick = next((candidate for candidate in queue
                          if candidate.cpu_millis <= cpu_free
                          and candidate.memory_bytes <= memory_free
+                         and (disk_left is None or candidate.disk_bytes <= disk_left)
                          and not (max_bytes and chosen
                                   and used_bytes + candidate.size > max_bytes)), None)
             if pick is None:
@@ -114,6 +120,8 @@ def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], total
             used_bytes += pick.size
             cpu_free -= pick.cpu_millis
             memory_free -= pick.memory_bytes
+            if disk_left is not None:
+                disk_left -= pick.disk_bytes
             held[owner] = held.get(owner, Usage()).plus(pick.cpu_millis, pick.memory_bytes)
         if len(chosen) >= limit:
             break

@@ -65,8 +65,10 @@ class Membership:
         self._executor_name = executor_name
         self._runner = runner
         self._watchdog = watchdog
-        # Set by every change of the capacity ledger: the node record is rewritten.
+        # Set by every change of the capacity ledger and of the capabilities (and only
+        # by those: every node watches the record): the node record is rewritten.
         self._dirty = state.capacity.subscribe()
+        state.capabilities.on_change(self._dirty.set)
         self._registered_at = 0.0
         self._member_id = 0
         self._deadline = 0.0
@@ -190,7 +192,10 @@ class Membership:
             cpu_allocated_millis=allocation.cpu_millis,
             memory_allocated_bytes=allocation.memory_bytes,
             running=allocation.running, etcd_member_id=self._member_id,
-            executor=self._executor_name, allow_host_network=self._config.allow_host_network)
+            executor=self._executor_name, allow_host_network=self._config.allow_host_network,
+            disk_capacity_bytes=self._state.capacity.disk_bytes,
+            disk_allocated_bytes=allocation.disk_bytes,
+            capabilities=self._state.capabilities.snapshot())
         record.registered_at.FromNanoseconds(int(self._registered_at * 1e9))
         # Every stealer reads these for fair share; they change with the allocation, so
         # they ride on the same debounced writes (at most one per PUBLISH_DEBOUNCE).

@@ -72,6 +72,13 @@ CPU_CAPACITY = Gauge("filch_node_cpu_capacity_cores", "CPU cores this node offer
 MEMORY_CAPACITY = Gauge("filch_node_memory_capacity_bytes", "Memory this node offers.")
 CPU_ALLOCATED = Gauge("filch_node_cpu_allocated_cores", "CPU cores allocated to attempts.")
 MEMORY_ALLOCATED = Gauge("filch_node_memory_allocated_bytes", "Memory allocated to attempts.")
+DISK_CAPACITY = Gauge("filch_node_disk_capacity_bytes",
+                      "Disk this node offers to tasks' /work (--disk-capacity or auto).")
+DISK_ALLOCATED = Gauge("filch_node_disk_allocated_bytes",
+                       "/work sizes of the attempts on this node (enforced sizes only).")
+CAPABILITY = Gauge("filch_node_capability", "1 for each capability value this node has "
+                   "(node/capabilities.py), e.g. name=filch.io/disk-enforced value=true.",
+                   ["name", "value"])
 
 # -- API --------------------------------------------------------------------------------
 API_REQUESTS = Counter("filch_api_requests_total", "gRPC requests by method and status code.",

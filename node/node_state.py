@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from node.capabilities import Capabilities
 from node.capacity import Capacity
 from node.config import Config
 
@@ -25,15 +26,22 @@ class Registration:
 @dataclass
 class NodeState:
     capacity: Capacity
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    """What this node can enforce (node/capabilities.py); published in its record."""
     registration: Registration | None = None
     """None while unregistered or fenced."""
     live: asyncio.Event = field(default_factory=asyncio.Event)
     """Set while this node holds a fresh lease; stealing and watching wait for it."""
 
     @classmethod
-    def for_config(cls, config: Config) -> NodeState:
+    def for_config(cls, config: Config, *, capabilities: Capabilities | None = None,
+                   disk_capacity: int = 0) -> NodeState:
+        """disk_capacity: from node/disk.py (0: no task that counts disk fits)."""
+        capabilities = capabilities if capabilities is not None else Capabilities()
         return cls(Capacity(cpu_millis=config.cpu_capacity_millis, memory_bytes=config.memory,
-                            allow_host_network=config.allow_host_network))
+                            disk_bytes=disk_capacity, default_disk=config.default_disk,
+                            capabilities=capabilities,
+                            allow_host_network=config.allow_host_network), capabilities)
 
     def owns(self, node_id: str) -> bool:
         """Whether node_id is this node's current registration."""

@@ -100,13 +100,14 @@ class Member:
 
 
 def marker_path(config: Config) -> Path:
-    """The marker file: outside <data_dir>/etcd, so that wiping the member's data leaves it."""
+    """The marker file: in <data_dir>, outside the member's data dir (config.etcd_path), so
+    that wiping the member's data leaves it."""
     return config.path / MARKER_NAME
 
 
 def wal_is_empty(config: Config) -> bool:
     """True when the member's write-ahead log is missing (etcd's own "not bootstrapped")."""
-    wal = config.path / "etcd" / "member" / "wal"
+    wal = config.etcd_path / "member" / "wal"
     return not (wal.is_dir() and any(wal.iterdir()))
 
 
@@ -215,7 +216,7 @@ def rejoin(config: Config, via: str = "") -> Config:
             log.warning("%s; retrying", exc)
             time.sleep(_RETRY_PAUSE)
     # The old member's files would be read as this new member's state: wipe them.
-    shutil.rmtree(config.path / "etcd" / "member", ignore_errors=True)
+    shutil.rmtree(config.etcd_path / "member", ignore_errors=True)
     return dataclasses.replace(config, initial_cluster=_initial_cluster(config, members),
                                initial_cluster_state="existing")
 

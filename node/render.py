@@ -15,7 +15,7 @@ from typing import TypedDict
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from node import lifecycle
+from node import capabilities, lifecycle
 from node._gen.filch.v1 import filch_pb2
 from node.units import format_cpu, format_seconds, format_size
 
@@ -88,6 +88,9 @@ class NodeDict(TypedDict):
     executor: str
     nospace: bool
     allow_host_network: bool
+    disk_capacity_bytes: int
+    disk_allocated_bytes: int
+    capabilities: dict[str, str]
 
 
 DEPENDENCY_KINDS = {filch_pb2.DEPENDENCY_KIND_SUCCESS: "success",
@@ -244,6 +247,9 @@ def node_to_dict(node: filch_pb2.Node) -> NodeDict:
         "executor": node.executor,
         "nospace": node.nospace,
         "allow_host_network": node.allow_host_network,
+        "disk_capacity_bytes": node.disk_capacity_bytes,
+        "disk_allocated_bytes": node.disk_allocated_bytes,
+        "capabilities": dict(sorted(node.capabilities.items())),
     }
 
 
@@ -392,12 +398,34 @@ def nodes_table(nodes: Iterable[filch_pb2.Node]) -> str:
             f"{format_cpu(node.cpu_allocated_millis)}/{format_cpu(node.cpu_capacity_millis)}",
             f"{format_size(node.memory_allocated_bytes)}/"
             f"{format_size(node.memory_capacity_bytes)}",
+            disk_usage(node),
             str(node.running),
             node.executor or "-",
             ",".join(flags) or "-",
+            capabilities_text(node),
         ))
     return table(
-        ("NAME", "ID", "ADDRESS", "CPU", "MEMORY", "RUNNING", "EXECUTOR", "ETCD"), rows)
+        ("NAME", "ID", "ADDRESS", "CPU", "MEMORY", "DISK", "RUNNING", "EXECUTOR", "ETCD",
+         "CAPABILITIES"), rows)
+
+
+def disk_usage(node: filch_pb2.Node) -> str:
+    """allocated/capacity where /work sizes are enforced; "advisory" where they are not
+    (there tasks run only without --disk, and nothing limits what they write)."""
+    if node.capabilities.get(capabilities.DISK_ENFORCED) != capabilities.TRUE:
+        return "advisory"
+    return f"{format_size(node.disk_allocated_bytes)}/{format_size(node.disk_capacity_bytes)}"
+
+
+def capabilities_text(node: filch_pb2.Node) -> str:
+    """Compact: "network-isolated,disk-enforced=false" (the executor has its own column)."""
+    parts = []
+    for name, value in sorted(node.capabilities.items()):
+        if name == capabilities.EXECUTOR:
+            continue
+        short = name.removeprefix(capabilities.PREFIX)
+        parts.append(short if value == capabilities.TRUE else f"{short}={value}")
+    return ",".join(parts) or "-"
 
 
 def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:

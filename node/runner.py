@@ -310,7 +310,8 @@ class Runner:
                 or self._state.registration != registration):
             return      # moved meanwhile, or not a lost answer after all
         task = lifecycle.started(found.task, token)
-        if self._capacity.fits_free(task.spec):
+        if (self._capacity.fits_free(task.spec)
+                and self._state.capabilities.may_run(task.spec) is None):
             log.warning("task %s attempt %d: its steal committed but was answered with an "
                         "error: running it now", task_id, task.attempt)
             self._capacity.reserve(task.spec)

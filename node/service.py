@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from node import keys, metrics
+from node import capabilities, keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.admission import Admission, ByteBudget, PendingLimit
 from node.arrays import Arrays
@@ -29,6 +29,7 @@ from node.limits import (
 from node.paging import Page, decode_token, encode_token
 from node.store import Store
 from node.txn import Move, Versioned, written_bytes
+from node.units import format_size
 
 # How often submit and cancel retry when another node moved the task in between.
 CONFLICT_RETRIES = 5
@@ -253,18 +254,34 @@ class TaskService:
                 task.message = ("no live node runs --network host tasks: such a task shares "
                                 "the machine's network, so only nodes started with "
                                 "--allow-host-network (unsafe) take it")
-            elif not any(_fits_capacity(task.spec, node) for node in allowing):
-                largest = max(allowing, key=lambda node: node.cpu_capacity_millis)
+            elif not (able := [node for node in allowing
+                               if capabilities.may_run(node.capabilities, task.spec) is None]):
+                # The first node's reason: every node refuses for one of may_run's few.
+                task.message = capabilities.may_run(allowing[0].capabilities, task.spec) or ""
+            elif not any(_fits_cpu_memory(task.spec, node) for node in able):
+                largest = max(able, key=lambda node: node.cpu_capacity_millis)
                 task.message = (
                     f"no node can ever fit this task: it asks {task.spec.cpu_millis / 1000:g} "
                     f"CPUs and {task.spec.memory_bytes} bytes; the largest node offers "
                     f"{largest.cpu_capacity_millis / 1000:g} CPUs and "
                     f"{largest.memory_capacity_bytes} bytes")
+            elif not any(_fits_capacity(task.spec, node) for node in able):
+                most = max(node.disk_capacity_bytes for node in able)
+                task.message = (
+                    f"no node has {format_size(task.spec.disk_bytes)} of disk for this "
+                    f"task's /work (--disk); the largest offers {format_size(most)} "
+                    "(--disk-capacity)")
+
+
+def _fits_cpu_memory(spec: pb.TaskSpec, node: pb.Node) -> bool:
+    return (spec.cpu_millis <= node.cpu_capacity_millis
+            and spec.memory_bytes <= node.memory_capacity_bytes)
 
 
 def _fits_capacity(spec: pb.TaskSpec, node: pb.Node) -> bool:
-    return (spec.cpu_millis <= node.cpu_capacity_millis
-            and spec.memory_bytes <= node.memory_capacity_bytes)
+    # Only an explicit --disk counts here: the default size each node applies is its own
+    # (and its agent refuses a default larger than its capacity).
+    return _fits_cpu_memory(spec, node) and spec.disk_bytes <= node.disk_capacity_bytes
 
 
 __all__ = ["FINISHED", "TaskService", "Versioned"]

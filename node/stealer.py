@@ -77,12 +77,22 @@ class Stealer:
         self._published: set[str] = set()      # owners in the share gauges
         # Set by new candidates and by every change of the capacity ledger (freed room).
         self._wake = state.capacity.subscribe()
+        # A capability that came back (a firewall policy restored) makes tasks this node
+        # set aside runnable again.
+        state.capabilities.on_change(self._capabilities_changed)
         self._pauses: set[str] = set()
         self._batch = INITIAL_BATCH
 
     def wake(self) -> None:
         """Something changed (new task, freed capacity): look at the queue again."""
         self._wake.set()
+
+    def _capabilities_changed(self) -> None:
+        """Tasks set aside as never runnable here are looked at again: relist the queue.
+        (One that lost a capability is filtered by the next pass, before any steal.)"""
+        self._queue.never_fits.clear()
+        self._queue.refill.set()
+        self.wake()
 
     @property
     def paused(self) -> bool:
@@ -211,7 +221,10 @@ class Stealer:
                 if (record is None or record.task.state != pb.TASK_STATE_PENDING
                         or record.task.hold != pb.HOLD_NONE):
                     self._queue.forget(group, task_id)
-                elif not self._capacity.fits_ever(record.task.spec):
+                elif (not self._capacity.fits_ever(record.task.spec)
+                      or self._state.capabilities.may_run(record.task.spec) is not None):
+                    # Never here (too large, or needs what this node cannot enforce):
+                    # set aside until it leaves the queue or the capabilities change.
                     self._queue.forget(group, task_id)
                     self._queue.never_fits.add(task_id)
                 else:
@@ -219,7 +232,8 @@ class Stealer:
                     spec = record.task.spec
                     candidates.append(Candidate(
                         task_id, spec.priority, spec.owner or keys.DEFAULT_OWNER,
-                        spec.cpu_millis, spec.memory_bytes, _steal_bytes(record)))
+                        spec.cpu_millis, spec.memory_bytes, _steal_bytes(record),
+                        self._capacity.disk_of(spec)))
             picks = self._select(candidates)
             if len(picks) >= self._batch:
                 break
@@ -242,7 +256,8 @@ class Stealer:
                      capacity.memory_bytes - allocation.memory_bytes)
         self._publish_shares(usage, totals)
         return select(candidates, usage=usage, totals=totals, weights=self._weights,
-                      free=free, limit=self._batch, max_bytes=WRITE_BATCH_BYTES)
+                      free=free, limit=self._batch, max_bytes=WRITE_BATCH_BYTES,
+                      disk_free=capacity.disk_free)
 
     def _cluster_usage(self) -> tuple[dict[str, Usage], Usage]:
         registration = self._state.registration

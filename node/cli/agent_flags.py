@@ -44,6 +44,8 @@ _METAVARS = {
     "defrag_threshold": "SIZE",
     "max_log_bytes": "SIZE",
     "default_disk": "SIZE",
+    "disk_capacity": "SIZE",
+    "etcd_data_dir": "DIR",
     "metrics_listen": "HOST:PORT",
     "retention": "SECONDS",
     "log_retention": "SECONDS",
@@ -60,6 +62,8 @@ _SIZE_FIELDS = frozenset(config_module.SIZE_FIELDS)
 _COMPUTED_DEFAULTS = {
     "name": "this host's name",
     "data_dir": "/var/lib/filch as root, else ~/.local/share/filch",
+    "etcd_data_dir": "DATA_DIR/etcd",
+    "disk_capacity": "auto",
     "cpus": "all cores",
     "memory": "all memory",
 }

@@ -72,14 +72,17 @@ class RuncExecutor:
 
     def __init__(self, runc_binary: str, state_root: Path, task_uid: int, *,
                  attempts_root: Path | None = None,
-                 network: net.TaskNetwork | None = None) -> None:
+                 network: net.TaskNetwork | None = None, disk_reserve: int = 0) -> None:
         """Probe the host (which directories to bind, cgroup v1 or v2); spawns nothing.
 
         attempts_root, if given, holds every attempt_dir: reap_stale() unmounts the /work
         file systems a dead agent left there. network sets up "isolated" attempts;
-        without one they fail to start (tests that need no network pass None). Raises
-        ExecutorError if runc_binary cannot be found or task_uid is root.
+        without one they fail to start (tests that need no network pass None).
+        disk_reserve: bytes a /work image must leave free on its file system
+        (node/disk.py). Raises ExecutorError if runc_binary cannot be found or task_uid
+        is root.
         """
+        self._disk_reserve = disk_reserve
         self._attempts_root = attempts_root
         resolved = shutil.which(runc_binary)
         if resolved is None:
@@ -102,8 +105,9 @@ class RuncExecutor:
             log.warning("no cgroup swap accounting: tasks may swap beyond their memory limit")
         # Without loop devices (a container without device access) /work cannot be
         # size-limited: tasks still run, and the operator is told what is not enforced.
-        self._disk_limits = scratch.available()
-        if not self._disk_limits:
+        self.disk_limits = scratch.available()
+        """Whether /work images are made; the agent sets it from scratch.probe()."""
+        if not self.disk_limits:
             log.warning("no loop devices (%s): task /work sizes (--disk, --default-disk) are "
                         "NOT enforced here; give the node /dev/loop-control and loop devices "
                         "to enforce them", scratch.LOOP_CONTROL)
@@ -192,8 +196,9 @@ class RuncExecutor:
             shutil.rmtree(bundle, ignore_errors=True)
             raise ExecutorError(f"cannot prepare attempt {cid}: {exc}") from exc
         try:
-            if spec.disk_bytes and self._disk_limits:
-                await scratch.mount(bundle / "work", spec.disk_bytes, self._task_uid)
+            if spec.disk_bytes and self.disk_limits:
+                await scratch.mount(bundle / "work", spec.disk_bytes, self._task_uid,
+                                    self._disk_reserve)
             process = await asyncio.create_subprocess_exec(
                 self._runc, "--root", str(self._state_root),
                 "run", "--keep", "--bundle", str(bundle), cid,

@@ -18,6 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
+from node import disk, failpoints
 from node.errors import ExecutorError
 
 log = logging.getLogger(__name__)
@@ -46,12 +47,42 @@ def available() -> bool:
     return os.access(LOOP_CONTROL, os.R_OK | os.W_OK)
 
 
-async def mount(work: Path, size: int, uid: int) -> None:
+# The image the start-up probe mounts: ext4's smallest comfortable size.
+PROBE_BYTES = 4 * 1024 * 1024
+
+
+async def probe(root: Path) -> str | None:
+    """Whether /work sizes can be enforced here: None when a probe image could be made,
+    mounted and unmounted below root (the same path every attempt's image takes), else
+    why not. Never raises (the failpoint scratch.probe=error(executor) fakes a failure)."""
+    if not available():
+        return f"no loop devices ({LOOP_CONTROL})"
+    work = root / ".probe" / "work"
+    try:
+        await failpoints.hit("scratch.probe")
+        work.mkdir(parents=True, exist_ok=True)
+        await mount(work, PROBE_BYTES, os.getuid())
+        await unmount(work)
+        return None
+    except (ExecutorError, OSError) as exc:
+        return str(exc)
+    finally:
+        shutil.rmtree(root / ".probe", ignore_errors=True)
+
+
+async def mount(work: Path, size: int, uid: int, reserve: int = 0) -> None:
     """Mount a fresh ext4 file system of `size` bytes, owned by uid, over the directory
-    `work`; its image lives next to it. Raises ExecutorError with mkfs's or mount's
+    `work`; its image lives next to it. Raises ExecutorError when the file system holding
+    it has less than size + reserve bytes free (node/disk.py), or with mkfs's or mount's
     message (e.g. no space left for the image's metadata). On cancellation or failure
     nothing stays mounted."""
     image = work.parent / IMAGE_NAME
+    try:
+        missing = disk.shortage(work.parent, size, reserve)
+    except OSError as exc:
+        raise ExecutorError(f"cannot read the free space of {work.parent}: {exc}") from exc
+    if missing is not None:
+        raise ExecutorError(missing)
     try:
         # Synchronous on purpose: creating a sparse file costs less than a thread hop.
         _sparse_file(image, size)

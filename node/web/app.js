@@ -558,6 +558,10 @@ function renderNodes(nodes) {
     el("div", { class: "node-meta mono", text: `${node.address} · ${shortId(node.id)}` }),
     meter("CPU", node.cpu_allocated, node.cpu_capacity, formatCpu, " cores"),
     meter("Memory", node.memory_allocated_bytes, node.memory_capacity_bytes, formatSize, ""),
+    // Disk is counted only where /work sizes are enforced; elsewhere the size is advisory.
+    (node.capabilities || {})["filch.io/disk-enforced"] === "true"
+      ? meter("Disk", node.disk_allocated_bytes, node.disk_capacity_bytes, formatSize, "")
+      : el("div", { class: "node-meta", text: "disk: advisory (sizes not enforced here)" }),
     el("div", { class: "node-foot" },
       el("span", {}, el("b", { text: String(node.running) }), " running"),
       el("span", {}, "executor ", el("b", { text: node.executor || "–" }))))));

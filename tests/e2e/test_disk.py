@@ -8,6 +8,7 @@ linked out to the real disk), so nothing here can fill the machine's disk.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import subprocess
@@ -259,3 +260,82 @@ def check_containers_die_with_the_agent(how: str, root: Path, trigger: Path,
         node.start()
         wait_for("the restarted node to unmount the dead agent's /work",
                  lambda: not scratch.mounted_under(root), timeout=60)
+
+
+# -- disk as a resource, and the nodes that cannot enforce it (issue 16, item 4) -------------
+
+MIB = 1024 * 1024
+# Node 1's disk: room for one of two 40 MiB tasks, never for 128 MiB.
+CAPACITY = 64 * MIB
+
+
+@pytest.fixture(scope="module")
+def disk_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """Node 1 enforces /work sizes with a 64 MiB --disk-capacity and keeps etcd's data on a
+    path of its own (--etcd-data-dir); node 2 is a runc node whose loop devices "do not
+    work" (the start-up probe fails by failpoint): disk-enforced=false."""
+    require_tools()
+    tmp_path = tmp_path_factory.mktemp("capacity")
+    cluster = Cluster(tmp_path / "cluster", size=2, extra=("--default-disk", "8Mi"))
+    cluster.nodes[0].args += ["--disk-capacity", str(CAPACITY),
+                              "--etcd-data-dir", str(tmp_path / "etcd-volume")]
+    cluster.nodes[1].env["FILCH_FAILPOINTS"] = "scratch.probe=error(executor)"
+    with cluster:
+        yield cluster
+
+
+def nodes_json(cluster: Cluster) -> dict[str, dict[str, object]]:
+    found = json.loads(cluster.cli("nodes", "-o", "json", check=True).stdout)
+    return {node["name"]: node for node in found}
+
+
+@pytest.mark.timeout(120)
+def test_disk_is_counted_like_cpu_and_memory(disk_nodes: Cluster) -> None:
+    first, second = (node.name for node in disk_nodes.nodes)
+    shown = wait_for("both nodes' records with their capabilities", lambda: (
+        (nodes := nodes_json(disk_nodes))[second]["capabilities"] and nodes))
+    assert shown[first]["disk_capacity_bytes"] == CAPACITY
+    assert shown[first]["capabilities"]["filch.io/disk-enforced"] == "true"
+    assert shown[second]["capabilities"]["filch.io/disk-enforced"] == "false"
+    samples = [disk_nodes.metrics(index) for index in range(2)]
+    assert samples[0]["filch_node_disk_capacity_bytes"] == CAPACITY
+    enforced = 'filch_node_capability{{name="filch.io/disk-enforced",value="{}"}}'
+    assert samples[0][enforced.format("true")] == samples[1][enforced.format("false")] == 1
+    table = disk_nodes.cli("nodes", check=True).stdout
+    assert "0/64Mi" in table and "advisory" in table and "disk-enforced=false" in table
+
+    # More than any node has: waits, and says why.
+    huge = disk_nodes.submit("true", disk_bytes=2 * CAPACITY)
+    task = wait_for("the reason", lambda: (task := disk_nodes.get(huge)).message and task)
+    assert task.state == pb.TASK_STATE_PENDING
+    assert task.message.startswith("no node has 128Mi of disk"), task.message
+    disk_nodes.cli("cancel", huge, check=True)
+
+    # Two tasks whose sizes add up to more than node 1 offers: one at a time, and never
+    # on node 2, which cannot enforce the size.
+    running = disk_nodes.submit("sleep", "120", disk_bytes=40 * MIB)
+    disk_nodes.wait_state(running, (pb.TASK_STATE_RUNNING,))
+    waiting = disk_nodes.submit("sleep", "0", disk_bytes=40 * MIB)
+    # Submitted after it and fitting only node 2 (node 1's CPU is in part taken): once
+    # node 2 ran it, node 2 has looked at `waiting` and left it.
+    marker = disk_nodes.submit("true", cpu_millis=2000)
+    [done] = disk_nodes.wait_finished([marker], timeout=60)
+    assert done.node_name == second and done.exit_code == 0, done
+    assert disk_nodes.get(running).node_name == first
+    assert disk_nodes.get(waiting).state == pb.TASK_STATE_PENDING
+    allocated = nodes_json(disk_nodes)
+    assert allocated[first]["disk_allocated_bytes"] == 40 * MIB
+    assert allocated[second]["disk_allocated_bytes"] == 0
+    # Room again: it runs, on node 1.
+    disk_nodes.cli("cancel", running, check=True)
+    [ran] = disk_nodes.wait_finished([waiting], timeout=60)
+    assert ran.node_name == first and ran.exit_code == 0, ran
+
+
+def test_etcd_keeps_its_data_under_etcd_data_dir(disk_nodes: Cluster) -> None:
+    node = disk_nodes.nodes[0]
+    volume = node.data_dir.parent.parent / "etcd-volume"
+    assert any((volume / "member" / "wal").iterdir())
+    assert not (node.data_dir / "etcd").exists()
+    # The member marker stays in the data dir, so a wiped etcd volume is noticed.
+    assert (node.data_dir / "etcd-member.json").exists()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from node import capabilities
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.capabilities import Capabilities
 from node.capacity import Allocation, Capacity
 from node.fairshare import Usage
 
@@ -75,3 +77,21 @@ def test_the_ledger_holds_what_each_owner_holds_until_released() -> None:
     capacity.release(first)
     capacity.release(second)
     assert capacity.owners() == {"alice": Usage(1000, 1 << 30, 1)}
+
+
+def test_disk_counts_the_tasks_size_or_the_enforced_default() -> None:
+    enforced = Capabilities({capabilities.DISK_ENFORCED: "true"})
+    capacity = Capacity(cpu_millis=4000, memory_bytes=8 << 30, disk_bytes=100 << 20,
+                        default_disk=30 << 20, capabilities=enforced)
+    sized, unsized = pb.TaskSpec(disk_bytes=60 << 20), pb.TaskSpec()
+    assert capacity.disk_of(sized) == 60 << 20 and capacity.disk_of(unsized) == 30 << 20
+    capacity.reserve(sized)
+    assert capacity.fits_free(unsized) and not capacity.fits_free(sized)
+    assert capacity.load() == 0.6
+    assert not capacity.fits_ever(pb.TaskSpec(disk_bytes=101 << 20))
+    capacity.release(sized)
+    assert capacity.allocation().disk_bytes == 0
+    # Where sizes are not enforced the default is advisory: it counts nothing.
+    advisory = Capacity(cpu_millis=4000, memory_bytes=8 << 30, disk_bytes=0,
+                        default_disk=30 << 20, capabilities=Capabilities())
+    assert advisory.disk_of(unsized) == 0 and advisory.fits_ever(unsized)

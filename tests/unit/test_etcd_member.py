@@ -321,3 +321,16 @@ def _post_tls(url: str, body: dict[str, str], context: ssl.SSLContext) -> dict[s
     with urllib.request.urlopen(request, timeout=10, context=context) as response:
         result: dict[str, object] = json.loads(response.read())
     return result
+
+
+def test_the_member_keeps_its_data_under_etcd_data_dir(tmp_path: Path) -> None:
+    config = dataclasses.replace(member_config(tmp_path, "apart", "127.0.0.1"),
+                                 etcd_data_dir=str(tmp_path / "volume"))
+    member = EtcdMember(config)
+    assert member.data_dir == tmp_path / "volume"
+    command = member.command()
+    assert command[command.index("--data-dir") + 1] == str(tmp_path / "volume")
+    wal = tmp_path / "volume" / "member" / "wal"
+    wal.mkdir(parents=True)
+    (wal / "0.wal").write_bytes(b"x")
+    assert member.bootstrapped      # a restart: no bootstrap flags

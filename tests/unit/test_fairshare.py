@@ -101,3 +101,15 @@ def test_weights_must_be_positive_finite_and_bounded() -> None:
     assert valid_weight(1) and valid_weight(1000) and valid_weight(0.001)
     for bad in (0, -1, 1000.5, float("nan"), float("inf")):
         assert not valid_weight(bad)
+
+
+def test_free_disk_counts_across_one_batch() -> None:
+    candidates = [Candidate("a", 0, "a", 100, 1 << 20, 100, disk_bytes=60),
+                  Candidate("b", 0, "a", 100, 1 << 20, 100, disk_bytes=60),
+                  Candidate("c", 0, "a", 100, 1 << 20, 100, disk_bytes=40)]
+    picks = select(candidates, usage={}, totals=CLUSTER, weights={}, free=NODE, limit=4,
+                   disk_free=100)
+    assert _ids(picks) == ["a", "c"]
+    # Not counted (None): every one fits.
+    assert len(select(candidates, usage={}, totals=CLUSTER, weights={}, free=NODE,
+                      limit=4)) == 3

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from node import capabilities
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.capabilities import Capabilities
 from node.config import Config
-from node.membership import Membership
+from node.membership import PUBLISH_DEBOUNCE, Membership
 from node.node_state import NodeState
 from node.store import Store
 from tests.unit.etcd_fixture import etcdctl, require_etcd
@@ -117,3 +119,44 @@ async def test_the_node_record_follows_the_capacity_ledger(store: Store) -> None
     finally:
         await _stop(task)
         await membership.shutdown()
+
+
+class CountingStore(Store):
+    """Counts the node-record writes (every node watches them: each costs the cluster)."""
+
+    puts = 0
+
+    async def put_node(self, node: pb.Node, lease_id: int) -> None:
+        self.puts += 1
+        await super().put_node(node, lease_id)
+
+
+async def test_the_node_record_is_rewritten_only_when_a_capability_changes(
+        etcd: str) -> None:
+    etcdctl(etcd, "del", "", "--prefix")
+    store = CountingStore(etcd)
+    config = Config(name="n", lease_ttl=TTL)
+    node_capabilities = Capabilities({capabilities.NETWORK_ISOLATED: "true"})
+    state = NodeState.for_config(config, capabilities=node_capabilities,
+                                 disk_capacity=5 << 30)
+    membership = Membership(config=config, store=store, state=state,
+                            executor_name="runc", runner=Fences(state))
+    task = await _running(membership)
+    try:
+        registered = store.puts
+        node_capabilities.set(capabilities.NETWORK_ISOLATED, "true")     # no change
+        await asyncio.sleep(PUBLISH_DEBOUNCE * 3)
+        assert store.puts == registered
+        node_capabilities.set(capabilities.NETWORK_ISOLATED, "false")
+        for _ in range(100):     # published within PUBLISH_DEBOUNCE
+            if store.puts > registered:
+                break
+            await asyncio.sleep(0.05)
+        [node] = await store.list_nodes()
+        assert node.capabilities[capabilities.NETWORK_ISOLATED] == "false"
+        assert node.disk_capacity_bytes == 5 << 30
+        assert store.puts == registered + 1
+    finally:
+        await _stop(task)
+        await membership.shutdown()
+        await store.close()

@@ -6,6 +6,7 @@ hostile; the e2e suite (tests/e2e/test_rejoin.py) runs the real thing with etcd 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -176,3 +177,22 @@ def test_rejoin_flags_are_checked_before_anything_runs(tmp_path: Path, args: lis
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
     assert untouched(tmp_path)
+
+
+def test_the_member_data_is_looked_for_under_etcd_data_dir(tmp_path: Path,
+                                                          peer: StandInPeer) -> None:
+    """--etcd-data-dir elsewhere: an intact member there is a restart, not a lost member;
+    the default stays <data_dir>/etcd (existing nodes keep their data)."""
+    data, elsewhere = tmp_path / "data", tmp_path / "etcd-volume"
+    data.mkdir()
+    wal = elsewhere / "member" / "wal"
+    wal.mkdir(parents=True)
+    (wal / "0.wal").write_bytes(b"x")
+    peer.members(me(started=True))
+    config = dataclasses.replace(node_config(data, peer), etcd_data_dir=str(elsewhere))
+    assert not rejoin.wal_is_empty(config)
+    rejoin.check_data(config)   # no MemberDataLost: the data is where the option says
+    assert rejoin.marker_path(config).parent == data
+    assert node_config(data, peer).etcd_path == data / "etcd"
+    with pytest.raises(rejoin.MemberDataLost):
+        rejoin.check_data(node_config(data, peer))

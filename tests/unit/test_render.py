@@ -20,7 +20,7 @@ TASK_FIELDS = {
 NODE_FIELDS = {
     "id", "name", "address", "cpu_capacity", "memory_capacity_bytes", "cpu_allocated",
     "memory_allocated_bytes", "running", "etcd_leader", "executor", "nospace",
-    "allow_host_network",
+    "allow_host_network", "disk_capacity_bytes", "disk_allocated_bytes", "capabilities",
 }
 NOW = datetime(2026, 11, 27, 7, 15, 0, tzinfo=UTC)
 
@@ -127,10 +127,30 @@ def test_nodes_table_shows_allocation_over_capacity_and_flags() -> None:
                    cpu_capacity_millis=4000, memory_capacity_bytes=16 * 2**30,
                    cpu_allocated_millis=1500, memory_allocated_bytes=2 * 2**30, running=3,
                    etcd_leader=True, nospace=True, executor="runc")
+    node.disk_capacity_bytes, node.disk_allocated_bytes = 100 * 2**30, 3 * 2**30
+    node.capabilities.update({"filch.io/executor": "runc", "filch.io/disk-enforced": "true",
+                              "filch.io/network-isolated": "false"})
     header, row = render.nodes_table([node]).splitlines()
     assert header.split()[:3] == ["NAME", "ID", "ADDRESS"]
-    assert row.split() == ["node-1", "01234567", "10.0.0.1:7070", "1.5/4", "2Gi/16Gi", "3",
-                           "runc", "leader,NOSPACE"]
+    assert row.split() == ["node-1", "01234567", "10.0.0.1:7070", "1.5/4", "2Gi/16Gi",
+                           "3Gi/100Gi", "3", "runc", "leader,NOSPACE",
+                           "disk-enforced,network-isolated=false"]
+
+
+def test_nodes_show_disk_as_advisory_where_sizes_are_not_enforced() -> None:
+    node = pb.Node(id="0123456789abcdef", name="node-1", address="10.0.0.1:7070",
+                   executor="process",
+                   disk_capacity_bytes=100 * 2**30,
+                   capabilities={"filch.io/executor": "process",
+                                 "filch.io/disk-enforced": "false"})
+    header, row = render.nodes_table([node]).splitlines()
+    columns = dict(zip(header.split(), row.split(), strict=True))
+    assert columns["DISK"] == "advisory"
+    assert columns["CAPABILITIES"] == "disk-enforced=false"
+    data = render.node_to_dict(node)
+    assert data["disk_capacity_bytes"] == 100 * 2**30
+    assert data["capabilities"] == {"filch.io/disk-enforced": "false",
+                                    "filch.io/executor": "process"}
 
 
 def test_task_detail_reads_like_a_description() -> None:

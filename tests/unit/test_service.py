@@ -434,3 +434,37 @@ async def test_an_array_past_the_pending_limit_is_refused_whole(store: Store) ->
         await service.submit_array(spec(), pb.ArraySpec(start=0, end=5), "too-many")
     assert await store.list_ids(b"/") == []
     assert len((await service.submit_array(spec(), pb.ArraySpec(start=0, end=4), "")).task_ids) == 5
+
+
+async def test_explain_pending_says_why_a_disk_task_waits(
+        service: TaskService, store: Store) -> None:
+    lease = await store.grant_lease(30)
+    advisory = {"filch.io/executor": "runc", "filch.io/disk-enforced": "false",
+                "filch.io/network-isolated": "true"}
+    await store.put_node(node(disk_capacity_bytes=10 << 30, capabilities=advisory), lease)
+    sized, _ = await service.submit(spec(disk_bytes=1 << 30))
+    unsized, _ = await service.submit(spec())
+    await service.explain_pending([sized, unsized])
+    assert "no live node enforces disk sizes" in sized.message
+    assert unsized.message == ""
+    # Where sizes are enforced, a --disk beyond every node's capacity says so.
+    enforced = dict(advisory, **{"filch.io/disk-enforced": "true"})
+    await store.put_node(node(disk_capacity_bytes=10 << 30, capabilities=enforced), lease)
+    huge, _ = await service.submit(spec(disk_bytes=20 << 30))
+    sized.message = ""
+    await service.explain_pending([sized, huge])
+    assert sized.message == ""
+    assert huge.message.startswith("no node has 20Gi of disk"), huge.message
+    assert "10Gi" in huge.message
+
+
+async def test_explain_pending_says_when_no_runc_node_has_a_verified_firewall(
+        service: TaskService, store: Store) -> None:
+    lease = await store.grant_lease(30)
+    await store.put_node(node(capabilities={"filch.io/executor": "runc",
+                                            "filch.io/network-isolated": "false"}), lease)
+    isolated, _ = await service.submit(spec())
+    unisolated, _ = await service.submit(spec(network="none"))
+    await service.explain_pending([isolated, unisolated])
+    assert "verified task firewall" in isolated.message
+    assert unisolated.message == ""

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from node import keys, metrics
+from node import capabilities, keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.capabilities import Capabilities
 from node.config import Config
 from node.housekeeping import Housekeeping
 from node.node_state import NodeState, Registration
@@ -185,3 +186,70 @@ async def test_an_owner_holding_nothing_leaves_the_share_gauges_but_the_default_
     assert running(keys.DEFAULT_OWNER) == 0  # the dashboards' default series stays
     assert REGISTRY.get_sample_value("filch_owner_dominant_share",
                                      {"owner": keys.DEFAULT_OWNER}) == 0
+
+
+async def _queue_spec(store: Store, **spec: Any) -> str:
+    task = pb.Task(id=keys.new_task_id(), state=pb.TASK_STATE_PENDING,
+                   spec=pb.TaskSpec(command="true", cpu_millis=100, memory_bytes=1 << 20,
+                                    **spec))
+    task.submitted_at.GetCurrentTime()
+    assert await store.transition(None, task) is not None
+    return task.id
+
+
+async def _capable_node(store: Store, **values: str) -> tuple[Stealer, NodeState, Launched]:
+    config = Config(name="a", cpus=4, memory=8 << 30, default_disk=16 << 20)
+    node_capabilities = Capabilities({capabilities.EXECUTOR: "runc", **values})
+    state = NodeState.for_config(config, capabilities=node_capabilities,
+                                 disk_capacity=100 << 20)
+    state.registration = Registration(keys.new_node_id(), await store.grant_lease(60))
+    launched = Launched()
+    return Stealer(config=config, store=store, state=state, runner=launched), state, launched
+
+
+async def test_a_node_steals_no_isolated_task_while_its_firewall_is_unverified(
+        store: Store) -> None:
+    isolated = await _queue_spec(store)
+    unisolated = await _queue_spec(store, network="none")
+    stealer, state, launched = await _capable_node(
+        store, **{capabilities.NETWORK_ISOLATED: "false", capabilities.DISK_ENFORCED: "true"})
+    await stealer._relist()
+    assert await stealer._pass()
+    assert [task.id for task in launched.tasks] == [unisolated]
+    assert not await stealer._pass()
+    # The one call the task network makes when its policy is back: the task is taken.
+    state.capabilities.set(capabilities.NETWORK_ISOLATED, "true")
+    assert stealer._queue.refill.is_set()
+    await stealer._relist()
+    assert await stealer._pass()
+    assert [task.id for task in launched.tasks] == [unisolated, isolated]
+
+
+async def test_disk_counts_like_cpu_and_memory(store: Store) -> None:
+    first = await _queue_spec(store, disk_bytes=60 << 20, network="none")
+    await _queue_spec(store, disk_bytes=60 << 20, network="none")     # 120Mi > 100Mi
+    await _queue_spec(store, disk_bytes=200 << 20, network="none")    # never fits
+    unsized = await _queue_spec(store, network="none")                # the default, 16Mi
+    stealer, state, launched = await _capable_node(
+        store, **{capabilities.NETWORK_ISOLATED: "true", capabilities.DISK_ENFORCED: "true"})
+    await stealer._relist()
+    for _ in range(5):      # bounded: one steal or more per pass, four tasks
+        if not await stealer._pass():
+            break
+    assert sorted(task.id for task in launched.tasks) == sorted([first, unsized])
+    assert state.capacity.allocation().disk_bytes == (60 + 16) << 20
+    assert await store.count(keys.QUEUED) == 2
+
+
+async def test_a_node_that_cannot_enforce_sizes_takes_no_disk_task(store: Store) -> None:
+    await _queue_spec(store, disk_bytes=1 << 20, network="none")
+    unsized = await _queue_spec(store, network="none")
+    stealer, state, launched = await _capable_node(
+        store, **{capabilities.NETWORK_ISOLATED: "true", capabilities.DISK_ENFORCED: "false"})
+    await stealer._relist()
+    for _ in range(5):      # bounded: one steal or more per pass, four tasks
+        if not await stealer._pass():
+            break
+    assert [task.id for task in launched.tasks] == [unsized]
+    # The default size is advisory here: not counted.
+    assert state.capacity.allocation().disk_bytes == 0

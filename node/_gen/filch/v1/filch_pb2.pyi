@@ -593,6 +593,26 @@ class Node(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class CapabilitiesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
@@ -608,6 +628,9 @@ class Node(_message.Message):
     NOSPACE_FIELD_NUMBER: _builtins.int
     ALLOW_HOST_NETWORK_FIELD_NUMBER: _builtins.int
     OWNERS_FIELD_NUMBER: _builtins.int
+    DISK_CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
+    DISK_ALLOCATED_BYTES_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     address: _builtins.str
@@ -626,11 +649,19 @@ class Node(_message.Message):
     """filled in when listed: etcd raised the NOSPACE alarm"""
     allow_host_network: _builtins.bool
     """started with --allow-host-network: runs --network host tasks"""
+    disk_capacity_bytes: _builtins.int
+    """--disk-capacity (or auto: its /work file system minus a reserve)"""
+    disk_allocated_bytes: _builtins.int
+    """what its running attempts' /work sizes add up to"""
     @_builtins.property
     def registered_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def owners(self) -> _containers.MessageMap[_builtins.str, Global___OwnerUsage]:
         """what each owner's tasks hold on this node (fair share)"""
+
+    @_builtins.property
+    def capabilities(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """filch.io/... -> value (node/capabilities.py)"""
 
     def __init__(
         self,
@@ -650,10 +681,13 @@ class Node(_message.Message):
         nospace: _builtins.bool = ...,
         allow_host_network: _builtins.bool = ...,
         owners: _abc.Mapping[_builtins.str, Global___OwnerUsage] | None = ...,
+        disk_capacity_bytes: _builtins.int = ...,
+        disk_allocated_bytes: _builtins.int = ...,
+        capabilities: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allow_host_network", b"allow_host_network", "cpu_allocated_millis", b"cpu_allocated_millis", "cpu_capacity_millis", b"cpu_capacity_millis", "etcd_leader", b"etcd_leader", "etcd_member_id", b"etcd_member_id", "executor", b"executor", "id", b"id", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_capacity_bytes", b"memory_capacity_bytes", "name", b"name", "nospace", b"nospace", "owners", b"owners", "registered_at", b"registered_at", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allow_host_network", b"allow_host_network", "capabilities", b"capabilities", "cpu_allocated_millis", b"cpu_allocated_millis", "cpu_capacity_millis", b"cpu_capacity_millis", "disk_allocated_bytes", b"disk_allocated_bytes", "disk_capacity_bytes", b"disk_capacity_bytes", "etcd_leader", b"etcd_leader", "etcd_member_id", b"etcd_member_id", "executor", b"executor", "id", b"id", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_capacity_bytes", b"memory_capacity_bytes", "name", b"name", "nospace", b"nospace", "owners", b"owners", "registered_at", b"registered_at", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
