@@ -60,7 +60,8 @@ def make_network(config: Config) -> TaskNetwork | None:
     """The task network of a runc node (the process executor does not isolate networks)."""
     if config.executor != "runc":
         return None
-    return TaskNetwork(config.name, config.task_subnet, config.path / "network")
+    return TaskNetwork(config.name, config.task_subnet, config.path / "network",
+                       task_deny=config.task_deny, task_allow=config.task_allow)
 
 
 def make_executor(config: Config, watchdog: Watchdog,
