@@ -64,7 +64,8 @@ def make_network(config: Config) -> TaskNetwork | None:
     """The task network of a runc node (the process executor does not isolate networks)."""
     if config.executor != "runc":
         return None
-    return TaskNetwork(config.name, config.task_subnet, config.path / "network")
+    return TaskNetwork(config.name, config.task_subnet, config.path / "network",
+                       task_deny=config.task_deny, task_allow=config.task_allow)
 
 
 def make_executor(config: Config, watchdog: Watchdog,
@@ -294,7 +295,17 @@ async def fill_firewall(store: Store, network: TaskNetwork,
     housekeeping refreshes them from then on. Only then does the node take isolated
     tasks (filch.io/network-isolated)."""
     await network.set_cluster_addresses(await cluster_addresses(store))
-    node_capabilities.set(capabilities.NETWORK_ISOLATED, capabilities.TRUE)
+
+    def follow_policy(problem: str) -> None:
+        # From now on the capability follows the firewall: a deleted table that cannot be
+        # restored stops this node from stealing isolated tasks until it is back.
+        node_capabilities.set(capabilities.NETWORK_ISOLATED,
+                              capabilities.FALSE if problem else capabilities.TRUE)
+        if problem:
+            log.error("not taking isolated tasks: %s", problem)
+
+    network.on_policy_change = follow_policy
+    follow_policy(network.policy_problem)
 
 
 def disk_plan(config: Config) -> disk.DiskPlan:

@@ -100,6 +100,14 @@ class Config:
         "reach etcd and every node's API; without root they also run as the agent's uid and "
         "can read its TLS key, etcd key and API token), or without a cgroup per task (a task "
         "that calls setsid survives its cancel).")})
+    task_deny: str = field(default="", metadata={"help": (
+        "CIDR ranges isolated tasks may not reach, comma-separated or the flag repeated (e.g. "
+        "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16 to keep the LAN out of reach). Always "
+        "dropped besides: every address of every node, 169.254.0.0/16 and the cloud metadata "
+        "endpoints 168.63.129.16, 100.100.100.200, fd00:ec2::254.")})
+    task_allow: str = field(default="", metadata={"help": (
+        "CIDR ranges isolated tasks may reach even so: wins over --task-deny and the metadata "
+        "defaults, never over the addresses of the cluster's nodes (those stay dropped).")})
     allow_host_network: bool = field(default=False, metadata={"help": (
         "UNSAFE: also run --network host tasks, which share this machine's network and can reach "
         "etcd and every node's API. Off: such tasks wait for a node that allows them.")})
@@ -310,6 +318,9 @@ class Config:
                                   "--disk could ever run here; lower --default-disk")
         from node.runtime.network import parse_subnet
         parse_subnet(self.task_subnet)
+        from node.runtime.firewall import parse_cidrs
+        parse_cidrs(self.task_deny, "task_deny")
+        parse_cidrs(self.task_allow, "task_allow")
         return self
 
 
@@ -378,9 +389,16 @@ SIZE_FIELDS = ("memory", "etcd_quota_bytes", "defrag_threshold", "max_log_bytes"
                "default_disk", "disk_capacity")
 
 
+# Fields holding comma-separated lists: a TOML array or a repeated flag fills them too.
+LIST_FIELDS = ("task_deny", "task_allow")
+
+
 def _coerce(name: str, raw: Any) -> Any:
     """Convert a TOML or environment value to the field's type."""
     kind = FIELDS[name].type
+    if name in LIST_FIELDS and isinstance(raw, list | tuple):
+        # A TOML array or a repeated flag: the field holds them comma-separated.
+        return ",".join(str(item) for item in raw)
     try:
         if name in SIZE_FIELDS and isinstance(raw, str):
             return units.parse_size(raw)

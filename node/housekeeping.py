@@ -80,8 +80,7 @@ class Housekeeping:
     async def round(self) -> None:
         """One pass: task firewall, metrics, NOSPACE, retention, compaction,
         defragmentation, old logs."""
-        if self._firewall is not None:
-            await self._firewall(await cluster_addresses(self._store))
+        await self._refresh_firewall()
         status = await self._store.member_status()
         self._export(status)
         await self._refresh_counts()
@@ -97,6 +96,19 @@ class Housekeeping:
         if status.db_size - status.db_size_in_use >= self._config.defrag_threshold:
             await self.defragment()
         await asyncio.to_thread(self._remove_old_logs)
+
+    async def _refresh_firewall(self) -> None:
+        """Verify (restore) the task firewall and refresh its cluster addresses. A failure
+        is logged and counted, never raised: retention, NOSPACE recovery and compaction
+        must not stop because an nft table vanished (attach() refuses isolated tasks
+        meanwhile, so nothing runs unfiltered)."""
+        if self._firewall is None:
+            return
+        try:
+            await self._firewall(await cluster_addresses(self._store))
+        except FilchError as exc:
+            metrics.FIREWALL_ERRORS.inc()
+            log.error("task firewall step failed (the rest of housekeeping goes on): %s", exc)
 
     def _export(self, status: MemberStatus) -> None:
         metrics.ETCD_DB_SIZE.set(status.db_size)
@@ -272,9 +284,12 @@ def _newest_mtime(directory: Path) -> float:
 
 
 async def cluster_addresses(store: Store) -> list[str]:
-    """Hosts of every etcd member's peer and client URLs and of every live node's
-    advertised address: what tasks must never reach. Raises FilchError if etcd fails."""
+    """Hosts of every etcd member's peer and client URLs, every live node's advertised
+    address and every address each node publishes (all its interfaces): what tasks must
+    never reach. Raises FilchError if etcd fails."""
     hosts = {urlsplit(url).hostname or "" for url in await store.member_urls()}
-    hosts |= {node.address.rpartition(":")[0].strip("[]") for node in await store.list_nodes()}
+    for node in await store.list_nodes():
+        hosts.add(node.address.rpartition(":")[0].strip("[]"))
+        hosts.update(node.addresses)
     hosts.discard("")
     return sorted(hosts)

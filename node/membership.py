@@ -18,6 +18,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.errors import FilchError
 from node.node_state import NodeState, Registration
+from node.runtime.network import local_addresses
 from node.store import Store
 from node.watchdog import Watchdog
 
@@ -46,6 +47,11 @@ REGISTER_RETRY = 0.5
 # Coalesce node-record updates: allocation changes with every steal and finish.
 PUBLISH_DEBOUNCE = 0.2
 
+# How often the node's interface addresses are read (`ip -j addr`, a local call of a few
+# ms); the record is rewritten only when they changed. Other nodes' task firewalls pick a
+# change up at their next housekeeping round.
+ADDRESS_POLL = 10.0
+
 
 class Fenceable(Protocol):
     async def fence(self) -> None:
@@ -72,6 +78,7 @@ class Membership:
         self._registered_at = 0.0
         self._member_id = 0
         self._deadline = 0.0
+        self._addresses: list[str] | None = None
 
     @property
     def registration(self) -> Registration | None:
@@ -90,6 +97,7 @@ class Membership:
         """Register, renew, fence on failure, register again — forever."""
         async with asyncio.TaskGroup() as group:
             group.create_task(self._publish_loop())
+            group.create_task(self._address_loop())
             while True:
                 registration = await self._register()
                 await self._renew_until_lost(registration)
@@ -105,6 +113,8 @@ class Membership:
                 registration = Registration(keys.new_node_id(), lease_id)
                 self._state.registration = registration
                 self._registered_at = time.time()
+                if self._addresses is None:
+                    await self._read_addresses()
                 await self._store.put_node(self._node_record(registration), lease_id)
                 self._deadline = sent + self._config.lease_ttl - self.margin
                 await self._arm_watchdog()
@@ -195,7 +205,8 @@ class Membership:
             executor=self._executor_name, allow_host_network=self._config.allow_host_network,
             disk_capacity_bytes=self._state.capacity.disk_bytes,
             disk_allocated_bytes=allocation.disk_bytes,
-            capabilities=self._state.capabilities.snapshot())
+            capabilities=self._state.capabilities.snapshot(),
+            addresses=self._addresses or [])
         record.registered_at.FromNanoseconds(int(self._registered_at * 1e9))
         # Every stealer reads these for fair share; they change with the allocation, so
         # they ride on the same debounced writes (at most one per PUBLISH_DEBOUNCE).
@@ -218,3 +229,26 @@ class Membership:
             except FilchError as exc:
                 log.warning("could not update the node record: %s", exc)
                 self._dirty.set()
+
+    async def _address_loop(self) -> NoReturn:
+        while True:
+            await asyncio.sleep(ADDRESS_POLL)
+            if await self._read_addresses():
+                self._dirty.set()
+
+    async def _read_addresses(self) -> bool:
+        """Read this host's addresses; True when they changed. Never raises: without
+        `ip` the record keeps what it had (the advertised address still protects)."""
+        try:
+            addresses = await local_addresses()
+        except FilchError as exc:
+            if self._addresses is None:
+                log.warning("cannot read this node's addresses for the other nodes' task "
+                            "firewalls (only the advertised one is published): %s", exc)
+                self._addresses = []
+            return False
+        if addresses == self._addresses:
+            return False
+        log.info("this node's addresses: %s", ", ".join(addresses) or "none")
+        self._addresses = addresses
+        return True

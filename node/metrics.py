@@ -55,6 +55,19 @@ FENCED_WRITES = Counter("filch_fenced_writes_total",
                         "Result writes rejected because this node no longer owned the task.")
 START_FAILURES = Counter("filch_task_start_failures_total", "Attempts that failed to start.")
 
+# -- task firewall (node/runtime/firewall.py) ---------------------------------------------
+FIREWALL_RESTORES = Counter(
+    "filch_task_firewall_restores_total",
+    "Times this node found its task firewall (nft table) missing or altered and loaded it "
+    "again (something ran `nft flush ruleset`).")
+FIREWALL_FAILED = Gauge(
+    "filch_task_firewall_failed",
+    "1 while this node's task firewall cannot be verified or restored: isolated tasks are "
+    "refused.")
+FIREWALL_ERRORS = Counter(
+    "filch_task_firewall_errors_total",
+    "Housekeeping rounds whose task firewall step failed (the rest of the round still ran).")
+
 # -- liveness ---------------------------------------------------------------------------
 REQUEUES = Counter("filch_requeues_total", "Tasks handed back after losing their node.",
                    ["cause"])

@@ -55,6 +55,8 @@ _METAVARS = {
     "max_finished": "COUNT",
     "task_subnet": "CIDR",
     "submit_budget": "FRACTION",
+    "task_deny": "CIDR",
+    "task_allow": "CIDR",
 }
 _CHOICES = {"executor": ["runc", "process"], "initial_cluster_state": ["new", "existing"]}
 _SIZE_FIELDS = frozenset(config_module.SIZE_FIELDS)
@@ -106,6 +108,12 @@ def config_options() -> list[click.Option]:
             # A switch: given means true (FILCH_* and the TOML file can say false).
             options.append(click.Option([flag, field.name], is_flag=True, default=None,
                                         help=f"{doc}  [{'; '.join(extra)}]"))
+            continue
+        if field.name in config_module.LIST_FIELDS:
+            # Repeatable; config.load joins the values with commas.
+            options.append(click.Option(
+                [flag, field.name], type=kind, multiple=True, default=None,
+                metavar=_METAVARS.get(field.name), help=f"{doc}  [{'; '.join(extra)}]"))
             continue
         options.append(click.Option(
             [flag, field.name], type=kind, default=None, metavar=_METAVARS.get(field.name),

@@ -13,15 +13,11 @@ removes exactly its own leftovers after a crash, even with several nodes on one 
   namespace  filch-<sanitised name>-<slot>         (under /run/netns)
   nft table  inet filch-<sanitised name>           (NAT and the firewall below)
 
-Firewall, in the node's own table (inet: IPv4 and IPv6 alike): anything arriving from the
-bridge for a local address of this host is dropped (input hook: etcd, gRPC, HTTP,
-metrics, whatever listens); forwarded traffic from the bridge is dropped when it goes
-back to the bridge (task to task), when it is IPv6, when it is addressed to any
-cluster node (a set fed from the etcd member list and the live node records) or to a
-link-local address (169.254.0.0/16: a cloud's metadata service hands out the machine's
-credentials there). Nothing opens a connection to a task: new connections forwarded
-towards the bridge are dropped (from another node's tasks on the same machine, say).
-Bridge ports are also `isolated on`, so tasks cannot talk to each other at layer 2.
+The firewall, in the node's own nft table, is firewall.py's: tasks reach no address of
+this host nor of any cluster node, no cloud metadata service, no --task-deny range, and
+nothing opens a connection to a task. It is verified (and restored) before every attach;
+an attach the firewall cannot be verified for is refused. Bridge ports are also
+`isolated on`, so tasks cannot talk to each other at layer 2.
 """
 
 from __future__ import annotations
@@ -34,12 +30,14 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from node.errors import ExecutorError, InvalidArgument
 from node.runtime import kill
+from node.runtime.commands import run as _run
+from node.runtime.firewall import TaskFirewall, metadata_networks, parse_cidrs
 from node.runtime.resolv import TaskResolvConf
 
 log = logging.getLogger(__name__)
@@ -48,9 +46,8 @@ ISOLATED, NONE, HOST = "isolated", "none", "host"
 MODES = (ISOLATED, NONE, HOST)
 
 NETNS_DIR = Path(kill.NETNS_DIR)
-# Link-local IPv4, dropped from tasks: cloud metadata services (169.254.169.254) answer
-# there with the machine's credentials, and nothing a batch task needs lives there.
-LINK_LOCAL = "169.254.0.0/16"
+# Any node's bridge or host veth on this machine (the names TaskNetwork derives).
+_FILCH_LINK = re.compile(r"fb[0-9a-f]{6}|fv[0-9a-f]{6}[0-9]+")
 
 # Shared address space (RFC 6598): private, clear of podman's 10.88.0.0/16 and of the
 # RFC 1918 ranges home and office networks use. Each node takes one /24 of it.
@@ -58,9 +55,6 @@ AUTO_POOL = ipaddress.IPv4Network("100.64.0.0/10")
 AUTO_PREFIX = 24
 # Explicit subnets: /16 is 65,533 tasks (more than any node runs), /28 still 13.
 MIN_PREFIX, MAX_PREFIX = 16, 28
-
-# An `ip` or `nft` call that takes longer than this is wedged (they take milliseconds).
-COMMAND_TIMEOUT = 30.0
 
 # How long an isolated attempt waits for the first fill of the cluster address set (the
 # agent fills it as soon as etcd answers; a node without etcd quorum cannot steal anyway).
@@ -87,6 +81,10 @@ def parse_subnet(value: str) -> ipaddress.IPv4Network | None:
     if not MIN_PREFIX <= subnet.prefixlen <= MAX_PREFIX:
         raise InvalidArgument("task_subnet", f"{value!r}: the prefix must be "
                                              f"/{MIN_PREFIX}../{MAX_PREFIX}")
+    for metadata in metadata_networks():
+        if metadata.version == 4 and subnet.overlaps(metadata):
+            raise InvalidArgument("task_subnet", f"{value!r} overlaps the cloud metadata "
+                                                 f"range {metadata}: pick another subnet")
     return subnet
 
 
@@ -103,8 +101,10 @@ def sanitised(node_name: str) -> str:
 
 def auto_subnet(node_name: str, routed: Iterable[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
     """The /24 in AUTO_POOL this node uses: derived from its name's hash, moved on past any
-    /24 that overlaps a network already routed here. Raises ExecutorError if all do."""
-    taken = list(routed)
+    /24 that overlaps a network already routed here or holds a cloud metadata address
+    (Alibaba's 100.100.100.200 is inside the pool). Raises ExecutorError if all do."""
+    taken: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = list(routed)
+    taken += metadata_networks()
     count = 1 << (AUTO_PREFIX - AUTO_POOL.prefixlen)
     first = int(hashlib.sha256(node_name.encode()).hexdigest(), 16) % count
     for step in range(count):
@@ -136,8 +136,10 @@ class TaskNetwork:
     task and again whenever membership may have changed.
     """
 
-    def __init__(self, node_name: str, task_subnet: str, state_dir: Path) -> None:
-        """Derive the names; touches nothing. Raises InvalidArgument for a bad task_subnet."""
+    def __init__(self, node_name: str, task_subnet: str, state_dir: Path, *,
+                 task_deny: str = "", task_allow: str = "") -> None:
+        """Derive the names; touches nothing. Raises InvalidArgument for a bad task_subnet,
+        task_deny or task_allow (comma-separated CIDRs)."""
         self._explicit = parse_subnet(task_subnet)
         self._node_name = node_name
         digest = name_hash(node_name)
@@ -153,6 +155,30 @@ class TaskNetwork:
         self._broken = ""
         self._dns = TaskResolvConf(state_dir / "resolv.conf")
         self._resolv_conf: Path | None = None
+        self._firewall = TaskFirewall(
+            table=self.table, bridge=self.bridge, state_dir=state_dir,
+            deny=parse_cidrs(task_deny, "task_deny"), allow=parse_cidrs(task_allow, "task_allow"))
+        self._firewall.on_change = self._policy_changed
+        self._told_problem = ""
+        # Called with the new policy_problem whenever it changes (the agent wires it to
+        # the node's capability to take isolated tasks).
+        self.on_policy_change: Callable[[str], None] | None = None
+
+    @property
+    def policy_problem(self) -> str:
+        """"" while this node's task network and firewall are verified, else a one-line
+        reason isolated tasks are refused."""
+        if self._broken:
+            return f"this node could not set up task networks: {self._broken}"
+        return self._firewall.problem
+
+    def _policy_changed(self) -> None:
+        problem = self.policy_problem
+        if problem == self._told_problem:
+            return
+        self._told_problem = problem
+        if self.on_policy_change is not None:
+            self.on_policy_change(problem)
 
     @property
     def subnet(self) -> ipaddress.IPv4Network:
@@ -175,8 +201,10 @@ class TaskNetwork:
         except ExecutorError as exc:
             self._broken = str(exc)
             self._cluster_known.set()   # nothing to wait for: attach() refuses at once
+            self._policy_changed()
             raise
         self._broken = ""
+        self._policy_changed()
 
     async def _reset(self) -> None:
         await self.remove_all()
@@ -188,8 +216,7 @@ class TaskNetwork:
             f"link set dev {self.bridge} addrgenmode none",
             f"addr add {gateway}/{self._subnet.prefixlen} dev {self.bridge}",
             f"link set dev {self.bridge} up", ""]))
-        await _run("nft", "-f", "-", stdin=self._ruleset())
-        await asyncio.to_thread(_enable_forwarding)
+        await self._firewall.load(self._subnet)
         # Slots 0..n-1 map to gateway+1 ..; the network, gateway and broadcast are not tasks'.
         self._free = list(range(self._subnet.num_addresses - 3))
         self._free.reverse()   # pop() hands out the lowest slot first
@@ -197,37 +224,9 @@ class TaskNetwork:
         log.info("task network: bridge %s, subnet %s, nft table inet %s", self.bridge,
                  self._subnet, self.table)
 
-    def _ruleset(self) -> str:
-        bridge, subnet = json.dumps(self.bridge), self.subnet
-        return f"""
-table inet {self.table} {{}}
-delete table inet {self.table}
-table inet {self.table} {{
-  set cluster4 {{ type ipv4_addr; }}
-  set cluster6 {{ type ipv6_addr; }}
-  chain input {{
-    type filter hook input priority filter; policy accept;
-    iifname {bridge} drop
-  }}
-  chain forward {{
-    type filter hook forward priority filter; policy accept;
-    iifname {bridge} oifname {bridge} drop
-    iifname {bridge} meta nfproto ipv6 drop
-    iifname {bridge} ip daddr @cluster4 drop
-    iifname {bridge} ip6 daddr @cluster6 drop
-    iifname {bridge} ip daddr {LINK_LOCAL} drop
-    oifname {bridge} ct state new drop
-  }}
-  chain postrouting {{
-    type nat hook postrouting priority srcnat; policy accept;
-    ip saddr {subnet} oifname != {bridge} masquerade
-  }}
-}}
-"""
-
     async def set_cluster_addresses(self, addresses: Iterable[str]) -> None:
-        """Replace the set of cluster addresses tasks may not reach (atomically), and
-        rewrite resolv.conf.
+        """Replace the set of cluster addresses tasks may not reach (atomically), after
+        verifying (and if need be restoring) the firewall, and rewrite resolv.conf.
 
         Entries are IP addresses or host names (resolved here). Raises ExecutorError
         when nft fails; a name that does not resolve is logged and skipped. Does nothing
@@ -241,12 +240,7 @@ table inet {self.table} {{
                 if address.is_loopback or address.is_unspecified:
                     continue
                 (v4 if address.version == 4 else v6).add(str(address))
-        lines = [f"flush set inet {self.table} cluster4", f"flush set inet {self.table} cluster6"]
-        if v4:
-            lines.append(f"add element inet {self.table} cluster4 {{ {', '.join(sorted(v4))} }}")
-        if v6:
-            lines.append(f"add element inet {self.table} cluster6 {{ {', '.join(sorted(v6))} }}")
-        await _run("nft", "-f", "-", stdin="\n".join(lines) + "\n")
+        await self._firewall.set_cluster(frozenset(v4), frozenset(v6))
         if not self._cluster_known.is_set():
             log.info("task firewall: %d cluster addresses", len(v4) + len(v6))
         self._cluster_known.set()
@@ -261,9 +255,11 @@ table inet {self.table} {{
     async def attach(self) -> Lease:
         """Create a namespace with lo and eth0 (on the bridge, NATed) for one attempt.
 
-        Waits up to CLUSTER_WAIT for the first fill of the cluster address set. Raises
-        ExecutorError when it stays empty (tasks could reach the other nodes), no slot is
-        free, or ip fails (nothing is left then). Cancellation releases what was made.
+        Waits up to CLUSTER_WAIT for the first fill of the cluster address set, then
+        verifies the firewall (restoring it if something deleted or changed it). Raises
+        ExecutorError when the set stays empty (tasks could reach the other nodes), the
+        firewall cannot be verified or restored, no slot is free, or ip fails (nothing is
+        left then). Cancellation releases what was made.
         """
         try:
             await asyncio.wait_for(self._cluster_known.wait(), CLUSTER_WAIT)
@@ -273,6 +269,11 @@ table inet {self.table} {{
         if self._broken:
             raise ExecutorError(f"this node could not set up task networks: {self._broken} "
                                 "(use --network none, or give the agent CAP_NET_ADMIN)")
+        try:
+            await self._firewall.ensure()
+        except ExecutorError as exc:
+            raise ExecutorError(f"refused to start an isolated task without its firewall: "
+                                f"{exc}") from None
         if not self._free:
             raise ExecutorError(f"no free address in the task subnet {self.subnet}")
         slot = self._free.pop()
@@ -332,8 +333,7 @@ table inet {self.table} {{
                        quiet_missing=True)
             log.info("removed %d task namespaces and %d links (bridge, veths) of node %s",
                      len(namespaces), len(links), self._node_name)
-        await _run("nft", "-f", "-", stdin=f"table inet {self.table} {{}}\n"
-                                           f"delete table inet {self.table}\n")
+        await self._firewall.remove()
         self._cluster_known.clear()
 
     async def _own_links(self) -> list[str]:
@@ -356,6 +356,32 @@ table inet {self.table} {{
         return networks
 
 
+async def local_addresses() -> list[str]:
+    """Every address of this host's interfaces that another node's tasks must not reach
+    (interface_addresses). Raises ExecutorError when ip fails."""
+    return interface_addresses(await _run("ip", "-j", "addr", "show"))
+
+
+def interface_addresses(ip_addr_json: str) -> list[str]:
+    """The addresses in `ip -j addr` output, sorted, except loopback, link-local and
+    multicast ones and those of filch's task bridges and veths (every node's on the host:
+    task gateways, not ways into the node)."""
+    found: set[str] = set()
+    for link in json.loads(ip_addr_json or "[]"):
+        name = str(link.get("ifname", ""))
+        if _FILCH_LINK.fullmatch(name):
+            continue
+        for info in link.get("addr_info", []):
+            try:
+                address = ipaddress.ip_address(str(info.get("local", "")).split("%")[0])
+            except ValueError:
+                continue
+            if not (address.is_loopback or address.is_link_local or address.is_multicast
+                    or address.is_unspecified):
+                found.add(str(address))
+    return sorted(found)
+
+
 async def _resolve(entry: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
     host = entry.strip("[]")
     try:
@@ -371,53 +397,8 @@ async def _resolve(entry: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Add
     return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
 
 
-def _enable_forwarding() -> None:
-    """net.ipv4.ip_forward = 1 in this network namespace (NAT needs it). Raises
-    ExecutorError when it is off and cannot be turned on (a read-only /proc/sys in a
-    container: `podman run --sysctl net.ipv4.ip_forward=1`)."""
-    path = Path("/proc/sys/net/ipv4/ip_forward")
-    try:
-        if path.read_text().strip() != "1":
-            path.write_text("1\n")
-    except OSError as exc:
-        raise ExecutorError(f"cannot enable net.ipv4.ip_forward ({exc}); in a container, "
-                            "start it with --sysctl net.ipv4.ip_forward=1") from exc
-
-
 def _listdir(path: Path) -> list[str]:
     try:
         return os.listdir(path)
     except FileNotFoundError:
         return []
-
-
-async def _run(*argv: str, stdin: str = "", quiet_missing: bool = False) -> str:
-    """Run ip or nft; return stdout. Raises ExecutorError with its stderr on failure.
-    quiet_missing: `ip -force -batch` exits 1 when some object was gone already,
-    which is what deletion wants, so only other errors count."""
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *argv, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
-    except OSError as exc:
-        raise ExecutorError(f"cannot run {argv[0]}: {exc} (install iproute2 and nftables)"
-                            ) from exc
-    try:
-        out, err = await asyncio.wait_for(process.communicate(stdin.encode()), COMMAND_TIMEOUT)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise ExecutorError(f"{argv[0]} took over {COMMAND_TIMEOUT:.0f} s") from None
-    if process.returncode != 0:
-        message = err.decode(errors="replace").strip()
-        if quiet_missing and all(_is_missing(line) for line in message.splitlines()):
-            return out.decode(errors="replace")
-        raise ExecutorError(f"{' '.join(argv[:3])} failed: {message}")
-    return out.decode(errors="replace")
-
-
-def _is_missing(line: str) -> bool:
-    """An `ip -force -batch` error line saying the object to delete is gone already."""
-    return any(text in line for text in (
-        "Cannot find device", "No such file or directory", "does not exist",
-        "Command failed", "Cannot remove namespace"))

@@ -8,10 +8,12 @@ see the host's /usr); every probe goes to those addresses only.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import signal
+import socket
 import socketserver
 import subprocess
 import threading
@@ -255,3 +257,95 @@ def test_unknown_network_mode_is_refused_naming_the_field_and_writes_nothing(
     assert {key: value for key, value in keyspace(cluster).items()
             if not key.startswith("/node/")} == {
         key: value for key, value in before.items() if not key.startswith("/node/")}
+
+
+# -- fail closed: the firewall table gone, connections towards tasks ---------------------
+
+# The attacker: connect to the task's own gateway (the node's bridge address) on argv[1],
+# where the host has a listener on every address. Prints the gateway and the outcome.
+GATEWAY_PROBE = """
+import socket, struct, sys
+for line in open("/proc/net/route").read().splitlines()[1:]:
+    fields = line.split()
+    if fields[1] == "00000000":
+        gateway = socket.inet_ntoa(struct.pack("<L", int(fields[2], 16)))
+try:
+    socket.create_connection((gateway, int(sys.argv[1])), timeout=2).close()
+    print(gateway, "open")
+except OSError as exc:
+    print(gateway, type(exc).__name__)
+"""
+
+
+def nft_tables() -> list[str]:
+    return subprocess.run(["nft", "list", "tables"], check=True, capture_output=True,
+                          text=True).stdout.split()
+
+
+def test_a_deleted_firewall_table_is_restored_before_a_task_can_use_the_gap(
+        cluster: Cluster) -> None:
+    names = [task_network(cluster, index) for index in range(2)]
+    before = [cluster.metrics(index).get("filch_task_firewall_restores_total", 0.0)
+              for index in range(2)]
+    # A host service on every address: reachable through the bridge gateway once the
+    # node's input rules are gone. The kernel completes TCP handshakes into the backlog,
+    # so nothing needs to accept.
+    with socket.create_server(("0.0.0.0", 0)) as listener:
+        port = listener.getsockname()[1]
+        # What `nft flush ruleset` (or restarting Debian's nftables service) does to the
+        # nodes' tables; never the whole ruleset on this shared host.
+        for name in names:
+            subprocess.run(["nft", "delete", "table", "inet", name.table], check=True)
+        task_id = cluster.submit("python3", "-c", GATEWAY_PROBE, str(port), network="isolated")
+        [task] = cluster.wait_finished([task_id], timeout=60)
+    log = cluster.cli("logs", task_id).stdout
+    assert (task.reason, task.exit_code) == (pb.REASON_EXITED, 0), (task, log)
+    assert log.split()[-1] == "TimeoutError", log
+    ran = next(i for i, node in enumerate(cluster.nodes) if node.name == task.node_name)
+    assert cluster.metrics(ran)["filch_task_firewall_restores_total"] > before[ran]
+    assert cluster.metrics(ran)["filch_task_firewall_failed"] == 0
+    # The other node took no task: its next housekeeping round restores its table.
+    wait_for("both tables back", lambda: all(name.table in nft_tables() for name in names),
+             timeout=30)
+    after = [cluster.metrics(index)["filch_task_firewall_restores_total"] for index in range(2)]
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after, ran)
+
+
+# A task listening for UDP on UDP_PORT: prints "READY <its address>", then "GOT" for the
+# first datagram that arrives or "NOTHING" after argv[1] seconds.
+UDP_PORT = 9999
+UDP_LISTENER = f"""
+import socket, sys
+probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+probe.connect(("198.18.0.1", 9))    # a route lookup only: no packet is sent
+listener = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+listener.bind(("0.0.0.0", {UDP_PORT}))
+listener.settimeout(float(sys.argv[1]))
+print("READY", probe.getsockname()[0], flush=True)
+try:
+    listener.recvfrom(100)
+    print("GOT")
+except OSError:
+    print("NOTHING")
+"""
+
+
+def test_the_host_cannot_open_connections_to_an_isolated_task(cluster: Cluster) -> None:
+    task_id = cluster.submit("python3", "-c", UDP_LISTENER, "4", network="isolated")
+
+    def ready() -> str | None:
+        words = cluster.cli("logs", task_id).stdout.split()
+        return words[1] if words[:1] == ["READY"] else None
+
+    address = wait_for("the task to listen", ready, timeout=60, interval=0.3)
+    # From the host (as a host-network task or another local user would): UDP needs no
+    # answer, so a datagram that gets through is one the task receives.
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender:
+        for _ in range(5):
+            with contextlib.suppress(OSError):   # EPERM once the output hook drops it
+                sender.sendto(b"hello", (address, UDP_PORT))
+    with pytest.raises(OSError):
+        socket.create_connection((address, UDP_PORT), timeout=1).close()
+    [task] = cluster.wait_finished([task_id], timeout=60)
+    assert task.exit_code == 0
+    assert cluster.cli("logs", task_id).stdout.split()[-1] == "NOTHING"

@@ -17,12 +17,17 @@ unchanged apart from the probe task's own keys:
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.runtime import network as net
+from tests.e2e.cluster import wait_for
 from tests.e2e.conftest import require_tools
 from tests.e2e.faults.netcluster import NetCluster, unavailable_reason
 
@@ -30,6 +35,35 @@ PROBE = (Path(__file__).with_name("escape_probe.py")).read_text()
 
 # Ports of a node: etcd client and peer, gRPC API, HTTP face, metrics.
 ETCD, PEER, GRPC, HTTP, METRICS = 2379, 2380, 7070, 8080, 9470
+
+# The plain cluster's nodes each get a second address on eth0 (host part SECOND + index)
+# with a server on SECOND_PORT there: an address of the node that is neither advertised
+# nor in an etcd URL. And they deny tasks the test host's bridge address (--task-deny).
+SECOND, SECOND_PORT = 200, 8099
+ACCEPT_FOREVER = """
+import socket, sys
+server = socket.create_server((sys.argv[1], int(sys.argv[2])))
+while True:
+    server.accept()[0].close()
+"""
+# TCP connections to every HOST:PORT in argv at once, 1.5 s each: one JSON object
+# {target: "open" | the error's name}.
+TCP_PROBE = """
+import json, socket, sys, threading
+result = {}
+def probe(target):
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1.5).close()
+        result[target] = "open"
+    except OSError as exc:
+        result[target] = type(exc).__name__
+threads = [threading.Thread(target=probe, args=(t,)) for t in sys.argv[1:]]
+[t.start() for t in threads]
+[t.join() for t in threads]
+print(json.dumps(result))
+"""
+_servers: list[subprocess.Popen[bytes]] = []
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +75,15 @@ def clusters(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Net
         pytest.skip(reason)
     started: dict[str, NetCluster] = {}
     yield started
+    for server in _servers:
+        server.kill()
+        server.wait()
     for netcluster in started.values():
         netcluster.close()
+
+
+def second_address(cluster: NetCluster, index: int) -> str:
+    return f"{cluster.nodes[index].ip.rpartition('.')[0]}.{SECOND + index}"
 
 
 def cluster_of(clusters: dict[str, NetCluster], kind: str,
@@ -52,9 +93,29 @@ def cluster_of(clusters: dict[str, NetCluster], kind: str,
         # Host networking is offered only where TLS and the token protect the node.
         extra = ("--allow-host-network",) if tls else ()
         root = tmp_path_factory.mktemp(kind)
+        if not tls:
+            # Deny the test host's own address on the cluster's bridge (known only once
+            # the cluster claimed its subnet: added to the flags below).
+            extra = ("--housekeeping-interval", "2")
         netcluster = NetCluster(root, size=2, pki=root / "pki" if tls else None, http=True,
                                 extra=extra)
-        clusters[kind] = netcluster.__enter__()
+        if tls:
+            clusters[kind] = netcluster.__enter__()
+            return netcluster
+        for node in netcluster.nodes:
+            node.agent_args += ["--task-deny", f"{netcluster.bridge_ip}/32"]
+        try:
+            netcluster.setup_network()
+            for index, node in enumerate(netcluster.nodes):
+                address = second_address(netcluster, index)
+                node.netns_exec("ip", "addr", "add", f"{address}/24", "dev", "eth0")
+                _servers.append(node.spawn([sys.executable, "-c", ACCEPT_FOREVER, address,
+                                            str(SECOND_PORT)], root / f"second-{index}.log"))
+            netcluster.start()
+        except BaseException:
+            netcluster.close()
+            raise
+        clusters[kind] = netcluster
     return clusters[kind]
 
 
@@ -124,3 +185,43 @@ def test_a_task_cannot_reach_the_control_plane(
     own_keys = {key for key in cluster.etcd_keys() ^ before if task.id in key}
     assert cluster.etcd_keys() ^ before <= own_keys, "the keyspace changed beyond the task"
     assert not any(key.startswith("/probe") for key in cluster.etcd_keys())
+
+
+def _connects(address: str) -> bool:
+    try:
+        socket.create_connection((address, SECOND_PORT), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(300)
+def test_a_task_reaches_no_address_of_any_node_nor_a_denied_range(
+        clusters: dict[str, NetCluster], tmp_path_factory: pytest.TempPathFactory) -> None:
+    cluster = cluster_of(clusters, "plain", tmp_path_factory)
+    seconds = [second_address(cluster, index) for index in range(2)]
+    # The second addresses serve (the test host reaches them) and each node publishes its.
+    for address in seconds:
+        wait_for(f"the server on {address}", lambda address=address: _connects(address))
+    published = {address for node in cluster.list_nodes() for address in node.addresses}
+    assert set(seconds) <= published, published
+    # Each node's firewall takes them in at its first fill or next housekeeping round.
+    for node in cluster.nodes:
+        table = net.TaskNetwork(node.name, "auto", Path("/nonexistent")).table
+        wait_for(f"{node.name}'s firewall to hold the second addresses", lambda node=node,
+                 table=table: all(address in node.netns_exec(
+                     "nft", "list", "set", "inet", table, "cluster4").stdout
+                     for address in seconds), timeout=30, interval=0.5)
+    with socket.create_server((cluster.bridge_ip, 0)) as host_server:
+        denied = f"{cluster.bridge_ip}:{host_server.getsockname()[1]}"
+        targets = [f"{address}:{SECOND_PORT}" for address in seconds] + [denied]
+        spec = pb.TaskSpec(command="python3", args=["-c", TCP_PROBE, *targets],
+                           network="isolated", memory_bytes=128 * 2**20)
+        task = cluster.any_stub().Submit(pb.SubmitRequest(spec=spec), timeout=10).task
+        finished = cluster.wait_finished([task.id], timeout=90)[task.id]
+    node = cluster.nodes[cluster.index_of(finished.node_name)]
+    log = (node.data_dir / "logs" / task.id / f"{finished.attempt}.log").read_text()
+    assert (finished.state, finished.exit_code) == (pb.TASK_STATE_COMPLETE, 0), log
+    result = json.loads(log.strip().splitlines()[-1])
+    assert set(result) == set(targets)
+    assert not [target for target, outcome in result.items() if outcome == "open"], result

@@ -383,3 +383,17 @@ def test_task_network_settings_default_safe_and_parse_from_every_source(tmp_path
 def test_bad_task_network_settings_name_their_field(field: str, value: str) -> None:
     with pytest.raises(InvalidArgument, match=field):
         load({}, environ={f"FILCH_{field.upper()}": value})
+
+
+def test_task_deny_and_allow_take_repeated_flags_environment_and_toml_lists(
+        tmp_path: Path) -> None:
+    assert load({"task_deny": ("10.0.0.0/8", "192.168.0.0/16")},
+                       environ={}).task_deny == "10.0.0.0/8,192.168.0.0/16"
+    assert load({}, environ={"FILCH_TASK_ALLOW": "10.1.0.0/16,fd00::/8"}
+                       ).task_allow == "10.1.0.0/16,fd00::/8"
+    toml = tmp_path / "node.toml"
+    toml.write_text('task_deny = ["172.16.0.0/12", "10.0.0.0/8"]\n')
+    assert load({"config_file": str(toml)}, environ={}).task_deny == (
+        "172.16.0.0/12,10.0.0.0/8")
+    with pytest.raises(InvalidArgument, match=r"task_allow.*10\.0\.0\.1/8"):
+        load({"task_allow": ("10.0.0.1/8",)}, environ={})

@@ -628,6 +628,7 @@ class Node(_message.Message):
     NOSPACE_FIELD_NUMBER: _builtins.int
     ALLOW_HOST_NETWORK_FIELD_NUMBER: _builtins.int
     OWNERS_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
     DISK_CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
     DISK_ALLOCATED_BYTES_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
@@ -660,6 +661,10 @@ class Node(_message.Message):
         """what each owner's tasks hold on this node (fair share)"""
 
     @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """every address of the node's interfaces (tasks may reach none)"""
+
+    @_builtins.property
     def capabilities(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """filch.io/... -> value (node/capabilities.py)"""
 
@@ -681,13 +686,14 @@ class Node(_message.Message):
         nospace: _builtins.bool = ...,
         allow_host_network: _builtins.bool = ...,
         owners: _abc.Mapping[_builtins.str, Global___OwnerUsage] | None = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
         disk_capacity_bytes: _builtins.int = ...,
         disk_allocated_bytes: _builtins.int = ...,
         capabilities: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["registered_at", b"registered_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "allow_host_network", b"allow_host_network", "capabilities", b"capabilities", "cpu_allocated_millis", b"cpu_allocated_millis", "cpu_capacity_millis", b"cpu_capacity_millis", "disk_allocated_bytes", b"disk_allocated_bytes", "disk_capacity_bytes", b"disk_capacity_bytes", "etcd_leader", b"etcd_leader", "etcd_member_id", b"etcd_member_id", "executor", b"executor", "id", b"id", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_capacity_bytes", b"memory_capacity_bytes", "name", b"name", "nospace", b"nospace", "owners", b"owners", "registered_at", b"registered_at", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "addresses", b"addresses", "allow_host_network", b"allow_host_network", "capabilities", b"capabilities", "cpu_allocated_millis", b"cpu_allocated_millis", "cpu_capacity_millis", b"cpu_capacity_millis", "disk_allocated_bytes", b"disk_allocated_bytes", "disk_capacity_bytes", b"disk_capacity_bytes", "etcd_leader", b"etcd_leader", "etcd_member_id", b"etcd_member_id", "executor", b"executor", "id", b"id", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_capacity_bytes", b"memory_capacity_bytes", "name", b"name", "nospace", b"nospace", "owners", b"owners", "registered_at", b"registered_at", "running", b"running"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
