@@ -28,19 +28,60 @@ from node.limits import DEFAULT_SUBMIT_BUDGET, PENDING_COUNT_TTL
 from node.store import Store
 
 
-class PendingLimit:
+class _Tally:
+    """A figure read from etcd at most every ttl seconds, plus what this node admitted
+    since (and what it is admitting now): exact at one node, eventually at all."""
+
+    def __init__(self, *, ttl: float, clock: Callable[[], float]) -> None:
+        self._ttl = ttl
+        self._clock = clock
+        self._read_value = 0
+        self._read_at = -float("inf")
+        self._in_flight = 0
+        self._refresh = asyncio.Lock()
+
+    async def _read(self) -> int:
+        """The figure as etcd has it now."""
+        raise NotImplementedError
+
+    async def current(self) -> int:
+        """The figure, read again when older than ttl (one read for all waiting on it)."""
+        if self._clock() - self._read_at >= self._ttl:
+            async with self._refresh:
+                if self._clock() - self._read_at >= self._ttl:
+                    self._read_value = await self._read()
+                    self._read_at = self._clock()
+        return self._read_value + self._in_flight
+
+    @asynccontextmanager
+    async def _hold(self, amount: int) -> AsyncIterator[Callable[[], None]]:
+        """Count amount as in flight for the block; the yielded function marks it
+        written, and then it counts until the next read of etcd (which includes it)."""
+        self._in_flight += amount
+        written = False
+
+        def mark_written() -> None:
+            nonlocal written
+            written = True
+
+        try:
+            yield mark_written
+        finally:
+            self._in_flight -= amount
+            self._read_value += amount if written else 0
+
+
+class PendingLimit(_Tally):
     """Counts pending tasks (cheaply) and refuses new ones past the limit."""
 
     def __init__(self, store: Store, limit: int, *, ttl: float = PENDING_COUNT_TTL,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(ttl=ttl, clock=clock)
         self._store = store
         self.limit = limit
-        self._ttl = ttl
-        self._clock = clock
-        self._counted = 0
-        self._counted_at = -float("inf")
-        self._in_flight = 0
-        self._refresh = asyncio.Lock()
+
+    async def _read(self) -> int:
+        return await self._store.count(keys.QUEUED) + await self._store.count(keys.BLOCKED)
 
     @asynccontextmanager
     async def admit(self, count: int = 1) -> AsyncIterator[Callable[[], None]]:
@@ -51,36 +92,15 @@ class PendingLimit:
         Raises Overloaded when the cluster is at its limit, StoreUnavailable when etcd
         cannot be counted. Cancellation releases the reservation.
         """
-        await self._count_if_stale()
-        pending = self._counted + self._in_flight
+        pending = await self.current()
         if pending + count > self.limit:
             raise Overloaded(f"cluster has {pending} pending tasks (limit {self.limit}, "
                              "--max-pending); wait or raise it")
-        self._in_flight += count
-        created = False
-
-        def mark_created() -> None:
-            nonlocal created
-            created = True
-
-        try:
+        async with self._hold(count) as mark_created:
             yield mark_created
-        finally:
-            self._in_flight -= count
-            # Counted until the next read of etcd, which then includes them.
-            self._counted += count if created else 0
-
-    async def _count_if_stale(self) -> None:
-        if self._clock() - self._counted_at < self._ttl:
-            return
-        async with self._refresh:   # one count for all the submits waiting on it
-            if self._clock() - self._counted_at >= self._ttl:
-                self._counted = (await self._store.count(keys.QUEUED)
-                                 + await self._store.count(keys.BLOCKED))
-                self._counted_at = self._clock()
 
 
-class ByteBudget:
+class ByteBudget(_Tally):
     """Refuses a submit whose bytes would take etcd's database past budget x quota.
 
     quota is this node's --etcd-quota-bytes: etcd does not tell a client its members'
@@ -91,20 +111,21 @@ class ByteBudget:
     def __init__(self, store: Store, *, quota: int, budget: float = DEFAULT_SUBMIT_BUDGET,
                  ttl: float = PENDING_COUNT_TTL,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(ttl=ttl, clock=clock)
         self._store = store
         self.quota = quota
         self.budget = budget
-        self._ttl = ttl
-        self._clock = clock
-        self._in_use = 0
-        self._read_at = -float("inf")
-        self._in_flight = 0
-        self._refresh = asyncio.Lock()
 
     @property
     def limit(self) -> int:
         """Bytes in use past which no submit is admitted."""
         return int(self.quota * self.budget)
+
+    async def _read(self) -> int:
+        status = await self._store.member_status()
+        # dbSizeInUse exists since etcd 3.4; an older member answers 0: its whole file
+        # size is then the (larger, so safe) stand-in.
+        return int(status.db_size_in_use or status.db_size)
 
     @asynccontextmanager
     async def admit(self, size: int, what: str) -> AsyncIterator[Callable[[], None]]:
@@ -115,38 +136,15 @@ class ByteBudget:
         Raises Overloaded, naming the numbers, when they do not fit; StoreUnavailable
         when etcd's status cannot be read. Cancellation releases the reservation.
         """
-        await self._read_if_stale()
-        in_use = self._in_use + self._in_flight
+        in_use = await self.current()
         if in_use + size > self.limit:
             raise Overloaded(
                 f"{what} would write ~{approximate(size)} into etcd; {approximate(in_use)} of "
                 f"the {approximate(self.quota)} quota is in use and submits stop at "
                 f"{self.budget:.0%} ({approximate(self.limit)}, --submit-budget): submit "
                 "fewer or smaller tasks, or wait for retention to free space")
-        self._in_flight += size
-        written = False
-
-        def mark_written() -> None:
-            nonlocal written
-            written = True
-
-        try:
+        async with self._hold(size) as mark_written:
             yield mark_written
-        finally:
-            self._in_flight -= size
-            # Counted until the next read of etcd's status, which then includes them.
-            self._in_use += size if written else 0
-
-    async def _read_if_stale(self) -> None:
-        if self._clock() - self._read_at < self._ttl:
-            return
-        async with self._refresh:   # one read for all the submits waiting on it
-            if self._clock() - self._read_at >= self._ttl:
-                status = await self._store.member_status()
-                # dbSizeInUse exists since etcd 3.4; an older member answers 0: its whole
-                # file size is then the (larger, so safe) stand-in.
-                self._in_use = status.db_size_in_use or status.db_size
-                self._read_at = self._clock()
 
 
 class Admission:
