@@ -30,6 +30,7 @@ from node.runtime import network as net
 from tests.e2e.cluster import wait_for
 from tests.e2e.conftest import require_tools
 from tests.e2e.faults.netcluster import NetCluster, unavailable_reason
+from tests.tcp_probe import TCP_PROBE
 
 PROBE = (Path(__file__).with_name("escape_probe.py")).read_text()
 
@@ -45,23 +46,6 @@ import socket, sys
 server = socket.create_server((sys.argv[1], int(sys.argv[2])))
 while True:
     server.accept()[0].close()
-"""
-# TCP connections to every HOST:PORT in argv at once, 1.5 s each: one JSON object
-# {target: "open" | the error's name}.
-TCP_PROBE = """
-import json, socket, sys, threading
-result = {}
-def probe(target):
-    host, _, port = target.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=1.5).close()
-        result[target] = "open"
-    except OSError as exc:
-        result[target] = type(exc).__name__
-threads = [threading.Thread(target=probe, args=(t,)) for t in sys.argv[1:]]
-[t.start() for t in threads]
-[t.join() for t in threads]
-print(json.dumps(result))
 """
 _servers: list[subprocess.Popen[bytes]] = []
 

@@ -26,6 +26,7 @@ from node.errors import ExecutorError, InvalidArgument
 from node.runtime import firewall, resolv
 from node.runtime import network as net
 from node.runtime.runc import RuncExecutor
+from tests.tcp_probe import TCP_PROBE
 from tests.unit.attempts import TASK_UID, make_spec, run
 
 pytestmark = [
@@ -35,24 +36,6 @@ pytestmark = [
     pytest.mark.timeout(120),
 ]
 
-# A task's probe: try TCP connections to every HOST:PORT in argv, print one JSON object
-# {target: "open" | error}. 1.5 s per attempt, all in parallel, so a dropped packet costs
-# one timeout, not one per target.
-PROBE = """
-import json, socket, sys, threading
-result = {}
-def probe(target):
-    host, _, port = target.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=1.5).close()
-        result[target] = "open"
-    except OSError as exc:
-        result[target] = type(exc).__name__
-threads = [threading.Thread(target=probe, args=(t,)) for t in sys.argv[1:]]
-[t.start() for t in threads]
-[t.join() for t in threads]
-print(json.dumps(result))
-"""
 
 # The outside server: accept TCP connections on port 8000 and close them.
 ACCEPT_FOREVER = """
@@ -138,7 +121,7 @@ def executor(tmp_path: Path, network: net.TaskNetwork) -> RuncExecutor:
 
 async def probe(executor: RuncExecutor, data_dir: Path, mode: str, *targets: str
                 ) -> dict[str, str]:
-    spec = make_spec(data_dir, "python3", "-c", PROBE, *targets, network=mode)
+    spec = make_spec(data_dir, "python3", "-c", TCP_PROBE, *targets, network=mode)
     status, log = await run(executor, spec)
     assert status.exit_code == 0, log
     result: dict[str, str] = json.loads(log.strip().splitlines()[-1])
