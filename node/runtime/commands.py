@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from typing import Any
 
 from node.errors import ExecutorError
 
@@ -33,6 +35,27 @@ async def run(*argv: str, stdin: str = "", quiet_missing: bool = False) -> str:
             return out.decode(errors="replace")
         raise ExecutorError(f"{' '.join(argv[:3])} failed: {message}")
     return out.decode(errors="replace")
+
+
+# `ip -j` dumps that links vanish from mid-way (a watchdog deleting veths, a namespace
+# going away) come out cut short or empty; a fresh dump a moment later is whole.
+JSON_TRIES = 3
+
+
+async def run_json(*argv: str, empty: Any) -> Any:
+    """run() a command that prints JSON (`ip -j`, `nft -j`) and parse it; empty output
+    means `empty`. Raises ExecutorError when it fails, or prints no valid JSON in
+    JSON_TRIES tries."""
+    for attempt in range(JSON_TRIES):
+        output = await run(*argv)
+        try:
+            return json.loads(output) if output.strip() else empty
+        except ValueError as exc:
+            if attempt == JSON_TRIES - 1:
+                raise ExecutorError(f"{' '.join(argv[:4])} printed no valid JSON "
+                                    f"({exc}): {output[:200]!r}") from None
+            await asyncio.sleep(0.05)
+    raise AssertionError("unreachable")
 
 
 def is_missing(line: str) -> bool:

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from node import metrics
 from node.errors import ExecutorError, InvalidArgument
-from node.runtime.commands import run
+from node.runtime.commands import run, run_json
 
 log = logging.getLogger(__name__)
 
@@ -195,12 +195,13 @@ class TaskFirewall:
         """The table as nft lists it, handles left out (they change with every load);
         None when the table does not exist."""
         try:
-            output = await run("nft", "-j", "list", "table", "inet", self.table)
+            listing = await run_json("nft", "-j", "list", "table", "inet", self.table,
+                                     empty={})
         except ExecutorError as exc:
             if "No such file or directory" in str(exc):
                 return None
             raise
-        items = [item for item in json.loads(output or "{}").get("nftables", [])
+        items = [item for item in listing.get("nftables", [])
                  if "metainfo" not in item]
         for item in items:
             for body in item.values():

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
-import json
 import logging
 import os
 import re
@@ -33,10 +32,12 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from node.errors import ExecutorError, InvalidArgument
 from node.runtime import kill
 from node.runtime.commands import run as _run
+from node.runtime.commands import run_json
 from node.runtime.firewall import TaskFirewall, metadata_networks, parse_cidrs
 from node.runtime.resolv import TaskResolvConf
 
@@ -337,15 +338,15 @@ class TaskNetwork:
         self._cluster_known.clear()
 
     async def _own_links(self) -> list[str]:
-        output = await _run("ip", "-j", "link", "show")
-        names = [str(link.get("ifname", "")) for link in json.loads(output or "[]")]
+        links = await run_json("ip", "-j", "link", "show", empty=[])
+        names = [str(link.get("ifname", "")) for link in links]
         return [name for name in names if name == self.bridge
                 or (name.startswith(self.veth_prefix) and name[len(self.veth_prefix):].isdigit())]
 
     async def _routed_networks(self) -> list[ipaddress.IPv4Network]:
-        output = await _run("ip", "-4", "-j", "route", "show", "table", "all")
         networks = []
-        for route in json.loads(output or "[]"):
+        for route in await run_json("ip", "-4", "-j", "route", "show", "table", "all",
+                                    empty=[]):
             destination = str(route.get("dst", ""))
             if destination in ("", "default"):
                 continue
@@ -359,15 +360,15 @@ class TaskNetwork:
 async def local_addresses() -> list[str]:
     """Every address of this host's interfaces that another node's tasks must not reach
     (interface_addresses). Raises ExecutorError when ip fails."""
-    return interface_addresses(await _run("ip", "-j", "addr", "show"))
+    return interface_addresses(await run_json("ip", "-j", "addr", "show", empty=[]))
 
 
-def interface_addresses(ip_addr_json: str) -> list[str]:
-    """The addresses in `ip -j addr` output, sorted, except loopback, link-local and
+def interface_addresses(links: list[dict[str, Any]]) -> list[str]:
+    """The addresses in `ip -j addr` output (parsed), sorted, except loopback, link-local and
     multicast ones and those of filch's task bridges and veths (every node's on the host:
     task gateways, not ways into the node)."""
     found: set[str] = set()
-    for link in json.loads(ip_addr_json or "[]"):
+    for link in links:
         name = str(link.get("ifname", ""))
         if _FILCH_LINK.fullmatch(name):
             continue

@@ -236,10 +236,7 @@ class RuncExecutor:
                                           ("--root", str(self._state_root), "run"))
         if orphans:
             log.warning("killed %d runc processes left by an earlier run of this node", orphans)
-        code, output = await self._runc_command("list", "--format", "json")
-        if code != 0:
-            raise ExecutorError(f"runc list in {self._state_root} failed: {output.strip()}")
-        entries = json.loads(output) or []  # runc prints "null" when there are none
+        entries = await self._list()
         limit = asyncio.Semaphore(REAP_CONCURRENCY)
 
         async def reap(entry: dict[str, object]) -> bool:
@@ -305,6 +302,30 @@ class RuncExecutor:
     def oom_killed(self, cid: str) -> bool:
         """Whether the kernel OOM-killed a process in the container's cgroup."""
         return self._cgroups.oom_killed(cid)
+
+    async def _list(self) -> list[dict[str, object]]:
+        """The containers under this node's state root, as `runc list` describes them.
+        Raises ExecutorError when runc fails or prints no JSON list."""
+        process = await asyncio.create_subprocess_exec(
+            self._runc, "--root", str(self._state_root), "list", "--format", "json",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await process.communicate()
+        problems = err.decode(errors="replace").strip()
+        if process.returncode != 0:
+            raise ExecutorError(f"runc list in {self._state_root} failed: {problems}")
+        if problems:
+            # "load container X: ..." for a container whose state a dying watchdog or
+            # runc was deleting meanwhile: runc skips it and lists the rest on stdout.
+            log.warning("runc list: %s", problems)
+        try:
+            entries = json.loads(out) or []  # runc prints "null" when there are none
+        except ValueError as exc:
+            raise ExecutorError(f"runc list in {self._state_root} printed no JSON ({exc}): "
+                                f"{out[:200]!r}") from None
+        if not isinstance(entries, list):
+            raise ExecutorError(f"runc list in {self._state_root} printed {out[:200]!r}")
+        return entries
 
     async def _runc_command(self, *args: str) -> tuple[int, str]:
         """Run `runc --root <state_root> args...`; return its exit code and merged output."""

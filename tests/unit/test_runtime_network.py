@@ -388,14 +388,14 @@ def test_auto_subnet_never_hands_out_the_alibaba_metadata_24() -> None:
 
 
 def test_published_addresses_leave_out_loopback_link_local_and_task_bridges() -> None:
-    listing = json.dumps([
+    listing = [
         {"ifname": "lo", "addr_info": [{"local": "127.0.0.1"}, {"local": "::1"}]},
         {"ifname": "eth0", "addr_info": [{"local": "192.0.2.7"}, {"local": "fe80::1"},
                                          {"local": "2001:db8::7"}]},
         {"ifname": "eth1", "addr_info": [{"local": "10.1.2.3"}, {"local": "169.254.3.4"}]},
         {"ifname": "fb1a2b3c", "addr_info": [{"local": "100.64.9.1"}]},
         {"ifname": "fv1a2b3c12", "addr_info": []},
-    ])
+    ]
     assert net.interface_addresses(listing) == ["10.1.2.3", "192.0.2.7", "2001:db8::7"]
 
 

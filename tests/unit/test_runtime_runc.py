@@ -294,6 +294,16 @@ async def test_reap_stale_kills_abandoned_containers(data_dir: Path) -> None:
     assert await restarted.reap_stale() == 0
 
 
+async def test_reap_stale_survives_a_container_half_deleted(data_dir: Path) -> None:
+    """A restarted agent's reap runs while the dead agent's watchdog still deletes its
+    containers: runc then lists the rest on stdout and complains about a state dir with no
+    state.json on stderr ("load container X: container does not exist"). Seen in CI as an
+    agent that died at start with a JSONDecodeError."""
+    state_root = data_dir / "runc"
+    (state_root / "half-deleted").mkdir(parents=True)
+    assert await RuncExecutor("runc", state_root, TASK_UID).reap_stale() == 0
+
+
 async def test_reap_stale_with_no_state_dir_yet(data_dir: Path) -> None:
     assert await RuncExecutor("runc", data_dir / "never-used", TASK_UID).reap_stale() == 0
 
