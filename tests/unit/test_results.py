@@ -1,5 +1,5 @@
 """Results behind the fence, against a real etcd: written only while the running key is
-the steal's, dropped once revoked, and an earlier timed-out write recognised."""
+the steal's (the one it created, not a later one of the same name), dropped once revoked, and an earlier timed-out write recognised."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from node import keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.results import LocalAttempt, ResultWriter
 from node.store import Store
-from tests.unit.etcd_fixture import require_etcd
+from tests.unit.etcd_fixture import etcdctl, require_etcd
 
 require_etcd()
 
@@ -36,12 +36,14 @@ def _exited(local: LocalAttempt) -> pb.Task:
 
 
 async def test_results_ending_together_are_recorded_and_a_fenced_one_is_rejected(
-        store: Store) -> None:
+        store: Store, etcd: str) -> None:
     kept, taken = await _running(store), await _running(store)
-    found = await store.get_task(taken.task.id)
-    assert found is not None     # canceled meanwhile: its running key is gone
-    canceled = lifecycle.finished(found.task, pb.TASK_STATE_CANCELED, pb.REASON_CANCELED)
-    assert await store.transition(found, canceled) is not None
+    # Its running key deleted and created again later (as by a lease expiry and a newer
+    # steal), the record untouched: only the fence (the running key's create_revision must
+    # be the attempt's token) tells the two keys apart.
+    running = keys.running(taken.task.node_id, taken.task.id).decode()
+    etcdctl(etcd, "del", running)
+    etcdctl(etcd, "put", running, "")
     fenced_before = metrics.FENCED_WRITES._value.get()
     writer = ResultWriter(store=store)
     assert await asyncio.gather(writer.write(kept, _exited(kept)),
@@ -49,7 +51,8 @@ async def test_results_ending_together_are_recorded_and_a_fenced_one_is_rejected
     assert metrics.FENCED_WRITES._value.get() - fenced_before == 1
     recorded, untouched = await store.get_task(kept.task.id), await store.get_task(taken.task.id)
     assert recorded is not None and recorded.task.state == pb.TASK_STATE_COMPLETE
-    assert untouched is not None and untouched.task.state == pb.TASK_STATE_CANCELED
+    assert untouched is not None and untouched.task.state == pb.TASK_STATE_RUNNING
+    assert etcdctl(etcd, "get", running, "--print-value-only") == "\n"  # not deleted
 
 
 async def test_a_revoked_attempts_result_is_dropped(store: Store) -> None:
