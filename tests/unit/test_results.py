@@ -1,5 +1,6 @@
 """Results behind the fence, against a real etcd: written only while the running key is
-the steal's (the one it created, not a later one of the same name), dropped once revoked, and an earlier timed-out write recognised."""
+the steal's (the one it created, not a later one of the same name), dropped once revoked,
+and an earlier timed-out write recognised."""
 
 from __future__ import annotations
 
