@@ -36,12 +36,12 @@ def test_retention_deletes_old_finished_tasks_only(retention_node: Cluster) -> N
     canceled_old = cluster.submit("true", cpu_millis=500_000)
     cluster.cli("cancel", canceled_old, check=True)
     cluster.wait_finished(old)
-    time.sleep(6)
-    recent = cluster.submit("true")
-    cluster.wait_finished([recent])
+    # Awaited, not slept past: retention deletes them once they are 4 s old.
     wait_for("the old finished tasks to be deleted",
              lambda: not any(key.endswith(task_id) for key in cluster.etcd_keys()
                              for task_id in [*old, canceled_old]), timeout=20)
+    recent = cluster.submit("true")
+    cluster.wait_finished([recent])
     survivors = {task_id: cluster.get(task_id).state for task_id in (running, never_fits, recent)}
     assert survivors == {running: pb.TASK_STATE_RUNNING, never_fits: pb.TASK_STATE_PENDING,
                          recent: pb.TASK_STATE_COMPLETE}
