@@ -15,6 +15,11 @@ ListTasks call without a token, hand-made HTTP/2 so no grpc package is needed), 
 and http-write (the HTTP face's JSON API without a token), tcp (a bare connection, for
 ports with no protocol worth speaking, such as metrics), peer-read (etcd's peer API,
 /members). The probes run in parallel, so a firewall that drops costs one timeout.
+
+An optional second argument, credentials json {"token": ..., "cert": [crt, key],
+"etcd_cert": [crt, key]}, makes the same probes present them (the bearer token on gRPC and
+HTTP, the node certificate to the API, the etcd certificate to etcd and its peers): the
+positive control, run by root on a node, shows every probe can report GOT.
 """
 
 import base64
@@ -29,14 +34,19 @@ import urllib.request
 
 TIMEOUT = 1.5
 PROBE_KEY = "/probe/escaped"
+CREDENTIALS = {}
+ETCD_KINDS = ("etcd-read", "etcd-write", "peer-read")
 
 
-def tls_context(alpn=None):
+def tls_context(alpn=None, kind=""):
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     if alpn:
         context.set_alpn_protocols(alpn)
+    cert = CREDENTIALS.get("etcd_cert" if kind in ETCD_KINDS else "cert")
+    if cert:
+        context.load_cert_chain(*cert)
     return context
 
 
@@ -44,7 +54,8 @@ def connect(target, alpn=None):
     sock = socket.create_connection((target["host"], target["port"]), timeout=TIMEOUT)
     if target["tls"]:
         try:
-            return tls_context(alpn).wrap_socket(sock, server_hostname=target["host"])
+            return tls_context(alpn, target["kind"]).wrap_socket(
+                sock, server_hostname=target["host"])
         except (ssl.SSLError, OSError) as exc:
             sock.close()
             raise PermissionError(f"TLS handshake refused: {exc}") from exc
@@ -55,11 +66,13 @@ def http(target, method, path, body=None):
     scheme = "https" if target["tls"] else "http"
     url = f"{scheme}://{target['host']}:{target['port']}{path}"
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if "token" in CREDENTIALS and target["kind"] not in ETCD_KINDS:
+        headers["Authorization"] = f"Bearer {CREDENTIALS['token']}"
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     opener = urllib.request.build_opener(
         urllib.request.ProxyHandler({}),
-        urllib.request.HTTPSHandler(context=tls_context()))
+        urllib.request.HTTPSHandler(context=tls_context(kind=target["kind"])))
     try:
         with opener.open(request, timeout=TIMEOUT) as response:
             return f"GOT {response.status}: {response.read(200)!r}"
@@ -92,7 +105,8 @@ def literal(name, value):
 
 
 def grpc_list_tasks(target):
-    """ListTasks without an authorization header: "GOT" if a message came back."""
+    """ListTasks (with an authorization header only given credentials): "GOT" if a
+    message came back."""
     try:
         sock = connect(target, alpn=["h2"])
     except PermissionError as exc:
@@ -103,7 +117,9 @@ def grpc_list_tasks(target):
         literal(":method", "POST"), literal(":scheme", "https" if target["tls"] else "http"),
         literal(":path", "/filch.v1.Scheduler/ListTasks"),
         literal(":authority", f"{target['host']}:{target['port']}"),
-        literal("content-type", "application/grpc"), literal("te", "trailers")])
+        literal("content-type", "application/grpc"), literal("te", "trailers"),
+        *([literal("authorization", f"Bearer {CREDENTIALS['token']}")]
+          if "token" in CREDENTIALS else [])])
     try:
         sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0)
                      + frame(1, 4, 1, headers) + frame(0, 1, 1, b"\0\0\0\0\0"))
@@ -165,6 +181,8 @@ def probe(target):
 
 if __name__ == "__main__":
     targets = json.loads(sys.argv[1])
+    if len(sys.argv) > 2:
+        CREDENTIALS.update(json.loads(sys.argv[2]))
     with concurrent.futures.ThreadPoolExecutor(max_workers=len(targets)) as pool:
         for target, outcome in zip(targets, pool.map(probe, targets), strict=True):
             print("PROBE " + json.dumps(dict(target, outcome=outcome)), flush=True)

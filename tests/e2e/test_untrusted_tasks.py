@@ -209,3 +209,41 @@ def test_a_task_reaches_no_address_of_any_node_nor_a_denied_range(
     result = json.loads(log.strip().splitlines()[-1])
     assert set(result) == set(targets)
     assert not [target for target, outcome in result.items() if outcome == "open"], result
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["plain", "tls"])
+def test_every_probe_gets_through_with_the_credentials(
+        clusters: dict[str, NetCluster], tmp_path_factory: pytest.TempPathFactory,
+        kind: str) -> None:
+    """The positive control: the same probes, run by root in a node's namespace with the
+    token and certificates, report GOT for every kind. A probe that spoke its protocol
+    wrongly would report "denied" here too, and the tests above would prove nothing."""
+    cluster = cluster_of(clusters, kind, tmp_path_factory)
+    # ListTasks answers with data only when there is a task to list.
+    seed = cluster.any_stub().Submit(pb.SubmitRequest(spec=pb.TaskSpec(command="true")),
+                                     timeout=10).task
+    cluster.wait_finished([seed.id], timeout=90)
+    credentials: dict[str, object] = {}
+    if cluster.pki is not None:
+        name = cluster.nodes[0].name
+        credentials = {
+            "token": (cluster.pki / "token").read_text().strip(),
+            "cert": [str(cluster.pki / f"{name}.crt"), str(cluster.pki / f"{name}.key")],
+            "etcd_cert": [str(cluster.pki / f"{name}-etcd.crt"),
+                          str(cluster.pki / f"{name}-etcd.key")]}
+    before = {task_id for task_id in cluster.tasks()}
+    out = cluster.nodes[0].netns_exec(sys.executable, "-c", PROBE,
+                                      json.dumps(targets(cluster, "isolated")),
+                                      json.dumps(credentials)).stdout
+    results = [json.loads(line[len("PROBE "):]) for line in out.splitlines()
+               if line.startswith("PROBE ")]
+    table = "\n".join(f"  {r['kind']:<10} {r['host']}:{r['port']} tls={r['tls']}: "
+                      f"{r['outcome']}" for r in results)
+    got = {r["kind"] for r in results if r["outcome"].startswith("GOT")}
+    assert got == {r["kind"] for r in results}, f"a probe never gets through:\n{table}"
+    # Leave the cluster as the other tests expect it: no probe key, nothing running.
+    cluster.nodes[0].etcdctl("del", "/probe/", "--prefix")
+    written = set(cluster.tasks()) - before
+    assert written, "the http-write probe submitted nothing"
+    cluster.wait_finished(written, timeout=90)
