@@ -1,9 +1,12 @@
 """`filch agent`: one node — etcd member, API, stealer, runner, membership, recovery.
 
-Shutdown on SIGTERM/SIGINT: health NOT_SERVING, stop stealing, wait up to
+Shutdown on SIGTERM/SIGINT: health NOT_SERVING; close the door: send no new steal and
+wait for one in flight to be answered and launched (so the drain sees its attempts); stop
+the resolver and housekeeping; drain: from here nothing new starts, wait up to
 shutdown_grace for running tasks, stop what is left and hand it back to the queue
-(restart=false tasks end NODE_LOST), revoke the lease, stop the gRPC server, cancel the
-loops, close etcd, stop the etcd member.
+(restart=false tasks that had started end NODE_LOST; ones that never started, and running
+keys of this node without an attempt, are requeued), revoke the lease, stop the gRPC
+server, cancel the loops, close etcd, stop the etcd member.
 """
 
 from __future__ import annotations
@@ -210,7 +213,9 @@ class Agent:
         housekeeping = Housekeeping(
             config=config, store=store, state=state, runner=runner, stealer=stealer,
             firewall=network.set_cluster_addresses if network is not None else None)
-        # In shutdown order: stop stealing (and cleaning up), drain the attempts, leave.
+        # In shutdown order: close the stealer's door (awaiting a steal in flight), stop
+        # cleaning up, drain the attempts, leave. The stealer goes first so that whatever
+        # it committed is an attempt the runner's drain finds.
         parts: tuple[Part, ...] = (stealer, resolver, housekeeping, runner, membership,
                                    recovery)
         tasks = TaskService(store, config.max_pending, etcd_quota_bytes=config.etcd_quota_bytes,

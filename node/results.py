@@ -42,6 +42,9 @@ class LocalAttempt:
     """SIGTERM -> SIGKILL seconds for stopping a revoked attempt (the shortest asked for)."""
     stopping: bool = False
     """Set while a stop of the container is under way (sweeps do not start another)."""
+    started: bool = False
+    """Set as executor.start() is called: from then on the task may have run (a hand-back
+    of one that never started requeues it even when restart=false)."""
     exited: bool = False
     """Set once the process has ended (its own finish then deletes the running key)."""
     ran_before: float = 0.0

@@ -50,6 +50,8 @@ class Runner:
         self._results = ResultWriter(store=store)
         self._attempts: dict[str, LocalAttempt] = {}
         self._group: asyncio.TaskGroup | None = None
+        # Set when the drain begins (shutdown): from then on no attempt is started here.
+        self._draining = False
 
     def runs(self, task_id: str) -> bool:
         """True while an attempt of this task is on this node."""
@@ -71,6 +73,16 @@ class Runner:
         """
         if self._group is None:
             raise RuntimeError("Runner.run() is not running")
+        registration = self._state.registration
+        if self._draining and registration is not None:
+            # Only a steal shutdown gave up waiting for gets here: the drain's end (or
+            # this) hands its running key back to the queue; it never started here.
+            log.warning("task %s attempt %d not started: the node is shutting down",
+                        task.id, task.attempt)
+            self._capacity.release(task.spec)
+            self._group.create_task(self._adopt(task.id, task.fencing_token, registration),
+                                    name=f"hand back {task.id}")
+            return
         if not self._state.owns(task.node_id):
             log.warning("task %s attempt %d not launched: it was stolen under registration "
                         "%s, which this node fenced meanwhile", task.id, task.attempt,
@@ -90,6 +102,9 @@ class Runner:
                 await failpoints.hit("runner.before_start")
                 if local.revoked:
                     return      # fenced or canceled before it started: start nothing
+                # No await since the check: a drain that revokes it from here on knows
+                # it may have run.
+                local.started = True
                 handle = await self._executor.start(spec)
                 await failpoints.hit("runner.after_start")
                 local.handle = handle
@@ -234,8 +249,12 @@ class Runner:
 
     async def shutdown(self) -> None:
         """Drain: wait up to shutdown_grace for attempts to end, then stop them and hand
-        them back (restart=true: requeued; restart=false: COMPLETE with reason NODE_LOST).
-        Idempotent: a second call finds nothing left."""
+        them back (restart=true: requeued; restart=false: COMPLETE with reason NODE_LOST;
+        an attempt whose container was never started: requeued either way). Then hand
+        back the running keys of this node that have no attempt (a steal whose answer was
+        lost): they never started here. From its start nothing new starts on this node
+        (the stealer's door closed before). Idempotent: a second call finds nothing left."""
+        self._draining = True
         waiting = [asyncio.ensure_future(local.done.wait()) for local in self._attempts.values()]
         if waiting:
             log.info("waiting up to %.0fs for %d running tasks", self._config.shutdown_grace,
@@ -245,14 +264,24 @@ class Runner:
                 waiter.cancel()
         cause = Cause("shutdown", f"node {self._config.name} shut down")
         for local in list(self._attempts.values()):
+            # Read before the revocation, which (no await before it sets revoked) stops
+            # an attempt that has not started from ever starting.
+            ran = local.started
             await self._revoke(local, self._config.cancel_grace)
             try:
                 # None: already taken away (canceled, or recovered elsewhere).
                 await handback(self._store, Versioned(local.task, local.token), cause,
-                               fence=local.token)
+                               fence=local.token, ran=ran)
             except FilchError as exc:
                 log.warning("could not hand task %s back (its lease expiry will): %s",
                             local.task.id, exc)
+        registration = self._state.registration
+        if registration is not None:
+            try:
+                await self._check_owned(registration)
+            except FilchError as exc:
+                log.warning("running tasks without an attempt not handed back (their lease "
+                            "expiry will): %s", exc)
 
     # -- watching for revocation -----------------------------------------------------------
 
@@ -300,8 +329,8 @@ class Runner:
     async def _adopt(self, task_id: str, token: int, registration: Registration) -> None:
         """A running key of this node without an attempt: the steal committed but its
         answer was an error (deadline exceeded, leader changed), so the stealer never
-        launched it. Run it if it fits now, else hand it back to the queue as recovery
-        would (restart=false: NODE_LOST)."""
+        launched it. Run it if it fits now and the node is not draining, else hand it back
+        to the queue (restart=false too: it never started)."""
         await failpoints.hit("runner.before_adopt")
         found = await self._store.get_task(task_id)
         if (found is None or found.task.state != pb.TASK_STATE_RUNNING
@@ -310,6 +339,13 @@ class Runner:
                 or self._state.registration != registration):
             return      # moved meanwhile, or not a lost answer after all
         task = lifecycle.started(found.task, token)
+        if self._draining:
+            cause = Cause("shutdown", f"node {self._config.name} shut down")
+            if await handback(self._store, found, cause, fence=token, ran=False) is not None:
+                log.warning("task %s attempt %d: stolen as the node shut down: handed back",
+                            task_id, task.attempt)
+            return
+        # No await since the drain check: the attempt launched here is one it sees.
         if (self._capacity.fits_free(task.spec)
                 and self._state.capabilities.may_run(task.spec) is None):
             log.warning("task %s attempt %d: its steal committed but was answered with an "
@@ -321,7 +357,7 @@ class Runner:
             return
         cause = Cause("lost_answer", f"node {self._config.name} had no room left for it "
                                      "when its steal's answer was lost")
-        if await handback(self._store, found, cause, fence=token) is not None:
+        if await handback(self._store, found, cause, fence=token, ran=False) is not None:
             log.warning("task %s attempt %d: its steal's answer was lost and it no longer "
                         "fits: handed back", task_id, task.attempt)
 

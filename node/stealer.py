@@ -82,6 +82,10 @@ class Stealer:
         state.capabilities.on_change(self._capabilities_changed)
         self._pauses: set[str] = set()
         self._batch = INITIAL_BATCH
+        # Clear while a steal transaction is sent and its attempts not yet launched:
+        # shutdown waits for it, so that the runner's drain sees what it committed.
+        self._no_steal_in_flight = asyncio.Event()
+        self._no_steal_in_flight.set()
 
     def wake(self) -> None:
         """Something changed (new task, freed capacity): look at the queue again."""
@@ -110,8 +114,21 @@ class Stealer:
             self.wake()
 
     async def shutdown(self) -> None:
-        """Stop stealing for good (idempotent); attempts already stolen go on."""
+        """Close the door (idempotent): send no new steal, and wait up to shutdown_grace
+        for one already sent to be answered and its attempts launched. The runner's drain,
+        which comes next, then sees them like every other attempt; without the wait, a
+        steal committed during the drain ran nowhere and its task was lost with the lease
+        (a restart=false one ended NODE_LOST without having run)."""
         self.pause("shutdown")
+        if self._no_steal_in_flight.is_set():
+            return
+        log.info("waiting for the answer of a steal in flight")
+        try:
+            await asyncio.wait_for(self._no_steal_in_flight.wait(), self._config.shutdown_grace)
+        except TimeoutError:
+            # etcd does not answer: the drain hands back whatever it committed by then.
+            log.warning("a steal was still unanswered after %gs: shutting down without it",
+                        self._config.shutdown_grace)
 
     async def run(self) -> NoReturn:
         async with asyncio.TaskGroup() as group:
@@ -237,7 +254,9 @@ class Stealer:
             picks = self._select(candidates)
             if len(picks) >= self._batch:
                 break
-        if not picks:
+        if not picks or self.paused:
+            # Paused (shutdown) during the delay or the reads: send nothing. No await
+            # from here until the steal is marked in flight, so shutdown waits for it.
             return False
         chosen = [records[pick.task_id] for pick in picks]
         for record in chosen:
@@ -245,8 +264,12 @@ class Stealer:
         # No queue key of a priority above the lowest taken may have appeared unseen.
         guard = none_created_after(*keys.queue_above(min(pick.priority for pick in picks)),
                                    view_revision)
-        with self._capacity.stealing():
-            return await self._steal(chosen, registration, guard)
+        self._no_steal_in_flight.clear()
+        try:
+            with self._capacity.stealing():
+                return await self._steal(chosen, registration, guard)
+        finally:
+            self._no_steal_in_flight.set()
 
     def _select(self, candidates: list[Candidate]) -> list[Candidate]:
         capacity = self._capacity

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from node import keys, lifecycle, metrics
+from node import failpoints, keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.config import Config
 from node.node_state import NodeState, Registration
@@ -28,8 +28,9 @@ pytestmark = pytest.mark.timeout(60)
 
 
 async def _steal(store: Store, state: NodeState, runner: Runner, *, restart: bool = True,
-                 spec: pb.TaskSpec | None = None) -> str:
-    """Queue a task (default: a long one) and steal it for this node, as the stealer would."""
+                 spec: pb.TaskSpec | None = None, launch: bool = True) -> str:
+    """Queue a task (default: a long one) and steal it for this node, as the stealer would
+    (launch=False: a steal whose answer was lost, a running key without an attempt)."""
     spec = spec or pb.TaskSpec(command="sleep", args=["30"])
     spec.restart = restart
     spec.cpu_millis, spec.memory_bytes = 100, 1 << 20
@@ -41,8 +42,9 @@ async def _steal(store: Store, state: NodeState, runner: Runner, *, restart: boo
     stolen = lifecycle.stolen(queued.task, state.registration.node_id, "n", "127.0.0.1:1")
     token = await store.transition(queued, stolen, lease_id=state.registration.lease_id)
     assert token is not None
-    state.capacity.reserve(stolen.spec)
-    runner.launch(lifecycle.started(stolen, token))
+    if launch:
+        state.capacity.reserve(stolen.spec)
+        runner.launch(lifecycle.started(stolen, token))
     return task.id
 
 
@@ -140,3 +142,44 @@ async def test_drain_requeues_restartable_tasks_and_ends_the_others_node_lost(
         await runner.shutdown()     # idempotent: nothing left
         after = await store.get_task(again)
         assert after is not None and after.mod_revision == requeued.mod_revision
+
+
+async def test_drain_requeues_an_attempt_that_never_started_even_without_restart(
+        store: Store, tmp_path: Path) -> None:
+    """A restart=false attempt the drain stops before its container was started never
+    ran: it goes back to the queue, not NODE_LOST (runner.before_start holds the start
+    past the drain's grace)."""
+    failpoints.configure("runner.before_start=1*sleep(30)")
+    try:
+        async with _running(store, tmp_path) as (state, runner):
+            task_id = await _steal(store, state, runner, restart=False)
+            await runner.shutdown()
+            found = await store.get_task(task_id)
+            assert found is not None
+            assert found.task.state == pb.TASK_STATE_PENDING, found.task
+            assert "shut down; it had not started" in found.task.message
+            assert await store.count(keys.RUNNING) == 0
+    finally:
+        failpoints.configure("")
+
+
+async def test_drain_hands_back_a_running_key_without_an_attempt_and_starts_nothing(
+        store: Store, tmp_path: Path) -> None:
+    """A steal committed for this node but never launched (its answer lost, or it landed
+    as the drain began): the drain hands it back to the queue instead of leaving it to
+    the lease expiry (restart=false: NODE_LOST without having run), and adoption during
+    the drain starts nothing."""
+    async with _running(store, tmp_path) as (state, runner):
+        task_id = await _steal(store, state, runner, restart=False, launch=False)
+        await runner.shutdown()
+        found = await store.get_task(task_id)
+        assert found is not None
+        assert found.task.state == pb.TASK_STATE_PENDING, found.task
+        assert await store.count(keys.RUNNING) == 0
+        # The same key found by the sweep while draining: handed back, never launched.
+        again = await _steal(store, state, runner, restart=False, launch=False)
+        assert state.registration is not None
+        await runner._check_owned(state.registration)
+        assert not runner.runs(again)
+        found = await store.get_task(again)
+        assert found is not None and found.task.state == pb.TASK_STATE_PENDING, found.task

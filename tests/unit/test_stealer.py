@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from node import capabilities, keys, metrics
+from node import capabilities, failpoints, keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.capabilities import Capabilities
 from node.config import Config
@@ -85,6 +85,30 @@ async def test_a_pass_steals_what_fits_and_leaves_the_rest(store: Store) -> None
     assert len(launched.tasks) == 2 and state.capacity.load() == 1.0
     assert await store.count(keys.QUEUED) == 1
     assert not await stealer._pass()      # full: nothing more is tried
+
+
+async def test_shutdown_waits_for_a_steal_in_flight_to_launch_its_tasks(store: Store) -> None:
+    """A steal held between its commit and its launch (stealer.after_commit) when shutdown
+    begins: shutdown returns only once its tasks are launched, so the runner's drain,
+    which comes next, sees them; and no further steal is sent."""
+    await _queued(store, 2)
+    stealer, state, launched = await _node(store, "a")
+    stealer._batch = 1
+    await stealer._relist()
+    failpoints.configure("stealer.after_commit=1*sleep(1)")
+    try:
+        changed = state.capacity.subscribe()    # set by the steal's reservation
+        steal = asyncio.create_task(stealer._pass())
+        while not state.capacity.steals_in_flight:
+            await changed.wait()
+            changed.clear()
+        await stealer.shutdown()
+        assert len(launched.tasks) == 1
+        assert await steal
+        assert not await stealer._pass()
+        assert len(launched.tasks) == 1 and await store.count(keys.QUEUED) == 1
+    finally:
+        failpoints.configure("")
 
 
 async def test_a_shutdown_pause_survives_a_nospace_recovery(store: Store,
