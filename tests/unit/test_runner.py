@@ -91,8 +91,9 @@ async def test_an_attempt_past_its_time_limit_is_stopped_and_ends_timed_out(
         assert (done.state, done.reason) == (pb.TASK_STATE_COMPLETE, pb.REASON_TIMED_OUT)
         assert done.message == "ran longer than its time limit of 0.5s"
         assert done.exit_code != 0
-        # The limit, plus at most the grace (1 s), plus a second for a slow machine.
-        assert 0.5 <= took < 0.5 + 1.0 + 1.0, took
+        # Stopped by the limit, not by the end of its 30 s sleep; the upper bound is loose
+        # because a loaded 2-core machine (CI) can take seconds to run the stop.
+        assert 0.5 <= took < 15, took
         assert [a.reason for a in done.attempts] == [pb.REASON_TIMED_OUT]
         assert metrics.TIMEOUTS._value.get() == before + 1
         assert not runner.runs(task_id)
