@@ -21,7 +21,6 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node.admission import Admission
 from node.conditions import (
     FAILED,
-    FINISHED,
     MET,
     WAITING,
     DependencyCheck,
@@ -41,6 +40,7 @@ from node.limits import (
     WRITE_BATCH_BYTES,
 )
 from node.paging import Page
+from node.states import FINISHED
 from node.store import Store
 from node.txn import Move, Versioned, move_bytes, move_ops, written_bytes
 

@@ -25,10 +25,11 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from node import keys, render
+from node import keys, states
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.limits import CLIENT_MAX_RECEIVE_BYTES
+from node.states import is_finished
 from node.tls import Security
 from node.units import parse_cpu, parse_size
 
@@ -262,7 +263,7 @@ class Client:
         return response.canceled
 
     def wait(self, task_id: str, on_progress: ProgressCallback | None = None, *,
-             until: Callable[[pb.Task], bool] = render.is_finished,
+             until: Callable[[pb.Task], bool] = is_finished,
              limit: float | None = None, task: pb.Task | None = None) -> pb.Task:
         """Poll until until(task) (default: finished) or limit seconds pass; the last record.
 
@@ -280,7 +281,7 @@ class Client:
         answering; a poll waits at least twice as long as the last listing took (100,000
         tasks list in ~10 s), so a wait never keeps the cluster busy listing."""
         def finished(tasks: builtins.list[pb.Task]) -> bool:
-            return all(render.is_finished(task) for task in tasks)
+            return all(is_finished(task) for task in tasks)
 
         return self._poll(lambda: self.list(array_id=array_id), finished, on_progress, limit,
                           self.list(array_id=array_id))
@@ -340,7 +341,7 @@ class Client:
         """One page of tasks (of one array, when array_id) and the token of the next
         ("" at the end)."""
         if isinstance(state, str):
-            state = render.STATE_BY_NAME[state.lower()]
+            state = states.STATE_BY_NAME[state.lower()]
         request = pb.ListTasksRequest(state=state or 0,  # type: ignore[arg-type]
                                       page_size=page_size, page_token=page_token,
                                       array_id=array_id)

@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from node import http_batch, render
+from node import http_batch, render, states
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.client import Client, ClientError
 from node.http_logs import LogBody, LogStream
@@ -89,15 +89,15 @@ class Api:
 
     def list_tasks(self, request: Request, match: re.Match[str]) -> Response:
         state_text = request.param("state").strip().lower()
-        if state_text not in ("", "all") and state_text not in render.STATE_BY_NAME:
+        if state_text not in ("", "all") and state_text not in states.STATE_BY_NAME:
             raise HttpError(400, f"state: {state_text!r} is not one of "
-                                 f"{', '.join(render.STATE_BY_NAME)} (or empty for all)")
+                                 f"{', '.join(states.STATE_BY_NAME)} (or empty for all)")
         array_id = request.param("array_id").strip()
         if array_id and state_text not in ("", "all"):
             raise HttpError(400, "state: cannot be combined with array_id")
         try:
             tasks, next_token = self.client.list_page(
-                render.STATE_BY_NAME.get(state_text), request.int_param("page_size",
+                states.STATE_BY_NAME.get(state_text), request.int_param("page_size",
                                                                         MAX_PAGE_SIZE),
                 request.param("page_token"), array_id=array_id)
         except ClientError as error:

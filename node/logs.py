@@ -31,6 +31,7 @@ from node.errors import (
 from node.lifecycle import MAX_ATTEMPT_RECORDS
 from node.runner import Runner
 from node.runtime.logcap import Layout, lock_for, read_at
+from node.states import is_finished
 from node.store import Store
 from node.tls import Security
 
@@ -124,7 +125,7 @@ class LogService:
             task = found.task
             if task.attempt > 0:
                 return task
-            if task.state in (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED):
+            if is_finished(task):
                 return None
             if not follow:
                 raise NotStarted(f"task {task_id} has not started yet, so it has no log; "

@@ -17,6 +17,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from node import capabilities, lifecycle
 from node._gen.filch.v1 import filch_pb2
+from node.states import is_finished
 from node.units import format_cpu, format_seconds, format_size
 
 
@@ -99,14 +100,6 @@ DEPENDENCY_KINDS = {filch_pb2.DEPENDENCY_KIND_SUCCESS: "success",
 
 # Only these reasons mean the command itself ended, so only they carry a real exit code.
 _REASONS_WITH_EXIT_CODE = frozenset({filch_pb2.REASON_EXITED, filch_pb2.REASON_OOM_KILLED})
-_FINISHED_STATES = frozenset({filch_pb2.TASK_STATE_COMPLETE, filch_pb2.TASK_STATE_CANCELED})
-# The state names people type (`filch ls --state`, `?state=` on the HTTP API), one table.
-STATE_BY_NAME: dict[str, filch_pb2.TaskState.ValueType] = {
-    "pending": filch_pb2.TASK_STATE_PENDING,
-    "running": filch_pb2.TASK_STATE_RUNNING,
-    "complete": filch_pb2.TASK_STATE_COMPLETE,
-    "canceled": filch_pb2.TASK_STATE_CANCELED,
-}
 
 
 def state_name(state: int) -> str:
@@ -125,10 +118,6 @@ def reason_name(reason: int) -> str:
         return filch_pb2.Reason.Name(reason).removeprefix("REASON_")  # type: ignore[arg-type]
     except ValueError:
         return str(reason)
-
-
-def is_finished(task: filch_pb2.Task) -> bool:
-    return task.state in _FINISHED_STATES
 
 
 def exit_code(task: filch_pb2.Task) -> int | None:

@@ -27,6 +27,7 @@ from node.limits import (
     READ_BATCH_RECORDS,
 )
 from node.paging import Page, decode_token, encode_token
+from node.states import FINISHED
 from node.store import Store
 from node.txn import Move, Versioned, written_bytes
 from node.units import format_size
@@ -43,8 +44,6 @@ _STATE_PREFIXES: dict[int, tuple[bytes, ...]] = {
     pb.TASK_STATE_COMPLETE: (keys.COMPLETE,),
     pb.TASK_STATE_CANCELED: (keys.CANCELED,),
 }
-
-FINISHED = (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED)
 
 
 class TaskService:
@@ -284,4 +283,4 @@ def _fits_capacity(spec: pb.TaskSpec, node: pb.Node) -> bool:
     return _fits_cpu_memory(spec, node) and spec.disk_bytes <= node.disk_capacity_bytes
 
 
-__all__ = ["FINISHED", "TaskService", "Versioned"]
+__all__ = ["TaskService", "Versioned"]

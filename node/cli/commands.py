@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import click
 
-from node import render
+from node import render, states
 from node._gen.filch.v1 import filch_pb2
 from node.cli.output import (
     EXIT_INTERRUPTED,
@@ -34,6 +34,7 @@ from node.client import Client, ClientError
 from node.errors import InvalidArgument
 from node.follow import follow
 from node.lifecycle import RETRY_CLASSES
+from node.states import is_finished
 from node.units import CPU_FORMS, DURATION_FORMS, SIZE_FORMS
 
 # What a wait returns: a task, or an array's tasks.
@@ -177,7 +178,7 @@ def submit(
     if follow:
         task = follow_task(client, task)
     else:
-        task = wait_for(client, task, render.is_finished)
+        task = wait_for(client, task, is_finished)
     status = task_exit_status(task)
     if status != 0:
         click.echo(f"task {task.id} {render.outcome(task)}", err=True)
@@ -191,7 +192,7 @@ def follow_task(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
     stdout = TaskOutput()
 
     def attempt_end(current: filch_pb2.Task, attempt: int) -> None:
-        if render.is_finished(current) and current.attempt <= attempt:
+        if is_finished(current) and current.attempt <= attempt:
             return      # the last one: the exit status says how it ended
         ended = next((record for record in current.attempts if record.attempt == attempt),
                      None)
@@ -232,7 +233,7 @@ def status(client: Client, task_id: str, output: str) -> None:
 
 
 @click.command(name="ls")
-@click.option("--state", type=click.Choice(list(render.STATE_BY_NAME), case_sensitive=False),
+@click.option("--state", type=click.Choice(list(states.STATE_BY_NAME), case_sensitive=False),
               help="Only tasks in this state.")
 @click.option("--limit", type=click.IntRange(min=1), metavar="N", help="At most N tasks.")
 @click.option("--array", "array_id", default="", metavar="ARRAY_ID",

@@ -15,6 +15,7 @@ import grpc
 from node import render
 from node._gen.filch.v1 import filch_pb2
 from node.client import ClientError
+from node.states import is_finished
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -168,7 +169,7 @@ def progress_text(task: filch_pb2.Task, elapsed: float, reconnecting: bool) -> s
 
 
 def array_progress_text(tasks: list[filch_pb2.Task], elapsed: float, reconnecting: bool) -> str:
-    finished = sum(render.is_finished(task) for task in tasks)
+    finished = sum(is_finished(task) for task in tasks)
     running = sum(task.state == filch_pb2.TASK_STATE_RUNNING for task in tasks)
     text = f"{finished} of {len(tasks)} finished · {running} running"
     if reconnecting:
