@@ -153,7 +153,7 @@ async def task_ids(array_id: str, count: int) -> list[str]:
 class Arrays:
     """Array submit, list and cancel (the service's array half)."""
 
-    def __init__(self, store: Store, admission: Admission, check: DependencyCheck) -> None:
+    def __init__(self, *, store: Store, admission: Admission, check: DependencyCheck) -> None:
         self._store = store
         self._admission = admission
         self._check = check
@@ -287,7 +287,7 @@ class Arrays:
         end = min(array.count, position + page_size)
         ids = [keys.array_task_id(array_id, at) for at in range(position, end)]
         found = {record.task.id: record.task for record in await self._store.get_tasks(ids)}
-        page = Page(page_size)
+        page = Page(page_size=page_size)
         for task_id in ids:
             task = found.get(task_id)
             if task is not None and not page.add(task):

@@ -120,7 +120,7 @@ _ERROR_TYPES: dict[grpc.StatusCode, type[ClientError]] = {
 class LogCall:
     """A task's log as an iterator of bytes; cancel() ends it from another thread."""
 
-    def __init__(self, call: Any, client: Client) -> None:
+    def __init__(self, *, call: Any, client: Client) -> None:
         self._call = call
         self._client = client
 
@@ -318,7 +318,7 @@ class Client:
         """The task's output as it arrives (attempt 0: the latest). No deadline: a followed
         log lasts as long as the task, and a big one takes as long as it takes."""
         request = pb.StreamLogsRequest(id=task_id, follow=follow, attempt=attempt)
-        return LogCall(self._stub.StreamLogs(request), self)
+        return LogCall(call=self._stub.StreamLogs(request), client=self)
 
     def list(self, state: str | int | None = None, limit: int | None = None, *,
              array_id: str = "") -> list[pb.Task]:

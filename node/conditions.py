@@ -116,7 +116,7 @@ class DependencyCheck:
     array is known to have succeeded (finished tasks never change), so that an array's
     tasks are read about once per node, not once per event."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, *, store: Store) -> None:
         self._store = store
         self._counts: dict[str, int] = {}
         self._frontier: dict[str, int] = {}

@@ -57,10 +57,11 @@ ERROR_RETRY = 0.5
 class Resolver:
     """Decides held tasks when their parents end, and sweeps every held task."""
 
-    def __init__(self, *, config: Config, store: Store) -> None:
+    def __init__(self, *, config: Config, store: Store, check: DependencyCheck) -> None:
+        """check: the node's one DependencyCheck, shared with TaskService (its cache)."""
         self._config = config
         self._store = store
-        self.check = DependencyCheck(store)
+        self.check = check
         # parent id (task or array) -> its dependents, from the /dep/ watch
         self._dependents: dict[str, set[str]] = {}
         # task id -> array id, for the arrays that have dependents

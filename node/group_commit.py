@@ -26,7 +26,7 @@ _Waiter = tuple[Move, "asyncio.Future[int | None]"]
 class GroupCommitter:
     """Store.transition() for concurrent callers, batched."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, *, store: Store) -> None:
         self._store = store
         self._waiting: list[_Waiter] = []
         self._flusher: asyncio.Task[None] | None = None

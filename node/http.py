@@ -82,7 +82,7 @@ class AgentSessions:
     agent caches a positive check for sessions.CHECK_CACHE_SECONDS (5 s); this side does
     not cache, so a sign-out through this node is effective here at once."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, *, client: Client) -> None:
         self._client = client
 
     def create(self, identity: str) -> tuple[str, int]:
@@ -118,7 +118,7 @@ def _refused(error: ClientError) -> Refused:
 class App:
     """The WSGI application: a small router over PATH_INFO and the method."""
 
-    def __init__(self, server: str, advertise: str | None = None,
+    def __init__(self, *, server: str, advertise: str | None = None,
                  web_dir: Path = WEB_DIR, security: Security | None = None,
                  allowed_hosts: Iterable[str] = ()) -> None:
         """server: the daemon's gRPC HOST:PORT. advertise: the address the daemon's node
@@ -131,7 +131,7 @@ class App:
         self.api = Api(client=self.daemon, advertise=advertise or server)
         self.web_dir = web_dir
         self.gate = Gate.create(self.daemon.security.token, allowed_hosts,
-                                AgentSessions(self.daemon))
+                                AgentSessions(client=self.daemon))
         api = self.api
         routes: list[tuple[str, str, dict[str, Handler]]] = [
             (r"/healthz", PROBE, {"GET": api.healthz}),
@@ -164,7 +164,8 @@ class App:
         security = Security.load(os.environ.get("FILCH_CA", ""),
                                  token_file=os.environ.get("FILCH_TOKEN_FILE", ""),
                                  token=os.environ.get("FILCH_TOKEN", ""))
-        return cls(server, os.environ.get("FILCH_ADVERTISE") or None, security=security,
+        return cls(server=server, advertise=os.environ.get("FILCH_ADVERTISE") or None,
+                   security=security,
                    allowed_hosts=default_hosts(os.environ))
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse

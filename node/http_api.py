@@ -150,13 +150,13 @@ class Api:
         # A bad or unknown id gets its 400 / 404 however slow the daemon is; what the
         # stream itself refuses (no such attempt, not started) is caught by the peek below.
         self._get(match["id"])
-        stream = LogStream(self.client.logs(match["id"], follow, attempt),
-                           request.environ.get("gunicorn.socket"))
+        stream = LogStream(call=self.client.logs(match["id"], follow, attempt),
+                           client=request.environ.get("gunicorn.socket"))
         first = stream.next_event(LOG_PEEK)
         if isinstance(first, ClientError):
             stream.stop()
             raise failure(first)
-        return Response(200, LogBody(stream, first), [
+        return Response(200, LogBody(stream=stream, first=first), [
             ("Content-Type", "text/plain; charset=utf-8"),
             ("Cache-Control", "no-store"),
             ("X-Content-Type-Options", "nosniff"),

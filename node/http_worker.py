@@ -50,7 +50,7 @@ class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn has no type hints
         return gevent.Timeout(REQUEST_READ_TIMEOUT, False)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
-        body = DeadlineBody(req.body, time.monotonic() + REQUEST_READ_TIMEOUT)
+        body = DeadlineBody(body=req.body, deadline=time.monotonic() + REQUEST_READ_TIMEOUT)
         req.body = body
         kept = super().handle_request(listener_name, req, sock, addr)
         if body.expired:
@@ -63,7 +63,7 @@ class DeadlineBody:
     """A request body (wsgi.input) whose reads fail with RequestReadTimeout once the
     deadline has passed, however slowly the client trickles bytes in."""
 
-    def __init__(self, body: Any, deadline: float) -> None:
+    def __init__(self, *, body: Any, deadline: float) -> None:
         self._body = body
         self._deadline = deadline
         self.expired = False

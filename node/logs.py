@@ -53,7 +53,7 @@ PROXIED_HEADER = "filch-proxied"
 class LogService:
     """Streams the log of a task's attempt from wherever it lives."""
 
-    def __init__(self, config: Config, store: Store, runner: Runner,
+    def __init__(self, *, config: Config, store: Store, runner: Runner,
                  security: Security) -> None:
         self._config = config
         self._store = store

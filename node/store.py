@@ -79,7 +79,7 @@ class MemberStatus:
 class Store:
     """A connection to the local etcd member and every operation filch performs on it."""
 
-    def __init__(self, endpoint: str, timeout: float = REQUEST_TIMEOUT, *,
+    def __init__(self, *, endpoint: str, timeout: float = REQUEST_TIMEOUT,
                  tls: EtcdTLS | None = None,
                  max_receive_bytes: int = STORE_MAX_RECEIVE_BYTES) -> None:
         """An https:// endpoint needs tls (etcd then demands the client certificate).
@@ -95,7 +95,7 @@ class Store:
                    "options": {"grpc.max_receive_message_length": max_receive_bytes,
                                "grpc.max_send_message_length": STORE_MAX_SEND_BYTES}}
         self._client = (aetcd.Client(**address) if tls is None
-                        else TLSClient(tls.credentials(), **address))
+                        else TLSClient(credentials=tls.credentials(), **address))
         self._timeout = timeout
         self.endpoint = endpoint
 

@@ -43,7 +43,7 @@ class TaskOutput:
     stdout is a terminal, so the task cannot drive it (retitle the window, clear the
     screen, rewrite earlier lines, answer-back sequences)."""
 
-    def __init__(self, stream: BinaryIO | None = None, *, terminal: bool | None = None) -> None:
+    def __init__(self, *, stream: BinaryIO | None = None, terminal: bool | None = None) -> None:
         self._stream = stream if stream is not None else sys.stdout.buffer
         if terminal is None:
             terminal = self._stream.isatty()
@@ -118,7 +118,7 @@ class Progress:
     _FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
     _ASCII_FRAMES = "|/-\\"
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, *, stream: TextIO | None = None) -> None:
         self._stream = stream or sys.stderr
         self.enabled = self._stream.isatty() and os.environ.get("TERM") != "dumb"
         self._frames = self._FRAMES

@@ -12,6 +12,7 @@ import pytest
 
 from node import keys, limits, validation
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.conditions import DependencyCheck
 from node.errors import TooLarge
 from node.group_commit import GroupCommitter
 from node.limits import MAX_BATCH, MOVE_KEYS_BYTES
@@ -65,7 +66,7 @@ async def test_a_batch_over_the_request_limit_raises_too_large(store: Store) -> 
 
 
 async def test_group_commit_splits_a_batch_etcd_refuses(store: Store) -> None:
-    service = TaskService(store)
+    service = TaskService(store=store, check=DependencyCheck(store=store))
     specs = [validation.spec(pb.TaskSpec(command="sh", env={"BIG": str(n) * 900_000}))
              for n in range(6)]
     results = await asyncio.gather(*(service.submit(spec) for spec in specs))
@@ -75,7 +76,7 @@ async def test_group_commit_splits_a_batch_etcd_refuses(store: Store) -> None:
 
 async def test_a_single_record_etcd_cannot_take_is_refused_and_nothing_written(
         store: Store) -> None:
-    committer = GroupCommitter(store)
+    committer = GroupCommitter(store=store)
     small, huge = _task(10), _task(ETCD_DEFAULT_REQUEST_BYTES)
     outcomes = await asyncio.gather(committer.transition(Move(None, small)),
                                     committer.transition(Move(None, huge)),
@@ -89,7 +90,7 @@ async def test_a_single_record_etcd_cannot_take_is_refused_and_nothing_written(
 
 @pytest.mark.parametrize("state", [pb.TASK_STATE_UNSPECIFIED, pb.TASK_STATE_PENDING])
 async def test_list_pages_stop_at_the_byte_budget(store: Store, state: int) -> None:
-    service = TaskService(store)
+    service = TaskService(store=store, check=DependencyCheck(store=store))
     large = [validation.spec(pb.TaskSpec(command="sh", env={"BIG": str(n) * 1_000_000}))
              for n in range(5)]
     small = [validation.spec(pb.TaskSpec(command="true", name=f"s{n}")) for n in range(3)]
@@ -113,8 +114,8 @@ async def test_reads_too_large_for_the_channel_are_split(store: Store, etcd: str
     for task in tasks:
         assert await store.transition(None, task) is not None
     ids = sorted(task.id for task in tasks)
-    narrow = Store(etcd, max_receive_bytes=2 * limits.MiB)
-    tiny = Store(etcd, max_receive_bytes=limits.MiB // 2)
+    narrow = Store(endpoint=etcd, max_receive_bytes=2 * limits.MiB)
+    tiny = Store(endpoint=etcd, max_receive_bytes=limits.MiB // 2)
     try:
         assert [found.task.id for found in await narrow.get_tasks(ids)] == ids
         records, more = await narrow.list_records(limit=4)
