@@ -8,6 +8,8 @@ HTTP face (whose gevent worker makes grpc cooperative: node/http_worker.py).
         done = filch.wait(task.id)
 
 Every failure is a ClientError (a subclass per common gRPC code), never a grpc.RpcError.
+The error classes live in node/errors.py (one tree under FilchError); the names are
+re-exported here, where the README publishes them.
 """
 
 from __future__ import annotations
@@ -28,6 +30,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from node import keys, states
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.errors import (
+    ClientError,
+    DeadlineExceeded,
+    InvalidRequest,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 from node.limits import CLIENT_MAX_RECEIVE_BYTES
 from node.states import is_finished
 from node.tls import Security
@@ -64,48 +74,6 @@ ProgressCallback = Callable[[pb.Task, float, bool], None]
 ArrayProgressCallback = Callable[[list[pb.Task], float, bool], None]
 # what a wait polls: one task's record, or an array's
 Polled = TypeVar("Polled")
-
-
-class ClientError(Exception):
-    """A call failed. code: the grpc.StatusCode; message: the node's words (one line).
-
-    server, timeout: what was called and with which deadline, for callers that word
-    their own message; reachable: for UNAVAILABLE, whether the node answered at all.
-    """
-
-    def __init__(self, code: grpc.StatusCode, message: str, *, server: str,
-                 timeout: float | None, reachable: bool = True) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.server = server
-        self.timeout = timeout
-        self.reachable = reachable
-
-    @property
-    def transient(self) -> bool:
-        """Worth another try later: the node or its etcd is away for now."""
-        return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-class InvalidRequest(ClientError):
-    """INVALID_ARGUMENT: the node refused a value; the message names it."""
-
-
-class NotFound(ClientError):
-    """NOT_FOUND: no such task (or attempt, or log yet)."""
-
-
-class Unauthenticated(ClientError):
-    """UNAUTHENTICATED: a missing or wrong bearer token."""
-
-
-class Unavailable(ClientError):
-    """UNAVAILABLE: the node is unreachable (reachable=False) or cannot serve now."""
-
-
-class DeadlineExceeded(ClientError):
-    """DEADLINE_EXCEEDED: no answer within the timeout."""
 
 
 _ERROR_TYPES: dict[grpc.StatusCode, type[ClientError]] = {
@@ -438,3 +406,8 @@ def _is_ready(channel: grpc.Channel) -> bool:
         return False
     finally:
         channel.unsubscribe(callback)
+
+
+# The README publishes these names from node.client: importable here, defined in node/errors.py.
+__all__ = ["DEFAULT_SERVER", "DEFAULT_TIMEOUT", "Client", "ClientError", "DeadlineExceeded",
+           "InvalidRequest", "LogCall", "NotFound", "Unauthenticated", "Unavailable"]

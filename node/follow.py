@@ -10,7 +10,8 @@ from collections.abc import Callable
 import grpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.client import Client, ClientError
+from node.client import Client
+from node.errors import ClientError
 from node.states import is_finished
 
 # How often one attempt's log stream is opened again when it broke while the attempt still

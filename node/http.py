@@ -42,11 +42,12 @@ from http import HTTPStatus
 from pathlib import Path
 from wsgiref.types import StartResponse, WSGIEnvironment
 
-from node.client import DEFAULT_SERVER, Client, ClientError, InvalidRequest, NotFound
+from node.client import DEFAULT_SERVER, Client
+from node.errors import ClientError, HttpError, InvalidRequest, NotFound, Refused
 from node.http_api import Api
-from node.http_wire import HttpError, Request, Response, failure, json_response
+from node.http_wire import Request, Response, failure, json_response
 from node.tls import Security
-from node.webauth import Gate, Refused, cleared_cookie, default_hosts, session_cookie
+from node.webauth import Gate, cleared_cookie, default_hosts, session_cookie
 
 log = logging.getLogger(__name__)
 
@@ -242,20 +243,15 @@ class App:
         token = body.get("token") if isinstance(body, dict) else None
         if not isinstance(token, str):
             raise HttpError(400, "token: required: a JSON object {\"token\": \"...\"}")
-        try:
-            value, lifetime = self.gate.login(token)
-        except Refused as refused:
-            raise HttpError(refused.status, refused.message) from None
+        # A Refused is an HttpError: it answers with its own status.
+        value, lifetime = self.gate.login(token)
         return Response(204, [], [("Set-Cookie", session_cookie(value, request.tls, lifetime)),
                                   ("Cache-Control", "no-store")])
 
     def logout(self, request: Request, match: re.Match[str]) -> Response:
         """Ends the cookie's session on every node (the agent deletes it from etcd), then
         clears the cookie; 503 when the agent cannot, so the user knows it still lives."""
-        try:
-            self.gate.logout(request.environ)
-        except Refused as refused:
-            raise HttpError(refused.status, refused.message) from None
+        self.gate.logout(request.environ)
         return Response(204, [], [("Set-Cookie", cleared_cookie(request.tls)),
                                   ("Cache-Control", "no-store")])
 

@@ -11,9 +11,10 @@ from typing import Any, Final
 
 from node import http_batch, render, states
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.client import Client, ClientError
+from node.client import Client
+from node.errors import ClientError, HttpError
 from node.http_logs import LogBody, LogStream
-from node.http_wire import HttpError, Request, Response, failure, json_response
+from node.http_wire import Request, Response, failure, json_response
 from node.units import CPU_FORMS, SIZE_FORMS, parse_cpu, parse_size
 
 SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name

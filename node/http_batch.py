@@ -16,7 +16,7 @@ from typing import Any
 
 from node import render
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.http_wire import HttpError
+from node.errors import HttpError
 from node.units import DURATION_FORMS, parse_duration
 
 # The body fields this module reads, besides the ones node/http_api.py reads.

@@ -12,7 +12,8 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from node.client import ClientError, LogCall
+from node.client import LogCall
+from node.errors import ClientError
 from node.http_wire import failure
 
 log = logging.getLogger(__name__)

@@ -23,14 +23,12 @@ from typing import Any, Final
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
+from node.errors import RequestReadTimeout
+
 # Seconds for the request line and headers, and again for the body: a person's browser or
 # curl sends either in milliseconds; a slowloris client, a byte now and then, is cut off
 # after this, holding nothing but a greenlet meanwhile.
 REQUEST_READ_TIMEOUT: Final = 10.0
-
-
-class RequestReadTimeout(TimeoutError):
-    """The request's body did not arrive by its deadline (node/http_wire.py answers 408)."""
 
 
 class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn has no type hints

@@ -30,8 +30,8 @@ from node.cli.params import (
     parse_env,
     split_retry_classes,
 )
-from node.client import Client, ClientError
-from node.errors import InvalidArgument
+from node.client import Client
+from node.errors import ClientError, InvalidArgument
 from node.follow import follow
 from node.lifecycle import RETRY_CLASSES
 from node.states import is_finished

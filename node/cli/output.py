@@ -14,7 +14,7 @@ import grpc
 
 from node import render
 from node._gen.filch.v1 import filch_pb2
-from node.client import ClientError
+from node.errors import ClientError
 from node.states import is_finished
 
 EXIT_FAILURE = 1

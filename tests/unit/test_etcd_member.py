@@ -207,8 +207,8 @@ from node.config import Config
 from node.etcd_member import EtcdMember
 
 async def main() -> None:
-    member = EtcdMember(config=Config(name="orphan", data_dir=sys.argv[1], etcd_peer_url=sys.argv[2],
-                               etcd_client_url=sys.argv[3]))
+    member = EtcdMember(config=Config(name="orphan", data_dir=sys.argv[1],
+                                      etcd_peer_url=sys.argv[2], etcd_client_url=sys.argv[3]))
     await member.start()
     print(member.pid, flush=True)
     await asyncio.sleep(3600)

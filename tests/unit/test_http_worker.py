@@ -9,8 +9,9 @@ import time
 import gevent
 import pytest
 
-from node.http_wire import HttpError, Request
-from node.http_worker import DeadlineBody, RequestReadTimeout
+from node.errors import HttpError, RequestReadTimeout
+from node.http_wire import Request
+from node.http_worker import DeadlineBody
 
 
 class Trickle:
