@@ -34,10 +34,8 @@ from node.errors import ArrayNotFound, Conflict, FilchError, InvalidArgument, St
 from node.handback import canceled, outcome
 from node.limits import (
     ETCD_KEY_OVERHEAD_BYTES,
-    MAX_BATCH,
-    MAX_TXN_OPS,
     READ_BATCH_RECORDS,
-    WRITE_BATCH_BYTES,
+    batches,
 )
 from node.paging import Page
 from node.states import FINISHED
@@ -57,31 +55,23 @@ WRITE_CONCURRENCY = 8
 
 
 def cut(moves: Sequence[Move]) -> list[list[int]]:
-    """Positions of moves, in runs that each fit one transaction (MAX_BATCH moves,
-    WRITE_BATCH_BYTES, MAX_TXN_OPS compares and operations)."""
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    size = ops = 0
+    """Positions of moves, in runs that each fit one transaction (limits.batches: MAX_BATCH
+    moves, WRITE_BATCH_BYTES, MAX_TXN_OPS compares and operations)."""
     shapes: dict[tuple[object, ...], int] = {}
-    for position, move in enumerate(moves):
+
+    def ops(position: int) -> int:
         # Moves of one shape have as many compares and operations: count each shape once
         # (an array's 100,000 moves have one or two shapes).
+        move = moves[position]
         shape = (move.old is None, move.old.task.state if move.old else 0,
                  move.old.task.hold if move.old else 0, move.new.state, move.new.hold,
                  len(move.new.spec.after), len(move.requires), move.fence, move.owner_gone)
         if shape not in shapes:
             shapes[shape] = move_ops(move)
-        grown_size = size + move_bytes(move)
-        grown_ops = ops + shapes[shape]
-        if batch and (len(batch) >= MAX_BATCH or grown_size > WRITE_BATCH_BYTES
-                      or grown_ops > MAX_TXN_OPS):
-            batches.append(batch)
-            batch, grown_size, grown_ops = [], move_bytes(move), shapes[shape]
-        batch.append(position)
-        size, ops = grown_size, grown_ops
-    if batch:
-        batches.append(batch)
-    return batches
+        return shapes[shape]
+
+    return list(batches(range(len(moves)), lambda position: move_bytes(moves[position]),
+                        ops=ops))
 
 
 async def write_moves(store: Store, moves: Sequence[Move], *,

@@ -26,7 +26,7 @@ from node.arrays import task_ids, write_moves
 from node.conditions import DependencyCheck, waiting_for_array
 from node.config import Config
 from node.errors import FilchError
-from node.limits import MAX_BATCH, READ_BATCH_RECORDS
+from node.limits import READ_BATCH_RECORDS, batches
 from node.store import Store, WatchEvent
 from node.txn import Move, Versioned
 from node.watching import list_and_watch
@@ -267,8 +267,8 @@ class Resolver:
                                                    if move.old else "").inc()
             if revision is not None and move.new.hold == pb.HOLD_DEPENDENCIES:
                 await self.check.settle(Versioned(move.new, revision), parents)
-        for start in range(0, len(abandoned), MAX_BATCH):
-            batch = abandoned[start:start + MAX_BATCH]
+        # A delete carries no record: the batch is bounded by its count (MAX_BATCH tasks).
+        for batch in batches(abandoned, lambda found: 0):
             absent = sorted({keys.array(found.task.array_id) for found in batch})
             if await self._store.delete_tasks(batch, absent=absent):
                 log.warning("deleted %d tasks of arrays whose submission was abandoned over "

@@ -205,8 +205,8 @@ class Store:
         """Several transitions in ONE transaction: all happen, or none (see transition()).
         guards: further compares (txn.key_compare, txn.none_created_after) that must hold.
 
-        At most MAX_BATCH moves; callers cut batches with limits.batches(..., move_bytes)
-        to WRITE_BATCH_BYTES. Returns the revision, or None when any compare failed.
+        At most MAX_BATCH moves; callers cut batches with limits.TxnRoom (limits.batches)
+        by move_bytes and move_ops. Returns the revision, or None when any compare failed.
         Raises TooLarge when etcd refuses the transaction for its size (split it).
         """
         if not 0 < len(moves) <= MAX_BATCH:
