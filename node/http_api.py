@@ -1,5 +1,5 @@
 """The HTTP face's JSON API and probes, each a call through node.client to the local daemon.
-The JSON shapes are render.task_to_dict and render.node_to_dict, the same ones
+The JSON shapes are records.task_to_dict and records.node_to_dict, the same ones
 `filch ... -o json` prints."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from node import http_batch, render, states
+from node import http_batch, records, states
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.client import Client
 from node.errors import ClientError, HttpError
@@ -103,11 +103,11 @@ class Api:
                 request.param("page_token"), array_id=array_id)
         except ClientError as error:
             raise failure(error) from None
-        return json_response(200, {"tasks": [render.task_to_dict(task) for task in tasks],
+        return json_response(200, {"tasks": [records.task_to_dict(task) for task in tasks],
                                    "next_page_token": next_token})
 
     def get_task(self, request: Request, match: re.Match[str]) -> Response:
-        return json_response(200, render.task_to_dict(self._get(match["id"])))
+        return json_response(200, records.task_to_dict(self._get(match["id"])))
 
     def _get(self, task_id: str) -> pb.Task:
         try:
@@ -127,7 +127,7 @@ class Api:
                                  http_batch.array_reply(response),
                                  [("Location", f"/api/v1/tasks?array_id={response.array_id}")])
         return json_response(201 if response.created else 200,
-                             render.task_to_dict(response.task),
+                             records.task_to_dict(response.task),
                              [("Location", f"/api/v1/tasks/{response.task.id}")])
 
     def cancel(self, request: Request, match: re.Match[str]) -> Response:
@@ -135,7 +135,7 @@ class Api:
             task = self.client.cancel(match["id"])
         except ClientError as error:
             raise failure(error) from None
-        return json_response(200, render.task_to_dict(task))
+        return json_response(200, records.task_to_dict(task))
 
     def cancel_array(self, request: Request, match: re.Match[str]) -> Response:
         try:
@@ -170,7 +170,7 @@ class Api:
             nodes = self.client.nodes()
         except ClientError as error:
             raise failure(error) from None
-        return json_response(200, {"nodes": [render.node_to_dict(node) for node in nodes]})
+        return json_response(200, {"nodes": [records.node_to_dict(node) for node in nodes]})
 
     # -- owners (fair share) -------------------------------------------------------------------
 
@@ -179,7 +179,7 @@ class Api:
             owners = self.client.owners()
         except ClientError as error:
             raise failure(error) from None
-        return json_response(200, {"owners": [render.owner_to_dict(owner) for owner in owners]})
+        return json_response(200, {"owners": [records.owner_to_dict(owner) for owner in owners]})
 
     def set_owner_weight(self, request: Request, match: re.Match[str]) -> Response:
         """POST {"weight": W}: the daemon validates name and weight (400 naming the field)."""
@@ -194,7 +194,7 @@ class Api:
             owner = self.client.set_owner_weight(match["name"], float(weight))
         except ClientError as error:
             raise failure(error) from None
-        return json_response(200, render.owner_to_dict(owner))
+        return json_response(200, records.owner_to_dict(owner))
 
 # -- request bodies ----------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import click
 
-from node import render, states
+from node import records, render, states
 from node._gen.filch.v1 import filch_pb2
 from node.cli.output import (
     EXIT_INTERRUPTED,
@@ -199,7 +199,7 @@ def follow_task(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
         how, then = "ended", ""
         if ended is not None:
             how = (f"exit code {ended.exit_code}" if ended.reason == filch_pb2.REASON_EXITED
-                   else render.reason_name(ended.reason))
+                   else records.reason_name(ended.reason))
             # A retry's attempt record says so ("retry 1 of 3 in 1.6s after ..."); the task's
             # own message may already be the next attempt's.
             then = f"; {ended.message}" if ended.message else ""
@@ -227,7 +227,7 @@ def status(client: Client, task_id: str, output: str) -> None:
     """Show one task in detail."""
     task = client.get(task_id)
     if output == "json":
-        print_json(render.task_to_dict(task))
+        print_json(records.task_to_dict(task))
     else:
         click.echo(render.task_detail(task))
 
@@ -247,7 +247,7 @@ def list_tasks(client: Client, state: str | None, limit: int | None, array_id: s
         raise click.UsageError("--array lists every task of the array; leave out --state")
     tasks = client.list(state, limit, array_id=array_id)
     if output == "json":
-        print_json([render.task_to_dict(task) for task in tasks])
+        print_json([records.task_to_dict(task) for task in tasks])
     elif tasks:
         click.echo(render.tasks_table(tasks))
     else:
@@ -298,7 +298,7 @@ def cancel(client: Client, no_wait: bool, array_id: str, task_id: str) -> None:
 
     if not no_wait:
         task = wait_for(client, task, stopped, limit=CANCEL_WAIT)
-    click.echo(render.state_name(task.state))
+    click.echo(records.state_name(task.state))
     if not no_wait and not stopped(task):
         raise CommandError(
             f"task {task.id} still runs {CANCEL_WAIT:g} s after the cancel; "
@@ -312,7 +312,7 @@ def nodes(client: Client, output: str) -> None:
     """List the live nodes, their capacity and what is allocated on them."""
     found = client.nodes()
     if output == "json":
-        print_json([render.node_to_dict(node) for node in found])
+        print_json([records.node_to_dict(node) for node in found])
     elif found:
         click.echo(render.nodes_table(found))
     else:

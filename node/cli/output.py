@@ -12,7 +12,7 @@ from typing import Any, BinaryIO, TextIO
 import click
 import grpc
 
-from node import render
+from node import records, render
 from node._gen.filch.v1 import filch_pb2
 from node.errors import ClientError
 from node.states import is_finished
@@ -158,7 +158,7 @@ class Progress:
 
 
 def progress_text(task: filch_pb2.Task, elapsed: float, reconnecting: bool) -> str:
-    state = render.state_name(task.state)
+    state = records.state_name(task.state)
     if task.state == filch_pb2.TASK_STATE_RUNNING:
         state += f" on {render.node_label(task)}"
     elif task.message:

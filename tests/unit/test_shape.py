@@ -35,3 +35,9 @@ def test_constructors_are_keyword_only() -> None:
                     positional.append(f"{path.relative_to(NODE.parent)}: {cls.name}")
     assert positional == []
 
+
+
+def test_no_module_is_too_long() -> None:
+    long = {str(path.relative_to(NODE.parent)): lines for path in _modules()
+            if (lines := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}
