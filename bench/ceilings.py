@@ -96,7 +96,7 @@ async def _load(endpoint: str, concurrency: int, seconds: float, start_at: float
     from node import keys
     from node._gen.filch.v1 import filch_pb2 as pb
     from node.store import Store
-    store = Store(endpoint)
+    store = Store(endpoint=endpoint)
     spec = pb.TaskSpec(command="true", cpu_millis=100, memory_bytes=128 * 2**20, restart=True)
     try:
         await store.current_revision()          # connect before the clock starts

@@ -97,7 +97,7 @@ class BenchCluster:
             self.store = None
         if self.store is None:
             async def make() -> Store:
-                return Store(endpoint)
+                return Store(endpoint=endpoint)
             self.store = self.runner.call(make())
             self._store_endpoint = endpoint
         alive = list(self.cluster.alive())

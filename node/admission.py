@@ -74,7 +74,7 @@ class _Tally:
 class PendingLimit(_Tally):
     """Counts pending tasks (cheaply) and refuses new ones past the limit."""
 
-    def __init__(self, store: Store, limit: int, *, ttl: float = PENDING_COUNT_TTL,
+    def __init__(self, *, store: Store, limit: int, ttl: float = PENDING_COUNT_TTL,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(ttl=ttl, clock=clock)
         self._store = store
@@ -108,7 +108,7 @@ class ByteBudget(_Tally):
     The size in use is the member this node talks to (members hold the same data).
     """
 
-    def __init__(self, store: Store, *, quota: int, budget: float = DEFAULT_SUBMIT_BUDGET,
+    def __init__(self, *, store: Store, quota: int, budget: float = DEFAULT_SUBMIT_BUDGET,
                  ttl: float = PENDING_COUNT_TTL,
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(ttl=ttl, clock=clock)
@@ -150,7 +150,7 @@ class ByteBudget(_Tally):
 class Admission:
     """Both checks a submit passes before it writes: the pending count and the bytes."""
 
-    def __init__(self, pending: PendingLimit, budget: ByteBudget) -> None:
+    def __init__(self, *, pending: PendingLimit, budget: ByteBudget) -> None:
         self.pending = pending
         self.budget = budget
 

@@ -30,6 +30,7 @@ from node import capabilities, disk, failpoints, limits, metrics, rejoin
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer, add_to_server
 from node.capabilities import Capabilities
+from node.conditions import DependencyCheck
 from node.config import Config
 from node.dependencies import Resolver
 from node.errors import ExecutorError, FilchError, InvalidArgument
@@ -67,7 +68,8 @@ def make_network(config: Config) -> TaskNetwork | None:
     """The task network of a runc node (the process executor does not isolate networks)."""
     if config.executor != "runc":
         return None
-    return TaskNetwork(config.name, config.task_subnet, config.path / "network",
+    return TaskNetwork(node_name=config.name, task_subnet=config.task_subnet,
+                       state_dir=config.path / "network",
                        task_deny=config.task_deny, task_allow=config.task_allow)
 
 
@@ -80,7 +82,8 @@ def make_executor(config: Config, watchdog: Watchdog,
     """
     if config.executor == "runc":
         from node.runtime.runc import RuncExecutor
-        return RuncExecutor(config.runc_binary, runc_root(config), config.task_uid,
+        return RuncExecutor(runc_binary=config.runc_binary, state_root=runc_root(config),
+                            task_uid=config.task_uid,
                             attempts_root=disk.attempts_root(config), network=network,
                             disk_reserve=disk_reserve)
     from node.runtime.process import ProcessExecutor
@@ -90,8 +93,10 @@ def make_executor(config: Config, watchdog: Watchdog,
             raise ExecutorError("the process executor cannot give each task a cgroup (not "
                                 "root, or no writable cgroup hierarchy): refusing to run "
                                 "tasks; pass --allow-unisolated-tasks to run them anyway")
-        return ProcessExecutor(config.task_uid if os.geteuid() == 0 else None, watchdog)
-    return ProcessExecutor(config.task_uid if os.geteuid() == 0 else None, watchdog, cgroups)
+        return ProcessExecutor(task_uid=config.task_uid if os.geteuid() == 0 else None,
+                               watchdog=watchdog)
+    return ProcessExecutor(task_uid=config.task_uid if os.geteuid() == 0 else None,
+                           watchdog=watchdog, cgroups=cgroups)
 
 
 def process_cgroups(config: Config) -> ProcessCgroups:
@@ -115,7 +120,7 @@ class Part(Protocol):
 class Agent:
     """Wires the parts of a node together and runs them until asked to stop."""
 
-    def __init__(self, config: Config, rejoin_via: str | None = None) -> None:
+    def __init__(self, *, config: Config, rejoin_via: str | None = None) -> None:
         """rejoin_via: not None for `--rejoin` (replace a member whose etcd data is gone),
         "" to find a healthy member through the --initial-cluster peers, else its client URL."""
         self.config = config
@@ -139,7 +144,7 @@ class Agent:
         # node with one line.
         tls = (EtcdTLS(config.etcd_tls_ca, config.etcd_tls_cert, config.etcd_tls_key)
                if config.tls_ca else None)
-        store = Store(config.etcd_client_endpoint, tls=tls)
+        store = Store(endpoint=config.etcd_client_endpoint, tls=tls)
         member = await self._prepare_member() if config.embedded_etcd else None
         if member is not None:
             await member.start()
@@ -158,8 +163,9 @@ class Agent:
         """
         if self.rejoin_via is None:
             await asyncio.to_thread(rejoin.check_data, self.config)
-            return EtcdMember(self.config)
-        return EtcdMember(await asyncio.to_thread(rejoin.rejoin, self.config, self.rejoin_via))
+            return EtcdMember(config=self.config)
+        return EtcdMember(
+            config=await asyncio.to_thread(rejoin.rejoin, self.config, self.rejoin_via))
 
     async def _serve(self, store: Store, member: EtcdMember | None) -> int:
         config = self.config
@@ -167,9 +173,10 @@ class Agent:
         # (the probe below, the task firewall) reports to the one published set.
         node_capabilities = Capabilities()
         network = make_network(config)
-        watchdog = Watchdog(config.runc_binary, str(runc_root(config)),
-                            *((network.netns_prefix, network.bridge, network.table)
-                              if network is not None else ("", "", "")),
+        watchdog = Watchdog(runc_binary=config.runc_binary, runc_root=str(runc_root(config)),
+                            netns_prefix=network.netns_prefix if network is not None else "",
+                            bridge=network.bridge if network is not None else "",
+                            table=network.table if network is not None else "",
                             cgroup_parents=(process_cgroups(config).parents
                                             if config.executor == "process" else ()))
         if watchdog.retire_previous():
@@ -209,7 +216,10 @@ class Agent:
                                 executor_name=executor.name, runner=runner, watchdog=watchdog)
         stealer = Stealer(config=config, store=store, state=state, runner=runner)
         recovery = Recovery(config=config, store=store)
-        resolver = Resolver(config=config, store=store)
+        # One DependencyCheck per node: its cache of how far each array succeeded serves both
+        # the resolver's events and the submits' checks, so an array is read once, not twice.
+        check = DependencyCheck(store=store)
+        resolver = Resolver(config=config, store=store, check=check)
         housekeeping = Housekeeping(
             config=config, store=store, state=state, runner=runner, stealer=stealer,
             firewall=network.set_cluster_addresses if network is not None else None)
@@ -218,7 +228,8 @@ class Agent:
         # it committed is an attempt the runner's drain finds.
         parts: tuple[Part, ...] = (stealer, resolver, housekeeping, runner, membership,
                                    recovery)
-        tasks = TaskService(store, config.max_pending, etcd_quota_bytes=config.etcd_quota_bytes,
+        tasks = TaskService(store=store, check=check, max_pending=config.max_pending,
+                            etcd_quota_bytes=config.etcd_quota_bytes,
                             submit_budget=config.submit_budget)
 
         metrics.CPU_CAPACITY.set(config.cpus)
@@ -227,12 +238,14 @@ class Agent:
         metrics.serve(config.metrics_address)
         security = Security.load(config.tls_ca, config.tls_cert, config.tls_key,
                                  config.api_token_file)
-        interceptors = [TokenInterceptor(security.token)] if security.token else []
+        interceptors = [TokenInterceptor(token=security.token)] if security.token else []
         server = grpc.aio.server(
             interceptors=interceptors,
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs(config.max_log_streams))
-        add_to_server(SchedulerServicer(tasks, LogService(config, store, runner, security),
-                                        SessionService(store=store, ttl=config.session_ttl)),
+        add_to_server(SchedulerServicer(
+            tasks=tasks, logs=LogService(config=config, store=store, runner=runner,
+                                         security=security),
+            sessions=SessionService(store=store, ttl=config.session_ttl)),
                       server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -380,7 +393,7 @@ def main(config: Config, rejoin_via: str | None = None) -> int:
         asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
     with contextlib.suppress(KeyboardInterrupt):
         try:
-            return asyncio.run(Agent(config, rejoin_via).run())
+            return asyncio.run(Agent(config=config, rejoin_via=rejoin_via).run())
         except (rejoin.MemberDataLost, rejoin.RejoinFailed):
             raise   # the CLI prints these as one line and exits 1
         except FilchError as error:  # e.g. an unreadable certificate, etcd failed to start

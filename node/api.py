@@ -66,7 +66,7 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException
 class Malformed:
     """What the safe deserializer hands a method for bytes that are no valid request."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, *, message: str) -> None:
         self.message = message
 
 
@@ -77,8 +77,8 @@ def _safe_parser(message_class: Any) -> Callable[[bytes], Any]:
         try:
             return message_class.FromString(data)
         except DecodeError:
-            return Malformed(f"the request is not a valid {message_class.DESCRIPTOR.full_name} "
-                             "protobuf message")
+            return Malformed(message=f"the request is not a valid "
+                                     f"{message_class.DESCRIPTOR.full_name} protobuf message")
     return parse
 
 
@@ -126,7 +126,7 @@ def _unary(method: Callable[[Any, Request, Any], Awaitable[Response]]
 class SchedulerServicer(pb_grpc.SchedulerServicer):
     """filch.v1.Scheduler on this node."""
 
-    def __init__(self, tasks: TaskService, logs: LogService,
+    def __init__(self, *, tasks: TaskService, logs: LogService,
                  sessions: SessionService) -> None:
         self._tasks = tasks
         self._logs = logs
@@ -201,12 +201,13 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def SetOwnerWeight(self, request: pb.SetOwnerWeightRequest, context: Any) -> pb.Owner:
         name = owner_name(request.name)
         weight = owner_weight(request.weight)
-        return await OwnerService(self._tasks.store).set_weight(name, weight)
+        return await OwnerService(store=self._tasks.store).set_weight(name, weight)
 
     @_unary
     async def ListOwners(self, request: pb.ListOwnersRequest,
                          context: Any) -> pb.ListOwnersResponse:
-        return pb.ListOwnersResponse(owners=await OwnerService(self._tasks.store).list_owners())
+        owners = await OwnerService(store=self._tasks.store).list_owners()
+        return pb.ListOwnersResponse(owners=owners)
 
     # -- web UI sessions (the token guards these like every call) --------------------------
 

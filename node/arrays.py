@@ -21,7 +21,6 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node.admission import Admission
 from node.conditions import (
     FAILED,
-    FINISHED,
     MET,
     WAITING,
     DependencyCheck,
@@ -35,12 +34,11 @@ from node.errors import ArrayNotFound, Conflict, FilchError, InvalidArgument, St
 from node.handback import canceled, outcome
 from node.limits import (
     ETCD_KEY_OVERHEAD_BYTES,
-    MAX_BATCH,
-    MAX_TXN_OPS,
     READ_BATCH_RECORDS,
-    WRITE_BATCH_BYTES,
+    batches,
 )
 from node.paging import Page
+from node.states import FINISHED
 from node.store import Store
 from node.txn import Move, Versioned, move_bytes, move_ops, written_bytes
 
@@ -57,31 +55,23 @@ WRITE_CONCURRENCY = 8
 
 
 def cut(moves: Sequence[Move]) -> list[list[int]]:
-    """Positions of moves, in runs that each fit one transaction (MAX_BATCH moves,
-    WRITE_BATCH_BYTES, MAX_TXN_OPS compares and operations)."""
-    batches: list[list[int]] = []
-    batch: list[int] = []
-    size = ops = 0
+    """Positions of moves, in runs that each fit one transaction (limits.batches: MAX_BATCH
+    moves, WRITE_BATCH_BYTES, MAX_TXN_OPS compares and operations)."""
     shapes: dict[tuple[object, ...], int] = {}
-    for position, move in enumerate(moves):
+
+    def ops(position: int) -> int:
         # Moves of one shape have as many compares and operations: count each shape once
         # (an array's 100,000 moves have one or two shapes).
+        move = moves[position]
         shape = (move.old is None, move.old.task.state if move.old else 0,
                  move.old.task.hold if move.old else 0, move.new.state, move.new.hold,
                  len(move.new.spec.after), len(move.requires), move.fence, move.owner_gone)
         if shape not in shapes:
             shapes[shape] = move_ops(move)
-        grown_size = size + move_bytes(move)
-        grown_ops = ops + shapes[shape]
-        if batch and (len(batch) >= MAX_BATCH or grown_size > WRITE_BATCH_BYTES
-                      or grown_ops > MAX_TXN_OPS):
-            batches.append(batch)
-            batch, grown_size, grown_ops = [], move_bytes(move), shapes[shape]
-        batch.append(position)
-        size, ops = grown_size, grown_ops
-    if batch:
-        batches.append(batch)
-    return batches
+        return shapes[shape]
+
+    return list(batches(range(len(moves)), lambda position: move_bytes(moves[position]),
+                        ops=ops))
 
 
 async def write_moves(store: Store, moves: Sequence[Move], *,
@@ -153,7 +143,7 @@ async def task_ids(array_id: str, count: int) -> list[str]:
 class Arrays:
     """Array submit, list and cancel (the service's array half)."""
 
-    def __init__(self, store: Store, admission: Admission, check: DependencyCheck) -> None:
+    def __init__(self, *, store: Store, admission: Admission, check: DependencyCheck) -> None:
         self._store = store
         self._admission = admission
         self._check = check
@@ -287,7 +277,7 @@ class Arrays:
         end = min(array.count, position + page_size)
         ids = [keys.array_task_id(array_id, at) for at in range(position, end)]
         found = {record.task.id: record.task for record in await self._store.get_tasks(ids)}
-        page = Page(page_size)
+        page = Page(page_size=page_size)
         for task_id in ids:
             task = found.get(task_id)
             if task is not None and not page.add(task):

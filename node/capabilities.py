@@ -56,7 +56,7 @@ def may_run(capabilities: Mapping[str, str], spec: pb.TaskSpec) -> str | None:
 class Capabilities:
     """This node's capabilities; listeners hear of every real change (and only of those)."""
 
-    def __init__(self, initial: Mapping[str, str] | None = None) -> None:
+    def __init__(self, *, initial: Mapping[str, str] | None = None) -> None:
         self._values: dict[str, str] = {}
         self._listeners: list[Callable[[], None]] = []
         for name, value in (initial or {}).items():

@@ -8,6 +8,8 @@ HTTP face (whose gevent worker makes grpc cooperative: node/http_worker.py).
         done = filch.wait(task.id)
 
 Every failure is a ClientError (a subclass per common gRPC code), never a grpc.RpcError.
+The error classes live in node/errors.py (one tree under FilchError); the names are
+re-exported here, where the README publishes them.
 """
 
 from __future__ import annotations
@@ -25,10 +27,19 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from node import keys, render
+from node import keys, states
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.errors import (
+    ClientError,
+    DeadlineExceeded,
+    InvalidRequest,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 from node.limits import CLIENT_MAX_RECEIVE_BYTES
+from node.states import is_finished
 from node.tls import Security
 from node.units import parse_cpu, parse_size
 
@@ -65,48 +76,6 @@ ArrayProgressCallback = Callable[[list[pb.Task], float, bool], None]
 Polled = TypeVar("Polled")
 
 
-class ClientError(Exception):
-    """A call failed. code: the grpc.StatusCode; message: the node's words (one line).
-
-    server, timeout: what was called and with which deadline, for callers that word
-    their own message; reachable: for UNAVAILABLE, whether the node answered at all.
-    """
-
-    def __init__(self, code: grpc.StatusCode, message: str, *, server: str,
-                 timeout: float | None, reachable: bool = True) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.server = server
-        self.timeout = timeout
-        self.reachable = reachable
-
-    @property
-    def transient(self) -> bool:
-        """Worth another try later: the node or its etcd is away for now."""
-        return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
-
-class InvalidRequest(ClientError):
-    """INVALID_ARGUMENT: the node refused a value; the message names it."""
-
-
-class NotFound(ClientError):
-    """NOT_FOUND: no such task (or attempt, or log yet)."""
-
-
-class Unauthenticated(ClientError):
-    """UNAUTHENTICATED: a missing or wrong bearer token."""
-
-
-class Unavailable(ClientError):
-    """UNAVAILABLE: the node is unreachable (reachable=False) or cannot serve now."""
-
-
-class DeadlineExceeded(ClientError):
-    """DEADLINE_EXCEEDED: no answer within the timeout."""
-
-
 _ERROR_TYPES: dict[grpc.StatusCode, type[ClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -119,7 +88,7 @@ _ERROR_TYPES: dict[grpc.StatusCode, type[ClientError]] = {
 class LogCall:
     """A task's log as an iterator of bytes; cancel() ends it from another thread."""
 
-    def __init__(self, call: Any, client: Client) -> None:
+    def __init__(self, *, call: Any, client: Client) -> None:
         self._call = call
         self._client = client
 
@@ -262,7 +231,7 @@ class Client:
         return response.canceled
 
     def wait(self, task_id: str, on_progress: ProgressCallback | None = None, *,
-             until: Callable[[pb.Task], bool] = render.is_finished,
+             until: Callable[[pb.Task], bool] = is_finished,
              limit: float | None = None, task: pb.Task | None = None) -> pb.Task:
         """Poll until until(task) (default: finished) or limit seconds pass; the last record.
 
@@ -280,7 +249,7 @@ class Client:
         answering; a poll waits at least twice as long as the last listing took (100,000
         tasks list in ~10 s), so a wait never keeps the cluster busy listing."""
         def finished(tasks: builtins.list[pb.Task]) -> bool:
-            return all(render.is_finished(task) for task in tasks)
+            return all(is_finished(task) for task in tasks)
 
         return self._poll(lambda: self.list(array_id=array_id), finished, on_progress, limit,
                           self.list(array_id=array_id))
@@ -317,7 +286,7 @@ class Client:
         """The task's output as it arrives (attempt 0: the latest). No deadline: a followed
         log lasts as long as the task, and a big one takes as long as it takes."""
         request = pb.StreamLogsRequest(id=task_id, follow=follow, attempt=attempt)
-        return LogCall(self._stub.StreamLogs(request), self)
+        return LogCall(call=self._stub.StreamLogs(request), client=self)
 
     def list(self, state: str | int | None = None, limit: int | None = None, *,
              array_id: str = "") -> list[pb.Task]:
@@ -340,7 +309,7 @@ class Client:
         """One page of tasks (of one array, when array_id) and the token of the next
         ("" at the end)."""
         if isinstance(state, str):
-            state = render.STATE_BY_NAME[state.lower()]
+            state = states.STATE_BY_NAME[state.lower()]
         request = pb.ListTasksRequest(state=state or 0,  # type: ignore[arg-type]
                                       page_size=page_size, page_token=page_token,
                                       array_id=array_id)
@@ -437,3 +406,8 @@ def _is_ready(channel: grpc.Channel) -> bool:
         return False
     finally:
         channel.unsubscribe(callback)
+
+
+# The README publishes these names from node.client: importable here, defined in node/errors.py.
+__all__ = ["DEFAULT_SERVER", "DEFAULT_TIMEOUT", "Client", "ClientError", "DeadlineExceeded",
+           "InvalidRequest", "LogCall", "NotFound", "Unauthenticated", "Unavailable"]

@@ -16,6 +16,7 @@ from node import keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.errors import InvalidArgument
 from node.limits import READ_BATCH_RECORDS
+from node.states import FINISHED
 from node.store import Store
 from node.txn import Versioned
 
@@ -24,8 +25,6 @@ T = TypeVar("T")
 MET = "met"
 WAITING = "waiting"
 FAILED = "failed"
-
-FINISHED = (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED)
 
 # A waiting message lists this many dependencies, then "and N more": a message is part of
 # the record, and a person reads the first few anyway.
@@ -117,7 +116,7 @@ class DependencyCheck:
     array is known to have succeeded (finished tasks never change), so that an array's
     tasks are read about once per node, not once per event."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, *, store: Store) -> None:
         self._store = store
         self._counts: dict[str, int] = {}
         self._frontier: dict[str, int] = {}

@@ -6,9 +6,7 @@ file (--config / FILCH_CONFIG_FILE), the defaults below (which work on a laptop)
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import ipaddress
 import os
 import socket
 import tomllib
@@ -16,9 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-from node import limits, units, validation
+from node import addresses, limits, units, validation
 from node.errors import InvalidArgument
 
 # Smallest log cap: room for a useful head, the cut marker and a tail (a few KiB each).
@@ -243,19 +240,19 @@ class Config:
 
     def validate(self) -> Config:
         """Return self, or raise InvalidArgument naming the first bad field."""
-        _check_host_port("listen", self.listen)
-        _check_host_port("advertise", self.advertise_address)
-        _check_url("etcd_client_url", self.etcd_client_url, loopback=False)
-        _check_url("etcd_peer_url", self.etcd_peer_url, loopback=False)
-        _check_etcd_client("etcd_client_url", self.etcd_client_url, tls=bool(self.tls_ca))
+        addresses.check_host_port("listen", self.listen)
+        addresses.check_host_port("advertise", self.advertise_address)
+        addresses.check_url("etcd_client_url", self.etcd_client_url, loopback=False)
+        addresses.check_url("etcd_peer_url", self.etcd_peer_url, loopback=False)
+        addresses.check_etcd_client("etcd_client_url", self.etcd_client_url, tls=bool(self.tls_ca))
         if self.etcd_endpoint:
-            _check_url("etcd_endpoint", self.etcd_endpoint, loopback=False)
-            _check_etcd_client("etcd_endpoint", self.etcd_endpoint, tls=bool(self.tls_ca))
+            addresses.check_url("etcd_endpoint", self.etcd_endpoint, loopback=False)
+            addresses.check_etcd_client("etcd_endpoint", self.etcd_endpoint, tls=bool(self.tls_ca))
         for member in filter(None, self.initial_cluster.split(",")):
             name, sep, url = member.partition("=")
             if not sep or not name:
                 raise InvalidArgument("initial_cluster", f"{member!r} is not name=peer-url")
-            _check_url("initial_cluster", url, loopback=False)
+            addresses.check_url("initial_cluster", url, loopback=False)
         if self.initial_cluster_state not in ("new", "existing"):
             raise InvalidArgument("initial_cluster_state", "must be 'new' or 'existing'")
         if not 0 < self.cpus <= 4096:
@@ -271,7 +268,7 @@ class Config:
                                   "(etcd_heartbeat_ms) and at most 50000 milliseconds")
         if not 2 <= self.lease_ttl <= 300:
             raise InvalidArgument("lease_ttl", "must be 2..300 seconds")
-        _check_host_port("metrics_listen", self.metrics_address)
+        addresses.check_host_port("metrics_listen", self.metrics_address)
         if self.retention < 0 or self.log_retention < 0:
             raise InvalidArgument("retention", "must not be negative")
         if self.housekeeping_interval <= 0 or self.compaction_interval <= 0:
@@ -330,53 +327,6 @@ def _beside(path: str, stem: str | None) -> str:
         return ""
     original = Path(path)
     return str(original.with_name(f"{stem or original.stem + '-etcd'}{original.suffix}"))
-
-
-def _check_host_port(name: str, value: str) -> None:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidArgument(name, f"{value!r} is not HOST:PORT")
-
-
-def _check_etcd_client(name: str, value: str, *, tls: bool) -> None:
-    """etcd's client API hands out the whole keyspace: without certificates it stays plain
-    on loopback; with them it is https:// only (etcd then demands a client certificate)
-    and may listen on a public address."""
-    scheme = urlsplit(value).scheme
-    if tls and scheme != "https":
-        raise InvalidArgument(name, f"{value!r}: with TLS, etcd clients talk https:// "
-                              "(client certificates from the cluster CA)")
-    if not tls and scheme != "http":
-        raise InvalidArgument(name, f"{value!r}: without TLS (--tls-ca/--tls-cert/--tls-key) "
-                              "etcd clients talk plain http:// on loopback")
-    if not tls:
-        _check_url(name, value, loopback=True)
-    host = urlsplit(value).hostname or ""
-    with contextlib.suppress(ValueError):
-        if ipaddress.ip_address(host).is_unspecified:
-            # The agent connects to this URL and etcd advertises it: it must name an address
-            # on the node's certificate, not a wildcard.
-            raise InvalidArgument(name, f"{value!r} is a wildcard; name one of the node's "
-                                  "addresses (one its certificate names)")
-
-
-def _check_url(name: str, value: str, *, loopback: bool) -> None:
-    parts = urlsplit(value)
-    try:
-        port = parts.port
-    except ValueError:          # urlsplit raises for a port out of range or not a number
-        port = None
-    if parts.scheme not in ("http", "https") or not parts.hostname or port is None:
-        raise InvalidArgument(name, f"{value!r} is not a URL like http://127.0.0.1:2379")
-    if loopback:
-        try:
-            is_loopback = ipaddress.ip_address(parts.hostname).is_loopback
-        except ValueError:
-            is_loopback = parts.hostname == "localhost"
-        if not is_loopback:
-            raise InvalidArgument(
-                name, f"{value!r} must be on loopback (127.0.0.0/8): without TLS etcd clients "
-                "stay local (with --tls-ca/--tls-cert/--tls-key an https:// URL may be public)")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

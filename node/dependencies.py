@@ -26,7 +26,7 @@ from node.arrays import task_ids, write_moves
 from node.conditions import DependencyCheck, waiting_for_array
 from node.config import Config
 from node.errors import FilchError
-from node.limits import MAX_BATCH, READ_BATCH_RECORDS
+from node.limits import READ_BATCH_RECORDS, batches
 from node.store import Store, WatchEvent
 from node.txn import Move, Versioned
 from node.watching import list_and_watch
@@ -57,10 +57,11 @@ ERROR_RETRY = 0.5
 class Resolver:
     """Decides held tasks when their parents end, and sweeps every held task."""
 
-    def __init__(self, *, config: Config, store: Store) -> None:
+    def __init__(self, *, config: Config, store: Store, check: DependencyCheck) -> None:
+        """check: the node's one DependencyCheck, shared with TaskService (its cache)."""
         self._config = config
         self._store = store
-        self.check = DependencyCheck(store)
+        self.check = check
         # parent id (task or array) -> its dependents, from the /dep/ watch
         self._dependents: dict[str, set[str]] = {}
         # task id -> array id, for the arrays that have dependents
@@ -266,8 +267,8 @@ class Resolver:
                                                    if move.old else "").inc()
             if revision is not None and move.new.hold == pb.HOLD_DEPENDENCIES:
                 await self.check.settle(Versioned(move.new, revision), parents)
-        for start in range(0, len(abandoned), MAX_BATCH):
-            batch = abandoned[start:start + MAX_BATCH]
+        # A delete carries no record: the batch is bounded by its count (MAX_BATCH tasks).
+        for batch in batches(abandoned, lambda found: 0):
             absent = sorted({keys.array(found.task.array_id) for found in batch})
             if await self._store.delete_tasks(batch, absent=absent):
                 log.warning("deleted %d tasks of arrays whose submission was abandoned over "

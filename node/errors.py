@@ -1,7 +1,13 @@
 """Every exception filch raises on purpose: one small tree under FilchError. The API maps
-them to gRPC codes; modules raise and catch these, never library errors."""
+them to gRPC codes; modules raise and catch these, never library errors. The client's
+errors (ClientError and its subclasses) and the HTTP face's answers (HttpError, Refused)
+belong to the same tree, so `except FilchError` catches every failure filch words."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+
+import grpc
 
 
 class FilchError(Exception):
@@ -95,3 +101,70 @@ class RejoinFailed(FilchError):
     def __init__(self, message: str, *, transient: bool = False) -> None:
         super().__init__(message)
         self.transient = transient
+
+
+# -- what the client raises (node/client.py re-exports these names) ------------------------
+
+class ClientError(FilchError):
+    """A call to a node failed (what node.client raises). code: the grpc.StatusCode;
+    message: the node's words (one line).
+
+    server, timeout: what was called and with which deadline, for callers that word
+    their own message; reachable: for UNAVAILABLE, whether the node answered at all.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, *, server: str,
+                 timeout: float | None, reachable: bool = True) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.server = server
+        self.timeout = timeout
+        self.reachable = reachable
+
+    @property
+    def transient(self) -> bool:
+        """Worth another try later: the node or its etcd is away for now."""
+        return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class InvalidRequest(ClientError):
+    """INVALID_ARGUMENT: the node refused a value; the message names it."""
+
+
+class NotFound(ClientError):
+    """NOT_FOUND: no such task (or attempt, or log yet)."""
+
+
+class Unauthenticated(ClientError):
+    """UNAUTHENTICATED: a missing or wrong bearer token."""
+
+
+class Unavailable(ClientError):
+    """UNAVAILABLE: the node is unreachable (reachable=False) or cannot serve now."""
+
+
+class DeadlineExceeded(ClientError):
+    """DEADLINE_EXCEEDED: no answer within the timeout."""
+
+
+# -- what the HTTP face answers --------------------------------------------------------------
+
+class HttpError(FilchError):
+    """A request that ends in an error status; the message becomes {"error": message}."""
+
+    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()
+                 ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = list(headers)
+
+
+class Refused(HttpError):
+    """A request the HTTP face's rules (node/webauth.py) turn away: a status and a reason."""
+
+
+class RequestReadTimeout(FilchError, TimeoutError):
+    """A request's body did not arrive by its deadline (node/http_wire.py answers 408); a
+    TimeoutError too, so that it is caught with the socket's own timeouts."""

@@ -52,7 +52,7 @@ class TLSClient(aetcd.Client):  # type: ignore[misc]  # aetcd ships no type hint
 
     _is_connecting: bool  # set by aetcd.Client.__init__
 
-    def __init__(self, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
+    def __init__(self, *, credentials: grpc.ChannelCredentials, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._credentials = credentials
 

@@ -64,7 +64,7 @@ class EtcdMember:
     be called again after the member stopped (a restart keeps the data).
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, *, config: Config) -> None:
         self.config = config
         self.data_dir = config.etcd_path
         self.log_path = config.path / "etcd.log"

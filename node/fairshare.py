@@ -10,10 +10,12 @@ owner with the lowest share goes next.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.limits import TxnRoom
 
 # An owner nobody gave a weight has this one.
 DEFAULT_WEIGHT = 1.0
@@ -97,7 +99,8 @@ def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], total
     cpu_free, memory_free = free.cpu_millis, free.memory_bytes
     disk_left = disk_free
     chosen: list[Candidate] = []
-    used_bytes = 0
+    # The picks become one steal transaction: cut like every other write (limits.TxnRoom).
+    room = TxnRoom(max_count=limit, max_bytes=max_bytes or sys.maxsize, max_ops=sys.maxsize)
     for priority in sorted(by_priority, reverse=True):
         queues = by_priority[priority]
         while queues and len(chosen) < limit:
@@ -108,8 +111,7 @@ def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], total
                          if candidate.cpu_millis <= cpu_free
                          and candidate.memory_bytes <= memory_free
                          and (disk_left is None or candidate.disk_bytes <= disk_left)
-                         and not (max_bytes and chosen
-                                  and used_bytes + candidate.size > max_bytes)), None)
+                         and room.fits(candidate.size)), None)
             if pick is None:
                 del queues[owner]       # nothing of this owner fits: the next owner
                 continue
@@ -117,7 +119,7 @@ def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], total
             if not queue:
                 del queues[owner]
             chosen.append(pick)
-            used_bytes += pick.size
+            room.take(pick.size)
             cpu_free -= pick.cpu_millis
             memory_free -= pick.memory_bytes
             if disk_left is not None:

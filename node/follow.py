@@ -9,9 +9,10 @@ from collections.abc import Callable
 
 import grpc
 
-from node import render
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.client import Client, ClientError
+from node.client import Client
+from node.errors import ClientError
+from node.states import is_finished
 
 # How often one attempt's log stream is opened again when it broke while the attempt still
 # runs (a node restarting, a proxy hop failing), and the pause between: about as long as
@@ -42,7 +43,7 @@ def follow(client: Client, task_id: str, write: Callable[[bytes], None], *,
         task = client.wait(task_id, until=functools.partial(_attempt_over, attempt))
         if on_attempt_end is not None:
             on_attempt_end(task, attempt)
-        if render.is_finished(task) and task.attempt <= attempt:
+        if is_finished(task) and task.attempt <= attempt:
             return task
         attempt += 1
 
@@ -80,11 +81,11 @@ def _follow_attempt(client: Client, task_id: str, attempt: int,
 
 def _reached(attempt: int, task: pb.Task) -> bool:
     """follow(): attempt n has started, or the task finished without it."""
-    return task.attempt >= attempt or render.is_finished(task)
+    return task.attempt >= attempt or is_finished(task)
 
 
 def _attempt_over(attempt: int, task: pb.Task) -> bool:
     """follow(): attempt n has ended (the task finished, is waiting for another attempt,
     or is on a later one)."""
-    return (task.attempt > attempt or render.is_finished(task)
+    return (task.attempt > attempt or is_finished(task)
             or task.state == pb.TASK_STATE_PENDING)

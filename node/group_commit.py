@@ -1,7 +1,7 @@
 """Group commit: transitions that arrive together share one etcd transaction.
 
 The first transition goes at once; those that arrive while its transaction is in flight
-go together in the next one (up to store.MAX_BATCH moves and limits.WRITE_BATCH_BYTES). A
+go together in the next one (as much as limits.TxnRoom lets one transaction take). A
 transaction etcd refuses as too large is split in halves. An idle node therefore adds no
 latency, and a burst of submits costs one Raft entry, fsync and watch event batch per
 transaction instead of one per task.
@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 
 from node.errors import TooLarge
-from node.limits import MAX_BATCH, MAX_TXN_OPS, WRITE_BATCH_BYTES
+from node.limits import TxnRoom
 from node.store import Store
 from node.txn import Move, move_bytes, move_ops
 
@@ -26,7 +26,7 @@ _Waiter = tuple[Move, "asyncio.Future[int | None]"]
 class GroupCommitter:
     """Store.transition() for concurrent callers, batched."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, *, store: Store) -> None:
         self._store = store
         self._waiting: list[_Waiter] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -58,23 +58,19 @@ class GroupCommitter:
             self._flusher = None
 
     def _next_batch(self) -> list[_Waiter]:
-        """Take up to MAX_BATCH waiters and WRITE_BATCH_BYTES (always at least one), at
+        """Take the waiters one transaction holds (limits.TxnRoom; always at least one), at
         most one per task: etcd refuses a transaction that writes one key twice (two
         submits with one request_id)."""
         batch: list[_Waiter] = []
         later: list[_Waiter] = []
         ids: set[str] = set()
-        size = 0
-        ops = 0
+        room = TxnRoom()
         for waiter in self._waiting:
-            task_id = waiter[0].new.id
-            grown = size + move_bytes(waiter[0])
-            more_ops = ops + move_ops(waiter[0])
-            if (len(batch) < MAX_BATCH and task_id not in ids
-                    and (not batch or (grown <= WRITE_BATCH_BYTES and more_ops <= MAX_TXN_OPS))):
-                ids.add(task_id)
-                size = grown
-                ops = more_ops
+            move = waiter[0]
+            size, ops = move_bytes(move), move_ops(move)
+            if move.new.id not in ids and room.fits(size, ops):
+                ids.add(move.new.id)
+                room.take(size, ops)
                 batch.append(waiter)
             else:
                 later.append(waiter)

@@ -42,11 +42,12 @@ from http import HTTPStatus
 from pathlib import Path
 from wsgiref.types import StartResponse, WSGIEnvironment
 
-from node.client import DEFAULT_SERVER, Client, ClientError, InvalidRequest, NotFound
+from node.client import DEFAULT_SERVER, Client
+from node.errors import ClientError, HttpError, InvalidRequest, NotFound, Refused
 from node.http_api import Api
-from node.http_wire import HttpError, Request, Response, failure, json_response
+from node.http_wire import Request, Response, failure, json_response
 from node.tls import Security
-from node.webauth import Gate, Refused, cleared_cookie, default_hosts, session_cookie
+from node.webauth import Gate, cleared_cookie, default_hosts, session_cookie
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class AgentSessions:
     agent caches a positive check for sessions.CHECK_CACHE_SECONDS (5 s); this side does
     not cache, so a sign-out through this node is effective here at once."""
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, *, client: Client) -> None:
         self._client = client
 
     def create(self, identity: str) -> tuple[str, int]:
@@ -118,7 +119,7 @@ def _refused(error: ClientError) -> Refused:
 class App:
     """The WSGI application: a small router over PATH_INFO and the method."""
 
-    def __init__(self, server: str, advertise: str | None = None,
+    def __init__(self, *, server: str, advertise: str | None = None,
                  web_dir: Path = WEB_DIR, security: Security | None = None,
                  allowed_hosts: Iterable[str] = ()) -> None:
         """server: the daemon's gRPC HOST:PORT. advertise: the address the daemon's node
@@ -131,7 +132,7 @@ class App:
         self.api = Api(client=self.daemon, advertise=advertise or server)
         self.web_dir = web_dir
         self.gate = Gate.create(self.daemon.security.token, allowed_hosts,
-                                AgentSessions(self.daemon))
+                                AgentSessions(client=self.daemon))
         api = self.api
         routes: list[tuple[str, str, dict[str, Handler]]] = [
             (r"/healthz", PROBE, {"GET": api.healthz}),
@@ -164,7 +165,8 @@ class App:
         security = Security.load(os.environ.get("FILCH_CA", ""),
                                  token_file=os.environ.get("FILCH_TOKEN_FILE", ""),
                                  token=os.environ.get("FILCH_TOKEN", ""))
-        return cls(server, os.environ.get("FILCH_ADVERTISE") or None, security=security,
+        return cls(server=server, advertise=os.environ.get("FILCH_ADVERTISE") or None,
+                   security=security,
                    allowed_hosts=default_hosts(os.environ))
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse
@@ -241,20 +243,15 @@ class App:
         token = body.get("token") if isinstance(body, dict) else None
         if not isinstance(token, str):
             raise HttpError(400, "token: required: a JSON object {\"token\": \"...\"}")
-        try:
-            value, lifetime = self.gate.login(token)
-        except Refused as refused:
-            raise HttpError(refused.status, refused.message) from None
+        # A Refused is an HttpError: it answers with its own status.
+        value, lifetime = self.gate.login(token)
         return Response(204, [], [("Set-Cookie", session_cookie(value, request.tls, lifetime)),
                                   ("Cache-Control", "no-store")])
 
     def logout(self, request: Request, match: re.Match[str]) -> Response:
         """Ends the cookie's session on every node (the agent deletes it from etcd), then
         clears the cookie; 503 when the agent cannot, so the user knows it still lives."""
-        try:
-            self.gate.logout(request.environ)
-        except Refused as refused:
-            raise HttpError(refused.status, refused.message) from None
+        self.gate.logout(request.environ)
         return Response(204, [], [("Set-Cookie", cleared_cookie(request.tls)),
                                   ("Cache-Control", "no-store")])
 

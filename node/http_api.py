@@ -1,5 +1,5 @@
 """The HTTP face's JSON API and probes, each a call through node.client to the local daemon.
-The JSON shapes are render.task_to_dict and render.node_to_dict, the same ones
+The JSON shapes are records.task_to_dict and records.node_to_dict, the same ones
 `filch ... -o json` prints."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ import re
 from collections.abc import Mapping
 from typing import Any, Final
 
-from node import http_batch, render
+from node import http_batch, records, states
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.client import Client, ClientError
+from node.client import Client
+from node.errors import ClientError, HttpError
 from node.http_logs import LogBody, LogStream
-from node.http_wire import HttpError, Request, Response, failure, json_response
+from node.http_wire import Request, Response, failure, json_response
 from node.units import CPU_FORMS, SIZE_FORMS, parse_cpu, parse_size
 
 SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["Scheduler"].full_name
@@ -89,24 +90,24 @@ class Api:
 
     def list_tasks(self, request: Request, match: re.Match[str]) -> Response:
         state_text = request.param("state").strip().lower()
-        if state_text not in ("", "all") and state_text not in render.STATE_BY_NAME:
+        if state_text not in ("", "all") and state_text not in states.STATE_BY_NAME:
             raise HttpError(400, f"state: {state_text!r} is not one of "
-                                 f"{', '.join(render.STATE_BY_NAME)} (or empty for all)")
+                                 f"{', '.join(states.STATE_BY_NAME)} (or empty for all)")
         array_id = request.param("array_id").strip()
         if array_id and state_text not in ("", "all"):
             raise HttpError(400, "state: cannot be combined with array_id")
         try:
             tasks, next_token = self.client.list_page(
-                render.STATE_BY_NAME.get(state_text), request.int_param("page_size",
+                states.STATE_BY_NAME.get(state_text), request.int_param("page_size",
                                                                         MAX_PAGE_SIZE),
                 request.param("page_token"), array_id=array_id)
         except ClientError as error:
             raise failure(error) from None
-        return json_response(200, {"tasks": [render.task_to_dict(task) for task in tasks],
+        return json_response(200, {"tasks": [records.task_to_dict(task) for task in tasks],
                                    "next_page_token": next_token})
 
     def get_task(self, request: Request, match: re.Match[str]) -> Response:
-        return json_response(200, render.task_to_dict(self._get(match["id"])))
+        return json_response(200, records.task_to_dict(self._get(match["id"])))
 
     def _get(self, task_id: str) -> pb.Task:
         try:
@@ -126,7 +127,7 @@ class Api:
                                  http_batch.array_reply(response),
                                  [("Location", f"/api/v1/tasks?array_id={response.array_id}")])
         return json_response(201 if response.created else 200,
-                             render.task_to_dict(response.task),
+                             records.task_to_dict(response.task),
                              [("Location", f"/api/v1/tasks/{response.task.id}")])
 
     def cancel(self, request: Request, match: re.Match[str]) -> Response:
@@ -134,7 +135,7 @@ class Api:
             task = self.client.cancel(match["id"])
         except ClientError as error:
             raise failure(error) from None
-        return json_response(200, render.task_to_dict(task))
+        return json_response(200, records.task_to_dict(task))
 
     def cancel_array(self, request: Request, match: re.Match[str]) -> Response:
         try:
@@ -150,13 +151,13 @@ class Api:
         # A bad or unknown id gets its 400 / 404 however slow the daemon is; what the
         # stream itself refuses (no such attempt, not started) is caught by the peek below.
         self._get(match["id"])
-        stream = LogStream(self.client.logs(match["id"], follow, attempt),
-                           request.environ.get("gunicorn.socket"))
+        stream = LogStream(call=self.client.logs(match["id"], follow, attempt),
+                           client=request.environ.get("gunicorn.socket"))
         first = stream.next_event(LOG_PEEK)
         if isinstance(first, ClientError):
             stream.stop()
             raise failure(first)
-        return Response(200, LogBody(stream, first), [
+        return Response(200, LogBody(stream=stream, first=first), [
             ("Content-Type", "text/plain; charset=utf-8"),
             ("Cache-Control", "no-store"),
             ("X-Content-Type-Options", "nosniff"),
@@ -169,7 +170,7 @@ class Api:
             nodes = self.client.nodes()
         except ClientError as error:
             raise failure(error) from None
-        return json_response(200, {"nodes": [render.node_to_dict(node) for node in nodes]})
+        return json_response(200, {"nodes": [records.node_to_dict(node) for node in nodes]})
 
     # -- owners (fair share) -------------------------------------------------------------------
 
@@ -178,7 +179,7 @@ class Api:
             owners = self.client.owners()
         except ClientError as error:
             raise failure(error) from None
-        return json_response(200, {"owners": [render.owner_to_dict(owner) for owner in owners]})
+        return json_response(200, {"owners": [records.owner_to_dict(owner) for owner in owners]})
 
     def set_owner_weight(self, request: Request, match: re.Match[str]) -> Response:
         """POST {"weight": W}: the daemon validates name and weight (400 naming the field)."""
@@ -193,7 +194,7 @@ class Api:
             owner = self.client.set_owner_weight(match["name"], float(weight))
         except ClientError as error:
             raise failure(error) from None
-        return json_response(200, render.owner_to_dict(owner))
+        return json_response(200, records.owner_to_dict(owner))
 
 # -- request bodies ----------------------------------------------------------------------------
 

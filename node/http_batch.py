@@ -1,5 +1,5 @@
 """The batch fields of a JSON submit body (POST /api/v1/tasks): dependencies, time limit,
-retries, priority, owner and arrays, spelled as render.task_to_dict prints them.
+retries, priority, owner and arrays, spelled as records.task_to_dict prints them.
 
 Like the rest of the HTTP face this checks types and units only, raising HttpError 400
 naming the field; the daemon validates the values (node/validation.py) before anything
@@ -14,16 +14,16 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from node import render
+from node import records
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.http_wire import HttpError
+from node.errors import HttpError
 from node.units import DURATION_FORMS, parse_duration
 
 # The body fields this module reads, besides the ones node/http_api.py reads.
 FIELDS = frozenset({"after", "after_any", "after_array", "time_limit_seconds", "retries",
                     "retry_on", "retry_backoff_seconds", "priority", "owner", "array"})
 
-# The JSON spellings of a dependency's kind (render.DEPENDENCY_KINDS, reversed).
+# The JSON spellings of a dependency's kind (records.DEPENDENCY_KINDS, reversed).
 KINDS = {"success": pb.DEPENDENCY_KIND_SUCCESS, "any": pb.DEPENDENCY_KIND_ANY,
          "array": pb.DEPENDENCY_KIND_ARRAY}
 _DEPENDENCY_KEYS = frozenset({"id", "kind"})
@@ -154,4 +154,4 @@ def array_reply(response: pb.SubmitResponse) -> dict[str, Any]:
     """What an array submit answers: its id, its task ids in index order, whether this call
     created it (false: its request id matched), and its first task."""
     return {"array_id": response.array_id, "task_ids": list(response.task_ids),
-            "created": response.created, "task": render.task_to_dict(response.task)}
+            "created": response.created, "task": records.task_to_dict(response.task)}

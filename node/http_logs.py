@@ -12,7 +12,8 @@ import socket
 import threading
 from collections.abc import Iterator
 
-from node.client import ClientError, LogCall
+from node.client import LogCall
+from node.errors import ClientError
 from node.http_wire import failure
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ class LogStream:
     thread, so the body can wait with a timeout (for the first event, and to notice a
     client that went away while the log is quiet)."""
 
-    def __init__(self, call: LogCall, client: socket.socket | None) -> None:
+    def __init__(self, *, call: LogCall, client: socket.socket | None) -> None:
         self._call = call
         self.client = client
         self._events: queue.Queue[object] = queue.Queue(LOG_BUFFER_CHUNKS)
@@ -72,7 +73,7 @@ class LogBody:
     """A WSGI body of log chunks as they arrive. Its close(), which every WSGI server calls
     (also when the client left or the body was never read), cancels the gRPC call."""
 
-    def __init__(self, stream: LogStream, first: object | None) -> None:
+    def __init__(self, *, stream: LogStream, first: object | None) -> None:
         self._stream = stream
         self._first = first
         self._closed = False

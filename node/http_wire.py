@@ -12,7 +12,7 @@ from wsgiref.types import WSGIEnvironment
 
 import grpc
 
-from node.client import ClientError
+from node.errors import ClientError, HttpError
 
 # A spec is at most 1 MiB (validation.MAX_SPEC_BYTES); JSON escaping may double it.
 MAX_BODY_BYTES = 2 * 1024 * 1024
@@ -29,21 +29,6 @@ _HTTP_STATUS: dict[grpc.StatusCode, int] = {
 _BAD_GATEWAY = 502  # any other gRPC failure: the daemon behind us misbehaved
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
-
-
-class HttpError(Exception):
-    """A request that ends in an error status; the message becomes {"error": message}.
-
-    Local to the HTTP face (it is a response, not a filch failure), so it lives here and
-    not in node/errors.py.
-    """
-
-    def __init__(self, status: int, message: str, headers: Iterable[tuple[str, str]] = ()
-                 ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = list(headers)
 
 
 def failure(error: ClientError) -> HttpError:

@@ -23,14 +23,12 @@ from typing import Any, Final
 import gevent
 from gunicorn.workers.ggevent import GeventWorker
 
+from node.errors import RequestReadTimeout
+
 # Seconds for the request line and headers, and again for the body: a person's browser or
 # curl sends either in milliseconds; a slowloris client, a byte now and then, is cut off
 # after this, holding nothing but a greenlet meanwhile.
 REQUEST_READ_TIMEOUT: Final = 10.0
-
-
-class RequestReadTimeout(TimeoutError):
-    """The request's body did not arrive by its deadline (node/http_wire.py answers 408)."""
 
 
 class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn has no type hints
@@ -50,7 +48,7 @@ class Worker(GeventWorker):  # type: ignore[misc]  # gunicorn has no type hints
         return gevent.Timeout(REQUEST_READ_TIMEOUT, False)
 
     def handle_request(self, listener_name: Any, req: Any, sock: Any, addr: Any) -> Any:
-        body = DeadlineBody(req.body, time.monotonic() + REQUEST_READ_TIMEOUT)
+        body = DeadlineBody(body=req.body, deadline=time.monotonic() + REQUEST_READ_TIMEOUT)
         req.body = body
         kept = super().handle_request(listener_name, req, sock, addr)
         if body.expired:
@@ -63,7 +61,7 @@ class DeadlineBody:
     """A request body (wsgi.input) whose reads fail with RequestReadTimeout once the
     deadline has passed, however slowly the client trickles bytes in."""
 
-    def __init__(self, body: Any, deadline: float) -> None:
+    def __init__(self, *, body: Any, deadline: float) -> None:
         self._body = body
         self._deadline = deadline
         self.expired = False

@@ -8,7 +8,8 @@ limit. tests/unit/test_limits.py checks those relations.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -134,19 +135,46 @@ ETCD_KEY_OVERHEAD_BYTES = 64
 PENDING_COUNT_TTL = 1.0
 
 
-def batches(items: Sequence[T], size: Callable[[T], int], *, max_count: int,
-            max_bytes: int) -> Iterator[list[T]]:
-    """Consecutive runs of items, each at most max_count long and max_bytes in size(),
-    in order. An item larger than max_bytes alone forms a batch of one (the caller's
-    write fails "too large" and handles it as the permanent error it is)."""
+@dataclass
+class TxnRoom:
+    """What one etcd transaction can still take: the one rule that every writer (group
+    commit, array writes, steals) cuts its batches by. The first item always fits: alone
+    too large, its write fails "too large" and the caller handles that permanent error."""
+
+    max_count: int = MAX_BATCH
+    max_bytes: int = WRITE_BATCH_BYTES
+    max_ops: int = MAX_TXN_OPS
+    count: int = 0
+    bytes: int = 0
+    ops: int = 0
+
+    def fits(self, size: int, ops: int = 0) -> bool:
+        """Whether an item of size bytes and ops compares and operations can join."""
+        return self.count == 0 or (self.count < self.max_count
+                                   and self.bytes + size <= self.max_bytes
+                                   and self.ops + ops <= self.max_ops)
+
+    def take(self, size: int, ops: int = 0) -> None:
+        self.count += 1
+        self.bytes += size
+        self.ops += ops
+
+
+def batches(items: Iterable[T], size: Callable[[T], int], *,
+            ops: Callable[[T], int] | None = None, max_count: int = MAX_BATCH,
+            max_bytes: int = WRITE_BATCH_BYTES, max_ops: int = MAX_TXN_OPS
+            ) -> Iterator[list[T]]:
+    """Consecutive runs of items, in order, each one transaction by TxnRoom: at most
+    max_count items, max_bytes of size() and max_ops of ops() (None: not counted)."""
     batch: list[T] = []
-    total = 0
+    room = TxnRoom(max_count=max_count, max_bytes=max_bytes, max_ops=max_ops)
     for item in items:
-        item_size = size(item)
-        if batch and (len(batch) >= max_count or total + item_size > max_bytes):
+        item_size, item_ops = size(item), ops(item) if ops is not None else 0
+        if not room.fits(item_size, item_ops):
             yield batch
-            batch, total = [], 0
+            batch = []
+            room = TxnRoom(max_count=max_count, max_bytes=max_bytes, max_ops=max_ops)
         batch.append(item)
-        total += item_size
+        room.take(item_size, item_ops)
     if batch:
         yield batch

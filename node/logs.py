@@ -31,6 +31,7 @@ from node.errors import (
 from node.lifecycle import MAX_ATTEMPT_RECORDS
 from node.runner import Runner
 from node.runtime.logcap import Layout, lock_for, read_at
+from node.states import is_finished
 from node.store import Store
 from node.tls import Security
 
@@ -52,7 +53,7 @@ PROXIED_HEADER = "filch-proxied"
 class LogService:
     """Streams the log of a task's attempt from wherever it lives."""
 
-    def __init__(self, config: Config, store: Store, runner: Runner,
+    def __init__(self, *, config: Config, store: Store, runner: Runner,
                  security: Security) -> None:
         self._config = config
         self._store = store
@@ -124,7 +125,7 @@ class LogService:
             task = found.task
             if task.attempt > 0:
                 return task
-            if task.state in (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED):
+            if is_finished(task):
                 return None
             if not follow:
                 raise NotStarted(f"task {task_id} has not started yet, so it has no log; "

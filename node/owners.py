@@ -33,7 +33,7 @@ def owner_name(value: str, field: str = "name") -> str:
 class OwnerService:
     """Owner operations shared by the gRPC API and the HTTP face."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, *, store: Store) -> None:
         self.store = store
 
     async def set_weight(self, name: str, weight: float) -> pb.Owner:

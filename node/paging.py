@@ -13,7 +13,7 @@ from node.limits import LIST_PAGE_BYTES
 class Page:
     """Tasks of one ListTasks answer, bounded by count and bytes."""
 
-    def __init__(self, page_size: int) -> None:
+    def __init__(self, *, page_size: int) -> None:
         self.tasks: list[pb.Task] = []
         self._size = page_size
         self._bytes = 0

@@ -1,8 +1,7 @@
-"""Tasks and nodes as plain data (for JSON) and as aligned text (for people).
+"""Tasks, nodes and owners as aligned text and phrases, for people.
 
-No click and no I/O: the CLI and the HTTP face both print what this module returns.
-The JSON field names are a public contract (scripts parse `filch ... -o json`): add
-fields if you must, never rename or drop one.
+No click and no I/O: the CLI and the HTTP face both print what this module returns. The
+same records as plain data (JSON) are node/records.py.
 """
 
 from __future__ import annotations
@@ -11,247 +10,23 @@ import codecs
 import shlex
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import TypedDict
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from node import capabilities, lifecycle
 from node._gen.filch.v1 import filch_pb2
+from node.records import (
+    DEPENDENCY_KINDS,
+    REASONS_WITH_EXIT_CODE,
+    attempt_history,
+    hold_name,
+    optional_timestamp,
+    reason_name,
+    state_name,
+    timestamp_to_datetime,
+)
+from node.states import is_finished
 from node.units import format_cpu, format_seconds, format_size
-
-
-class TaskDict(TypedDict):
-    """A task as `filch status -o json` prints it."""
-
-    id: str
-    name: str
-    state: str  # PENDING RUNNING COMPLETE CANCELED
-    node_id: str
-    node_address: str
-    exit_code: int | None  # set only when the command itself ended (EXITED, OOM_KILLED)
-    reason: str  # EXITED OOM_KILLED NODE_LOST CANCELED START_FAILED, or "" while unfinished
-    message: str
-    command: str
-    args: list[str]
-    cpu: float  # cores
-    memory_bytes: int
-    disk_bytes: int  # 0: the node's --default-disk
-    restart: bool
-    network: str  # isolated, none or host (runc tasks; process-executor tasks share the host's)
-    attempt: int
-    submitted_at: str | None  # RFC 3339, UTC, milliseconds
-    started_at: str | None
-    finished_at: str | None
-    array_id: str | None  # the array this task belongs to
-    array_index: int | None
-    after: list[DependencyDict]
-    hold: str | None  # PENDING only: DEPENDENCIES, ARRAY or RETRY while held back
-    not_before: str | None  # hold RETRY: when it may run again
-    time_limit_seconds: float  # 0: none
-    retries: int
-    retry_on: list[str]
-    retry_backoff_seconds: float
-    retries_used: int
-    priority: int
-    owner: str
-    attempts: list[AttemptDict]  # every ended attempt, then the running one
-
-
-class DependencyDict(TypedDict):
-    id: str
-    kind: str  # success (--after), any (--after-any) or array (--after-array)
-
-
-class AttemptDict(TypedDict):
-    attempt: int
-    node_id: str
-    node_name: str
-    started_at: str | None
-    finished_at: str | None  # None while it runs
-    exit_code: int | None
-    reason: str
-    message: str
-
-
-class NodeDict(TypedDict):
-    """A node as `filch nodes -o json` prints it."""
-
-    id: str
-    name: str
-    address: str
-    cpu_capacity: float  # cores
-    memory_capacity_bytes: int
-    cpu_allocated: float  # cores
-    memory_allocated_bytes: int
-    running: int
-    etcd_leader: bool
-    executor: str
-    nospace: bool
-    allow_host_network: bool
-    disk_capacity_bytes: int
-    disk_allocated_bytes: int
-    capabilities: dict[str, str]
-
-
-DEPENDENCY_KINDS = {filch_pb2.DEPENDENCY_KIND_SUCCESS: "success",
-                    filch_pb2.DEPENDENCY_KIND_ANY: "any",
-                    filch_pb2.DEPENDENCY_KIND_ARRAY: "array"}
-
-# Only these reasons mean the command itself ended, so only they carry a real exit code.
-_REASONS_WITH_EXIT_CODE = frozenset({filch_pb2.REASON_EXITED, filch_pb2.REASON_OOM_KILLED})
-_FINISHED_STATES = frozenset({filch_pb2.TASK_STATE_COMPLETE, filch_pb2.TASK_STATE_CANCELED})
-# The state names people type (`filch ls --state`, `?state=` on the HTTP API), one table.
-STATE_BY_NAME: dict[str, filch_pb2.TaskState.ValueType] = {
-    "pending": filch_pb2.TASK_STATE_PENDING,
-    "running": filch_pb2.TASK_STATE_RUNNING,
-    "complete": filch_pb2.TASK_STATE_COMPLETE,
-    "canceled": filch_pb2.TASK_STATE_CANCELED,
-}
-
-
-def state_name(state: int) -> str:
-    """"RUNNING" for TASK_STATE_RUNNING; a number from a newer server stays a number."""
-    try:
-        return filch_pb2.TaskState.Name(state).removeprefix("TASK_STATE_")  # type: ignore[arg-type]
-    except ValueError:
-        return str(state)
-
-
-def reason_name(reason: int) -> str:
-    """"OOM_KILLED" for REASON_OOM_KILLED, "" for unset."""
-    if reason == filch_pb2.REASON_UNSPECIFIED:
-        return ""
-    try:
-        return filch_pb2.Reason.Name(reason).removeprefix("REASON_")  # type: ignore[arg-type]
-    except ValueError:
-        return str(reason)
-
-
-def is_finished(task: filch_pb2.Task) -> bool:
-    return task.state in _FINISHED_STATES
-
-
-def exit_code(task: filch_pb2.Task) -> int | None:
-    """The command's exit status, or None when it has not ended by itself."""
-    if is_finished(task) and task.reason in _REASONS_WITH_EXIT_CODE:
-        return task.exit_code
-    return None
-
-
-def timestamp_to_datetime(stamp: Timestamp) -> datetime:
-    return datetime.fromtimestamp(stamp.seconds, UTC).replace(microsecond=stamp.nanos // 1000)
-
-
-def format_timestamp(stamp: Timestamp) -> str:
-    """RFC 3339 in UTC with milliseconds: "2026-11-27T07:10:00.123Z"."""
-    moment = datetime.fromtimestamp(stamp.seconds, UTC)
-    return f"{moment:%Y-%m-%dT%H:%M:%S}.{stamp.nanos // 1_000_000:03d}Z"
-
-
-def _optional_timestamp(message: filch_pb2.Task | filch_pb2.AttemptRecord,
-                        field: str) -> str | None:
-    if not message.HasField(field):  # type: ignore[arg-type]
-        return None
-    stamp: Timestamp = getattr(message, field)
-    return format_timestamp(stamp)
-
-
-def task_to_dict(task: filch_pb2.Task) -> TaskDict:
-    """The task's JSON form: enum prefixes stripped, CPU in cores, unset times as None."""
-    return {
-        "id": task.id,
-        "name": task.spec.name,
-        "state": state_name(task.state),
-        "node_id": task.node_id,
-        "node_address": task.node_address,
-        "exit_code": exit_code(task),
-        "reason": reason_name(task.reason),
-        "message": task.message,
-        "command": task.spec.command,
-        "args": list(task.spec.args),
-        "cpu": task.spec.cpu_millis / 1000,
-        "memory_bytes": task.spec.memory_bytes,
-        "disk_bytes": task.spec.disk_bytes,
-        "restart": lifecycle.restartable(task.spec),
-        "network": task.spec.network or "isolated",
-        "attempt": task.attempt,
-        "submitted_at": _optional_timestamp(task, "submitted_at"),
-        "started_at": _optional_timestamp(task, "started_at"),
-        "finished_at": _optional_timestamp(task, "finished_at"),
-        "array_id": task.array_id or None,
-        "array_index": task.array_index if task.array_id else None,
-        "after": [{"id": parent.id, "kind": DEPENDENCY_KINDS.get(parent.kind, "success")}
-                  for parent in task.spec.after],
-        "hold": hold_name(task),
-        "not_before": (_optional_timestamp(task, "not_before")
-                       if task.hold == filch_pb2.HOLD_RETRY else None),
-        "time_limit_seconds": task.spec.time_limit_seconds,
-        "retries": task.spec.retries,
-        "retry_on": list(task.spec.retry_on),
-        "retry_backoff_seconds": task.spec.retry_backoff_seconds,
-        "retries_used": task.retries_used,
-        "priority": task.spec.priority,
-        "owner": task.spec.owner or "default",
-        "attempts": [attempt_to_dict(attempt) for attempt in attempt_history(task)],
-    }
-
-
-def hold_name(task: filch_pb2.Task) -> str | None:
-    """"DEPENDENCIES" for a PENDING task held for its dependencies; None when not held."""
-    if task.state != filch_pb2.TASK_STATE_PENDING or task.hold == filch_pb2.HOLD_NONE:
-        return None
-    try:
-        return filch_pb2.Hold.Name(task.hold).removeprefix("HOLD_")
-    except ValueError:
-        return str(task.hold)
-
-
-def attempt_history(task: filch_pb2.Task) -> list[filch_pb2.AttemptRecord]:
-    """Every ended attempt, then the one running now (without finished_at)."""
-    history = list(task.attempts)
-    if task.state == filch_pb2.TASK_STATE_RUNNING and (
-            not history or history[-1].attempt < task.attempt):
-        history.append(filch_pb2.AttemptRecord(
-            attempt=task.attempt, node_id=task.node_id, node_name=task.node_name,
-            node_address=task.node_address, started_at=task.started_at))
-    return history
-
-
-def attempt_to_dict(attempt: filch_pb2.AttemptRecord) -> AttemptDict:
-    ended = attempt.HasField("finished_at")
-    return {
-        "attempt": attempt.attempt,
-        "node_id": attempt.node_id,
-        "node_name": attempt.node_name,
-        "started_at": _optional_timestamp(attempt, "started_at"),
-        "finished_at": _optional_timestamp(attempt, "finished_at"),
-        "exit_code": (attempt.exit_code if ended and attempt.reason in _REASONS_WITH_EXIT_CODE
-                      else None),
-        "reason": reason_name(attempt.reason),
-        "message": attempt.message,
-    }
-
-
-def node_to_dict(node: filch_pb2.Node) -> NodeDict:
-    """The node's JSON form: CPU in cores, memory in bytes."""
-    return {
-        "id": node.id,
-        "name": node.name,
-        "address": node.address,
-        "cpu_capacity": node.cpu_capacity_millis / 1000,
-        "memory_capacity_bytes": node.memory_capacity_bytes,
-        "cpu_allocated": node.cpu_allocated_millis / 1000,
-        "memory_allocated_bytes": node.memory_allocated_bytes,
-        "running": node.running,
-        "etcd_leader": node.etcd_leader,
-        "executor": node.executor,
-        "nospace": node.nospace,
-        "allow_host_network": node.allow_host_network,
-        "disk_capacity_bytes": node.disk_capacity_bytes,
-        "disk_allocated_bytes": node.disk_allocated_bytes,
-        "capabilities": dict(sorted(node.capabilities.items())),
-    }
-
 
 # -- for people ------------------------------------------------------------------------------
 
@@ -462,7 +237,7 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
                                   f"{format_seconds(spec.retry_backoff_seconds)}"))
     held = hold_name(task)
     if held:
-        fields.append(("Held", held.lower() + (f" until {_optional_timestamp(task, 'not_before')}"
+        fields.append(("Held", held.lower() + (f" until {optional_timestamp(task, 'not_before')}"
                                                if task.HasField("not_before") else "")))
     if spec.env:
         fields += [("Env" if i == 0 else "", f"{key}={spec.env[key]}")
@@ -475,7 +250,7 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
     fields.append(("Attempt", str(task.attempt)))
     for label, name in (("Submitted", "submitted_at"), ("Started", "started_at"),
                         ("Finished", "finished_at")):
-        stamp = _optional_timestamp(task, name)
+        stamp = optional_timestamp(task, name)
         ago = f" ({_age(getattr(task, name), now)} ago)" if stamp else ""
         fields.append((label, f"{stamp}{ago}" if stamp else "-"))
     if task.HasField("started_at"):
@@ -500,9 +275,9 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
 
 def _attempts_table(history: Sequence[filch_pb2.AttemptRecord]) -> str:
     rows = [(str(attempt.attempt), attempt.node_name or _short_id(attempt.node_id) or "-",
-             _optional_timestamp(attempt, "started_at") or "-",
-             _optional_timestamp(attempt, "finished_at") or "running",
-             str(attempt.exit_code) if attempt.reason in _REASONS_WITH_EXIT_CODE else "-",
+             optional_timestamp(attempt, "started_at") or "-",
+             optional_timestamp(attempt, "finished_at") or "running",
+             str(attempt.exit_code) if attempt.reason in REASONS_WITH_EXIT_CODE else "-",
              reason_name(attempt.reason) or "-",
              _truncate(attempt.message, 60) or "-")
             for attempt in history]
@@ -517,22 +292,6 @@ def _short_id(identifier: str) -> str:
 def _truncate(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-# -- owners (fair share) ---------------------------------------------------------------------
-
-
-def owner_to_dict(owner: filch_pb2.Owner) -> dict[str, object]:
-    """An owner's JSON form (`filch owner ls -o json`, GET /api/v1/owners): CPU in cores,
-    memory in bytes, share as a fraction of the cluster (0..1, weighted)."""
-    return {
-        "name": owner.name,
-        "weight": owner.weight,
-        "cpu": owner.usage.cpu_millis / 1000,
-        "memory_bytes": owner.usage.memory_bytes,
-        "running": owner.usage.running,
-        "share": owner.share,
-    }
 
 
 def owners_table(owners: Iterable[filch_pb2.Owner]) -> str:

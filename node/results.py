@@ -66,7 +66,7 @@ class ResultWriter:
 
     def __init__(self, *, store: Store) -> None:
         self._store = store
-        self._committer = GroupCommitter(store)
+        self._committer = GroupCommitter(store=store)
 
     async def write(self, local: LocalAttempt, new: pb.Task) -> bool:
         """Write new behind local's fence, retrying through etcd outages until it is

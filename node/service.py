@@ -27,6 +27,7 @@ from node.limits import (
     READ_BATCH_RECORDS,
 )
 from node.paging import Page, decode_token, encode_token
+from node.states import FINISHED
 from node.store import Store
 from node.txn import Move, Versioned, written_bytes
 from node.units import format_size
@@ -44,23 +45,23 @@ _STATE_PREFIXES: dict[int, tuple[bytes, ...]] = {
     pb.TASK_STATE_CANCELED: (keys.CANCELED,),
 }
 
-FINISHED = (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED)
-
 
 class TaskService:
     """Task and node operations shared by the gRPC API and the HTTP face."""
 
-    def __init__(self, store: Store, max_pending: int = DEFAULT_MAX_PENDING, *,
+    def __init__(self, *, store: Store, check: DependencyCheck,
+                 max_pending: int = DEFAULT_MAX_PENDING,
                  etcd_quota_bytes: int = DEFAULT_ETCD_QUOTA_BYTES,
                  submit_budget: float = DEFAULT_SUBMIT_BUDGET) -> None:
+        """check: the node's one DependencyCheck, shared with the Resolver (its cache)."""
         self.store = store
         self.admission = Admission(
-            PendingLimit(store, max_pending),
-            ByteBudget(store, quota=etcd_quota_bytes, budget=submit_budget))
+            pending=PendingLimit(store=store, limit=max_pending),
+            budget=ByteBudget(store=store, quota=etcd_quota_bytes, budget=submit_budget))
         # Submits that arrive together are created in one transaction.
-        self._submits = GroupCommitter(store)
-        self.check = DependencyCheck(store)
-        self.arrays = Arrays(store, self.admission, self.check)
+        self._submits = GroupCommitter(store=store)
+        self.check = check
+        self.arrays = Arrays(store=store, admission=self.admission, check=check)
 
     async def submit(self, spec: pb.TaskSpec, request_id: str = "") -> tuple[pb.Task, bool]:
         """Store a new task; returns (task, created).
@@ -182,7 +183,7 @@ class TaskService:
         A page ends at page_size tasks or LIST_PAGE_BYTES (but holds at least one task), so
         any client can receive it; etcd is read READ_BATCH_RECORDS records at a time."""
         after = decode_token(page_token)
-        page = Page(page_size)
+        page = Page(page_size=page_size)
         if state == pb.TASK_STATE_UNSPECIFIED:
             if after and (not after.startswith(b"/task/") or after.startswith(keys.STATUS)):
                 raise InvalidArgument("page_token", "does not belong to this listing")
@@ -284,4 +285,4 @@ def _fits_capacity(spec: pb.TaskSpec, node: pb.Node) -> bool:
     return _fits_cpu_memory(spec, node) and spec.disk_bytes <= node.disk_capacity_bytes
 
 
-__all__ = ["FINISHED", "TaskService", "Versioned"]
+__all__ = ["TaskService", "Versioned"]

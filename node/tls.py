@@ -75,7 +75,7 @@ class Security:
 class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects calls without the right bearer token with UNAUTHENTICATED."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, *, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
 
     async def intercept_service(

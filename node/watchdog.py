@@ -58,7 +58,7 @@ SWEEP_INTERVAL = 0.25
 class Watchdog:
     """The agent's handle on its watchdog process."""
 
-    def __init__(self, runc_binary: str, runc_root: str, netns_prefix: str = "",
+    def __init__(self, *, runc_binary: str, runc_root: str, netns_prefix: str = "",
                  bridge: str = "", table: str = "",
                  cgroup_parents: Sequence[Path] = ()) -> None:
         """netns_prefix: the node's task namespaces are /run/netns/<prefix><slot>;

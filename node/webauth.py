@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
+from node.errors import Refused
+
 COOKIE_NAME: Final = "filch_session"
 # What a session id looks like (node/sessions.py: secrets.token_urlsafe(32)); anything else
 # in the cookie is refused here, without asking the agent.
@@ -41,15 +43,6 @@ ADMIN: Final = "admin"
 LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 STATE_CHANGING: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 _JSON: Final = "application/json"
-
-
-class Refused(Exception):
-    """A request the rules above turn away: the HTTP status and a one-line reason."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def host_name(value: str) -> str:

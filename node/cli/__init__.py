@@ -30,8 +30,8 @@ from node.cli.output import (
 )
 from node.cli.owners import owner_group
 from node.cli.params import check_server
-from node.client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client, ClientError
-from node.errors import InvalidArgument
+from node.client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client
+from node.errors import ClientError, InvalidArgument
 from node.tls import Security
 
 

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import click
 
-from node import render
+from node import records, render, states
 from node._gen.filch.v1 import filch_pb2
 from node.cli.output import (
     EXIT_INTERRUPTED,
@@ -30,10 +30,11 @@ from node.cli.params import (
     parse_env,
     split_retry_classes,
 )
-from node.client import Client, ClientError
-from node.errors import InvalidArgument
+from node.client import Client
+from node.errors import ClientError, InvalidArgument
 from node.follow import follow
 from node.lifecycle import RETRY_CLASSES
+from node.states import is_finished
 from node.units import CPU_FORMS, DURATION_FORMS, SIZE_FORMS
 
 # What a wait returns: a task, or an array's tasks.
@@ -177,7 +178,7 @@ def submit(
     if follow:
         task = follow_task(client, task)
     else:
-        task = wait_for(client, task, render.is_finished)
+        task = wait_for(client, task, is_finished)
     status = task_exit_status(task)
     if status != 0:
         click.echo(f"task {task.id} {render.outcome(task)}", err=True)
@@ -191,14 +192,14 @@ def follow_task(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
     stdout = TaskOutput()
 
     def attempt_end(current: filch_pb2.Task, attempt: int) -> None:
-        if render.is_finished(current) and current.attempt <= attempt:
+        if is_finished(current) and current.attempt <= attempt:
             return      # the last one: the exit status says how it ended
         ended = next((record for record in current.attempts if record.attempt == attempt),
                      None)
         how, then = "ended", ""
         if ended is not None:
             how = (f"exit code {ended.exit_code}" if ended.reason == filch_pb2.REASON_EXITED
-                   else render.reason_name(ended.reason))
+                   else records.reason_name(ended.reason))
             # A retry's attempt record says so ("retry 1 of 3 in 1.6s after ..."); the task's
             # own message may already be the next attempt's.
             then = f"; {ended.message}" if ended.message else ""
@@ -226,13 +227,13 @@ def status(client: Client, task_id: str, output: str) -> None:
     """Show one task in detail."""
     task = client.get(task_id)
     if output == "json":
-        print_json(render.task_to_dict(task))
+        print_json(records.task_to_dict(task))
     else:
         click.echo(render.task_detail(task))
 
 
 @click.command(name="ls")
-@click.option("--state", type=click.Choice(list(render.STATE_BY_NAME), case_sensitive=False),
+@click.option("--state", type=click.Choice(list(states.STATE_BY_NAME), case_sensitive=False),
               help="Only tasks in this state.")
 @click.option("--limit", type=click.IntRange(min=1), metavar="N", help="At most N tasks.")
 @click.option("--array", "array_id", default="", metavar="ARRAY_ID",
@@ -246,7 +247,7 @@ def list_tasks(client: Client, state: str | None, limit: int | None, array_id: s
         raise click.UsageError("--array lists every task of the array; leave out --state")
     tasks = client.list(state, limit, array_id=array_id)
     if output == "json":
-        print_json([render.task_to_dict(task) for task in tasks])
+        print_json([records.task_to_dict(task) for task in tasks])
     elif tasks:
         click.echo(render.tasks_table(tasks))
     else:
@@ -297,7 +298,7 @@ def cancel(client: Client, no_wait: bool, array_id: str, task_id: str) -> None:
 
     if not no_wait:
         task = wait_for(client, task, stopped, limit=CANCEL_WAIT)
-    click.echo(render.state_name(task.state))
+    click.echo(records.state_name(task.state))
     if not no_wait and not stopped(task):
         raise CommandError(
             f"task {task.id} still runs {CANCEL_WAIT:g} s after the cancel; "
@@ -311,7 +312,7 @@ def nodes(client: Client, output: str) -> None:
     """List the live nodes, their capacity and what is allocated on them."""
     found = client.nodes()
     if output == "json":
-        print_json([render.node_to_dict(node) for node in found])
+        print_json([records.node_to_dict(node) for node in found])
     elif found:
         click.echo(render.nodes_table(found))
     else:

@@ -12,9 +12,10 @@ from typing import Any, BinaryIO, TextIO
 import click
 import grpc
 
-from node import render
+from node import records, render
 from node._gen.filch.v1 import filch_pb2
-from node.client import ClientError
+from node.errors import ClientError
+from node.states import is_finished
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -42,7 +43,7 @@ class TaskOutput:
     stdout is a terminal, so the task cannot drive it (retitle the window, clear the
     screen, rewrite earlier lines, answer-back sequences)."""
 
-    def __init__(self, stream: BinaryIO | None = None, *, terminal: bool | None = None) -> None:
+    def __init__(self, *, stream: BinaryIO | None = None, terminal: bool | None = None) -> None:
         self._stream = stream if stream is not None else sys.stdout.buffer
         if terminal is None:
             terminal = self._stream.isatty()
@@ -117,7 +118,7 @@ class Progress:
     _FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
     _ASCII_FRAMES = "|/-\\"
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, *, stream: TextIO | None = None) -> None:
         self._stream = stream or sys.stderr
         self.enabled = self._stream.isatty() and os.environ.get("TERM") != "dumb"
         self._frames = self._FRAMES
@@ -157,7 +158,7 @@ class Progress:
 
 
 def progress_text(task: filch_pb2.Task, elapsed: float, reconnecting: bool) -> str:
-    state = render.state_name(task.state)
+    state = records.state_name(task.state)
     if task.state == filch_pb2.TASK_STATE_RUNNING:
         state += f" on {render.node_label(task)}"
     elif task.message:
@@ -168,7 +169,7 @@ def progress_text(task: filch_pb2.Task, elapsed: float, reconnecting: bool) -> s
 
 
 def array_progress_text(tasks: list[filch_pb2.Task], elapsed: float, reconnecting: bool) -> str:
-    finished = sum(render.is_finished(task) for task in tasks)
+    finished = sum(is_finished(task) for task in tasks)
     running = sum(task.state == filch_pb2.TASK_STATE_RUNNING for task in tasks)
     text = f"{finished} of {len(tasks)} finished · {running} running"
     if reconnecting:

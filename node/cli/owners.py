@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from node import render
+from node import records, render
 from node.cli.output import output_option, print_json
 from node.client import Client
 
@@ -36,7 +36,7 @@ def list_owners(client: Client, output: str) -> None:
     """List owners with a weight or with queued or running work, and their share."""
     owners = client.owners()
     if output == "json":
-        print_json([render.owner_to_dict(owner) for owner in owners])
+        print_json([records.owner_to_dict(owner) for owner in owners])
     elif owners:
         click.echo(render.owners_table(owners))
     else:

@@ -83,7 +83,7 @@ class CappedLog:
     stderr, then call `started()` (or `abandon()` if the spawn failed).
     """
 
-    def __init__(self, path: Path, cap: int) -> None:
+    def __init__(self, *, path: Path, cap: int) -> None:
         """Open the log file (output is appended to what it holds) and create the pipe.
         Raises OSError (e.g. ENOSPC)."""
         self._path = path

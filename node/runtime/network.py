@@ -137,7 +137,7 @@ class TaskNetwork:
     task and again whenever membership may have changed.
     """
 
-    def __init__(self, node_name: str, task_subnet: str, state_dir: Path, *,
+    def __init__(self, *, node_name: str, task_subnet: str, state_dir: Path,
                  task_deny: str = "", task_allow: str = "") -> None:
         """Derive the names; touches nothing. Raises InvalidArgument for a bad task_subnet,
         task_deny or task_allow (comma-separated CIDRs)."""
@@ -154,7 +154,7 @@ class TaskNetwork:
         self._releasing: set[asyncio.Task[None]] = set()
         self._cluster_known = asyncio.Event()
         self._broken = ""
-        self._dns = TaskResolvConf(state_dir / "resolv.conf")
+        self._dns = TaskResolvConf(path=state_dir / "resolv.conf")
         self._resolv_conf: Path | None = None
         self._firewall = TaskFirewall(
             table=self.table, bridge=self.bridge, state_dir=state_dir,

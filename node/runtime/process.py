@@ -113,7 +113,7 @@ class ProcessExecutor:
 
     name = "process"
 
-    def __init__(self, task_uid: int | None, watchdog: GroupTracker | None = None,
+    def __init__(self, *, task_uid: int | None, watchdog: GroupTracker | None = None,
                  cgroups: ProcessCgroups | None = None) -> None:
         """Decide whether tasks run as task_uid: only possible (and done) when running as root.
 
@@ -176,7 +176,7 @@ class ProcessExecutor:
                 if self._drop_to is not None:
                     os.chown(private, self._drop_to, self._drop_to)
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-            output = CappedLog(spec.log_path, spec.max_log_bytes)
+            output = CappedLog(path=spec.log_path, cap=spec.max_log_bytes)
         except OSError as exc:
             shutil.rmtree(spec.attempt_dir, ignore_errors=True)
             raise ExecutorError(f"cannot prepare attempt {spec.container_id}: {exc}") from exc
@@ -221,8 +221,9 @@ class ProcessExecutor:
         output.started()
         if self._watchdog is not None:
             self._watchdog.track(process.pid)
-        return ProcessAttempt(spec.container_id, spec.attempt_dir, process, self._watchdog,
-                              output, cgroup)
+        return ProcessAttempt(container_id=spec.container_id, attempt_dir=spec.attempt_dir,
+                              process=process, watchdog=self._watchdog, output=output,
+                              cgroup=cgroup)
 
     async def reap_stale(self) -> int:
         """Kill what attempts of an earlier run of this node left in their cgroups (its
@@ -237,7 +238,7 @@ class ProcessExecutor:
 class ProcessAttempt:
     """One attempt running as a process group. Created by ProcessExecutor.start()."""
 
-    def __init__(self, container_id: str, attempt_dir: Path,
+    def __init__(self, *, container_id: str, attempt_dir: Path,
                  process: asyncio.subprocess.Process, watchdog: GroupTracker | None = None,
                  output: CappedLog | None = None, cgroup: tuple[Path, ...] = ()):
         """cgroup: the attempt's cgroup directories (empty: none; kill by group only)."""

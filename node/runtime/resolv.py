@@ -55,7 +55,7 @@ def _is_loopback(address: str) -> bool:
 class TaskResolvConf:
     """The generated file, mounted read-only over each isolated task's /etc/resolv.conf."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, *, path: Path) -> None:
         self._path = path
         self._warned = False
 

@@ -70,7 +70,7 @@ class RuncExecutor:
 
     name = "runc"
 
-    def __init__(self, runc_binary: str, state_root: Path, task_uid: int, *,
+    def __init__(self, *, runc_binary: str, state_root: Path, task_uid: int,
                  attempts_root: Path | None = None,
                  network: net.TaskNetwork | None = None, disk_reserve: int = 0) -> None:
         """Probe the host (which directories to bind, cgroup v1 or v2); spawns nothing.
@@ -191,7 +191,7 @@ class RuncExecutor:
         try:
             write_bundle(bundle, config, layout=self._layout, task_uid=self._task_uid)
             spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-            output = CappedLog(spec.log_path, spec.max_log_bytes)
+            output = CappedLog(path=spec.log_path, cap=spec.max_log_bytes)
         except OSError as exc:
             shutil.rmtree(bundle, ignore_errors=True)
             raise ExecutorError(f"cannot prepare attempt {cid}: {exc}") from exc
@@ -217,7 +217,8 @@ class RuncExecutor:
                 raise ExecutorError(f"cannot run {self._runc}: {exc}") from exc
             raise
         output.started()
-        return RuncAttempt(self, cid, bundle, process, output, lease)
+        return RuncAttempt(executor=self, container_id=cid, bundle=bundle, process=process,
+                           output=output, lease=lease)
 
     async def reap_stale(self) -> int:
         """SIGKILL and delete every container in state_root and remove its bundle, then
@@ -344,6 +345,7 @@ class RuncAttempt:
 
     def __init__(
         self,
+        *,
         executor: RuncExecutor,
         container_id: str,
         bundle: Path,

@@ -165,7 +165,8 @@ def links(prefix: str) -> list[str]:
 
 def task_network(cluster: Cluster, index: int) -> net.TaskNetwork:
     """Names only (touches nothing): which namespaces and links belong to node index."""
-    return net.TaskNetwork(cluster.nodes[index].name, "auto", Path("/nonexistent"))
+    return net.TaskNetwork(node_name=cluster.nodes[index].name, task_subnet="auto",
+                           state_dir=Path("/nonexistent"))
 
 
 @pytest.mark.parametrize("mode", ["none", "isolated"])

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from node import render
+from node import records
 from node._gen.filch.v1 import filch_pb2 as pb
 from tests.e2e.cluster import Cluster, wait_for
 from tests.e2e.conftest import require_tools
@@ -43,7 +43,7 @@ def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def status(cluster: Cluster, task_id: str) -> dict[str, Any]:
     """The task as `filch status -o json` prints it (read over gRPC: each CLI run costs a
     Python start, and the CLI's JSON is checked once, in the retry test)."""
-    return dict(render.task_to_dict(cluster.get(task_id)))
+    return dict(records.task_to_dict(cluster.get(task_id)))
 
 
 def log_of(cluster: Cluster, task_id: str, attempt: int, index: int) -> str:

@@ -191,7 +191,8 @@ def test_a_task_reaches_no_address_of_any_node_nor_a_denied_range(
     assert set(seconds) <= published, published
     # Each node's firewall takes them in at its first fill or next housekeeping round.
     for node in cluster.nodes:
-        table = net.TaskNetwork(node.name, "auto", Path("/nonexistent")).table
+        table = net.TaskNetwork(node_name=node.name, task_subnet="auto",
+                                state_dir=Path("/nonexistent")).table
         wait_for(f"{node.name}'s firewall to hold the second addresses", lambda node=node,
                  table=table: all(address in node.netns_exec(
                      "nft", "list", "set", "inet", table, "cluster4").stdout

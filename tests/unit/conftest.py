@@ -25,7 +25,7 @@ def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 async def store(etcd: str) -> AsyncIterator[Store]:
     """A Store on an emptied etcd."""
     etcdctl(etcd, "del", "", "--prefix")
-    opened = Store(etcd)
+    opened = Store(endpoint=etcd)
     try:
         yield opened
     finally:

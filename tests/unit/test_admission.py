@@ -12,7 +12,7 @@ from node import config, keys, limits, validation
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.admission import ByteBudget, PendingLimit
 from node.arrays import footprint
-from node.conditions import MET, Prepared
+from node.conditions import MET, DependencyCheck, Prepared
 from node.errors import InvalidArgument, Overloaded
 from node.service import TaskService
 from node.store import MemberStatus, Store
@@ -39,7 +39,7 @@ def spec() -> pb.TaskSpec:
 
 
 async def test_a_concurrent_flood_stops_exactly_at_the_limit(store: Store) -> None:
-    service = TaskService(store, max_pending=5)
+    service = TaskService(store=store, check=DependencyCheck(store=store), max_pending=5)
     outcomes = await asyncio.gather(*(service.submit(spec()) for _ in range(12)),
                                     return_exceptions=True)
     refused = [outcome for outcome in outcomes if isinstance(outcome, Overloaded)]
@@ -51,8 +51,8 @@ async def test_a_concurrent_flood_stops_exactly_at_the_limit(store: Store) -> No
 
 async def test_the_count_comes_from_etcd_once_per_interval(store: Store) -> None:
     clock = Clock()
-    limit = PendingLimit(store, 2, ttl=1.0, clock=clock)
-    service = TaskService(store)
+    limit = PendingLimit(store=store, limit=2, ttl=1.0, clock=clock)
+    service = TaskService(store=store, check=DependencyCheck(store=store))
     # Two tasks queued by "another node": seen at the first count.
     for _ in range(2):
         await service.submit(spec())
@@ -75,7 +75,7 @@ async def test_the_count_comes_from_etcd_once_per_interval(store: Store) -> None
 
 
 async def test_a_failed_or_cancelled_admission_gives_its_room_back(store: Store) -> None:
-    limit = PendingLimit(store, 1, clock=Clock())
+    limit = PendingLimit(store=store, limit=1, clock=Clock())
     with pytest.raises(RuntimeError):
         async with limit.admit():
             raise RuntimeError("the write failed")
@@ -98,7 +98,7 @@ def test_the_flags_are_checked() -> None:
 
 
 async def test_a_retried_submit_that_landed_is_answered_at_the_limit(store: Store) -> None:
-    service = TaskService(store, max_pending=1)
+    service = TaskService(store=store, check=DependencyCheck(store=store), max_pending=1)
     first, created = await service.submit(spec(), "retry-me")
     assert created
     again, created = await service.submit(spec(), "retry-me")
@@ -153,7 +153,7 @@ class Status:
 
 async def test_the_budget_refuses_past_the_fraction_naming_the_numbers() -> None:
     status = Status(in_use=1_288_490_189)         # 1.2 GiB
-    budget = ByteBudget(cast(Store, status), quota=2 * 1024**3, budget=0.8, clock=Clock())
+    budget = ByteBudget(store=cast(Store, status), quota=2 * 1024**3, budget=0.8, clock=Clock())
     with pytest.raises(Overloaded) as refused:
         async with budget.admit(100 * 1024**3, "this array of 100000 tasks"):
             pass
@@ -173,7 +173,7 @@ async def test_the_budget_refuses_past_the_fraction_naming_the_numbers() -> None
 async def test_the_budget_adds_its_own_admissions_until_the_next_read() -> None:
     clock = Clock()
     status = Status(in_use=0)
-    budget = ByteBudget(cast(Store, status), quota=1000, budget=0.5, clock=clock)
+    budget = ByteBudget(store=cast(Store, status), quota=1000, budget=0.5, clock=clock)
     async with budget.admit(300, "this task") as written:
         written()
     with pytest.raises(Overloaded):                # 300 admitted + 300 > 500
@@ -191,7 +191,7 @@ async def test_the_budget_adds_its_own_admissions_until_the_next_read() -> None:
 
 async def test_an_etcd_without_db_size_in_use_counts_its_whole_file() -> None:
     status = Status(in_use=0, size=900)
-    budget = ByteBudget(cast(Store, status), quota=1000, budget=1.0, clock=Clock())
+    budget = ByteBudget(store=cast(Store, status), quota=1000, budget=1.0, clock=Clock())
     with pytest.raises(Overloaded):
         async with budget.admit(101, "this task"):
             pass
@@ -200,7 +200,8 @@ async def test_an_etcd_without_db_size_in_use_counts_its_whole_file() -> None:
 async def test_an_array_past_the_budget_writes_nothing(store: Store) -> None:
     in_use = (await store.member_status()).db_size_in_use
     # Room for 150 kB more: not for a 200 kB task, nor for an array of 40 of them.
-    service = TaskService(store, etcd_quota_bytes=int((in_use + 150_000) / 0.8))
+    service = TaskService(store=store, check=DependencyCheck(store=store),
+                          etcd_quota_bytes=int((in_use + 150_000) / 0.8))
     with pytest.raises(Overloaded) as refused:
         await service.submit_array(big_spec(200_000), pb.ArraySpec(start=1, end=40))
     assert "this array of 40 tasks would write ~15.3 MiB into etcd" in str(refused.value)

@@ -40,7 +40,7 @@ def test_may_run(node: dict[str, str], spec: pb.TaskSpec, refused: str | None) -
 
 
 def test_listeners_hear_only_real_changes() -> None:
-    node = Capabilities({capabilities.NETWORK_ISOLATED: "true"})
+    node = Capabilities(initial={capabilities.NETWORK_ISOLATED: "true"})
     heard: list[dict[str, str]] = []
     node.on_change(lambda: heard.append(node.snapshot()))
     node.set(capabilities.NETWORK_ISOLATED, "true")         # no change: nobody hears

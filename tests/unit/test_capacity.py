@@ -80,7 +80,7 @@ def test_the_ledger_holds_what_each_owner_holds_until_released() -> None:
 
 
 def test_disk_counts_the_tasks_size_or_the_enforced_default() -> None:
-    enforced = Capabilities({capabilities.DISK_ENFORCED: "true"})
+    enforced = Capabilities(initial={capabilities.DISK_ENFORCED: "true"})
     capacity = Capacity(cpu_millis=4000, memory_bytes=8 << 30, disk_bytes=100 << 20,
                         default_disk=30 << 20, capabilities=enforced)
     sized, unsized = pb.TaskSpec(disk_bytes=60 << 20), pb.TaskSpec()

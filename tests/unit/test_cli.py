@@ -451,7 +451,7 @@ class Terminal(io.StringIO):
 def test_progress_draws_on_a_terminal_and_erases_itself(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TERM", "xterm")
     terminal = Terminal()
-    progress = cli_output.Progress(terminal)
+    progress = cli_output.Progress(stream=terminal)
     task = pb.Task(state=pb.TASK_STATE_RUNNING, node_name="node-2")
     progress.draw(cli_output.progress_text(task, 3.14, reconnecting=False))
     assert "⠋ RUNNING on node-2 · 3.1s" in terminal.getvalue()
@@ -461,7 +461,7 @@ def test_progress_draws_on_a_terminal_and_erases_itself(monkeypatch: pytest.Monk
 
 def test_progress_stays_silent_when_stderr_is_not_a_terminal() -> None:
     stream = io.StringIO()
-    progress = cli_output.Progress(stream)
+    progress = cli_output.Progress(stream=stream)
     progress.draw("RUNNING")
     progress.clear()
     assert stream.getvalue() == ""

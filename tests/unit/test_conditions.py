@@ -118,7 +118,7 @@ async def test_settle_writes_the_message_once_then_releases(store: Store) -> Non
     require_etcd()
     parent = await write(store, task())
     child = await write(store, child_of(parent.task.id))
-    check = DependencyCheck(store)
+    check = DependencyCheck(store=store)
     waiting = await check.settle(child)
     assert waiting is not None
     assert waiting.task.message == f"waiting for 1 dependency: {parent.task.id} (PENDING)"
@@ -135,7 +135,7 @@ async def test_settle_fails_a_child_of_a_failed_parent(store: Store) -> None:
     require_etcd()
     parent = await finish(store, await write(store, task()), 1)
     child = await write(store, child_of(parent.task.id))
-    settled = await DependencyCheck(store).settle(child)
+    settled = await DependencyCheck(store=store).settle(child)
     assert settled is not None
     assert settled.task.state == pb.TASK_STATE_CANCELED
     assert settled.task.reason == pb.REASON_DEPENDENCY_FAILED
@@ -151,7 +151,7 @@ async def test_array_condition_reads_on_from_the_first_unfinished(store: Store) 
         member.array_id, member.array_index = array_id, position
         members.append(await write(store, member))
     assert await store.create_array(pb.Array(id=array_id, count=3))
-    check = DependencyCheck(store)
+    check = DependencyCheck(store=store)
     assert (await check.array_condition(array_id)).state == WAITING
     await finish(store, members[0], 0)
     await finish(store, members[2], 0)
@@ -167,11 +167,11 @@ async def test_prepare_names_an_unknown_parent(store: Store) -> None:
     spec = pb.TaskSpec(command="true", after=[pb.Dependency(id=known.task.id, kind=SUCCESS),
                                               pb.Dependency(id=unknown, kind=SUCCESS)])
     with pytest.raises(InvalidArgument, match=f"spec.after: no task {unknown}"):
-        await prepare(store, DependencyCheck(store), spec)
+        await prepare(store, DependencyCheck(store=store), spec)
     spec = pb.TaskSpec(command="true", after=[pb.Dependency(
         id=unknown, kind=pb.DEPENDENCY_KIND_ARRAY)])
     with pytest.raises(InvalidArgument, match=f"no array {unknown}"):
-        await prepare(store, DependencyCheck(store), spec)
+        await prepare(store, DependencyCheck(store=store), spec)
 
 
 async def test_retention_waits_while_a_task_depends_on_the_parent(store: Store) -> None:
@@ -180,6 +180,6 @@ async def test_retention_waits_while_a_task_depends_on_the_parent(store: Store) 
     child = await write(store, child_of(parent.task.id))
     status = await store.list_ids(keys.COMPLETE)
     assert await store.delete_finished(status) == 0
-    await DependencyCheck(store).settle(child)
+    await DependencyCheck(store=store).settle(child)
     assert await store.delete_finished(status) == 1
     assert await store.get_task(parent.task.id) is None

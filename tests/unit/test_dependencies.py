@@ -11,6 +11,7 @@ import pytest
 
 from node import dependencies, keys, lifecycle
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.conditions import DependencyCheck
 from node.config import Config
 from node.dependencies import ABANDONED_ARRAY_AGE, Resolver
 from node.store import Store, WatchEvent
@@ -83,7 +84,7 @@ async def test_a_parents_end_releases_its_child_without_a_sweep(
 
 
 async def test_the_sweep_releases_finished_back_offs_and_completed_arrays(store: Store) -> None:
-    resolver = Resolver(config=Config(name="n"), store=store)
+    resolver = Resolver(config=Config(name="n"), store=store, check=DependencyCheck(store=store))
     due = held(pb.HOLD_RETRY)
     due.not_before.FromSeconds(int(time.time()) - 1)
     later = held(pb.HOLD_RETRY)
@@ -102,7 +103,7 @@ async def test_the_sweep_releases_finished_back_offs_and_completed_arrays(store:
 
 
 async def test_the_sweep_deletes_the_held_tasks_of_an_abandoned_array(store: Store) -> None:
-    resolver = Resolver(config=Config(name="n"), store=store)
+    resolver = Resolver(config=Config(name="n"), store=store, check=DependencyCheck(store=store))
     array_id = keys.new_task_id()
     old = held(pb.HOLD_ARRAY, array_id=array_id)
     old.submitted_at.FromSeconds(int(time.time() - ABANDONED_ARRAY_AGE - 60))

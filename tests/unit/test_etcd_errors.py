@@ -76,7 +76,7 @@ async def test_a_read_at_a_compacted_revision_names_the_compact_revision(
 
 async def test_a_stopped_etcd_is_store_unavailable(tmp_path: Path) -> None:
     process, client = start_etcd(tmp_path)
-    store = Store(client, timeout=0.5)
+    store = Store(endpoint=client, timeout=0.5)
     try:
         assert await store.current_revision() >= 1
         process.kill()

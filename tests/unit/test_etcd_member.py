@@ -100,7 +100,7 @@ async def started() -> AsyncIterator[list[EtcdMember]]:
 
 async def test_single_member_serves_clients_and_stops(
         tmp_path: Path, started: list[EtcdMember]) -> None:
-    member = EtcdMember(member_config(tmp_path, "solo", "127.0.0.1"))
+    member = EtcdMember(config=member_config(tmp_path, "solo", "127.0.0.1"))
     started.append(member)
     await member.start()
     await member.wait_healthy(timeout=30)
@@ -123,7 +123,7 @@ async def test_single_member_serves_clients_and_stops(
 async def test_restart_keeps_data_and_ignores_the_bootstrap_cluster(
         tmp_path: Path, started: list[EtcdMember]) -> None:
     config = member_config(tmp_path, "again", "127.0.0.1")
-    first = EtcdMember(config)
+    first = EtcdMember(config=config)
     started.append(first)
     assert "--initial-cluster" in first.command()
     timing = " ".join(first.command())
@@ -134,7 +134,7 @@ async def test_restart_keeps_data_and_ignores_the_bootstrap_cluster(
     await first.stop()
 
     # A bootstrap list that contradicts the data dir: etcd would refuse it as a new cluster.
-    second = EtcdMember(dataclasses.replace(
+    second = EtcdMember(config=dataclasses.replace(
         config, initial_cluster=f"again={config.etcd_peer_url},ghost=http://127.0.0.99:2380"))
     started.append(second)
     assert second.bootstrapped
@@ -145,7 +145,7 @@ async def test_restart_keeps_data_and_ignores_the_bootstrap_cluster(
 
 
 async def test_killed_member_is_noticed(tmp_path: Path, started: list[EtcdMember]) -> None:
-    member = EtcdMember(member_config(tmp_path, "victim", "127.0.0.1"))
+    member = EtcdMember(config=member_config(tmp_path, "victim", "127.0.0.1"))
     started.append(member)
     await member.start()
 
@@ -160,7 +160,7 @@ async def test_three_member_cluster_comes_up(
     hosts = {"node-1": "127.0.0.21", "node-2": "127.0.0.22", "node-3": "127.0.0.23"}
     configs = [member_config(tmp_path, name, host) for name, host in hosts.items()]
     initial_cluster = ",".join(f"{c.name}={c.etcd_peer_url}" for c in configs)
-    members = [EtcdMember(dataclasses.replace(c, initial_cluster=initial_cluster))
+    members = [EtcdMember(config=dataclasses.replace(c, initial_cluster=initial_cluster))
                for c in configs]
     started.extend(members)
 
@@ -179,7 +179,7 @@ async def test_three_member_cluster_comes_up(
 async def test_missing_binary_is_a_clear_error(tmp_path: Path) -> None:
     config = member_config(tmp_path, "nobin", "127.0.0.1", etcd_binary="/nonexistent/etcd")
     with pytest.raises(EtcdMemberError, match=r"'/nonexistent/etcd' not found.*etcd-server"):
-        await EtcdMember(config).start()
+        await EtcdMember(config=config).start()
 
 
 async def test_member_that_cannot_start_quotes_its_log(tmp_path: Path) -> None:
@@ -187,7 +187,7 @@ async def test_member_that_cannot_start_quotes_its_log(tmp_path: Path) -> None:
                            initial_cluster="someone-else=http://127.0.0.1:1")
     with pytest.raises(EtcdMemberError,
                        match=r"(?s)exited with status 1.*couldn't find local name"):
-        await EtcdMember(config).start(timeout=30)
+        await EtcdMember(config=config).start(timeout=30)
 
 
 async def test_port_held_by_another_process_is_a_clear_error(tmp_path: Path) -> None:
@@ -197,7 +197,7 @@ async def test_port_held_by_another_process_is_a_clear_error(tmp_path: Path) -> 
         squatter.bind(("127.0.0.1", client_port))
         squatter.listen()
         with pytest.raises(EtcdMemberError, match=f"127.0.0.1:{client_port} .* already in use"):
-            await EtcdMember(config).start(timeout=30)
+            await EtcdMember(config=config).start(timeout=30)
 
 
 # A stand-in for the agent: starts the member, reports its pid, then waits to be killed.
@@ -207,8 +207,8 @@ from node.config import Config
 from node.etcd_member import EtcdMember
 
 async def main() -> None:
-    member = EtcdMember(Config(name="orphan", data_dir=sys.argv[1], etcd_peer_url=sys.argv[2],
-                               etcd_client_url=sys.argv[3]))
+    member = EtcdMember(config=Config(name="orphan", data_dir=sys.argv[1],
+                                      etcd_peer_url=sys.argv[2], etcd_client_url=sys.argv[3]))
     await member.start()
     print(member.pid, flush=True)
     await asyncio.sleep(3600)
@@ -241,7 +241,7 @@ async def test_member_dies_with_its_agent(tmp_path: Path) -> None:
 async def test_start_stops_a_member_left_by_an_earlier_run(
         tmp_path: Path, started: list[EtcdMember]) -> None:
     config = member_config(tmp_path, "leftover", "127.0.0.1")
-    member = EtcdMember(config)
+    member = EtcdMember(config=config)
     started.append(member)
     # What a crashed agent leaves behind: a member on this data dir, and its pid file.
     member.data_dir.mkdir(parents=True, mode=0o700)
@@ -282,7 +282,7 @@ async def test_tls_member_demands_a_client_certificate(
         etcd_client_url=plain.etcd_client_url.replace("http:", "https:"),
         tls_ca=str(pki / "ca.crt"), tls_cert=str(pki / "tls.crt"), tls_key=str(pki / "tls.key"),
         api_token_file=str(pki / "token")).validate()
-    member = EtcdMember(config)
+    member = EtcdMember(config=config)
     started.append(member)
     argv = member.command()
     assert "--client-cert-auth" in argv
@@ -295,7 +295,7 @@ async def test_tls_member_demands_a_client_certificate(
     await member.wait_healthy(timeout=30)  # probes with the node's certificate
 
     tls = EtcdTLS(config.etcd_tls_ca, config.etcd_tls_cert, config.etcd_tls_key)
-    store = Store(config.etcd_client_url, tls=tls)
+    store = Store(endpoint=config.etcd_client_url, tls=tls)
     try:
         assert await store.current_revision() >= 1
     finally:
@@ -313,7 +313,7 @@ async def test_tls_member_demands_a_client_certificate(
     with pytest.raises((ssl.SSLError, OSError)):
         await asyncio.to_thread(_post_tls, config.etcd_client_url + "/v3/kv/range", body, api)
     with pytest.raises(InvalidArgument, match="etcd_endpoint"):
-        Store(config.etcd_client_url)  # https:// without certificates is a usage error
+        Store(endpoint=config.etcd_client_url)  # https:// without certificates is a usage error
 
 
 def _post_tls(url: str, body: dict[str, str], context: ssl.SSLContext) -> dict[str, object]:
@@ -326,7 +326,7 @@ def _post_tls(url: str, body: dict[str, str], context: ssl.SSLContext) -> dict[s
 def test_the_member_keeps_its_data_under_etcd_data_dir(tmp_path: Path) -> None:
     config = dataclasses.replace(member_config(tmp_path, "apart", "127.0.0.1"),
                                  etcd_data_dir=str(tmp_path / "volume"))
-    member = EtcdMember(config)
+    member = EtcdMember(config=config)
     assert member.data_dir == tmp_path / "volume"
     command = member.command()
     assert command[command.index("--data-dir") + 1] == str(tmp_path / "volume")

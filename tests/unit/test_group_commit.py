@@ -28,7 +28,7 @@ def _task(env_bytes: int = 0) -> pb.Task:
 
 
 async def test_moves_arriving_together_share_a_transaction(store: Store) -> None:
-    committer = GroupCommitter(store)
+    committer = GroupCommitter(store=store)
     revisions = await asyncio.gather(*(committer.transition(Move(None, _task()))
                                        for _ in range(5)))
     # All five were waiting when the flush began: one transaction, one revision.
@@ -56,7 +56,7 @@ async def test_a_failed_fence_in_a_shared_transaction_fails_only_its_move(
                   lifecycle.finished(task, pb.TASK_STATE_COMPLETE, pb.REASON_EXITED),
                   fence=token + (1 if i else 0))      # the second's fence is not its own
              for i, (task, token) in enumerate(running)]
-    committer = GroupCommitter(store)
+    committer = GroupCommitter(store=store)
     first, second = await asyncio.gather(*(committer.transition(move) for move in moves))
     assert first is not None and second is None
     assert await store.count(keys.COMPLETE) == 1 and await store.count(keys.RUNNING) == 1
@@ -64,5 +64,5 @@ async def test_a_failed_fence_in_a_shared_transaction_fails_only_its_move(
 
 async def test_a_move_too_large_alone_raises_too_large(store: Store) -> None:
     with pytest.raises(TooLarge):
-        await GroupCommitter(store).transition(Move(None, _task(env_bytes=2 << 20)))
+        await GroupCommitter(store=store).transition(Move(None, _task(env_bytes=2 << 20)))
     assert await store.count(keys.QUEUED) == 0

@@ -54,7 +54,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def app(cluster: Cluster) -> Iterator[App]:
-    application = App(cluster.nodes[0].address)
+    application = App(server=cluster.nodes[0].address)
     yield application
     application.daemon.close()
 
@@ -128,7 +128,7 @@ def test_healthz_is_ok_while_the_daemon_serves(app: App) -> None:
 
 
 def test_healthz_says_why_the_daemon_is_not_answering() -> None:
-    reply = call(App(DEAD_SERVER), "GET", "/healthz")
+    reply = call(App(server=DEAD_SERVER), "GET", "/healthz")
     assert reply.status == 503
     assert reply.json()["status"] == "unavailable"
     assert DEAD_SERVER in reply.json()["reason"]
@@ -145,14 +145,14 @@ def test_readyz_lists_every_check(app: App, cluster: Cluster) -> None:
 
 def test_readyz_fails_the_lease_check_when_no_node_advertises_this_address(
         cluster: Cluster) -> None:
-    reply = call(App(cluster.nodes[0].address, advertise="127.0.0.1:9"), "GET", "/readyz")
+    reply = call(App(server=cluster.nodes[0].address, advertise="127.0.0.1:9"), "GET", "/readyz")
     assert reply.status == 503
     checks = {check["name"]: check["ok"] for check in reply.json()["checks"]}
     assert checks == {"daemon": True, "etcd": True, "lease": False}
 
 
 def test_readyz_fails_every_check_without_a_daemon() -> None:
-    reply = call(App(DEAD_SERVER), "GET", "/readyz")
+    reply = call(App(server=DEAD_SERVER), "GET", "/readyz")
     assert reply.status == 503
     body = reply.json()
     assert body["ready"] is False
@@ -356,7 +356,7 @@ def test_nodes_lists_the_live_node(app: App, cluster: Cluster) -> None:
 
 
 def test_api_calls_say_when_the_daemon_is_unreachable() -> None:
-    reply = call(App(DEAD_SERVER), "GET", "/api/v1/nodes")
+    reply = call(App(server=DEAD_SERVER), "GET", "/api/v1/nodes")
     assert reply.status == 503
     assert f"filch daemon at {DEAD_SERVER} is unavailable" in reply.json()["error"]
 
@@ -488,7 +488,7 @@ BEARER = {"Authorization": f"Bearer {TOKEN}"}
 @pytest.fixture(scope="module")
 def guarded(cluster: Cluster) -> Iterator[App]:
     """The app as a node with a token serves it."""
-    application = App(cluster.nodes[0].address, security=Security(token=TOKEN),
+    application = App(server=cluster.nodes[0].address, security=Security(token=TOKEN),
                       allowed_hosts=[NODE_HOST, "10.9.8.7"])
     yield application
     application.daemon.close()

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.errors import HttpError
 from node.http_api import submit_request
 from node.http_batch import array_reply
-from node.http_wire import HttpError
 
 PARENT = "01a21bce-b194-7000-994b-fef8376138b8"
 OTHER = "01a21bce-b194-7000-994b-fef8376138b9"

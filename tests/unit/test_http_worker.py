@@ -9,8 +9,9 @@ import time
 import gevent
 import pytest
 
-from node.http_wire import HttpError, Request
-from node.http_worker import DeadlineBody, RequestReadTimeout
+from node.errors import HttpError, RequestReadTimeout
+from node.http_wire import Request
+from node.http_worker import DeadlineBody
 
 
 class Trickle:
@@ -25,7 +26,7 @@ class Trickle:
 
 
 def test_a_body_read_past_its_deadline_fails_and_marks_the_connection() -> None:
-    body = DeadlineBody(Trickle(5.0), time.monotonic() + 0.2)
+    body = DeadlineBody(body=Trickle(5.0), deadline=time.monotonic() + 0.2)
     started = time.monotonic()
     with pytest.raises(RequestReadTimeout, match="request body: not received within"):
         body.read(10)
@@ -35,7 +36,7 @@ def test_a_body_read_past_its_deadline_fails_and_marks_the_connection() -> None:
 
 
 def test_the_app_answers_a_late_body_408() -> None:
-    body = DeadlineBody(Trickle(5.0), time.monotonic() + 0.1)
+    body = DeadlineBody(body=Trickle(5.0), deadline=time.monotonic() + 0.1)
     request = Request.from_environ({"REQUEST_METHOD": "POST", "PATH_INFO": "/login",
                                     "CONTENT_LENGTH": "20", "wsgi.input": body})
     with pytest.raises(HttpError) as refused:
@@ -44,6 +45,6 @@ def test_the_app_answers_a_late_body_408() -> None:
 
 
 def test_a_body_in_time_is_read_whole() -> None:
-    body = DeadlineBody(io.BytesIO(b'{"token": "x"}\nmore\n'), time.monotonic() + 5)
+    body = DeadlineBody(body=io.BytesIO(b'{"token": "x"}\nmore\n'), deadline=time.monotonic() + 5)
     assert body.readline() == b'{"token": "x"}\n'
     assert list(body) == [b"more\n"] and not body.expired

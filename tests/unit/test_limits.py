@@ -9,10 +9,14 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from node import keys, limits, validation
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.conditions import DependencyCheck
 from node.errors import TooLarge
+from node.fairshare import Candidate, Usage, select
 from node.group_commit import GroupCommitter
 from node.limits import MAX_BATCH, MOVE_KEYS_BYTES
 from node.service import TaskService
@@ -50,6 +54,40 @@ def test_batches_cut_by_count_and_bytes_and_keep_order() -> None:
     assert list(limits.batches([], lambda item: item, max_count=3, max_bytes=10)) == []
 
 
+@settings(max_examples=300, deadline=None)
+@given(items=st.lists(st.tuples(st.integers(0, 50), st.integers(0, 9)), max_size=60),
+       max_count=st.integers(1, 8), max_bytes=st.integers(1, 100), max_ops=st.integers(1, 20))
+def test_every_batch_fits_one_transaction(items: list[tuple[int, int]], max_count: int,
+                                          max_bytes: int, max_ops: int) -> None:
+    cut = list(limits.batches(items, lambda item: item[0], ops=lambda item: item[1],
+                              max_count=max_count, max_bytes=max_bytes, max_ops=max_ops))
+    assert [item for batch in cut for item in batch] == items      # all of them, in order
+    for position, batch in enumerate(cut):
+        assert batch
+        if len(batch) > 1:      # an item too large alone forms a batch of its own
+            assert len(batch) <= max_count
+            assert sum(size for size, _ in batch) <= max_bytes
+            assert sum(ops for _, ops in batch) <= max_ops
+        if position + 1 < len(cut):     # a batch ends only when the next item would not fit
+            following_size, following_ops = cut[position + 1][0]
+            assert (len(batch) == max_count
+                    or sum(size for size, _ in batch) + following_size > max_bytes
+                    or sum(ops for _, ops in batch) + following_ops > max_ops)
+
+
+def test_group_commit_array_writes_and_steals_cut_by_the_same_room() -> None:
+    # Each writer's own bound agrees with limits.TxnRoom: the one cutter.
+    room = limits.TxnRoom()
+    assert (room.max_count, room.max_bytes, room.max_ops) == (
+        MAX_BATCH, limits.WRITE_BATCH_BYTES, limits.MAX_TXN_OPS)
+    sizes = [limits.MAX_RECORD_BYTES] * 5
+    candidates = [Candidate(task_id=str(index), priority=0, owner="o", cpu_millis=1,
+                            memory_bytes=1, size=size) for index, size in enumerate(sizes)]
+    picked = select(candidates, usage={}, totals=Usage(10, 10), weights={},
+                    free=Usage(10, 10), limit=MAX_BATCH, max_bytes=limits.WRITE_BATCH_BYTES)
+    assert len(picked) == len(next(limits.batches(sizes, lambda size: size)))
+
+
 def _task(size: int) -> pb.Task:
     task = pb.Task(id=keys.new_task_id(), state=pb.TASK_STATE_PENDING,
                    spec=pb.TaskSpec(command="sh", env={"BIG": "x" * size}))
@@ -65,7 +103,7 @@ async def test_a_batch_over_the_request_limit_raises_too_large(store: Store) -> 
 
 
 async def test_group_commit_splits_a_batch_etcd_refuses(store: Store) -> None:
-    service = TaskService(store)
+    service = TaskService(store=store, check=DependencyCheck(store=store))
     specs = [validation.spec(pb.TaskSpec(command="sh", env={"BIG": str(n) * 900_000}))
              for n in range(6)]
     results = await asyncio.gather(*(service.submit(spec) for spec in specs))
@@ -75,7 +113,7 @@ async def test_group_commit_splits_a_batch_etcd_refuses(store: Store) -> None:
 
 async def test_a_single_record_etcd_cannot_take_is_refused_and_nothing_written(
         store: Store) -> None:
-    committer = GroupCommitter(store)
+    committer = GroupCommitter(store=store)
     small, huge = _task(10), _task(ETCD_DEFAULT_REQUEST_BYTES)
     outcomes = await asyncio.gather(committer.transition(Move(None, small)),
                                     committer.transition(Move(None, huge)),
@@ -89,7 +127,7 @@ async def test_a_single_record_etcd_cannot_take_is_refused_and_nothing_written(
 
 @pytest.mark.parametrize("state", [pb.TASK_STATE_UNSPECIFIED, pb.TASK_STATE_PENDING])
 async def test_list_pages_stop_at_the_byte_budget(store: Store, state: int) -> None:
-    service = TaskService(store)
+    service = TaskService(store=store, check=DependencyCheck(store=store))
     large = [validation.spec(pb.TaskSpec(command="sh", env={"BIG": str(n) * 1_000_000}))
              for n in range(5)]
     small = [validation.spec(pb.TaskSpec(command="true", name=f"s{n}")) for n in range(3)]
@@ -113,8 +151,8 @@ async def test_reads_too_large_for_the_channel_are_split(store: Store, etcd: str
     for task in tasks:
         assert await store.transition(None, task) is not None
     ids = sorted(task.id for task in tasks)
-    narrow = Store(etcd, max_receive_bytes=2 * limits.MiB)
-    tiny = Store(etcd, max_receive_bytes=limits.MiB // 2)
+    narrow = Store(endpoint=etcd, max_receive_bytes=2 * limits.MiB)
+    tiny = Store(endpoint=etcd, max_receive_bytes=limits.MiB // 2)
     try:
         assert [found.task.id for found in await narrow.get_tasks(ids)] == ids
         records, more = await narrow.list_records(limit=4)

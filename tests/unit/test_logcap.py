@@ -24,7 +24,7 @@ WRITER = ("import sys\n"
 
 async def produce(path: Path, lines: int, cap: int = CAP) -> CappedLog:
     """Run WRITER with its output through a CappedLog into path; return the log."""
-    output = CappedLog(path, cap)
+    output = CappedLog(path=path, cap=cap)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", WRITER, str(lines), stdout=output.child_fd,
         stderr=output.child_fd)
@@ -96,7 +96,7 @@ async def test_follower_behind_a_cut_gets_a_marker_for_what_it_missed(tmp_path: 
 async def test_pipe_is_drained_when_the_disk_is_full(tmp_path: Path) -> None:
     """A log that cannot be written does not block the task: the rest is dropped."""
     path = tmp_path / "1.log"
-    output = CappedLog(path, CAP)
+    output = CappedLog(path=path, cap=CAP)
     os.close(output._fd)                        # every later write fails (EBADF)
     output._fd = os.open("/dev/full", os.O_RDWR)  # ...with ENOSPC, as on a full disk
     process = await asyncio.create_subprocess_exec(
@@ -120,7 +120,7 @@ async def test_a_live_follower_sees_the_output_exactly_except_marked_cuts(
     claims, and every gap is announced by a marker saying how many bytes it skips."""
     path = tmp_path / "1.log"
     lines = 300_000
-    output = CappedLog(path, CAP)
+    output = CappedLog(path=path, cap=CAP)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", WRITER, str(lines), stdout=output.child_fd,
         stderr=output.child_fd)
@@ -156,7 +156,7 @@ async def test_a_forged_marker_in_short_output_changes_nothing_a_reader_sees(
     path = tmp_path / "1.log"
     layout = Layout.for_cap(CAP)
     forged = b"x" * layout.head + marker(10**12) + b"after the forged marker\n"
-    output = CappedLog(path, CAP)
+    output = CappedLog(path=path, cap=CAP)
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-c", "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())",
         stdin=asyncio.subprocess.PIPE, stdout=output.child_fd, stderr=output.child_fd)

@@ -74,7 +74,7 @@ class Unrenewable(Store):
 @pytest.fixture
 async def unrenewable(etcd: str) -> AsyncIterator[Unrenewable]:
     etcdctl(etcd, "del", "", "--prefix")
-    opened = Unrenewable(etcd)
+    opened = Unrenewable(endpoint=etcd)
     try:
         yield opened
     finally:
@@ -158,9 +158,9 @@ class CountingStore(Store):
 async def test_the_node_record_is_rewritten_only_when_a_capability_changes(
         etcd: str) -> None:
     etcdctl(etcd, "del", "", "--prefix")
-    store = CountingStore(etcd)
+    store = CountingStore(endpoint=etcd)
     config = Config(name="n", lease_ttl=TTL)
-    node_capabilities = Capabilities({capabilities.NETWORK_ISOLATED: "true"})
+    node_capabilities = Capabilities(initial={capabilities.NETWORK_ISOLATED: "true"})
     state = NodeState.for_config(config, capabilities=node_capabilities,
                                  disk_capacity=5 << 30)
     membership = Membership(config=config, store=store, state=state,

@@ -11,6 +11,7 @@ import pytest
 from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.api import SchedulerServicer
+from node.conditions import DependencyCheck
 from node.service import TaskService
 from node.sessions import SessionService
 from node.store import Store
@@ -37,7 +38,8 @@ class Context:
 
 def _servicer(store: Store) -> SchedulerServicer:
     logs: Any = None        # the owner calls never read logs
-    return SchedulerServicer(TaskService(store), logs, SessionService(store=store, ttl=60))
+    return SchedulerServicer(tasks=TaskService(store=store, check=DependencyCheck(store=store)),
+                             logs=logs, sessions=SessionService(store=store, ttl=60))
 
 
 @pytest.mark.parametrize(("name", "weight", "field"), [

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from node import render
+from node import records, render
 from node._gen.filch.v1 import filch_pb2 as pb
 
 TASK_FIELDS = {
@@ -53,7 +53,7 @@ def finished_task(**overrides: object) -> pb.Task:
 
 
 def test_task_json_has_exactly_the_documented_fields() -> None:
-    data = render.task_to_dict(finished_task())
+    data = records.task_to_dict(finished_task())
     assert set(data) == TASK_FIELDS
     assert data["state"] == "COMPLETE"
     assert data["reason"] == "EXITED"
@@ -69,7 +69,7 @@ def test_task_json_has_exactly_the_documented_fields() -> None:
 def test_unfinished_task_has_no_exit_code_reason_or_times() -> None:
     task = pb.Task(id="x", spec=pb.TaskSpec(command="true"), state=pb.TASK_STATE_PENDING,
                    submitted_at=stamp("2026-11-27T07:10:00"))
-    data = render.task_to_dict(task)
+    data = records.task_to_dict(task)
     assert data["state"] == "PENDING"
     assert data["reason"] == ""
     assert data["exit_code"] is None  # not 0: a pending task has not succeeded
@@ -85,12 +85,12 @@ def test_unfinished_task_has_no_exit_code_reason_or_times() -> None:
 def test_exit_code_is_set_only_when_the_command_itself_ended(
         reason: pb.Reason.ValueType, exit_code: int | None) -> None:
     task = finished_task(reason=reason, exit_code=exit_code or 0)
-    assert render.task_to_dict(task)["exit_code"] == exit_code
-    assert render.task_to_dict(task)["reason"] == pb.Reason.Name(reason).removeprefix("REASON_")
+    assert records.task_to_dict(task)["exit_code"] == exit_code
+    assert records.task_to_dict(task)["reason"] == pb.Reason.Name(reason).removeprefix("REASON_")
 
 
 def test_canceled_task_reports_state_and_reason_canceled() -> None:
-    data = render.task_to_dict(finished_task(state=pb.TASK_STATE_CANCELED,
+    data = records.task_to_dict(finished_task(state=pb.TASK_STATE_CANCELED,
                                              reason=pb.REASON_CANCELED))
     assert (data["state"], data["reason"], data["exit_code"]) == ("CANCELED", "CANCELED", None)
 
@@ -100,7 +100,7 @@ def test_node_json_has_the_documented_fields_with_cpu_in_cores() -> None:
                    memory_capacity_bytes=16 * 2**30, cpu_allocated_millis=1500,
                    memory_allocated_bytes=2 * 2**30, running=3, etcd_leader=True,
                    executor="runc")
-    data = render.node_to_dict(node)
+    data = records.node_to_dict(node)
     assert set(data) == NODE_FIELDS
     assert data["cpu_capacity"] == 4.0
     assert data["cpu_allocated"] == 1.5
@@ -147,7 +147,7 @@ def test_nodes_show_disk_as_advisory_where_sizes_are_not_enforced() -> None:
     columns = dict(zip(header.split(), row.split(), strict=True))
     assert columns["DISK"] == "advisory"
     assert columns["CAPABILITIES"] == "disk-enforced=false"
-    data = render.node_to_dict(node)
+    data = records.node_to_dict(node)
     assert data["disk_capacity_bytes"] == 100 * 2**30
     assert data["capabilities"] == {"filch.io/disk-enforced": "false",
                                     "filch.io/executor": "process"}
@@ -181,8 +181,8 @@ def test_format_duration_is_short(seconds: float, text: str) -> None:
 
 
 def test_unknown_enum_values_from_a_newer_server_do_not_crash() -> None:
-    assert render.state_name(99) == "99"
-    assert render.reason_name(99) == "99"
+    assert records.state_name(99) == "99"
+    assert records.reason_name(99) == "99"
 
 
 def test_control_characters_in_names_and_commands_are_escaped() -> None:
@@ -211,7 +211,7 @@ def test_task_json_lists_every_ended_attempt_then_the_running_one() -> None:
                               reason=pb.REASON_EXITED)
     first.started_at.FromSeconds(1_800_000_000)
     first.finished_at.FromSeconds(1_800_000_050)
-    data = render.task_to_dict(task)
+    data = records.task_to_dict(task)
     assert [(a["attempt"], a["node_name"], a["exit_code"], a["reason"], a["finished_at"] is None)
             for a in data["attempts"]] == [(1, "node-1", 1, "EXITED", False),
                                            (2, "node-2", None, "", True)]
@@ -223,9 +223,9 @@ def test_a_held_task_says_why_and_until_when() -> None:
     task = pb.Task(id="t", state=pb.TASK_STATE_PENDING, hold=pb.HOLD_RETRY,
                    spec=pb.TaskSpec(command="x"))
     task.not_before.FromSeconds(1_800_000_000)
-    data = render.task_to_dict(task)
+    data = records.task_to_dict(task)
     assert data["hold"] == "RETRY" and data["not_before"] is not None
-    assert render.task_to_dict(pb.Task(id="t", state=pb.TASK_STATE_PENDING))["hold"] is None
+    assert records.task_to_dict(pb.Task(id="t", state=pb.TASK_STATE_PENDING))["hold"] is None
 
 
 def test_task_output_keeps_newlines_and_tabs_and_escapes_every_other_control() -> None:

@@ -56,7 +56,8 @@ async def _running(store: Store, tmp_path: Path) -> AsyncIterator[tuple[NodeStat
     state = NodeState.for_config(config)
     state.registration = Registration(keys.new_node_id(), await store.grant_lease(60))
     state.live.set()
-    runner = Runner(config=config, store=store, executor=ProcessExecutor(None), state=state)
+    runner = Runner(config=config, store=store, executor=ProcessExecutor(task_uid=None),
+                    state=state)
     loop = asyncio.create_task(runner.run())
     await asyncio.sleep(0)      # run() enters its task group
     try:

@@ -39,8 +39,8 @@ async def wait_for_containers(root: Path, count: int) -> None:
 
 
 async def test_kills_one_nodes_containers_and_leaves_the_others(tmp_path: Path) -> None:
-    ours = RuncExecutor("runc", tmp_path / "a" / "runc", TASK_UID)
-    theirs = RuncExecutor("runc", tmp_path / "b" / "runc", TASK_UID)
+    ours = RuncExecutor(runc_binary="runc", state_root=tmp_path / "a" / "runc", task_uid=TASK_UID)
+    theirs = RuncExecutor(runc_binary="runc", state_root=tmp_path / "b" / "runc", task_uid=TASK_UID)
     doomed = [await ours.start(make_spec(tmp_path / "a", "sleep", "300")) for _ in range(2)]
     survivor = await theirs.start(make_spec(tmp_path / "b", "sleep", "300"))
     try:

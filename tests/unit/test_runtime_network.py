@@ -108,7 +108,8 @@ def outside() -> Iterator[Outside]:
 
 @pytest.fixture
 async def network(tmp_path: Path) -> AsyncIterator[net.TaskNetwork]:
-    task_network = net.TaskNetwork(f"unit-{uuid.uuid4().hex[:8]}", "auto", tmp_path / "network")
+    task_network = net.TaskNetwork(node_name=f"unit-{uuid.uuid4().hex[:8]}", task_subnet="auto",
+                                   state_dir=tmp_path / "network")
     await task_network.reset()
     yield task_network
     await task_network.remove_all()
@@ -116,7 +117,8 @@ async def network(tmp_path: Path) -> AsyncIterator[net.TaskNetwork]:
 
 @pytest.fixture
 def executor(tmp_path: Path, network: net.TaskNetwork) -> RuncExecutor:
-    return RuncExecutor("runc", tmp_path / "runc", TASK_UID, network=network)
+    return RuncExecutor(runc_binary="runc", state_root=tmp_path / "runc", task_uid=TASK_UID,
+                        network=network)
 
 
 async def probe(executor: RuncExecutor, data_dir: Path, mode: str, *targets: str
@@ -145,8 +147,9 @@ def host_address() -> str:
 
 
 def test_names_fit_linux_limits_and_differ_per_node() -> None:
-    a = net.TaskNetwork("a node/{x}", "auto", Path("/nonexistent"))
-    b = net.TaskNetwork("b-node.example.com", "auto", Path("/nonexistent"))
+    a = net.TaskNetwork(node_name="a node/{x}", task_subnet="auto", state_dir=Path("/nonexistent"))
+    b = net.TaskNetwork(node_name="b-node.example.com", task_subnet="auto",
+                        state_dir=Path("/nonexistent"))
     assert len(a.bridge) <= 15 and len(a.veth_prefix + "65532") <= 15
     assert a.bridge != b.bridge and a.table != b.table and a.netns_prefix != b.netns_prefix
     assert a.table.startswith("filch-a_node__x__")  # sanitised, with a hash
@@ -187,7 +190,7 @@ def test_task_resolv_conf_is_replaced_only_when_it_changes(
     """Every housekeeping round refreshes it; a needless rename raced with runc's bind
     mount of it (ENOENT at container start under load)."""
     monkeypatch.setattr(resolv, "upstream_resolvers", lambda: (["192.0.2.53"], []))
-    generated = resolv.TaskResolvConf(tmp_path / "net" / "resolv.conf")
+    generated = resolv.TaskResolvConf(path=tmp_path / "net" / "resolv.conf")
     path = generated.refresh()
     assert path is not None
     inode = path.stat().st_ino
@@ -202,7 +205,8 @@ def test_task_resolv_conf_is_replaced_only_when_it_changes(
 
 
 async def test_none_reaches_only_its_own_loopback(tmp_path: Path) -> None:
-    executor = RuncExecutor("runc", tmp_path / "runc", TASK_UID, network=None)
+    executor = RuncExecutor(runc_binary="runc", state_root=tmp_path / "runc", task_uid=TASK_UID,
+                            network=None)
     server, address = await serve_on_loopback()
     async with server:
         result = await probe(executor, tmp_path, "none", address, f"{host_address()}:22",
@@ -254,7 +258,8 @@ async def test_isolated_cannot_reach_link_local_metadata(
         metadata_server: str) -> None:
     await network.set_cluster_addresses([])
     target = metadata_server
-    host = RuncExecutor("runc", tmp_path / "runc-host", TASK_UID, network=None)
+    host = RuncExecutor(runc_binary="runc", state_root=tmp_path / "runc-host", task_uid=TASK_UID,
+                        network=None)
     deadline = time.monotonic() + 10
     while await probe(host, tmp_path, "host", target) != {target: "open"}:
         assert time.monotonic() < deadline, "the stand-in metadata server did not start"
@@ -265,7 +270,8 @@ async def test_isolated_cannot_reach_link_local_metadata(
 
 
 async def test_host_mode_shares_the_host_network(tmp_path: Path) -> None:
-    executor = RuncExecutor("runc", tmp_path / "runc", TASK_UID, network=None)
+    executor = RuncExecutor(runc_binary="runc", state_root=tmp_path / "runc", task_uid=TASK_UID,
+                            network=None)
     server, address = await serve_on_loopback()
     async with server:
         assert await probe(executor, tmp_path, "host", address) == {address: "open"}
@@ -338,12 +344,12 @@ async def test_isolated_refused_until_the_cluster_addresses_are_known(
 
 async def test_reset_removes_everything_an_earlier_run_left(tmp_path: Path) -> None:
     name = f"unit-{uuid.uuid4().hex[:8]}"
-    earlier = net.TaskNetwork(name, "auto", tmp_path / "a")
+    earlier = net.TaskNetwork(node_name=name, task_subnet="auto", state_dir=tmp_path / "a")
     await earlier.reset()
     await earlier.set_cluster_addresses([])
     leases = [await earlier.attach() for _ in range(3)]
     # A crash: nothing released. The next run of the same node name cleans up.
-    later = net.TaskNetwork(name, "auto", tmp_path / "b")
+    later = net.TaskNetwork(node_name=name, task_subnet="auto", state_dir=tmp_path / "b")
     await later.reset()
     try:
         for lease in leases:
@@ -360,9 +366,11 @@ async def test_a_node_that_cannot_build_networks_refuses_isolated_tasks_only(
     # No ip or nft on the PATH: what a host without iproute2/nftables (or a container
     # without CAP_NET_ADMIN) gets. The agent still starts; isolated attempts fail closed.
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    broken = net.TaskNetwork(f"unit-{uuid.uuid4().hex[:8]}", "auto", tmp_path / "network")
-    executor = RuncExecutor(shutil.which("runc", path="/usr/sbin:/usr/bin:/sbin:/bin") or "runc",
-                            tmp_path / "runc", TASK_UID, network=broken)
+    broken = net.TaskNetwork(node_name=f"unit-{uuid.uuid4().hex[:8]}", task_subnet="auto",
+                             state_dir=tmp_path / "network")
+    runc = shutil.which("runc", path="/usr/sbin:/usr/bin:/sbin:/bin") or "runc"
+    executor = RuncExecutor(runc_binary=runc,
+                            state_root=tmp_path / "runc", task_uid=TASK_UID, network=broken)
     assert await executor.reap_stale() == 0
     await broken.set_cluster_addresses(["192.0.2.1"])   # a no-op, not an error
     monkeypatch.setenv("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
@@ -427,15 +435,18 @@ async def test_attach_refuses_without_a_verified_firewall_until_it_is_back(
 async def test_task_deny_drops_a_range_and_task_allow_opens_one_but_never_a_node(
         tmp_path: Path, outside: Outside) -> None:
     target = "198.18.77.2:8000"
-    denied = net.TaskNetwork(f"unit-{uuid.uuid4().hex[:8]}", "auto", tmp_path / "denied",
+    denied = net.TaskNetwork(node_name=f"unit-{uuid.uuid4().hex[:8]}", task_subnet="auto",
+                             state_dir=tmp_path / "denied",
                              task_deny="198.18.77.0/24")
-    allowed = net.TaskNetwork(f"unit-{uuid.uuid4().hex[:8]}", "auto", tmp_path / "allowed",
+    allowed = net.TaskNetwork(node_name=f"unit-{uuid.uuid4().hex[:8]}", task_subnet="auto",
+                              state_dir=tmp_path / "allowed",
                               task_deny="198.18.0.0/15", task_allow="198.18.77.2/32")
     for task_network, expected in ((denied, "TimeoutError"), (allowed, "open")):
         await task_network.reset()
         try:
             await task_network.set_cluster_addresses([])
-            executor = RuncExecutor("runc", tmp_path / "runc", TASK_UID, network=task_network)
+            executor = RuncExecutor(runc_binary="runc", state_root=tmp_path / "runc",
+                                    task_uid=TASK_UID, network=task_network)
             assert await probe(executor, tmp_path, "isolated", target) == {target: expected}
             if task_network is allowed:
                 # A node's address stays out of reach whatever --task-allow says.
@@ -449,7 +460,8 @@ async def test_task_deny_drops_a_range_and_task_allow_opens_one_but_never_a_node
 @pytest.mark.parametrize("value", ["10.0.0.0/33", "10.0.0.1/8", "example.com/24"])
 def test_bad_task_deny_names_the_field(value: str) -> None:
     with pytest.raises(InvalidArgument, match="task_deny"):
-        net.TaskNetwork("n", "auto", Path("/nonexistent"), task_deny=f"192.0.2.0/24,{value}")
+        net.TaskNetwork(node_name="n", task_subnet="auto", state_dir=Path("/nonexistent"),
+                        task_deny=f"192.0.2.0/24,{value}")
 
 
 @pytest.fixture
@@ -481,7 +493,8 @@ async def test_isolated_cannot_reach_cloud_metadata_but_their_dns(
         metadata_servers: list[str]) -> None:
     await network.set_cluster_addresses([])
     targets = [f"{address}:{port}" for address in metadata_servers for port in (8000, 53)]
-    host = RuncExecutor("runc", tmp_path / "runc-host", TASK_UID, network=None)
+    host = RuncExecutor(runc_binary="runc", state_root=tmp_path / "runc-host", task_uid=TASK_UID,
+                        network=None)
     deadline = time.monotonic() + 10
     while set((await probe(host, tmp_path, "host", *targets)).values()) != {"open"}:
         assert time.monotonic() < deadline, "the stand-in metadata servers did not start"
@@ -499,7 +512,8 @@ async def test_forwarding_filch_turned_on_is_confined_to_task_bridges(
         # Forwarding on already (another program's): left alone. Off: filch turns it on
         # and confines it; after a restart (on now, filch's marker there) still confined.
         sysctl.write_text(before)
-        task_network = net.TaskNetwork(name, "auto", tmp_path / "state")
+        task_network = net.TaskNetwork(node_name=name, task_subnet="auto",
+                                       state_dir=tmp_path / "state")
         await task_network.reset()
         try:
             assert sysctl.read_text().strip() == "1"

@@ -43,7 +43,7 @@ def data_dir() -> Iterator[Path]:
 
 @pytest.fixture
 def executor() -> ProcessExecutor:
-    return ProcessExecutor(TASK_UID)
+    return ProcessExecutor(task_uid=TASK_UID)
 
 
 async def settles(check: Callable[[], bool], seconds: float = 5.0) -> bool:
@@ -74,7 +74,7 @@ def _stats() -> Iterator[list[str]]:
 
 def test_warns_that_it_does_not_isolate(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="node.runtime.process"):
-        ProcessExecutor(TASK_UID)
+        ProcessExecutor(task_uid=TASK_UID)
     assert any("NOT isolated" in record.getMessage() for record in caplog.records)
 
 

@@ -34,7 +34,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def executor(data_dir: Path) -> RuncExecutor:
-    return RuncExecutor("runc", data_dir / "runc", TASK_UID)
+    return RuncExecutor(runc_binary="runc", state_root=data_dir / "runc", task_uid=TASK_UID)
 
 
 def runc_states(state_root: Path) -> dict[str, str]:
@@ -276,7 +276,7 @@ async def test_cancelling_wait_does_not_stop_the_attempt(
 
 async def test_reap_stale_kills_abandoned_containers(data_dir: Path) -> None:
     state_root = data_dir / "runc"
-    abandoned = RuncExecutor("runc", state_root, TASK_UID)
+    abandoned = RuncExecutor(runc_binary="runc", state_root=state_root, task_uid=TASK_UID)
     spec = make_spec(data_dir, "sleep", "60")
     attempt = await abandoned.start(spec)
     for _ in range(100):
@@ -284,7 +284,7 @@ async def test_reap_stale_kills_abandoned_containers(data_dir: Path) -> None:
             break
         await asyncio.sleep(0.05)
 
-    restarted = RuncExecutor("runc", state_root, TASK_UID)
+    restarted = RuncExecutor(runc_binary="runc", state_root=state_root, task_uid=TASK_UID)
     assert await restarted.reap_stale() == 1
     assert runc_ids(state_root) == []
     assert not spec.attempt_dir.exists()
@@ -301,11 +301,13 @@ async def test_reap_stale_survives_a_container_half_deleted(data_dir: Path) -> N
     agent that died at start with a JSONDecodeError."""
     state_root = data_dir / "runc"
     (state_root / "half-deleted").mkdir(parents=True)
-    assert await RuncExecutor("runc", state_root, TASK_UID).reap_stale() == 0
+    assert await RuncExecutor(runc_binary="runc", state_root=state_root,
+                              task_uid=TASK_UID).reap_stale() == 0
 
 
 async def test_reap_stale_with_no_state_dir_yet(data_dir: Path) -> None:
-    assert await RuncExecutor("runc", data_dir / "never-used", TASK_UID).reap_stale() == 0
+    assert await RuncExecutor(runc_binary="runc", state_root=data_dir / "never-used",
+                              task_uid=TASK_UID).reap_stale() == 0
 
 
 async def test_missing_command_is_an_executor_error(executor: RuncExecutor, data_dir: Path) -> None:
@@ -355,4 +357,4 @@ async def test_bad_container_id_and_relative_workdir_are_refused(
 
 def test_missing_runc_binary_is_an_executor_error(tmp_path: Path) -> None:
     with pytest.raises(ExecutorError, match="not found"):
-        RuncExecutor("/nonexistent/runc", tmp_path, TASK_UID)
+        RuncExecutor(runc_binary="/nonexistent/runc", state_root=tmp_path, task_uid=TASK_UID)

@@ -43,7 +43,7 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def executor(data_dir: Path) -> RuncExecutor:
-    return RuncExecutor("runc", data_dir / "runc", TASK_UID)
+    return RuncExecutor(runc_binary="runc", state_root=data_dir / "runc", task_uid=TASK_UID)
 
 
 async def run_script(executor: RuncExecutor, data_dir: Path, script: str) -> list[str]:

@@ -10,6 +10,7 @@ import pytest
 
 from node import keys, lifecycle, validation
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.conditions import DependencyCheck
 from node.errors import Conflict, InvalidArgument, Overloaded, TaskNotFound
 from node.service import TaskService
 from node.store import Store
@@ -26,7 +27,7 @@ NODE_ID = "6f1c2a9e-0d4b-4c1e-9a53-2b8f0e6d7c11"
 
 @pytest.fixture
 def service(store: Store) -> TaskService:
-    return TaskService(store)
+    return TaskService(store=store, check=DependencyCheck(store=store))
 
 
 def spec(**fields: Any) -> pb.TaskSpec:
@@ -429,7 +430,7 @@ async def test_an_array_submit_creates_every_task_once_and_lists_and_cancels_the
 
 
 async def test_an_array_past_the_pending_limit_is_refused_whole(store: Store) -> None:
-    service = TaskService(store, max_pending=5)
+    service = TaskService(store=store, check=DependencyCheck(store=store), max_pending=5)
     with pytest.raises(Overloaded):
         await service.submit_array(spec(), pb.ArraySpec(start=0, end=5), "too-many")
     assert await store.list_ids(b"/") == []

@@ -223,7 +223,7 @@ async def _queue_spec(store: Store, **spec: Any) -> str:
 
 async def _capable_node(store: Store, **values: str) -> tuple[Stealer, NodeState, Launched]:
     config = Config(name="a", cpus=4, memory=8 << 30, default_disk=16 << 20)
-    node_capabilities = Capabilities({capabilities.EXECUTOR: "runc", **values})
+    node_capabilities = Capabilities(initial={capabilities.EXECUTOR: "runc", **values})
     state = NodeState.for_config(config, capabilities=node_capabilities,
                                  disk_capacity=100 << 20)
     state.registration = Registration(keys.new_node_id(), await store.grant_lease(60))

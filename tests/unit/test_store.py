@@ -496,7 +496,7 @@ async def test_watch_from_before_a_compaction_raises_compacted(store: Store, etc
 
 @pytest.fixture
 async def closed_store() -> AsyncIterator[Store]:
-    opened = Store(f"http://127.0.0.1:{free_port()}", timeout=0.5)
+    opened = Store(endpoint=f"http://127.0.0.1:{free_port()}", timeout=0.5)
     try:
         yield opened
     finally:
@@ -534,14 +534,14 @@ def test_scheme_and_client_certificates_go_together(scheme: str, tmp_path: Path)
     certs.ensure(tmp_path, [certs.NodeRequest("n", ("127.0.0.1",))])
     tls = EtcdTLS(str(tmp_path / "ca.crt"), str(tmp_path / "n.crt"), str(tmp_path / "n.key"))
     with pytest.raises(InvalidArgument, match="etcd_endpoint"):
-        Store(f"{scheme}://127.0.0.1:2379", tls=tls if scheme == "http" else None)
+        Store(endpoint=f"{scheme}://127.0.0.1:2379", tls=tls if scheme == "http" else None)
 
 
 def test_an_unreadable_certificate_file_is_named(tmp_path: Path) -> None:
     certs.ensure(tmp_path, [certs.NodeRequest("n", ("127.0.0.1",))])
     tls = EtcdTLS(str(tmp_path / "ca.crt"), str(tmp_path / "n.crt"), str(tmp_path / "gone.key"))
     with pytest.raises(InvalidArgument, match=r"^etcd_tls_key: cannot read .*gone\.key"):
-        Store("https://127.0.0.1:2379", tls=tls)
+        Store(endpoint="https://127.0.0.1:2379", tls=tls)
 
 
 def test_a_key_others_can_read_is_warned_about(tmp_path: Path,

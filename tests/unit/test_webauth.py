@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from node.webauth import Gate, Refused, default_hosts, host_name, is_loopback
+from node.errors import Refused
+from node.webauth import Gate, default_hosts, host_name, is_loopback
 
 
 class FakeSessions:
