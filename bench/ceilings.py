@@ -1,11 +1,11 @@
 """The ceilings of this machine that bound filch's throughput (design.md, "The cost model").
 
-- etcd: transactions/s that filch's own client (node.store.Store) gets from a 3-member
+- etcd: transactions/s that filch's own client (node.etcd.store.Store) gets from a 3-member
   etcd cluster on loopback, started here with exactly the flags a filch node gives its
   member. The transaction is filch's submit (compare version, put record + queued key),
   at 1 and 64 in flight from one client process, and 64 in flight from each of 3 client
   processes (one per member, as a 3-node filch cluster talks to etcd).
-- runc: `runc run` of /bin/true in a bundle exactly like node/runtime/bundle.py writes
+- runc: `runc run` of /bin/true in a bundle exactly like node/running/runtime/bundle.py writes
   (read-only root, host /usr /bin /lib* /etc bound read-only, the same cgroup limits and
   seccomp profile), containers/s sequentially and 2, 4, 8 and 16 at a time. Bundles are written
   before the clock starts: this is runc alone.
@@ -49,8 +49,8 @@ class EtcdCluster:
     """Three etcd members on 127.0.X.1-3, launched with filch's own member flags."""
 
     def __init__(self, root: Path, size: int = 3) -> None:
-        from node.config import Config
-        from node.etcd_member import EtcdMember
+        from node.core.config import Config
+        from node.operations.etcd_member import EtcdMember
         from tests.e2e.cluster import _free_subnet
         subnet = _free_subnet()
         names = [f"ceiling-{index + 1}" for index in range(size)]
@@ -93,9 +93,9 @@ def _healthy(endpoint: str) -> bool:
 
 async def _load(endpoint: str, concurrency: int, seconds: float, start_at: float) -> dict[str, Any]:
     """filch submit transactions against one endpoint for `seconds`; count the commits."""
-    from node import keys
     from node._gen.filch.v1 import filch_pb2 as pb
-    from node.store import Store
+    from node.core import keys
+    from node.etcd.store import Store
     store = Store(endpoint=endpoint)
     spec = pb.TaskSpec(command="true", cpu_millis=100, memory_bytes=128 * 2**20, restart=True)
     try:
@@ -177,9 +177,9 @@ def etcd_ceiling(root: Path, mode: str, repeats: int) -> dict[str, Any]:
 
 def _write_bundles(root: Path, count: int, prefix: str) -> list[tuple[str, Path]]:
     """count bundles for /bin/true exactly as the runc executor writes them."""
-    from node.runtime.base import AttemptSpec
-    from node.runtime.bundle import NOFILE_HARD, HostLayout, build_config, write_bundle
-    from node.runtime.cgroups import has_swap_accounting
+    from node.running.runtime.base import AttemptSpec
+    from node.running.runtime.bundle import NOFILE_HARD, HostLayout, build_config, write_bundle
+    from node.running.runtime.cgroups import has_swap_accounting
     layout = HostLayout.probe()
     # As RuncExecutor: without CAP_SYS_RESOURCE runc cannot raise the limit above its own.
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

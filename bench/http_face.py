@@ -2,10 +2,10 @@
 of it, N requests of each kind, p50/p99 in milliseconds; and the same requests with the WSGI
 app called in-process (no gunicorn, no socket: the app's own overhead plus its gRPC call).
 
-    .venv/bin/python -m bench.http_face                   # node.http, N = 500
+    .venv/bin/python -m bench.http_face                   # node.faces.http, N = 500
     .venv/bin/python -m bench.http_face --requests 200
     # another implementation of the same face (README "Dependencies and why": the Falcon
-    # prototype was measured this way); it must take node.http.App's arguments:
+    # prototype was measured this way); it must take node.faces.http.App's arguments:
     .venv/bin/python -m bench.http_face \\
         --pythonpath /work/httpeval-scratch/lib:/work/httpeval-scratch \\
         --app falcon_face.app:app --factory falcon_face.app:App --env FILCH_FALCON_SERVE=1
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.util import latency_percentiles
-from node.tls import Security
+from node.core.tls import Security
 from tests.e2e.cluster import Cluster, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                                 os.environ.get("PYTHONPATH", "")]))
         log = Path(root) / "gunicorn.log"
         with log.open("wb") as output:
-            gunicorn = subprocess.Popen([GUNICORN, "-c", "node/gunicorn_conf.py", args.app,
+            gunicorn = subprocess.Popen([GUNICORN, "-c", "node/faces/gunicorn_conf.py", args.app,
                                          "--access-logfile", "/dev/null"],
                                         cwd=REPO, env=environment, stdout=output,
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -164,8 +164,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=500, help="samples per request kind")
-    parser.add_argument("--app", default="node.http:app", help="what gunicorn serves")
-    parser.add_argument("--factory", default="node.http:App",
+    parser.add_argument("--app", default="node.faces.http:app", help="what gunicorn serves")
+    parser.add_argument("--factory", default="node.faces.http:App",
                         help="called as factory(server, security=...) for the in-process run")
     parser.add_argument("--pythonpath", default="", help="prepended to sys.path and PYTHONPATH")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for gunicorn")

@@ -3,7 +3,7 @@ fairness, failover, a deep queue, many client-only nodes, and task arrays.
 
 Every cluster is a set of real `filch agent` processes with their own etcd members on
 127.0.X.Y; the benchmark talks to them over gRPC like any client, and reads etcd with
-filch's own client (node.store.Store) only to observe: counting finished tasks, reading
+filch's own client (node.etcd.store.Store) only to observe: counting finished tasks, reading
 task records after a run, and the etcd revision (how many write transactions a run cost).
 """
 
@@ -45,11 +45,11 @@ from bench.util import (
     stop_process,
     thread_cpu_seconds,
 )
-from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
-from node.runner import log_path
-from node.store import Store
+from node.core import keys
+from node.etcd.store import Store
+from node.running.runner import log_path
 from tests.e2e.cluster import Cluster, Node
 
 # Concurrent gRPC submits from the benchmark's thread pool ("as fast as the client can").
@@ -211,7 +211,7 @@ def _alive(pid: int) -> bool:
 
 
 def _watchdogs_of(pid: int) -> list[int]:
-    """The agent's watchdog process(es): its children running node.watchdog."""
+    """The agent's watchdog process(es): its children running node.running.watchdog."""
     found: list[int] = []
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
@@ -219,7 +219,7 @@ def _watchdogs_of(pid: int) -> list[int]:
         return found
     for child in children:
         try:
-            if b"node.watchdog" in Path(f"/proc/{child}/cmdline").read_bytes():
+            if b"node.running.watchdog" in Path(f"/proc/{child}/cmdline").read_bytes():
                 found.append(int(child))
         except OSError:
             continue

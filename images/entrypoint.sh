@@ -174,7 +174,7 @@ if [[ $cap_sys_admin == 1 ]]; then  # runc, and the process executor's task cgro
   fi
 fi
 # Fail closed: no weaker executor is picked here (the agent checks the same rule again:
-# node/isolation.py). The process executor gives each task a cgroup where it can write one.
+# node/running/isolation.py). The process executor gives each task a cgroup where it can write one.
 if [[ -f /sys/fs/cgroup/cgroup.controllers ]]; then cgroups=/sys/fs/cgroup
 else cgroups=/sys/fs/cgroup/memory; fi
 allowed=false
@@ -202,7 +202,7 @@ fi
 
 # -- the HTTP face ----------------------------------------------------------------------------
 node_dir=$(echo /opt/filch/lib/python3*/site-packages/node)
-export FILCH_GUNICORN_CONF=$node_dir/gunicorn_conf.py
+export FILCH_GUNICORN_CONF=$node_dir/faces/gunicorn_conf.py
 # gunicorn runs as filch-http (group filch) and cannot read the operator's files, which
 # `filch certs` makes 0600 root: it gets copies of the token and the node's key, mode 0640
 # root:filch, in /run/filch (also right when the originals are on a read-only mount).
@@ -210,7 +210,7 @@ export FILCH_GUNICORN_CONF=$node_dir/gunicorn_conf.py
 # etcd trusts only the etcd CA, so what gunicorn can read gets no access to etcd.
 # Without a token it listens on the container's loopback only: nothing binds beyond
 # loopback without one (gunicorn_conf.py refuses, and the container would stop).
-if [[ -f $node_dir/http.py && -f $FILCH_GUNICORN_CONF ]]; then
+if [[ -f $node_dir/faces/http.py && -f $FILCH_GUNICORN_CONF ]]; then
   export FILCH_HTTP_AUTOSTART=${FILCH_HTTP_AUTOSTART:-true}
   install -d -o filch-http -g filch-http -m 0700 /run/filch-http
   install -d -o root -g filch -m 0750 /run/filch
@@ -233,7 +233,7 @@ if [[ -f $node_dir/http.py && -f $FILCH_GUNICORN_CONF ]]; then
   fi
 else
   export FILCH_HTTP_AUTOSTART=false
-  say "this filch has no node/http.py or node/gunicorn_conf.py: the HTTP face (:8080) is off"
+  say "this filch has no node/faces/http.py or node/faces/gunicorn_conf.py: the HTTP face (:8080) is off"
 fi
 
 say "node $FILCH_NAME: API $FILCH_LISTEN (advertised ${FILCH_ADVERTISE:-$FILCH_LISTEN})," \

@@ -26,32 +26,35 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from node import capabilities, disk, failpoints, limits, metrics, rejoin
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.api import SchedulerServicer, add_to_server
-from node.capabilities import Capabilities
-from node.conditions import DependencyCheck
-from node.config import Config
-from node.dependencies import Resolver
-from node.errors import ExecutorError, FilchError, InvalidArgument
-from node.etcd_client import EtcdTLS
-from node.etcd_member import EtcdMember
-from node.housekeeping import Housekeeping, cluster_addresses
-from node.logs import LogService
-from node.membership import Membership
-from node.node_state import NodeState
-from node.recovery import Recovery
-from node.runner import Runner
-from node.runtime import scratch
-from node.runtime.base import Executor
-from node.runtime.cgroups import ProcessCgroups
-from node.runtime.network import TaskNetwork
-from node.service import TaskService
-from node.sessions import SessionService
-from node.stealer import Stealer
-from node.store import Store
-from node.tls import Security, TokenInterceptor
-from node.watchdog import Watchdog
+from node.core import capabilities, limits, metrics
+from node.core.capabilities import Capabilities
+from node.core.config import Config
+from node.core.errors import ExecutorError, FilchError, InvalidArgument
+from node.core.tls import Security, TokenInterceptor
+from node.etcd import failpoints
+from node.etcd.etcd_client import EtcdTLS
+from node.etcd.store import Store
+from node.faces.api import SchedulerServicer, add_to_server
+from node.faces.logs import LogService
+from node.faces.service import TaskService
+from node.faces.sessions import SessionService
+from node.operations import rejoin
+from node.operations.etcd_member import EtcdMember
+from node.operations.housekeeping import Housekeeping, cluster_addresses
+from node.running import disk
+from node.running.membership import Membership
+from node.running.recovery import Recovery
+from node.running.runner import Runner
+from node.running.runtime import scratch
+from node.running.runtime.base import Executor
+from node.running.runtime.cgroups import ProcessCgroups
+from node.running.runtime.network import TaskNetwork
+from node.running.watchdog import Watchdog
+from node.scheduling.conditions import DependencyCheck
+from node.scheduling.dependencies import Resolver
+from node.scheduling.node_state import NodeState
+from node.scheduling.stealer import Stealer
 
 log = logging.getLogger("filch.agent")
 
@@ -78,15 +81,15 @@ def make_executor(config: Config, watchdog: Watchdog,
     """The executor the config asks for (runc isolates; process does not).
 
     Raises ExecutorError when the process executor cannot give each task a cgroup and
-    allow_unisolated_tasks is off (the CLI refused that already: node/isolation.py).
+    allow_unisolated_tasks is off (the CLI refused that already: node/running/isolation.py).
     """
     if config.executor == "runc":
-        from node.runtime.runc import RuncExecutor
+        from node.running.runtime.runc import RuncExecutor
         return RuncExecutor(runc_binary=config.runc_binary, state_root=runc_root(config),
                             task_uid=config.task_uid,
                             attempts_root=disk.attempts_root(config), network=network,
                             disk_reserve=disk_reserve)
-    from node.runtime.process import ProcessExecutor
+    from node.running.runtime.process import ProcessExecutor
     cgroups = process_cgroups(config)
     if not cgroups.usable():
         if not config.allow_unisolated_tasks:
@@ -327,7 +330,7 @@ async def fill_firewall(store: Store, network: TaskNetwork,
 
 
 def disk_plan(config: Config) -> disk.DiskPlan:
-    """node/disk.py's plan, said in the log. Raises InvalidArgument when the data dir's
+    """node/running/disk.py's plan, said in the log. Raises InvalidArgument when the data dir's
     file system cannot be read."""
     try:
         plan = disk.plan(config)
@@ -343,12 +346,12 @@ def disk_plan(config: Config) -> disk.DiskPlan:
 
 async def probe_capabilities(config: Config, executor: Executor, plan: disk.DiskPlan,
                              node_capabilities: Capabilities) -> None:
-    """Set what this node can enforce, probed once at start (node/capabilities.py); the
+    """Set what this node can enforce, probed once at start (node/core/capabilities.py); the
     task network's verified policy is set by fill_firewall. Raises InvalidArgument when
     the default /work size could never fit the disk capacity."""
     enforced = False
     if config.executor == "runc":
-        from node.runtime.runc import RuncExecutor
+        from node.running.runtime.runc import RuncExecutor
         assert isinstance(executor, RuncExecutor)
         root = disk.attempts_root(config)
         root.mkdir(parents=True, exist_ok=True)
@@ -371,7 +374,7 @@ async def probe_capabilities(config: Config, executor: Executor, plan: disk.Disk
 
 
 async def record_member(store: Store, config: Config) -> None:
-    """Write the member marker (node/rejoin.py) with the id the member reports itself."""
+    """Write the member marker (node/operations/rejoin.py) with the id the member reports itself."""
     status = await store.member_status()
     try:
         await asyncio.to_thread(rejoin.record_identity, config, status.member_id,
@@ -385,7 +388,7 @@ def main(config: Config, rejoin_via: str | None = None) -> int:
     """Entry point of `filch agent` (rejoin_via: see Agent)."""
     logging.basicConfig(level=os.environ.get("FILCH_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Test-only fault injection; unset in production (see node/failpoints.py).
+    # Test-only fault injection; unset in production (see node/etcd/failpoints.py).
     failpoints.configure(os.environ.get(failpoints.ENVIRONMENT_VARIABLE, ""))
     if sys.version_info < (3, 12):
         # Python 3.11 watches each child with a thread of its own; a pidfd in the event

@@ -1,5 +1,5 @@
 """The one public client of a filch node's gRPC API: sync, for scripts, the CLI and the
-HTTP face (whose gevent worker makes grpc cooperative: node/http_worker.py).
+HTTP face (whose gevent worker makes grpc cooperative: node/faces/http_worker.py).
 
     from node.client import Client, NotFound
 
@@ -8,7 +8,7 @@ HTTP face (whose gevent worker makes grpc cooperative: node/http_worker.py).
         done = filch.wait(task.id)
 
 Every failure is a ClientError (a subclass per common gRPC code), never a grpc.RpcError.
-The error classes live in node/errors.py (one tree under FilchError); the names are
+The error classes live in node/core/errors.py (one tree under FilchError); the names are
 re-exported here, where the README publishes them.
 """
 
@@ -27,10 +27,10 @@ from typing import Any, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from node import keys, states
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
-from node.errors import (
+from node.core import keys, states
+from node.core.errors import (
     ClientError,
     DeadlineExceeded,
     InvalidRequest,
@@ -38,10 +38,10 @@ from node.errors import (
     Unauthenticated,
     Unavailable,
 )
-from node.limits import CLIENT_MAX_RECEIVE_BYTES
-from node.states import is_finished
-from node.tls import Security
-from node.units import parse_cpu, parse_size
+from node.core.limits import CLIENT_MAX_RECEIVE_BYTES
+from node.core.states import is_finished
+from node.core.tls import Security
+from node.core.units import parse_cpu, parse_size
 
 DEFAULT_SERVER = "127.0.0.1:7070"
 # Per-RPC deadline: rides out an etcd leader election (~1 s) with room to spare, yet a hung
@@ -111,7 +111,7 @@ class Client:
                  token: str | None = None, token_file: str | Path | None = None,
                  timeout: float = DEFAULT_TIMEOUT) -> None:
         """ca: the cluster CA certificate file (TLS); token or token_file: the API bearer
-        token, which needs TLS. Raises node.errors.InvalidArgument for an unreadable file."""
+        token, which needs TLS. Raises node.core.errors.InvalidArgument for an unreadable file."""
         security = Security.load(str(ca or ""), token_file=str(token_file or ""),
                                  token=token or "")
         if security.token and not security.tls:
@@ -408,6 +408,6 @@ def _is_ready(channel: grpc.Channel) -> bool:
         channel.unsubscribe(callback)
 
 
-# The README publishes these names from node.client: importable here, defined in node/errors.py.
+# The README publishes these names from node.client: importable here, defined in node/core/errors.py.
 __all__ = ["DEFAULT_SERVER", "DEFAULT_TIMEOUT", "Client", "ClientError", "DeadlineExceeded",
            "InvalidRequest", "LogCall", "NotFound", "Unauthenticated", "Unavailable"]

@@ -73,10 +73,10 @@ stdout_logfile_maxbytes=50MB
 stdout_logfile_backups=2
 
 [program:http-$n]
-; The node's HTTP face (node/gunicorn_conf.py), talking to this node's agent over gRPC.
+; The node's HTTP face (node/faces/gunicorn_conf.py), talking to this node's agent over gRPC.
 ; No token here, so loopback addresses only (gunicorn_conf.py refuses any other without
 ; one), and no group-readable secrets to arrange: everything runs as the invoking user.
-command=$gunicorn -c $repo/node/gunicorn_conf.py node.http:app
+command=$gunicorn -c $repo/node/faces/gunicorn_conf.py node.faces.http:app
 directory=$repo
 environment=PYTHONUNBUFFERED="1",FILCH_SERVER="$h:7070",FILCH_HTTP_LISTEN="$h:8080"
 autostart=true

@@ -31,8 +31,8 @@ from node.cli.output import (
 from node.cli.owners import owner_group
 from node.cli.params import check_server
 from node.client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client
-from node.errors import ClientError, InvalidArgument
-from node.tls import Security
+from node.core.errors import ClientError, InvalidArgument
+from node.core.tls import Security
 
 
 def _usage_message(error: click.UsageError) -> str:

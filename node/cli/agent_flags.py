@@ -1,4 +1,4 @@
-"""`filch agent`: its options, declared once -- one per node.config.Config field, the help
+"""`filch agent`: its options, declared once -- one per node.core.config.Config field, the help
 from the field's metadata -- and the command that runs a node."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ from urllib.parse import urlsplit
 import click
 from click.core import ParameterSource
 
-from node import config as config_module
 from node.cli.output import EXIT_USAGE, CommandError, one_line
 from node.cli.params import SizeParam
-from node.errors import InvalidArgument
-from node.units import format_size
+from node.core import config as config_module
+from node.core.errors import InvalidArgument
+from node.core.units import format_size
 
 # Config fields whose option is not spelled --field-name.
 _OPTION_NAMES = {"config_file": "--config"}
@@ -148,8 +148,8 @@ def agent_command(ctx: click.Context, /, rejoin: bool, rejoin_via: str,
     except InvalidArgument as error:
         raise CommandError(str(error), EXIT_USAGE) from None
     # Before anything starts or is written: a node that cannot isolate tasks as asked
-    # refuses here, in one line (node/isolation.py).
-    from node import isolation
+    # refuses here, in one line (node/running/isolation.py).
+    from node.running import isolation
     host = isolation.Host.probe(config)
     refused = isolation.refusal(config, host)
     if refused is not None:
@@ -168,8 +168,9 @@ def agent_command(ctx: click.Context, /, rejoin: bool, rejoin_via: str,
                                "--etcd-endpoint has none")
     # Imported only now: it pulls in etcd and the runtimes, which the client commands
     # never need, and a bad flag is reported before any of that loads.
-    from node import agent, failpoints
-    from node.errors import MemberDataLost, RejoinFailed
+    from node import agent
+    from node.core.errors import MemberDataLost, RejoinFailed
+    from node.etcd import failpoints
 
     try:
         failpoints.parse(os.environ.get(failpoints.ENVIRONMENT_VARIABLE, ""))

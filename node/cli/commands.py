@@ -9,7 +9,6 @@ from typing import TypeVar
 
 import click
 
-from node import records, render, states
 from node._gen.filch.v1 import filch_pb2
 from node.cli.output import (
     EXIT_INTERRUPTED,
@@ -31,11 +30,13 @@ from node.cli.params import (
     split_retry_classes,
 )
 from node.client import Client
-from node.errors import ClientError, InvalidArgument
-from node.follow import follow
-from node.lifecycle import RETRY_CLASSES
-from node.states import is_finished
-from node.units import CPU_FORMS, DURATION_FORMS, SIZE_FORMS
+from node.core import states
+from node.core.errors import ClientError, InvalidArgument
+from node.core.lifecycle import RETRY_CLASSES
+from node.core.states import is_finished
+from node.core.units import CPU_FORMS, DURATION_FORMS, SIZE_FORMS
+from node.faces import records, render
+from node.faces.follow import follow
 
 # What a wait returns: a task, or an array's tasks.
 Waited = TypeVar("Waited")
@@ -331,7 +332,7 @@ def certs_command(directory: str, nodes: tuple[str, ...]) -> None:
     each node --tls-ca DIR/ca.crt --tls-cert DIR/NAME.crt --tls-key DIR/NAME.key
     --api-token-file DIR/token, and clients --ca DIR/ca.crt --token-file DIR/token.
     """
-    from node import certs
+    from node.operations import certs
     try:
         requests = [certs.NodeRequest.parse(text) for text in nodes]
         created = certs.ensure(Path(directory), requests)

@@ -12,10 +12,10 @@ from typing import Any, BinaryIO, TextIO
 import click
 import grpc
 
-from node import records, render
 from node._gen.filch.v1 import filch_pb2
-from node.errors import ClientError
-from node.states import is_finished
+from node.core.errors import ClientError
+from node.core.states import is_finished
+from node.faces import records, render
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

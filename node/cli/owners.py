@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from node import records, render
 from node.cli.output import output_option, print_json
 from node.client import Client
+from node.faces import records, render
 
 
 @click.group(name="owner")

@@ -7,11 +7,11 @@ from typing import Any
 
 import click
 
-from node.units import parse_cpu, parse_duration, parse_size
+from node.core.units import parse_cpu, parse_duration, parse_size
 
 
 class _UnitParam(click.ParamType[int]):
-    """A number with units, parsed by `parse` (node.units); an int passes through."""
+    """A number with units, parsed by `parse` (node.core.units); an int passes through."""
 
     parse: Callable[[str], int]
 

@@ -25,8 +25,8 @@ import grpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
-from node.runtime.scratch import mounted_under
-from node.tls import Security
+from node.core.tls import Security
+from node.running.runtime.scratch import mounted_under
 
 T = TypeVar("T")
 
@@ -55,7 +55,7 @@ FINISHED = (pb.TASK_STATE_COMPLETE, pb.TASK_STATE_CANCELED)
 
 
 def unmount_scratch(data_dir: Path) -> None:
-    """Unmount the /work file systems (node/runtime/scratch.py) a killed agent left in its
+    """Unmount the /work file systems (node/running/runtime/scratch.py) a killed agent left in its
     data dir: a restarted agent would, but a test's cluster is not restarted."""
     for point in mounted_under(data_dir):
         subprocess.run(["umount", "--lazy", str(point)], capture_output=True, check=False)

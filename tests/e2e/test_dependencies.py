@@ -11,8 +11,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.core import keys
 from tests.e2e.cluster import FILCH, Cluster, wait_for
 from tests.e2e.conftest import require_tools
 

@@ -21,8 +21,8 @@ import pytest
 
 import tests.e2e.cluster as cluster_module
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.runtime import scratch
-from node.runtime.logcap import Layout, marker
+from node.running.runtime import scratch
+from node.running.runtime.logcap import Layout, marker
 from tests.e2e.cluster import Cluster, wait_for
 from tests.e2e.conftest import require_tools
 
@@ -172,7 +172,7 @@ def test_a_full_data_dir_fails_the_attempt_not_the_agent(small_node: Cluster) ->
 # appears, which fails the agent's task group the way any unhandled exception would.
 CRASHING_AGENT = """\
 import asyncio, os, sys
-from node import recovery
+from node.running import recovery
 
 original = recovery.Recovery.run
 TRIGGER = os.environ["FILCH_TEST_CRASH_TRIGGER"]

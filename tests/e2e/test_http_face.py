@@ -1,4 +1,4 @@
-"""The HTTP face as an attacker meets it: real gunicorn (node/gunicorn_conf.py) in front of
+"""The HTTP face as an attacker meets it: real gunicorn (node/faces/gunicorn_conf.py) in front of
 each node of a 2-node cluster.
 
 - Sessions live on the server: a cookie works on the other node, sign-out ends it on both
@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.http_worker import REQUEST_READ_TIMEOUT
-from node.sessions import CHECK_CACHE_SECONDS
+from node.faces.http_worker import REQUEST_READ_TIMEOUT
+from node.faces.sessions import CHECK_CACHE_SECONDS
 from tests.e2e.cluster import Cluster, wait_for
 from tests.e2e.conftest import require_tools
 
@@ -104,7 +104,7 @@ def start_face(node_address: str, directory: Path, *, listen: str, token: bool =
         token_file.write_text(TOKEN + "\n")
         environment["FILCH_TOKEN_FILE"] = str(token_file)
     with log.open("wb") as output:
-        process = subprocess.Popen([GUNICORN, "-c", "node/gunicorn_conf.py", "node.http:app"],
+        process = subprocess.Popen([GUNICORN, "-c", "node/faces/gunicorn_conf.py", "node.faces.http:app"],
                                    cwd=REPO, env=environment, stdout=output,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     host, _, port = listen.rpartition(":")

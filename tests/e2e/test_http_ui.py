@@ -1,4 +1,4 @@
-"""The web UI in a real browser: gunicorn serving node.http in front of a 3-node cluster.
+"""The web UI in a real browser: gunicorn serving node.faces.http in front of a 3-node cluster.
 
 Headless Chromium (Debian `chromium` and `chromium-driver`) driven by selenium. The node has
 an API token, so the browser first signs in with it (the form at /login, which sets an
@@ -73,7 +73,7 @@ def _get(url: str, token: str = "") -> tuple[int, Any]:
 
 @pytest.fixture(scope="module")
 def http_url(three_nodes: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real gunicorn with node/gunicorn_conf.py, in front of the first node."""
+    """A real gunicorn with node/faces/gunicorn_conf.py, in front of the first node."""
     _require_browser()
     node = three_nodes.nodes[0]
     listen = f"127.0.0.1:{_free_port('127.0.0.1')}"
@@ -86,7 +86,7 @@ def http_url(three_nodes: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
                FILCH_TOKEN_FILE=str(token_file))
     with log_path.open("wb") as log:
         server = subprocess.Popen(
-            [GUNICORN, "-c", "node/gunicorn_conf.py", "node.http:app"], cwd=REPO, env=env,
+            [GUNICORN, "-c", "node/faces/gunicorn_conf.py", "node.faces.http:app"], cwd=REPO, env=env,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://{listen}"
     last: list[object] = []

@@ -327,7 +327,7 @@ def test_gunicorn_runs_unprivileged_and_the_agent_as_root(cluster: ImageCluster)
     assert agents == ["0"] and etcds == ["0"], processes
     gunicorns = [uid for uid, cmd in processes if "gunicorn" in cmd]
     if not has_http(cluster.containers[0]):
-        pytest.skip("the built filch has no node/http.py: no gunicorn to check")
+        pytest.skip("the built filch has no node/faces/http.py: no gunicorn to check")
     assert gunicorns and "0" not in gunicorns, processes
 
 
@@ -339,7 +339,7 @@ def test_healthcheck_passes(cluster: ImageCluster) -> None:
 
 
 def has_http(container: Container) -> bool:
-    probe = container.exec("sh", "-c", "test -f /opt/filch/lib/python3*/site-packages/node/http.py")
+    probe = container.exec("sh", "-c", "test -f /opt/filch/lib/python3*/site-packages/node/faces/http.py")
     return probe.returncode == 0
 
 
@@ -362,7 +362,7 @@ def http_get(container: Container, path: str) -> tuple[int, str]:
 
 def test_http_healthz_answers_on_loopback_only(cluster: ImageCluster) -> None:
     if not has_http(cluster.containers[0]):
-        pytest.skip("the built filch has no node/http.py yet: /healthz on :8080 not checked")
+        pytest.skip("the built filch has no node/faces/http.py yet: /healthz on :8080 not checked")
     for container in cluster.containers:
         status = cluster.wait_for(f"/healthz on {container.name}",
                                   lambda c=container: http_get(c, "/healthz")[0] or None,
@@ -374,13 +374,13 @@ def test_http_healthz_answers_on_loopback_only(cluster: ImageCluster) -> None:
 
 
 def test_web_ui_is_served(cluster: ImageCluster) -> None:
-    """node/web/ must be in the wheel (package data), not only in the source tree."""
+    """node/faces/web/ must be in the wheel (package data), not only in the source tree."""
     if not has_http(cluster.containers[0]):
-        pytest.skip("the built filch has no node/http.py yet: the web UI not checked")
+        pytest.skip("the built filch has no node/faces/http.py yet: the web UI not checked")
     for page in ("/", "/login"):
         status, body = http_get(cluster.containers[0], page)
         assert status == 200 and "<html" in body.lower(), (
-            f"GET {page} answered {status}: {body[:200]!r}; the wheel lacks node/web/ "
+            f"GET {page} answered {status}: {body[:200]!r}; the wheel lacks node/faces/web/ "
             "(pyproject.toml needs [tool.setuptools.package-data] node = [\"web/*\"])")
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-from node import limits
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.core import limits
 from tests.e2e.cluster import Cluster
 
 TASKS = 20

@@ -1,7 +1,7 @@
 """The Grafana dashboards and Prometheus rules in deploy/, against what filch really exports.
 
 promtool checks the rules, the scrape config and the rules' unit tests; every panel is
-well-formed and every metric a dashboard or rule names is one node/metrics.py defines.
+well-formed and every metric a dashboard or rule names is one node/core/metrics.py defines.
 Then a real Prometheus scrapes a real 3-node cluster running real tasks, with the repo's
 rules loaded: every dashboard expression must return data and every rule must evaluate
 without error. A real Prometheus also parses the rule files for the static checks (the
@@ -28,8 +28,8 @@ import grpc
 import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
-from node import metrics
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.core import metrics
 from tests.e2e.cluster import Cluster, wait_for
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Race windows held open with failpoints (node/failpoints.py), on real runc and etcd.
+"""Race windows held open with failpoints (node/etcd/failpoints.py), on real runc and etcd.
 
 Each test widens one window that is microseconds wide in production, so it is hit every
 run: a cancel while the container starts, and a steal whose commit landed but whose

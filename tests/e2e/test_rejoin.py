@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.rejoin import MARKER_NAME
+from node.operations.rejoin import MARKER_NAME
 from tests.e2e.cluster import FILCH, Cluster, Node, wait_for
 from tests.e2e.conftest import require_tools
 

@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.runtime import network as net
+from node.running.runtime import network as net
 from tests.e2e.cluster import Cluster, wait_for
 from tests.e2e.conftest import require_tools
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from node import records
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.faces import records
 from tests.e2e.cluster import Cluster, wait_for
 from tests.e2e.conftest import require_tools
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.runtime import network as net
+from node.running.runtime import network as net
 from tests.e2e.cluster import wait_for
 from tests.e2e.conftest import require_tools
 from tests.e2e.faults.netcluster import NetCluster, unavailable_reason

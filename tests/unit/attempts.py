@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from node.runtime.base import AttemptSpec, Executor, ExitStatus
+from node.running.runtime.base import AttemptSpec, Executor, ExitStatus
 
 TASK_UID = 65534
 

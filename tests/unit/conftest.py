@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from node.store import Store
+from node.etcd.store import Store
 from tests.unit.etcd_fixture import etcdctl, start_etcd
 
 

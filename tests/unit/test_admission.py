@@ -8,15 +8,15 @@ from typing import cast
 
 import pytest
 
-from node import config, keys, limits, validation
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.admission import ByteBudget, PendingLimit
-from node.arrays import footprint
-from node.conditions import MET, DependencyCheck, Prepared
-from node.errors import InvalidArgument, Overloaded
-from node.service import TaskService
-from node.store import MemberStatus, Store
-from node.txn import Move, written_bytes
+from node.core import config, keys, limits, validation
+from node.core.errors import InvalidArgument, Overloaded
+from node.etcd.store import MemberStatus, Store
+from node.etcd.txn import Move, written_bytes
+from node.faces.service import TaskService
+from node.scheduling.admission import ByteBudget, PendingLimit
+from node.scheduling.arrays import footprint
+from node.scheduling.conditions import MET, DependencyCheck, Prepared
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

@@ -12,8 +12,8 @@ import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
-from node.api import SchedulerServicer, add_to_server
-from node.errors import Overloaded, OwnerUnavailable, StoreFull, StoreUnavailable, TaskNotFound
+from node.core.errors import Overloaded, OwnerUnavailable, StoreFull, StoreUnavailable, TaskNotFound
+from node.faces.api import SchedulerServicer, add_to_server
 
 pytestmark = pytest.mark.timeout(60)
 

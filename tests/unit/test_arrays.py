@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.arrays import cut, indices
-from node.limits import MAX_BATCH, MAX_TXN_OPS
-from node.txn import Move, move_ops
+from node.core import keys
+from node.core.limits import MAX_BATCH, MAX_TXN_OPS
+from node.etcd.txn import Move, move_ops
+from node.scheduling.arrays import cut, indices
 
 
 def held(parents: int) -> Move:

@@ -12,16 +12,16 @@ from typing import Any
 
 import pytest
 
-from node import keys, lifecycle
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.config import Config
-from node.errors import TooLarge
-from node.node_state import NodeState, Registration
-from node.results import LocalAttempt, ResultWriter
-from node.runner import Runner
-from node.stealer import Stealer
-from node.store import Store
-from node.txn import Versioned
+from node.core import keys, lifecycle
+from node.core.config import Config
+from node.core.errors import TooLarge
+from node.etcd.store import Store
+from node.etcd.txn import Versioned
+from node.running.results import LocalAttempt, ResultWriter
+from node.running.runner import Runner
+from node.scheduling.node_state import NodeState, Registration
+from node.scheduling.stealer import Stealer
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

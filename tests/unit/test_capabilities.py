@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from node import capabilities
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.capabilities import Capabilities, may_run
+from node.core import capabilities
+from node.core.capabilities import Capabilities, may_run
 
 RUNC_OK = {capabilities.EXECUTOR: "runc", capabilities.NETWORK_ISOLATED: "true",
            capabilities.DISK_ENFORCED: "true"}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from node import capabilities
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.capabilities import Capabilities
-from node.capacity import Allocation, Capacity
-from node.fairshare import Usage
+from node.core import capabilities
+from node.core.capabilities import Capabilities
+from node.scheduling.capacity import Allocation, Capacity
+from node.scheduling.fairshare import Usage
 
 
 def _spec(cpu_millis: int, memory_bytes: int, network: str = "") -> pb.TaskSpec:

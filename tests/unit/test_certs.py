@@ -10,8 +10,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from node import certs
-from node.errors import InvalidArgument
+from node.core.errors import InvalidArgument
+from node.operations import certs
 
 
 def mode(path: Path) -> int:

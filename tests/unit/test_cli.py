@@ -25,11 +25,11 @@ from click.testing import CliRunner, Result
 import node
 from node import cli as cli_module
 from node import client as client_module
-from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc
 from node.cli import output as cli_output
-from node.config import Config
+from node.core import keys
+from node.core.config import Config
 
 TASK_FIELDS = {
     "id", "name", "state", "node_id", "node_address", "exit_code", "reason", "message",

@@ -21,7 +21,7 @@ from node.client import (
     Unauthenticated,
     Unavailable,
 )
-from node.follow import follow
+from node.faces.follow import follow
 from tests.e2e.cluster import Cluster
 from tests.e2e.conftest import require_tools
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from node import keys, lifecycle
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.conditions import (
+from node.core import keys, lifecycle
+from node.core.errors import InvalidArgument
+from node.etcd.store import Store
+from node.etcd.txn import Move, Versioned
+from node.scheduling.conditions import (
     FAILED,
     MET,
     WAITING,
@@ -18,9 +21,6 @@ from node.conditions import (
     prepare,
     verdict,
 )
-from node.errors import InvalidArgument
-from node.store import Store
-from node.txn import Move, Versioned
 from tests.unit.etcd_fixture import require_etcd
 
 pytestmark = pytest.mark.timeout(60)

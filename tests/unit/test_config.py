@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from node.config import Config, load
-from node.errors import InvalidArgument
+from node.core.config import Config, load
+from node.core.errors import InvalidArgument
 
 GiB = 1024**3
 

@@ -9,13 +9,14 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from node import dependencies, keys, lifecycle
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.conditions import DependencyCheck
-from node.config import Config
-from node.dependencies import ABANDONED_ARRAY_AGE, Resolver
-from node.store import Store, WatchEvent
-from node.txn import Move
+from node.core import keys, lifecycle
+from node.core.config import Config
+from node.etcd.store import Store, WatchEvent
+from node.etcd.txn import Move
+from node.scheduling import dependencies
+from node.scheduling.conditions import DependencyCheck
+from node.scheduling.dependencies import ABANDONED_ARRAY_AGE, Resolver
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

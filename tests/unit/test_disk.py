@@ -1,4 +1,4 @@
-"""node/disk.py: what a node offers to tasks' /work, what it keeps back, and the real
+"""node/running/disk.py: what a node offers to tasks' /work, what it keeps back, and the real
 free-space check before an image is made."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from node import disk
-from node.config import Config
-from node.errors import ExecutorError, InvalidArgument
-from node.runtime import scratch
+from node.core.config import Config
+from node.core.errors import ExecutorError, InvalidArgument
+from node.running import disk
+from node.running.runtime import scratch
 
 
 def test_auto_capacity_keeps_a_reserve_and_etcds_quota_when_etcd_shares_the_disk(

@@ -8,8 +8,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from node import client, errors
-from node.errors import FilchError
+from node import client
+from node.core import errors
+from node.core.errors import FilchError
 
 NODE = Path(__file__).resolve().parents[2] / "node"
 # click's own exit mechanism: how the CLI prints a message and exits, not a failure type.

@@ -1,4 +1,4 @@
-"""etcd failures become node.errors by type: the gRPC status code (also under aetcd's
+"""etcd failures become node.core.errors by type: the gRPC status code (also under aetcd's
 exception classes), the compact revision etcd reports, a stopped etcd."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import aetcd.exceptions
 import grpc
 import pytest
 
-from node import keys
-from node.errors import Compacted, StoreFull, StoreUnavailable, TooLarge
-from node.etcd_errors import etcd_error, translate
-from node.store import Store
+from node.core import keys
+from node.core.errors import Compacted, StoreFull, StoreUnavailable, TooLarge
+from node.etcd.etcd_errors import etcd_error, translate
+from node.etcd.store import Store
 from tests.unit.etcd_fixture import etcdctl, start_etcd
 
 

@@ -19,12 +19,12 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from node import certs
-from node.config import Config
-from node.errors import EtcdMemberError, InvalidArgument
-from node.etcd_client import EtcdTLS
-from node.etcd_member import EtcdMember
-from node.store import Store
+from node.core.config import Config
+from node.core.errors import EtcdMemberError, InvalidArgument
+from node.etcd.etcd_client import EtcdTLS
+from node.etcd.store import Store
+from node.operations import certs
+from node.operations.etcd_member import EtcdMember
 
 if shutil.which("etcd") is None:
     if os.environ.get("CI"):
@@ -203,8 +203,8 @@ async def test_port_held_by_another_process_is_a_clear_error(tmp_path: Path) -> 
 # A stand-in for the agent: starts the member, reports its pid, then waits to be killed.
 AGENT = """
 import asyncio, sys
-from node.config import Config
-from node.etcd_member import EtcdMember
+from node.core.config import Config
+from node.operations.etcd_member import EtcdMember
 
 async def main() -> None:
     member = EtcdMember(config=Config(name="orphan", data_dir=sys.argv[1],

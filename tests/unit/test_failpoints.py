@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from node import failpoints
-from node.errors import ExecutorError, InvalidArgument, StoreFull, StoreUnavailable
+from node.core.errors import ExecutorError, InvalidArgument, StoreFull, StoreUnavailable
+from node.etcd import failpoints
 
 
 @pytest.fixture(autouse=True)

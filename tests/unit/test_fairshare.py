@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.fairshare import Candidate, Usage, cluster_usage, select, share, valid_weight
+from node.scheduling.fairshare import Candidate, Usage, cluster_usage, select, share, valid_weight
 
 CLUSTER = Usage(8000, 16 << 30)
 NODE = Usage(2000, 4 << 30)

@@ -7,12 +7,12 @@ import asyncio
 
 import pytest
 
-from node import keys, lifecycle
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.errors import TooLarge
-from node.group_commit import GroupCommitter
-from node.store import Store
-from node.txn import Move, Versioned
+from node.core import keys, lifecycle
+from node.core.errors import TooLarge
+from node.etcd.group_commit import GroupCommitter
+from node.etcd.store import Store
+from node.etcd.txn import Move, Versioned
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

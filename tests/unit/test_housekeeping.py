@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from node import keys, lifecycle
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.config import Config
-from node.errors import ExecutorError
-from node.housekeeping import Housekeeping
-from node.node_state import NodeState, Registration
-from node.stealer import Stealer
-from node.store import Store
+from node.core import keys, lifecycle
+from node.core.config import Config
+from node.core.errors import ExecutorError
+from node.etcd.store import Store
+from node.operations.housekeeping import Housekeeping
+from node.scheduling.node_state import NodeState, Registration
+from node.scheduling.stealer import Stealer
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

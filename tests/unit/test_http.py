@@ -1,4 +1,4 @@
-"""node.http, called in-process as WSGI, against a real one-node filch cluster.
+"""node.faces.http, called in-process as WSGI, against a real one-node filch cluster.
 
 The node is a real `filch agent` with its own etcd member and runc (tests/e2e/cluster.py),
 as in the end-to-end tests; only the HTTP client side is in-process.
@@ -26,18 +26,18 @@ from wsgiref.util import setup_testing_defaults
 import grpc
 import pytest
 
-from node import certs
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.client import ClientError
-from node.http import App
-from node.http_wire import failure as http_failure
-from node.tls import Security
+from node.core.tls import Security
+from node.faces.http import App
+from node.faces.http_wire import failure as http_failure
+from node.operations import certs
 from tests.e2e.cluster import Cluster, wait_for
 
 # Nothing listens here: the port is reserved (tcpmux) and unused on any test machine.
 DEAD_SERVER = "127.0.0.1:1"
 REPO = Path(__file__).resolve().parents[2]
-CONF = REPO / "node" / "gunicorn_conf.py"
+CONF = REPO / "node" / "faces" / "gunicorn_conf.py"
 GUNICORN = Path(sys.executable).with_name("gunicorn")
 
 
@@ -236,7 +236,7 @@ def test_arrays_and_dependencies_over_http(app: App, cluster: Cluster) -> None:
     (b'{"command": "true", "workdir": "relative/dir"}', "spec.workdir"),
     (b'{"command": "true", "memory": 1024}', "spec.memory_bytes"),
     (b'{"command": "true", "disk": 1024}', "spec.disk_bytes"),
-    # Batch fields (node/http_batch.py): types here, values by the daemon.
+    # Batch fields (node/faces/http_batch.py): types here, values by the daemon.
     (b'{"command": "true", "after": "x"}', "after"),
     (b'{"command": "true", "retries": "3"}', "retries"),
     (b'{"command": "true", "array": {"start": 1}}', "array.end"),
@@ -466,18 +466,18 @@ def test_the_ui_is_served_from_local_files(app: App) -> None:
 
 def test_the_ui_never_parses_data_as_html() -> None:
     """Names, owners, commands and messages are user input: the UI's scripts build elements
-    and set text (node/web/app.js el()), and nothing in them turns a string into markup.
+    and set text (node/faces/web/app.js el()), and nothing in them turns a string into markup.
     The headless-browser test (tests/e2e/test_http_ui.py) shows such a name as typed."""
     sinks = ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
              "new Function", "createContextualFragment", "DOMParser")
-    scripts = sorted((REPO / "node" / "web").glob("*.js"))
+    scripts = sorted((REPO / "node" / "faces" / "web").glob("*.js"))
     assert {path.name for path in scripts} >= {"app.js", "batch.js"}
     for path in scripts:
         source = path.read_text()
         assert not [sink for sink in sinks if sink in source], path.name
 
 
-# -- authentication (node/webauth.py) ----------------------------------------------------------
+# -- authentication (node/faces/webauth.py) ----------------------------------------------------------
 
 TOKEN = "f" * 64
 # Names this node answers to besides loopback, as FILCH_HTTP_ALLOWED_HOSTS would add them.
@@ -677,7 +677,7 @@ def test_a_login_from_another_site_is_refused(guarded: App) -> None:
 
 def gunicorn(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     base = {key: value for key, value in os.environ.items() if not key.startswith("FILCH_")}
-    return subprocess.run([str(GUNICORN), "-c", str(CONF), *args, "node.http:app"],
+    return subprocess.run([str(GUNICORN), "-c", str(CONF), *args, "node.faces.http:app"],
                           env={**base, **env}, capture_output=True, text=True, timeout=30,
                           cwd=REPO, stdin=subprocess.DEVNULL)
 
@@ -714,7 +714,7 @@ def test_gunicorn_serves_tls_with_the_node_certificate(tmp_path: Path, cluster: 
                FILCH_SERVER=cluster.nodes[0].address, FILCH_HTTP_WORKERS="1")
     server_log = tmp_path / "gunicorn.log"
     with server_log.open("wb") as output:
-        server = subprocess.Popen([str(GUNICORN), "-c", str(CONF), "node.http:app"], env=env,
+        server = subprocess.Popen([str(GUNICORN), "-c", str(CONF), "node.faces.http:app"], env=env,
                                   cwd=REPO, stdin=subprocess.DEVNULL, stdout=output,
                                   stderr=subprocess.STDOUT)
     context = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))

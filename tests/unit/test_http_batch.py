@@ -1,4 +1,4 @@
-"""node.http_batch through http_api.submit_request: the batch fields of a JSON submit body
+"""node.faces.http_batch through http_api.submit_request: the batch fields of a JSON submit body
 become the SubmitRequest the daemon gets, and a wrong type is a 400 naming the field before
 any call is made. (The same bodies against a live daemon: tests/unit/test_http.py.)"""
 
@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.errors import HttpError
-from node.http_api import submit_request
-from node.http_batch import array_reply
+from node.core.errors import HttpError
+from node.faces.http_api import submit_request
+from node.faces.http_batch import array_reply
 
 PARENT = "01a21bce-b194-7000-994b-fef8376138b8"
 OTHER = "01a21bce-b194-7000-994b-fef8376138b9"

@@ -1,4 +1,4 @@
-"""node/http_worker.py's body deadline on its own: a body that trickles in is cut off at
+"""node/faces/http_worker.py's body deadline on its own: a body that trickles in is cut off at
 the deadline (the app answers 408), one that arrives in time is read whole."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import time
 import gevent
 import pytest
 
-from node.errors import HttpError, RequestReadTimeout
-from node.http_wire import Request
-from node.http_worker import DeadlineBody
+from node.core.errors import HttpError, RequestReadTimeout
+from node.faces.http_wire import Request
+from node.faces.http_worker import DeadlineBody
 
 
 class Trickle:

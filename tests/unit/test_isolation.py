@@ -1,4 +1,4 @@
-"""node/isolation.py: which configurations may start, over the whole matrix of root or
+"""node/running/isolation.py: which configurations may start, over the whole matrix of root or
 not, runc or process, TLS or none, cgroups or none, and the opt-out flag."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import itertools
 
 import pytest
 
-from node.config import Config
-from node.isolation import Host, refusal, warnings
+from node.core.config import Config
+from node.running.isolation import Host, refusal, warnings
 
 TLS = {"tls_ca": "/pki/ca.crt", "tls_cert": "/pki/a.crt", "tls_key": "/pki/a.key",
        "api_token_file": "/pki/token", "etcd_client_url": "https://127.0.0.1:2379",

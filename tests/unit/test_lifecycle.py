@@ -7,8 +7,8 @@ import time
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from node import keys, lifecycle, limits
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.core import keys, lifecycle, limits
 
 NODE_ID = "6f1c2a9e-0d4b-4c1e-9a53-2b8f0e6d7c11"
 

@@ -12,16 +12,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node import keys, limits, validation
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.conditions import DependencyCheck
-from node.errors import TooLarge
-from node.fairshare import Candidate, Usage, select
-from node.group_commit import GroupCommitter
-from node.limits import MAX_BATCH, MOVE_KEYS_BYTES
-from node.service import TaskService
-from node.store import Store
-from node.txn import Move
+from node.core import keys, limits, validation
+from node.core.errors import TooLarge
+from node.core.limits import MAX_BATCH, MOVE_KEYS_BYTES
+from node.etcd.group_commit import GroupCommitter
+from node.etcd.store import Store
+from node.etcd.txn import Move
+from node.faces.service import TaskService
+from node.scheduling.conditions import DependencyCheck
+from node.scheduling.fairshare import Candidate, Usage, select
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

@@ -9,8 +9,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from node.logs import read_file
-from node.runtime.logcap import MARKER_WIDTH, CappedLog, Layout, marker
+from node.faces.logs import read_file
+from node.running.runtime.logcap import MARKER_WIDTH, CappedLog, Layout, marker
 
 CAP = 64 * 1024
 
@@ -82,7 +82,7 @@ async def test_follower_behind_a_cut_gets_a_marker_for_what_it_missed(tmp_path: 
     layout = Layout.for_cap(CAP)
     whole = expected(200_000)
     await produce(path, 200_000)
-    from node.runtime.logcap import read_at
+    from node.running.runtime.logcap import read_at
     with path.open("rb") as stream:
         # A follower that had read 100 bytes past the head when the cut happened.
         chunk, offset = read_at(stream.fileno(), layout.head + 100, layout, 4096)

@@ -10,13 +10,13 @@ from typing import Any
 
 import pytest
 
-from node import capabilities
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.capabilities import Capabilities
-from node.config import Config
-from node.membership import PUBLISH_DEBOUNCE, Membership
-from node.node_state import NodeState
-from node.store import Store
+from node.core import capabilities
+from node.core.capabilities import Capabilities
+from node.core.config import Config
+from node.etcd.store import Store
+from node.running.membership import PUBLISH_DEBOUNCE, Membership
+from node.scheduling.node_state import NodeState
 from tests.unit.etcd_fixture import etcdctl, require_etcd
 
 require_etcd()

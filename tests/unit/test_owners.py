@@ -8,13 +8,13 @@ from typing import Any
 import grpc
 import pytest
 
-from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.api import SchedulerServicer
-from node.conditions import DependencyCheck
-from node.service import TaskService
-from node.sessions import SessionService
-from node.store import Store
+from node.core import keys
+from node.etcd.store import Store
+from node.faces.api import SchedulerServicer
+from node.faces.service import TaskService
+from node.faces.sessions import SessionService
+from node.scheduling.conditions import DependencyCheck
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

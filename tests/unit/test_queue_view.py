@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from node import keys
-from node.queue_view import QueueView
-from node.store import WatchEvent
+from node.core import keys
+from node.etcd.store import WatchEvent
+from node.scheduling.queue_view import QueueView
 
 
 def _event(revision: int, priority: int, owner: str, *, deleted: bool = False) -> WatchEvent:
@@ -17,13 +17,13 @@ def _event(revision: int, priority: int, owner: str, *, deleted: bool = False) -
 def test_the_view_is_complete_up_to_the_revision_before_the_last_event_until_it_settles(
         monkeypatch: pytest.MonkeyPatch) -> None:
     view = QueueView()
-    monkeypatch.setattr("node.queue_view.SETTLE_SECONDS", 3600.0)
+    monkeypatch.setattr("node.scheduling.queue_view.SETTLE_SECONDS", 3600.0)
     view.on_event(_event(5, 0, "a"))
     view.on_event(_event(5, 0, "a"))          # the same transaction: maybe more to come
     assert view.complete_revision() == 0
     view.on_event(_event(7, 0, "a"))          # revision 5 is whole once 7 arrives
     assert view.complete_revision() == 5
-    monkeypatch.setattr("node.queue_view.SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr("node.scheduling.queue_view.SETTLE_SECONDS", 0.0)
     assert view.complete_revision() == 7      # the watch went quiet
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from node import keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.config import Config
-from node.recovery import Recovery
-from node.store import Store
+from node.core import keys, lifecycle, metrics
+from node.core.config import Config
+from node.etcd.store import Store
+from node.running.recovery import Recovery
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

@@ -19,8 +19,8 @@ import pytest
 from click.testing import CliRunner
 
 from node import cli as cli_module
-from node import rejoin
-from node.config import Config
+from node.core.config import Config
+from node.operations import rejoin
 
 PEER_URL = "http://127.0.0.1:1"  # this node's own peer URL: nothing listens on port 1
 

@@ -7,8 +7,8 @@ from datetime import UTC, datetime
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from node import records, render
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.faces import records, render
 
 TASK_FIELDS = {
     "id", "name", "state", "node_id", "node_address", "exit_code", "reason", "message",

@@ -8,10 +8,10 @@ import asyncio
 
 import pytest
 
-from node import keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.results import LocalAttempt, ResultWriter
-from node.store import Store
+from node.core import keys, lifecycle, metrics
+from node.etcd.store import Store
+from node.running.results import LocalAttempt, ResultWriter
 from tests.unit.etcd_fixture import etcdctl, require_etcd
 
 require_etcd()

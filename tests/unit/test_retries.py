@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from node import keys, lifecycle, retries
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.core import keys, lifecycle
+from node.running import retries
 
 NODE_ID = "6f1c2a9e-0d4b-4c1e-9a53-2b8f0e6d7c11"
 

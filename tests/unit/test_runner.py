@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from node import failpoints, keys, lifecycle, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.config import Config
-from node.node_state import NodeState, Registration
-from node.runner import Runner
-from node.runtime.process import ProcessExecutor
-from node.store import Store
+from node.core import keys, lifecycle, metrics
+from node.core.config import Config
+from node.etcd import failpoints
+from node.etcd.store import Store
+from node.running.runner import Runner
+from node.running.runtime.process import ProcessExecutor
+from node.scheduling.node_state import NodeState, Registration
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

@@ -1,4 +1,4 @@
-"""node/runtime/kill.py: what the watchdog calls when an agent dies or freezes. One
+"""node/running/runtime/kill.py: what the watchdog calls when an agent dies or freezes. One
 node's containers (its runc state root) and tracked process groups die; another node's
 containers on the same machine, and untracked processes, live on."""
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from node.runtime.kill import kill_node_tasks
-from node.runtime.runc import RuncExecutor
+from node.running.runtime.kill import kill_node_tasks
+from node.running.runtime.runc import RuncExecutor
 from tests.unit.attempts import TASK_UID, make_spec
 
 pytestmark = [
@@ -79,8 +79,8 @@ def test_kills_tracked_process_groups_only(tmp_path: Path) -> None:
 def test_kill_cgroup_empties_and_removes_a_cgroup_setsid_cannot_leave() -> None:
     """What the process executor and the watchdog rely on: a process that left its group
     and session (setsid) is still in its cgroup, and kill_cgroup finds and kills it."""
-    from node.runtime.cgroups import ProcessCgroups
-    from node.runtime.kill import cgroup_pids, kill_cgroup, remove_empty
+    from node.running.runtime.cgroups import ProcessCgroups
+    from node.running.runtime.kill import cgroup_pids, kill_cgroup, remove_empty
     cgroups = ProcessCgroups.for_node(f"unit-{os.getpid()}")
     if not cgroups.usable():
         pytest.skip("needs root and a writable cgroup hierarchy")

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from node.errors import ExecutorError, InvalidArgument
-from node.runtime import firewall, resolv
-from node.runtime import network as net
-from node.runtime.runc import RuncExecutor
+from node.core.errors import ExecutorError, InvalidArgument
+from node.running.runtime import firewall, resolv
+from node.running.runtime import network as net
+from node.running.runtime.runc import RuncExecutor
 from tests.tcp_probe import TCP_PROBE
 from tests.unit.attempts import TASK_UID, make_spec, run
 

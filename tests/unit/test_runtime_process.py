@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from node import validation
-from node.errors import ExecutorError
-from node.runtime.base import ExitStatus
-from node.runtime.process import (
+from node.core import validation
+from node.core.errors import ExecutorError
+from node.running.runtime.base import ExitStatus
+from node.running.runtime.process import (
     ENV_PREFIX,
     NPROC_LIMIT,
     ProcessAttempt,
@@ -73,7 +73,7 @@ def _stats() -> Iterator[list[str]]:
 
 
 def test_warns_that_it_does_not_isolate(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="node.runtime.process"):
+    with caplog.at_level(logging.WARNING, logger="node.running.runtime.process"):
         ProcessExecutor(task_uid=TASK_UID)
     assert any("NOT isolated" in record.getMessage() for record in caplog.records)
 

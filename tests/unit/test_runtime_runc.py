@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from node.errors import ExecutorError
-from node.runtime.base import ExitStatus
-from node.runtime.cgroups import CGROUP_PARENT, CGROUP_ROOT
-from node.runtime.runc import RuncExecutor
+from node.core.errors import ExecutorError
+from node.running.runtime.base import ExitStatus
+from node.running.runtime.cgroups import CGROUP_PARENT, CGROUP_ROOT
+from node.running.runtime.runc import RuncExecutor
 from tests.unit.attempts import TASK_UID, make_spec, run
 
 pytestmark = [

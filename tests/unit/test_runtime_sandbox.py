@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from node.runtime.base import AttemptSpec, ExitStatus
-from node.runtime.bundle import PIDS_LIMIT, HostLayout, build_config
-from node.runtime.runc import RuncExecutor
-from node.runtime.seccomp import ALLOWED, DENIED, default_profile
+from node.running.runtime.base import AttemptSpec, ExitStatus
+from node.running.runtime.bundle import PIDS_LIMIT, HostLayout, build_config
+from node.running.runtime.runc import RuncExecutor
+from node.running.runtime.seccomp import ALLOWED, DENIED, default_profile
 from tests.unit.attempts import TASK_UID, make_spec, run
 from tests.unit.test_runtime_runc import cgroup_dir, runc_ids
 

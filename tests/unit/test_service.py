@@ -8,12 +8,12 @@ from typing import Any
 
 import pytest
 
-from node import keys, lifecycle, validation
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.conditions import DependencyCheck
-from node.errors import Conflict, InvalidArgument, Overloaded, TaskNotFound
-from node.service import TaskService
-from node.store import Store
+from node.core import keys, lifecycle, validation
+from node.core.errors import Conflict, InvalidArgument, Overloaded, TaskNotFound
+from node.etcd.store import Store
+from node.faces.service import TaskService
+from node.scheduling.conditions import DependencyCheck
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

@@ -1,4 +1,4 @@
-"""node/sessions.py against a real etcd: only a hash of the id is stored, on a lease; a
+"""node/faces/sessions.py against a real etcd: only a hash of the id is stored, on a lease; a
 check honours expiry and revocation (through the agent's short cache); bad ids are refused."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import hashlib
 
 import pytest
 
-from node import keys
-from node.errors import InvalidArgument, SessionNotFound
-from node.sessions import CHECK_CACHE_SECONDS, SessionService, identity, session_id
-from node.store import Store
+from node.core import keys
+from node.core.errors import InvalidArgument, SessionNotFound
+from node.etcd.store import Store
+from node.faces.sessions import CHECK_CACHE_SECONDS, SessionService, identity, session_id
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from node import states
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.core import states
 
 
 def test_only_complete_and_canceled_are_final() -> None:

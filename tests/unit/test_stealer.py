@@ -9,15 +9,16 @@ from typing import Any
 import pytest
 from prometheus_client import REGISTRY
 
-from node import capabilities, failpoints, keys, metrics
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.capabilities import Capabilities
-from node.config import Config
-from node.housekeeping import Housekeeping
-from node.node_state import NodeState, Registration
-from node.stealer import Stealer
-from node.store import Store
-from node.txn import Versioned
+from node.core import capabilities, keys, metrics
+from node.core.capabilities import Capabilities
+from node.core.config import Config
+from node.etcd import failpoints
+from node.etcd.store import Store
+from node.etcd.txn import Versioned
+from node.operations.housekeeping import Housekeeping
+from node.scheduling.node_state import NodeState, Registration
+from node.scheduling.stealer import Stealer
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()
@@ -179,7 +180,7 @@ async def test_a_seen_higher_priority_task_that_does_not_fit_now_does_not_block(
 
 async def test_a_relist_reads_a_bounded_range_per_group(store: Store,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("node.queue_view.GROUP_READ", 2)
+    monkeypatch.setattr("node.scheduling.queue_view.GROUP_READ", 2)
     first = await _queue(store, priority=5, owner="a")
     deep = [await _queue(store, owner="a") for _ in range(5)]
     other = await _queue(store, owner="b")

@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from node import certs, keys, lifecycle, validation
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.errors import Compacted, InvalidArgument, StoreUnavailable
-from node.etcd_client import EtcdTLS
-from node.store import Store, WatchEvent
-from node.txn import Versioned, status_key
+from node.core import keys, lifecycle, validation
+from node.core.errors import Compacted, InvalidArgument, StoreUnavailable
+from node.etcd.etcd_client import EtcdTLS
+from node.etcd.store import Store, WatchEvent
+from node.etcd.txn import Versioned, status_key
+from node.operations import certs
 from tests.unit.etcd_fixture import etcdctl, free_port, require_etcd
 
 require_etcd()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from node.units import (
+from node.core.units import (
     format_cpu,
     format_seconds,
     format_size,

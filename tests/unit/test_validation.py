@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from node import keys, limits, validation
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.errors import InvalidArgument
+from node.core import keys, limits, validation
+from node.core.errors import InvalidArgument
 
 MiB = 1024 * 1024
 TASK_ID = "01a21bce-b194-7000-994b-fef8376138b8"

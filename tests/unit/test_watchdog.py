@@ -1,5 +1,5 @@
 """The watchdog process: stdlib only, and it kills what it tracks when the agent's pipe
-closes or its fence deadline passes (the killing itself is node/runtime/kill.py's)."""
+closes or its fence deadline passes (the killing itself is node/running/runtime/kill.py's)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def test_the_watchdog_imports_no_grpc_or_aetcd() -> None:
-    probe = ("import sys, node.watchdog; "
+    probe = ("import sys, node.running.watchdog; "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in "
              "('grpc', 'aetcd', 'google')))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
@@ -23,7 +23,7 @@ def test_the_watchdog_imports_no_grpc_or_aetcd() -> None:
 
 
 def start_watchdog(tmp_path: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "node.watchdog", "--runc", "runc",
+    return subprocess.Popen([sys.executable, "-m", "node.running.watchdog", "--runc", "runc",
                              "--runc-root", str(tmp_path / "runc")],
                             stdin=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             start_new_session=True)

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from node import keys
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.store import Store, WatchEvent
-from node.watching import list_and_watch
+from node.core import keys
+from node.etcd.store import Store, WatchEvent
+from node.etcd.watching import list_and_watch
 from tests.unit.etcd_fixture import require_etcd
 
 require_etcd()

@@ -1,4 +1,4 @@
-"""node/webauth.py on its own: Host parsing, the allowlist's sources, sessions, peers.
+"""node/faces/webauth.py on its own: Host parsing, the allowlist's sources, sessions, peers.
 
 The rules as a whole run against a real node in tests/unit/test_http.py.
 """
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from node.errors import Refused
-from node.webauth import Gate, default_hosts, host_name, is_loopback
+from node.core.errors import Refused
+from node.faces.webauth import Gate, default_hosts, host_name, is_loopback
 
 
 class FakeSessions:

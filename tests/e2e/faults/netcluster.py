@@ -44,15 +44,15 @@ import grpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
-from node.config import Config
-from node.tls import Security
+from node.core.config import Config
+from node.core.tls import Security
 from tests.e2e.cluster import FINISHED, unmount_scratch, wait_for
 
 T = TypeVar("T")
 
 FILCH = str(Path(sys.executable).with_name("filch"))
 # The HTTP face's settings, as the image and Ansible run it (read by gunicorn, not imported).
-GUNICORN_CONF = Path(str(importlib.util.find_spec("node.gunicorn_conf").origin))  # type: ignore[union-attr]
+GUNICORN_CONF = Path(str(importlib.util.find_spec("node.faces.gunicorn_conf").origin))  # type: ignore[union-attr]
 NETNS_DIR = Path("/run/netns")
 
 # 10.213.<k>.0/24 per cluster. 10.213/16 is private space this suite claims for itself;
@@ -481,7 +481,7 @@ class NetCluster:
                 tls = ["--tls-ca", str(pki / "ca.crt"), "--tls-cert", str(pki / f"{name}.crt"),
                        "--tls-key", str(pki / f"{name}.key"),
                        "--api-token-file", str(pki / "token")]
-                # etcd trusts the etcd CA alone (node/certs.py says why).
+                # etcd trusts the etcd CA alone (node/operations/certs.py says why).
                 files = [str(pki / "etcd-ca.crt"), str(pki / f"{name}-etcd.crt"),
                          str(pki / f"{name}-etcd.key")]
                 etcd_tls = ["--peer-client-cert-auth", "--peer-trusted-ca-file", files[0],
@@ -501,7 +501,7 @@ class NetCluster:
                 args += ["--etcd-endpoint", client_url]
             elif i in external:
                 args += ["--etcd-endpoint", client_url]
-                # The same member the agent would embed (node/etcd_member.py), run on its own.
+                # The same member the agent would embed (node/operations/etcd_member.py), run on its own.
                 etcd_args = ["etcd", "--name", name, "--data-dir", str(data_dir / "etcd"),
                              "--listen-client-urls", client_url,
                              "--advertise-client-urls", client_url,
@@ -578,7 +578,7 @@ class NetCluster:
             for node in self.nodes:
                 node.http_face = node.spawn(
                     [str(Path(sys.executable).with_name("gunicorn")), "-c",
-                     str(GUNICORN_CONF), "node.http:app"],
+                     str(GUNICORN_CONF), "node.faces.http:app"],
                     node.data_dir.with_suffix(".http.log"), self._http_env(node.index))
             for node in self.nodes:
                 wait_for(f"the HTTP face of {node.name}", functools.partial(
@@ -877,7 +877,7 @@ class NetCluster:
 
     def restart_etcd(self, index: int) -> None:
         """Start a killed external member again (its data dir holds the member already, so
-        the bootstrap flags are left out, as node/etcd_member.py does)."""
+        the bootstrap flags are left out, as node/operations/etcd_member.py does)."""
         node = self.nodes[index]
         argv = list(node.etcd_args)
         cut = argv.index("--initial-cluster")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.membership import FENCE_MARGIN_MIN, MAX_RENEW_INTERVAL
+from node.running.membership import FENCE_MARGIN_MIN, MAX_RENEW_INTERVAL
 from tests.e2e.faults import history
 from tests.e2e.faults.netcluster import NetCluster, wait_for
 

@@ -10,15 +10,15 @@ from collections.abc import Callable
 import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.config import Config
-from node.membership import FENCE_MARGIN_FRACTION, FENCE_MARGIN_MIN
+from node.core.config import Config
+from node.running.membership import FENCE_MARGIN_FRACTION, FENCE_MARGIN_MIN
 from tests.e2e.faults import history
 from tests.e2e.faults.netcluster import NetCluster, wait_for
 
 # Time allowed for killing the containers once the node decided to fence (runc kill of
 # a few containers: tens of ms; generous for a loaded 2-core machine).
 KILL_ALLOWANCE = 1.0
-# etcd's --election-timeout (filch's default, node/config.py). A cut-off member that was
+# etcd's --election-timeout (filch's default, node/core/config.py). A cut-off member that was
 # the leader goes on granting lease renewals locally until check-quorum makes it step
 # down, one election timeout after the cut (etcd 3.4 does not confirm its leadership on
 # LeaseRenew; see etcd-io/etcd#15247): its node's fence deadline moves that much later.

@@ -1,0 +1,153 @@
+"""Every Prometheus collector filch exports, defined once (prefix filch_, base units).
+
+Per-node series carry no node label: Prometheus adds `instance`. Cluster-wide gauges
+(queue depth, tasks by state) are the same on every node; dashboards take max() of them.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info, start_http_server
+
+from node.core.keys import DEFAULT_OWNER
+
+# Latency buckets from a millisecond (a local etcd round trip) to a minute (a long queue).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                   30, 60)
+# Task run times: batch tasks last from milliseconds to hours.
+RUN_TIME_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600)
+
+NODE = Info("filch_node", "This node: name, current node id, executor, API address.")
+
+# -- cluster-wide, refreshed by housekeeping --------------------------------------------
+QUEUE_DEPTH = Gauge("filch_queue_depth", "Tasks waiting to be stolen (cluster-wide).")
+TASKS = Gauge("filch_tasks", "Tasks in etcd by state (cluster-wide).", ["state"])
+ETCD_DB_SIZE = Gauge("filch_etcd_db_size_bytes", "Size of the local etcd member's database.")
+ETCD_DB_IN_USE = Gauge("filch_etcd_db_size_in_use_bytes",
+                       "Bytes of the local etcd member's database holding live data.")
+ETCD_QUOTA = Gauge("filch_etcd_quota_bytes", "The etcd backend quota (NOSPACE past it).")
+ETCD_NOSPACE = Gauge("filch_etcd_nospace", "1 while etcd's NOSPACE alarm is raised.")
+ETCD_LEADER = Gauge("filch_etcd_is_leader", "1 when the local etcd member is the leader.")
+ETCD_HAS_LEADER = Gauge("filch_etcd_has_leader", "1 when the local etcd member sees a leader.")
+COMPACTIONS = Counter("filch_etcd_compactions_total", "etcd compactions this node ran.")
+DEFRAGS = Counter("filch_etcd_defrags_total", "Defragmentations of the local etcd member.")
+RETENTION_DELETED = Counter("filch_tasks_deleted_total",
+                            "Finished tasks deleted by retention.", ["state"])
+
+# -- stealing ---------------------------------------------------------------------------
+STEALS_ATTEMPTED = Counter("filch_steals_attempted_total", "Steal transactions tried.")
+STEALS_WON = Counter("filch_steals_won_total", "Steal transactions that took a task.")
+STEALS_LOST = Counter("filch_steals_lost_total",
+                      "Steal transactions lost to another node (compare failed).")
+STEAL_DELAY = Histogram("filch_steal_delay_seconds",
+                        "Load-proportional delay waited before a steal.",
+                        buckets=LATENCY_BUCKETS)
+START_LATENCY = Histogram("filch_task_start_latency_seconds",
+                          "From submit to the steal that started an attempt.",
+                          buckets=LATENCY_BUCKETS)
+
+# -- running ----------------------------------------------------------------------------
+RUNNING = Gauge("filch_running_tasks", "Attempts running on this node.")
+RUN_TIME = Histogram("filch_task_run_seconds", "How long attempts ran on this node.",
+                     buckets=RUN_TIME_BUCKETS)
+FINISHED = Counter("filch_tasks_finished_total", "Attempts this node finished, by reason.",
+                   ["reason"])
+FENCED_WRITES = Counter("filch_fenced_writes_total",
+                        "Result writes rejected because this node no longer owned the task.")
+START_FAILURES = Counter("filch_task_start_failures_total", "Attempts that failed to start.")
+
+# -- task firewall (node/running/runtime/firewall.py) ---------------------------------------------
+FIREWALL_RESTORES = Counter(
+    "filch_task_firewall_restores_total",
+    "Times this node found its task firewall (nft table) missing or altered and loaded it "
+    "again (something ran `nft flush ruleset`).")
+FIREWALL_FAILED = Gauge(
+    "filch_task_firewall_failed",
+    "1 while this node's task firewall cannot be verified or restored: isolated tasks are "
+    "refused.")
+FIREWALL_ERRORS = Counter(
+    "filch_task_firewall_errors_total",
+    "Housekeeping rounds whose task firewall step failed (the rest of the round still ran).")
+
+# -- liveness ---------------------------------------------------------------------------
+REQUEUES = Counter("filch_requeues_total", "Tasks handed back after losing their node.",
+                   ["cause"])
+LOST = Counter("filch_tasks_node_lost_total",
+               "restart=false tasks ended NODE_LOST because their node was lost.")
+KEEPALIVE = Histogram("filch_lease_keepalive_seconds", "Lease renewal round trips.",
+                      buckets=LATENCY_BUCKETS)
+KEEPALIVE_FAILURES = Counter("filch_lease_keepalive_failures_total",
+                             "Lease renewals that failed or timed out.")
+SELF_FENCES = Counter("filch_self_fences_total",
+                      "Times this node fenced itself after failing to renew its lease.")
+
+# -- capacity ---------------------------------------------------------------------------
+CPU_CAPACITY = Gauge("filch_node_cpu_capacity_cores", "CPU cores this node offers.")
+MEMORY_CAPACITY = Gauge("filch_node_memory_capacity_bytes", "Memory this node offers.")
+CPU_ALLOCATED = Gauge("filch_node_cpu_allocated_cores", "CPU cores allocated to attempts.")
+MEMORY_ALLOCATED = Gauge("filch_node_memory_allocated_bytes", "Memory allocated to attempts.")
+DISK_CAPACITY = Gauge("filch_node_disk_capacity_bytes",
+                      "Disk this node offers to tasks' /work (--disk-capacity or auto).")
+DISK_ALLOCATED = Gauge("filch_node_disk_allocated_bytes",
+                       "/work sizes of the attempts on this node (enforced sizes only).")
+CAPABILITY = Gauge("filch_node_capability", "1 for each capability value this node has "
+                   "(node/core/capabilities.py), e.g. name=filch.io/disk-enforced value=true.",
+                   ["name", "value"])
+
+# -- API --------------------------------------------------------------------------------
+API_REQUESTS = Counter("filch_api_requests_total", "gRPC requests by method and status code.",
+                       ["method", "code"])
+API_LATENCY = Histogram("filch_api_request_duration_seconds", "gRPC request handling time.",
+                        ["method"], buckets=LATENCY_BUCKETS)
+LOG_STREAMS = Gauge("filch_log_streams", "Log streams this node serves now (--max-log-streams).")
+
+# -- batch work (issue 12): holds, dependencies, time limits, retries, fair share
+BLOCKED = Gauge("filch_tasks_blocked",
+                "PENDING tasks held out of the queue (cluster-wide), by hold: dependencies, "
+                "array (submission not complete), retry (back-off).", ["hold"])
+DEPENDENCY_RELEASES = Counter("filch_dependency_releases_total",
+                              "Held tasks this node released into the queue, by hold.",
+                              ["hold"])
+DEPENDENCY_FAILURES = Counter("filch_dependency_failures_total",
+                              "Tasks this node ended CANCELED DEPENDENCY_FAILED.")
+TIMEOUTS = Counter("filch_task_timeouts_total",
+                   "Attempts this node stopped at their time limit (TIMED_OUT).")
+RETRIES = Counter("filch_task_retries_total",
+                  "Attempts this node ended and scheduled for a retry, by failure class.",
+                  ["failure_class"])
+ARRAY_TASKS_SUBMITTED = Counter("filch_array_tasks_submitted_total",
+                                "Tasks created by array submits on this node.")
+OWNER_SHARE = Gauge("filch_owner_dominant_share",
+                    "Each owner's weighted dominant share of the cluster's CPU and memory, "
+                    "as this node's stealer sees it.", ["owner"])
+OWNER_RUNNING = Gauge("filch_owner_running_tasks",
+                      "Each owner's running tasks across the cluster, as this node sees it.",
+                      ["owner"])
+OWNER_PICKS = Counter("filch_owner_steals_total",
+                      "Tasks this node stole, by owner (fair share in action).", ["owner"])
+
+
+# Label values known in advance are created at import, so every series exists (at 0)
+# before it first moves: rate() and alerts then work from the first scrape.
+for _cause in ("lease_expired", "scan", "shutdown", "lost_answer"):
+    REQUEUES.labels(_cause)
+for _reason in ("EXITED", "OOM_KILLED", "START_FAILED", "TIMED_OUT"):
+    FINISHED.labels(_reason)
+for _state in ("pending", "running", "complete", "canceled"):
+    TASKS.labels(_state)
+for _hold in ("dependencies", "array", "retry"):
+    BLOCKED.labels(_hold)
+    DEPENDENCY_RELEASES.labels(_hold)
+for _class in ("failed", "oom", "timeout", "start-failed"):
+    RETRIES.labels(_class)
+for _state in ("complete", "canceled"):
+    RETENTION_DELETED.labels(_state)
+# Every task without --owner is the default owner's (keys.DEFAULT_OWNER), so its series
+# is known in advance too: the dashboard's owner panels show data on any cluster.
+for _owner_metric in (OWNER_SHARE, OWNER_RUNNING, OWNER_PICKS):
+    _owner_metric.labels(DEFAULT_OWNER)
+
+
+def serve(listen: str) -> None:
+    """Expose /metrics on HOST:PORT (a background thread of prometheus_client)."""
+    host, _, port = listen.rpartition(":")
+    start_http_server(int(port), addr=host or "0.0.0.0")

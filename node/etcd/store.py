@@ -1,0 +1,196 @@
+"""Task and array transactions on etcd: typed reads of records and the lifecycle moves.
+
+Every change of a task's state is one call to `Store.transition`, which moves the Task
+record and its status key in the same etcd transaction (design.md). The connection and the
+operations that are not about tasks are node/etcd/store_base.py's StoreBase.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import aetcd.rpc as rpc
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.core import keys
+from node.core.errors import TooLarge
+from node.core.limits import (
+    MAX_BATCH,
+    MAX_TXN_OPS,
+    READ_BATCH_RECORDS,
+)
+from node.etcd.store_base import REQUEST_TIMEOUT, KeyPage, MemberStatus, StoreBase, WatchEvent
+from node.etcd.txn import Move, Versioned, append_move, index_keys, key_compare, status_key
+
+
+class Store(StoreBase):
+    """A connection to the local etcd member and every operation filch performs on it."""
+
+    async def get_task(self, task_id: str) -> Versioned | None:
+        """The task record and its revision, or None when there is no such task."""
+        result = await self._read(lambda: self._client.get(keys.task(task_id)))
+        if result is None:
+            return None
+        return Versioned(pb.Task.FromString(result.value), result.mod_revision)
+
+    async def get_tasks(self, task_ids: Sequence[str]) -> list[Versioned]:
+        """The records of these tasks, in order, one round trip per READ_BATCH_RECORDS ids
+        (so that the answer fits the channel even when every record is as large as a
+        record may be); missing ids are skipped. An answer too large anyway (records
+        written under older limits) is read again in halves; TooLarge only for one record
+        that cannot be read at all."""
+        found: list[Versioned] = []
+        step = min(MAX_TXN_OPS, READ_BATCH_RECORDS)
+        for start in range(0, len(task_ids), step):
+            found += await self._get_some(task_ids[start:start + step])
+        return found
+
+    async def _get_some(self, task_ids: Sequence[str]) -> list[Versioned]:
+        ops = [rpc.RequestOp(request_range=rpc.RangeRequest(key=keys.task(task_id)))
+               for task_id in task_ids]
+        try:
+            response = await self._txn(rpc.TxnRequest(success=ops), read_only=True)
+        except TooLarge:
+            if len(task_ids) == 1:
+                raise
+            half = len(task_ids) // 2
+            return await self._get_some(task_ids[:half]) + await self._get_some(task_ids[half:])
+        return [Versioned(pb.Task.FromString(kv.value), kv.mod_revision)
+                for op in response.responses for kv in op.response_range.kvs]
+
+    async def transition(self, old: Versioned | None, new: pb.Task, *, lease_id: int = 0,
+                         fence: int = 0, owner_gone: bool = False) -> int | None:
+        """Move a task from old to new: record and status key in one transaction.
+
+        - old None (submit): succeeds only if no record with this id exists.
+        - otherwise the record must still be at old.mod_revision, and the old status key
+          must exist — created exactly at revision `fence` when fence is given (the
+          attempt's fencing token), or be absent when owner_gone (requeue after a lease
+          expired).
+        new's status key is put with lease_id when the new state is RUNNING.
+        Returns the transaction's revision (for a steal: the fencing token), or None when
+        a compare failed (someone else moved the task first). Raises StoreUnavailable /
+        StoreFull.
+        """
+        return await self.transition_many([Move(old, new, fence, owner_gone)], lease_id=lease_id)
+
+    async def transition_many(self, moves: Sequence[Move], *, lease_id: int = 0,
+                              guards: Sequence[Any] = ()) -> int | None:
+        """Several transitions in ONE transaction: all happen, or none (see transition()).
+        guards: further compares (txn.key_compare, txn.none_created_after) that must hold.
+
+        At most MAX_BATCH moves; callers cut batches with limits.TxnRoom (limits.batches)
+        by move_bytes and move_ops. Returns the revision, or None when any compare failed.
+        Raises TooLarge when etcd refuses the transaction for its size (split it).
+        """
+        if not 0 < len(moves) <= MAX_BATCH:
+            raise ValueError(f"{len(moves)} moves; one transaction takes 1..{MAX_BATCH}")
+        compare: list[Any] = []
+        success: list[Any] = []
+        for move in moves:
+            append_move(move, lease_id, compare, success)
+        compare.extend(guards)
+        if max(len(compare), len(success)) > MAX_TXN_OPS:
+            raise ValueError(f"{len(success)} operations; etcd takes at most {MAX_TXN_OPS} "
+                             "in one transaction (cut batches with txn.move_ops)")
+        response = await self._txn(rpc.TxnRequest(compare=compare, success=success))
+        return int(response.header.revision) if response.succeeded else None
+
+    async def list_records(self, *, after: bytes = b"",
+                           limit: int = 0) -> tuple[list[Versioned], bool]:
+        """Task records in id order after `after`, at most `limit` and READ_BATCH_RECORDS
+        (so the answer fits the channel); returns (records, more)."""
+        start = after + b"\0" if after else keys.TASK_RECORDS_START
+        limit = min(limit, READ_BATCH_RECORDS) if limit else READ_BATCH_RECORDS
+        while True:
+            try:
+                response = await self._range(start, keys.TASK_RECORDS_END, limit=limit)
+                break
+            except TooLarge:
+                if limit == 1:
+                    raise
+                limit //= 2     # records written under older limits: read fewer at once
+        return ([Versioned(pb.Task.FromString(kv.value), kv.mod_revision) for kv in response.kvs],
+                bool(response.more))
+
+    async def delete_finished(self, status_keys: Sequence[bytes],
+                              array_ids: Mapping[bytes, str] | None = None) -> int:
+        """Delete finished tasks (status key and record together); returns how many.
+
+        Each pair is deleted only while its status key still exists, so several nodes
+        doing this at once, or a task id reused through request_id, is harmless; and only
+        while no held task depends on it (no /dep/<id>/ key, nor /dep/<array-id>/ for a
+        task of an array: array_ids maps a status key to its task's array id), so that
+        retention waits for its dependents.
+        """
+        deleted = 0
+        for status in status_keys:
+            task_id = keys.last_segment(status)
+            compare = [key_compare(status, "version", 0, rpc.Compare.GREATER)]
+            parents = [task_id]
+            if array_ids and array_ids.get(status):
+                parents.append(array_ids[status])
+            for parent in parents:
+                prefix = keys.dependents_of(parent)
+                # An empty range compares as a missing key: version 0.
+                compare.append(key_compare(prefix, "version", 0,
+                                           range_end=keys.prefix_end(prefix)))
+            response = await self._txn(rpc.TxnRequest(
+                compare=compare,
+                success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=status)),
+                         rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                             key=keys.task(task_id)))]))
+            deleted += bool(response.succeeded)
+        return deleted
+
+    async def delete_tasks(self, found: Sequence[Versioned], *,
+                           absent: Sequence[bytes] = ()) -> bool:
+        """Delete these tasks (record, status key and index keys) in one transaction, each
+        only while its record is unchanged and only while no key of `absent` exists;
+        False when that no longer holds. For tasks that never ran: an abandoned array's
+        held tasks (absent: its array record, which a late retry may still write)."""
+        compare: list[Any] = [key_compare(key, "version", 0) for key in absent]
+        success: list[Any] = []
+        for versioned in found:
+            task = versioned.task
+            compare.append(key_compare(keys.task(task.id), "mod_revision",
+                                       versioned.mod_revision))
+            for key in (keys.task(task.id), status_key(task), *sorted(index_keys(task))):
+                success.append(rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key)))
+        response = await self._txn(rpc.TxnRequest(compare=compare, success=success))
+        return bool(response.succeeded)
+
+    async def get_array(self, array_id: str) -> pb.Array | None:
+        """The array record, or None while its submission has not completed (or never was)."""
+        result = await self._read(lambda: self._client.get(keys.array(array_id)))
+        return None if result is None else pb.Array.FromString(result.value)
+
+    async def create_array(self, array: pb.Array) -> bool:
+        """Write the array record unless one exists; True when this call wrote it."""
+        key = keys.array(array.id)
+        response = await self._txn(rpc.TxnRequest(
+            compare=[key_compare(key, "version", 0)],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(
+                key=key, value=array.SerializeToString()))]))
+        return bool(response.succeeded)
+
+    async def delete_array(self, array_id: str) -> bool:
+        """Delete the array record while nothing depends on the array any more (no
+        /dep/<array-id>/ key); True when deleted. The caller checked its tasks are gone."""
+        prefix = keys.dependents_of(array_id)
+        response = await self._txn(rpc.TxnRequest(
+            compare=[key_compare(prefix, "version", 0, range_end=keys.prefix_end(prefix))],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                key=keys.array(array_id)))]))
+        return bool(response.succeeded)
+
+    async def list_arrays(self, *, after: bytes = b"", limit: int = 0) -> list[pb.Array]:
+        """Array records in id order after the key `after`."""
+        start = after + b"\0" if after else keys.ARRAYS
+        response = await self._range(start, keys.prefix_end(keys.ARRAYS), limit=limit)
+        return [pb.Array.FromString(kv.value) for kv in response.kvs]
+
+
+# Where callers have always found them: the store's value types and its request deadline.
+__all__ = ["REQUEST_TIMEOUT", "KeyPage", "MemberStatus", "Store", "WatchEvent"]

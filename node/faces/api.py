@@ -1,0 +1,228 @@
+"""The gRPC servicer: validate input, call the services, map errors to status codes.
+
+No business logic here. A client never sees UNKNOWN or a Python traceback: unexpected
+errors are logged with their traceback and answered INTERNAL with a short message.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn, TypeVar
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.core import metrics, validation
+from node.core.errors import (
+    Conflict,
+    FilchError,
+    InvalidArgument,
+    NotStarted,
+    Overloaded,
+    OwnerUnavailable,
+    SessionNotFound,
+    StoreFull,
+    StoreUnavailable,
+    TaskNotFound,
+)
+from node.faces.logs import PROXIED_HEADER, LogService
+from node.faces.owners import OwnerService, owner_name, owner_weight
+from node.faces.service import TaskService
+from node.faces.sessions import SessionService, identity, session_id
+
+log = logging.getLogger(__name__)
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+_CODES: list[tuple[type[FilchError], grpc.StatusCode]] = [
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (TaskNotFound, grpc.StatusCode.NOT_FOUND),
+    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    (Conflict, grpc.StatusCode.ALREADY_EXISTS),
+    (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (OwnerUnavailable, grpc.StatusCode.UNAVAILABLE),
+    (NotStarted, grpc.StatusCode.FAILED_PRECONDITION),
+]
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            await context.abort(code, str(exc))
+    log.exception("internal error", exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL,
+                        f"internal error ({type(exc).__name__}); the node's log has details")
+    raise AssertionError("unreachable")
+
+
+class Malformed:
+    """What the safe deserializer hands a method for bytes that are no valid request."""
+
+    def __init__(self, *, message: str) -> None:
+        self.message = message
+
+
+def _safe_parser(message_class: Any) -> Callable[[bytes], Any]:
+    """Parse a request; undecodable bytes become Malformed (answered INVALID_ARGUMENT),
+    where gRPC's own deserializer would make the call fail with INTERNAL."""
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError:
+            return Malformed(message=f"the request is not a valid "
+                                     f"{message_class.DESCRIPTOR.full_name} protobuf message")
+    return parse
+
+
+def add_to_server(servicer: SchedulerServicer, server: grpc.aio.Server) -> None:
+    """Register filch.v1.Scheduler like the generated add_SchedulerServicer_to_server, but
+    with request parsers that turn undecodable bytes into INVALID_ARGUMENT."""
+    service = pb.DESCRIPTOR.services_by_name["Scheduler"]
+    handlers = {}
+    for method in service.methods:
+        parse = _safe_parser(getattr(pb, method.input_type.name))
+        output = getattr(pb, method.output_type.name)
+        make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.unary_unary_rpc_method_handler)
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=parse,
+                                     response_serializer=output.SerializeToString)
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),))
+
+
+def _count(method: str, context: Any, started: float) -> None:
+    code = context.code() or grpc.StatusCode.OK
+    metrics.API_REQUESTS.labels(method, code.name).inc()
+    metrics.API_LATENCY.labels(method).observe(time.monotonic() - started)
+
+
+def _unary(method: Callable[[Any, Request, Any], Awaitable[Response]]
+           ) -> Callable[[Any, Request, Any], Awaitable[Response]]:
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Request, context: Any) -> Response:
+        started = time.monotonic()
+        try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument("request", request.message)
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # mapped to a status code, never swallowed
+            await _abort(context, exc)
+        finally:
+            _count(method.__name__, context, started)
+    return wrapper
+
+
+class SchedulerServicer(pb_grpc.SchedulerServicer):
+    """filch.v1.Scheduler on this node."""
+
+    def __init__(self, *, tasks: TaskService, logs: LogService,
+                 sessions: SessionService) -> None:
+        self._tasks = tasks
+        self._logs = logs
+        self._sessions = sessions
+
+    @_unary
+    async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
+        spec = validation.spec(request.spec)
+        request_id = validation.request_id(request.request_id)
+        if request.HasField("array"):
+            return await self._tasks.submit_array(spec, validation.array(request.array),
+                                                  request_id)
+        task, created = await self._tasks.submit(spec, request_id)
+        return pb.SubmitResponse(task=task, created=created)
+
+    @_unary
+    async def Cancel(self, request: pb.CancelRequest, context: Any) -> pb.CancelResponse:
+        if request.array_id:
+            if request.id:
+                raise InvalidArgument("array_id", "give a task id or an array id, not both")
+            count = await self._tasks.cancel_array(validation.task_id(request.array_id,
+                                                                      "array_id"))
+            return pb.CancelResponse(canceled=count)
+        task = await self._tasks.cancel(validation.task_id(request.id))
+        return pb.CancelResponse(task=task)
+
+    @_unary
+    async def GetTask(self, request: pb.GetTaskRequest, context: Any) -> pb.Task:
+        task = await self._tasks.get(validation.task_id(request.id))
+        await self._tasks.explain_pending([task])
+        return task
+
+    @_unary
+    async def ListTasks(self, request: pb.ListTasksRequest, context: Any) -> pb.ListTasksResponse:
+        state = validation.state_filter(request.state)
+        page_size = validation.page_size(request.page_size)
+        if request.array_id:
+            if state != pb.TASK_STATE_UNSPECIFIED:
+                raise InvalidArgument("state", "cannot be combined with array_id")
+            tasks, token = await self._tasks.list_array(
+                validation.task_id(request.array_id, "array_id"), page_size, request.page_token)
+        else:
+            tasks, token = await self._tasks.list_tasks(state, page_size, request.page_token)
+        await self._tasks.explain_pending(tasks)
+        return pb.ListTasksResponse(tasks=tasks, next_page_token=token)
+
+    @_unary
+    async def ListNodes(self, request: pb.ListNodesRequest, context: Any) -> pb.ListNodesResponse:
+        return pb.ListNodesResponse(nodes=await self._tasks.list_nodes())
+
+    async def StreamLogs(self, request: pb.StreamLogsRequest,
+                         context: Any) -> AsyncIterator[pb.LogChunk]:
+        started = time.monotonic()
+        try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument("request", request.message)
+            task_id = validation.task_id(request.id)
+            proxied = any(key == PROXIED_HEADER for key, _ in context.invocation_metadata() or ())
+            async for data in self._logs.stream(task_id, follow=request.follow,
+                                                attempt=request.attempt, proxied=proxied):
+                yield pb.LogChunk(data=data)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # mapped to a status code, never swallowed
+            await _abort(context, exc)
+        finally:
+            _count("StreamLogs", context, started)
+
+    # -- owners (fair share) -------------------------------------------------------------
+
+    @_unary
+    async def SetOwnerWeight(self, request: pb.SetOwnerWeightRequest, context: Any) -> pb.Owner:
+        name = owner_name(request.name)
+        weight = owner_weight(request.weight)
+        return await OwnerService(store=self._tasks.store).set_weight(name, weight)
+
+    @_unary
+    async def ListOwners(self, request: pb.ListOwnersRequest,
+                         context: Any) -> pb.ListOwnersResponse:
+        owners = await OwnerService(store=self._tasks.store).list_owners()
+        return pb.ListOwnersResponse(owners=owners)
+
+    # -- web UI sessions (the token guards these like every call) --------------------------
+
+    @_unary
+    async def CreateSession(self, request: pb.CreateSessionRequest,
+                            context: Any) -> pb.CreateSessionResponse:
+        new_id, session = await self._sessions.create(identity(request.identity))
+        return pb.CreateSessionResponse(session_id=new_id, session=session)
+
+    @_unary
+    async def CheckSession(self, request: pb.CheckSessionRequest, context: Any) -> pb.Session:
+        return await self._sessions.check(session_id(request.session_id))
+
+    @_unary
+    async def RevokeSession(self, request: pb.RevokeSessionRequest,
+                            context: Any) -> pb.RevokeSessionResponse:
+        revoked = await self._sessions.revoke(session_id(request.session_id))
+        return pb.RevokeSessionResponse(revoked=revoked)

@@ -1,0 +1,84 @@
+"""Owners (fair share): set a weight, list every owner with its usage and share.
+
+An owner's weight lives at /owner/<name>; its usage is what the node records say its
+running tasks hold; its share is fairshare.share over the cluster's CPU and memory.
+"""
+
+from __future__ import annotations
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.core import keys, validation
+from node.core.errors import InvalidArgument
+from node.etcd.store import Store
+from node.scheduling.fairshare import (
+    DEFAULT_WEIGHT,
+    MAX_WEIGHT,
+    Usage,
+    cluster_usage,
+    share,
+    valid_weight,
+)
+
+# Owners with queued work one listing finds at most (one short range per (priority,
+# owner) group of the queue): far more owners than a fair-share table is read for.
+MAX_QUEUED_GROUPS = 1000
+
+
+def owner_weight(value: float, field: str = "weight") -> float:
+    """A valid weight (finite, > 0, <= MAX_WEIGHT), or InvalidArgument naming field."""
+    if not valid_weight(value):
+        raise InvalidArgument(field, f"{value!r} is not a weight: give a number above 0 and "
+                                     f"at most {MAX_WEIGHT:g} (1 is everyone's default)")
+    return value
+
+
+def owner_name(value: str, field: str = "name") -> str:
+    """A valid owner name, or InvalidArgument naming field."""
+    return validation.owner(value, field)
+
+
+class OwnerService:
+    """Owner operations shared by the gRPC API and the HTTP face."""
+
+    def __init__(self, *, store: Store) -> None:
+        self.store = store
+
+    async def set_weight(self, name: str, weight: float) -> pb.Owner:
+        """Store name's weight (arguments already validated); returns the owner as listed."""
+        await self.store.put_owner(pb.Owner(name=name, weight=weight))
+        for owner in await self.list_owners():
+            if owner.name == name:
+                return owner
+        return pb.Owner(name=name, weight=weight)
+
+    async def list_owners(self) -> list[pb.Owner]:
+        """Every owner with a weight, running work or queued work, in name order, with its
+        usage summed over the node records and its weighted dominant share."""
+        weights = {owner.name: owner.weight for owner in await self.store.list_owners()}
+        nodes = await self.store.list_nodes()
+        usage, totals = cluster_usage(nodes, None, {}, Usage())
+        names = set(weights) | set(usage) | await self._queued_owners()
+        owners = []
+        for name in sorted(names):
+            held = usage.get(name, Usage())
+            weight = weights.get(name, DEFAULT_WEIGHT)
+            owners.append(pb.Owner(
+                name=name, weight=weight,
+                usage=pb.OwnerUsage(cpu_millis=held.cpu_millis, memory_bytes=held.memory_bytes,
+                                    running=held.running),
+                share=share(held, totals, weight)))
+        return owners
+
+    async def _queued_owners(self) -> set[str]:
+        """Owners with a queued task: the first key of each (priority, owner) group of the
+        priority index, then a jump past that group."""
+        found: set[str] = set()
+        start, end = keys.QUEUE, keys.prefix_end(keys.QUEUE)
+        for _ in range(MAX_QUEUED_GROUPS):
+            page = await self.store.list_page(start, end, limit=1)
+            if not page.keys:
+                break
+            priority, owner, _ = keys.parse_queue(page.keys[0])
+            found.add(owner)
+            start = keys.prefix_end(keys.queue_group(priority, owner))
+        return found

@@ -1,0 +1,296 @@
+"""Keeping etcd small for months: retention, compaction, defragmentation, NOSPACE.
+
+Every node runs this; nothing depends on one node being alive. Deleting a finished task
+is a transaction that checks its status key still exists, so nodes doing it at once is
+harmless; defragmentation takes a lock on the node's lease so two members are never
+defragmented together. The same round refreshes the cluster-wide metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.core import keys, metrics
+from node.core.config import Config
+from node.core.errors import Compacted, FilchError
+from node.core.limits import READ_BATCH_RECORDS
+from node.etcd import failpoints
+from node.etcd.store import MemberStatus, Store
+from node.running.runner import Runner
+from node.scheduling.node_state import NodeState
+from node.scheduling.stealer import Stealer
+
+log = logging.getLogger(__name__)
+
+# Deleting is batched so one round never holds etcd busy for long.
+RETENTION_BATCH = 500
+
+# Array records one round examines for deletion (each costs reads of its task ids until
+# one exists): bounded, the next round goes on from there.
+ARRAY_BATCH = 100
+
+# NOSPACE is disarmed only when the live data is this far below the quota, so that the
+# alarm does not go off again at the next write.
+DISARM_BELOW_FRACTION = 0.9
+
+
+class Housekeeping:
+    """Periodic cleanup of etcd and of this node's log files."""
+
+    def __init__(self, *, config: Config, store: Store, state: NodeState, runner: Runner,
+                 stealer: Stealer,
+                 firewall: Callable[[list[str]], Awaitable[None]] | None = None) -> None:
+        """firewall, when given, receives every cluster address each round (the task
+        network's set of addresses tasks may not reach)."""
+        self._config = config
+        self._firewall = firewall
+        self._store = store
+        self._state = state
+        self._runner = runner
+        self._stealer = stealer
+        self._last_compaction = time.monotonic()
+        self._compacted_to = 0
+        self._stopping = asyncio.Event()
+        self.paused_for_space = False
+        self._array_cursor = b""
+
+    async def run(self) -> None:
+        """A round every housekeeping_interval until shutdown()."""
+        metrics.ETCD_QUOTA.set(self._config.etcd_quota_bytes)
+        while not self._stopping.is_set():
+            try:
+                await self.round()
+            except FilchError as exc:
+                log.info("housekeeping round skipped: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(),
+                                       self._config.housekeeping_interval)
+
+    async def shutdown(self) -> None:
+        """No round starts after this (one in progress finishes). Idempotent."""
+        self._stopping.set()
+
+    async def round(self) -> None:
+        """One pass: task firewall, metrics, NOSPACE, retention, compaction,
+        defragmentation, old logs."""
+        await self._refresh_firewall()
+        status = await self._store.member_status()
+        self._export(status)
+        await self._refresh_counts()
+        if status.nospace:
+            await self._recover_space(status)
+        elif self.paused_for_space:
+            log.warning("etcd has space again: stealing resumes")
+            self.paused_for_space = False
+            self._stealer.resume("nospace")
+        await self.apply_retention()
+        if time.monotonic() - self._last_compaction >= self._config.compaction_interval:
+            await self.compact(self._config.compaction_keep)
+        if status.db_size - status.db_size_in_use >= self._config.defrag_threshold:
+            await self.defragment()
+        await asyncio.to_thread(self._remove_old_logs)
+
+    async def _refresh_firewall(self) -> None:
+        """Verify (restore) the task firewall and refresh its cluster addresses. A failure
+        is logged and counted, never raised: retention, NOSPACE recovery and compaction
+        must not stop because an nft table vanished (attach() refuses isolated tasks
+        meanwhile, so nothing runs unfiltered)."""
+        if self._firewall is None:
+            return
+        try:
+            await self._firewall(await cluster_addresses(self._store))
+        except FilchError as exc:
+            metrics.FIREWALL_ERRORS.inc()
+            log.error("task firewall step failed (the rest of housekeeping goes on): %s", exc)
+
+    def _export(self, status: MemberStatus) -> None:
+        metrics.ETCD_DB_SIZE.set(status.db_size)
+        metrics.ETCD_DB_IN_USE.set(status.db_size_in_use)
+        metrics.ETCD_NOSPACE.set(int(status.nospace))
+        metrics.ETCD_LEADER.set(int(status.leader_id == status.member_id))
+        metrics.ETCD_HAS_LEADER.set(int(status.leader_id != 0))
+
+    async def _refresh_counts(self) -> None:
+        for state, prefix in (("pending", keys.QUEUED), ("running", keys.RUNNING),
+                              ("complete", keys.COMPLETE), ("canceled", keys.CANCELED)):
+            count = await self._store.count(prefix)
+            if state == "pending":
+                metrics.QUEUE_DEPTH.set(count)
+                # Held tasks are PENDING too (the resolver's sweep counts them by hold).
+                count += await self._store.count(keys.BLOCKED)
+            metrics.TASKS.labels(state).set(count)
+
+    async def apply_retention(self) -> int:
+        """Delete finished tasks past the retention, then the oldest past max_finished."""
+        cutoff = keys.epoch_ms(time.time() - self._config.retention).encode()
+        deleted = 0
+        for state, prefix in (("complete", keys.COMPLETE), ("canceled", keys.CANCELED)):
+            while True:
+                batch = [key for key in await self._store.list_ids(prefix, limit=RETENTION_BATCH)
+                         if key[len(prefix):] < cutoff]
+                if not batch:
+                    break
+                count = await self._store.delete_finished(batch, await self._array_ids(batch))
+                metrics.RETENTION_DELETED.labels(state).inc(count)
+                deleted += count
+                if len(batch) < RETENTION_BATCH:
+                    break
+        if self._config.max_finished:
+            deleted += await self._trim_to_max()
+        if deleted:
+            log.info("retention deleted %d finished tasks", deleted)
+        await self._delete_arrays()
+        return deleted
+
+    async def _array_ids(self, status_keys: list[bytes]) -> dict[bytes, str]:
+        """The array id of each of these finished tasks that belongs to an array (read
+        from their records, READ_BATCH_RECORDS at a time; nothing read while no array
+        exists), so that retention also waits for the array's dependents."""
+        if not status_keys or await self._store.count(keys.ARRAYS) == 0:
+            return {}
+        by_id = {keys.last_segment(key): key for key in status_keys}
+        records = await self._store.get_tasks(list(by_id))
+        return {by_id[record.task.id]: record.task.array_id for record in records
+                if record.task.array_id}
+
+    async def _delete_arrays(self) -> None:
+        """Delete up to ARRAY_BATCH array records (from where the last round stopped)
+        none of whose tasks exist any more and that nothing depends on."""
+        arrays = await self._store.list_arrays(after=self._array_cursor, limit=ARRAY_BATCH)
+        self._array_cursor = keys.array(arrays[-1].id) if len(arrays) == ARRAY_BATCH else b""
+        for array in arrays:
+            if await self._any_task_left(array):
+                continue
+            if await self._store.delete_array(array.id):
+                log.info("deleted array %s: none of its %d tasks is left", array.id,
+                         array.count)
+
+    async def _any_task_left(self, array: pb.Array) -> bool:
+        for start in range(0, array.count, READ_BATCH_RECORDS):
+            ids = [keys.array_task_id(array.id, position)
+                   for position in range(start, min(array.count, start + READ_BATCH_RECORDS))]
+            if await self._store.get_tasks(ids):
+                return True
+        return False
+
+    async def _trim_to_max(self) -> int:
+        """Delete the oldest finished tasks (of either state) beyond max_finished."""
+        excess = (await self._store.count(keys.COMPLETE) + await self._store.count(keys.CANCELED)
+                  - self._config.max_finished)
+        deleted = 0
+        while excess > 0:
+            oldest: list[bytes] = []
+            for prefix in (keys.COMPLETE, keys.CANCELED):
+                oldest += await self._store.list_ids(prefix, limit=min(excess, RETENTION_BATCH))
+            oldest.sort(key=lambda key: key.split(b"/")[-2])   # by finish epoch
+            batch = oldest[:min(excess, RETENTION_BATCH)]
+            if not batch:
+                break
+            array_ids = await self._array_ids(batch)
+            for key in batch:
+                count = await self._store.delete_finished([key], array_ids)
+                state = "complete" if key.startswith(keys.COMPLETE) else "canceled"
+                metrics.RETENTION_DELETED.labels(state).inc(count)
+                deleted += count
+            excess -= len(batch)
+        return deleted
+
+    async def compact(self, keep: int) -> None:
+        """Compact etcd history, keeping the last `keep` revisions."""
+        self._last_compaction = time.monotonic()
+        target = await self._store.current_revision() - keep
+        if target <= self._compacted_to:
+            return
+        try:
+            await self._store.compact(target)
+        except Compacted:
+            pass    # another node compacted past this revision already: the goal anyway
+        self._compacted_to = target
+        metrics.COMPACTIONS.inc()
+        log.info("compacted etcd history up to revision %d", target)
+
+    async def defragment(self, *, full: bool = False) -> bool:
+        """Defragment the local member under the cluster-wide lock; False if another holds it.
+
+        full: etcd is out of space, so the lock (a write) cannot be taken; every member must
+        be defragmented anyway before the alarm can go, and no write is served meanwhile.
+        """
+        registration = self._state.registration
+        if registration is None:
+            return False
+        locked = not full and await self._store.try_lock(
+            keys.DEFRAG_LOCK, registration.node_id, registration.lease_id)
+        if not (locked or full):
+            return False
+        try:
+            before = (await self._store.member_status()).db_size
+            await self._store.defragment()
+            after = (await self._store.member_status()).db_size
+            metrics.DEFRAGS.inc()
+            log.info("defragmented the local etcd member: %d -> %d bytes", before, after)
+        finally:
+            if locked:
+                await self._store.unlock(keys.DEFRAG_LOCK, registration.node_id)
+        return True
+
+    async def _recover_space(self, status: MemberStatus) -> None:
+        """NOSPACE: stop stealing, free space (retention, compaction, defrag), then disarm."""
+        if not self.paused_for_space:
+            log.error("etcd is out of space (NOSPACE alarm): stealing stops, running tasks "
+                      "go on; freeing space")
+            self.paused_for_space = True
+            self._stealer.pause("nospace")
+        await failpoints.hit("housekeeping.before_recover")
+        await self.apply_retention()
+        await self.compact(keep=0)
+        await self.defragment(full=True)
+        status = await self._store.member_status()
+        self._export(status)
+        if status.db_size_in_use < DISARM_BELOW_FRACTION * self._config.etcd_quota_bytes:
+            await self._store.disarm_nospace()
+            log.warning("NOSPACE alarm disarmed: %d of %d bytes in use", status.db_size_in_use,
+                        self._config.etcd_quota_bytes)
+        else:
+            log.error("etcd is still full after cleanup (%d of %d bytes live): lower "
+                      "--retention or --max-finished, or raise --etcd-quota-bytes",
+                      status.db_size_in_use, self._config.etcd_quota_bytes)
+
+    def _remove_old_logs(self) -> None:
+        """Delete log directories of tasks this node no longer runs, past log_retention."""
+        root = self._config.path / "logs"
+        if not root.is_dir():
+            return
+        cutoff = time.time() - self._config.log_retention
+        for task_dir in root.iterdir():
+            if self._runner.runs(task_dir.name):
+                continue
+            if _newest_mtime(task_dir) < cutoff:
+                shutil.rmtree(task_dir, ignore_errors=True)
+
+
+def _newest_mtime(directory: Path) -> float:
+    try:
+        return max((entry.stat().st_mtime for entry in directory.iterdir()),
+                   default=directory.stat().st_mtime)
+    except FileNotFoundError:
+        return time.time()
+
+
+async def cluster_addresses(store: Store) -> list[str]:
+    """Hosts of every etcd member's peer and client URLs, every live node's advertised
+    address and every address each node publishes (all its interfaces): what tasks must
+    never reach. Raises FilchError if etcd fails."""
+    hosts = {urlsplit(url).hostname or "" for url in await store.member_urls()}
+    for node in await store.list_nodes():
+        hosts.add(node.address.rpartition(":")[0].strip("[]"))
+        hosts.update(node.addresses)
+    hosts.discard("")
+    return sorted(hosts)

@@ -1,0 +1,255 @@
+"""Node registration on an etcd lease, keepalive, and self-fencing.
+
+A node registers under a fresh id on a fresh lease. If it cannot renew the lease before
+TTL - margin (monotonic clock, counted from when the last acknowledged renewal was
+sent), it fences itself — kills its tasks and stops stealing — before etcd can expire
+the lease and another node requeues them. Then it registers again as a new node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import NoReturn, Protocol
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.core import keys, metrics
+from node.core.config import Config
+from node.core.errors import FilchError
+from node.etcd import failpoints
+from node.etcd.store import Store
+from node.running.runtime.network import local_addresses
+from node.running.watchdog import Watchdog
+from node.scheduling.node_state import NodeState, Registration
+
+log = logging.getLogger(__name__)
+
+# How long before the lease could expire a node gives up and fences itself: enough for
+# killing containers (runc kill is ~10 ms) and for clock-rate differences between hosts.
+FENCE_MARGIN_FRACTION = 0.2
+FENCE_MARGIN_MIN = 0.5
+
+# Renew four times per TTL, and at least every half second, so that one lost renewal
+# never comes close to the deadline: the fence budget after the last renewal is then at
+# least TTL - margin - 0.5 s (a healed link can take ~2 s before etcd answers again).
+RENEWALS_PER_TTL = 4
+MAX_RENEW_INTERVAL = 0.5
+
+# One renewal may wait this long. When the etcd leader dies, a renewal sent to a follower
+# hangs until a new leader is elected (~1-2 s); a short per-try timeout retries as soon
+# as there is one, instead of waiting out the whole fence deadline on one stuck call.
+RENEW_TRY_TIMEOUT = 0.7
+RENEW_RETRY = 0.1
+
+# Back-off between registration attempts while etcd is unreachable or has no quorum.
+REGISTER_RETRY = 0.5
+
+# Coalesce node-record updates: allocation changes with every steal and finish.
+PUBLISH_DEBOUNCE = 0.2
+
+# How often the node's interface addresses are read (`ip -j addr`, a local call of a few
+# ms); the record is rewritten only when they changed. Other nodes' task firewalls pick a
+# change up at their next housekeeping round.
+ADDRESS_POLL = 10.0
+
+
+class Fenceable(Protocol):
+    async def fence(self) -> None:
+        """The lease is lost: kill every attempt now and write nothing for them."""
+
+
+class Membership:
+    """Keeps this node registered; tells the rest of the agent when it must fence itself."""
+
+    def __init__(self, *, config: Config, store: Store, state: NodeState, executor_name: str,
+                 runner: Fenceable, watchdog: Watchdog | None = None) -> None:
+        """runner is fenced when the lease is lost; watchdog, when given, is armed with
+        every fence deadline (it kills the tasks if this process cannot)."""
+        self._config = config
+        self._store = store
+        self._state = state
+        self._executor_name = executor_name
+        self._runner = runner
+        self._watchdog = watchdog
+        # Set by every change of the capacity ledger and of the capabilities (and only
+        # by those: every node watches the record): the node record is rewritten.
+        self._dirty = state.capacity.subscribe()
+        state.capabilities.on_change(self._dirty.set)
+        self._registered_at = 0.0
+        self._member_id = 0
+        self._deadline = 0.0
+        self._addresses: list[str] | None = None
+
+    @property
+    def registration(self) -> Registration | None:
+        return self._state.registration
+
+    @property
+    def live(self) -> asyncio.Event:
+        """Set while this node holds a fresh lease; stealing waits for it."""
+        return self._state.live
+
+    @property
+    def margin(self) -> float:
+        return max(FENCE_MARGIN_MIN, self._config.lease_ttl * FENCE_MARGIN_FRACTION)
+
+    async def run(self) -> NoReturn:
+        """Register, renew, fence on failure, register again — forever."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._publish_loop())
+            group.create_task(self._address_loop())
+            while True:
+                registration = await self._register()
+                await self._renew_until_lost(registration)
+                await self._fence(registration)
+        raise AssertionError("unreachable")
+
+    async def _register(self) -> Registration:
+        while True:
+            try:
+                lease_id = await self._store.grant_lease(self._config.lease_ttl)
+                sent = time.monotonic()
+                self._member_id = (await self._store.member_status()).member_id
+                registration = Registration(keys.new_node_id(), lease_id)
+                self._state.registration = registration
+                self._registered_at = time.time()
+                if self._addresses is None:
+                    await self._read_addresses()
+                await self._store.put_node(self._node_record(registration), lease_id)
+                self._deadline = sent + self._config.lease_ttl - self.margin
+                await self._arm_watchdog()
+                self.live.set()
+                metrics.NODE.info({"name": self._config.name, "node_id": registration.node_id,
+                                   "executor": self._executor_name,
+                                   "address": self._config.advertise_address})
+                log.info("registered as node %s (lease %x, ttl %ss)", registration.node_id,
+                         lease_id, self._config.lease_ttl)
+                return registration
+            except FilchError as exc:
+                self._state.registration = None
+                log.warning("cannot register yet: %s", exc)
+                await asyncio.sleep(REGISTER_RETRY)
+
+    async def _renew_until_lost(self, registration: Registration) -> None:
+        """Return when the lease is lost or can no longer be trusted."""
+        ttl = self._config.lease_ttl
+        next_renew = time.monotonic() + min(MAX_RENEW_INTERVAL, ttl / RENEWALS_PER_TTL)
+        while True:
+            now = time.monotonic()
+            if now >= self._deadline:
+                log.error("lease not renewed for %.1fs (ttl %ss): fencing this node",
+                          now - (self._deadline - ttl + self.margin), ttl)
+                return
+            await asyncio.sleep(max(0.0, min(next_renew, self._deadline) - now))
+            await failpoints.hit("membership.before_renew")
+            if time.monotonic() >= self._deadline:
+                continue
+            sent = time.monotonic()
+            try:
+                granted = await asyncio.wait_for(
+                    self._store.keep_alive(registration.lease_id),
+                    timeout=max(0.05, min(RENEW_TRY_TIMEOUT, self._deadline - sent)))
+            except (FilchError, TimeoutError) as exc:
+                metrics.KEEPALIVE_FAILURES.inc()
+                log.warning("lease renewal failed: %s", exc or "no answer in time")
+                next_renew = time.monotonic() + RENEW_RETRY
+                continue
+            if granted <= 0:
+                log.error("lease %x expired in etcd: fencing this node", registration.lease_id)
+                return
+            metrics.KEEPALIVE.observe(time.monotonic() - sent)
+            self._deadline = sent + granted - self.margin
+            await self._arm_watchdog()
+            next_renew = time.monotonic() + min(MAX_RENEW_INTERVAL, granted / RENEWALS_PER_TTL)
+
+    async def _arm_watchdog(self) -> None:
+        if self._watchdog is not None:
+            await self._watchdog.arm(self._deadline)
+
+    async def _fence(self, registration: Registration) -> None:
+        self.live.clear()
+        self._state.registration = None
+        metrics.SELF_FENCES.inc()
+        await self._runner.fence()
+        # The watchdog stays armed: at the fence deadline it kills whatever of this
+        # registration is still running (an attempt whose start was under way), until
+        # the next registration arms it again.
+        try:
+            # Release the running keys now instead of at expiry, so requeue starts sooner.
+            await self._store.revoke_lease(registration.lease_id)
+        except FilchError as exc:
+            log.info("could not revoke the old lease (it expires by itself): %s", exc)
+
+    async def shutdown(self) -> None:
+        """Deregister: revoke the lease (deletes the node record). Best effort; idempotent."""
+        registration, self._state.registration = self._state.registration, None
+        self.live.clear()
+        if self._watchdog is not None:
+            self._watchdog.disarm()
+        if registration is not None:
+            try:
+                await self._store.revoke_lease(registration.lease_id)
+            except FilchError as exc:
+                log.warning("could not revoke the lease on shutdown: %s", exc)
+
+    def _node_record(self, registration: Registration) -> pb.Node:
+        allocation = self._state.capacity.allocation()
+        record = pb.Node(
+            id=registration.node_id, name=self._config.name,
+            address=self._config.advertise_address,
+            cpu_capacity_millis=self._config.cpu_capacity_millis,
+            memory_capacity_bytes=self._config.memory,
+            cpu_allocated_millis=allocation.cpu_millis,
+            memory_allocated_bytes=allocation.memory_bytes,
+            running=allocation.running, etcd_member_id=self._member_id,
+            executor=self._executor_name, allow_host_network=self._config.allow_host_network,
+            disk_capacity_bytes=self._state.capacity.disk_bytes,
+            disk_allocated_bytes=allocation.disk_bytes,
+            capabilities=self._state.capabilities.snapshot(),
+            addresses=self._addresses or [])
+        record.registered_at.FromNanoseconds(int(self._registered_at * 1e9))
+        # Every stealer reads these for fair share; they change with the allocation, so
+        # they ride on the same debounced writes (at most one per PUBLISH_DEBOUNCE).
+        for owner, held in self._state.capacity.owners().items():
+            record.owners[owner].CopyFrom(pb.OwnerUsage(
+                cpu_millis=held.cpu_millis, memory_bytes=held.memory_bytes,
+                running=held.running))
+        return record
+
+    async def _publish_loop(self) -> NoReturn:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(PUBLISH_DEBOUNCE)
+            self._dirty.clear()
+            registration = self.registration
+            if registration is None:
+                continue
+            try:
+                await self._store.put_node(self._node_record(registration), registration.lease_id)
+            except FilchError as exc:
+                log.warning("could not update the node record: %s", exc)
+                self._dirty.set()
+
+    async def _address_loop(self) -> NoReturn:
+        while True:
+            await asyncio.sleep(ADDRESS_POLL)
+            if await self._read_addresses():
+                self._dirty.set()
+
+    async def _read_addresses(self) -> bool:
+        """Read this host's addresses; True when they changed. Never raises: without
+        `ip` the record keeps what it had (the advertised address still protects)."""
+        try:
+            addresses = await local_addresses()
+        except FilchError as exc:
+            if self._addresses is None:
+                log.warning("cannot read this node's addresses for the other nodes' task "
+                            "firewalls (only the advertised one is published): %s", exc)
+                self._addresses = []
+            return False
+        if addresses == self._addresses:
+            return False
+        log.info("this node's addresses: %s", ", ".join(addresses) or "none")
+        self._addresses = addresses
+        return True

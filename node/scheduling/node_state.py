@@ -1,0 +1,48 @@
+"""What the parts of one node share: its registration, liveness and capacity ledger.
+
+Membership writes the registration and liveness; the runner, stealer and housekeeping
+read them. Sharing this small state (instead of each other) keeps the agent's wiring
+acyclic: every part is built from the state and from the parts it calls, in one order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from node.core.capabilities import Capabilities
+from node.core.config import Config
+from node.scheduling.capacity import Capacity
+
+
+@dataclass(frozen=True)
+class Registration:
+    """This node's current identity in the cluster."""
+
+    node_id: str
+    lease_id: int
+
+
+@dataclass
+class NodeState:
+    capacity: Capacity
+    capabilities: Capabilities = field(default_factory=Capabilities)
+    """What this node can enforce (node/core/capabilities.py); published in its record."""
+    registration: Registration | None = None
+    """None while unregistered or fenced."""
+    live: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set while this node holds a fresh lease; stealing and watching wait for it."""
+
+    @classmethod
+    def for_config(cls, config: Config, *, capabilities: Capabilities | None = None,
+                   disk_capacity: int = 0) -> NodeState:
+        """disk_capacity: from node/running/disk.py (0: no task that counts disk fits)."""
+        capabilities = capabilities if capabilities is not None else Capabilities()
+        return cls(Capacity(cpu_millis=config.cpu_capacity_millis, memory_bytes=config.memory,
+                            disk_bytes=disk_capacity, default_disk=config.default_disk,
+                            capabilities=capabilities,
+                            allow_host_network=config.allow_host_network), capabilities)
+
+    def owns(self, node_id: str) -> bool:
+        """Whether node_id is this node's current registration."""
+        return self.registration is not None and self.registration.node_id == node_id

@@ -1,0 +1,376 @@
+"""Work stealing: take queued tasks that fit, after a delay proportional to this node's load.
+
+Candidates come from the priority index /queue/<rank>/<owner>/<id>: watch events and a
+bounded relist keep a local view of it (node/scheduling/queue_view.py).
+Each pass reads the records of the groups' oldest candidates and lets node/scheduling/fairshare.py
+choose: highest priority first, then the owner with the lowest weighted dominant share
+of the cluster (from the node records' per-owner usage and the weights at /owner/).
+Losing a race is normal: another node's transaction won, and the compare makes ours fail
+harmlessly. The steal also compares that no queue key of a higher priority than the
+lowest one taken appeared after this node's view of the queue was complete, so that no
+node takes a low task while a higher one it has not seen yet waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+from typing import NoReturn, Protocol
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.core import keys, lifecycle, metrics
+from node.core.config import Config
+from node.core.errors import FilchError, TooLarge
+from node.core.limits import ETCD_MAX_REQUEST_BYTES, MAX_BATCH, MOVE_KEYS_BYTES, WRITE_BATCH_BYTES
+from node.etcd import failpoints
+from node.etcd.store import Store, WatchEvent
+from node.etcd.txn import Move, Versioned, none_created_after
+from node.etcd.watching import list_and_watch
+from node.scheduling.fairshare import DEFAULT_WEIGHT, Candidate, Usage, cluster_usage, select, share
+from node.scheduling.node_state import NodeState, Registration
+from node.scheduling.queue_view import Group, QueueView
+
+log = logging.getLogger(__name__)
+
+# How many candidates one read of a pass takes (a round trip), and per group at least
+# this many (more while batches are larger): enough lookahead that a large task at a
+# group's head does not hide the smaller ones behind it.
+PASS_LIMIT = 64
+MIN_GROUP_PASS = 8
+# Reads one pass makes at most: when the higher priorities hold nothing that fits now,
+# the next read looks at lower ones.
+MAX_READS_PER_PASS = 4
+
+# Tasks per steal transaction start here, double after a won steal and halve after a lost
+# one (up to store.MAX_BATCH): large batches while the queue is ours alone, single steals
+# while nodes contend for the same tasks. A batch also stops at limits.WRITE_BATCH_BYTES.
+INITIAL_BATCH = 4
+
+# Random extra delay, as a fraction of steal_delay, so equally loaded nodes do not collide
+# in lockstep.
+JITTER_FRACTION = 0.1
+
+# Back-off after etcd refused a steal for a reason other than losing the race.
+ERROR_RETRY = 0.5
+
+
+class Launcher(Protocol):
+    def launch(self, task: pb.Task) -> None:
+        """Run a task this node just stole (its resources already reserved)."""
+
+
+class Stealer:
+    """Finds queued tasks and steals those this node has room for."""
+
+    def __init__(self, *, config: Config, store: Store, state: NodeState,
+                 runner: Launcher) -> None:
+        self._config = config
+        self._store = store
+        self._state = state
+        self._capacity = state.capacity
+        self._runner = runner
+        self._queue = QueueView()
+        # What fair share reads: live node records, and the owners' weights.
+        self._nodes: dict[str, pb.Node] = {}
+        self._weights: dict[str, float] = {}
+        self._published: set[str] = set()      # owners in the share gauges
+        # Set by new candidates and by every change of the capacity ledger (freed room).
+        self._wake = state.capacity.subscribe()
+        # A capability that came back (a firewall policy restored) makes tasks this node
+        # set aside runnable again.
+        state.capabilities.on_change(self._capabilities_changed)
+        self._pauses: set[str] = set()
+        self._batch = INITIAL_BATCH
+        # Clear while a steal transaction is sent and its attempts not yet launched:
+        # shutdown waits for it, so that the runner's drain sees what it committed.
+        self._no_steal_in_flight = asyncio.Event()
+        self._no_steal_in_flight.set()
+
+    def wake(self) -> None:
+        """Something changed (new task, freed capacity): look at the queue again."""
+        self._wake.set()
+
+    def _capabilities_changed(self) -> None:
+        """Tasks set aside as never runnable here are looked at again: relist the queue.
+        (One that lost a capability is filtered by the next pass, before any steal.)"""
+        self._queue.never_fits.clear()
+        self._queue.refill.set()
+        self.wake()
+
+    @property
+    def paused(self) -> bool:
+        """Stealing runs only while no reason to pause is left."""
+        return bool(self._pauses)
+
+    def pause(self, reason: str) -> None:
+        """Stop taking new work for reason ("shutdown", "nospace") until resume(reason)."""
+        self._pauses.add(reason)
+
+    def resume(self, reason: str) -> None:
+        """Drop one reason to pause; stealing resumes once none is left."""
+        self._pauses.discard(reason)
+        if not self._pauses:
+            self.wake()
+
+    async def shutdown(self) -> None:
+        """Close the door (idempotent): send no new steal, and wait up to shutdown_grace
+        for one already sent to be answered and its attempts launched. The runner's drain,
+        which comes next, then sees them like every other attempt; without the wait, a
+        steal committed during the drain ran nowhere and its task was lost with the lease
+        (a restart=false one ended NODE_LOST without having run)."""
+        self.pause("shutdown")
+        if self._no_steal_in_flight.is_set():
+            return
+        log.info("waiting for the answer of a steal in flight")
+        try:
+            await asyncio.wait_for(self._no_steal_in_flight.wait(), self._config.shutdown_grace)
+        except TimeoutError:
+            # etcd does not answer: the drain hands back whatever it committed by then.
+            log.warning("a steal was still unanswered after %gs: shutting down without it",
+                        self._config.shutdown_grace)
+
+    async def run(self) -> NoReturn:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(list_and_watch(self._store, keys.QUEUE, self._relist,
+                                             self._on_event))
+            group.create_task(list_and_watch(self._store, keys.NODES, self._relist_nodes,
+                                             self._on_node))
+            group.create_task(list_and_watch(self._store, keys.OWNERS, self._relist_owners,
+                                             self._on_owner))
+            group.create_task(self._sweep())
+            group.create_task(self._work())
+        raise AssertionError("unreachable")
+
+    # -- what the choice reads ---------------------------------------------------------------
+
+    async def _relist(self) -> None:
+        await self._queue.relist(self._store)
+        self.wake()
+
+    async def _on_event(self, event: WatchEvent) -> None:
+        if self._queue.on_event(event):
+            self.wake()
+
+    async def _relist_nodes(self) -> None:
+        self._nodes = {node.id: node for node in await self._store.list_nodes()}
+
+    async def _on_node(self, event: WatchEvent) -> None:
+        node_id = keys.last_segment(event.key)
+        if event.deleted:
+            self._nodes.pop(node_id, None)
+        else:
+            self._nodes[node_id] = pb.Node.FromString(event.value)
+
+    async def _relist_owners(self) -> None:
+        self._weights = {owner.name: owner.weight for owner in await self._store.list_owners()}
+
+    async def _on_owner(self, event: WatchEvent) -> None:
+        name = keys.last_segment(event.key)
+        if event.deleted:
+            self._weights.pop(name, None)
+        else:
+            self._weights[name] = pb.Owner.FromString(event.value).weight
+
+    async def _sweep(self) -> NoReturn:
+        while True:
+            try:
+                await asyncio.wait_for(self._queue.refill.wait(), self._config.sweep_interval)
+            except TimeoutError:
+                pass
+            self._queue.refill.clear()
+            try:
+                await self._relist()
+                await self._relist_nodes()
+                self._publish_shares(*self._cluster_usage())
+            except FilchError as exc:
+                log.info("queue sweep skipped: %s", exc)
+
+    # -- stealing --------------------------------------------------------------------------
+
+    def _delay(self) -> float:
+        base = self._config.steal_delay
+        return base * self._capacity.load() + random.uniform(0, base * JITTER_FRACTION)
+
+    async def _work(self) -> NoReturn:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._state.live.wait()
+            if self.paused:
+                continue
+            try:
+                stole = await self._pass()
+            except FilchError as exc:
+                log.info("stealing paused: %s", exc)
+                await asyncio.sleep(ERROR_RETRY)
+                stole = True
+            if stole:
+                # There may be more: look again without waiting for an event.
+                self._wake.set()
+
+    async def _pass(self) -> bool:
+        """Read the heads of the queue and steal, in one transaction, what fair share picks
+        among the tasks that fit now. True when a steal succeeded."""
+        registration = self._state.registration
+        if registration is None or self.paused or self._capacity.load() >= 1.0:
+            return False
+        delay = self._delay()
+        metrics.STEAL_DELAY.observe(delay)
+        await asyncio.sleep(delay)
+        records: dict[str, Versioned] = {}
+        candidates: list[Candidate] = []
+        picks: list[Candidate] = []
+        view_revision = 0
+        reads = self._queue.reads(per_group=max(MIN_GROUP_PASS, self._batch),
+                                  per_read=PASS_LIMIT)
+        for chunk in itertools.islice(reads, MAX_READS_PER_PASS):
+            if not view_revision:
+                # What the view was complete up to when the first read was chosen (no
+                # await since): every higher-priority key it held was read before any
+                # lower one, so the guard below covers exactly the keys not read.
+                view_revision = self._queue.complete_revision()
+            # Another node may have taken some of them while we waited.
+            found = {record.task.id: record for record in
+                     await self._store.get_tasks([task_id for _, task_id in chunk])}
+            for group, task_id in chunk:
+                record = found.get(task_id)
+                if (record is None or record.task.state != pb.TASK_STATE_PENDING
+                        or record.task.hold != pb.HOLD_NONE):
+                    self._queue.forget(group, task_id)
+                elif (not self._capacity.fits_ever(record.task.spec)
+                      or self._state.capabilities.may_run(record.task.spec) is not None):
+                    # Never here (too large, or needs what this node cannot enforce):
+                    # set aside until it leaves the queue or the capabilities change.
+                    self._queue.forget(group, task_id)
+                    self._queue.never_fits.add(task_id)
+                else:
+                    records[task_id] = record
+                    spec = record.task.spec
+                    candidates.append(Candidate(
+                        task_id, spec.priority, spec.owner or keys.DEFAULT_OWNER,
+                        spec.cpu_millis, spec.memory_bytes, _steal_bytes(record),
+                        self._capacity.disk_of(spec)))
+            picks = self._select(candidates)
+            if len(picks) >= self._batch:
+                break
+        if not picks or self.paused:
+            # Paused (shutdown) during the delay or the reads: send nothing. No await
+            # from here until the steal is marked in flight, so shutdown waits for it.
+            return False
+        chosen = [records[pick.task_id] for pick in picks]
+        for record in chosen:
+            self._capacity.reserve(record.task.spec)
+        # No queue key of a priority above the lowest taken may have appeared unseen.
+        guard = none_created_after(*keys.queue_above(min(pick.priority for pick in picks)),
+                                   view_revision)
+        self._no_steal_in_flight.clear()
+        try:
+            with self._capacity.stealing():
+                return await self._steal(chosen, registration, guard)
+        finally:
+            self._no_steal_in_flight.set()
+
+    def _select(self, candidates: list[Candidate]) -> list[Candidate]:
+        capacity = self._capacity
+        allocation = capacity.allocation()
+        usage, totals = self._cluster_usage()
+        free = Usage(capacity.cpu_millis - allocation.cpu_millis,
+                     capacity.memory_bytes - allocation.memory_bytes)
+        self._publish_shares(usage, totals)
+        return select(candidates, usage=usage, totals=totals, weights=self._weights,
+                      free=free, limit=self._batch, max_bytes=WRITE_BATCH_BYTES,
+                      disk_free=capacity.disk_free)
+
+    def _cluster_usage(self) -> tuple[dict[str, Usage], Usage]:
+        registration = self._state.registration
+        capacity = self._capacity
+        return cluster_usage(self._nodes.values(),
+                             registration.node_id if registration is not None else None,
+                             capacity.owners(), Usage(capacity.cpu_millis, capacity.memory_bytes))
+
+    def _publish_shares(self, usage: dict[str, Usage], totals: Usage) -> None:
+        """Share and running tasks by owner, as this node sees the cluster; owners that
+        hold nothing any more leave the gauges, except the default owner (its series always
+        exists, from start-up: metrics.py), which reads 0."""
+        for owner in self._published - set(usage):
+            if owner == keys.DEFAULT_OWNER:
+                metrics.OWNER_SHARE.labels(owner).set(0)
+                metrics.OWNER_RUNNING.labels(owner).set(0)
+                continue
+            metrics.OWNER_SHARE.remove(owner)
+            metrics.OWNER_RUNNING.remove(owner)
+        for owner, held in usage.items():
+            metrics.OWNER_SHARE.labels(owner).set(
+                share(held, totals, self._weights.get(owner, DEFAULT_WEIGHT)))
+            metrics.OWNER_RUNNING.labels(owner).set(held.running)
+        self._published = set(usage)
+
+    async def _steal(self, chosen: list[Versioned], registration: Registration,
+                     guard: object = None) -> bool:
+        """The steal transaction for a batch (resources already reserved); guard: the
+        priority compare (txn.none_created_after), when there is one."""
+        moves = [Move(record, lifecycle.stolen(record.task, registration.node_id,
+                                               self._config.name,
+                                               self._config.advertise_address))
+                 for record in chosen]
+        metrics.STEALS_ATTEMPTED.inc(len(moves))
+        try:
+            await failpoints.hit("stealer.before_commit")
+            token = await self._store.transition_many(
+                moves, lease_id=registration.lease_id, guards=() if guard is None else (guard,))
+            await failpoints.hit("stealer.after_commit")
+        except TooLarge:
+            self._release(moves)
+            if len(moves) > 1:
+                # Split: the next pass tries half as many (and halves again if need be).
+                self._batch = max(1, len(moves) // 2)
+                return True
+            await self._refuse(chosen[0])
+            return True
+        except BaseException:
+            self._release(moves)
+            raise
+        if token is None:
+            # Another node took at least one of them, or a higher priority task appeared
+            # that this node has not seen yet; the next pass re-reads them all.
+            metrics.STEALS_LOST.inc(len(moves))
+            self._release(moves)
+            self._batch = max(1, self._batch // 2)
+            return False
+        metrics.STEALS_WON.inc(len(moves))
+        self._batch = min(MAX_BATCH, self._batch * 2)
+        for move in moves:
+            self._queue.forget(_group_of(move.new), move.new.id)
+            metrics.OWNER_PICKS.labels(_group_of(move.new)[1]).inc()
+            metrics.START_LATENCY.observe(max(0.0, (move.new.started_at.ToNanoseconds()
+                                                    - move.new.submitted_at.ToNanoseconds()) / 1e9))
+            log.debug("stole task %s (attempt %d)", move.new.id, move.new.attempt)
+            self._runner.launch(lifecycle.started(move.new, token))
+        log.info("stole %d task(s) at revision %d", len(moves), token)
+        return True
+
+    async def _refuse(self, record: Versioned) -> None:
+        """A task whose record alone is too large to write: a permanent error, recorded on
+        the task (COMPLETE, START_FAILED), never retried."""
+        self._queue.forget(_group_of(record.task), record.task.id)
+        failed = lifecycle.too_large(lifecycle.finished(
+            record.task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED),
+            ETCD_MAX_REQUEST_BYTES)
+        if await self._store.transition(record, failed) is not None:
+            log.error("task %s: %s", record.task.id, failed.message)
+
+    def _release(self, moves: list[Move]) -> None:
+        for move in moves:
+            self._capacity.release(move.new.spec)
+
+
+def _steal_bytes(record: Versioned) -> int:
+    """What stealing this task adds to a transaction: its record, grown by a few node
+    fields (WRITE_BATCH_BYTES leaves a whole record of headroom for those), and keys."""
+    return record.task.ByteSize() + MOVE_KEYS_BYTES
+
+
+def _group_of(task: pb.Task) -> Group:
+    return task.spec.priority, task.spec.owner or keys.DEFAULT_OWNER
