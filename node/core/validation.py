@@ -29,8 +29,6 @@ from node.core.limits import (
     MIN_MEMORY_BYTES,
 )
 from node.core.units import MAX_DURATION_SECONDS
-from node.running.runtime.network import ISOLATED
-from node.running.runtime.network import MODES as NETWORK_MODES
 
 # Retries one task may ask for: beyond this a task is broken, not unlucky; each attempt
 # also stays in the record's history.
@@ -49,6 +47,11 @@ DEFAULT_CPU_MILLIS = 100
 DEFAULT_MEMORY_BYTES = 128 * 1024 * 1024
 
 DEFAULT_PAGE_SIZE = 100
+
+# A task's network modes (spec.network; node/running/runtime/network.py builds them). Named
+# here, with the rest of what a spec may hold, so that checking a spec needs no runtime code.
+ISOLATED, NONE, HOST = "isolated", "none", "host"
+NETWORK_MODES = (ISOLATED, NONE, HOST)
 
 # Environment variable names: POSIX's portable set. The process executor restores a
 # task's environment with a shell after dropping root (see node/running/runtime/process.py), and

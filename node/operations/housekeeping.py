@@ -15,6 +15,7 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from node._gen.filch.v1 import filch_pb2 as pb
@@ -24,9 +25,7 @@ from node.core.errors import Compacted, FilchError
 from node.core.limits import READ_BATCH_RECORDS
 from node.etcd import failpoints
 from node.etcd.store import MemberStatus, Store
-from node.running.runner import Runner
 from node.scheduling.node_state import NodeState
-from node.scheduling.stealer import Stealer
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +41,33 @@ ARRAY_BATCH = 100
 DISARM_BELOW_FRACTION = 0.9
 
 
+# What housekeeping needs of the runner and the stealer, and nothing more: operations sits
+# beside running and below the agent that wires them (node/operations/__init__.py).
+class Attempts(Protocol):
+    """The attempts this node runs (node.running.runner.Runner)."""
+
+    def runs(self, task_id: str) -> bool:
+        """Whether an attempt of this task is running here."""
+        ...
+
+
+class Stealing(Protocol):
+    """This node's stealing, paused while any reason holds (node.scheduling.stealer.Stealer)."""
+
+    def pause(self, reason: str) -> None:
+        """Stop stealing until resume(reason)."""
+        ...
+
+    def resume(self, reason: str) -> None:
+        """Lift one reason to pause."""
+        ...
+
+
 class Housekeeping:
     """Periodic cleanup of etcd and of this node's log files."""
 
-    def __init__(self, *, config: Config, store: Store, state: NodeState, runner: Runner,
-                 stealer: Stealer,
+    def __init__(self, *, config: Config, store: Store, state: NodeState, runner: Attempts,
+                 stealer: Stealing,
                  firewall: Callable[[list[str]], Awaitable[None]] | None = None) -> None:
         """firewall, when given, receives every cluster address each round (the task
         network's set of addresses tasks may not reach)."""

@@ -35,6 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from node.core.errors import ExecutorError, InvalidArgument
+from node.core.validation import HOST as HOST
+from node.core.validation import ISOLATED as ISOLATED
+from node.core.validation import NETWORK_MODES
+from node.core.validation import NONE as NONE
 from node.running.runtime import kill
 from node.running.runtime.commands import run as _run
 from node.running.runtime.commands import run_json
@@ -43,8 +47,7 @@ from node.running.runtime.resolv import TaskResolvConf
 
 log = logging.getLogger(__name__)
 
-ISOLATED, NONE, HOST = "isolated", "none", "host"
-MODES = (ISOLATED, NONE, HOST)
+MODES = NETWORK_MODES
 
 NETNS_DIR = Path(kill.NETNS_DIR)
 # Any node's bridge or host veth on this machine (the names TaskNetwork derives).
