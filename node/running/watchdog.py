@@ -49,6 +49,11 @@ from node.running.runtime.kill import (
 
 log = logging.getLogger(__name__)
 
+# The module an agent runs its watchdog as, now and before the packages of issue 17 (an
+# agent upgraded in place must still find and retire a watchdog the old code started).
+MODULE = "node.running.watchdog"
+OLD_MODULES = ("node.watchdog",)  # old module name, kept on purpose
+
 # After firing, the watchdog sweeps again and again for this long: a `runc run` the agent
 # spawned just before it died or froze can still create its container afterwards.
 SWEEP_SECONDS = 10.0
@@ -66,7 +71,7 @@ class Watchdog:
         the process executor's node directory in each cgroup hierarchy (every attempt
         cgroup below is killed)."""
         self._runc_root = runc_root
-        self._argv = [sys.executable, "-m", "node.running.watchdog", "--runc", runc_binary,
+        self._argv = [sys.executable, "-m", MODULE, "--runc", runc_binary,
                       "--runc-root", runc_root]
         if netns_prefix:
             self._argv += ["--netns-prefix", netns_prefix, "--bridge", bridge,
@@ -80,8 +85,9 @@ class Watchdog:
     def retire_previous(self) -> int:
         """SIGKILL watchdogs of an earlier run of this node (still sweeping after that agent
         died: they would kill the new agent's containers). Call before start()."""
-        return kill_processes_with_args(("node.running.watchdog", "--runc", self._argv[4],
-                                         "--runc-root", self._runc_root))
+        return sum(kill_processes_with_args((module, "--runc", self._argv[4],
+                                             "--runc-root", self._runc_root))
+                   for module in (MODULE, *OLD_MODULES))
 
     async def start(self) -> None:
         """Start (or restart) the watchdog process and tell it the current state."""

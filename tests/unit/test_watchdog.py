@@ -50,3 +50,32 @@ def test_kills_tracked_groups(tmp_path: Path, ending: str) -> None:
             process.wait()
         if watchdog.stdin is not None and not watchdog.stdin.closed:
             watchdog.stdin.close()
+
+
+def test_an_upgraded_agent_retires_watchdogs_of_the_old_and_the_new_layout(
+        tmp_path: Path) -> None:
+    """Before issue 17 the watchdog ran from node/'s top level; an agent upgraded in place
+    finds it by that command line, and a watchdog of another node's runc root survives."""
+    from node.running.watchdog import Watchdog
+
+    old_layout = "node.watchdog"  # the old module name, kept on purpose
+
+    def lookalike(module: str, root: Path) -> subprocess.Popen[bytes]:
+        # A sleeper whose command line carries the watchdog's arguments (the old module
+        # cannot be started any more: its file moved).
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)",
+                                 "-m", module, "--runc", "runc", "--runc-root", str(root)],
+                                start_new_session=True)
+
+    ours, theirs = tmp_path / "runc", tmp_path / "other"
+    retired = [lookalike(module, ours) for module in (old_layout, "node.running.watchdog")]
+    survivor = lookalike(old_layout, theirs)
+    try:
+        assert Watchdog(runc_binary="runc", runc_root=str(ours)).retire_previous() == 2
+        assert [process.wait(timeout=20) for process in retired] == [-9, -9]
+        assert survivor.poll() is None
+    finally:
+        for process in (*retired, survivor):
+            if process.poll() is None:
+                process.kill()
+            process.wait()
