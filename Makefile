@@ -5,7 +5,7 @@
 #                  installs only what running needs (no test or dev toolchain)
 #   make image     the node image localhost/filch-node (podman/buildah; see images/README.md)
 #   make bench     filch vs tuned Slurm vs this machine's ceilings (see bench/README.md)
-#   make lint      ruff + mypy --strict
+#   make lint      ruff + mypy --strict + lint-imports (the package layers of node/)
 #   make proto     regenerate node/_gen/ from proto/ (commit the result)
 #   make clean     remove run/ state and caches (distclean: the venv too)
 
@@ -92,6 +92,7 @@ check-proto: venv
 lint: venv
 	$(VENV)/bin/ruff check node tests
 	$(VENV)/bin/mypy --strict node
+	$(VENV)/bin/lint-imports
 
 # pytest runs last, so its summary line is the last thing `make test` prints.
 test: deps venv lint
