@@ -111,7 +111,7 @@ clean:
 	@if [ -f run/supervisord.pid ] && kill -0 "$$(cat run/supervisord.pid)" 2>/dev/null; then \
 	  echo "the local cluster (make run) is still running; stop it first" >&2; exit 1; \
 	fi
-	rm -rf run build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache
+	rm -rf run build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache .import_linter_cache
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean
