@@ -408,6 +408,7 @@ def _is_ready(channel: grpc.Channel) -> bool:
         channel.unsubscribe(callback)
 
 
-# The README publishes these names from node.client: importable here, defined in node/core/errors.py.
+# The README publishes these names from node.client: importable here, defined in
+# node/core/errors.py.
 __all__ = ["DEFAULT_SERVER", "DEFAULT_TIMEOUT", "Client", "ClientError", "DeadlineExceeded",
            "InvalidRequest", "LogCall", "NotFound", "Unauthenticated", "Unavailable"]

@@ -313,11 +313,9 @@ class Config:
             raise InvalidArgument("default_disk", f"{self.default_disk} bytes is more than "
                                   f"disk_capacity ({self.disk_capacity}): no task without "
                                   "--disk could ever run here; lower --default-disk")
-        from node.running.runtime.network import parse_subnet
-        parse_subnet(self.task_subnet)
-        from node.running.runtime.firewall import parse_cidrs
-        parse_cidrs(self.task_deny, "task_deny")
-        parse_cidrs(self.task_allow, "task_allow")
+        addresses.parse_subnet(self.task_subnet)
+        addresses.parse_cidrs(self.task_deny, "task_deny")
+        addresses.parse_cidrs(self.task_allow, "task_allow")
         return self
 
 

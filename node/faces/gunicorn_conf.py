@@ -1,4 +1,5 @@
-"""gunicorn settings for a node's HTTP face: `gunicorn -c node/faces/gunicorn_conf.py node.faces.http:app`.
+"""gunicorn settings for a node's HTTP face:
+`gunicorn -c node/faces/gunicorn_conf.py node.faces.http:app`.
 
 Environment:
     FILCH_HTTP_LISTEN       HOST:PORT to bind (default 127.0.0.1:8080)

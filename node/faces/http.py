@@ -1,10 +1,10 @@
 """The HTTP face of a node: health probes, a JSON API and the web UI, over the local daemon.
 
-gunicorn serves `node.faces.http:app` (settings in node/faces/gunicorn_conf.py). Every request becomes
-calls through node.client to the filch daemon at FILCH_SERVER (default 127.0.0.1:7070);
-this module holds no state of its own beyond that client. This module routes and serves
-the UI; the probes and the JSON API are node/faces/http_api.py, request parsing and JSON
-answers node/faces/http_wire.py, log streaming node/faces/http_logs.py.
+gunicorn serves `node.faces.http:app` (settings in node/faces/gunicorn_conf.py). Every
+request becomes calls through node.client to the filch daemon at FILCH_SERVER (default
+127.0.0.1:7070); this module holds no state of its own beyond that client. This module
+routes and serves the UI; the probes and the JSON API are node/faces/http_api.py, request
+parsing and JSON answers node/faces/http_wire.py, log streaming node/faces/http_logs.py.
 
     GET  /healthz                       liveness: the daemon answers its gRPC health check
     GET  /readyz                        readiness: daemon serving, etcd answering, lease held

@@ -1,5 +1,6 @@
 """The etcd member's configuration: its command line, environment and the TLS a probe of
-its client port needs. Everything here follows from Config; node/operations/etcd_member.py runs it."""
+its client port needs. Everything here follows from Config;
+node/operations/etcd_member.py runs it."""
 
 from __future__ import annotations
 

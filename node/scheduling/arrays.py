@@ -10,26 +10,25 @@ tasks the resolver deletes after an hour (node/scheduling/dependencies.py).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys, lifecycle, metrics
-from node.core.errors import ArrayNotFound, Conflict, FilchError, InvalidArgument, StoreUnavailable
+from node.core.errors import ArrayNotFound, Conflict, InvalidArgument, StoreUnavailable
 from node.core.limits import (
     ETCD_KEY_OVERHEAD_BYTES,
     READ_BATCH_RECORDS,
-    batches,
 )
 from node.core.states import FINISHED
 from node.etcd import failpoints
+from node.etcd.batch_write import concurrently, write_moves
 from node.etcd.handback import canceled, outcome
 from node.etcd.store import Store
-from node.etcd.txn import Move, Versioned, move_bytes, move_ops, written_bytes
+from node.etcd.txn import Move, Versioned, written_bytes
 from node.scheduling.admission import Admission
+from node.scheduling.array_ids import STEP, task_ids
 from node.scheduling.conditions import (
     FAILED,
     MET,
@@ -43,102 +42,9 @@ from node.scheduling.conditions import (
 )
 from node.scheduling.paging import Page
 
-T = TypeVar("T")
-
-# Tasks an array submit builds, writes or releases per step: the event loop is held for
-# the Python part of one step only (~0.1 s), so that the node's lease keepalive, its
-# steals and other calls go on while a 100,000-task array is written.
-STEP = 2048
-
-# Transactions of one batch write in flight at once: etcd commits concurrent proposals
-# with one fsync, so a few in flight multiply an array's write rate; more only queue.
-WRITE_CONCURRENCY = 8
-
-
-def cut(moves: Sequence[Move]) -> list[list[int]]:
-    """Positions of moves, in runs that each fit one transaction (limits.batches: MAX_BATCH
-    moves, WRITE_BATCH_BYTES, MAX_TXN_OPS compares and operations)."""
-    shapes: dict[tuple[object, ...], int] = {}
-
-    def ops(position: int) -> int:
-        # Moves of one shape have as many compares and operations: count each shape once
-        # (an array's 100,000 moves have one or two shapes).
-        move = moves[position]
-        shape = (move.old is None, move.old.task.state if move.old else 0,
-                 move.old.task.hold if move.old else 0, move.new.state, move.new.hold,
-                 len(move.new.spec.after), len(move.requires), move.fence, move.owner_gone)
-        if shape not in shapes:
-            shapes[shape] = move_ops(move)
-        return shapes[shape]
-
-    return list(batches(range(len(moves)), lambda position: move_bytes(moves[position]),
-                        ops=ops))
-
-
-async def write_moves(store: Store, moves: Sequence[Move], *,
-                      after_batch: Callable[[], Awaitable[None]] | None = None
-                      ) -> list[int | None]:
-    """Write moves in as few transactions as fit, WRITE_CONCURRENCY at a time: each
-    move's revision, or None where its compare failed (a transaction that failed is
-    retried move by move, so one moved task does not fail the others). after_batch runs
-    after each transaction (a failpoint). Raises what the store raises; transactions in
-    flight then finish or not, each all or nothing."""
-    revisions: list[int | None] = [None] * len(moves)
-
-    async def write(batch: list[int]) -> None:
-        revision = await store.transition_many([moves[at] for at in batch])
-        if revision is None and len(batch) > 1:
-            for at in batch:
-                revisions[at] = await store.transition_many([moves[at]])
-        else:
-            for at in batch:
-                revisions[at] = revision
-        if after_batch is not None:
-            await after_batch()
-
-    await concurrently(cut(moves), write)
-    return revisions
-
-
-async def concurrently(items: Sequence[T], handle: Callable[[T], Awaitable[None]]) -> None:
-    """handle(item) for every item, in order of start, WRITE_CONCURRENCY at a time. Raises
-    the first filch error (else the first error) any of them raised; the others are
-    cancelled."""
-    pending = list(reversed(items))
-
-    async def worker() -> None:
-        while pending:
-            await handle(pending.pop())
-
-    try:
-        async with asyncio.TaskGroup() as group:
-            for _ in range(min(WRITE_CONCURRENCY, len(pending))):
-                group.create_task(worker())
-    except ExceptionGroup as errors:
-        raise first_error(errors) from None
-
-
-def first_error(errors: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error to raise for a failed task group: the first filch error, else the first."""
-    flat: list[BaseException] = []
-    for error in errors.exceptions:
-        flat += ([first_error(error)] if isinstance(error, BaseExceptionGroup) else [error])
-    return next((error for error in flat if isinstance(error, FilchError)), flat[0])
-
 
 def indices(spec: pb.ArraySpec) -> range:
     return range(spec.start, spec.end + 1, spec.step or 1)
-
-
-async def task_ids(array_id: str, count: int) -> list[str]:
-    """The ids of an array's tasks in position order, made STEP at a time with the event
-    loop let go in between (100,000 ids take a good part of a second)."""
-    ids: list[str] = []
-    for start in range(0, count, STEP):
-        ids += [keys.array_task_id(array_id, position)
-                for position in range(start, min(count, start + STEP))]
-        await asyncio.sleep(0)
-    return ids
 
 
 class Arrays:

@@ -25,10 +25,11 @@ from node.core import keys, lifecycle, metrics
 from node.core.config import Config
 from node.core.errors import FilchError
 from node.core.limits import READ_BATCH_RECORDS, batches
+from node.etcd.batch_write import write_moves
 from node.etcd.store import Store, WatchEvent
 from node.etcd.txn import Move, Versioned
 from node.etcd.watching import list_and_watch
-from node.scheduling.arrays import task_ids, write_moves
+from node.scheduling.array_ids import task_ids
 from node.scheduling.conditions import DependencyCheck, waiting_for_array
 
 log = logging.getLogger(__name__)

@@ -104,9 +104,10 @@ def start_face(node_address: str, directory: Path, *, listen: str, token: bool =
         token_file.write_text(TOKEN + "\n")
         environment["FILCH_TOKEN_FILE"] = str(token_file)
     with log.open("wb") as output:
-        process = subprocess.Popen([GUNICORN, "-c", "node/faces/gunicorn_conf.py", "node.faces.http:app"],
-                                   cwd=REPO, env=environment, stdout=output,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(
+            [GUNICORN, "-c", "node/faces/gunicorn_conf.py", "node.faces.http:app"],
+            cwd=REPO, env=environment, stdout=output,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     host, _, port = listen.rpartition(":")
     face = Face(host, int(port), process, log)
 

@@ -86,7 +86,8 @@ def http_url(three_nodes: Cluster, tmp_path_factory: pytest.TempPathFactory) -> 
                FILCH_TOKEN_FILE=str(token_file))
     with log_path.open("wb") as log:
         server = subprocess.Popen(
-            [GUNICORN, "-c", "node/faces/gunicorn_conf.py", "node.faces.http:app"], cwd=REPO, env=env,
+            [GUNICORN, "-c", "node/faces/gunicorn_conf.py", "node.faces.http:app"],
+            cwd=REPO, env=env,
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     url = f"http://{listen}"
     last: list[object] = []

@@ -339,7 +339,8 @@ def test_healthcheck_passes(cluster: ImageCluster) -> None:
 
 
 def has_http(container: Container) -> bool:
-    probe = container.exec("sh", "-c", "test -f /opt/filch/lib/python3*/site-packages/node/faces/http.py")
+    probe = container.exec(
+        "sh", "-c", "test -f /opt/filch/lib/python3*/site-packages/node/faces/http.py")
     return probe.returncode == 0
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys
 from node.core.limits import MAX_BATCH, MAX_TXN_OPS
+from node.etcd.batch_write import cut
 from node.etcd.txn import Move, move_ops
-from node.scheduling.arrays import cut, indices
+from node.scheduling.arrays import indices
 
 
 def held(parents: int) -> Move:

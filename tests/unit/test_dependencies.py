@@ -37,7 +37,8 @@ async def create(store: Store, *tasks: pb.Task) -> None:
 
 async def test_a_parents_end_releases_its_child_without_a_sweep(
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    resolver = Resolver(config=Config(name="n", sweep_interval=3600.0), store=store)
+    resolver = Resolver(config=Config(name="n", sweep_interval=3600.0), store=store,
+                        check=DependencyCheck(store=store))
     sweeps = 0
 
     async def no_sweep() -> None:   # the e2e clusters' 1 s sweep would release it anyway

@@ -477,7 +477,7 @@ def test_the_ui_never_parses_data_as_html() -> None:
         assert not [sink for sink in sinks if sink in source], path.name
 
 
-# -- authentication (node/faces/webauth.py) ----------------------------------------------------------
+# -- authentication (node/faces/webauth.py) -------------------------------------------
 
 TOKEN = "f" * 64
 # Names this node answers to besides loopback, as FILCH_HTTP_ALLOWED_HOSTS would add them.

@@ -28,7 +28,8 @@ class AttemptSpec:
     attempt_dir: Path = Path("/tmp")
     """Host directory the executor owns for this attempt (bundle, scratch); removed by cleanup."""
     max_log_bytes: int = 100 * 1024 * 1024
-    """Cap on the log file: past it the head and the tail are kept (node/running/runtime/logcap.py)."""
+    """Cap on the log file: past it the head and the tail are kept
+    (node/running/runtime/logcap.py)."""
     disk_bytes: int = 0
     """Size limit of the scratch dir (/work); 0: no limit of its own. runc only."""
     network: str = "isolated"

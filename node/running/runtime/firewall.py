@@ -38,28 +38,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from node.core import metrics
-from node.core.errors import ExecutorError, InvalidArgument
+from node.core.addresses import Network, metadata_networks
+from node.core.errors import ExecutorError
 from node.running.runtime.commands import run, run_json
 
 log = logging.getLogger(__name__)
-
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-
-# Where clouds answer with the machine's credentials or identity; a batch task needs none
-# of them. Dropped by default, opened only by --task-allow.
-METADATA = (
-    # Link-local IPv4 as a whole: AWS, GCP, Azure, OpenStack and DigitalOcean serve their
-    # metadata (and IAM credentials) at 169.254.169.254.
-    "169.254.0.0/16",
-    # Azure's WireServer: VM extension settings and certificates (and the VM's DNS server).
-    "168.63.129.16/32",
-    # Alibaba Cloud's metadata service: inside 100.64.0.0/10, the pool tasks' subnets
-    # come from (auto_subnet never picks its /24).
-    "100.100.100.200/32",
-    # AWS IMDS over IPv6 (Nitro instances); forwarded IPv6 is dropped anyway, this keeps
-    # it so should that ever change.
-    "fd00:ec2::254/128",
-)
 
 # Filch's bridges on this host, every node's: "fb" + 6 hex digits (network.py).
 BRIDGE_PATTERN = "fb*"
@@ -68,24 +51,6 @@ BRIDGE_PATTERN = "fb*"
 # kept across restarts beside the node's other network state.
 FORWARDING_MARKER = "ip_forward-enabled-by-filch"
 IP_FORWARD = Path("/proc/sys/net/ipv4/ip_forward")
-
-
-def parse_cidrs(value: str, field: str) -> list[Network]:
-    """Comma-separated CIDRs (IPv4 or IPv6), or InvalidArgument naming the field."""
-    networks = []
-    for entry in (part.strip() for part in value.split(",")):
-        if not entry:
-            continue
-        try:
-            networks.append(ipaddress.ip_network(entry, strict=True))
-        except ValueError as exc:
-            raise InvalidArgument(field, f"{entry!r} is not a CIDR like 10.0.0.0/8 or "
-                                         f"2001:db8::/32 ({exc})") from None
-    return networks
-
-
-def metadata_networks() -> list[Network]:
-    return [ipaddress.ip_network(entry) for entry in METADATA]
 
 
 class TaskFirewall:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node.core.addresses import metadata_networks, parse_cidrs, parse_subnet
 from node.core.errors import ExecutorError, InvalidArgument
 from node.core.validation import HOST as HOST
 from node.core.validation import ISOLATED as ISOLATED
@@ -42,7 +43,7 @@ from node.core.validation import NONE as NONE
 from node.running.runtime import kill
 from node.running.runtime.commands import run as _run
 from node.running.runtime.commands import run_json
-from node.running.runtime.firewall import TaskFirewall, metadata_networks, parse_cidrs
+from node.running.runtime.firewall import TaskFirewall
 from node.running.runtime.resolv import TaskResolvConf
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,6 @@ _FILCH_LINK = re.compile(r"fb[0-9a-f]{6}|fv[0-9a-f]{6}[0-9]+")
 # RFC 1918 ranges home and office networks use. Each node takes one /24 of it.
 AUTO_POOL = ipaddress.IPv4Network("100.64.0.0/10")
 AUTO_PREFIX = 24
-# Explicit subnets: /16 is 65,533 tasks (more than any node runs), /28 still 13.
-MIN_PREFIX, MAX_PREFIX = 16, 28
-
 # How long an isolated attempt waits for the first fill of the cluster address set (the
 # agent fills it as soon as etcd answers; a node without etcd quorum cannot steal anyway).
 CLUSTER_WAIT = 30.0
@@ -71,25 +69,6 @@ def parse_mode(value: str) -> str:
     if mode not in MODES:
         raise InvalidArgument("spec.network", f"{value!r} is not one of {', '.join(MODES)}")
     return mode
-
-
-def parse_subnet(value: str) -> ipaddress.IPv4Network | None:
-    """An explicit task subnet, or None for "auto"; InvalidArgument naming task_subnet."""
-    if value == "auto":
-        return None
-    try:
-        subnet = ipaddress.IPv4Network(value, strict=True)
-    except ValueError as exc:
-        raise InvalidArgument("task_subnet", f"{value!r} is not an IPv4 CIDR like "
-                                             f"100.64.7.0/24 ({exc})") from None
-    if not MIN_PREFIX <= subnet.prefixlen <= MAX_PREFIX:
-        raise InvalidArgument("task_subnet", f"{value!r}: the prefix must be "
-                                             f"/{MIN_PREFIX}../{MAX_PREFIX}")
-    for metadata in metadata_networks():
-        if metadata.version == 4 and subnet.overlaps(metadata):
-            raise InvalidArgument("task_subnet", f"{value!r} overlaps the cloud metadata "
-                                                 f"range {metadata}: pick another subnet")
-    return subnet
 
 
 def name_hash(node_name: str) -> str:

@@ -501,7 +501,8 @@ class NetCluster:
                 args += ["--etcd-endpoint", client_url]
             elif i in external:
                 args += ["--etcd-endpoint", client_url]
-                # The same member the agent would embed (node/operations/etcd_member.py), run on its own.
+                # The same member the agent would embed (node/operations/etcd_member.py),
+                # run on its own.
                 etcd_args = ["etcd", "--name", name, "--data-dir", str(data_dir / "etcd"),
                              "--listen-client-urls", client_url,
                              "--advertise-client-urls", client_url,
