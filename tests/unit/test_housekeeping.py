@@ -1,8 +1,12 @@
-"""Housekeeping against a real etcd: a failing task firewall step skips nothing else."""
+"""Housekeeping against a real etcd: a failing task firewall step skips nothing else; two
+nodes never defragment their members at once, and the lock of a node that died inside does
+not block the others."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ from node.etcd.store import Store
 from node.operations.housekeeping import Housekeeping
 from node.scheduling.node_state import NodeState, Registration
 from node.scheduling.stealer import Stealer
-from tests.unit.etcd_fixture import require_etcd
+from tests.unit.etcd_fixture import etcdctl, require_etcd
 
 require_etcd()
 
@@ -72,3 +76,95 @@ async def test_a_failing_firewall_step_skips_nothing_else(store: Store, tmp_path
     assert await store.count(keys.COMPLETE) == 0
     assert REGISTRY.get_sample_value("filch_etcd_compactions_total") == compactions + 1
     assert REGISTRY.get_sample_value("filch_task_firewall_errors_total") == errors + 1
+
+
+class HeldDefragment(Store):
+    """One node's connection whose defragment call, when held, waits for the test's release
+    once it has begun: the node is kept inside its critical section, under the lock, for
+    as long as the test needs (no sleeps)."""
+
+    def __init__(self, *, endpoint: str, held: bool) -> None:
+        super().__init__(endpoint=endpoint)
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        if not held:
+            self.release.set()
+        self.defragmented = 0
+
+    async def defragment(self) -> None:
+        self.entered.set()
+        await self.release.wait()
+        await super().defragment()
+        self.defragmented += 1
+
+
+class NoStealing:
+    """Stands in for the stealer: defragmentation never pauses it."""
+
+    def pause(self, reason: str) -> None:
+        raise AssertionError("defragmentation pauses no stealing")
+
+    def resume(self, reason: str) -> None:
+        raise AssertionError("defragmentation resumes no stealing")
+
+
+@contextlib.asynccontextmanager
+async def _node(etcd: str, store: Store, tmp_path: Path, name: str, *,
+                held: bool) -> AsyncIterator[tuple[Housekeeping, HeldDefragment, Registration]]:
+    """A registered node's housekeeping, on its own connection to the (shared) etcd."""
+    connection = HeldDefragment(endpoint=etcd, held=held)
+    config = Config(name=name, data_dir=str(tmp_path / name))
+    state = NodeState.for_config(config)
+    state.registration = Registration(keys.new_node_id(), await store.grant_lease(60))
+    try:
+        yield (Housekeeping(config=config, store=connection, state=state,
+                            runner=NothingRuns(), stealer=NoStealing()),
+               connection, state.registration)
+    finally:
+        connection.release.set()
+        await connection.close()
+
+
+def _lock_holder(etcd: str) -> str:
+    return etcdctl(etcd, "get", keys.DEFRAG_LOCK.decode(), "--print-value-only").strip()
+
+
+async def test_two_nodes_never_defragment_at_once(etcd: str, store: Store,
+                                                  tmp_path: Path) -> None:
+    async with _node(etcd, store, tmp_path, "a", held=True) as (first, first_etcd, first_node), \
+            _node(etcd, store, tmp_path, "b", held=False) as (second, second_etcd, _):
+        defrags = REGISTRY.get_sample_value("filch_etcd_defrags_total") or 0.0
+        holding = asyncio.create_task(first.defragment())
+        await first_etcd.entered.wait()
+        assert _lock_holder(etcd) == first_node.node_id
+
+        # The second node skips its defragmentation while the first is inside its own.
+        assert await second.defragment() is False
+        assert not second_etcd.entered.is_set()
+
+        first_etcd.release.set()
+        assert await holding is True
+        assert _lock_holder(etcd) == ""          # released when done
+        assert REGISTRY.get_sample_value("filch_etcd_defrags_total") == defrags + 1
+        # With the lock free, the second node's next round defragments.
+        assert await second.defragment() is True
+        assert (first_etcd.defragmented, second_etcd.defragmented) == (1, 1)
+
+
+async def test_a_lock_whose_holder_died_does_not_block_the_next_defragmentation(
+        etcd: str, store: Store, tmp_path: Path) -> None:
+    """The first node takes the lock and dies inside (its process hangs, never to unlock;
+    its lease is revoked, as etcd does once the lease's TTL runs out): the lock goes with
+    the lease, and the second node defragments."""
+    async with _node(etcd, store, tmp_path, "a", held=True) as (first, first_etcd, first_node), \
+            _node(etcd, store, tmp_path, "b", held=False) as (second, second_etcd, _):
+        dead = asyncio.create_task(first.defragment())
+        await first_etcd.entered.wait()
+        assert _lock_holder(etcd) == first_node.node_id
+        await store.revoke_lease(first_node.lease_id)
+
+        assert await second.defragment() is True
+        assert second_etcd.defragmented == 1
+        dead.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dead
