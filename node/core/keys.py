@@ -15,6 +15,13 @@
 /array/<array-id>                       -> Array protobuf (written once all its tasks exist)
 /owner/<name>                           -> Owner protobuf (fair-share weight)
 /session/<sha256 hex of the session id> -> Session protobuf (on a lease of its lifetime)
+/placed/<node-id>/<uuid>                -> ""  (while RUNNING: "tasks running on node X",
+                                               NOT on the lease, so it outlives the node)
+/open/<array-id>/<uuid>                 -> ""  (an array member not yet in a final state)
+/dependents/<parent-id>                 -> ""  (some task was submitted after this parent)
+/release/<parent-id>                    -> ""  (this parent ended: release its dependents)
+/lock/<chore>                           -> holder node id (on the holder's lease): one
+                                               node at a time does this cluster chore
 
 Ids are lowercase hex UUIDs, so the task records are exactly [/task/0, /task/g).
 """
@@ -51,6 +58,17 @@ NODES = b"/node/"
 # Web UI sessions, keyed by the SHA-256 of their id: the id is the browser's secret and is
 # never stored, so whoever reads etcd (a backup, a snapshot) cannot sign in with it.
 SESSIONS = b"/session/"
+# Running-task index beside each running key, in the same transaction, but not on the lease:
+# a dead node's tasks are one range read, and a missed deletion event is found without
+# reading every task record.
+PLACED = b"/placed/"
+# One key per array member that has not ended yet: "is the array done" is a range of limit 1.
+OPEN = b"/open/"
+# Flags set by a child's submit on each of its parents, and the marks their ends leave.
+DEPENDENTS = b"/dependents/"
+RELEASES = b"/release/"
+# Cluster chores (one node at a time, on its lease).
+LOCKS = b"/lock/"
 # Held (on the holder's lease) while a node defragments its etcd member, so that two
 # members are never defragmented at once. Absent the rest of the time.
 DEFRAG_LOCK = b"/lock/defrag"
@@ -231,6 +249,43 @@ def owner(name: str) -> bytes:
 def session(id_hash: str) -> bytes:
     """id_hash: the lowercase hex SHA-256 of a session id (node/faces/sessions.py)."""
     return SESSIONS + id_hash.encode()
+
+
+def placed(node_id: str, task_id: str) -> bytes:
+    return PLACED + node_id.encode() + b"/" + task_id.encode()
+
+
+def placed_on_node(node_id: str) -> bytes:
+    """The prefix of the running-task index of one node."""
+    return PLACED + node_id.encode() + b"/"
+
+
+def parse_placed(key: bytes) -> tuple[str, str]:
+    """(node_id, task_id) of a running-task index key."""
+    node_id, task_id = key[len(PLACED):].decode().split("/")
+    return node_id, task_id
+
+
+def open_member(array_id: str, task_id: str) -> bytes:
+    return OPEN + array_id.encode() + b"/" + task_id.encode()
+
+
+def open_members(array_id: str) -> bytes:
+    """The prefix of an array's members that have not ended."""
+    return OPEN + array_id.encode() + b"/"
+
+
+def has_dependents(parent_id: str) -> bytes:
+    return DEPENDENTS + parent_id.encode()
+
+
+def release(parent_id: str) -> bytes:
+    return RELEASES + parent_id.encode()
+
+
+def chore_lock(chore: str) -> bytes:
+    """The claim of one cluster chore ("recovery-sweep", "release/<parent-id>", ...)."""
+    return LOCKS + chore.encode()
 
 
 def node(node_id: str) -> bytes:
