@@ -218,7 +218,7 @@ class Agent:
         membership = Membership(config=config, store=store, state=state,
                                 executor_name=executor.name, runner=runner, watchdog=watchdog)
         stealer = Stealer(config=config, store=store, state=state, runner=runner)
-        recovery = Recovery(config=config, store=store)
+        recovery = Recovery(config=config, store=store, state=state)
         # One DependencyCheck per node: its cache of how far each array succeeded serves both
         # the resolver's events and the submits' checks, so an array is read once, not twice.
         check = DependencyCheck(store=store)

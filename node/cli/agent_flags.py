@@ -38,6 +38,7 @@ _METAVARS = {
     "task_uid": "UID",
     "lease_ttl": "SECONDS",
     "sweep_interval": "SECONDS",
+    "recovery_sweep_interval": "SECONDS",
     "steal_delay": "SECONDS",
     "cancel_grace": "SECONDS",
     "shutdown_grace": "SECONDS",

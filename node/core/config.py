@@ -113,6 +113,9 @@ class Config:
         "enough to ride out an etcd leader election (0.5-1 s).")})
     sweep_interval: float = field(default=5.0, metadata={"help": (
         "Seconds between full re-reads of the queue and running tasks (repairs missed events).")})
+    recovery_sweep_interval: float = field(default=60.0, metadata={"help": (
+        "Seconds between sweeps of the running-task index for tasks of nodes that are gone "
+        "(the backstop of a missed node-deletion event; one node at a time runs it).")})
     steal_delay: float = field(default=0.05, metadata={"help": (
         "Seconds a fully loaded node waits before trying a steal; an idle node waits ~0.")})
     cancel_grace: float = field(default=5.0, metadata={"help": (
@@ -273,6 +276,8 @@ class Config:
             raise InvalidArgument("retention", "must not be negative")
         if self.housekeeping_interval <= 0 or self.compaction_interval <= 0:
             raise InvalidArgument("housekeeping_interval", "intervals must be positive")
+        if self.recovery_sweep_interval <= 0:
+            raise InvalidArgument("recovery_sweep_interval", "must be positive")
         if self.max_pending < 1:
             raise InvalidArgument("max_pending", "must be at least 1")
         if not 0 < self.submit_budget <= 1:

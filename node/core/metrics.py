@@ -71,6 +71,13 @@ FIREWALL_ERRORS = Counter(
 # -- liveness ---------------------------------------------------------------------------
 REQUEUES = Counter("filch_requeues_total", "Tasks handed back after losing their node.",
                    ["cause"])
+RECOVERY_SWEEPS = Counter("filch_recovery_sweeps_total",
+                          "Recovery sweeps this node ran while holding the cluster's "
+                          "recovery-sweep claim (one node at a time).")
+RECOVERY_READS = Counter("filch_recovery_keys_read_total",
+                         "Keys and records recovery read: placed (running-task index keys, "
+                         "sweep and node-deletion paths), record (task records, one per "
+                         "task it hands back).", ["kind"])
 LOST = Counter("filch_tasks_node_lost_total",
                "restart=false tasks ended NODE_LOST because their node was lost.")
 KEEPALIVE = Histogram("filch_lease_keepalive_seconds", "Lease renewal round trips.",
@@ -130,6 +137,8 @@ OWNER_PICKS = Counter("filch_owner_steals_total",
 # before it first moves: rate() and alerts then work from the first scrape.
 for _cause in ("lease_expired", "scan", "shutdown", "lost_answer"):
     REQUEUES.labels(_cause)
+for _kind in ("placed", "record"):
+    RECOVERY_READS.labels(_kind)
 for _reason in ("EXITED", "OOM_KILLED", "START_FAILED", "TIMED_OUT"):
     FINISHED.labels(_reason)
 for _state in ("pending", "running", "complete", "canceled"):

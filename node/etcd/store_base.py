@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import aetcd
 import aetcd.exceptions
 import aetcd.rpc as rpc
+import aetcd.rtypes
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys
@@ -268,15 +269,21 @@ class StoreBase:
         response = await self._range(keys.NODES, keys.prefix_end(keys.NODES), count_only=True)
         return int(response.header.revision)
 
-    async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[WatchEvent]:
+    async def watch(self, prefix: bytes, start_revision: int, *,
+                    deletes_only: bool = False) -> AsyncIterator[WatchEvent]:
         """Every change under prefix from start_revision on, until the stream breaks.
 
+        deletes_only: etcd filters out the puts (WatchCreateRequest's NOPUT filter) on its
+        side, so a watcher that only cares about keys going away is not woken, nor sent
+        the value, by every rewrite of a record.
         Raises Compacted when start_revision is no longer in etcd's history, and
         StoreUnavailable when the stream fails; the caller re-lists and watches again.
         Cancelling the consumer cancels the etcd watch.
         """
+        kind = aetcd.rtypes.EventKind.DELETE if deletes_only else None
         try:
-            stream = await self._client.watch_prefix(prefix, start_revision=start_revision)
+            stream = await self._client.watch_prefix(prefix, start_revision=start_revision,
+                                                     kind=kind)
         except ETCD_ERRORS as exc:
             raise translate(exc) from exc
         try:

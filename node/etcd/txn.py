@@ -40,7 +40,11 @@ def index_keys(task: pb.Task) -> set[bytes]:
     """The secondary keys (value "") that exist while the record is in this state: the
     priority queue key beside a queued key, and while a task waits for its dependencies
     (or for its array's submission, which may carry dependencies too) one key per
-    parent, so that a parent's end finds its dependents with one range read."""
+    parent, so that a parent's end finds its dependents with one range read; and while
+    RUNNING the running-task index key (/placed/<node-id>/<id>: not on the lease, so a dead
+    node's tasks are one range read and recovery never scans every record)."""
+    if task.state == pb.TASK_STATE_RUNNING:
+        return {keys.placed(task.node_id, task.id)}
     if task.state != pb.TASK_STATE_PENDING:
         return set()
     if task.hold == pb.HOLD_NONE:

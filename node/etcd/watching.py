@@ -22,9 +22,11 @@ def forever() -> bool:
 
 async def list_and_watch(store: Store, prefix: bytes, relist: Callable[[], Awaitable[None]],
                          handle: Callable[[WatchEvent], Awaitable[None]], *,
-                         until: Callable[[], bool] = forever) -> None:
+                         until: Callable[[], bool] = forever,
+                         deletes_only: bool = False) -> None:
     """Call relist(), then handle() for every change under prefix, until until() is true
-    (checked after every event and before every re-watch).
+    (checked after every event and before every re-watch). deletes_only: handle() sees
+    deletions only (etcd drops the puts before sending them: Store.watch).
 
     After a broken stream the watch resumes at the last revision seen (inclusive, so a
     revision cut in half is delivered again: handlers must be idempotent). When that
@@ -37,7 +39,7 @@ async def list_and_watch(store: Store, prefix: bytes, relist: Callable[[], Await
                 start = await store.current_revision() + 1
                 await relist()
                 revision = start    # only once listed: a failed relist runs again
-            async for event in store.watch(prefix, revision):
+            async for event in store.watch(prefix, revision, deletes_only=deletes_only):
                 revision = event.revision
                 await handle(event)
                 if until():

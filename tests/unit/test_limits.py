@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.core import keys, limits, validation
+from node.core import keys, lifecycle, limits, validation
 from node.core.errors import TooLarge
 from node.core.limits import MAX_BATCH, MOVE_KEYS_BYTES
 from node.etcd.group_commit import GroupCommitter
 from node.etcd.store import Store
-from node.etcd.txn import Move
+from node.etcd.txn import Move, Versioned, move_ops
 from node.faces.service import TaskService
 from node.scheduling.conditions import DependencyCheck
 from node.scheduling.fairshare import Candidate, Usage, select
@@ -171,3 +171,15 @@ async def test_reads_too_large_for_the_channel_are_split(store: Store, etcd: str
     finally:
         await narrow.close()
         await tiny.close()
+
+
+def test_a_batch_of_steals_fits_one_transaction() -> None:
+    # A steal is the plainest move with the most operations (queued and queue keys out,
+    # running and /placed/ keys and the record in): MAX_BATCH of them fit etcd's limit.
+    task = _task(10)
+    queued = pb.Task()
+    queued.CopyFrom(task)
+    stolen = lifecycle.stolen(queued, keys.new_node_id(), "n", "127.0.0.1:1")
+    ops = move_ops(Move(Versioned(queued, 1), stolen))
+    assert ops == limits.MOVE_MAX_PLAIN_OPS
+    assert MAX_BATCH * ops <= limits.MAX_TXN_OPS

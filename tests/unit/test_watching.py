@@ -49,3 +49,18 @@ async def test_it_lists_then_handles_changes_and_returns_at_the_stop_condition(
         assert await store.transition(None, task) is not None
     await asyncio.wait_for(watching, timeout=10)
     assert seen.lists == 1 and seen.events == ids[:2]
+
+
+async def test_a_deletes_only_watch_never_sees_the_rewrites(store: Store) -> None:
+    # Recovery's node watch: node records are rewritten often, only their deletion counts.
+    seen = Seen(stop_after=1)
+    watching = asyncio.create_task(list_and_watch(store, keys.NODES, seen.relist, seen.handle,
+                                                  until=seen.enough, deletes_only=True))
+    await seen.listed.wait()
+    lease = await store.grant_lease(60)
+    node_id = keys.new_node_id()
+    for name in ("a", "b", "c"):
+        await store.put_node(pb.Node(id=node_id, name=name), lease)
+    await store.revoke_lease(lease)
+    await asyncio.wait_for(watching, timeout=10)
+    assert seen.events == [node_id]
