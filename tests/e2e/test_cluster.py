@@ -24,6 +24,10 @@ SCHEMA = [re.compile(pattern) for pattern in (
     # fair-share weights.
     rf"^/queue/\d{{4}}/[A-Za-z0-9][A-Za-z0-9._@-]{{0,63}}/{UUID}$",
     r"^/owner/[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",
+    # The running-task index (beside each RUNNING record, not on the lease) and the claims
+    # of cluster chores (on their holder's lease), e.g. /lock/recovery-sweep.
+    rf"^/placed/{UUID}/{UUID}$",
+    r"^/lock/[a-z0-9/-]+$",
 )]
 
 
@@ -149,13 +153,22 @@ def assert_keyspace_matches_schema(cluster: Cluster) -> None:
     assert all(count == 1 for count in status.values())
     queued = {key.rsplit("/", 1)[1] for key in found if key.startswith("/task/status/queued/")}
     assert {key.rsplit("/", 1)[1] for key in found if key.startswith("/queue/")} == queued
+    # Every running key has its /placed/ twin (same node, same task), and no /placed/ key
+    # outlives its running key once recovery has run.
+    running = {key.removeprefix("/task/status/running/") for key in found
+               if key.startswith("/task/status/running/")}
+    assert {key.removeprefix("/placed/") for key in found if key.startswith("/placed/")} == running
 
 
 def test_keyspace_matches_the_schema(three_nodes: Cluster) -> None:
     ids = [three_nodes.submit("true") for _ in range(5)]
     three_nodes.wait_finished(ids)
     pending = three_nodes.submit("true", cpu_millis=64_000)
-    three_nodes.cli("cancel", three_nodes.submit("sleep", "30"), check=True)
+    sleeping = three_nodes.submit("sleep", "30")
+    three_nodes.wait_state(sleeping, (pb.TASK_STATE_RUNNING,))
+    assert_keyspace_matches_schema(three_nodes)
+    three_nodes.cli("cancel", sleeping, check=True)
+    three_nodes.wait_state(sleeping, (pb.TASK_STATE_CANCELED,))
     assert_keyspace_matches_schema(three_nodes)
     three_nodes.cli("cancel", pending, check=True)
     assert_keyspace_matches_schema(three_nodes)
