@@ -161,6 +161,19 @@ class Store(StoreBase):
         response = await self._txn(rpc.TxnRequest(compare=compare, success=success))
         return bool(response.succeeded)
 
+    async def index_running(self, found: Versioned) -> bool:
+        """Put the /placed/ key of a RUNNING record that has none (written by an agent older
+        than the running-task index), while the record is unchanged and its running key
+        still exists; True when written."""
+        task = found.task
+        placed = keys.placed(task.node_id, task.id)
+        response = await self._txn(rpc.TxnRequest(
+            compare=[key_compare(keys.task(task.id), "mod_revision", found.mod_revision),
+                     key_compare(status_key(task), "version", 0, rpc.Compare.GREATER),
+                     key_compare(placed, "version", 0)],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=placed, value=b""))]))
+        return bool(response.succeeded)
+
     async def get_array(self, array_id: str) -> pb.Array | None:
         """The array record, or None while its submission has not completed (or never was)."""
         result = await self._read(lambda: self._client.get(keys.array(array_id)))

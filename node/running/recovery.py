@@ -151,6 +151,35 @@ class Recovery:
             after = page[-1]
             await asyncio.sleep(SWEEP_PAUSE)
 
+    async def index_unplaced(self) -> int:
+        """Give every running key that has no /placed/ twin its index key (RUNNING tasks
+        stolen by agents older than the index, during a rolling upgrade); returns how many.
+        Reads running keys and the matching span of the index, keys only, a page at a time:
+        a cost of the RUNNING tasks, like the sweep's."""
+        indexed = 0
+        after = b""
+        while True:
+            page = await self._store.list_ids(keys.RUNNING, after=after, limit=SWEEP_PAGE)
+            if page:
+                owners = [keys.parse_running(key) for key in page]
+                span = await self._store.list_page(
+                    keys.placed(*owners[0]), keys.placed(*owners[-1]) + b"\0",
+                    limit=len(page) + 1)
+                metrics.RECOVERY_READS.labels("placed").inc(len(page) + len(span.keys))
+                present = set(span.keys)
+                for node_id, task_id in owners:
+                    if keys.placed(node_id, task_id) in present:
+                        continue
+                    found = await self._store.get_task(task_id)
+                    metrics.RECOVERY_READS.labels("record").inc()
+                    if (found is not None and found.task.state == pb.TASK_STATE_RUNNING
+                            and found.task.node_id == node_id):
+                        indexed += await self._store.index_running(found)
+            if len(page) < SWEEP_PAGE:
+                return indexed
+            after = page[-1]
+            await asyncio.sleep(SWEEP_PAUSE)
+
     async def sweep_if_holder(self) -> bool:
         """Sweep when this node holds the cluster's sweep claim, taking it if it is free;
         False when another node holds it (or this node is not registered)."""
@@ -168,6 +197,10 @@ class Recovery:
         recovered = await self.sweep()
         if recovered:
             log.warning("recovery sweep: recovered %d tasks of nodes that are gone", recovered)
+        indexed = await self.index_unplaced()
+        if indexed:
+            log.warning("recovery sweep: indexed %d running tasks that had no /placed/ key "
+                        "(stolen by an older agent)", indexed)
         return True
 
     async def _sweep_forever(self) -> NoReturn:

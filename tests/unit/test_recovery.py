@@ -159,3 +159,23 @@ async def test_one_node_at_a_time_holds_the_sweep_and_another_takes_over(store: 
     assert not await store.exists(keys.node(first.node_id))
     await other.shutdown()
     assert not await store.exists(SWEEP_LOCK)
+
+
+async def test_a_task_stolen_by_an_older_agent_is_indexed_then_recovered(store: Store) -> None:
+    # An agent older than the index stole it: running key, no /placed/ key.
+    lease = await store.grant_lease(60)
+    node_id = keys.new_node_id()
+    await store.put_node(pb.Node(id=node_id, name="old"), lease)
+    stolen = await _steal(store, await _submit(store), node_id, lease)
+    indexed = await _steal(store, await _submit(store), node_id, lease)
+    await store._call(lambda: store._client.delete(keys.placed(node_id, stolen.task.id)))
+    recovery = _recovery(store, Registration(keys.new_node_id(), await store.grant_lease(60)))
+    assert await recovery.index_unplaced() == 1
+    await _index_matches_records(store)
+    assert await recovery.index_unplaced() == 0
+    # Its node dies: the sweep finds both tasks through the index.
+    await store.revoke_lease(lease)
+    assert await recovery.sweep_if_holder()
+    for found in (stolen, indexed):
+        now = await store.get_task(found.task.id)
+        assert now is not None and now.task.state == pb.TASK_STATE_PENDING
