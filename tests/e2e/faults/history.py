@@ -348,8 +348,12 @@ def _running_keys(history: History) -> dict[str, list[Event]]:
 
 
 def _check_keys(history: History, verdict: Verdict) -> None:
-    """No task ever has two status keys at once (checked at the end of each revision)."""
+    """No task ever has two status keys at once, and a task has its running-task index key
+    /placed/<node>/<id> exactly while its record is RUNNING on that node (checked at the
+    end of each revision, for records written within the history)."""
     live: dict[str, set[str]] = collections.defaultdict(set)
+    placed: dict[str, set[str]] = collections.defaultdict(set)
+    running_on: dict[str, str | None] = {}      # task id -> node of a RUNNING record, or None
     revision = 0
     touched: set[str] = set()
 
@@ -358,20 +362,33 @@ def _check_keys(history: History, verdict: Verdict) -> None:
             if len(live[task_id]) > 1:
                 verdict.add("I3", f"task {task_id} had {len(live[task_id])} status keys at "
                                   f"revision {revision}: {sorted(live[task_id])}")
+            if task_id in running_on:
+                want = {running_on[task_id]} - {None}
+                if placed[task_id] != want:
+                    verdict.add("I3", f"task {task_id} had /placed/ keys of "
+                                      f"{sorted(placed[task_id])} at revision {revision}, its "
+                                      f"record says {sorted(want) or 'not RUNNING'}")
         touched.clear()
 
     for event in history.events:
         if event.revision != revision:
             settle()
             revision = event.revision
-        if not event.key.startswith("/task/status/"):
-            continue
-        task_id = event.key.rsplit("/", 1)[1]
-        touched.add(task_id)
-        if event.deleted:
-            live[task_id].discard(event.key)
+        parts = event.key.split("/")
+        if event.key.startswith("/placed/"):
+            task_id = parts[-1]
+            (placed[task_id].discard if event.deleted else placed[task_id].add)(parts[2])
+        elif len(parts) == 3 and parts[1] == "task":
+            task_id = parts[2]
+            record = None if event.deleted else pb.Task.FromString(event.value)
+            running_on[task_id] = (record.node_id if record is not None
+                                   and record.state == pb.TASK_STATE_RUNNING else None)
+        elif event.key.startswith("/task/status/"):
+            task_id = parts[-1]
+            (live[task_id].discard if event.deleted else live[task_id].add)(event.key)
         else:
-            live[task_id].add(event.key)
+            continue
+        touched.add(task_id)
     settle()
 
 

@@ -24,6 +24,10 @@ def running_key(node_id: str) -> str:
     return f"/task/status/running/{node_id}/{TASK}"
 
 
+def placed_key(node_id: str) -> str:
+    return f"/placed/{node_id}/{TASK}"
+
+
 class Etcd:
     """Builds a history one transaction (revision) at a time, like filch would write it."""
 
@@ -57,12 +61,14 @@ class Etcd:
     def steal(self, node_id: str) -> int:
         record = self.put(state=pb.TASK_STATE_RUNNING, attempt=self.record.attempt + 1,
                           node_id=node_id, node_name=node_id[:4], fencing_token=0)
-        return self.txn((QUEUED, None), (running_key(node_id), pb.Task()), (RECORD, record))
+        return self.txn((QUEUED, None), (running_key(node_id), pb.Task()),
+                        (placed_key(node_id), pb.Task()), (RECORD, record))
 
     def finish(self, node_id: str, token: int, *, delete_running: bool = True) -> int:
         record = self.put(state=pb.TASK_STATE_COMPLETE, reason=pb.REASON_EXITED,
                           fencing_token=token)
-        ops: list[tuple[str, pb.Task | None]] = [(COMPLETE, pb.Task()), (RECORD, record)]
+        ops: list[tuple[str, pb.Task | None]] = [(COMPLETE, pb.Task()),
+                                                 (placed_key(node_id), None), (RECORD, record)]
         if delete_running:
             ops.insert(0, (running_key(node_id), None))
         return self.txn(*ops)
@@ -72,7 +78,8 @@ class Etcd:
 
     def requeue(self, node_id: str, *, delete_running: bool = False) -> int:
         record = self.put(state=pb.TASK_STATE_PENDING, fencing_token=0)
-        ops: list[tuple[str, pb.Task | None]] = [(QUEUED, pb.Task()), (RECORD, record)]
+        ops: list[tuple[str, pb.Task | None]] = [(QUEUED, pb.Task()),
+                                                 (placed_key(node_id), None), (RECORD, record)]
         if delete_running:
             ops.insert(0, (running_key(node_id), None))
         return self.txn(*ops)
@@ -176,3 +183,18 @@ def test_an_unfinished_task_is_caught() -> None:
     etcd.steal(NODE_A)
     verdict = etcd.verdict([trace(1, NODE_A[:4], 100, 101)])
     assert "ended RUNNING" in verdict.problems("I1")
+
+
+def test_a_running_task_index_out_of_step_with_its_record_is_caught() -> None:
+    # The steal forgets the /placed/ key, and a requeue leaves a stale one behind.
+    etcd = Etcd()
+    etcd.submit()
+    record = etcd.put(state=pb.TASK_STATE_RUNNING, attempt=1, node_id=NODE_A,
+                      node_name=NODE_A[:4])
+    etcd.txn((QUEUED, None), (running_key(NODE_A), pb.Task()), (RECORD, record))
+    etcd.expire(NODE_A)
+    etcd.txn((placed_key(NODE_B), pb.Task()))
+    verdict = etcd.verdict()
+    assert not verdict.ok("I3")
+    assert "/placed/ keys of []" in verdict.problems("I3")
+    assert f"/placed/ keys of ['{NODE_B}']" in verdict.problems("I3")
