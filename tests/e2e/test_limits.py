@@ -1,5 +1,5 @@
 """Large specs do not break batches (issue 10, item 4): submits, steals, finishes, listings
-and the recovery scan all stay within etcd's request limit and the channels' limits."""
+and the recovery sweep all stay within etcd's request limit and the channels' limits."""
 
 from __future__ import annotations
 
