@@ -86,15 +86,19 @@ def test_a_holder_killed_mid_sweep_is_taken_over_and_nothing_is_lost(cluster: Cl
     assert holder_process is not None
     os.kill(holder_process.pid, signal.SIGSTOP)
 
+    def get(task_id: str) -> pb.Task:
+        # Through the heir: the frozen holder's API would not answer.
+        return cluster.stub(heir).GetTask(pb.GetTaskRequest(id=task_id), timeout=10)
+
     def recovered() -> bool:
-        now = {i: cluster.get(i) for i in lost}
+        now = {i: get(i) for i in lost}
         return all(t.state != pb.TASK_STATE_RUNNING or t.attempt > 1 for t in now.values())
 
     wait_for("the heir to take the sweep over and recover both dead nodes' tasks", recovered,
              timeout=90, interval=0.2)
     took = time.monotonic() - killed
     for task_id in lost:
-        task = cluster.get(task_id)
+        task = get(task_id)
         if task_id in once_only:
             assert (task.state, task.reason) == (pb.TASK_STATE_COMPLETE, pb.REASON_NODE_LOST)
         else:
@@ -112,8 +116,8 @@ def test_a_holder_killed_mid_sweep_is_taken_over_and_nothing_is_lost(cluster: Cl
           f"{samples['filch_recovery_sweeps_total']:.0f} sweeps; {len(backlog)} queued "
           "records never read")
     # Thawed, the old holder wakes up in the middle of its sweep with a claim its lost
-    # lease took away: its hand-backs find the tasks moved and write nothing.
-    before = {i: cluster.get(i) for i in lost}
+    # lease took away: its hand-backs find the tasks moved and write nothing. (Then it
+    # fences, registers anew with room, and may steal the requeued tasks: that is fine.)
     os.kill(holder_process.pid, signal.SIGCONT)
     wait_for("the thawed holder to finish its stalled sweep",
              lambda: "failpoint recovery.before_sweep_recover: slept"
@@ -122,11 +126,10 @@ def test_a_holder_killed_mid_sweep_is_taken_over_and_nothing_is_lost(cluster: Cl
                               lambda: _metrics_or_none(cluster, holder), timeout=30)
     assert holder_samples['filch_requeues_total{cause="scan"}'] == 0
     assert holder_samples["filch_tasks_node_lost_total"] == 0
-    assert {i: cluster.get(i).state for i in lost} == {i: t.state for i, t in before.items()}
     assert (requeued, node_lost) == (4, 4)
     # One record per lost task, none of the backlog's: the sweep reads index keys only.
     assert records == len(lost)
-    assert cluster.get(backlog[0]).state == pb.TASK_STATE_PENDING
+    assert get(backlog[0]).state == pb.TASK_STATE_PENDING
     assert "recovery sweep: recovered 8 tasks" in cluster.nodes[heir].log_text()
 
 
