@@ -7,6 +7,7 @@ operations that are not about tasks are node/etcd/store_base.py's StoreBase.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,14 +15,17 @@ import aetcd.rpc as rpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys
-from node.core.errors import TooLarge
+from node.core.errors import FilchError, TooLarge
 from node.core.limits import (
     MAX_BATCH,
     MAX_TXN_OPS,
     READ_BATCH_RECORDS,
 )
+from node.etcd import failpoints, release_marks
 from node.etcd.store_base import REQUEST_TIMEOUT, KeyPage, MemberStatus, StoreBase, WatchEvent
 from node.etcd.txn import Move, Versioned, append_move, index_keys, key_compare, status_key
+
+log = logging.getLogger(__name__)
 
 
 class Store(StoreBase):
@@ -95,7 +99,57 @@ class Store(StoreBase):
             raise ValueError(f"{len(success)} operations; etcd takes at most {MAX_TXN_OPS} "
                              "in one transaction (cut batches with txn.move_ops)")
         response = await self._txn(rpc.TxnRequest(compare=compare, success=success))
-        return int(response.header.revision) if response.succeeded else None
+        if not response.succeeded:
+            return None
+        await self._mark_releases(moves)
+        return int(response.header.revision)
+
+    async def _mark_releases(self, moves: Sequence[Move]) -> None:
+        """After a commit: leave a /release/ mark for each parent these moves ended
+        (node/etcd/release_marks.py). Best effort: the moves happened whatever comes of
+        this, and the resolver's sweep marks what a failure here (or a writer's death just
+        before) left unmarked."""
+        ended = release_marks.ends(moves)
+        if not ended.tasks:
+            return
+        try:
+            await failpoints.hit("store.before_mark")
+            response = await self._txn(rpc.TxnRequest(success=release_marks.queries(ended)),
+                                       read_only=True)
+            found = release_marks.marks(ended, response.responses)
+            if found:
+                await self._txn(rpc.TxnRequest(success=release_marks.puts(found)))
+        except FilchError as exc:
+            log.info("no release mark after ending %s (the sweep will mark it): %s",
+                     ", ".join(ended.tasks[:3]), exc)
+
+    async def release_mark(self, parent_id: str) -> tuple[str, int] | None:
+        """A parent's release mark: (its value, its mod_revision), or None."""
+        response = await self._range(keys.release(parent_id), b"")
+        if not response.kvs:
+            return None
+        return response.kvs[0].value.decode(), int(response.kvs[0].mod_revision)
+
+    async def put_release_mark(self, parent_id: str) -> None:
+        """Mark a parent ended (the sweep's backstop for a writer that died first)."""
+        await self._txn(rpc.TxnRequest(success=release_marks.puts({parent_id: ""})))
+
+    async def end_release(self, parent_id: str, mark_revision: int, *, ended: bool) -> None:
+        """A release pass is over: delete the mark unless it was put again meanwhile (then
+        another pass runs), and the dependents flag: when the parent ended (it ends once;
+        a later child sees that at its submit), else (an array that failed before its end)
+        unless a dependent is still held or was just submitted (its /dep/ key exists
+        before the compare)."""
+        dependents = keys.dependents_of(parent_id)
+        await self._txn(rpc.TxnRequest(
+            compare=[key_compare(keys.release(parent_id), "mod_revision", mark_revision)],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                key=keys.release(parent_id)))]))
+        await self._txn(rpc.TxnRequest(
+            compare=[] if ended else [key_compare(dependents, "version", 0,
+                                                  range_end=keys.prefix_end(dependents))],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                key=keys.has_dependents(parent_id)))]))
 
     async def list_records(self, *, after: bytes = b"",
                            limit: int = 0) -> tuple[list[Versioned], bool]:
