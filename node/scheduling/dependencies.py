@@ -172,6 +172,7 @@ class Resolver:
                     self.check.array_failed(parent_id, member.task)
             ended = await self.parent_ended(parent_id)
             await self._release_children(parent_id)
+            await failpoints.hit("resolver.before_end")
             await self._store.end_release(parent_id, revision, ended=ended)
             return True
         finally:
