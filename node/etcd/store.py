@@ -27,6 +27,10 @@ from node.etcd.txn import Move, Versioned, append_move, index_keys, key_compare,
 
 log = logging.getLogger(__name__)
 
+# The value of a /dependents/ flag whose parent ended and was released while some of its
+# dependents still wait for other parents (a child's submit puts it back to "").
+RELEASED = b"released"
+
 
 class Store(StoreBase):
     """A connection to the local etcd member and every operation filch performs on it."""
@@ -123,33 +127,66 @@ class Store(StoreBase):
             log.info("no release mark after ending %s (the sweep will mark it): %s",
                      ", ".join(ended.tasks[:3]), exc)
 
-    async def release_mark(self, parent_id: str) -> tuple[str, int] | None:
-        """A parent's release mark: (its value, its mod_revision), or None."""
-        response = await self._range(keys.release(parent_id), b"")
-        if not response.kvs:
+    async def release_mark(self, parent_id: str) -> tuple[str, int, int] | None:
+        """A parent's release mark: (its value, its mod_revision, the mod_revision of the
+        parent's dependents flag or 0), or None when it is not marked."""
+        response = await self._txn(rpc.TxnRequest(success=[
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=keys.release(parent_id))),
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=keys.has_dependents(parent_id),
+                                                         keys_only=True))]), read_only=True)
+        mark, flag = (answer.response_range.kvs for answer in response.responses)
+        if not mark:
             return None
-        return response.kvs[0].value.decode(), int(response.kvs[0].mod_revision)
+        return (mark[0].value.decode(), int(mark[0].mod_revision),
+                int(flag[0].mod_revision) if flag else 0)
 
     async def put_release_mark(self, parent_id: str) -> None:
         """Mark a parent ended (the sweep's backstop for a writer that died first)."""
         await self._txn(rpc.TxnRequest(success=release_marks.puts({parent_id: ""})))
 
-    async def end_release(self, parent_id: str, mark_revision: int, *, ended: bool) -> None:
-        """A release pass is over: delete the mark unless it was put again meanwhile (then
-        another pass runs), and the dependents flag: when the parent ended (it ends once;
-        a later child sees that at its submit), else (an array that failed before its end)
-        unless a dependent is still held or was just submitted (its /dep/ key exists
-        before the compare)."""
+    async def dependents_flags(self, *, after: bytes = b"",
+                               limit: int) -> list[tuple[str, bytes]]:
+        """(parent id, flag value) of the /dependents/ flags after the key `after`."""
+        start = after + b"\0" if after else keys.DEPENDENTS
+        response = await self._range(start, keys.prefix_end(keys.DEPENDENTS), limit=limit)
+        return [(keys.last_segment(kv.key), kv.value) for kv in response.kvs]
+
+    async def drop_released_flag(self, parent_id: str) -> None:
+        """Delete a RELEASED flag once no dependent of its parent is held (one transaction,
+        no read: the sweep's clean-up)."""
         dependents = keys.dependents_of(parent_id)
+        flag = keys.has_dependents(parent_id)
+        await self._txn(rpc.TxnRequest(
+            compare=[rpc.Compare(key=flag, target=rpc.Compare.VALUE, result=rpc.Compare.EQUAL,
+                                 value=RELEASED),
+                     key_compare(dependents, "version", 0, range_end=keys.prefix_end(dependents))],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=flag))]))
+
+    async def end_release(self, parent_id: str, mark_revision: int, flag_revision: int, *,
+                          ended: bool) -> None:
+        """A release pass is over. The mark goes unless it was put again meanwhile (then
+        another pass runs). The flag, unless a child re-put it since the pass began (its
+        submit raced the pass: the flag stays for the writer or the sweep to act on), goes
+        once no dependent is held; while some still wait for other parents, a parent that
+        ended keeps it as RELEASED, so that the sweep does not mark it again."""
+        dependents = keys.dependents_of(parent_id)
+        flag = keys.has_dependents(parent_id)
         await self._txn(rpc.TxnRequest(
             compare=[key_compare(keys.release(parent_id), "mod_revision", mark_revision)],
             success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
                 key=keys.release(parent_id)))]))
-        await self._txn(rpc.TxnRequest(
-            compare=[] if ended else [key_compare(dependents, "version", 0,
-                                                  range_end=keys.prefix_end(dependents))],
-            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
-                key=keys.has_dependents(parent_id)))]))
+        if not flag_revision:
+            return
+        unchanged = key_compare(flag, "mod_revision", flag_revision)
+        response = await self._txn(rpc.TxnRequest(
+            compare=[unchanged, key_compare(dependents, "version", 0,
+                                            range_end=keys.prefix_end(dependents))],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=flag))]))
+        if not response.succeeded and ended:
+            await self._txn(rpc.TxnRequest(
+                compare=[unchanged],
+                success=[rpc.RequestOp(request_put=rpc.PutRequest(key=flag,
+                                                                  value=RELEASED))]))
 
     async def list_records(self, *, after: bytes = b"",
                            limit: int = 0) -> tuple[list[Versioned], bool]:

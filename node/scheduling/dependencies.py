@@ -12,10 +12,11 @@
 - A periodic sweep, on one node at a time (chore lock blocked-sweep, held while it lives;
   its cursor is in memory, a new holder starts over), walks the blocked keys in bounded
   batches: a retry whose back-off is over, a task of an array whose submission completed
-  (or, long after, was abandoned: then deleted), and a held task whose dependencies are
-  decided — and it walks the /dependents/ flags, marking a parent that ended without a
-  mark (its writer died between the end and the mark). That sweep is what makes a lost
-  event or a dead writer cost latency only.
+  (or, long after, was abandoned: then deleted). It leaves tasks held for dependencies to
+  the release passes, and instead walks the /dependents/ flags (FLAG_BATCH a round),
+  marking a parent that ended without a mark: its writer died between the end and the
+  mark, or a child's submit raced the pass. That sweep is what makes a lost event or a
+  dead writer cost latency only.
 
 A child cancelled DEPENDENCY_FAILED ends too, so its own dependents are marked in turn.
 """
@@ -37,7 +38,7 @@ from node.core.limits import READ_BATCH_RECORDS, batches
 from node.core.states import FINISHED
 from node.etcd import failpoints
 from node.etcd.batch_write import write_moves
-from node.etcd.store import Store, WatchEvent
+from node.etcd.store import RELEASED, Store, WatchEvent
 from node.etcd.txn import Move, Versioned
 from node.etcd.watching import list_and_watch
 from node.scheduling.conditions import FAILED, MET, Condition, DependencyCheck, waiting_for_array
@@ -165,7 +166,7 @@ class Resolver:
             mark = await self._store.release_mark(parent_id)
             if mark is None:
                 return False
-            failed_member, revision = mark
+            failed_member, revision, flag_revision = mark
             if failed_member:
                 member = await self._store.get_task(failed_member)
                 if member is not None:
@@ -173,7 +174,7 @@ class Resolver:
             ended = await self.parent_ended(parent_id)
             await self._release_children(parent_id)
             await failpoints.hit("resolver.before_end")
-            await self._store.end_release(parent_id, revision, ended=ended)
+            await self._store.end_release(parent_id, revision, flag_revision, ended=ended)
             return True
         finally:
             with contextlib.suppress(FilchError):
@@ -267,11 +268,13 @@ class Resolver:
     async def mark_missed(self) -> None:
         """Mark the next FLAG_BATCH flagged parents that ended without a mark (their
         writer died between the end and the mark): the release pass then runs as usual."""
-        listed = await self._store.list_ids(keys.DEPENDENTS, after=self._flag_cursor,
-                                            limit=FLAG_BATCH)
-        self._flag_cursor = listed[-1] if len(listed) == FLAG_BATCH else b""
-        for key in listed:
-            parent_id = keys.last_segment(key)
+        listed = await self._store.dependents_flags(after=self._flag_cursor, limit=FLAG_BATCH)
+        self._flag_cursor = (keys.has_dependents(listed[-1][0]) if len(listed) == FLAG_BATCH
+                             else b"")
+        for parent_id, value in listed:
+            if value == RELEASED:
+                await self._store.drop_released_flag(parent_id)
+                continue
             if await self._store.release_mark(parent_id) is None \
                     and await self.parent_ended(parent_id):
                 log.info("%s ended without a release mark: marking it", parent_id)
@@ -289,9 +292,7 @@ class Resolver:
             if task.state != pb.TASK_STATE_PENDING or task.hold == pb.HOLD_NONE:
                 continue
             self._holds[task.hold] += 1
-            if task.hold == pb.HOLD_DEPENDENCIES:
-                await self.check.settle(found, parents, conditions)
-            elif task.hold == pb.HOLD_RETRY:
+            if task.hold == pb.HOLD_RETRY:
                 if task.not_before.ToNanoseconds() / 1e9 <= now:
                     releases.append(Move(found, lifecycle.released(task)))
             elif task.hold == pb.HOLD_ARRAY:

@@ -157,3 +157,29 @@ async def test_the_sweep_deletes_the_held_tasks_of_an_abandoned_array(store: Sto
     await resolver.sweep()
     assert await store.get_task(old.id) is None
     assert await store.list_ids(keys.BLOCKED) == [keys.blocked(recent.id)]
+
+
+async def test_a_child_waiting_for_two_parents_is_released_by_the_second_pass(
+        store: Store) -> None:
+    first, second = (pb.Task(id=keys.new_task_id(), state=pb.TASK_STATE_PENDING,
+                             spec=pb.TaskSpec(command="true")) for _ in range(2))
+    child = held(pb.HOLD_DEPENDENCIES)
+    child.spec.after.add(id=first.id, kind=pb.DEPENDENCY_KIND_SUCCESS)
+    child.spec.after.add(id=second.id, kind=pb.DEPENDENCY_KIND_SUCCESS)
+    await create(store, first, second, child)
+    resolver = await resolver_of(store, Config(name="n"))
+    await end(store, first.id)
+    assert await resolver.release(first.id)
+    waiting = await store.get_task(child.id)
+    assert waiting is not None and waiting.task.hold == pb.HOLD_DEPENDENCIES
+    assert waiting.task.message == f"waiting for 1 dependency: {second.id} (PENDING)"
+    # The first parent is done with: the sweep does not mark it again and again.
+    await resolver.mark_missed()
+    assert await store.list_ids(keys.RELEASES) == []
+    await end(store, second.id)
+    assert await resolver.release(second.id)
+    released = await store.get_task(child.id)
+    assert released is not None and released.task.hold == pb.HOLD_NONE
+    assert await store.list_ids(keys.DEPENDENTS) == [keys.has_dependents(first.id)]
+    await resolver.mark_missed()        # no dependent of the first is left: its flag goes
+    assert await store.list_ids(keys.DEPENDENTS) == []
