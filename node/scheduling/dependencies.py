@@ -37,7 +37,7 @@ from node.core.errors import FilchError
 from node.core.limits import READ_BATCH_RECORDS, batches
 from node.core.states import FINISHED
 from node.etcd import failpoints
-from node.etcd.batch_write import write_moves
+from node.etcd.batch_write import concurrently, write_moves
 from node.etcd.store import RELEASED, Store, WatchEvent
 from node.etcd.txn import Move, Versioned
 from node.etcd.watching import list_and_watch
@@ -55,7 +55,8 @@ SWEEP_BATCH = 1000
 FLAG_BATCH = 100
 
 # /dep keys of one parent read per request in a release pass: the children of one page
-# are then read READ_BATCH_RECORDS at a time, so a pass's memory is one page.
+# are then read READ_BATCH_RECORDS at a time and written in batches, so a pass's memory is
+# one page of records (about a megabyte of typical ones).
 DEPENDENCY_PAGE = 1000
 
 # A task held for its array this long after submission belongs to an array whose client
@@ -171,8 +172,11 @@ class Resolver:
                 member = await self._store.get_task(failed_member)
                 if member is not None:
                     self.check.array_failed(parent_id, member.task)
+            started = time.monotonic()
             ended = await self.parent_ended(parent_id)
-            await self._release_children(parent_id)
+            decided = await self._release_children(parent_id)
+            log.info("released the dependents of %s: %d decided in %.2f s", parent_id,
+                     decided, time.monotonic() - started)
             await failpoints.hit("resolver.before_end")
             await self._store.end_release(parent_id, revision, flag_revision, ended=ended)
             return True
@@ -180,19 +184,29 @@ class Resolver:
             with contextlib.suppress(FilchError):
                 await self._store.unlock(lock, registration.node_id)
 
-    async def _release_children(self, parent_id: str) -> None:
+    async def _release_children(self, parent_id: str) -> int:
+        """Decide every held dependent of parent_id; how many were read."""
         parents: dict[str, pb.Task | None] = {}
         arrays: dict[str, Condition] = {}
         prefix = keys.dependents_of(parent_id)
         after = b""
+        decided = 0
         while True:
             page = await self._store.list_ids(prefix, after=after, limit=DEPENDENCY_PAGE)
             ids = [keys.parse_dependency(key)[1] for key in page]
-            for start in range(0, len(ids), READ_BATCH_RECORDS):
-                records = await self._store.get_tasks(ids[start:start + READ_BATCH_RECORDS])
-                await self._decide_held(records, parents, arrays)
+            records: list[Versioned] = []
+
+            async def read(start: int, ids: list[str] = ids,
+                           records: list[Versioned] = records) -> None:
+                records.extend(await self._store.get_tasks(ids[start:start + READ_BATCH_RECORDS]))
+
+            # A page is read, decided and written with several requests in flight: one
+            # round trip at a time would make a large release wait on latency, not etcd.
+            await concurrently(range(0, len(ids), READ_BATCH_RECORDS), read)
+            await self._decide_held(records, parents, arrays)
+            decided += len(ids)
             if len(page) < DEPENDENCY_PAGE:
-                return
+                return decided
             after = page[-1]
 
     async def _decide_held(self, records: list[Versioned], parents: dict[str, pb.Task | None],
