@@ -222,7 +222,7 @@ class Agent:
         # One DependencyCheck per node: its cache of how far each array succeeded serves both
         # the resolver's events and the submits' checks, so an array is read once, not twice.
         check = DependencyCheck(store=store)
-        resolver = Resolver(config=config, store=store, check=check)
+        resolver = Resolver(config=config, store=store, check=check, state=state)
         housekeeping = Housekeeping(
             config=config, store=store, state=state, runner=runner, stealer=stealer,
             firewall=network.set_cluster_addresses if network is not None else None)

@@ -72,20 +72,22 @@ STORE_MAX_SEND_BYTES = ETCD_MAX_REQUEST_BYTES + GRPC_OVERHEAD_BYTES
 
 # etcd refuses transactions with more operations than this (its --max-txn-ops default).
 MAX_TXN_OPS = 128
-# A plain move is at most 2 compares and 5 operations (a steal: delete the queued and queue
-# keys, put the running key, its /placed/ index key and the record), so this many fit in
-# one transaction (25 x 5 = 125 <= 128; the stealer cuts its batches by count alone). Moves
-# with dependency keys have more: batches are also cut by txn.move_ops.
-MOVE_MAX_PLAIN_OPS = 5
+# A plain move is at most 2 compares and 6 operations (a steal: delete the queued, queue
+# and shard keys, put the running key, its /placed/ index key and the record; a requeue
+# the reverse), so this many fit in one transaction (21 x 6 = 126 <= 128; the stealer
+# cuts its batches by count alone, each task a nested transaction). Moves with dependency
+# keys have more: batches are also cut by txn.move_ops.
+MOVE_MAX_PLAIN_OPS = 6
 MAX_BATCH = MAX_TXN_OPS // MOVE_MAX_PLAIN_OPS
 # Dependencies one task may list (each is one key written at submit and deleted when
 # the task is released): a submit's move stays well inside one transaction.
 MAX_DEPENDENCIES = 64
 # Tasks one array submit creates (the contract).
 MAX_ARRAY_TASKS = 100_000
-# A move's compares and operations besides its record: up to five keys of ~80 bytes (the
-# record's, two status keys, the queue key, the /placed/ key), framing.
-MOVE_KEYS_BYTES = 640
+# A move's compares and operations besides its record: up to eight keys of ~100 bytes
+# (record, status keys, queue key and its shard twin or dependency, open array member,
+# running index, dependents flag), framing.
+MOVE_KEYS_BYTES = 1024
 
 # -- the API -------------------------------------------------------------------------------
 

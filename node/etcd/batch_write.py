@@ -31,7 +31,8 @@ def cut(moves: Sequence[Move]) -> list[list[int]]:
         move = moves[position]
         shape = (move.old is None, move.old.task.state if move.old else 0,
                  move.old.task.hold if move.old else 0, move.new.state, move.new.hold,
-                 len(move.new.spec.after), len(move.requires), move.fence, move.owner_gone)
+                 len(move.new.spec.after), len(move.requires), move.fence, move.owner_gone,
+                 bool(move.new.array_id))
         if shape not in shapes:
             shapes[shape] = move_ops(move)
         return shapes[shape]

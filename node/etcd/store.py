@@ -7,6 +7,7 @@ operations that are not about tasks are node/etcd/store_base.py's StoreBase.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,14 +15,21 @@ import aetcd.rpc as rpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys
-from node.core.errors import TooLarge
+from node.core.errors import FilchError, TooLarge
 from node.core.limits import (
     MAX_BATCH,
     MAX_TXN_OPS,
     READ_BATCH_RECORDS,
 )
+from node.etcd import failpoints, release_marks
 from node.etcd.store_base import REQUEST_TIMEOUT, KeyPage, MemberStatus, StoreBase, WatchEvent
 from node.etcd.txn import Move, Versioned, append_move, index_keys, key_compare, status_key
+
+log = logging.getLogger(__name__)
+
+# The value of a /dependents/ flag whose parent ended and was released while some of its
+# dependents still wait for other parents (a child's submit puts it back to "").
+RELEASED = b"released"
 
 
 class Store(StoreBase):
@@ -95,7 +103,90 @@ class Store(StoreBase):
             raise ValueError(f"{len(success)} operations; etcd takes at most {MAX_TXN_OPS} "
                              "in one transaction (cut batches with txn.move_ops)")
         response = await self._txn(rpc.TxnRequest(compare=compare, success=success))
-        return int(response.header.revision) if response.succeeded else None
+        if not response.succeeded:
+            return None
+        await self._mark_releases(moves)
+        return int(response.header.revision)
+
+    async def _mark_releases(self, moves: Sequence[Move]) -> None:
+        """After a commit: leave a /release/ mark for each parent these moves ended
+        (node/etcd/release_marks.py). Best effort: the moves happened whatever comes of
+        this, and the resolver's sweep marks what a failure here (or a writer's death just
+        before) left unmarked."""
+        ended = release_marks.ends(moves)
+        if not ended.tasks:
+            return
+        try:
+            await failpoints.hit("store.before_mark")
+            response = await self._txn(rpc.TxnRequest(success=release_marks.queries(ended)),
+                                       read_only=True)
+            found = release_marks.marks(ended, response.responses)
+            if found:
+                await self._txn(rpc.TxnRequest(success=release_marks.puts(found)))
+        except FilchError as exc:
+            log.info("no release mark after ending %s (the sweep will mark it): %s",
+                     ", ".join(ended.tasks[:3]), exc)
+
+    async def release_mark(self, parent_id: str) -> tuple[str, int, int] | None:
+        """A parent's release mark: (its value, its mod_revision, the mod_revision of the
+        parent's dependents flag or 0), or None when it is not marked."""
+        response = await self._txn(rpc.TxnRequest(success=[
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=keys.release(parent_id))),
+            rpc.RequestOp(request_range=rpc.RangeRequest(key=keys.has_dependents(parent_id),
+                                                         keys_only=True))]), read_only=True)
+        mark, flag = (answer.response_range.kvs for answer in response.responses)
+        if not mark:
+            return None
+        return (mark[0].value.decode(), int(mark[0].mod_revision),
+                int(flag[0].mod_revision) if flag else 0)
+
+    async def put_release_mark(self, parent_id: str) -> None:
+        """Mark a parent ended (the sweep's backstop for a writer that died first)."""
+        await self._txn(rpc.TxnRequest(success=release_marks.puts({parent_id: ""})))
+
+    async def dependents_flags(self, *, after: bytes = b"",
+                               limit: int) -> list[tuple[str, bytes]]:
+        """(parent id, flag value) of the /dependents/ flags after the key `after`."""
+        start = after + b"\0" if after else keys.DEPENDENTS
+        response = await self._range(start, keys.prefix_end(keys.DEPENDENTS), limit=limit)
+        return [(keys.last_segment(kv.key), kv.value) for kv in response.kvs]
+
+    async def drop_released_flag(self, parent_id: str) -> None:
+        """Delete a RELEASED flag once no dependent of its parent is held (one transaction,
+        no read: the sweep's clean-up)."""
+        dependents = keys.dependents_of(parent_id)
+        flag = keys.has_dependents(parent_id)
+        await self._txn(rpc.TxnRequest(
+            compare=[rpc.Compare(key=flag, target=rpc.Compare.VALUE, result=rpc.Compare.EQUAL,
+                                 value=RELEASED),
+                     key_compare(dependents, "version", 0, range_end=keys.prefix_end(dependents))],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=flag))]))
+
+    async def end_release(self, parent_id: str, mark_revision: int, flag_revision: int, *,
+                          ended: bool) -> None:
+        """A release pass is over. The mark goes unless it was put again meanwhile (then
+        another pass runs). The flag, unless a child re-put it since the pass began (its
+        submit raced the pass: the flag stays for the writer or the sweep to act on), goes
+        once no dependent is held; while some still wait for other parents, a parent that
+        ended keeps it as RELEASED, so that the sweep does not mark it again."""
+        dependents = keys.dependents_of(parent_id)
+        flag = keys.has_dependents(parent_id)
+        await self._txn(rpc.TxnRequest(
+            compare=[key_compare(keys.release(parent_id), "mod_revision", mark_revision)],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                key=keys.release(parent_id)))]))
+        if not flag_revision:
+            return
+        unchanged = key_compare(flag, "mod_revision", flag_revision)
+        response = await self._txn(rpc.TxnRequest(
+            compare=[unchanged, key_compare(dependents, "version", 0,
+                                            range_end=keys.prefix_end(dependents))],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=flag))]))
+        if not response.succeeded and ended:
+            await self._txn(rpc.TxnRequest(
+                compare=[unchanged],
+                success=[rpc.RequestOp(request_put=rpc.PutRequest(key=flag,
+                                                                  value=RELEASED))]))
 
     async def list_records(self, *, after: bytes = b"",
                            limit: int = 0) -> tuple[list[Versioned], bool]:

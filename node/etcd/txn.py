@@ -12,6 +12,7 @@ import aetcd.rpc as rpc
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys
 from node.core.limits import ETCD_KEY_OVERHEAD_BYTES, MOVE_KEYS_BYTES
+from node.core.states import FINISHED
 
 
 @dataclass(frozen=True)
@@ -40,18 +41,33 @@ def index_keys(task: pb.Task) -> set[bytes]:
     """The secondary keys (value "") that exist while the record is in this state: the
     priority queue key beside a queued key, and while a task waits for its dependencies
     (or for its array's submission, which may carry dependencies too) one key per
-    parent, so that a parent's end finds its dependents with one range read; and while
-    RUNNING the running-task index key (/placed/<node-id>/<id>: not on the lease, so a dead
-    node's tasks are one range read and recovery never scans every record)."""
+    parent, so that a parent's end finds its dependents with one range read. A task of an
+    array also has its open-member key until it ends: "has the array ended" is a range of
+    limit 1, whatever the array's size. While RUNNING: the running-task index key
+    (/placed/<node-id>/<id>: not on the lease, so a dead node's tasks are one range read
+    and recovery never scans every record)."""
+    index = ({keys.open_member(task.array_id, task.id)}
+             if task.array_id and task.state not in FINISHED else set())
     if task.state == pb.TASK_STATE_RUNNING:
-        return {keys.placed(task.node_id, task.id)}
+        return index | {keys.placed(task.node_id, task.id)}
     if task.state != pb.TASK_STATE_PENDING:
-        return set()
+        return index
     if task.hold == pb.HOLD_NONE:
-        return {keys.queue(task.spec.priority, task.spec.owner or keys.DEFAULT_OWNER, task.id)}
+        return index | {keys.queue(task.spec.priority, task.spec.owner or keys.DEFAULT_OWNER,
+                                   task.id)}
     if task.hold in (pb.HOLD_DEPENDENCIES, pb.HOLD_ARRAY):
-        return {keys.dependency(parent.id, task.id) for parent in task.spec.after}
-    return set()
+        return index | {keys.dependency(parent.id, task.id) for parent in task.spec.after}
+    return index
+
+
+def dependents_flags(move: Move) -> list[bytes]:
+    """The /dependents/ flags a submit puts, one per parent of a task created held with
+    dependencies: the writer of a parent's end learns from it, with one read, that
+    someone waits (node/etcd/release_marks.py). Put, never compared: idempotent."""
+    if move.old is not None or move.new.state != pb.TASK_STATE_PENDING \
+            or move.new.hold not in (pb.HOLD_DEPENDENCIES, pb.HOLD_ARRAY):
+        return []
+    return sorted({keys.has_dependents(parent.id) for parent in move.new.spec.after})
 
 
 def move_bytes(move: Move) -> int:
@@ -103,6 +119,10 @@ def append_move(move: Move, lease_id: int, compare: list[Any], success: list[Any
         success.append(rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key)))
     for key in sorted(new_index - old_index):
         success.append(rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=b"")))
+    for key in dependents_flags(move):
+        # Several submits of one transaction share a parent: etcd refuses a key put twice.
+        if not any(op.request_put.key == key for op in success if op.HasField("request_put")):
+            success.append(rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=b"")))
     success.append(rpc.RequestOp(
         request_put=rpc.PutRequest(key=record_key, value=new.SerializeToString())))
 

@@ -128,10 +128,12 @@ class DependencyCheck:
         if condition.state == FAILED:
             self._remember(self._failed, array_id, condition.text)
 
-    async def conditions(self, task: pb.Task,
-                         parents: MutableMapping[str, pb.Task | None]) -> list[Condition]:
+    async def conditions(self, task: pb.Task, parents: MutableMapping[str, pb.Task | None],
+                         arrays: MutableMapping[str, Condition] | None = None
+                         ) -> list[Condition]:
         """The condition of each of task's dependencies. parents: records already read
-        (this call adds what it reads), shared by the tasks of one pass."""
+        (this call adds what it reads), shared by the tasks of one pass; arrays: likewise,
+        the arrays' conditions."""
         wanted = [dependency.id for dependency in task.spec.after
                   if dependency.kind != pb.DEPENDENCY_KIND_ARRAY and dependency.id not in parents]
         if wanted:
@@ -142,15 +144,22 @@ class DependencyCheck:
         result = []
         for dependency in unique(task.spec.after):
             if dependency.kind == pb.DEPENDENCY_KIND_ARRAY:
-                result.append(await self.array_condition(dependency.id))
+                if arrays is None:
+                    result.append(await self.array_condition(dependency.id))
+                    continue
+                if dependency.id not in arrays:
+                    arrays[dependency.id] = await self.array_condition(dependency.id)
+                result.append(arrays[dependency.id])
             else:
                 result.append(condition_of(dependency, parents[dependency.id]))
         return result
 
     async def array_condition(self, array_id: str) -> Condition:
-        """MET once every task of the array ended COMPLETE with exit code 0. Reads from
-        the first task not yet known to have succeeded: one record while that one still
-        runs, then batches."""
+        """MET once every task of the array ended COMPLETE with exit code 0. While a task
+        of it has not ended (one /open/ key, a range of limit 1) it is WAITING, unless a
+        failure is known (release marks name failed members: array_failed). Once none is
+        open, reads from the first task not yet known to have succeeded, in batches (once
+        per node: what was seen is remembered)."""
         if array_id in self._failed:
             return Condition(FAILED, self._failed[array_id])
         count = self._counts.get(array_id)
@@ -160,8 +169,10 @@ class DependencyCheck:
                 return Condition(FAILED, f"array {array_id} no longer exists")
             count = array.count
             self._remember(self._counts, array_id, count)
+        if await self._store.list_ids(keys.open_members(array_id), limit=1):
+            return Condition(WAITING, f"{array_id} (array of {count} tasks)")
         position = self._frontier.get(array_id, 0)
-        step = 1
+        step = READ_BATCH_RECORDS     # none open: every task ended, read them in batches
         while position < count:
             ids = [keys.array_task_id(array_id, at)
                    for at in range(position, min(count, position + step))]
@@ -175,7 +186,6 @@ class DependencyCheck:
                     self._remember(self._frontier, array_id, position)
                     return Condition(WAITING, f"{array_id} (array of {count} tasks)")
                 position += 1
-            step = READ_BATCH_RECORDS
         self._remember(self._frontier, array_id, position)
         return Condition(MET)
 
@@ -186,8 +196,27 @@ class DependencyCheck:
             memory.clear()
         memory[key] = value
 
+    async def decide(self, task: pb.Task, parents: MutableMapping[str, pb.Task | None],
+                     arrays: MutableMapping[str, Condition] | None = None
+                     ) -> tuple[str, pb.Task | None]:
+        """(MET | WAITING | FAILED, the record to write: released, CANCELED
+        DEPENDENCY_FAILED, or a new message; None when nothing changes) for a
+        HOLD_DEPENDENCIES task."""
+        state, message = verdict(await self.conditions(task, parents, arrays))
+        if state == MET:
+            return state, lifecycle.released(task)
+        if state == FAILED:
+            return state, failed(task, message)
+        if task.message == message:
+            return state, None
+        new = pb.Task()
+        new.CopyFrom(task)
+        new.message = message
+        return state, new
+
     async def settle(self, found: Versioned,
-                     parents: MutableMapping[str, pb.Task | None] | None = None
+                     parents: MutableMapping[str, pb.Task | None] | None = None,
+                     arrays: MutableMapping[str, Condition] | None = None
                      ) -> Versioned | None:
         """Decide a HOLD_DEPENDENCIES task and write the outcome: queued when every
         dependency is met, CANCELED DEPENDENCY_FAILED when one can no longer be, else its
@@ -197,17 +226,9 @@ class DependencyCheck:
         task = found.task
         if task.state != pb.TASK_STATE_PENDING or task.hold != pb.HOLD_DEPENDENCIES:
             return None
-        state, message = verdict(await self.conditions(task, {} if parents is None else parents))
-        if state == MET:
-            new = lifecycle.released(task)
-        elif state == FAILED:
-            new = failed(task, message)
-        elif task.message == message:
+        state, new = await self.decide(task, {} if parents is None else parents, arrays)
+        if new is None:
             return None
-        else:
-            new = pb.Task()
-            new.CopyFrom(task)
-            new.message = message
         revision = await self._store.transition(found, new)
         if revision is None:
             return None

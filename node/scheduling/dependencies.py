@@ -1,21 +1,31 @@
-"""The Resolver: releases held tasks, on any node (design: every decision is a CAS).
+"""The Resolver: releases held tasks, one node per parent, and sweeps held tasks on one node.
 
-- A task ends (its complete/canceled key appears): the tasks waiting for it, or for its
-  array, are decided at once (node/scheduling/conditions.py). Which parents have dependents is known
-  from a watch of /dep/, so the end of a task nobody waits for costs no read.
-- A periodic sweep walks the blocked keys in bounded batches and decides every held task
-  again: dependencies as above, a retry whose back-off is over, a task of an array whose
-  submission completed (or, long after, was abandoned: then deleted). That sweep is what
-  makes a lost watch event cost latency only.
+- A parent's end is marked by whoever wrote it (node/etcd/release_marks.py): /release/<id>,
+  only when a /dependents/ flag says some task waits for it. Every node watches /release/
+  (a few events: one per parent with dependents, not one per task end); for each mark one
+  node takes the chore lock release/<id> on its lease, pages through /dep/<id>/, decides
+  the children in batches (an array parent: "any member open?" is one range of limit 1)
+  and writes the outcomes in batched transactions, then deletes the mark (and the flag,
+  once no dependent is left). Should it die, its lock ends with its lease, and the
+  deletion wakes another node, which resumes: decided children have left /dep/. Nothing
+  per edge or per member is kept between passes.
+- A periodic sweep, on one node at a time (chore lock blocked-sweep, held while it lives;
+  its cursor is in memory, a new holder starts over), walks the blocked keys in bounded
+  batches: a retry whose back-off is over, a task of an array whose submission completed
+  (or, long after, was abandoned: then deleted). It leaves tasks held for dependencies to
+  the release passes, and instead walks the /dependents/ flags (FLAG_BATCH a round),
+  marking a parent that ended without a mark: its writer died between the end and the
+  mark, or a child's submit raced the pass. That sweep is what makes a lost event or a
+  dead writer cost latency only.
 
-A child cancelled DEPENDENCY_FAILED ends too, so its own dependents fail in turn.
+A child cancelled DEPENDENCY_FAILED ends too, so its own dependents are marked in turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import random
 import time
 from collections import Counter
 from typing import NoReturn
@@ -25,25 +35,29 @@ from node.core import keys, lifecycle, metrics
 from node.core.config import Config
 from node.core.errors import FilchError
 from node.core.limits import READ_BATCH_RECORDS, batches
-from node.etcd.batch_write import write_moves
-from node.etcd.store import Store, WatchEvent
+from node.core.states import FINISHED
+from node.etcd import failpoints
+from node.etcd.batch_write import concurrently, write_moves
+from node.etcd.store import RELEASED, Store, WatchEvent
 from node.etcd.txn import Move, Versioned
 from node.etcd.watching import list_and_watch
-from node.scheduling.array_ids import task_ids
-from node.scheduling.conditions import DependencyCheck, waiting_for_array
+from node.scheduling.conditions import FAILED, MET, Condition, DependencyCheck, waiting_for_array
+from node.scheduling.node_state import NodeState
 
 log = logging.getLogger(__name__)
 
 # Blocked keys one sweep reads; the next sweep goes on from there, so a backlog of any size
-# costs each node one bounded pass per sweep_interval.
+# costs the sweeping node one bounded pass per sweep_interval.
 SWEEP_BATCH = 1000
 
-# /dep keys read per request when (re)building the dependents map.
-DEPENDENCY_PAGE = 10_000
+# /dependents/ flags one sweep checks for a missed mark (each a read or two): the backstop
+# of a rare death, so a small share of a sweep's budget.
+FLAG_BATCH = 100
 
-# Random delay before deciding, as a fraction of steal_delay: every node hears the same
-# end at the same moment; a little spread makes their identical CAS writes rarely collide.
-JITTER_FRACTION = 0.5
+# /dep keys of one parent read per request in a release pass: the children of one page
+# are then read READ_BATCH_RECORDS at a time and written in batches, so a pass's memory is
+# one page of records (about a megabyte of typical ones).
+DEPENDENCY_PAGE = 1000
 
 # A task held for its array this long after submission belongs to an array whose client
 # died mid-submit and never retried: a retry would have come within the client's own retry
@@ -54,110 +68,73 @@ ABANDONED_ARRAY_AGE = 3600.0
 # Back-off after etcd failed a pass.
 ERROR_RETRY = 0.5
 
+SWEEP_LOCK = keys.chore_lock("blocked-sweep")
+
+
+def release_lock(parent_id: str) -> bytes:
+    return keys.chore_lock(f"release/{parent_id}")
+
 
 class Resolver:
-    """Decides held tasks when their parents end, and sweeps every held task."""
+    """Releases the dependents of marked parents, and sweeps every held task."""
 
-    def __init__(self, *, config: Config, store: Store, check: DependencyCheck) -> None:
-        """check: the node's one DependencyCheck, shared with TaskService (its cache)."""
+    def __init__(self, *, config: Config, store: Store, check: DependencyCheck,
+                 state: NodeState) -> None:
+        """check: the node's one DependencyCheck, shared with TaskService (its cache).
+        state: whose registration (node id, lease) holds the chore locks."""
         self._config = config
         self._store = store
         self.check = check
-        # parent id (task or array) -> its dependents, from the /dep/ watch
-        self._dependents: dict[str, set[str]] = {}
-        # task id -> array id, for the arrays that have dependents
-        self._members: dict[str, str] = {}
-        self._member_ids: dict[str, list[str]] = {}
-        self._unexamined_parents: set[str] = set()
-        self._ended: dict[str, None] = {}
-        self._children: dict[str, None] = {}
+        self._state = state
+        self._marked: dict[str, None] = {}
         self._wake = asyncio.Event()
-        self._sweep_now = asyncio.Event()
         self._cursor = b""
+        self._flag_cursor = b""
+        self._sweeper = ""      # the node id this node held the sweep lock as
         self._holds: Counter[int] = Counter()
         self._stopping = False
 
     async def run(self) -> NoReturn:
         async with asyncio.TaskGroup() as group:
-            group.create_task(list_and_watch(self._store, keys.DEPENDENCIES,
-                                             self._load_dependents, self._on_dependency))
-            for prefix in (keys.COMPLETE, keys.CANCELED):
-                group.create_task(list_and_watch(self._store, prefix, self._relist_ended,
-                                                 self._on_ended))
+            group.create_task(list_and_watch(self._store, keys.RELEASES, self._relist_marks,
+                                             self._on_mark))
+            group.create_task(list_and_watch(self._store, release_lock(""), self._relist_marks,
+                                             self._on_lock))
             group.create_task(self._sweep_loop())
             group.create_task(self._work())
         raise AssertionError("unreachable")
 
     async def shutdown(self) -> None:
-        """Decide nothing more (a pass in progress finishes). Idempotent."""
+        """Decide nothing more (a pass in progress finishes); give the sweep back.
+        Idempotent."""
         self._stopping = True
+        if self._sweeper:
+            with contextlib.suppress(FilchError):
+                await self._store.unlock(SWEEP_LOCK, self._sweeper)
+            self._sweeper = ""
 
-    # -- who depends on whom ----------------------------------------------------------------
+    # -- marks ------------------------------------------------------------------------------
 
-    async def _load_dependents(self) -> None:
-        dependents: dict[str, set[str]] = {}
+    async def _relist_marks(self) -> None:
         after = b""
         while True:
-            page = await self._store.list_ids(keys.DEPENDENCIES, after=after,
-                                              limit=DEPENDENCY_PAGE)
+            page = await self._store.list_ids(keys.RELEASES, after=after, limit=DEPENDENCY_PAGE)
             for key in page:
-                parent_id, child_id = keys.parse_dependency(key)
-                dependents.setdefault(parent_id, set()).add(child_id)
+                self._marked[keys.last_segment(key)] = None
             if len(page) < DEPENDENCY_PAGE:
                 break
             after = page[-1]
-        for gone in set(self._member_ids) - set(dependents):
-            self._forget_array(gone)
-        self._dependents = dependents
-        self._unexamined_parents |= set(dependents) - set(self._member_ids)
         self._wake.set()
 
-    async def _on_dependency(self, event: WatchEvent) -> None:
-        parent_id, child_id = keys.parse_dependency(event.key)
-        if event.deleted:
-            children = self._dependents.get(parent_id)
-            if children is not None:
-                children.discard(child_id)
-                if not children:
-                    del self._dependents[parent_id]
-                    self._forget_array(parent_id)
-            return
-        if parent_id not in self._dependents:
-            self._dependents[parent_id] = set()
-            self._unexamined_parents.add(parent_id)
+    async def _on_mark(self, event: WatchEvent) -> None:
+        if not event.deleted:
+            self._marked[keys.last_segment(event.key)] = None
             self._wake.set()
-        self._dependents[parent_id].add(child_id)
 
-    def _forget_array(self, array_id: str) -> None:
-        for member in self._member_ids.pop(array_id, []):
-            self._members.pop(member, None)
-
-    async def _examine_parents(self) -> None:
-        """For each new parent that is an array: learn its task ids, so that their ends
-        are recognised as ends of an array member (ids are derived, not stored)."""
-        while self._unexamined_parents:
-            parent_id = self._unexamined_parents.pop()
-            if parent_id not in self._dependents or parent_id in self._member_ids:
-                continue
-            array = await self._store.get_array(parent_id)
-            if array is None:
-                continue
-            ids = await task_ids(parent_id, array.count)
-            self._member_ids[parent_id] = ids
-            self._members.update(dict.fromkeys(ids, parent_id))
-
-    # -- ends -------------------------------------------------------------------------------
-
-    async def _relist_ended(self) -> None:
-        # Ends missed while the watch was down: the sweep decides every held task anyway.
-        self._sweep_now.set()
-
-    async def _on_ended(self, event: WatchEvent) -> None:
+    async def _on_lock(self, event: WatchEvent) -> None:
+        # A pass ended, or its node died: a mark still there needs another pass.
         if event.deleted:
-            return
-        task_id = keys.last_segment(event.key)
-        if task_id in self._dependents or task_id in self._members:
-            self._ended[task_id] = None
+            self._marked[keys.last_segment(event.key)] = None
             self._wake.set()
 
     async def _work(self) -> NoReturn:
@@ -166,60 +143,123 @@ class Resolver:
             self._wake.clear()
             if self._stopping:
                 continue
-            await asyncio.sleep(random.uniform(0, self._config.steal_delay * JITTER_FRACTION))
-            ended, children = list(self._ended), list(self._children)
-            try:
-                await self._examine_parents()
-                for task_id in ended:
-                    await self._dependents_of_end(task_id)
-                    self._ended.pop(task_id, None)
-                children = list(self._children)
-                await self.decide(children)
-                for child in children:
-                    self._children.pop(child, None)
-            except FilchError as exc:
-                log.info("dependency pass failed, retrying: %s", exc)
-                await asyncio.sleep(ERROR_RETRY)
-                self._wake.set()
+            for parent_id in list(self._marked):
+                self._marked.pop(parent_id, None)
+                try:
+                    await self.release(parent_id)
+                except FilchError as exc:
+                    log.info("release of %s's dependents failed, retrying: %s", parent_id, exc)
+                    self._marked[parent_id] = None
+                    await asyncio.sleep(ERROR_RETRY)
+                    self._wake.set()
 
-    async def _dependents_of_end(self, task_id: str) -> None:
-        parents = [task_id] if task_id in self._dependents else []
-        array_id = self._members.get(task_id)
-        if array_id is not None:
-            member = await self._store.get_task(task_id)
-            if member is not None:
-                self.check.array_failed(array_id, member.task)
-            parents.append(array_id)
-        for parent_id in parents:
-            after = b""
-            prefix = keys.dependents_of(parent_id)
-            while True:
-                page = await self._store.list_ids(prefix, after=after, limit=DEPENDENCY_PAGE)
-                for key in page:
-                    self._children[keys.parse_dependency(key)[1]] = None
-                if len(page) < DEPENDENCY_PAGE:
-                    break
-                after = page[-1]
+    async def release(self, parent_id: str) -> bool:
+        """One pass over parent_id's dependents, when it is marked and no other node is at
+        it; True when this node did it. Raises StoreUnavailable / StoreFull (the lock is
+        given back; the mark stays)."""
+        registration = self._state.registration
+        if registration is None:
+            raise FilchError("not registered yet")
+        lock = release_lock(parent_id)
+        if not await self._store.try_lock(lock, registration.node_id, registration.lease_id):
+            return False
+        try:
+            mark = await self._store.release_mark(parent_id)
+            if mark is None:
+                return False
+            failed_member, revision, flag_revision = mark
+            if failed_member:
+                member = await self._store.get_task(failed_member)
+                if member is not None:
+                    self.check.array_failed(parent_id, member.task)
+            started = time.monotonic()
+            ended = await self.parent_ended(parent_id)
+            decided = await self._release_children(parent_id)
+            log.info("released the dependents of %s: %d decided in %.2f s", parent_id,
+                     decided, time.monotonic() - started)
+            await failpoints.hit("resolver.before_end")
+            await self._store.end_release(parent_id, revision, flag_revision, ended=ended)
+            return True
+        finally:
+            with contextlib.suppress(FilchError):
+                await self._store.unlock(lock, registration.node_id)
 
-    async def decide(self, task_ids: list[str]) -> None:
-        """Decide these held tasks now (read in batches; parents read once per batch)."""
-        for start in range(0, len(task_ids), READ_BATCH_RECORDS):
-            records = await self._store.get_tasks(task_ids[start:start + READ_BATCH_RECORDS])
-            await self._decide_records(records, sweeping=False)
+    async def _release_children(self, parent_id: str) -> int:
+        """Decide every held dependent of parent_id; how many were read."""
+        parents: dict[str, pb.Task | None] = {}
+        arrays: dict[str, Condition] = {}
+        prefix = keys.dependents_of(parent_id)
+        after = b""
+        decided = 0
+        while True:
+            page = await self._store.list_ids(prefix, after=after, limit=DEPENDENCY_PAGE)
+            ids = [keys.parse_dependency(key)[1] for key in page]
+            records: list[Versioned] = []
+
+            async def read(start: int, ids: list[str] = ids,
+                           records: list[Versioned] = records) -> None:
+                records.extend(await self._store.get_tasks(ids[start:start + READ_BATCH_RECORDS]))
+
+            # A page is read, decided and written with several requests in flight: one
+            # round trip at a time would make a large release wait on latency, not etcd.
+            await concurrently(range(0, len(ids), READ_BATCH_RECORDS), read)
+            await self._decide_held(records, parents, arrays)
+            decided += len(ids)
+            if len(page) < DEPENDENCY_PAGE:
+                return decided
+            after = page[-1]
+
+    async def _decide_held(self, records: list[Versioned], parents: dict[str, pb.Task | None],
+                           arrays: dict[str, Condition]) -> None:
+        """Decide these HOLD_DEPENDENCIES tasks and write the outcomes in batches."""
+        moves: list[Move] = []
+        verdicts: list[str] = []
+        for found in records:
+            task = found.task
+            if task.state != pb.TASK_STATE_PENDING or task.hold != pb.HOLD_DEPENDENCIES:
+                continue
+            state, new = await self.check.decide(task, parents, arrays)
+            if new is not None:
+                moves.append(Move(found, new))
+                verdicts.append(state)
+        written = await write_moves(self._store, moves,
+                                    after_batch=lambda: failpoints.hit("resolver.after_batch"))
+        for state, revision in zip(verdicts, written, strict=True):
+            if revision is None:
+                continue
+            if state == FAILED:
+                metrics.DEPENDENCY_FAILURES.inc()
+            elif state == MET:
+                metrics.DEPENDENCY_RELEASES.labels("dependencies").inc()
+
+    async def parent_ended(self, parent_id: str) -> bool:
+        """Whether this parent (a task or an array) can wake no dependent any more: a task
+        in a final state or gone, an array with no open member or gone."""
+        found = await self._store.get_task(parent_id)
+        if found is not None:
+            return found.task.state in FINISHED
+        if await self._store.get_array(parent_id) is None:
+            return True
+        return not await self._store.list_ids(keys.open_members(parent_id), limit=1)
 
     # -- the sweep --------------------------------------------------------------------------
 
     async def _sweep_loop(self) -> NoReturn:
         while True:
-            try:
-                await asyncio.wait_for(self._sweep_now.wait(), self._config.sweep_interval)
-            except TimeoutError:
-                pass
-            self._sweep_now.clear()
-            if self._stopping:
+            await asyncio.sleep(self._config.sweep_interval)
+            registration = self._state.registration
+            if self._stopping or registration is None:
                 continue
             try:
+                if self._sweeper != registration.node_id:
+                    # A new registration is a new lease: the old claim went with the old one.
+                    if not await self._store.try_lock(SWEEP_LOCK, registration.node_id,
+                                                      registration.lease_id):
+                        continue
+                    self._sweeper = registration.node_id
+                    self._cursor = self._flag_cursor = b""
                 await self.sweep()
+                await self.mark_missed()
             except FilchError as exc:
                 log.info("held-task sweep skipped: %s", exc)
 
@@ -228,17 +268,35 @@ class Resolver:
         listed = await self._store.list_ids(keys.BLOCKED, after=self._cursor, limit=SWEEP_BATCH)
         self._cursor = listed[-1] if len(listed) == SWEEP_BATCH else b""
         ids = [keys.last_segment(key) for key in listed]
+        parents: dict[str, pb.Task | None] = {}
+        arrays: dict[str, Condition] = {}
         for start in range(0, len(ids), READ_BATCH_RECORDS):
             records = await self._store.get_tasks(ids[start:start + READ_BATCH_RECORDS])
-            await self._decide_records(records, sweeping=True)
+            await self._decide_records(records, parents, arrays)
         if not self._cursor:
             # One whole pass over the blocked keys: what it saw is the gauge.
             for hold in (pb.HOLD_DEPENDENCIES, pb.HOLD_ARRAY, pb.HOLD_RETRY):
                 metrics.BLOCKED.labels(hold_label(hold)).set(self._holds[hold])
             self._holds.clear()
 
-    async def _decide_records(self, records: list[Versioned], *, sweeping: bool) -> None:
-        parents: dict[str, pb.Task | None] = {}
+    async def mark_missed(self) -> None:
+        """Mark the next FLAG_BATCH flagged parents that ended without a mark (their
+        writer died between the end and the mark): the release pass then runs as usual."""
+        listed = await self._store.dependents_flags(after=self._flag_cursor, limit=FLAG_BATCH)
+        self._flag_cursor = (keys.has_dependents(listed[-1][0]) if len(listed) == FLAG_BATCH
+                             else b"")
+        for parent_id, value in listed:
+            if value == RELEASED:
+                await self._store.drop_released_flag(parent_id)
+                continue
+            if await self._store.release_mark(parent_id) is None \
+                    and await self.parent_ended(parent_id):
+                log.info("%s ended without a release mark: marking it", parent_id)
+                await self._store.put_release_mark(parent_id)
+
+    async def _decide_records(self, records: list[Versioned],
+                              parents: dict[str, pb.Task | None],
+                              conditions: dict[str, Condition]) -> None:
         arrays: dict[str, bool] = {}
         now = time.time()
         releases: list[Move] = []
@@ -247,14 +305,11 @@ class Resolver:
             task = found.task
             if task.state != pb.TASK_STATE_PENDING or task.hold == pb.HOLD_NONE:
                 continue
-            if sweeping:
-                self._holds[task.hold] += 1
-            if task.hold == pb.HOLD_DEPENDENCIES:
-                await self.check.settle(found, parents)
-            elif task.hold == pb.HOLD_RETRY and sweeping:
+            self._holds[task.hold] += 1
+            if task.hold == pb.HOLD_RETRY:
                 if task.not_before.ToNanoseconds() / 1e9 <= now:
                     releases.append(Move(found, lifecycle.released(task)))
-            elif task.hold == pb.HOLD_ARRAY and sweeping:
+            elif task.hold == pb.HOLD_ARRAY:
                 if task.array_id not in arrays:
                     arrays[task.array_id] = await self._store.exists(keys.array(task.array_id))
                 if arrays[task.array_id]:
@@ -267,7 +322,7 @@ class Resolver:
                 metrics.DEPENDENCY_RELEASES.labels(hold_label(move.old.task.hold)
                                                    if move.old else "").inc()
             if revision is not None and move.new.hold == pb.HOLD_DEPENDENCIES:
-                await self.check.settle(Versioned(move.new, revision), parents)
+                await self.check.settle(Versioned(move.new, revision), parents, conditions)
         # A delete carries no record: the batch is bounded by its count (MAX_BATCH tasks).
         for batch in batches(abandoned, lambda found: 0):
             absent = sorted({keys.array(found.task.array_id) for found in batch})
