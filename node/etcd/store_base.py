@@ -29,6 +29,7 @@ from node.core.limits import (
     STORE_MAX_RECEIVE_BYTES,
     STORE_MAX_SEND_BYTES,
 )
+from node.core.task_counts import TaskCounts
 from node.etcd.etcd_client import EtcdTLS, TLSClient
 from node.etcd.etcd_errors import ETCD_ERRORS, translate
 from node.etcd.txn import key_compare
@@ -263,6 +264,29 @@ class StoreBase:
             compare=[rpc.Compare(key=key, target=rpc.Compare.VALUE, result=rpc.Compare.EQUAL,
                                  value=holder.encode())],
             success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))]))
+
+    async def lock_holder(self, key: bytes) -> str | None:
+        """The node id holding a chore lock, or None when nobody does."""
+        response = await self._range(key, b"")
+        return response.kvs[0].value.decode() if response.kvs else None
+
+    async def count_tasks(self, holder: str) -> TaskCounts:
+        """Count every state's status keys (count-only ranges: etcd walks each range's
+        index, so this is for the one node doing the counts chore)."""
+        counted_at = time.time()
+        counts = [await self.count(prefix) for prefix in
+                  (keys.QUEUED, keys.BLOCKED, keys.RUNNING, keys.COMPLETE, keys.CANCELED)]
+        queued, blocked, running, complete, canceled = counts
+        return TaskCounts(queued=queued, blocked=blocked, running=running, complete=complete,
+                          canceled=canceled, counted_at=counted_at, holder=holder)
+
+    async def put_counts(self, counts: TaskCounts) -> None:
+        await self._call(lambda: self._client.put(keys.STATS, counts.encode()))
+
+    async def get_counts(self) -> TaskCounts | None:
+        """The counts last published, or None when none (or unreadable) are there."""
+        response = await self._range(keys.STATS, b"")
+        return TaskCounts.decode(response.kvs[0].value) if response.kvs else None
 
     async def current_revision(self) -> int:
         response = await self._range(keys.NODES, keys.prefix_end(keys.NODES), count_only=True)

@@ -3,7 +3,8 @@
 Every node runs this; nothing depends on one node being alive. Deleting a finished task
 is a transaction that checks its status key still exists, so nodes doing it at once is
 harmless; defragmentation takes a lock on the node's lease so two members are never
-defragmented together. The same round refreshes the cluster-wide metrics.
+defragmented together. The cluster-wide counts are a chore of one node at a time
+(node/operations/counts.py), run beside the rounds.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from node.core.errors import Compacted, FilchError
 from node.core.limits import READ_BATCH_RECORDS
 from node.etcd import failpoints
 from node.etcd.store import MemberStatus, Store
+from node.operations.counts import CountsChore
 from node.scheduling.node_state import NodeState
 
 log = logging.getLogger(__name__)
@@ -82,10 +84,20 @@ class Housekeeping:
         self._stopping = asyncio.Event()
         self.paused_for_space = False
         self._array_cursor = b""
+        self.counts = CountsChore(store=store, state=state)
 
     async def run(self) -> None:
-        """A round every housekeeping_interval until shutdown()."""
+        """A round every housekeeping_interval until shutdown(); the counts chore beside
+        (its own, shorter interval)."""
         metrics.ETCD_QUOTA.set(self._config.etcd_quota_bytes)
+        counting = asyncio.create_task(self.counts.run(), name="counts chore")
+        try:
+            await self._rounds()
+        finally:
+            counting.cancel()
+            await asyncio.wait([counting])      # never raises: its cancellation is ours
+
+    async def _rounds(self) -> None:
         while not self._stopping.is_set():
             try:
                 await self.round()
@@ -105,7 +117,6 @@ class Housekeeping:
         await self._refresh_firewall()
         status = await self._store.member_status()
         self._export(status)
-        await self._refresh_counts()
         if status.nospace:
             await self._recover_space(status)
         elif self.paused_for_space:
@@ -138,16 +149,6 @@ class Housekeeping:
         metrics.ETCD_NOSPACE.set(int(status.nospace))
         metrics.ETCD_LEADER.set(int(status.leader_id == status.member_id))
         metrics.ETCD_HAS_LEADER.set(int(status.leader_id != 0))
-
-    async def _refresh_counts(self) -> None:
-        for state, prefix in (("pending", keys.QUEUED), ("running", keys.RUNNING),
-                              ("complete", keys.COMPLETE), ("canceled", keys.CANCELED)):
-            count = await self._store.count(prefix)
-            if state == "pending":
-                metrics.QUEUE_DEPTH.set(count)
-                # Held tasks are PENDING too (the resolver's sweep counts them by hold).
-                count += await self._store.count(keys.BLOCKED)
-            metrics.TASKS.labels(state).set(count)
 
     async def apply_retention(self) -> int:
         """Delete finished tasks past the retention, then the oldest past max_finished."""

@@ -3,10 +3,13 @@ budget of etcd's quota (--submit-budget).
 
 Pending tasks are never deleted by housekeeping, so a submit flood would drive etcd to
 NOSPACE, where nothing short of deleting tasks helps. This answers RESOURCE_EXHAUSTED
-first. The count comes from etcd (count-only ranges of the queued and blocked prefixes:
-no values are read) and is trusted for PENDING_COUNT_TTL; in between, this node adds what it admits
-itself, so a flood at one node stops exactly at the limit. Other nodes' admissions are
-seen at the next count: the cluster may overshoot by what they admit meanwhile.
+first. The count is the one the counts chore publishes (keys.STATS, one get: etcd walks its
+index to count, so only one node counts, node/operations/counts.py), plus what this node
+admitted since that count began; with no recent published count, this node counts itself
+(count-only ranges of the queued and blocked prefixes). It is trusted for
+PENDING_COUNT_TTL; in between, this node adds what it admits itself, so a flood at one
+node stops exactly at the limit. Other nodes' admissions are seen at the next count: the
+cluster may overshoot by what they admit meanwhile.
 
 A count alone does not bound bytes: 100,000 tasks of 1 MiB are 100 GiB. So every submit
 also estimates what it will write into etcd and is refused, before anything is written,
@@ -26,6 +29,10 @@ from node.core import keys
 from node.core.errors import Overloaded
 from node.core.limits import DEFAULT_SUBMIT_BUDGET, PENDING_COUNT_TTL
 from node.etcd.store import Store
+
+# A published count older than this (its holder died and no other took over yet, or the
+# clocks disagree that much) is not trusted: the node counts itself.
+STATS_MAX_AGE = 30.0
 
 
 class _Tally:
@@ -75,13 +82,32 @@ class PendingLimit(_Tally):
     """Counts pending tasks (cheaply) and refuses new ones past the limit."""
 
     def __init__(self, *, store: Store, limit: int, ttl: float = PENDING_COUNT_TTL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         super().__init__(ttl=ttl, clock=clock)
         self._store = store
         self.limit = limit
+        self._wall_clock = wall_clock
+        # (wall-clock second, tasks) this node created in it: what a published count that
+        # began before then does not hold yet. Seconds older than STATS_MAX_AGE go.
+        self._created: dict[int, int] = {}
 
     async def _read(self) -> int:
-        return await self._store.count(keys.QUEUED) + await self._store.count(keys.BLOCKED)
+        now = self._wall_clock()
+        for second in [second for second in self._created if second < now - STATS_MAX_AGE]:
+            del self._created[second]
+        counts = await self._store.get_counts()
+        if counts is None or now - counts.counted_at > STATS_MAX_AGE:
+            # Nobody publishes (a new cluster, the holder died a moment ago): count.
+            return await self._store.count(keys.QUEUED) + await self._store.count(keys.BLOCKED)
+        # A second that overlaps the count's start is added too: counted twice at worst,
+        # which refuses a little early, never late.
+        return counts.pending + sum(tasks for second, tasks in self._created.items()
+                                    if second >= int(counts.counted_at))
+
+    def _record(self, count: int) -> None:
+        second = int(self._wall_clock())
+        self._created[second] = self._created.get(second, 0) + count
 
     @asynccontextmanager
     async def admit(self, count: int = 1) -> AsyncIterator[Callable[[], None]]:
@@ -97,7 +123,11 @@ class PendingLimit(_Tally):
             raise Overloaded(f"cluster has {pending} pending tasks (limit {self.limit}, "
                              "--max-pending); wait or raise it")
         async with self._hold(count) as mark_created:
-            yield mark_created
+            def created() -> None:
+                mark_created()
+                self._record(count)
+
+            yield created
 
 
 class ByteBudget(_Tally):

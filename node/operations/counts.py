@@ -1,0 +1,91 @@
+"""The cluster-wide task counts: a chore one node at a time does for all.
+
+etcd answers a count-only range by walking every key of the range in its index, so at a
+million pending tasks a count costs etcd a million steps. Every node counting every round
+made that cost grow with the fleet too. Now the node holding chore_lock("counts") (on its
+lease: when it dies another takes over within a lease TTL and a round) counts every
+COUNTS_INTERVAL and publishes the figures in one small key (keys.STATS); every other node
+reads that key (one get) for its gauges, and admission (PendingLimit) reads it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from node.core import keys, metrics
+from node.core.errors import FilchError
+from node.core.task_counts import TaskCounts
+from node.etcd.store import Store
+from node.scheduling.node_state import NodeState
+
+log = logging.getLogger(__name__)
+
+# Seconds between two counts (and between two reads of them on the other nodes): the
+# gauges and the admission of --max-pending lag the cluster by this much at most.
+COUNTS_INTERVAL = 2.0
+
+COUNTS_LOCK = keys.chore_lock("counts")
+
+
+class CountsChore:
+    """Counts (when this node holds the chore) or reads the counts, and exports them."""
+
+    def __init__(self, *, store: Store, state: NodeState,
+                 interval: float = COUNTS_INTERVAL) -> None:
+        self._store = store
+        self._state = state
+        self._interval = interval
+        self.holding = False
+
+    async def run(self) -> None:
+        """A round every interval until cancelled; an etcd failure skips one round."""
+        while True:
+            with contextlib.suppress(FilchError):
+                await self.round()
+            await asyncio.sleep(self._interval)
+
+    async def round(self) -> TaskCounts | None:
+        """Count and publish (holder) or read; export to the gauges; the counts (None:
+        nobody published any yet)."""
+        counts: TaskCounts | None
+        if await self._hold():
+            counts = await self._store.count_tasks(self._node_id())
+            await self._store.put_counts(counts)
+        else:
+            counts = await self._store.get_counts()
+        if counts is not None:
+            export(counts)
+        return counts
+
+    def _node_id(self) -> str:
+        registration = self._state.registration
+        return registration.node_id if registration is not None else ""
+
+    async def _hold(self) -> bool:
+        """Whether this node holds the chore now, taking it when nobody does. A read, and a
+        write only when the lock is free: the other nodes add no write per round."""
+        registration = self._state.registration
+        if registration is None:
+            self.holding = False
+            return False
+        holder = await self._store.lock_holder(COUNTS_LOCK)
+        if holder is None:
+            holder = registration.node_id if await self._store.try_lock(
+                COUNTS_LOCK, registration.node_id, registration.lease_id) else None
+        holding = holder == registration.node_id
+        if holding and not self.holding:
+            log.info("this node counts the cluster's tasks now (%s)", COUNTS_LOCK.decode())
+        self.holding = holding
+        return holding
+
+
+def export(counts: TaskCounts) -> None:
+    """The cluster-wide gauges from the published counts."""
+    metrics.QUEUE_DEPTH.set(counts.queued)
+    # Held tasks are PENDING too (the resolver's sweep counts them by hold).
+    metrics.TASKS.labels("pending").set(counts.pending)
+    metrics.TASKS.labels("running").set(counts.running)
+    metrics.TASKS.labels("complete").set(counts.complete)
+    metrics.TASKS.labels("canceled").set(counts.canceled)
