@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys, metrics
+from node.core.array_pages import member_position
 from node.core.config import Config
 from node.core.errors import Compacted, FilchError
 from node.etcd import failpoints
@@ -240,7 +241,7 @@ class Housekeeping:
         while True:
             page = await self._store.list_page(start, end, limit=ARRAY_PROBE)
             for key in page.keys:
-                position = array_position(keys.last_segment(key))
+                position = member_position(keys.last_segment(key))
                 if first <= position <= last and \
                         keys.array_task_id(array.id, position) == keys.last_segment(key):
                     return position
@@ -341,16 +342,6 @@ class Housekeeping:
                 continue
             if _newest_mtime(task_dir) < cutoff:
                 shutil.rmtree(task_dir, ignore_errors=True)
-
-
-def array_position(task_id: str) -> int:
-    """The array position a member id carries (the inverse of keys.array_task_id's
-    packing: rand_a's 12 bits, then the top of rand_b); for any other id, a number that
-    keys.array_task_id does not map back to it."""
-    value = int(task_id.replace("-", ""), 16)
-    rest = keys.ARRAY_POSITION_BITS - 12
-    rand_a = (value >> 64) & 0xFFF
-    return (rand_a << rest) | ((value >> (62 - rest)) & ((1 << rest) - 1))
 
 
 def _newest_mtime(directory: Path) -> float:

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.core import keys, lifecycle
+from node.core import array_pages, keys, lifecycle
 from node.core.config import Config
 from node.core.errors import ExecutorError
 from node.etcd.store import Store
@@ -192,7 +192,7 @@ class CountingReads(Store):
 def test_an_array_position_is_read_back_from_its_member_id() -> None:
     array_id = keys.new_task_id()
     for position in (0, 1, 31, 32, 4095, 4096, 99_999, (1 << keys.ARRAY_POSITION_BITS) - 1):
-        assert housekeeping_module.array_position(keys.array_task_id(array_id, position)) \
+        assert array_pages.member_position(keys.array_task_id(array_id, position)) \
             == position
 
 
