@@ -32,6 +32,7 @@ from node.core.limits import (
 from node.core.task_counts import TaskCounts
 from node.etcd.etcd_client import EtcdTLS, TLSClient
 from node.etcd.etcd_errors import ETCD_ERRORS, translate
+from node.etcd.id_ranges import IdRanges
 from node.etcd.txn import key_compare
 
 T = TypeVar("T")
@@ -98,6 +99,8 @@ class StoreBase:
         self._client = (aetcd.Client(**address) if tls is None
                         else TLSClient(credentials=tls.credentials(), **address))
         self._timeout = timeout
+        # First keys of the id-keyed ranges (queued, held, records), read in bounded windows.
+        self._id_ranges = IdRanges(read=self._range)
         self.endpoint = endpoint
 
     async def close(self) -> None:
@@ -165,6 +168,15 @@ class StoreBase:
         response = await self._range(start, keys.prefix_end(prefix), limit=limit,
                                      keys_only=True, revision=revision)
         return [kv.key for kv in response.kvs]
+
+    async def first_ids(self, prefix: bytes, *, after: bytes = b"",
+                        limit: int) -> list[bytes]:
+        """Like list_ids, for a prefix whose keys end in a task id (queued, blocked): the
+        first `limit` keys after `after`, at a cost that does not grow with the prefix
+        (node/etcd/id_ranges.py)."""
+        found, _ = await self._id_ranges.first(prefix, keys.prefix_end(prefix), after=after,
+                                               limit=limit, keys_only=True)
+        return [kv.key for kv in found]
 
     async def list_page(self, start: bytes, end: bytes, *, limit: int) -> KeyPage:
         """Keys of [start, end) in key order, at most limit, with the revision read at."""
