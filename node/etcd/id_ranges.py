@@ -11,7 +11,8 @@ an empty stretch is crossed in a few.
 Two things make it cheap in practice, both learned from earlier answers (per range):
 - size: etcd returns the whole range's count with any plain read. While a range is small
   (SMALL_RANGE keys) one plain read is cheapest; once it is larger, windows are used, until
-  a windowed read reaches the end of the range (then its size is known again).
+  a windowed read reaches the end of the range (then its size is known again). A range
+  that grew while nobody listed it is walked once by the plain read that finds out.
 - horizon: the last id of the last full page read from the same start (the front of the
   range, or a page token; HORIZONS of them). The next such read starts with one read of
   [start, horizon], which holds about a page (the same tasks, fewer as they are stolen,
@@ -71,21 +72,27 @@ class IdRanges:
         """Up to limit key-values of [prefix, end) after `after` (a key of the range), in
         key order; and whether more follow. Raises what read raises."""
         low = id_number(prefix, after) + 1 if after else 0
-        if self._sizes.get(prefix, 0) <= SMALL_RANGE:
-            response = await self._read(id_key(prefix, low) if after else prefix, end,
-                                        limit=limit, keys_only=keys_only)
-            if not after:
-                self._sizes[prefix] = int(response.count)
-            return list(response.kvs), bool(response.more)
-        found: list[Any] = []
         start = (prefix, low)
+        found: list[Any] = []
         horizon = self._horizons.get(start)
         if horizon is not None:
+            # About the page read last time from here: no window needed when it is full.
             response = await self._read(id_key(prefix, low) if after else prefix,
                                         id_key(prefix, horizon + 1), limit=limit,
                                         keys_only=keys_only)
             found += response.kvs
+            if len(found) >= limit:
+                self._remember(start, prefix, found, limit)
+                return found, True
             low = horizon + 1
+        if self._sizes.get(prefix, 0) <= SMALL_RANGE:
+            response = await self._read(id_key(prefix, low) if low else prefix, end,
+                                        limit=limit - len(found), keys_only=keys_only)
+            found += response.kvs
+            if not after:
+                self._sizes[prefix] = len(found) - len(response.kvs) + int(response.count)
+            self._remember(start, prefix, found, limit)
+            return found, bool(response.more)
         width = FIRST_WINDOW
         more = False
         while len(found) < limit and low < ID_SPACE:
@@ -98,7 +105,8 @@ class IdRanges:
             low, width = high, width * GROWTH
         if low >= ID_SPACE and not more:
             # Read to the end: how many remain is known (all of it, when not paged).
-            self._sizes[prefix] = len(found) if not after else self._sizes[prefix]
+            if not after:
+                self._sizes[prefix] = len(found)
         else:
             more = True     # stopped at limit: something may follow (a page says so)
         self._remember(start, prefix, found, limit)
