@@ -15,7 +15,6 @@ re-exported here, where the README publishes them.
 from __future__ import annotations
 
 import builtins
-import collections
 import os
 import queue
 import threading
@@ -30,7 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
-from node.core import array_pages, keys, states
+from node.core import keys, states
+from node.core.array_pages import ArrayWatch
 from node.core.errors import (
     ClientError,
     DeadlineExceeded,
@@ -68,10 +68,6 @@ ARRAY_SUBMIT_FLOOR_RATE = 500
 ARRAY_CANCEL_EXTRA = 300.0
 # The node caps a page at 1000 itself.
 PAGE_SIZE = 1000
-# A poll of `submit --wait --array` reads at most this many pages of this many tasks from
-# its first unfinished task: more than the tasks a large fleet runs at once, bounded.
-ARRAY_POLL_PAGE = 500
-ARRAY_POLL_PAGES = 2
 
 # on_progress(task, seconds waited, whether the node is not answering right now)
 ProgressCallback = Callable[[pb.Task, float, bool], None]
@@ -106,58 +102,6 @@ class LogCall:
 
     def cancel(self) -> None:
         self._call.cancel()
-
-
-class _ArrayWatch:
-    """An array's tasks as last seen, and the first one not seen finished (frontier)."""
-
-    def __init__(self, *, client: Client, array_id: str, tasks: list[pb.Task]) -> None:
-        self._client = client
-        self._array_id = array_id
-        self.tasks = tasks
-        self._index = {task.id: index for index, task in enumerate(tasks)}
-        self.frontier = 0
-        self._advance()
-        # Records each poll read (a test hook: a poll's cost).
-        self.read_per_poll: list[int] = []
-        watched_arrays.append(self)
-
-    def _advance(self, gone_below: int = 0, seen: frozenset[str] = frozenset()) -> None:
-        """Move the frontier past finished tasks, and past those a page should have
-        returned (position below gone_below) but did not: deleted meanwhile."""
-        while self.frontier < len(self.tasks):
-            task = self.tasks[self.frontier]
-            if not is_finished(task) and (
-                    task.id in seen or array_pages.member_position(task.id) >= gone_below):
-                break
-            self.frontier += 1
-
-    def poll(self) -> list[pb.Task]:
-        """Read on from the frontier (see Client.wait_array); the tasks, updated."""
-        read = 0
-        for _ in range(ARRAY_POLL_PAGES):
-            if self.frontier >= len(self.tasks):
-                break
-            start = array_pages.member_position(self.tasks[self.frontier].id)
-            page, next_token = self._client.list_page(
-                None, ARRAY_POLL_PAGE, array_pages.encode_token(self._array_id, start),
-                array_id=self._array_id)
-            read += len(page)
-            for task in page:
-                index = self._index.get(task.id)
-                if index is not None:
-                    self.tasks[index] = task
-            end = (array_pages.decode_token(next_token, self._array_id) if next_token
-                   else 1 << keys.ARRAY_POSITION_BITS)
-            self._advance(end, frozenset(task.id for task in page))
-            if any(not is_finished(task) for task in page):
-                break       # the rest can wait for the next poll
-        self.read_per_poll.append(read)
-        return self.tasks
-
-
-# Every _ArrayWatch polled in this process (tests read their read_per_poll), bounded.
-watched_arrays: collections.deque[_ArrayWatch] = collections.deque(maxlen=8)
 
 
 class Client:
@@ -304,11 +248,11 @@ class Client:
         """Poll until every task of the array has finished or limit seconds pass; its
         tasks as last seen, in index order. Like wait(), it rides out a node that stops
         answering. The array is listed whole once; after that a poll reads on from the
-        first task not seen finished (finished is final), at most ARRAY_POLL_PAGES pages
-        of ARRAY_POLL_PAGE, and stops at the first page with an unfinished task: a poll
-        costs the same at 100 tasks or 100,000 (tasks past it keep their last state in
-        the progress line until the poll reaches them)."""
-        watch = _ArrayWatch(client=self, array_id=array_id, tasks=self.list(array_id=array_id))
+        first task not seen finished (finished is final), a page or two, and stops at
+        the first page with an unfinished task (node/core/array_pages.py): a poll costs
+        the same at 100 tasks or 100,000 (tasks past it keep their last state in the
+        progress line until the poll reaches them)."""
+        watch = ArrayWatch(lister=self, array_id=array_id, tasks=self.list(array_id=array_id))
 
         def finished(tasks: builtins.list[pb.Task]) -> bool:
             return watch.frontier >= len(tasks)

@@ -21,8 +21,9 @@ import grpc
 import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.client import ARRAY_POLL_PAGE, ARRAY_POLL_PAGES, Client, watched_arrays
+from node.client import Client
 from node.core import keys
+from node.core.array_pages import ARRAY_POLL_PAGE, ARRAY_POLL_PAGES, watched_arrays
 from tests.e2e.cluster import FINISHED, Cluster, wait_for
 from tests.e2e.conftest import require_tools
 

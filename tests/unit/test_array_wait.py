@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.client import ARRAY_POLL_PAGE, ARRAY_POLL_PAGES, _ArrayWatch
 from node.core import array_pages, keys
+from node.core.array_pages import ARRAY_POLL_PAGE, ARRAY_POLL_PAGES, ArrayWatch
 
 
 class FakeNode:
@@ -48,7 +48,7 @@ class FakeNode:
 def test_polls_of_a_2000_task_array_read_a_bounded_number_of_records() -> None:
     node = FakeNode(2000)
     node.tasks[1500].state = pb.TASK_STATE_RUNNING
-    watch = _ArrayWatch(client=node, array_id=node.array_id,  # type: ignore[arg-type]
+    watch = ArrayWatch(lister=node, array_id=node.array_id,  # type: ignore[arg-type]
                         tasks=node.list(node.array_id))
     assert node.records_read == 2000                    # the one whole listing
     node.finish(1990, 10)                               # some end out of order
