@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 
 @dataclass(frozen=True, kw_only=True)
 class TaskCounts:
-    """Status keys by state, counted by `holder` starting at wall-clock `counted_at`: a
-    write that ended before counted_at is in them, a later one may or may not be."""
+    """Status keys by state as of etcd `revision`, counted by `holder` starting at
+    wall-clock `counted_at` (a write answered before then is in them)."""
 
     queued: int
     blocked: int
@@ -17,6 +17,7 @@ class TaskCounts:
     complete: int
     canceled: int
     counted_at: float
+    revision: int
     holder: str = ""
 
     @property
@@ -34,6 +35,6 @@ class TaskCounts:
             fields = json.loads(value)
             return cls(**{name: fields[name] for name in
                           ("queued", "blocked", "running", "complete", "canceled",
-                           "counted_at", "holder")})
+                           "counted_at", "revision", "holder")})
         except (ValueError, TypeError, KeyError):
             return None

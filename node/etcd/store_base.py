@@ -286,11 +286,18 @@ class StoreBase:
         """Count every state's status keys (count-only ranges: etcd walks each range's
         index, so this is for the one node doing the counts chore)."""
         counted_at = time.time()
-        counts = [await self.count(prefix) for prefix in
-                  (keys.QUEUED, keys.BLOCKED, keys.RUNNING, keys.COMPLETE, keys.CANCELED)]
+        first = await self._range(keys.QUEUED, keys.prefix_end(keys.QUEUED), count_only=True)
+        revision = int(first.header.revision)
+        counts = [int(first.count)]
+        for prefix in (keys.BLOCKED, keys.RUNNING, keys.COMPLETE, keys.CANCELED):
+            # All at the first one's revision: one consistent picture.
+            response = await self._range(prefix, keys.prefix_end(prefix), count_only=True,
+                                         revision=revision)
+            counts.append(int(response.count))
         queued, blocked, running, complete, canceled = counts
         return TaskCounts(queued=queued, blocked=blocked, running=running, complete=complete,
-                          canceled=canceled, counted_at=counted_at, holder=holder)
+                          canceled=canceled, counted_at=counted_at, revision=revision,
+                          holder=holder)
 
     async def put_counts(self, counts: TaskCounts) -> None:
         await self._call(lambda: self._client.put(keys.STATS, counts.encode()))

@@ -119,7 +119,7 @@ class TaskService:
             async with self.admission.admit(1, written_bytes(move), "this task") as created:
                 revision = await self._submits.transition(move)
                 if revision is not None:
-                    created()
+                    created(revision)
                 return revision
         except TooLarge as exc:
             raise InvalidArgument(

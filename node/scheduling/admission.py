@@ -24,6 +24,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 from node.core import keys
 from node.core.errors import Overloaded
@@ -33,6 +34,14 @@ from node.etcd.store import Store
 # A published count older than this (its holder died and no other took over yet, or the
 # clocks disagree that much) is not trusted: the node counts itself.
 STATS_MAX_AGE = 30.0
+
+
+class Created(Protocol):
+    """Marks an admission written: revision, the etcd revision of the write that created
+    the tasks (0: not known, say an array's many writes)."""
+
+    def __call__(self, revision: int = 0) -> None:
+        ...
 
 
 class _Tally:
@@ -88,29 +97,30 @@ class PendingLimit(_Tally):
         self._store = store
         self.limit = limit
         self._wall_clock = wall_clock
-        # (wall-clock second, tasks) this node created in it: what a published count that
-        # began before then does not hold yet. Seconds older than STATS_MAX_AGE go.
-        self._created: dict[int, int] = {}
+        # What this node created: (etcd revision of the write, or 0 when unknown; wall-clock
+        # time it was answered; tasks). A published count holds the writes up to its
+        # revision; one of unknown revision answered before the count began is in it.
+        # Entries older than STATS_MAX_AGE go.
+        self._created: list[tuple[int, float, int]] = []
 
     async def _read(self) -> int:
         now = self._wall_clock()
-        for second in [second for second in self._created if second < now - STATS_MAX_AGE]:
-            del self._created[second]
+        self._created = [entry for entry in self._created if entry[1] >= now - STATS_MAX_AGE]
         counts = await self._store.get_counts()
         if counts is None or now - counts.counted_at > STATS_MAX_AGE:
             # Nobody publishes (a new cluster, the holder died a moment ago): count.
             return await self._store.count(keys.QUEUED) + await self._store.count(keys.BLOCKED)
-        # A second that overlaps the count's start is added too: counted twice at worst,
-        # which refuses a little early, never late.
-        return counts.pending + sum(tasks for second, tasks in self._created.items()
-                                    if second >= int(counts.counted_at))
+        # An entry of unknown revision answered just after the count began may be in it
+        # too: counted twice, which refuses a little early, never late.
+        return counts.pending + sum(
+            tasks for revision, answered, tasks in self._created
+            if (revision > counts.revision if revision else answered >= counts.counted_at))
 
-    def _record(self, count: int) -> None:
-        second = int(self._wall_clock())
-        self._created[second] = self._created.get(second, 0) + count
+    def _record(self, count: int, revision: int) -> None:
+        self._created.append((revision, self._wall_clock(), count))
 
     @asynccontextmanager
-    async def admit(self, count: int = 1) -> AsyncIterator[Callable[[], None]]:
+    async def admit(self, count: int = 1) -> AsyncIterator[Created]:
         """Reserve room for count new pending tasks (an array's: all or none) for the
         duration of the block; the block calls the yielded function once they were really
         created.
@@ -123,9 +133,9 @@ class PendingLimit(_Tally):
             raise Overloaded(f"cluster has {pending} pending tasks (limit {self.limit}, "
                              "--max-pending); wait or raise it")
         async with self._hold(count) as mark_created:
-            def created() -> None:
+            def created(revision: int = 0) -> None:
                 mark_created()
-                self._record(count)
+                self._record(count, revision)
 
             yield created
 
@@ -186,14 +196,14 @@ class Admission:
 
     @asynccontextmanager
     async def admit(self, count: int, size: int,
-                    what: str) -> AsyncIterator[Callable[[], None]]:
+                    what: str) -> AsyncIterator[Created]:
         """Reserve count pending tasks and size bytes for the block (see
         PendingLimit.admit and ByteBudget.admit); the yielded function marks both
         written. Raises Overloaded when either does not fit."""
         async with self.pending.admit(count) as counted, \
                 self.budget.admit(size, what) as spent:
-            def created() -> None:
-                counted()
+            def created(revision: int = 0) -> None:
+                counted(revision)
                 spent()
 
             yield created

@@ -3,16 +3,21 @@ one key; the holder's death hands the chore on; admission trusts the published c
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from prometheus_client import REGISTRY
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.core import keys
+from node.core import keys, validation
 from node.core.config import Config
+from node.core.errors import Overloaded
 from node.etcd.store import Store
 from node.etcd.txn import Move
+from node.faces.service import TaskService
 from node.operations.counts import COUNTS_LOCK, CountsChore
 from node.scheduling.admission import PendingLimit
+from node.scheduling.conditions import DependencyCheck
 from node.scheduling.node_state import NodeState, Registration
 from tests.unit.etcd_fixture import require_etcd
 
@@ -29,9 +34,9 @@ class CountingStore(Store):
         super().__init__(endpoint=endpoint)
         self.counts = 0
 
-    async def count(self, prefix: bytes) -> int:
-        self.counts += 1
-        return await super().count(prefix)
+    async def _range(self, start: bytes, end: bytes, **options: Any) -> Any:
+        self.counts += bool(options.get("count_only"))
+        return await super()._range(start, end, **options)
 
 
 async def _queue(store: Store, how_many: int) -> None:
@@ -96,3 +101,24 @@ async def test_admission_reads_the_published_count_plus_its_own_admissions(
         assert connection.counts == 0       # never counted itself: one get each time
     finally:
         await connection.close()
+
+
+async def test_a_flood_at_one_node_stops_exactly_at_the_limit_with_published_counts(
+        store: Store) -> None:
+    """Writes the published count already holds (by revision) are not added twice; the
+    ones after it are: the limit is exact at one node, as when it counted itself."""
+    state = NodeState.for_config(Config(name="n"))
+    state.registration = Registration(keys.new_node_id(), await store.grant_lease(60))
+    chore = CountsChore(store=store, state=state)
+    service = TaskService(store=store, check=DependencyCheck(store=store), max_pending=4)
+    service.admission.pending._ttl = 0.0        # read the published count at every submit
+    admitted = 0
+    for _ in range(6):
+        await chore.round()                     # a count between every two submits
+        try:
+            await service.submit(validation.spec(pb.TaskSpec(command="true")))
+            admitted += 1
+        except Overloaded as refused:
+            assert "cluster has 4 pending tasks (limit 4" in str(refused)
+    assert admitted == 4
+    assert await store.count(keys.QUEUED) == 4
