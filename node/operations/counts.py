@@ -5,14 +5,15 @@ million pending tasks a count costs etcd a million steps. Every node counting ev
 made that cost grow with the fleet too. Now the node holding chore_lock("counts") (on its
 lease: when it dies another takes over within a lease TTL and a round) counts every
 COUNTS_INTERVAL and publishes the figures in one small key (keys.STATS); every other node
-reads that key (one get) for its gauges, and admission (PendingLimit) reads it too.
+reads that key (one get a round) for its gauges, and admission (PendingLimit) reads it
+too. When the figures go stale (STALE_ROUNDS), a node whose try_lock wins takes over.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import time
 
 from node.core import keys, metrics
 from node.core.errors import FilchError
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 # Seconds between two counts (and between two reads of them on the other nodes): the
 # gauges and the admission of --max-pending lag the cluster by this much at most.
 COUNTS_INTERVAL = 2.0
+
+# Published counts this many rounds old are stale: another node takes the chore (if the
+# lock is free: the holder's lease expired). Rounds, not seconds, so that clocks that
+# disagree by a second or two do not make two nodes count.
+STALE_ROUNDS = 5
 
 COUNTS_LOCK = keys.chore_lock("counts")
 
@@ -42,43 +48,36 @@ class CountsChore:
     async def run(self) -> None:
         """A round every interval until cancelled; an etcd failure skips one round."""
         while True:
-            with contextlib.suppress(FilchError):
+            try:
                 await self.round()
+            except FilchError as exc:
+                log.info("counts round skipped: %s", exc)
             await asyncio.sleep(self._interval)
 
     async def round(self) -> TaskCounts | None:
         """Count and publish (holder) or read; export to the gauges; the counts (None:
-        nobody published any yet)."""
-        counts: TaskCounts | None
-        if await self._hold():
-            counts = await self._store.count_tasks(self._node_id())
-            await self._store.put_counts(counts)
-        else:
+        nobody published any yet). A node that does not hold the chore reads one key; it
+        takes the chore only when the published counts are STALE_ROUNDS rounds old (the
+        holder died or was cut off: its lock went with its lease)."""
+        registration = self._state.registration
+        counts: TaskCounts | None = None
+        if self.holding:
+            self.holding = (registration is not None and await self._store.lock_holder(
+                COUNTS_LOCK) == registration.node_id)
+        if not self.holding:
             counts = await self._store.get_counts()
+            stale = counts is None or time.time() - counts.counted_at > \
+                STALE_ROUNDS * self._interval
+            if stale and registration is not None and await self._store.try_lock(
+                    COUNTS_LOCK, registration.node_id, registration.lease_id):
+                log.info("this node counts the cluster's tasks now (%s)", COUNTS_LOCK.decode())
+                self.holding = True
+        if self.holding and registration is not None:
+            counts = await self._store.count_tasks(registration.node_id)
+            await self._store.put_counts(counts)
         if counts is not None:
             export(counts)
         return counts
-
-    def _node_id(self) -> str:
-        registration = self._state.registration
-        return registration.node_id if registration is not None else ""
-
-    async def _hold(self) -> bool:
-        """Whether this node holds the chore now, taking it when nobody does. A read, and a
-        write only when the lock is free: the other nodes add no write per round."""
-        registration = self._state.registration
-        if registration is None:
-            self.holding = False
-            return False
-        holder = await self._store.lock_holder(COUNTS_LOCK)
-        if holder is None:
-            holder = registration.node_id if await self._store.try_lock(
-                COUNTS_LOCK, registration.node_id, registration.lease_id) else None
-        holding = holder == registration.node_id
-        if holding and not self.holding:
-            log.info("this node counts the cluster's tasks now (%s)", COUNTS_LOCK.decode())
-        self.holding = holding
-        return holding
 
 
 def export(counts: TaskCounts) -> None:

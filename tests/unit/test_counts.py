@@ -3,6 +3,7 @@ one key; the holder's death hands the chore on; admission trusts the published c
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -24,6 +25,9 @@ from tests.unit.etcd_fixture import require_etcd
 require_etcd()
 
 pytestmark = pytest.mark.timeout(60)
+
+# The chore's round in these tests: published counts go stale in STALE_ROUNDS of them.
+INTERVAL = 0.05
 
 
 class CountingStore(Store):
@@ -54,7 +58,7 @@ async def test_one_node_counts_the_others_read_and_the_chore_moves_when_it_dies(
     for connection, lease in zip(connections, leases, strict=True):
         state = NodeState.for_config(Config(name="n"))
         state.registration = Registration(keys.new_node_id(), lease)
-        chores.append(CountsChore(store=connection, state=state))
+        chores.append(CountsChore(store=connection, state=state, interval=INTERVAL))
     try:
         for _ in range(3):                  # three rounds on every node
             for chore in chores:
@@ -65,13 +69,19 @@ async def test_one_node_counts_the_others_read_and_the_chore_moves_when_it_dies(
         assert [connection.counts for connection in connections] == [15, 0, 0]
         assert REGISTRY.get_sample_value("filch_queue_depth") == 3
         assert REGISTRY.get_sample_value("filch_tasks", {"state": "pending"}) == 3
-        # The holder dies: its lease goes, with the lock; the next node takes over.
+        # The holder dies: its lease goes, with the lock; once the published counts are
+        # stale (STALE_ROUNDS rounds), one of the others takes over.
         await store.revoke_lease(leases[0])
         await _queue(store, 2)
-        for chore in chores[1:]:
-            counts = await chore.round()
-            assert counts is not None and counts.queued == 5
+        for _ in range(100):                    # 5 s at most
+            await asyncio.sleep(INTERVAL)
+            for chore in chores[1:]:
+                await chore.round()
+            if any(chore.holding for chore in chores[1:]):
+                break
         assert [chore.holding for chore in chores[1:]] == [True, False]
+        counts = await chores[2].round()
+        assert counts is not None and counts.queued == 5
         assert connections[2].counts == 0
         assert await store.lock_holder(COUNTS_LOCK) is not None
     finally:
