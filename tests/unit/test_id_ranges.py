@@ -33,8 +33,8 @@ async def test_windows_answer_like_a_plain_range_and_walk_a_bounded_number_of_ke
         store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = random.Random(18)
     array_id = keys.new_task_id()
-    ids = sorted({*(keys.new_task_id() for _ in range(3000)),
-                  *(keys.array_task_id(array_id, position) for position in range(15_000)),
+    ids = sorted({*(keys.new_task_id() for _ in range(1000)),
+                  *(keys.array_task_id(array_id, position) for position in range(5_000)),
                   *(str(keys.uuid.UUID(int=rng.getrandbits(128))) for _ in range(50))})
     await _fill(store, ids)
     everything = [PREFIX + task_id.encode() for task_id in ids]
@@ -51,7 +51,7 @@ async def test_windows_answer_like_a_plain_range_and_walk_a_bounded_number_of_ke
     assert [kv.key for kv in found] == everything[:100]
     # ... every later one from the same start (the front, a page token) walks about a
     # page, however deep the range.
-    for after_index in (None, 0, 99, 5000, 17_000, len(everything) - 30):
+    for after_index in (None, 0, 99, 2500, 5500, len(everything) - 30):
         after = b"" if after_index is None else everything[after_index]
         start = 0 if after_index is None else after_index + 1
         for _ in range(2):
