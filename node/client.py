@@ -30,6 +30,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.core import keys, states
+from node.core.array_pages import ArrayWatch
 from node.core.errors import (
     ClientError,
     DeadlineExceeded,
@@ -245,14 +246,18 @@ class Client:
     def wait_array(self, array_id: str, on_progress: ArrayProgressCallback | None = None, *,
                    limit: float | None = None) -> builtins.list[pb.Task]:
         """Poll until every task of the array has finished or limit seconds pass; its
-        tasks as last listed, in index order. Like wait(), it rides out a node that stops
-        answering; a poll waits at least twice as long as the last listing took (100,000
-        tasks list in ~10 s), so a wait never keeps the cluster busy listing."""
-        def finished(tasks: builtins.list[pb.Task]) -> bool:
-            return all(is_finished(task) for task in tasks)
+        tasks as last seen, in index order. Like wait(), it rides out a node that stops
+        answering. The array is listed whole once; after that a poll reads on from the
+        first task not seen finished (finished is final), a page or two, and stops at
+        the first page with an unfinished task (node/core/array_pages.py): a poll costs
+        the same at 100 tasks or 100,000 (tasks past it keep their last state in the
+        progress line until the poll reaches them)."""
+        watch = ArrayWatch(lister=self, array_id=array_id, tasks=self.list(array_id=array_id))
 
-        return self._poll(lambda: self.list(array_id=array_id), finished, on_progress, limit,
-                          self.list(array_id=array_id))
+        def finished(tasks: builtins.list[pb.Task]) -> bool:
+            return watch.frontier >= len(tasks)
+
+        return self._poll(watch.poll, finished, on_progress, limit, watch.tasks)
 
     def _poll(self, fetch: Callable[[], Polled], done: Callable[[Polled], bool],
               on_progress: Callable[[Polled, float, bool], None] | None,

@@ -69,6 +69,10 @@ DEPENDENTS = b"/dependents/"
 RELEASES = b"/release/"
 # Cluster chores (one node at a time, on its lease).
 LOCKS = b"/lock/"
+# The cluster-wide task counts by state, published every few seconds by the holder of
+# chore_lock("counts"): every node's gauges and admission read this one small key instead
+# of each counting etcd's index (a count is a walk of every key in the range).
+STATS = b"/stats/counts"
 # Held (on the holder's lease) while a node defragments its etcd member, so that two
 # members are never defragmented at once. Absent the rest of the time.
 DEFRAG_LOCK = b"/lock/defrag"

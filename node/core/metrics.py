@@ -121,6 +121,9 @@ TIMEOUTS = Counter("filch_task_timeouts_total",
 RETRIES = Counter("filch_task_retries_total",
                   "Attempts this node ended and scheduled for a retry, by failure class.",
                   ["failure_class"])
+RETRY_TIMER_HELD = Gauge("filch_retry_timer_held",
+                         "Held retries this node's one timer will queue again at their "
+                         "not_before (bounded; the resolver sweep releases the rest).")
 ARRAY_TASKS_SUBMITTED = Counter("filch_array_tasks_submitted_total",
                                 "Tasks created by array submits on this node.")
 OWNER_SHARE = Gauge("filch_owner_dominant_share",

@@ -30,8 +30,10 @@ from node.core.limits import (
     STORE_MAX_RECEIVE_BYTES,
     STORE_MAX_SEND_BYTES,
 )
+from node.core.task_counts import TaskCounts
 from node.etcd.etcd_client import EtcdTLS, TLSClient
 from node.etcd.etcd_errors import ETCD_ERRORS, translate
+from node.etcd.id_ranges import IdRanges
 from node.etcd.txn import key_compare
 
 T = TypeVar("T")
@@ -98,6 +100,8 @@ class StoreBase:
         self._client = (aetcd.Client(**address) if tls is None
                         else TLSClient(credentials=tls.credentials(), **address))
         self._timeout = timeout
+        # First keys of the id-keyed ranges (queued, held, records), read in bounded windows.
+        self._id_ranges = IdRanges(read=self._range)
         self.endpoint = endpoint
 
     async def close(self) -> None:
@@ -165,6 +169,15 @@ class StoreBase:
         response = await self._range(start, keys.prefix_end(prefix), limit=limit,
                                      keys_only=True, revision=revision)
         return [kv.key for kv in response.kvs]
+
+    async def first_ids(self, prefix: bytes, *, after: bytes = b"",
+                        limit: int) -> list[bytes]:
+        """Like list_ids, for a prefix whose keys end in a task id (queued, blocked): the
+        first `limit` keys after `after`, at a cost that does not grow with the prefix
+        (node/etcd/id_ranges.py)."""
+        found, _ = await self._id_ranges.first(prefix, keys.prefix_end(prefix), after=after,
+                                               limit=limit, keys_only=True)
+        return [kv.key for kv in found]
 
     async def list_page(self, start: bytes, end: bytes, *, limit: int) -> KeyPage:
         """Keys of [start, end) in key order, at most limit, with the revision read at."""
@@ -264,6 +277,36 @@ class StoreBase:
             compare=[rpc.Compare(key=key, target=rpc.Compare.VALUE, result=rpc.Compare.EQUAL,
                                  value=holder.encode())],
             success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))]))
+
+    async def lock_holder(self, key: bytes) -> str | None:
+        """The node id holding a chore lock, or None when nobody does."""
+        response = await self._range(key, b"")
+        return response.kvs[0].value.decode() if response.kvs else None
+
+    async def count_tasks(self, holder: str) -> TaskCounts:
+        """Count every state's status keys (count-only ranges: etcd walks each range's
+        index, so this is for the one node doing the counts chore)."""
+        counted_at = time.time()
+        first = await self._range(keys.QUEUED, keys.prefix_end(keys.QUEUED), count_only=True)
+        revision = int(first.header.revision)
+        counts = [int(first.count)]
+        for prefix in (keys.BLOCKED, keys.RUNNING, keys.COMPLETE, keys.CANCELED):
+            # All at the first one's revision: one consistent picture.
+            response = await self._range(prefix, keys.prefix_end(prefix), count_only=True,
+                                         revision=revision)
+            counts.append(int(response.count))
+        queued, blocked, running, complete, canceled = counts
+        return TaskCounts(queued=queued, blocked=blocked, running=running, complete=complete,
+                          canceled=canceled, counted_at=counted_at, revision=revision,
+                          holder=holder)
+
+    async def put_counts(self, counts: TaskCounts) -> None:
+        await self._call(lambda: self._client.put(keys.STATS, counts.encode()))
+
+    async def get_counts(self) -> TaskCounts | None:
+        """The counts last published, or None when none (or unreadable) are there."""
+        response = await self._range(keys.STATS, b"")
+        return TaskCounts.decode(response.kvs[0].value) if response.kvs else None
 
     async def current_revision(self) -> int:
         response = await self._range(keys.NODES, keys.prefix_end(keys.NODES), count_only=True)

@@ -45,6 +45,9 @@ _STATE_PREFIXES: dict[int, tuple[bytes, ...]] = {
     pb.TASK_STATE_CANCELED: (keys.CANCELED,),
 }
 
+# States whose status keys are <prefix><task id>.
+_ID_KEYED = (keys.QUEUED, keys.BLOCKED)
+
 
 class TaskService:
     """Task and node operations shared by the gRPC API and the HTTP face."""
@@ -116,7 +119,7 @@ class TaskService:
             async with self.admission.admit(1, written_bytes(move), "this task") as created:
                 revision = await self._submits.transition(move)
                 if revision is not None:
-                    created()
+                    created(revision)
                 return revision
         except TooLarge as exc:
             raise InvalidArgument(
@@ -189,7 +192,7 @@ class TaskService:
                 raise InvalidArgument("page_token", "does not belong to this listing")
             more = True
             while more and not page.full:
-                records, more = await self.store.list_records(
+                records, more = await self.store.first_records(
                     after=after, limit=page_size - len(page.tasks))
                 for record in records:
                     if not page.add(record.task):
@@ -205,12 +208,12 @@ class TaskService:
             if after and not after.startswith(prefix):
                 continue    # the token is past this prefix
             if page.full:
-                if not await self.store.list_ids(prefix, limit=1):
+                if not await self._first_keys(prefix, b"", 1):
                     continue
                 # The next prefix starts after its own name (list_ids starts after `after`).
                 return page.tasks, encode_token(prefix)
-            status_keys = await self.store.list_ids(prefix, after=after,
-                                                    limit=page_size - len(page.tasks) + 1)
+            status_keys = await self._first_keys(prefix, after,
+                                                 page_size - len(page.tasks) + 1)
             more = len(status_keys) > page_size - len(page.tasks)
             status_keys = status_keys[:page_size - len(page.tasks)]
             for start in range(0, len(status_keys), READ_BATCH_RECORDS):
@@ -228,6 +231,14 @@ class TaskService:
                 return page.tasks, encode_token(after)
             after = b""
         return page.tasks, ""
+
+    async def _first_keys(self, prefix: bytes, after: bytes, limit: int) -> list[bytes]:
+        """The first status keys of a state after `after`: for the states whose keys end
+        in a task id (queued, blocked: the ones that grow with the queue), read in windows
+        whose cost does not grow with them (etcd walks a whole range to answer a limit)."""
+        if prefix in _ID_KEYED:
+            return await self.store.first_ids(prefix, after=after, limit=limit)
+        return await self.store.list_ids(prefix, after=after, limit=limit)
 
     async def list_nodes(self) -> list[pb.Node]:
         """Live nodes, with etcd leadership and NOSPACE as seen by the local member now."""

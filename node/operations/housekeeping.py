@@ -3,7 +3,8 @@
 Every node runs this; nothing depends on one node being alive. Deleting a finished task
 is a transaction that checks its status key still exists, so nodes doing it at once is
 harmless; defragmentation takes a lock on the node's lease so two members are never
-defragmented together. The same round refreshes the cluster-wide metrics.
+defragmented together. The cluster-wide counts are a chore of one node at a time
+(node/operations/counts.py), run beside the rounds.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ from urllib.parse import urlsplit
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys, metrics
+from node.core.array_pages import member_position
 from node.core.config import Config
 from node.core.errors import Compacted, FilchError
-from node.core.limits import READ_BATCH_RECORDS
 from node.etcd import failpoints
 from node.etcd.store import MemberStatus, Store
+from node.operations.counts import CountsChore
 from node.scheduling.node_state import NodeState
 
 log = logging.getLogger(__name__)
@@ -35,6 +37,13 @@ RETENTION_BATCH = 500
 # Array records one round examines for deletion (each costs reads of its task ids until
 # one exists): bounded, the next round goes on from there.
 ARRAY_BATCH = 100
+
+# Array member positions one keys-only range covers (etcd walks the keys of the range,
+# at most this many members), ranges per array per round (together: the largest array,
+# 2**17, in one round), and keys read per range (a member, or others of its millisecond).
+ARRAY_WINDOW = 4096
+ARRAY_WINDOWS = 32
+ARRAY_PROBE = 8
 
 # NOSPACE is disarmed only when the live data is this far below the quota, so that the
 # alarm does not go off again at the next write.
@@ -82,10 +91,23 @@ class Housekeeping:
         self._stopping = asyncio.Event()
         self.paused_for_space = False
         self._array_cursor = b""
+        # Per array: the lowest position that may still exist (see _any_task_left).
+        self._array_positions: dict[str, int] = {}
+        self._arrays_listed: set[str] = set()
+        self.counts = CountsChore(store=store, state=state)
 
     async def run(self) -> None:
-        """A round every housekeeping_interval until shutdown()."""
+        """A round every housekeeping_interval until shutdown(); the counts chore beside
+        (its own, shorter interval)."""
         metrics.ETCD_QUOTA.set(self._config.etcd_quota_bytes)
+        counting = asyncio.create_task(self.counts.run(), name="counts chore")
+        try:
+            await self._rounds()
+        finally:
+            counting.cancel()
+            await asyncio.wait([counting])      # never raises: its cancellation is ours
+
+    async def _rounds(self) -> None:
         while not self._stopping.is_set():
             try:
                 await self.round()
@@ -105,7 +127,6 @@ class Housekeeping:
         await self._refresh_firewall()
         status = await self._store.member_status()
         self._export(status)
-        await self._refresh_counts()
         if status.nospace:
             await self._recover_space(status)
         elif self.paused_for_space:
@@ -138,16 +159,6 @@ class Housekeeping:
         metrics.ETCD_NOSPACE.set(int(status.nospace))
         metrics.ETCD_LEADER.set(int(status.leader_id == status.member_id))
         metrics.ETCD_HAS_LEADER.set(int(status.leader_id != 0))
-
-    async def _refresh_counts(self) -> None:
-        for state, prefix in (("pending", keys.QUEUED), ("running", keys.RUNNING),
-                              ("complete", keys.COMPLETE), ("canceled", keys.CANCELED)):
-            count = await self._store.count(prefix)
-            if state == "pending":
-                metrics.QUEUE_DEPTH.set(count)
-                # Held tasks are PENDING too (the resolver's sweep counts them by hold).
-                count += await self._store.count(keys.BLOCKED)
-            metrics.TASKS.labels(state).set(count)
 
     async def apply_retention(self) -> int:
         """Delete finished tasks past the retention, then the oldest past max_finished."""
@@ -185,22 +196,58 @@ class Housekeeping:
     async def _delete_arrays(self) -> None:
         """Delete up to ARRAY_BATCH array records (from where the last round stopped)
         none of whose tasks exist any more and that nothing depends on."""
+        if not self._array_cursor:
+            # A new pass: forget the positions of arrays the last pass did not list.
+            self._array_positions = {array_id: position for array_id, position
+                                     in self._array_positions.items()
+                                     if array_id in self._arrays_listed}
+            self._arrays_listed = set()
         arrays = await self._store.list_arrays(after=self._array_cursor, limit=ARRAY_BATCH)
         self._array_cursor = keys.array(arrays[-1].id) if len(arrays) == ARRAY_BATCH else b""
+        self._arrays_listed.update(array.id for array in arrays)
         for array in arrays:
             if await self._any_task_left(array):
                 continue
+            self._array_positions.pop(array.id, None)
             if await self._store.delete_array(array.id):
                 log.info("deleted array %s: none of its %d tasks is left", array.id,
                          array.count)
 
     async def _any_task_left(self, array: pb.Array) -> bool:
-        for start in range(0, array.count, READ_BATCH_RECORDS):
-            ids = [keys.array_task_id(array.id, position)
-                   for position in range(start, min(array.count, start + READ_BATCH_RECORDS))]
-            if await self._store.get_tasks(ids):
+        """Whether a task of the array still exists: keys-only ranges over the interval of
+        its member ids (they sort by position), ARRAY_WINDOW positions at a time, from the
+        lowest position seen left the last time (positions below it are gone for good: an
+        array's tasks are never written again once its record exists). etcd walks only the
+        keys of each window, so the cost is bounded by the window, never the array."""
+        position = self._array_positions.get(array.id, 0)
+        for _ in range(ARRAY_WINDOWS):
+            if position >= array.count:
+                break
+            last = min(array.count, position + ARRAY_WINDOW) - 1
+            found = await self._member_in(array, position, last)
+            if found is not None:
+                self._array_positions[array.id] = found
                 return True
-        return False
+            position = last + 1
+        self._array_positions[array.id] = position
+        return position < array.count      # not looked at yet: next round goes on
+
+    async def _member_in(self, array: pb.Array, first: int, last: int) -> int | None:
+        """The lowest position in [first, last] whose task exists, or None. A key in the
+        interval may be another task created in the same millisecond as the array: it is
+        a member only when the id derived for its position is its id."""
+        start = keys.task(keys.array_task_id(array.id, first))
+        end = keys.task(keys.array_task_id(array.id, last)) + b"\0"
+        while True:
+            page = await self._store.list_page(start, end, limit=ARRAY_PROBE)
+            for key in page.keys:
+                position = member_position(keys.last_segment(key))
+                if first <= position <= last and \
+                        keys.array_task_id(array.id, position) == keys.last_segment(key):
+                    return position
+            if not page.more:
+                return None
+            start = page.keys[-1] + b"\0"
 
     async def _trim_to_max(self) -> int:
         """Delete the oldest finished tasks (of either state) beyond max_finished."""

@@ -26,15 +26,11 @@ from node.etcd.watching import list_and_watch
 from node.running import retries
 from node.running.attempt_files import attempt_dir, log_path
 from node.running.results import LocalAttempt, ResultWriter
+from node.running.retry_timer import RetryTimer
 from node.running.runtime.base import Attempt, AttemptSpec, Executor, ExitStatus
 from node.scheduling.node_state import NodeState, Registration
 
 log = logging.getLogger(__name__)
-
-# Releasing a retry at its not_before: tries while etcd does not answer, and the pause
-# between them. Bounded: past them the resolver sweep (any node) releases it.
-RELEASE_TRIES = 10
-RELEASE_PAUSE = 1.0
 
 __all__ = ["LocalAttempt", "Runner", "log_path"]
 
@@ -50,6 +46,8 @@ class Runner:
         self._state = state
         self._capacity = state.capacity
         self._results = ResultWriter(store=store)
+        # Held retries of attempts that ended here, released at their not_before.
+        self.retries = RetryTimer(store=store)
         self._attempts: dict[str, LocalAttempt] = {}
         self._group: asyncio.TaskGroup | None = None
         # Set when the drain begins (shutdown): from then on no attempt is started here.
@@ -183,27 +181,7 @@ class Runner:
         if not await self._results.write(local, new) or new.hold != pb.HOLD_RETRY:
             return
         log.info("task %s attempt %d: %s", new.id, new.attempt, new.message)
-        if self._group is not None:
-            self._group.create_task(self._release_later(new), name=f"retry {new.id}")
-
-    async def _release_later(self, held: pb.Task) -> None:
-        """At held.not_before, queue the task again if it still waits for that retry (same
-        retries_used). A conflict means someone else moved it: fine. Gives up after a few
-        failed tries to reach etcd: the resolver sweep releases it then."""
-        await asyncio.sleep(max(0.0, held.not_before.ToNanoseconds() / 1e9 - time.time()))
-        for _ in range(RELEASE_TRIES):
-            try:
-                found = await self._store.get_task(held.id)
-                if (found is None or found.task.state != pb.TASK_STATE_PENDING
-                        or found.task.hold != pb.HOLD_RETRY
-                        or found.task.retries_used != held.retries_used):
-                    return
-                if await self._store.transition(found, lifecycle.released(found.task)):
-                    log.info("task %s queued again for attempt %d", held.id, held.attempt + 1)
-                return
-            except FilchError as exc:
-                log.info("task %s: retry not released yet: %s", held.id, exc)
-                await asyncio.sleep(RELEASE_PAUSE)
+        self.retries.hold(new)
 
     def _attempt_spec(self, task: pb.Task) -> AttemptSpec:
         data_dir = self._config.path
@@ -293,6 +271,7 @@ class Runner:
             self._group = group
             group.create_task(self._watch_revocations())
             group.create_task(self._sweep())
+            group.create_task(self.retries.run())
         raise AssertionError("unreachable")
 
     async def _sweep(self) -> NoReturn:

@@ -3,10 +3,13 @@ budget of etcd's quota (--submit-budget).
 
 Pending tasks are never deleted by housekeeping, so a submit flood would drive etcd to
 NOSPACE, where nothing short of deleting tasks helps. This answers RESOURCE_EXHAUSTED
-first. The count comes from etcd (count-only ranges of the queued and blocked prefixes:
-no values are read) and is trusted for PENDING_COUNT_TTL; in between, this node adds what it admits
-itself, so a flood at one node stops exactly at the limit. Other nodes' admissions are
-seen at the next count: the cluster may overshoot by what they admit meanwhile.
+first. The count is the one the counts chore publishes (keys.STATS, one get: etcd walks its
+index to count, so only one node counts, node/operations/counts.py), plus what this node
+admitted since that count began; with no recent published count, this node counts itself
+(count-only ranges of the queued and blocked prefixes). It is trusted for
+PENDING_COUNT_TTL; in between, this node adds what it admits itself, so a flood at one
+node stops exactly at the limit. Other nodes' admissions are seen at the next count: the
+cluster may overshoot by what they admit meanwhile.
 
 A count alone does not bound bytes: 100,000 tasks of 1 MiB are 100 GiB. So every submit
 also estimates what it will write into etcd and is refused, before anything is written,
@@ -21,11 +24,24 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 from node.core import keys
 from node.core.errors import Overloaded
 from node.core.limits import DEFAULT_SUBMIT_BUDGET, PENDING_COUNT_TTL
 from node.etcd.store import Store
+
+# A published count older than this (its holder died and no other took over yet, or the
+# clocks disagree that much) is not trusted: the node counts itself.
+STATS_MAX_AGE = 30.0
+
+
+class Created(Protocol):
+    """Marks an admission written: revision, the etcd revision of the write that created
+    the tasks (0: not known, say an array's many writes)."""
+
+    def __call__(self, revision: int = 0) -> None:
+        ...
 
 
 class _Tally:
@@ -75,16 +91,36 @@ class PendingLimit(_Tally):
     """Counts pending tasks (cheaply) and refuses new ones past the limit."""
 
     def __init__(self, *, store: Store, limit: int, ttl: float = PENDING_COUNT_TTL,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         super().__init__(ttl=ttl, clock=clock)
         self._store = store
         self.limit = limit
+        self._wall_clock = wall_clock
+        # What this node created: (etcd revision of the write, or 0 when unknown; wall-clock
+        # time it was answered; tasks). A published count holds the writes up to its
+        # revision; one of unknown revision answered before the count began is in it.
+        # Entries older than STATS_MAX_AGE go.
+        self._created: list[tuple[int, float, int]] = []
 
     async def _read(self) -> int:
-        return await self._store.count(keys.QUEUED) + await self._store.count(keys.BLOCKED)
+        now = self._wall_clock()
+        self._created = [entry for entry in self._created if entry[1] >= now - STATS_MAX_AGE]
+        counts = await self._store.get_counts()
+        if counts is None or now - counts.counted_at > STATS_MAX_AGE:
+            # Nobody publishes (a new cluster, the holder died a moment ago): count.
+            return await self._store.count(keys.QUEUED) + await self._store.count(keys.BLOCKED)
+        # An entry of unknown revision answered just after the count began may be in it
+        # too: counted twice, which refuses a little early, never late.
+        return counts.pending + sum(
+            tasks for revision, answered, tasks in self._created
+            if (revision > counts.revision if revision else answered >= counts.counted_at))
+
+    def _record(self, count: int, revision: int) -> None:
+        self._created.append((revision, self._wall_clock(), count))
 
     @asynccontextmanager
-    async def admit(self, count: int = 1) -> AsyncIterator[Callable[[], None]]:
+    async def admit(self, count: int = 1) -> AsyncIterator[Created]:
         """Reserve room for count new pending tasks (an array's: all or none) for the
         duration of the block; the block calls the yielded function once they were really
         created.
@@ -97,7 +133,11 @@ class PendingLimit(_Tally):
             raise Overloaded(f"cluster has {pending} pending tasks (limit {self.limit}, "
                              "--max-pending); wait or raise it")
         async with self._hold(count) as mark_created:
-            yield mark_created
+            def created(revision: int = 0) -> None:
+                mark_created()
+                self._record(count, revision)
+
+            yield created
 
 
 class ByteBudget(_Tally):
@@ -156,14 +196,14 @@ class Admission:
 
     @asynccontextmanager
     async def admit(self, count: int, size: int,
-                    what: str) -> AsyncIterator[Callable[[], None]]:
+                    what: str) -> AsyncIterator[Created]:
         """Reserve count pending tasks and size bytes for the block (see
         PendingLimit.admit and ByteBudget.admit); the yielded function marks both
         written. Raises Overloaded when either does not fit."""
         async with self.pending.admit(count) as counted, \
                 self.budget.admit(size, what) as spent:
-            def created() -> None:
-                counted()
+            def created(revision: int = 0) -> None:
+                counted(revision)
                 spent()
 
             yield created

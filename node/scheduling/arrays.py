@@ -10,13 +10,12 @@ tasks the resolver deletes after an hour (node/scheduling/dependencies.py).
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Awaitable, Callable, Sequence
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys, lifecycle, metrics
-from node.core.errors import ArrayNotFound, Conflict, InvalidArgument, StoreUnavailable
+from node.core.array_pages import decode_token, encode_token
+from node.core.errors import ArrayNotFound, Conflict, StoreUnavailable
 from node.core.limits import (
     ETCD_KEY_OVERHEAD_BYTES,
     READ_BATCH_RECORDS,
@@ -180,7 +179,7 @@ class Arrays:
         """One page of the array's tasks in index order (tasks deleted by retention are
         skipped). Raises ArrayNotFound, InvalidArgument for a foreign page_token."""
         array = await self._existing(array_id)
-        position = _decode(page_token, array_id)
+        position = decode_token(page_token, array_id)
         end = min(array.count, position + page_size)
         ids = [keys.array_task_id(array_id, at) for at in range(position, end)]
         found = {record.task.id: record.task for record in await self._store.get_tasks(ids)}
@@ -190,7 +189,7 @@ class Arrays:
             if task is not None and not page.add(task):
                 break
             position += 1
-        return page.tasks, _encode(array_id, position) if position < array.count else ""
+        return page.tasks, encode_token(array_id, position) if position < array.count else ""
 
     async def cancel(self, array_id: str,
                      cancel_one: Callable[[str], Awaitable[pb.Task]]) -> int:
@@ -254,20 +253,3 @@ def _released(task: pb.Task, prepared: Prepared) -> pb.Task:
 def _conflict(request_id: str, array_id: str) -> Conflict:
     return Conflict(f"request_id {request_id!r} was already used for array {array_id} with a "
                     "different spec; use a new request_id")
-
-
-def _encode(array_id: str, position: int) -> str:
-    return base64.urlsafe_b64encode(f"{array_id}:{position}".encode()).decode()
-
-
-def _decode(token: str, array_id: str) -> int:
-    if not token:
-        return 0
-    try:
-        text = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
-        owner, _, position = text.partition(":")
-        if owner == array_id and position.isdigit():
-            return int(position)
-    except (binascii.Error, ValueError):
-        pass
-    raise InvalidArgument("page_token", "does not belong to this array's listing")

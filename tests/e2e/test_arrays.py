@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +21,9 @@ import grpc
 import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
+from node.client import Client
 from node.core import keys
+from node.core.array_pages import ARRAY_POLL_PAGE, ARRAY_POLL_PAGES, watched_arrays
 from tests.e2e.cluster import FINISHED, Cluster, wait_for
 from tests.e2e.conftest import require_tools
 
@@ -201,3 +204,36 @@ def test_submit_wait_on_an_array_exits_with_its_highest_status(cluster: Cluster)
     assert refused.returncode == 2 and "filch logs -f ID" in refused.stderr
     assert "Traceback" not in refused.stderr
     assert {name for name in cluster.etcd_keys() if name.startswith("/array/")} == before
+
+
+def test_waiting_on_a_2000_task_array_reads_a_bounded_number_of_records_per_poll(
+        cluster: Cluster) -> None:
+    """`submit --wait --array`'s polls read from the first unfinished task on, not the
+    whole array each time; the wait still ends with every task's final record."""
+    client = Client(cluster.nodes[0].address)
+    # Too large for any node: the 2,000 stay pending until the array is canceled.
+    response = client.submit_array(pb.TaskSpec(command="true", cpu_millis=64_000),
+                                   pb.ArraySpec(start=1, end=2000))
+    polled = threading.Event()
+    seen: list[int] = []
+
+    def progress(tasks: list[pb.Task], elapsed: float, reconnecting: bool) -> None:
+        seen.append(len(tasks))
+        if len(watched_arrays[-1].read_per_poll) >= 3:
+            polled.set()
+
+    canceler = threading.Thread(target=lambda: polled.wait(60) and client.cancel_array(
+        response.array_id))
+    canceler.start()
+    try:
+        tasks = client.wait_array(response.array_id, progress, limit=120)
+    finally:
+        polled.set()
+        canceler.join()
+    watch = watched_arrays[-1]
+    assert len(tasks) == 2000 and seen and seen[-1] == 2000
+    assert all(task.state == pb.TASK_STATE_CANCELED for task in tasks)
+    assert len(watch.read_per_poll) >= 3
+    # Before: every poll listed all 2,000 records.
+    assert max(watch.read_per_poll) <= ARRAY_POLL_PAGE * ARRAY_POLL_PAGES, watch.read_per_poll
+    assert all(read <= ARRAY_POLL_PAGE for read in watch.read_per_poll[:3]), watch.read_per_poll

@@ -14,10 +14,12 @@ import pytest
 from prometheus_client import REGISTRY
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.core import keys, lifecycle
+from node.core import array_pages, keys, lifecycle
 from node.core.config import Config
 from node.core.errors import ExecutorError
 from node.etcd.store import Store
+from node.etcd.txn import Move
+from node.operations import housekeeping as housekeeping_module
 from node.operations.housekeeping import Housekeeping
 from node.scheduling.node_state import NodeState, Registration
 from node.scheduling.stealer import Stealer
@@ -168,3 +170,63 @@ async def test_a_lock_whose_holder_died_does_not_block_the_next_defragmentation(
         dead.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await dead
+
+
+class CountingReads(Store):
+    """A connection that counts the reads housekeeping's array check sends."""
+
+    def __init__(self, *, endpoint: str) -> None:
+        super().__init__(endpoint=endpoint)
+        self.ranges = 0
+        self.records_asked = 0
+
+    async def list_page(self, start: bytes, end: bytes, *, limit: int) -> Any:
+        self.ranges += 1
+        return await super().list_page(start, end, limit=limit)
+
+    async def get_tasks(self, task_ids: Any) -> Any:
+        self.records_asked += len(task_ids)
+        return await super().get_tasks(task_ids)
+
+
+def test_an_array_position_is_read_back_from_its_member_id() -> None:
+    array_id = keys.new_task_id()
+    for position in (0, 1, 31, 32, 4095, 4096, 99_999, (1 << keys.ARRAY_POSITION_BITS) - 1):
+        assert array_pages.member_position(keys.array_task_id(array_id, position)) \
+            == position
+
+
+async def test_the_array_check_reads_a_bounded_number_of_keys_not_every_member(
+        etcd: str, store: Store, tmp_path: Path) -> None:
+    """An array of 100,000 whose only task left is the last: found in a few keys-only
+    ranges (not 100,000 record reads); once it is gone the array record goes too."""
+    array_id = keys.new_task_id()
+    last = pb.Task(id=keys.array_task_id(array_id, 99_999), state=pb.TASK_STATE_PENDING,
+                   array_id=array_id, spec=pb.TaskSpec(command="true"))
+    # Another task of the array's millisecond, inside its id interval: not a member.
+    stranger = pb.Task(id=keys.array_task_id(keys.new_task_id(), 50_000),
+                       state=pb.TASK_STATE_PENDING, spec=pb.TaskSpec(command="true"))
+    stranger.id = last.id[:13] + stranger.id[13:]
+    assert await store.transition_many([Move(None, last), Move(None, stranger)]) is not None
+    assert await store.create_array(pb.Array(id=array_id, count=100_000))
+    connection = CountingReads(endpoint=etcd)
+    config = Config(name="a", data_dir=str(tmp_path))
+    state = NodeState.for_config(config)
+    keeper = Housekeeping(config=config, store=connection, state=state, runner=NothingRuns(),
+                          stealer=NoStealing())
+    try:
+        await keeper.apply_retention()
+        assert await store.get_array(array_id) is not None       # its last task is left
+        assert connection.records_asked == 0
+        assert connection.ranges <= 100_000 // housekeeping_module.ARRAY_WINDOW + 3
+        # The next round starts where that one found a task: one range.
+        connection.ranges = 0
+        await keeper.apply_retention()
+        assert connection.ranges == 1
+        [found] = await store.get_tasks([last.id])
+        await store.delete_tasks([found])
+        await keeper.apply_retention()
+        assert await store.get_array(array_id) is None
+        assert await store.get_tasks([stranger.id])               # not touched
+    finally:
+        await connection.close()
