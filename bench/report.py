@@ -211,7 +211,8 @@ def anomalies(results: dict[str, Any]) -> list[str]:
                 found.append(f"fairness {label}: stuck {run.get('stuck')}, "
                              f"failed {run.get('failed')}")
     for part in ("few", "many"):
-        for run in ((results.get("many") or {}).get(part) or {}).get("runs", []):
+        entry = (results.get("many") or {}).get(part) or {}
+        for run in entry.get("runs", []) + entry.get("array_runs", []):
             if run.get("stuck") or run.get("failed"):
                 found.append(f"{part} nodes: stuck {len(run.get('stuck', []))}, "
                              f"failed {run.get('failed')}")

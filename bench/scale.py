@@ -116,9 +116,27 @@ def window(bench: BenchCluster, seconds: float, stream_rate: float = 0.0) -> dic
     out: dict[str, Any] = {"seconds": elapsed, "per_node": per_node,
                            **mean_rates(per_node)}
     if ids:
-        done = sum(task.state == pb.TASK_STATE_COMPLETE for task in bench.tasks(ids))
-        out.update(stream_rate=stream_rate, stream_submitted=len(ids), stream_completed=done)
+        out.update(stream_rate=stream_rate, stream_submitted=len(ids), **_drained(bench, ids))
     return out
+
+
+def _drained(bench: BenchCluster, ids: list[str]) -> dict[str, Any]:
+    """Did the stream keep up? Its tasks complete at the window's end, seconds after it
+    until all were (bounded: 60 s), and submit->steal of each (record timestamps)."""
+    def complete() -> list[pb.Task]:
+        return [task for task in bench.tasks(ids) if task.state == pb.TASK_STATE_COMPLETE]
+    at_end, ended = len(complete()), time.monotonic()
+    try:
+        poll("the stream's tasks to complete", lambda: len(complete()) == len(ids),
+             timeout=60, interval=0.2)
+    except BenchError:
+        pass
+    records = complete()
+    return {"stream_completed_at_end": at_end, "stream_completed": len(records),
+            "stream_seconds_after_window": time.monotonic() - ended,
+            "stream_to_steal": latency_percentiles(
+                [task_seconds(task.started_at) - task_seconds(task.submitted_at)
+                 for task in records])}
 
 
 def mean_rates(per_node: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -225,7 +243,12 @@ def measure_level(bench: BenchCluster, *, quota_bytes: int, idle_seconds: float,
                   stream_seconds: float, stream_rate: float, calls: int,
                   probe_count: int) -> dict[str, Any]:
     """Everything at the current depth (the queue is left as it is: nothing drains it)."""
-    time.sleep(3)               # watchers catch up with the fill before anything is timed
+    # Every backlog task queued (arrays released), then a pause: the fill's own work
+    # (watch events, releases) must not be timed as the idle cluster's.
+    filled = getattr(bench, "filled", 0)
+    poll(f"{filled} backlog tasks queued", lambda: bench.count(keys.QUEUED) >= filled,
+         timeout=600, interval=1.0)
+    time.sleep(5)
     pending = bench.count(keys.QUEUED)
     idle = window(bench, idle_seconds)
     stream = window(bench, stream_seconds, stream_rate)
@@ -252,16 +275,17 @@ def measure_level(bench: BenchCluster, *, quota_bytes: int, idle_seconds: float,
 
 PLANS: dict[str, dict[str, Any]] = {
     # make bench: the levels come from its queue_n
-    "bench": {"idle_seconds": 10.0, "stream_seconds": 10.0, "stream_rate": 5.0, "calls": 50,
+    # idle: 60 s, so that a once-a-minute chore (recovery's sweep today) is in it once
+    "bench": {"idle_seconds": 60.0, "stream_seconds": 30.0, "stream_rate": 5.0, "calls": 50,
               "probe_count": 20},
-    "quick": {"idle_seconds": 5.0, "stream_seconds": 5.0, "stream_rate": 5.0, "calls": 20,
+    "quick": {"idle_seconds": 10.0, "stream_seconds": 10.0, "stream_rate": 5.0, "calls": 20,
               "probe_count": 10},
 }
 
 
 def levels_for(n: int) -> list[int]:
     """1,000, n/10 and n (those below 1,000 or repeated are dropped)."""
-    return sorted({level for level in (1000, n // 10, n) if level >= 1000} or {n})
+    return sorted({level for level in (1000, n // 10, n) if 1000 <= level <= n} or {n})
 
 
 def measure(root: Path, runner: AsyncRunner, levels: list[int], out: dict[str, Any], *,

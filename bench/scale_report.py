@@ -79,6 +79,9 @@ def derive_herd(many: dict[str, Any]) -> dict[str, Any]:
                                                  for r in many_runs),
             "many_idle_cpu_ms_per_task_max": summary(idle_cpu_per_task(r)["max_ms"]
                                                      for r in many_runs),
+            # the agents that ran none of the tasks (if any): pure overhead per task
+            "many_ran_nothing_cpu_ms_per_task": summary(
+                idle_cpu_per_task(r)["idle_median_ms"] for r in many_runs),
         }
     return out
 
@@ -170,7 +173,9 @@ def herd_lines(herd: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
             f"nodes {entry['many_throughput']['median']:.1f} tasks/s (lost "
             f"{100 * entry['many_lost']['median']:.0f}%); agent CPU per task run elsewhere "
             f"{entry['many_idle_cpu_ms_per_task']['median']:.2f} ms median, "
-            f"{entry['many_idle_cpu_ms_per_task_max']['median']:.2f} ms max")
+            f"{entry['many_idle_cpu_ms_per_task_max']['median']:.2f} ms max"
+            + (f", {entry['many_ran_nothing_cpu_ms_per_task']['median']:.2f} ms for agents "
+               "that ran none" if entry["many_ran_nothing_cpu_ms_per_task"]["n"] else ""))
         rows += [_row(f"no herd ({label}): {herd['many_nodes']} nodes / {herd['few_nodes']} "
                       "nodes throughput", entry["ratio"], HERD_RATIO),
                  _row(f"no herd ({label}): steal attempts lost, {herd['many_nodes']} nodes",
