@@ -28,8 +28,11 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 from bench.util import (
     CLEANUP,
@@ -62,6 +65,23 @@ PROBE = pb.TaskSpec(command="date", args=["+%s.%N"], cpu_millis=100, priority=10
 ARRAY_SIZE = 10_000
 FILL_CLIENTS = 4
 KINDS = ("range", "txn", "put", "lease", "maintenance")
+
+
+def submit(stub: Any, request: pb.SubmitRequest, *, timeout: float) -> pb.SubmitResponse:
+    """Submit, retried (5 times in all) on UNAVAILABLE or a deadline: on a loaded shared
+    machine etcd misses a request deadline now and then. A request_id makes the retry
+    idempotent (an array is all or nothing, and the same id yields the same tasks)."""
+    request.request_id = request.request_id or uuid.uuid4().hex
+    for attempt in range(5):
+        try:
+            return stub.Submit(request, timeout=timeout)  # type: ignore[no-any-return]
+        except grpc.RpcError as exc:
+            if attempt == 4 or exc.code() not in (grpc.StatusCode.UNAVAILABLE,
+                                                  grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+            log.warning("submit failed (%s), retrying", exc.code().name)
+            time.sleep(1 + attempt)
+    raise AssertionError("unreachable")
 
 
 # -- per-node counters -----------------------------------------------------------------------
@@ -107,7 +127,7 @@ def window(bench: BenchCluster, seconds: float, stream_rate: float = 0.0) -> dic
             if pause > 0:
                 time.sleep(pause)
             stub = bench.stubs[index % len(bench.stubs)]
-            ids.append(stub.Submit(pb.SubmitRequest(spec=STREAM), timeout=30).task.id)
+            ids.append(submit(stub, pb.SubmitRequest(spec=STREAM), timeout=30).task.id)
     rest = began + seconds - time.monotonic()
     if rest > 0:
         time.sleep(rest)
@@ -182,7 +202,7 @@ def fill(bench: BenchCluster, target: int, *, deadline: float,
             return
         request = pb.SubmitRequest(spec=BACKLOG, array=pb.ArraySpec(start=1, end=size))
         began = time.perf_counter()
-        bench.stubs[index % len(bench.stubs)].Submit(request, timeout=300)
+        submit(bench.stubs[index % len(bench.stubs)], request, timeout=300)
         with lock:
             seconds.append(time.perf_counter() - began)
             done += size
@@ -216,8 +236,8 @@ def probes(bench: BenchCluster, count: int) -> dict[str, Any]:
     start, steal, missing = [], [], 0
     for index in range(count):
         sent = time.time()
-        task_id = bench.stubs[index % len(bench.stubs)].Submit(
-            pb.SubmitRequest(spec=PROBE), timeout=30).task.id
+        task_id = submit(bench.stubs[index % len(bench.stubs)],
+                         pb.SubmitRequest(spec=PROBE), timeout=30).task.id
 
         def ended(task_id: str = task_id) -> pb.Task | None:
             records = bench.tasks([task_id])

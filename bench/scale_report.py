@@ -87,6 +87,12 @@ def derive_herd(many: dict[str, Any]) -> dict[str, Any]:
 
 
 def _level_figures(level: dict[str, Any]) -> dict[str, float]:
+    """The figures of one level; a value the JSON stored as null (NaN) is NaN again."""
+    return {key: math.nan if value is None else value
+            for key, value in _raw_figures(level).items()}
+
+
+def _raw_figures(level: dict[str, Any]) -> dict[str, Any]:
     probe = (level.get("probe") or {}).get("submit_to_start") or {}
     rss = list((level.get("agent_rss_mib") or {}).values())
     return {
@@ -103,6 +109,10 @@ def _level_figures(level: dict[str, Any]) -> dict[str, float]:
         "etcd_db_in_use_bytes": level.get("etcd_db_in_use_bytes", math.nan),
         "etcd_quota_bytes": level.get("etcd_quota_bytes", math.nan),
         "submit_rate": (level.get("fill") or {}).get("submit_rate", math.nan),
+        "stream_submitted": level.get("stream", {}).get("stream_submitted", 0),
+        "stream_completed_at_end": level.get("stream", {}).get("stream_completed_at_end", 0),
+        "stream_to_steal_p99_s": (level.get("stream", {}).get("stream_to_steal") or {}).get(
+            "p99", math.nan),
     }
 
 
@@ -201,7 +211,9 @@ def scale_lines(scale: dict[str, Any], herd: dict[str, Any] | None = None) -> li
             f"{level['probe_p99_s']:.3f} s; agent RSS {level['agent_rss_mib_max']:.0f} MiB; "
             f"etcd db {level['etcd_db_bytes'] / 2**20:.0f} MiB (in use "
             f"{level['etcd_db_in_use_bytes'] / 2**20:.0f}) of "
-            f"{level['etcd_quota_bytes'] / 2**20:.0f}; fill {level['submit_rate']:.0f}/s")
+            f"{level['etcd_quota_bytes'] / 2**20:.0f}; fill {level['submit_rate']:.0f}/s; "
+            f"stream ran {level['stream_completed_at_end']} of {level['stream_submitted']} "
+            f"by the window's end (submit->steal p99 {level['stream_to_steal_p99_s']:.2f} s)")
     if scale.get("levels"):
         lines.append(f"  etcd db {scale['db_bytes_per_task']:.0f} bytes/task (in use "
                      f"{scale['db_in_use_bytes_per_task']:.0f}): a million needs ~"

@@ -88,3 +88,13 @@ def test_levels_of_a_fill() -> None:
     assert levels_for(1_000_000) == [1000, 100_000, 1_000_000]
     assert levels_for(20_000) == [1000, 2000, 20_000]
     assert levels_for(500) == [500]
+
+
+def test_a_level_read_back_from_json_with_nulls_prints() -> None:
+    level = _level(1000, 10, 80, 0.1, 2**20)
+    level["stream"].update(stream_submitted=50, stream_completed_at_end=0,
+                           stream_to_steal={"p99": None})
+    level["status"]["p99"] = None
+    text = "\n".join(scale_lines(derive_scale({"levels": [level]})))
+    assert "stream ran 0 of 50 by the window's end (submit->steal p99 nan s)" in text
+    assert "status p99 nan ms" in text
