@@ -5,6 +5,7 @@
 #                  installs only what running needs (no test or dev toolchain)
 #   make image     the node image localhost/filch-node (podman/buildah; see images/README.md)
 #   make bench     filch vs tuned Slurm vs this machine's ceilings (see bench/README.md)
+#   make bench-scale  fill one cluster to SCALE_N (1,000,000) pending, measuring on the way
 #   make lint      ruff + mypy --strict + lint-imports (the package layers of node/)
 #   make proto     regenerate node/_gen/ from proto/ (commit the result)
 #   make clean     remove run/ state and caches (distclean: the venv too)
@@ -29,7 +30,8 @@ TEST_DEPS := promtool=prometheus openssl=openssl podman=podman buildah=buildah \
 	debootstrap=debootstrap chromium=chromium chromedriver=chromium-driver \
 	iptables=iptables gcc=gcc
 
-.PHONY: help deps run-deps install-deps venv run-venv proto check-proto lint test run image bench clean \
+.PHONY: help deps run-deps install-deps venv run-venv proto check-proto lint test run image bench \
+	bench-scale clean \
 	distclean
 
 help:
@@ -106,6 +108,17 @@ image: deps venv
 
 bench: deps venv
 	$(VENV)/bin/python -m bench.run
+
+# Issue 18's million: measured at 1,000, SCALE_N/10 and SCALE_N pending during one fill
+# (bench/README.md, "A million queued"). SCALE_TIME bounds the fill (seconds; what it
+# reached is measured), and the whole run is stopped 30 minutes after it. SCALE_QUOTA is
+# the agents' --etcd-quota-bytes.
+SCALE_N ?= 1000000
+SCALE_TIME ?= 10800
+SCALE_QUOTA ?= 8589934592
+bench-scale: deps venv
+	timeout --signal=TERM $$(( $(SCALE_TIME) + 1800 )) $(VENV)/bin/python -m bench.scale \
+	  --n $(SCALE_N) --time-bound $(SCALE_TIME) --quota $(SCALE_QUOTA)
 
 clean:
 	@if [ -f run/supervisord.pid ] && kill -0 "$$(cat run/supervisord.pid)" 2>/dev/null; then \

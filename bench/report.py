@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.network import describe as network_line
+from bench.scale_report import derive_herd, derive_scale, scale_lines
 from bench.util import latency_percentiles, summary
 
 NOMINAL_TXNS_PER_TASK = 3      # submit, steal, finish (design.md, "The cost model")
@@ -134,6 +135,10 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
             "few_conflicts": conflicts(many["few"]["runs"]),
             "many_conflicts": conflicts(many["many"]["runs"]),
         }
+    if many:
+        out["herd"] = derive_herd(many)
+    if results.get("perevent"):
+        out["scale"] = derive_scale(results["perevent"])
     if results.get("arrays"):
         out["arrays"] = derive_arrays(results["arrays"], out)
     out["targets"] = targets(out)
@@ -206,7 +211,8 @@ def anomalies(results: dict[str, Any]) -> list[str]:
                 found.append(f"fairness {label}: stuck {run.get('stuck')}, "
                              f"failed {run.get('failed')}")
     for part in ("few", "many"):
-        for run in ((results.get("many") or {}).get(part) or {}).get("runs", []):
+        entry = (results.get("many") or {}).get(part) or {}
+        for run in entry.get("runs", []) + entry.get("array_runs", []):
             if run.get("stuck") or run.get("failed"):
                 found.append(f"{part} nodes: stuck {len(run.get('stuck', []))}, "
                              f"failed {run.get('failed')}")
@@ -441,6 +447,8 @@ def table(results: dict[str, Any]) -> str:
             f"{queue['etcd_db_bytes_per_task']:.0f} bytes/task (in use "
             f"{queue['etcd_db_in_use_bytes_per_task']:.0f}); agent CPU at depth "
             f"{queue['agent_cpu_percent_at_depth']:.1f}% each"]
+    if d.get("herd") or d.get("scale"):
+        lines += scale_lines(d.get("scale") or {}, d.get("herd"))
     lines += ["", "TARGETS (pass/fail, not assertions)"]
     for row in d["targets"]:
         value = row["value"]

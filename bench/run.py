@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings, network, report, slurm, workloads
+from bench import ceilings, network, report, scale, slurm, workloads
 from bench.util import (
     CLEANUP,
     AsyncRunner,
@@ -38,6 +38,7 @@ from bench.util import (
     machine_facts,
     summary,
 )
+from node.core.limits import DEFAULT_ETCD_QUOTA_BYTES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 SECTIONS = ("ceilings", "slurm", "throughput", "arrays", "network", "fairness", "failover",
-            "many", "queue")
+            "many", "queue", "perevent")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -165,6 +166,11 @@ def main(argv: list[str] | None = None) -> int:
         section("many", lambda out: run_many(root, runner, plan, out), {})
         section("queue", lambda out: out.update(
             workloads.deep_queue(root, runner, plan["queue_n"])), {})
+        # Issue 18, target 2: work per event at 1,000 and queue_n pending, idle and streaming.
+        section("perevent", lambda out: scale.measure(
+            root, runner, sorted({1000, plan["queue_n"]}), out,
+            plan=scale.PLANS["quick" if args.quick else "bench"],
+            quota_bytes=DEFAULT_ETCD_QUOTA_BYTES, time_bound=1800, name="perevent"), {})
     except KeyboardInterrupt:
         failed = True
         results["errors"]["interrupted"] = "the run was interrupted"
@@ -304,12 +310,8 @@ def run_many(root: Path, runner: AsyncRunner, plan: dict[str, Any],
     """The many-nodes cluster, and a 3-node cluster with the same N as its baseline."""
     baseline = workloads.start_cluster(root, runner, "few", executor="process")
     try:
-        runs = []
-        for repeat in range(plan["many_repeats"]):
-            result = workloads.throughput(baseline, plan["many_n"])
-            result["repeat"] = repeat
-            runs.append(result)
-        out["few"] = {"nodes": 3, "runs": runs}
+        runs, array_runs = workloads.herd_runs(baseline, plan["many_n"], plan["many_repeats"])
+        out["few"] = {"nodes": 3, "runs": runs, "array_runs": array_runs}
     finally:
         workloads.finish_cluster(baseline)
     out["many"] = workloads.many_nodes(root, runner, plan["many_client_only"], plan["many_n"],

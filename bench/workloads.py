@@ -151,6 +151,12 @@ class BenchCluster:
                 "etcd": sum(cpu_seconds(pid) for pid in self.etcd_pids()),
                 "client": cpu_seconds(os.getpid())}
 
+    def agent_cpu_by_node(self) -> dict[str, float]:
+        """CPU seconds so far of each live node's agent, by node name (issue 18: what an
+        agent spends on tasks other nodes run)."""
+        return {node.name: cpu_seconds(node.process.pid) for node in self.nodes
+                if node.process is not None and node.process.poll() is None}
+
     def steal_counters(self) -> dict[str, float]:
         totals: dict[str, float] = {}
         for index in self.cluster.alive():
@@ -430,6 +436,7 @@ def throughput(bench: BenchCluster, n: int, *, profile_to: Path | None = None) -
     cpu_before = bench.cpu()
     threads_before = thread_cpu_seconds(bench.agent_pids()[0])
     steals_before = bench.steal_counters()
+    agents_before = bench.agent_cpu_by_node()
     profiler = _start_profiler(bench, profile_to) if profile_to else None
     stuck: list[dict[str, Any]] = []
     try:
@@ -451,6 +458,7 @@ def throughput(bench: BenchCluster, n: int, *, profile_to: Path | None = None) -
     cpu_after = bench.cpu()
     threads_after = thread_cpu_seconds(bench.agent_pids()[0])
     steals_after = bench.steal_counters()
+    agents_after = bench.agent_cpu_by_node()
     records = bench.tasks(submitted.ids)
     failed = [task for task in records
               if task.state == pb.TASK_STATE_COMPLETE and (task.reason != pb.REASON_EXITED
@@ -477,7 +485,12 @@ def throughput(bench: BenchCluster, n: int, *, profile_to: Path | None = None) -
         "submit_errors": submitted.errors,
         "per_node": dict(sorted(per_node.items())),
         "steals": steals,
+        "agent_cpu_seconds": _deltas(agents_before, agents_after),
     }
+
+
+def _deltas(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: after[name] - value for name, value in before.items() if name in after}
 
 
 def _cancel_stuck(bench: BenchCluster, ids: Sequence[str]) -> list[dict[str, Any]]:
@@ -869,19 +882,36 @@ def many_nodes(root: Path, runner: AsyncRunner, client_only: int, n: int,
         idle_cpu_after = bench.cpu()
         idle_percent = 100 * (idle_cpu_after["agents"] - idle_cpu_before["agents"]) / (
             time.monotonic() - idle_began)
-        runs = []
-        for repeat in range(repeats):
-            result = throughput(bench, n)
-            result["repeat"] = repeat
-            runs.append(result)
-            log.info("many nodes (%d): %.1f tasks/s, conflicts %.0f of %.0f", len(bench.nodes),
-                     result["throughput"], result["steals"].get("lost", 0),
-                     result["steals"].get("attempted", 0))
+        runs, array_runs = herd_runs(bench, n, repeats)
         return {"nodes": len(bench.nodes), "members": 3, "client_only": client_only,
-                "runs": runs, "idle_agents_cpu_percent_total": idle_percent,
+                "runs": runs, "array_runs": array_runs,
+                "idle_agents_cpu_percent_total": idle_percent,
                 "agent_rss_mib": [rss_bytes(pid) / 2**20 for pid in bench.agent_pids()]}
     finally:
         finish_cluster(bench)
+
+
+def herd_runs(bench: BenchCluster, n: int,
+              repeats: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Issue 18's target 1, both ways of submitting n `true`s: one Submit per task (32
+    threads) and one `filch submit --array 1-n` (a warm-up array of 20 first)."""
+    runs, array_runs = [], []
+    for repeat in range(repeats):
+        result = throughput(bench, n)
+        result["repeat"] = repeat
+        runs.append(result)
+        log.info("%d nodes, Submit loop: %.1f tasks/s, steals lost %.0f of %.0f",
+                 len(bench.nodes), result["throughput"], result["steals"].get("lost", 0),
+                 result["steals"].get("attempted", 0))
+    array_throughput(bench, 20)
+    for repeat in range(repeats):
+        result = array_throughput(bench, n)
+        result["repeat"] = repeat
+        array_runs.append(result)
+        log.info("%d nodes, one array: %.1f tasks/s, steals lost %.0f of %.0f",
+                 len(bench.nodes), result["throughput"], result["steals"].get("lost", 0),
+                 result["steals"].get("attempted", 0))
+    return runs, array_runs
 
 
 # -- 7. arrays -------------------------------------------------------------------------------
@@ -904,6 +934,8 @@ def array_throughput(bench: BenchCluster, n: int, node: int = 0) -> dict[str, An
     baseline = bench.count(keys.COMPLETE)
     revision_before = bench.revision()
     cpu_before = bench.cpu()
+    agents_before = bench.agent_cpu_by_node()
+    steals_before = bench.steal_counters()
     # What any CLI call costs here (process start, imports, connection): context for the
     # submit rate, which includes it once.
     began = time.perf_counter()
@@ -929,6 +961,8 @@ def array_throughput(bench: BenchCluster, n: int, node: int = 0) -> dict[str, An
         stuck = _cancel_stuck(bench, ids)
     revision_after = bench.revision()
     cpu_after = bench.cpu()
+    agents_after = bench.agent_cpu_by_node()
+    steals_after = bench.steal_counters()
     records = bench.tasks(ids)
     failed = [task for task in records
               if task.state == pb.TASK_STATE_COMPLETE and (task.reason != pb.REASON_EXITED
@@ -949,6 +983,10 @@ def array_throughput(bench: BenchCluster, n: int, node: int = 0) -> dict[str, An
         "failed": len(failed),
         "failed_exit_codes": dict(Counter(str(task.exit_code) for task in failed)),
         "per_node": dict(sorted(Counter(task.node_name for task in records).items())),
+        "steals": {name.removeprefix("filch_steals_").removesuffix("_total"):
+                   steals_after.get(name, 0) - steals_before.get(name, 0)
+                   for name in steals_after},
+        "agent_cpu_seconds": _deltas(agents_before, agents_after),
         **_check_array(bench, ids, records, first_index=1, node=node),
     }
 

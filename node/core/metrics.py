@@ -28,6 +28,12 @@ ETCD_QUOTA = Gauge("filch_etcd_quota_bytes", "The etcd backend quota (NOSPACE pa
 ETCD_NOSPACE = Gauge("filch_etcd_nospace", "1 while etcd's NOSPACE alarm is raised.")
 ETCD_LEADER = Gauge("filch_etcd_is_leader", "1 when the local etcd member is the leader.")
 ETCD_HAS_LEADER = Gauge("filch_etcd_has_leader", "1 when the local etcd member sees a leader.")
+# Every request this node's etcd client sends, and every watch event it receives: the
+# "etcd requests per second per node" of the scaling work (issue 18), which must not grow
+# with the queue. maintenance: member status, alarms, compaction, defragmentation.
+ETCD_REQUESTS = Counter("filch_etcd_requests_total",
+                        "etcd requests this node sent (watch_event: events received), by kind.",
+                        ["kind"])
 COMPACTIONS = Counter("filch_etcd_compactions_total", "etcd compactions this node ran.")
 DEFRAGS = Counter("filch_etcd_defrags_total", "Defragmentations of the local etcd member.")
 RETENTION_DELETED = Counter("filch_tasks_deleted_total",
@@ -151,6 +157,8 @@ for _hold in ("dependencies", "array", "retry"):
     DEPENDENCY_RELEASES.labels(_hold)
 for _class in ("failed", "oom", "timeout", "start-failed"):
     RETRIES.labels(_class)
+for _kind in ("range", "txn", "put", "lease", "watch_event", "maintenance"):
+    ETCD_REQUESTS.labels(_kind)
 for _state in ("complete", "canceled"):
     RETENTION_DELETED.labels(_state)
 # Every task without --owner is the default owner's (keys.DEFAULT_OWNER), so its series

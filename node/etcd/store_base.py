@@ -24,7 +24,7 @@ import aetcd.rpc as rpc
 import aetcd.rtypes
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.core import keys
+from node.core import keys, metrics
 from node.core.errors import Compacted, FilchError, InvalidArgument, StoreUnavailable
 from node.core.limits import (
     STORE_MAX_RECEIVE_BYTES,
@@ -45,6 +45,11 @@ REQUEST_TIMEOUT = 3.0
 # Reads retry for this long: an etcd leader election takes about a second.
 READ_RETRY_SECONDS = 3.0
 READ_RETRY_PAUSE = 0.2
+
+# filch_etcd_requests_total's series by kind, bound once (a label lookup per request is
+# measurable at thousands of requests a second).
+_REQUESTS = {kind: metrics.ETCD_REQUESTS.labels(kind)
+             for kind in ("range", "txn", "put", "lease", "watch_event", "maintenance")}
 
 
 @dataclass(frozen=True)
@@ -107,19 +112,23 @@ class StoreBase:
     async def close(self) -> None:
         await self._client.close()
 
-    async def _call(self, make: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, make: Callable[[], Awaitable[T]], kind: str = "") -> T:
+        """One request; kind (filch_etcd_requests_total's label) counts it, "" does not
+        (connecting is no request)."""
+        if kind:
+            _REQUESTS[kind].inc()
         try:
             return await make()
         except ETCD_ERRORS as exc:
             raise translate(exc) from exc
 
-    async def _read(self, make: Callable[[], Awaitable[T]]) -> T:
+    async def _read(self, make: Callable[[], Awaitable[T]], kind: str = "range") -> T:
         """A read, retried through a leader election. Never used for writes: a write that
         failed with "leader changed" may still have been applied."""
         deadline = time.monotonic() + READ_RETRY_SECONDS
         while True:
             try:
-                return await self._call(make)
+                return await self._call(make, kind)
             except StoreUnavailable:
                 if time.monotonic() >= deadline:
                     raise
@@ -159,7 +168,7 @@ class StoreBase:
         await self._call(self._client.connect)
         call = self._read if read_only else self._call
         return await call(lambda: self._client.kvstub.Txn(
-            request, timeout=self._timeout, metadata=self._client.metadata))
+            request, timeout=self._timeout, metadata=self._client.metadata), "txn")
 
     async def list_ids(self, prefix: bytes, *, after: bytes = b"", limit: int = 0,
                        revision: int = 0) -> list[bytes]:
@@ -196,20 +205,20 @@ class StoreBase:
         return int(response.count)
 
     async def grant_lease(self, ttl: int) -> int:
-        lease = await self._call(lambda: self._client.lease(ttl))
+        lease = await self._call(lambda: self._client.lease(ttl), "lease")
         return int(lease.id)
 
     async def keep_alive(self, lease_id: int) -> int:
         """Renew the lease once; returns the TTL etcd granted (<= 0: the lease is gone)."""
-        reply = await self._call(lambda: self._client.refresh_lease(lease_id))
+        reply = await self._call(lambda: self._client.refresh_lease(lease_id), "lease")
         return int(reply.TTL) if reply is not None else 0
 
     async def revoke_lease(self, lease_id: int) -> None:
-        await self._call(lambda: self._client.revoke_lease(lease_id))
+        await self._call(lambda: self._client.revoke_lease(lease_id), "lease")
 
     async def put_node(self, node: pb.Node, lease_id: int) -> None:
         await self._call(lambda: self._client.put(keys.node(node.id), node.SerializeToString(),
-                                                  lease=lease_id))
+                                                  lease=lease_id), "put")
 
     async def list_nodes(self) -> list[pb.Node]:
         response = await self._range(keys.NODES, keys.prefix_end(keys.NODES))
@@ -219,9 +228,10 @@ class StoreBase:
         await self._call(self._client.connect)
         meta = self._client.metadata
         status = await self._call(lambda: self._client.maintenancestub.Status(
-            rpc.StatusRequest(), timeout=self._timeout, metadata=meta))
+            rpc.StatusRequest(), timeout=self._timeout, metadata=meta), "maintenance")
         alarms = await self._call(lambda: self._client.maintenancestub.Alarm(
-            rpc.AlarmRequest(action=rpc.AlarmRequest.GET), timeout=self._timeout, metadata=meta))
+            rpc.AlarmRequest(action=rpc.AlarmRequest.GET), timeout=self._timeout, metadata=meta),
+            "maintenance")
         return MemberStatus(
             member_id=int(status.header.member_id),
             cluster_id=int(status.header.cluster_id),
@@ -235,7 +245,8 @@ class StoreBase:
         """Every etcd member's peer and client URLs (for the task firewall)."""
         await self._call(self._client.connect)
         reply = await self._call(lambda: self._client.clusterstub.MemberList(
-            rpc.MemberListRequest(), timeout=self._timeout, metadata=self._client.metadata))
+            rpc.MemberListRequest(), timeout=self._timeout, metadata=self._client.metadata),
+            "maintenance")
         return [str(url) for member in reply.members
                 for url in (*member.peerURLs, *member.clientURLs)]
 
@@ -245,24 +256,26 @@ class StoreBase:
 
     async def compact(self, revision: int) -> None:
         """Drop history before revision (physical: wait until the space is reusable)."""
-        await self._call(lambda: self._client.compact(revision, physical=True))
+        await self._call(lambda: self._client.compact(revision, physical=True), "maintenance")
 
     async def defragment(self) -> None:
         """Defragment the member this client talks to (blocks its writes meanwhile)."""
-        await self._call(self._client.defragment)
+        await self._call(self._client.defragment, "maintenance")
 
     async def disarm_nospace(self) -> None:
         """Clear every member's NOSPACE alarm (an alarm is deactivated per member id)."""
         await self._call(self._client.connect)
         meta = self._client.metadata
         alarms = await self._call(lambda: self._client.maintenancestub.Alarm(
-            rpc.AlarmRequest(action=rpc.AlarmRequest.GET), timeout=self._timeout, metadata=meta))
+            rpc.AlarmRequest(action=rpc.AlarmRequest.GET), timeout=self._timeout, metadata=meta),
+            "maintenance")
         for alarm in alarms.alarms:
             if alarm.alarm == rpc.NOSPACE:
                 request = rpc.AlarmRequest(action=rpc.AlarmRequest.DEACTIVATE,
                                            alarm=rpc.NOSPACE, memberID=alarm.memberID)
                 await self._call(partial(self._client.maintenancestub.Alarm, request,
-                                         timeout=self._timeout, metadata=meta))
+                                         timeout=self._timeout, metadata=meta),
+                                 "maintenance")
 
     async def try_lock(self, key: bytes, holder: str, lease_id: int) -> bool:
         """Create key on the lease if nobody holds it; True when this caller got it."""
@@ -331,6 +344,7 @@ class StoreBase:
             raise translate(exc) from exc
         try:
             async for event in stream:
+                _REQUESTS["watch_event"].inc()
                 yield WatchEvent(deleted=event.kind == "DELETE", key=event.kv.key,
                                  value=event.kv.value, revision=event.kv.mod_revision)
         except ETCD_ERRORS as exc:
@@ -347,7 +361,7 @@ class StoreBase:
         lease_id = await self.grant_lease(ttl)
         try:
             await self._call(lambda: self._client.put(
-                keys.session(id_hash), session.SerializeToString(), lease=lease_id))
+                keys.session(id_hash), session.SerializeToString(), lease=lease_id), "put")
         except BaseException:
             # A lease that holds nothing would only wait out its TTL: give it back now.
             with contextlib.suppress(FilchError):
@@ -362,7 +376,7 @@ class StoreBase:
         """End a session at once: delete its key, then give its lease back (best effort:
         a lease that holds nothing ends by itself at its TTL). False when there was none."""
         deleted = await self._call(lambda: self._client.delete(keys.session(id_hash),
-                                                               prev_kv=True))
+                                                               prev_kv=True), "put")
         if deleted is None:
             return False
         if deleted.prev_kv is not None and deleted.prev_kv.lease:
@@ -374,7 +388,7 @@ class StoreBase:
         """Store an owner's weight (only name and weight are kept)."""
         stored = pb.Owner(name=owner.name, weight=owner.weight)
         await self._call(lambda: self._client.put(keys.owner(owner.name),
-                                                  stored.SerializeToString()))
+                                                  stored.SerializeToString()), "put")
 
     async def list_owners(self) -> list[pb.Owner]:
         """Every owner with a stored weight, in name order."""
