@@ -31,6 +31,7 @@ The calibration and the sweep are in bench/model_run.py (`python -m bench.model`
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 from collections import OrderedDict, deque
@@ -140,7 +141,9 @@ class _Node:
         self.batch = sim.p.initial_batch
         self.wake = sim.env.event()
         self.waiting = False
-        self.agent = simpy.Resource(sim.env, 1) if sim.shared is None else sim.shared
+        # The agent's event loop: one Python thread does its decoding, stealing and
+        # submits one after the other (and, on one machine, also waits for a core).
+        self.loop = simpy.Resource(sim.env, 1)
         tasks_cores = max(1, sim.p.cores_per_node - 1)
         self.cores = simpy.Resource(sim.env, tasks_cores) if sim.shared is None else sim.shared
 
@@ -182,17 +185,26 @@ class Model:
         self.completed: list[float] = []
 
     # -- resources -------------------------------------------------------------
-    def _cpu(self, resource: simpy.Resource, seconds: float, *, agent: bool = False) -> Proc:
-        if agent:
-            self.count["agent_cpu"] += seconds
-            if self.shared is None and self.rho > 0:
-                # This core also decodes every event: the agent's other work runs slower.
-                seconds /= max(0.05, 1.0 - self.rho)
+    def _cpu(self, resource: simpy.Resource, seconds: float) -> Proc:
         if seconds <= 0:
             return
         with resource.request() as request:
             yield request
             yield self.env.timeout(seconds)
+
+    def _agent(self, node: _Node, seconds: float, *, count: bool = True) -> Proc:
+        """Work on a node's event loop (and, on one machine, a shared core)."""
+        if count:
+            self.count["agent_cpu"] += seconds
+        if self.shared is None and self.rho > 0:
+            # This core also decodes every event: the agent's other work runs slower.
+            seconds /= max(0.05, 1.0 - self.rho)
+        with node.loop.request() as request:
+            yield request
+            if self.shared is not None:
+                yield from self._cpu(self.shared, seconds)
+            else:
+                yield self.env.timeout(seconds)
 
     def _etcd_cpu(self, seconds: float) -> Proc:
         self.count["etcd_cpu"] += seconds
@@ -207,6 +219,9 @@ class Model:
         with self.etcd.request() as request:
             yield request
             yield self.env.timeout(weight / self.p.txn_per_s)
+        # Raft: the leader's proposal, the members' fsync, the apply; the compare is
+        # decided at the apply, so the race window includes this latency.
+        yield self.env.timeout(self.p.l_txn)
 
     def _event(self, kind: str, task: _Task | None) -> None:
         self.count["events"] += 1
@@ -223,12 +238,14 @@ class Model:
             if self.shared is not None:
                 # Every agent decodes every event on the shared cores, and etcd sends them.
                 self.count["agent_cpu"] += fan * p.c_event
-                work = fan * (p.c_event + p.c_etcd_fan)
                 self.count["etcd_cpu"] += fan * p.c_etcd_fan
-                parts = min(p.shared_cores or 1, p.nodes)
-                if work > 0:
-                    yield self.env.all_of([self.env.process(self._cpu(self.shared, work / parts))
-                                           for _ in range(parts)])
+                if events:
+                    decodes = [self.env.process(self._agent(node, events * p.c_event,
+                                                            count=False))
+                               for node in self.nodes]
+                    decodes.append(self.env.process(self._cpu(self.shared,
+                                                              fan * p.c_etcd_fan)))
+                    yield self.env.all_of(decodes)
             else:
                 self.count["agent_cpu"] += fan * p.c_event
                 self.rho = 0.8 * self.rho + 0.2 * min(1.0, events * p.c_event / p.l_watch)
@@ -304,38 +321,42 @@ class Model:
             self.tasks.append(task)
             if self.shared is not None:
                 yield from self._cpu(self.shared, p.c_client)
-            yield from self._cpu(node.agent, p.c_submit, agent=True)
+            yield from self._agent(node, p.c_submit)
             yield from self._txn(p.f_submit)
             task.queued = True
             self.queue[task.ident] = task
             self._event("put", task)
-            yield self.env.timeout(p.l_txn)
             self.in_flight -= 1
 
     # -- the stealer ------------------------------------------------------------
-    def _picks(self, node: _Node) -> tuple[list[_Task], int]:
-        """The tasks a pass tries, and how many records it reads."""
+    def _reads(self, node: _Node) -> list[_Task]:
+        """The records a pass reads, best first (what the node's view of the queue offers)."""
         p, now = self.p, self.env.now
-        head = []
-        for task in self.view.values():
-            head.append(task)
-            if len(head) >= p.window:
-                break
-        limit = min(node.free, node.batch)
+        head = self._head()
         if p.protocol == "old":
-            # The old stealer read max(MIN_GROUP_PASS, batch) records of the head.
-            return head[:limit], min(len(head), max(8, node.batch))
+            # The old stealer read the records of the head of its view (PASS_LIMIT).
+            return head
         mine = [t for t in head if node.may_try(t, now)]
         mine.sort(key=lambda t: (node.rank_of(t), t.ident))
-        picks = mine[:limit]
-        return picks, len(picks)
+        return mine[:min(node.free, node.batch)]
+
+    def _wakeup_latency(self) -> float:
+        """On one machine the agent that wakes up waits for the kernel to run it: CFS runs
+        every runnable process once per period, max(sched_latency, n x min_granularity),
+        both scaled by 1 + log2(cores) (6 ms and 0.75 ms unscaled). The agents are the
+        runnable processes that matter here; the wait is uniform over half a period."""
+        if self.shared is None:
+            return 0.0
+        scale = 1 + math.log2(self.p.shared_cores or 1)
+        period = max(0.006 * scale, self.p.nodes * 0.00075 * scale)
+        return self.rng.uniform(0, period / 2)
 
     def _stealer(self, node: _Node) -> Proc:
         p = self.p
-        idle = False       # after a pass that took nothing: wait for news (filch's _work)
+        idle = False       # nothing to try: wait for news (filch's _work)
         while True:
             if idle or node.free == 0 or not any(node.may_try(t, self.env.now) for t in
-                                         self._head()):
+                                                 self._head()):
                 node.waiting = True
                 node.wake = self.env.event()
                 yield node.wake | self.env.timeout(IDLE_RECHECK)
@@ -344,16 +365,24 @@ class Model:
                 continue
             load = 1 - node.free / p.slots
             yield self.env.timeout(p.steal_delay * load
-                                   + self.rng.uniform(0, p.steal_delay * p.jitter))
-            picks, reads = self._picks(node)
-            if not picks:
+                                   + self.rng.uniform(0, p.steal_delay * p.jitter)
+                                   + self._wakeup_latency())
+            reads = self._reads(node)
+            if not reads:
                 idle = True
                 continue
             self.count["passes"] += 1
-            self.count["records"] += reads
-            yield from self._cpu(node.agent, p.c_pass + reads * p.c_record, agent=True)
-            yield from self._etcd_cpu(p.c_etcd_read + reads * p.c_etcd_record)
+            self.count["records"] += len(reads)
+            yield from self._etcd_cpu(p.c_etcd_read + len(reads) * p.c_etcd_record)
             yield self.env.timeout(p.l_read)
+            # The records read are current: a task another node took since this node's
+            # view was updated is seen as taken here, and not tried.
+            picks = [t for t in reads if t.queued][:min(node.free, node.batch)]
+            # Decoding the records, choosing, building the transaction: on the event loop.
+            yield from self._agent(node, p.c_pass + len(reads) * p.c_record)
+            if not picks:
+                idle = True
+                continue
             node.free -= len(picks)
             yield from self._txn(1.0)
             won = [t for t in picks if t.queued]
@@ -367,10 +396,11 @@ class Model:
                 del self.queue[task.ident]
                 self._event("delete", task)
             node.free += lost
+            # A pass that took nothing waits for news: a new task or a freed slot (the
+            # stealer of the measured runs; a won steal looks again at once).
             idle = not won
             node.batch = (max(1, node.batch // 2) if lost
                           else min(p.max_batch, node.batch * 2))
-            yield self.env.timeout(p.l_txn)
             for task in won:
                 self.env.process(self._run(node, task))
 
@@ -384,13 +414,12 @@ class Model:
 
     def _run(self, node: _Node, task: _Task) -> Proc:
         p = self.p
-        yield from self._cpu(node.agent, p.c_run / 2, agent=True)
+        yield from self._agent(node, p.c_run / 2)
         task.started = self.env.now
         yield from self._cpu(node.cores, p.c_task)
         yield self.env.timeout(p.t_exec)
-        yield from self._cpu(node.agent, p.c_run / 2, agent=True)
+        yield from self._agent(node, p.c_run / 2)
         yield from self._txn(p.f_finish)
-        yield self.env.timeout(p.l_txn)
         self.completed.append(self.env.now)
         node.free += 1
         node.poke()
@@ -448,11 +477,15 @@ class Model:
         done = len(self.completed) or 1
         c = self.count
         waits = sorted(t.started - t.arrival for t in window_tasks if t.started >= 0)
-        waiting = sum(1 for t in window_tasks if t.started < 0)
-        saturated = bool(self.w.rate) and waiting > max(10, 0.05 * len(window_tasks))
+        # Arrivals not started by the end, submitted or still in the client's backlog.
+        unstarted = [t.arrival for t in window_tasks if t.started < 0]
+        if self.w.rate:
+            unstarted += [a for a in self.backlog if a >= self.w.seconds * self.w.warmup]
+        offered = len(waits) + len(unstarted)
+        saturated = bool(self.w.rate) and len(unstarted) > max(10, 0.05 * offered)
         if saturated:
-            # Tasks never started count as waiting the whole window (a lower bound).
-            waits += [self.env.now - t.arrival for t in window_tasks if t.started < 0]
+            # Tasks never started count as waiting until the end (a lower bound).
+            waits += [self.env.now - a for a in unstarted]
             waits.sort()
 
         def pct(q: float) -> float:
