@@ -26,6 +26,10 @@ GROUP_READ = 256
 # Ranges one relist reads at most: owners times priorities in use, with room to spare.
 # Groups past it (the lowest priorities) wait for the watch or a shallower queue.
 MAX_RELIST_RANGES = 256
+# Ids one group holds at most: the watch adds every new key, and a queue of a million must
+# not become a million ids in every node's memory. Keys past it (the group's youngest) wait
+# for a relist once the group runs low, as those a relist cut short do.
+MAX_GROUP_VIEW = 4 * GROUP_READ
 # A group the relist cut short is read again once this few of its candidates are left.
 REFILL_BELOW = GROUP_READ // 4
 
@@ -42,6 +46,8 @@ class QueueView:
         # Per group an insertion-ordered set of ids: oldest first (ids are UUIDv7, and the
         # watch delivers keys in creation order; a requeued task goes to the back).
         self.groups: dict[Group, dict[str, None]] = {}
+        self.first_seen: dict[str, float] = {}
+        """When this node first saw each id (monotonic): a task's rank delays count from it."""
         self.never_fits: set[str] = set()
         """Ids this node can never run (too large): left out until they leave the queue."""
         self.truncated: set[Group] = set()
@@ -77,14 +83,21 @@ class QueueView:
         self._complete = max(self._complete, first_revision)
 
     def add(self, group: Group, task_id: str) -> None:
-        if task_id not in self.never_fits:
-            self.groups.setdefault(group, {})[task_id] = None
+        if task_id in self.never_fits:
+            return
+        ids = self.groups.setdefault(group, {})
+        if len(ids) >= MAX_GROUP_VIEW and task_id not in ids:
+            self.truncated.add(group)
+            return
+        ids[task_id] = None
+        self.first_seen.setdefault(task_id, time.monotonic())
 
     def forget(self, group: Group, task_id: str) -> None:
         ids = self.groups.get(group)
         if ids is None:
             return
         ids.pop(task_id, None)
+        self.first_seen.pop(task_id, None)
         if len(ids) < REFILL_BELOW and group in self.truncated:
             self.truncated.discard(group)
             self.refill.set()

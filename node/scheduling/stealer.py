@@ -1,14 +1,17 @@
 """Work stealing: take queued tasks that fit, after a delay proportional to this node's load.
 
 Candidates come from the priority index /queue/<rank>/<owner>/<id>: watch events and a
-bounded relist keep a local view of it (node/scheduling/queue_view.py).
-Each pass reads the records of the groups' oldest candidates and lets node/scheduling/fairshare.py
-choose: highest priority first, then the owner with the lowest weighted dominant share
-of the cluster (from the node records' per-owner usage and the weights at /owner/).
-Losing a race is normal: another node's transaction won, and the compare makes ours fail
-harmlessly. The steal also compares that no queue key of a higher priority than the
-lowest one taken appeared after this node's view of the queue was complete, so that no
-node takes a low task while a higher one it has not seen yet waits.
+bounded relist keep a local view of it (node/scheduling/queue_view.py). Each task has an
+order of the live nodes (node/scheduling/ranking.py): its first node tries it at once, the
+others only steps later, so idle nodes do not all race for the same oldest tasks.
+Each pass reads the records of the candidates this node may try now and prefers, and lets
+node/scheduling/fairshare.py choose: highest priority first, then the owner with the
+lowest weighted dominant share of the cluster (from the node records' per-owner usage and
+the weights at /owner/). The batch is one transaction with one nested transaction per
+task: a task another node took first fails alone, the rest are stolen. The steal also
+compares that no queue key of a higher priority than the lowest one taken appeared after
+this node's view of the queue was complete, so that no node takes a low task while a
+higher one it has not seen yet waits.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import itertools
 import logging
 import random
+import time
 from typing import NoReturn, Protocol
 
 from node._gen.filch.v1 import filch_pb2 as pb
@@ -31,6 +35,7 @@ from node.etcd.watching import list_and_watch
 from node.scheduling.fairshare import DEFAULT_WEIGHT, Candidate, Usage, cluster_usage, select, share
 from node.scheduling.node_state import NodeState, Registration
 from node.scheduling.queue_view import Group, QueueView
+from node.scheduling.ranking import Preference
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,8 @@ class Stealer:
         self._capacity = state.capacity
         self._runner = runner
         self._queue = QueueView()
+        self._preference = Preference()
+        self._ready_timer: asyncio.TimerHandle | None = None
         # What fair share reads: live node records, and the owners' weights.
         self._nodes: dict[str, pb.Node] = {}
         self._weights: dict[str, float] = {}
@@ -155,13 +162,21 @@ class Stealer:
 
     async def _relist_nodes(self) -> None:
         self._nodes = {node.id: node for node in await self._store.list_nodes()}
+        self._state.cluster_size = max(1, len(self._nodes))
 
     async def _on_node(self, event: WatchEvent) -> None:
         node_id = keys.last_segment(event.key)
         if event.deleted:
             self._nodes.pop(node_id, None)
+            self._state.cluster_size = max(1, len(self._nodes))
+            # Tasks this node came after the gone one in may be this node's to try now.
+            self.wake()
         else:
+            joined = node_id not in self._nodes
             self._nodes[node_id] = pb.Node.FromString(event.value)
+            if joined:
+                self._state.cluster_size = len(self._nodes)
+                self.wake()
 
     async def _relist_owners(self) -> None:
         self._weights = {owner.name: owner.weight for owner in await self._store.list_owners()}
@@ -182,7 +197,6 @@ class Stealer:
             self._queue.refill.clear()
             try:
                 await self._relist()
-                await self._relist_nodes()
                 self._publish_shares(*self._cluster_usage())
             except FilchError as exc:
                 log.info("queue sweep skipped: %s", exc)
@@ -223,8 +237,11 @@ class Stealer:
         candidates: list[Candidate] = []
         picks: list[Candidate] = []
         view_revision = 0
-        reads = self._queue.reads(per_group=max(MIN_GROUP_PASS, self._batch),
-                                  per_read=PASS_LIMIT)
+        self._preference.ring.update([*self._nodes, registration.node_id])
+        reads = self._preference.reads(self._queue, registration.node_id,
+                                       step=self._config.steal_delay,
+                                       per_group=max(MIN_GROUP_PASS, self._batch),
+                                       per_read=PASS_LIMIT, now=time.monotonic())
         for chunk in itertools.islice(reads, MAX_READS_PER_PASS):
             if not view_revision:
                 # What the view was complete up to when the first read was chosen (no
@@ -255,6 +272,7 @@ class Stealer:
             picks = self._select(candidates)
             if len(picks) >= self._batch:
                 break
+        self._wake_when_ready()
         if not picks or self.paused:
             # Paused (shutdown) during the delay or the reads: send nothing. No await
             # from here until the steal is marked in flight, so shutdown waits for it.
@@ -271,6 +289,17 @@ class Stealer:
                 return await self._steal(chosen, registration, guard)
         finally:
             self._no_steal_in_flight.set()
+
+    def _wake_when_ready(self) -> None:
+        """Tasks held back for their first nodes become this node's to try later: look
+        again then (one timer, the earliest), without waiting for a queue event."""
+        ready = self._preference.next_ready
+        if ready is None:
+            return
+        if self._ready_timer is not None:
+            self._ready_timer.cancel()
+        self._ready_timer = asyncio.get_running_loop().call_later(
+            max(0.0, ready - time.monotonic()), self.wake)
 
     def _select(self, candidates: list[Candidate]) -> list[Candidate]:
         capacity = self._capacity
@@ -318,7 +347,7 @@ class Stealer:
         metrics.STEALS_ATTEMPTED.inc(len(moves))
         try:
             await failpoints.hit("stealer.before_commit")
-            token = await self._store.transition_many(
+            token, done = await self._store.transition_each(
                 moves, lease_id=registration.lease_id, guards=() if guard is None else (guard,))
             await failpoints.hit("stealer.after_commit")
         except TooLarge:
@@ -332,23 +361,29 @@ class Stealer:
         except BaseException:
             self._release(moves)
             raise
-        if token is None:
-            # Another node took at least one of them, or a higher priority task appeared
-            # that this node has not seen yet; the next pass re-reads them all.
-            metrics.STEALS_LOST.inc(len(moves))
-            self._release(moves)
+        won = [move for move, happened in zip(moves, done, strict=True) if happened]
+        lost = [move for move, happened in zip(moves, done, strict=True) if not happened]
+        if lost:
+            # Another node took these first (or, when all are lost, a higher priority task
+            # appeared that this node has not seen yet): the next pass reads them again.
+            metrics.STEALS_LOST.inc(len(lost))
+            self._release(lost)
+        if token is None or not won:
             self._batch = max(1, self._batch // 2)
             return False
-        metrics.STEALS_WON.inc(len(moves))
-        self._batch = min(MAX_BATCH, self._batch * 2)
-        for move in moves:
+        metrics.STEALS_WON.inc(len(won))
+        # Double while the queue is ours alone; halve when most of a batch was taken.
+        self._batch = (min(MAX_BATCH, self._batch * 2) if len(lost) * 2 <= len(moves)
+                       else max(1, self._batch // 2))
+        for move in won:
             self._queue.forget(_group_of(move.new), move.new.id)
             metrics.OWNER_PICKS.labels(_group_of(move.new)[1]).inc()
             metrics.START_LATENCY.observe(max(0.0, (move.new.started_at.ToNanoseconds()
                                                     - move.new.submitted_at.ToNanoseconds()) / 1e9))
             log.debug("stole task %s (attempt %d)", move.new.id, move.new.attempt)
             self._runner.launch(lifecycle.started(move.new, token))
-        log.info("stole %d task(s) at revision %d", len(moves), token)
+        log.info("stole %d task(s) at revision %d%s", len(won), token,
+                 f" ({len(lost)} taken by others first)" if lost else "")
         return True
 
     async def _refuse(self, record: Versioned) -> None:

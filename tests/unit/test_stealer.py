@@ -278,3 +278,39 @@ async def test_a_node_that_cannot_enforce_sizes_takes_no_disk_task(store: Store)
     assert [task.id for task in launched.tasks] == [unsized]
     # The default size is advisory here: not counted.
     assert state.capacity.allocation().disk_bytes == 0
+
+
+async def test_a_task_taken_from_a_batch_in_flight_fails_alone_the_rest_is_stolen(
+        store: Store) -> None:
+    """Node a's batch of three is held at stealer.before_commit while node b steals the
+    middle one: a still steals the other two (each task is its own nested transaction;
+    a flat transaction lost all three), b keeps its one, and nothing runs twice."""
+    records = await _queued(store, 3)
+    (a, a_state, a_launched), (b, b_state, b_launched) = [await _node(store, name)
+                                                          for name in ("a", "b")]
+    for record in records:
+        a_state.capacity.reserve(record.task.spec)
+    b_state.capacity.reserve(records[1].task.spec)
+    lost_before = metrics.STEALS_LOST._value.get()
+    failpoints.configure("stealer.before_commit=1*sleep(0.5)")
+    try:
+        assert a_state.registration is not None and b_state.registration is not None
+        held = asyncio.create_task(a._steal(records, a_state.registration))
+        await asyncio.sleep(0.1)       # a sleeps in the failpoint (its first hit)
+        assert await b._steal([records[1]], b_state.registration)
+        assert await held
+    finally:
+        failpoints.configure("")
+    assert [task.id for task in a_launched.tasks] == [records[0].task.id, records[2].task.id]
+    assert [task.id for task in b_launched.tasks] == [records[1].task.id]
+    assert metrics.STEALS_LOST._value.get() - lost_before == 1
+    assert a_state.capacity.allocation().cpu_millis == 1000      # the lost one given back
+    stolen = {record.task.id: record.task.node_id
+              for record in await store.get_tasks([record.task.id for record in records])}
+    assert stolen == {records[0].task.id: a_state.registration.node_id,
+                      records[1].task.id: b_state.registration.node_id,
+                      records[2].task.id: a_state.registration.node_id}
+    assert await store.count(keys.RUNNING) == 3 and await store.count(keys.QUEUED) == 0
+    # Both attempts' fencing tokens are their own transactions' revisions.
+    assert (a_launched.tasks[0].fencing_token == a_launched.tasks[1].fencing_token
+            != b_launched.tasks[0].fencing_token)
