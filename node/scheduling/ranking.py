@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import itertools
-from collections.abc import Iterable, Iterator
-
-from node.scheduling.queue_view import Group, QueueView
+from collections.abc import Iterable
 
 # Points per node on the ring: enough that each node comes first for a fair part of the
 # tasks (spread ~1/sqrt(points)), few enough that a ring of 1,000 nodes builds in ms.
 POINTS_PER_NODE = 32
 
-# Ranks remembered at most (one per task seen): past it the cache starts over.
-MAX_CACHED_RANKS = 100_000
-
 # Places after which every node may try a task: a task whose first MAX_RANK nodes are all
-# full or gone waits at most MAX_RANK steps before every node competes for it.
-MAX_RANK = 3
+# full or gone waits at most MAX_RANK steps before every node competes for it. Until then
+# one more node may try it per step, so a burst is spread without collisions.
+MAX_RANK = 6
 
 
 def _hash(value: bytes) -> int:
@@ -80,61 +75,3 @@ class Ring:
         two nodes do not both reach for the same one."""
         return _hash(f"{node_id}/{task_id}".encode())
 
-
-class Preference:
-    """This node's order over the queue view's candidates: a task's ring rank first (its
-    first node at once, the next ones RANK_STEP after another), then age; past MAX_RANK,
-    a per-node score, so that nodes which may all try a task reach for different ones."""
-
-    def __init__(self) -> None:
-        self.ring = Ring()
-        self._ranks: dict[str, int] = {}
-        self._ranked_for: tuple[str, frozenset[str]] = ("", frozenset())
-        self.next_ready: float | None = None
-        """After reads(): when the earliest task held back by its rank may be tried."""
-
-    def rank(self, node_id: str, task_id: str) -> int:
-        """Cached per task while the ring and this node's id stay the same."""
-        if self._ranked_for != (node_id, self.ring.members):
-            self._ranks.clear()
-            self._ranked_for = (node_id, self.ring.members)
-        rank = self._ranks.get(task_id)
-        if rank is None:
-            if len(self._ranks) >= MAX_CACHED_RANKS:
-                self._ranks.clear()
-            rank = self._ranks[task_id] = self.ring.rank(node_id, task_id)
-        return rank
-
-    def reads(self, view: QueueView, node_id: str, *, step: float, per_group: int,
-              per_read: int, now: float) -> Iterator[list[tuple[Group, str]]]:
-        """Candidates to read, read by read, highest priority first (whole priorities, as
-        QueueView.reads), per group the per_group this node may try now and prefers.
-        A priority that still holds tasks this node may not try yet ends the reads: no
-        lower task is taken while a higher one waits for its first nodes (at most
-        MAX_RANK steps); next_ready says when to look again."""
-        self.next_ready = None
-        chunk: list[tuple[Group, str]] = []
-        ordered = sorted(view.groups, key=lambda group: (-group[0], group[1]))
-        for _, same in itertools.groupby(ordered, key=lambda group: group[0]):
-            if len(chunk) >= per_read:
-                yield chunk
-                chunk = []
-            held_back = False
-            for group in same:
-                ready: list[tuple[int, int, str]] = []
-                for position, task_id in enumerate(view.groups.get(group, ())):
-                    rank = self.rank(node_id, task_id)
-                    at = view.first_seen.get(task_id, now) + rank * step
-                    if at > now:
-                        held_back = True
-                        self.next_ready = at if self.next_ready is None else min(
-                            self.next_ready, at)
-                        continue
-                    tie = position if rank < MAX_RANK else Ring.score(node_id, task_id)
-                    ready.append((rank, tie, task_id))
-                ready.sort()
-                chunk += [(group, task_id) for _, _, task_id in ready[:per_group]]
-            if held_back:
-                break
-        if chunk:
-            yield chunk

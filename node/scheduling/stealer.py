@@ -17,7 +17,6 @@ higher one it has not seen yet waits.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
 import time
@@ -35,7 +34,7 @@ from node.etcd.watching import list_and_watch
 from node.scheduling.fairshare import DEFAULT_WEIGHT, Candidate, Usage, cluster_usage, select, share
 from node.scheduling.node_state import NodeState, Registration
 from node.scheduling.queue_view import Group, QueueView
-from node.scheduling.ranking import Preference
+from node.scheduling.ranking import Ring
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +56,11 @@ INITIAL_BATCH = 4
 # in lockstep.
 JITTER_FRACTION = 0.1
 
+# The moving average of a pass's reads and steal (weight of the newest), and the most one
+# pass counts with (an etcd outage must not stretch the step between ranks for minutes).
+STEAL_SECONDS_WEIGHT = 0.2
+MAX_STEAL_SECONDS = 0.5
+
 # Back-off after etcd refused a steal for a reason other than losing the race.
 ERROR_RETRY = 0.5
 
@@ -76,9 +80,14 @@ class Stealer:
         self._state = state
         self._capacity = state.capacity
         self._runner = runner
-        self._queue = QueueView()
-        self._preference = Preference()
+        self._ring = Ring()
+        self._queue = QueueView(rank=self._rank)
         self._ready_timer: asyncio.TimerHandle | None = None
+        self._ready_at = 0.0
+        # How long this node's reads and steal transactions take (moving average): the
+        # step between a task's first node and the next one must exceed it, or the next
+        # one reaches for tasks the first one is still taking.
+        self._steal_seconds = 0.0
         # What fair share reads: live node records, and the owners' weights.
         self._nodes: dict[str, pb.Node] = {}
         self._weights: dict[str, float] = {}
@@ -157,12 +166,31 @@ class Stealer:
         self.wake()
 
     async def _on_event(self, event: WatchEvent) -> None:
-        if self._queue.on_event(event):
+        rank = self._queue.on_event(event)
+        if rank == 0:
             self.wake()
+        elif rank is not None:
+            # Another node comes first for it: look again when it becomes ours to try.
+            self._wake_at(time.monotonic() + rank * self._step())
+
+    def _rank(self, task_id: str) -> int:
+        registration = self._state.registration
+        return 0 if registration is None else self._ring.rank(registration.node_id, task_id)
+
+    def _update_ring(self) -> None:
+        registration = self._state.registration
+        members = [*self._nodes, *([registration.node_id] if registration else [])]
+        if frozenset(members) != self._ring.members:
+            self._ring.update(members)
+            self._queue.rerank()
+
+    def _step(self) -> float:
+        return self._config.steal_delay + 2 * self._steal_seconds
 
     async def _relist_nodes(self) -> None:
         self._nodes = {node.id: node for node in await self._store.list_nodes()}
         self._state.cluster_size = max(1, len(self._nodes))
+        self._update_ring()
 
     async def _on_node(self, event: WatchEvent) -> None:
         node_id = keys.last_segment(event.key)
@@ -170,12 +198,14 @@ class Stealer:
             self._nodes.pop(node_id, None)
             self._state.cluster_size = max(1, len(self._nodes))
             # Tasks this node came after the gone one in may be this node's to try now.
+            self._update_ring()
             self.wake()
         else:
             joined = node_id not in self._nodes
             self._nodes[node_id] = pb.Node.FromString(event.value)
             if joined:
                 self._state.cluster_size = len(self._nodes)
+                self._update_ring()
                 self.wake()
 
     async def _relist_owners(self) -> None:
@@ -237,12 +267,15 @@ class Stealer:
         candidates: list[Candidate] = []
         picks: list[Candidate] = []
         view_revision = 0
-        self._preference.ring.update([*self._nodes, registration.node_id])
-        reads = self._preference.reads(self._queue, registration.node_id,
-                                       step=self._config.steal_delay,
-                                       per_group=max(MIN_GROUP_PASS, self._batch),
-                                       per_read=PASS_LIMIT, now=time.monotonic())
-        for chunk in itertools.islice(reads, MAX_READS_PER_PASS):
+        began = time.monotonic()
+        self._update_ring()
+        node_id = registration.node_id
+        reads, ready_at = self._queue.reads(
+            per_group=max(MIN_GROUP_PASS, self._batch), per_read=PASS_LIMIT, now=began,
+            step=self._step(), score=lambda task_id: Ring.score(node_id, task_id))
+        if ready_at is not None:
+            self._wake_at(ready_at)
+        for chunk in reads[:MAX_READS_PER_PASS]:
             if not view_revision:
                 # What the view was complete up to when the first read was chosen (no
                 # await since): every higher-priority key it held was read before any
@@ -272,7 +305,6 @@ class Stealer:
             picks = self._select(candidates)
             if len(picks) >= self._batch:
                 break
-        self._wake_when_ready()
         if not picks or self.paused:
             # Paused (shutdown) during the delay or the reads: send nothing. No await
             # from here until the steal is marked in flight, so shutdown waits for it.
@@ -286,20 +318,25 @@ class Stealer:
         self._no_steal_in_flight.clear()
         try:
             with self._capacity.stealing():
-                return await self._steal(chosen, registration, guard)
+                stole = await self._steal(chosen, registration, guard)
         finally:
             self._no_steal_in_flight.set()
+        took = time.monotonic() - began
+        self._steal_seconds += STEAL_SECONDS_WEIGHT * (min(took, MAX_STEAL_SECONDS)
+                                                       - self._steal_seconds)
+        return stole
 
-    def _wake_when_ready(self) -> None:
-        """Tasks held back for their first nodes become this node's to try later: look
-        again then (one timer, the earliest), without waiting for a queue event."""
-        ready = self._preference.next_ready
-        if ready is None:
+    def _wake_at(self, moment: float) -> None:
+        """A task held back for its first nodes becomes this node's to try at moment: look
+        again then, without waiting for a queue event (one timer: the earliest)."""
+        now = time.monotonic()
+        if self._ready_timer is not None and now < self._ready_at <= moment:
             return
         if self._ready_timer is not None:
             self._ready_timer.cancel()
-        self._ready_timer = asyncio.get_running_loop().call_later(
-            max(0.0, ready - time.monotonic()), self.wake)
+        self._ready_at = moment
+        self._ready_timer = asyncio.get_running_loop().call_later(max(0.0, moment - now),
+                                                                  self.wake)
 
     def _select(self, candidates: list[Candidate]) -> list[Candidate]:
         capacity = self._capacity
