@@ -36,14 +36,18 @@ class Ring:
         self._points: list[int] = []
         self._owners: list[str] = []
         self._members: frozenset[str] = frozenset()
+        self.full: frozenset[str] = frozenset()
+        """Nodes whose record says they have no room: a task's order skips them, so the
+        next node with room tries it at once instead of a step later."""
 
     @property
     def members(self) -> frozenset[str]:
         return self._members
 
-    def update(self, node_ids: Iterable[str]) -> None:
+    def update(self, node_ids: Iterable[str], full: Iterable[str] = ()) -> None:
         """Rebuild the ring for this set of live nodes (nothing to do when unchanged)."""
         members = frozenset(node_ids)
+        self.full = frozenset(full)
         if members == self._members:
             return
         points = sorted((_hash(f"{node_id}/{point}".encode()), node_id)
@@ -63,7 +67,7 @@ class Ring:
             owner = self._owners[(start + step) % count]
             if owner == node_id:
                 return len(seen)
-            if owner not in seen:
+            if owner not in seen and owner not in self.full:
                 seen.append(owner)
                 if len(seen) >= MAX_RANK:
                     return MAX_RANK

@@ -180,8 +180,9 @@ class Stealer:
     def _update_ring(self) -> None:
         registration = self._state.registration
         members = [*self._nodes, *([registration.node_id] if registration else [])]
-        if frozenset(members) != self._ring.members:
-            self._ring.update(members)
+        full = frozenset(node_id for node_id, node in self._nodes.items() if _full(node))
+        if frozenset(members) != self._ring.members or full != self._ring.full:
+            self._ring.update(members, full)
             self._queue.rerank()
 
     def _step(self) -> float:
@@ -201,9 +202,10 @@ class Stealer:
             self._update_ring()
             self.wake()
         else:
-            joined = node_id not in self._nodes
-            self._nodes[node_id] = pb.Node.FromString(event.value)
-            if joined:
+            old = self._nodes.get(node_id)
+            new = self._nodes[node_id] = pb.Node.FromString(event.value)
+            if old is None or _full(old) != _full(new):
+                # Joined, or filled up or freed room: tasks' orders of nodes change.
                 self._state.cluster_size = len(self._nodes)
                 self._update_ring()
                 self.wake()
@@ -436,6 +438,12 @@ class Stealer:
     def _release(self, moves: list[Move]) -> None:
         for move in moves:
             self._capacity.release(move.new.spec)
+
+
+def _full(node: pb.Node) -> bool:
+    """Whether a node's record says it has no room left (it then tries no task)."""
+    return (node.cpu_allocated_millis >= node.cpu_capacity_millis
+            or node.memory_allocated_bytes >= node.memory_capacity_bytes)
 
 
 def _steal_bytes(record: Versioned) -> int:

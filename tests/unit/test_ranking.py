@@ -97,3 +97,12 @@ def test_a_node_that_joins_takes_over_its_places_in_the_view() -> None:
     view.rerank()
     assert set(_reads(view, 100.0)[0]) == {task for task in TASKS[:100]
                                            if ring.rank(NODES[0], task) == 0}
+
+
+def test_a_full_node_is_skipped_so_the_next_one_with_room_tries_at_once() -> None:
+    ring = _ring(NODES)
+    theirs = [task for task in TASKS[:300] if ring.rank(NODES[1], task) == 0
+              and ring.rank(NODES[0], task) == 1]
+    assert theirs
+    ring.update(NODES, full=[NODES[1]])
+    assert all(ring.rank(NODES[0], task) == 0 for task in theirs)
