@@ -81,8 +81,9 @@ MAX_BATCH = 32
 MAX_DEPENDENCIES = 64
 # Tasks one array submit creates (the contract).
 MAX_ARRAY_TASKS = 100_000
-# A move's compares and operations besides its record: three keys of ~80 bytes, framing.
-MOVE_KEYS_BYTES = 512
+# A move's compares and operations besides its record: up to eight keys of ~100 bytes
+# (status keys, the queue key and its shard twin, indexes), framing.
+MOVE_KEYS_BYTES = 1024
 
 # -- the API -------------------------------------------------------------------------------
 

@@ -103,7 +103,8 @@ class Store(StoreBase):
         own: a move whose compares fail is left out alone, the others happen (a steal
         batch of which another node took one task). guards hold for the whole batch: when
         one fails nothing happens. Returns (the revision, or None when no move happened;
-        per move whether it happened). Limits and errors as transition_many."""
+        per move whether it happened, or [] when a guard failed). Limits and errors as
+        transition_many."""
         if not 0 < len(moves) <= MAX_BATCH:
             raise ValueError(f"{len(moves)} moves; one transaction takes 1..{MAX_BATCH}")
         nested: list[Any] = []
@@ -118,7 +119,7 @@ class Store(StoreBase):
                                                                    success=success)))
         response = await self._txn(rpc.TxnRequest(compare=list(guards), success=nested))
         if not response.succeeded:
-            return None, [False] * len(moves)
+            return None, []
         done = [bool(answer.response_txn.succeeded) for answer in response.responses]
         return (int(response.header.revision) if any(done) else None), done
 

@@ -268,15 +268,20 @@ class StoreBase:
         response = await self._range(keys.NODES, keys.prefix_end(keys.NODES), count_only=True)
         return int(response.header.revision)
 
-    async def watch(self, prefix: bytes, start_revision: int) -> AsyncIterator[WatchEvent]:
-        """Every change under prefix from start_revision on, until the stream breaks.
+    async def watch(self, prefix: bytes, start_revision: int, *,
+                    range_end: bytes = b"") -> AsyncIterator[WatchEvent]:
+        """Every change under prefix (or, with range_end, in [prefix, range_end)) from
+        start_revision on, until the stream breaks.
 
         Raises Compacted when start_revision is no longer in etcd's history, and
         StoreUnavailable when the stream fails; the caller re-lists and watches again.
         Cancelling the consumer cancels the etcd watch.
         """
         try:
-            stream = await self._client.watch_prefix(prefix, start_revision=start_revision)
+            # (aetcd's watch_prefix ignores a range_end: watch() takes it.)
+            stream = await self._client.watch(
+                prefix, range_end=range_end or keys.prefix_end(prefix),
+                start_revision=start_revision)
         except ETCD_ERRORS as exc:
             raise translate(exc) from exc
         try:

@@ -38,13 +38,15 @@ def status_key(task: pb.Task) -> bytes:
 
 def index_keys(task: pb.Task) -> set[bytes]:
     """The secondary keys (value "") that exist while the record is in this state: the
-    priority queue key beside a queued key, and while a task waits for its dependencies
-    (or for its array's submission, which may carry dependencies too) one key per
-    parent, so that a parent's end finds its dependents with one range read."""
+    priority queue key and its shard twin beside a queued key, and while a task waits for
+    its dependencies (or for its array's submission, which may carry dependencies too)
+    one key per parent, so that a parent's end finds its dependents with one range read."""
     if task.state != pb.TASK_STATE_PENDING:
         return set()
     if task.hold == pb.HOLD_NONE:
-        return {keys.queue(task.spec.priority, task.spec.owner or keys.DEFAULT_OWNER, task.id)}
+        owner = task.spec.owner or keys.DEFAULT_OWNER
+        return {keys.queue(task.spec.priority, owner, task.id),
+                keys.shard_queue(task.spec.priority, owner, task.id)}
     if task.hold in (pb.HOLD_DEPENDENCIES, pb.HOLD_ARRAY):
         return {keys.dependency(parent.id, task.id) for parent in task.spec.after}
     return set()

@@ -22,9 +22,10 @@ def forever() -> bool:
 
 async def list_and_watch(store: Store, prefix: bytes, relist: Callable[[], Awaitable[None]],
                          handle: Callable[[WatchEvent], Awaitable[None]], *,
-                         until: Callable[[], bool] = forever) -> None:
-    """Call relist(), then handle() for every change under prefix, until until() is true
-    (checked after every event and before every re-watch).
+                         until: Callable[[], bool] = forever, range_end: bytes = b"") -> None:
+    """Call relist(), then handle() for every change under prefix (or in [prefix,
+    range_end)), until until() is true (checked after every event and before every
+    re-watch).
 
     After a broken stream the watch resumes at the last revision seen (inclusive, so a
     revision cut in half is delivered again: handlers must be idempotent). When that
@@ -37,7 +38,7 @@ async def list_and_watch(store: Store, prefix: bytes, relist: Callable[[], Await
                 start = await store.current_revision() + 1
                 await relist()
                 revision = start    # only once listed: a failed relist runs again
-            async for event in store.watch(prefix, revision):
+            async for event in store.watch(prefix, revision, range_end=range_end):
                 revision = event.revision
                 await handle(event)
                 if until():

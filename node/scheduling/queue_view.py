@@ -88,6 +88,9 @@ class QueueView:
         """Groups the last relist read only in part."""
         self.refill = asyncio.Event()
         """Set when a group read in part runs low: relist soon."""
+        self.watching_all = True
+        """Whether the watch feeding on_event covers every shard: only then do its events
+        make the view complete beyond the last relist."""
         self._complete = 0
         self._last_event_revision = 0
         self._last_event_at = 0.0
@@ -158,13 +161,15 @@ class QueueView:
                 self.add(group, task_id, seen)
 
     def on_event(self, event: WatchEvent) -> int | None:
-        """Apply one watch event; this node's rank for a task it added, else None."""
-        if event.revision > self._last_event_revision:
+        """Apply one watch event (of the shard index, or of the priority index); this
+        node's rank for a task it added, else None."""
+        if event.revision > self._last_event_revision and self.watching_all:
             # Events arrive in revision order: every one before this revision is handled.
             self._complete = max(self._complete, self._last_event_revision)
             self._last_event_revision = event.revision
         self._last_event_at = time.monotonic()
-        priority, owner, task_id = keys.parse_queue(event.key)
+        parse = keys.parse_shard_queue if event.key.startswith(keys.SHARDS) else keys.parse_queue
+        priority, owner, task_id = parse(event.key)
         if event.deleted:
             self.forget((priority, owner), task_id)
             self.never_fits.discard(task_id)

@@ -1,81 +1,99 @@
-"""Which node tries a queued task first: a rendezvous order per task, the same on every node.
+"""Which nodes hear of a queued task and which of them tries it first, the same on every node.
 
-Without it every idle node reads the same oldest tasks and races for them: with 23 nodes
-most steal attempts lost (issue 18). Here each task has a preference order of the live
-nodes, from a consistent-hash ring every node builds alike from the node records: a node
-tries a task at once when it comes first in that order, RANK_STEP later when second, and
-so on; past MAX_RANK places every node may try it. So the first node usually takes a task
-alone, and when it is full or gone the next one takes it a moment later. No node decides
-for another: the order only spreads who tries first, the steal transaction still decides.
+Without it every node decoded every queue event and every idle node raced for the same
+oldest tasks: with 23 nodes most steal attempts were lost and every agent's CPU went to
+watch responses (issue 18). Here the shard index /shard/<shard>/... (node/core/keys.py)
+is cut into contiguous slices, one per live node in the order of their ids; a shard's
+*chain* is the owner of its slice and the WATCHERS - 1 nodes after it. Each node watches
+only the shards it is in the chain of (one or two key ranges), so a queue event reaches
+WATCHERS nodes whatever the fleet's size. Within a chain, the first node with room (a
+node whose record says it is full is skipped) tries a task at once, the next one a step
+later, and so on; every node also relists the whole priority index now and then and may
+try what it finds there after MAX_RANK steps, so work reaches idle nodes outside a full
+chain. No node decides for another: the order only spreads who tries first, the steal
+transaction still decides.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 from collections.abc import Iterable
 
-# Points per node on the ring: enough that each node comes first for a fair part of the
-# tasks (spread ~1/sqrt(points)), few enough that a ring of 1,000 nodes builds in ms.
-POINTS_PER_NODE = 32
+from node.core.keys import SHARD_COUNT, shard_of
 
-# Places after which every node may try a task: a task whose first MAX_RANK nodes are all
-# full or gone waits at most MAX_RANK steps before every node competes for it. Until then
-# one more node may try it per step, so a burst is spread without collisions.
-MAX_RANK = 6
+# Nodes that hear of each shard's tasks (and try them, one step apart).
+WATCHERS = 4
 
-
-def _hash(value: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(value, digest_size=8).digest(), "big")
+# The place of a node outside a task's chain: it tries the task (found by a relist) after
+# MAX_RANK steps, when the chain has had its turn.
+MAX_RANK = WATCHERS
 
 
-class Ring:
-    """A consistent-hash ring of the live nodes' ids."""
+class Slices:
+    """The live nodes, each owning a contiguous slice of the shards."""
 
     def __init__(self) -> None:
-        self._points: list[int] = []
-        self._owners: list[str] = []
-        self._members: frozenset[str] = frozenset()
+        self._nodes: list[str] = []
+        self._index: dict[str, int] = {}
         self.full: frozenset[str] = frozenset()
-        """Nodes whose record says they have no room: a task's order skips them, so the
-        next node with room tries it at once instead of a step later."""
+        """Nodes whose record says they have no room: a chain skips them, so the next
+        node with room tries the task at once instead of a step later."""
 
     @property
     def members(self) -> frozenset[str]:
-        return self._members
+        return frozenset(self._nodes)
 
     def update(self, node_ids: Iterable[str], full: Iterable[str] = ()) -> None:
-        """Rebuild the ring for this set of live nodes (nothing to do when unchanged)."""
-        members = frozenset(node_ids)
+        self._nodes = sorted(set(node_ids))
+        self._index = {node_id: index for index, node_id in enumerate(self._nodes)}
         self.full = frozenset(full)
-        if members == self._members:
-            return
-        points = sorted((_hash(f"{node_id}/{point}".encode()), node_id)
-                        for node_id in members for point in range(POINTS_PER_NODE))
-        self._points = [point for point, _ in points]
-        self._owners = [owner for _, owner in points]
-        self._members = members
+
+    def owner(self, shard: int) -> int:
+        """The index (in id order) of the node whose slice holds this shard."""
+        return shard * len(self._nodes) // SHARD_COUNT
 
     def rank(self, node_id: str, task_id: str) -> int:
-        """node_id's place (0 = first) in task_id's order of nodes, at most MAX_RANK."""
-        if not self._points:
-            return 0
-        start = bisect.bisect(self._points, _hash(task_id.encode()))
-        seen: list[str] = []
-        count = len(self._points)
-        for step in range(count):
-            owner = self._owners[(start + step) % count]
-            if owner == node_id:
-                return len(seen)
-            if owner not in seen and owner not in self.full:
-                seen.append(owner)
-                if len(seen) >= MAX_RANK:
-                    return MAX_RANK
+        """node_id's place (0 = first) in the chain of task_id's shard, skipping full
+        nodes; MAX_RANK when it is not in the chain."""
+        count = len(self._nodes)
+        me = self._index.get(node_id)
+        if me is None or count == 0:
+            return 0 if count == 0 else MAX_RANK
+        first = self.owner(shard_of(task_id))
+        place = 0
+        for step in range(min(WATCHERS, count)):
+            index = (first + step) % count
+            if index == me:
+                return place
+            if self._nodes[index] not in self.full:
+                place += 1
         return MAX_RANK
+
+    def watched(self, node_id: str) -> list[tuple[int, int]]:
+        """The shard ranges [first, end) node_id is in the chain of: the slices of itself
+        and of the WATCHERS - 1 nodes before it (wrapping around); everything while the
+        fleet has no more than WATCHERS nodes."""
+        count = len(self._nodes)
+        me = self._index.get(node_id)
+        if me is None or count <= WATCHERS:
+            return [(0, SHARD_COUNT)]
+        first_owner = me - (WATCHERS - 1)
+        start = _slice_start(first_owner % count, count)
+        end = _slice_start(me + 1, count)
+        if first_owner >= 0:
+            return [(start, end)] if start < end else []
+        # The chain wraps around the last node: two ranges.
+        return [(low, high) for low, high in ((0, end), (start, SHARD_COUNT)) if low < high]
 
     @staticmethod
     def score(node_id: str, task_id: str) -> int:
         """A tie-break among tasks every node may try, different on every node, so that
         two nodes do not both reach for the same one."""
-        return _hash(f"{node_id}/{task_id}".encode())
+        digest = hashlib.blake2b(f"{node_id}/{task_id}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
 
+
+def _slice_start(index: int, count: int) -> int:
+    """The first shard of node index's slice (index == count: the end)."""
+    # The inverse of owner(): the smallest shard s with s * count // SHARD_COUNT >= index.
+    return -(-index * SHARD_COUNT // count)

@@ -34,7 +34,7 @@ from node.etcd.watching import list_and_watch
 from node.scheduling.fairshare import DEFAULT_WEIGHT, Candidate, Usage, cluster_usage, select, share
 from node.scheduling.node_state import NodeState, Registration
 from node.scheduling.queue_view import Group, QueueView
-from node.scheduling.ranking import Ring
+from node.scheduling.ranking import Slices
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,11 @@ class Stealer:
         self._state = state
         self._capacity = state.capacity
         self._runner = runner
-        self._ring = Ring()
+        self._slices = Slices()
         self._queue = QueueView(rank=self._rank)
+        # Set when the shard ranges this node watches change (a node joined or left).
+        self._ranges_changed = asyncio.Event()
+        self._ranges: list[tuple[int, int]] = []
         self._ready_timer: asyncio.TimerHandle | None = None
         self._ready_at = 0.0
         # How long this node's reads and steal transactions take (moving average): the
@@ -149,8 +152,7 @@ class Stealer:
 
     async def run(self) -> NoReturn:
         async with asyncio.TaskGroup() as group:
-            group.create_task(list_and_watch(self._store, keys.QUEUE, self._relist,
-                                             self._on_event))
+            group.create_task(self._watch_queue())
             group.create_task(list_and_watch(self._store, keys.NODES, self._relist_nodes,
                                              self._on_node))
             group.create_task(list_and_watch(self._store, keys.OWNERS, self._relist_owners,
@@ -160,6 +162,26 @@ class Stealer:
         raise AssertionError("unreachable")
 
     # -- what the choice reads ---------------------------------------------------------------
+
+    async def _watch_queue(self) -> NoReturn:
+        """Watch the shards this node is in the chain of; again when they change."""
+        while True:
+            self._ranges = self._watched()
+            self._queue.watching_all = self._ranges == [(0, keys.SHARD_COUNT)]
+            self._ranges_changed.clear()
+            watches = [asyncio.create_task(list_and_watch(
+                self._store, start, self._relist, self._on_event, range_end=end))
+                for start, end in (keys.shard_range(first, end) for first, end in self._ranges)]
+            try:
+                await self._ranges_changed.wait()
+            finally:
+                for watch in watches:
+                    watch.cancel()
+                await asyncio.gather(*watches, return_exceptions=True)
+
+    def _watched(self) -> list[tuple[int, int]]:
+        registration = self._state.registration
+        return self._slices.watched(registration.node_id if registration else "")
 
     async def _relist(self) -> None:
         await self._queue.relist(self._store)
@@ -175,15 +197,19 @@ class Stealer:
 
     def _rank(self, task_id: str) -> int:
         registration = self._state.registration
-        return 0 if registration is None else self._ring.rank(registration.node_id, task_id)
+        return 0 if registration is None else self._slices.rank(registration.node_id, task_id)
 
     def _update_ring(self) -> None:
+        """Follow the live nodes (and which of them are full): tasks' chains, and the
+        shards this node watches."""
         registration = self._state.registration
-        members = [*self._nodes, *([registration.node_id] if registration else [])]
+        members = frozenset([*self._nodes, *([registration.node_id] if registration else [])])
         full = frozenset(node_id for node_id, node in self._nodes.items() if _full(node))
-        if frozenset(members) != self._ring.members or full != self._ring.full:
-            self._ring.update(members, full)
+        if members != self._slices.members or full != self._slices.full:
+            self._slices.update(members, full)
             self._queue.rerank()
+            if self._watched() != self._ranges:
+                self._ranges_changed.set()
 
     def _step(self) -> float:
         return self._config.steal_delay + 2 * self._steal_seconds
@@ -223,7 +249,10 @@ class Stealer:
     async def _sweep(self) -> NoReturn:
         while True:
             try:
-                await asyncio.wait_for(self._queue.refill.wait(), self._config.sweep_interval)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation
+                # that arrives as the event is set, and the agent's shutdown then hangs.
+                async with asyncio.timeout(self._config.sweep_interval):
+                    await self._queue.refill.wait()
             except TimeoutError:
                 pass
             self._queue.refill.clear()
@@ -274,7 +303,7 @@ class Stealer:
         node_id = registration.node_id
         reads, ready_at = self._queue.reads(
             per_group=max(MIN_GROUP_PASS, self._batch), per_read=PASS_LIMIT, now=began,
-            step=self._step(), score=lambda task_id: Ring.score(node_id, task_id))
+            step=self._step(), score=lambda task_id: Slices.score(node_id, task_id))
         if ready_at is not None:
             self._wake_at(ready_at)
         for chunk in reads[:MAX_READS_PER_PASS]:
@@ -400,6 +429,11 @@ class Stealer:
         except BaseException:
             self._release(moves)
             raise
+        if not done:
+            # The priority compare failed: a higher task this node has not seen is queued
+            # (in a shard it does not watch, or newer than its last relist). Relist.
+            self._queue.refill.set()
+            done = [False] * len(moves)
         won = [move for move, happened in zip(moves, done, strict=True) if happened]
         lost = [move for move, happened in zip(moves, done, strict=True) if not happened]
         if lost:

@@ -17,6 +17,7 @@ from node.etcd import failpoints
 from node.etcd.store import Store
 from node.etcd.txn import Versioned
 from node.operations.housekeeping import Housekeeping
+from node.scheduling import ranking
 from node.scheduling.node_state import NodeState, Registration
 from node.scheduling.stealer import Stealer
 from tests.unit.etcd_fixture import require_etcd
@@ -314,3 +315,52 @@ async def test_a_task_taken_from_a_batch_in_flight_fails_alone_the_rest_is_stole
     # Both attempts' fencing tokens are their own transactions' revisions.
     assert (a_launched.tasks[0].fencing_token == a_launched.tasks[1].fencing_token
             != b_launched.tasks[0].fencing_token)
+
+
+async def test_in_a_larger_fleet_a_node_hears_only_its_shards_and_takes_the_rest_late(
+        store: Store) -> None:
+    """Ten nodes: this one watches the shards it is in the chain of (WATCHERS of ten) and
+    hears no queue event of the others; a task of another chain, nobody taking it, is
+    found by the relist and taken after MAX_RANK steps."""
+    stealer, state, launched = await _node(store, "me")
+    assert state.registration is not None
+    me = state.registration.node_id
+    lease = await store.grant_lease(60)
+    for index in range(9):
+        await store.put_node(pb.Node(id=keys.new_node_id(), name=f"other-{index}",
+                                     cpu_capacity_millis=4000, memory_capacity_bytes=8 << 30),
+                             lease)
+    heard: list[bytes] = []
+    original = stealer._on_event
+
+    async def counting(event: Any) -> None:
+        heard.append(event.key)
+        await original(event)
+
+    stealer._on_event = counting  # type: ignore[method-assign]
+    state.live.set()
+    runner = asyncio.create_task(stealer.run())
+    try:
+        for _ in range(100):
+            if len(stealer._slices.members) == 10 and stealer._ranges != [(0, keys.SHARD_COUNT)]:
+                break
+            await asyncio.sleep(0.05)
+        mine: list[str] = []
+        theirs: list[str] = []
+        while len(mine) < 3 or len(theirs) < 3:
+            task_id = await _queue(store, cpu_millis=10)
+            (mine if stealer._slices.rank(me, task_id) == 0 else
+             theirs if stealer._slices.rank(me, task_id) == ranking.MAX_RANK else []).append(
+                task_id)
+        for _ in range(100):
+            if {*mine, *theirs} <= {task.id for task in launched.tasks}:
+                break
+            await asyncio.sleep(0.1)
+            stealer._queue.refill.set()       # the sweep's relist, sooner
+        heard_ids = {keys.parse_shard_queue(key)[2] for key in heard}
+        assert set(mine) <= heard_ids and not heard_ids & set(theirs)
+        assert {task.id: task.attempt for task in launched.tasks if task.id in theirs} == {
+            task_id: 1 for task_id in theirs}
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)

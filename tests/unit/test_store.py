@@ -113,7 +113,8 @@ async def test_submit_writes_record_and_queued_key(store: Store, etcd: str) -> N
     revision = await store.transition(None, task)
     assert isinstance(revision, int) and revision > 0
     assert sorted(all_keys(etcd)) == sorted([keys.task(task.id), keys.queued(task.id),
-                                             keys.queue(0, keys.DEFAULT_OWNER, task.id)])
+                                             keys.queue(0, keys.DEFAULT_OWNER, task.id),
+                                             keys.shard_queue(0, keys.DEFAULT_OWNER, task.id)])
     assert record(etcd, task.id) == task
     found = await current(store, task.id)
     assert found.task == task and found.mod_revision == revision
