@@ -51,7 +51,7 @@ REGISTER_RETRY = 0.5
 # apart): what each node receives stays the same as the fleet grows. The records' usage
 # only steers fair share (each node counts its own usage live) and `filch nodes`.
 PUBLISH_DEBOUNCE = 0.2
-CLUSTER_RECORD_WRITES = 20.0
+CLUSTER_RECORD_WRITES = 10.0
 
 # How often the node's interface addresses are read (`ip -j addr`, a local call of a few
 # ms); the record is rewritten only when they changed. Other nodes' task firewalls pick a
