@@ -29,7 +29,7 @@ from node.core.limits import (
     STORE_MAX_RECEIVE_BYTES,
     STORE_MAX_SEND_BYTES,
 )
-from node.etcd.etcd_client import EtcdTLS, TLSClient
+from node.etcd.etcd_client import EtcdTLS, PlainClient, TLSClient
 from node.etcd.etcd_errors import ETCD_ERRORS, translate
 from node.etcd.txn import key_compare
 
@@ -94,7 +94,7 @@ class StoreBase:
                    "timeout": timeout,
                    "options": {"grpc.max_receive_message_length": max_receive_bytes,
                                "grpc.max_send_message_length": STORE_MAX_SEND_BYTES}}
-        self._client = (aetcd.Client(**address) if tls is None
+        self._client = (PlainClient(**address) if tls is None
                         else TLSClient(credentials=tls.credentials(), **address))
         self._timeout = timeout
         self.endpoint = endpoint
