@@ -10,6 +10,8 @@
 /node/<node-id>                         -> Node protobuf (on the node's lease)
 /lock/defrag                            -> node id, only while that node defragments
 /queue/<rank>/<owner>/<uuid>            -> ""  (beside each queued key: priority order)
+/shard/<shard>/<rank>/<owner>/<uuid>    -> ""  (the same, by shard: 3 hex digits from the id;
+                                               each node watches only its nodes' shards)
 /dep/<parent-id>/<child-uuid>           -> ""  (child is held until parent ends; parent is
                                                a task id, or an array id)
 /array/<array-id>                       -> Array protobuf (written once all its tasks exist)
@@ -28,6 +30,7 @@ Ids are lowercase hex UUIDs, so the task records are exactly [/task/0, /task/g).
 
 from __future__ import annotations
 
+import hashlib
 import re
 import time
 import uuid
@@ -51,6 +54,12 @@ BLOCKED = b"/task/status/blocked/"
 # Beside every queued key, in the same transaction: /queue/<rank>/<owner>/<id>, so that
 # key order is highest priority first, then owner, then submission order.
 QUEUE = b"/queue/"
+# The priority index again, split into SHARD_COUNT shards by a hash of the id: a node
+# watches the contiguous shards it is among the first nodes for (node/scheduling/ranking.py),
+# so a queue event reaches a few nodes, not all of them.
+SHARDS = b"/shard/"
+SHARD_COUNT = 4096
+SHARD_DIGITS = 3
 DEPENDENCIES = b"/dep/"
 ARRAYS = b"/array/"
 OWNERS = b"/owner/"
@@ -204,6 +213,31 @@ def blocked(task_id: str) -> bytes:
 def queue(priority: int, owner: str, task_id: str) -> bytes:
     """The priority-ordered queue key beside a queued key."""
     return QUEUE + queue_rank(priority) + b"/" + owner.encode() + b"/" + task_id.encode()
+
+
+def shard_of(task_id: str) -> int:
+    """The shard of a task: a hash of its id, spread evenly whatever the ids look like."""
+    digest = hashlib.blake2b(task_id.encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % SHARD_COUNT
+
+
+def shard_queue(priority: int, owner: str, task_id: str) -> bytes:
+    """The shard index key beside a queue key."""
+    shard = f"{shard_of(task_id):0{SHARD_DIGITS}x}".encode()
+    return SHARDS + shard + b"/" + queue(priority, owner, task_id)[len(QUEUE):]
+
+
+def shard_range(first: int, end: int) -> tuple[bytes, bytes]:
+    """The keys of shards [first, end) (0 <= first < end <= SHARD_COUNT)."""
+    start = SHARDS + f"{first:0{SHARD_DIGITS}x}/".encode()
+    if end >= SHARD_COUNT:
+        return start, prefix_end(SHARDS)
+    return start, SHARDS + f"{end:0{SHARD_DIGITS}x}/".encode()
+
+
+def parse_shard_queue(key: bytes) -> tuple[int, str, str]:
+    """(priority, owner, task_id) of a shard index key."""
+    return parse_queue(QUEUE + key[len(SHARDS) + SHARD_DIGITS + 1:])
 
 
 def queue_group(priority: int, owner: str) -> bytes:

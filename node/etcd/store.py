@@ -188,6 +188,32 @@ class Store(StoreBase):
                 success=[rpc.RequestOp(request_put=rpc.PutRequest(key=flag,
                                                                   value=RELEASED))]))
 
+    async def transition_each(self, moves: Sequence[Move], *, lease_id: int = 0,
+                              guards: Sequence[Any] = ()) -> tuple[int | None, list[bool]]:
+        """Several transitions in one transaction, each in a nested transaction of its
+        own: a move whose compares fail is left out alone, the others happen (a steal
+        batch of which another node took one task). guards hold for the whole batch: when
+        one fails nothing happens. Returns (the revision, or None when no move happened;
+        per move whether it happened, or [] when a guard failed). Limits and errors as
+        transition_many."""
+        if not 0 < len(moves) <= MAX_BATCH:
+            raise ValueError(f"{len(moves)} moves; one transaction takes 1..{MAX_BATCH}")
+        nested: list[Any] = []
+        for move in moves:
+            compare: list[Any] = []
+            success: list[Any] = []
+            append_move(move, lease_id, compare, success)
+            if max(len(compare), len(success)) > MAX_TXN_OPS:
+                raise ValueError(f"{len(success)} operations in one move; etcd takes at "
+                                 f"most {MAX_TXN_OPS} in one transaction")
+            nested.append(rpc.RequestOp(request_txn=rpc.TxnRequest(compare=compare,
+                                                                   success=success)))
+        response = await self._txn(rpc.TxnRequest(compare=list(guards), success=nested))
+        if not response.succeeded:
+            return None, []
+        done = [bool(answer.response_txn.succeeded) for answer in response.responses]
+        return (int(response.header.revision) if any(done) else None), done
+
     async def list_records(self, *, after: bytes = b"",
                            limit: int = 0) -> tuple[list[Versioned], bool]:
         """Task records in id order after `after`, at most `limit` and READ_BATCH_RECORDS

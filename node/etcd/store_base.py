@@ -31,7 +31,7 @@ from node.core.limits import (
     STORE_MAX_SEND_BYTES,
 )
 from node.core.task_counts import TaskCounts
-from node.etcd.etcd_client import EtcdTLS, TLSClient
+from node.etcd.etcd_client import EtcdTLS, PlainClient, TLSClient
 from node.etcd.etcd_errors import ETCD_ERRORS, translate
 from node.etcd.id_ranges import IdRanges
 from node.etcd.txn import key_compare
@@ -102,7 +102,7 @@ class StoreBase:
                    "timeout": timeout,
                    "options": {"grpc.max_receive_message_length": max_receive_bytes,
                                "grpc.max_send_message_length": STORE_MAX_SEND_BYTES}}
-        self._client = (aetcd.Client(**address) if tls is None
+        self._client = (PlainClient(**address) if tls is None
                         else TLSClient(credentials=tls.credentials(), **address))
         self._timeout = timeout
         # First keys of the id-keyed ranges (queued, held, records), read in bounded windows.
@@ -326,8 +326,10 @@ class StoreBase:
         return int(response.header.revision)
 
     async def watch(self, prefix: bytes, start_revision: int, *,
-                    deletes_only: bool = False) -> AsyncIterator[WatchEvent]:
-        """Every change under prefix from start_revision on, until the stream breaks.
+                    deletes_only: bool = False,
+                    range_end: bytes = b"") -> AsyncIterator[WatchEvent]:
+        """Every change under prefix (or, with range_end, in [prefix, range_end)) from
+        start_revision on, until the stream breaks.
 
         deletes_only: etcd filters out the puts (WatchCreateRequest's NOPUT filter) on its
         side, so a watcher that only cares about keys going away is not woken, nor sent
@@ -338,8 +340,10 @@ class StoreBase:
         """
         kind = aetcd.rtypes.EventKind.DELETE if deletes_only else None
         try:
-            stream = await self._client.watch_prefix(prefix, start_revision=start_revision,
-                                                     kind=kind)
+            # (aetcd's watch_prefix ignores a range_end: watch() takes it.)
+            stream = await self._client.watch(
+                prefix, range_end=range_end or keys.prefix_end(prefix),
+                start_revision=start_revision, kind=kind)
         except ETCD_ERRORS as exc:
             raise translate(exc) from exc
         try:

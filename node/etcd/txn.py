@@ -39,13 +39,13 @@ def status_key(task: pb.Task) -> bytes:
 
 def index_keys(task: pb.Task) -> set[bytes]:
     """The secondary keys (value "") that exist while the record is in this state: the
-    priority queue key beside a queued key, and while a task waits for its dependencies
-    (or for its array's submission, which may carry dependencies too) one key per
-    parent, so that a parent's end finds its dependents with one range read. A task of an
-    array also has its open-member key until it ends: "has the array ended" is a range of
-    limit 1, whatever the array's size. While RUNNING: the running-task index key
-    (/placed/<node-id>/<id>: not on the lease, so a dead node's tasks are one range read
-    and recovery never scans every record)."""
+    priority queue key and its shard twin beside a queued key, and while a task waits for
+    its dependencies (or for its array's submission, which may carry dependencies too)
+    one key per parent, so that a parent's end finds its dependents with one range read.
+    A task of an array also has its open-member key until it ends: "has the array ended"
+    is a range of limit 1, whatever the array's size. While RUNNING: the running-task
+    index key (/placed/<node-id>/<id>: not on the lease, so a dead node's tasks are one
+    range read and recovery never scans every record)."""
     index = ({keys.open_member(task.array_id, task.id)}
              if task.array_id and task.state not in FINISHED else set())
     if task.state == pb.TASK_STATE_RUNNING:
@@ -53,8 +53,9 @@ def index_keys(task: pb.Task) -> set[bytes]:
     if task.state != pb.TASK_STATE_PENDING:
         return index
     if task.hold == pb.HOLD_NONE:
-        return index | {keys.queue(task.spec.priority, task.spec.owner or keys.DEFAULT_OWNER,
-                                   task.id)}
+        owner = task.spec.owner or keys.DEFAULT_OWNER
+        return index | {keys.queue(task.spec.priority, owner, task.id),
+                        keys.shard_queue(task.spec.priority, owner, task.id)}
     if task.hold in (pb.HOLD_DEPENDENCIES, pb.HOLD_ARRAY):
         return index | {keys.dependency(parent.id, task.id) for parent in task.spec.after}
     return index

@@ -23,10 +23,11 @@ def forever() -> bool:
 async def list_and_watch(store: Store, prefix: bytes, relist: Callable[[], Awaitable[None]],
                          handle: Callable[[WatchEvent], Awaitable[None]], *,
                          until: Callable[[], bool] = forever,
-                         deletes_only: bool = False) -> None:
-    """Call relist(), then handle() for every change under prefix, until until() is true
-    (checked after every event and before every re-watch). deletes_only: handle() sees
-    deletions only (etcd drops the puts before sending them: Store.watch).
+                         deletes_only: bool = False, range_end: bytes = b"") -> None:
+    """Call relist(), then handle() for every change under prefix (or in [prefix,
+    range_end)), until until() is true (checked after every event and before every
+    re-watch). deletes_only: handle() sees deletions only (etcd drops the puts before
+    sending them: Store.watch).
 
     After a broken stream the watch resumes at the last revision seen (inclusive, so a
     revision cut in half is delivered again: handlers must be idempotent). When that
@@ -39,7 +40,8 @@ async def list_and_watch(store: Store, prefix: bytes, relist: Callable[[], Await
                 start = await store.current_revision() + 1
                 await relist()
                 revision = start    # only once listed: a failed relist runs again
-            async for event in store.watch(prefix, revision, deletes_only=deletes_only):
+            async for event in store.watch(prefix, revision, deletes_only=deletes_only,
+                                           range_end=range_end):
                 revision = event.revision
                 await handle(event)
                 if until():

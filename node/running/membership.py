@@ -45,8 +45,13 @@ RENEW_RETRY = 0.1
 # Back-off between registration attempts while etcd is unreachable or has no quorum.
 REGISTER_RETRY = 0.5
 
-# Coalesce node-record updates: allocation changes with every steal and finish.
+# Coalesce node-record updates: allocation changes with every steal and finish. Every node
+# watches every record, so the cluster as a whole writes at most CLUSTER_RECORD_WRITES per
+# second (each node every cluster_size / CLUSTER_RECORD_WRITES s, at least PUBLISH_DEBOUNCE
+# apart): what each node receives stays the same as the fleet grows. The records' usage
+# only steers fair share (each node counts its own usage live) and `filch nodes`.
 PUBLISH_DEBOUNCE = 0.2
+CLUSTER_RECORD_WRITES = 10.0
 
 # How often the node's interface addresses are read (`ip -j addr`, a local call of a few
 # ms); the record is rewritten only when they changed. Other nodes' task firewalls pick a
@@ -220,7 +225,8 @@ class Membership:
     async def _publish_loop(self) -> NoReturn:
         while True:
             await self._dirty.wait()
-            await asyncio.sleep(PUBLISH_DEBOUNCE)
+            await asyncio.sleep(max(PUBLISH_DEBOUNCE,
+                                    self._state.cluster_size / CLUSTER_RECORD_WRITES))
             self._dirty.clear()
             registration = self.registration
             if registration is None:

@@ -30,6 +30,8 @@ class NodeState:
     """What this node can enforce (node/core/capabilities.py); published in its record."""
     registration: Registration | None = None
     """None while unregistered or fenced."""
+    cluster_size: int = 1
+    """Live nodes as the stealer's node watch sees them (paces the node record writes)."""
     live: asyncio.Event = field(default_factory=asyncio.Event)
     """Set while this node holds a fresh lease; stealing and watching wait for it."""
 

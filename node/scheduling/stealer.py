@@ -1,22 +1,25 @@
 """Work stealing: take queued tasks that fit, after a delay proportional to this node's load.
 
 Candidates come from the priority index /queue/<rank>/<owner>/<id>: watch events and a
-bounded relist keep a local view of it (node/scheduling/queue_view.py).
-Each pass reads the records of the groups' oldest candidates and lets node/scheduling/fairshare.py
-choose: highest priority first, then the owner with the lowest weighted dominant share
-of the cluster (from the node records' per-owner usage and the weights at /owner/).
-Losing a race is normal: another node's transaction won, and the compare makes ours fail
-harmlessly. The steal also compares that no queue key of a higher priority than the
-lowest one taken appeared after this node's view of the queue was complete, so that no
-node takes a low task while a higher one it has not seen yet waits.
+bounded relist keep a local view of it (node/scheduling/queue_view.py). Each task has an
+order of the live nodes (node/scheduling/ranking.py): its first node tries it at once, the
+others only steps later, so idle nodes do not all race for the same oldest tasks.
+Each pass reads the records of the candidates this node may try now and prefers, and lets
+node/scheduling/fairshare.py choose: highest priority first, then the owner with the
+lowest weighted dominant share of the cluster (from the node records' per-owner usage and
+the weights at /owner/). The batch is one transaction with one nested transaction per
+task: a task another node took first fails alone, the rest are stolen. The steal also
+compares that no queue key of a higher priority than the lowest one taken appeared after
+this node's view of the queue was complete, so that no node takes a low task while a
+higher one it has not seen yet waits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import random
+import time
 from typing import NoReturn, Protocol
 
 from node._gen.filch.v1 import filch_pb2 as pb
@@ -31,6 +34,7 @@ from node.etcd.watching import list_and_watch
 from node.scheduling.fairshare import DEFAULT_WEIGHT, Candidate, Usage, cluster_usage, select, share
 from node.scheduling.node_state import NodeState, Registration
 from node.scheduling.queue_view import Group, QueueView
+from node.scheduling.ranking import Slices
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,11 @@ INITIAL_BATCH = 4
 # in lockstep.
 JITTER_FRACTION = 0.1
 
+# The moving average of a pass's reads and steal (weight of the newest), and the most one
+# pass counts with (an etcd outage must not stretch the step between ranks for minutes).
+STEAL_SECONDS_WEIGHT = 0.2
+MAX_STEAL_SECONDS = 0.5
+
 # Back-off after etcd refused a steal for a reason other than losing the race.
 ERROR_RETRY = 0.5
 
@@ -71,7 +80,17 @@ class Stealer:
         self._state = state
         self._capacity = state.capacity
         self._runner = runner
-        self._queue = QueueView()
+        self._slices = Slices()
+        self._queue = QueueView(rank=self._rank)
+        # Set when the shard ranges this node watches change (a node joined or left).
+        self._ranges_changed = asyncio.Event()
+        self._ranges: list[tuple[int, int]] = []
+        self._ready_timer: asyncio.TimerHandle | None = None
+        self._ready_at = 0.0
+        # How long this node's reads and steal transactions take (moving average): the
+        # step between a task's first node and the next one must exceed it, or the next
+        # one reaches for tasks the first one is still taking.
+        self._steal_seconds = 0.0
         # What fair share reads: live node records, and the owners' weights.
         self._nodes: dict[str, pb.Node] = {}
         self._weights: dict[str, float] = {}
@@ -133,8 +152,7 @@ class Stealer:
 
     async def run(self) -> NoReturn:
         async with asyncio.TaskGroup() as group:
-            group.create_task(list_and_watch(self._store, keys.QUEUE, self._relist,
-                                             self._on_event))
+            group.create_task(self._watch_queue())
             group.create_task(list_and_watch(self._store, keys.NODES, self._relist_nodes,
                                              self._on_node))
             group.create_task(list_and_watch(self._store, keys.OWNERS, self._relist_owners,
@@ -145,23 +163,78 @@ class Stealer:
 
     # -- what the choice reads ---------------------------------------------------------------
 
+    async def _watch_queue(self) -> NoReturn:
+        """Watch the shards this node is in the chain of; again when they change."""
+        while True:
+            self._ranges = self._watched()
+            self._queue.watching_all = self._ranges == [(0, keys.SHARD_COUNT)]
+            self._ranges_changed.clear()
+            watches = [asyncio.create_task(list_and_watch(
+                self._store, start, self._relist, self._on_event, range_end=end))
+                for start, end in (keys.shard_range(first, end) for first, end in self._ranges)]
+            try:
+                await self._ranges_changed.wait()
+            finally:
+                for watch in watches:
+                    watch.cancel()
+                await asyncio.gather(*watches, return_exceptions=True)
+
+    def _watched(self) -> list[tuple[int, int]]:
+        registration = self._state.registration
+        return self._slices.watched(registration.node_id if registration else "")
+
     async def _relist(self) -> None:
         await self._queue.relist(self._store)
         self.wake()
 
     async def _on_event(self, event: WatchEvent) -> None:
-        if self._queue.on_event(event):
+        rank = self._queue.on_event(event)
+        if rank == 0:
             self.wake()
+        elif rank is not None:
+            # Another node comes first for it: look again when it becomes ours to try.
+            self._wake_at(time.monotonic() + rank * self._step())
+
+    def _rank(self, task_id: str) -> int:
+        registration = self._state.registration
+        return 0 if registration is None else self._slices.rank(registration.node_id, task_id)
+
+    def _update_ring(self) -> None:
+        """Follow the live nodes (and which of them are full): tasks' chains, and the
+        shards this node watches."""
+        registration = self._state.registration
+        members = frozenset([*self._nodes, *([registration.node_id] if registration else [])])
+        full = frozenset(node_id for node_id, node in self._nodes.items() if _full(node))
+        if members != self._slices.members or full != self._slices.full:
+            self._slices.update(members, full)
+            self._queue.rerank()
+            if self._watched() != self._ranges:
+                self._ranges_changed.set()
+
+    def _step(self) -> float:
+        return self._config.steal_delay + 2 * self._steal_seconds
 
     async def _relist_nodes(self) -> None:
         self._nodes = {node.id: node for node in await self._store.list_nodes()}
+        self._state.cluster_size = max(1, len(self._nodes))
+        self._update_ring()
 
     async def _on_node(self, event: WatchEvent) -> None:
         node_id = keys.last_segment(event.key)
         if event.deleted:
             self._nodes.pop(node_id, None)
+            self._state.cluster_size = max(1, len(self._nodes))
+            # Tasks this node came after the gone one in may be this node's to try now.
+            self._update_ring()
+            self.wake()
         else:
-            self._nodes[node_id] = pb.Node.FromString(event.value)
+            old = self._nodes.get(node_id)
+            new = self._nodes[node_id] = pb.Node.FromString(event.value)
+            if old is None or _full(old) != _full(new):
+                # Joined, or filled up or freed room: tasks' orders of nodes change.
+                self._state.cluster_size = len(self._nodes)
+                self._update_ring()
+                self.wake()
 
     async def _relist_owners(self) -> None:
         self._weights = {owner.name: owner.weight for owner in await self._store.list_owners()}
@@ -176,13 +249,15 @@ class Stealer:
     async def _sweep(self) -> NoReturn:
         while True:
             try:
-                await asyncio.wait_for(self._queue.refill.wait(), self._config.sweep_interval)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation
+                # that arrives as the event is set, and the agent's shutdown then hangs.
+                async with asyncio.timeout(self._config.sweep_interval):
+                    await self._queue.refill.wait()
             except TimeoutError:
                 pass
             self._queue.refill.clear()
             try:
                 await self._relist()
-                await self._relist_nodes()
                 self._publish_shares(*self._cluster_usage())
             except FilchError as exc:
                 log.info("queue sweep skipped: %s", exc)
@@ -223,9 +298,15 @@ class Stealer:
         candidates: list[Candidate] = []
         picks: list[Candidate] = []
         view_revision = 0
-        reads = self._queue.reads(per_group=max(MIN_GROUP_PASS, self._batch),
-                                  per_read=PASS_LIMIT)
-        for chunk in itertools.islice(reads, MAX_READS_PER_PASS):
+        began = time.monotonic()
+        self._update_ring()
+        node_id = registration.node_id
+        reads, ready_at = self._queue.reads(
+            per_group=max(MIN_GROUP_PASS, self._batch), per_read=PASS_LIMIT, now=began,
+            step=self._step(), score=lambda task_id: Slices.score(node_id, task_id))
+        if ready_at is not None:
+            self._wake_at(ready_at)
+        for chunk in reads[:MAX_READS_PER_PASS]:
             if not view_revision:
                 # What the view was complete up to when the first read was chosen (no
                 # await since): every higher-priority key it held was read before any
@@ -268,9 +349,25 @@ class Stealer:
         self._no_steal_in_flight.clear()
         try:
             with self._capacity.stealing():
-                return await self._steal(chosen, registration, guard)
+                stole = await self._steal(chosen, registration, guard)
         finally:
             self._no_steal_in_flight.set()
+        took = time.monotonic() - began
+        self._steal_seconds += STEAL_SECONDS_WEIGHT * (min(took, MAX_STEAL_SECONDS)
+                                                       - self._steal_seconds)
+        return stole
+
+    def _wake_at(self, moment: float) -> None:
+        """A task held back for its first nodes becomes this node's to try at moment: look
+        again then, without waiting for a queue event (one timer: the earliest)."""
+        now = time.monotonic()
+        if self._ready_timer is not None and now < self._ready_at <= moment:
+            return
+        if self._ready_timer is not None:
+            self._ready_timer.cancel()
+        self._ready_at = moment
+        self._ready_timer = asyncio.get_running_loop().call_later(max(0.0, moment - now),
+                                                                  self.wake)
 
     def _select(self, candidates: list[Candidate]) -> list[Candidate]:
         capacity = self._capacity
@@ -318,7 +415,7 @@ class Stealer:
         metrics.STEALS_ATTEMPTED.inc(len(moves))
         try:
             await failpoints.hit("stealer.before_commit")
-            token = await self._store.transition_many(
+            token, done = await self._store.transition_each(
                 moves, lease_id=registration.lease_id, guards=() if guard is None else (guard,))
             await failpoints.hit("stealer.after_commit")
         except TooLarge:
@@ -332,23 +429,34 @@ class Stealer:
         except BaseException:
             self._release(moves)
             raise
-        if token is None:
-            # Another node took at least one of them, or a higher priority task appeared
-            # that this node has not seen yet; the next pass re-reads them all.
-            metrics.STEALS_LOST.inc(len(moves))
-            self._release(moves)
+        if not done:
+            # The priority compare failed: a higher task this node has not seen is queued
+            # (in a shard it does not watch, or newer than its last relist). Relist.
+            self._queue.refill.set()
+            done = [False] * len(moves)
+        won = [move for move, happened in zip(moves, done, strict=True) if happened]
+        lost = [move for move, happened in zip(moves, done, strict=True) if not happened]
+        if lost:
+            # Another node took these first (or, when all are lost, a higher priority task
+            # appeared that this node has not seen yet): the next pass reads them again.
+            metrics.STEALS_LOST.inc(len(lost))
+            self._release(lost)
+        if token is None or not won:
             self._batch = max(1, self._batch // 2)
             return False
-        metrics.STEALS_WON.inc(len(moves))
-        self._batch = min(MAX_BATCH, self._batch * 2)
-        for move in moves:
+        metrics.STEALS_WON.inc(len(won))
+        # Double while the queue is ours alone; halve when most of a batch was taken.
+        self._batch = (min(MAX_BATCH, self._batch * 2) if len(lost) * 2 <= len(moves)
+                       else max(1, self._batch // 2))
+        for move in won:
             self._queue.forget(_group_of(move.new), move.new.id)
             metrics.OWNER_PICKS.labels(_group_of(move.new)[1]).inc()
             metrics.START_LATENCY.observe(max(0.0, (move.new.started_at.ToNanoseconds()
                                                     - move.new.submitted_at.ToNanoseconds()) / 1e9))
             log.debug("stole task %s (attempt %d)", move.new.id, move.new.attempt)
             self._runner.launch(lifecycle.started(move.new, token))
-        log.info("stole %d task(s) at revision %d", len(moves), token)
+        log.info("stole %d task(s) at revision %d%s", len(won), token,
+                 f" ({len(lost)} taken by others first)" if lost else "")
         return True
 
     async def _refuse(self, record: Versioned) -> None:
@@ -364,6 +472,12 @@ class Stealer:
     def _release(self, moves: list[Move]) -> None:
         for move in moves:
             self._capacity.release(move.new.spec)
+
+
+def _full(node: pb.Node) -> bool:
+    """Whether a node's record says it has no room left (it then tries no task)."""
+    return (node.cpu_allocated_millis >= node.cpu_capacity_millis
+            or node.memory_allocated_bytes >= node.memory_capacity_bytes)
 
 
 def _steal_bytes(record: Versioned) -> int:

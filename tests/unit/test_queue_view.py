@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from node.core import keys
@@ -31,6 +33,7 @@ def test_reads_go_highest_priority_first_whole_priorities_at_a_time() -> None:
     view = QueueView()
     for revision, (priority, owner) in enumerate([(0, "b"), (0, "a"), (5, "a"), (0, "a")]):
         view.on_event(_event(revision + 1, priority, owner))
-    reads = list(view.reads(per_group=1, per_read=1))
+    reads, _ = view.reads(per_group=1, per_read=1, now=time.monotonic(), step=0.05,
+                          score=hash)
     assert [[group for group, _ in read] for read in reads] == [[(5, "a")],
                                                               [(0, "a"), (0, "b")]]

@@ -17,6 +17,7 @@ from node.etcd import failpoints
 from node.etcd.store import Store
 from node.etcd.txn import Versioned
 from node.operations.housekeeping import Housekeeping
+from node.scheduling import ranking
 from node.scheduling.node_state import NodeState, Registration
 from node.scheduling.stealer import Stealer
 from tests.unit.etcd_fixture import require_etcd
@@ -186,8 +187,8 @@ async def test_a_relist_reads_a_bounded_range_per_group(store: Store,
     other = await _queue(store, owner="b")
     stealer, _, _ = await _node(store, "a")
     await stealer._relist()
-    assert stealer._queue.groups == {(5, "a"): {first: None}, (0, "a"): {deep[0]: None},
-                               (0, "b"): {other: None}}
+    assert {group: stealer._queue.ids(group) for group in stealer._queue.groups} == {
+        (5, "a"): [first], (0, "a"): [deep[0]], (0, "b"): [other]}
     assert stealer._queue.truncated == {(0, "a")}
 
 
@@ -278,3 +279,88 @@ async def test_a_node_that_cannot_enforce_sizes_takes_no_disk_task(store: Store)
     assert [task.id for task in launched.tasks] == [unsized]
     # The default size is advisory here: not counted.
     assert state.capacity.allocation().disk_bytes == 0
+
+
+async def test_a_task_taken_from_a_batch_in_flight_fails_alone_the_rest_is_stolen(
+        store: Store) -> None:
+    """Node a's batch of three is held at stealer.before_commit while node b steals the
+    middle one: a still steals the other two (each task is its own nested transaction;
+    a flat transaction lost all three), b keeps its one, and nothing runs twice."""
+    records = await _queued(store, 3)
+    (a, a_state, a_launched), (b, b_state, b_launched) = [await _node(store, name)
+                                                          for name in ("a", "b")]
+    for record in records:
+        a_state.capacity.reserve(record.task.spec)
+    b_state.capacity.reserve(records[1].task.spec)
+    lost_before = metrics.STEALS_LOST._value.get()
+    failpoints.configure("stealer.before_commit=1*sleep(0.5)")
+    try:
+        assert a_state.registration is not None and b_state.registration is not None
+        held = asyncio.create_task(a._steal(records, a_state.registration))
+        await asyncio.sleep(0.1)       # a sleeps in the failpoint (its first hit)
+        assert await b._steal([records[1]], b_state.registration)
+        assert await held
+    finally:
+        failpoints.configure("")
+    assert [task.id for task in a_launched.tasks] == [records[0].task.id, records[2].task.id]
+    assert [task.id for task in b_launched.tasks] == [records[1].task.id]
+    assert metrics.STEALS_LOST._value.get() - lost_before == 1
+    assert a_state.capacity.allocation().cpu_millis == 1000      # the lost one given back
+    stolen = {record.task.id: record.task.node_id
+              for record in await store.get_tasks([record.task.id for record in records])}
+    assert stolen == {records[0].task.id: a_state.registration.node_id,
+                      records[1].task.id: b_state.registration.node_id,
+                      records[2].task.id: a_state.registration.node_id}
+    assert await store.count(keys.RUNNING) == 3 and await store.count(keys.QUEUED) == 0
+    # Both attempts' fencing tokens are their own transactions' revisions.
+    assert (a_launched.tasks[0].fencing_token == a_launched.tasks[1].fencing_token
+            != b_launched.tasks[0].fencing_token)
+
+
+async def test_in_a_larger_fleet_a_node_hears_only_its_shards_and_takes_the_rest_late(
+        store: Store) -> None:
+    """Ten nodes: this one watches the shards it is in the chain of (WATCHERS of ten) and
+    hears no queue event of the others; a task of another chain, nobody taking it, is
+    found by the relist and taken after MAX_RANK steps."""
+    stealer, state, launched = await _node(store, "me")
+    assert state.registration is not None
+    me = state.registration.node_id
+    lease = await store.grant_lease(60)
+    for index in range(9):
+        await store.put_node(pb.Node(id=keys.new_node_id(), name=f"other-{index}",
+                                     cpu_capacity_millis=4000, memory_capacity_bytes=8 << 30),
+                             lease)
+    heard: list[bytes] = []
+    original = stealer._on_event
+
+    async def counting(event: Any) -> None:
+        heard.append(event.key)
+        await original(event)
+
+    stealer._on_event = counting  # type: ignore[method-assign]
+    state.live.set()
+    runner = asyncio.create_task(stealer.run())
+    try:
+        for _ in range(100):
+            if len(stealer._slices.members) == 10 and stealer._ranges != [(0, keys.SHARD_COUNT)]:
+                break
+            await asyncio.sleep(0.05)
+        mine: list[str] = []
+        theirs: list[str] = []
+        while len(mine) < 3 or len(theirs) < 3:
+            task_id = await _queue(store, cpu_millis=10)
+            (mine if stealer._slices.rank(me, task_id) == 0 else
+             theirs if stealer._slices.rank(me, task_id) == ranking.MAX_RANK else []).append(
+                task_id)
+        for _ in range(100):
+            if {*mine, *theirs} <= {task.id for task in launched.tasks}:
+                break
+            await asyncio.sleep(0.1)
+            stealer._queue.refill.set()       # the sweep's relist, sooner
+        heard_ids = {keys.parse_shard_queue(key)[2] for key in heard}
+        assert set(mine) <= heard_ids and not heard_ids & set(theirs)
+        assert {task.id: task.attempt for task in launched.tasks if task.id in theirs} == {
+            task_id: 1 for task_id in theirs}
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)

@@ -113,7 +113,8 @@ async def test_submit_writes_record_and_queued_key(store: Store, etcd: str) -> N
     revision = await store.transition(None, task)
     assert isinstance(revision, int) and revision > 0
     assert sorted(all_keys(etcd)) == sorted([keys.task(task.id), keys.queued(task.id),
-                                             keys.queue(0, keys.DEFAULT_OWNER, task.id)])
+                                             keys.queue(0, keys.DEFAULT_OWNER, task.id),
+                                             keys.shard_queue(0, keys.DEFAULT_OWNER, task.id)])
     assert record(etcd, task.id) == task
     found = await current(store, task.id)
     assert found.task == task and found.mod_revision == revision
@@ -555,3 +556,33 @@ def test_a_key_others_can_read_is_warned_about(tmp_path: Path,
     (tmp_path / "n.key").chmod(0o644)
     tls.credentials()
     assert "readable by other users" in caplog.text and "n.key" in caplog.text
+
+
+async def test_a_given_up_watch_create_never_hands_its_events_to_the_next_watch(
+        store: Store) -> None:
+    """aetcd gave etcd's late "created" answer of an abandoned create to the next create,
+    which then received the other watch's events (an agent's /dep/ handler got /shard/
+    keys and the agent died). Here an answer for another watch id is cancelled."""
+    import aetcd.rpc as rpc
+
+    from node.etcd.etcd_client import SafeWatcher
+
+    await store.current_revision()           # connected
+    watcher = store._client._watcher
+    assert isinstance(watcher, SafeWatcher)
+    await watcher.setup()
+    # A late answer for an id nobody waits for (the abandoned create's), while a
+    # create is pending: it must not become the pending create's watch.
+    pending = asyncio.create_task(store._client.watch(b"/mine/", range_end=b"/mine0"))
+    for _ in range(1000):
+        if watcher._pending_id:
+            break
+        await asyncio.sleep(0.001)
+    stray = rpc.WatchResponse(created=True, watch_id=watcher._pending_id + 1000)
+    await watcher._handle_response(stray)
+    assert stray.watch_id not in watcher._callbacks
+    stream = await pending
+    await store._client.put(b"/mine/a", b"1")
+    event = await asyncio.wait_for(anext(aiter(stream)), 5)
+    assert event.kv.key == b"/mine/a"
+    await stream.cancel()
