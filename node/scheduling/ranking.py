@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 
+from node._gen.filch.v1 import filch_pb2 as pb
 from node.core.keys import SHARD_COUNT, shard_of
 
 # Nodes that hear of each shard's tasks (and try them, one step apart).
@@ -97,3 +98,9 @@ def _slice_start(index: int, count: int) -> int:
     """The first shard of node index's slice (index == count: the end)."""
     # The inverse of owner(): the smallest shard s with s * count // SHARD_COUNT >= index.
     return -(-index * SHARD_COUNT // count)
+
+
+def is_full(node: pb.Node) -> bool:
+    """Whether a node's record says it has no room left (it then tries no task)."""
+    return (node.cpu_allocated_millis >= node.cpu_capacity_millis
+            or node.memory_allocated_bytes >= node.memory_capacity_bytes)

@@ -1,17 +1,13 @@
 """Work stealing: take queued tasks that fit, after a delay proportional to this node's load.
 
-Candidates come from the priority index /queue/<rank>/<owner>/<id>: watch events and a
-bounded relist keep a local view of it (node/scheduling/queue_view.py). Each task has an
-order of the live nodes (node/scheduling/ranking.py): its first node tries it at once, the
-others only steps later, so idle nodes do not all race for the same oldest tasks.
-Each pass reads the records of the candidates this node may try now and prefers, and lets
-node/scheduling/fairshare.py choose: highest priority first, then the owner with the
-lowest weighted dominant share of the cluster (from the node records' per-owner usage and
-the weights at /owner/). The batch is one transaction with one nested transaction per
-task: a task another node took first fails alone, the rest are stolen. The steal also
-compares that no queue key of a higher priority than the lowest one taken appeared after
-this node's view of the queue was complete, so that no node takes a low task while a
-higher one it has not seen yet waits.
+Candidates come from the priority index /queue/<rank>/<owner>/<id> (a bounded relist) and
+from the watch of the shards of it this node is in the chain of (node/scheduling/ranking.py:
+its first node tries a task at once, the next ones steps later), kept in a local view
+(node/scheduling/queue_view.py). Each pass reads the records of the candidates this node
+may try now and lets node/scheduling/fairshare.py choose: highest priority first, then the
+owner with the lowest weighted dominant share. The batch is one transaction with a nested
+transaction per task (one taken first by another node fails alone), guarded so that no
+queue key of a higher priority than the lowest taken appeared after the view was complete.
 """
 
 from __future__ import annotations
@@ -31,10 +27,11 @@ from node.etcd import failpoints
 from node.etcd.store import Store, WatchEvent
 from node.etcd.txn import Move, Versioned, none_created_after
 from node.etcd.watching import list_and_watch
-from node.scheduling.fairshare import DEFAULT_WEIGHT, Candidate, Usage, cluster_usage, select, share
+from node.scheduling.fairshare import Candidate, Usage, cluster_usage, select
 from node.scheduling.node_state import NodeState, Registration
 from node.scheduling.queue_view import Group, QueueView
-from node.scheduling.ranking import Slices
+from node.scheduling.ranking import Slices, is_full
+from node.scheduling.shares import Shares
 
 log = logging.getLogger(__name__)
 
@@ -43,17 +40,14 @@ log = logging.getLogger(__name__)
 # group's head does not hide the smaller ones behind it.
 PASS_LIMIT = 64
 MIN_GROUP_PASS = 8
-# Reads one pass makes at most: when the higher priorities hold nothing that fits now,
-# the next read looks at lower ones.
+# Reads one pass makes at most (when higher priorities hold nothing that fits, lower ones).
 MAX_READS_PER_PASS = 4
 
-# Tasks per steal transaction start here, double after a won steal and halve after a lost
-# one (up to store.MAX_BATCH): large batches while the queue is ours alone, single steals
-# while nodes contend for the same tasks. A batch also stops at limits.WRITE_BATCH_BYTES.
+# Tasks per steal transaction start here, double after a won steal and halve when most of
+# one was lost (up to MAX_BATCH; a batch also stops at limits.WRITE_BATCH_BYTES).
 INITIAL_BATCH = 4
 
-# Random extra delay, as a fraction of steal_delay, so equally loaded nodes do not collide
-# in lockstep.
+# Random extra delay (a fraction of steal_delay): equally loaded nodes do not collide.
 JITTER_FRACTION = 0.1
 
 # The moving average of a pass's reads and steal (weight of the newest), and the most one
@@ -93,8 +87,7 @@ class Stealer:
         self._steal_seconds = 0.0
         # What fair share reads: live node records, and the owners' weights.
         self._nodes: dict[str, pb.Node] = {}
-        self._weights: dict[str, float] = {}
-        self._published: set[str] = set()      # owners in the share gauges
+        self._shares = Shares()
         # Set by new candidates and by every change of the capacity ledger (freed room).
         self._wake = state.capacity.subscribe()
         # A capability that came back (a firewall policy restored) makes tasks this node
@@ -155,8 +148,9 @@ class Stealer:
             group.create_task(self._watch_queue())
             group.create_task(list_and_watch(self._store, keys.NODES, self._relist_nodes,
                                              self._on_node))
-            group.create_task(list_and_watch(self._store, keys.OWNERS, self._relist_owners,
-                                             self._on_owner))
+            group.create_task(list_and_watch(
+                self._store, keys.OWNERS, lambda: self._shares.relist(self._store),
+                self._shares.on_event))
             group.create_task(self._sweep())
             group.create_task(self._work())
         raise AssertionError("unreachable")
@@ -204,7 +198,7 @@ class Stealer:
         shards this node watches."""
         registration = self._state.registration
         members = frozenset([*self._nodes, *([registration.node_id] if registration else [])])
-        full = frozenset(node_id for node_id, node in self._nodes.items() if _full(node))
+        full = frozenset(node_id for node_id, node in self._nodes.items() if is_full(node))
         if members != self._slices.members or full != self._slices.full:
             self._slices.update(members, full)
             self._queue.rerank()
@@ -230,21 +224,11 @@ class Stealer:
         else:
             old = self._nodes.get(node_id)
             new = self._nodes[node_id] = pb.Node.FromString(event.value)
-            if old is None or _full(old) != _full(new):
+            if old is None or is_full(old) != is_full(new):
                 # Joined, or filled up or freed room: tasks' orders of nodes change.
                 self._state.cluster_size = len(self._nodes)
                 self._update_ring()
                 self.wake()
-
-    async def _relist_owners(self) -> None:
-        self._weights = {owner.name: owner.weight for owner in await self._store.list_owners()}
-
-    async def _on_owner(self, event: WatchEvent) -> None:
-        name = keys.last_segment(event.key)
-        if event.deleted:
-            self._weights.pop(name, None)
-        else:
-            self._weights[name] = pb.Owner.FromString(event.value).weight
 
     async def _sweep(self) -> NoReturn:
         while True:
@@ -258,7 +242,7 @@ class Stealer:
             self._queue.refill.clear()
             try:
                 await self._relist()
-                self._publish_shares(*self._cluster_usage())
+                self._shares.publish(*self._cluster_usage())
             except FilchError as exc:
                 log.info("queue sweep skipped: %s", exc)
 
@@ -358,8 +342,7 @@ class Stealer:
         return stole
 
     def _wake_at(self, moment: float) -> None:
-        """A task held back for its first nodes becomes this node's to try at moment: look
-        again then, without waiting for a queue event (one timer: the earliest)."""
+        """Look again at moment (a task held back becomes ours); one timer, the earliest."""
         now = time.monotonic()
         if self._ready_timer is not None and now < self._ready_at <= moment:
             return
@@ -375,8 +358,8 @@ class Stealer:
         usage, totals = self._cluster_usage()
         free = Usage(capacity.cpu_millis - allocation.cpu_millis,
                      capacity.memory_bytes - allocation.memory_bytes)
-        self._publish_shares(usage, totals)
-        return select(candidates, usage=usage, totals=totals, weights=self._weights,
+        self._shares.publish(usage, totals)
+        return select(candidates, usage=usage, totals=totals, weights=self._shares.weights,
                       free=free, limit=self._batch, max_bytes=WRITE_BATCH_BYTES,
                       disk_free=capacity.disk_free)
 
@@ -386,23 +369,6 @@ class Stealer:
         return cluster_usage(self._nodes.values(),
                              registration.node_id if registration is not None else None,
                              capacity.owners(), Usage(capacity.cpu_millis, capacity.memory_bytes))
-
-    def _publish_shares(self, usage: dict[str, Usage], totals: Usage) -> None:
-        """Share and running tasks by owner, as this node sees the cluster; owners that
-        hold nothing any more leave the gauges, except the default owner (its series always
-        exists, from start-up: metrics.py), which reads 0."""
-        for owner in self._published - set(usage):
-            if owner == keys.DEFAULT_OWNER:
-                metrics.OWNER_SHARE.labels(owner).set(0)
-                metrics.OWNER_RUNNING.labels(owner).set(0)
-                continue
-            metrics.OWNER_SHARE.remove(owner)
-            metrics.OWNER_RUNNING.remove(owner)
-        for owner, held in usage.items():
-            metrics.OWNER_SHARE.labels(owner).set(
-                share(held, totals, self._weights.get(owner, DEFAULT_WEIGHT)))
-            metrics.OWNER_RUNNING.labels(owner).set(held.running)
-        self._published = set(usage)
 
     async def _steal(self, chosen: list[Versioned], registration: Registration,
                      guard: object = None) -> bool:
@@ -472,12 +438,6 @@ class Stealer:
     def _release(self, moves: list[Move]) -> None:
         for move in moves:
             self._capacity.release(move.new.spec)
-
-
-def _full(node: pb.Node) -> bool:
-    """Whether a node's record says it has no room left (it then tries no task)."""
-    return (node.cpu_allocated_millis >= node.cpu_capacity_millis
-            or node.memory_allocated_bytes >= node.memory_capacity_bytes)
 
 
 def _steal_bytes(record: Versioned) -> int:

@@ -203,11 +203,11 @@ async def test_an_owner_holding_nothing_leaves_the_share_gauges_but_the_default_
     def running(owner: str) -> float | None:
         return REGISTRY.get_sample_value("filch_owner_running_tasks", {"owner": owner})
 
-    stealer._publish_shares(*stealer._cluster_usage())   # what each sweep does
+    stealer._shares.publish(*stealer._cluster_usage())   # what each sweep does
     assert running("alice") == 1 and running(keys.DEFAULT_OWNER) == 1
     for task in launched.tasks:
         state.capacity.release(task.spec)
-    stealer._publish_shares(*stealer._cluster_usage())
+    stealer._shares.publish(*stealer._cluster_usage())
     assert running("alice") is None          # owner names come and go: no series piles up
     assert running(keys.DEFAULT_OWNER) == 0  # the dashboards' default series stays
     assert REGISTRY.get_sample_value("filch_owner_dominant_share",
