@@ -210,5 +210,8 @@ class Recovery:
                 await self.sweep_if_holder()
             except FilchError as exc:
                 log.info("recovery sweep skipped: %s", exc)
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+            # arrives as the event is set, and the agent's shutdown then hangs.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._config.recovery_sweep_interval)
+                async with asyncio.timeout(self._config.recovery_sweep_interval):
+                    await self._wake.wait()
