@@ -207,7 +207,7 @@ async def test_an_array_past_the_budget_writes_nothing(store: Store) -> None:
     assert "this array of 40 tasks would write ~15.3 MiB into etcd" in str(refused.value)
     with pytest.raises(Overloaded) as refused:
         await service.submit(big_spec(200_000))
-    assert "this task would write ~195.7 KiB into etcd" in str(refused.value)
+    assert "this task would write ~195.9 KiB into etcd" in str(refused.value)
     assert await store.count(b"/") == 0
     task, created = await service.submit(spec())
     assert created and await service.get(task.id) == task
