@@ -19,7 +19,8 @@ def held(parents: int) -> Move:
 def test_plain_moves_fill_whole_batches() -> None:
     moves = [held(0) for _ in range(100)]
     batches = cut(moves)
-    assert [len(batch) for batch in batches] == [MAX_BATCH] * 3 + [100 - 3 * MAX_BATCH]
+    full, rest = divmod(100, MAX_BATCH)
+    assert [len(batch) for batch in batches] == [MAX_BATCH] * full + ([rest] if rest else [])
     assert [at for batch in batches for at in batch] == list(range(100))
 
 

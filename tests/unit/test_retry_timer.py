@@ -9,6 +9,7 @@ import pytest
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys
+from node.core.limits import MAX_BATCH
 from node.etcd.store import Store
 from node.etcd.txn import Move
 from node.running.retry_timer import RetryTimer
@@ -30,9 +31,9 @@ def held_retry(not_before: float, retries_used: int = 1) -> pb.Task:
 async def test_500_held_retries_are_one_asyncio_task_and_are_released_on_time(
         store: Store) -> None:
     tasks = [held_retry(0.0) for _ in range(500)]
-    for begin in range(0, len(tasks), 25):
+    for begin in range(0, len(tasks), MAX_BATCH):
         assert await store.transition_many(
-            [Move(None, task) for task in tasks[begin:begin + 25]]) is not None
+            [Move(None, task) for task in tasks[begin:begin + MAX_BATCH]]) is not None
     # Due 2 s to 2.8 s from now (set once they are written: a loaded machine writes slowly).
     start = time.time()
     for index, task in enumerate(tasks):
