@@ -23,11 +23,19 @@ SCHEMA = [re.compile(pattern) for pattern in (
     # Beside each queued key: the priority index (rank = 1000 - priority), and owners'
     # fair-share weights.
     rf"^/queue/\d{{4}}/[A-Za-z0-9][A-Za-z0-9._@-]{{0,63}}/{UUID}$",
+    # ... and its twin by shard (3 hex digits), which nodes watch in part.
+    rf"^/shard/[0-9a-f]{{3}}/\d{{4}}/[A-Za-z0-9][A-Za-z0-9._@-]{{0,63}}/{UUID}$",
     r"^/owner/[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",
     # The running-task index (beside each RUNNING record, not on the lease) and the claims
     # of cluster chores (on their holder's lease), e.g. /lock/recovery-sweep.
     rf"^/placed/{UUID}/{UUID}$",
     r"^/lock/[a-z0-9/-]+$",
+    # Cluster-wide counts, published by the counts chore's holder.
+    r"^/stats/counts$",
+    # Dependencies: flags, release marks, open array members.
+    rf"^/dependents/{UUID}$",
+    rf"^/release/{UUID}$",
+    rf"^/open/{UUID}/{UUID}$",
 )]
 
 
