@@ -41,6 +41,7 @@ from typing import Any
 
 import simpy
 
+from bench import model_shard as shard
 from bench.model_types import Params, Result, Workload
 
 __all__ = ["Model", "Params", "Result", "Workload", "simulate"]
@@ -60,6 +61,7 @@ class _Task:
     visible: float = -1.0
     queued: bool = False
     started: float = -1.0
+    txn: int = 0             # the (group-committed) submit transaction that queued it
 
 
 class _Node:
@@ -75,18 +77,42 @@ class _Node:
         self.loop = simpy.Resource(sim.env, 1)
         tasks_cores = max(1, sim.p.cores_per_node - 1)
         self.cores = simpy.Resource(sim.env, tasks_cores) if sim.shared is None else sim.shared
+        # SHARDED: the tasks of the chains this node is in, as its watch delivered them;
+        # its read+steal time (moving average); its record as the others last saw it.
+        self.chain_view: OrderedDict[int, _Task] = OrderedDict()
+        self.steal_seconds = 0.0
+        self.recorded_full = False
+        self.recorded_free = self.free
+        self.relist_phase = sim.rng.uniform(0, sim.p.sweep_interval)
 
     def poke(self) -> None:
         if self.waiting and not self.wake.triggered:
             self.wake.succeed()
 
     def rank_of(self, task: _Task) -> int:
-        return task.ranks.index(self.index) if self.index in task.ranks else self.sim.p.r_max
+        p = self.sim.p
+        if p.protocol == "sharded":
+            return shard.rank(self.sim.nodes, task.ranks, self.index, p.max_rank)
+        return task.ranks.index(self.index) if self.index in task.ranks else p.r_max
+
+    def step(self) -> float:
+        p = self.sim.p
+        if p.protocol == "sharded":
+            return p.steal_delay + 2 * self.steal_seconds
+        return p.step
+
+    def seen(self, task: _Task, rank: int) -> float:
+        """When this node learnt of the task: its watch, or (outside the chain) a relist."""
+        p = self.sim.p
+        if p.protocol != "sharded" or rank < p.max_rank:
+            return task.visible
+        return shard.first_relist(task.visible, self.relist_phase, p.sweep_interval)
 
     def may_try(self, task: _Task, now: float) -> bool:
         if self.sim.p.protocol == "old":
             return True
-        return now - task.visible >= self.rank_of(task) * self.sim.p.step - 1e-12
+        rank = self.rank_of(task)
+        return now - self.seen(task, rank) >= rank * self.step() - 1e-12
 
 
 class Model:
@@ -103,14 +129,16 @@ class Model:
         self.nodes = [_Node(sim=self, index=i) for i in range(params.nodes)]
         self.queue: OrderedDict[int, _Task] = OrderedDict()     # committed, still queued
         self.view: OrderedDict[int, _Task] = OrderedDict()      # what the nodes see
-        self.log: list[tuple[str, _Task | None]] = []           # committed, not yet seen
+        self.log: list[tuple[str, _Task | None, int]] = []      # committed, not yet seen
         self.backlog: deque[float] = deque()                     # arrivals not yet sent
         self.tasks: list[_Task] = []
         self.in_flight = 0
         self.arrivals_done = False
         self.rho = 0.0                                           # per-node decode load
+        self.txn_ids = 0
         self.count = {"txns": 0.0, "events": 0, "passes": 0, "records": 0,
-                      "agent_cpu": 0.0, "etcd_cpu": 0.0, "attempted": 0, "lost": 0}
+                      "agent_cpu": 0.0, "etcd_cpu": 0.0, "attempted": 0, "lost": 0,
+                      "decode_cpu": 0.0, "deliveries": 0}
         self.completed: list[float] = []
 
     # -- resources -------------------------------------------------------------
@@ -152,32 +180,49 @@ class Model:
         # decided at the apply, so the race window includes this latency.
         yield self.env.timeout(self.p.l_txn)
 
-    def _event(self, kind: str, task: _Task | None) -> None:
+    def _event(self, kind: str, task: _Task | None, txn: int) -> None:
         self.count["events"] += 1
-        self.log.append((kind, task))
+        self.log.append((kind, task, txn))
 
-    # -- the watch: every node gets every event ---------------------------------
+    def _recipients(self, task: _Task | None) -> tuple[int, ...] | None:
+        """Who a queue event reaches (None: every node)."""
+        if self.p.protocol == "sharded" and task is not None:
+            return task.ranks
+        return None
+
+    # -- the watch ------------------------------------------------------------------
     def _deliver(self) -> Proc:
         p = self.p
         while True:
             yield self.env.timeout(p.l_watch)
             batch, self.log = self.log, []
-            events = len(batch)
-            fan = events * p.nodes
+            if p.protocol == "sharded":
+                # One response per node and transaction, plus a little per event in it.
+                fans, fan = shard.fan([(k, self._recipients(t), x) for k, t, x in batch],
+                                      p.nodes)
+                costs = {i: r * p.c_response + e * p.c_event_batched
+                         for i, (r, e) in fans.items()}
+            else:
+                # Every node decodes every event (`c_event` each).
+                fan = len(batch) * p.nodes
+                costs = {i: len(batch) * p.c_event for i in range(p.nodes)} if batch else {}
+            decode = sum(costs.values())
+            self.count["deliveries"] += fan
+            self.count["decode_cpu"] += decode
+            self.count["agent_cpu"] += decode
             if self.shared is not None:
-                # Every agent decodes every event on the shared cores, and etcd sends them.
-                self.count["agent_cpu"] += fan * p.c_event
+                # The agents decode on the shared cores, and etcd sends the events.
                 self.count["etcd_cpu"] += fan * p.c_etcd_fan
-                if events:
-                    decodes = [self.env.process(self._agent(node, events * p.c_event,
-                                                            count=False))
-                               for node in self.nodes]
+                if costs:
+                    decodes = [self.env.process(self._agent(self.nodes[i], cost, count=False))
+                               for i, cost in costs.items()]
                     decodes.append(self.env.process(self._cpu(self.shared,
                                                               fan * p.c_etcd_fan)))
                     yield self.env.all_of(decodes)
             else:
-                self.count["agent_cpu"] += fan * p.c_event
-                self.rho = 0.8 * self.rho + 0.2 * min(1.0, events * p.c_event / p.l_watch)
+                # The mean node's core share spent decoding slows its other work.
+                load = decode / p.nodes / p.l_watch
+                self.rho = 0.8 * self.rho + 0.2 * min(1.0, load)
                 if fan:
                     self.env.process(self._fanout(fan))
                 if self.rho > 0:
@@ -189,18 +234,25 @@ class Model:
             yield request
             yield self.env.timeout(deliveries / self.p.fanout_per_s)
 
-    def _apply(self, batch: list[tuple[str, _Task | None]]) -> None:
+    def _apply(self, batch: list[tuple[str, _Task | None, int]]) -> None:
         now = self.env.now
         fresh = []
-        for kind, task in batch:
+        sharded = self.p.protocol == "sharded"
+        for kind, task, _txn in batch:
             if task is None:
                 continue
             if kind == "put" and task.queued:
                 task.visible = now
                 self.view[task.ident] = task
                 fresh.append(task)
+                if sharded:
+                    for index in task.ranks:
+                        self.nodes[index].chain_view[task.ident] = task
             elif kind == "delete":
                 self.view.pop(task.ident, None)
+                if sharded:
+                    for index in task.ranks:
+                        self.nodes[index].chain_view.pop(task.ident, None)
         if not fresh:
             return
         if self.p.protocol == "old":
@@ -208,18 +260,36 @@ class Model:
                 node.poke()
             return
         for task in fresh:
-            for rank, index in enumerate(task.ranks):
+            # A node wakes when it comes first for a task, else at its rank's step.
+            for index in task.ranks:
+                node = self.nodes[index]
+                rank = node.rank_of(task)
                 if rank == 0:
-                    self.nodes[index].poke()
+                    node.poke()
                 else:
-                    self.env.process(self._poke_later(task, [self.nodes[index]], rank))
-            self.env.process(self._poke_later(task, None, self.p.r_max))
+                    self.env.process(self._poke_later(task, [node], rank * node.step()))
+            if not sharded:
+                self.env.process(self._poke_later(task, None, self.p.r_max * self.p.step))
 
-    def _poke_later(self, task: _Task, nodes: list[_Node] | None, rank: int) -> Proc:
-        yield self.env.timeout(rank * self.p.step)
+    def _poke_later(self, task: _Task, nodes: list[_Node] | None, delay: float) -> Proc:
+        yield self.env.timeout(delay)
         if task.ident in self.view:
             for node in nodes if nodes is not None else self.nodes:
                 node.poke()
+
+    def _relist(self, node: _Node) -> Proc:
+        """SHARDED, more nodes than a chain: every sweep a node lists the whole queue and
+        may try what it found outside its chains after max_rank steps."""
+        p = self.p
+        yield self.env.timeout(node.relist_phase)
+        while True:
+            self.count["etcd_cpu"] += p.c_etcd_read
+            self.env.process(self._poke_after(node, p.max_rank * node.step()))
+            yield self.env.timeout(p.sweep_interval)
+
+    def _poke_after(self, node: _Node, delay: float) -> Proc:
+        yield self.env.timeout(delay)
+        node.poke()
 
     # -- the client -------------------------------------------------------------
     def _arrivals(self) -> Proc:
@@ -245,8 +315,15 @@ class Model:
                 arrival = self.env.now
             self.in_flight += 1
             node = self.nodes[(len(self.tasks) + index) % p.nodes]
-            ranks = tuple(self.rng.sample(range(p.nodes), min(p.r_max, p.nodes)))
-            task = _Task(ident=len(self.tasks), arrival=arrival, ranks=ranks)
+            ident = len(self.tasks)
+            if p.protocol == "sharded":
+                # The shard's slice owner, then the next nodes: the task's chain.
+                ranks = shard.chain(self.rng.randrange(p.nodes), p.nodes, p.watchers)
+            else:
+                ranks = tuple(self.rng.sample(range(p.nodes), min(p.r_max, p.nodes)))
+            # Group commit: consecutive submits share a transaction (and a watch response).
+            task = _Task(ident=ident, arrival=arrival, ranks=ranks,
+                         txn=-1 - int(ident * p.f_submit))
             self.tasks.append(task)
             if self.shared is not None:
                 yield from self._cpu(self.shared, p.c_client)
@@ -254,19 +331,21 @@ class Model:
             yield from self._txn(p.f_submit)
             task.queued = True
             self.queue[task.ident] = task
-            self._event("put", task)
+            self._event("put", task, task.txn)
             self.in_flight -= 1
 
     # -- the stealer ------------------------------------------------------------
     def _reads(self, node: _Node) -> list[_Task]:
         """The records a pass reads, best first (what the node's view of the queue offers)."""
         p, now = self.p, self.env.now
-        head = self._head()
+        head = self._candidates(node)
         if p.protocol == "old":
             # The old stealer read the records of the head of its view (PASS_LIMIT).
             return head
         mine = [t for t in head if node.may_try(t, now)]
-        mine.sort(key=lambda t: (node.rank_of(t), t.ident))
+        # Lower ranks first, then oldest; outside the chain a tie-break of its own per node.
+        mine.sort(key=lambda t: (node.rank_of(t), hash((node.index, t.ident)) % 1000003
+                                 if node.rank_of(t) >= p.max_rank else t.ident))
         return mine[:min(node.free, node.batch)]
 
     def _wakeup_latency(self) -> float:
@@ -285,7 +364,7 @@ class Model:
         idle = False       # nothing to try: wait for news (filch's _work)
         while True:
             if idle or node.free == 0 or not any(node.may_try(t, self.env.now) for t in
-                                                 self._head()):
+                                                 self._candidates(node)):
                 node.waiting = True
                 node.wake = self.env.event()
                 yield node.wake | self.env.timeout(IDLE_RECHECK)
@@ -300,6 +379,7 @@ class Model:
             if not reads:
                 idle = True
                 continue
+            began = self.env.now
             self.count["passes"] += 1
             self.count["records"] += len(reads)
             yield from self._etcd_cpu(p.c_etcd_read + len(reads) * p.c_etcd_record)
@@ -314,16 +394,19 @@ class Model:
                 continue
             node.free -= len(picks)
             yield from self._txn(1.0)
+            node.steal_seconds += p.steal_weight * (
+                min(p.max_steal_seconds, self.env.now - began) - node.steal_seconds)
             won = [t for t in picks if t.queued]
             if p.protocol == "old" and len(won) < len(picks):
                 won = []
             lost = len(picks) - len(won)
             self.count["attempted"] += len(picks)
             self.count["lost"] += lost
+            self.txn_ids += 1
             for task in won:
                 task.queued = False
                 del self.queue[task.ident]
-                self._event("delete", task)
+                self._event("delete", task, self.txn_ids)
             node.free += lost
             # A pass that took nothing waits for news: a new task or a freed slot (the
             # stealer of the measured runs; a won steal looks again at once).
@@ -332,6 +415,20 @@ class Model:
                           else min(p.max_batch, node.batch * 2))
             for task in won:
                 self.env.process(self._run(node, task))
+
+    def _candidates(self, node: _Node) -> list[_Task]:
+        """The tasks a node knows of: SHARDED, its chains' (by its watch) and, with more
+        nodes than a chain, the head of the queue (by its relists); else the head."""
+        if self.p.protocol != "sharded":
+            return self._head()
+        out = []
+        for task in node.chain_view.values():
+            out.append(task)
+            if len(out) >= self.p.window:
+                break
+        if self.p.nodes > self.p.watchers:
+            out += [t for t in self._head() if node.index not in t.ranks]
+        return out
 
     def _head(self) -> list[_Task]:
         head = []
@@ -368,9 +465,24 @@ class Model:
             yield self.env.timeout(self.rng.expovariate(rate))
             self.env.process(self._record_write())
 
-    def _record_write(self) -> Proc:
+    def _node_records(self, node: _Node) -> Proc:
+        """SHARDED: a node rewrites its record on change, every N/10 s at most (the whole
+        cluster 10 a second), at least record_debounce apart; others see if it is full."""
+        p = self.p
+        interval = max(p.record_debounce, p.nodes / p.cluster_records_per_s)
+        yield self.env.timeout(self.rng.uniform(0, interval))
+        while True:
+            if node.free != node.recorded_free:
+                node.recorded_free = node.free
+                self.env.process(self._record_write(node))
+            yield self.env.timeout(interval)
+
+    def _record_write(self, node: _Node | None = None) -> Proc:
         yield from self._txn(1.0)
-        self._event("record", None)
+        self.txn_ids += 1
+        self._event("record", None, self.txn_ids)
+        if node is not None:
+            node.recorded_full = node.recorded_free == 0
 
     # -- one run --------------------------------------------------------------------
     def run(self) -> Result:
@@ -383,7 +495,13 @@ class Model:
         for node in self.nodes:
             env.process(self._stealer(node))
         env.process(self._deliver())
-        env.process(self._records())
+        if self.p.protocol == "sharded":
+            for node in self.nodes:
+                env.process(self._node_records(node))
+                if self.p.nodes > self.p.watchers:
+                    env.process(self._relist(node))
+        else:
+            env.process(self._records())
         if w.burst:
             limit = 600.0
             while len(self.completed) < w.burst and env.now < limit:
@@ -429,8 +547,9 @@ class Model:
             txns_per_task=c["txns"] / done, events_per_task=c["events"] / done,
             passes_per_task=c["passes"] / done, records_per_task=c["records"] / done,
             saturated=saturated,
-            watch_cpu_share=(c["events"] * self.p.c_event / self.env.now
+            watch_cpu_share=(c["decode_cpu"] / self.p.nodes / self.env.now
                              if self.env.now else 0.0),
+            deliveries_per_task=c["deliveries"] / done,
             extra={"mean_start": statistics.fmean(waits) if waits else 0.0})
 
 
