@@ -47,7 +47,8 @@ class Node:
         self.steal_seconds = 0.0
         self.recorded_full = False
         self.recorded_free = self.free
-        self.relist_phase = sim.rng.uniform(0, sim.p.sweep_interval)
+        self.relist_phase = (sim.rng.uniform(0, sim.p.sweep_interval)
+                             if sim.p.protocol == "sharded" else 0.0)
 
     def poke(self) -> None:
         if self.waiting and not self.wake.triggered:
