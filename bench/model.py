@@ -3,23 +3,31 @@
 What is modelled, and what each cost stands for (seconds unless named otherwise):
 - one etcd raft group: a write transaction waits its turn at a commit ceiling
   (`txn_per_s`), then its latency `l_txn`; a read costs `l_read`. Every committed queue
-  change and node-record write is one watch event delivered to every node, which also
-  loads etcd (`fanout_per_s` deliveries a second at most).
-- every node decodes every event (`c_event` of agent CPU each); watch responses come
-  in ticks of `l_watch`, so a node sees the queue `l_watch` late plus its decode time.
+  change and node-record write is one watch event, delivered to the nodes that watch it,
+  which also loads etcd (`fanout_per_s` deliveries a second at most).
+- OLD and RANKED: every node decodes every event (`c_event` of agent CPU each). SHARDED
+  (bench/model_shard.py): a queue event reaches its task's chain (min(N, `watchers`)
+  nodes), a node record every node; a node pays `c_response` per watch response (one per
+  transaction that touched what it watches) plus `c_event_batched` per event. Watch
+  responses come in ticks of `l_watch`, so a node sees the queue `l_watch` late plus its
+  decode time (bench/model_cluster.py: the nodes, etcd, the watch, the node records).
 - the stealer: before a pass a node waits steal_delay x load + jitter, picks from the
   head of the queue it sees, reads the picked records (old protocol: the head 64) in one
   round trip and tries them in one transaction. OLD: any task already taken voids the
-  whole batch (batch halves on a loss, doubles on a win). NEW: each task has a
+  whole batch (batch halves on a loss, doubles on a win). RANKED: each task has a
   rendezvous rank per node (rank r may try r x `step` after the task became visible,
   anyone after r_max x step), the node picks the tasks it ranks best, then oldest,
-  and a task already taken fails alone (nested transactions).
+  and a task already taken fails alone (nested transactions). SHARDED: the same nested
+  transactions; the chain's first node not recorded full tries at once, rank r after r x
+  its own step (steal_delay + 2 x its moving average of read+steal time), other nodes
+  after a relist (every `sweep_interval`) and max_rank steps.
 - a stolen task costs its node `c_run` (steal, spawn, finish) plus the task's own CPU
   `c_task`, then a share `f_finish` of a finish transaction (finishes are batched).
 - the submit client: `client_inflight` submits at once, `c_client` of its CPU and
   `c_submit` of the receiving agent's each, `f_submit` of a transaction (group commit).
-- node records: OLD, every busy node rewrites its own 5 times a second; NEW, at most
-  `records_per_s` writes in the whole cluster.
+- node records: OLD, every busy node rewrites its own 5 times a second; RANKED, at most
+  `records_per_s` writes in the whole cluster; SHARDED, each node on change every
+  max(`record_debounce`, N / `cluster_records_per_s`) s.
 - CPU: `shared_cores` set (calibration: every agent, etcd, the client and the tasks of a
   one-machine benchmark share those cores), or None (predictions: each node has its own
   machine; an agent is one Python thread, so its event decoding and stealing share one
@@ -32,194 +40,32 @@ The calibration and the sweep are in bench/model_run.py (`python -m bench.model`
 from __future__ import annotations
 
 import math
-import random
 import statistics
-from collections import OrderedDict, deque
-from collections.abc import Generator
-from dataclasses import dataclass
-from typing import Any
+from collections import deque
 
-import simpy
-
+from bench import model_shard as shard
+from bench.model_cluster import Cluster, Node, Proc, Task
 from bench.model_types import Params, Result, Workload
 
 __all__ = ["Model", "Params", "Result", "Workload", "simulate"]
-
-Proc = Generator[simpy.events.Event, Any, Any]
 
 # A node with room waits this long at most between looks at the queue when nothing woke
 # it (filch's sweep is 5 s; a shorter one only costs simulation time, never correctness).
 IDLE_RECHECK = 0.5
 
 
-@dataclass(eq=False)
-class _Task:
-    ident: int
-    arrival: float
-    ranks: tuple[int, ...]
-    visible: float = -1.0
-    queued: bool = False
-    started: float = -1.0
-
-
-class _Node:
-    def __init__(self, *, sim: Model, index: int) -> None:
-        self.sim = sim
-        self.index = index
-        self.free = sim.p.slots
-        self.batch = sim.p.initial_batch
-        self.wake = sim.env.event()
-        self.waiting = False
-        # The agent's event loop: one Python thread does its decoding, stealing and
-        # submits one after the other (and, on one machine, also waits for a core).
-        self.loop = simpy.Resource(sim.env, 1)
-        tasks_cores = max(1, sim.p.cores_per_node - 1)
-        self.cores = simpy.Resource(sim.env, tasks_cores) if sim.shared is None else sim.shared
-
-    def poke(self) -> None:
-        if self.waiting and not self.wake.triggered:
-            self.wake.succeed()
-
-    def rank_of(self, task: _Task) -> int:
-        return task.ranks.index(self.index) if self.index in task.ranks else self.sim.p.r_max
-
-    def may_try(self, task: _Task, now: float) -> bool:
-        if self.sim.p.protocol == "old":
-            return True
-        return now - task.visible >= self.rank_of(task) * self.sim.p.step - 1e-12
-
-
-class Model:
+class Model(Cluster):
     """One simulated run; `run()` returns its Result."""
 
     def __init__(self, *, params: Params, workload: Workload, seed: int = 1) -> None:
-        self.p = params
+        super().__init__(params=params, seed=seed)
         self.w = workload
-        self.rng = random.Random(seed)
-        self.env = simpy.Environment()
-        self.shared = (simpy.Resource(self.env, params.shared_cores)
-                       if params.shared_cores else None)
-        self.etcd = simpy.Resource(self.env, 1)
-        self.nodes = [_Node(sim=self, index=i) for i in range(params.nodes)]
-        self.queue: OrderedDict[int, _Task] = OrderedDict()     # committed, still queued
-        self.view: OrderedDict[int, _Task] = OrderedDict()      # what the nodes see
-        self.log: list[tuple[str, _Task | None]] = []           # committed, not yet seen
         self.backlog: deque[float] = deque()                     # arrivals not yet sent
-        self.tasks: list[_Task] = []
+        self.tasks: list[Task] = []
         self.in_flight = 0
         self.arrivals_done = False
-        self.rho = 0.0                                           # per-node decode load
-        self.count = {"txns": 0.0, "events": 0, "passes": 0, "records": 0,
-                      "agent_cpu": 0.0, "etcd_cpu": 0.0, "attempted": 0, "lost": 0}
         self.completed: list[float] = []
 
-    # -- resources -------------------------------------------------------------
-    def _cpu(self, resource: simpy.Resource, seconds: float) -> Proc:
-        if seconds <= 0:
-            return
-        with resource.request() as request:
-            yield request
-            yield self.env.timeout(seconds)
-
-    def _agent(self, node: _Node, seconds: float, *, count: bool = True) -> Proc:
-        """Work on a node's event loop (and, on one machine, a shared core)."""
-        if count:
-            self.count["agent_cpu"] += seconds
-        if self.shared is None and self.rho > 0:
-            # This core also decodes every event: the agent's other work runs slower.
-            seconds /= max(0.05, 1.0 - self.rho)
-        with node.loop.request() as request:
-            yield request
-            if self.shared is not None:
-                yield from self._cpu(self.shared, seconds)
-            else:
-                yield self.env.timeout(seconds)
-
-    def _etcd_cpu(self, seconds: float) -> Proc:
-        self.count["etcd_cpu"] += seconds
-        if self.shared is not None:
-            yield from self._cpu(self.shared, seconds)
-
-    def _txn(self, weight: float) -> Proc:
-        """A write transaction (or `weight` of one, for batched writes); returns once it
-        is committed, at which point the caller applies its effects (its revision)."""
-        self.count["txns"] += weight
-        yield from self._etcd_cpu(weight * self.p.c_etcd_txn)
-        with self.etcd.request() as request:
-            yield request
-            yield self.env.timeout(weight / self.p.txn_per_s)
-        # Raft: the leader's proposal, the members' fsync, the apply; the compare is
-        # decided at the apply, so the race window includes this latency.
-        yield self.env.timeout(self.p.l_txn)
-
-    def _event(self, kind: str, task: _Task | None) -> None:
-        self.count["events"] += 1
-        self.log.append((kind, task))
-
-    # -- the watch: every node gets every event ---------------------------------
-    def _deliver(self) -> Proc:
-        p = self.p
-        while True:
-            yield self.env.timeout(p.l_watch)
-            batch, self.log = self.log, []
-            events = len(batch)
-            fan = events * p.nodes
-            if self.shared is not None:
-                # Every agent decodes every event on the shared cores, and etcd sends them.
-                self.count["agent_cpu"] += fan * p.c_event
-                self.count["etcd_cpu"] += fan * p.c_etcd_fan
-                if events:
-                    decodes = [self.env.process(self._agent(node, events * p.c_event,
-                                                            count=False))
-                               for node in self.nodes]
-                    decodes.append(self.env.process(self._cpu(self.shared,
-                                                              fan * p.c_etcd_fan)))
-                    yield self.env.all_of(decodes)
-            else:
-                self.count["agent_cpu"] += fan * p.c_event
-                self.rho = 0.8 * self.rho + 0.2 * min(1.0, events * p.c_event / p.l_watch)
-                if fan:
-                    self.env.process(self._fanout(fan))
-                if self.rho > 0:
-                    yield self.env.timeout(p.l_watch * self.rho / max(0.05, 1 - self.rho))
-            self._apply(batch)
-
-    def _fanout(self, deliveries: int) -> Proc:
-        with self.etcd.request() as request:
-            yield request
-            yield self.env.timeout(deliveries / self.p.fanout_per_s)
-
-    def _apply(self, batch: list[tuple[str, _Task | None]]) -> None:
-        now = self.env.now
-        fresh = []
-        for kind, task in batch:
-            if task is None:
-                continue
-            if kind == "put" and task.queued:
-                task.visible = now
-                self.view[task.ident] = task
-                fresh.append(task)
-            elif kind == "delete":
-                self.view.pop(task.ident, None)
-        if not fresh:
-            return
-        if self.p.protocol == "old":
-            for node in self.nodes:
-                node.poke()
-            return
-        for task in fresh:
-            for rank, index in enumerate(task.ranks):
-                if rank == 0:
-                    self.nodes[index].poke()
-                else:
-                    self.env.process(self._poke_later(task, [self.nodes[index]], rank))
-            self.env.process(self._poke_later(task, None, self.p.r_max))
-
-    def _poke_later(self, task: _Task, nodes: list[_Node] | None, rank: int) -> Proc:
-        yield self.env.timeout(rank * self.p.step)
-        if task.ident in self.view:
-            for node in nodes if nodes is not None else self.nodes:
-                node.poke()
 
     # -- the client -------------------------------------------------------------
     def _arrivals(self) -> Proc:
@@ -245,8 +91,15 @@ class Model:
                 arrival = self.env.now
             self.in_flight += 1
             node = self.nodes[(len(self.tasks) + index) % p.nodes]
-            ranks = tuple(self.rng.sample(range(p.nodes), min(p.r_max, p.nodes)))
-            task = _Task(ident=len(self.tasks), arrival=arrival, ranks=ranks)
+            ident = len(self.tasks)
+            if p.protocol == "sharded":
+                # The shard's slice owner, then the next nodes: the task's chain.
+                ranks = shard.chain(self.rng.randrange(p.nodes), p.nodes, p.watchers)
+            else:
+                ranks = tuple(self.rng.sample(range(p.nodes), min(p.r_max, p.nodes)))
+            # Group commit: consecutive submits share a transaction (and a watch response).
+            task = Task(ident=ident, arrival=arrival, ranks=ranks,
+                         txn=-1 - int(ident * p.f_submit))
             self.tasks.append(task)
             if self.shared is not None:
                 yield from self._cpu(self.shared, p.c_client)
@@ -254,19 +107,21 @@ class Model:
             yield from self._txn(p.f_submit)
             task.queued = True
             self.queue[task.ident] = task
-            self._event("put", task)
+            self._event("put", task, task.txn)
             self.in_flight -= 1
 
     # -- the stealer ------------------------------------------------------------
-    def _reads(self, node: _Node) -> list[_Task]:
+    def _reads(self, node: Node) -> list[Task]:
         """The records a pass reads, best first (what the node's view of the queue offers)."""
         p, now = self.p, self.env.now
-        head = self._head()
+        head = self._candidates(node)
         if p.protocol == "old":
             # The old stealer read the records of the head of its view (PASS_LIMIT).
             return head
         mine = [t for t in head if node.may_try(t, now)]
-        mine.sort(key=lambda t: (node.rank_of(t), t.ident))
+        # Lower ranks first, then oldest; outside the chain a tie-break of its own per node.
+        mine.sort(key=lambda t: (node.rank_of(t), hash((node.index, t.ident)) % 1000003
+                                 if node.rank_of(t) >= p.max_rank else t.ident))
         return mine[:min(node.free, node.batch)]
 
     def _wakeup_latency(self) -> float:
@@ -280,12 +135,12 @@ class Model:
         period = max(0.006 * scale, self.p.nodes * 0.00075 * scale)
         return self.rng.uniform(0, period / 2)
 
-    def _stealer(self, node: _Node) -> Proc:
+    def _stealer(self, node: Node) -> Proc:
         p = self.p
         idle = False       # nothing to try: wait for news (filch's _work)
         while True:
             if idle or node.free == 0 or not any(node.may_try(t, self.env.now) for t in
-                                                 self._head()):
+                                                 self._candidates(node)):
                 node.waiting = True
                 node.wake = self.env.event()
                 yield node.wake | self.env.timeout(IDLE_RECHECK)
@@ -300,6 +155,7 @@ class Model:
             if not reads:
                 idle = True
                 continue
+            began = self.env.now
             self.count["passes"] += 1
             self.count["records"] += len(reads)
             yield from self._etcd_cpu(p.c_etcd_read + len(reads) * p.c_etcd_record)
@@ -314,16 +170,19 @@ class Model:
                 continue
             node.free -= len(picks)
             yield from self._txn(1.0)
+            node.steal_seconds += p.steal_weight * (
+                min(p.max_steal_seconds, self.env.now - began) - node.steal_seconds)
             won = [t for t in picks if t.queued]
             if p.protocol == "old" and len(won) < len(picks):
                 won = []
             lost = len(picks) - len(won)
             self.count["attempted"] += len(picks)
             self.count["lost"] += lost
+            self.txn_ids += 1
             for task in won:
                 task.queued = False
                 del self.queue[task.ident]
-                self._event("delete", task)
+                self._event("delete", task, self.txn_ids)
             node.free += lost
             # A pass that took nothing waits for news: a new task or a freed slot (the
             # stealer of the measured runs; a won steal looks again at once).
@@ -333,7 +192,21 @@ class Model:
             for task in won:
                 self.env.process(self._run(node, task))
 
-    def _head(self) -> list[_Task]:
+    def _candidates(self, node: Node) -> list[Task]:
+        """The tasks a node knows of: SHARDED, its chains' (by its watch) and, with more
+        nodes than a chain, the head of the queue (by its relists); else the head."""
+        if self.p.protocol != "sharded":
+            return self._head()
+        out = []
+        for task in node.chain_view.values():
+            out.append(task)
+            if len(out) >= self.p.window:
+                break
+        if self.p.nodes > self.p.watchers:
+            out += [t for t in self._head() if node.index not in t.ranks]
+        return out
+
+    def _head(self) -> list[Task]:
         head = []
         for task in self.view.values():
             head.append(task)
@@ -341,7 +214,7 @@ class Model:
                 break
         return head
 
-    def _run(self, node: _Node, task: _Task) -> Proc:
+    def _run(self, node: Node, task: Task) -> Proc:
         p = self.p
         yield from self._agent(node, p.c_run / 2)
         task.started = self.env.now
@@ -352,25 +225,6 @@ class Model:
         self.completed.append(self.env.now)
         node.free += 1
         node.poke()
-
-    # -- node records -------------------------------------------------------------
-    def _records(self) -> Proc:
-        p = self.p
-        while True:
-            busy = sum(1 for n in self.nodes if n.free < p.slots)
-            if p.protocol == "old":
-                rate = p.record_rate_busy * busy
-            else:
-                rate = min(p.records_per_s, p.record_rate_busy * busy)
-            if rate <= 0:
-                yield self.env.timeout(0.1)
-                continue
-            yield self.env.timeout(self.rng.expovariate(rate))
-            self.env.process(self._record_write())
-
-    def _record_write(self) -> Proc:
-        yield from self._txn(1.0)
-        self._event("record", None)
 
     # -- one run --------------------------------------------------------------------
     def run(self) -> Result:
@@ -383,7 +237,13 @@ class Model:
         for node in self.nodes:
             env.process(self._stealer(node))
         env.process(self._deliver())
-        env.process(self._records())
+        if self.p.protocol == "sharded":
+            for node in self.nodes:
+                env.process(self._node_records(node))
+                if self.p.nodes > self.p.watchers:
+                    env.process(self._relist(node))
+        else:
+            env.process(self._records())
         if w.burst:
             limit = 600.0
             while len(self.completed) < w.burst and env.now < limit:
@@ -402,7 +262,7 @@ class Model:
         return self._result(measured, span, window_tasks)
 
     def _result(self, measured: list[float], span: float,
-                window_tasks: list[_Task]) -> Result:
+                window_tasks: list[Task]) -> Result:
         done = len(self.completed) or 1
         c = self.count
         waits = sorted(t.started - t.arrival for t in window_tasks if t.started >= 0)
@@ -429,8 +289,9 @@ class Model:
             txns_per_task=c["txns"] / done, events_per_task=c["events"] / done,
             passes_per_task=c["passes"] / done, records_per_task=c["records"] / done,
             saturated=saturated,
-            watch_cpu_share=(c["events"] * self.p.c_event / self.env.now
+            watch_cpu_share=(c["decode_cpu"] / self.p.nodes / self.env.now
                              if self.env.now else 0.0),
+            deliveries_per_task=c["deliveries"] / done,
             extra={"mean_start": statistics.fmean(waits) if waits else 0.0})
 
 

@@ -1,7 +1,7 @@
 """Calibrate the model (bench/model.py) from a `make bench` JSON, check it against the
 measured 3-node and 23-node runs, and sweep 3 to 1,000 nodes.
 
-    python -m bench.model --calibrate bench/results/<date>.json [--protocol old|new]
+    python -m bench.model --calibrate bench/results/<date>.json [--protocol sharded|ranked|old]
     python -m bench.model --sweep [--calibrate JSON] [--plot docs/scale-model.png]
 
 Calibration: the machine's figures (etcd commit ceiling and latency, the CPU one `true`
@@ -30,6 +30,8 @@ TOLERANCE = 0.25
 LOST_SLACK = 0.05
 SWEEP_NODES = (3, 10, 30, 100, 300, 1000)
 SWEEP_RATES = (10.0, 100.0, 1000.0, 10000.0, 100000.0)
+# "new" is the earlier name of "ranked".
+PROTOCOLS = ("sharded", "ranked", "new", "old")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,43 +67,58 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else 0.0
 
 
-def measured_runs(results: dict[str, Any]) -> tuple[Measured, Measured]:
-    """The 3-node ("few") and 23-node ("many") runs of a bench JSON's `many` section."""
+def _sections(results: dict[str, Any]) -> list[tuple[str, int, list[dict[str, Any]]]]:
+    """(name, nodes, runs) of the measured clusters: `many.few` and `many.many` (3 and 23
+    nodes); a JSON without them (make bench --sections throughput): the 3-node
+    `throughput.process` runs alone."""
+    many = results.get("many") or {}
+    if many.get("few") and many.get("many"):
+        return [(f"many.{part}", int(many[part]["nodes"]), many[part]["runs"])
+                for part in ("few", "many")]
+    runs = ((results.get("throughput") or {}).get("process") or {}).get("throughput")
+    if runs:
+        return [("throughput.process", 3, runs)]
+    raise ValueError("no many section and no throughput.process runs")
+
+
+def measured_runs(results: dict[str, Any]) -> tuple[Measured, ...]:
+    """The 3-node ("few") and 23-node ("many") runs of a bench JSON's `many` section, or
+    its 3-node throughput runs alone (the first is what calibrates)."""
     out = []
-    for part in ("few", "many"):
-        section = results["many"][part]
-        runs = [r for r in section["runs"] if r.get("valid", True)]
+    for part, nodes, all_runs in _sections(results):
+        runs = [r for r in all_runs if r.get("valid", True) and r.get("steals")]
         if not runs:
-            raise ValueError(f"no valid run in many.{part}")
+            raise ValueError(f"no valid run in {part}")
 
         def lost(run: dict[str, Any]) -> float:
             steals = run["steals"]
             return float(steals["lost"]) / float(steals["attempted"] or 1)
 
         out.append(Measured(
-            nodes=int(section["nodes"]), n=int(runs[0]["n"]),
+            nodes=nodes, n=int(runs[0]["n"]),
             throughput=_median([r["throughput"] for r in runs]),
             lost_share=_median([lost(r) for r in runs]),
             agents_ms=_median([r["cpu_ms_per_task"]["agents"] for r in runs]),
             tasks_ms=_median([r["cpu_ms_per_task"]["tasks"] for r in runs]),
             etcd_ms=_median([r["cpu_ms_per_task"]["etcd"] for r in runs]),
             client_ms=_median([r["cpu_ms_per_task"]["client"] for r in runs])))
-    return out[0], out[1]
+    return tuple(out)
 
 
 def _etcd_rate(results: dict[str, Any], label: str) -> float | None:
-    derived = results.get("derived", {}).get(f"etcd_{label}")
-    if derived:
+    derived = (results.get("derived") or {}).get(f"etcd_{label}")
+    if derived and derived.get("median"):
         return float(derived["median"])
-    runs = [r["rate"] for r in results.get("ceilings", {}).get("etcd", {}).get("runs", [])
-            if r.get("label") == label]
+    ceilings = (results.get("ceilings") or {}).get("etcd") or {}
+    runs = [r["rate"] for r in ceilings.get("runs", []) if r.get("label") == label]
     return _median(runs) or None
 
 
-def calibrate(results: dict[str, Any], *, protocol: str = "new", seed: int = 1) -> Params:
-    """Params for this machine and run, from a bench JSON (see the module docstring).
-    Raises KeyError/ValueError when the JSON has no `many` section."""
-    few, _ = measured_runs(results)
+def calibrate(results: dict[str, Any], *, protocol: str = "sharded", seed: int = 1) -> Params:
+    """Params for this machine and run, from a bench JSON (see the module docstring); the
+    etcd figures stay the defaults when the JSON has no `ceilings`. Raises ValueError
+    when it has no 3-node run."""
+    few = measured_runs(results)[0]
     params = Params(nodes=few.nodes, protocol=protocol, c_task=few.tasks_ms / 1000,
                     c_client=few.client_ms / 1000)
     single = _etcd_rate(results, "1")
@@ -117,16 +134,18 @@ def calibrate(results: dict[str, Any], *, protocol: str = "new", seed: int = 1) 
         params = replace(
             params, c_event=params.c_event * agent, c_pass=params.c_pass * agent,
             c_record=params.c_record * agent, c_submit=params.c_submit * agent,
-            c_run=params.c_run * agent, c_etcd_txn=params.c_etcd_txn * etcd,
+            c_run=params.c_run * agent, c_response=params.c_response * agent,
+            c_event_batched=params.c_event_batched * agent, c_etcd_txn=params.c_etcd_txn * etcd,
             c_etcd_read=params.c_etcd_read * etcd, c_etcd_record=params.c_etcd_record * etcd,
             c_etcd_fan=params.c_etcd_fan * etcd)
     return params
 
 
-def check(results: dict[str, Any], *, protocol: str = "new",
+def check(results: dict[str, Any], *, protocol: str = "sharded",
           seeds: tuple[int, ...] = (1, 2, 3, 4)) -> tuple[Params, list[Check]]:
-    """Calibrate on the JSON's 3-node run and predict both of its runs (throughput of N
-    trivial tasks and the share of steals lost), the median over `seeds`."""
+    """Calibrate on the JSON's 3-node run and predict each of its runs (throughput of N
+    trivial tasks and the share of steals lost), the median over `seeds`. Only the
+    runs after the first are out of sample (a JSON without `many` has none)."""
     params = calibrate(results, protocol=protocol)
     checks = []
     for run in measured_runs(results):
@@ -209,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calibrate", type=Path, help="a make bench results JSON")
-    parser.add_argument("--protocol", choices=("new", "old"), default="new")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="sharded")
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--sweep-protocol", choices=("new", "old"),
+    parser.add_argument("--sweep-protocol", choices=PROTOCOLS,
                         help="sweep this protocol (default: --protocol) with the calibration")
     parser.add_argument("--etcd-txn-per-s", type=float,
                         help="with --sweep: another etcd commit ceiling (dedicated hardware)")

@@ -11,7 +11,8 @@ class Params:
     """One cluster and its costs. Defaults: this machine's loopback figures of 2026-11-27."""
     nodes: int = 3
     slots: int = 20                  # tasks at once per node: --cpus 2, 0.1 CPU per `true`
-    protocol: str = "new"            # "new" (ranked, nested txns) or "old" (flat batches)
+    protocol: str = "sharded"        # "sharded" (chains, main since 2026-12-07), "ranked"
+                                     # (rendezvous ranks, nested txns), "old" (flat batches)
     shared_cores: int | None = 2     # None: a machine per node
     cores_per_node: int = 2
     l_txn: float = 0.003             # commit latency, 3 members on loopback
@@ -36,13 +37,23 @@ class Params:
     client_inflight: int = 32
     steal_delay: float = 0.05
     jitter: float = 0.1              # fraction of steal_delay
-    step: float = 0.05               # NEW: delay per rank
+    step: float = 0.05               # RANKED: delay per rank
     r_max: int = 3
     window: int = 64                 # head of the queue a pass looks at (PASS_LIMIT)
     max_batch: int = 32              # node/core/limits.py MAX_BATCH
     initial_batch: int = 4
-    records_per_s: float = 20.0      # NEW: node-record writes, cluster-wide
+    records_per_s: float = 20.0      # RANKED: node-record writes, cluster-wide
     record_rate_busy: float = 5.0    # OLD: per busy node
+    # SHARDED (node/scheduling/ranking.py, node/running/membership.py):
+    watchers: int = 4                # nodes in a chain (WATCHERS)
+    max_rank: int = 4                # outside the chain: tried after this many steps
+    sweep_interval: float = 5.0      # relist of the whole priority index
+    steal_weight: float = 0.2        # moving average of read+steal time (newest's weight)
+    max_steal_seconds: float = 0.5
+    cluster_records_per_s: float = 10.0   # each node every N/10 s ...
+    record_debounce: float = 0.2          # ... at least this far apart, when changed
+    c_response: float = 200e-6       # agent CPU per watch response (measured 130-290 us)
+    c_event_batched: float = 24e-6   # ... per event in it (measured)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +84,8 @@ class Result:
     passes_per_task: float = 0.0
     records_per_task: float = 0.0
     saturated: bool = False
-    watch_cpu_share: float = 0.0     # an agent's core spent decoding events
+    watch_cpu_share: float = 0.0     # an agent's core spent decoding events (mean node)
+    deliveries_per_task: float = 0.0  # watch events sent to nodes (events x recipients)
     extra: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -37,8 +37,21 @@ def test_on_one_machine_more_agents_cost_more_cpu_per_task() -> None:
 def test_nested_transactions_lose_fewer_steals_than_flat_ones() -> None:
     params = Params(nodes=10, shared_cores=None)
     old = simulate(replace(params, protocol="old"), Workload(burst=400))
-    new = simulate(replace(params, protocol="new"), Workload(burst=400))
+    new = simulate(replace(params, protocol="ranked"), Workload(burst=400))
     assert new.lost <= old.lost
+
+
+def test_sharded_per_node_event_cost_does_not_grow_with_the_fleet() -> None:
+    # A queue event reaches a chain of 4 nodes, node records are capped cluster-wide: at
+    # the same offered rate a node of 32 decodes no more than a node of 8. Ranked: every
+    # node gets every event, so the deliveries per task grow with the fleet.
+    def run(protocol: str, nodes: int) -> Any:
+        return simulate(Params(nodes=nodes, protocol=protocol, shared_cores=None),
+                        Workload(rate=200, seconds=1.5))
+    few, many = run("sharded", 8), run("sharded", 32)
+    assert many.watch_cpu_share <= 1.1 * few.watch_cpu_share
+    assert many.deliveries_per_task < 1.5 * few.deliveries_per_task
+    assert run("ranked", 32).deliveries_per_task > 3 * run("ranked", 8).deliveries_per_task
 
 
 def test_an_offered_rate_below_capacity_is_carried() -> None:
@@ -75,8 +88,20 @@ def test_calibration_reads_the_machine_from_a_bench_json() -> None:
     assert params.c_task == pytest.approx(0.002)
 
 
+def test_a_json_without_the_many_section_checks_its_3_node_throughput_runs() -> None:
+    results = _synthetic(300, 170)
+    few = results.pop("many")["few"]
+    results["throughput"] = {"process": {"throughput": few["runs"]}}
+    results["derived"] = {"etcd_1": {"median": None}}
+    params, checks = check(results, protocol="sharded", seeds=(1,))
+    assert [c.measured.nodes for c in checks] == [3]
+    assert params.txn_per_s == Params().txn_per_s
+
+
 def test_check_compares_both_runs_and_flags_a_miss() -> None:
     _, checks = check(_synthetic(300, 170), protocol="old", seeds=(1,))
     assert [c.measured.nodes for c in checks] == [3, 23]
+    _, sharded = check(_synthetic(300, 170), seeds=(1,))      # the default protocol
+    assert len(sharded) == 2
     _, wrong = check(_synthetic(3000, 1700), protocol="old", seeds=(1,))
     assert not any(c.ok for c in wrong)
