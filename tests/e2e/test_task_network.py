@@ -148,6 +148,10 @@ def run_probe(cluster: Cluster, network: str, *urls: str) -> tuple[str, dict[str
     return task_id, result
 
 
+# Keys the nodes rewrite by themselves: their records, chore claims, published counts.
+NODES_OWN = ("/node/", "/lock/", "/stats/")
+
+
 def keyspace(cluster: Cluster) -> dict[str, tuple[object, object]]:
     return {key: (kv.get("value"), kv.get("mod_revision"))
             for key, kv in cluster.etcd_keys().items()}
@@ -180,10 +184,11 @@ def test_task_reaches_no_service_of_any_node_and_keyspace_is_unchanged(
     assert set(result) == set(targets(cluster))
     assert not [url for url, outcome in result.items() if outcome == "open"], result
     after = keyspace(cluster)
-    # Only the probe's own task keys and the node records (allocations) moved.
+    # Only the probe's own task keys, the node records (allocations) and the nodes' own
+    # cluster chores (claims, published counts) moved.
     changed = {key for key in before.keys() | after.keys() if before.get(key) != after.get(key)}
     assert not [key for key in changed
-                if task_id not in key and not key.startswith("/node/")], changed
+                if task_id not in key and not key.startswith(NODES_OWN)], changed
 
 
 def test_isolated_task_namespace_and_veth_are_gone_after_it_ends(cluster: Cluster) -> None:
@@ -256,8 +261,8 @@ def test_unknown_network_mode_is_refused_naming_the_field_and_writes_nothing(
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "network" in (caught.value.details() or "")
     assert {key: value for key, value in keyspace(cluster).items()
-            if not key.startswith("/node/")} == {
-        key: value for key, value in before.items() if not key.startswith("/node/")}
+            if not key.startswith(NODES_OWN)} == {
+        key: value for key, value in before.items() if not key.startswith(NODES_OWN)}
 
 
 # -- fail closed: the firewall table gone, connections towards tasks ---------------------
