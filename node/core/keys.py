@@ -58,6 +58,11 @@ QUEUE = b"/queue/"
 # watches the contiguous shards it is among the first nodes for (node/scheduling/ranking.py),
 # so a queue event reaches a few nodes, not all of them.
 SHARDS = b"/shard/"
+# One key per group of the priority index that may hold keys: /groups/<rank>/<owner>, put
+# by every transaction that queues a task (beside its queue key), deleted only once its
+# group is empty. etcd 3.4 walks a whole range before it applies a limit, so "the next
+# group after X" read from /queue/ costs every key behind X; the groups are a short range.
+GROUPS = b"/groups/"
 SHARD_COUNT = 4096
 SHARD_DIGITS = 3
 DEPENDENCIES = b"/dep/"
@@ -243,6 +248,17 @@ def parse_shard_queue(key: bytes) -> tuple[int, str, str]:
 def queue_group(priority: int, owner: str) -> bytes:
     """The prefix of one owner's queue keys of one priority (oldest first)."""
     return QUEUE + queue_rank(priority) + b"/" + owner.encode() + b"/"
+
+
+def group_mark(priority: int, owner: str) -> bytes:
+    """The key saying that queue_group(priority, owner) may hold keys."""
+    return GROUPS + queue_rank(priority) + b"/" + owner.encode()
+
+
+def parse_group_mark(key: bytes) -> tuple[int, str]:
+    """(priority, owner) of a group mark."""
+    rank, owner = key[len(GROUPS):].decode().split("/")
+    return MAX_PRIORITY - int(rank), owner
 
 
 def queue_rank(priority: int) -> bytes:

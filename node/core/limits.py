@@ -74,9 +74,10 @@ STORE_MAX_SEND_BYTES = ETCD_MAX_REQUEST_BYTES + GRPC_OVERHEAD_BYTES
 MAX_TXN_OPS = 128
 # A plain move is at most 2 compares and 6 operations (a steal: delete the queued, queue
 # and shard keys, put the running key, its /placed/ index key and the record; a requeue
-# the reverse), so this many fit in one transaction (21 x 6 = 126 <= 128; the stealer
-# cuts its batches by count alone, each task a nested transaction). Moves with dependency
-# keys have more: batches are also cut by txn.move_ops.
+# the reverse, plus its queue group's mark), so this many steals fit in one transaction
+# (21 x 6 = 126 <= 128; the stealer cuts its batches by count alone, each task a nested
+# transaction). Other moves may have more (dependency keys, group marks): their batches
+# are also cut by txn.move_ops.
 MOVE_MAX_PLAIN_OPS = 6
 MAX_BATCH = MAX_TXN_OPS // MOVE_MAX_PLAIN_OPS
 # Dependencies one task may list (each is one key written at submit and deleted when

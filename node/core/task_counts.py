@@ -19,6 +19,8 @@ class TaskCounts:
     counted_at: float
     revision: int
     holder: str = ""
+    every: float = 0.0
+    """Seconds until the holder counts again (it spaces counts out as they grow dearer)."""
 
     @property
     def pending(self) -> int:
@@ -33,7 +35,8 @@ class TaskCounts:
         """The counts in value, or None when it is not what encode() wrote."""
         try:
             fields = json.loads(value)
-            return cls(**{name: fields[name] for name in
+            return cls(every=float(fields.get("every", 0.0)),
+                       **{name: fields[name] for name in
                           ("queued", "blocked", "running", "complete", "canceled",
                            "counted_at", "revision", "holder")})
         except (ValueError, TypeError, KeyError):

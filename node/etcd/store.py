@@ -332,6 +332,26 @@ class Store(StoreBase):
                 key=keys.array(array_id)))]))
         return bool(response.succeeded)
 
+    async def forget_group(self, group_mark: bytes) -> bool:
+        """Delete a queue group's mark (keys.GROUPS) while its group holds no key; True when
+        deleted. A transaction queueing into the group puts the mark again, so a mark is
+        never missing for a group with keys."""
+        priority, owner = keys.parse_group_mark(group_mark)
+        prefix = keys.queue_group(priority, owner)
+        response = await self._txn(rpc.TxnRequest(
+            compare=[key_compare(prefix, "version", 0, range_end=keys.prefix_end(prefix)),
+                     key_compare(group_mark, "version", 0, rpc.Compare.GREATER)],
+            success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(
+                key=group_mark))]))
+        return bool(response.succeeded)
+
+    async def ensure_group_mark(self, group_mark: bytes) -> bool:
+        """Put a queue group's mark unless it exists (no new revision then); True when put."""
+        response = await self._txn(rpc.TxnRequest(
+            compare=[key_compare(group_mark, "version", 0)],
+            success=[rpc.RequestOp(request_put=rpc.PutRequest(key=group_mark, value=b""))]))
+        return bool(response.succeeded)
+
     async def list_arrays(self, *, after: bytes = b"", limit: int = 0) -> list[pb.Array]:
         """Array records in id order after the key `after`."""
         start = after + b"\0" if after else keys.ARRAYS

@@ -296,7 +296,7 @@ class StoreBase:
         response = await self._range(key, b"")
         return response.kvs[0].value.decode() if response.kvs else None
 
-    async def count_tasks(self, holder: str) -> TaskCounts:
+    async def count_tasks(self, holder: str, every: float = 0.0) -> TaskCounts:
         """Count every state's status keys (count-only ranges: etcd walks each range's
         index, so this is for the one node doing the counts chore)."""
         counted_at = time.time()
@@ -311,7 +311,7 @@ class StoreBase:
         queued, blocked, running, complete, canceled = counts
         return TaskCounts(queued=queued, blocked=blocked, running=running, complete=complete,
                           canceled=canceled, counted_at=counted_at, revision=revision,
-                          holder=holder)
+                          holder=holder, every=every)
 
     async def put_counts(self, counts: TaskCounts) -> None:
         await self._call(lambda: self._client.put(keys.STATS, counts.encode()))

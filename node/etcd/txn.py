@@ -71,6 +71,15 @@ def dependents_flags(move: Move) -> list[bytes]:
     return sorted({keys.has_dependents(parent.id) for parent in move.new.spec.after})
 
 
+def group_marks(added: set[bytes]) -> list[bytes]:
+    """The group marks (keys.GROUPS) of the queue keys a move puts: a group that gets a key
+    has its mark in the same transaction, so a reader of the marks finds every group that
+    held a key at the revision it read them (node/scheduling/queue_view.py). Put, never
+    compared; deleted only by a transaction that finds the group empty."""
+    return sorted({keys.group_mark(*keys.parse_queue(key)[:2])
+                   for key in added if key.startswith(keys.QUEUE)})
+
+
 def move_bytes(move: Move) -> int:
     """What one move adds to a transaction, for limits.batches: its record and keys."""
     return move.new.ByteSize() + MOVE_KEYS_BYTES
@@ -120,8 +129,9 @@ def append_move(move: Move, lease_id: int, compare: list[Any], success: list[Any
         success.append(rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key)))
     for key in sorted(new_index - old_index):
         success.append(rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=b"")))
-    for key in dependents_flags(move):
-        # Several submits of one transaction share a parent: etcd refuses a key put twice.
+    for key in [*dependents_flags(move), *group_marks(new_index - old_index)]:
+        # Several moves of one transaction share a parent or a queue group: etcd refuses a
+        # key put twice in one transaction.
         if not any(op.request_put.key == key for op in success if op.HasField("request_put")):
             success.append(rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=b"")))
     success.append(rpc.RequestOp(

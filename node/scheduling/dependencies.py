@@ -265,7 +265,8 @@ class Resolver:
 
     async def sweep(self) -> None:
         """Decide the next SWEEP_BATCH held tasks (wrapping around at the end)."""
-        listed = await self._store.list_ids(keys.BLOCKED, after=self._cursor, limit=SWEEP_BATCH)
+        # In windows of the id space: etcd 3.4 would walk every held key behind the cursor.
+        listed = await self._store.first_ids(keys.BLOCKED, after=self._cursor, limit=SWEEP_BATCH)
         self._cursor = listed[-1] if len(listed) == SWEEP_BATCH else b""
         ids = [keys.last_segment(key) for key in listed]
         parents: dict[str, pb.Task | None] = {}

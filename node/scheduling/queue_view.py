@@ -3,8 +3,9 @@ stealer chooses from, grouped by (priority, owner), within a group by this node'
 each task's order of nodes (node/scheduling/ranking.py) and then oldest first, and the
 etcd revision up to which the view is complete.
 
-A relist reads one bounded range per group (a skip scan), so a queue of 100,000 tasks
-costs a few short ranges, not a full scan; watch events keep the view current. The
+A relist reads the groups' marks, then one bounded range per group read in windows of
+the id space, so a queue of a million tasks costs a few short ranges, not a walk over the
+queue; watch events keep the view current. The
 revision lets a steal compare that no higher-priority key appeared unseen since.
 """
 
@@ -96,28 +97,29 @@ class QueueView:
         self._last_event_at = 0.0
 
     async def relist(self, store: Store) -> None:
-        """Read the priority index: after GROUP_READ keys of a group, jump to the next
-        group; at most MAX_RELIST_RANGES ranges. Raises what Store raises."""
-        start, end = keys.QUEUE, keys.prefix_end(keys.QUEUE)
-        first_revision = 0
+        """Read the groups' marks (keys.GROUPS: one short range), then the first GROUP_READ
+        keys of each group (at most MAX_RELIST_RANGES groups), each read in windows of the
+        id space (Store.first_ids), so that neither costs etcd a walk over the whole queue
+        (etcd 3.4 walks a range before it applies the limit). A group found empty loses its
+        mark. Raises what Store raises."""
+        marks = await store.list_page(keys.GROUPS, keys.prefix_end(keys.GROUPS),
+                                      limit=MAX_RELIST_RANGES)
         truncated: set[Group] = set()
-        for _ in range(MAX_RELIST_RANGES):
-            page = await store.list_page(start, end, limit=GROUP_READ)
-            first_revision = first_revision or page.revision
-            for key in page.keys:
-                priority, owner, task_id = keys.parse_queue(key)
-                self.add((priority, owner), task_id)
-            if not page.more or not page.keys:
-                break
-            # The last group of a full page may go on: skip the rest of it.
-            priority, owner, _ = keys.parse_queue(page.keys[-1])
-            truncated.add((priority, owner))
-            start = keys.prefix_end(keys.queue_group(priority, owner))
+        for mark in marks.keys:
+            group = keys.parse_group_mark(mark)
+            found = await store.first_ids(keys.queue_group(*group), limit=GROUP_READ)
+            for key in found:
+                self.add(group, keys.parse_queue(key)[2])
+            if len(found) >= GROUP_READ:
+                truncated.add(group)
+            elif not found:
+                await store.forget_group(mark)
         self.truncated = truncated
-        # Every key that existed at the first range's revision was read (or belongs to a
-        # group read in part): the view is complete up to there. Events of earlier
-        # revisions still on their way only repeat what the ranges showed.
-        self._complete = max(self._complete, first_revision)
+        # Every queue key that existed at the marks' revision is in a group whose mark was
+        # read (the same transaction put both; a mark goes only with its group empty), and
+        # was read (or belongs to a group read in part): the view is complete up to there.
+        # Events of earlier revisions still on their way only repeat what the reads showed.
+        self._complete = max(self._complete, marks.revision)
 
     def ids(self, group: Group) -> list[str]:
         """The group's ids (by rank, then oldest first)."""
@@ -227,3 +229,21 @@ class QueueView:
         if chunk:
             chunks.append(chunk)
         return chunks, next_ready
+
+
+async def mark_groups(store: Store) -> int:
+    """Put the mark of every group of the priority index that lacks one (a skip scan of
+    /queue/: one read per group, each walking the rest of the queue in etcd 3.4, so it is
+    for one node now and then: the counts chore). Queue keys written by an agent older than
+    the marks (an upgrade, a rolling one too) are found by relists from then on. Returns
+    how many marks were put. Raises what Store raises."""
+    start, end = keys.QUEUE, keys.prefix_end(keys.QUEUE)
+    put = 0
+    for _ in range(MAX_RELIST_RANGES):
+        page = await store.list_page(start, end, limit=1)
+        if not page.keys:
+            break
+        priority, owner, _ = keys.parse_queue(page.keys[0])
+        put += await store.ensure_group_mark(keys.group_mark(priority, owner))
+        start = keys.prefix_end(keys.queue_group(priority, owner))
+    return put

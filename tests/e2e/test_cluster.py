@@ -25,6 +25,8 @@ SCHEMA = [re.compile(pattern) for pattern in (
     rf"^/queue/\d{{4}}/[A-Za-z0-9][A-Za-z0-9._@-]{{0,63}}/{UUID}$",
     # ... and its twin by shard (3 hex digits), which nodes watch in part.
     rf"^/shard/[0-9a-f]{{3}}/\d{{4}}/[A-Za-z0-9][A-Za-z0-9._@-]{{0,63}}/{UUID}$",
+    # ... and the mark of each group (rank, owner) that may hold queue keys.
+    r"^/groups/\d{4}/[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",
     r"^/owner/[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",
     # The running-task index (beside each RUNNING record, not on the lease) and the claims
     # of cluster chores (on their holder's lease), e.g. /lock/recovery-sweep.

@@ -19,6 +19,7 @@ from node.etcd.txn import Versioned
 from node.operations.housekeeping import Housekeeping
 from node.scheduling import ranking
 from node.scheduling.node_state import NodeState, Registration
+from node.scheduling.queue_view import mark_groups
 from node.scheduling.stealer import Stealer
 from tests.unit.etcd_fixture import require_etcd
 
@@ -186,10 +187,55 @@ async def test_a_relist_reads_a_bounded_range_per_group(store: Store,
     deep = [await _queue(store, owner="a") for _ in range(5)]
     other = await _queue(store, owner="b")
     stealer, _, _ = await _node(store, "a")
+    read: list[tuple[bytes, bytes]] = []
+    original = store._range
+
+    async def recorded(start: bytes, end: bytes, **kwargs: Any) -> Any:
+        read.append((start, end))
+        return await original(start, end, **kwargs)
+    monkeypatch.setattr(store, "_range", recorded)
+    monkeypatch.setattr(store._id_ranges, "_read", recorded)
     await stealer._relist()
     assert {group: stealer._queue.ids(group) for group in stealer._queue.groups} == {
-        (5, "a"): [first], (0, "a"): [deep[0]], (0, "b"): [other]}
+        (5, "a"): [first], (0, "a"): deep[:2], (0, "b"): [other]}
     assert stealer._queue.truncated == {(0, "a")}
+    # The groups come from their marks, and no read spans more than one group: etcd 3.4
+    # walks a whole range before it applies the limit.
+    assert read[0] == (keys.GROUPS, keys.prefix_end(keys.GROUPS))
+    queue_reads = [(start, end) for start, end in read if start.startswith(keys.QUEUE)]
+    assert queue_reads and all(
+        end <= keys.prefix_end(keys.queue_group(*keys.parse_queue(start + b"x")[:2]))
+        for start, end in queue_reads)
+
+
+async def test_a_group_found_empty_loses_its_mark_and_queueing_puts_it_back(
+        store: Store) -> None:
+    task_id = await _queue(store, owner="a")
+    mark = keys.group_mark(0, "a")
+    assert await store.list_ids(keys.GROUPS) == [mark]
+    stealer, _, launched = await _node(store, "a")
+    await stealer._relist()
+    assert await stealer._pass() and [task.id for task in launched.tasks] == [task_id]
+    await stealer._relist()            # the group is empty now: its mark goes
+    assert await store.list_ids(keys.GROUPS) == []
+    again = await _queue(store, owner="a")
+    assert await store.list_ids(keys.GROUPS) == [mark]
+    await stealer._relist()
+    assert again in stealer._queue.ids((0, "a"))
+
+
+async def test_marks_missing_after_an_upgrade_are_put_by_mark_groups(store: Store) -> None:
+    await _queue(store, priority=3, owner="a")
+    await _queue(store, owner="b")
+    for mark in await store.list_ids(keys.GROUPS):     # as written by an older agent
+        await store._client.delete(mark)
+    stealer, _, _ = await _node(store, "a")
+    await stealer._relist()
+    assert not stealer._queue.groups
+    assert await mark_groups(store) == 2
+    assert await mark_groups(store) == 0                # nothing to put: no new revision
+    await stealer._relist()
+    assert set(stealer._queue.groups) == {(3, "a"), (0, "b")}
 
 
 async def test_an_owner_holding_nothing_leaves_the_share_gauges_but_the_default_stays_at_0(
