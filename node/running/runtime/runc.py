@@ -170,8 +170,6 @@ class RuncExecutor:
         try:
             await failpoints.hit("network.attach")
             return await self._network.attach()
-        except NodeStartError:
-            raise
         except ExecutorError as exc:
             # The node's task network, not the task: counts toward its start back-off.
             raise NodeStartError(str(exc)) from None
