@@ -18,7 +18,7 @@ from node.core.errors import InvalidArgument
 from node.core.units import format_size
 
 # Config fields whose option is not spelled --field-name.
-_OPTION_NAMES = {"config_file": "--config"}
+_OPTION_NAMES = {"config_file": "--config", "labels": "--label", "taints": "--taint"}
 _METAVARS = {
     "listen": "HOST:PORT",
     "advertise": "HOST:PORT",
@@ -58,6 +58,8 @@ _METAVARS = {
     "submit_budget": "FRACTION",
     "task_deny": "CIDR",
     "task_allow": "CIDR",
+    "labels": "KEY=VALUE",
+    "taints": "KEY=VALUE",
 }
 _CHOICES = {"executor": ["runc", "process"], "initial_cluster_state": ["new", "existing"]}
 _SIZE_FIELDS = frozenset(config_module.SIZE_FIELDS)

@@ -116,6 +116,9 @@ def wait_for_array(client: Client, array_id: str) -> list[filch_pb2.Task]:
 @click.option("--owner", default="", envvar="FILCH_OWNER", metavar="NAME",
               help="Whose work this is: the cluster is shared fairly between owners with "
                    "pending work.  [env FILCH_OWNER; default: default]")
+@click.option("--constraint", "constraints", multiple=True, metavar="EXPR",
+              help="Where it may run (repeatable; all must hold), over node labels and "
+                   "capabilities: KEY=VALUE, KEY!=VALUE, 'KEY in (A,B)', KEY, !KEY.")
 @click.option("--wait", is_flag=True,
               help="Wait for the task to finish and exit with its exit code.")
 @click.option("-f", "--follow", is_flag=True,
@@ -128,7 +131,7 @@ def submit(
     array: tuple[int, int, int] | None, after: tuple[str, ...], after_any: tuple[str, ...],
     after_array: tuple[str, ...], time_limit: float | None, retries: int,
     retry_on: list[str], retry_backoff: float | None, priority: int, owner: str,
-    wait: bool, follow: bool, command: tuple[str, ...],
+    constraints: tuple[str, ...], wait: bool, follow: bool, command: tuple[str, ...],
 ) -> None:
     """Queue CMD to run on whichever node has room; print its task id.
 
@@ -159,7 +162,7 @@ def submit(
         disk_bytes=disk or 0, restart=restart, env=env, workdir=workdir, name=name,
         network=network or "", after=dependencies, time_limit_seconds=time_limit or 0,
         retries=retries, retry_on=retry_on, retry_backoff_seconds=retry_backoff or 0,
-        priority=priority, owner=owner)
+        priority=priority, owner=owner, constraints=constraints)
     if array is not None:
         start, end, step = array
         response = client.submit_array(spec, filch_pb2.ArraySpec(start=start, end=end,

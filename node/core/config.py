@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from node.core import addresses, limits, units, validation
+from node.core import labels as label_syntax
 from node.core.errors import InvalidArgument
 
 # Smallest log cap: room for a useful head, the cut marker and a tail (a few KiB each).
@@ -105,6 +106,13 @@ class Config:
     task_allow: str = field(default="", metadata={"help": (
         "CIDR ranges isolated tasks may reach even so: wins over --task-deny and the metadata "
         "defaults, never over the addresses of the cluster's nodes (those stay dropped).")})
+    labels: str = field(default="", metadata={"help": (
+        "KEY=VALUE labels of this node that task constraints (submit --constraint) match, "
+        "comma-separated or the flag repeated (TOML: labels = { k = \"v\" }). Keys and values: "
+        "letters, digits and ._/-; keys under filch.io/ are reserved for capabilities.")})
+    taints: str = field(default="", metadata={"help": (
+        "KEY=VALUE taints, comma-separated or the flag repeated: this node takes only tasks "
+        "whose constraints name KEY (e.g. gpu=yes for a node that runs only what asks for it).")})
     allow_host_network: bool = field(default=False, metadata={"help": (
         "UNSAFE: also run --network host tasks, which share this machine's network and can reach "
         "etcd and every node's API. Off: such tasks wait for a node that allows them.")})
@@ -214,6 +222,16 @@ class Config:
         return self.etcd_endpoint or self.etcd_client_url
 
     @property
+    def label_map(self) -> dict[str, str]:
+        """--label as a map (validated)."""
+        return label_syntax.parse_labels(self.labels, "labels")
+
+    @property
+    def taint_map(self) -> dict[str, str]:
+        """--taint as a map (validated)."""
+        return label_syntax.parse_labels(self.taints, "taints")
+
+    @property
     def cpu_capacity_millis(self) -> int:
         return round(self.cpus * 1000)
 
@@ -321,6 +339,8 @@ class Config:
         addresses.parse_subnet(self.task_subnet)
         addresses.parse_cidrs(self.task_deny, "task_deny")
         addresses.parse_cidrs(self.task_allow, "task_allow")
+        label_syntax.parse_labels(self.labels, "labels")
+        label_syntax.parse_labels(self.taints, "taints")
         return self
 
 
@@ -343,7 +363,7 @@ SIZE_FIELDS = ("memory", "etcd_quota_bytes", "defrag_threshold", "max_log_bytes"
 
 
 # Fields holding comma-separated lists: a TOML array or a repeated flag fills them too.
-LIST_FIELDS = ("task_deny", "task_allow")
+LIST_FIELDS = ("task_deny", "task_allow", "labels", "taints")
 
 
 def _coerce(name: str, raw: Any) -> Any:
@@ -352,6 +372,9 @@ def _coerce(name: str, raw: Any) -> Any:
     if name in LIST_FIELDS and isinstance(raw, list | tuple):
         # A TOML array or a repeated flag: the field holds them comma-separated.
         return ",".join(str(item) for item in raw)
+    if name in LIST_FIELDS and isinstance(raw, dict):
+        # A TOML table (labels = { k = "v" }): the field holds k=v items comma-separated.
+        return ",".join(f"{key}={value}" for key, value in raw.items())
     try:
         if name in SIZE_FIELDS and isinstance(raw, str):
             return units.parse_size(raw)

@@ -20,6 +20,7 @@ class InvalidArgument(FilchError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+        self.detail = problem
 
 
 class TaskNotFound(FilchError):
@@ -77,6 +78,10 @@ class OwnerUnavailable(FilchError):
 
 class ExecutorError(FilchError):
     """The task's container or process could not be started."""
+
+
+class NodeStartError(ExecutorError):
+    """The node, not the task, failed to start it: task network, /work, runc itself."""
 
 
 class TooLarge(FilchError):

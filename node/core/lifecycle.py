@@ -104,6 +104,20 @@ def requeued(task: pb.Task, why: str) -> pb.Task:
     return new
 
 
+def start_refused(task: pb.Task, node_name: str, why: str) -> pb.Task:
+    """RUNNING -> PENDING again: the attempt could not start for a reason of its node (task
+    network, /work, runc), not of the task; no retry is spent (node/running/runner.py)."""
+    new = _copy(task)
+    new.state = pb.TASK_STATE_PENDING
+    new.message = _cut(f"requeued: attempt {task.attempt} could not start on node {node_name} "
+                       f"(a problem of that node, not of the task): {why}")
+    new.fencing_token = 0
+    now = Timestamp()
+    now.GetCurrentTime()
+    _record_attempt(task, new, pb.REASON_START_FAILED, 0, why, now)
+    return new
+
+
 def lost(task: pb.Task, why: str) -> pb.Task:
     """The attempt's node was lost and the task may not run again: COMPLETE, NODE_LOST."""
     return finished(task, pb.TASK_STATE_COMPLETE, pb.REASON_NODE_LOST,

@@ -60,6 +60,11 @@ FINISHED = Counter("filch_tasks_finished_total", "Attempts this node finished, b
 FENCED_WRITES = Counter("filch_fenced_writes_total",
                         "Result writes rejected because this node no longer owned the task.")
 START_FAILURES = Counter("filch_task_start_failures_total", "Attempts that failed to start.")
+NODE_SIDE_START_FAILURES = Counter(
+    "filch_node_side_start_failures_total", "Attempts that failed to start for a reason of this "
+    "node (task network, /work, runc), not of the task; requeued without spending a retry.")
+START_BACKOFF = Gauge("filch_start_backoff", "1 while this node steals nothing after "
+                      "node-side start failures in a row (node/scheduling/startfailures.py).")
 
 # -- task firewall (node/running/runtime/firewall.py) ---------------------------------------------
 FIREWALL_RESTORES = Counter(

@@ -10,7 +10,7 @@ import posixpath
 import re
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.core import keys
+from node.core import keys, labels
 from node.core.errors import InvalidArgument
 from node.core.lifecycle import RETRY_CLASSES
 from node.core.limits import (
@@ -132,6 +132,10 @@ def spec(raw: pb.TaskSpec) -> pb.TaskSpec:
         raise InvalidArgument("spec.priority", f"{raw.priority} is outside "
                                                f"{keys.MIN_PRIORITY}..{keys.MAX_PRIORITY}")
     owner(raw.owner or keys.DEFAULT_OWNER, "spec.owner")
+    try:
+        labels.parse_constraints(raw.constraints)
+    except InvalidArgument as exc:
+        raise InvalidArgument("spec.constraints", exc.detail) from None
     clean = pb.TaskSpec()
     clean.CopyFrom(raw)
     clean.network = network

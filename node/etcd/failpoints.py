@@ -11,7 +11,7 @@ Each entry is `name=[count*]action`; actions:
     sleep(seconds)   wait that long (the rest of the node keeps running)
     error(kind)      raise the error the code at that line would see from etcd or runc:
                      unavailable, deadline, leader (etcd "leader changed"), nospace,
-                     executor
+                     executor, node (a node-side start failure: start back-off)
     off              nothing
 `count*` limits the action to the first count hits; later hits do nothing.
 
@@ -26,7 +26,7 @@ import logging
 import re
 from dataclasses import dataclass
 
-from node.core.errors import ExecutorError, InvalidArgument
+from node.core.errors import ExecutorError, InvalidArgument, NodeStartError
 from node.etcd.etcd_errors import etcd_error
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ ETCD_ERRORS = {
     "leader": ("UNAVAILABLE", "etcdserver: leader changed"),
     "nospace": ("RESOURCE_EXHAUSTED", "etcdserver: mvcc: database space exceeded"),
 }
-KINDS = (*ETCD_ERRORS, "executor")
+KINDS = (*ETCD_ERRORS, "executor", "node")
 
 # Longest sleep a failpoint may ask for: a typo must not hang a test run for hours.
 MAX_SLEEP = 600.0
@@ -131,5 +131,7 @@ def error(kind: str) -> Exception:
     """The exception error(kind) raises."""
     if kind == "executor":
         return ExecutorError("failpoint: the executor failed")
+    if kind == "node":
+        return NodeStartError("failpoint: this node could not set up the attempt")
     code, details = ETCD_ERRORS[kind]
     return etcd_error(code, details)

@@ -157,6 +157,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def GetTask(self, request: pb.GetTaskRequest, context: Any) -> pb.Task:
         task = await self._tasks.get(validation.task_id(request.id))
         await self._tasks.explain_pending([task])
+        await self._tasks.place_in_queue(task)
         return task
 
     @_unary

@@ -53,6 +53,9 @@ class TaskDict(TypedDict):
     priority: int
     owner: str
     attempts: list[AttemptDict]  # every ended attempt, then the running one
+    constraints: list[str]  # where it may run (submit --constraint)
+    ahead: int | None  # status of a queued task: tasks ahead of it in the queue
+    ahead_capped: bool  # ahead is a lower bound (why.AHEAD_CAP)
 
 
 class DependencyDict(TypedDict):
@@ -89,6 +92,12 @@ class NodeDict(TypedDict):
     disk_capacity_bytes: int
     disk_allocated_bytes: int
     capabilities: dict[str, str]
+    labels: dict[str, str]  # --label
+    taints: dict[str, str]  # --taint
+    start_backoff: bool  # steals nothing after node-side start failures in a row
+    start_backoff_until: str | None
+    node_side_start_failures: int
+    start_failure: str  # the last node-side start failure, while backed off
 
 
 DEPENDENCY_KINDS = {filch_pb2.DEPENDENCY_KIND_SUCCESS: "success",
@@ -134,7 +143,7 @@ def format_timestamp(stamp: Timestamp) -> str:
     return f"{moment:%Y-%m-%dT%H:%M:%S}.{stamp.nanos // 1_000_000:03d}Z"
 
 
-def optional_timestamp(message: filch_pb2.Task | filch_pb2.AttemptRecord,
+def optional_timestamp(message: filch_pb2.Task | filch_pb2.AttemptRecord | filch_pb2.Node,
                         field: str) -> str | None:
     if not message.HasField(field):  # type: ignore[arg-type]
         return None
@@ -179,6 +188,10 @@ def task_to_dict(task: filch_pb2.Task) -> TaskDict:
         "priority": task.spec.priority,
         "owner": task.spec.owner or "default",
         "attempts": [attempt_to_dict(attempt) for attempt in attempt_history(task)],
+        "constraints": list(task.spec.constraints),
+        "ahead": (task.ahead if task.state == filch_pb2.TASK_STATE_PENDING
+                  and task.hold == filch_pb2.HOLD_NONE else None),
+        "ahead_capped": task.ahead_capped,
     }
 
 
@@ -236,6 +249,13 @@ def node_to_dict(node: filch_pb2.Node) -> NodeDict:
         "disk_capacity_bytes": node.disk_capacity_bytes,
         "disk_allocated_bytes": node.disk_allocated_bytes,
         "capabilities": dict(sorted(node.capabilities.items())),
+        "labels": dict(sorted(node.labels.items())),
+        "taints": dict(sorted(node.taints.items())),
+        "start_backoff": node.start_backoff,
+        "start_backoff_until": (optional_timestamp(node, "start_backoff_until")
+                                if node.start_backoff else None),
+        "node_side_start_failures": node.node_side_start_failures,
+        "start_failure": node.start_failure,
     }
 
 

@@ -178,10 +178,18 @@ def nodes_table(nodes: Iterable[filch_pb2.Node]) -> str:
             node.executor or "-",
             ",".join(flags) or "-",
             capabilities_text(node),
+            labels_text(node),
         ))
     return table(
         ("NAME", "ID", "ADDRESS", "CPU", "MEMORY", "DISK", "RUNNING", "EXECUTOR", "ETCD",
-         "CAPABILITIES"), rows)
+         "CAPABILITIES", "LABELS"), rows)
+
+
+def labels_text(node: filch_pb2.Node) -> str:
+    """Labels, then taints as "taint:k=v": "zone=a,taint:gpu=yes" ("-" for none)."""
+    parts = [f"{key}={node.labels[key]}" for key in sorted(node.labels)]
+    parts += [f"taint:{key}={node.taints[key]}" for key in sorted(node.taints)]
+    return ",".join(parts) or "-"
 
 
 def disk_usage(node: filch_pb2.Node) -> str:
@@ -195,6 +203,9 @@ def disk_usage(node: filch_pb2.Node) -> str:
 def capabilities_text(node: filch_pb2.Node) -> str:
     """Compact: "network-isolated,disk-enforced=false" (the executor has its own column)."""
     parts = []
+    if node.start_backoff:
+        # Stealing nothing: the first thing an operator must see on this line.
+        parts.append(f"START-BACKOFF({node.node_side_start_failures} node-side start failures)")
     for name, value in sorted(node.capabilities.items()):
         if name == capabilities.EXECUTOR:
             continue
@@ -257,6 +268,10 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
         end = timestamp_to_datetime(task.finished_at) if task.HasField("finished_at") else now
         took = format_duration((end - timestamp_to_datetime(task.started_at)).total_seconds())
         fields.append(("Ran for" if task.HasField("finished_at") else "Running for", took))
+    if spec.constraints:
+        fields.append(("Constraints", " && ".join(spec.constraints)))
+    if state_name(task.state) == "PENDING" and not held:
+        fields.append(("Queue", f"{task.ahead:,}{'+' if task.ahead_capped else ''} ahead"))
     if task.message:
         fields.append(("Message", task.message))
     if task.request_id:

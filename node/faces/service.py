@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.core import capabilities, keys, metrics
+from node.core import keys, metrics
 from node.core.errors import (
     Conflict,
     InvalidArgument,
@@ -22,11 +22,11 @@ from node.core.limits import (
     READ_BATCH_RECORDS,
 )
 from node.core.states import FINISHED
-from node.core.units import format_size
 from node.etcd.group_commit import GroupCommitter
 from node.etcd.handback import canceled, handback, outcome
 from node.etcd.store import Store
 from node.etcd.txn import Move, Versioned, written_bytes
+from node.faces import why
 from node.scheduling.admission import Admission, ByteBudget, PendingLimit
 from node.scheduling.arrays import Arrays
 from node.scheduling.conditions import FAILED, WAITING, DependencyCheck, failed, prepare
@@ -250,50 +250,21 @@ class TaskService:
         return sorted(nodes, key=lambda node: (node.name, node.id))
 
     async def explain_pending(self, tasks: list[pb.Task]) -> None:
-        """Fill in message on PENDING tasks no live node could ever fit (derived, never stored)."""
+        """Fill in message on PENDING tasks with why they wait (node/faces/why.py; derived,
+        never stored)."""
         pending = [task for task in tasks if task.state == pb.TASK_STATE_PENDING]
         if not pending:
             return
         nodes = await self.store.list_nodes()
         for task in pending:
-            if task.message:
-                continue
-            allowing = [node for node in nodes
-                        if task.spec.network != "host" or node.allow_host_network]
-            if not nodes:
-                task.message = "no live node; waiting for one to join"
-            elif not allowing:
-                task.message = ("no live node runs --network host tasks: such a task shares "
-                                "the machine's network, so only nodes started with "
-                                "--allow-host-network (unsafe) take it")
-            elif not (able := [node for node in allowing
-                               if capabilities.may_run(node.capabilities, task.spec) is None]):
-                # The first node's reason: every node refuses for one of may_run's few.
-                task.message = capabilities.may_run(allowing[0].capabilities, task.spec) or ""
-            elif not any(_fits_cpu_memory(task.spec, node) for node in able):
-                largest = max(able, key=lambda node: node.cpu_capacity_millis)
-                task.message = (
-                    f"no node can ever fit this task: it asks {task.spec.cpu_millis / 1000:g} "
-                    f"CPUs and {task.spec.memory_bytes} bytes; the largest node offers "
-                    f"{largest.cpu_capacity_millis / 1000:g} CPUs and "
-                    f"{largest.memory_capacity_bytes} bytes")
-            elif not any(_fits_capacity(task.spec, node) for node in able):
-                most = max(node.disk_capacity_bytes for node in able)
-                task.message = (
-                    f"no node has {format_size(task.spec.disk_bytes)} of disk for this "
-                    f"task's /work (--disk); the largest offers {format_size(most)} "
-                    "(--disk-capacity)")
+            waits = why.reason(task, nodes)
+            if waits:
+                task.message = waits
 
-
-def _fits_cpu_memory(spec: pb.TaskSpec, node: pb.Node) -> bool:
-    return (spec.cpu_millis <= node.cpu_capacity_millis
-            and spec.memory_bytes <= node.memory_capacity_bytes)
-
-
-def _fits_capacity(spec: pb.TaskSpec, node: pb.Node) -> bool:
-    # Only an explicit --disk counts here: the default size each node applies is its own
-    # (and its agent refuses a default larger than its capacity).
-    return _fits_cpu_memory(spec, node) and spec.disk_bytes <= node.disk_capacity_bytes
+    async def place_in_queue(self, task: pb.Task) -> None:
+        """Fill in ahead and ahead_capped on a queued task (bounded reads; why.AHEAD_CAP)."""
+        if task.state == pb.TASK_STATE_PENDING and task.hold == pb.HOLD_NONE:
+            task.ahead, task.ahead_capped = await why.place_in_queue(self.store, task)
 
 
 __all__ = ["TaskService", "Versioned"]

@@ -81,6 +81,7 @@ class Membership:
         # by those: every node watches the record): the node record is rewritten.
         self._dirty = state.capacity.subscribe()
         state.capabilities.on_change(self._dirty.set)
+        state.backoff.on_change(self._dirty.set)
         self._registered_at = 0.0
         self._member_id = 0
         self._deadline = 0.0
@@ -214,6 +215,16 @@ class Membership:
             capabilities=self._state.capabilities.snapshot(),
             addresses=self._addresses or [])
         record.registered_at.FromNanoseconds(int(self._registered_at * 1e9))
+        eligibility = self._state.eligibility
+        if eligibility is not None:
+            record.labels.update(eligibility.labels)
+            record.taints.update(eligibility.taints)
+        backoff = self._state.backoff
+        if backoff.active:
+            record.start_backoff = True
+            record.start_backoff_until.FromNanoseconds(int(backoff.until * 1e9))
+            record.node_side_start_failures = backoff.failures
+            record.start_failure = backoff.last_failure[:500]
         # Every stealer reads these for fair share; they change with the allocation, so
         # they ride on the same debounced writes (at most one per PUBLISH_DEBOUNCE).
         for owner, held in self._state.capacity.owners().items():

@@ -17,7 +17,7 @@ from typing import NoReturn
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys, lifecycle, metrics
 from node.core.config import Config
-from node.core.errors import ExecutorError, FilchError
+from node.core.errors import ExecutorError, FilchError, NodeStartError
 from node.etcd import failpoints
 from node.etcd.handback import Cause, handback
 from node.etcd.store import Store, WatchEvent
@@ -106,6 +106,7 @@ class Runner:
                 # it may have run.
                 local.started = True
                 handle = await self._executor.start(spec)
+                self._state.backoff.succeeded()
                 await failpoints.hit("runner.after_start")
                 local.handle = handle
             except (ExecutorError, OSError) as exc:
@@ -116,6 +117,13 @@ class Runner:
                 log.warning("task %s attempt %d failed to start: %s", task.id, task.attempt,
                             message)
                 metrics.START_FAILURES.inc()
+                if isinstance(exc, NodeStartError | OSError):
+                    # This node's fault: the task goes back to the queue, its retries
+                    # untouched, and the node backs off after a few in a row.
+                    self._state.backoff.failed(message)
+                    await self._record_end(local, lifecycle.start_refused(
+                        task, self._config.name, message))
+                    return
                 await self._record_end(local, retries.attempt_ended(
                     task, pb.REASON_START_FAILED, message=message))
                 return
@@ -328,7 +336,7 @@ class Runner:
             return
         # No await since the drain check: the attempt launched here is one it sees.
         if (self._capacity.fits_free(task.spec)
-                and self._state.capabilities.may_run(task.spec) is None):
+                and self._state.refusal(task.spec) is None):
             log.warning("task %s attempt %d: its steal committed but was answered with an "
                         "error: running it now", task_id, task.attempt)
             self._capacity.reserve(task.spec)

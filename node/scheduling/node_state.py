@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from node._gen.filch.v1 import filch_pb2 as pb
 from node.core.capabilities import Capabilities
 from node.core.config import Config
 from node.scheduling.capacity import Capacity
+from node.scheduling.constraints import Eligibility
+from node.scheduling.startfailures import StartBackoff
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,19 @@ class NodeState:
     """Live nodes as the stealer's node watch sees them (paces the node record writes)."""
     live: asyncio.Event = field(default_factory=asyncio.Event)
     """Set while this node holds a fresh lease; stealing and watching wait for it."""
+    eligibility: Eligibility | None = None
+    """Its labels and taints (--label, --taint) with its capabilities: which tasks it may run."""
+    backoff: StartBackoff = field(default_factory=StartBackoff)
+    """Back-off after node-side start failures in a row (the stealer pauses meanwhile)."""
+
+    def __post_init__(self) -> None:
+        if self.eligibility is None:
+            self.eligibility = Eligibility(capabilities=self.capabilities)
+
+    def refusal(self, spec: pb.TaskSpec) -> str | None:
+        """None when this node may run spec; else why not (constraints.Eligibility)."""
+        assert self.eligibility is not None
+        return self.eligibility.refusal(spec)
 
     @classmethod
     def for_config(cls, config: Config, *, capabilities: Capabilities | None = None,
@@ -43,7 +59,10 @@ class NodeState:
         return cls(Capacity(cpu_millis=config.cpu_capacity_millis, memory_bytes=config.memory,
                             disk_bytes=disk_capacity, default_disk=config.default_disk,
                             capabilities=capabilities,
-                            allow_host_network=config.allow_host_network), capabilities)
+                            allow_host_network=config.allow_host_network), capabilities,
+                   eligibility=Eligibility(capabilities=capabilities,
+                                           node_labels=config.label_map,
+                                           taints=config.taint_map))
 
     def owns(self, node_id: str) -> bool:
         """Whether node_id is this node's current registration."""

@@ -91,8 +91,9 @@ class Stealer:
         # Set by new candidates and by every change of the capacity ledger (freed room).
         self._wake = state.capacity.subscribe()
         # A capability that came back (a firewall policy restored) makes tasks this node
-        # set aside runnable again.
+        # set aside runnable again; a start back-off's end makes it steal again.
         state.capabilities.on_change(self._capabilities_changed)
+        state.backoff.on_change(self.wake)
         self._pauses: set[str] = set()
         self._batch = INITIAL_BATCH
         # Clear while a steal transaction is sent and its attempts not yet launched:
@@ -105,8 +106,7 @@ class Stealer:
         self._wake.set()
 
     def _capabilities_changed(self) -> None:
-        """Tasks set aside as never runnable here are looked at again: relist the queue.
-        (One that lost a capability is filtered by the next pass, before any steal.)"""
+        """Tasks set aside as never runnable here are looked at again: relist the queue."""
         self._queue.never_fits.clear()
         self._queue.refill.set()
         self.wake()
@@ -154,8 +154,6 @@ class Stealer:
             group.create_task(self._sweep())
             group.create_task(self._work())
         raise AssertionError("unreachable")
-
-    # -- what the choice reads ---------------------------------------------------------------
 
     async def _watch_queue(self) -> NoReturn:
         """Watch the shards this node is in the chain of; again when they change."""
@@ -273,7 +271,8 @@ class Stealer:
         """Read the heads of the queue and steal, in one transaction, what fair share picks
         among the tasks that fit now. True when a steal succeeded."""
         registration = self._state.registration
-        if registration is None or self.paused or self._capacity.load() >= 1.0:
+        if (registration is None or self.paused or self._capacity.load() >= 1.0
+                or self._state.backoff.active):
             return False
         delay = self._delay()
         metrics.STEAL_DELAY.observe(delay)
@@ -305,9 +304,9 @@ class Stealer:
                         or record.task.hold != pb.HOLD_NONE):
                     self._queue.forget(group, task_id)
                 elif (not self._capacity.fits_ever(record.task.spec)
-                      or self._state.capabilities.may_run(record.task.spec) is not None):
-                    # Never here (too large, or needs what this node cannot enforce):
-                    # set aside until it leaves the queue or the capabilities change.
+                      or self._state.refusal(record.task.spec) is not None):
+                    # Never here (too large, a capability, constraint or taint): set
+                    # aside until it leaves the queue or the capabilities change.
                     self._queue.forget(group, task_id)
                     self._queue.never_fits.add(task_id)
                 else:

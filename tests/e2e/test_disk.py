@@ -156,13 +156,21 @@ def test_a_full_data_dir_fails_the_attempt_not_the_agent(small_node: Cluster) ->
     try:
         assert free_bytes(data_dir) < 64 * 1024
         task_id = small_node.submit("echo", "hello", restart=False)
-        [task] = small_node.wait_finished([task_id], timeout=60)
-        assert task.reason == pb.REASON_START_FAILED, task
-        assert "No space left on device" in task.message, task.message
+        # The node's disk, not the task: the attempt ends START_FAILED, the task goes back
+        # to the queue (no retry spent) and the node backs off after a few such starts.
+        wait_for("the node to back off", lambda: all(
+            node.start_backoff for node in small_node.list_nodes()), timeout=60)
+        task = small_node.get(task_id)
+        assert task.state == pb.TASK_STATE_PENDING and task.retries_used == 0, task
+        assert task.attempts and task.attempts[-1].reason == pb.REASON_START_FAILED, task
+        assert "No space left on device" in task.attempts[-1].message, task
         process = small_node.nodes[0].process
         assert process is not None and process.poll() is None, small_node.nodes[0].log_tail()
     finally:
         filler.unlink()
+    # Room again: the task runs when the back-off ends.
+    [task] = small_node.wait_finished([task_id], timeout=60)
+    assert task.reason == pb.REASON_EXITED and task.exit_code == 0, task
     assert_serving(small_node)
 
 

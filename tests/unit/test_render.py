@@ -15,12 +15,14 @@ TASK_FIELDS = {
     "command", "args", "cpu", "memory_bytes", "disk_bytes", "restart", "network", "attempt",
     "submitted_at", "started_at", "finished_at", "array_id", "array_index", "after", "hold",
     "not_before", "time_limit_seconds", "retries", "retry_on", "retry_backoff_seconds",
-    "retries_used", "priority", "owner", "attempts",
+    "retries_used", "priority", "owner", "attempts", "constraints", "ahead", "ahead_capped",
 }
 NODE_FIELDS = {
     "id", "name", "address", "cpu_capacity", "memory_capacity_bytes", "cpu_allocated",
     "memory_allocated_bytes", "running", "etcd_leader", "executor", "nospace",
     "allow_host_network", "disk_capacity_bytes", "disk_allocated_bytes", "capabilities",
+    "labels", "taints", "start_backoff", "start_backoff_until", "node_side_start_failures",
+    "start_failure",
 }
 NOW = datetime(2026, 11, 27, 7, 15, 0, tzinfo=UTC)
 
@@ -134,7 +136,13 @@ def test_nodes_table_shows_allocation_over_capacity_and_flags() -> None:
     assert header.split()[:3] == ["NAME", "ID", "ADDRESS"]
     assert row.split() == ["node-1", "01234567", "10.0.0.1:7070", "1.5/4", "2Gi/16Gi",
                            "3Gi/100Gi", "3", "runc", "leader,NOSPACE",
-                           "disk-enforced,network-isolated=false"]
+                           "disk-enforced,network-isolated=false", "-"]
+    node.labels["zone"] = "a"
+    node.taints["gpu"] = "yes"
+    node.start_backoff, node.node_side_start_failures = True, 3
+    row = render.nodes_table([node]).splitlines()[1]
+    assert row.split()[-1] == "zone=a,taint:gpu=yes"
+    assert "START-BACKOFF(3" in row
 
 
 def test_nodes_show_disk_as_advisory_where_sizes_are_not_enforced() -> None:

@@ -420,7 +420,10 @@ function renderTask(task) {
     [task.finished_at ? "Ran for" : "Running for", ran],
   ];
   fields.push(...batchFields(task));
-  if (task.message) fields.push(["Message", task.message, "wide"]);
+  if ((task.constraints || []).length) fields.push(["Constraints", task.constraints.join(" && "), "wide mono"]);
+  // Why it waits: its place in the queue (capped) beside the message that says why.
+  if (task.ahead !== null && task.ahead !== undefined) fields.push(["Queue", `${task.ahead.toLocaleString()}${task.ahead_capped ? "+" : ""} ahead`]);
+  if (task.message) fields.push([task.state === "PENDING" ? "Why it waits" : "Message", task.message, "wide"]);
   $("task-fields").replaceChildren(...fields.map(([label, value, extra]) => {
     const wide = extra && extra.includes("wide");
     const mono = extra && extra.includes("mono");
@@ -541,6 +544,12 @@ function meter(label, used, total, format, unit) {
     el("div", { class: "bar", role: "meter", "aria-valuenow": String(used), "aria-valuemax": String(total) }, fill));
 }
 
+function labelsLine(node) {
+  const pairs = [...Object.entries(node.labels || {}).map(([key, value]) => `${key}=${value}`),
+    ...Object.entries(node.taints || {}).map(([key, value]) => `taint ${key}=${value}`)];
+  return pairs.length ? el("div", { class: "node-meta mono", text: pairs.join(" · ") }) : null;
+}
+
 function renderNodes(nodes) {
   nodes.sort((a, b) => (a.name || a.id).localeCompare(b.name || b.id));
   const sum = (key) => nodes.reduce((total, node) => total + node[key], 0);
@@ -554,8 +563,10 @@ function renderNodes(nodes) {
     el("div", { class: "node-head" },
       el("h3", { text: node.name || shortId(node.id) }),
       node.etcd_leader ? el("span", { class: "badge leader", text: "etcd leader", title: "This node's etcd member leads the cluster" }) : null,
-      node.nospace ? el("span", { class: "badge nospace", text: "NOSPACE", title: "etcd is out of space: nothing new is accepted" }) : null),
+      node.nospace ? el("span", { class: "badge nospace", text: "NOSPACE", title: "etcd is out of space: nothing new is accepted" }) : null,
+      node.start_backoff ? el("span", { class: "badge nospace", text: "START BACK-OFF", title: `steals nothing until ${node.start_backoff_until}: ${node.start_failure}` }) : null),
     el("div", { class: "node-meta mono", text: `${node.address} · ${shortId(node.id)}` }),
+    labelsLine(node),
     meter("CPU", node.cpu_allocated, node.cpu_capacity, formatCpu, " cores"),
     meter("Memory", node.memory_allocated_bytes, node.memory_capacity_bytes, formatSize, ""),
     // Disk is counted only where /work sizes are enforced; elsewhere the size is advisory.

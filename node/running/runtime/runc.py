@@ -27,7 +27,8 @@ import resource
 import shutil
 from pathlib import Path
 
-from node.core.errors import ExecutorError, InvalidArgument
+from node.core.errors import ExecutorError, InvalidArgument, NodeStartError
+from node.etcd import failpoints
 from node.running.runtime import cgroups, scratch
 from node.running.runtime import network as net
 from node.running.runtime.base import AttemptSpec, ExitStatus, exits_within
@@ -166,7 +167,12 @@ class RuncExecutor:
         if self._network is None:
             raise ExecutorError("this executor has no task network: use --network none "
                                 "or host")
-        return await self._network.attach()
+        try:
+            await failpoints.hit("network.attach")
+            return await self._network.attach()
+        except ExecutorError as exc:
+            # The node's task network, not the task: counts toward its start back-off.
+            raise NodeStartError(str(exc)) from None
 
     async def _start(self, spec: AttemptSpec, lease: net.Lease | None) -> RuncAttempt:
         cid = spec.container_id
@@ -194,7 +200,7 @@ class RuncExecutor:
             output = CappedLog(path=spec.log_path, cap=spec.max_log_bytes)
         except OSError as exc:
             shutil.rmtree(bundle, ignore_errors=True)
-            raise ExecutorError(f"cannot prepare attempt {cid}: {exc}") from exc
+            raise NodeStartError(f"cannot prepare attempt {cid}: {exc}") from exc
         try:
             if spec.disk_bytes and self.disk_limits:
                 await scratch.mount(bundle / "work", spec.disk_bytes, self._task_uid,
@@ -214,7 +220,9 @@ class RuncExecutor:
             await scratch.unmount(bundle / "work")
             shutil.rmtree(bundle, ignore_errors=True)
             if isinstance(exc, OSError):
-                raise ExecutorError(f"cannot run {self._runc}: {exc}") from exc
+                raise NodeStartError(f"cannot run {self._runc}: {exc}") from exc
+            if isinstance(exc, ExecutorError) and not isinstance(exc, NodeStartError):
+                raise NodeStartError(str(exc)) from exc     # /work's image or mount
             raise
         output.started()
         return RuncAttempt(executor=self, container_id=cid, bundle=bundle, process=process,

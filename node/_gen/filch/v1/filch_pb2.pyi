@@ -213,6 +213,7 @@ class TaskSpec(_message.Message):
     RETRY_BACKOFF_SECONDS_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     OWNER_FIELD_NUMBER: _builtins.int
+    CONSTRAINTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """optional human label, <= 253 chars"""
     command: _builtins.str
@@ -251,6 +252,12 @@ class TaskSpec(_message.Message):
     def retry_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """failure classes retried: failed, oom, timeout, start-failed"""
 
+    @_builtins.property
+    def constraints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Where it may run, all must hold: KEY=VALUE, KEY!=VALUE, KEY in (A,B), KEY, !KEY over
+        the node's labels and capabilities (filch.io/...). Naming a taint's key admits it there.
+        """
+
     def __init__(
         self,
         *,
@@ -271,10 +278,11 @@ class TaskSpec(_message.Message):
         retry_backoff_seconds: _builtins.float = ...,
         priority: _builtins.int = ...,
         owner: _builtins.str = ...,
+        constraints: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_restart", b"_restart", "restart", b"restart"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_restart", b"_restart", "after", b"after", "args", b"args", "command", b"command", "cpu_millis", b"cpu_millis", "disk_bytes", b"disk_bytes", "env", b"env", "memory_bytes", b"memory_bytes", "name", b"name", "network", b"network", "owner", b"owner", "priority", b"priority", "restart", b"restart", "retries", b"retries", "retry_backoff_seconds", b"retry_backoff_seconds", "retry_on", b"retry_on", "time_limit_seconds", b"time_limit_seconds", "workdir", b"workdir"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_restart", b"_restart", "after", b"after", "args", b"args", "command", b"command", "constraints", b"constraints", "cpu_millis", b"cpu_millis", "disk_bytes", b"disk_bytes", "env", b"env", "memory_bytes", b"memory_bytes", "name", b"name", "network", b"network", "owner", b"owner", "priority", b"priority", "restart", b"restart", "retries", b"retries", "retry_backoff_seconds", b"retry_backoff_seconds", "retry_on", b"retry_on", "time_limit_seconds", b"time_limit_seconds", "workdir", b"workdir"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__restart: _TypeAlias = _typing.Literal["restart"]  # noqa: Y015
     _WhichOneofArgType__restart: _TypeAlias = _typing.Literal["_restart", b"_restart"]  # noqa: Y015
@@ -357,6 +365,8 @@ class Task(_message.Message):
     HOLD_FIELD_NUMBER: _builtins.int
     NOT_BEFORE_FIELD_NUMBER: _builtins.int
     RETRIES_USED_FIELD_NUMBER: _builtins.int
+    AHEAD_FIELD_NUMBER: _builtins.int
+    AHEAD_CAPPED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___TaskState.ValueType
     reason: Global___Reason.ValueType
@@ -382,6 +392,10 @@ class Task(_message.Message):
     """PENDING only: why it is not in the queue yet"""
     retries_used: _builtins.int
     """how many of spec.retries have been spent"""
+    ahead: _builtins.int
+    """GetTask, PENDING only: queued tasks of higher rank (derived)"""
+    ahead_capped: _builtins.bool
+    """ahead is a lower bound ("10,000+ ahead")"""
     @_builtins.property
     def spec(self) -> Global___TaskSpec: ...
     @_builtins.property
@@ -422,10 +436,12 @@ class Task(_message.Message):
         hold: Global___Hold.ValueType = ...,
         not_before: _timestamp_pb2.Timestamp | None = ...,
         retries_used: _builtins.int = ...,
+        ahead: _builtins.int = ...,
+        ahead_capped: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "not_before", b"not_before", "spec", b"spec", "started_at", b"started_at", "submitted_at", b"submitted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["array_id", b"array_id", "array_index", b"array_index", "attempt", b"attempt", "attempts", b"attempts", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "finished_at", b"finished_at", "hold", b"hold", "id", b"id", "message", b"message", "node_address", b"node_address", "node_id", b"node_id", "node_name", b"node_name", "not_before", b"not_before", "reason", b"reason", "request_id", b"request_id", "retries_used", b"retries_used", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ahead", b"ahead", "ahead_capped", b"ahead_capped", "array_id", b"array_id", "array_index", b"array_index", "attempt", b"attempt", "attempts", b"attempts", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "finished_at", b"finished_at", "hold", b"hold", "id", b"id", "message", b"message", "node_address", b"node_address", "node_id", b"node_id", "node_name", b"node_name", "not_before", b"not_before", "reason", b"reason", "request_id", b"request_id", "retries_used", b"retries_used", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -613,6 +629,46 @@ class Node(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class TaintsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     NAME_FIELD_NUMBER: _builtins.int
     ADDRESS_FIELD_NUMBER: _builtins.int
@@ -632,6 +688,12 @@ class Node(_message.Message):
     DISK_CAPACITY_BYTES_FIELD_NUMBER: _builtins.int
     DISK_ALLOCATED_BYTES_FIELD_NUMBER: _builtins.int
     CAPABILITIES_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    TAINTS_FIELD_NUMBER: _builtins.int
+    START_BACKOFF_FIELD_NUMBER: _builtins.int
+    START_BACKOFF_UNTIL_FIELD_NUMBER: _builtins.int
+    NODE_SIDE_START_FAILURES_FIELD_NUMBER: _builtins.int
+    START_FAILURE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     address: _builtins.str
@@ -654,6 +716,12 @@ class Node(_message.Message):
     """--disk-capacity (or auto: its /work file system minus a reserve)"""
     disk_allocated_bytes: _builtins.int
     """what its running attempts' /work sizes add up to"""
+    start_backoff: _builtins.bool
+    """steals nothing: its last starts failed for node-side reasons"""
+    node_side_start_failures: _builtins.int
+    """consecutive starts that failed for node-side reasons"""
+    start_failure: _builtins.str
+    """the last node-side start failure, while backed off"""
     @_builtins.property
     def registered_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -667,6 +735,18 @@ class Node(_message.Message):
     @_builtins.property
     def capabilities(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """filch.io/... -> value (node/capabilities.py)"""
+
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """--label: what constraints match (besides capabilities)"""
+
+    @_builtins.property
+    def taints(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """--taint: takes only tasks whose constraints name the key"""
+
+    @_builtins.property
+    def start_backoff_until(self) -> _timestamp_pb2.Timestamp:
+        """when it tries again"""
 
     def __init__(
         self,
@@ -690,10 +770,16 @@ class Node(_message.Message):
         disk_capacity_bytes: _builtins.int = ...,
         disk_allocated_bytes: _builtins.int = ...,
         capabilities: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        taints: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        start_backoff: _builtins.bool = ...,
+        start_backoff_until: _timestamp_pb2.Timestamp | None = ...,
+        node_side_start_failures: _builtins.int = ...,
+        start_failure: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["registered_at", b"registered_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["registered_at", b"registered_at", "start_backoff_until", b"start_backoff_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "addresses", b"addresses", "allow_host_network", b"allow_host_network", "capabilities", b"capabilities", "cpu_allocated_millis", b"cpu_allocated_millis", "cpu_capacity_millis", b"cpu_capacity_millis", "disk_allocated_bytes", b"disk_allocated_bytes", "disk_capacity_bytes", b"disk_capacity_bytes", "etcd_leader", b"etcd_leader", "etcd_member_id", b"etcd_member_id", "executor", b"executor", "id", b"id", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_capacity_bytes", b"memory_capacity_bytes", "name", b"name", "nospace", b"nospace", "owners", b"owners", "registered_at", b"registered_at", "running", b"running"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "addresses", b"addresses", "allow_host_network", b"allow_host_network", "capabilities", b"capabilities", "cpu_allocated_millis", b"cpu_allocated_millis", "cpu_capacity_millis", b"cpu_capacity_millis", "disk_allocated_bytes", b"disk_allocated_bytes", "disk_capacity_bytes", b"disk_capacity_bytes", "etcd_leader", b"etcd_leader", "etcd_member_id", b"etcd_member_id", "executor", b"executor", "id", b"id", "labels", b"labels", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_capacity_bytes", b"memory_capacity_bytes", "name", b"name", "node_side_start_failures", b"node_side_start_failures", "nospace", b"nospace", "owners", b"owners", "registered_at", b"registered_at", "running", b"running", "start_backoff", b"start_backoff", "start_backoff_until", b"start_backoff_until", "start_failure", b"start_failure", "taints", b"taints"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,109 @@
+"""Why a pending task waits: its place in the queue, and why no node has taken it.
+
+Derived when a task is read (GetTask, ListTasks, the HTTP API, the UI), never stored.
+The reasons come from what every node publishes in its record (capabilities, labels,
+taints, start back-off, free CPU and memory), checked with the same rules the stealer
+applies (node/scheduling/constraints.py), so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from node.core import keys
+from node.core.units import format_size
+from node.etcd.store import Store
+from node.scheduling.constraints import node_refusal
+from node.scheduling.ranking import is_full
+
+# "ahead" counts at most this many: reading more keys for a status line would cost more
+# than the answer is worth ("10,000+ ahead" says enough at a million pending).
+AHEAD_CAP = 10_000
+
+
+def reason(task: pb.Task, nodes: list[pb.Node]) -> str | None:
+    """Why PENDING task waits, in one sentence a user can act on; None when it is simply
+    in the queue (a node with room will take it) or held for its array."""
+    if task.hold == pb.HOLD_DEPENDENCIES:
+        return task.message or "held by its dependencies (spec.after)"
+    if task.hold == pb.HOLD_RETRY:
+        until = datetime.datetime.fromtimestamp(task.not_before.ToNanoseconds() / 1e9,
+                                                datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return f"retry back-off until {until}" + (f": {task.message}" if task.message else "")
+    if task.hold != pb.HOLD_NONE:
+        return None
+    spec = task.spec
+    if not nodes:
+        return "no live node; waiting for one to join"
+    allowing = [node for node in nodes if spec.network != "host" or node.allow_host_network]
+    if not allowing:
+        return ("no live node runs --network host tasks: such a task shares the machine's "
+                "network, so only nodes started with --allow-host-network (unsafe) take it")
+    able = [node for node in allowing if node_refusal(node, spec) is None]
+    if not able:
+        refusal = node_refusal(allowing[0], spec) or ""
+        if refusal.startswith(("constraint", "taint")):
+            return (f"no live node satisfies {refusal}; it runs when a matching node joins "
+                    "(filch nodes shows labels and taints)")
+        return refusal
+    if not any(_fits_cpu_memory(spec, node) for node in able):
+        largest = max(able, key=lambda node: node.cpu_capacity_millis)
+        return (f"no node can ever fit this task: it asks {spec.cpu_millis / 1000:g} CPUs "
+                f"and {spec.memory_bytes} bytes; the largest node offers "
+                f"{largest.cpu_capacity_millis / 1000:g} CPUs and "
+                f"{largest.memory_capacity_bytes} bytes")
+    if not any(_fits_cpu_memory(spec, node) and spec.disk_bytes <= node.disk_capacity_bytes
+               for node in able):
+        most = max(node.disk_capacity_bytes for node in able)
+        return (f"no node has {format_size(spec.disk_bytes)} of disk for this task's /work "
+                f"(--disk); the largest offers {format_size(most)} (--disk-capacity)")
+    working = [node for node in able if not node.start_backoff]
+    if not working:
+        names = ", ".join(sorted(node.name for node in able))
+        return (f"every node that may run it is backed off after node-side start failures "
+                f"({names}; see filch nodes)")
+    if not any(_free_cpu(node) >= spec.cpu_millis and _free_memory(node) >= spec.memory_bytes
+               for node in working if not is_full(node)):
+        cpu = max(_free_cpu(node) for node in working)
+        memory = max(_free_memory(node) for node in working)
+        if not any(_free_cpu(node) >= spec.cpu_millis for node in working):
+            return (f"no node has {spec.cpu_millis / 1000:g} CPUs free (the largest free is "
+                    f"{cpu / 1000:g}); it runs when running tasks end")
+        return (f"no node has {format_size(spec.memory_bytes)} of memory free (the largest "
+                f"free is {format_size(memory)}); it runs when running tasks end")
+    return None
+
+
+async def place_in_queue(store: Store, task: pb.Task) -> tuple[int, bool]:
+    """(tasks ahead of a queued task, capped): queued tasks of higher priority, or of the
+    same priority and older. Two keys-only reads of at most AHEAD_CAP + 1 keys each."""
+    spec = task.spec
+    rank = keys.queue_rank(spec.priority)
+    higher = await store.list_page(keys.QUEUE, keys.QUEUE + rank, limit=AHEAD_CAP + 1)
+    ahead = len(higher.keys)
+    if ahead > AHEAD_CAP:
+        return AHEAD_CAP, True
+    # The same priority: every owner's keys, older ones (ids are time-ordered UUIDs).
+    same_prefix = keys.QUEUE + rank + b"/"
+    same = await store.list_page(same_prefix, keys.prefix_end(same_prefix),
+                                 limit=AHEAD_CAP + 1 - ahead)
+    older = sum(1 for key in same.keys if keys.parse_queue(key)[2] < task.id)
+    capped = len(same.keys) > AHEAD_CAP - ahead
+    return min(AHEAD_CAP, ahead + older), capped
+
+
+def _fits_cpu_memory(spec: pb.TaskSpec, node: pb.Node) -> bool:
+    return (spec.cpu_millis <= node.cpu_capacity_millis
+            and spec.memory_bytes <= node.memory_capacity_bytes)
+
+
+def _free_cpu(node: pb.Node) -> int:
+    return max(0, node.cpu_capacity_millis - node.cpu_allocated_millis)
+
+
+def _free_memory(node: pb.Node) -> int:
+    return max(0, node.memory_capacity_bytes - node.memory_allocated_bytes)
+
+
+__all__ = ["AHEAD_CAP", "place_in_queue", "reason"]
