@@ -34,7 +34,8 @@ from typing import Any
 # order is numeric order.
 ID_SPACE = 1 << 128
 # The first window: 2**72 of the id space is 1/256 of one millisecond of UUIDv7s, where
-# an array of 100,000 (all of one millisecond) puts ~400 tasks.
+# an array (all of one millisecond, 32 members per 2**64: keys.array_task_id) puts up to
+# 8,192 tasks.
 FIRST_WINDOW = 1 << 72
 # Each next window is this many times wider: a stretch of a day without ids is crossed
 # in ~15 reads; an overshoot walks at most this many times what was needed.
@@ -111,6 +112,26 @@ class IdRanges:
             more = True     # stopped at limit: something may follow (a page says so)
         self._remember(start, prefix, found, limit)
         return found, more
+
+    async def count(self, prefix: bytes, end: bytes, *, below: bytes = b"", cap: int) -> int:
+        """How many keys of [prefix, end) sort before the key `below` (all of them when
+        empty), exact up to cap (past it: some number > cap). Count-only reads of windows of
+        the id space from the range's first key, so etcd walks about the keys counted (at
+        most GROWTH times cap, plus one window's), never the whole range."""
+        first, _ = await self.first(prefix, end, limit=1, keys_only=True)
+        if not first:
+            return 0
+        low = id_number(prefix, first[0].key)
+        stop = id_number(prefix, below) if below else ID_SPACE
+        total, width = 0, FIRST_WINDOW
+        while low < stop and total <= cap:
+            high = min(low + width, stop)
+            response = await self._read(id_key(prefix, low),
+                                        id_key(prefix, high) if high < ID_SPACE else end,
+                                        count_only=True)
+            total += int(response.count)
+            low, width = high, width * GROWTH
+        return total
 
     def _remember(self, start: tuple[bytes, int], prefix: bytes, found: list[Any],
                   limit: int) -> None:

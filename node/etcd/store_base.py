@@ -188,6 +188,12 @@ class StoreBase:
                                                limit=limit, keys_only=True)
         return [kv.key for kv in found]
 
+    async def count_ids(self, prefix: bytes, *, below: bytes = b"", cap: int) -> int:
+        """Keys under prefix (ending in task ids) before the key `below` (all when empty),
+        exact up to cap, at a cost of about min(cap, that count) keys (IdRanges.count)."""
+        return await self._id_ranges.count(prefix, keys.prefix_end(prefix), below=below,
+                                           cap=cap)
+
     async def list_page(self, start: bytes, end: bytes, *, limit: int) -> KeyPage:
         """Keys of [start, end) in key order, at most limit, with the revision read at."""
         response = await self._range(start, end, limit=limit, keys_only=True)

@@ -77,20 +77,21 @@ def reason(task: pb.Task, nodes: list[pb.Node]) -> str | None:
 
 async def place_in_queue(store: Store, task: pb.Task) -> tuple[int, bool]:
     """(tasks ahead of a queued task, capped): queued tasks of higher priority, or of the
-    same priority and older. Two keys-only reads of at most AHEAD_CAP + 1 keys each."""
-    spec = task.spec
-    rank = keys.queue_rank(spec.priority)
-    higher = await store.list_page(keys.QUEUE, keys.QUEUE + rank, limit=AHEAD_CAP + 1)
-    ahead = len(higher.keys)
-    if ahead > AHEAD_CAP:
-        return AHEAD_CAP, True
-    # The same priority: every owner's keys, older ones (ids are time-ordered UUIDs).
-    same_prefix = keys.QUEUE + rank + b"/"
-    same = await store.list_page(same_prefix, keys.prefix_end(same_prefix),
-                                 limit=AHEAD_CAP + 1 - ahead)
-    older = sum(1 for key in same.keys if keys.parse_queue(key)[2] < task.id)
-    capped = len(same.keys) > AHEAD_CAP - ahead
-    return min(AHEAD_CAP, ahead + older), capped
+    same priority and older (ids are time-ordered UUIDs). The groups come from their marks
+    (keys.GROUPS), each group is counted in id windows up to what is still missing of
+    AHEAD_CAP: at a million pending a status line costs about AHEAD_CAP keys of etcd's
+    index, never the whole queue."""
+    ahead = 0
+    for mark in await store.list_ids(keys.GROUPS):
+        priority, owner = keys.parse_group_mark(mark)
+        if priority < task.spec.priority:
+            break           # marks sort by rank: every later group is of lower priority
+        prefix = keys.queue_group(priority, owner)
+        below = keys.queue(priority, owner, task.id) if priority == task.spec.priority else b""
+        ahead += await store.count_ids(prefix, below=below, cap=AHEAD_CAP - ahead)
+        if ahead > AHEAD_CAP:
+            return AHEAD_CAP, True
+    return ahead, False
 
 
 def _fits_cpu_memory(spec: pb.TaskSpec, node: pb.Node) -> bool:

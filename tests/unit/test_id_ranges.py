@@ -82,3 +82,32 @@ async def test_a_task_queued_again_below_the_first_seen_id_is_listed(store: Stor
                                      limit=100, keys_only=True)
     assert [kv.key for kv in found] == [PREFIX + task_id.encode() for task_id in ids[5:]]
     assert not more
+
+
+async def test_counts_below_a_key_are_exact_to_the_cap_and_walk_about_the_cap(
+        store: Store) -> None:
+    """The place of a task in a deep queue ("12 ahead"): counted in windows, so etcd walks
+    about the keys counted (capped), never the whole range."""
+    array_id = keys.new_task_id()
+    ids = sorted({*(keys.array_task_id(array_id, position) for position in range(20_000)),
+                  *(keys.new_task_id() for _ in range(500))})
+    await _fill(store, ids)
+    everything = [PREFIX + task_id.encode() for task_id in ids]
+    walked: list[int] = []
+
+    async def read(start: bytes, end: bytes, **options: Any) -> Any:
+        walked.append(sum(1 for key in everything if start <= key < end))
+        return await store._range(start, end, **options)
+
+    ranges = IdRanges(read=read)
+    end = keys.prefix_end(PREFIX)
+    await ranges.first(PREFIX, end, limit=1, keys_only=True)    # learns the size once
+    for position in (0, 1, 700, 9_999, 10_000):
+        assert await ranges.count(PREFIX, end, below=everything[position],
+                                  cap=10_000) == position
+    assert await ranges.count(PREFIX, end, cap=30_000) == len(everything)
+    # Capped: past 1,000 counted it stops, having walked a few times the cap plus at most
+    # one first window (an array puts up to 8,192 members in one), not the 20,500 keys.
+    walked.clear()
+    counted = await ranges.count(PREFIX, end, below=everything[20_400], cap=1_000)
+    assert counted > 1_000 and sum(walked) <= id_ranges.GROWTH * 1_000 + 8_192, walked
