@@ -36,6 +36,7 @@ from node.etcd import failpoints
 from node.etcd.etcd_client import EtcdTLS
 from node.etcd.store import Store
 from node.faces.api import SchedulerServicer, add_to_server
+from node.faces.events import EventService
 from node.faces.logs import LogService
 from node.faces.service import TaskService
 from node.faces.sessions import SessionService
@@ -244,11 +245,13 @@ class Agent:
         interceptors = [TokenInterceptor(token=security.token)] if security.token else []
         server = grpc.aio.server(
             interceptors=interceptors,
-            maximum_concurrent_rpcs=limits.max_concurrent_rpcs(config.max_log_streams))
+            maximum_concurrent_rpcs=limits.max_concurrent_rpcs(
+                config.max_log_streams + config.max_event_streams))
         add_to_server(SchedulerServicer(
             tasks=tasks, logs=LogService(config=config, store=store, runner=runner,
                                          security=security),
-            sessions=SessionService(store=store, ttl=config.session_ttl)),
+            sessions=SessionService(store=store, ttl=config.session_ttl),
+            events=EventService(config=config, store=store)),
                       server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

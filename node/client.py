@@ -104,6 +104,26 @@ class LogCall:
         self._call.cancel()
 
 
+class EventCall:
+    """The event stream as an iterator of WatchResponses (one per etcd revision); cancel()
+    ends it from another thread."""
+
+    def __init__(self, *, call: Any, client: Client) -> None:
+        self._call = call
+        self._client = client
+
+    def __iter__(self) -> Iterator[pb.WatchResponse]:
+        try:
+            yield from self._call
+        except grpc.RpcError as error:
+            if error.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
+                return  # cancel() ended it
+            raise self._client.error(error, None) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
 class Client:
     """Calls to one filch node. The channel is made on first use in each process (a gRPC
     channel must not cross a fork, and gunicorn forks its workers) and shared by threads."""
@@ -292,6 +312,14 @@ class Client:
         log lasts as long as the task, and a big one takes as long as it takes."""
         request = pb.StreamLogsRequest(id=task_id, follow=follow, attempt=attempt)
         return LogCall(call=self._stub.StreamLogs(request), client=self)
+
+    def watch(self, since: int = 0, task_id: str = "") -> EventCall:
+        """Task and node events of revisions > since (0: from now on), then follow. No
+        deadline: it lasts until cancelled. OUT_OF_RANGE (a ClientError) when since was
+        compacted: re-list, then watch from now on."""
+        return EventCall(call=self._stub.Watch(pb.WatchRequest(since_revision=since,
+                                                               task_id=task_id)),
+                         client=self)
 
     def list(self, state: str | int | None = None, limit: int | None = None, *,
              array_id: str = "") -> list[pb.Task]:

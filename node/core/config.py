@@ -158,6 +158,9 @@ class Config:
         "alarm, which then stops every write.")})
     max_log_streams: int = field(default=limits.DEFAULT_MAX_LOG_STREAMS, metadata={"help": (
         "Concurrent log streams this node serves; beyond it RESOURCE_EXHAUSTED.")})
+    max_event_streams: int = field(default=limits.DEFAULT_MAX_EVENT_STREAMS, metadata={"help": (
+        "Concurrent event streams (`filch events`, GET /api/v1/events) this node serves; "
+        "beyond it RESOURCE_EXHAUSTED.")})
     session_ttl: int = field(default=12 * 3600, metadata={"help": (
         "Seconds a web UI sign-in lasts (sessions this node creates); sign-out ends it sooner.")})
     tls_ca: str = field(default="", metadata={"help": (
@@ -306,6 +309,8 @@ class Config:
                                   f"{MIN_SESSION_TTL}..{MAX_SESSION_TTL} seconds (30 days)")
         if self.max_log_streams < 1:
             raise InvalidArgument("max_log_streams", "must be at least 1")
+        if self.max_event_streams < 1:
+            raise InvalidArgument("max_event_streams", "must be at least 1")
         tls = (self.tls_ca, self.tls_cert, self.tls_key)
         if any(tls) and not all(tls):
             raise InvalidArgument("tls_ca", "set tls_ca, tls_cert and tls_key together")

@@ -108,6 +108,13 @@ CLIENT_MAX_RECEIVE_BYTES = MAX_ARRAY_TASKS * ARRAY_ID_BYTES + MAX_RECORD_BYTES +
 # coroutine and, while its task is pending, one etcd watch. Beyond it: RESOURCE_EXHAUSTED.
 DEFAULT_MAX_LOG_STREAMS = 1000
 
+# Concurrent event streams per node (default of --max-event-streams). Each holds an etcd
+# watch over every task record and node record change, decoding each record it is sent: a
+# few dozen dashboards and scripts per node, not one per browser tab of a big team (those
+# go through a node's HTTP face, one stream per tab).
+DEFAULT_MAX_EVENT_STREAMS = 64
+
+
 # Concurrent RPCs of the gRPC server: every log stream plus as many unary calls, so that
 # a full set of followers never starves Submit or ListTasks. Beyond it gRPC itself answers
 # RESOURCE_EXHAUSTED.

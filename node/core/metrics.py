@@ -117,6 +117,9 @@ API_REQUESTS = Counter("filch_api_requests_total", "gRPC requests by method and 
 API_LATENCY = Histogram("filch_api_request_duration_seconds", "gRPC request handling time.",
                         ["method"], buckets=LATENCY_BUCKETS)
 LOG_STREAMS = Gauge("filch_log_streams", "Log streams this node serves now (--max-log-streams).")
+EVENT_STREAMS = Gauge("filch_event_streams",
+                      "Event streams (Watch, GET /api/v1/events) this node serves now "
+                      "(--max-event-streams).")
 
 # -- batch work (issue 12): holds, dependencies, time limits, retries, fair share
 BLOCKED = Gauge("filch_tasks_blocked",

@@ -60,6 +60,9 @@ class WatchEvent:
     key: bytes
     value: bytes
     revision: int
+    # The value before this change, when the watch asked for it (prev_kv); b"" otherwise
+    # and for a key that did not exist.
+    prev_value: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -332,14 +335,15 @@ class StoreBase:
         return int(response.header.revision)
 
     async def watch(self, prefix: bytes, start_revision: int, *,
-                    deletes_only: bool = False,
-                    range_end: bytes = b"") -> AsyncIterator[WatchEvent]:
+                    deletes_only: bool = False, range_end: bytes = b"",
+                    prev_kv: bool = False) -> AsyncIterator[WatchEvent]:
         """Every change under prefix (or, with range_end, in [prefix, range_end)) from
         start_revision on, until the stream breaks.
 
         deletes_only: etcd filters out the puts (WatchCreateRequest's NOPUT filter) on its
         side, so a watcher that only cares about keys going away is not woken, nor sent
         the value, by every rewrite of a record.
+        prev_kv: each event also carries the key's previous value (prev_value).
         Raises Compacted when start_revision is no longer in etcd's history, and
         StoreUnavailable when the stream fails; the caller re-lists and watches again.
         Cancelling the consumer cancels the etcd watch.
@@ -349,14 +353,15 @@ class StoreBase:
             # (aetcd's watch_prefix ignores a range_end: watch() takes it.)
             stream = await self._client.watch(
                 prefix, range_end=range_end or keys.prefix_end(prefix),
-                start_revision=start_revision, kind=kind)
+                start_revision=start_revision, kind=kind, prev_kv=prev_kv)
         except ETCD_ERRORS as exc:
             raise translate(exc) from exc
         try:
             async for event in stream:
                 _REQUESTS["watch_event"].inc()
                 yield WatchEvent(deleted=event.kind == "DELETE", key=event.kv.key,
-                                 value=event.kv.value, revision=event.kv.mod_revision)
+                                 value=event.kv.value, revision=event.kv.mod_revision,
+                                 prev_value=event.prev_kv.value if event.prev_kv else b"")
         except ETCD_ERRORS as exc:
             raise translate(exc) from exc
         finally:

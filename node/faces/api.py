@@ -19,6 +19,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.core import metrics, validation
 from node.core.errors import (
+    Compacted,
     Conflict,
     FilchError,
     InvalidArgument,
@@ -30,6 +31,7 @@ from node.core.errors import (
     StoreUnavailable,
     TaskNotFound,
 )
+from node.faces.events import EventService
 from node.faces.logs import PROXIED_HEADER, LogService
 from node.faces.owners import OwnerService, owner_name, owner_weight
 from node.faces.service import TaskService
@@ -127,10 +129,11 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     """filch.v1.Scheduler on this node."""
 
     def __init__(self, *, tasks: TaskService, logs: LogService,
-                 sessions: SessionService) -> None:
+                 sessions: SessionService, events: EventService) -> None:
         self._tasks = tasks
         self._logs = logs
         self._sessions = sessions
+        self._events = events
 
     @_unary
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
@@ -195,6 +198,30 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             await _abort(context, exc)
         finally:
             _count("StreamLogs", context, started)
+
+    async def Watch(self, request: pb.WatchRequest,
+                    context: Any) -> AsyncIterator[pb.WatchResponse]:
+        started = time.monotonic()
+        try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument("request", request.message)
+            if request.since_revision < 0:
+                raise InvalidArgument("since_revision", f"{request.since_revision}: must be "
+                                      "0 (from now on) or a revision a stream reported")
+            task_id = validation.task_id(request.task_id, "task_id") if request.task_id else ""
+            async for response in self._events.watch(request.since_revision, task_id):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Compacted as exc:
+            await context.abort(grpc.StatusCode.OUT_OF_RANGE, (
+                f"revision {request.since_revision} is no longer in etcd's history (compacted "
+                f"up to {exc.revision}): re-list (`filch ls`, `filch nodes`), then follow "
+                "from now on (without --since)"))
+        except Exception as exc:  # mapped to a status code, never swallowed
+            await _abort(context, exc)
+        finally:
+            _count("Watch", context, started)
 
     # -- owners (fair share) -------------------------------------------------------------
 

@@ -17,6 +17,8 @@ parsing and JSON answers node/faces/http_wire.py, log streaming node/faces/http_
     POST /api/v1/arrays/<id>/cancel     every unfinished task of the array: {"canceled": N}
     GET  /api/v1/tasks/<id>/logs        ?follow=1&attempt=N, streamed as text/plain
     GET  /api/v1/nodes
+    GET  /api/v1/events                 ?since=R&task=ID: server-sent events, one message per
+                                        etcd revision (node/faces/http_events.py)
     GET  /api/v1/owners                 fair share: weight, usage and share of every owner
     POST /api/v1/owners/<name>/weight   {"weight": W}
     GET  /                              the web UI (files in node/faces/web/)
@@ -45,6 +47,7 @@ from wsgiref.types import StartResponse, WSGIEnvironment
 from node.client import DEFAULT_SERVER, Client
 from node.core.errors import ClientError, HttpError, InvalidRequest, NotFound, Refused
 from node.core.tls import Security
+from node.faces import http_events
 from node.faces.http_api import Api
 from node.faces.http_wire import Request, Response, failure, json_response
 from node.faces.webauth import Gate, cleared_cookie, default_hosts, session_cookie
@@ -143,6 +146,7 @@ class App:
             (r"/api/v1/tasks/(?P<id>[^/]+)/logs", PRIVATE, {"GET": api.logs}),
             (r"/api/v1/arrays/(?P<id>[^/]+)/cancel", PRIVATE, {"POST": api.cancel_array}),
             (r"/api/v1/nodes", PRIVATE, {"GET": api.list_nodes}),
+            (r"/api/v1/events", PRIVATE, {"GET": self.events}),
             (r"/api/v1/owners", PRIVATE, {"GET": api.list_owners}),
             (r"/api/v1/owners/(?P<name>[^/]+)/weight", PRIVATE, {"POST": api.set_owner_weight}),
             (r"/api/.*", PRIVATE, {}),  # unknown API paths: 401 before 404, as the rest
@@ -225,6 +229,9 @@ class App:
                                  f"use {allowed}", [("Allow", allowed)])
         _, handler, match = found[0]
         return handler(request, match)
+
+    def events(self, request: Request, match: re.Match[str]) -> Response:
+        return http_events.events(self.daemon, request)
 
     # -- the web UI ----------------------------------------------------------------------------
 

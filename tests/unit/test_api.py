@@ -56,8 +56,8 @@ async def api() -> AsyncIterator[tuple[pb_grpc.SchedulerStub, FakeTasks]]:
     fake_logs: Any = FakeLogs()
     fake_sessions: Any = object()
     server = grpc.aio.server()
-    add_to_server(SchedulerServicer(tasks=fake_tasks, logs=fake_logs, sessions=fake_sessions),
-                  server)
+    add_to_server(SchedulerServicer(tasks=fake_tasks, logs=fake_logs, sessions=fake_sessions,
+                                    events=fake_sessions), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")

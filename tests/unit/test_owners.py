@@ -39,7 +39,8 @@ class Context:
 def _servicer(store: Store) -> SchedulerServicer:
     logs: Any = None        # the owner calls never read logs
     return SchedulerServicer(tasks=TaskService(store=store, check=DependencyCheck(store=store)),
-                             logs=logs, sessions=SessionService(store=store, ttl=60))
+                             logs=logs, sessions=SessionService(store=store, ttl=60),
+                             events=logs)
 
 
 @pytest.mark.parametrize(("name", "weight", "field"), [

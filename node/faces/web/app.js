@@ -228,9 +228,63 @@ function poll(work, every) {
   clearTimeout(pollTimer);
   const tick = async () => {
     if (!document.hidden) await work();
-    pollTimer = setTimeout(tick, every);
+    // every: milliseconds, or a function giving them (the task list's depends on the feed).
+    pollTimer = setTimeout(tick, typeof every === "function" ? every() : every);
   };
   tick();
+}
+
+// -- live events (GET /api/v1/events) -------------------------------------------------------
+
+// While the event stream is open the task list is redrawn when a task event arrives, not
+// every TASKS_EVERY_MS; a slow poll stays as a safety net. When the stream cannot be had (a
+// proxy that buffers, too many streams on the node, history compacted) the browser's
+// EventSource gives up and the list polls as before; while it reconnects, it polls too.
+const LIVE_SAFETY_MS = 30000;
+// A burst of events (an array finishing) redraws the list once.
+const EVENT_REDRAW_MS = 300;
+const FEED_KEEP = 50;
+let events = null;
+let eventRedraw = null;
+
+function tasksEvery() {
+  return events && events.readyState === EventSource.OPEN ? LIVE_SAFETY_MS : TASKS_EVERY_MS;
+}
+
+function feedLine(event) {
+  const who = event.type === "task" ? shortTaskId(event.task_id) : event.node_name || shortId(event.node_id);
+  const where = event.type === "task" && event.node_name ? ` on ${event.node_name}` : "";
+  const reason = event.reason ? ` (${event.reason})` : "";
+  return el("li", { text: `#${event.revision} ${event.type} ${who} ${event.state}${reason}${where}` });
+}
+
+function startEvents() {
+  if (!window.EventSource) return;
+  const source = new EventSource("/api/v1/events");
+  events = source;
+  source.onopen = () => {
+    $("event-card").hidden = false;
+    $("event-status").textContent = "";
+  };
+  source.onmessage = (message) => {
+    let data;
+    try { data = JSON.parse(message.data); } catch (_) { return; }
+    const feed = $("event-feed");
+    for (const event of data.events || []) feed.prepend(feedLine(event));
+    while (feed.children.length > FEED_KEEP) feed.lastChild.remove();
+    if ((data.events || []).some((event) => event.type === "task") && !$("view-tasks").hidden
+        && $("auto-refresh").checked) {
+      clearTimeout(eventRedraw);
+      eventRedraw = setTimeout(refreshTasks, EVENT_REDRAW_MS);
+    }
+  };
+  source.onerror = () => {
+    $("event-status").textContent = source.readyState === EventSource.CLOSED
+      ? "— stream unavailable; polling" : "— reconnecting…";
+    if (source.readyState === EventSource.CLOSED) events = null;
+    // Polling takes over at once (tasksEvery() now answers TASKS_EVERY_MS).
+    if (!$("view-tasks").hidden) poll(refreshTasks, tasksEvery);
+  };
 }
 
 // -- tasks ----------------------------------------------------------------------------------
@@ -626,7 +680,7 @@ function route() {
   showBanner(null);
   if (view === "tasks") {
     document.title = arrayFilter ? `Array ${shortTaskId(arrayFilter)} · filch` : "Tasks · filch";
-    poll(refreshTasks, TASKS_EVERY_MS);
+    poll(refreshTasks, tasksEvery);
   } else if (view === "nodes") {
     document.title = "Nodes · filch";
     poll(refreshNodes, NODES_EVERY_MS);
@@ -667,6 +721,7 @@ function start() {
   document.addEventListener("visibilitychange", () => { if (!document.hidden) route(); });
   if (!location.hash) history.replaceState(null, "", "#/tasks");
   route();
+  startEvents();
   refreshReadiness();
   setInterval(() => { if (!document.hidden) refreshReadiness(); }, READY_EVERY_MS);
 }

@@ -89,6 +89,11 @@ class SchedulerStub:
                 request_serializer=filch_dot_v1_dot_filch__pb2.RevokeSessionRequest.SerializeToString,
                 response_deserializer=filch_dot_v1_dot_filch__pb2.RevokeSessionResponse.FromString,
                 _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/filch.v1.Scheduler/Watch',
+                request_serializer=filch_dot_v1_dot_filch__pb2.WatchRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.WatchResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -162,6 +167,13 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Watch(self, request, context):
+        """The event stream; OUT_OF_RANGE when since_revision was compacted (re-list, then follow).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -219,6 +231,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.RevokeSession,
                     request_deserializer=filch_dot_v1_dot_filch__pb2.RevokeSessionRequest.FromString,
                     response_serializer=filch_dot_v1_dot_filch__pb2.RevokeSessionResponse.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.WatchRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.WatchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -518,6 +535,33 @@ class Scheduler:
             '/filch.v1.Scheduler/RevokeSession',
             filch_dot_v1_dot_filch__pb2.RevokeSessionRequest.SerializeToString,
             filch_dot_v1_dot_filch__pb2.RevokeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/filch.v1.Scheduler/Watch',
+            filch_dot_v1_dot_filch__pb2.WatchRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.WatchResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,8 @@ class SchedulerStub:
     CheckSession: _grpc.UnaryUnaryMultiCallable[_filch_pb2.CheckSessionRequest, _filch_pb2.Session]
     """NOT_FOUND: unknown or expired"""
     RevokeSession: _grpc.UnaryUnaryMultiCallable[_filch_pb2.RevokeSessionRequest, _filch_pb2.RevokeSessionResponse]
+    Watch: _grpc.UnaryStreamMultiCallable[_filch_pb2.WatchRequest, _filch_pb2.WatchResponse]
+    """The event stream; OUT_OF_RANGE when since_revision was compacted (re-list, then follow)."""
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -61,6 +63,8 @@ class SchedulerAsyncStub(SchedulerStub):
     CheckSession: _aio.UnaryUnaryMultiCallable[_filch_pb2.CheckSessionRequest, _filch_pb2.Session]  # type: ignore[assignment]
     """NOT_FOUND: unknown or expired"""
     RevokeSession: _aio.UnaryUnaryMultiCallable[_filch_pb2.RevokeSessionRequest, _filch_pb2.RevokeSessionResponse]  # type: ignore[assignment]
+    Watch: _aio.UnaryStreamMultiCallable[_filch_pb2.WatchRequest, _filch_pb2.WatchResponse]  # type: ignore[assignment]
+    """The event stream; OUT_OF_RANGE when since_revision was compacted (re-list, then follow)."""
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -141,5 +145,13 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         request: _filch_pb2.RevokeSessionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_filch_pb2.RevokeSessionResponse, _abc.Awaitable[_filch_pb2.RevokeSessionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _filch_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_filch_pb2.WatchResponse], _abc.AsyncIterator[_filch_pb2.WatchResponse]]:
+        """The event stream; OUT_OF_RANGE when since_revision was compacted (re-list, then follow)."""
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
