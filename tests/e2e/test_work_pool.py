@@ -36,7 +36,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def pool_dir(cluster: Cluster) -> Path:
-    return cluster.nodes[0].data_dir / "attempts" / ".work-pool"
+    return cluster.nodes[0].data_dir / "work-pool"
 
 
 def run_logged(cluster: Cluster, script: str) -> str:

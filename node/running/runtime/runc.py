@@ -84,7 +84,7 @@ class RuncExecutor:
         self._disk_reserve = disk_reserve
         self._attempts_root = attempts_root
         self._pool = None if attempts_root is None else workpool.WorkPool(
-            root=attempts_root / ".work-pool", uid=task_uid, reserve=disk_reserve)
+            root=attempts_root.parent / "work-pool", uid=task_uid, reserve=disk_reserve)
         resolved = shutil.which(runc_binary)
         if resolved is None:
             raise ExecutorError(

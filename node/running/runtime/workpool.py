@@ -4,9 +4,9 @@ Why: making an image (sparse file + mkfs.ext4) was ~20-50 ms of every runc attem
 start, mostly waiting on the disk, not CPU; made in the background it leaves the critical
 path. Why fresh and not recycled: an image is formatted once, never mounted before it is
 handed out, and deleted after its one attempt, so no task can see another's files by
-construction (no wipe to get wrong). The pool lives in a root-only directory next to the
-attempts (same file system, so taking an image is a rename); it is bounded (POOL_DEPTH
-images per size, POOL_SIZES sizes, one mkfs at a time) and removed at start-up
+construction (no wipe to get wrong). The pool lives in a root-only directory of the data
+dir, beside the attempts (one file system: taking an image is a rename); it is bounded
+(POOL_DEPTH images per size, POOL_SIZES sizes, one mkfs at a time) and removed at start-up
 (reap_stale) and shutdown. Images are sparse: a ready one holds ~0.6 MB of metadata.
 """
 
