@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.network import describe as network_line
+from bench.sandbox import table as sandbox_lines
 from bench.scale_report import derive_herd, derive_scale, scale_lines
 from bench.util import latency_percentiles, summary
 
@@ -460,6 +461,8 @@ def table(results: dict[str, Any]) -> str:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[row["pass"]]
         lines.append(f"  {verdict:<5} {row['target']:<62} {shown:>8}  (goal "
                      f"{'<' if not row['higher_is_better'] else '>='} {goal})")
+    if results.get("sandbox"):
+        lines += ["", *sandbox_lines(results["sandbox"])]
     if d.get("anomalies"):
         lines += ["", "ANOMALIES (bugs or broken runs; logs kept)"] + [
             f"  {item}" for item in d["anomalies"]]

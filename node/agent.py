@@ -204,6 +204,9 @@ class Agent:
             watchdog.abandon()
             raise
         await watchdog.stop()
+        close = getattr(executor, "close", None)    # runc's: its ready /work images
+        if close is not None:
+            await close()
         if network is not None:
             await network.remove_all()
         return code

@@ -66,6 +66,22 @@ NODE_SIDE_START_FAILURES = Counter(
 START_BACKOFF = Gauge("filch_start_backoff", "1 while this node steals nothing after "
                       "node-side start failures in a row (node/scheduling/startfailures.py).")
 
+# -- sandbox steps (node/running/runtime/steps.py) ---------------------------------------------
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5,
+                10, 60)
+ATTEMPT_STEP = Histogram(
+    "filch_attempt_step_seconds",
+    "Wall time of each step of a runc attempt on this node: bundle, network (namespace), "
+    "work (/work image), run (runc run until exit), teardown, etcd (the end's write).",
+    ["step"], buckets=STEP_BUCKETS)
+ATTEMPT_STEP_CPU = Counter(
+    "filch_attempt_step_cpu_seconds_total",
+    "CPU seconds (the agent's and its reaped children's: mkfs, ip, nft, runc) spent during "
+    "each step; exact while attempts do not overlap, shared between overlapping ones.",
+    ["step"])
+WORK_POOL = Gauge("filch_work_pool_images",
+                  "Pre-formatted /work images ready for attempts, by size in bytes.", ["size"])
+
 # -- task firewall (node/running/runtime/firewall.py) ---------------------------------------------
 FIREWALL_RESTORES = Counter(
     "filch_task_firewall_restores_total",

@@ -27,6 +27,7 @@ from node.running import retries
 from node.running.attempt_files import attempt_dir, log_path
 from node.running.results import LocalAttempt, ResultWriter
 from node.running.retry_timer import RetryTimer
+from node.running.runtime import steps
 from node.running.runtime.base import Attempt, AttemptSpec, Executor, ExitStatus
 from node.scheduling.node_state import NodeState, Registration
 
@@ -186,7 +187,9 @@ class Runner:
     async def _record_end(self, local: LocalAttempt, new: pb.Task) -> None:
         """Write an attempt's end; a retry it became is released by this node at its
         not_before (the resolver sweep of any node does it too, should this one die)."""
-        if not await self._results.write(local, new) or new.hold != pb.HOLD_RETRY:
+        with steps.step(steps.ETCD):
+            written = await self._results.write(local, new)
+        if not written or new.hold != pb.HOLD_RETRY:
             return
         log.info("task %s attempt %d: %s", new.id, new.attempt, new.message)
         self.retries.hold(new)

@@ -70,6 +70,9 @@ class TaskFirewall:
         # What `nft -j list table` showed right after the last load (handles left out).
         self._loaded: str | None = None
         self._lock = asyncio.Lock()
+        # The next check, not started yet: every ensure() arriving before it starts shares
+        # it (a burst of attaches costs two `nft list`, not one each, queued on the lock).
+        self._next: asyncio.Task[None] | None = None
         self._problem = ""
         self.on_change: Callable[[], None] | None = None
 
@@ -113,7 +116,18 @@ class TaskFirewall:
         """Check the table is as loaded; load it again when missing or altered (logged,
         counted in filch_task_firewall_restores_total). Raises ExecutorError naming the
         cause when it cannot be checked or restored; `problem` holds it until it can."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_task(self._check(),
+                                                                name=f"check {self.table}")
+            # Its failure is every sharer's to raise; nothing more to log when all left.
+            self._next.add_done_callback(lambda task: task.cancelled() or task.exception())
+        await asyncio.shield(self._next)
+
+    async def _check(self) -> None:
         async with self._lock:
+            # Started: whoever asks from now on gets a check that begins after this one,
+            # so no caller is answered by a listing older than its call.
+            self._next = None
             await self._ensure()
 
     async def remove(self) -> None:

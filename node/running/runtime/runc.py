@@ -1,19 +1,14 @@
 """Run each attempt in its own runc container: the isolating executor (needs root).
 
-Per attempt: write a bundle (node/running/runtime/bundle.py) into spec.attempt_dir, then
-`runc run --keep` in the foreground; its exit status is the task's. --keep leaves the
-stopped container and its cgroup in place so the OOM-kill counter can be read (cgroup v1
-counts OOM kills only in the task's own cgroup, not in a parent's). The stopped container
-is then removed as `runc delete` would (its cgroup directories, then its state
-directory), without spawning runc a second time: that spawn cost ~15% of a container's
-CPU. `runc delete --force` remains the fallback when anything is in the way.
-
-Cgroups: every container's cgroup is /filch/<container_id> (node/running/runtime/cgroups.py,
-which also reads OOM kills and removes a stopped container's cgroups and state).
-
-Network: an "isolated" attempt joins a namespace node/running/runtime/network.py prepares (and
-removes once the container is gone); "none" gets a fresh one with loopback only; "host"
-shares the host's (the stealer takes such tasks only where the node allows it).
+Per attempt: write a bundle (bundle.py) into spec.attempt_dir, then `runc run --keep` in
+the foreground; its exit status is the task's. --keep leaves the stopped container and its
+cgroup so the OOM-kill counter can be read (cgroup v1 counts them only in the task's own
+cgroup), then it is removed as `runc delete` would, without spawning runc again (~15% of
+a container's CPU); `runc delete --force` is the fallback. /work images: workpool.py.
+Cgroups: /filch/<container_id> (cgroups.py: OOM kills, removal of cgroups and state).
+Network: an "isolated" attempt joins a namespace network.py prepares (removed once the
+container is gone); "none" gets a fresh one with loopback only; "host" shares the host's
+(the stealer takes such tasks only where the node allows it).
 """
 
 from __future__ import annotations
@@ -29,7 +24,7 @@ from pathlib import Path
 
 from node.core.errors import ExecutorError, InvalidArgument, NodeStartError
 from node.etcd import failpoints
-from node.running.runtime import cgroups, scratch
+from node.running.runtime import cgroups, scratch, steps, workpool
 from node.running.runtime import network as net
 from node.running.runtime.base import AttemptSpec, ExitStatus, exits_within
 from node.running.runtime.bundle import (
@@ -76,21 +71,19 @@ class RuncExecutor:
                  network: net.TaskNetwork | None = None, disk_reserve: int = 0) -> None:
         """Probe the host (which directories to bind, cgroup v1 or v2); spawns nothing.
 
-        attempts_root, if given, holds every attempt_dir: reap_stale() unmounts the /work
-        file systems a dead agent left there. network sets up "isolated" attempts;
-        without one they fail to start (tests that need no network pass None).
-        disk_reserve: bytes a /work image must leave free on its file system
-        (node/running/disk.py). Raises ExecutorError if runc_binary cannot be found or task_uid
-        is root.
+        attempts_root, if given, holds every attempt_dir (reap_stale() unmounts the /work
+        file systems a dead agent left there) and the /work image pool. network sets up
+        "isolated" attempts (without one they fail to start). disk_reserve: bytes a /work
+        image must leave free (node/running/disk.py). Raises ExecutorError if runc_binary
+        cannot be found or task_uid is root.
         """
         self._disk_reserve = disk_reserve
         self._attempts_root = attempts_root
-        resolved = shutil.which(runc_binary)
-        if resolved is None:
-            raise ExecutorError(
-                f"runc binary {runc_binary!r} not found (install the runc package, "
-                "set runc_binary, or use the process executor)"
-            )
+        self._pool = None if attempts_root is None else workpool.WorkPool(
+            root=attempts_root.parent / "work-pool", uid=task_uid, reserve=disk_reserve)
+        if (resolved := shutil.which(runc_binary)) is None:
+            raise ExecutorError(f"runc binary {runc_binary!r} not found (install the runc "
+                                "package, set runc_binary, or use the process executor)")
         if task_uid == 0:
             raise ExecutorError("task_uid 0: tasks never run as root; pick a non-zero uid")
         self._runc = resolved
@@ -104,30 +97,26 @@ class RuncExecutor:
         self._cgroups = cgroups.Cgroups.probe()
         if not self._cgroups.limit_swap:
             log.warning("no cgroup swap accounting: tasks may swap beyond their memory limit")
-        # Without loop devices (a container without device access) /work cannot be
-        # size-limited: tasks still run, and the operator is told what is not enforced.
+        # Without loop devices /work cannot be size-limited: tasks run, the operator is told.
         self.disk_limits = scratch.available()
         """Whether /work images are made; the agent sets it from scratch.probe()."""
         if not self.disk_limits:
             log.warning("no loop devices (%s): task /work sizes (--disk, --default-disk) are "
-                        "NOT enforced here; give the node /dev/loop-control and loop devices "
-                        "to enforce them", scratch.LOOP_CONTROL)
+                        "NOT enforced here", scratch.LOOP_CONTROL)
 
     async def start(self, spec: AttemptSpec) -> RuncAttempt:
         """Write the attempt's bundle into spec.attempt_dir and start `runc run` on it.
 
-        Returns once runc has been spawned; the container itself starts moments later,
-        so runc's own failures (a broken config, cgroup errors) are not raised here: they
-        end the attempt with exit code 1 (usually) and runc's message in the log.
-        Raises ExecutorError when the attempt cannot start: a bad container id or
-        workdir, a command that is not an executable in the bound host directories
-        along the task's PATH, an existing container of that id, an isolated attempt
-        whose network namespace cannot be prepared (network.py says why), an OSError
-        while writing the bundle or opening the log, or a /work image (spec.disk_bytes)
-        that cannot be made or mounted (node/running/runtime/scratch.py). The task's output goes
-        through a pipe the agent drains into the log within spec.max_log_bytes
-        (node/running/runtime/logcap.py). Cancellation before the spawn leaves no trace; after
-        it, the attempt runs on unwaited until reap_stale().
+        Returns once runc is spawned; runc's own failures (a broken config, cgroup
+        errors) end the attempt with exit code 1 and runc's message in the log. Raises
+        ExecutorError when the attempt cannot start: a bad container id or workdir, a
+        command not executable in the bound host directories along the task's PATH, an
+        existing container of that id, an isolated attempt whose namespace cannot be
+        prepared (network.py says why), an OSError writing the bundle or log, or a /work
+        image (spec.disk_bytes) that cannot be made or mounted (scratch.py). Output goes
+        through a pipe drained into the log within spec.max_log_bytes (logcap.py).
+        Cancellation before the spawn leaves no trace; after it, the attempt runs on
+        unwaited until reap_stale().
         """
         cid = spec.container_id
         if not CONTAINER_ID.match(cid):
@@ -149,7 +138,8 @@ class RuncExecutor:
                 f"a runc container {cid!r} exists already in {self._state_root} "
                 "(left by an earlier run? reap_stale() removes it)"
             )
-        lease = await self._attach(spec.network)
+        with steps.step(steps.NETWORK):
+            lease = await self._attach(spec.network)
         try:
             return await self._start(spec, lease)
         except BaseException:
@@ -192,19 +182,21 @@ class RuncExecutor:
             ipv6=self._ipv6,
         )
         bundle = spec.attempt_dir
-        # Synchronous on purpose: a few mkdirs and one small write cost less than the
-        # round trip through a worker thread.
+        # Synchronous: a few mkdirs and one small write cost less than a thread hop.
         try:
-            write_bundle(bundle, config, layout=self._layout, task_uid=self._task_uid)
-            spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-            output = CappedLog(path=spec.log_path, cap=spec.max_log_bytes)
+            with steps.step(steps.BUNDLE):
+                write_bundle(bundle, config, layout=self._layout, task_uid=self._task_uid)
+                spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+                output = CappedLog(path=spec.log_path, cap=spec.max_log_bytes)
         except OSError as exc:
             shutil.rmtree(bundle, ignore_errors=True)
             raise NodeStartError(f"cannot prepare attempt {cid}: {exc}") from exc
         try:
             if spec.disk_bytes and self.disk_limits:
-                await scratch.mount(bundle / "work", spec.disk_bytes, self._task_uid,
-                                    self._disk_reserve)
+                with steps.step(steps.WORK):
+                    ready = self._pool.take(spec.disk_bytes) if self._pool else None
+                    await scratch.mount(bundle / "work", spec.disk_bytes, self._task_uid,
+                                        self._disk_reserve, ready)
             process = await asyncio.create_subprocess_exec(
                 self._runc, "--root", str(self._state_root),
                 "run", "--keep", "--bundle", str(bundle), cid,
@@ -239,6 +231,8 @@ class RuncExecutor:
         A network that cannot be set up is logged; its isolated attempts are then
         refused. Cancellation stops between deletions.
         """
+        if self._pool is not None:
+            self._pool.clear()      # an earlier run's images; opens the pool
         # A `runc run` orphaned by a dead agent could still create its container after
         # the listing below: kill those first.
         orphans = await asyncio.to_thread(kill_processes_with_args,
@@ -276,6 +270,10 @@ class RuncExecutor:
                 # none and host ones still run.
                 log.error("isolated tasks cannot run on this node: %s", exc)
         return sum(results)
+
+    async def close(self) -> None:
+        """At shutdown: remove the ready /work images (workpool.py). Never raises."""
+        await self._pool.close() if self._pool is not None else None
 
     def release_soon(self, lease: net.Lease | None) -> None:
         """Remove an ended attempt's network namespace in the background."""
@@ -417,21 +415,23 @@ class RuncAttempt:
         return await exits_within(self._process, seconds)
 
     async def _finish(self) -> ExitStatus:
-        code = _exit_code(await self._process.wait())
-        oom_killed = self._executor.oom_killed(self._cid)
-        if not self._executor.remove_stopped(self._cid):
-            await self._executor.delete(self._cid)
-        await self._output.closed(LOG_DRAIN_SECONDS)
-        await scratch.unmount(self._bundle / "work")
-        # After the container: its processes no longer hold the namespace.
-        self._executor.release_soon(self._lease)
-        try:
-            await asyncio.to_thread(shutil.rmtree, self._bundle)
-        except FileNotFoundError:
-            pass  # removed already (by reap_stale() or the runner): nothing left to do
-        except OSError as exc:
-            log.warning("cannot remove the bundle of %s: %s", self._cid, exc)
-        return ExitStatus(exit_code=code, oom_killed=oom_killed)
+        with steps.step(steps.RUN):
+            code = _exit_code(await self._process.wait())
+        with steps.step(steps.TEARDOWN):
+            oom_killed = self._executor.oom_killed(self._cid)
+            if not self._executor.remove_stopped(self._cid):
+                await self._executor.delete(self._cid)
+            await self._output.closed(LOG_DRAIN_SECONDS)
+            await scratch.unmount(self._bundle / "work")
+            # After the container: its processes no longer hold the namespace.
+            self._executor.release_soon(self._lease)
+            try:
+                await asyncio.to_thread(shutil.rmtree, self._bundle)
+            except FileNotFoundError:
+                pass  # removed already (by reap_stale() or the runner): nothing left to do
+            except OSError as exc:
+                log.warning("cannot remove the bundle of %s: %s", self._cid, exc)
+            return ExitStatus(exit_code=code, oom_killed=oom_killed)
 
 
 def _exit_code(returncode: int | None) -> int:

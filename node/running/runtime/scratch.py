@@ -71,19 +71,37 @@ async def probe(root: Path) -> str | None:
         shutil.rmtree(root / ".probe", ignore_errors=True)
 
 
-async def mount(work: Path, size: int, uid: int, reserve: int = 0) -> None:
+async def mount(work: Path, size: int, uid: int, reserve: int = 0,
+                ready: Path | None = None) -> None:
     """Mount a fresh ext4 file system of `size` bytes, owned by uid, over the directory
-    `work`; its image lives next to it. Raises ExecutorError when the file system holding
-    it has less than size + reserve bytes free (node/running/disk.py), or with mkfs's or mount's
-    message (e.g. no space left for the image's metadata). On cancellation or failure
-    nothing stays mounted."""
+    `work`; its image lives next to it. `ready`: a never-mounted image formatted so by
+    format_image() (workpool.py), moved into place instead of formatting one here. Raises
+    ExecutorError when the file system holding it has less than size + reserve bytes free
+    (node/running/disk.py), or with mkfs's or mount's message (e.g. no space left for the
+    image's metadata). On cancellation or failure nothing stays mounted."""
     image = work.parent / IMAGE_NAME
+    if ready is not None:
+        try:
+            _check_space(work.parent, size, reserve)
+            os.rename(ready, image)
+        except (ExecutorError, OSError) as exc:
+            _discard(ready)
+            if isinstance(exc, ExecutorError):
+                raise
+            raise ExecutorError(f"cannot move a /work image to {image}: {exc}") from exc
+    else:
+        await format_image(image, size, uid, reserve)
     try:
-        missing = disk.shortage(work.parent, size, reserve)
-    except OSError as exc:
-        raise ExecutorError(f"cannot read the free space of {work.parent}: {exc}") from exc
-    if missing is not None:
-        raise ExecutorError(missing)
+        await _run(MOUNT, "-t", "ext4", "-o", "loop,nosuid,nodev", str(image), str(work))
+    except BaseException:
+        await unmount(work)
+        raise
+
+
+async def format_image(image: Path, size: int, uid: int, reserve: int = 0) -> None:
+    """Make `image`: a sparse file of `size` bytes holding an empty ext4 file system whose
+    root uid owns. Raises ExecutorError as mount() does."""
+    _check_space(image.parent, size, reserve)
     try:
         # Synchronous on purpose: creating a sparse file costs less than a thread hop.
         _sparse_file(image, size)
@@ -91,11 +109,15 @@ async def mount(work: Path, size: int, uid: int, reserve: int = 0) -> None:
         raise ExecutorError(f"cannot create the /work image {image}: {exc}") from exc
     await _run(MKFS, *MKFS_OPTIONS, "-E", f"{MKFS_EXTENDED},root_owner={uid}:{uid}",
                str(image))
+
+
+def _check_space(directory: Path, size: int, reserve: int) -> None:
     try:
-        await _run(MOUNT, "-t", "ext4", "-o", "loop,nosuid,nodev", str(image), str(work))
-    except BaseException:
-        await unmount(work)
-        raise
+        missing = disk.shortage(directory, size, reserve)
+    except OSError as exc:
+        raise ExecutorError(f"cannot read the free space of {directory}: {exc}") from exc
+    if missing is not None:
+        raise ExecutorError(missing)
 
 
 async def unmount(work: Path) -> None:
@@ -166,3 +188,11 @@ async def _run(*argv: str) -> None:
     if process.returncode != 0:
         text = output.decode(errors="replace").strip() or f"exit status {process.returncode}"
         raise ExecutorError(f"{os.path.basename(argv[0])} failed: {text}")
+
+
+def _discard(image: Path) -> None:
+    """Remove an image that will not be used (synchronous: one unlink)."""
+    try:
+        os.unlink(image)
+    except OSError:
+        pass
