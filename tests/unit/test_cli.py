@@ -36,7 +36,7 @@ TASK_FIELDS = {
     "command", "args", "cpu", "memory_bytes", "disk_bytes", "restart", "network", "attempt",
     "submitted_at", "started_at", "finished_at", "array_id", "array_index", "after", "hold",
     "not_before", "time_limit_seconds", "retries", "retry_on", "retry_backoff_seconds",
-    "retries_used", "priority", "owner", "attempts",
+    "retries_used", "priority", "owner", "attempts", "constraints", "ahead", "ahead_capped",
 }
 
 
@@ -487,7 +487,9 @@ def test_agent_rejects_a_bad_memory_size_as_a_usage_error() -> None:
 def test_agent_has_an_option_for_every_config_field() -> None:
     help_text = run("agent", "--help").stdout
     for name in Config.__dataclass_fields__:
-        flag = "--config" if name == "config_file" else "--" + name.replace("_", "-")
+        # Repeatable flags are singular: --label KEY=VALUE gives the labels.
+        singular = {"config_file": "config", "labels": "label", "taints": "taint"}
+        flag = "--" + singular.get(name, name).replace("_", "-")
         assert flag in help_text
 
 

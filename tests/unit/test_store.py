@@ -114,7 +114,8 @@ async def test_submit_writes_record_and_queued_key(store: Store, etcd: str) -> N
     assert isinstance(revision, int) and revision > 0
     assert sorted(all_keys(etcd)) == sorted([keys.task(task.id), keys.queued(task.id),
                                              keys.queue(0, keys.DEFAULT_OWNER, task.id),
-                                             keys.shard_queue(0, keys.DEFAULT_OWNER, task.id)])
+                                             keys.shard_queue(0, keys.DEFAULT_OWNER, task.id),
+                                             keys.group_mark(0, keys.DEFAULT_OWNER)])
     assert record(etcd, task.id) == task
     found = await current(store, task.id)
     assert found.task == task and found.mod_revision == revision
@@ -325,7 +326,12 @@ async def test_record_and_status_key_change_together_through_a_whole_life(
     assert await finish(store, task.id, fence) is not None
     done = assert_paired(etcd, task.id)
     assert (done.state, done.attempt) == (pb.TASK_STATE_COMPLETE, 2)
-    assert len(kvs(etcd)) == 2
+    # The record and its status key, and the queue group's mark (it goes when a relist
+    # finds the group empty).
+    assert sorted(kv["key"] for kv in kvs(etcd)) == sorted(
+        [keys.task(task.id), keys.complete(keys.epoch_ms(done.finished_at.seconds
+                                                         + done.finished_at.nanos / 1e9),
+                                           task.id), keys.group_mark(0, keys.DEFAULT_OWNER)])
 
 
 async def test_cancel_of_a_running_task_removes_its_running_key(store: Store, etcd: str) -> None:
