@@ -107,6 +107,10 @@ CLIENT_MAX_RECEIVE_BYTES = MAX_ARRAY_TASKS * ARRAY_ID_BYTES + MAX_RECORD_BYTES +
 # coroutine and, while its task is pending, one etcd watch. Beyond it: RESOURCE_EXHAUSTED.
 DEFAULT_MAX_LOG_STREAMS = 1000
 
+# Copies of each ended attempt's log (--log-copies): each costs a push of up to the log cap
+# and that much disk on a peer; beyond a few, losing every holder at once is not the risk.
+MAX_LOG_COPIES = 5
+
 # Concurrent RPCs of the gRPC server: every log stream plus as many unary calls, so that
 # a full set of followers never starves Submit or ListTasks. Beyond it gRPC itself answers
 # RESOURCE_EXHAUSTED.

@@ -112,6 +112,15 @@ API_REQUESTS = Counter("filch_api_requests_total", "gRPC requests by method and 
 API_LATENCY = Histogram("filch_api_request_duration_seconds", "gRPC request handling time.",
                         ["method"], buckets=LATENCY_BUCKETS)
 LOG_STREAMS = Gauge("filch_log_streams", "Log streams this node serves now (--max-log-streams).")
+LOG_COPIES = Counter("filch_log_copies_total",
+                     "Copies of ended attempts' logs this node pushed to peers, by result "
+                     "(copied, refused, gave_up, dropped: queue full, gone: log already pruned).",
+                     ["result"])
+LOG_COPY_LAG = Histogram("filch_log_copy_lag_seconds",
+                         "From an attempt's end to its log copy being readable on a peer.",
+                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800))
+LOG_COPIES_PENDING = Gauge("filch_log_copies_pending",
+                           "Ended attempts whose log copies this node has yet to push.")
 
 # -- batch work (issue 12): holds, dependencies, time limits, retries, fair share
 BLOCKED = Gauge("filch_tasks_blocked",

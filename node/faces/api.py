@@ -30,6 +30,7 @@ from node.core.errors import (
     StoreUnavailable,
     TaskNotFound,
 )
+from node.faces.copy_store import CopyStore
 from node.faces.logs import PROXIED_HEADER, LogService
 from node.faces.owners import OwnerService, owner_name, owner_weight
 from node.faces.service import TaskService
@@ -91,6 +92,7 @@ def add_to_server(servicer: SchedulerServicer, server: grpc.aio.Server) -> None:
         parse = _safe_parser(getattr(pb, method.input_type.name))
         output = getattr(pb, method.output_type.name)
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.stream_unary_rpc_method_handler if method.client_streaming
                 else grpc.unary_unary_rpc_method_handler)
         handlers[method.name] = make(getattr(servicer, method.name),
                                      request_deserializer=parse,
@@ -127,10 +129,11 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     """filch.v1.Scheduler on this node."""
 
     def __init__(self, *, tasks: TaskService, logs: LogService,
-                 sessions: SessionService) -> None:
+                 sessions: SessionService, copies: CopyStore | None = None) -> None:
         self._tasks = tasks
         self._logs = logs
         self._sessions = sessions
+        self._copies = copies
 
     @_unary
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
@@ -194,6 +197,14 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             await _abort(context, exc)
         finally:
             _count("StreamLogs", context, started)
+
+    @_unary
+    async def PutLogCopy(self, request: AsyncIterator[pb.LogCopyChunk],
+                         context: Any) -> pb.LogCopyReceipt:
+        """Internal: a peer's copy of an attempt's log (node/faces/copy_store.py)."""
+        if self._copies is None:
+            raise NotStarted("this node keeps no log copies")
+        return pb.LogCopyReceipt(size=await self._copies.receive(request))
 
     # -- owners (fair share) -------------------------------------------------------------
 

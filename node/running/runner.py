@@ -25,6 +25,7 @@ from node.etcd.txn import Versioned
 from node.etcd.watching import list_and_watch
 from node.running import retries
 from node.running.attempt_files import attempt_dir, log_path
+from node.running.log_copies import LogCopier
 from node.running.results import LocalAttempt, ResultWriter
 from node.running.retry_timer import RetryTimer
 from node.running.runtime.base import Attempt, AttemptSpec, Executor, ExitStatus
@@ -39,8 +40,10 @@ class Runner:
     """Owns this node's attempts."""
 
     def __init__(self, *, config: Config, store: Store, executor: Executor,
-                 state: NodeState) -> None:
+                 state: NodeState, copies: LogCopier | None = None) -> None:
+        """copies: where ended attempts go to have their logs copied to peers (None: not)."""
         self._config = config
+        self._copies = copies
         self._store = store
         self._executor = executor
         self._state = state
@@ -178,7 +181,11 @@ class Runner:
     async def _record_end(self, local: LocalAttempt, new: pb.Task) -> None:
         """Write an attempt's end; a retry it became is released by this node at its
         not_before (the resolver sweep of any node does it too, should this one die)."""
-        if not await self._results.write(local, new) or new.hold != pb.HOLD_RETRY:
+        if not await self._results.write(local, new):
+            return
+        if self._copies is not None:
+            self._copies.offer(new, local.task.attempt)
+        if new.hold != pb.HOLD_RETRY:
             return
         log.info("task %s attempt %d: %s", new.id, new.attempt, new.message)
         self.retries.hold(new)
