@@ -116,6 +116,9 @@ LOG_COPIES = Counter("filch_log_copies_total",
                      "Copies of ended attempts' logs this node pushed to peers, by result "
                      "(copied, refused, gave_up, dropped: queue full, gone: log already pruned).",
                      ["result"])
+# Every result's series exists from start-up on, so a rate over it needs no first event.
+for _result in ("copied", "refused", "gave_up", "dropped", "gone"):
+    LOG_COPIES.labels(_result)
 LOG_COPY_LAG = Histogram("filch_log_copy_lag_seconds",
                          "From an attempt's end to its log copy being readable on a peer.",
                          buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800))
