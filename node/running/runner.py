@@ -134,6 +134,10 @@ class Runner:
             metrics.RUN_TIME.observe(time.monotonic() - started)
             if local.revoked:
                 log.info("task %s attempt %d stopped: it was taken away", task.id, task.attempt)
+                if self._copies is not None:
+                    # Canceled (or requeued): whoever took it recorded the attempt's end,
+                    # which is what a peer checks before it keeps the copy.
+                    self._copies.offer(task, task.attempt)
                 return
             if timed_out:
                 await self._record_end(local, retries.attempt_ended(
