@@ -14,4 +14,3 @@ def log_path(data_dir: Path, task_id: str, attempt: int) -> Path:
 def attempt_dir(data_dir: Path, container_id: str) -> Path:
     """The attempt's private directory (its rootfs overlay, scratch space)."""
     return data_dir / "attempts" / container_id
-
