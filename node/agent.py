@@ -36,6 +36,7 @@ from node.etcd import failpoints
 from node.etcd.etcd_client import EtcdTLS
 from node.etcd.store import Store
 from node.faces.api import SchedulerServicer, add_to_server
+from node.faces.copy_store import CopyStore
 from node.faces.events import EventService
 from node.faces.logs import LogService
 from node.faces.service import TaskService
@@ -44,6 +45,7 @@ from node.operations import rejoin
 from node.operations.etcd_member import EtcdMember
 from node.operations.housekeeping import Housekeeping, cluster_addresses
 from node.running import disk
+from node.running.log_copies import LogCopier
 from node.running.membership import Membership
 from node.running.recovery import Recovery
 from node.running.runner import Runner
@@ -218,7 +220,11 @@ class Agent:
         # Built in dependency order from the shared node state: no part refers back.
         state = NodeState.for_config(config, capabilities=node_capabilities,
                                      disk_capacity=plan.capacity)
-        runner = Runner(config=config, store=store, executor=executor, state=state)
+        security = Security.load(config.tls_ca, config.tls_cert, config.tls_key,
+                                 config.api_token_file)
+        copier = LogCopier(config=config, store=store, state=state, security=security)
+        runner = Runner(config=config, store=store, executor=executor, state=state,
+                        copies=copier)
         membership = Membership(config=config, store=store, state=state,
                                 executor_name=executor.name, runner=runner, watchdog=watchdog)
         stealer = Stealer(config=config, store=store, state=state, runner=runner)
@@ -233,8 +239,8 @@ class Agent:
         # In shutdown order: close the stealer's door (awaiting a steal in flight), stop
         # cleaning up, drain the attempts, leave. The stealer goes first so that whatever
         # it committed is an attempt the runner's drain finds.
-        parts: tuple[Part, ...] = (stealer, resolver, housekeeping, runner, membership,
-                                   recovery)
+        parts: tuple[Part, ...] = (stealer, resolver, housekeeping, runner, copier,
+                                   membership, recovery)
         tasks = TaskService(store=store, check=check, max_pending=config.max_pending,
                             etcd_quota_bytes=config.etcd_quota_bytes,
                             submit_budget=config.submit_budget)
@@ -243,8 +249,6 @@ class Agent:
         metrics.MEMORY_CAPACITY.set(config.memory)
         metrics.DISK_CAPACITY.set(plan.capacity)
         metrics.serve(config.metrics_address)
-        security = Security.load(config.tls_ca, config.tls_cert, config.tls_key,
-                                 config.api_token_file)
         interceptors = [TokenInterceptor(token=security.token)] if security.token else []
         server = grpc.aio.server(
             interceptors=interceptors,
@@ -254,7 +258,8 @@ class Agent:
             tasks=tasks, logs=LogService(config=config, store=store, runner=runner,
                                          security=security),
             sessions=SessionService(store=store, ttl=config.session_ttl),
-            events=EventService(config=config, store=store)),
+            events=EventService(config=config, store=store),
+            copies=CopyStore(config=config, store=store)),
                       server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -50,6 +50,7 @@ _METAVARS = {
     "metrics_listen": "HOST:PORT",
     "retention": "SECONDS",
     "log_retention": "SECONDS",
+    "log_copies": "COUNT",
     "housekeeping_interval": "SECONDS",
     "compaction_interval": "SECONDS",
     "compaction_keep": "REVISIONS",

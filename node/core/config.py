@@ -139,6 +139,9 @@ class Config:
         "Keep at most this many finished tasks, oldest deleted first (0: no limit).")})
     log_retention: float = field(default=2 * 86400.0, metadata={"help": (
         "Seconds this node keeps the log files of attempts it ran.")})
+    log_copies: int = field(default=1, metadata={"help": (
+        "Other live nodes that get a copy of each ended attempt's log, so that `filch logs` "
+        "still reads it once this node is gone (0: keep logs here only).")})
     housekeeping_interval: float = field(default=10.0, metadata={"help": (
         "Seconds between housekeeping rounds (retention, metrics refresh, NOSPACE checks).")})
     compaction_interval: float = field(default=300.0, metadata={"help": (
@@ -293,6 +296,8 @@ class Config:
         if not 2 <= self.lease_ttl <= 300:
             raise InvalidArgument("lease_ttl", "must be 2..300 seconds")
         addresses.check_host_port("metrics_listen", self.metrics_address)
+        if not 0 <= self.log_copies <= limits.MAX_LOG_COPIES:
+            raise InvalidArgument("log_copies", f"must be 0..{limits.MAX_LOG_COPIES}")
         if self.retention < 0 or self.log_retention < 0:
             raise InvalidArgument("retention", "must not be negative")
         if self.housekeeping_interval <= 0 or self.compaction_interval <= 0:

@@ -114,6 +114,9 @@ DEFAULT_MAX_LOG_STREAMS = 1000
 # go through a node's HTTP face, one stream per tab).
 DEFAULT_MAX_EVENT_STREAMS = 64
 
+# Copies of each ended attempt's log (--log-copies): each costs a push of up to the log cap
+# and that much disk on a peer; beyond a few, losing every holder at once is not the risk.
+MAX_LOG_COPIES = 5
 
 # Concurrent RPCs of the gRPC server: every log stream plus as many unary calls, so that
 # a full set of followers never starves Submit or ListTasks. Beyond it gRPC itself answers

@@ -136,6 +136,18 @@ LOG_STREAMS = Gauge("filch_log_streams", "Log streams this node serves now (--ma
 EVENT_STREAMS = Gauge("filch_event_streams",
                       "Event streams (Watch, GET /api/v1/events) this node serves now "
                       "(--max-event-streams).")
+LOG_COPIES = Counter("filch_log_copies_total",
+                     "Copies of ended attempts' logs this node pushed to peers, by result "
+                     "(copied, refused, gave_up, dropped: queue full, gone: log already pruned).",
+                     ["result"])
+# Every result's series exists from start-up on, so a rate over it needs no first event.
+for _result in ("copied", "refused", "gave_up", "dropped", "gone"):
+    LOG_COPIES.labels(_result)
+LOG_COPY_LAG = Histogram("filch_log_copy_lag_seconds",
+                         "From an attempt's end to its log copy being readable on a peer.",
+                         buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800))
+LOG_COPIES_PENDING = Gauge("filch_log_copies_pending",
+                           "Ended attempts whose log copies this node has yet to push.")
 
 # -- batch work (issue 12): holds, dependencies, time limits, retries, fair share
 BLOCKED = Gauge("filch_tasks_blocked",

@@ -31,6 +31,7 @@ from node.core.errors import (
     StoreUnavailable,
     TaskNotFound,
 )
+from node.faces.copy_store import CopyStore
 from node.faces.events import EventService
 from node.faces.logs import PROXIED_HEADER, LogService
 from node.faces.owners import OwnerService, owner_name, owner_weight
@@ -93,6 +94,7 @@ def add_to_server(servicer: SchedulerServicer, server: grpc.aio.Server) -> None:
         parse = _safe_parser(getattr(pb, method.input_type.name))
         output = getattr(pb, method.output_type.name)
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
+                else grpc.stream_unary_rpc_method_handler if method.client_streaming
                 else grpc.unary_unary_rpc_method_handler)
         handlers[method.name] = make(getattr(servicer, method.name),
                                      request_deserializer=parse,
@@ -129,11 +131,13 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     """filch.v1.Scheduler on this node."""
 
     def __init__(self, *, tasks: TaskService, logs: LogService,
-                 sessions: SessionService, events: EventService) -> None:
+                 sessions: SessionService, events: EventService,
+                 copies: CopyStore | None = None) -> None:
         self._tasks = tasks
         self._logs = logs
         self._sessions = sessions
         self._events = events
+        self._copies = copies
 
     @_unary
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
@@ -222,6 +226,14 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             await _abort(context, exc)
         finally:
             _count("Watch", context, started)
+
+    @_unary
+    async def PutLogCopy(self, request: AsyncIterator[pb.LogCopyChunk],
+                         context: Any) -> pb.LogCopyReceipt:
+        """Internal: a peer's copy of an attempt's log (node/faces/copy_store.py)."""
+        if self._copies is None:
+            raise NotStarted("this node keeps no log copies")
+        return pb.LogCopyReceipt(size=await self._copies.receive(request))
 
     # -- owners (fair share) -------------------------------------------------------------
 

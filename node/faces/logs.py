@@ -1,7 +1,8 @@
 """Task logs: kept on the node that ran the attempt, streamed from any node.
 
 The node that ran an attempt streams its log file from disk; any other node proxies the
-request over gRPC to the owner's advertised address (design.md, "Logs").
+request over gRPC to the owner's advertised address (design.md, "Logs"). When the owner is
+gone, an ended attempt's log is read from a peer that holds a copy (node/faces/copy_finder.py).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.core import keys, metrics
 from node.core.config import Config
+from node.core.copy_paths import copy_path
 from node.core.errors import (
     Compacted,
+    FilchError,
     InvalidArgument,
     NotStarted,
     Overloaded,
@@ -31,6 +34,7 @@ from node.core.lifecycle import MAX_ATTEMPT_RECORDS
 from node.core.states import is_finished
 from node.core.tls import Security
 from node.etcd.store import Store
+from node.faces.copy_finder import CopyFinder
 from node.running.attempt_files import log_path
 from node.running.runner import Runner
 from node.running.runtime.logcap import Layout, lock_for, read_at
@@ -60,6 +64,8 @@ class LogService:
         self._runner = runner
         self._security = security
         self._streams = 0
+        self._copies = CopyFinder(config=config, store=store, security=security,
+                                  proxied_header=PROXIED_HEADER)
 
     async def stream(self, task_id: str, *, follow: bool, attempt: int,
                      proxied: bool) -> AsyncIterator[bytes]:
@@ -95,6 +101,13 @@ class LogService:
                                   f"attempts are {_attempt_range(task)}")
         where = ran_on(task, attempt)
         path = log_path(self._config.path, task_id, attempt)
+        layout = Layout.for_cap(self._config.max_log_bytes)
+        copy = copy_path(self._config.path, task_id, attempt)
+        if not path.exists() and copy.exists():
+            # A copy is made only of an ended attempt: it no longer changes.
+            async for chunk in read_file(copy, lambda: False, layout):
+                yield chunk
+            return
         if path.exists() or proxied or (where is not None
                                         and where.address == self._config.advertise_address):
             # Between the steal and the container start the file does not exist yet.
@@ -106,15 +119,27 @@ class LogService:
                 raise TaskNotFound(f"{task_id} (the log of attempt {attempt} is no longer on "
                                    f"node {self._config.name})")
             async for chunk in read_file(path, lambda: follow and self._runner.is_running(
-                    task_id, attempt), Layout.for_cap(self._config.max_log_bytes)):
+                    task_id, attempt), layout):
                 yield chunk
             return
         if where is None:
-            raise OwnerUnavailable(
+            why: FilchError = OwnerUnavailable(
                 f"attempt {attempt} of task {task_id} ran on another node, which the task's "
                 f"history no longer names (it keeps the newest {MAX_ATTEMPT_RECORDS} "
-                "attempts); its log is on that node only")
-        async for chunk in self._proxy(task.id, where, attempt, follow):
+                "attempts)")
+        else:
+            given = False
+            try:
+                async for chunk in self._proxy(task.id, where, attempt, follow):
+                    given = True
+                    yield chunk
+                return
+            except (OwnerUnavailable, TaskNotFound) as exc:
+                if given:
+                    raise
+                why = exc
+        async for chunk in self._copies.stream(task.id, attempt,
+                                               where.node_id if where else "", why):
             yield chunk
 
     async def _wait_started(self, task_id: str, follow: bool) -> pb.Task | None:
@@ -160,8 +185,7 @@ class LogService:
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise OwnerUnavailable(
                     f"{where}, which ran attempt {attempt} of task {task_id}, cannot be "
-                    "reached (it is gone or down); logs are kept only on the node that ran "
-                    "the attempt") from exc
+                    "reached (it is gone or down)") from exc
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise TaskNotFound(f"{task_id} (its log is gone from {where})") from exc
             raise OwnerUnavailable(f"{where} failed to stream the log: {exc.details()}") from exc
@@ -173,6 +197,7 @@ class Place:
 
     name: str
     address: str
+    node_id: str = ""
 
 
 def ran_on(task: pb.Task, attempt: int) -> Place | None:
@@ -180,9 +205,9 @@ def ran_on(task: pb.Task, attempt: int) -> Place | None:
     fields for the current attempt; None when the history no longer holds it."""
     for ended in task.attempts:
         if ended.attempt == attempt:
-            return Place(ended.node_name, ended.node_address)
+            return Place(ended.node_name, ended.node_address, ended.node_id)
     if attempt == task.attempt and task.node_address:
-        return Place(task.node_name, task.node_address)
+        return Place(task.node_name, task.node_address, task.node_id)
     return None
 
 

@@ -23,6 +23,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys, metrics
 from node.core.array_pages import member_position
 from node.core.config import Config
+from node.core.copy_paths import copies_root
 from node.core.errors import Compacted, FilchError
 from node.etcd import failpoints
 from node.etcd.store import MemberStatus, Store
@@ -332,16 +333,19 @@ class Housekeeping:
                       status.db_size_in_use, self._config.etcd_quota_bytes)
 
     def _remove_old_logs(self) -> None:
-        """Delete log directories of tasks this node no longer runs, past log_retention."""
-        root = self._config.path / "logs"
-        if not root.is_dir():
-            return
+        """Delete log directories of tasks this node no longer runs, and copies of other
+        nodes' logs (node/running/log_copies.py), past log_retention: every node prunes its
+        copies by the rule their origin prunes the log, so no copy outlives the log's
+        retention anywhere."""
         cutoff = time.time() - self._config.log_retention
-        for task_dir in root.iterdir():
-            if self._runner.runs(task_dir.name):
+        for root in (self._config.path / "logs", copies_root(self._config.path)):
+            if not root.is_dir():
                 continue
-            if _newest_mtime(task_dir) < cutoff:
-                shutil.rmtree(task_dir, ignore_errors=True)
+            for task_dir in root.iterdir():
+                if self._runner.runs(task_dir.name):
+                    continue
+                if _newest_mtime(task_dir) < cutoff:
+                    shutil.rmtree(task_dir, ignore_errors=True)
 
 
 def _newest_mtime(directory: Path) -> float:

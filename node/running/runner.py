@@ -25,6 +25,7 @@ from node.etcd.txn import Versioned
 from node.etcd.watching import list_and_watch
 from node.running import retries
 from node.running.attempt_files import attempt_dir, log_path
+from node.running.log_copies import LogCopier
 from node.running.results import LocalAttempt, ResultWriter
 from node.running.retry_timer import RetryTimer
 from node.running.runtime import steps
@@ -40,8 +41,10 @@ class Runner:
     """Owns this node's attempts."""
 
     def __init__(self, *, config: Config, store: Store, executor: Executor,
-                 state: NodeState) -> None:
+                 state: NodeState, copies: LogCopier | None = None) -> None:
+        """copies: where ended attempts go to have their logs copied to peers (None: not)."""
         self._config = config
+        self._copies = copies
         self._store = store
         self._executor = executor
         self._state = state
@@ -140,6 +143,10 @@ class Runner:
             metrics.RUN_TIME.observe(time.monotonic() - started)
             if local.revoked:
                 log.info("task %s attempt %d stopped: it was taken away", task.id, task.attempt)
+                if self._copies is not None:
+                    # Canceled (or requeued): whoever took it recorded the attempt's end,
+                    # which is what a peer checks before it keeps the copy.
+                    self._copies.offer(task, task.attempt)
                 return
             if timed_out:
                 await self._record_end(local, retries.attempt_ended(
@@ -189,7 +196,11 @@ class Runner:
         not_before (the resolver sweep of any node does it too, should this one die)."""
         with steps.step(steps.ETCD):
             written = await self._results.write(local, new)
-        if not written or new.hold != pb.HOLD_RETRY:
+        if not written:
+            return
+        if self._copies is not None:
+            self._copies.offer(new, local.task.attempt)
+        if new.hold != pb.HOLD_RETRY:
             return
         log.info("task %s attempt %d: %s", new.id, new.attempt, new.message)
         self.retries.hold(new)

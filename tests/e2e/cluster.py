@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -285,6 +286,15 @@ class Cluster:
                        FILCH_TOKEN_FILE=str(self.pki / "token"))
         return subprocess.run([FILCH, *args], env=env, capture_output=True, text=True,
                               timeout=timeout, check=check, stdin=subprocess.DEVNULL)
+
+    def drop_log_copies(self, task_id: str) -> None:
+        """Wait for a peer's copy of the task's logs (node/running/log_copies.py), then delete
+        every copy: for tests of a log whose every holder is gone."""
+        def copies() -> list[Path]:
+            return [path for node in self.nodes
+                    if (path := node.data_dir / "log-copies" / task_id).exists()]
+        for path in wait_for(f"a copy of the logs of task {task_id}", copies):
+            shutil.rmtree(path)
 
     def metrics(self, index: int) -> dict[str, float]:
         """One node's Prometheus samples, keyed like `name{label="value"}`."""

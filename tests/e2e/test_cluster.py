@@ -90,11 +90,13 @@ def test_logs_of_a_lost_node_say_so(fresh_three_nodes: Cluster) -> None:
     task_id = cluster.submit("sh", "-c", "echo kept on one node", restart=False)
     task = cluster.wait_state(task_id, (pb.TASK_STATE_COMPLETE,))
     owner = next(i for i, node in enumerate(cluster.nodes) if node.address == task.node_address)
+    cluster.drop_log_copies(task_id)     # no peer holds a copy (tests/e2e/test_log_copies.py)
     cluster.nodes[owner].kill_hard()
     other = next(i for i in range(3) if i != owner)
     result = cluster.cli("logs", task_id, index=other)
     assert result.returncode == 1
-    assert "cannot be reached" in result.stderr and "Traceback" not in result.stderr
+    assert "cannot be reached" in result.stderr and "no live node holds a copy" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_killed_node_loses_no_work(fresh_three_nodes: Cluster) -> None:

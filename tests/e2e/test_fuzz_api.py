@@ -109,7 +109,19 @@ def test_list(node: Cluster, state: int, page_size: int, page_token: str) -> Non
     _check("ListNodes", lambda: stub.ListNodes(pb.ListNodesRequest(), timeout=10))
 
 
-METHODS = ["Submit", "Cancel", "GetTask", "ListTasks", "StreamLogs", "ListNodes"]
+@FUZZ
+@given(task_id=TEXT, attempt=UINT32, node_id=TEXT, data=st.lists(st.binary(max_size=4096),
+                                                                  max_size=4))
+def test_put_log_copy(node: Cluster, task_id: str, attempt: int, node_id: str,
+                      data: list[bytes]) -> None:
+    stub = node.stub()
+    chunks = [pb.LogCopyChunk(task_id=task_id, attempt=attempt, node_id=node_id),
+              *(pb.LogCopyChunk(data=piece) for piece in data)]
+    _check("PutLogCopy", lambda: stub.PutLogCopy(iter(chunks), timeout=10))
+    assert not (node.nodes[0].data_dir / "log-copies").exists()
+
+
+METHODS = ["Submit", "Cancel", "GetTask", "ListTasks", "StreamLogs", "ListNodes", "PutLogCopy"]
 # Byte strings crafted to break parsers: truncated varints, a length far past the end,
 # wrong wire types, deep nesting, invalid UTF-8 in a string field.
 CRAFTED = st.sampled_from([
@@ -127,6 +139,10 @@ def test_raw_bytes(node: Cluster, method: str, data: bytes) -> None:
         path = f"/filch.v1.Scheduler/{method}"
         if method == "StreamLogs":
             call = channel.unary_stream(path)
+        elif method == "PutLogCopy":
+            streamed = channel.stream_unary(path)
+            _check(f"raw {method}", lambda: streamed(iter([data, data]), timeout=10))
+            return
         else:
             call = channel.unary_unary(path)
         _check(f"raw {method}", lambda: call(data, timeout=10))

@@ -197,6 +197,7 @@ def test_the_log_of_an_attempt_whose_node_is_gone_says_so(
     """Last in this module: it kills a node."""
     first = lucky["attempts"][0]
     ran_on = index_of(three_nodes, first["node_name"])
+    three_nodes.drop_log_copies(lucky["id"])    # no peer holds a copy either
     three_nodes.nodes[ran_on].kill_hard()
     asked = next(i for i in three_nodes.alive() if i != ran_on)
     result = three_nodes.cli("logs", "--attempt", "1", lucky["id"], index=asked)

@@ -59,6 +59,11 @@ class SchedulerStub:
                 request_serializer=filch_dot_v1_dot_filch__pb2.StreamLogsRequest.SerializeToString,
                 response_deserializer=filch_dot_v1_dot_filch__pb2.LogChunk.FromString,
                 _registered_method=True)
+        self.PutLogCopy = channel.stream_unary(
+                '/filch.v1.Scheduler/PutLogCopy',
+                request_serializer=filch_dot_v1_dot_filch__pb2.LogCopyChunk.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.LogCopyReceipt.FromString,
+                _registered_method=True)
         self.ListNodes = channel.unary_unary(
                 '/filch.v1.Scheduler/ListNodes',
                 request_serializer=filch_dot_v1_dot_filch__pb2.ListNodesRequest.SerializeToString,
@@ -125,6 +130,13 @@ class SchedulerServicer:
 
     def StreamLogs(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutLogCopy(self, request_iterator, context):
+        """Internal: store a copy of an ended attempt's log on this node (logs outlive their node).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -201,6 +213,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.StreamLogs,
                     request_deserializer=filch_dot_v1_dot_filch__pb2.StreamLogsRequest.FromString,
                     response_serializer=filch_dot_v1_dot_filch__pb2.LogChunk.SerializeToString,
+            ),
+            'PutLogCopy': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutLogCopy,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.LogCopyChunk.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.LogCopyReceipt.SerializeToString,
             ),
             'ListNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.ListNodes,
@@ -373,6 +390,33 @@ class Scheduler:
             '/filch.v1.Scheduler/StreamLogs',
             filch_dot_v1_dot_filch__pb2.StreamLogsRequest.SerializeToString,
             filch_dot_v1_dot_filch__pb2.LogChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutLogCopy(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/filch.v1.Scheduler/PutLogCopy',
+            filch_dot_v1_dot_filch__pb2.LogCopyChunk.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.LogCopyReceipt.FromString,
             options,
             channel_credentials,
             insecure,

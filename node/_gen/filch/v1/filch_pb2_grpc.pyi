@@ -36,6 +36,8 @@ class SchedulerStub:
     GetTask: _grpc.UnaryUnaryMultiCallable[_filch_pb2.GetTaskRequest, _filch_pb2.Task]
     ListTasks: _grpc.UnaryUnaryMultiCallable[_filch_pb2.ListTasksRequest, _filch_pb2.ListTasksResponse]
     StreamLogs: _grpc.UnaryStreamMultiCallable[_filch_pb2.StreamLogsRequest, _filch_pb2.LogChunk]
+    PutLogCopy: _grpc.StreamUnaryMultiCallable[_filch_pb2.LogCopyChunk, _filch_pb2.LogCopyReceipt]
+    """Internal: store a copy of an ended attempt's log on this node (logs outlive their node)."""
     ListNodes: _grpc.UnaryUnaryMultiCallable[_filch_pb2.ListNodesRequest, _filch_pb2.ListNodesResponse]
     SetOwnerWeight: _grpc.UnaryUnaryMultiCallable[_filch_pb2.SetOwnerWeightRequest, _filch_pb2.Owner]
     ListOwners: _grpc.UnaryUnaryMultiCallable[_filch_pb2.ListOwnersRequest, _filch_pb2.ListOwnersResponse]
@@ -55,6 +57,8 @@ class SchedulerAsyncStub(SchedulerStub):
     GetTask: _aio.UnaryUnaryMultiCallable[_filch_pb2.GetTaskRequest, _filch_pb2.Task]  # type: ignore[assignment]
     ListTasks: _aio.UnaryUnaryMultiCallable[_filch_pb2.ListTasksRequest, _filch_pb2.ListTasksResponse]  # type: ignore[assignment]
     StreamLogs: _aio.UnaryStreamMultiCallable[_filch_pb2.StreamLogsRequest, _filch_pb2.LogChunk]  # type: ignore[assignment]
+    PutLogCopy: _aio.StreamUnaryMultiCallable[_filch_pb2.LogCopyChunk, _filch_pb2.LogCopyReceipt]  # type: ignore[assignment]
+    """Internal: store a copy of an ended attempt's log on this node (logs outlive their node)."""
     ListNodes: _aio.UnaryUnaryMultiCallable[_filch_pb2.ListNodesRequest, _filch_pb2.ListNodesResponse]  # type: ignore[assignment]
     SetOwnerWeight: _aio.UnaryUnaryMultiCallable[_filch_pb2.SetOwnerWeightRequest, _filch_pb2.Owner]  # type: ignore[assignment]
     ListOwners: _aio.UnaryUnaryMultiCallable[_filch_pb2.ListOwnersRequest, _filch_pb2.ListOwnersResponse]  # type: ignore[assignment]
@@ -101,6 +105,14 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         request: _filch_pb2.StreamLogsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_filch_pb2.LogChunk], _abc.AsyncIterator[_filch_pb2.LogChunk]]: ...
+
+    @_abc_1.abstractmethod
+    def PutLogCopy(
+        self,
+        request_iterator: _MaybeAsyncIterator[_filch_pb2.LogCopyChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.LogCopyReceipt, _abc.Awaitable[_filch_pb2.LogCopyReceipt]]:
+        """Internal: store a copy of an ended attempt's log on this node (logs outlive their node)."""
 
     @_abc_1.abstractmethod
     def ListNodes(
