@@ -89,6 +89,9 @@ class NodeDict(TypedDict):
     disk_capacity_bytes: int
     disk_allocated_bytes: int
     capabilities: dict[str, str]
+    cordoned: bool
+    draining: bool
+    drain_deadline: str  # RFC 3339 while draining, else ""
 
 
 DEPENDENCY_KINDS = {filch_pb2.DEPENDENCY_KIND_SUCCESS: "success",
@@ -236,6 +239,9 @@ def node_to_dict(node: filch_pb2.Node) -> NodeDict:
         "disk_capacity_bytes": node.disk_capacity_bytes,
         "disk_allocated_bytes": node.disk_allocated_bytes,
         "capabilities": dict(sorted(node.capabilities.items())),
+        "cordoned": node.cordoned,
+        "draining": node.draining,
+        "drain_deadline": node.drain_deadline.ToJsonString() if node.draining else "",
     }
 
 

@@ -101,6 +101,7 @@ def _slice_start(index: int, count: int) -> int:
 
 
 def is_full(node: pb.Node) -> bool:
-    """Whether a node's record says it has no room left (it then tries no task)."""
-    return (node.cpu_allocated_millis >= node.cpu_capacity_millis
+    """Whether a node's record says it takes no task: no room left, or cordoned (`filch
+    node cordon`/`drain`); a chain skips it either way."""
+    return (node.cordoned or node.cpu_allocated_millis >= node.cpu_capacity_millis
             or node.memory_allocated_bytes >= node.memory_capacity_bytes)

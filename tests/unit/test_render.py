@@ -21,6 +21,7 @@ NODE_FIELDS = {
     "id", "name", "address", "cpu_capacity", "memory_capacity_bytes", "cpu_allocated",
     "memory_allocated_bytes", "running", "etcd_leader", "executor", "nospace",
     "allow_host_network", "disk_capacity_bytes", "disk_allocated_bytes", "capabilities",
+    "cordoned", "draining", "drain_deadline",
 }
 NOW = datetime(2026, 11, 27, 7, 15, 0, tzinfo=UTC)
 
