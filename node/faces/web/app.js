@@ -554,7 +554,10 @@ function renderNodes(nodes) {
     el("div", { class: "node-head" },
       el("h3", { text: node.name || shortId(node.id) }),
       node.etcd_leader ? el("span", { class: "badge leader", text: "etcd leader", title: "This node's etcd member leads the cluster" }) : null,
-      node.nospace ? el("span", { class: "badge nospace", text: "NOSPACE", title: "etcd is out of space: nothing new is accepted" }) : null),
+      node.nospace ? el("span", { class: "badge nospace", text: "NOSPACE", title: "etcd is out of space: nothing new is accepted" }) : null,
+      node.cordoned ? el("span", { class: "badge nospace", text: node.draining ? "draining" : "cordoned",
+        title: node.draining ? `Draining: steals nothing new; what still runs at ${node.drain_deadline} is handed back`
+          : "Cordoned: steals nothing new; running tasks go on (filch node uncordon)" }) : null),
     el("div", { class: "node-meta mono", text: `${node.address} · ${shortId(node.id)}` }),
     meter("CPU", node.cpu_allocated, node.cpu_capacity, formatCpu, " cores"),
     meter("Memory", node.memory_allocated_bytes, node.memory_capacity_bytes, formatSize, ""),
