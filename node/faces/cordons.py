@@ -81,8 +81,12 @@ class CordonService:
 
     async def drain(self, name: str, deadline: float) -> AsyncIterator[pb.DrainNodeProgress]:
         """Start a drain (or join the one under way) and yield its progress whenever it
-        changes, until it is done or canceled (the last message says which)."""
-        await self._live(name)
+        changes, until it is done or canceled (the last message says which). A drain under
+        way is followed even while its node restarts (it resumes it); a new one needs the
+        node live."""
+        found = await self.store.get_cordon(name)
+        if found is None or not found.cordon.drain or found.cordon.drain_done:
+            await self._live(name)
         drain_id = await self._start(name, deadline)
         said: pb.DrainNodeProgress | None = None
         while True:

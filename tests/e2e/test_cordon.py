@@ -136,8 +136,10 @@ def test_drain_hands_back_a_long_task_and_lets_a_short_one_finish(cluster: Clust
     assert moved.retries_used == 0
     assert [attempt.reason for attempt in moved.attempts] == [pb.REASON_NODE_LOST]
     assert "was drained" in moved.attempts[0].message
-    after = node_record(cluster, drained)
-    assert after is not None and after.cordoned and not after.draining
+    # Its record (rewritten a moment later: writes are coalesced) says cordoned, not draining.
+    wait_for("the drained node's record to say cordoned, not draining",
+             lambda: (found := node_record(cluster, drained)) is not None
+             and found.cordoned and not found.draining, timeout=20)
     cluster.stub(0).Cancel(pb.CancelRequest(id=long_id), timeout=10)
 
 
@@ -170,6 +172,43 @@ def test_uncordon_cancels_a_drain_under_way(cluster: Cluster) -> None:
     cluster.stub(0).Cancel(pb.CancelRequest(id=task_id), timeout=10)
     for name in (cluster.nodes[0].name, cluster.nodes[2].name):
         set_cordon(cluster, name, False)
+
+
+def test_a_drain_resumes_when_its_node_restarts_and_outlives_its_client(
+        cluster: Cluster) -> None:
+    node = cluster.nodes[2]
+    others = [cluster.nodes[0].name, cluster.nodes[1].name]
+    for name in others:
+        set_cordon(cluster, name, True)
+    record = wait_cordoned(cluster, node.name, cordoned=False)
+    task_id = cluster.submit("sleep", "300", cpu_millis=100, restart=True)
+    assert cluster.wait_state(task_id, (pb.TASK_STATE_RUNNING,)).node_id == record.id
+    # The client goes away at once: the drain is the node's, not the command's.
+    progress = cluster.stub(0).DrainNode(pb.DrainNodeRequest(name=node.name,
+                                                             deadline_seconds=300), timeout=30)
+    assert not next(progress).done
+    progress.cancel()
+    wait_for("the node to say it drains",
+             lambda: (found := node_record(cluster, node.name)) is not None and found.draining,
+             timeout=30)
+    for name in others:
+        set_cordon(cluster, name, False)
+    node.stop()      # SIGTERM: its attempt goes back to the queue, the drain stays in etcd
+    node.start()
+    # Restarted, it resumes the drain (nothing runs there now) and ends it; a client that
+    # follows it again sees the end.
+    result = cluster.cli("node", "drain", node.name, "-o", "json", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["name"] == node.name
+    after = wait_for("the restarted node's record",
+                     lambda: (found := node_record(cluster, node.name)) is not None
+                     and found.id != record.id and not found.draining and found, timeout=30)
+    assert after.cordoned
+    moved = wait_for("the task to run elsewhere",
+                     lambda: (task := cluster.get(task_id)).state == pb.TASK_STATE_RUNNING
+                     and task.node_id not in (record.id, after.id) and task, timeout=30)
+    cluster.stub(0).Cancel(pb.CancelRequest(id=moved.id), timeout=10)
+    set_cordon(cluster, node.name, False)
 
 
 def test_bad_input_gets_one_line_and_the_right_code(cluster: Cluster) -> None:
