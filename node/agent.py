@@ -30,7 +30,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import capabilities, limits, metrics
 from node.core.capabilities import Capabilities
 from node.core.config import Config
-from node.core.errors import ExecutorError, FilchError, InvalidArgument
+from node.core.errors import ExecutorError, FilchError, InvalidArgument, NameTaken
 from node.core.tls import Security, TokenInterceptor
 from node.etcd import failpoints
 from node.etcd.etcd_client import EtcdTLS
@@ -42,11 +42,12 @@ from node.faces.logs import LogService
 from node.faces.service import TaskService
 from node.faces.sessions import SessionService
 from node.operations import rejoin
+from node.operations.cordon import Cordon
 from node.operations.etcd_member import EtcdMember
 from node.operations.housekeeping import Housekeeping, cluster_addresses
 from node.running import disk
 from node.running.log_copies import LogCopier
-from node.running.membership import Membership
+from node.running.membership import Membership, await_free_name
 from node.running.recovery import Recovery
 from node.running.runner import Runner
 from node.running.runtime import scratch
@@ -175,6 +176,9 @@ class Agent:
 
     async def _serve(self, store: Store, member: EtcdMember | None) -> int:
         config = self.config
+        # First of all: another live agent under this name would share its task networks
+        # and containers' names, so nothing named after the node is touched before.
+        await await_free_name(store, config)
         # Created first so that every part that finds out what this node can enforce
         # (the probe below, the task firewall) reports to the one published set.
         node_capabilities = Capabilities()
@@ -197,6 +201,9 @@ class Agent:
         try:
             code = await self._run_parts(store, member, executor, watchdog, network,
                                          node_capabilities, plan)
+        except NameTaken:
+            await watchdog.stop()   # nothing ran yet
+            raise
         except BaseException:
             # Any other way out (a loop that raised, a failed step of the shutdown, a
             # cancellation) may leave containers running: the watchdog kills them (and
@@ -236,11 +243,17 @@ class Agent:
         housekeeping = Housekeeping(
             config=config, store=store, state=state, runner=runner, stealer=stealer,
             firewall=network.set_cluster_addresses if network is not None else None)
+        cordon = Cordon(config=config, store=store, state=state, runner=runner,
+                        stealer=stealer)
         # In shutdown order: close the stealer's door (awaiting a steal in flight), stop
         # cleaning up, drain the attempts, leave. The stealer goes first so that whatever
         # it committed is an attempt the runner's drain finds.
-        parts: tuple[Part, ...] = (stealer, resolver, housekeeping, runner, copier,
-                                   membership, recovery)
+        parts: tuple[Part, ...] = (stealer, cordon, resolver, housekeeping, runner,
+                                   copier, membership, recovery)
+        # Before any part runs: a cordoned node steals nothing while it starts, and its
+        # first record says so; a name another live node holds stops this agent here.
+        await cordon.load()
+        await membership.register_first()
         tasks = TaskService(store=store, check=check, max_pending=config.max_pending,
                             etcd_quota_bytes=config.etcd_quota_bytes,
                             submit_budget=config.submit_budget)

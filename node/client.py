@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -362,6 +362,30 @@ class Client:
         response = self._call(stub.Check, health_pb2.HealthCheckRequest(service=service),
                               timeout)
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+
+    # -- cordon and drain ----------------------------------------------------------------
+
+    def cordon_node(self, name: str) -> pb.CordonNodeResponse:
+        response: pb.CordonNodeResponse = self._call(self._stub.CordonNode,
+                                                     pb.CordonNodeRequest(name=name))
+        return response
+
+    def uncordon_node(self, name: str) -> pb.CordonNodeResponse:
+        response: pb.CordonNodeResponse = self._call(self._stub.UncordonNode,
+                                                     pb.UncordonNodeRequest(name=name))
+        return response
+
+    def drain_node(self, name: str,
+                   deadline: float = 0.0) -> Generator[pb.DrainNodeProgress, None, None]:
+        """Start (or join) a drain and yield its progress until it is done or canceled.
+        No call deadline: a drain lasts up to its own (the node enforces it)."""
+        call = self._stub.DrainNode(pb.DrainNodeRequest(name=name, deadline_seconds=deadline))
+        try:
+            yield from call
+        except grpc.RpcError as error:
+            raise self.error(error, None) from None
+        finally:
+            call.cancel()
 
     # -- owners (fair share) -------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import click
 from node.cli.agent_flags import agent_command
 from node.cli.commands import CLIENT_COMMANDS
 from node.cli.events import events_command
+from node.cli.nodes import node_group
 from node.cli.output import (
     EXIT_BROKEN_PIPE,
     EXIT_FAILURE,
@@ -134,7 +135,7 @@ def cli(ctx: click.Context, server: str, timeout: float, ca: str, token_file: st
     ctx.call_on_close(client.close)
 
 
-for _command in (*CLIENT_COMMANDS, events_command, owner_group, agent_command):
+for _command in (*CLIENT_COMMANDS, events_command, owner_group, node_group, agent_command):
     cli.add_command(_command)
 
 

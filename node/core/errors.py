@@ -48,6 +48,18 @@ class ArrayNotFound(TaskNotFound):
         self.task_id = array_id
 
 
+class NodeNotFound(FilchError):
+    """No live node has this name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no live node is named {name!r}; `filch nodes` lists them")
+        self.name = name
+
+
+class NameTaken(FilchError):
+    """Another live agent holds this node name: this agent refuses to start under it."""
+
+
 class NotStarted(FilchError):
     """The task has no attempt yet, so there is no log to show."""
 
@@ -82,6 +94,10 @@ class ExecutorError(FilchError):
 
 class NodeStartError(ExecutorError):
     """The node, not the task, failed to start it: task network, /work, runc itself."""
+
+
+class LogCopyRefused(FilchError):
+    """A peer refused a log copy for good (the attempt's record says no): do not retry."""
 
 
 class TooLarge(FilchError):

@@ -24,6 +24,10 @@
 /release/<parent-id>                    -> ""  (this parent ended: release its dependents)
 /lock/<chore>                           -> holder node id (on the holder's lease): one
                                                node at a time does this cluster chore
+/nodename/<name>                        -> node id (on that node's lease): names are unique
+                                               among live nodes
+/cordon/<name>                          -> NodeCordon protobuf (NOT on a lease: a cordon
+                                               outlives its node's restarts)
 
 Ids are lowercase hex UUIDs, so the task records are exactly [/task/0, /task/g).
 """
@@ -90,6 +94,12 @@ STATS = b"/stats/counts"
 # Held (on the holder's lease) while a node defragments its etcd member, so that two
 # members are never defragmented at once. Absent the rest of the time.
 DEFRAG_LOCK = b"/lock/defrag"
+# The name each live node holds, created with its record on its lease in one transaction:
+# a second agent under a live node's name is refused (node/etcd/cordons.py).
+NODE_NAMES = b"/nodename/"
+# Cordons and drains, keyed by node name (not id, not on a lease), so that a cordoned node
+# that restarts under a new id comes back cordoned and resumes a drain.
+CORDONS = b"/cordon/"
 
 # A namespace for ids derived from a client's request_id (submit idempotency).
 _REQUEST_NAMESPACE = uuid.UUID("5b0c7f0e-6a43-4f55-9d3a-2f0b8f3f6c11")
@@ -106,6 +116,9 @@ RANK_DIGITS = 4
 # would mangle.
 OWNER_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 DEFAULT_OWNER = "default"
+
+# A node name (part of the /nodename/ and /cordon/ keys): a host name's characters.
+NODE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 
 # An array's position (0-based, not its index) occupies the top bits of the random part
 # of its tasks' UUIDv7s, so that an array's tasks list, queue and run in index order.
@@ -344,6 +357,22 @@ def chore_lock(chore: str) -> bytes:
 
 def node(node_id: str) -> bytes:
     return NODES + node_id.encode()
+
+
+def node_name(name: str) -> bytes:
+    """The key a live node holds its name with (name: NODE_NAME_PATTERN, checked)."""
+    return NODE_NAMES + _checked_name(name)
+
+
+def cordon(name: str) -> bytes:
+    """The cordon (and drain) of the node named name (NODE_NAME_PATTERN, checked)."""
+    return CORDONS + _checked_name(name)
+
+
+def _checked_name(name: str) -> bytes:
+    if not NODE_NAME_PATTERN.match(name):
+        raise ValueError(f"not a node name: {name!r}")
+    return name.encode()
 
 
 def prefix_end(prefix: bytes) -> bytes:

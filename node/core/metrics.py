@@ -123,6 +123,10 @@ DISK_CAPACITY = Gauge("filch_node_disk_capacity_bytes",
                       "Disk this node offers to tasks' /work (--disk-capacity or auto).")
 DISK_ALLOCATED = Gauge("filch_node_disk_allocated_bytes",
                        "/work sizes of the attempts on this node (enforced sizes only).")
+NODE_CORDONED = Gauge("filch_node_cordoned", "1 while this node is cordoned (or draining): "
+                      "it steals nothing new.")
+NODES_CORDONED = Gauge("filch_nodes_cordoned", "Node names with a cordon (cluster-wide; a "
+                       "cordon outlives its node's restarts until `filch node uncordon`).")
 CAPABILITY = Gauge("filch_node_capability", "1 for each capability value this node has "
                    "(node/core/capabilities.py), e.g. name=filch.io/disk-enforced value=true.",
                    ["name", "value"])

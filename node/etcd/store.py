@@ -22,7 +22,8 @@ from node.core.limits import (
     READ_BATCH_RECORDS,
 )
 from node.etcd import failpoints, release_marks
-from node.etcd.store_base import REQUEST_TIMEOUT, KeyPage, MemberStatus, StoreBase, WatchEvent
+from node.etcd.cordons import CordonStore
+from node.etcd.store_base import REQUEST_TIMEOUT, KeyPage, MemberStatus, WatchEvent
 from node.etcd.txn import Move, Versioned, append_move, index_keys, key_compare, status_key
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 RELEASED = b"released"
 
 
-class Store(StoreBase):
+class Store(CordonStore):
     """A connection to the local etcd member and every operation filch performs on it."""
 
     async def get_task(self, task_id: str) -> Versioned | None:

@@ -23,6 +23,7 @@ from node.core.errors import (
     Conflict,
     FilchError,
     InvalidArgument,
+    NodeNotFound,
     NotStarted,
     Overloaded,
     OwnerUnavailable,
@@ -32,6 +33,7 @@ from node.core.errors import (
     TaskNotFound,
 )
 from node.faces.copy_store import CopyStore
+from node.faces.cordons import CordonService, drain_deadline, node_name
 from node.faces.events import EventService
 from node.faces.logs import PROXIED_HEADER, LogService
 from node.faces.owners import OwnerService, owner_name, owner_weight
@@ -46,6 +48,7 @@ Response = TypeVar("Response")
 _CODES: list[tuple[type[FilchError], grpc.StatusCode]] = [
     (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
     (TaskNotFound, grpc.StatusCode.NOT_FOUND),
+    (NodeNotFound, grpc.StatusCode.NOT_FOUND),
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),
     (Conflict, grpc.StatusCode.ALREADY_EXISTS),
     (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -248,6 +251,35 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                          context: Any) -> pb.ListOwnersResponse:
         owners = await OwnerService(store=self._tasks.store).list_owners()
         return pb.ListOwnersResponse(owners=owners)
+
+    # -- cordon and drain (node/faces/cordons.py) ----------------------------------------
+
+    @_unary
+    async def CordonNode(self, request: pb.CordonNodeRequest,
+                         context: Any) -> pb.CordonNodeResponse:
+        return await CordonService(store=self._tasks.store).cordon(node_name(request.name))
+
+    @_unary
+    async def UncordonNode(self, request: pb.UncordonNodeRequest,
+                           context: Any) -> pb.CordonNodeResponse:
+        return await CordonService(store=self._tasks.store).uncordon(node_name(request.name))
+
+    async def DrainNode(self, request: pb.DrainNodeRequest,
+                        context: Any) -> AsyncIterator[pb.DrainNodeProgress]:
+        started = time.monotonic()
+        try:
+            if isinstance(request, Malformed):
+                raise InvalidArgument("request", request.message)
+            name = node_name(request.name)
+            deadline = drain_deadline(request.deadline_seconds)
+            async for progress in CordonService(store=self._tasks.store).drain(name, deadline):
+                yield progress
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # mapped to a status code, never swallowed
+            await _abort(context, exc)
+        finally:
+            _count("DrainNode", context, started)
 
     # -- web UI sessions (the token guards these like every call) --------------------------
 

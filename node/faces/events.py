@@ -29,10 +29,15 @@ JOINED, LEFT, CHANGED = "joined", "left", "changed"
 
 
 def node_state(node: pb.Node) -> str:
-    """A node's state as the event stream reports it. The HOOK for node states beyond
-    "up": a change of what this returns between two versions of a node record is a node
-    event (reason "changed"); e.g. cordon returns "CORDONED" for a cordoned node. Every
-    other rewrite of a node record (allocation, owners) is no event."""
+    """A node's state as the event stream reports it: a change of what this returns
+    between two versions of a node record is a node event (reason "changed"). Every other
+    rewrite of a node record (allocation, owners) is no event."""
+    if node.draining:
+        return "DRAINING"
+    if node.cordoned:
+        return "CORDONED"
+    if node.start_backoff:
+        return "START_BACKOFF"
     return "READY"
 
 

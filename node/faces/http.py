@@ -147,6 +147,9 @@ class App:
             (r"/api/v1/arrays/(?P<id>[^/]+)/cancel", PRIVATE, {"POST": api.cancel_array}),
             (r"/api/v1/nodes", PRIVATE, {"GET": api.list_nodes}),
             (r"/api/v1/events", PRIVATE, {"GET": self.events}),
+            (r"/api/v1/nodes/(?P<name>[^/]+)/cordon", PRIVATE, {"POST": api.cordon_node}),
+            (r"/api/v1/nodes/(?P<name>[^/]+)/uncordon", PRIVATE, {"POST": api.uncordon_node}),
+            (r"/api/v1/nodes/(?P<name>[^/]+)/drain", PRIVATE, {"POST": api.drain_node}),
             (r"/api/v1/owners", PRIVATE, {"GET": api.list_owners}),
             (r"/api/v1/owners/(?P<name>[^/]+)/weight", PRIVATE, {"POST": api.set_owner_weight}),
             (r"/api/.*", PRIVATE, {}),  # unknown API paths: 401 before 404, as the rest

@@ -173,6 +173,49 @@ class Api:
             raise failure(error) from None
         return json_response(200, {"nodes": [records.node_to_dict(node) for node in nodes]})
 
+    # -- cordon and drain (`filch node ...`) -------------------------------------------------
+
+    def cordon_node(self, request: Request, match: re.Match[str]) -> Response:
+        try:
+            self.client.cordon_node(match["name"])
+        except ClientError as error:
+            raise failure(error) from None
+        return json_response(200, {"name": match["name"], "cordoned": True})
+
+    def uncordon_node(self, request: Request, match: re.Match[str]) -> Response:
+        try:
+            response = self.client.uncordon_node(match["name"])
+        except ClientError as error:
+            raise failure(error) from None
+        return json_response(200, {"name": response.name, "cordoned": False,
+                                   "drain_canceled": response.drain_canceled})
+
+    def drain_node(self, request: Request, match: re.Match[str]) -> Response:
+        """POST {"deadline_seconds": S} (optional): start (or join) the drain and answer
+        with its first progress at once; `GET /api/v1/nodes` shows it draining, then not."""
+        sent = request.environ.get("CONTENT_LENGTH") not in (None, "", "0")
+        body = request.json_body() if sent else {}
+        if not isinstance(body, dict) or not set(body) <= {"deadline_seconds"}:
+            raise HttpError(400, 'body: must be a JSON object {"deadline_seconds": NUMBER} '
+                            "or empty")
+        deadline = body.get("deadline_seconds", 0)
+        if isinstance(deadline, bool) or not isinstance(deadline, int | float):
+            raise HttpError(400, f"deadline_seconds: must be a number, not "
+                            f"{json.dumps(deadline)}")
+        try:
+            progress = self.client.drain_node(match["name"], float(deadline))
+            try:
+                first = next(progress)
+            finally:
+                progress.close()
+        except ClientError as error:
+            raise failure(error) from None
+        return json_response(200, {"name": first.name, "draining": not first.done,
+                                   "finished": first.finished,
+                                   "handed_back": first.handed_back,
+                                   "remaining": first.remaining,
+                                   "deadline": first.deadline.ToJsonString()})
+
     # -- owners (fair share) -------------------------------------------------------------------
 
     def list_owners(self, request: Request, match: re.Match[str]) -> Response:

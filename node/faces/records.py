@@ -98,6 +98,9 @@ class NodeDict(TypedDict):
     start_backoff_until: str | None
     node_side_start_failures: int
     start_failure: str  # the last node-side start failure, while backed off
+    cordoned: bool
+    draining: bool
+    drain_deadline: str  # RFC 3339 while draining, else ""
 
 
 DEPENDENCY_KINDS = {filch_pb2.DEPENDENCY_KIND_SUCCESS: "success",
@@ -256,6 +259,9 @@ def node_to_dict(node: filch_pb2.Node) -> NodeDict:
                                 if node.start_backoff else None),
         "node_side_start_failures": node.node_side_start_failures,
         "start_failure": node.start_failure,
+        "cordoned": node.cordoned,
+        "draining": node.draining,
+        "drain_deadline": node.drain_deadline.ToJsonString() if node.draining else "",
     }
 
 

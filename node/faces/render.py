@@ -166,6 +166,8 @@ def nodes_table(nodes: Iterable[filch_pb2.Node]) -> str:
     for node in nodes:
         flags = [flag for flag, on in (("leader", node.etcd_leader), ("NOSPACE", node.nospace))
                  if on]
+        # Cordon state rides in the flags column (no new column: scripts parse -o json).
+        flags += ["draining" if node.draining else "cordoned"] if node.cordoned else []
         rows.append((
             node.name or "-",
             _short_id(node.id),

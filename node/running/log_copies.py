@@ -28,7 +28,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.core import metrics, rendezvous
 from node.core.config import Config
-from node.core.errors import FilchError
+from node.core.errors import FilchError, LogCopyRefused
 from node.core.tls import Security
 from node.etcd import failpoints
 from node.etcd.store import Store
@@ -75,10 +75,6 @@ class Ended:
     ended_at: float
     """Wall-clock time of its end (for filch_log_copy_lag_seconds)."""
     queued_at: float
-
-
-class Refused(Exception):
-    """The peer refused the copy for good (the attempt's record says no): do not retry."""
 
 
 class LogCopier:
@@ -156,7 +152,7 @@ class LogCopier:
                 # Alone: wait for a peer without spending the tries (level-triggered: the
                 # node list is read again after the back-off).
                 deadline = time.monotonic() + GIVE_UP_AFTER
-            except Refused as exc:
+            except LogCopyRefused as exc:
                 metrics.LOG_COPIES.labels("refused").inc()
                 log.warning("log copy of task %s attempt %d refused: %s", ended.task_id,
                             ended.attempt, exc)
@@ -185,7 +181,8 @@ class LogCopier:
         return [peers[node_id] for node_id in ranked[:self._config.log_copies]]
 
     async def _push(self, node: pb.Node, ended: Ended, path: Path) -> None:
-        """Stream the log file to one peer. Raises Refused (for good) or a transient error."""
+        """Stream the log file to one peer. Raises LogCopyRefused (for good) or a
+        transient error."""
         await failpoints.hit("log_copies.before_push")
         async with self._security.aio_channel(node.address) as channel:
             stub = pb_grpc.SchedulerStub(channel)
@@ -194,7 +191,7 @@ class LogCopier:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
                                   grpc.StatusCode.FAILED_PRECONDITION):
-                    raise Refused(f"node {node.name}: {exc.details()}") from exc
+                    raise LogCopyRefused(f"node {node.name}: {exc.details()}") from exc
                 raise
 
 

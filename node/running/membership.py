@@ -16,7 +16,7 @@ from typing import NoReturn, Protocol
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys, metrics
 from node.core.config import Config
-from node.core.errors import FilchError
+from node.core.errors import FilchError, InvalidArgument, NameTaken
 from node.etcd import failpoints
 from node.etcd.store import Store
 from node.running.runtime.network import local_addresses
@@ -44,6 +44,11 @@ RENEW_RETRY = 0.1
 
 # Back-off between registration attempts while etcd is unreachable or has no quorum.
 REGISTER_RETRY = 0.5
+
+# Beyond one lease TTL, how long a starting agent waits for its name to come free before
+# it refuses to start: the old record of its own crashed run is gone by then (etcd expires
+# a lease within about a second after its TTL), another live agent's never is.
+NAME_WAIT_EXTRA = 2.0
 
 # Coalesce node-record updates: allocation changes with every steal and finish. Every node
 # watches every record, so the cluster as a whole writes at most CLUSTER_RECORD_WRITES per
@@ -82,6 +87,7 @@ class Membership:
         self._dirty = state.capacity.subscribe()
         state.capabilities.on_change(self._dirty.set)
         state.backoff.on_change(self._dirty.set)
+        state.on_cordon_change(self._dirty.set)
         self._registered_at = 0.0
         self._member_id = 0
         self._deadline = 0.0
@@ -105,13 +111,27 @@ class Membership:
         async with asyncio.TaskGroup() as group:
             group.create_task(self._publish_loop())
             group.create_task(self._address_loop())
+            registration = self._state.registration    # set by register_first()
             while True:
-                registration = await self._register()
+                if registration is None:
+                    registration = await self._register()
                 await self._renew_until_lost(registration)
                 await self._fence(registration)
+                registration = None
         raise AssertionError("unreachable")
 
-    async def _register(self) -> Registration:
+    async def register_first(self) -> None:
+        """Register before the rest of the agent starts. Raises NameTaken when another live
+        node still holds this node's name after one lease TTL (a crashed earlier run's
+        record has expired by then)."""
+        await self._register(first=True)
+
+    async def _register(self, *, first: bool = False) -> Registration:
+        """Register under a new id, holding this node's name (the name key and the record
+        go in one transaction). A name held by another registration is waited for: one
+        lease TTL at the first registration (then NameTaken), forever after a fence (the
+        fenced registration's own lease is going)."""
+        give_up = time.monotonic() + self._config.lease_ttl + NAME_WAIT_EXTRA
         while True:
             try:
                 lease_id = await self._store.grant_lease(self._config.lease_ttl)
@@ -122,7 +142,20 @@ class Membership:
                 self._registered_at = time.time()
                 if self._addresses is None:
                     await self._read_addresses()
-                await self._store.put_node(self._node_record(registration), lease_id)
+                if not await self._store.register_named(self._node_record(registration),
+                                                        lease_id):
+                    self._state.registration = None
+                    await self._store.revoke_lease(lease_id)
+                    holder = await self._store.name_holder(self._config.name)
+                    if first and time.monotonic() >= give_up:
+                        raise NameTaken(
+                            f"node name {self._config.name!r} is held by live node {holder}: "
+                            "names are unique among live nodes; start this agent with "
+                            "another --name (or stop the other one)")
+                    log.warning("node name %r is held by node %s (an earlier run whose lease "
+                                "has not expired yet?): waiting", self._config.name, holder)
+                    await asyncio.sleep(REGISTER_RETRY)
+                    continue
                 self._deadline = sent + self._config.lease_ttl - self.margin
                 await self._arm_watchdog()
                 self.live.set()
@@ -132,6 +165,8 @@ class Membership:
                 log.info("registered as node %s (lease %x, ttl %ss)", registration.node_id,
                          lease_id, self._config.lease_ttl)
                 return registration
+            except NameTaken:
+                raise
             except FilchError as exc:
                 self._state.registration = None
                 log.warning("cannot register yet: %s", exc)
@@ -213,7 +248,10 @@ class Membership:
             disk_capacity_bytes=self._state.capacity.disk_bytes,
             disk_allocated_bytes=allocation.disk_bytes,
             capabilities=self._state.capabilities.snapshot(),
-            addresses=self._addresses or [])
+            addresses=self._addresses or [],
+            cordoned=self._state.cordoned, draining=self._state.draining)
+        if self._state.draining:
+            record.drain_deadline.FromNanoseconds(int(self._state.drain_deadline * 1e9))
         record.registered_at.FromNanoseconds(int(self._registered_at * 1e9))
         eligibility = self._state.eligibility
         if eligibility is not None:
@@ -270,3 +308,34 @@ class Membership:
         log.info("this node's addresses: %s", ", ".join(addresses) or "none")
         self._addresses = addresses
         return True
+
+
+async def await_free_name(store: Store, config: Config) -> None:
+    """Before an agent touches anything named after its node (task networks, containers):
+    wait up to one lease TTL for its name to come free (its own crashed run's record).
+    Raises InvalidArgument for a name that cannot be a node name, NameTaken when a live
+    node keeps it. etcd not answering yet is waited for."""
+    if not keys.NODE_NAME_PATTERN.match(config.name):
+        raise InvalidArgument("name", f"{config.name!r} is not a node name: letters, digits, "
+                              "'.', '_' and '-', at most 63, starting with a letter or digit")
+    give_up = time.monotonic() + config.lease_ttl + NAME_WAIT_EXTRA
+    said = False
+    while True:
+        try:
+            holder = await store.name_holder(config.name)
+        except FilchError as exc:
+            log.info("cannot check this node's name yet: %s", exc)
+            await asyncio.sleep(REGISTER_RETRY)
+            continue
+        if holder is None:
+            return
+        if time.monotonic() >= give_up:
+            raise NameTaken(f"node name {config.name!r} is held by live node {holder}: names "
+                            "are unique among live nodes; start this agent with another "
+                            "--name (or stop the other one)")
+        if not said:
+            log.warning("node name %r is held by node %s (an earlier run of this node whose "
+                        "lease has not expired yet?): waiting up to %.0fs", config.name,
+                        holder, config.lease_ttl + NAME_WAIT_EXTRA)
+            said = True
+        await asyncio.sleep(REGISTER_RETRY)

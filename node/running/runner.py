@@ -264,19 +264,7 @@ class Runner:
             await asyncio.wait(waiting, timeout=self._config.shutdown_grace)
             for waiter in waiting:
                 waiter.cancel()
-        cause = Cause("shutdown", f"node {self._config.name} shut down")
-        for local in list(self._attempts.values()):
-            # Read before the revocation, which (no await before it sets revoked) stops
-            # an attempt that has not started from ever starting.
-            ran = local.started
-            await self._revoke(local, self._config.cancel_grace)
-            try:
-                # None: already taken away (canceled, or recovered elsewhere).
-                await handback(self._store, Versioned(local.task, local.token), cause,
-                               fence=local.token, ran=ran)
-            except FilchError as exc:
-                log.warning("could not hand task %s back (its lease expiry will): %s",
-                            local.task.id, exc)
+        await self.hand_back_all(Cause("shutdown", f"node {self._config.name} shut down"))
         registration = self._state.registration
         if registration is not None:
             try:
@@ -284,6 +272,29 @@ class Runner:
             except FilchError as exc:
                 log.warning("running tasks without an attempt not handed back (their lease "
                             "expiry will): %s", exc)
+
+    def attempt_ids(self) -> set[str]:
+        """The tasks with an attempt on this node now."""
+        return set(self._attempts)
+
+    async def hand_back_all(self, cause: Cause) -> set[str]:
+        """Stop every attempt and hand its task back as a lost node's would be (the
+        --restart rule; no retry spent), each under its fence; the ids handed back."""
+        moved: set[str] = set()
+        for local in list(self._attempts.values()):
+            # Read before the revocation, which (no await before it sets revoked) stops
+            # an attempt that has not started from ever starting.
+            ran = local.started
+            await self._revoke(local, self._config.cancel_grace)
+            try:
+                # None: already taken away (canceled, or recovered elsewhere).
+                if await handback(self._store, Versioned(local.task, local.token), cause,
+                                  fence=local.token, ran=ran) is not None:
+                    moved.add(local.task.id)
+            except FilchError as exc:
+                log.warning("could not hand task %s back (its lease expiry will): %s",
+                            local.task.id, exc)
+        return moved
 
     # -- watching for revocation -----------------------------------------------------------
 

@@ -8,6 +8,7 @@ acyclic: every part is built from the state and from the parts it calls, in one 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from node._gen.filch.v1 import filch_pb2 as pb
@@ -50,6 +51,24 @@ class NodeState:
         """None when this node may run spec; else why not (constraints.Eligibility)."""
         assert self.eligibility is not None
         return self.eligibility.refusal(spec)
+    cordoned: bool = False
+    """`filch node cordon/drain` (node/operations/cordon.py): published in the record."""
+    draining: bool = False
+    drain_deadline: float = 0.0
+    """Wall clock (s) when a drain hands back what still runs; 0 when not draining."""
+    _cordon_listeners: list[Callable[[], None]] = field(default_factory=list)
+
+    def set_cordon(self, *, cordoned: bool, draining: bool, drain_deadline: float) -> None:
+        """Record the cordon state; listeners (the node record's publisher) hear of a change."""
+        new = (cordoned, draining, drain_deadline if draining else 0.0)
+        if new == (self.cordoned, self.draining, self.drain_deadline):
+            return
+        self.cordoned, self.draining, self.drain_deadline = new
+        for listener in self._cordon_listeners:
+            listener()
+
+    def on_cordon_change(self, listener: Callable[[], None]) -> None:
+        self._cordon_listeners.append(listener)
 
     @classmethod
     def for_config(cls, config: Config, *, capabilities: Capabilities | None = None,

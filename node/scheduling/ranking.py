@@ -101,7 +101,8 @@ def _slice_start(index: int, count: int) -> int:
 
 
 def is_full(node: pb.Node) -> bool:
-    """Whether a node's record says it has no room left, or is in a start back-off (it
-    then tries no task, so the tasks' chains skip it)."""
-    return (node.start_backoff or node.cpu_allocated_millis >= node.cpu_capacity_millis
+    """Whether a node's record says it takes no task: no room left, cordoned (`filch node
+    cordon`/`drain`) or in a start back-off; a chain skips it either way."""
+    return (node.cordoned or node.start_backoff
+            or node.cpu_allocated_millis >= node.cpu_capacity_millis
             or node.memory_allocated_bytes >= node.memory_capacity_bytes)

@@ -636,7 +636,9 @@ def test_remove_a_node(lab: Lab) -> None:
         on_removed = [task["id"] for task in running if node_of(lab, task) == "filch-2"]
         assert on_removed, "no task ran on filch-2"
 
-    recap = lab.playbook("remove-node.yml", "-e", "filch_remove=filch-2")
+    # The drain's deadline is short: these tasks would run for 10 minutes.
+    recap = lab.playbook("remove-node.yml", "-e", "filch_remove=filch-2",
+                         "-e", "filch_node_drain_deadline=5s")
     assert recap["filch-2"]["changed"] > 0
 
     with diagnosed(lab):
@@ -650,6 +652,7 @@ def test_remove_a_node(lab: Lab) -> None:
         for task in moved:
             if task["state"] == "PENDING":
                 assert task["message"].startswith("requeued after attempt"), task
+                assert "was drained" in task["message"], task
             else:
                 assert task["state"] == "RUNNING" and node_of(lab, task) != "filch-2", task
         # The host is clean.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -42,6 +43,11 @@ def test_tasks_and_proxied_logs_work_over_tls(tls_cluster: Cluster) -> None:
         assert result.stdout == f"secret {task.node_name}\n"
 
 
+def drain_all(stub: pb_grpc.SchedulerStub, request: pb.DrainNodeRequest,
+              timeout: float) -> list[pb.DrainNodeProgress]:
+    return list(stub.DrainNode(request, timeout=timeout))
+
+
 def test_calls_without_the_token_are_unauthenticated(tls_cluster: Cluster) -> None:
     assert tls_cluster.pki is not None
     address = tls_cluster.nodes[0].address
@@ -71,7 +77,12 @@ def test_calls_without_the_token_are_unauthenticated(tls_cluster: Cluster) -> No
                     # Web UI sessions: no sign-in without the token, no probing of ids.
                     (stub.CreateSession, pb.CreateSessionRequest(identity="admin")),
                     (stub.CheckSession, pb.CheckSessionRequest(session_id="A" * 43)),
-                    (stub.RevokeSession, pb.RevokeSessionRequest(session_id="A" * 43))):
+                    (stub.RevokeSession, pb.RevokeSessionRequest(session_id="A" * 43)),
+                    # Cordon and drain: nobody takes a node out of service without it.
+                    (stub.CordonNode, pb.CordonNodeRequest(name=tls_cluster.nodes[0].name)),
+                    (stub.UncordonNode, pb.UncordonNodeRequest(name=tls_cluster.nodes[0].name)),
+                    (functools.partial(drain_all, stub),
+                     pb.DrainNodeRequest(name=tls_cluster.nodes[0].name))):
                 with pytest.raises(grpc.RpcError) as caught:
                     method(request, timeout=10)
                 assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -81,7 +92,7 @@ def test_calls_without_the_token_are_unauthenticated(tls_cluster: Cluster) -> No
             assert health.status == health_pb2.HealthCheckResponse.SERVING
     # Nothing of those calls was written.
     written = [key for key in tls_cluster.etcd_keys()
-               if key.startswith(("/array/", "/owner/", "/session/"))
+               if key.startswith(("/array/", "/owner/", "/session/", "/cordon/"))
                or (key.startswith("/task/") and key not in records_before)]
     assert written == []
     # The CLI says what to do, in one line.

@@ -524,7 +524,9 @@ ROUTES = [("GET", "/api/v1/tasks"), ("POST", "/api/v1/tasks"),
           ("GET", "/api/v1/nodes"), ("GET", "/api/v2/anything"), ("DELETE", "/api/v1/tasks"),
           ("GET", "/api/v1/owners"), ("POST", "/api/v1/owners/alice/weight"),
           ("GET", "/api/v1/tasks?array_id=01a21bce-b194-7000-994b-fef8376138b8"),
-          ("POST", "/api/v1/arrays/01a21bce-b194-7000-994b-fef8376138b8/cancel")]
+          ("POST", "/api/v1/arrays/01a21bce-b194-7000-994b-fef8376138b8/cancel"),
+          ("POST", "/api/v1/nodes/somebody/cordon"), ("POST", "/api/v1/nodes/somebody/uncordon"),
+          ("POST", "/api/v1/nodes/somebody/drain")]
 
 
 @pytest.mark.parametrize(("method", "path"), ROUTES)
@@ -816,3 +818,46 @@ def test_bad_owner_weights_are_400_naming_the_field(app: App, name: str, body: b
     assert reply.json()["error"].startswith(f"{field}:")
     listed = call(app, "GET", "/api/v1/owners").json()["owners"]
     assert all(owner["name"] != name or owner["weight"] == 1 for owner in listed)
+
+
+# -- cordon and drain ----------------------------------------------------------------------------
+
+
+def test_a_node_is_cordoned_drained_and_uncordoned_over_http(app: App, cluster: Cluster) -> None:
+    name = cluster.nodes[0].name
+
+    def shown() -> dict[str, Any]:
+        nodes = call(app, "GET", "/api/v1/nodes").json()["nodes"]
+        return next(node for node in nodes if node["name"] == name)
+
+    try:
+        reply = call(app, "POST", f"/api/v1/nodes/{name}/cordon")
+        assert (reply.status, reply.json()) == (200, {"name": name, "cordoned": True})
+        wait_for("the node record to say cordoned", lambda: shown()["cordoned"], timeout=20)
+        reply = call(app, "POST", f"/api/v1/nodes/{name}/drain",
+                     body=json.dumps({"deadline_seconds": 30}).encode())
+        assert reply.status == 200, reply.body
+        assert reply.json()["name"] == name
+        # Nothing runs there: the drain ends at once; the node stays cordoned.
+        wait_for("the drain to end", lambda: not shown()["draining"], timeout=20)
+        assert shown()["cordoned"]
+    finally:
+        reply = call(app, "POST", f"/api/v1/nodes/{name}/uncordon")
+    assert (reply.status, reply.json()["cordoned"]) == (200, False)
+    wait_for("the node record to say uncordoned", lambda: not shown()["cordoned"], timeout=20)
+
+
+@pytest.mark.parametrize(("name", "body", "status", "field"), [
+    ("nobody", b"", 404, ""), ("-bad", b"", 400, "name"),
+    ("NODE", b'{"deadline_seconds": "10m"}', 400, "deadline_seconds"),
+    ("NODE", b'{"deadline_seconds": -1}', 400, "deadline_seconds"),
+    ("NODE", b'{"deadline": 5}', 400, "body"),
+])
+def test_bad_drains_over_http_are_refused_naming_the_field(app: App, cluster: Cluster, name: str,
+                                                          body: bytes, status: int,
+                                                          field: str) -> None:
+    name = cluster.nodes[0].name if name == "NODE" else name
+    reply = call(app, "POST", f"/api/v1/nodes/{name}/drain", body=body)
+    assert reply.status == status, reply.body
+    assert reply.json()["error"].startswith(f"{field}:" if field else "no live node")
+    assert not cluster.list_nodes()[0].cordoned

@@ -23,6 +23,7 @@ NODE_FIELDS = {
     "allow_host_network", "disk_capacity_bytes", "disk_allocated_bytes", "capabilities",
     "labels", "taints", "start_backoff", "start_backoff_until", "node_side_start_failures",
     "start_failure",
+    "cordoned", "draining", "drain_deadline",
 }
 NOW = datetime(2026, 11, 27, 7, 15, 0, tzinfo=UTC)
 

@@ -618,7 +618,10 @@ function renderNodes(nodes) {
       el("h3", { text: node.name || shortId(node.id) }),
       node.etcd_leader ? el("span", { class: "badge leader", text: "etcd leader", title: "This node's etcd member leads the cluster" }) : null,
       node.nospace ? el("span", { class: "badge nospace", text: "NOSPACE", title: "etcd is out of space: nothing new is accepted" }) : null,
-      node.start_backoff ? el("span", { class: "badge nospace", text: "START BACK-OFF", title: `steals nothing until ${node.start_backoff_until}: ${node.start_failure}` }) : null),
+      node.start_backoff ? el("span", { class: "badge nospace", text: "START BACK-OFF", title: `steals nothing until ${node.start_backoff_until}: ${node.start_failure}` }) : null,
+      node.cordoned ? el("span", { class: "badge nospace", text: node.draining ? "draining" : "cordoned",
+        title: node.draining ? `Draining: steals nothing new; what still runs at ${node.drain_deadline} is handed back`
+          : "Cordoned: steals nothing new; running tasks go on (filch node uncordon)" }) : null),
     el("div", { class: "node-meta mono", text: `${node.address} · ${shortId(node.id)}` }),
     labelsLine(node),
     meter("CPU", node.cpu_allocated, node.cpu_capacity, formatCpu, " cores"),

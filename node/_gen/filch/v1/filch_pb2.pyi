@@ -694,6 +694,9 @@ class Node(_message.Message):
     START_BACKOFF_UNTIL_FIELD_NUMBER: _builtins.int
     NODE_SIDE_START_FAILURES_FIELD_NUMBER: _builtins.int
     START_FAILURE_FIELD_NUMBER: _builtins.int
+    CORDONED_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    DRAIN_DEADLINE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     address: _builtins.str
@@ -722,6 +725,10 @@ class Node(_message.Message):
     """consecutive starts that failed for node-side reasons"""
     start_failure: _builtins.str
     """the last node-side start failure, while backed off"""
+    cordoned: _builtins.bool
+    """`filch node cordon`/`drain`: it steals nothing new"""
+    draining: _builtins.bool
+    """a drain is under way on it"""
     @_builtins.property
     def registered_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -747,6 +754,10 @@ class Node(_message.Message):
     @_builtins.property
     def start_backoff_until(self) -> _timestamp_pb2.Timestamp:
         """when it tries again"""
+
+    @_builtins.property
+    def drain_deadline(self) -> _timestamp_pb2.Timestamp:
+        """then what still runs is handed back"""
 
     def __init__(
         self,
@@ -776,10 +787,13 @@ class Node(_message.Message):
         start_backoff_until: _timestamp_pb2.Timestamp | None = ...,
         node_side_start_failures: _builtins.int = ...,
         start_failure: _builtins.str = ...,
+        cordoned: _builtins.bool = ...,
+        draining: _builtins.bool = ...,
+        drain_deadline: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["registered_at", b"registered_at", "start_backoff_until", b"start_backoff_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["drain_deadline", b"drain_deadline", "registered_at", b"registered_at", "start_backoff_until", b"start_backoff_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "addresses", b"addresses", "allow_host_network", b"allow_host_network", "capabilities", b"capabilities", "cpu_allocated_millis", b"cpu_allocated_millis", "cpu_capacity_millis", b"cpu_capacity_millis", "disk_allocated_bytes", b"disk_allocated_bytes", "disk_capacity_bytes", b"disk_capacity_bytes", "etcd_leader", b"etcd_leader", "etcd_member_id", b"etcd_member_id", "executor", b"executor", "id", b"id", "labels", b"labels", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_capacity_bytes", b"memory_capacity_bytes", "name", b"name", "node_side_start_failures", b"node_side_start_failures", "nospace", b"nospace", "owners", b"owners", "registered_at", b"registered_at", "running", b"running", "start_backoff", b"start_backoff", "start_backoff_until", b"start_backoff_until", "start_failure", b"start_failure", "taints", b"taints"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "addresses", b"addresses", "allow_host_network", b"allow_host_network", "capabilities", b"capabilities", "cordoned", b"cordoned", "cpu_allocated_millis", b"cpu_allocated_millis", "cpu_capacity_millis", b"cpu_capacity_millis", "disk_allocated_bytes", b"disk_allocated_bytes", "disk_capacity_bytes", b"disk_capacity_bytes", "drain_deadline", b"drain_deadline", "draining", b"draining", "etcd_leader", b"etcd_leader", "etcd_member_id", b"etcd_member_id", "executor", b"executor", "id", b"id", "labels", b"labels", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_capacity_bytes", b"memory_capacity_bytes", "name", b"name", "node_side_start_failures", b"node_side_start_failures", "nospace", b"nospace", "owners", b"owners", "registered_at", b"registered_at", "running", b"running", "start_backoff", b"start_backoff", "start_backoff_until", b"start_backoff_until", "start_failure", b"start_failure", "taints", b"taints"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1112,6 +1126,188 @@ class ListNodesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+
+@_typing.final
+class NodeCordon(_message.Message):
+    """The value of /cordon/<node name>: keyed by name and not on a lease, so it outlives an
+    agent restart. Written by CordonNode/DrainNode, deleted by UncordonNode; the draining
+    node itself writes the drain's progress and end into it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CORDONED_AT_FIELD_NUMBER: _builtins.int
+    DRAIN_FIELD_NUMBER: _builtins.int
+    DRAIN_ID_FIELD_NUMBER: _builtins.int
+    DRAIN_DEADLINE_FIELD_NUMBER: _builtins.int
+    DRAIN_DONE_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    HANDED_BACK_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    drain: _builtins.bool
+    """a drain was asked for (drain_id names it)"""
+    drain_id: _builtins.int
+    """the asking node's clock in ns: tells two drains apart"""
+    drain_done: _builtins.bool
+    """the node finished the drain (counts below are final)"""
+    finished: _builtins.int
+    """attempts that ended on the node during the drain"""
+    handed_back: _builtins.int
+    """attempts handed back at the deadline"""
+    remaining: _builtins.int
+    """attempts still running (progress)"""
+    @_builtins.property
+    def cordoned_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def drain_deadline(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        cordoned_at: _timestamp_pb2.Timestamp | None = ...,
+        drain: _builtins.bool = ...,
+        drain_id: _builtins.int = ...,
+        drain_deadline: _timestamp_pb2.Timestamp | None = ...,
+        drain_done: _builtins.bool = ...,
+        finished: _builtins.int = ...,
+        handed_back: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cordoned_at", b"cordoned_at", "drain_deadline", b"drain_deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cordoned_at", b"cordoned_at", "drain", b"drain", "drain_deadline", b"drain_deadline", "drain_done", b"drain_done", "drain_id", b"drain_id", "finished", b"finished", "handed_back", b"handed_back", "remaining", b"remaining"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeCordon: _TypeAlias = NodeCordon  # noqa: Y015
+
+@_typing.final
+class CordonNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CordonNodeRequest: _TypeAlias = CordonNodeRequest  # noqa: Y015
+
+@_typing.final
+class UncordonNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UncordonNodeRequest: _TypeAlias = UncordonNodeRequest  # noqa: Y015
+
+@_typing.final
+class CordonNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CORDONED_FIELD_NUMBER: _builtins.int
+    DRAIN_CANCELED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    cordoned: _builtins.bool
+    """false after uncordon"""
+    drain_canceled: _builtins.bool
+    """uncordon ended a drain under way"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        cordoned: _builtins.bool = ...,
+        drain_canceled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cordoned", b"cordoned", "drain_canceled", b"drain_canceled", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CordonNodeResponse: _TypeAlias = CordonNodeResponse  # noqa: Y015
+
+@_typing.final
+class DrainNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DEADLINE_SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    deadline_seconds: _builtins.float
+    """0: the default (600); then the rest is handed back"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        deadline_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deadline_seconds", b"deadline_seconds", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainNodeRequest: _TypeAlias = DrainNodeRequest  # noqa: Y015
+
+@_typing.final
+class DrainNodeProgress(_message.Message):
+    """One progress report of a drain; the last one has done or canceled set."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    FINISHED_FIELD_NUMBER: _builtins.int
+    HANDED_BACK_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    DEADLINE_FIELD_NUMBER: _builtins.int
+    DONE_FIELD_NUMBER: _builtins.int
+    CANCELED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    finished: _builtins.int
+    handed_back: _builtins.int
+    remaining: _builtins.int
+    done: _builtins.bool
+    canceled: _builtins.bool
+    """uncordoned (or drained anew) before it ended"""
+    @_builtins.property
+    def deadline(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        finished: _builtins.int = ...,
+        handed_back: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+        deadline: _timestamp_pb2.Timestamp | None = ...,
+        done: _builtins.bool = ...,
+        canceled: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canceled", b"canceled", "deadline", b"deadline", "done", b"done", "finished", b"finished", "handed_back", b"handed_back", "name", b"name", "remaining", b"remaining"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DrainNodeProgress: _TypeAlias = DrainNodeProgress  # noqa: Y015
 
 @_typing.final
 class SetOwnerWeightRequest(_message.Message):

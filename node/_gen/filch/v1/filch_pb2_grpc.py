@@ -79,6 +79,21 @@ class SchedulerStub:
                 request_serializer=filch_dot_v1_dot_filch__pb2.ListOwnersRequest.SerializeToString,
                 response_deserializer=filch_dot_v1_dot_filch__pb2.ListOwnersResponse.FromString,
                 _registered_method=True)
+        self.CordonNode = channel.unary_unary(
+                '/filch.v1.Scheduler/CordonNode',
+                request_serializer=filch_dot_v1_dot_filch__pb2.CordonNodeRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.CordonNodeResponse.FromString,
+                _registered_method=True)
+        self.UncordonNode = channel.unary_unary(
+                '/filch.v1.Scheduler/UncordonNode',
+                request_serializer=filch_dot_v1_dot_filch__pb2.UncordonNodeRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.CordonNodeResponse.FromString,
+                _registered_method=True)
+        self.DrainNode = channel.unary_stream(
+                '/filch.v1.Scheduler/DrainNode',
+                request_serializer=filch_dot_v1_dot_filch__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.DrainNodeProgress.FromString,
+                _registered_method=True)
         self.CreateSession = channel.unary_unary(
                 '/filch.v1.Scheduler/CreateSession',
                 request_serializer=filch_dot_v1_dot_filch__pb2.CreateSessionRequest.SerializeToString,
@@ -159,6 +174,25 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CordonNode(self, request, context):
+        """Take a node out of service by name (node/operations/cordon.py); NOT_FOUND: no live node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UncordonNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DrainNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateSession(self, request, context):
         """Web UI sessions (node/sessions.py): the HTTP face has no etcd access, so it asks its agent.
         """
@@ -233,6 +267,21 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListOwners,
                     request_deserializer=filch_dot_v1_dot_filch__pb2.ListOwnersRequest.FromString,
                     response_serializer=filch_dot_v1_dot_filch__pb2.ListOwnersResponse.SerializeToString,
+            ),
+            'CordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.CordonNode,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.CordonNodeRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.CordonNodeResponse.SerializeToString,
+            ),
+            'UncordonNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.UncordonNode,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.UncordonNodeRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.CordonNodeResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_stream_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.DrainNodeRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.DrainNodeProgress.SerializeToString,
             ),
             'CreateSession': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSession,
@@ -498,6 +547,87 @@ class Scheduler:
             '/filch.v1.Scheduler/ListOwners',
             filch_dot_v1_dot_filch__pb2.ListOwnersRequest.SerializeToString,
             filch_dot_v1_dot_filch__pb2.ListOwnersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/CordonNode',
+            filch_dot_v1_dot_filch__pb2.CordonNodeRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.CordonNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UncordonNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/UncordonNode',
+            filch_dot_v1_dot_filch__pb2.UncordonNodeRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.CordonNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/filch.v1.Scheduler/DrainNode',
+            filch_dot_v1_dot_filch__pb2.DrainNodeRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.DrainNodeProgress.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,10 @@ class SchedulerStub:
     ListNodes: _grpc.UnaryUnaryMultiCallable[_filch_pb2.ListNodesRequest, _filch_pb2.ListNodesResponse]
     SetOwnerWeight: _grpc.UnaryUnaryMultiCallable[_filch_pb2.SetOwnerWeightRequest, _filch_pb2.Owner]
     ListOwners: _grpc.UnaryUnaryMultiCallable[_filch_pb2.ListOwnersRequest, _filch_pb2.ListOwnersResponse]
+    CordonNode: _grpc.UnaryUnaryMultiCallable[_filch_pb2.CordonNodeRequest, _filch_pb2.CordonNodeResponse]
+    """Take a node out of service by name (node/operations/cordon.py); NOT_FOUND: no live node."""
+    UncordonNode: _grpc.UnaryUnaryMultiCallable[_filch_pb2.UncordonNodeRequest, _filch_pb2.CordonNodeResponse]
+    DrainNode: _grpc.UnaryStreamMultiCallable[_filch_pb2.DrainNodeRequest, _filch_pb2.DrainNodeProgress]
     CreateSession: _grpc.UnaryUnaryMultiCallable[_filch_pb2.CreateSessionRequest, _filch_pb2.CreateSessionResponse]
     """Web UI sessions (node/sessions.py): the HTTP face has no etcd access, so it asks its agent."""
     CheckSession: _grpc.UnaryUnaryMultiCallable[_filch_pb2.CheckSessionRequest, _filch_pb2.Session]
@@ -62,6 +66,10 @@ class SchedulerAsyncStub(SchedulerStub):
     ListNodes: _aio.UnaryUnaryMultiCallable[_filch_pb2.ListNodesRequest, _filch_pb2.ListNodesResponse]  # type: ignore[assignment]
     SetOwnerWeight: _aio.UnaryUnaryMultiCallable[_filch_pb2.SetOwnerWeightRequest, _filch_pb2.Owner]  # type: ignore[assignment]
     ListOwners: _aio.UnaryUnaryMultiCallable[_filch_pb2.ListOwnersRequest, _filch_pb2.ListOwnersResponse]  # type: ignore[assignment]
+    CordonNode: _aio.UnaryUnaryMultiCallable[_filch_pb2.CordonNodeRequest, _filch_pb2.CordonNodeResponse]  # type: ignore[assignment]
+    """Take a node out of service by name (node/operations/cordon.py); NOT_FOUND: no live node."""
+    UncordonNode: _aio.UnaryUnaryMultiCallable[_filch_pb2.UncordonNodeRequest, _filch_pb2.CordonNodeResponse]  # type: ignore[assignment]
+    DrainNode: _aio.UnaryStreamMultiCallable[_filch_pb2.DrainNodeRequest, _filch_pb2.DrainNodeProgress]  # type: ignore[assignment]
     CreateSession: _aio.UnaryUnaryMultiCallable[_filch_pb2.CreateSessionRequest, _filch_pb2.CreateSessionResponse]  # type: ignore[assignment]
     """Web UI sessions (node/sessions.py): the HTTP face has no etcd access, so it asks its agent."""
     CheckSession: _aio.UnaryUnaryMultiCallable[_filch_pb2.CheckSessionRequest, _filch_pb2.Session]  # type: ignore[assignment]
@@ -134,6 +142,28 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         request: _filch_pb2.ListOwnersRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_filch_pb2.ListOwnersResponse, _abc.Awaitable[_filch_pb2.ListOwnersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CordonNode(
+        self,
+        request: _filch_pb2.CordonNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.CordonNodeResponse, _abc.Awaitable[_filch_pb2.CordonNodeResponse]]:
+        """Take a node out of service by name (node/operations/cordon.py); NOT_FOUND: no live node."""
+
+    @_abc_1.abstractmethod
+    def UncordonNode(
+        self,
+        request: _filch_pb2.UncordonNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.CordonNodeResponse, _abc.Awaitable[_filch_pb2.CordonNodeResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DrainNode(
+        self,
+        request: _filch_pb2.DrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_filch_pb2.DrainNodeProgress], _abc.AsyncIterator[_filch_pb2.DrainNodeProgress]]: ...
 
     @_abc_1.abstractmethod
     def CreateSession(
