@@ -438,7 +438,8 @@ def table(results: dict[str, Any]) -> str:
                     f"  etcd {label:<15} {_fmt(d[f'failover_{role}'], 2)} s "
                     f"(steals done after "
                     f"{_fmt(summary(r['seconds_to_steal'] for r in runs), 2)} s; "
-                    f"{len(runs)} run(s); target {runs[0]['target_seconds']:g} s)")
+                    f"{len(runs)} run(s); target {runs[0]['target_seconds']:g} s; survivors' "
+                    f"self-fences {sum(r.get('survivor_self_fences', 0) for r in runs):g})")
     fence_runs = results.get("fences") or {}
     if fence_runs:
         lines += ["", "SELF-FENCES UNDER LOAD (3 nodes, trivial tasks back to back + a CPU hog "

@@ -196,8 +196,11 @@ class BenchCluster:
     def close(self, hard: bool = False) -> None:
         """Stop every node at once (SIGTERM, drain, then SIGKILL after 30 s); with hard,
         SIGKILL at once. runc containers a killed node left behind are deleted."""
-        SELF_FENCES[self.name] = (SELF_FENCES.get(self.name, 0.0) + self.self_fences()
-                                  - self.induced_fences)
+        # Counted once: close() runs again from the cleanup stack, on dead nodes.
+        if any(True for _ in self.cluster.alive()):
+            SELF_FENCES[self.name] = (SELF_FENCES.get(self.name, 0.0) + self.self_fences()
+                                      - self.induced_fences)
+            self.induced_fences = 0.0
         if self.store is not None:
             try:
                 self.runner.call(self.store.close(), timeout=10)
