@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings, network, report, sandbox, scale, slurm, workloads
+from bench import ceilings, fences, network, report, sandbox, scale, slurm, workloads
 from bench.util import (
     CLEANUP,
     AsyncRunner,
@@ -49,18 +49,24 @@ REPO = Path(__file__).resolve().parents[1]
 MODES: dict[str, dict[str, Any]] = {
     "quick": {"repeats": 1, "sizes": [200], "slurm_repeats": {200: 1},
               "idle_latency": {"runc": 20, "process": 15}, "loaded_seconds": 6.0,
-              "fairness_waves": 4, "failover_repeats": 1, "queue_n": 3000,
+              "fairness_waves": 4, "failover_repeats": 2, "queue_n": 3000,
+              "fences_seconds": 40.0,
               "many_client_only": 8, "many_n": 300, "many_repeats": 1,
               "network_samples": 15, "network_tasks": 60, "array_n": 200},
     "full": {"repeats": 3, "sizes": [200, 2000], "slurm_repeats": {200: 3, 2000: 1},
              "idle_latency": {"runc": 50, "process": 30}, "loaded_seconds": 15.0,
-             "fairness_waves": 6, "failover_repeats": 3, "queue_n": 100_000,
+             "fairness_waves": 6, "failover_repeats": 4, "queue_n": 100_000,
+             "fences_seconds": 75.0,
              "many_client_only": 20, "many_n": 2000, "many_repeats": 2,
              "network_samples": 40, "network_tasks": 200, "array_n": 2000},
 }
 
 SECTIONS = ("ceilings", "slurm", "throughput", "arrays", "network", "fairness", "failover",
-            "many", "queue", "perevent", "sandbox")
+            "fences", "many", "queue", "perevent", "sandbox")
+# Issue 19: failover is measured at this lease TTL (the default), self-fences under load at
+# each of FENCE_TTLS.
+FAILOVER_TTL = 2
+FENCE_TTLS = [2, 3, 5]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -161,8 +167,12 @@ def main(argv: list[str] | None = None) -> int:
         section("fairness", lambda out: run_fairness(root, runner, plan, out), {})
         # Alternately a follower's and the etcd leader's node (first a follower).
         section("failover", lambda out: out.extend(
-            workloads.failover(root, runner, f"failover{r}", kill_leader=bool(r % 2))
+            workloads.failover(root, runner, f"failover{r}", kill_leader=bool(r % 2),
+                               lease_ttl=FAILOVER_TTL)
             for r in range(plan["failover_repeats"])), [])
+        # Issue 19: self-fences per node-hour of loaded nodes (trivial tasks + CPU hogs).
+        section("fences", lambda out: fences.measure(
+            root, runner, FENCE_TTLS, plan["fences_seconds"], out), {})
         section("many", lambda out: run_many(root, runner, plan, out), {})
         section("queue", lambda out: out.update(
             workloads.deep_queue(root, runner, plan["queue_n"])), {})
@@ -182,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         CLEANUP.run_all()
         runner.close()
         results["seconds"] = time.monotonic() - began
+        # Every cluster's filch_self_fences_total, read before it was torn down.
+        results["self_fences_run"] = dict(workloads.SELF_FENCES)
         results["machine"]["loadavg_at_end"] = loadavg()
         results["code_at_end"] = git_state(REPO)
         results["derived"] = report.derive(results)

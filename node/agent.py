@@ -49,6 +49,7 @@ from node.running import disk
 from node.running.log_copies import LogCopier
 from node.running.membership import Membership, await_free_name
 from node.running.recovery import Recovery
+from node.running.renewal import RenewalThread
 from node.running.runner import Runner
 from node.running.runtime import scratch
 from node.running.runtime.base import Executor
@@ -149,9 +150,7 @@ class Agent:
         # The node's etcd certificate (etcd CA, key 0600 root) is the agent's etcd client
         # certificate. Read before the member starts, so an unreadable file stops the
         # node with one line.
-        tls = (EtcdTLS(config.etcd_tls_ca, config.etcd_tls_cert, config.etcd_tls_key)
-               if config.tls_ca else None)
-        store = Store(endpoint=config.etcd_client_endpoint, tls=tls)
+        store = Store(endpoint=config.etcd_client_endpoint, tls=self._etcd_tls())
         member = await self._prepare_member() if config.embedded_etcd else None
         if member is not None:
             await member.start()
@@ -161,6 +160,11 @@ class Agent:
             await store.close()
             if member is not None:
                 await member.stop()
+
+    def _etcd_tls(self) -> EtcdTLS | None:
+        config = self.config
+        return (EtcdTLS(config.etcd_tls_ca, config.etcd_tls_cert, config.etcd_tls_key)
+                if config.tls_ca else None)
 
     async def _prepare_member(self) -> EtcdMember:
         """The member to start: as configured, or (--rejoin) a new one replacing the old.
@@ -232,8 +236,11 @@ class Agent:
         copier = LogCopier(config=config, store=store, state=state, security=security)
         runner = Runner(config=config, store=store, executor=executor, state=state,
                         copies=copier)
+        renewals = RenewalThread(connect=functools.partial(
+            Store, endpoint=config.etcd_client_endpoint, tls=self._etcd_tls()))
         membership = Membership(config=config, store=store, state=state,
-                                executor_name=executor.name, runner=runner, watchdog=watchdog)
+                                executor_name=executor.name, runner=runner, watchdog=watchdog,
+                                renewals=renewals)
         stealer = Stealer(config=config, store=store, state=state, runner=runner)
         recovery = Recovery(config=config, store=store, state=state)
         # One DependencyCheck per node: its cache of how far each array succeeded serves both

@@ -116,9 +116,12 @@ class Config:
     allow_host_network: bool = field(default=False, metadata={"help": (
         "UNSAFE: also run --network host tasks, which share this machine's network and can reach "
         "etcd and every node's API. Off: such tasks wait for a node that allows them.")})
-    lease_ttl: int = field(default=5, metadata={"help": (
-        "Seconds: the node lease. Short enough that a dead node's tasks move within seconds, long "
-        "enough to ride out an etcd leader election (0.5-1 s).")})
+    lease_ttl: int = field(default=2, metadata={"help": (
+        "Seconds: the node lease. A dead node's tasks move about this long after it died (plus "
+        "~1 s for an etcd election when it held the leader); a node that cannot renew for "
+        "TTL - 0.5 s fences itself. Renewals run on a thread of their own, so a busy node "
+        "keeps its lease: 2 s showed no false self-fence on a loaded 2-core host (bench "
+        "`fences`). Raise it where etcd is slow or remote.")})
     sweep_interval: float = field(default=5.0, metadata={"help": (
         "Seconds between full re-reads of the queue and running tasks (repairs missed events).")})
     recovery_sweep_interval: float = field(default=60.0, metadata={"help": (

@@ -9,6 +9,8 @@ the FILCH_FAILPOINTS environment variable, read once when the agent starts:
 
 Each entry is `name=[count*]action`; actions:
     sleep(seconds)   wait that long (the rest of the node keeps running)
+    block(seconds)   hold the event loop that long, computing (nothing else on that loop
+                     runs: a burst of synchronous work on a busy node)
     error(kind)      raise the error the code at that line would see from etcd or runc:
                      unavailable, deadline, leader (etcd "leader changed"), nospace,
                      executor, node (a node-side start failure: start back-off)
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from dataclasses import dataclass
 
 from node.core.errors import ExecutorError, InvalidArgument, NodeStartError
@@ -47,7 +50,7 @@ KINDS = (*ETCD_ERRORS, "executor", "node")
 MAX_SLEEP = 600.0
 
 _ENTRY = re.compile(r"^(?P<name>[a-z_]+\.[a-z_]+)=(?:(?P<count>[0-9]+)\*)?"
-                    r"(?P<action>sleep|error|off)(?:\((?P<argument>[^()]*)\))?$")
+                    r"(?P<action>sleep|block|error|off)(?:\((?P<argument>[^()]*)\))?$")
 
 
 @dataclass
@@ -71,15 +74,15 @@ def parse(text: str) -> dict[str, Failpoint]:
         match = _ENTRY.match(entry)
         if match is None:
             raise InvalidArgument(ENVIRONMENT_VARIABLE, f"{entry!r} is not "
-                                  "name=[count*]sleep(seconds)|error(kind)|off")
+                                  "name=[count*]sleep(seconds)|block(seconds)|error(kind)|off")
         action, argument = match["action"], match["argument"] or ""
-        if action == "sleep":
+        if action in ("sleep", "block"):
             try:
                 seconds = float(argument)
             except ValueError:
                 seconds = -1.0
             if not 0 <= seconds <= MAX_SLEEP:
-                raise InvalidArgument(ENVIRONMENT_VARIABLE, f"{entry!r}: sleep takes "
+                raise InvalidArgument(ENVIRONMENT_VARIABLE, f"{entry!r}: {action} takes "
                                       f"0..{MAX_SLEEP:.0f} seconds")
         elif action == "error" and argument not in KINDS:
             raise InvalidArgument(ENVIRONMENT_VARIABLE, f"{entry!r}: error kind must be one "
@@ -123,6 +126,11 @@ async def hit(name: str) -> None:
     if point.action == "sleep":
         await asyncio.sleep(float(point.argument))
         log.warning("failpoint %s: slept", name)
+    elif point.action == "block":
+        until = time.monotonic() + float(point.argument)
+        while time.monotonic() < until:
+            pass
+        log.warning("failpoint %s: blocked the loop", name)
     else:
         raise error(point.argument)
 

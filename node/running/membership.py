@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import NoReturn, Protocol
 
 from node._gen.filch.v1 import filch_pb2 as pb
@@ -19,6 +20,7 @@ from node.core.config import Config
 from node.core.errors import FilchError, InvalidArgument, NameTaken
 from node.etcd import failpoints
 from node.etcd.store import Store
+from node.running.renewal import RenewalsClosed, RenewalThread
 from node.running.runtime.network import local_addresses
 from node.running.watchdog import Watchdog
 from node.scheduling.node_state import NodeState, Registration
@@ -73,15 +75,22 @@ class Membership:
     """Keeps this node registered; tells the rest of the agent when it must fence itself."""
 
     def __init__(self, *, config: Config, store: Store, state: NodeState, executor_name: str,
-                 runner: Fenceable, watchdog: Watchdog | None = None) -> None:
+                 runner: Fenceable, watchdog: Watchdog | None = None,
+                 renewals: RenewalThread | None = None) -> None:
         """runner is fenced when the lease is lost; watchdog, when given, is armed with
-        every fence deadline (it kills the tasks if this process cannot)."""
+        every fence deadline (it kills the tasks if this process cannot); renewals, when
+        given, is where the lease is renewed (the agent's own thread and etcd client, so a
+        busy event loop cannot make a healthy node fence itself); else on this loop."""
         self._config = config
         self._store = store
         self._state = state
         self._executor_name = executor_name
         self._runner = runner
         self._watchdog = watchdog
+        self._renewals = renewals
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._restarts: set[asyncio.Task[None]] = set()
+        self._stopping = False
         # Set by every change of the capacity ledger and of the capabilities (and only
         # by those: every node watches the record): the node record is rewritten.
         self._dirty = state.capacity.subscribe()
@@ -108,6 +117,7 @@ class Membership:
 
     async def run(self) -> NoReturn:
         """Register, renew, fence on failure, register again — forever."""
+        self._loop = asyncio.get_running_loop()
         async with asyncio.TaskGroup() as group:
             group.create_task(self._publish_loop())
             group.create_task(self._address_loop())
@@ -115,7 +125,10 @@ class Membership:
             while True:
                 if registration is None:
                     registration = await self._register()
-                await self._renew_until_lost(registration)
+                await self._keep(registration)
+                if self._stopping:
+                    # Shut down: the lease was revoked on purpose, nothing to fence.
+                    await asyncio.Event().wait()
                 await self._fence(registration)
                 registration = None
         raise AssertionError("unreachable")
@@ -172,11 +185,35 @@ class Membership:
                 log.warning("cannot register yet: %s", exc)
                 await asyncio.sleep(REGISTER_RETRY)
 
-    async def _renew_until_lost(self, registration: Registration) -> None:
-        """Return when the lease is lost or can no longer be trusted."""
+    async def _keep(self, registration: Registration) -> None:
+        """Renew the lease until it is lost: on the renewal thread when there is one."""
+        if self._renewals is None:
+            await self._renew_until_lost(registration, self._store, self._arm_watchdog)
+            return
+
+        async def move_deadline() -> None:
+            # On the renewal thread: the watchdog hears the deadline from there, so a busy
+            # agent loop cannot make it fire either. Only restarting a dead watchdog
+            # process needs the agent's loop.
+            if (self._watchdog is not None and self._loop is not None
+                    and not self._watchdog.move_deadline(self._deadline)):
+                self._loop.call_soon_threadsafe(self._restart_watchdog)
+
+        try:
+            await self._renewals.run(
+                lambda store: self._renew_until_lost(registration, store, move_deadline))
+        except RenewalsClosed:
+            if not self._stopping:
+                raise
+
+    async def _renew_until_lost(self, registration: Registration, store: Store,
+                                arm: Callable[[], Awaitable[None]]) -> None:
+        """Return when the lease is lost or can no longer be trusted. Runs on the renewal
+        thread's loop (or the agent's, without one): touches only store, the deadline
+        (a float, read by the agent's loop) and arm."""
         ttl = self._config.lease_ttl
         next_renew = time.monotonic() + min(MAX_RENEW_INTERVAL, ttl / RENEWALS_PER_TTL)
-        while True:
+        while not self._stopping:
             now = time.monotonic()
             if now >= self._deadline:
                 log.error("lease not renewed for %.1fs (ttl %ss): fencing this node",
@@ -189,20 +226,28 @@ class Membership:
             sent = time.monotonic()
             try:
                 granted = await asyncio.wait_for(
-                    self._store.keep_alive(registration.lease_id),
+                    store.keep_alive(registration.lease_id),
                     timeout=max(0.05, min(RENEW_TRY_TIMEOUT, self._deadline - sent)))
             except (FilchError, TimeoutError) as exc:
                 metrics.KEEPALIVE_FAILURES.inc()
                 log.warning("lease renewal failed: %s", exc or "no answer in time")
                 next_renew = time.monotonic() + RENEW_RETRY
                 continue
+            if granted <= 0 and self._stopping:
+                return
             if granted <= 0:
                 log.error("lease %x expired in etcd: fencing this node", registration.lease_id)
                 return
             metrics.KEEPALIVE.observe(time.monotonic() - sent)
             self._deadline = sent + granted - self.margin
-            await self._arm_watchdog()
+            await arm()
             next_renew = time.monotonic() + min(MAX_RENEW_INTERVAL, granted / RENEWALS_PER_TTL)
+
+    def _restart_watchdog(self) -> None:
+        """On the agent's loop: arm() starts a watchdog process that died."""
+        restart = asyncio.get_running_loop().create_task(self._arm_watchdog())
+        self._restarts.add(restart)
+        restart.add_done_callback(self._restarts.discard)
 
     async def _arm_watchdog(self) -> None:
         if self._watchdog is not None:
@@ -225,9 +270,12 @@ class Membership:
     async def shutdown(self) -> None:
         """Deregister: revoke the lease (deletes the node record). Best effort; idempotent."""
         registration, self._state.registration = self._state.registration, None
+        self._stopping = True
         self.live.clear()
         if self._watchdog is not None:
             self._watchdog.disarm()
+        if self._renewals is not None:
+            await self._renewals.close()
         if registration is not None:
             try:
                 await self._store.revoke_lease(registration.lease_id)

@@ -35,6 +35,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -79,6 +80,11 @@ class Watchdog:
         for parent in cgroup_parents:
             self._argv += ["--cgroup-parent", str(parent)]
         self._process: asyncio.subprocess.Process | None = None
+        # Our end of the watchdog's stdin, written with os.write under a lock (not through
+        # an asyncio transport): the lease renewal thread moves the deadline too, and one
+        # short line per write is atomic on a pipe, so lines never interleave.
+        self._pipe = -1
+        self._pipe_lock = threading.Lock()
         self._tracked: set[int] = set()
         self._deadline: float | None = None
 
@@ -91,8 +97,20 @@ class Watchdog:
 
     async def start(self) -> None:
         """Start (or restart) the watchdog process and tell it the current state."""
-        self._process = await asyncio.create_subprocess_exec(
-            *self._argv, stdin=asyncio.subprocess.PIPE, start_new_session=True)
+        read_end, write_end = os.pipe()
+        try:
+            self._process = await asyncio.create_subprocess_exec(
+                *self._argv, stdin=read_end, start_new_session=True)
+        except BaseException:
+            os.close(write_end)
+            raise
+        finally:
+            os.close(read_end)
+        # Never block the caller: the watchdog reads all the time, so a full pipe means it
+        # is stuck, which _send reports.
+        os.set_blocking(write_end, False)
+        self._close_pipe()
+        self._pipe = write_end
         for pgid in self._tracked:
             self._send(f"track {pgid}")
         if self._deadline is not None:
@@ -106,6 +124,16 @@ class Watchdog:
             await self.start()
         else:
             self._send(f"deadline {deadline}")
+
+    def move_deadline(self, deadline: float) -> bool:
+        """arm() for another thread (the lease renewal thread): False when the watchdog
+        process is gone (the caller has the agent's loop restart it with arm())."""
+        self._deadline = deadline
+        process = self._process
+        if process is None or process.returncode is not None:
+            return False
+        self._send(f"deadline {deadline}")
+        return True
 
     def disarm(self) -> None:
         self._deadline = None
@@ -125,9 +153,7 @@ class Watchdog:
         if self._process is None or self._process.returncode is not None:
             return
         self._send("exit")
-        with contextlib.suppress(ConnectionError):
-            if self._process.stdin is not None:
-                self._process.stdin.close()
+        self._close_pipe()
         await self._process.wait()
 
     def abandon(self) -> None:
@@ -135,19 +161,28 @@ class Watchdog:
         without "exit", so that the watchdog kills them (and keeps sweeping for
         SWEEP_SECONDS). Returns at once; never raises."""
         process = self._process
-        if process is None or process.stdin is None or process.returncode is not None:
+        if process is None or process.returncode is not None:
             return
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            process.stdin.close()
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
+        with self._pipe_lock:
+            pipe, self._pipe = self._pipe, -1
+            if pipe >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(pipe)
 
     def _send(self, line: str) -> None:
         process = self._process
-        if process is None or process.stdin is None or process.returncode is not None:
+        if process is None or process.returncode is not None:
             return
-        try:
-            process.stdin.write(line.encode() + b"\n")
-        except ConnectionError:
-            log.error("cannot reach the watchdog process (%s)", line)
+        with self._pipe_lock:
+            if self._pipe < 0:
+                return
+            try:
+                os.write(self._pipe, line.encode() + b"\n")
+            except OSError as exc:    # gone (EPIPE), or stuck with a full pipe (EAGAIN)
+                log.error("cannot reach the watchdog process (%s): %s", line, exc)
 
 
 # -- the watchdog process ------------------------------------------------------------------

@@ -32,7 +32,7 @@ def test_defaults_work_without_any_configuration() -> None:
     config = load({}, environ={})
     assert config.listen == "127.0.0.1:7070"
     assert config.etcd_client_url == "http://127.0.0.1:2379"
-    assert config.lease_ttl == 5
+    assert config.lease_ttl == 2
     assert config.task_uid == 65534
     assert config.embedded_etcd
     assert config.cpus > 0 and config.memory > 0
@@ -66,7 +66,7 @@ def test_environment_converts_to_field_types() -> None:
 
 def test_unrelated_environment_variables_are_ignored() -> None:
     config = load({}, environ={"FILCH_NOT_A_FIELD": "x", "LEASE_TTL": "99", "PATH": "/bin"})
-    assert config.lease_ttl == 5
+    assert config.lease_ttl == 2
 
 
 def test_a_flag_given_as_none_does_not_override(tmp_path: Path) -> None:
