@@ -34,6 +34,9 @@ SCHEMA = [re.compile(pattern) for pattern in (
     r"^/lock/[a-z0-9/-]+$",
     # Cluster-wide counts, published by the counts chore's holder.
     r"^/stats/counts$",
+    # Node names (on their node's lease) and cordons by name.
+    r"^/nodename/[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+    r"^/cordon/[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
     # Dependencies: flags, release marks, open array members.
     rf"^/dependents/{UUID}$",
     rf"^/release/{UUID}$",
