@@ -6,8 +6,11 @@ belong to the same tree, so `except FilchError` catches every failure filch word
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:
+    # Only a type here: the CLI's --help and argument parsing must not load grpc (~100 ms).
+    import grpc
 
 
 class FilchError(Exception):
@@ -125,7 +128,7 @@ class ClientError(FilchError):
     @property
     def transient(self) -> bool:
         """Worth another try later: the node or its etcd is away for now."""
-        return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return self.code.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
 class InvalidRequest(ClientError):
