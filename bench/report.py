@@ -460,6 +460,9 @@ def table(results: dict[str, Any]) -> str:
         verdict = {True: "PASS", False: "FAIL", None: "n/a"}[row["pass"]]
         lines.append(f"  {verdict:<5} {row['target']:<62} {shown:>8}  (goal "
                      f"{'<' if not row['higher_is_better'] else '>='} {goal})")
+    if results.get("cli"):
+        from bench.cli_speed import lines as cli_lines
+        lines += ["", *cli_lines(results["cli"])]
     if d.get("anomalies"):
         lines += ["", "ANOMALIES (bugs or broken runs; logs kept)"] + [
             f"  {item}" for item in d["anomalies"]]

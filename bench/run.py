@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings, network, report, scale, slurm, workloads
+from bench import ceilings, cli_speed, network, report, scale, slurm, workloads
 from bench.util import (
     CLEANUP,
     AsyncRunner,
@@ -60,7 +60,7 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 SECTIONS = ("ceilings", "slurm", "throughput", "arrays", "network", "fairness", "failover",
-            "many", "queue", "perevent")
+            "many", "queue", "perevent", "cli")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -171,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             root, runner, sorted({1000, plan["queue_n"]}), out,
             plan=scale.PLANS["quick" if args.quick else "bench"],
             quota_bytes=DEFAULT_ETCD_QUOTA_BYTES, time_bound=1800, name="perevent"), {})
+        # Issue 19, target 1: the CLI's wall time per command and a loop of submits vs sbatch.
+        section("cli", lambda out: cli_speed.measure(root, runner, out), {})
     except KeyboardInterrupt:
         failed = True
         results["errors"]["interrupted"] = "the run was interrupted"
