@@ -149,6 +149,12 @@ class LocalApi:
         with contextlib.suppress(ConnectionError):
             writer.write(local_socket.frame(code.encode()) + local_socket.frame(answer))
             await writer.drain()
+            # A refusal may come before the request was read: closing with unread bytes
+            # would reset the connection and lose the answer. End our side, let the
+            # caller see it, and drop what it still sends (briefly).
+            writer.write_eof()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(reader.read(local_socket.MAX_REQUEST_BYTES), 1.0)
         writer.close()
 
     def _check_peer(self, writer: asyncio.StreamWriter) -> None:

@@ -102,6 +102,9 @@ def test_the_spelled_out_names_agree_with_their_sources() -> None:
     assert (client_defaults.DEFAULT_SERVER, client_defaults.DEFAULT_TIMEOUT) == \
         (DEFAULT_SERVER, DEFAULT_TIMEOUT)
     assert (agent_command.help or "").split("\n")[0] == lazy.AGENT_SHORT_HELP
+    from node import client
+    assert (lazy.SUBMIT_RETRY_SECONDS, lazy.SUBMIT_RETRY_PAUSE, lazy.PAGE_SIZE) == \
+        (client.SUBMIT_RETRY_SECONDS, client.SUBMIT_RETRY_PAUSE, client.PAGE_SIZE)
 
 
 def test_a_command_that_calls_the_node_still_reports_in_one_line(tmp_path: Path) -> None:
