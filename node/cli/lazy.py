@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from node.cli import local
-from node.core.errors import InvalidArgument, Unavailable
+from node.core.errors import InvalidArgument, LocalSocketUnreached, Unavailable
 
 if TYPE_CHECKING:
     from node._gen.filch.v1 import filch_pb2 as pb
@@ -76,7 +76,7 @@ class LazyClient:
             return None
         try:
             return calls.unary(method, request, response_type)
-        except local.NotReached:
+        except LocalSocketUnreached:
             self._local = None      # a stale socket (its node is gone): gRPC from now on
             return None
 

@@ -17,14 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from node.core import local_socket
-from node.core.errors import ClientError
+from node.core.errors import ClientError, LocalSocketUnreached
 from node.core.limits import CLIENT_MAX_RECEIVE_BYTES
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
-
-
-class NotReached(Exception):
-    """The socket did not take the call: nothing reached the node, use gRPC."""
 
 
 def _trusted(path: Path, kind: int) -> bool:
@@ -74,8 +70,8 @@ def _read_frame(conn: socket.socket) -> bytes:
 
 def call(path: Path, method: str, token: str, request: bytes,
          timeout: float) -> tuple[str, bytes]:
-    """One call: (status code name, answer bytes). NotReached when no node took the
-    request; TimeoutError past timeout."""
+    """One call: (status code name, answer bytes). LocalSocketUnreached when no node took
+    the request; TimeoutError past timeout."""
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.settimeout(timeout)
     try:
@@ -84,7 +80,7 @@ def call(path: Path, method: str, token: str, request: bytes,
             conn.sendall(local_socket.frame(method.encode()) +
                          local_socket.frame(token.encode()) + local_socket.frame(request))
         except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
-            raise NotReached(str(exc)) from None
+            raise LocalSocketUnreached(str(exc)) from None
         code = _read_frame(conn).decode("ascii", errors="replace")
         return code, _read_frame(conn)
     finally:
@@ -104,9 +100,9 @@ def client_error(code: str, message: str, *, server: str, timeout: float) -> Cli
 
 
 class LocalCalls:
-    """Unary calls over the socket; NotReached when the socket did not answer (the caller
-    then makes the call over gRPC: every call sent here is safe to repeat, a submit
-    carrying its request id)."""
+    """Unary calls over the socket; LocalSocketUnreached when the socket did not answer
+    (the caller then makes the call over gRPC: every call sent here is safe to repeat, a
+    submit carrying its request id)."""
 
     def __init__(self, *, path: Path, server: str, token: str, timeout: float) -> None:
         self.path = path
@@ -122,7 +118,7 @@ class LocalCalls:
             raise client_error("DEADLINE_EXCEEDED", "deadline exceeded on the local socket",
                                server=self.server, timeout=self.timeout) from None
         except (ConnectionError, OSError) as exc:
-            raise NotReached(str(exc)) from None
+            raise LocalSocketUnreached(str(exc)) from None
         if code != local_socket.OK:
             raise client_error(code, body.decode(errors="replace"), server=self.server,
                                timeout=self.timeout)

@@ -171,3 +171,20 @@ class Refused(HttpError):
 class RequestReadTimeout(FilchError, TimeoutError):
     """A request's body did not arrive by its deadline (node/faces/http_wire.py answers 408); a
     TimeoutError too, so that it is caught with the socket's own timeouts."""
+
+
+# -- the local API socket (node/core/local_socket.py) -----------------------------------------
+
+class LocalCallRefused(FilchError):
+    """The node's local socket turns a call away before the servicer sees it (another
+    uid, a wrong token, a frame too big): code is the gRPC status name it answers."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class LocalSocketUnreached(FilchError):
+    """The CLI's call did not get an answer from the local socket (none, a stale one, a
+    dropped connection): the CLI makes it over gRPC instead."""

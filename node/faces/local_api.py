@@ -26,6 +26,7 @@ import grpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import local_socket
+from node.core.errors import LocalCallRefused
 from node.faces.api import SchedulerServicer, _safe_parser
 
 log = logging.getLogger(__name__)
@@ -38,37 +39,23 @@ DENIED_TOKEN = ("missing or wrong bearer token: pass --token-file or set FILCH_T
                 "the cluster's token (made by `filch certs`)")
 
 
-class _Abort(grpc.aio.AbortError):
-    """context.abort() of a call over the socket: the servicer's wrapper lets it through."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(details)
-        self.status = code
-        self.details = details
-
-
 class _Context:
-    """What the servicer's unary methods use of a grpc.aio.ServicerContext."""
+    """What the servicer's unary methods use of a grpc.aio.ServicerContext. abort()
+    raises grpc's own AbortError, which the servicer's wrapper lets through."""
 
     def __init__(self) -> None:
         self._code: grpc.StatusCode | None = None
+        self.details = ""
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self._code = code
-        raise _Abort(code, details)
+        self._code, self.details = code, details
+        raise grpc.aio.AbortError(details)
 
     def code(self) -> grpc.StatusCode | None:
         return self._code
 
     def invocation_metadata(self) -> tuple[()]:
         return ()
-
-
-class _Refused(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 class LocalApi:
@@ -133,15 +120,15 @@ class LocalApi:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             if self._slots.locked():
-                raise _Refused("RESOURCE_EXHAUSTED", "the node is answering too many local "
-                                                     "calls; try again")
+                raise LocalCallRefused("RESOURCE_EXHAUSTED",
+                                       "the node is answering too many local calls; try again")
             async with self._slots:
                 self._check_peer(writer)
                 method, token, body = await asyncio.wait_for(self._read(reader), READ_SECONDS)
                 if self._token and not hmac.compare_digest(token, self._token):
-                    raise _Refused("UNAUTHENTICATED", DENIED_TOKEN)
+                    raise LocalCallRefused("UNAUTHENTICATED", DENIED_TOKEN)
                 code, answer = await self._call(method, body)
-        except _Refused as refused:
+        except LocalCallRefused as refused:
             code, answer = refused.code, refused.message.encode()
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
             writer.close()
@@ -162,8 +149,9 @@ class LocalApi:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
         if uid not in (0, os.geteuid()):
-            raise _Refused("PERMISSION_DENIED", f"uid {uid} may not use this node's local "
-                                                "API; call its gRPC API with the token")
+            raise LocalCallRefused("PERMISSION_DENIED",
+                                   f"uid {uid} may not use this node's local API; call its "
+                                   "gRPC API with the token")
 
     async def _read(self, reader: asyncio.StreamReader) -> tuple[str, bytes, bytes]:
         method = await _read_frame(reader, local_socket.MAX_METHOD_BYTES, "method name")
@@ -171,17 +159,20 @@ class LocalApi:
         body = await _read_frame(reader, local_socket.MAX_REQUEST_BYTES, "request")
         name = method.decode("ascii", errors="replace")
         if name not in self._parsers:
-            raise _Refused("UNIMPLEMENTED", f"{name!r} is not served on the local socket "
-                                            f"(only {', '.join(local_socket.METHODS)})")
+            raise LocalCallRefused("UNIMPLEMENTED",
+                                   f"{name!r} is not served on the local socket (only "
+                                   f"{', '.join(local_socket.METHODS)})")
         return name, token, body
 
     async def _call(self, method: str, body: bytes) -> tuple[str, bytes]:
         request = self._parsers[method](body)
         handler: Any = getattr(self._servicer, method)
+        context = _Context()
         try:
-            response = await handler(request, _Context())
-        except _Abort as aborted:
-            return aborted.status.name, aborted.details.encode()
+            response = await handler(request, context)
+        except grpc.aio.AbortError:
+            code = context.code() or grpc.StatusCode.UNKNOWN
+            return code.name, context.details.encode()
         return local_socket.OK, response.SerializeToString()
 
 
@@ -189,6 +180,7 @@ async def _read_frame(reader: asyncio.StreamReader, limit: int, what: str) -> by
     (size,) = local_socket.FRAME_HEADER.unpack(
         await reader.readexactly(local_socket.FRAME_HEADER.size))
     if size > limit:
-        raise _Refused("INVALID_ARGUMENT", f"the {what} is {size} bytes, more than "
-                                           f"the {limit} the local socket takes")
+        raise LocalCallRefused("INVALID_ARGUMENT",
+                               f"the {what} is {size} bytes, more than the {limit} the local "
+                               "socket takes")
     return await reader.readexactly(size)

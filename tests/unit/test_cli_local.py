@@ -13,6 +13,7 @@ import pytest
 
 from node.cli import local
 from node.core import local_socket
+from node.core.errors import LocalSocketUnreached
 
 SERVER = "127.0.9.1:7070"
 NOBODY = 65534
@@ -67,5 +68,5 @@ def test_a_symlink_in_place_of_the_socket_is_not_followed(run_dir: Path,
 
 def test_no_socket_means_grpc(tmp_path: Path) -> None:
     assert local.find_socket(SERVER, tmp_path) is None
-    with pytest.raises(local.NotReached):
+    with pytest.raises(LocalSocketUnreached):
         local.call(tmp_path / "missing.sock", "GetTask", "", b"", 1.0)
