@@ -157,7 +157,6 @@ def submit(
                                "array with `filch logs -f ID`")
     from node._gen.filch.v1 import filch_pb2
     from node.core.states import is_finished
-    from node.faces import render
     dependencies = [filch_pb2.Dependency(id=parent, kind=kind)
                     for parents, kind in ((after, filch_pb2.DEPENDENCY_KIND_SUCCESS),
                                           (after_any, filch_pb2.DEPENDENCY_KIND_ANY),
@@ -191,6 +190,7 @@ def submit(
         task = wait_for(client, task, is_finished)
     status = task_exit_status(task)
     if status != 0:
+        from node.faces import render
         click.echo(f"task {task.id} {render.outcome(task)}", err=True)
     raise click.exceptions.Exit(status)
 

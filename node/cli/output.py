@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -93,6 +92,7 @@ def output_option(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def print_json(data: Any) -> None:
+    import json
     click.echo(json.dumps(data, indent=2))
 
 
