@@ -5,11 +5,15 @@ until every task completed, beside the same run's loop of N `sbatch --wrap true`
 
 Each command is the console script a user runs (the venv's `filch`), started from a
 shell-free subprocess: interpreter start, imports, TLS handshake and the RPC all count.
+Beside the wall time, the command's own CPU time (user + system, from the kernel's
+accounting of children): on a shared machine the wall time also measures the neighbours,
+the CPU time much less so.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -38,40 +42,52 @@ def _argv(command: str, task_id: str) -> list[str]:
 
 
 def time_commands(env: dict[str, str], samples: int = SAMPLES) -> dict[str, Any]:
-    """Per command: every sample's wall ms and their median (one warm-up run first)."""
+    """Per command: every sample's wall and CPU ms and their medians (after a warm-up)."""
     first = subprocess.run([FILCH, "submit", "--", "true"], env=env, capture_output=True,
                            text=True, timeout=60, check=True)
     task_id = first.stdout.strip()
     out: dict[str, Any] = {}
     for command in COMMANDS:
         argv = [FILCH, *_argv(command, task_id)]
-        walls = []
+        walls, cpus = [], []
         for index in range(samples + 1):
+            cpu_before = _children_cpu()
             started = time.perf_counter()
             result = subprocess.run(argv, env=env, capture_output=True, timeout=60,
                                     stdin=subprocess.DEVNULL, check=False)
             wall = (time.perf_counter() - started) * 1000
+            cpu = (_children_cpu() - cpu_before) * 1000
             if result.returncode != 0:
                 raise BenchError(f"filch {' '.join(argv[1:])} failed: "
                                  f"{result.stderr.decode(errors='replace').strip()}")
             if index:       # the first one warms the page cache and .pyc files
                 walls.append(wall)
-        out[command] = {"samples_ms": walls, "median_ms": statistics.median(walls)}
-        log.info("cli %s: median %.0f ms", command, out[command]["median_ms"])
+                cpus.append(cpu)
+        out[command] = {"samples_ms": walls, "median_ms": statistics.median(walls),
+                        "cpu_samples_ms": cpus, "median_cpu_ms": statistics.median(cpus)}
+        log.info("cli %s: median %.0f ms (CPU %.0f ms)", command, out[command]["median_ms"],
+                 out[command]["median_cpu_ms"])
     return out
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def submit_loop(env: dict[str, str], bench: workloads.BenchCluster, n: int) -> dict[str, Any]:
     """`for i in $(seq n); do filch submit -- true; done`, then until all n completed."""
     baseline = bench.count(keys.COMPLETE)
     script = f'for i in $(seq {n}); do "{FILCH}" submit -- true >/dev/null || exit 1; done'
+    cpu_before = _children_cpu()
     started = time.time()
     subprocess.run(["bash", "-c", script], env=env, check=True, timeout=60 + n * 2)
     submitted = time.time()
+    cpu = _children_cpu() - cpu_before
     end = workloads.wait_count(bench, keys.COMPLETE, baseline + n, what=f"{n} CLI submits",
                                timeout=120 + n * 0.5)
     return {"n": n, "submit_seconds": submitted - started, "seconds": end - started,
-            "throughput": n / (end - started)}
+            "throughput": n / (end - started), "cli_cpu_ms_per_submit": cpu * 1000 / n}
 
 
 def sbatch_loop(work_dir: Path, n: int) -> dict[str, Any]:
@@ -147,6 +163,10 @@ def lines(entry: dict[str, Any]) -> list[str]:
                               if name in timed)
             worst = max(timed[name]["median_ms"] for name in timed)
             rows.append(f"  {mode:<6} {cells}   {'PASS' if worst <= target else 'FAIL'}")
+            cpu = "  ".join(f"{name} {timed[name]['median_cpu_ms']:.0f}" for name in COMMANDS
+                            if "median_cpu_ms" in timed.get(name, {}))
+            if cpu:
+                rows.append(f"  {'':<6} CPU ms (user+sys): {cpu}")
     loop, peer = entry.get("filch_loop") or {}, entry.get("sbatch_loop") or {}
     if loop:
         if "throughput" in peer:
@@ -155,6 +175,8 @@ def lines(entry: dict[str, Any]) -> list[str]:
             rows.append(f"  loop of {loop['n']} submits: filch {loop['throughput']:.1f} tasks/s"
                         f", sbatch {peer['throughput']:.1f} jobs/s: {ratio:.2f}x  {verdict} "
                         "(target >= 1.0x)")
+        if "cli_cpu_ms_per_submit" in loop:
+            rows.append(f"  loop CPU per `filch submit`: {loop['cli_cpu_ms_per_submit']:.0f} ms")
         else:
             rows.append(f"  loop of {loop['n']} submits: filch {loop['throughput']:.1f} "
                         f"tasks/s, sbatch missing ({peer.get('missing', '-')})")
