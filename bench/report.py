@@ -497,6 +497,9 @@ def table(results: dict[str, Any]) -> str:
                      f"{'<' if not row['higher_is_better'] else '>='} {goal})")
     if results.get("sandbox"):
         lines += ["", *sandbox_lines(results["sandbox"])]
+    if results.get("cli"):
+        from bench.cli_speed import lines as cli_lines
+        lines += ["", *cli_lines(results["cli"])]
     if d.get("anomalies"):
         lines += ["", "ANOMALIES (bugs or broken runs; logs kept)"] + [
             f"  {item}" for item in d["anomalies"]]

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import ceilings, fences, network, report, sandbox, scale, slurm, workloads
+from bench import ceilings, cli_speed, fences, network, report, sandbox, scale, slurm, workloads
 from bench.util import (
     CLEANUP,
     AsyncRunner,
@@ -62,7 +62,7 @@ MODES: dict[str, dict[str, Any]] = {
 }
 
 SECTIONS = ("ceilings", "slurm", "throughput", "arrays", "network", "fairness", "failover",
-            "fences", "many", "queue", "perevent", "sandbox")
+            "fences", "many", "queue", "perevent", "sandbox", "cli")
 # Issue 19: failover is measured at this lease TTL (the default), self-fences under load at
 # each of FENCE_TTLS.
 FAILOVER_TTL = 2
@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         # Issue 19, target 2: the default sandbox against raw `runc run`, same run.
         section("sandbox", lambda out: sandbox.measure(root, runner, sandbox.ARRAY_N,
                                                        plan["repeats"], out), {})
+        # Issue 19, target 1: the CLI's wall time per command and a loop of submits vs sbatch.
+        section("cli", lambda out: cli_speed.measure(root, runner, out), {})
     except KeyboardInterrupt:
         failed = True
         results["errors"]["interrupted"] = "the run was interrupted"

@@ -38,6 +38,7 @@ from node.etcd.store import Store
 from node.faces.api import SchedulerServicer, add_to_server
 from node.faces.copy_store import CopyStore
 from node.faces.events import EventService
+from node.faces.local_api import LocalApi
 from node.faces.logs import LogService
 from node.faces.service import TaskService
 from node.faces.sessions import SessionService
@@ -274,13 +275,13 @@ class Agent:
             interceptors=interceptors,
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs(
                 config.max_log_streams + config.max_event_streams))
-        add_to_server(SchedulerServicer(
+        servicer = SchedulerServicer(
             tasks=tasks, logs=LogService(config=config, store=store, runner=runner,
                                          security=security),
             sessions=SessionService(store=store, ttl=config.session_ttl),
             events=EventService(config=config, store=store),
-            copies=CopyStore(config=config, store=store)),
-                      server)
+            copies=CopyStore(config=config, store=store))
+        add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(
@@ -294,6 +295,9 @@ class Agent:
         else:
             server.add_secure_port(config.listen, credentials)
         await server.start()
+        # The CLI on this machine calls through it, skipping grpc's start-up cost.
+        local_api = LocalApi(servicer=servicer, listen=config.listen, token=security.token)
+        await local_api.start()
         for service in ("", SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("node %s serving filch.v1.Scheduler on %s (advertised %s), metrics on %s, "
@@ -318,6 +322,7 @@ class Agent:
                 await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
             for part in parts:
                 await part.shutdown()
+            await local_api.close()
             await server.stop(SERVER_STOP_GRACE)
             for task in loops:
                 task.cancel()

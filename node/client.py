@@ -31,6 +31,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.core import keys, states
 from node.core.array_pages import ArrayWatch
+from node.core.client_defaults import DEFAULT_SERVER, DEFAULT_TIMEOUT
 from node.core.errors import (
     ClientError,
     DeadlineExceeded,
@@ -44,10 +45,6 @@ from node.core.states import is_finished
 from node.core.tls import Security
 from node.core.units import parse_cpu, parse_size
 
-DEFAULT_SERVER = "127.0.0.1:7070"
-# Per-RPC deadline: rides out an etcd leader election (~1 s) with room to spare, yet a hung
-# node fails the call in seconds rather than never.
-DEFAULT_TIMEOUT = 10.0
 # A submit the node answers with UNAVAILABLE is retried this long (an etcd election takes
 # about a second; a lossy link can stall a commit for a few).
 SUBMIT_RETRY_SECONDS = 15.0

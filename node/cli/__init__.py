@@ -6,7 +6,10 @@ Every failure ends as ONE line on stderr ("error: ...") and a non-zero exit stat
 so `id=$(filch submit -- make test)` and `filch ls -o json | jq` just work.
 
 This module is the group and its entry point; the commands are in commands.py and
-agent_flags.py, what they print in output.py.
+agent_flags.py, what they print in output.py. It loads fast on purpose (issue 19: a CLI
+that keeps up with sbatch): `agent` and its ~70 options are built only when `agent` runs
+or its help is asked for, and nothing loads grpc or protobuf before a command calls the
+node (lazy.py; tests/unit/test_cli_imports.py).
 """
 
 from __future__ import annotations
@@ -18,9 +21,9 @@ from typing import Any
 
 import click
 
-from node.cli.agent_flags import agent_command
 from node.cli.commands import CLIENT_COMMANDS
 from node.cli.events import events_command
+from node.cli.lazy import AGENT_SHORT_HELP, LazyClient, check_security_files
 from node.cli.nodes import node_group
 from node.cli.output import (
     EXIT_BROKEN_PIPE,
@@ -32,9 +35,8 @@ from node.cli.output import (
 )
 from node.cli.owners import owner_group
 from node.cli.params import check_server
-from node.client import DEFAULT_SERVER, DEFAULT_TIMEOUT, Client
+from node.core.client_defaults import DEFAULT_SERVER, DEFAULT_TIMEOUT
 from node.core.errors import ClientError, InvalidArgument
-from node.core.tls import Security
 
 
 def _usage_message(error: click.UsageError) -> str:
@@ -48,7 +50,31 @@ def _usage_message(error: click.UsageError) -> str:
 
 
 class FilchGroup(click.Group):
-    """A click group whose every failure is one line on stderr and a meaningful status."""
+    """A click group whose every failure is one line on stderr and a meaningful status.
+
+    `agent` is added on first use: its options are built from node.core.config, which
+    loads grpc; the group's --help shows its one-line help from AGENT_SHORT_HELP.
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*self.commands, "agent"])
+
+    _listing = False
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "agent" and "agent" not in self.commands:
+            if self._listing:
+                return _AGENT_PLACEHOLDER
+            from node.cli.agent_flags import agent_command
+            self.add_command(agent_command)
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        self._listing = True
+        try:
+            super().format_commands(ctx, formatter)
+        finally:
+            self._listing = False
 
     def main(
         self,
@@ -123,19 +149,24 @@ def cli(ctx: click.Context, server: str, timeout: float, ca: str, token_file: st
     """
     if ctx.invoked_subcommand in ("agent", "certs"):
         return      # they take no client settings; a missing CA file must not stop them
+    token = os.environ.get("FILCH_TOKEN", "")
     try:
-        security = Security.load(ca, token_file=token_file,
-                                 token=os.environ.get("FILCH_TOKEN", ""))
+        tls, has_token = check_security_files(ca, token_file=token_file, token=token)
     except InvalidArgument as exc:
         raise click.UsageError(str(exc)) from None
-    if security.token and not security.tls:
+    if has_token and not tls:
         raise click.UsageError("a bearer token needs TLS: pass --ca (or FILCH_CA) too")
-    client = Client.with_security(server, security, timeout=timeout)
+    # The gRPC client (and grpc itself) is made on the first call to the node.
+    client = LazyClient(server=server, timeout=timeout, ca=ca, token_file=token_file,
+                        token=token)
     ctx.obj = client
     ctx.call_on_close(client.close)
 
 
-for _command in (*CLIENT_COMMANDS, events_command, owner_group, node_group, agent_command):
+# What the group's --help lists for `agent` without building it.
+_AGENT_PLACEHOLDER = click.Command("agent", help=AGENT_SHORT_HELP)
+
+for _command in (*CLIENT_COMMANDS, events_command, owner_group, node_group):
     cli.add_command(_command)
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
-from node._gen.filch.v1 import filch_pb2
 from node.cli.output import (
     EXIT_INTERRUPTED,
     CommandError,
@@ -29,14 +28,21 @@ from node.cli.params import (
     parse_env,
     split_retry_classes,
 )
-from node.client import Client
-from node.core import states
 from node.core.errors import ClientError, InvalidArgument
-from node.core.lifecycle import RETRY_CLASSES
-from node.core.states import is_finished
 from node.core.units import CPU_FORMS, DURATION_FORMS, SIZE_FORMS
-from node.faces import records, render
-from node.faces.follow import follow
+
+if TYPE_CHECKING:
+    # Types only: declaring and parsing the commands loads neither protobuf (~35 ms) nor
+    # grpc (~100 ms); a command imports what it calls when it runs (tests/unit/
+    # test_cli_imports.py keeps it so).
+    from node._gen.filch.v1 import filch_pb2
+    from node.client import Client
+
+# node.core.states.STATE_BY_NAME and node.core.lifecycle.RETRY_CLASSES, spelled out here
+# because both modules load the generated protobuf code; test_cli_imports.py checks that
+# they agree.
+STATE_NAMES = ("pending", "running", "complete", "canceled")
+RETRY_CLASSES = ("failed", "oom", "timeout", "start-failed")
 
 # What a wait returns: a task, or an array's tasks.
 Waited = TypeVar("Waited")
@@ -152,6 +158,8 @@ def submit(
     if array is not None and follow:
         raise click.UsageError("--follow streams one task's output; follow a task of the "
                                "array with `filch logs -f ID`")
+    from node._gen.filch.v1 import filch_pb2
+    from node.core.states import is_finished
     dependencies = [filch_pb2.Dependency(id=parent, kind=kind)
                     for parents, kind in ((after, filch_pb2.DEPENDENCY_KIND_SUCCESS),
                                           (after_any, filch_pb2.DEPENDENCY_KIND_ANY),
@@ -185,6 +193,7 @@ def submit(
         task = wait_for(client, task, is_finished)
     status = task_exit_status(task)
     if status != 0:
+        from node.faces import render
         click.echo(f"task {task.id} {render.outcome(task)}", err=True)
     raise click.exceptions.Exit(status)
 
@@ -193,6 +202,10 @@ def follow_task(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
     """Stream every attempt's output to stdout as it happens, until the task ends (after a
     retry or a requeue, the next attempt's); the final record. How an attempt ended is
     said on stderr when another follows. Ctrl-C exits 130 (the task goes on)."""
+    from node._gen.filch.v1 import filch_pb2
+    from node.core.states import is_finished
+    from node.faces import records
+    from node.faces.follow import follow
     stdout = TaskOutput()
 
     def attempt_end(current: filch_pb2.Task, attempt: int) -> None:
@@ -229,6 +242,7 @@ def follow_task(client: Client, task: filch_pb2.Task) -> filch_pb2.Task:
 @click.pass_obj
 def status(client: Client, task_id: str, output: str) -> None:
     """Show one task in detail."""
+    from node.faces import records, render
     task = client.get(task_id)
     if output == "json":
         print_json(records.task_to_dict(task))
@@ -237,7 +251,7 @@ def status(client: Client, task_id: str, output: str) -> None:
 
 
 @click.command(name="ls")
-@click.option("--state", type=click.Choice(list(states.STATE_BY_NAME), case_sensitive=False),
+@click.option("--state", type=click.Choice(list(STATE_NAMES), case_sensitive=False),
               help="Only tasks in this state.")
 @click.option("--limit", type=click.IntRange(min=1), metavar="N", help="At most N tasks.")
 @click.option("--array", "array_id", default="", metavar="ARRAY_ID",
@@ -249,6 +263,7 @@ def list_tasks(client: Client, state: str | None, limit: int | None, array_id: s
     """List tasks (all of them, unless --state, --array or --limit)."""
     if array_id and state:
         raise click.UsageError("--array lists every task of the array; leave out --state")
+    from node.faces import records, render
     tasks = client.list(state, limit, array_id=array_id)
     if output == "json":
         print_json([records.task_to_dict(task) for task in tasks])
@@ -295,6 +310,8 @@ def cancel(client: Client, no_wait: bool, array_id: str, task_id: str) -> None:
     if array_id:
         click.echo(client.cancel_array(array_id))
         return
+    from node._gen.filch.v1 import filch_pb2
+    from node.faces import records
     task = client.cancel(task_id)
 
     def stopped(current: filch_pb2.Task) -> bool:
@@ -314,6 +331,7 @@ def cancel(client: Client, no_wait: bool, array_id: str, task_id: str) -> None:
 @click.pass_obj
 def nodes(client: Client, output: str) -> None:
     """List the live nodes, their capacity and what is allocated on them."""
+    from node.faces import records, render
     found = client.nodes()
     if output == "json":
         print_json([records.node_to_dict(node) for node in found])

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import click
-import grpc
 
 from node.cli.output import EXIT_INTERRUPTED, CommandError, client_failure, output_option
-from node.client import Client
 from node.core.errors import ClientError
-from node.faces.event_records import event_line, event_to_dict
+
+if TYPE_CHECKING:       # the RPC stack loads when the command runs, not for --help
+    from node.client import Client
 
 # The exit status when --since names a revision etcd no longer keeps: a script tells
 # "re-list, then follow" apart from a failure (1) and a bad argument (2).
@@ -33,6 +34,10 @@ def events_command(client: Client, since: int, task_id: str, output: str) -> Non
     Exits 4 when --since is older than etcd's history (compacted): re-list with
     `filch ls` / `filch nodes`, then follow from now on.
     """
+    import grpc
+
+    from node.faces.event_records import event_line, event_to_dict
+
     last = since
     call = client.watch(since, task_id)
     try:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
-from node._gen.filch.v1 import filch_pb2 as pb
 from node.cli.output import CommandError, output_option, print_json
 from node.cli.params import DurationParam
-from node.client import Client
+
+if TYPE_CHECKING:       # the RPC stack loads when a command runs, not for --help
+    from node.client import Client
 
 
 @click.group(name="node")
@@ -65,6 +67,8 @@ def drain(client: Client, name: str, deadline: float | None, output: str) -> Non
     """
     if deadline is not None and deadline <= 0:
         raise click.BadParameter("must be more than 0", param_hint="'--deadline'")
+    from node._gen.filch.v1 import filch_pb2 as pb
+
     tty = sys.stderr.isatty() and output != "json"
     last = pb.DrainNodeProgress(name=name)
     for progress in client.drain_node(name, deadline or 0.0):

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from collections.abc import Callable
-from typing import Any, BinaryIO, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 import click
-import grpc
 
-from node._gen.filch.v1 import filch_pb2
 from node.core.errors import ClientError
-from node.core.states import is_finished
-from node.faces import records, render
+
+if TYPE_CHECKING:
+    # Types only: --help and argument parsing must not load protobuf or grpc (tests/unit/
+    # test_cli_imports.py); what prints a record imports them when it runs.
+    from node._gen.filch.v1 import filch_pb2
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -47,6 +47,7 @@ class TaskOutput:
         self._stream = stream if stream is not None else sys.stdout.buffer
         if terminal is None:
             terminal = self._stream.isatty()
+        from node.faces import render
         self._escaper = render.OutputEscaper() if terminal else None
 
     def write(self, data: bytes) -> None:
@@ -66,16 +67,18 @@ def one_line(text: str) -> str:
 
 def client_failure(error: ClientError) -> CommandError:
     """A failed call in the CLI's words, with the flag that would help."""
-    if error.code == grpc.StatusCode.INVALID_ARGUMENT:
+    # By name: comparing with grpc.StatusCode would load grpc on the way out.
+    code = error.code.name
+    if code == "INVALID_ARGUMENT":
         return CommandError(error.message, EXIT_USAGE)
-    if error.code == grpc.StatusCode.UNAVAILABLE and not error.reachable:
+    if code == "UNAVAILABLE" and not error.reachable:
         return CommandError(
             f"cannot reach filch at {error.server} ({error.message}); is the node running? "
             "set --server or FILCH_SERVER")
-    if error.code == grpc.StatusCode.UNAVAILABLE:
+    if code == "UNAVAILABLE":
         # The node answered, but says it cannot serve (etcd has no quorum, say).
         return CommandError(f"filch at {error.server} is unavailable: {error.message}")
-    if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    if code == "DEADLINE_EXCEEDED":
         return CommandError(
             f"filch at {error.server} did not answer within {error.timeout or 0:g} s; "
             "raise --timeout (or FILCH_TIMEOUT) if the node is just slow")
@@ -89,11 +92,13 @@ def output_option(function: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def print_json(data: Any) -> None:
+    import json
     click.echo(json.dumps(data, indent=2))
 
 
 def task_exit_status(task: filch_pb2.Task) -> int:
     """The status `filch submit --wait` exits with, shell conventions where they exist."""
+    from node._gen.filch.v1 import filch_pb2
     if task.reason == filch_pb2.REASON_DEPENDENCY_FAILED:
         return EXIT_NOT_RUN
     if task.state == filch_pb2.TASK_STATE_CANCELED or task.reason == filch_pb2.REASON_CANCELED:
@@ -158,6 +163,8 @@ class Progress:
 
 
 def progress_text(task: filch_pb2.Task, elapsed: float, reconnecting: bool) -> str:
+    from node._gen.filch.v1 import filch_pb2
+    from node.faces import records, render
     state = records.state_name(task.state)
     if task.state == filch_pb2.TASK_STATE_RUNNING:
         state += f" on {render.node_label(task)}"
@@ -169,6 +176,8 @@ def progress_text(task: filch_pb2.Task, elapsed: float, reconnecting: bool) -> s
 
 
 def array_progress_text(tasks: list[filch_pb2.Task], elapsed: float, reconnecting: bool) -> str:
+    from node._gen.filch.v1 import filch_pb2
+    from node.core.states import is_finished
     finished = sum(is_finished(task) for task in tasks)
     running = sum(task.state == filch_pb2.TASK_STATE_RUNNING for task in tasks)
     text = f"{finished} of {len(tasks)} finished · {running} running"
@@ -184,6 +193,7 @@ ARRAY_FAILURES_NAMED = 3
 def array_exit_status(tasks: list[filch_pb2.Task]) -> tuple[int, list[str]]:
     """The status `filch submit --wait --array` exits with: the highest of its tasks'
     (as `sbatch --wait` does for an array); and lines for stderr naming what failed."""
+    from node.faces import render
     failed = [task for task in tasks if task_exit_status(task) != 0]
     if not failed:
         return 0, []

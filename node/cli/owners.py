@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
 from node.cli.output import output_option, print_json
-from node.client import Client
-from node.faces import records, render
+
+if TYPE_CHECKING:
+    from node.client import Client
 
 
 @click.group(name="owner")
@@ -34,6 +37,7 @@ def set_weight(client: Client, name: str, weight: float) -> None:
 @click.pass_obj
 def list_owners(client: Client, output: str) -> None:
     """List owners with a weight or with queued or running work, and their share."""
+    from node.faces import records, render
     owners = client.owners()
     if output == "json":
         print_json([records.owner_to_dict(owner) for owner in owners])

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.core import metrics
 
 # Names are "filch.io/<name>": the fleet's labels will share the map, under other prefixes.
 PREFIX = "filch.io/"
@@ -69,6 +68,9 @@ class Capabilities:
     def set(self, name: str, value: str) -> None:
         """Set one capability; listeners are called only when its value changed (so the
         node record, which every node watches, is rewritten only then)."""
+        # Imported here: the CLI reads the names (node.faces.render) and must not pay for
+        # prometheus_client (~25 ms) on every `filch nodes`.
+        from node.core import metrics
         old = self._values.get(name)
         if old == value:
             return

@@ -6,8 +6,11 @@ belong to the same tree, so `except FilchError` catches every failure filch word
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-import grpc
+if TYPE_CHECKING:
+    # Only a type here: the CLI's --help and argument parsing must not load grpc (~100 ms).
+    import grpc
 
 
 class FilchError(Exception):
@@ -146,7 +149,7 @@ class ClientError(FilchError):
     @property
     def transient(self) -> bool:
         """Worth another try later: the node or its etcd is away for now."""
-        return self.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return self.code.name in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
 class InvalidRequest(ClientError):
@@ -189,3 +192,20 @@ class Refused(HttpError):
 class RequestReadTimeout(FilchError, TimeoutError):
     """A request's body did not arrive by its deadline (node/faces/http_wire.py answers 408); a
     TimeoutError too, so that it is caught with the socket's own timeouts."""
+
+
+# -- the local API socket (node/core/local_socket.py) -----------------------------------------
+
+class LocalCallRefused(FilchError):
+    """The node's local socket turns a call away before the servicer sees it (another
+    uid, a wrong token, a frame too big): code is the gRPC status name it answers."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class LocalSocketUnreached(FilchError):
+    """The CLI's call did not get an answer from the local socket (none, a stale one, a
+    dropped connection): the CLI makes it over gRPC instead."""

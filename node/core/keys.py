@@ -34,7 +34,6 @@ Ids are lowercase hex UUIDs, so the task records are exactly [/task/0, /task/g).
 
 from __future__ import annotations
 
-import hashlib
 import re
 import time
 import uuid
@@ -235,6 +234,9 @@ def queue(priority: int, owner: str, task_id: str) -> bytes:
 
 def shard_of(task_id: str) -> int:
     """The shard of a task: a hash of its id, spread evenly whatever the ids look like."""
+    # Imported here: hashlib loads OpenSSL, which `filch submit` (it makes task ids with
+    # this module) does not otherwise need.
+    import hashlib
     digest = hashlib.blake2b(task_id.encode(), digest_size=4).digest()
     return int.from_bytes(digest, "big") % SHARD_COUNT
 
