@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -41,6 +41,7 @@ from node.core.errors import (
     Unavailable,
 )
 from node.core.limits import CLIENT_MAX_RECEIVE_BYTES
+from node.core.polling import poll
 from node.core.states import is_finished
 from node.core.tls import Security
 from node.core.units import parse_cpu, parse_size
@@ -49,14 +50,6 @@ from node.core.units import parse_cpu, parse_size
 # about a second; a lossy link can stall a commit for a few).
 SUBMIT_RETRY_SECONDS = 15.0
 SUBMIT_RETRY_PAUSE = 0.5
-# Status polling while waiting: quick first looks catch short tasks, the cap keeps a
-# long wait from hammering the node.
-POLL_FIRST = 0.1
-POLL_MAX = 1.0
-# How long a wait rides out a node that stops answering (restart, leader election).
-RECONNECT_GRACE = 30.0
-# How often wait() reports progress between polls: smooth enough for a spinner.
-PROGRESS_TICK = 0.1
 # An array submit's deadline adds a second per this many tasks: a loaded 3-node cluster
 # writes several thousand per second (each task twice: held, then released), so this
 # leaves a wide margin while a hung node still fails the call in minutes, not never.
@@ -70,8 +63,6 @@ PAGE_SIZE = 1000
 ProgressCallback = Callable[[pb.Task, float, bool], None]
 # the same for an array's tasks (in index order)
 ArrayProgressCallback = Callable[[list[pb.Task], float, bool], None]
-# what a wait polls: one task's record, or an array's
-Polled = TypeVar("Polled")
 
 
 _ERROR_TYPES: dict[grpc.StatusCode, type[ClientError]] = {
@@ -257,7 +248,7 @@ class Client:
         answering is ridden out for RECONNECT_GRACE seconds, then its error is raised.
         task: a record already in hand (say, from submit), checked before the first poll.
         """
-        return self._poll(lambda: self.get(task_id), until, on_progress, limit,
+        return poll(lambda: self.get(task_id), until, on_progress, limit,
                           task if task is not None else self.get(task_id))
 
     def wait_array(self, array_id: str, on_progress: ArrayProgressCallback | None = None, *,
@@ -274,35 +265,7 @@ class Client:
         def finished(tasks: builtins.list[pb.Task]) -> bool:
             return watch.frontier >= len(tasks)
 
-        return self._poll(watch.poll, finished, on_progress, limit, watch.tasks)
-
-    def _poll(self, fetch: Callable[[], Polled], done: Callable[[Polled], bool],
-              on_progress: Callable[[Polled, float, bool], None] | None,
-              limit: float | None, current: Polled) -> Polled:
-        start = time.monotonic()
-        delay = POLL_FIRST
-        next_poll = start + delay
-        failing_since: float | None = None
-        while not done(current):
-            now = time.monotonic()
-            if limit is not None and now - start >= limit:
-                break
-            if now >= next_poll:
-                try:
-                    current = fetch()
-                    failing_since = None
-                except ClientError as failure:
-                    failing_since = failing_since or now
-                    if not failure.transient or now - failing_since > RECONNECT_GRACE:
-                        raise
-                took = time.monotonic() - now
-                delay = max(min(delay * 2, POLL_MAX), 2 * took)
-                next_poll = time.monotonic() + delay
-                continue
-            if on_progress is not None:
-                on_progress(current, now - start, failing_since is not None)
-            time.sleep(max(0.0, min(PROGRESS_TICK, next_poll - now)))
-        return current
+        return poll(watch.poll, finished, on_progress, limit, watch.tasks)
 
     def logs(self, task_id: str, follow: bool = False, attempt: int = 0) -> LogCall:
         """The task's output as it arrives (attempt 0: the latest). No deadline: a followed

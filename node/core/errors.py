@@ -99,6 +99,10 @@ class NodeStartError(ExecutorError):
     """The node, not the task, failed to start it: task network, /work, runc itself."""
 
 
+class RenewalsClosed(FilchError):
+    """The renewal thread was closed (the agent shuts down) while work ran on it."""
+
+
 class LogCopyRefused(FilchError):
     """A peer refused a log copy for good (the attempt's record says no): do not retry."""
 

@@ -16,7 +16,7 @@ from node.core.states import is_finished
 
 # How often one attempt's log stream is opened again when it broke while the attempt still
 # runs (a node restarting, a proxy hop failing), and the pause between: about as long as
-# Client.wait rides out a node that stops answering (RECONNECT_GRACE).
+# Client.wait rides out a node that stops answering (node/core/polling.py RECONNECT_GRACE).
 FOLLOW_REOPENS = 30
 FOLLOW_REOPEN_PAUSE = 1.0
 

@@ -17,10 +17,10 @@ from typing import NoReturn, Protocol
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys, metrics
 from node.core.config import Config
-from node.core.errors import FilchError, InvalidArgument, NameTaken
+from node.core.errors import FilchError, InvalidArgument, NameTaken, RenewalsClosed
 from node.etcd import failpoints
 from node.etcd.store import Store
-from node.running.renewal import RenewalsClosed, RenewalThread
+from node.running.renewal import RenewalThread
 from node.running.runtime.network import local_addresses
 from node.running.watchdog import Watchdog
 from node.scheduling.node_state import NodeState, Registration

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from node.core.errors import RenewalsClosed
 from node.etcd.store import Store
 
 log = logging.getLogger(__name__)
@@ -29,8 +30,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-class RenewalsClosed(Exception):
-    """The renewal thread was closed (the agent shuts down) while work ran on it."""
 
 # How long closing waits for the thread's etcd connection to close.
 CLOSE_TIMEOUT = 2.0
