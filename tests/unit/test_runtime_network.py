@@ -524,13 +524,18 @@ async def test_forwarding_filch_turned_on_is_confined_to_task_bridges(
             await task_network.remove_all()
 
 
-async def test_a_released_address_and_veth_name_are_not_handed_out_next(
-        network: net.TaskNetwork) -> None:
-    # release() deletes only the namespace; the kernel takes its veth a moment later, so
-    # the next attempt must get neither that veth's name nor (ARP caches) its address.
+async def test_release_spawns_nothing_and_hands_out_neither_address_nor_veth_next(
+        network: net.TaskNetwork, monkeypatch: pytest.MonkeyPatch) -> None:
+    # release() deletes only the namespace, with system calls; the kernel takes its veth
+    # a moment later, so the next attempt must get neither that veth's name nor (ARP
+    # caches) its address.
     await network.set_cluster_addresses([])
     first = await network.attach()
-    await network.release(first)
+    with monkeypatch.context() as patch:
+        async def spawn(*argv: object, **_: object) -> None:
+            raise AssertionError(f"spawned {argv}")
+        patch.setattr(asyncio, "create_subprocess_exec", spawn)
+        await network.release(first)
     second = await network.attach()
     try:
         assert second.slot != first.slot

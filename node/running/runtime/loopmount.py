@@ -10,7 +10,6 @@ system is unmounted (or the mount fails), then mount(2). Blocking: call it in a 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -18,14 +17,12 @@ import struct
 from pathlib import Path
 
 from node.core.errors import ExecutorError
+from node.running.runtime import syscalls
 
 LOOP_CONTROL = "/dev/loop-control"
 LOOP_CTL_GET_FREE = 0x4C82
 LOOP_CONFIGURE = 0x4C0A
 LO_FLAGS_AUTOCLEAR = 4
-MS_NOSUID = 2
-MS_NODEV = 4
-MNT_DETACH = 2
 # A free device another process binds first (EBUSY) is skipped; more races than this in
 # a row mean something is wrong.
 TRIES = 16
@@ -34,11 +31,6 @@ TRIES = 16
 # __u64 __reserved[8]; }, loop_info64 being five u64, four u32 (lo_flags last), the
 # 64-byte file name, the 64-byte crypt name, a 32-byte key and two u64.
 _LOOP_CONFIG = struct.Struct("=II5Q4I64s64s32s2Q8Q")
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
-                        ctypes.c_void_p)
-_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
 
 
 def mount(image: Path, target: Path) -> None:
@@ -53,11 +45,10 @@ def mount(image: Path, target: Path) -> None:
     finally:
         os.close(image_fd)
     try:
-        if _libc.mount(device.encode(), str(target).encode(), b"ext4",
-                       MS_NOSUID | MS_NODEV, None) != 0:
-            code = ctypes.get_errno()
-            raise ExecutorError(f"cannot mount {image} ({device}) on {target}: "
-                                f"{os.strerror(code)}")
+        syscalls.mount(device, str(target), "ext4", syscalls.MS_NOSUID | syscalls.MS_NODEV)
+    except OSError as exc:
+        raise ExecutorError(f"cannot mount {image} ({device}) on {target}: "
+                            f"{exc.strerror}") from None
     finally:
         os.close(loop_fd)     # autoclear: the device is freed with the mount, or now
 
@@ -66,15 +57,17 @@ def unmount(target: Path) -> None:
     """Unmount target; when busy (a process still has a file open there), detach it now
     and let the kernel free it when the last file closes. Raises ExecutorError when
     neither works; "not mounted" is no error."""
-    if _libc.umount2(str(target).encode(), 0) == 0:
-        return
-    code = ctypes.get_errno()
-    if code == errno.EINVAL:
-        return     # not a mount point (any more)
-    if code == errno.EBUSY and _libc.umount2(str(target).encode(), MNT_DETACH) == 0:
-        return
-    code = ctypes.get_errno()
-    raise ExecutorError(f"cannot unmount {target}: {os.strerror(code)}")
+    try:
+        syscalls.umount(str(target))
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return     # not a mount point (any more)
+        try:
+            if exc.errno != errno.EBUSY:
+                raise
+            syscalls.umount(str(target), syscalls.MNT_DETACH)
+        except OSError as failed:
+            raise ExecutorError(f"cannot unmount {target}: {failed.strerror}") from None
 
 
 def _bind(image: Path, image_fd: int) -> tuple[str, int]:
