@@ -310,7 +310,7 @@ class TaskNetwork:
 
     def release_soon(self, lease: Lease) -> None:
         """release() in the background: an ended attempt's result and capacity need not
-        wait for the ~35 ms of deletion. The task is owned here; remove_all() awaits it."""
+        wait for the deletion (a thread hop). The task is owned here; remove_all() awaits it."""
         task = asyncio.get_running_loop().create_task(self.release(lease),
                                                       name=f"release {lease.netns}")
         self._releasing.add(task)
