@@ -117,3 +117,18 @@ async def test_a_busy_mount_is_detached_and_its_device_freed_when_the_file_close
 
 def test_unmounting_what_is_not_mounted_is_no_error(tmp_path: Path) -> None:
     loopmount.unmount(tmp_path)
+
+
+async def test_a_kernel_without_loop_configure_gets_the_same_mount(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    work = attempt(tmp_path)
+    image = work.parent / scratch.IMAGE_NAME
+    ready = tmp_path / "ready.img"
+    await scratch.format_image(ready, SIZE, UID)
+    # An ioctl number no kernel knows stands in for a kernel older than 5.8.
+    monkeypatch.setattr(loopmount, "LOOP_CONFIGURE", 0x4CFE)
+    await scratch.mount(work, SIZE, UID, ready=ready)
+    assert mounted(work) and {"nosuid", "nodev"} <= set(mount_options(work))
+    assert len(bound_to(image)) == 1
+    await scratch.unmount(work)
+    assert bound_to(image) == []
