@@ -522,3 +522,28 @@ async def test_forwarding_filch_turned_on_is_confined_to_task_bridges(
             assert (confined in rules) == expected, rules
         finally:
             await task_network.remove_all()
+
+
+async def test_release_spawns_nothing_and_hands_out_neither_address_nor_veth_next(
+        network: net.TaskNetwork, monkeypatch: pytest.MonkeyPatch) -> None:
+    # release() deletes only the namespace, with system calls; the kernel takes its veth
+    # a moment later, so the next attempt must get neither that veth's name nor (ARP
+    # caches) its address.
+    await network.set_cluster_addresses([])
+    first = await network.attach()
+    with monkeypatch.context() as patch:
+        async def spawn(*argv: object, **_: object) -> None:
+            raise AssertionError(f"spawned {argv}")
+        patch.setattr(asyncio, "create_subprocess_exec", spawn)
+        await network.release(first)
+    second = await network.attach()
+    try:
+        assert second.slot != first.slot
+        assert second.veth != first.veth
+        assert first.netns not in namespaces(network.netns_prefix)
+        deadline = time.monotonic() + 10
+        while first.veth in links():
+            assert time.monotonic() < deadline, "the released namespace's veth stayed"
+            await asyncio.sleep(0.05)
+    finally:
+        await network.release(second)

@@ -9,7 +9,8 @@ itself); "host": the host's namespace (unsafe: only on nodes started with
 Everything of one node carries names derived from the node's name, so a node finds and
 removes exactly its own leftovers after a crash, even with several nodes on one machine:
   bridge     fb<6 hex of sha256(name)>            (interface names are at most 15 chars)
-  host veth  fv<6 hex><slot>                       (the task's end is eth0 in its namespace)
+  host veth  fv<6 hex><n>                          (the task's end is eth0 in its namespace;
+                                                    n counts attaches, see release())
   namespace  filch-<sanitised name>-<slot>         (under /run/netns)
   nft table  inet filch-<sanitised name>           (NAT and the firewall below)
 
@@ -23,8 +24,11 @@ an attach the firewall cannot be verified for is refused. Bridge ports are also
 from __future__ import annotations
 
 import asyncio
+import collections
+import errno
 import hashlib
 import ipaddress
+import itertools
 import logging
 import os
 import re
@@ -40,7 +44,7 @@ from node.core.validation import HOST as HOST
 from node.core.validation import ISOLATED as ISOLATED
 from node.core.validation import NETWORK_MODES
 from node.core.validation import NONE as NONE
-from node.running.runtime import kill
+from node.running.runtime import kill, syscalls
 from node.running.runtime.commands import run as _run
 from node.running.runtime.commands import run_json
 from node.running.runtime.firewall import TaskFirewall
@@ -58,6 +62,8 @@ _FILCH_LINK = re.compile(r"fb[0-9a-f]{6}|fv[0-9a-f]{6}[0-9]+")
 # RFC 1918 ranges home and office networks use. Each node takes one /24 of it.
 AUTO_POOL = ipaddress.IPv4Network("100.64.0.0/10")
 AUTO_PREFIX = 24
+# veth names are fv<6 hex><n> with n below this: at most 15 characters.
+VETH_NUMBERS = 10_000_000
 # How long an isolated attempt waits for the first fill of the cluster address set (the
 # agent fills it as soon as etcd answers; a node without etcd quorum cannot steal anyway).
 CLUSTER_WAIT = 30.0
@@ -132,7 +138,12 @@ class TaskNetwork:
         self.table = f"filch-{sanitised(node_name)}"
         self._state_dir = state_dir
         self._subnet: ipaddress.IPv4Network | None = None
-        self._free: list[int] = []
+        # First in, first out: a released address is handed out again only after every
+        # other free one, long after its old namespace is gone.
+        self._free: collections.deque[int] = collections.deque()
+        # veth numbers: never reused while the node runs, as the kernel deletes an old
+        # veth a moment after its namespace (release()).
+        self._veths = itertools.count()
         self._releasing: set[asyncio.Task[None]] = set()
         self._cluster_known = asyncio.Event()
         self._broken = ""
@@ -201,8 +212,7 @@ class TaskNetwork:
             f"link set dev {self.bridge} up", ""]))
         await self._firewall.load(self._subnet)
         # Slots 0..n-1 map to gateway+1 ..; the network, gateway and broadcast are not tasks'.
-        self._free = list(range(self._subnet.num_addresses - 3))
-        self._free.reverse()   # pop() hands out the lowest slot first
+        self._free = collections.deque(range(self._subnet.num_addresses - 3))
         self.refresh_resolv_conf()
         log.info("task network: bridge %s, subnet %s, nft table inet %s", self.bridge,
                  self._subnet, self.table)
@@ -259,8 +269,9 @@ class TaskNetwork:
                                 f"{exc}") from None
         if not self._free:
             raise ExecutorError(f"no free address in the task subnet {self.subnet}")
-        slot = self._free.pop()
-        lease = Lease(slot, f"{self.netns_prefix}{slot}", f"{self.veth_prefix}{slot}")
+        slot = self._free.popleft()
+        lease = Lease(slot, f"{self.netns_prefix}{slot}",
+                      f"{self.veth_prefix}{next(self._veths) % VETH_NUMBERS}")
         address = self.subnet.network_address + 2 + slot
         gateway = self.subnet.network_address + 1
         try:
@@ -280,20 +291,26 @@ class TaskNetwork:
         return lease
 
     async def release(self, lease: Lease) -> None:
-        """Delete the attempt's veth and namespace and free its slot. Never raises (a
-        failure is logged; reset() at the next start catches what is left)."""
+        """Delete the attempt's namespace and free its slot. Never raises (a failure is
+        logged; reset() at the next start catches what is left).
+
+        Only the namespace: with its last user gone the kernel destroys it, its eth0 and
+        so the veth pair, batching the namespaces it cleans up. `link del` of each veth
+        cost ~20 ms of RCU waits under the rtnl lock, stalling every other node's ip
+        commands on the machine meanwhile. Until the kernel gets to it, the old veth is a
+        bridge port (isolated, firewalled like any task's) of a namespace no process is in
+        or can enter (its /run/netns entry is gone). What `ip netns del` does, without
+        its process (syscalls.py)."""
         try:
-            await _run("ip", "-force", "-batch", "-",
-                       stdin=f"link del {lease.veth}\nnetns del {lease.netns}\n",
-                       quiet_missing=True)
-        except ExecutorError as exc:
+            await asyncio.to_thread(_delete_netns, lease.path)
+        except OSError as exc:
             log.warning("cannot remove the network of slot %d: %s", lease.slot, exc)
         if lease.slot not in self._free:
             self._free.append(lease.slot)
 
     def release_soon(self, lease: Lease) -> None:
         """release() in the background: an ended attempt's result and capacity need not
-        wait for the ~35 ms of deletion. The task is owned here; remove_all() awaits it."""
+        wait for the deletion (a thread hop). The task is owned here; remove_all() awaits it."""
         task = asyncio.get_running_loop().create_task(self.release(lease),
                                                       name=f"release {lease.netns}")
         self._releasing.add(task)
@@ -378,6 +395,20 @@ async def _resolve(entry: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Add
         log.warning("cannot resolve cluster address %r for the task firewall: %s", host, exc)
         return []
     return [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+
+
+def _delete_netns(path: str) -> None:
+    """Detach a namespace's /run/netns mount and remove the file (a gone one is fine).
+    Raises OSError."""
+    try:
+        syscalls.umount(path, syscalls.MNT_DETACH)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOENT):
+            raise
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _listdir(path: Path) -> list[str]:

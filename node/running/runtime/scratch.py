@@ -21,12 +21,11 @@ from pathlib import Path
 from node.core.errors import ExecutorError
 from node.etcd import failpoints
 from node.running import disk
+from node.running.runtime import loopmount
 
 log = logging.getLogger(__name__)
 
 MKFS = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
-MOUNT = shutil.which("mount") or "/bin/mount"
-UMOUNT = shutil.which("umount") or "/bin/umount"
 
 # No journal (scratch is thrown away, so crash consistency buys nothing and the journal
 # would cost space and time), lazy inode tables and no discard (mkfs writes little and
@@ -92,7 +91,8 @@ async def mount(work: Path, size: int, uid: int, reserve: int = 0,
     else:
         await format_image(image, size, uid, reserve)
     try:
-        await _run(MOUNT, "-t", "ext4", "-o", "loop,nosuid,nodev", str(image), str(work))
+        # A thread: mount(2) reads the superblock. System calls, not mount(8): loopmount.py.
+        await asyncio.to_thread(loopmount.mount, image, work)
     except BaseException:
         await unmount(work)
         raise
@@ -125,13 +125,10 @@ async def unmount(work: Path) -> None:
     (failures are logged; the next start of the node reaps what is left)."""
     if _is_mount(work):
         try:
-            await _run(UMOUNT, str(work))
-        except ExecutorError:
-            try:
-                # Busy (a process still has a file open): detach now, freed when it closes.
-                await _run(UMOUNT, "--lazy", str(work))
-            except ExecutorError as exc:
-                log.warning("cannot unmount %s: %s", work, exc)
+            # Busy (a process still has a file open): detached now, freed when it closes.
+            await asyncio.to_thread(loopmount.unmount, work)
+        except ExecutorError as exc:
+            log.warning("cannot unmount %s: %s", work, exc)
     try:
         (work.parent / IMAGE_NAME).unlink()
     except FileNotFoundError:
