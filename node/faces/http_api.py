@@ -154,7 +154,7 @@ class Api:
         self._get(match["id"])
         stream = LogStream(call=self.client.logs(match["id"], follow, attempt),
                            client=request.environ.get("gunicorn.socket"))
-        first = stream.next_event(LOG_PEEK)
+        first = stream.next(LOG_PEEK)
         if isinstance(first, ClientError):
             stream.stop()
             raise failure(first)

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import re
-import threading
 from collections.abc import Iterator
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.client import Client, EventCall
+from node.client import Client
 from node.core.errors import ClientError, HttpError
 from node.faces.event_records import event_to_dict
 from node.faces.http_wire import Request, Response, failure
+from node.faces.stream_pump import END, StreamPump
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +37,6 @@ RETRY_MILLIS = 2000
 BUFFER_REVISIONS = 256
 # A revision as Last-Event-ID or ?since= carries it.
 _REVISION = re.compile(r"\d{1,19}")
-
-_END = object()  # the stream finished
-
 
 def since(request: Request) -> int:
     """The revision to resume after: Last-Event-ID (a reconnecting EventSource sends it,
@@ -59,7 +55,8 @@ def since(request: Request) -> int:
 def events(client: Client, request: Request) -> Response:
     """The handler of GET /api/v1/events (?since=R, ?task=ID)."""
     task_id = request.param("task")
-    stream = _Pump(call=client.watch(since(request), task_id))
+    stream = StreamPump(call=client.watch(since(request), task_id), buffer=BUFFER_REVISIONS,
+                        name="filch-event-pump")
     first = stream.next(EVENTS_PEEK)
     if isinstance(first, ClientError):
         stream.stop()
@@ -83,47 +80,10 @@ def message(response: pb.WatchResponse) -> bytes:
     return f"id: {response.revision}\ndata: {data}\n\n".encode()
 
 
-class _Pump:
-    """Moves the Watch call's responses to the WSGI body on a thread of their own."""
-
-    def __init__(self, *, call: EventCall) -> None:
-        self._call = call
-        self._items: queue.Queue[object] = queue.Queue(BUFFER_REVISIONS)
-        self._stopped = threading.Event()
-        threading.Thread(target=self._run, name="filch-event-pump", daemon=True).start()
-
-    def _run(self) -> None:
-        try:
-            for response in self._call:
-                self._put(response)
-            self._put(_END)
-        except ClientError as error:
-            self._put(error)
-
-    def _put(self, item: object) -> None:
-        while not self._stopped.is_set():
-            try:
-                self._items.put(item, timeout=1.0)
-                return
-            except queue.Full:
-                continue
-
-    def next(self, timeout: float) -> object | None:
-        """A WatchResponse, _END, a ClientError, or None when nothing came within timeout."""
-        try:
-            return self._items.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._call.cancel()
-
-
 class _Body:
     """The SSE body; its close() (every WSGI server calls it) cancels the Watch call."""
 
-    def __init__(self, *, stream: _Pump, first: object | None) -> None:
+    def __init__(self, *, stream: StreamPump, first: object | None) -> None:
         self._stream = stream
         self._first = first
         self._closed = False
@@ -131,7 +91,7 @@ class _Body:
     def __iter__(self) -> Iterator[bytes]:
         yield f"retry: {RETRY_MILLIS}\n\n".encode()
         item = self._first
-        while item is not _END and not self._closed:
+        while item is not END and not self._closed:
             if isinstance(item, pb.WatchResponse):
                 yield message(item)
             elif isinstance(item, ClientError):

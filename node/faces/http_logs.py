@@ -6,15 +6,14 @@ a client that went away while the log is quiet)."""
 from __future__ import annotations
 
 import logging
-import queue
 import select
 import socket
-import threading
 from collections.abc import Iterator
 
 from node.client import LogCall
 from node.core.errors import ClientError
 from node.faces.http_wire import failure
+from node.faces.stream_pump import END, StreamPump
 
 log = logging.getLogger(__name__)
 
@@ -25,48 +24,13 @@ LOG_IDLE_CHECK = 1.0
 # the pipe full, bounded so a huge log pushes back on the daemon instead of filling memory.
 LOG_BUFFER_CHUNKS = 64
 
-_END = object()  # the stream finished cleanly
-
-
-class LogStream:
-    """Moves a StreamLogs call's chunks from gRPC's iterator to a WSGI body on its own
-    thread, so the body can wait with a timeout (for the first event, and to notice a
-    client that went away while the log is quiet)."""
+class LogStream(StreamPump):
+    """A StreamLogs call's chunks (bytes), and the HTTP client's socket to notice it left."""
 
     def __init__(self, *, call: LogCall, client: socket.socket | None) -> None:
-        self._call = call
+        super().__init__(call=call, buffer=LOG_BUFFER_CHUNKS, name="filch-log-pump",
+                         put_wait=LOG_IDLE_CHECK)
         self.client = client
-        self._events: queue.Queue[object] = queue.Queue(LOG_BUFFER_CHUNKS)
-        self._stopped = threading.Event()
-        threading.Thread(target=self._pump, name="filch-log-pump", daemon=True).start()
-
-    def _pump(self) -> None:
-        try:
-            for data in self._call:
-                self._put(data)
-            self._put(_END)
-        except ClientError as error:
-            self._put(error)
-
-    def _put(self, item: object) -> None:
-        while not self._stopped.is_set():
-            try:
-                self._events.put(item, timeout=LOG_IDLE_CHECK)
-                return
-            except queue.Full:
-                continue
-
-    def next_event(self, timeout: float) -> object | None:
-        """Bytes, _END, a ClientError, or None when nothing arrived within timeout."""
-        try:
-            return self._events.get(timeout=timeout)
-        except queue.Empty:
-            return None
-
-    def stop(self) -> None:
-        """Cancel the call; idempotent. The pump thread ends once gRPC reports it."""
-        self._stopped.set()
-        self._call.cancel()
 
 
 class LogBody:
@@ -84,7 +48,7 @@ class LogBody:
             # Nothing to say yet (a quiet or unstarted task): gunicorn sends the headers on
             # an empty write, so the client learns now that its request was accepted.
             yield b""
-        while event is not _END and not self._closed:
+        while event is not END and not self._closed:
             if isinstance(event, bytes):
                 yield event
             elif isinstance(event, ClientError):
@@ -96,7 +60,7 @@ class LogBody:
                 return
             elif _client_gone(self._stream.client):
                 return
-            event = self._stream.next_event(LOG_IDLE_CHECK)
+            event = self._stream.next(LOG_IDLE_CHECK)
 
     def close(self) -> None:
         self._closed = True
