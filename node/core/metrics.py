@@ -211,3 +211,10 @@ def serve(listen: str) -> None:
     """Expose /metrics on HOST:PORT (a background thread of prometheus_client)."""
     host, _, port = listen.rpartition(":")
     start_http_server(int(port), addr=host or "0.0.0.0")
+
+BULK_WRITE_LIMIT = Gauge("filch_bulk_write_limit",
+                         "Bulk etcd transactions (arrays, releases, cancels) this node lets be "
+                         "in flight now: halved while etcd commits slowly (node/etcd/pacing.py).")
+BULK_WRITE_PAUSES = Counter("filch_bulk_write_pauses_total",
+                            "Pauses of bulk writes because etcd committed slowly even one "
+                            "transaction at a time.")

@@ -11,14 +11,15 @@ from typing import TypeVar
 
 from node.core.errors import FilchError
 from node.core.limits import batches
+from node.etcd.pacing import MAX_IN_FLIGHT
 from node.etcd.store import Store
 from node.etcd.txn import Move, move_bytes, move_ops
 
 T = TypeVar("T")
 
-# Transactions of one batch write in flight at once: etcd commits concurrent proposals
-# with one fsync, so a few in flight multiply an array's write rate; more only queue.
-WRITE_CONCURRENCY = 8
+# Transactions of one batch write in flight at once (workers; each also takes a slot of
+# the connection's pacer, node/etcd/pacing.py, which may allow fewer).
+WRITE_CONCURRENCY = MAX_IN_FLIGHT
 
 def cut(moves: Sequence[Move]) -> list[list[int]]:
     """Positions of moves, in runs that each fit one transaction (limits.batches: MAX_BATCH
@@ -52,7 +53,8 @@ async def write_moves(store: Store, moves: Sequence[Move], *,
     revisions: list[int | None] = [None] * len(moves)
 
     async def write(batch: list[int]) -> None:
-        revision = await store.transition_many([moves[at] for at in batch])
+        async with store.pacer.slot():
+            revision = await store.transition_many([moves[at] for at in batch])
         if revision is None and len(batch) > 1:
             for at in batch:
                 revisions[at] = await store.transition_many([moves[at]])

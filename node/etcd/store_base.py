@@ -34,6 +34,7 @@ from node.core.task_counts import TaskCounts
 from node.etcd.etcd_client import EtcdTLS, PlainClient, TLSClient
 from node.etcd.etcd_errors import ETCD_ERRORS, translate
 from node.etcd.id_ranges import IdRanges
+from node.etcd.pacing import Pacer
 from node.etcd.txn import key_compare
 
 T = TypeVar("T")
@@ -110,6 +111,8 @@ class StoreBase:
         self._timeout = timeout
         # First keys of the id-keyed ranges (queued, held, records), read in bounded windows.
         self._id_ranges = IdRanges(read=self._range)
+        self.pacer = Pacer()
+        """Slots for bulk transactions (node/etcd/batch_write.py)."""
         self.endpoint = endpoint
 
     async def close(self) -> None:
