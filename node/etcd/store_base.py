@@ -266,9 +266,12 @@ class StoreBase:
         response = await self._range(key, b"", count_only=True)
         return int(response.count) > 0
 
-    async def compact(self, revision: int) -> None:
-        """Drop history before revision (physical: wait until the space is reusable)."""
-        await self._call(lambda: self._client.compact(revision, physical=True), "maintenance")
+    async def compact(self, revision: int, *, physical: bool = False) -> None:
+        """Drop history before revision. physical: answer only once the space is reusable
+        (at a million tasks that takes longer than a request's deadline: a retry would
+        queue a second compaction behind the first)."""
+        await self._call(lambda: self._client.compact(revision, physical=physical),
+                         "maintenance")
 
     async def defragment(self) -> None:
         """Defragment the member this client talks to (blocks its writes meanwhile)."""

@@ -53,6 +53,10 @@ DISARM_BELOW_FRACTION = 0.9
 
 # What housekeeping needs of the runner and the stealer, and nothing more: operations sits
 # beside running and below the agent that wires them (node/operations/__init__.py).
+# The one node compacting etcd's history at a time (on its lease: another takes over when
+# it dies).
+COMPACTION_LOCK = keys.chore_lock("compaction")
+
 class Attempts(Protocol):
     """The attempts this node runs (node.running.runner.Runner)."""
 
@@ -272,14 +276,24 @@ class Housekeeping:
             excess -= len(batch)
         return deleted
 
-    async def compact(self, keep: int) -> None:
-        """Compact etcd history, keeping the last `keep` revisions."""
+    async def compact(self, keep: int, *, urgent: bool = False) -> None:
+        """Compact etcd history, keeping the last `keep` revisions. A chore: only the node
+        holding COMPACTION_LOCK compacts (a compaction walks every key revision written since
+        the last one and takes etcd tens of seconds at a million tasks: one per interval
+        for the cluster, not one per node). urgent (NOSPACE): compact anyway, and wait until
+        the space is reusable."""
         self._last_compaction = time.monotonic()
+        registration = self._state.registration
+        if not urgent and (registration is None or (
+                await self._store.lock_holder(COMPACTION_LOCK) != registration.node_id
+                and not await self._store.try_lock(COMPACTION_LOCK, registration.node_id,
+                                                   registration.lease_id))):
+            return
         target = await self._store.current_revision() - keep
         if target <= self._compacted_to:
             return
         try:
-            await self._store.compact(target)
+            await self._store.compact(target, physical=urgent)
         except Compacted:
             pass    # another node compacted past this revision already: the goal anyway
         self._compacted_to = target
@@ -319,7 +333,7 @@ class Housekeeping:
             self._stealer.pause("nospace")
         await failpoints.hit("housekeeping.before_recover")
         await self.apply_retention()
-        await self.compact(keep=0)
+        await self.compact(keep=0, urgent=True)
         await self.defragment(full=True)
         status = await self._store.member_status()
         self._export(status)

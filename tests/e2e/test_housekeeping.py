@@ -98,5 +98,7 @@ def test_burst_of_10000_finished_tasks_is_compacted_and_defragmented(tmp_path: P
               f"({samples['filch_etcd_compactions_total']:.0f} compactions, "
               f"{samples['filch_etcd_defrags_total']:.0f} defrags)")
         assert samples['filch_tasks_deleted_total{state="complete"}'] == burst
-        assert samples["filch_etcd_compactions_total"] >= 1
+        # Compaction is a chore: one node (whichever holds /lock/compaction) compacts.
+        assert sum(cluster.metrics(index)["filch_etcd_compactions_total"]
+                   for index in range(len(cluster.nodes))) >= 1
         assert len(ids) == burst

@@ -20,7 +20,7 @@ from node.core.errors import ExecutorError
 from node.etcd.store import Store
 from node.etcd.txn import Move
 from node.operations import housekeeping as housekeeping_module
-from node.operations.housekeeping import Housekeeping
+from node.operations.housekeeping import COMPACTION_LOCK, Housekeeping
 from node.scheduling.node_state import NodeState, Registration
 from node.scheduling.stealer import Stealer
 from tests.unit.etcd_fixture import etcdctl, require_etcd
@@ -230,3 +230,32 @@ async def test_the_array_check_reads_a_bounded_number_of_keys_not_every_member(
         assert await store.get_tasks([stranger.id])               # not touched
     finally:
         await connection.close()
+
+
+async def test_one_node_at_a_time_compacts(store: Store, tmp_path: Path) -> None:
+    """A compaction walks every key revision written since the last one (tens of seconds
+    of etcd's time at a million tasks): the node holding /lock/compaction compacts, the
+    others skip their turn, and a NOSPACE recovery compacts whoever it is."""
+
+    async def firewall(addresses: list[str]) -> None:
+        pass
+
+    nodes = []
+    for name in ("a", "b"):
+        config = Config(name=name, data_dir=str(tmp_path / name), compaction_keep=0)
+        state = NodeState.for_config(config)
+        state.registration = Registration(keys.new_node_id(), await store.grant_lease(60))
+        runner: Any = NothingRuns()
+        nodes.append((state, Housekeeping(
+            config=config, store=store, state=state, runner=runner,
+            stealer=Stealer(config=config, store=store, state=state, runner=runner),
+            firewall=firewall)))
+    before = REGISTRY.get_sample_value("filch_etcd_compactions_total") or 0.0
+    await _finished_task(store)
+    await nodes[0][1].compact(0)
+    await _finished_task(store)
+    await nodes[1][1].compact(0)                # not the holder: skips
+    assert REGISTRY.get_sample_value("filch_etcd_compactions_total") == before + 1
+    assert await store.lock_holder(COMPACTION_LOCK) == nodes[0][0].registration.node_id
+    await nodes[1][1].compact(0, urgent=True)   # NOSPACE: compacts all the same
+    assert REGISTRY.get_sample_value("filch_etcd_compactions_total") == before + 2
