@@ -200,13 +200,21 @@ def fill(bench: BenchCluster, target: int, *, deadline: float,
     seconds: list[float] = []
     done = 0
 
+    refused: list[str] = []
+
     def one(index: int, size: int) -> None:
         nonlocal done
-        if time.monotonic() > deadline:
+        if time.monotonic() > deadline or refused:
             return
         request = pb.SubmitRequest(spec=BACKLOG, array=pb.ArraySpec(start=1, end=size))
         began = time.perf_counter()
-        submit(bench.stubs[index % len(bench.stubs)], request, timeout=300)
+        try:
+            submit(bench.stubs[index % len(bench.stubs)], request, timeout=300)
+        except grpc.RpcError as error:
+            # etcd gave up under the fill (5 tries): stop filling and measure what is there.
+            refused.append(f"{error.code().name}: {error.details()}")
+            log.warning("fill stopped: an array submit failed 5 times (%s)", refused[-1])
+            return
         with lock:
             seconds.append(time.perf_counter() - began)
             done += size
@@ -217,7 +225,7 @@ def fill(bench: BenchCluster, target: int, *, deadline: float,
             future.result()
     elapsed = time.perf_counter() - began
     bench.filled = filled + done  # type: ignore[attr-defined]
-    return {"submitted": done, "seconds": elapsed,
+    return {"submitted": done, "seconds": elapsed, "stopped_by": refused[:1],
             "submit_rate": done / elapsed if elapsed > 0 and done else math.nan,
             "array_seconds": latency_percentiles(seconds)}
 
