@@ -259,8 +259,8 @@ class TaskService:
         for task in pending:
             waits = why.reason(task, nodes)
             if waits:
-                # What happened to it before (requeued after a node loss...) stays readable.
-                task.message = f"{waits} ({task.message})" if task.message else waits
+                # What happened to it before (requeued after a node loss...) stays first.
+                task.message = f"{task.message}; now: {waits}" if task.message else waits
 
     async def place_in_queue(self, task: pb.Task) -> None:
         """Fill in ahead and ahead_capped on a queued task (bounded reads; why.AHEAD_CAP)."""
