@@ -50,7 +50,7 @@ from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.core import keys
 from node.etcd.store import Store
 from node.running.runner import log_path
-from tests.e2e.cluster import Cluster, Node
+from tests.e2e.cluster import Cluster, Node, unmount_scratch
 
 # Concurrent gRPC submits from the benchmark's thread pool ("as fast as the client can").
 SUBMIT_THREADS = 32
@@ -229,6 +229,8 @@ class BenchCluster:
             time.sleep(0.2)
         for node in self.nodes:
             reap_runc(node)
+            # Only a restarted agent unmounts what a SIGKILLed one left (its /work images).
+            unmount_scratch(Path(node.data_dir))
 
 
 def _alive(pid: int) -> bool:
