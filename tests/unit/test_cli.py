@@ -24,11 +24,10 @@ from click.testing import CliRunner, Result
 
 import node
 from node import cli as cli_module
-from node import client as client_module
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc
 from node.cli import output as cli_output
-from node.core import keys
+from node.core import keys, polling
 from node.core.config import Config
 
 TASK_FIELDS = {
@@ -274,9 +273,10 @@ def test_ctrl_c_while_waiting_exits_130_quietly(
     def interrupted(seconds: float) -> None:
         raise KeyboardInterrupt
 
-    # Only the client's clock is patched: the fake server's threads keep the real one.
+    # Only the client's clock (its waits poll in node/core/polling.py) is patched: the
+    # fake server's threads keep the real one.
     clock = types.SimpleNamespace(monotonic=time.monotonic, sleep=interrupted)
-    monkeypatch.setattr(client_module, "time", clock)
+    monkeypatch.setattr(polling, "time", clock)
     result = filch(fake, "submit", "--wait", "--", "sleep", "100")
     assert result.exit_code == 130
     assert result.stdout == "task-1\n"
