@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Protocol
 
 import grpc
@@ -27,15 +26,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from node._gen.filch.v1 import filch_pb2 as pb
-from node.core import capabilities, limits, metrics
+from node.core import capabilities, keys, limits, metrics
 from node.core.capabilities import Capabilities
 from node.core.config import Config
-from node.core.errors import ExecutorError, FilchError, InvalidArgument, NameTaken
-from node.core.tls import Security, TokenInterceptor
+from node.core.errors import FilchError, InvalidArgument, NameTaken
+from node.core.tls import Security
 from node.etcd import failpoints
+from node.etcd.cluster_settings import ClusterSettingsView
 from node.etcd.etcd_client import EtcdTLS
 from node.etcd.store import Store
+from node.etcd.users import UserDirectory
+from node.etcd.watching import list_and_watch
 from node.faces.api import SchedulerServicer, add_to_server
+from node.faces.authn import Authenticator, AuthInterceptor
 from node.faces.copy_store import CopyStore
 from node.faces.events import EventService
 from node.faces.local_api import LocalApi
@@ -47,6 +50,7 @@ from node.operations.cordon import Cordon
 from node.operations.etcd_member import EtcdMember
 from node.operations.housekeeping import Housekeeping, cluster_addresses
 from node.running import disk
+from node.running.executors import make_executor, make_network, process_cgroups, runc_root
 from node.running.log_copies import LogCopier
 from node.running.membership import Membership, await_free_name
 from node.running.recovery import Recovery
@@ -54,7 +58,6 @@ from node.running.renewal import RenewalThread
 from node.running.runner import Runner
 from node.running.runtime import scratch
 from node.running.runtime.base import Executor
-from node.running.runtime.cgroups import ProcessCgroups
 from node.running.runtime.network import TaskNetwork
 from node.running.watchdog import Watchdog
 from node.scheduling.conditions import DependencyCheck
@@ -71,51 +74,6 @@ ETCD_RETRY = 0.5
 
 # gRPC server grace on shutdown: lets in-flight unary calls finish; log followers are cut.
 SERVER_STOP_GRACE = 2.0
-
-
-def make_network(config: Config) -> TaskNetwork | None:
-    """The task network of a runc node (the process executor does not isolate networks)."""
-    if config.executor != "runc":
-        return None
-    return TaskNetwork(node_name=config.name, task_subnet=config.task_subnet,
-                       state_dir=config.path / "network",
-                       task_deny=config.task_deny, task_allow=config.task_allow)
-
-
-def make_executor(config: Config, watchdog: Watchdog,
-                  network: TaskNetwork | None = None, disk_reserve: int = 0) -> Executor:
-    """The executor the config asks for (runc isolates; process does not).
-
-    Raises ExecutorError when the process executor cannot give each task a cgroup and
-    allow_unisolated_tasks is off (the CLI refused that already: node/running/isolation.py).
-    """
-    if config.executor == "runc":
-        from node.running.runtime.runc import RuncExecutor
-        return RuncExecutor(runc_binary=config.runc_binary, state_root=runc_root(config),
-                            task_uid=config.task_uid,
-                            attempts_root=disk.attempts_root(config), network=network,
-                            disk_reserve=disk_reserve)
-    from node.running.runtime.process import ProcessExecutor
-    cgroups = process_cgroups(config)
-    if not cgroups.usable():
-        if not config.allow_unisolated_tasks:
-            raise ExecutorError("the process executor cannot give each task a cgroup (not "
-                                "root, or no writable cgroup hierarchy): refusing to run "
-                                "tasks; pass --allow-unisolated-tasks to run them anyway")
-        return ProcessExecutor(task_uid=config.task_uid if os.geteuid() == 0 else None,
-                               watchdog=watchdog)
-    return ProcessExecutor(task_uid=config.task_uid if os.geteuid() == 0 else None,
-                           watchdog=watchdog, cgroups=cgroups)
-
-
-def process_cgroups(config: Config) -> ProcessCgroups:
-    """Where the process executor's attempt cgroups live (the watchdog kills there)."""
-    return ProcessCgroups.for_node(config.name)
-
-
-def runc_root(config: Config) -> Path:
-    """runc's state directory for this node's containers (the watchdog kills what is there)."""
-    return config.path / "runc"
 
 
 class Part(Protocol):
@@ -270,9 +228,14 @@ class Agent:
         metrics.MEMORY_CAPACITY.set(config.memory)
         metrics.DISK_CAPACITY.set(plan.capacity)
         metrics.serve(config.metrics_address)
-        interceptors = [TokenInterceptor(token=security.token)] if security.token else []
+        # Users are known before the first call is served: a user token works at once.
+        users = UserDirectory()
+        await users.relist(store)
+        settings = ClusterSettingsView()
+        await settings.relist(store)
+        authenticator = Authenticator(token=security.token, users=users)
         server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=[AuthInterceptor(authenticator=authenticator)],
             maximum_concurrent_rpcs=limits.max_concurrent_rpcs(
                 config.max_log_streams + config.max_event_streams))
         servicer = SchedulerServicer(
@@ -296,7 +259,8 @@ class Agent:
             server.add_secure_port(config.listen, credentials)
         await server.start()
         # The CLI on this machine calls through it, skipping grpc's start-up cost.
-        local_api = LocalApi(servicer=servicer, listen=config.listen, token=security.token)
+        local_api = LocalApi(servicer=servicer, listen=config.listen,
+                             authenticator=authenticator)
         await local_api.start()
         for service in ("", SERVICE_NAME):
             await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -308,6 +272,11 @@ class Agent:
         async with asyncio.TaskGroup() as group:
             loops: list[asyncio.Task[object]] = [group.create_task(part.run())
                                                  for part in parts]
+            loops.append(group.create_task(list_and_watch(
+                store, keys.USERS, functools.partial(users.relist, store), users.on_event)))
+            loops.append(group.create_task(list_and_watch(
+                store, keys.CLUSTER_SETTINGS, functools.partial(settings.relist, store),
+                settings.on_event)))
             if member is not None:
                 loops.append(group.create_task(self._watch_member(member)))
                 loops.append(group.create_task(once_etcd_answers(

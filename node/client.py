@@ -37,6 +37,7 @@ from node.core.errors import (
     DeadlineExceeded,
     InvalidRequest,
     NotFound,
+    PermissionDeniedError,
     Unauthenticated,
     Unavailable,
 )
@@ -69,6 +70,7 @@ _ERROR_TYPES: dict[grpc.StatusCode, type[ClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidRequest,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
@@ -428,4 +430,5 @@ def _is_ready(channel: grpc.Channel) -> bool:
 # The README publishes these names from node.client: importable here, defined in
 # node/core/errors.py.
 __all__ = ["DEFAULT_SERVER", "DEFAULT_TIMEOUT", "Client", "ClientError", "DeadlineExceeded",
-           "InvalidRequest", "LogCall", "NotFound", "Unauthenticated", "Unavailable"]
+           "InvalidRequest", "LogCall", "NotFound", "PermissionDeniedError", "Unauthenticated",
+           "Unavailable"]

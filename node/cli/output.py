@@ -27,6 +27,8 @@ EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE: `filch ls | head` stopped reading
 EXIT_NOT_RUN = 125
 # timeout(1)'s status for a command it stopped at its time limit.
 EXIT_TIMED_OUT = 124
+# sysexits.h EX_NOPERM: the caller may not do this (another user's task, an admin call).
+EXIT_NO_PERMISSION = 77
 
 
 class CommandError(click.ClickException):
@@ -71,6 +73,8 @@ def client_failure(error: ClientError) -> CommandError:
     code = error.code.name
     if code == "INVALID_ARGUMENT":
         return CommandError(error.message, EXIT_USAGE)
+    if code == "PERMISSION_DENIED":
+        return CommandError(f"permission denied: {error.message}", EXIT_NO_PERMISSION)
     if code == "UNAVAILABLE" and not error.reachable:
         return CommandError(
             f"cannot reach filch at {error.server} ({error.message}); is the node running? "

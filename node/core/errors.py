@@ -59,6 +59,19 @@ class NodeNotFound(FilchError):
         self.name = name
 
 
+class PermissionDenied(FilchError):
+    """The caller is known but may not do this (another user's task, an admin call):
+    gRPC PERMISSION_DENIED, HTTP 403, the CLI's exit status 77. Nothing was changed."""
+
+
+class NotAuthenticated(FilchError):
+    """A call carries no credential this node accepts (answered UNAUTHENTICATED)."""
+
+
+class QuotaExceeded(FilchError):
+    """A submit past the owner's pending quota: RESOURCE_EXHAUSTED, nothing written."""
+
+
 class NameTaken(FilchError):
     """Another live agent holds this node name: this agent refuses to start under it."""
 
@@ -166,6 +179,10 @@ class NotFound(ClientError):
 
 class Unauthenticated(ClientError):
     """UNAUTHENTICATED: a missing or wrong bearer token."""
+
+
+class PermissionDeniedError(ClientError):
+    """PERMISSION_DENIED: the caller may not do this (the CLI exits 77)."""
 
 
 class Unavailable(ClientError):

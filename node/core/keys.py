@@ -28,6 +28,14 @@
                                                among live nodes
 /cordon/<name>                          -> NodeCordon protobuf (NOT on a lease: a cordon
                                                outlives its node's restarts)
+/user/<name>                            -> User protobuf (role, quota, SHA-256 of its token)
+/pending/<owner>/<uuid>                 -> ""  (an accounted task while PENDING: the exact
+                                               pending count a quota checks)
+/charge/<owner>/<uuid>/<cpu>/<memory>   -> ""  (an accounted task while RUNNING: what it
+                                               holds of its owner's running quota)
+/usage/<owner>                          -> DecayedUsage protobuf (past usage, decayed)
+/cluster/settings                       -> ClusterSettings protobuf
+/audit/<epoch>/<random>                 -> AuditEntry protobuf (kept by retention)
 
 Ids are lowercase hex UUIDs, so the task records are exactly [/task/0, /task/g).
 """
@@ -99,6 +107,14 @@ NODE_NAMES = b"/nodename/"
 # Cordons and drains, keyed by node name (not id, not on a lease), so that a cordoned node
 # that restarts under a new id comes back cordoned and resumes a drain.
 CORDONS = b"/cordon/"
+USERS = b"/user/"
+# Index keys of accounted tasks (their owner was a user at submit), one per PENDING and
+# one per RUNNING task: a quota is a range read of one owner's keys, compared in the txn.
+PENDING_INDEX = b"/pending/"
+CHARGES = b"/charge/"
+DECAYED_USAGE = b"/usage/"
+CLUSTER_SETTINGS = b"/cluster/settings"
+AUDIT = b"/audit/"
 
 # A namespace for ids derived from a client's request_id (submit idempotency).
 _REQUEST_NAMESPACE = uuid.UUID("5b0c7f0e-6a43-4f55-9d3a-2f0b8f3f6c11")
@@ -318,6 +334,44 @@ def owner(name: str) -> bytes:
 def session(id_hash: str) -> bytes:
     """id_hash: the lowercase hex SHA-256 of a session id (node/faces/sessions.py)."""
     return SESSIONS + id_hash.encode()
+
+
+def user(name: str) -> bytes:
+    """name: OWNER_PATTERN (checked by the caller)."""
+    return USERS + name.encode()
+
+
+def pending_of(owner_name: str) -> bytes:
+    """The prefix of one owner's accounted PENDING tasks."""
+    return PENDING_INDEX + owner_name.encode() + b"/"
+
+
+def pending(owner_name: str, task_id: str) -> bytes:
+    return pending_of(owner_name) + task_id.encode()
+
+
+def charges_of(owner_name: str) -> bytes:
+    """The prefix of one owner's accounted RUNNING tasks."""
+    return CHARGES + owner_name.encode() + b"/"
+
+
+def charge(owner_name: str, task_id: str, cpu_millis: int, memory_bytes: int) -> bytes:
+    return charges_of(owner_name) + f"{task_id}/{cpu_millis}/{memory_bytes}".encode()
+
+
+def parse_charge(key: bytes) -> tuple[str, str, int, int]:
+    """(owner, task_id, cpu_millis, memory_bytes) of a charge key."""
+    owner_name, task_id, cpu, memory = key[len(CHARGES):].decode().split("/")
+    return owner_name, task_id, int(cpu), int(memory)
+
+
+def decayed_usage(owner_name: str) -> bytes:
+    return DECAYED_USAGE + owner_name.encode()
+
+
+def audit(epoch: str, suffix: str) -> bytes:
+    """epoch: epoch_ms(); suffix: random, so that two entries of one millisecond differ."""
+    return AUDIT + epoch.encode() + b"/" + suffix.encode()
 
 
 def placed(node_id: str, task_id: str) -> bytes:

@@ -45,15 +45,21 @@ def index_keys(task: pb.Task) -> set[bytes]:
     A task of an array also has its open-member key until it ends: "has the array ended"
     is a range of limit 1, whatever the array's size. While RUNNING: the running-task
     index key (/placed/<node-id>/<id>: not on the lease, so a dead node's tasks are one
-    range read and recovery never scans every record)."""
+    range read and recovery never scans every record). An accounted task (its owner is a
+    user) also has its /pending/ key while PENDING and its /charge/ key while RUNNING."""
     index = ({keys.open_member(task.array_id, task.id)}
              if task.array_id and task.state not in FINISHED else set())
+    owner = task.spec.owner or keys.DEFAULT_OWNER
     if task.state == pb.TASK_STATE_RUNNING:
-        return index | {keys.placed(task.node_id, task.id)}
+        index.add(keys.placed(task.node_id, task.id))
+        if task.accounted:
+            index.add(keys.charge(owner, task.id, task.spec.cpu_millis, task.spec.memory_bytes))
+        return index
     if task.state != pb.TASK_STATE_PENDING:
         return index
+    if task.accounted:
+        index.add(keys.pending(owner, task.id))
     if task.hold == pb.HOLD_NONE:
-        owner = task.spec.owner or keys.DEFAULT_OWNER
         return index | {keys.queue(task.spec.priority, owner, task.id),
                         keys.shard_queue(task.spec.priority, owner, task.id)}
     if task.hold in (pb.HOLD_DEPENDENCIES, pb.HOLD_ARRAY):

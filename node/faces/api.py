@@ -1,91 +1,30 @@
 """The gRPC servicer: validate input, call the services, map errors to status codes.
 
 No business logic here. A client never sees UNKNOWN or a Python traceback: unexpected
-errors are logged with their traceback and answered INTERNAL with a short message.
+errors are logged with their traceback and answered INTERNAL with a short message
+(node/faces/rpc_wrap.py).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, NoReturn, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
-from node.core import metrics, validation
-from node.core.errors import (
-    Compacted,
-    Conflict,
-    FilchError,
-    InvalidArgument,
-    NodeNotFound,
-    NotStarted,
-    Overloaded,
-    OwnerUnavailable,
-    SessionNotFound,
-    StoreFull,
-    StoreUnavailable,
-    TaskNotFound,
-)
+from node.core import validation
+from node.core.errors import Compacted, InvalidArgument, NotStarted
 from node.faces.copy_store import CopyStore
 from node.faces.cordons import CordonService, drain_deadline, node_name
 from node.faces.events import EventService
 from node.faces.logs import PROXIED_HEADER, LogService
 from node.faces.owners import OwnerService, owner_name, owner_weight
+from node.faces.rpc_wrap import Malformed, abort_call, count_call, safe_parser, unary
 from node.faces.service import TaskService
 from node.faces.sessions import SessionService, identity, session_id
-
-log = logging.getLogger(__name__)
-
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-
-_CODES: list[tuple[type[FilchError], grpc.StatusCode]] = [
-    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (TaskNotFound, grpc.StatusCode.NOT_FOUND),
-    (NodeNotFound, grpc.StatusCode.NOT_FOUND),
-    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
-    (Conflict, grpc.StatusCode.ALREADY_EXISTS),
-    (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (OwnerUnavailable, grpc.StatusCode.UNAVAILABLE),
-    (NotStarted, grpc.StatusCode.FAILED_PRECONDITION),
-]
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
-    for kind, code in _CODES:
-        if isinstance(exc, kind):
-            await context.abort(code, str(exc))
-    log.exception("internal error", exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL,
-                        f"internal error ({type(exc).__name__}); the node's log has details")
-    raise AssertionError("unreachable")
-
-
-class Malformed:
-    """What the safe deserializer hands a method for bytes that are no valid request."""
-
-    def __init__(self, *, message: str) -> None:
-        self.message = message
-
-
-def _safe_parser(message_class: Any) -> Callable[[bytes], Any]:
-    """Parse a request; undecodable bytes become Malformed (answered INVALID_ARGUMENT),
-    where gRPC's own deserializer would make the call fail with INTERNAL."""
-    def parse(data: bytes) -> Any:
-        try:
-            return message_class.FromString(data)
-        except DecodeError:
-            return Malformed(message=f"the request is not a valid "
-                                     f"{message_class.DESCRIPTOR.full_name} protobuf message")
-    return parse
 
 
 def add_to_server(servicer: SchedulerServicer, server: grpc.aio.Server) -> None:
@@ -94,7 +33,7 @@ def add_to_server(servicer: SchedulerServicer, server: grpc.aio.Server) -> None:
     service = pb.DESCRIPTOR.services_by_name["Scheduler"]
     handlers = {}
     for method in service.methods:
-        parse = _safe_parser(getattr(pb, method.input_type.name))
+        parse = safe_parser(getattr(pb, method.input_type.name))
         output = getattr(pb, method.output_type.name)
         make = (grpc.unary_stream_rpc_method_handler if method.server_streaming
                 else grpc.stream_unary_rpc_method_handler if method.client_streaming
@@ -104,30 +43,6 @@ def add_to_server(servicer: SchedulerServicer, server: grpc.aio.Server) -> None:
                                      response_serializer=output.SerializeToString)
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(service.full_name, handlers),))
-
-
-def _count(method: str, context: Any, started: float) -> None:
-    code = context.code() or grpc.StatusCode.OK
-    metrics.API_REQUESTS.labels(method, code.name).inc()
-    metrics.API_LATENCY.labels(method).observe(time.monotonic() - started)
-
-
-def _unary(method: Callable[[Any, Request, Any], Awaitable[Response]]
-           ) -> Callable[[Any, Request, Any], Awaitable[Response]]:
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Request, context: Any) -> Response:
-        started = time.monotonic()
-        try:
-            if isinstance(request, Malformed):
-                raise InvalidArgument("request", request.message)
-            return await method(self, request, context)
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:  # mapped to a status code, never swallowed
-            await _abort(context, exc)
-        finally:
-            _count(method.__name__, context, started)
-    return wrapper
 
 
 class SchedulerServicer(pb_grpc.SchedulerServicer):
@@ -142,7 +57,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         self._events = events
         self._copies = copies
 
-    @_unary
+    @unary
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
         spec = validation.spec(request.spec)
         request_id = validation.request_id(request.request_id)
@@ -152,7 +67,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         task, created = await self._tasks.submit(spec, request_id)
         return pb.SubmitResponse(task=task, created=created)
 
-    @_unary
+    @unary
     async def Cancel(self, request: pb.CancelRequest, context: Any) -> pb.CancelResponse:
         if request.array_id:
             if request.id:
@@ -163,14 +78,14 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         task = await self._tasks.cancel(validation.task_id(request.id))
         return pb.CancelResponse(task=task)
 
-    @_unary
+    @unary
     async def GetTask(self, request: pb.GetTaskRequest, context: Any) -> pb.Task:
         task = await self._tasks.get(validation.task_id(request.id))
         await self._tasks.explain_pending([task])
         await self._tasks.place_in_queue(task)
         return task
 
-    @_unary
+    @unary
     async def ListTasks(self, request: pb.ListTasksRequest, context: Any) -> pb.ListTasksResponse:
         state = validation.state_filter(request.state)
         page_size = validation.page_size(request.page_size)
@@ -184,7 +99,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         await self._tasks.explain_pending(tasks)
         return pb.ListTasksResponse(tasks=tasks, next_page_token=token)
 
-    @_unary
+    @unary
     async def ListNodes(self, request: pb.ListNodesRequest, context: Any) -> pb.ListNodesResponse:
         return pb.ListNodesResponse(nodes=await self._tasks.list_nodes())
 
@@ -202,9 +117,9 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # mapped to a status code, never swallowed
-            await _abort(context, exc)
+            await abort_call(context, exc)
         finally:
-            _count("StreamLogs", context, started)
+            count_call("StreamLogs", context, started)
 
     async def Watch(self, request: pb.WatchRequest,
                     context: Any) -> AsyncIterator[pb.WatchResponse]:
@@ -226,11 +141,11 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 f"up to {exc.revision}): re-list (`filch ls`, `filch nodes`), then follow "
                 "from now on (without --since)"))
         except Exception as exc:  # mapped to a status code, never swallowed
-            await _abort(context, exc)
+            await abort_call(context, exc)
         finally:
-            _count("Watch", context, started)
+            count_call("Watch", context, started)
 
-    @_unary
+    @unary
     async def PutLogCopy(self, request: AsyncIterator[pb.LogCopyChunk],
                          context: Any) -> pb.LogCopyReceipt:
         """Internal: a peer's copy of an attempt's log (node/faces/copy_store.py)."""
@@ -240,13 +155,13 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     # -- owners (fair share) -------------------------------------------------------------
 
-    @_unary
+    @unary
     async def SetOwnerWeight(self, request: pb.SetOwnerWeightRequest, context: Any) -> pb.Owner:
         name = owner_name(request.name)
         weight = owner_weight(request.weight)
         return await OwnerService(store=self._tasks.store).set_weight(name, weight)
 
-    @_unary
+    @unary
     async def ListOwners(self, request: pb.ListOwnersRequest,
                          context: Any) -> pb.ListOwnersResponse:
         owners = await OwnerService(store=self._tasks.store).list_owners()
@@ -254,12 +169,12 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     # -- cordon and drain (node/faces/cordons.py) ----------------------------------------
 
-    @_unary
+    @unary
     async def CordonNode(self, request: pb.CordonNodeRequest,
                          context: Any) -> pb.CordonNodeResponse:
         return await CordonService(store=self._tasks.store).cordon(node_name(request.name))
 
-    @_unary
+    @unary
     async def UncordonNode(self, request: pb.UncordonNodeRequest,
                            context: Any) -> pb.CordonNodeResponse:
         return await CordonService(store=self._tasks.store).uncordon(node_name(request.name))
@@ -277,24 +192,66 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # mapped to a status code, never swallowed
-            await _abort(context, exc)
+            await abort_call(context, exc)
         finally:
-            _count("DrainNode", context, started)
+            count_call("DrainNode", context, started)
 
     # -- web UI sessions (the token guards these like every call) --------------------------
 
-    @_unary
+    @unary
     async def CreateSession(self, request: pb.CreateSessionRequest,
                             context: Any) -> pb.CreateSessionResponse:
         new_id, session = await self._sessions.create(identity(request.identity))
         return pb.CreateSessionResponse(session_id=new_id, session=session)
 
-    @_unary
+    @unary
     async def CheckSession(self, request: pb.CheckSessionRequest, context: Any) -> pb.Session:
         return await self._sessions.check(session_id(request.session_id))
 
-    @_unary
+    @unary
     async def RevokeSession(self, request: pb.RevokeSessionRequest,
                             context: Any) -> pb.RevokeSessionResponse:
         revoked = await self._sessions.revoke(session_id(request.session_id))
         return pb.RevokeSessionResponse(revoked=revoked)
+
+    # -- users, cluster settings, audit (issue 21) ------------------------------------------
+
+    @unary
+    async def AddUser(self, request: pb.AddUserRequest, context: Any) -> pb.UserTokenResponse:
+        raise NotStarted("users are not built yet")
+
+    @unary
+    async def SetUser(self, request: pb.SetUserRequest, context: Any) -> pb.User:
+        raise NotStarted("users are not built yet")
+
+    @unary
+    async def RotateUserToken(self, request: pb.RotateUserTokenRequest,
+                              context: Any) -> pb.UserTokenResponse:
+        raise NotStarted("users are not built yet")
+
+    @unary
+    async def RemoveUser(self, request: pb.RemoveUserRequest,
+                         context: Any) -> pb.RemoveUserResponse:
+        raise NotStarted("users are not built yet")
+
+    @unary
+    async def ListUsers(self, request: pb.ListUsersRequest, context: Any) -> pb.ListUsersResponse:
+        raise NotStarted("users are not built yet")
+
+    @unary
+    async def WhoAmI(self, request: pb.WhoAmIRequest, context: Any) -> pb.Identity:
+        raise NotStarted("users are not built yet")
+
+    @unary
+    async def SetClusterSetting(self, request: pb.SetClusterSettingRequest,
+                                context: Any) -> pb.ClusterSettings:
+        raise NotStarted("cluster settings are not built yet")
+
+    @unary
+    async def GetClusterSettings(self, request: pb.GetClusterSettingsRequest,
+                                 context: Any) -> pb.ClusterSettings:
+        raise NotStarted("cluster settings are not built yet")
+
+    @unary
+    async def ListAudit(self, request: pb.ListAuditRequest, context: Any) -> pb.ListAuditResponse:
+        raise NotStarted("the audit trail is not built yet")

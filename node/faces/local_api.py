@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import socket
@@ -26,8 +25,11 @@ import grpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import local_socket
-from node.core.errors import LocalCallRefused
-from node.faces.api import SchedulerServicer, _safe_parser
+from node.core.errors import LocalCallRefused, NotAuthenticated
+from node.core.identity import acting_as
+from node.faces.api import SchedulerServicer
+from node.faces.authn import Authenticator
+from node.faces.rpc_wrap import safe_parser
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,6 @@ log = logging.getLogger(__name__)
 READ_SECONDS = 10.0
 # Calls in progress at once; more are answered RESOURCE_EXHAUSTED at once.
 MAX_CALLS = 64
-DENIED_TOKEN = ("missing or wrong bearer token: pass --token-file or set FILCH_TOKEN to "
-                "the cluster's token (made by `filch certs`)")
 
 
 class _Context:
@@ -61,15 +61,15 @@ class _Context:
 class LocalApi:
     """The socket server; start() returns False (and logs why) when it cannot be made."""
 
-    def __init__(self, *, servicer: SchedulerServicer, listen: str, token: str,
-                 run_dir: Path = local_socket.RUN_DIR) -> None:
+    def __init__(self, *, servicer: SchedulerServicer, listen: str,
+                 authenticator: Authenticator, run_dir: Path = local_socket.RUN_DIR) -> None:
         self._servicer = servicer
-        self._token = token.encode()
+        self._auth = authenticator
         self.path = local_socket.socket_path(listen, run_dir)
         self._run_dir = run_dir
         self._server: asyncio.AbstractServer | None = None
         self._slots = asyncio.Semaphore(MAX_CALLS)
-        self._parsers = {name: _safe_parser(getattr(
+        self._parsers = {name: safe_parser(getattr(
             pb, pb.DESCRIPTOR.services_by_name["Scheduler"].methods_by_name[name]
             .input_type.name)) for name in local_socket.METHODS}
 
@@ -123,11 +123,15 @@ class LocalApi:
                 raise LocalCallRefused("RESOURCE_EXHAUSTED",
                                        "the node is answering too many local calls; try again")
             async with self._slots:
-                self._check_peer(writer)
+                uid = self._check_peer(writer)
                 method, token, body = await asyncio.wait_for(self._read(reader), READ_SECONDS)
-                if self._token and not hmac.compare_digest(token, self._token):
-                    raise LocalCallRefused("UNAUTHENTICATED", DENIED_TOKEN)
-                code, answer = await self._call(method, body)
+                try:
+                    caller = self._auth.identify(token, {}, address=f"local uid {uid}",
+                                                 via="local")
+                except NotAuthenticated as exc:
+                    raise LocalCallRefused("UNAUTHENTICATED", str(exc)) from exc
+                with acting_as(caller):
+                    code, answer = await self._call(method, body)
         except LocalCallRefused as refused:
             code, answer = refused.code, refused.message.encode()
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError):
@@ -144,7 +148,8 @@ class LocalApi:
                 await asyncio.wait_for(reader.read(local_socket.MAX_REQUEST_BYTES), 1.0)
         writer.close()
 
-    def _check_peer(self, writer: asyncio.StreamWriter) -> None:
+    def _check_peer(self, writer: asyncio.StreamWriter) -> int:
+        """The caller's uid, when it may call at all."""
         sock = writer.get_extra_info("socket")
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _pid, uid, _gid = struct.unpack("3i", creds)
@@ -152,6 +157,7 @@ class LocalApi:
             raise LocalCallRefused("PERMISSION_DENIED",
                                    f"uid {uid} may not use this node's local API; call its "
                                    "gRPC API with the token")
+        return int(uid)
 
     async def _read(self, reader: asyncio.StreamReader) -> tuple[str, bytes, bytes]:
         method = await _read_frame(reader, local_socket.MAX_METHOD_BYTES, "method name")

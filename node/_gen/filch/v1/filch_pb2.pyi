@@ -146,6 +146,28 @@ HOLD_RETRY: Hold.ValueType  # 3
 """waiting for its retry back-off to end (not_before)"""
 Global___Hold: _TypeAlias = Hold  # noqa: Y015
 
+class _Role:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLE_UNSPECIFIED: _Role.ValueType  # 0
+    ROLE_USER: _Role.ValueType  # 1
+    """submits as itself, sees and cancels its own tasks"""
+    ROLE_ADMIN: _Role.ValueType  # 2
+    """everything (the cluster token is an admin too)"""
+
+class Role(_Role, metaclass=_RoleEnumTypeWrapper):
+    """-- users, roles, quotas (issue 21) -----------------------------------------------------"""
+
+ROLE_UNSPECIFIED: Role.ValueType  # 0
+ROLE_USER: Role.ValueType  # 1
+"""submits as itself, sees and cancels its own tasks"""
+ROLE_ADMIN: Role.ValueType  # 2
+"""everything (the cluster token is an admin too)"""
+Global___Role: _TypeAlias = Role  # noqa: Y015
+
 @_typing.final
 class Dependency(_message.Message):
     """One dependency: a task id, or an array id for DEPENDENCY_KIND_ARRAY."""
@@ -367,6 +389,10 @@ class Task(_message.Message):
     RETRIES_USED_FIELD_NUMBER: _builtins.int
     AHEAD_FIELD_NUMBER: _builtins.int
     AHEAD_CAPPED_FIELD_NUMBER: _builtins.int
+    ACCOUNTED_FIELD_NUMBER: _builtins.int
+    RESERVED_NODE_FIELD_NUMBER: _builtins.int
+    RESERVED_SINCE_FIELD_NUMBER: _builtins.int
+    REDACTED_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: Global___TaskState.ValueType
     reason: Global___Reason.ValueType
@@ -396,6 +422,20 @@ class Task(_message.Message):
     """GetTask, PENDING only: queued tasks of higher rank (derived)"""
     ahead_capped: _builtins.bool
     """ahead is a lower bound ("10,000+ ahead")"""
+    accounted: _builtins.bool
+    """Its owner was a user (/user/<owner>) at submit: the task has the per-owner index keys
+    quotas count (/pending/<owner>/<id> while PENDING, /charge/<owner>/<id>/... while
+    RUNNING). Tasks of owners that are no users carry none of that cost.
+    """
+    reserved_node: _builtins.str
+    """26..29: quotas (issue 21).
+    filled in when read: the node holding room for it (no starvation)
+    """
+    redacted: _builtins.bool
+    """32..34: the reservation (issue 21).
+    Filled in when read for a caller who may not see it (another user's task): command,
+    args, env and workdir were removed.
+    """
     @_builtins.property
     def spec(self) -> Global___TaskSpec: ...
     @_builtins.property
@@ -411,6 +451,10 @@ class Task(_message.Message):
     @_builtins.property
     def not_before(self) -> _timestamp_pb2.Timestamp:
         """HOLD_RETRY: when it may be queued again"""
+
+    @_builtins.property
+    def reserved_since(self) -> _timestamp_pb2.Timestamp:
+        """filled in when read"""
 
     def __init__(
         self,
@@ -438,10 +482,14 @@ class Task(_message.Message):
         retries_used: _builtins.int = ...,
         ahead: _builtins.int = ...,
         ahead_capped: _builtins.bool = ...,
+        accounted: _builtins.bool = ...,
+        reserved_node: _builtins.str = ...,
+        reserved_since: _timestamp_pb2.Timestamp | None = ...,
+        redacted: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "not_before", b"not_before", "spec", b"spec", "started_at", b"started_at", "submitted_at", b"submitted_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["finished_at", b"finished_at", "not_before", b"not_before", "reserved_since", b"reserved_since", "spec", b"spec", "started_at", b"started_at", "submitted_at", b"submitted_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ahead", b"ahead", "ahead_capped", b"ahead_capped", "array_id", b"array_id", "array_index", b"array_index", "attempt", b"attempt", "attempts", b"attempts", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "finished_at", b"finished_at", "hold", b"hold", "id", b"id", "message", b"message", "node_address", b"node_address", "node_id", b"node_id", "node_name", b"node_name", "not_before", b"not_before", "reason", b"reason", "request_id", b"request_id", "retries_used", b"retries_used", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accounted", b"accounted", "ahead", b"ahead", "ahead_capped", b"ahead_capped", "array_id", b"array_id", "array_index", b"array_index", "attempt", b"attempt", "attempts", b"attempts", "exit_code", b"exit_code", "fencing_token", b"fencing_token", "finished_at", b"finished_at", "hold", b"hold", "id", b"id", "message", b"message", "node_address", b"node_address", "node_id", b"node_id", "node_name", b"node_name", "not_before", b"not_before", "reason", b"reason", "redacted", b"redacted", "request_id", b"request_id", "reserved_node", b"reserved_node", "reserved_since", b"reserved_since", "retries_used", b"retries_used", "spec", b"spec", "started_at", b"started_at", "state", b"state", "submitted_at", b"submitted_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -557,14 +605,36 @@ class Owner(_message.Message):
     WEIGHT_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
     SHARE_FIELD_NUMBER: _builtins.int
+    DECAYED_FIELD_NUMBER: _builtins.int
+    USAGE_SHARE_FIELD_NUMBER: _builtins.int
+    ORDER_FIELD_NUMBER: _builtins.int
+    QUOTA_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     weight: _builtins.float
     """share relative to other owners; 1 when never set"""
     share: _builtins.float
     """dominant share of the cluster's CPU and memory, 0..1"""
+    usage_share: _builtins.float
+    """its fraction of every owner's decayed usage, 0..1"""
+    order: _builtins.float
+    """what the stealer sorts owners by (lowest first; README)"""
+    pending: _builtins.int
+    """accounted PENDING tasks (users' tasks only)"""
+    user: _builtins.bool
+    """the owner is a user (/user/<name>)"""
     @_builtins.property
     def usage(self) -> Global___OwnerUsage:
         """what its running tasks hold across the cluster"""
+
+    @_builtins.property
+    def decayed(self) -> Global___DecayedUsage:
+        """past usage, decayed by the cluster's half-life"""
+
+    @_builtins.property
+    def quota(self) -> Global___Quota:
+        """set when the owner is a user with limits"""
 
     def __init__(
         self,
@@ -573,14 +643,568 @@ class Owner(_message.Message):
         weight: _builtins.float = ...,
         usage: Global___OwnerUsage | None = ...,
         share: _builtins.float = ...,
+        decayed: Global___DecayedUsage | None = ...,
+        usage_share: _builtins.float = ...,
+        order: _builtins.float = ...,
+        quota: Global___Quota | None = ...,
+        pending: _builtins.int = ...,
+        user: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["decayed", b"decayed", "quota", b"quota", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "share", b"share", "usage", b"usage", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decayed", b"decayed", "name", b"name", "order", b"order", "pending", b"pending", "quota", b"quota", "share", b"share", "usage", b"usage", "usage_share", b"usage_share", "user", b"user", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Owner: _TypeAlias = Owner  # noqa: Y015
+
+@_typing.final
+class DecayedUsage(_message.Message):
+    """An owner's past usage, stored at /usage/<owner>: decayed to updated_at by the cluster's
+    half-life (ClusterSettings), then added to by the nodes that ran its tasks.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPU_SECONDS_FIELD_NUMBER: _builtins.int
+    MEMORY_GIB_SECONDS_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    cpu_seconds: _builtins.float
+    """core-seconds of CPU requested by its running tasks"""
+    memory_gib_seconds: _builtins.float
+    """GiB-seconds of memory requested"""
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        cpu_seconds: _builtins.float = ...,
+        memory_gib_seconds: _builtins.float = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["updated_at", b"updated_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_seconds", b"cpu_seconds", "memory_gib_seconds", b"memory_gib_seconds", "updated_at", b"updated_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecayedUsage: _TypeAlias = DecayedUsage  # noqa: Y015
+
+@_typing.final
+class Quota(_message.Message):
+    """Per-user limits; 0 (or unset) is no limit."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_CPU_MILLIS_FIELD_NUMBER: _builtins.int
+    MAX_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_PENDING_FIELD_NUMBER: _builtins.int
+    MAX_PRIORITY_FIELD_NUMBER: _builtins.int
+    max_cpu_millis: _builtins.int
+    """sum of its RUNNING tasks' CPU requests"""
+    max_memory_bytes: _builtins.int
+    """sum of its RUNNING tasks' memory requests"""
+    max_pending: _builtins.int
+    """PENDING tasks at once (exact: checked in the submit txn)"""
+    max_priority: _builtins.int
+    """highest priority it may submit with"""
+    def __init__(
+        self,
+        *,
+        max_cpu_millis: _builtins.int = ...,
+        max_memory_bytes: _builtins.int = ...,
+        max_pending: _builtins.int = ...,
+        max_priority: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_priority", b"_max_priority", "max_priority", b"max_priority"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_priority", b"_max_priority", "max_cpu_millis", b"max_cpu_millis", "max_memory_bytes", b"max_memory_bytes", "max_pending", b"max_pending", "max_priority", b"max_priority"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_priority: _TypeAlias = _typing.Literal["max_priority"]  # noqa: Y015
+    _WhichOneofArgType__max_priority: _TypeAlias = _typing.Literal["_max_priority", b"_max_priority"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_priority) -> _WhichOneofReturnType__max_priority | None: ...
+
+Global___Quota: _TypeAlias = Quota  # noqa: Y015
+
+@_typing.final
+class User(_message.Message):
+    """A user, stored at /user/<name>. Only the SHA-256 of its token is kept."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    QUOTA_FIELD_NUMBER: _builtins.int
+    TOKEN_HASH_FIELD_NUMBER: _builtins.int
+    TOKEN_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    TOKEN_ISSUED_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """the owner name of its tasks (keys.OWNER_PATTERN)"""
+    role: Global___Role.ValueType
+    token_hash: _builtins.str
+    """lowercase hex SHA-256 of the token; never returned by the API"""
+    @_builtins.property
+    def quota(self) -> Global___Quota: ...
+    @_builtins.property
+    def token_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """unset: never"""
+
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def token_issued_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        role: Global___Role.ValueType = ...,
+        quota: Global___Quota | None = ...,
+        token_hash: _builtins.str = ...,
+        token_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        token_issued_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "quota", b"quota", "token_expires_at", b"token_expires_at", "token_issued_at", b"token_issued_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "name", b"name", "quota", b"quota", "role", b"role", "token_expires_at", b"token_expires_at", "token_hash", b"token_hash", "token_issued_at", b"token_issued_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___User: _TypeAlias = User  # noqa: Y015
+
+@_typing.final
+class AddUserRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    QUOTA_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    role: Global___Role.ValueType
+    """UNSPECIFIED: ROLE_USER"""
+    @_builtins.property
+    def quota(self) -> Global___Quota: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        role: Global___Role.ValueType = ...,
+        quota: Global___Quota | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "quota", b"quota", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AddUserRequest: _TypeAlias = AddUserRequest  # noqa: Y015
+
+@_typing.final
+class UserTokenResponse(_message.Message):
+    """AddUser and RotateUserToken: the user and its new token (shown only here)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    @_builtins.property
+    def user(self) -> Global___User: ...
+    def __init__(
+        self,
+        *,
+        user: Global___User | None = ...,
+        token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["user", b"user"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UserTokenResponse: _TypeAlias = UserTokenResponse  # noqa: Y015
+
+@_typing.final
+class SetUserRequest(_message.Message):
+    """Changes only what is named in fields ("role", "max_cpu", "max_memory", "max_pending",
+    "max_priority"); a named quota field at 0 (max_priority: unset) removes that limit.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    QUOTA_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    role: Global___Role.ValueType
+    @_builtins.property
+    def quota(self) -> Global___Quota: ...
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        role: Global___Role.ValueType = ...,
+        quota: Global___Quota | None = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quota", b"quota"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fields", b"fields", "name", b"name", "quota", b"quota", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetUserRequest: _TypeAlias = SetUserRequest  # noqa: Y015
+
+@_typing.final
+class RotateUserTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    EXPIRES_SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    expires_seconds: _builtins.float
+    """0: the token never expires"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        expires_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_seconds", b"expires_seconds", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateUserTokenRequest: _TypeAlias = RotateUserTokenRequest  # noqa: Y015
+
+@_typing.final
+class RemoveUserRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveUserRequest: _TypeAlias = RemoveUserRequest  # noqa: Y015
+
+@_typing.final
+class RemoveUserResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    CANCELED_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    canceled: _builtins.int
+    """its pending tasks this call canceled"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        canceled: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canceled", b"canceled", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemoveUserResponse: _TypeAlias = RemoveUserResponse  # noqa: Y015
+
+@_typing.final
+class ListUsersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUsersRequest: _TypeAlias = ListUsersRequest  # noqa: Y015
+
+@_typing.final
+class ListUsersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def users(self) -> _containers.RepeatedCompositeFieldContainer[Global___User]: ...
+    def __init__(
+        self,
+        *,
+        users: _abc.Iterable[Global___User] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["users", b"users"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListUsersResponse: _TypeAlias = ListUsersResponse  # noqa: Y015
+
+@_typing.final
+class WhoAmIRequest(_message.Message):
+    """Who the caller is, as the node sees it (WhoAmI; the HTTP face's sign-in uses it)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIRequest: _TypeAlias = WhoAmIRequest  # noqa: Y015
+
+@_typing.final
+class Identity(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    CLUSTER_TOKEN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """a user name, or "admin" for the cluster token"""
+    role: Global___Role.ValueType
+    cluster_token: _builtins.bool
+    """authenticated with the cluster token"""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        role: Global___Role.ValueType = ...,
+        cluster_token: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cluster_token", b"cluster_token", "name", b"name", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Identity: _TypeAlias = Identity  # noqa: Y015
+
+@_typing.final
+class ClusterSettings(_message.Message):
+    """Cluster-wide settings at /cluster/settings, read by every node. Unset: the default."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USAGE_HALF_LIFE_SECONDS_FIELD_NUMBER: _builtins.int
+    USAGE_WEIGHT_FIELD_NUMBER: _builtins.int
+    RESERVE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    AUDIT_RETENTION_SECONDS_FIELD_NUMBER: _builtins.int
+    AUDIT_MAX_ENTRIES_FIELD_NUMBER: _builtins.int
+    usage_half_life_seconds: _builtins.float
+    """decay of past usage; default 7 days"""
+    usage_weight: _builtins.float
+    """0..1: decayed usage vs current share; default 0.5"""
+    reserve_after_seconds: _builtins.float
+    """no starvation: default 120"""
+    audit_retention_seconds: _builtins.float
+    """default 30 days"""
+    audit_max_entries: _builtins.int
+    """default 100,000"""
+    def __init__(
+        self,
+        *,
+        usage_half_life_seconds: _builtins.float | None = ...,
+        usage_weight: _builtins.float | None = ...,
+        reserve_after_seconds: _builtins.float | None = ...,
+        audit_retention_seconds: _builtins.float | None = ...,
+        audit_max_entries: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_audit_max_entries", b"_audit_max_entries", "_audit_retention_seconds", b"_audit_retention_seconds", "_reserve_after_seconds", b"_reserve_after_seconds", "_usage_half_life_seconds", b"_usage_half_life_seconds", "_usage_weight", b"_usage_weight", "audit_max_entries", b"audit_max_entries", "audit_retention_seconds", b"audit_retention_seconds", "reserve_after_seconds", b"reserve_after_seconds", "usage_half_life_seconds", b"usage_half_life_seconds", "usage_weight", b"usage_weight"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_audit_max_entries", b"_audit_max_entries", "_audit_retention_seconds", b"_audit_retention_seconds", "_reserve_after_seconds", b"_reserve_after_seconds", "_usage_half_life_seconds", b"_usage_half_life_seconds", "_usage_weight", b"_usage_weight", "audit_max_entries", b"audit_max_entries", "audit_retention_seconds", b"audit_retention_seconds", "reserve_after_seconds", b"reserve_after_seconds", "usage_half_life_seconds", b"usage_half_life_seconds", "usage_weight", b"usage_weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__audit_max_entries: _TypeAlias = _typing.Literal["audit_max_entries"]  # noqa: Y015
+    _WhichOneofArgType__audit_max_entries: _TypeAlias = _typing.Literal["_audit_max_entries", b"_audit_max_entries"]  # noqa: Y015
+    _WhichOneofReturnType__audit_retention_seconds: _TypeAlias = _typing.Literal["audit_retention_seconds"]  # noqa: Y015
+    _WhichOneofArgType__audit_retention_seconds: _TypeAlias = _typing.Literal["_audit_retention_seconds", b"_audit_retention_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__reserve_after_seconds: _TypeAlias = _typing.Literal["reserve_after_seconds"]  # noqa: Y015
+    _WhichOneofArgType__reserve_after_seconds: _TypeAlias = _typing.Literal["_reserve_after_seconds", b"_reserve_after_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__usage_half_life_seconds: _TypeAlias = _typing.Literal["usage_half_life_seconds"]  # noqa: Y015
+    _WhichOneofArgType__usage_half_life_seconds: _TypeAlias = _typing.Literal["_usage_half_life_seconds", b"_usage_half_life_seconds"]  # noqa: Y015
+    _WhichOneofReturnType__usage_weight: _TypeAlias = _typing.Literal["usage_weight"]  # noqa: Y015
+    _WhichOneofArgType__usage_weight: _TypeAlias = _typing.Literal["_usage_weight", b"_usage_weight"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__audit_max_entries) -> _WhichOneofReturnType__audit_max_entries | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__audit_retention_seconds) -> _WhichOneofReturnType__audit_retention_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__reserve_after_seconds) -> _WhichOneofReturnType__reserve_after_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__usage_half_life_seconds) -> _WhichOneofReturnType__usage_half_life_seconds | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__usage_weight) -> _WhichOneofReturnType__usage_weight | None: ...
+
+Global___ClusterSettings: _TypeAlias = ClusterSettings  # noqa: Y015
+
+@_typing.final
+class SetClusterSettingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    key: _builtins.str
+    """usage-half-life, usage-weight, reserve-after, audit-retention, audit-max-entries"""
+    value: _builtins.str
+    """a duration (90s, 2m, 7d), a number; "default" unsets it"""
+    def __init__(
+        self,
+        *,
+        key: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetClusterSettingRequest: _TypeAlias = SetClusterSettingRequest  # noqa: Y015
+
+@_typing.final
+class GetClusterSettingsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetClusterSettingsRequest: _TypeAlias = GetClusterSettingsRequest  # noqa: Y015
+
+@_typing.final
+class AuditEntry(_message.Message):
+    """One change made through the API, stored at /audit/<epoch ms>/<random> (node/faces/audit.py)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AT_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    VIA_FIELD_NUMBER: _builtins.int
+    user: _builtins.str
+    """who: a user name, or "admin" for the cluster token"""
+    role: Global___Role.ValueType
+    address: _builtins.str
+    """from where: ip:port, "local uid N", the browser's address"""
+    action: _builtins.str
+    """submit, cancel, cordon, user-add, owner-weight, ..."""
+    target: _builtins.str
+    """a task or array id, a node, user or owner name, a setting"""
+    detail: _builtins.str
+    """a short description (<= 512 chars)"""
+    node: _builtins.str
+    """the node that served the call"""
+    via: _builtins.str
+    """grpc, local (the CLI's socket) or http (the HTTP face)"""
+    @_builtins.property
+    def at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        at: _timestamp_pb2.Timestamp | None = ...,
+        user: _builtins.str = ...,
+        role: Global___Role.ValueType = ...,
+        address: _builtins.str = ...,
+        action: _builtins.str = ...,
+        target: _builtins.str = ...,
+        detail: _builtins.str = ...,
+        node: _builtins.str = ...,
+        via: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at", b"at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "address", b"address", "at", b"at", "detail", b"detail", "node", b"node", "role", b"role", "target", b"target", "user", b"user", "via", b"via"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEntry: _TypeAlias = AuditEntry  # noqa: Y015
+
+@_typing.final
+class ListAuditRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SINCE_SECONDS_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    since_seconds: _builtins.float
+    """only entries of the last this many seconds; 0: all kept"""
+    user: _builtins.str
+    """only this user's entries"""
+    limit: _builtins.int
+    """newest first, at most this many; 0: 1000"""
+    def __init__(
+        self,
+        *,
+        since_seconds: _builtins.float = ...,
+        user: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "since_seconds", b"since_seconds", "user", b"user"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditRequest: _TypeAlias = ListAuditRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """more matched than limit"""
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEntry]:
+        """newest first"""
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[Global___AuditEntry] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditResponse: _TypeAlias = ListAuditResponse  # noqa: Y015
 
 @_typing.final
 class Node(_message.Message):
@@ -697,6 +1321,9 @@ class Node(_message.Message):
     CORDONED_FIELD_NUMBER: _builtins.int
     DRAINING_FIELD_NUMBER: _builtins.int
     DRAIN_DEADLINE_FIELD_NUMBER: _builtins.int
+    RESERVED_TASK_FIELD_NUMBER: _builtins.int
+    RESERVED_PRIORITY_FIELD_NUMBER: _builtins.int
+    RESERVED_SINCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     name: _builtins.str
     address: _builtins.str
@@ -726,9 +1353,16 @@ class Node(_message.Message):
     start_failure: _builtins.str
     """the last node-side start failure, while backed off"""
     cordoned: _builtins.bool
-    """`filch node cordon`/`drain`: it steals nothing new"""
+    """26..29: issue 21.
+    `filch node cordon`/`drain`: it steals nothing new
+    """
     draining: _builtins.bool
     """a drain is under way on it"""
+    reserved_task: _builtins.str
+    """No starvation: this node takes no task of a lower priority than reserved_priority
+    until reserved_task fits, then takes it.
+    """
+    reserved_priority: _builtins.int
     @_builtins.property
     def registered_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -759,6 +1393,8 @@ class Node(_message.Message):
     def drain_deadline(self) -> _timestamp_pb2.Timestamp:
         """then what still runs is handed back"""
 
+    @_builtins.property
+    def reserved_since(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -790,10 +1426,13 @@ class Node(_message.Message):
         cordoned: _builtins.bool = ...,
         draining: _builtins.bool = ...,
         drain_deadline: _timestamp_pb2.Timestamp | None = ...,
+        reserved_task: _builtins.str = ...,
+        reserved_priority: _builtins.int = ...,
+        reserved_since: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["drain_deadline", b"drain_deadline", "registered_at", b"registered_at", "start_backoff_until", b"start_backoff_until"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["drain_deadline", b"drain_deadline", "registered_at", b"registered_at", "reserved_since", b"reserved_since", "start_backoff_until", b"start_backoff_until"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "addresses", b"addresses", "allow_host_network", b"allow_host_network", "capabilities", b"capabilities", "cordoned", b"cordoned", "cpu_allocated_millis", b"cpu_allocated_millis", "cpu_capacity_millis", b"cpu_capacity_millis", "disk_allocated_bytes", b"disk_allocated_bytes", "disk_capacity_bytes", b"disk_capacity_bytes", "drain_deadline", b"drain_deadline", "draining", b"draining", "etcd_leader", b"etcd_leader", "etcd_member_id", b"etcd_member_id", "executor", b"executor", "id", b"id", "labels", b"labels", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_capacity_bytes", b"memory_capacity_bytes", "name", b"name", "node_side_start_failures", b"node_side_start_failures", "nospace", b"nospace", "owners", b"owners", "registered_at", b"registered_at", "running", b"running", "start_backoff", b"start_backoff", "start_backoff_until", b"start_backoff_until", "start_failure", b"start_failure", "taints", b"taints"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "addresses", b"addresses", "allow_host_network", b"allow_host_network", "capabilities", b"capabilities", "cordoned", b"cordoned", "cpu_allocated_millis", b"cpu_allocated_millis", "cpu_capacity_millis", b"cpu_capacity_millis", "disk_allocated_bytes", b"disk_allocated_bytes", "disk_capacity_bytes", b"disk_capacity_bytes", "drain_deadline", b"drain_deadline", "draining", b"draining", "etcd_leader", b"etcd_leader", "etcd_member_id", b"etcd_member_id", "executor", b"executor", "id", b"id", "labels", b"labels", "memory_allocated_bytes", b"memory_allocated_bytes", "memory_capacity_bytes", b"memory_capacity_bytes", "name", b"name", "node_side_start_failures", b"node_side_start_failures", "nospace", b"nospace", "owners", b"owners", "registered_at", b"registered_at", "reserved_priority", b"reserved_priority", "reserved_since", b"reserved_since", "reserved_task", b"reserved_task", "running", b"running", "start_backoff", b"start_backoff", "start_backoff_until", b"start_backoff_until", "start_failure", b"start_failure", "taints", b"taints"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -114,6 +114,51 @@ class SchedulerStub:
                 request_serializer=filch_dot_v1_dot_filch__pb2.WatchRequest.SerializeToString,
                 response_deserializer=filch_dot_v1_dot_filch__pb2.WatchResponse.FromString,
                 _registered_method=True)
+        self.AddUser = channel.unary_unary(
+                '/filch.v1.Scheduler/AddUser',
+                request_serializer=filch_dot_v1_dot_filch__pb2.AddUserRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.UserTokenResponse.FromString,
+                _registered_method=True)
+        self.SetUser = channel.unary_unary(
+                '/filch.v1.Scheduler/SetUser',
+                request_serializer=filch_dot_v1_dot_filch__pb2.SetUserRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.User.FromString,
+                _registered_method=True)
+        self.RotateUserToken = channel.unary_unary(
+                '/filch.v1.Scheduler/RotateUserToken',
+                request_serializer=filch_dot_v1_dot_filch__pb2.RotateUserTokenRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.UserTokenResponse.FromString,
+                _registered_method=True)
+        self.RemoveUser = channel.unary_unary(
+                '/filch.v1.Scheduler/RemoveUser',
+                request_serializer=filch_dot_v1_dot_filch__pb2.RemoveUserRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.RemoveUserResponse.FromString,
+                _registered_method=True)
+        self.ListUsers = channel.unary_unary(
+                '/filch.v1.Scheduler/ListUsers',
+                request_serializer=filch_dot_v1_dot_filch__pb2.ListUsersRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.ListUsersResponse.FromString,
+                _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/filch.v1.Scheduler/WhoAmI',
+                request_serializer=filch_dot_v1_dot_filch__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.Identity.FromString,
+                _registered_method=True)
+        self.SetClusterSetting = channel.unary_unary(
+                '/filch.v1.Scheduler/SetClusterSetting',
+                request_serializer=filch_dot_v1_dot_filch__pb2.SetClusterSettingRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.ClusterSettings.FromString,
+                _registered_method=True)
+        self.GetClusterSettings = channel.unary_unary(
+                '/filch.v1.Scheduler/GetClusterSettings',
+                request_serializer=filch_dot_v1_dot_filch__pb2.GetClusterSettingsRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.ClusterSettings.FromString,
+                _registered_method=True)
+        self.ListAudit = channel.unary_unary(
+                '/filch.v1.Scheduler/ListAudit',
+                request_serializer=filch_dot_v1_dot_filch__pb2.ListAuditRequest.SerializeToString,
+                response_deserializer=filch_dot_v1_dot_filch__pb2.ListAuditResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -220,6 +265,63 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AddUser(self, request, context):
+        """Users, roles and quotas (node/faces/users.py); PERMISSION_DENIED unless admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetUser(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateUserToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveUser(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUsers(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WhoAmI(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetClusterSetting(self, request, context):
+        """Cluster-wide settings (admin to set, anyone to read).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetClusterSettings(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAudit(self, request, context):
+        """The audit trail: every change, who, when, from where.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -302,6 +404,51 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=filch_dot_v1_dot_filch__pb2.WatchRequest.FromString,
                     response_serializer=filch_dot_v1_dot_filch__pb2.WatchResponse.SerializeToString,
+            ),
+            'AddUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.AddUser,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.AddUserRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.UserTokenResponse.SerializeToString,
+            ),
+            'SetUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetUser,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.SetUserRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.User.SerializeToString,
+            ),
+            'RotateUserToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateUserToken,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.RotateUserTokenRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.UserTokenResponse.SerializeToString,
+            ),
+            'RemoveUser': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveUser,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.RemoveUserRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.RemoveUserResponse.SerializeToString,
+            ),
+            'ListUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUsers,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.ListUsersRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.ListUsersResponse.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.WhoAmIRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.Identity.SerializeToString,
+            ),
+            'SetClusterSetting': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetClusterSetting,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.SetClusterSettingRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.ClusterSettings.SerializeToString,
+            ),
+            'GetClusterSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClusterSettings,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.GetClusterSettingsRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.ClusterSettings.SerializeToString,
+            ),
+            'ListAudit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAudit,
+                    request_deserializer=filch_dot_v1_dot_filch__pb2.ListAuditRequest.FromString,
+                    response_serializer=filch_dot_v1_dot_filch__pb2.ListAuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -736,6 +883,249 @@ class Scheduler:
             '/filch.v1.Scheduler/Watch',
             filch_dot_v1_dot_filch__pb2.WatchRequest.SerializeToString,
             filch_dot_v1_dot_filch__pb2.WatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AddUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/AddUser',
+            filch_dot_v1_dot_filch__pb2.AddUserRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.UserTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/SetUser',
+            filch_dot_v1_dot_filch__pb2.SetUserRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateUserToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/RotateUserToken',
+            filch_dot_v1_dot_filch__pb2.RotateUserTokenRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.UserTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveUser(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/RemoveUser',
+            filch_dot_v1_dot_filch__pb2.RemoveUserRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.RemoveUserResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/ListUsers',
+            filch_dot_v1_dot_filch__pb2.ListUsersRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.ListUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/WhoAmI',
+            filch_dot_v1_dot_filch__pb2.WhoAmIRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.Identity.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetClusterSetting(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/SetClusterSetting',
+            filch_dot_v1_dot_filch__pb2.SetClusterSettingRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.ClusterSettings.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClusterSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/GetClusterSettings',
+            filch_dot_v1_dot_filch__pb2.GetClusterSettingsRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.ClusterSettings.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAudit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/filch.v1.Scheduler/ListAudit',
+            filch_dot_v1_dot_filch__pb2.ListAuditRequest.SerializeToString,
+            filch_dot_v1_dot_filch__pb2.ListAuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

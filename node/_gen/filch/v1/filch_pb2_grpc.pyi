@@ -52,6 +52,18 @@ class SchedulerStub:
     RevokeSession: _grpc.UnaryUnaryMultiCallable[_filch_pb2.RevokeSessionRequest, _filch_pb2.RevokeSessionResponse]
     Watch: _grpc.UnaryStreamMultiCallable[_filch_pb2.WatchRequest, _filch_pb2.WatchResponse]
     """The event stream; OUT_OF_RANGE when since_revision was compacted (re-list, then follow)."""
+    AddUser: _grpc.UnaryUnaryMultiCallable[_filch_pb2.AddUserRequest, _filch_pb2.UserTokenResponse]
+    """Users, roles and quotas (node/faces/users.py); PERMISSION_DENIED unless admin."""
+    SetUser: _grpc.UnaryUnaryMultiCallable[_filch_pb2.SetUserRequest, _filch_pb2.User]
+    RotateUserToken: _grpc.UnaryUnaryMultiCallable[_filch_pb2.RotateUserTokenRequest, _filch_pb2.UserTokenResponse]
+    RemoveUser: _grpc.UnaryUnaryMultiCallable[_filch_pb2.RemoveUserRequest, _filch_pb2.RemoveUserResponse]
+    ListUsers: _grpc.UnaryUnaryMultiCallable[_filch_pb2.ListUsersRequest, _filch_pb2.ListUsersResponse]
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_filch_pb2.WhoAmIRequest, _filch_pb2.Identity]
+    SetClusterSetting: _grpc.UnaryUnaryMultiCallable[_filch_pb2.SetClusterSettingRequest, _filch_pb2.ClusterSettings]
+    """Cluster-wide settings (admin to set, anyone to read)."""
+    GetClusterSettings: _grpc.UnaryUnaryMultiCallable[_filch_pb2.GetClusterSettingsRequest, _filch_pb2.ClusterSettings]
+    ListAudit: _grpc.UnaryUnaryMultiCallable[_filch_pb2.ListAuditRequest, _filch_pb2.ListAuditResponse]
+    """The audit trail: every change, who, when, from where."""
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -77,6 +89,18 @@ class SchedulerAsyncStub(SchedulerStub):
     RevokeSession: _aio.UnaryUnaryMultiCallable[_filch_pb2.RevokeSessionRequest, _filch_pb2.RevokeSessionResponse]  # type: ignore[assignment]
     Watch: _aio.UnaryStreamMultiCallable[_filch_pb2.WatchRequest, _filch_pb2.WatchResponse]  # type: ignore[assignment]
     """The event stream; OUT_OF_RANGE when since_revision was compacted (re-list, then follow)."""
+    AddUser: _aio.UnaryUnaryMultiCallable[_filch_pb2.AddUserRequest, _filch_pb2.UserTokenResponse]  # type: ignore[assignment]
+    """Users, roles and quotas (node/faces/users.py); PERMISSION_DENIED unless admin."""
+    SetUser: _aio.UnaryUnaryMultiCallable[_filch_pb2.SetUserRequest, _filch_pb2.User]  # type: ignore[assignment]
+    RotateUserToken: _aio.UnaryUnaryMultiCallable[_filch_pb2.RotateUserTokenRequest, _filch_pb2.UserTokenResponse]  # type: ignore[assignment]
+    RemoveUser: _aio.UnaryUnaryMultiCallable[_filch_pb2.RemoveUserRequest, _filch_pb2.RemoveUserResponse]  # type: ignore[assignment]
+    ListUsers: _aio.UnaryUnaryMultiCallable[_filch_pb2.ListUsersRequest, _filch_pb2.ListUsersResponse]  # type: ignore[assignment]
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_filch_pb2.WhoAmIRequest, _filch_pb2.Identity]  # type: ignore[assignment]
+    SetClusterSetting: _aio.UnaryUnaryMultiCallable[_filch_pb2.SetClusterSettingRequest, _filch_pb2.ClusterSettings]  # type: ignore[assignment]
+    """Cluster-wide settings (admin to set, anyone to read)."""
+    GetClusterSettings: _aio.UnaryUnaryMultiCallable[_filch_pb2.GetClusterSettingsRequest, _filch_pb2.ClusterSettings]  # type: ignore[assignment]
+    ListAudit: _aio.UnaryUnaryMultiCallable[_filch_pb2.ListAuditRequest, _filch_pb2.ListAuditResponse]  # type: ignore[assignment]
+    """The audit trail: every change, who, when, from where."""
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -195,5 +219,71 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_filch_pb2.WatchResponse], _abc.AsyncIterator[_filch_pb2.WatchResponse]]:
         """The event stream; OUT_OF_RANGE when since_revision was compacted (re-list, then follow)."""
+
+    @_abc_1.abstractmethod
+    def AddUser(
+        self,
+        request: _filch_pb2.AddUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.UserTokenResponse, _abc.Awaitable[_filch_pb2.UserTokenResponse]]:
+        """Users, roles and quotas (node/faces/users.py); PERMISSION_DENIED unless admin."""
+
+    @_abc_1.abstractmethod
+    def SetUser(
+        self,
+        request: _filch_pb2.SetUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.User, _abc.Awaitable[_filch_pb2.User]]: ...
+
+    @_abc_1.abstractmethod
+    def RotateUserToken(
+        self,
+        request: _filch_pb2.RotateUserTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.UserTokenResponse, _abc.Awaitable[_filch_pb2.UserTokenResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveUser(
+        self,
+        request: _filch_pb2.RemoveUserRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.RemoveUserResponse, _abc.Awaitable[_filch_pb2.RemoveUserResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListUsers(
+        self,
+        request: _filch_pb2.ListUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.ListUsersResponse, _abc.Awaitable[_filch_pb2.ListUsersResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _filch_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.Identity, _abc.Awaitable[_filch_pb2.Identity]]: ...
+
+    @_abc_1.abstractmethod
+    def SetClusterSetting(
+        self,
+        request: _filch_pb2.SetClusterSettingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.ClusterSettings, _abc.Awaitable[_filch_pb2.ClusterSettings]]:
+        """Cluster-wide settings (admin to set, anyone to read)."""
+
+    @_abc_1.abstractmethod
+    def GetClusterSettings(
+        self,
+        request: _filch_pb2.GetClusterSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.ClusterSettings, _abc.Awaitable[_filch_pb2.ClusterSettings]]: ...
+
+    @_abc_1.abstractmethod
+    def ListAudit(
+        self,
+        request: _filch_pb2.ListAuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_filch_pb2.ListAuditResponse, _abc.Awaitable[_filch_pb2.ListAuditResponse]]:
+        """The audit trail: every change, who, when, from where."""
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
