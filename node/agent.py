@@ -38,6 +38,7 @@ from node.etcd.store import Store
 from node.etcd.users import UserDirectory
 from node.etcd.watching import list_and_watch
 from node.faces.api import SchedulerServicer, add_to_server
+from node.faces.audit import AuditLog
 from node.faces.authn import Authenticator, AuthInterceptor
 from node.faces.copy_store import CopyStore
 from node.faces.events import EventService
@@ -46,6 +47,7 @@ from node.faces.logs import LogService
 from node.faces.service import TaskService
 from node.faces.sessions import SessionService
 from node.operations import rejoin
+from node.operations.audit_retention import AuditRetention
 from node.operations.cordon import Cordon
 from node.operations.etcd_member import EtcdMember
 from node.operations.housekeeping import Housekeeping, cluster_addresses
@@ -243,7 +245,8 @@ class Agent:
                                          security=security),
             sessions=SessionService(store=store, ttl=config.session_ttl),
             events=EventService(config=config, store=store),
-            copies=CopyStore(config=config, store=store))
+            copies=CopyStore(config=config, store=store),
+            audit=AuditLog(store=store, node=config.name))
         add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -277,6 +280,8 @@ class Agent:
             loops.append(group.create_task(list_and_watch(
                 store, keys.CLUSTER_SETTINGS, functools.partial(settings.relist, store),
                 settings.on_event)))
+            loops.append(group.create_task(AuditRetention(store=store, state=state,
+                                                          settings=settings).run()))
             if member is not None:
                 loops.append(group.create_task(self._watch_member(member)))
                 loops.append(group.create_task(once_etcd_answers(

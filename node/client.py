@@ -363,6 +363,15 @@ class Client:
                                                      pb.ListOwnersRequest())
         return list(response.owners)
 
+    # -- the audit trail ------------------------------------------------------------------------
+
+    def list_audit(self, *, since_seconds: float = 0.0, user: str = "",
+                   limit: int = 0) -> pb.ListAuditResponse:
+        """Audit entries, newest first (a user sees only its own)."""
+        response: pb.ListAuditResponse = self._call(self._stub.ListAudit, pb.ListAuditRequest(
+            since_seconds=since_seconds, user=user, limit=limit))
+        return response
+
     # -- web UI sessions (the HTTP face's sign-in) -------------------------------------------
 
     def create_session(self, identity: str) -> pb.CreateSessionResponse:

@@ -218,3 +218,14 @@ BULK_WRITE_LIMIT = Gauge("filch_bulk_write_limit",
 BULK_WRITE_PAUSES = Counter("filch_bulk_write_pauses_total",
                             "Pauses of bulk writes because etcd committed slowly even one "
                             "transaction at a time.")
+
+# -- the audit trail (node/faces/audit.py) -------------------------------------------------
+AUDIT_ENTRIES = Counter("filch_audit_entries_total",
+                        "Audit entries this node wrote, by action (submit, cancel, ...).",
+                        ["action"])
+AUDIT_WRITE_FAILURES = Counter("filch_audit_write_failures_total",
+                               "Audit entries this node could not write (the change they "
+                               "describe was made: a failed write never fails the call).")
+AUDIT_DELETED = Counter("filch_audit_deleted_total",
+                        "Audit entries the retention chore deleted (past audit-retention or "
+                        "beyond audit-max-entries).")

@@ -17,6 +17,8 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.core import validation
 from node.core.errors import Compacted, InvalidArgument, NotStarted
+from node.faces import audit
+from node.faces.audit import AuditLog, audited
 from node.faces.copy_store import CopyStore
 from node.faces.cordons import CordonService, drain_deadline, node_name
 from node.faces.events import EventService
@@ -50,14 +52,16 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     def __init__(self, *, tasks: TaskService, logs: LogService,
                  sessions: SessionService, events: EventService,
-                 copies: CopyStore | None = None) -> None:
+                 copies: CopyStore | None = None, audit: AuditLog | None = None) -> None:
         self._tasks = tasks
         self._logs = logs
         self._sessions = sessions
         self._events = events
         self._copies = copies
+        self.audit = audit
 
     @unary
+    @audited("submit", audit.submitted)
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
         spec = validation.spec(request.spec)
         request_id = validation.request_id(request.request_id)
@@ -68,6 +72,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         return pb.SubmitResponse(task=task, created=created)
 
     @unary
+    @audited("cancel", audit.canceled)
     async def Cancel(self, request: pb.CancelRequest, context: Any) -> pb.CancelResponse:
         if request.array_id:
             if request.id:
@@ -156,6 +161,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     # -- owners (fair share) -------------------------------------------------------------
 
     @unary
+    @audited("owner-weight", audit.owner_weighted)
     async def SetOwnerWeight(self, request: pb.SetOwnerWeightRequest, context: Any) -> pb.Owner:
         name = owner_name(request.name)
         weight = owner_weight(request.weight)
@@ -170,11 +176,13 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     # -- cordon and drain (node/faces/cordons.py) ----------------------------------------
 
     @unary
+    @audited("cordon", audit.cordoned)
     async def CordonNode(self, request: pb.CordonNodeRequest,
                          context: Any) -> pb.CordonNodeResponse:
         return await CordonService(store=self._tasks.store).cordon(node_name(request.name))
 
     @unary
+    @audited("uncordon", audit.uncordoned)
     async def UncordonNode(self, request: pb.UncordonNodeRequest,
                            context: Any) -> pb.CordonNodeResponse:
         return await CordonService(store=self._tasks.store).uncordon(node_name(request.name))
@@ -187,7 +195,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
                 raise InvalidArgument("request", request.message)
             name = node_name(request.name)
             deadline = drain_deadline(request.deadline_seconds)
-            async for progress in CordonService(store=self._tasks.store).drain(name, deadline):
+            async for progress in audit.audited_stream(self.audit, "drain", audit.drain_change(
+                    name, deadline), CordonService(store=self._tasks.store).drain(name, deadline)):
                 yield progress
         except grpc.aio.AbortError:
             raise
@@ -199,6 +208,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     # -- web UI sessions (the token guards these like every call) --------------------------
 
     @unary
+    @audited("sign-in", audit.signed_in)
     async def CreateSession(self, request: pb.CreateSessionRequest,
                             context: Any) -> pb.CreateSessionResponse:
         new_id, session = await self._sessions.create(identity(request.identity))
@@ -209,6 +219,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         return await self._sessions.check(session_id(request.session_id))
 
     @unary
+    @audited("sign-out", audit.signed_out)
     async def RevokeSession(self, request: pb.RevokeSessionRequest,
                             context: Any) -> pb.RevokeSessionResponse:
         revoked = await self._sessions.revoke(session_id(request.session_id))
@@ -217,19 +228,23 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     # -- users, cluster settings, audit (issue 21) ------------------------------------------
 
     @unary
+    @audited("user-add", audit.user_added)
     async def AddUser(self, request: pb.AddUserRequest, context: Any) -> pb.UserTokenResponse:
         raise NotStarted("users are not built yet")
 
     @unary
+    @audited("user-set", audit.user_set)
     async def SetUser(self, request: pb.SetUserRequest, context: Any) -> pb.User:
         raise NotStarted("users are not built yet")
 
     @unary
+    @audited("user-token", audit.token_rotated)
     async def RotateUserToken(self, request: pb.RotateUserTokenRequest,
                               context: Any) -> pb.UserTokenResponse:
         raise NotStarted("users are not built yet")
 
     @unary
+    @audited("user-remove", audit.user_removed)
     async def RemoveUser(self, request: pb.RemoveUserRequest,
                          context: Any) -> pb.RemoveUserResponse:
         raise NotStarted("users are not built yet")
@@ -243,6 +258,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         raise NotStarted("users are not built yet")
 
     @unary
+    @audited("cluster-set", audit.setting_set)
     async def SetClusterSetting(self, request: pb.SetClusterSettingRequest,
                                 context: Any) -> pb.ClusterSettings:
         raise NotStarted("cluster settings are not built yet")
@@ -254,4 +270,6 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     @unary
     async def ListAudit(self, request: pb.ListAuditRequest, context: Any) -> pb.ListAuditResponse:
-        raise NotStarted("the audit trail is not built yet")
+        if self.audit is None:
+            raise NotStarted("this node keeps no audit trail")
+        return await self.audit.list(request)
