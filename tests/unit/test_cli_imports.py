@@ -31,6 +31,7 @@ COMMAND_LINES = [
     ["nodes", "-o", "json"],
     ["owner", "ls", "-o", "json"],
     ["owner", "weight", "alice", "2"],
+    ["audit", "--since", "1h", "--user", "alice", "--limit", "5", "-o", "json"],
     ["certs", "/nonexistent/dir", "--node", "n1=127.0.0.1"],
 ]
 
