@@ -23,7 +23,7 @@ from node.etcd.store import Store
 from node.etcd.users import token_hash
 from node.operations.audit_retention import AuditRetention
 from node.scheduling.node_state import NodeState
-from tests.e2e.cluster import FILCH, Cluster, wait_for
+from tests.e2e.cluster import FILCH, Cluster
 from tests.e2e.conftest import require_tools
 
 ALICE_TOKEN = secrets.token_hex(32)
@@ -69,6 +69,8 @@ def test_every_change_once_and_nothing_else(cluster: Cluster) -> None:
     stub.Cancel(pb.CancelRequest(id=long), timeout=10)
     stub.CordonNode(pb.CordonNodeRequest(name=other), timeout=10)
     stub.UncordonNode(pb.UncordonNodeRequest(name=other), timeout=10)
+    assert list(stub.DrainNode(pb.DrainNodeRequest(name=other), timeout=30))[-1].done
+    stub.UncordonNode(pb.UncordonNodeRequest(name=other), timeout=10)
     stub.SetOwnerWeight(pb.SetOwnerWeightRequest(name="alice", weight=2), timeout=10)
     # Refused calls: nothing changed, nothing recorded.
     for refused in (lambda: stub.Cancel(pb.CancelRequest(id=keys.new_task_id()), timeout=10),
@@ -88,7 +90,8 @@ def test_every_change_once_and_nothing_else(cluster: Cluster) -> None:
     entries = audit(cluster, "--since", f"{int(time.time() - started) + 5}s")
     assert [(entry["action"], entry["target"]) for entry in reversed(entries)] == [
         ("submit", short), ("submit", array.array_id), ("submit", long), ("cancel", long),
-        ("cordon", other), ("uncordon", other), ("owner-weight", "alice")]
+        ("cordon", other), ("uncordon", other), ("drain", other), ("uncordon", other),
+        ("owner-weight", "alice")]
     for entry in entries:
         assert entry["user"] == "admin" and entry["via"] == "grpc", entry
         assert entry["address"].startswith("127."), entry
@@ -96,6 +99,8 @@ def test_every_change_once_and_nothing_else(cluster: Cluster) -> None:
     by_target = {entry["target"]: entry for entry in entries}
     assert by_target[array.array_id]["detail"] == \
         "array 0-2 of 3 tasks, owner default, priority 0: true"
+    assert [entry["detail"] for entry in reversed(entries) if entry["target"] == other] == [
+        "cordoned", "uncordoned", "drain started, deadline 10m", "uncordoned"]
     assert by_target[short]["detail"] == "owner alice, priority 3: sleep 0.2"
     assert cluster.metrics(0)['filch_audit_entries_total{action="submit"}'] == 3
 
