@@ -17,6 +17,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.core import validation
 from node.core.errors import Compacted, InvalidArgument, NotStarted
+from node.faces import access
 from node.faces.copy_store import CopyStore
 from node.faces.cordons import CordonService, drain_deadline, node_name
 from node.faces.events import EventService
@@ -25,6 +26,7 @@ from node.faces.owners import OwnerService, owner_name, owner_weight
 from node.faces.rpc_wrap import Malformed, abort_call, count_call, safe_parser, unary
 from node.faces.service import TaskService
 from node.faces.sessions import SessionService, identity, session_id
+from node.faces.users import UserService, who_am_i
 
 
 def add_to_server(servicer: SchedulerServicer, server: grpc.aio.Server) -> None:
@@ -50,8 +52,10 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     def __init__(self, *, tasks: TaskService, logs: LogService,
                  sessions: SessionService, events: EventService,
-                 copies: CopyStore | None = None) -> None:
+                 copies: CopyStore | None = None, users: UserService | None = None) -> None:
+        """users: None on a node without user management (tests)."""
         self._tasks = tasks
+        self._users = users
         self._logs = logs
         self._sessions = sessions
         self._events = events
@@ -60,6 +64,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     @unary
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
         spec = validation.spec(request.spec)
+        access.submit_owner(spec)
         request_id = validation.request_id(request.request_id)
         if request.HasField("array"):
             return await self._tasks.submit_array(spec, validation.array(request.array),
@@ -72,17 +77,20 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         if request.array_id:
             if request.id:
                 raise InvalidArgument("array_id", "give a task id or an array id, not both")
-            count = await self._tasks.cancel_array(validation.task_id(request.array_id,
-                                                                      "array_id"))
+            array_id = validation.task_id(request.array_id, "array_id")
+            await access.require_own_array(self._tasks, array_id)
+            count = await self._tasks.cancel_array(array_id)
             return pb.CancelResponse(canceled=count)
-        task = await self._tasks.cancel(validation.task_id(request.id))
-        return pb.CancelResponse(task=task)
+        task_id = validation.task_id(request.id)
+        await access.require_own_task(self._tasks, task_id, "Cancel", "cancel")
+        return pb.CancelResponse(task=await self._tasks.cancel(task_id))
 
     @unary
     async def GetTask(self, request: pb.GetTaskRequest, context: Any) -> pb.Task:
         task = await self._tasks.get(validation.task_id(request.id))
         await self._tasks.explain_pending([task])
         await self._tasks.place_in_queue(task)
+        access.redact([task])
         return task
 
     @unary
@@ -97,6 +105,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         else:
             tasks, token = await self._tasks.list_tasks(state, page_size, request.page_token)
         await self._tasks.explain_pending(tasks)
+        access.redact(tasks)
         return pb.ListTasksResponse(tasks=tasks, next_page_token=token)
 
     @unary
@@ -110,6 +119,10 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             if isinstance(request, Malformed):
                 raise InvalidArgument("request", request.message)
             task_id = validation.task_id(request.id)
+            # Checked here, on the node the caller reached: a proxied call to the node
+            # holding the log runs with the cluster token (node/faces/logs.py).
+            await access.require_own_task(self._tasks, task_id, "StreamLogs",
+                                          "read the logs of")
             proxied = any(key == PROXIED_HEADER for key, _ in context.invocation_metadata() or ())
             async for data in self._logs.stream(task_id, follow=request.follow,
                                                 attempt=request.attempt, proxied=proxied):
@@ -149,6 +162,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def PutLogCopy(self, request: AsyncIterator[pb.LogCopyChunk],
                          context: Any) -> pb.LogCopyReceipt:
         """Internal: a peer's copy of an attempt's log (node/faces/copy_store.py)."""
+        access.require_cluster_token("PutLogCopy", "store log copies")
         if self._copies is None:
             raise NotStarted("this node keeps no log copies")
         return pb.LogCopyReceipt(size=await self._copies.receive(request))
@@ -157,6 +171,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     @unary
     async def SetOwnerWeight(self, request: pb.SetOwnerWeightRequest, context: Any) -> pb.Owner:
+        access.require_admin("SetOwnerWeight", "set owner weights")
         name = owner_name(request.name)
         weight = owner_weight(request.weight)
         return await OwnerService(store=self._tasks.store).set_weight(name, weight)
@@ -172,11 +187,13 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     @unary
     async def CordonNode(self, request: pb.CordonNodeRequest,
                          context: Any) -> pb.CordonNodeResponse:
+        access.require_admin("CordonNode", "cordon nodes")
         return await CordonService(store=self._tasks.store).cordon(node_name(request.name))
 
     @unary
     async def UncordonNode(self, request: pb.UncordonNodeRequest,
                            context: Any) -> pb.CordonNodeResponse:
+        access.require_admin("UncordonNode", "uncordon nodes")
         return await CordonService(store=self._tasks.store).uncordon(node_name(request.name))
 
     async def DrainNode(self, request: pb.DrainNodeRequest,
@@ -185,6 +202,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         try:
             if isinstance(request, Malformed):
                 raise InvalidArgument("request", request.message)
+            access.require_admin("DrainNode", "drain nodes")
             name = node_name(request.name)
             deadline = drain_deadline(request.deadline_seconds)
             async for progress in CordonService(store=self._tasks.store).drain(name, deadline):
@@ -201,16 +219,19 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     @unary
     async def CreateSession(self, request: pb.CreateSessionRequest,
                             context: Any) -> pb.CreateSessionResponse:
+        access.require_cluster_token("CreateSession", "create web UI sessions")
         new_id, session = await self._sessions.create(identity(request.identity))
         return pb.CreateSessionResponse(session_id=new_id, session=session)
 
     @unary
     async def CheckSession(self, request: pb.CheckSessionRequest, context: Any) -> pb.Session:
+        access.require_cluster_token("CheckSession", "check web UI sessions")
         return await self._sessions.check(session_id(request.session_id))
 
     @unary
     async def RevokeSession(self, request: pb.RevokeSessionRequest,
                             context: Any) -> pb.RevokeSessionResponse:
+        access.require_cluster_token("RevokeSession", "revoke web UI sessions")
         revoked = await self._sessions.revoke(session_id(request.session_id))
         return pb.RevokeSessionResponse(revoked=revoked)
 
@@ -218,33 +239,34 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     @unary
     async def AddUser(self, request: pb.AddUserRequest, context: Any) -> pb.UserTokenResponse:
-        raise NotStarted("users are not built yet")
+        return await self._user_service("AddUser", "add users").add(request)
 
     @unary
     async def SetUser(self, request: pb.SetUserRequest, context: Any) -> pb.User:
-        raise NotStarted("users are not built yet")
+        return await self._user_service("SetUser", "change users").set(request)
 
     @unary
     async def RotateUserToken(self, request: pb.RotateUserTokenRequest,
                               context: Any) -> pb.UserTokenResponse:
-        raise NotStarted("users are not built yet")
+        return await self._user_service("RotateUserToken", "issue user tokens").rotate(request)
 
     @unary
     async def RemoveUser(self, request: pb.RemoveUserRequest,
                          context: Any) -> pb.RemoveUserResponse:
-        raise NotStarted("users are not built yet")
+        return await self._user_service("RemoveUser", "remove users").remove(request)
 
     @unary
     async def ListUsers(self, request: pb.ListUsersRequest, context: Any) -> pb.ListUsersResponse:
-        raise NotStarted("users are not built yet")
+        return await self._user_service("ListUsers", "list users").list()
 
     @unary
     async def WhoAmI(self, request: pb.WhoAmIRequest, context: Any) -> pb.Identity:
-        raise NotStarted("users are not built yet")
+        return who_am_i()
 
     @unary
     async def SetClusterSetting(self, request: pb.SetClusterSettingRequest,
                                 context: Any) -> pb.ClusterSettings:
+        access.require_admin("SetClusterSetting", "change cluster settings")
         raise NotStarted("cluster settings are not built yet")
 
     @unary
@@ -255,3 +277,10 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     @unary
     async def ListAudit(self, request: pb.ListAuditRequest, context: Any) -> pb.ListAuditResponse:
         raise NotStarted("the audit trail is not built yet")
+
+    def _user_service(self, method: str, what: str) -> UserService:
+        """The user service, once the caller is known to be an admin."""
+        access.require_admin(method, what)
+        if self._users is None:
+            raise NotStarted("this node does not manage users")
+        return self._users
