@@ -383,6 +383,37 @@ class Client:
             self._stub.RevokeSession, pb.RevokeSessionRequest(session_id=session_id))
         return response.revoked
 
+    # -- users (admins; whoami: anyone) -----------------------------------------------------
+
+    def add_user(self, request: pb.AddUserRequest) -> pb.UserTokenResponse:
+        """A new user and its token (shown only in this answer)."""
+        response: pb.UserTokenResponse = self._call(self._stub.AddUser, request)
+        return response
+
+    def set_user(self, request: pb.SetUserRequest) -> pb.User:
+        user: pb.User = self._call(self._stub.SetUser, request)
+        return user
+
+    def rotate_user_token(self, name: str, expires: float = 0.0) -> pb.UserTokenResponse:
+        """A new token for the user; its old one stops working on every node."""
+        response: pb.UserTokenResponse = self._call(
+            self._stub.RotateUserToken,
+            pb.RotateUserTokenRequest(name=name, expires_seconds=expires))
+        return response
+
+    def remove_user(self, name: str) -> pb.RemoveUserResponse:
+        response: pb.RemoveUserResponse = self._call(self._stub.RemoveUser,
+                                                     pb.RemoveUserRequest(name=name))
+        return response
+
+    def users(self) -> builtins.list[pb.User]:
+        response: pb.ListUsersResponse = self._call(self._stub.ListUsers, pb.ListUsersRequest())
+        return list(response.users)
+
+    def whoami(self) -> pb.Identity:
+        identity: pb.Identity = self._call(self._stub.WhoAmI, pb.WhoAmIRequest())
+        return identity
+
     # -- errors --------------------------------------------------------------------------------
 
     def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:

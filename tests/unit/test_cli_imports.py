@@ -31,6 +31,9 @@ COMMAND_LINES = [
     ["nodes", "-o", "json"],
     ["owner", "ls", "-o", "json"],
     ["owner", "weight", "alice", "2"],
+    ["user", "add", "alice", "--max-cpu", "2", "--max-memory", "4Gi", "--max-priority", "5"],
+    ["user", "token", "alice", "--expires", "1h"],
+    ["whoami", "-o", "json"],
     ["certs", "/nonexistent/dir", "--node", "n1=127.0.0.1"],
 ]
 
