@@ -22,7 +22,7 @@ SHOWN_ONCE = ("this token is shown only now (etcd keeps only its hash): give it 
 class LimitParam(click.ParamType[int]):
     """A limit parsed by `inner`, or 0 for "0" / "none" (no limit)."""
 
-    def __init__(self, inner: click.ParamType[int] | None = None) -> None:
+    def __init__(self, *, inner: click.ParamType[int] | None = None) -> None:
         self.inner = inner
         self.name = inner.name if inner else "n"
 
@@ -62,9 +62,9 @@ def quota_options(function: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed((
             click.option("--role", type=click.Choice(["user", "admin"]), default=None,
                          help="user (default): its own tasks; admin: everything."),
-            click.option("--max-cpu", type=LimitParam(CpuParam()), default=None,
+            click.option("--max-cpu", type=LimitParam(inner=CpuParam()), default=None,
                          metavar="CORES", help="Most CPU its running tasks may hold (0: none)."),
-            click.option("--max-memory", type=LimitParam(SizeParam()), default=None,
+            click.option("--max-memory", type=LimitParam(inner=SizeParam()), default=None,
                          metavar="SIZE",
                          help="Most memory its running tasks may hold (0: no limit)."),
             click.option("--max-pending", type=LimitParam(), default=None, metavar="N",
