@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.client_users import UserCalls
 from node.core import keys, states
 from node.core.array_pages import ArrayWatch
 from node.core.client_defaults import DEFAULT_SERVER, DEFAULT_TIMEOUT
@@ -114,7 +115,7 @@ class EventCall:
         self._call.cancel()
 
 
-class Client:
+class Client(UserCalls):
     """Calls to one filch node. The channel is made on first use in each process (a gRPC
     channel must not cross a fork, and gunicorn forks its workers) and shared by threads."""
 
@@ -382,37 +383,6 @@ class Client:
         response: pb.RevokeSessionResponse = self._call(
             self._stub.RevokeSession, pb.RevokeSessionRequest(session_id=session_id))
         return response.revoked
-
-    # -- users (admins; whoami: anyone) -----------------------------------------------------
-
-    def add_user(self, request: pb.AddUserRequest) -> pb.UserTokenResponse:
-        """A new user and its token (shown only in this answer)."""
-        response: pb.UserTokenResponse = self._call(self._stub.AddUser, request)
-        return response
-
-    def set_user(self, request: pb.SetUserRequest) -> pb.User:
-        user: pb.User = self._call(self._stub.SetUser, request)
-        return user
-
-    def rotate_user_token(self, name: str, expires: float = 0.0) -> pb.UserTokenResponse:
-        """A new token for the user; its old one stops working on every node."""
-        response: pb.UserTokenResponse = self._call(
-            self._stub.RotateUserToken,
-            pb.RotateUserTokenRequest(name=name, expires_seconds=expires))
-        return response
-
-    def remove_user(self, name: str) -> pb.RemoveUserResponse:
-        response: pb.RemoveUserResponse = self._call(self._stub.RemoveUser,
-                                                     pb.RemoveUserRequest(name=name))
-        return response
-
-    def users(self) -> builtins.list[pb.User]:
-        response: pb.ListUsersResponse = self._call(self._stub.ListUsers, pb.ListUsersRequest())
-        return list(response.users)
-
-    def whoami(self) -> pb.Identity:
-        identity: pb.Identity = self._call(self._stub.WhoAmI, pb.WhoAmIRequest())
-        return identity
 
     # -- errors --------------------------------------------------------------------------------
 
