@@ -63,8 +63,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     @unary
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
+        access.submit_owner(request.spec)     # before validation fills in the default owner
         spec = validation.spec(request.spec)
-        access.submit_owner(spec)
         request_id = validation.request_id(request.request_id)
         if request.HasField("array"):
             return await self._tasks.submit_array(spec, validation.array(request.array),
