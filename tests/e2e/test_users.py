@@ -208,10 +208,10 @@ def test_a_user_token_gets_only_its_own_rights(cluster: Cluster,
                              (("filch-as-user", "admin"), ("filch-client-address", "1.2.3.4"))):
                 who = alice.WhoAmI(pb.WhoAmIRequest(), metadata=metadata, timeout=5)
                 assert (who.name, who.role, who.cluster_token) == ("alice", pb.ROLE_USER, False)
-                refused(lambda m=metadata: alice.CordonNode(  # type: ignore[misc]
+                refused(lambda m=metadata, a=alice: a.CordonNode(  # type: ignore[misc]
                     pb.CordonNodeRequest(name=node_name), metadata=m, timeout=5))
-            chunks = iter([pb.LogCopyChunk()])
-            refused(lambda: alice.PutLogCopy(chunks, timeout=5))
+            refused(lambda a=alice: a.PutLogCopy(  # type: ignore[misc]
+                iter([pb.LogCopyChunk()]), timeout=5))
             for method, request in (
                     (alice.CreateSession, pb.CreateSessionRequest(identity="alice")),
                     (alice.CheckSession, pb.CheckSessionRequest(session_id="A" * 43)),
@@ -225,8 +225,8 @@ def test_a_user_token_gets_only_its_own_rights(cluster: Cluster,
                     (alice.UncordonNode, pb.UncordonNodeRequest(name=node_name)),
                     (alice.SetOwnerWeight, pb.SetOwnerWeightRequest(name="alice", weight=1000))):
                 refused(lambda m=method, r=request: m(r, timeout=5))  # type: ignore[misc]
-            refused(lambda: list(alice.DrainNode(pb.DrainNodeRequest(name=node_name),
-                                                 timeout=5)))
+            refused(lambda a=alice: list(a.DrainNode(  # type: ignore[misc]
+                pb.DrainNodeRequest(name=node_name), timeout=5)))
     after = {key for key in cluster.etcd_keys()
              if key.startswith(("/user/", "/session/", "/cordon/", "/owner/"))}
     assert after == before

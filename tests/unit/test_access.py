@@ -101,7 +101,7 @@ async def test_users_are_added_once_changed_by_field_and_listed_without_hashes(
     with pytest.raises(Conflict, match="user alice exists"):
         await users.add(pb.AddUserRequest(name="alice"))
     for bad in ("admin", "a/b", ""):
-        with pytest.raises(InvalidArgument, match="^name:"):
+        with pytest.raises(InvalidArgument, match=r"^name:"):
             await users.add(pb.AddUserRequest(name=bad))
     changed = await users.set(pb.SetUserRequest(
         name="alice", quota=pb.Quota(max_cpu_millis=2000, max_priority=3),
