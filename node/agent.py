@@ -46,6 +46,7 @@ from node.faces.local_api import LocalApi
 from node.faces.logs import LogService
 from node.faces.service import TaskService
 from node.faces.sessions import SessionService
+from node.faces.users import UserService
 from node.operations import rejoin
 from node.operations.audit_retention import AuditRetention
 from node.operations.cordon import Cordon
@@ -246,7 +247,8 @@ class Agent:
             sessions=SessionService(store=store, ttl=config.session_ttl),
             events=EventService(config=config, store=store),
             copies=CopyStore(config=config, store=store),
-            audit=AuditLog(store=store, node=config.name))
+            audit=AuditLog(store=store, node=config.name),
+            users=UserService(tasks=tasks, open_node=authenticator.open))
         add_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

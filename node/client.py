@@ -29,6 +29,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+from node.client_users import UserCalls
 from node.core import keys, states
 from node.core.array_pages import ArrayWatch
 from node.core.client_defaults import DEFAULT_SERVER, DEFAULT_TIMEOUT
@@ -114,7 +115,7 @@ class EventCall:
         self._call.cancel()
 
 
-class Client:
+class Client(UserCalls):
     """Calls to one filch node. The channel is made on first use in each process (a gRPC
     channel must not cross a fork, and gunicorn forks its workers) and shared by threads."""
 

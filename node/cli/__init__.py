@@ -36,6 +36,7 @@ from node.cli.output import (
 )
 from node.cli.owners import owner_group
 from node.cli.params import check_server
+from node.cli.users import user_group, whoami_command
 from node.core.client_defaults import DEFAULT_SERVER, DEFAULT_TIMEOUT
 from node.core.errors import ClientError, InvalidArgument
 
@@ -167,7 +168,8 @@ def cli(ctx: click.Context, server: str, timeout: float, ca: str, token_file: st
 # What the group's --help lists for `agent` without building it.
 _AGENT_PLACEHOLDER = click.Command("agent", help=AGENT_SHORT_HELP)
 
-for _command in (*CLIENT_COMMANDS, events_command, owner_group, node_group, audit_command):
+for _command in (*CLIENT_COMMANDS, events_command, owner_group, node_group, audit_command,
+                 user_group, whoami_command):
     cli.add_command(_command)
 
 

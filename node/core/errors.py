@@ -59,6 +59,14 @@ class NodeNotFound(FilchError):
         self.name = name
 
 
+class UserNotFound(FilchError):
+    """No user has this name."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no user is named {name!r}; `filch user ls` lists them")
+        self.name = name
+
+
 class PermissionDenied(FilchError):
     """The caller is known but may not do this (another user's task, an admin call):
     gRPC PERMISSION_DENIED, HTTP 403, the CLI's exit status 77. Nothing was changed."""

@@ -136,6 +136,10 @@ API_REQUESTS = Counter("filch_api_requests_total", "gRPC requests by method and 
                        ["method", "code"])
 API_LATENCY = Histogram("filch_api_request_duration_seconds", "gRPC request handling time.",
                         ["method"], buckets=LATENCY_BUCKETS)
+# Bounded labels: users are made by admins (a handful to hundreds), methods are the API's.
+API_REFUSALS = Counter("filch_api_refusals_total",
+                       "Calls answered PERMISSION_DENIED, by the calling user and method.",
+                       ["user", "method"])
 LOG_STREAMS = Gauge("filch_log_streams", "Log streams this node serves now (--max-log-streams).")
 EVENT_STREAMS = Gauge("filch_event_streams",
                       "Event streams (Watch, GET /api/v1/events) this node serves now "

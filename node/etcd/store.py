@@ -25,6 +25,7 @@ from node.etcd import failpoints, release_marks
 from node.etcd.cordons import CordonStore
 from node.etcd.store_base import REQUEST_TIMEOUT, KeyPage, MemberStatus, WatchEvent
 from node.etcd.txn import Move, Versioned, append_move, index_keys, key_compare, status_key
+from node.etcd.user_store import UserStore
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 RELEASED = b"released"
 
 
-class Store(CordonStore):
+class Store(UserStore, CordonStore):
     """A connection to the local etcd member and every operation filch performs on it."""
 
     async def get_task(self, task_id: str) -> Versioned | None:

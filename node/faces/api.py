@@ -17,7 +17,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.core import validation
 from node.core.errors import Compacted, InvalidArgument, NotStarted
-from node.faces import audit
+from node.faces import access, audit
 from node.faces.audit import AuditLog, audited
 from node.faces.copy_store import CopyStore
 from node.faces.cordons import CordonService, drain_deadline, node_name
@@ -27,6 +27,7 @@ from node.faces.owners import OwnerService, owner_name, owner_weight
 from node.faces.rpc_wrap import Malformed, abort_call, count_call, safe_parser, unary
 from node.faces.service import TaskService
 from node.faces.sessions import SessionService, identity, session_id
+from node.faces.users import UserService, who_am_i
 
 
 def add_to_server(servicer: SchedulerServicer, server: grpc.aio.Server) -> None:
@@ -52,8 +53,11 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
 
     def __init__(self, *, tasks: TaskService, logs: LogService,
                  sessions: SessionService, events: EventService,
-                 copies: CopyStore | None = None, audit: AuditLog | None = None) -> None:
+                 copies: CopyStore | None = None, audit: AuditLog | None = None,
+                 users: UserService | None = None) -> None:
+        """users: None on a node without user management (tests)."""
         self._tasks = tasks
+        self._users = users
         self._logs = logs
         self._sessions = sessions
         self._events = events
@@ -63,6 +67,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     @unary
     @audited("submit", audit.submitted)
     async def Submit(self, request: pb.SubmitRequest, context: Any) -> pb.SubmitResponse:
+        access.submit_owner(request.spec)     # before validation fills in the default owner
         spec = validation.spec(request.spec)
         request_id = validation.request_id(request.request_id)
         if request.HasField("array"):
@@ -77,17 +82,20 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         if request.array_id:
             if request.id:
                 raise InvalidArgument("array_id", "give a task id or an array id, not both")
-            count = await self._tasks.cancel_array(validation.task_id(request.array_id,
-                                                                      "array_id"))
+            array_id = validation.task_id(request.array_id, "array_id")
+            await access.require_own_array(self._tasks, array_id)
+            count = await self._tasks.cancel_array(array_id)
             return pb.CancelResponse(canceled=count)
-        task = await self._tasks.cancel(validation.task_id(request.id))
-        return pb.CancelResponse(task=task)
+        task_id = validation.task_id(request.id)
+        await access.require_own_task(self._tasks, task_id, "Cancel", "cancel")
+        return pb.CancelResponse(task=await self._tasks.cancel(task_id))
 
     @unary
     async def GetTask(self, request: pb.GetTaskRequest, context: Any) -> pb.Task:
         task = await self._tasks.get(validation.task_id(request.id))
         await self._tasks.explain_pending([task])
         await self._tasks.place_in_queue(task)
+        access.redact([task])
         return task
 
     @unary
@@ -102,6 +110,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         else:
             tasks, token = await self._tasks.list_tasks(state, page_size, request.page_token)
         await self._tasks.explain_pending(tasks)
+        access.redact(tasks)
         return pb.ListTasksResponse(tasks=tasks, next_page_token=token)
 
     @unary
@@ -115,6 +124,10 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
             if isinstance(request, Malformed):
                 raise InvalidArgument("request", request.message)
             task_id = validation.task_id(request.id)
+            # Checked here, on the node the caller reached: a proxied call to the node
+            # holding the log runs with the cluster token (node/faces/logs.py).
+            await access.require_own_task(self._tasks, task_id, "StreamLogs",
+                                          "read the logs of")
             proxied = any(key == PROXIED_HEADER for key, _ in context.invocation_metadata() or ())
             async for data in self._logs.stream(task_id, follow=request.follow,
                                                 attempt=request.attempt, proxied=proxied):
@@ -154,6 +167,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def PutLogCopy(self, request: AsyncIterator[pb.LogCopyChunk],
                          context: Any) -> pb.LogCopyReceipt:
         """Internal: a peer's copy of an attempt's log (node/faces/copy_store.py)."""
+        access.require_cluster_token("PutLogCopy", "store log copies")
         if self._copies is None:
             raise NotStarted("this node keeps no log copies")
         return pb.LogCopyReceipt(size=await self._copies.receive(request))
@@ -163,6 +177,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     @unary
     @audited("owner-weight", audit.owner_weighted)
     async def SetOwnerWeight(self, request: pb.SetOwnerWeightRequest, context: Any) -> pb.Owner:
+        access.require_admin("SetOwnerWeight", "set owner weights")
         name = owner_name(request.name)
         weight = owner_weight(request.weight)
         return await OwnerService(store=self._tasks.store).set_weight(name, weight)
@@ -179,12 +194,14 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     @audited("cordon", audit.cordoned)
     async def CordonNode(self, request: pb.CordonNodeRequest,
                          context: Any) -> pb.CordonNodeResponse:
+        access.require_admin("CordonNode", "cordon nodes")
         return await CordonService(store=self._tasks.store).cordon(node_name(request.name))
 
     @unary
     @audited("uncordon", audit.uncordoned)
     async def UncordonNode(self, request: pb.UncordonNodeRequest,
                            context: Any) -> pb.CordonNodeResponse:
+        access.require_admin("UncordonNode", "uncordon nodes")
         return await CordonService(store=self._tasks.store).uncordon(node_name(request.name))
 
     async def DrainNode(self, request: pb.DrainNodeRequest,
@@ -193,6 +210,7 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         try:
             if isinstance(request, Malformed):
                 raise InvalidArgument("request", request.message)
+            access.require_admin("DrainNode", "drain nodes")
             name = node_name(request.name)
             deadline = drain_deadline(request.deadline_seconds)
             async for progress in audit.audited_stream(self.audit, "drain", audit.drain_change(
@@ -211,17 +229,20 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     @audited("sign-in", audit.signed_in)
     async def CreateSession(self, request: pb.CreateSessionRequest,
                             context: Any) -> pb.CreateSessionResponse:
+        access.require_cluster_token("CreateSession", "create web UI sessions")
         new_id, session = await self._sessions.create(identity(request.identity))
         return pb.CreateSessionResponse(session_id=new_id, session=session)
 
     @unary
     async def CheckSession(self, request: pb.CheckSessionRequest, context: Any) -> pb.Session:
+        access.require_cluster_token("CheckSession", "check web UI sessions")
         return await self._sessions.check(session_id(request.session_id))
 
     @unary
     @audited("sign-out", audit.signed_out)
     async def RevokeSession(self, request: pb.RevokeSessionRequest,
                             context: Any) -> pb.RevokeSessionResponse:
+        access.require_cluster_token("RevokeSession", "revoke web UI sessions")
         revoked = await self._sessions.revoke(session_id(request.session_id))
         return pb.RevokeSessionResponse(revoked=revoked)
 
@@ -230,37 +251,38 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     @unary
     @audited("user-add", audit.user_added)
     async def AddUser(self, request: pb.AddUserRequest, context: Any) -> pb.UserTokenResponse:
-        raise NotStarted("users are not built yet")
+        return await self._user_service("AddUser", "add users").add(request)
 
     @unary
     @audited("user-set", audit.user_set)
     async def SetUser(self, request: pb.SetUserRequest, context: Any) -> pb.User:
-        raise NotStarted("users are not built yet")
+        return await self._user_service("SetUser", "change users").set(request)
 
     @unary
     @audited("user-token", audit.token_rotated)
     async def RotateUserToken(self, request: pb.RotateUserTokenRequest,
                               context: Any) -> pb.UserTokenResponse:
-        raise NotStarted("users are not built yet")
+        return await self._user_service("RotateUserToken", "issue user tokens").rotate(request)
 
     @unary
     @audited("user-remove", audit.user_removed)
     async def RemoveUser(self, request: pb.RemoveUserRequest,
                          context: Any) -> pb.RemoveUserResponse:
-        raise NotStarted("users are not built yet")
+        return await self._user_service("RemoveUser", "remove users").remove(request)
 
     @unary
     async def ListUsers(self, request: pb.ListUsersRequest, context: Any) -> pb.ListUsersResponse:
-        raise NotStarted("users are not built yet")
+        return await self._user_service("ListUsers", "list users").list()
 
     @unary
     async def WhoAmI(self, request: pb.WhoAmIRequest, context: Any) -> pb.Identity:
-        raise NotStarted("users are not built yet")
+        return who_am_i()
 
     @unary
     @audited("cluster-set", audit.setting_set)
     async def SetClusterSetting(self, request: pb.SetClusterSettingRequest,
                                 context: Any) -> pb.ClusterSettings:
+        access.require_admin("SetClusterSetting", "change cluster settings")
         raise NotStarted("cluster settings are not built yet")
 
     @unary
@@ -273,3 +295,10 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         if self.audit is None:
             raise NotStarted("this node keeps no audit trail")
         return await self.audit.list(request)
+
+    def _user_service(self, method: str, what: str) -> UserService:
+        """The user service, once the caller is known to be an admin."""
+        access.require_admin(method, what)
+        if self._users is None:
+            raise NotStarted("this node does not manage users")
+        return self._users

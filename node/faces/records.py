@@ -276,3 +276,22 @@ def owner_to_dict(owner: filch_pb2.Owner) -> dict[str, object]:
         "running": owner.usage.running,
         "share": owner.share,
     }
+
+
+def user_to_dict(user: filch_pb2.User) -> dict[str, object]:
+    """A user's JSON form (`filch user ls -o json`): limits in cores and bytes, null where
+    there is none; never its token hash."""
+    quota = user.quota
+    return {
+        "name": user.name,
+        "role": "admin" if user.role == filch_pb2.ROLE_ADMIN else "user",
+        "max_cpu": quota.max_cpu_millis / 1000 if quota.max_cpu_millis else None,
+        "max_memory_bytes": quota.max_memory_bytes or None,
+        "max_pending": quota.max_pending or None,
+        "max_priority": quota.max_priority if quota.HasField("max_priority") else None,
+        "created_at": user.created_at.ToJsonString() if user.HasField("created_at") else "",
+        "token_issued_at": (user.token_issued_at.ToJsonString()
+                            if user.HasField("token_issued_at") else ""),
+        "token_expires_at": (user.token_expires_at.ToJsonString()
+                             if user.HasField("token_expires_at") else ""),
+    }

@@ -28,6 +28,7 @@ from node.core.errors import (
     StoreFull,
     StoreUnavailable,
     TaskNotFound,
+    UserNotFound,
 )
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ _CODES: list[tuple[type[FilchError], grpc.StatusCode]] = [
     (TaskNotFound, grpc.StatusCode.NOT_FOUND),
     (NodeNotFound, grpc.StatusCode.NOT_FOUND),
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    (UserNotFound, grpc.StatusCode.NOT_FOUND),
     (Conflict, grpc.StatusCode.ALREADY_EXISTS),
     (StoreFull, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),

@@ -152,19 +152,23 @@ class TaskService:
             raise TaskNotFound(task_id)
         return found.task
 
-    async def cancel(self, task_id: str) -> pb.Task:
+    async def cancel(self, task_id: str, why: str = "canceled by a user", *,
+                     pending_only: bool = False) -> pb.Task:
         """Cancel a pending or running task in one transaction; a finished task is returned as is.
 
         A running task's owner sees its running key disappear and stops the container
         (SIGTERM, grace, SIGKILL); its own finish write is then rejected by the fence.
+        why becomes the task's message. pending_only: a task that is (or meanwhile
+        became) RUNNING is returned as is, left to finish (a removed user's tasks).
         """
         for _ in range(CONFLICT_RETRIES):
             found = await self.store.get_task(task_id)
             if found is None:
                 raise TaskNotFound(task_id)
-            if found.task.state in FINISHED:
+            if found.task.state in FINISHED or (
+                    pending_only and found.task.state != pb.TASK_STATE_PENDING):
                 return found.task
-            cause = canceled("canceled by a user")
+            cause = canceled(why)
             new = outcome(found.task, cause)
             if await self.store.transition(found, new) is not None:
                 return new

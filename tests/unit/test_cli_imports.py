@@ -32,6 +32,9 @@ COMMAND_LINES = [
     ["owner", "ls", "-o", "json"],
     ["owner", "weight", "alice", "2"],
     ["audit", "--since", "1h", "--user", "alice", "--limit", "5", "-o", "json"],
+    ["user", "add", "alice", "--max-cpu", "2", "--max-memory", "4Gi", "--max-priority", "5"],
+    ["user", "token", "alice", "--expires", "1h"],
+    ["whoami", "-o", "json"],
     ["certs", "/nonexistent/dir", "--node", "n1=127.0.0.1"],
 ]
 

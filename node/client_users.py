@@ -1,0 +1,41 @@
+"""node.client.Client's calls about users: add, change, new token, remove, list (admins),
+and who the node takes the caller for (anyone). Tokens are shown only in these answers."""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any, cast
+
+from node._gen.filch.v1 import filch_pb2 as pb
+from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
+
+
+class UserCalls:
+    """Mixed into Client, which provides _call and _stub."""
+
+    def _call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+        raise NotImplementedError
+
+    @property
+    def _stub(self) -> pb_grpc.SchedulerStub:
+        raise NotImplementedError
+
+    def add_user(self, request: pb.AddUserRequest) -> pb.UserTokenResponse:
+        return cast(pb.UserTokenResponse, self._call(self._stub.AddUser, request))
+
+    def set_user(self, request: pb.SetUserRequest) -> pb.User:
+        return cast(pb.User, self._call(self._stub.SetUser, request))
+
+    def rotate_user_token(self, name: str, expires: float = 0.0) -> pb.UserTokenResponse:
+        request = pb.RotateUserTokenRequest(name=name, expires_seconds=expires)
+        return cast(pb.UserTokenResponse, self._call(self._stub.RotateUserToken, request))
+
+    def remove_user(self, name: str) -> pb.RemoveUserResponse:
+        request = pb.RemoveUserRequest(name=name)
+        return cast(pb.RemoveUserResponse, self._call(self._stub.RemoveUser, request))
+
+    def users(self) -> builtins.list[pb.User]:
+        return list(self._call(self._stub.ListUsers, pb.ListUsersRequest()).users)
+
+    def whoami(self) -> pb.Identity:
+        return cast(pb.Identity, self._call(self._stub.WhoAmI, pb.WhoAmIRequest()))
