@@ -32,6 +32,7 @@ from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.client_users import UserCalls
 from node.core import keys, states
 from node.core.array_pages import ArrayWatch
+from node.core.call_metadata import CallerMetadata, caller_metadata
 from node.core.client_defaults import DEFAULT_SERVER, DEFAULT_TIMEOUT
 from node.core.errors import (
     ClientError,
@@ -134,6 +135,7 @@ class Client(UserCalls):
         self._lock = threading.Lock()
         self._owner_pid = 0
         self._channel: grpc.Channel | None = None
+        self._behalf: tuple[Client, CallerMetadata] | None = None  # see on_behalf
 
     @classmethod
     def with_security(cls, server: str, security: Security, *,
@@ -165,7 +167,19 @@ class Client(UserCalls):
                 self._channel.close()
             self._channel = None
 
+    def on_behalf(self, *, as_user: str = "", user_token: str = "", address: str = ""
+                  ) -> Client:
+        """A view sharing this client's channel whose every call names a caller: a signed-in
+        user (as_user) or a user token's holder, from address. Only the cluster token's
+        calls may (node/faces/authn.py): the HTTP face's, for whoever called it."""
+        view = Client.with_security(self.server, self.security, timeout=self.timeout)
+        view._behalf = (self, CallerMetadata(metadata=caller_metadata(
+            as_user=as_user, user_token=user_token, address=address)))
+        return view
+
     def channel(self) -> grpc.Channel:
+        if self._behalf is not None:
+            return grpc.intercept_channel(self._behalf[0].channel(), self._behalf[1])
         with self._lock:
             if self._channel is None or self._owner_pid != os.getpid():
                 options = [("grpc.max_receive_message_length", CLIENT_MAX_RECEIVE_BYTES)]

@@ -21,14 +21,19 @@ parsing and JSON answers node/faces/http_wire.py, log streaming node/faces/http_
                                         etcd revision (node/faces/http_events.py)
     GET  /api/v1/owners                 fair share: weight, usage and share of every owner
     POST /api/v1/owners/<name>/weight   {"weight": W}
+    GET  /api/v1/whoami, /api/v1/users..., /api/v1/cluster/settings, /api/v1/audit:
+                                        users, settings and the audit trail
+                                        (node/faces/http_users.py)
     GET  /                              the web UI (files in node/faces/web/)
     GET  /login                         the UI's sign-in form; POST /login {"token": ...}
     POST /logout                        ends the UI's session on every node, clears its cookie
 
 Who may call what is node/faces/webauth.py's business: a node without a token serves loopback
 peers only; probes are open, everything else must name this node in Host, and with a token
-configured /api/ and the UI need the token (bearer) or the session cookie /login sets
-(a session the agent keeps in etcd: node/faces/sessions.py).
+configured /api/ and the UI need a token (bearer: the cluster token, or a user's) or the
+session cookie /login sets (a session the agent keeps in etcd: node/faces/sessions.py).
+Every call a request makes to the daemon names its caller and address
+(node/faces/callers.py): the daemon, not this face, decides what that caller may do.
 
 gRPC status codes become HTTP statuses (http_wire.failure) with the body {"error": "..."};
 a client never sees a traceback.
@@ -36,6 +41,7 @@ a client never sees a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -48,7 +54,9 @@ from node.client import DEFAULT_SERVER, Client
 from node.core.errors import ClientError, HttpError, InvalidRequest, NotFound, Refused
 from node.core.tls import Security
 from node.faces import http_events
+from node.faces.callers import Caller, Network, client_address, trusted_proxies
 from node.faces.http_api import Api
+from node.faces.http_users import AgentUsers, UsersApi
 from node.faces.http_wire import Request, Response, failure, json_response
 from node.faces.webauth import Gate, cleared_cookie, default_hosts, session_cookie
 
@@ -124,7 +132,8 @@ class App:
 
     def __init__(self, *, server: str, advertise: str | None = None,
                  web_dir: Path = WEB_DIR, security: Security | None = None,
-                 allowed_hosts: Iterable[str] = ()) -> None:
+                 allowed_hosts: Iterable[str] = (), proxies: tuple[Network, ...] = ()
+                 ) -> None:
         """server: the daemon's gRPC HOST:PORT. advertise: the address the daemon's node
         record carries (default: server), which readiness looks for in the node list.
         security: the CA and token when the daemon serves TLS; its token, if any, is also
@@ -134,9 +143,15 @@ class App:
         self.daemon = Client.with_security(server, security or Security())
         self.api = Api(client=self.daemon, advertise=advertise or server)
         self.web_dir = web_dir
+        self.proxies = proxies
         self.gate = Gate.create(self.daemon.security.token, allowed_hosts,
-                                AgentSessions(client=self.daemon))
+                                AgentSessions(client=self.daemon),
+                                # The daemon checks user tokens only over TLS, where
+                                # the face's own token reaches it.
+                                AgentUsers(client=self.daemon)
+                                if self.daemon.security.tls else None)
         api = self.api
+        users = UsersApi()
         routes: list[tuple[str, str, dict[str, Handler]]] = [
             (r"/healthz", PROBE, {"GET": api.healthz}),
             (r"/readyz", PROBE, {"GET": api.readyz}),
@@ -152,6 +167,14 @@ class App:
             (r"/api/v1/nodes/(?P<name>[^/]+)/drain", PRIVATE, {"POST": api.drain_node}),
             (r"/api/v1/owners", PRIVATE, {"GET": api.list_owners}),
             (r"/api/v1/owners/(?P<name>[^/]+)/weight", PRIVATE, {"POST": api.set_owner_weight}),
+            (r"/api/v1/whoami", PRIVATE, {"GET": users.whoami}),
+            (r"/api/v1/users", PRIVATE, {"GET": users.list_users, "POST": users.add_user}),
+            (r"/api/v1/users/(?P<name>[^/]+)", PRIVATE,
+             {"POST": users.set_user, "DELETE": users.remove_user}),
+            (r"/api/v1/users/(?P<name>[^/]+)/token", PRIVATE, {"POST": users.rotate_token}),
+            (r"/api/v1/cluster/settings", PRIVATE,
+             {"GET": users.get_settings, "POST": users.set_setting}),
+            (r"/api/v1/audit", PRIVATE, {"GET": users.list_audit}),
             (r"/api/.*", PRIVATE, {}),  # unknown API paths: 401 before 404, as the rest
             (r"/", PRIVATE, {"GET": self.index}),
             (r"/login", PUBLIC, {"GET": self.login_page}),
@@ -174,7 +197,8 @@ class App:
                                  token=os.environ.get("FILCH_TOKEN", ""))
         return cls(server=server, advertise=os.environ.get("FILCH_ADVERTISE") or None,
                    security=security,
-                   allowed_hosts=default_hosts(os.environ))
+                   allowed_hosts=default_hosts(os.environ),
+                   proxies=trusted_proxies(os.environ))
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse
                  ) -> Iterable[bytes]:
@@ -186,7 +210,11 @@ class App:
                 # A person opening the UI: a page that sends them to the sign-in form.
                 response = self._file("signin-redirect.html", status=401)
             else:
-                response = json_response(error.status, {"error": error.message}, error.headers)
+                headers = list(error.headers)
+                if error.status == 401 and not headers:
+                    # The daemon's UNAUTHENTICATED (a wrong user token, a removed user).
+                    headers.append(("WWW-Authenticate", 'Bearer realm="filch"'))
+                response = json_response(error.status, {"error": error.message}, headers)
         except Exception as error:
             log.exception("internal error serving %s %s", request.method, request.path)
             response = json_response(500, {"error": f"internal error ({type(error).__name__}); "
@@ -207,13 +235,16 @@ class App:
         found = [(access, methods[method], match) for access, methods, match in matched
                  if method in methods]
         access = found[0][0] if found else matched[0][0]
+        caller = Caller()
         try:
             self.gate.check_peer(request.environ)
             if access != PROBE:
                 self.gate.check_host(request.environ)
             if access == PRIVATE:
                 # A method no handler takes changes nothing: it gets its 405 once signed in.
-                self.gate.authenticate(request.environ, method if found else "GET")
+                caller = self.gate.authenticate(request.environ, method if found else "GET")
+                if caller.user_token and not found:
+                    self._check_token(caller.user_token)  # 401 before 404, as for the rest
             elif access == SIGN_IN and found:
                 self.gate.check_same_origin(request.environ)
         except Refused as refused:
@@ -231,10 +262,23 @@ class App:
             raise HttpError(405, f"{request.method} is not allowed on {request.path}; "
                                  f"use {allowed}", [("Allow", allowed)])
         _, handler, match = found[0]
-        return handler(request, match)
+        caller = dataclasses.replace(caller, address=client_address(request.environ,
+                                                                    self.proxies))
+        return handler(dataclasses.replace(request, caller=self.daemon.on_behalf(
+            as_user=caller.as_user, user_token=caller.user_token, address=caller.address)),
+            match)
+
+    def _check_token(self, token: str) -> None:
+        """Raises Refused (401) unless the daemon knows the user token (any other answer
+        leaves the request to its 404 or 405)."""
+        try:
+            self.gate.users.name_of(token) if self.gate.users else None
+        except Refused as refused:
+            if refused.status == 401:
+                raise
 
     def events(self, request: Request, match: re.Match[str]) -> Response:
-        return http_events.events(self.daemon, request)
+        return http_events.events(request.daemon(), request)
 
     # -- the web UI ----------------------------------------------------------------------------
 

@@ -98,21 +98,21 @@ class Api:
         if array_id and state_text not in ("", "all"):
             raise HttpError(400, "state: cannot be combined with array_id")
         try:
-            tasks, next_token = self.client.list_page(
+            tasks, next_token = request.daemon().list_page(
                 states.STATE_BY_NAME.get(state_text), request.int_param("page_size",
                                                                         MAX_PAGE_SIZE),
                 request.param("page_token"), array_id=array_id)
         except ClientError as error:
             raise failure(error) from None
-        return json_response(200, {"tasks": [records.task_to_dict(task) for task in tasks],
+        return json_response(200, {"tasks": [task_json(task) for task in tasks],
                                    "next_page_token": next_token})
 
     def get_task(self, request: Request, match: re.Match[str]) -> Response:
-        return json_response(200, records.task_to_dict(self._get(match["id"])))
+        return json_response(200, task_json(self._get(request, match["id"])))
 
-    def _get(self, task_id: str) -> pb.Task:
+    def _get(self, request: Request, task_id: str) -> pb.Task:
         try:
-            return self.client.get(task_id)
+            return request.daemon().get(task_id)
         except ClientError as error:
             raise failure(error) from None
 
@@ -120,7 +120,7 @@ class Api:
         submit = submit_request(request.json_body())
         try:
             # No retries here: the HTTP client sees the 503 and decides for itself.
-            response = self.client.submit_request(submit, retry_for=0)
+            response = request.daemon().submit_request(submit, retry_for=0)
         except ClientError as error:
             raise failure(error) from None
         if submit.HasField("array"):
@@ -128,19 +128,19 @@ class Api:
                                  http_batch.array_reply(response),
                                  [("Location", f"/api/v1/tasks?array_id={response.array_id}")])
         return json_response(201 if response.created else 200,
-                             records.task_to_dict(response.task),
+                             task_json(response.task),
                              [("Location", f"/api/v1/tasks/{response.task.id}")])
 
     def cancel(self, request: Request, match: re.Match[str]) -> Response:
         try:
-            task = self.client.cancel(match["id"])
+            task = request.daemon().cancel(match["id"])
         except ClientError as error:
             raise failure(error) from None
-        return json_response(200, records.task_to_dict(task))
+        return json_response(200, task_json(task))
 
     def cancel_array(self, request: Request, match: re.Match[str]) -> Response:
         try:
-            count = self.client.cancel_array(match["id"])
+            count = request.daemon().cancel_array(match["id"])
         except ClientError as error:
             raise failure(error) from None
         return json_response(200, {"array_id": match["id"], "canceled": count})
@@ -151,8 +151,8 @@ class Api:
         attempt = request.int_param("attempt", 2**32 - 1)
         # A bad or unknown id gets its 400 / 404 however slow the daemon is; what the
         # stream itself refuses (no such attempt, not started) is caught by the peek below.
-        self._get(match["id"])
-        stream = LogStream(call=self.client.logs(match["id"], follow, attempt),
+        self._get(request, match["id"])
+        stream = LogStream(call=request.daemon().logs(match["id"], follow, attempt),
                            client=request.environ.get("gunicorn.socket"))
         first = stream.next(LOG_PEEK)
         if isinstance(first, ClientError):
@@ -168,7 +168,7 @@ class Api:
 
     def list_nodes(self, request: Request, match: re.Match[str]) -> Response:
         try:
-            nodes = self.client.nodes()
+            nodes = request.daemon().nodes()
         except ClientError as error:
             raise failure(error) from None
         return json_response(200, {"nodes": [records.node_to_dict(node) for node in nodes]})
@@ -177,14 +177,14 @@ class Api:
 
     def cordon_node(self, request: Request, match: re.Match[str]) -> Response:
         try:
-            self.client.cordon_node(match["name"])
+            request.daemon().cordon_node(match["name"])
         except ClientError as error:
             raise failure(error) from None
         return json_response(200, {"name": match["name"], "cordoned": True})
 
     def uncordon_node(self, request: Request, match: re.Match[str]) -> Response:
         try:
-            response = self.client.uncordon_node(match["name"])
+            response = request.daemon().uncordon_node(match["name"])
         except ClientError as error:
             raise failure(error) from None
         return json_response(200, {"name": response.name, "cordoned": False,
@@ -203,7 +203,7 @@ class Api:
             raise HttpError(400, f"deadline_seconds: must be a number, not "
                             f"{json.dumps(deadline)}")
         try:
-            progress = self.client.drain_node(match["name"], float(deadline))
+            progress = request.daemon().drain_node(match["name"], float(deadline))
             try:
                 first = next(progress)
             finally:
@@ -220,7 +220,7 @@ class Api:
 
     def list_owners(self, request: Request, match: re.Match[str]) -> Response:
         try:
-            owners = self.client.owners()
+            owners = request.daemon().owners()
         except ClientError as error:
             raise failure(error) from None
         return json_response(200, {"owners": [records.owner_to_dict(owner) for owner in owners]})
@@ -235,10 +235,17 @@ class Api:
         if isinstance(weight, bool) or not isinstance(weight, int | float):
             raise HttpError(400, f"weight: must be a number, not {json.dumps(weight)}")
         try:
-            owner = self.client.set_owner_weight(match["name"], float(weight))
+            owner = request.daemon().set_owner_weight(match["name"], float(weight))
         except ClientError as error:
             raise failure(error) from None
         return json_response(200, records.owner_to_dict(owner))
+
+
+def task_json(task: pb.Task) -> dict[str, Any]:
+    """A task's JSON form, with "redacted": true when the daemon left out its command,
+    arguments, environment and logs (another user's task) so a page can say so."""
+    return {**records.task_to_dict(task), "redacted": task.redacted}
+
 
 # -- request bodies ----------------------------------------------------------------------------
 

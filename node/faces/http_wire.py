@@ -12,6 +12,7 @@ from wsgiref.types import WSGIEnvironment
 
 import grpc
 
+from node.client import Client
 from node.core.errors import ClientError, HttpError
 
 # A spec is at most 1 MiB (validation.MAX_SPEC_BYTES); JSON escaping may double it.
@@ -67,6 +68,8 @@ class Request:
     method: str
     path: str
     query: Mapping[str, list[str]]
+    # The daemon as this request's caller (App._dispatch sets it once the caller is known).
+    caller: Client | None = None
 
     @classmethod
     def from_environ(cls, environ: WSGIEnvironment) -> Request:
@@ -93,6 +96,13 @@ class Request:
         if text in _FALSE:
             return False
         raise HttpError(400, f"{name}: {text!r} is not a boolean (1 or 0)")
+
+    def daemon(self) -> Client:
+        """The client whose calls act for this request's caller. Fails closed: a handler
+        reached before the caller was known would otherwise have no identity to send."""
+        if self.caller is None:
+            raise HttpError(500, "internal error: no caller for this request")
+        return self.caller
 
     @property
     def tls(self) -> bool:

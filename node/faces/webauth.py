@@ -7,13 +7,16 @@ The rules (README, "The HTTP face"):
   allowlist). A DNS-rebinding page reaches us under its own name, so its `Host` is refused.
 - Without a token, only loopback peers are served (REMOTE_ADDR, checked here whatever
   address gunicorn was told to bind: `-b` and GUNICORN_CMD_ARGS bypass gunicorn_conf.py).
-- With a token configured, every `/api/` route and the UI need it: programs send
-  `Authorization: Bearer <token>`; the browser sends the session cookie that `POST /login`
-  set after the user typed the token. The cookie holds a random session id (node/faces/sessions.py:
-  server-side, expiring, ended by `POST /logout` on every node), not the token: it is
-  worthless against the gRPC API. Sessions outlive a change of the token (they were
-  granted by whoever held the old one); `filch` has no "end all sessions" yet, so rotating
-  the token because it leaked means also waiting out --session-ttl or deleting /session/.
+- With a token configured, every `/api/` route and the UI need a credential: programs send
+  `Authorization: Bearer <token>`, the cluster token (admin) or a user's token (passed on to
+  the daemon, which decides: a wrong one is 401); the browser sends the session cookie that
+  `POST /login` set after the user typed either token. The session carries the identity
+  (the user's name, or admin for the cluster token) and every call for it names that user
+  (node/faces/callers.py): the face never acts as admin for a user. The cookie holds a
+  random session id (node/faces/sessions.py: server-side, expiring, ended by `POST /logout`
+  on every node), not the token: it is worthless against the gRPC API. Sessions outlive a
+  change of the cluster token (they were granted by whoever held the old one); a removed
+  user's session stops working at once (the daemon no longer knows the name).
 - A request that changes state and is not bearer-authenticated (the cookie, or no token at
   all on a loopback-only node) must carry `Content-Type: application/json`, and any `Origin`
   must be on the allowlist. A cross-site HTML form cannot send that content type, and a
@@ -32,13 +35,18 @@ from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 from node.core.errors import Refused
+from node.faces.callers import Caller
 
 COOKIE_NAME: Final = "filch_session"
 # What a session id looks like (node/faces/sessions.py: secrets.token_urlsafe(32)); anything else
 # in the cookie is refused here, without asking the agent.
 SESSION_ID: Final = re.compile(r"^[A-Za-z0-9_-]{43}$")
-# Who signs in with the token, until filch has users.
+# Who signs in with the cluster token (node/core/identity.py ADMIN).
 ADMIN: Final = "admin"
+# What a bearer token may look like before it is passed on as gRPC metadata (printable
+# ASCII, bounded): anything else is wrong without asking the daemon.
+TOKEN_TEXT: Final = re.compile(r"^[\x21-\x7e]{1,512}$")
+WRONG_TOKEN: Final = "token: wrong token"
 # Names that always mean this machine; 127.0.0.0/8 and ::1 literals are accepted as well.
 LOOPBACK_NAMES: Final = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 STATE_CHANGING: Final = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -85,6 +93,14 @@ class Sessions(Protocol):
         """End the session on every node (nothing when there is none)."""
 
 
+class TokenOwners(Protocol):
+    """Who holds a user token: the daemon (node/faces/http_users.py asks it, WhoAmI)."""
+
+    def name_of(self, token: str) -> str:
+        """The user name of a live user token. Raises Refused: 401 for a wrong, expired or
+        revoked token, another status when the daemon cannot say."""
+
+
 class NoSessions:
     """For a node without a token: there is nothing to sign in to."""
 
@@ -118,12 +134,14 @@ class Gate:
     token: str
     allowed_hosts: frozenset[str]
     sessions: Sessions
+    users: TokenOwners | None = None
+    """None: only the cluster token signs in (the daemon cannot check user tokens)."""
 
     @classmethod
-    def create(cls, token: str, hosts: Iterable[str],
-               sessions: Sessions | None = None) -> Gate:
+    def create(cls, token: str, hosts: Iterable[str], sessions: Sessions | None = None,
+               users: TokenOwners | None = None) -> Gate:
         return cls(token, frozenset(host_name(host) for host in hosts if host_name(host)),
-                   sessions or NoSessions())
+                   sessions or NoSessions(), users)
 
     def check_peer(self, environ: Mapping[str, Any]) -> None:
         """Raises Refused (403) when a node without a token is reached from another
@@ -146,11 +164,17 @@ class Gate:
             raise Refused(400, f"Host: {given!r} is not a name or address of this node; "
                                "add it to FILCH_HTTP_ALLOWED_HOSTS if it is")
 
-    def bearer(self, environ: Mapping[str, Any]) -> bool:
-        """Whether the request carries the right `Authorization: Bearer` token."""
+    def bearer(self, environ: Mapping[str, Any]) -> str | None:
+        """The token of the request's `Authorization: Bearer` header (None without one, or
+        on a node without a token, where none is looked at)."""
         scheme, _, given = str(environ.get("HTTP_AUTHORIZATION", "")).partition(" ")
-        return bool(self.token) and scheme.lower() == "bearer" and hmac.compare_digest(
-            given.strip().encode(), self.token.encode())
+        given = given.strip()
+        if not self.token or scheme.lower() != "bearer" or not given:
+            return None
+        return given
+
+    def is_cluster_token(self, given: str) -> bool:
+        return bool(self.token) and hmac.compare_digest(given.encode(), self.token.encode())
 
     def cookie(self, environ: Mapping[str, Any]) -> str | None:
         """The identity of the live session the request's cookie names, else None."""
@@ -159,17 +183,30 @@ class Gate:
         value = session_of(environ)
         return None if value is None else self.sessions.check(value)
 
-    def authenticate(self, environ: Mapping[str, Any], method: str) -> None:
-        """Raises Refused (401 or 403) unless the request may go on: a bearer token passes;
-        anything else needs the cookie (when there is a token) and, to change state, the
-        same-origin proof."""
-        if self.bearer(environ):
-            return
-        if self.token and self.cookie(environ) is None:
+    def authenticate(self, environ: Mapping[str, Any], method: str) -> Caller:
+        """Whom the request's calls act for (its address is the App's to add); raises
+        Refused (401 or 403) unless it may go on. The cluster token as bearer acts as
+        admin; another bearer token is passed on for the daemon to check (a wrong one comes
+        back 401); anything else needs the cookie (when there is a token) and, to change
+        state, the same-origin proof. Bearer requests need no such proof: a browser never
+        adds the header by itself."""
+        given = self.bearer(environ)
+        if given is not None:
+            if self.is_cluster_token(given):
+                return Caller()
+            # Without a daemon that checks user tokens (users None: no TLS to it, so no
+            # token reaches it), another token is no credential at all.
+            if self.users is not None:
+                if not TOKEN_TEXT.fullmatch(given):
+                    raise Refused(401, WRONG_TOKEN)
+                return Caller(user_token=given)
+        identity = self.cookie(environ)
+        if self.token and identity is None:
             raise Refused(401, "not signed in: send Authorization: Bearer <token>, or sign "
                                "in to the web UI at /login")
         if method in STATE_CHANGING:
             self.check_same_origin(environ)
+        return Caller(as_user=identity or "")
 
     def check_same_origin(self, environ: Mapping[str, Any]) -> None:
         """Raises Refused (403) unless a browser request provably comes from our own page."""
@@ -182,13 +219,17 @@ class Gate:
             raise Refused(403, f"Origin: cross-origin request from {origin} refused")
 
     def login(self, given: str) -> tuple[str, int]:
-        """A new session (its id and lifetime in seconds) for a correct token; raises
-        Refused (401) otherwise, 409 on a node without a token."""
+        """A new session (its id and lifetime in seconds) for the cluster token (as admin)
+        or a live user token (as that user); raises Refused (401) for any other token, 409
+        on a node without a token."""
         if not self.token:
             raise Refused(409, "token: this node has no token; the UI needs no sign-in")
-        if not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-            raise Refused(401, "token: wrong token")
-        return self.sessions.create(ADMIN)
+        given = given.strip()
+        if self.is_cluster_token(given):
+            return self.sessions.create(ADMIN)
+        if self.users is None or not TOKEN_TEXT.fullmatch(given):
+            raise Refused(401, WRONG_TOKEN)
+        return self.sessions.create(self.users.name_of(given))
 
     def logout(self, environ: Mapping[str, Any]) -> None:
         """End the session the cookie names, on every node (nothing when there is none)."""

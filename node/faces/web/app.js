@@ -162,6 +162,31 @@ function cancelable(task) {
   return task.state === "PENDING" || task.state === "RUNNING";
 }
 
+// Who is signed in (GET /api/v1/whoami); null until known. A user cancels only its own
+// tasks and sees only their commands: the daemon enforces both, the page just follows.
+let me = null;
+const HIDDEN_COMMAND = "hidden (another user's task)";
+
+async function loadWhoAmI() {
+  try {
+    me = await api("/api/v1/whoami");
+  } catch (error) {
+    return;  // unknown (a 401 already went to the sign-in form): the daemon still decides
+  }
+  const badge = $("whoami");
+  badge.replaceChildren(document.createTextNode(me.name),
+    el("span", { class: "role", text: me.role }));
+  badge.hidden = false;
+}
+
+function mayCancel(task) {
+  return cancelable(task) && (!me || me.role === "admin" || task.owner === me.name);
+}
+
+function commandText(task) {
+  return task.redacted ? HIDDEN_COMMAND : shellJoin([task.command, ...task.args]);
+}
+
 // A cancel button that asks for a second click before it acts: the second click POSTs to
 // url (a task's or an array's cancel), then onDone(reply) runs with the JSON reply, or with
 // null when the call failed (the failure is already in the banner).
@@ -381,7 +406,7 @@ function renderTasks(tasks, truncated) {
 function taskRow(task) {
   const href = `#/tasks/${task.id}`;
   const actions = el("td", { class: "actions" });
-  if (cancelable(task)) {
+  if (mayCancel(task)) {
     const button = el("button", { type: "button", class: "danger small", "data-label": "Cancel" });
     actions.append(cancelButton(button, taskCancelUrl(task.id), refreshTasks));
   }
@@ -389,7 +414,7 @@ function taskRow(task) {
     el("td", {}, el("a", { href, class: "mono", text: shortTaskId(task.id), title: task.id })),
     el("td", { class: "name", text: task.name || "–", title: task.name }),
     el("td", {}, stateBadge(task)),
-    el("td", { class: "command", text: shellJoin([task.command, ...task.args]) }),
+    el("td", { class: task.redacted ? "command hidden-command" : "command", text: commandText(task) }),
     el("td", { text: nodeLabel(task.node_id), title: task.node_id ? `${task.node_id} at ${task.node_address}` : "" }),
     el("td", { class: "num", text: formatCpu(task.cpu) }),
     el("td", { class: "num", text: formatSize(task.memory_bytes) }),
@@ -439,14 +464,14 @@ async function refreshTask(taskId) {
 }
 
 function renderTask(task) {
-  $("task-title").textContent = task.name || shellJoin([task.command, ...task.args]);
+  $("task-title").textContent = task.name || commandText(task);
   $("task-id").textContent = task.id;
   const badge = stateBadge(task);
   $("task-state").replaceWith(badge);
   badge.id = "task-state";
 
   const cancel = $("task-cancel");
-  if (cancelable(task)) {
+  if (mayCancel(task)) {
     if (cancel.hidden || cancel.dataset.task !== task.id) {
       cancel.dataset.task = task.id;
       cancelButton(cancel, taskCancelUrl(task.id), () => refreshTask(task.id));
@@ -463,7 +488,7 @@ function renderTask(task) {
     ["State", finished ? `${task.state} — ${longOutcome(task)}` : task.state],
     ["Exit code", task.exit_code ?? "–"],
     ["Attempt", task.attempt],
-    ["Command", shellJoin([task.command, ...task.args]), "wide mono"],
+    ["Command", commandText(task), "wide mono"],
     ["CPU", `${formatCpu(task.cpu)} cores`],
     ["Memory", formatSize(task.memory_bytes)],
     ["Restart", task.restart ? "yes, if its node dies" : "no"],
@@ -515,6 +540,13 @@ async function startLog(task, attempt) {
   const controller = new AbortController();
   Object.assign(logView, { taskId: task.id, attempt, controller, following: true, failed: false });
   const pre = $("task-log");
+  if (task.redacted) {
+    // Another user's log: the daemon would refuse it (403); say so instead of asking.
+    Object.assign(logView, { following: false, attempt: attempt || 1 });
+    pre.replaceChildren(el("span", { class: "placeholder", text: `Log ${HIDDEN_COMMAND}.` }));
+    setLogStatus("");
+    return;
+  }
   const waiting = task.state === "PENDING" ? "Waiting for the task to start…" : "No output yet.";
   pre.replaceChildren(el("span", { class: "placeholder", text: waiting }));
   setLogStatus(task.state === "PENDING" ? "waiting to start" : "following", "live");
@@ -716,6 +748,7 @@ function start() {
     const task = await api(`/api/v1/tasks/${encodeURIComponent(currentTaskId())}`);
     startLog(task, Number(select.value));
   });
+  loadWhoAmI();
   $("sign-out").addEventListener("click", async () => {
     try { await api("/logout", { method: "POST", body: "{}" }); } catch (_) { /* signed out anyway */ }
     toSignIn();
