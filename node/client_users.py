@@ -39,3 +39,23 @@ class UserCalls:
 
     def whoami(self) -> pb.Identity:
         return cast(pb.Identity, self._call(self._stub.WhoAmI, pb.WhoAmIRequest()))
+
+    # -- web UI sessions (the HTTP face's sign-in) -------------------------------------------
+
+    def create_session(self, identity: str) -> pb.CreateSessionResponse:
+        """A new session for identity (the caller proves itself with the token)."""
+        response: pb.CreateSessionResponse = self._call(
+            self._stub.CreateSession, pb.CreateSessionRequest(identity=identity))
+        return response
+
+    def check_session(self, session_id: str) -> pb.Session:
+        """The live session; raises NotFound (unknown, revoked, expired) or InvalidRequest."""
+        session: pb.Session = self._call(self._stub.CheckSession,
+                                         pb.CheckSessionRequest(session_id=session_id))
+        return session
+
+    def revoke_session(self, session_id: str) -> bool:
+        """End a session on every node; False when there was no such session."""
+        response: pb.RevokeSessionResponse = self._call(
+            self._stub.RevokeSession, pb.RevokeSessionRequest(session_id=session_id))
+        return response.revoked
