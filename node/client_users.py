@@ -1,5 +1,6 @@
 """node.client.Client's calls about users: add, change, new token, remove, list (admins),
-and who the node takes the caller for (anyone). Tokens are shown only in these answers."""
+who the node takes the caller for (anyone), and the web UI's sessions (the HTTP face's
+sign-in, cluster token only). Tokens are shown only in these answers."""
 
 from __future__ import annotations
 
