@@ -56,6 +56,8 @@ class TaskDict(TypedDict):
     constraints: list[str]  # where it may run (submit --constraint)
     ahead: int | None  # status of a queued task: tasks ahead of it in the queue
     ahead_capped: bool  # ahead is a lower bound (why.AHEAD_CAP)
+    reserved_node: str | None  # PENDING: the node holding room for it (no starvation)
+    reserved_since: str | None
 
 
 class DependencyDict(TypedDict):
@@ -195,6 +197,8 @@ def task_to_dict(task: filch_pb2.Task) -> TaskDict:
         "ahead": (task.ahead if task.state == filch_pb2.TASK_STATE_PENDING
                   and task.hold == filch_pb2.HOLD_NONE else None),
         "ahead_capped": task.ahead_capped,
+        "reserved_node": task.reserved_node or None,
+        "reserved_since": optional_timestamp(task, "reserved_since"),
     }
 
 
