@@ -103,6 +103,9 @@ class NodeDict(TypedDict):
     cordoned: bool
     draining: bool
     drain_deadline: str  # RFC 3339 while draining, else ""
+    reserved_task: str  # the task it holds room for (no starvation), else ""
+    reserved_priority: int
+    reserved_since: str | None
 
 
 DEPENDENCY_KINDS = {filch_pb2.DEPENDENCY_KIND_SUCCESS: "success",
@@ -266,6 +269,10 @@ def node_to_dict(node: filch_pb2.Node) -> NodeDict:
         "cordoned": node.cordoned,
         "draining": node.draining,
         "drain_deadline": node.drain_deadline.ToJsonString() if node.draining else "",
+        "reserved_task": node.reserved_task,
+        "reserved_priority": node.reserved_priority,
+        "reserved_since": (optional_timestamp(node, "reserved_since")
+                           if node.reserved_task else None),
     }
 
 
