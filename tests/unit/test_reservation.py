@@ -214,3 +214,15 @@ def test_a_holding_node_counts_as_full_and_status_says_who_holds_room() -> None:
         "reserved: node-2 since 12:00:03Z (waiting for 2 CPUs)")
     assert task.reserved_node == "node-2" and task.reserved_since.seconds == 12 * 3600 + 3
     assert why.reservation(pb.Task(id="t2", spec=_spec()), [holder]) is None
+
+
+async def test_a_held_or_vanished_head_reserves_nothing_and_leaves_the_view() -> None:
+    # A task held for its dependencies (or taken by a node this one does not hear of)
+    # must not pin a node: the view forgets it and the next head is looked at.
+    setup = Setup()
+    setup.store.tasks[setup.task_id].hold = pb.HOLD_DEPENDENCIES
+    await setup.reservations.check(now=0.0)
+    await setup.reservations.check(now=10.0)
+    assert setup.reservations.held is None and setup.state.reserved_task == ""
+    assert setup.task_id not in setup.queue.ids((100, "alice"))
+    assert head(setup.queue) is not None and head(setup.queue)[0] == (0, "bob")  # type: ignore[index]
