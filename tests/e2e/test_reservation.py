@@ -1,7 +1,8 @@
 """No starvation on a real two-node cluster (process executor, 2 CPUs a node): a 2-CPU
 priority-100 task behind a 1-CPU priority-0 array that keeps both nodes full starts within
 reserve-after plus the longest low task (plus steal and record pacing), not after the
-array drained, and `filch status -o json` shows which node holds room for it meanwhile."""
+array drained; and, with every slot held by long fillers, `filch status` shows which node
+holds room, that node gives a freed CPU to no queued low task, then takes the big one."""
 
 from __future__ import annotations
 
