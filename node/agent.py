@@ -66,6 +66,7 @@ from node.running.watchdog import Watchdog
 from node.scheduling.conditions import DependencyCheck
 from node.scheduling.dependencies import Resolver
 from node.scheduling.node_state import NodeState
+from node.scheduling.reservation import Reservations
 from node.scheduling.stealer import Stealer
 
 log = logging.getLogger("filch.agent")
@@ -203,7 +204,10 @@ class Agent:
         membership = Membership(config=config, store=store, state=state,
                                 executor_name=executor.name, runner=runner, watchdog=watchdog,
                                 renewals=renewals)
-        stealer = Stealer(config=config, store=store, state=state, runner=runner)
+        settings = ClusterSettingsView()
+        reservations = Reservations(store=store, state=state, settings=settings)
+        stealer = Stealer(config=config, store=store, state=state, runner=runner,
+                          reservations=reservations)
         recovery = Recovery(config=config, store=store, state=state)
         # One DependencyCheck per node: its cache of how far each array succeeded serves both
         # the resolver's events and the submits' checks, so an array is read once, not twice.
@@ -234,7 +238,6 @@ class Agent:
         # Users are known before the first call is served: a user token works at once.
         users = UserDirectory()
         await users.relist(store)
-        settings = ClusterSettingsView()
         await settings.relist(store)
         authenticator = Authenticator(token=security.token, users=users)
         server = grpc.aio.server(

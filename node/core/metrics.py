@@ -50,6 +50,12 @@ STEAL_DELAY = Histogram("filch_steal_delay_seconds",
 START_LATENCY = Histogram("filch_task_start_latency_seconds",
                           "From submit to the steal that started an attempt.",
                           buckets=LATENCY_BUCKETS)
+# No starvation (node/scheduling/reservation.py).
+RESERVATIONS = Gauge("filch_reservations", "1 while this node holds room for a starving task "
+                     "(takes no lower-priority work).")
+RESERVATION_WAIT = Histogram("filch_reservation_wait_seconds",
+                             "From a reservation to the start of its task.",
+                             buckets=LATENCY_BUCKETS)
 
 # -- running ----------------------------------------------------------------------------
 RUNNING = Gauge("filch_running_tasks", "Attempts running on this node.")

@@ -56,6 +56,8 @@ class TaskDict(TypedDict):
     constraints: list[str]  # where it may run (submit --constraint)
     ahead: int | None  # status of a queued task: tasks ahead of it in the queue
     ahead_capped: bool  # ahead is a lower bound (why.AHEAD_CAP)
+    reserved_node: str | None  # PENDING: the node holding room for it (no starvation)
+    reserved_since: str | None
 
 
 class DependencyDict(TypedDict):
@@ -101,6 +103,9 @@ class NodeDict(TypedDict):
     cordoned: bool
     draining: bool
     drain_deadline: str  # RFC 3339 while draining, else ""
+    reserved_task: str  # the task it holds room for (no starvation), else ""
+    reserved_priority: int
+    reserved_since: str | None
 
 
 DEPENDENCY_KINDS = {filch_pb2.DEPENDENCY_KIND_SUCCESS: "success",
@@ -195,6 +200,8 @@ def task_to_dict(task: filch_pb2.Task) -> TaskDict:
         "ahead": (task.ahead if task.state == filch_pb2.TASK_STATE_PENDING
                   and task.hold == filch_pb2.HOLD_NONE else None),
         "ahead_capped": task.ahead_capped,
+        "reserved_node": task.reserved_node or None,
+        "reserved_since": optional_timestamp(task, "reserved_since"),
     }
 
 
@@ -262,6 +269,10 @@ def node_to_dict(node: filch_pb2.Node) -> NodeDict:
         "cordoned": node.cordoned,
         "draining": node.draining,
         "drain_deadline": node.drain_deadline.ToJsonString() if node.draining else "",
+        "reserved_task": node.reserved_task,
+        "reserved_priority": node.reserved_priority,
+        "reserved_since": (optional_timestamp(node, "reserved_since")
+                           if node.reserved_task else None),
     }
 
 

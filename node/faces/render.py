@@ -274,6 +274,9 @@ def task_detail(task: filch_pb2.Task, now: datetime | None = None) -> str:
         fields.append(("Constraints", " && ".join(spec.constraints)))
     if state_name(task.state) == "PENDING" and not held:
         fields.append(("Queue", f"{task.ahead:,}{'+' if task.ahead_capped else ''} ahead"))
+    if task.reserved_node and state_name(task.state) == "PENDING":
+        fields.append(("Reserved", f"{task.reserved_node} since "
+                                   f"{optional_timestamp(task, 'reserved_since')}"))
     if task.message:
         fields.append(("Message", task.message))
     if task.request_id:

@@ -262,6 +262,9 @@ class TaskService:
         nodes = await self.store.list_nodes()
         for task in pending:
             waits = why.reason(task, nodes)
+            reserved = why.reservation(task, nodes)
+            if reserved:
+                waits = f"{waits}; {reserved}" if waits else reserved
             if waits:
                 # What happened to it before (requeued after a node loss...) stays first.
                 task.message = f"{task.message}; now: {waits}" if task.message else waits

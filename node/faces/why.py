@@ -75,6 +75,27 @@ def reason(task: pb.Task, nodes: list[pb.Node]) -> str | None:
     return None
 
 
+def reservation(task: pb.Task, nodes: list[pb.Node]) -> str | None:
+    """Fill in task.reserved_node/reserved_since from the record of the node that holds
+    room for it (node/scheduling/reservation.py) and say so ("reserved: node-2 since
+    12:00:03Z (waiting for 2 CPUs)"); None when no node does."""
+    holder = next((node for node in nodes if node.reserved_task == task.id), None)
+    if holder is None:
+        return None
+    task.reserved_node = holder.name or holder.id
+    task.reserved_since.CopyFrom(holder.reserved_since)
+    since = datetime.datetime.fromtimestamp(holder.reserved_since.ToNanoseconds() / 1e9,
+                                            datetime.UTC).strftime("%H:%M:%SZ")
+    spec = task.spec
+    short = []
+    if _free_cpu(holder) < spec.cpu_millis:
+        short.append(f"{spec.cpu_millis / 1000:g} CPUs")
+    if _free_memory(holder) < spec.memory_bytes:
+        short.append(f"{format_size(spec.memory_bytes)} of memory")
+    waiting = f" (waiting for {' and '.join(short)})" if short else ""
+    return f"reserved: {task.reserved_node} since {since}{waiting}"
+
+
 async def place_in_queue(store: Store, task: pb.Task) -> tuple[int, bool]:
     """(tasks ahead of a queued task, capped): queued tasks of higher priority, or of the
     same priority and older (ids are time-ordered UUIDs). The groups come from their marks
@@ -107,4 +128,4 @@ def _free_memory(node: pb.Node) -> int:
     return max(0, node.memory_capacity_bytes - node.memory_allocated_bytes)
 
 
-__all__ = ["AHEAD_CAP", "place_in_queue", "reason"]
+__all__ = ["AHEAD_CAP", "place_in_queue", "reason", "reservation"]

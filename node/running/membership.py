@@ -9,6 +9,7 @@ the lease and another node requeues them. Then it registers again as a new node.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -97,6 +98,10 @@ class Membership:
         state.capabilities.on_change(self._dirty.set)
         state.backoff.on_change(self._dirty.set)
         state.on_cordon_change(self._dirty.set)
+        # A reservation (or its end) is written without the cluster's pacing: it is rare
+        # (one node at a time) and readers wait for it (`filch status` of a starving task).
+        self._urgent = asyncio.Event()
+        state.on_reservation_change(self._publish_soon)
         self._registered_at = 0.0
         self._member_id = 0
         self._deadline = 0.0
@@ -305,6 +310,10 @@ class Membership:
         if eligibility is not None:
             record.labels.update(eligibility.labels)
             record.taints.update(eligibility.taints)
+        if self._state.reserved_task:
+            record.reserved_task = self._state.reserved_task
+            record.reserved_priority = self._state.reserved_priority
+            record.reserved_since.FromNanoseconds(int(self._state.reserved_since * 1e9))
         backoff = self._state.backoff
         if backoff.active:
             record.start_backoff = True
@@ -322,8 +331,11 @@ class Membership:
     async def _publish_loop(self) -> NoReturn:
         while True:
             await self._dirty.wait()
-            await asyncio.sleep(max(PUBLISH_DEBOUNCE,
-                                    self._state.cluster_size / CLUSTER_RECORD_WRITES))
+            pace = max(PUBLISH_DEBOUNCE, self._state.cluster_size / CLUSTER_RECORD_WRITES)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(pace):
+                    await self._urgent.wait()
+            self._urgent.clear()
             self._dirty.clear()
             registration = self.registration
             if registration is None:
@@ -333,6 +345,10 @@ class Membership:
             except FilchError as exc:
                 log.warning("could not update the node record: %s", exc)
                 self._dirty.set()
+
+    def _publish_soon(self) -> None:
+        self._dirty.set()
+        self._urgent.set()
 
     async def _address_loop(self) -> NoReturn:
         while True:

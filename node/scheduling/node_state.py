@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core.capabilities import Capabilities
@@ -17,6 +18,11 @@ from node.core.config import Config
 from node.scheduling.capacity import Capacity
 from node.scheduling.constraints import Eligibility
 from node.scheduling.startfailures import StartBackoff
+
+
+class Launcher(Protocol):
+    def launch(self, task: pb.Task) -> None:
+        """Run a task this node just stole (its resources already reserved)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,25 @@ class NodeState:
 
     def on_cordon_change(self, listener: Callable[[], None]) -> None:
         self._cordon_listeners.append(listener)
+
+    reserved_task: str = ""
+    """The task this node holds room for (node/scheduling/reservation.py), "" for none;
+    published in its record with reserved_priority and reserved_since (wall clock, s)."""
+    reserved_priority: int = 0
+    reserved_since: float = 0.0
+    _reservation_listeners: list[Callable[[], None]] = field(default_factory=list)
+
+    def set_reservation(self, task_id: str, priority: int, since: float) -> None:
+        """Record the reservation ("" for none); listeners (the record's publisher) hear of it."""
+        if (task_id, priority, since) == (self.reserved_task, self.reserved_priority,
+                                          self.reserved_since):
+            return
+        self.reserved_task, self.reserved_priority, self.reserved_since = task_id, priority, since
+        for listener in self._reservation_listeners:
+            listener()
+
+    def on_reservation_change(self, listener: Callable[[], None]) -> None:
+        self._reservation_listeners.append(listener)
 
     @classmethod
     def for_config(cls, config: Config, *, capabilities: Capabilities | None = None,

@@ -102,7 +102,8 @@ def _slice_start(index: int, count: int) -> int:
 
 def is_full(node: pb.Node) -> bool:
     """Whether a node's record says it takes no task: no room left, cordoned (`filch node
-    cordon`/`drain`) or in a start back-off; a chain skips it either way."""
-    return (node.cordoned or node.start_backoff
+    cordon`/`drain`), in a start back-off or holding room for a starving task (then it
+    takes only that one or higher ones: node/scheduling/reservation.py); a chain skips it."""
+    return (node.cordoned or node.start_backoff or bool(node.reserved_task)
             or node.cpu_allocated_millis >= node.cpu_capacity_millis
             or node.memory_allocated_bytes >= node.memory_capacity_bytes)

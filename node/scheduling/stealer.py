@@ -16,7 +16,7 @@ import asyncio
 import logging
 import random
 import time
-from typing import NoReturn, Protocol
+from typing import NoReturn
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys, lifecycle, metrics
@@ -28,9 +28,10 @@ from node.etcd.store import Store, WatchEvent
 from node.etcd.txn import Move, Versioned, none_created_after
 from node.etcd.watching import list_and_watch
 from node.scheduling.fairshare import Candidate, Usage, cluster_usage, select
-from node.scheduling.node_state import NodeState, Registration
+from node.scheduling.node_state import Launcher, NodeState, Registration
 from node.scheduling.queue_view import Group, QueueView
 from node.scheduling.ranking import Slices, is_full
+from node.scheduling.reservation import Reservations
 from node.scheduling.shares import Shares
 
 log = logging.getLogger(__name__)
@@ -59,16 +60,11 @@ MAX_STEAL_SECONDS = 0.5
 ERROR_RETRY = 0.5
 
 
-class Launcher(Protocol):
-    def launch(self, task: pb.Task) -> None:
-        """Run a task this node just stole (its resources already reserved)."""
-
-
 class Stealer:
     """Finds queued tasks and steals those this node has room for."""
 
     def __init__(self, *, config: Config, store: Store, state: NodeState,
-                 runner: Launcher) -> None:
+                 runner: Launcher, reservations: Reservations | None = None) -> None:
         self._config = config
         self._store = store
         self._state = state
@@ -76,6 +72,8 @@ class Stealer:
         self._runner = runner
         self._slices = Slices()
         self._queue = QueueView(rank=self._rank)
+        self._reservations = reservations or Reservations(store=store, state=state)
+        self._reservations.follow(queue=self._queue, nodes=lambda: self._nodes, wake=self.wake)
         # Set when the shard ranges this node watches change (a node joined or left).
         self._ranges_changed = asyncio.Event()
         self._ranges: list[tuple[int, int]] = []
@@ -152,6 +150,7 @@ class Stealer:
                 self._store, keys.OWNERS, lambda: self._shares.relist(self._store),
                 self._shares.on_event))
             group.create_task(self._sweep())
+            group.create_task(self._reservations.run())
             group.create_task(self._work())
         raise AssertionError("unreachable")
 
@@ -358,9 +357,9 @@ class Stealer:
         free = Usage(capacity.cpu_millis - allocation.cpu_millis,
                      capacity.memory_bytes - allocation.memory_bytes)
         self._shares.publish(usage, totals)
-        return select(candidates, usage=usage, totals=totals, weights=self._shares.weights,
-                      free=free, limit=self._batch, max_bytes=WRITE_BATCH_BYTES,
-                      disk_free=capacity.disk_free)
+        return select(self._reservations.admitted(candidates), usage=usage, totals=totals,
+                      weights=self._shares.weights, free=free, limit=self._batch,
+                      max_bytes=WRITE_BATCH_BYTES, disk_free=capacity.disk_free)
 
     def _cluster_usage(self) -> tuple[dict[str, Usage], Usage]:
         registration = self._state.registration

@@ -36,6 +36,7 @@ TASK_FIELDS = {
     "submitted_at", "started_at", "finished_at", "array_id", "array_index", "after", "hold",
     "not_before", "time_limit_seconds", "retries", "retry_on", "retry_backoff_seconds",
     "retries_used", "priority", "owner", "attempts", "constraints", "ahead", "ahead_capped",
+    "reserved_node", "reserved_since",
 }
 
 

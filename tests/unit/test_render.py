@@ -16,6 +16,7 @@ TASK_FIELDS = {
     "submitted_at", "started_at", "finished_at", "array_id", "array_index", "after", "hold",
     "not_before", "time_limit_seconds", "retries", "retry_on", "retry_backoff_seconds",
     "retries_used", "priority", "owner", "attempts", "constraints", "ahead", "ahead_capped",
+    "reserved_node", "reserved_since",
 }
 NODE_FIELDS = {
     "id", "name", "address", "cpu_capacity", "memory_capacity_bytes", "cpu_allocated",
@@ -23,7 +24,8 @@ NODE_FIELDS = {
     "allow_host_network", "disk_capacity_bytes", "disk_allocated_bytes", "capabilities",
     "labels", "taints", "start_backoff", "start_backoff_until", "node_side_start_failures",
     "start_failure",
-    "cordoned", "draining", "drain_deadline",
+    "cordoned", "draining", "drain_deadline", "reserved_task", "reserved_priority",
+    "reserved_since",
 }
 NOW = datetime(2026, 11, 27, 7, 15, 0, tzinfo=UTC)
 
