@@ -85,7 +85,7 @@ _quota_known_probe: dict[str, int] = {}
 
 
 def _user(cluster: Cluster, name: str, **quota: int) -> None:
-    quota.setdefault("max_priority", 1000)
+    quota.setdefault("max_priority", 900)
     _quota_known_probe[name] = quota["max_priority"]
     _put_user(cluster, name, pb.Quota(**quota))
 
@@ -182,8 +182,8 @@ def test_pending_quota_is_exact_under_concurrent_submits_on_every_node(
     assert len(array.stderr.strip().splitlines()) == 1, array.stderr
     assert set(cluster.etcd_keys()) - set(found) == set(), "a refused array wrote nothing"
     for key in bobs:
-        cluster.stub(0).CancelTask(pb.CancelTaskRequest(id=keys.last_segment(key.encode())),
-                                   timeout=10)
+        cluster.stub(0).Cancel(pb.CancelRequest(id=keys.last_segment(key.encode())),
+                               timeout=10)
     # Freed: the next submit passes again.
     cluster.submit("true", owner="bob", cpu_millis=500)
 
