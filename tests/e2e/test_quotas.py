@@ -7,6 +7,7 @@ commands are another part of issue 21)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import threading
@@ -67,16 +68,16 @@ def _put_user(cluster: Cluster, name: str, quota: pb.Quota) -> None:
 
 
 def _accounted(cluster: Cluster, index: int, name: str) -> bool:
-    """Whether node index accounts name's tasks: a probe the priority ceiling refuses
-    when the quota is known (nothing written), else a priority check of 0 that passes."""
-    if not _quota_known_probe.get(name):
-        return True
+    """Whether node index knows user name: a probe just above its ceiling, after a parent
+    that does not exist. A node that knows the user refuses it for the priority; one that
+    does not yet refuses it for the unknown parent. Either way nothing is written."""
     try:
         cluster.stub(index).Submit(pb.SubmitRequest(spec=pb.TaskSpec(
-            command="true", owner=name, priority=_quota_known_probe[name] + 1)), timeout=10)
+            command="true", owner=name, priority=_quota_known_probe[name] + 1,
+            after=[pb.Dependency(id=keys.new_task_id())])), timeout=10)
     except grpc.RpcError as exc:
         return exc.code() == grpc.StatusCode.PERMISSION_DENIED
-    raise AssertionError(f"a probe above {name}'s ceiling was written on node {index}")
+    raise AssertionError(f"a probe after a missing parent was written on node {index}")
 
 
 # Users created with a priority ceiling: a submit just above it is refused (and writes
@@ -119,16 +120,20 @@ def test_running_cpu_quota_holds_while_three_nodes_steal_and_every_task_finishes
         task_ids = [cluster.submit("sleep", "0.3", index=number % 3, owner="alice",
                                    cpu_millis=TASK_CPU) for number in range(TASKS)]
         # A task left queued by the quota says why, once.
-        waiting = wait_for("a queued task of alice to say she is at her CPU quota", lambda: next(
-            (task for task_id in reversed(task_ids)
-             if (task := cluster.get(task_id)).state == pb.TASK_STATE_PENDING
-             and "owner alice at its CPU quota (" in task.message), None), timeout=30)
+        waiting = None
+        with contextlib.suppress(AssertionError):   # asserted below, after the peak
+            waiting = wait_for("a queued task of alice to say she is at her CPU quota",
+                               lambda: next(
+                (task for task_id in reversed(task_ids)
+                 if (task := cluster.get(task_id)).state == pb.TASK_STATE_PENDING
+                 and "owner alice at its CPU quota (" in task.message), None), timeout=20)
         done = cluster.wait_finished(task_ids, timeout=120)
     finally:
         stop.set()
         sampler.join(timeout=10)
     assert peak["samples"] > 50, peak
     assert peak["cpu"] <= ALICE_CPU, f"alice ran {peak['cpu']} millicores at once: {peak}"
+    assert waiting is not None, "no queued task of alice said she was at her CPU quota"
     assert peak["at_quota"] > 0, f"alice never used her quota (two tasks at once): {peak}"
     assert [task.state for task in done] == [pb.TASK_STATE_COMPLETE] * TASKS
     assert all(task.accounted and task.exit_code == 0 for task in done)
