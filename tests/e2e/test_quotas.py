@@ -138,6 +138,7 @@ def test_running_cpu_quota_holds_while_three_nodes_steal_and_every_task_finishes
     assert [task.state for task in done] == [pb.TASK_STATE_COMPLETE] * TASKS
     assert all(task.accounted and task.exit_code == 0 for task in done)
     assert waiting.message.endswith("/1)"), waiting.message
+    assert waiting.message.count("owner alice at its") == 1, "written once, not every pass"
     assert not cluster.get(waiting.id).message.startswith("owner alice"), \
         "stealing a task clears its quota message"
     # Every node took part, and each reports alice's quota and its refusals.
@@ -180,6 +181,19 @@ def test_pending_quota_is_exact_under_concurrent_submits_on_every_node(
     found = cluster.etcd_keys()
     bobs = [key for key in set(found) - before if key.startswith("/pending/bob/")]
     assert len(bobs) == 10
+    records = [key for key in set(found) - before
+               if key.startswith("/task/") and not key.startswith("/task/status/")]
+    assert len(records) == 10, "a refused submit wrote a record"
+    # ListOwners (`filch owner ls`) shows bob as a user, his quota and his pending tasks.
+    owners = {owner.name: owner for owner in cluster.stub(1).ListOwners(
+        pb.ListOwnersRequest(), timeout=10).owners}
+    assert owners["bob"].user and owners["bob"].pending == 10
+    assert owners["bob"].quota.max_pending == 10
+    # His queued tasks wait for his running quota and say so.
+    assert "owner bob at its CPU quota (0/0.1)" in wait_for(
+        "a task of bob to say why it waits", lambda: next(
+            (task for key in bobs if "at its" in
+             (task := cluster.get(keys.last_segment(key.encode()))).message), None)).message
     # An array past the quota is refused whole, and a CLI user reads why on one line.
     array = cluster.cli("submit", "--owner", "bob", "--cpu", "0.5", "--array", "1-3",
                         "--", "true")
