@@ -12,6 +12,7 @@ cannot both be written.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 from collections.abc import Sequence
 
@@ -23,6 +24,8 @@ from node.etcd.quota_txn import create_guarded, pending_count
 from node.etcd.store import Store
 from node.etcd.txn import Move, Versioned
 from node.etcd.users import UserDirectory
+
+log = logging.getLogger(__name__)
 
 # Tries of one submit of an owner at its pending quota when other submits of the same
 # owner keep landing first: each lost try means another submit was written, so a burst of
@@ -109,8 +112,9 @@ class SubmitQuotas:
         except QuotaExceeded:
             if written and not await self._store.delete_tasks(written):
                 # Changed meanwhile: the resolver's sweep deletes an abandoned array's
-                # held tasks (node/scheduling/dependencies.py).
-                pass
+                # held tasks (node/scheduling/dependencies.py), an hour on.
+                log.warning("%d held tasks of a refused array of %s are left to the "
+                            "resolver's sweep", len(written), owner)
             raise
         return revisions
 
