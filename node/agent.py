@@ -204,10 +204,13 @@ class Agent:
         membership = Membership(config=config, store=store, state=state,
                                 executor_name=executor.name, runner=runner, watchdog=watchdog,
                                 renewals=renewals)
+        # Users (listed below, before the first call is served): their quotas bind the
+        # stealer and the submits.
+        users = UserDirectory()
         settings = ClusterSettingsView()
         reservations = Reservations(store=store, state=state, settings=settings)
         stealer = Stealer(config=config, store=store, state=state, runner=runner,
-                          reservations=reservations)
+                          reservations=reservations, users=users)
         recovery = Recovery(config=config, store=store, state=state)
         # One DependencyCheck per node: its cache of how far each array succeeded serves both
         # the resolver's events and the submits' checks, so an array is read once, not twice.
@@ -229,14 +232,13 @@ class Agent:
         await membership.register_first()
         tasks = TaskService(store=store, check=check, max_pending=config.max_pending,
                             etcd_quota_bytes=config.etcd_quota_bytes,
-                            submit_budget=config.submit_budget)
+                            submit_budget=config.submit_budget, users=users)
 
         metrics.CPU_CAPACITY.set(config.cpus)
         metrics.MEMORY_CAPACITY.set(config.memory)
         metrics.DISK_CAPACITY.set(plan.capacity)
         metrics.serve(config.metrics_address)
         # Users are known before the first call is served: a user token works at once.
-        users = UserDirectory()
         await users.relist(store)
         await settings.relist(store)
         authenticator = Authenticator(token=security.token, users=users)

@@ -191,6 +191,28 @@ OWNER_RUNNING = Gauge("filch_owner_running_tasks",
 OWNER_PICKS = Counter("filch_owner_steals_total",
                       "Tasks this node stole, by owner (fair share in action).", ["owner"])
 
+# Users' quotas (node/scheduling/quotas.py, running_quota.py): each owner's limit and use
+# as this node last read them (at a submit or a steal pass of its tasks), and refusals.
+OWNER_QUOTA_CPU = Gauge("filch_owner_quota_cpu_millis",
+                        "A user's running CPU quota in millicores (owners with one).", ["owner"])
+OWNER_RUNNING_CPU = Gauge("filch_owner_running_cpu_millis",
+                          "CPU millicores a user's running tasks request, as this node last "
+                          "read its charge (owners with a running quota).", ["owner"])
+OWNER_QUOTA_MEMORY = Gauge("filch_owner_quota_memory_bytes",
+                           "A user's running memory quota in bytes (owners with one).", ["owner"])
+OWNER_RUNNING_MEMORY = Gauge("filch_owner_running_memory_bytes",
+                             "Memory a user's running tasks request, as this node last read "
+                             "its charge (owners with a running quota).", ["owner"])
+OWNER_QUOTA_PENDING = Gauge("filch_owner_quota_pending_tasks",
+                            "A user's pending-task quota (owners with one).", ["owner"])
+OWNER_PENDING = Gauge("filch_owner_pending_tasks",
+                      "A user's pending tasks as this node last counted them (at a submit).",
+                      ["owner"])
+QUOTA_REFUSALS = Counter("filch_quota_refusals_total",
+                         "Quota refusals by owner and kind: pending (a submit refused), "
+                         "priority (above the ceiling), running (a pass of this node's "
+                         "stealer left the owner's tasks queued at its quota).",
+                         ["owner", "kind"])
 
 # Label values known in advance are created at import, so every series exists (at 0)
 # before it first moves: rate() and alerts then work from the first scrape.

@@ -191,13 +191,16 @@ class Store(UserStore, CordonStore):
                                                                   value=RELEASED))]))
 
     async def transition_each(self, moves: Sequence[Move], *, lease_id: int = 0,
-                              guards: Sequence[Any] = ()) -> tuple[int | None, list[bool]]:
+                              guards: Sequence[Any] = (),
+                              quota_guards: Sequence[Any] = ()) -> tuple[int | None, list[bool]]:
         """Several transitions in one transaction, each in a nested transaction of its
         own: a move whose compares fail is left out alone, the others happen (a steal
         batch of which another node took one task). guards hold for the whole batch: when
         one fails nothing happens. Returns (the revision, or None when no move happened;
-        per move whether it happened, or [] when a guard failed). Limits and errors as
-        transition_many."""
+        per move whether it happened, or [] when a guard failed). quota_guards hold for
+        the whole batch too (node/etcd/quota_txn.py), but when only they fail every move
+        is reported not done ([False, ...]), not []: the caller reads again, it does not
+        relist as for a failed priority guard. Limits and errors as transition_many."""
         if not 0 < len(moves) <= MAX_BATCH:
             raise ValueError(f"{len(moves)} moves; one transaction takes 1..{MAX_BATCH}")
         nested: list[Any] = []
@@ -210,8 +213,15 @@ class Store(UserStore, CordonStore):
                                  f"most {MAX_TXN_OPS} in one transaction")
             nested.append(rpc.RequestOp(request_txn=rpc.TxnRequest(compare=compare,
                                                                    success=success)))
-        response = await self._txn(rpc.TxnRequest(compare=list(guards), success=nested))
+        # With quota guards, the failure branch evaluates the other guards alone: which
+        # kind failed is known in the same round trip.
+        failure = ([rpc.RequestOp(request_txn=rpc.TxnRequest(compare=list(guards)))]
+                   if quota_guards else [])
+        response = await self._txn(rpc.TxnRequest(compare=[*guards, *quota_guards],
+                                                   success=nested, failure=failure))
         if not response.succeeded:
+            if quota_guards and response.responses[0].response_txn.succeeded:
+                return None, [False] * len(moves)
             return None, []
         done = [bool(answer.response_txn.succeeded) for answer in response.responses]
         return (int(response.header.revision) if any(done) else None), done

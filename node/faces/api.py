@@ -185,7 +185,8 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     @unary
     async def ListOwners(self, request: pb.ListOwnersRequest,
                          context: Any) -> pb.ListOwnersResponse:
-        owners = await OwnerService(store=self._tasks.store).list_owners()
+        owners = await OwnerService(store=self._tasks.store,
+                                    users=self._tasks.quotas.users).list_owners()
         return pb.ListOwnersResponse(owners=owners)
 
     # -- cordon and drain (node/faces/cordons.py) ----------------------------------------

@@ -9,7 +9,9 @@ from __future__ import annotations
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys, validation
 from node.core.errors import InvalidArgument
+from node.etcd.quota_txn import pending_count
 from node.etcd.store import Store
+from node.etcd.users import UserDirectory
 from node.scheduling.fairshare import (
     DEFAULT_WEIGHT,
     MAX_WEIGHT,
@@ -40,8 +42,9 @@ def owner_name(value: str, field: str = "name") -> str:
 class OwnerService:
     """Owner operations shared by the gRPC API and the HTTP face."""
 
-    def __init__(self, *, store: Store) -> None:
+    def __init__(self, *, store: Store, users: UserDirectory | None = None) -> None:
         self.store = store
+        self.users = users
 
     async def set_weight(self, name: str, weight: float) -> pb.Owner:
         """Store name's weight (arguments already validated); returns the owner as listed."""
@@ -67,7 +70,18 @@ class OwnerService:
                 usage=pb.OwnerUsage(cpu_millis=held.cpu_millis, memory_bytes=held.memory_bytes,
                                     running=held.running),
                 share=share(held, totals, weight)))
+            await self._fill_quota(owners[-1])
         return owners
+
+    async def _fill_quota(self, owner: pb.Owner) -> None:
+        """A user's quota and pending tasks (one count-only range), on its owner entry."""
+        if self.users is None or not self.users.is_user(owner.name):
+            return
+        owner.user = True
+        quota = self.users.quota(owner.name)
+        if quota is not None:
+            owner.quota.CopyFrom(quota)
+        owner.pending, _ = await pending_count(self.store, owner.name)
 
     async def _queued_owners(self) -> set[str]:
         """Owners with a queued task: the first key of each (priority, owner) group of the

@@ -10,6 +10,7 @@ from node.core.errors import (
     Conflict,
     InvalidArgument,
     Overloaded,
+    QuotaExceeded,
     StoreUnavailable,
     TaskNotFound,
     TooLarge,
@@ -26,11 +27,13 @@ from node.etcd.group_commit import GroupCommitter
 from node.etcd.handback import canceled, handback, outcome
 from node.etcd.store import Store
 from node.etcd.txn import Move, Versioned, written_bytes
+from node.etcd.users import UserDirectory
 from node.faces import why
 from node.scheduling.admission import Admission, ByteBudget, PendingLimit
 from node.scheduling.arrays import Arrays
 from node.scheduling.conditions import FAILED, WAITING, DependencyCheck, failed, prepare
 from node.scheduling.paging import Page, decode_token, encode_token
+from node.scheduling.quotas import SubmitQuotas
 
 # How often submit and cancel retry when another node moved the task in between.
 CONFLICT_RETRIES = 5
@@ -55,8 +58,10 @@ class TaskService:
     def __init__(self, *, store: Store, check: DependencyCheck,
                  max_pending: int = DEFAULT_MAX_PENDING,
                  etcd_quota_bytes: int = DEFAULT_ETCD_QUOTA_BYTES,
-                 submit_budget: float = DEFAULT_SUBMIT_BUDGET) -> None:
-        """check: the node's one DependencyCheck, shared with the Resolver (its cache)."""
+                 submit_budget: float = DEFAULT_SUBMIT_BUDGET,
+                 users: UserDirectory | None = None) -> None:
+        """check: the node's one DependencyCheck, shared with the Resolver (its cache);
+        users: the node's user directory (whose tasks are accounted, their quotas)."""
         self.store = store
         self.admission = Admission(
             pending=PendingLimit(store=store, limit=max_pending),
@@ -64,7 +69,9 @@ class TaskService:
         # Submits that arrive together are created in one transaction.
         self._submits = GroupCommitter(store=store)
         self.check = check
-        self.arrays = Arrays(store=store, admission=self.admission, check=check)
+        self.quotas = SubmitQuotas(store=store, users=users)
+        self.arrays = Arrays(store=store, admission=self.admission, check=check,
+                             quotas=self.quotas)
 
     async def submit(self, spec: pb.TaskSpec, request_id: str = "") -> tuple[pb.Task, bool]:
         """Store a new task; returns (task, created).
@@ -76,13 +83,17 @@ class TaskService:
         submit returns the first task (created=False). Raises InvalidArgument for an
         unknown parent (nothing written), Conflict when that request_id was used for a
         different spec, Overloaded past --max-pending or --submit-budget (nothing written),
-        StoreUnavailable / StoreFull when etcd cannot take the write.
+        PermissionDenied above the owner's priority ceiling and QuotaExceeded past its
+        pending quota (node/scheduling/quotas.py; nothing written), StoreUnavailable /
+        StoreFull when etcd cannot take the write.
         """
+        self.quotas.check_priority(spec)
         for _ in range(CONFLICT_RETRIES):
             prepared = await prepare(self.store, self.check, spec)
             task = pb.Task(
                 id=keys.task_id_for_request(request_id) if request_id else keys.new_task_id(),
-                spec=spec, state=pb.TASK_STATE_PENDING, request_id=request_id)
+                spec=spec, state=pb.TASK_STATE_PENDING, request_id=request_id,
+                accounted=self.quotas.accounted(spec))
             task.submitted_at.GetCurrentTime()
             requires: tuple[bytes, ...] = ()
             if prepared.state == WAITING:
@@ -117,7 +128,10 @@ class TaskService:
         task = move.new
         try:
             async with self.admission.admit(1, written_bytes(move), "this task") as created:
-                revision = await self._submits.transition(move)
+                if task.state == pb.TASK_STATE_PENDING and self.quotas.max_pending(task.spec):
+                    revision = await self.quotas.create(move)
+                else:
+                    revision = await self._submits.transition(move)
                 if revision is not None:
                     created(revision)
                 return revision
@@ -125,7 +139,7 @@ class TaskService:
             raise InvalidArgument(
                 "spec", f"the task record is {task.ByteSize()} bytes; etcd takes at most "
                         f"{ETCD_MAX_REQUEST_BYTES} in one request ({exc})") from None
-        except Overloaded:
+        except (Overloaded, QuotaExceeded):
             # A retried submit whose first try landed adds nothing: answer it as usual.
             if not request_id or await self.store.get_task(task.id) is None:
                 raise
@@ -134,6 +148,7 @@ class TaskService:
     async def submit_array(self, spec: pb.TaskSpec, array: pb.ArraySpec,
                            request_id: str = "") -> pb.SubmitResponse:
         """One task per index of array, all or nothing (node/scheduling/arrays.py)."""
+        self.quotas.check_priority(spec)
         prepared = await prepare(self.store, self.check, spec)
         return await self.arrays.submit(spec, array, request_id, prepared)
 

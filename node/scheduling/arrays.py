@@ -40,6 +40,7 @@ from node.scheduling.conditions import (
     waiting_for_array,
 )
 from node.scheduling.paging import Page
+from node.scheduling.quotas import SubmitQuotas
 
 
 def indices(spec: pb.ArraySpec) -> range:
@@ -49,8 +50,10 @@ def indices(spec: pb.ArraySpec) -> range:
 class Arrays:
     """Array submit, list and cancel (the service's array half)."""
 
-    def __init__(self, *, store: Store, admission: Admission, check: DependencyCheck) -> None:
+    def __init__(self, *, store: Store, admission: Admission, check: DependencyCheck,
+                 quotas: SubmitQuotas | None = None) -> None:
         self._store = store
+        self._quotas = quotas or SubmitQuotas(store=store)
         self._admission = admission
         self._check = check
 
@@ -85,7 +88,8 @@ class Arrays:
                                      task_ids=ids)
         template = pb.Task(spec=spec, state=pb.TASK_STATE_PENDING, hold=pb.HOLD_ARRAY,
                            array_id=array_id, request_id=request_id,
-                           message="its array's submission is not complete yet")
+                           message="its array's submission is not complete yet",
+                           accounted=self._quotas.accounted(spec))
         template.submitted_at.GetCurrentTime()
         written: list[Versioned] = []
         record = pb.Array(id=array_id, start=span.start, end=span.stop - 1, step=span.step,
@@ -101,7 +105,8 @@ class Arrays:
                     task.CopyFrom(template)
                     task.id, task.array_index = ids[position], span[position]
                     tasks.append(task)
-                written += await self._write_held(tasks, prepared, spec)
+                written += await self._write_held(tasks, prepared, spec,
+                                                  still=len(ids) - start)
             await self._store.create_array(record)
             created()
         released = None
@@ -114,11 +119,11 @@ class Arrays:
                                  array_id=array_id, task_ids=ids)
 
     async def _write_held(self, tasks: list[pb.Task], prepared: Prepared,
-                          spec: pb.TaskSpec) -> list[Versioned]:
-        """Write every task HOLD_ARRAY; those an earlier try wrote are kept, not doubled."""
+                          spec: pb.TaskSpec, *, still: int) -> list[Versioned]:
+        """Write every task HOLD_ARRAY; those an earlier try wrote are kept, not doubled.
+        still: the array's tasks not written yet, these included (a pending quota)."""
         moves = [Move(None, task, requires=prepared.requires) for task in tasks]
-        revisions = await write_moves(self._store, moves,
-                                      after_batch=lambda: failpoints.hit("service.array_batch"))
+        revisions = await self._write(moves, still)
         missing = [at for at, revision in enumerate(revisions) if revision is None]
         if missing:
             found = {record.task.id: record for record in
@@ -130,7 +135,7 @@ class Arrays:
                     retry.append(at)
                 elif record.task.spec != spec or record.task.array_id != tasks[at].array_id:
                     raise _conflict(tasks[at].request_id, tasks[at].array_id)
-            again = await write_moves(self._store, [moves[at] for at in retry])
+            again = await self._write([moves[at] for at in retry], still)
             for at, revision in zip(retry, again, strict=True):
                 revisions[at] = revision
             if any(revision is None for revision in again):
@@ -141,6 +146,14 @@ class Arrays:
                     else Versioned(tasks[at], revisions[at] or 0) for at in range(len(tasks))]
         return [Versioned(task, revision or 0)
                 for task, revision in zip(tasks, revisions, strict=True)]
+
+    async def _write(self, moves: list[Move], still: int) -> list[int | None]:
+        """Create moves: those of an owner with a pending quota one guarded transaction
+        after another (node/scheduling/quotas.py), all others as fast as etcd takes them."""
+        if moves and self._quotas.max_pending(moves[0].new.spec):
+            return await self._quotas.create_array(moves, still=still)
+        return await write_moves(self._store, moves,
+                                 after_batch=lambda: failpoints.hit("service.array_batch"))
 
     async def _release(self, written: Sequence[Versioned], prepared: Prepared) -> pb.Task | None:
         """Take these tasks of the array out of HOLD_ARRAY, as the dependencies found at

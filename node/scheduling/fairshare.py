@@ -79,7 +79,8 @@ def cluster_usage(nodes: Iterable[pb.Node], own_node_id: str | None,
 
 def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], totals: Usage,
            weights: Mapping[str, float], free: Usage, limit: int,
-           max_bytes: int = 0, disk_free: int | None = None) -> list[Candidate]:
+           max_bytes: int = 0, disk_free: int | None = None,
+           owner_room: Mapping[str, Usage] | None = None) -> list[Candidate]:
     """The candidates to steal now, in the order picked.
 
     candidates: oldest first within each (priority, owner). Highest priority first; within
@@ -90,6 +91,8 @@ def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], total
     Stops at limit tasks, or (max_bytes > 0) before the picks' sizes pass max_bytes.
     disk_free (None: not counted) is the node's free disk, counted like CPU and memory
     (disk is not part of the share: it is no scarce, contended resource of the cluster).
+    owner_room: what owners with a running quota may still start (node/scheduling/
+    running_quota.py), counted down by each pick like free; other owners are unbounded.
     """
     by_priority: dict[int, dict[str, list[Candidate]]] = {}
     for candidate in candidates:
@@ -98,6 +101,7 @@ def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], total
     held = dict(usage)
     cpu_free, memory_free = free.cpu_millis, free.memory_bytes
     disk_left = disk_free
+    room_left = dict(owner_room or {})
     chosen: list[Candidate] = []
     # The picks become one steal transaction: cut like every other write (limits.TxnRoom).
     room = TxnRoom(max_count=limit, max_bytes=max_bytes or sys.maxsize, max_ops=sys.maxsize)
@@ -111,6 +115,7 @@ def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], total
                          if candidate.cpu_millis <= cpu_free
                          and candidate.memory_bytes <= memory_free
                          and (disk_left is None or candidate.disk_bytes <= disk_left)
+                         and _within(room_left.get(owner), candidate)
                          and room.fits(candidate.size)), None)
             if pick is None:
                 del queues[owner]       # nothing of this owner fits: the next owner
@@ -125,9 +130,17 @@ def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], total
             if disk_left is not None:
                 disk_left -= pick.disk_bytes
             held[owner] = held.get(owner, Usage()).plus(pick.cpu_millis, pick.memory_bytes)
+            if owner in room_left:
+                room_left[owner] = room_left[owner].plus(-pick.cpu_millis, -pick.memory_bytes)
         if len(chosen) >= limit:
             break
     return chosen
+
+
+def _within(room: Usage | None, candidate: Candidate) -> bool:
+    """Whether candidate fits its owner's remaining quota room (None: no quota)."""
+    return room is None or (candidate.cpu_millis <= room.cpu_millis
+                            and candidate.memory_bytes <= room.memory_bytes)
 
 
 def valid_weight(weight: float) -> bool:

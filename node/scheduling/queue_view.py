@@ -16,11 +16,17 @@ import itertools
 import time
 from collections.abc import Callable, Iterator
 
+from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys
 from node.etcd.store import Store, WatchEvent
 from node.scheduling.ranking import MAX_RANK
 
 Group = tuple[int, str]
+
+
+def group_of(task: pb.Task) -> Group:
+    """The queue group (priority, owner) a task is queued in."""
+    return task.spec.priority, task.spec.owner or keys.DEFAULT_OWNER
 """(priority, owner): one run of the priority index, oldest task first."""
 
 # How many keys one relist reads of each group before it skips to the next: plenty to

@@ -130,10 +130,14 @@ class Reservations:
         self._head_task: pb.Task | None = None
 
     def follow(self, *, queue: QueueView, nodes: Callable[[], Mapping[str, pb.Node]],
-               wake: Callable[[], None]) -> None:
+               wake: Callable[[], None],
+               blocked: Callable[[pb.Task], bool] | None = None) -> None:
         """The stealer's view of the queue and of the live node records; wake: tell the
-        stealer to look again (a reservation ended)."""
+        stealer to look again (a reservation ended); blocked: replaces the constructor's
+        hook (the stealer's running quotas)."""
         self._queue, self._nodes, self._wake = queue, nodes, wake
+        if blocked is not None:
+            self._blocked = blocked
 
     @property
     def reserve_after(self) -> float:

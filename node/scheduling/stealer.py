@@ -16,6 +16,7 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Sequence
 from typing import NoReturn
 
 from node._gen.filch.v1 import filch_pb2 as pb
@@ -26,12 +27,14 @@ from node.core.limits import ETCD_MAX_REQUEST_BYTES, MAX_BATCH, MOVE_KEYS_BYTES,
 from node.etcd import failpoints
 from node.etcd.store import Store, WatchEvent
 from node.etcd.txn import Move, Versioned, none_created_after
+from node.etcd.users import UserDirectory
 from node.etcd.watching import list_and_watch
 from node.scheduling.fairshare import Candidate, Usage, cluster_usage, select
 from node.scheduling.node_state import Launcher, NodeState, Registration
-from node.scheduling.queue_view import Group, QueueView
+from node.scheduling.queue_view import QueueView, group_of
 from node.scheduling.ranking import Slices, is_full
 from node.scheduling.reservation import Reservations
+from node.scheduling.running_quota import RunningQuotas
 from node.scheduling.shares import Shares
 
 log = logging.getLogger(__name__)
@@ -64,24 +67,26 @@ class Stealer:
     """Finds queued tasks and steals those this node has room for."""
 
     def __init__(self, *, config: Config, store: Store, state: NodeState,
-                 runner: Launcher, reservations: Reservations | None = None) -> None:
+                 runner: Launcher, reservations: Reservations | None = None,
+                 users: UserDirectory | None = None) -> None:
         self._config = config
         self._store = store
         self._state = state
         self._capacity = state.capacity
         self._runner = runner
+        self._quotas = RunningQuotas(store=store, users=users)   # users' running quotas
         self._slices = Slices()
         self._queue = QueueView(rank=self._rank)
         self._reservations = reservations or Reservations(store=store, state=state)
-        self._reservations.follow(queue=self._queue, nodes=lambda: self._nodes, wake=self.wake)
+        self._reservations.follow(queue=self._queue, nodes=lambda: self._nodes, wake=self.wake,
+                                  blocked=self._quotas.holds_back)
         # Set when the shard ranges this node watches change (a node joined or left).
         self._ranges_changed = asyncio.Event()
         self._ranges: list[tuple[int, int]] = []
         self._ready_timer: asyncio.TimerHandle | None = None
         self._ready_at = 0.0
-        # How long this node's reads and steal transactions take (moving average): the
-        # step between a task's first node and the next one must exceed it, or the next
-        # one reaches for tasks the first one is still taking.
+        # How long this node's reads and steals take (moving average): the step between a
+        # task's first node and the next must exceed it, or the next reaches for its tasks.
         self._steal_seconds = 0.0
         # What fair share reads: live node records, and the owners' weights.
         self._nodes: dict[str, pb.Node] = {}
@@ -281,6 +286,7 @@ class Stealer:
         picks: list[Candidate] = []
         view_revision = 0
         began = time.monotonic()
+        self._quotas.begin()
         self._update_ring()
         node_id = registration.node_id
         reads, ready_at = self._queue.reads(
@@ -313,14 +319,16 @@ class Stealer:
                     spec = record.task.spec
                     candidates.append(Candidate(
                         task_id, spec.priority, spec.owner or keys.DEFAULT_OWNER,
-                        spec.cpu_millis, spec.memory_bytes, _steal_bytes(record),
-                        self._capacity.disk_of(spec)))
+                        spec.cpu_millis, spec.memory_bytes,
+                        record.task.ByteSize() + MOVE_KEYS_BYTES, self._capacity.disk_of(spec)))
+            await self._quotas.read(candidates)
             picks = self._select(candidates)
             if len(picks) >= self._batch:
                 break
         if not picks or self.paused:
             # Paused (shutdown) during the delay or the reads: send nothing. No await
             # from here until the steal is marked in flight, so shutdown waits for it.
+            await self._quotas.mark(records, self._quotas.at_quota(candidates, []))
             return False
         chosen = [records[pick.task_id] for pick in picks]
         for record in chosen:
@@ -331,9 +339,11 @@ class Stealer:
         self._no_steal_in_flight.clear()
         try:
             with self._capacity.stealing():
-                stole = await self._steal(chosen, registration, guard)
+                stole = await self._steal(chosen, registration, guard, self._quotas.guards(picks))
         finally:
             self._no_steal_in_flight.set()
+        if stole:   # tasks left queued by their owner's quota say so (once)
+            await self._quotas.mark(records, self._quotas.at_quota(candidates, picks))
         took = time.monotonic() - began
         self._steal_seconds += STEAL_SECONDS_WEIGHT * (min(took, MAX_STEAL_SECONDS)
                                                        - self._steal_seconds)
@@ -359,7 +369,8 @@ class Stealer:
         self._shares.publish(usage, totals)
         return select(self._reservations.admitted(candidates), usage=usage, totals=totals,
                       weights=self._shares.weights, free=free, limit=self._batch,
-                      max_bytes=WRITE_BATCH_BYTES, disk_free=capacity.disk_free)
+                      max_bytes=WRITE_BATCH_BYTES, disk_free=capacity.disk_free,
+                      owner_room=self._quotas.room())
 
     def _cluster_usage(self) -> tuple[dict[str, Usage], Usage]:
         registration = self._state.registration
@@ -369,18 +380,19 @@ class Stealer:
                              capacity.owners(), Usage(capacity.cpu_millis, capacity.memory_bytes))
 
     async def _steal(self, chosen: list[Versioned], registration: Registration,
-                     guard: object = None) -> bool:
+                     guard: object = None, quota_guards: Sequence[object] = ()) -> bool:
         """The steal transaction for a batch (resources already reserved); guard: the
-        priority compare (txn.none_created_after), when there is one."""
+        priority compare (txn.none_created_after), when there is one; quota_guards: the
+        running quotas' compares (node/scheduling/running_quota.py)."""
         moves = [Move(record, lifecycle.stolen(record.task, registration.node_id,
-                                               self._config.name,
-                                               self._config.advertise_address))
+                                               self._config.name, self._config.advertise_address))
                  for record in chosen]
         metrics.STEALS_ATTEMPTED.inc(len(moves))
         try:
             await failpoints.hit("stealer.before_commit")
             token, done = await self._store.transition_each(
-                moves, lease_id=registration.lease_id, guards=() if guard is None else (guard,))
+                moves, lease_id=registration.lease_id, guards=() if guard is None else (guard,),
+                quota_guards=quota_guards)
             await failpoints.hit("stealer.after_commit")
         except TooLarge:
             self._release(moves)
@@ -413,8 +425,8 @@ class Stealer:
         self._batch = (min(MAX_BATCH, self._batch * 2) if len(lost) * 2 <= len(moves)
                        else max(1, self._batch // 2))
         for move in won:
-            self._queue.forget(_group_of(move.new), move.new.id)
-            metrics.OWNER_PICKS.labels(_group_of(move.new)[1]).inc()
+            self._queue.forget(group_of(move.new), move.new.id)
+            metrics.OWNER_PICKS.labels(group_of(move.new)[1]).inc()
             metrics.START_LATENCY.observe(max(0.0, (move.new.started_at.ToNanoseconds()
                                                     - move.new.submitted_at.ToNanoseconds()) / 1e9))
             log.debug("stole task %s (attempt %d)", move.new.id, move.new.attempt)
@@ -426,7 +438,7 @@ class Stealer:
     async def _refuse(self, record: Versioned) -> None:
         """A task whose record alone is too large to write: a permanent error, recorded on
         the task (COMPLETE, START_FAILED), never retried."""
-        self._queue.forget(_group_of(record.task), record.task.id)
+        self._queue.forget(group_of(record.task), record.task.id)
         failed = lifecycle.too_large(lifecycle.finished(
             record.task, pb.TASK_STATE_COMPLETE, pb.REASON_START_FAILED),
             ETCD_MAX_REQUEST_BYTES)
@@ -436,13 +448,3 @@ class Stealer:
     def _release(self, moves: list[Move]) -> None:
         for move in moves:
             self._capacity.release(move.new.spec)
-
-
-def _steal_bytes(record: Versioned) -> int:
-    """What stealing this task adds to a transaction: its record, grown by a few node
-    fields (WRITE_BATCH_BYTES leaves a whole record of headroom for those), and keys."""
-    return record.task.ByteSize() + MOVE_KEYS_BYTES
-
-
-def _group_of(task: pb.Task) -> Group:
-    return task.spec.priority, task.spec.owner or keys.DEFAULT_OWNER
