@@ -363,6 +363,20 @@ class Client:
                                                      pb.ListOwnersRequest())
         return list(response.owners)
 
+    # -- cluster settings (`filch cluster`) -------------------------------------------------
+
+    def set_cluster_setting(self, key: str, value: str) -> pb.ClusterSettings:
+        """Set a cluster-wide setting ("default" unsets it; admin only)."""
+        settings: pb.ClusterSettings = self._call(
+            self._stub.SetClusterSetting, pb.SetClusterSettingRequest(key=key, value=value))
+        return settings
+
+    def cluster_settings(self) -> pb.ClusterSettings:
+        """The cluster-wide settings as stored (an unset field is its default)."""
+        settings: pb.ClusterSettings = self._call(self._stub.GetClusterSettings,
+                                                  pb.GetClusterSettingsRequest())
+        return settings
+
     # -- web UI sessions (the HTTP face's sign-in) -------------------------------------------
 
     def create_session(self, identity: str) -> pb.CreateSessionResponse:

@@ -21,6 +21,7 @@ from typing import Any
 
 import click
 
+from node.cli.cluster import cluster_group
 from node.cli.commands import CLIENT_COMMANDS
 from node.cli.events import events_command
 from node.cli.lazy import AGENT_SHORT_HELP, LazyClient, check_security_files
@@ -166,7 +167,7 @@ def cli(ctx: click.Context, server: str, timeout: float, ca: str, token_file: st
 # What the group's --help lists for `agent` without building it.
 _AGENT_PLACEHOLDER = click.Command("agent", help=AGENT_SHORT_HELP)
 
-for _command in (*CLIENT_COMMANDS, events_command, owner_group, node_group):
+for _command in (*CLIENT_COMMANDS, events_command, owner_group, node_group, cluster_group):
     cli.add_command(_command)
 
 

@@ -180,6 +180,13 @@ OWNER_RUNNING = Gauge("filch_owner_running_tasks",
                       ["owner"])
 OWNER_PICKS = Counter("filch_owner_steals_total",
                       "Tasks this node stole, by owner (fair share in action).", ["owner"])
+OWNER_DECAYED_CPU = Gauge("filch_owner_decayed_cpu_seconds",
+                          "Each owner's past CPU usage in core-seconds, decayed by the "
+                          "cluster's usage-half-life to now (/usage/<owner>).", ["owner"])
+OWNER_ORDER = Gauge("filch_owner_order",
+                    "What this node's stealer sorts owners of one priority by (lowest "
+                    "first): current share mixed with decayed usage, over the weight.",
+                    ["owner"])
 
 
 # Label values known in advance are created at import, so every series exists (at 0)

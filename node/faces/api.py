@@ -17,6 +17,7 @@ from node._gen.filch.v1 import filch_pb2 as pb
 from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from node.core import validation
 from node.core.errors import Compacted, InvalidArgument, NotStarted
+from node.faces.cluster_settings import ClusterSettingsService
 from node.faces.copy_store import CopyStore
 from node.faces.cordons import CordonService, drain_deadline, node_name
 from node.faces.events import EventService
@@ -245,12 +246,13 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     @unary
     async def SetClusterSetting(self, request: pb.SetClusterSettingRequest,
                                 context: Any) -> pb.ClusterSettings:
-        raise NotStarted("cluster settings are not built yet")
+        return await ClusterSettingsService(store=self._tasks.store).set(request.key,
+                                                                         request.value)
 
     @unary
     async def GetClusterSettings(self, request: pb.GetClusterSettingsRequest,
                                  context: Any) -> pb.ClusterSettings:
-        raise NotStarted("cluster settings are not built yet")
+        return await ClusterSettingsService(store=self._tasks.store).get()
 
     @unary
     async def ListAudit(self, request: pb.ListAuditRequest, context: Any) -> pb.ListAuditResponse:
