@@ -103,7 +103,7 @@ class Shares:
         always exists, from start-up: metrics.py), which reads 0. The order is published
         for owners with past usage too (an idle owner's order is what its next task gets)."""
         past = self.past()
-        ordered = set(usage) | set(past.shares)
+        ordered = set(usage) | set(self.decayed)
         for owner in self._published - ordered:
             if owner == keys.DEFAULT_OWNER:
                 metrics.OWNER_SHARE.labels(owner).set(0)

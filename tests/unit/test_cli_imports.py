@@ -31,6 +31,8 @@ COMMAND_LINES = [
     ["nodes", "-o", "json"],
     ["owner", "ls", "-o", "json"],
     ["owner", "weight", "alice", "2"],
+    ["cluster", "show", "-o", "json"],
+    ["cluster", "set", "usage-half-life", "7d"],
     ["certs", "/nonexistent/dir", "--node", "n1=127.0.0.1"],
 ]
 
