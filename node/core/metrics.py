@@ -212,6 +212,8 @@ for _state in ("complete", "canceled"):
 # is known in advance too: the dashboard's owner panels show data on any cluster.
 for _owner_metric in (OWNER_SHARE, OWNER_RUNNING, OWNER_PICKS):
     _owner_metric.labels(DEFAULT_OWNER)
+for _owner_gauge in (OWNER_DECAYED_CPU, OWNER_ORDER):
+    _owner_gauge.labels(DEFAULT_OWNER)
 
 
 def serve(listen: str) -> None:

@@ -91,7 +91,10 @@ class Shares:
     def _publish_decayed(self) -> None:
         now, half_life = self._clock(), self._settings.usage_half_life
         for owner in self._published_decayed - set(self.decayed):
-            _remove(metrics.OWNER_DECAYED_CPU, owner)
+            if owner == keys.DEFAULT_OWNER:
+                metrics.OWNER_DECAYED_CPU.labels(owner).set(0)
+            else:
+                _remove(metrics.OWNER_DECAYED_CPU, owner)
         for owner, record in self.decayed.items():
             metrics.OWNER_DECAYED_CPU.labels(owner).set(
                 decayed_to(record, now, half_life).cpu_seconds)

@@ -163,3 +163,28 @@ async def test_owners_list_and_stealer_view_show_decayed_usage_share_and_order(
                                            value=b"", revision=1))
     assert set(shares.past().shares) == {"steady"}
     assert ("burst",) not in metrics.OWNER_DECAYED_CPU._metrics
+
+
+async def test_the_loop_flushes_on_its_period_and_shutdown_writes_the_rest(
+        store: Store) -> None:
+    state = NodeState(Capacity(cpu_millis=8000, memory_bytes=16 * GIB))
+    meter = UsageMeter(store=store, state=state, settings=ClusterSettingsView(),
+                       flush_every=0.2)
+    state.capacity.reserve(_spec("alice", 4000, GIB))
+    loop = asyncio.create_task(meter.run())
+    try:
+        for _ in range(100):
+            if (await usage_records.get_usage(store, "alice")).mod_revision:
+                break
+            await asyncio.sleep(0.05)
+        flushed = (await usage_records.get_usage(store, "alice")).usage.cpu_seconds
+        assert flushed > 0
+    finally:
+        loop.cancel()
+        await asyncio.gather(loop, return_exceptions=True)
+    await asyncio.sleep(0.1)        # held, and not flushed yet: shutdown writes it
+    await meter.shutdown()
+    assert (await usage_records.get_usage(store, "alice")).usage.cpu_seconds >= flushed + 0.4
+    # On no lease: an owner's past outlives the node that ran its tasks.
+    response = await store._range(keys.decayed_usage("alice"), b"")
+    assert response.kvs[0].lease == 0
