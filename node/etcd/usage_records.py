@@ -34,10 +34,24 @@ class VersionedSettings:
 
 
 async def list_usage(store: StoreBase) -> dict[str, pb.DecayedUsage]:
-    """Every owner's decayed usage record (one per owner that ever ran: a short range)."""
+    """Every owner's decayed usage record (one per owner that ran lately: a short range)."""
+    return {found.owner: found.usage for found in await list_versioned_usage(store)}
+
+
+async def list_versioned_usage(store: StoreBase) -> list[VersionedUsage]:
     response = await store._range(keys.DECAYED_USAGE, keys.prefix_end(keys.DECAYED_USAGE))
-    return {kv.key[len(keys.DECAYED_USAGE):].decode(): pb.DecayedUsage.FromString(kv.value)
-            for kv in response.kvs}
+    return [VersionedUsage(kv.key[len(keys.DECAYED_USAGE):].decode(),
+                           pb.DecayedUsage.FromString(kv.value), int(kv.mod_revision))
+            for kv in response.kvs]
+
+
+async def delete_usage(store: StoreBase, owner: str, mod_revision: int) -> bool:
+    """Delete owner's record if it is still at mod_revision (nobody added meanwhile)."""
+    key = keys.decayed_usage(owner)
+    response = await store._txn(rpc.TxnRequest(
+        compare=[key_compare(key, "mod_revision", mod_revision)],
+        success=[rpc.RequestOp(request_delete_range=rpc.DeleteRangeRequest(key=key))]))
+    return bool(response.succeeded)
 
 
 async def get_usage(store: StoreBase, owner: str) -> VersionedUsage:

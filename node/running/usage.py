@@ -21,7 +21,7 @@ from node.core.errors import Conflict, FilchError
 from node.etcd import usage_records
 from node.etcd.cluster_settings import ClusterSettingsView
 from node.etcd.store import Store
-from node.scheduling.decay import GIB, added
+from node.scheduling.decay import GIB, added, decayed_to
 from node.scheduling.fairshare import Usage
 from node.scheduling.node_state import NodeState
 
@@ -36,6 +36,11 @@ USAGE_FLUSH = 15.0
 MAX_TRIES = 8
 # The last flush at shutdown waits this long at most (etcd may be what is going away).
 SHUTDOWN_FLUSH = 3.0
+# Records decayed below this (core-seconds and GiB-seconds both) are deleted, so owners of
+# long ago do not stay in every stealer's view for good; a second of one core moves no
+# order. Looked for every PRUNE_EVERY on each node (one short range of /usage/).
+PRUNE_BELOW = 1.0
+PRUNE_EVERY = 3600.0
 
 
 class UsageMeter:
@@ -76,6 +81,7 @@ class UsageMeter:
 
     async def run(self) -> NoReturn:
         next_flush = self._monotonic() + self._flush_every
+        next_prune = self._monotonic() + PRUNE_EVERY
         while True:
             try:
                 async with asyncio.timeout(max(0.0, next_flush - self._monotonic())):
@@ -90,6 +96,12 @@ class UsageMeter:
                 except FilchError as exc:
                     log.info("usage flush deferred: %s", exc)
                 next_flush = self._monotonic() + self._flush_every
+            if self._monotonic() >= next_prune:
+                try:
+                    await self.prune()
+                except FilchError as exc:
+                    log.info("usage prune deferred: %s", exc)
+                next_prune = self._monotonic() + PRUNE_EVERY
 
     async def flush(self) -> None:
         """Add what is accrued to the owners' records. Raises FilchError (etcd down, lost
@@ -116,6 +128,19 @@ class UsageMeter:
             if await usage_records.put_usage(self._store, owner, new, found.mod_revision):
                 return
         raise Conflict(f"the usage record of owner {owner} changed {MAX_TRIES} times in a row")
+
+    async def prune(self) -> int:
+        """Delete the records that decayed to almost nothing (compared: one a node just
+        added to stays); how many were deleted."""
+        now, half_life = self._clock(), self._settings.usage_half_life
+        deleted = 0
+        for found in await usage_records.list_versioned_usage(self._store):
+            current = decayed_to(found.usage, now, half_life)
+            if (current.cpu_seconds < PRUNE_BELOW and current.memory_gib_seconds < PRUNE_BELOW
+                    and await usage_records.delete_usage(self._store, found.owner,
+                                                         found.mod_revision)):
+                deleted += 1
+        return deleted
 
     async def shutdown(self) -> None:
         """Write what the attempts of this node held up to now (best effort, bounded)."""

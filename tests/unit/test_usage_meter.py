@@ -188,3 +188,21 @@ async def test_the_loop_flushes_on_its_period_and_shutdown_writes_the_rest(
     # On no lease: an owner's past outlives the node that ran its tasks.
     response = await store._range(keys.decayed_usage("alice"), b"")
     assert response.kvs[0].lease == 0
+
+
+async def test_records_decayed_to_almost_nothing_are_pruned_and_others_kept(
+        store: Store) -> None:
+    settings = ClusterSettingsView()
+    settings.current = pb.ClusterSettings(usage_half_life_seconds=HOUR)
+    for owner, cpu in (("long-ago", 1000.0), ("lately", 5000.0)):
+        record = pb.DecayedUsage(cpu_seconds=cpu, memory_gib_seconds=1.0)
+        record.updated_at.FromNanoseconds(0)
+        await usage_records.put_usage(store, owner, record, 0)
+    # 12 half-lives later: 1000 -> 0.24 (pruned), 5000 -> 1.2 (kept).
+    meter, _ = _meter(store, Clock(0.0), Clock(12 * HOUR), settings)
+    assert await meter.prune() == 1
+    assert set(await usage_records.list_usage(store)) == {"lately"}
+    # A record another node wrote after the read is not deleted (compare).
+    stale = (await usage_records.get_usage(store, "lately")).mod_revision
+    await usage_records.put_usage(store, "lately", pb.DecayedUsage(cpu_seconds=9), stale)
+    assert not await usage_records.delete_usage(store, "lately", stale)
