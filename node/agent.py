@@ -62,6 +62,7 @@ from node.running.runner import Runner
 from node.running.runtime import scratch
 from node.running.runtime.base import Executor
 from node.running.runtime.network import TaskNetwork
+from node.running.usage import UsageMeter
 from node.running.watchdog import Watchdog
 from node.scheduling.conditions import DependencyCheck
 from node.scheduling.dependencies import Resolver
@@ -205,12 +206,13 @@ class Agent:
                                 executor_name=executor.name, runner=runner, watchdog=watchdog,
                                 renewals=renewals)
         # Users (listed below, before the first call is served): their quotas bind the
-        # stealer and the submits.
+        # stealer and the submits. Settings: kept current by a watch (below).
         users = UserDirectory()
         settings = ClusterSettingsView()
         reservations = Reservations(store=store, state=state, settings=settings)
         stealer = Stealer(config=config, store=store, state=state, runner=runner,
-                          reservations=reservations, users=users)
+                          reservations=reservations, users=users, settings=settings)
+        usage = UsageMeter(store=store, state=state, settings=settings)
         recovery = Recovery(config=config, store=store, state=state)
         # One DependencyCheck per node: its cache of how far each array succeeded serves both
         # the resolver's events and the submits' checks, so an array is read once, not twice.
@@ -224,7 +226,7 @@ class Agent:
         # In shutdown order: close the stealer's door (awaiting a steal in flight), stop
         # cleaning up, drain the attempts, leave. The stealer goes first so that whatever
         # it committed is an attempt the runner's drain finds.
-        parts: tuple[Part, ...] = (stealer, cordon, resolver, housekeeping, runner,
+        parts: tuple[Part, ...] = (stealer, cordon, resolver, housekeeping, runner, usage,
                                    copier, membership, recovery)
         # Before any part runs: a cordoned node steals nothing while it starts, and its
         # first record says so; a name another live node holds stops this agent here.

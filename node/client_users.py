@@ -60,3 +60,17 @@ class UserCalls:
         response: pb.RevokeSessionResponse = self._call(
             self._stub.RevokeSession, pb.RevokeSessionRequest(session_id=session_id))
         return response.revoked
+
+    # -- cluster settings (`filch cluster`) -------------------------------------------------
+
+    def set_cluster_setting(self, key: str, value: str) -> pb.ClusterSettings:
+        """Set a cluster-wide setting ("default" unsets it; admin only)."""
+        settings: pb.ClusterSettings = self._call(
+            self._stub.SetClusterSetting, pb.SetClusterSettingRequest(key=key, value=value))
+        return settings
+
+    def cluster_settings(self) -> pb.ClusterSettings:
+        """The cluster-wide settings as stored (an unset field is its default)."""
+        settings: pb.ClusterSettings = self._call(self._stub.GetClusterSettings,
+                                                  pb.GetClusterSettingsRequest())
+        return settings

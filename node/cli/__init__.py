@@ -22,6 +22,7 @@ from typing import Any
 import click
 
 from node.cli.audit import audit_command
+from node.cli.cluster import cluster_group
 from node.cli.commands import CLIENT_COMMANDS
 from node.cli.events import events_command
 from node.cli.lazy import AGENT_SHORT_HELP, LazyClient, check_security_files
@@ -169,7 +170,7 @@ def cli(ctx: click.Context, server: str, timeout: float, ca: str, token_file: st
 _AGENT_PLACEHOLDER = click.Command("agent", help=AGENT_SHORT_HELP)
 
 for _command in (*CLIENT_COMMANDS, events_command, owner_group, node_group, audit_command,
-                 user_group, whoami_command):
+                 user_group, whoami_command, cluster_group):
     cli.add_command(_command)
 
 

@@ -17,8 +17,10 @@ def owner_group() -> None:
     """Fair share: owners, their weights and their share of the cluster.
 
     Among queued tasks of equal priority, nodes start those of the owner with the lowest
-    weighted dominant share (the larger of its CPU and memory fractions, divided by its
-    weight) first, so owners with pending work converge to shares in their weights' ratio.
+    order first: its dominant share (the larger of its CPU and memory fractions) mixed with
+    its share of the decayed past usage by usage-weight, divided by its weight
+    (`filch cluster show`), so owners with pending work converge to shares in their
+    weights' ratio, and one that ran a burst lately yields to one that ran nothing.
     """
 
 
@@ -36,7 +38,8 @@ def set_weight(client: Client, name: str, weight: float) -> None:
 @output_option
 @click.pass_obj
 def list_owners(client: Client, output: str) -> None:
-    """List owners with a weight or with queued or running work, and their share."""
+    """List owners with a weight, queued, running or past work: share, decayed past usage
+    (core-hours, GiB-hours), its share and the order (lowest goes first)."""
     from node.faces import records, render
     owners = client.owners()
     if output == "json":

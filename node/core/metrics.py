@@ -190,6 +190,13 @@ OWNER_RUNNING = Gauge("filch_owner_running_tasks",
                       ["owner"])
 OWNER_PICKS = Counter("filch_owner_steals_total",
                       "Tasks this node stole, by owner (fair share in action).", ["owner"])
+OWNER_DECAYED_CPU = Gauge("filch_owner_decayed_cpu_seconds",
+                          "Each owner's past CPU usage in core-seconds, decayed by the "
+                          "cluster's usage-half-life to now (/usage/<owner>).", ["owner"])
+OWNER_ORDER = Gauge("filch_owner_order",
+                    "What this node's stealer sorts owners of one priority by (lowest "
+                    "first): current share mixed with decayed usage, over the weight.",
+                    ["owner"])
 
 # Users' quotas (node/scheduling/quotas.py, running_quota.py): each owner's limit and use
 # as this node last read them (at a submit or a steal pass of its tasks), and refusals.
@@ -237,6 +244,8 @@ for _state in ("complete", "canceled"):
 # is known in advance too: the dashboard's owner panels show data on any cluster.
 for _owner_metric in (OWNER_SHARE, OWNER_RUNNING, OWNER_PICKS):
     _owner_metric.labels(DEFAULT_OWNER)
+for _owner_gauge in (OWNER_DECAYED_CPU, OWNER_ORDER):
+    _owner_gauge.labels(DEFAULT_OWNER)
 
 
 def serve(listen: str) -> None:

@@ -19,6 +19,7 @@ from node.core import validation
 from node.core.errors import Compacted, InvalidArgument, NotStarted
 from node.faces import access, audit
 from node.faces.audit import AuditLog, audited
+from node.faces.cluster_settings import ClusterSettingsService
 from node.faces.copy_store import CopyStore
 from node.faces.cordons import CordonService, drain_deadline, node_name
 from node.faces.events import EventService
@@ -284,12 +285,13 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
     async def SetClusterSetting(self, request: pb.SetClusterSettingRequest,
                                 context: Any) -> pb.ClusterSettings:
         access.require_admin("SetClusterSetting", "change cluster settings")
-        raise NotStarted("cluster settings are not built yet")
+        return await ClusterSettingsService(store=self._tasks.store).set(request.key,
+                                                                         request.value)
 
     @unary
     async def GetClusterSettings(self, request: pb.GetClusterSettingsRequest,
                                  context: Any) -> pb.ClusterSettings:
-        raise NotStarted("cluster settings are not built yet")
+        return await ClusterSettingsService(store=self._tasks.store).get()
 
     @unary
     async def ListAudit(self, request: pb.ListAuditRequest, context: Any) -> pb.ListAuditResponse:

@@ -1,22 +1,30 @@
 """Owners (fair share): set a weight, list every owner with its usage and share.
 
 An owner's weight lives at /owner/<name>; its usage is what the node records say its
-running tasks hold; its share is fairshare.share over the cluster's CPU and memory.
+running tasks hold; its share is fairshare.share over the cluster's CPU and memory; its
+decayed past usage is /usage/<name>, and its order what the stealers sort owners of one
+priority by (node/scheduling/decay.py).
 """
 
 from __future__ import annotations
 
+import time
+
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys, validation
 from node.core.errors import InvalidArgument
+from node.etcd import usage_records
+from node.etcd.cluster_settings import ClusterSettingsView
 from node.etcd.quota_txn import pending_count
 from node.etcd.store import Store
 from node.etcd.users import UserDirectory
+from node.scheduling.decay import decayed_to, usage_shares
 from node.scheduling.fairshare import (
     DEFAULT_WEIGHT,
     MAX_WEIGHT,
     Usage,
     cluster_usage,
+    owner_order,
     share,
     valid_weight,
 )
@@ -56,21 +64,32 @@ class OwnerService:
 
     async def list_owners(self) -> list[pb.Owner]:
         """Every owner with a weight, running work or queued work, in name order, with its
-        usage summed over the node records and its weighted dominant share."""
+        usage summed over the node records and its weighted dominant share, its decayed past
+        usage (decayed to now) and share of every owner's, and its order."""
         weights = {owner.name: owner.weight for owner in await self.store.list_owners()}
         nodes = await self.store.list_nodes()
         usage, totals = cluster_usage(nodes, None, {}, Usage())
-        names = set(weights) | set(usage) | await self._queued_owners()
+        settings = ClusterSettingsView()
+        await settings.relist(self.store)
+        decayed = await usage_records.list_usage(self.store)
+        now, half_life = time.time(), settings.usage_half_life
+        past = usage_shares(decayed, now, half_life)
+        names = set(weights) | set(usage) | await self._queued_owners() | set(decayed)
         owners = []
         for name in sorted(names):
             held = usage.get(name, Usage())
             weight = weights.get(name, DEFAULT_WEIGHT)
-            owners.append(pb.Owner(
+            owner = pb.Owner(
                 name=name, weight=weight,
                 usage=pb.OwnerUsage(cpu_millis=held.cpu_millis, memory_bytes=held.memory_bytes,
                                     running=held.running),
-                share=share(held, totals, weight)))
-            await self._fill_quota(owners[-1])
+                share=share(held, totals, weight), usage_share=past.get(name, 0.0),
+                order=owner_order(held, totals, weight, past.get(name, 0.0),
+                                  settings.usage_weight))
+            if name in decayed:
+                owner.decayed.CopyFrom(decayed_to(decayed[name], now, half_life))
+            owners.append(owner)
+            await self._fill_quota(owner)
         return owners
 
     async def _fill_quota(self, owner: pb.Owner) -> None:

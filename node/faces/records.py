@@ -278,7 +278,9 @@ def node_to_dict(node: filch_pb2.Node) -> NodeDict:
 
 def owner_to_dict(owner: filch_pb2.Owner) -> dict[str, object]:
     """An owner's JSON form (`filch owner ls -o json`, GET /api/v1/owners): CPU in cores,
-    memory in bytes, share as a fraction of the cluster (0..1, weighted)."""
+    memory in bytes, share as a fraction of the cluster (0..1, weighted); decayed past usage
+    in core-seconds and GiB-seconds, its fraction of every owner's (0..1) and the order the
+    stealers sort owners by (lowest first)."""
     return {
         "name": owner.name,
         "weight": owner.weight,
@@ -286,6 +288,10 @@ def owner_to_dict(owner: filch_pb2.Owner) -> dict[str, object]:
         "memory_bytes": owner.usage.memory_bytes,
         "running": owner.usage.running,
         "share": owner.share,
+        "decayed_cpu_seconds": owner.decayed.cpu_seconds,
+        "decayed_memory_gib_seconds": owner.decayed.memory_gib_seconds,
+        "usage_share": owner.usage_share,
+        "order": owner.order,
     }
 
 

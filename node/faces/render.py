@@ -315,8 +315,12 @@ def _truncate(text: str, limit: int) -> str:
 
 
 def owners_table(owners: Iterable[filch_pb2.Owner]) -> str:
-    """One line per owner: weight, what its running tasks hold, its weighted share."""
+    """One line per owner: weight, what its running tasks hold, its weighted share, its
+    decayed past usage (core-hours, GiB-hours) and share of it, and its order."""
     rows = [(printable(owner.name), f"{owner.weight:g}", format_cpu(owner.usage.cpu_millis),
              format_size(owner.usage.memory_bytes), str(owner.usage.running),
-             f"{owner.share * 100:.1f}%") for owner in owners]
-    return table(("OWNER", "WEIGHT", "CPU", "MEMORY", "RUNNING", "SHARE"), rows)
+             f"{owner.share * 100:.1f}%", f"{owner.decayed.cpu_seconds / 3600:.3g}",
+             f"{owner.decayed.memory_gib_seconds / 3600:.3g}",
+             f"{owner.usage_share * 100:.1f}%", f"{owner.order:.3f}") for owner in owners]
+    return table(("OWNER", "WEIGHT", "CPU", "MEMORY", "RUNNING", "SHARE", "PAST-CPU-H",
+                  "PAST-GIB-H", "PAST-SHARE", "ORDER"), rows)

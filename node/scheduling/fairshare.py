@@ -4,7 +4,8 @@ Pure functions, no I/O: the stealer hands them what it sees in etcd (candidates,
 node's per-owner usage, the owners' weights) and its own free capacity. Dominant resource
 fairness (Ghodsi et al., NSDI 2011): an owner's share is the larger of its fractions of
 the cluster's CPU and memory, divided by its weight; among tasks of one priority, the
-owner with the lowest share goes next.
+owner with the lowest order goes next: that share mixed with its share of the decayed past
+usage (node/scheduling/decay.py; with a usage weight of 0, the share alone).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core.limits import TxnRoom
+from node.scheduling.decay import NO_PAST, Past, order
 
 # An owner nobody gave a weight has this one.
 DEFAULT_WEIGHT = 1.0
@@ -60,6 +62,13 @@ def share(usage: Usage, totals: Usage, weight: float = DEFAULT_WEIGHT) -> float:
     return max(fractions, default=0.0) / (weight if weight > 0 else DEFAULT_WEIGHT)
 
 
+def owner_order(usage: Usage, totals: Usage, weight: float, usage_share: float,
+                usage_weight: float) -> float:
+    """decay.order of an owner holding usage now, with usage_share of the decayed past."""
+    return order(share(usage, totals), usage_share,
+                 weight=weight if weight > 0 else DEFAULT_WEIGHT, usage_weight=usage_weight)
+
+
 def cluster_usage(nodes: Iterable[pb.Node], own_node_id: str | None,
                   own: Mapping[str, Usage], own_capacity: Usage) -> tuple[dict[str, Usage], Usage]:
     """(usage per owner, cluster totals) from the node records, with this node's live
@@ -80,11 +89,13 @@ def cluster_usage(nodes: Iterable[pb.Node], own_node_id: str | None,
 def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], totals: Usage,
            weights: Mapping[str, float], free: Usage, limit: int,
            max_bytes: int = 0, disk_free: int | None = None,
-           owner_room: Mapping[str, Usage] | None = None) -> list[Candidate]:
+           owner_room: Mapping[str, Usage] | None = None, past: Past = NO_PAST
+           ) -> list[Candidate]:
     """The candidates to steal now, in the order picked.
 
     candidates: oldest first within each (priority, owner). Highest priority first; within
-    one priority the owner with the lowest weighted dominant share next (ties: by name),
+    one priority the owner with the lowest order next (owner_order: its weighted dominant
+    share mixed with past.shares by past.weight; ties: by name),
     taking that owner's oldest candidate that fits what is still free. Each pick counts
     at once towards its owner's usage and against free, so one batch spreads over owners
     as the cluster would. A task that does not fit never blocks smaller ones behind it.
@@ -108,8 +119,9 @@ def select(candidates: Sequence[Candidate], *, usage: Mapping[str, Usage], total
     for priority in sorted(by_priority, reverse=True):
         queues = by_priority[priority]
         while queues and len(chosen) < limit:
-            owner = min(queues, key=lambda name: (
-                share(held.get(name, Usage()), totals, weights.get(name, DEFAULT_WEIGHT)), name))
+            owner = min(queues, key=lambda name: (owner_order(
+                held.get(name, Usage()), totals, weights.get(name, DEFAULT_WEIGHT),
+                past.shares.get(name, 0.0), past.weight), name))
             queue = queues[owner]
             pick = next((candidate for candidate in queue
                          if candidate.cpu_millis <= cpu_free

@@ -5,9 +5,10 @@ from the watch of the shards of it this node is in the chain of (node/scheduling
 its first node tries a task at once, the next ones steps later), kept in a local view
 (node/scheduling/queue_view.py). Each pass reads the records of the candidates this node
 may try now and lets node/scheduling/fairshare.py choose: highest priority first, then the
-owner with the lowest weighted dominant share. The batch is one transaction with a nested
-transaction per task (one taken first by another node fails alone), guarded so that no
-queue key of a higher priority than the lowest taken appeared after the view was complete.
+owner with the lowest order (its share mixed with its decayed past usage: decay.py). The
+batch is one transaction with a nested transaction per task (one taken first by another
+node fails alone), guarded so that no queue key of a priority above the lowest taken
+appeared after the view was complete.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from node.core.config import Config
 from node.core.errors import FilchError, TooLarge
 from node.core.limits import ETCD_MAX_REQUEST_BYTES, MAX_BATCH, MOVE_KEYS_BYTES, WRITE_BATCH_BYTES
 from node.etcd import failpoints
+from node.etcd.cluster_settings import ClusterSettingsView
 from node.etcd.store import Store, WatchEvent
 from node.etcd.txn import Move, Versioned, none_created_after
 from node.etcd.users import UserDirectory
@@ -59,8 +61,7 @@ JITTER_FRACTION = 0.1
 STEAL_SECONDS_WEIGHT = 0.2
 MAX_STEAL_SECONDS = 0.5
 
-# Back-off after etcd refused a steal for a reason other than losing the race.
-ERROR_RETRY = 0.5
+ERROR_RETRY = 0.5  # back-off after etcd refused a steal for a reason other than a lost race
 
 
 class Stealer:
@@ -68,7 +69,8 @@ class Stealer:
 
     def __init__(self, *, config: Config, store: Store, state: NodeState,
                  runner: Launcher, reservations: Reservations | None = None,
-                 users: UserDirectory | None = None) -> None:
+                 users: UserDirectory | None = None, settings: ClusterSettingsView | None = None
+                 ) -> None:
         self._config = config
         self._store = store
         self._state = state
@@ -88,9 +90,9 @@ class Stealer:
         # How long this node's reads and steals take (moving average): the step between a
         # task's first node and the next must exceed it, or the next reaches for its tasks.
         self._steal_seconds = 0.0
-        # What fair share reads: live node records, and the owners' weights.
+        # What fair share reads: live node records, the owners' weights and past usage.
         self._nodes: dict[str, pb.Node] = {}
-        self._shares = Shares()
+        self._shares = Shares(settings=settings)
         # Set by new candidates and by every change of the capacity ledger (freed room).
         self._wake = state.capacity.subscribe()
         # A capability that came back (a firewall policy restored) makes tasks this node
@@ -151,9 +153,7 @@ class Stealer:
             group.create_task(self._watch_queue())
             group.create_task(list_and_watch(self._store, keys.NODES, self._relist_nodes,
                                              self._on_node))
-            group.create_task(list_and_watch(
-                self._store, keys.OWNERS, lambda: self._shares.relist(self._store),
-                self._shares.on_event))
+            group.create_task(self._shares.watch(self._store))
             group.create_task(self._sweep())
             group.create_task(self._reservations.run())
             group.create_task(self._work())
@@ -370,7 +370,7 @@ class Stealer:
         return select(self._reservations.admitted(candidates), usage=usage, totals=totals,
                       weights=self._shares.weights, free=free, limit=self._batch,
                       max_bytes=WRITE_BATCH_BYTES, disk_free=capacity.disk_free,
-                      owner_room=self._quotas.room())
+                      owner_room=self._quotas.room(), past=self._shares.past())
 
     def _cluster_usage(self) -> tuple[dict[str, Usage], Usage]:
         registration = self._state.registration

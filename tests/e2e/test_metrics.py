@@ -27,6 +27,7 @@ EXPORTED = [
     "filch_dependency_failures_total", "filch_task_timeouts_total", "filch_task_retries_total",
     "filch_array_tasks_submitted_total", "filch_owner_steals_total",
     "filch_owner_dominant_share", "filch_owner_running_tasks",
+    "filch_owner_decayed_cpu_seconds", "filch_owner_order",
     # Log copies (tests/e2e/test_log_copies.py makes them move).
     "filch_log_copies_total", "filch_log_copy_lag_seconds", "filch_log_copies_pending",
 ]

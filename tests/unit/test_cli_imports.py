@@ -35,6 +35,8 @@ COMMAND_LINES = [
     ["user", "add", "alice", "--max-cpu", "2", "--max-memory", "4Gi", "--max-priority", "5"],
     ["user", "token", "alice", "--expires", "1h"],
     ["whoami", "-o", "json"],
+    ["cluster", "show", "-o", "json"],
+    ["cluster", "set", "usage-half-life", "7d"],
     ["certs", "/nonexistent/dir", "--node", "n1=127.0.0.1"],
 ]
 
