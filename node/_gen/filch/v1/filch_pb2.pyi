@@ -2019,7 +2019,7 @@ class Session(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     identity: _builtins.str
-    """who signed in; "admin" (the token) until there are users"""
+    """who signed in: a user name, or "admin" (the cluster token)"""
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
