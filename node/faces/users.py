@@ -161,9 +161,10 @@ class UserService:
         canceled = 0
         tried: set[str] = set()
         while True:
-            ids = [task_id for task_id in
-                   await self._store.pending_task_ids(name, limit=REMOVE_BATCH)
-                   + await self._store.queued_task_ids(name, limit=REMOVE_BATCH)
+            # A queued accounted task is in both indexes: each id once.
+            ids = [task_id for task_id in dict.fromkeys(
+                       await self._store.pending_task_ids(name, limit=REMOVE_BATCH)
+                       + await self._store.queued_task_ids(name, limit=REMOVE_BATCH))
                    if task_id not in tried]
             if not ids:
                 return pb.RemoveUserResponse(name=name, canceled=canceled)
