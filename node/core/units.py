@@ -108,10 +108,12 @@ _DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60),
                    "h": Decimal(3600), "d": Decimal(86400)}
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, *, allow_zero: bool = False,
+                   max_seconds: float = MAX_DURATION_SECONDS) -> float:
     """Return the seconds text spells: "90s" -> 90, "5m" -> 300, "1h30m" -> 5400, "2.5" -> 2.5.
 
-    Raises ValueError, naming the accepted forms, for junk, zero and anything past 30 days.
+    Raises ValueError, naming the accepted forms, for junk, zero (unless allow_zero) and
+    anything past max_seconds (30 days unless told).
     """
     spelled = text.strip()
     if re.fullmatch(r"\d+(?:\.\d+)?", spelled):
@@ -122,11 +124,17 @@ def parse_duration(text: str) -> float:
             raise ValueError(f"{text!r} is not {DURATION_FORMS}")
         seconds = sum((Decimal(part["number"]) * _DURATION_UNITS[part["unit"]]
                        for part in parts), Decimal(0))
-    if seconds <= 0:
+    if seconds <= 0 and not allow_zero:
         raise ValueError(f"{text!r} is zero; give {DURATION_FORMS}")
-    if seconds > MAX_DURATION_SECONDS:
-        raise ValueError(f"{text!r} is longer than 30 days")
+    if seconds > max_seconds:
+        raise ValueError(f"{text!r} is longer than {_spelled_days(max_seconds)}")
     return float(seconds)
+
+
+def _spelled_days(seconds: float) -> str:
+    """30 days -> "30 days", 365 days -> "a year"."""
+    days = seconds / 86400
+    return "a year" if days == 365 else f"{days:g} days"
 
 
 def format_seconds(seconds: float) -> str:

@@ -10,14 +10,13 @@ both win and neither undoes the other.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import identity
 from node.core.errors import InvalidArgument, PermissionDenied, StoreUnavailable
-from node.core.units import format_seconds
+from node.core.units import format_seconds, parse_duration
 from node.etcd import cluster_settings as defaults
 from node.etcd import usage_records
 from node.etcd.store import Store
@@ -31,8 +30,6 @@ DEFAULT_WORD = "default"
 # them, and must stay one short line.
 MAX_TEXT = 40
 
-_DURATION = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<unit>s|m|h|d)")
-_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 DURATION_FORMS = "a duration like 90s, 30m, 12h, 7d or 1d12h"
 
 
@@ -108,16 +105,7 @@ def _count(text: str) -> float:
 
 
 def _duration(text: str) -> float:
-    if re.fullmatch(r"\d+(?:\.\d+)?", text):
-        seconds = float(text)
-    else:
-        parts = list(_DURATION.finditer(text))
-        if not parts or "".join(part.group(0) for part in parts) != text:
-            raise ValueError(f"{text!r} is not {DURATION_FORMS} (a plain number is seconds)")
-        seconds = sum(float(part["number"]) * _UNITS[part["unit"]] for part in parts)
-    if seconds > MAX_SETTING_SECONDS:
-        raise ValueError(f"{text!r} is longer than a year")
-    return seconds
+    return parse_duration(text, allow_zero=True, max_seconds=MAX_SETTING_SECONDS)
 
 
 def setting_of(key: str) -> Setting:
