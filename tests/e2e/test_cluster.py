@@ -41,6 +41,14 @@ SCHEMA = [re.compile(pattern) for pattern in (
     rf"^/dependents/{UUID}$",
     rf"^/release/{UUID}$",
     rf"^/open/{UUID}/{UUID}$",
+    # Many users: users, accounted tasks' quota index keys, decayed usage per owner, the
+    # cluster settings, the audit trail (epoch ms / 16 random hex digits).
+    r"^/user/[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",
+    rf"^/pending/[A-Za-z0-9][A-Za-z0-9._@-]{{0,63}}/{UUID}$",
+    rf"^/charge/[A-Za-z0-9][A-Za-z0-9._@-]{{0,63}}/{UUID}/\d+/\d+$",
+    r"^/usage/[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$",
+    r"^/cluster/settings$",
+    r"^/audit/\d{16}/[0-9a-f]{16}$",
 )]
 
 

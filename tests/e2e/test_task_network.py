@@ -148,8 +148,9 @@ def run_probe(cluster: Cluster, network: str, *urls: str) -> tuple[str, dict[str
     return task_id, result
 
 
-# Keys the nodes rewrite by themselves: their records, chore claims, published counts.
-NODES_OWN = ("/node/", "/lock/", "/stats/")
+# Keys the nodes rewrite by themselves: their records, chore claims, published counts, and
+# what they record of the probe task (its submit's audit entry, its owner's past usage).
+NODES_OWN = ("/node/", "/lock/", "/stats/", "/audit/", "/usage/")
 
 
 def keyspace(cluster: Cluster) -> dict[str, tuple[object, object]]:

@@ -166,9 +166,10 @@ def test_a_task_cannot_reach_the_control_plane(
         reached = [r for r in results if not r["outcome"].startswith("unreachable")]
         assert not reached, f"the task reached a node:\n{table}"
 
-    # The task's own keys may change, and the nodes' own chores (claims, counts).
+    # The task's own keys may change, and the nodes' own chores (claims, counts) and records
+    # of the task (its submit's audit entry, its owner's past usage).
     own_keys = {key for key in cluster.etcd_keys() ^ before
-                if task.id in key or key.startswith(("/lock/", "/stats/"))}
+                if task.id in key or key.startswith(("/lock/", "/stats/", "/audit/", "/usage/"))}
     assert cluster.etcd_keys() ^ before <= own_keys, "the keyspace changed beyond the task"
     assert not any(key.startswith("/probe") for key in cluster.etcd_keys())
 
