@@ -32,6 +32,7 @@ from pathlib import Path
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys
 from soak.workload import Job
+from tests.e2e.cluster import FINISHED
 from tests.e2e.faults import history
 from tests.e2e.faults.history import AttemptTrace, History
 from tests.e2e.faults.netcluster import NETNS_DIR, NetCluster
@@ -116,7 +117,7 @@ def check_history(*, report: Report, tasks: dict[str, Job], canceled: set[str],
         for problem in problems:
             task_id = next((word for word in problem.replace(":", " ").split()
                             if keys.is_id(word)), "")
-            entry = {"invariant": invariant, "problem": problem,
+            entry: dict[str, object] = {"invariant": invariant, "problem": problem,
                      "events": describe(recorded, task_id, first_seen, traces)}
             (report.allowed_15247 if task_id and in_15247(task_id)
              else report.violations).append(entry)
@@ -125,7 +126,7 @@ def check_history(*, report: Report, tasks: dict[str, Job], canceled: set[str],
         task = final.get(task_id)
         if task is None:
             continue
-        if task.state in history.FINISHED and task_id in special:
+        if task.state in FINISHED and task_id in special:
             why = expected(task, job, canceled, final)
             if why:
                 report.add("I1", f"task {task_id}: {why}",
@@ -139,13 +140,13 @@ def check_history(*, report: Report, tasks: dict[str, Job], canceled: set[str],
             continue
         late = trace.last - deleted_at
         if late > I5_TOLERANCE:
-            entry = {"invariant": "I5",
+            late_entry: dict[str, object] = {"invariant": "I5",
                      "problem": f"task {task_id} attempt {attempt} on {trace.node} reported "
                                 f"{late:.2f}s after its running key expired",
                      "events": describe(recorded, task_id, first_seen, traces)}
             (report.allowed_15247 if any(start <= deleted_at <= end
                                          for start, end in windows_15247)
-             else report.violations).append(entry)
+             else report.violations).append(late_entry)
     report.numbers.update(
         steals=verdict.steals, requeues=verdict.requeues, node_lost=verdict.node_lost,
         max_overlap=round(verdict.max_overlap, 3), lease_expiries=len(expiries),

@@ -10,6 +10,7 @@ healed, and any error, for the report; a fault that could not be applied counts 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -124,9 +125,7 @@ class Nemesis:
             return (lambda: self._drop(i, [f"ip saddr {peer_ip} drop"]),
                     lambda: self._undrop(i))
         if fault.kind == "packet_loss":
-            return (lambda: cluster.random_loss(i, LOSS), lambda: node.netns_exec(
-                "iptables", "-w", "5", "-D", "INPUT", "-i", "eth0", "-m", "statistic",
-                "--mode", "random", "--probability", f"{LOSS}", "-j", "DROP"))
+            return lambda: cluster.random_loss(i, LOSS), functools.partial(self._unloss, i)
         if fault.kind == "leader_transfer":
             return lambda: self._transfer(record), nothing
         if fault.kind == "compact_defrag":
@@ -136,6 +135,12 @@ class Nemesis:
         if fault.kind == "drain":
             return lambda: self._drain(fault, record), lambda: self._uncordon(i)
         raise ValueError(fault.kind)
+
+    def _unloss(self, index: int) -> None:
+        """Remove one packet-loss rule (RuntimeError when there is none)."""
+        self.cluster.nodes[index].netns_exec(
+            "iptables", "-w", "5", "-D", "INPUT", "-i", "eth0", "-m", "statistic", "--mode",
+            "random", "--probability", f"{LOSS}", "-j", "DROP")
 
     def _restart(self, index: int, *, etcd: bool) -> None:
         node = self.cluster.nodes[index]
@@ -241,16 +246,16 @@ class Nemesis:
         every link up, no nemesis rule, no fill file, no cordon."""
         import signal
         for node in self.cluster.nodes:
-            for pid in (node.agent.pid if node.agent_alive() else None, node.etcd_pid()):
+            agent = node.agent.pid if node.agent is not None and node.agent_alive() else None
+            for pid in (agent, node.etcd_pid()):
                 if pid is not None:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGCONT)
             node.netns_exec("ip", "link", "set", "eth0", "up", check=False)
             self._undrop(node.index)
-            while node.netns_exec("iptables", "-w", "5", "-D", "INPUT", "-i", "eth0", "-m",
-                                  "statistic", "--mode", "random", "--probability",
-                                  f"{LOSS}", "-j", "DROP", check=False).returncode == 0:
-                pass
+            with contextlib.suppress(RuntimeError):
+                for _ in range(len(self.schedule)):     # one rule per fault at most
+                    self._unloss(node.index)
             if node.index in self.members:
                 self._restart(node.index, etcd=True)
             else:

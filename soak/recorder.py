@@ -134,6 +134,7 @@ class Recorder:
         finally:
             process.kill()
             process.wait()
+            process.stdout.close()
         return max(start, run[1] + 1)
 
     def _add(self, event: Event, received: float) -> None:

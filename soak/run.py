@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import collections
 import datetime
+import functools
+import gzip
 import itertools
 import json
 import logging
@@ -25,18 +27,22 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from node._gen.filch.v1 import filch_pb2 as pb
+from node._gen.filch.v1 import filch_pb2_grpc as pb_grpc
 from soak import check, schedule
 from soak.collector import Collector, task_script
 from soak.nemesis import Applied, Nemesis
 from soak.recorder import Recorder
 from soak.sidenet import SideNet
 from soak.workload import Job, Workload
+from tests.e2e.cluster import FINISHED, wait_for
 from tests.e2e.faults import history
-from tests.e2e.faults.netcluster import FINISHED, NetCluster, run, unavailable_reason, wait_for
+from tests.e2e.faults.history import AttemptTrace
+from tests.e2e.faults.netcluster import NetCluster, run, unavailable_reason
 
 log = logging.getLogger("soak")
 
@@ -76,11 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"soak: cannot run here: {reason}", file=sys.stderr)
         return 2
-    result = Soak(seed=seed, seconds=args.minutes * 60, rate=args.rate).run()
-    args.results.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-    path = args.results / f"{stamp}-{seed}.json"
-    path.write_text(json.dumps(result, indent=1, default=str))
+    result = Soak(seed=seed, seconds=args.minutes * 60, rate=args.rate).run(args.results)
+    path = result["path"]
     numbers = result["numbers"]
     for violation in result["violations"][:20]:
         print(f"  {violation['invariant']}: {violation['problem']}")
@@ -102,7 +105,9 @@ class Soak:
         self.schedule = schedule.make_schedule(seed=seed, seconds=self.fault_seconds,
                                                size=SIZE, members=MEMBERS, disk_node=DISK_NODE)
 
-    def run(self) -> dict[str, object]:
+    def run(self, results: Path) -> dict[str, Any]:
+        """Build, load, fault, heal, settle, check; write <results>/<date>-<seed>.json (and
+        the recorder's and collector's raw files beside it, gzipped); the result."""
         cluster = NetCluster(
             self.root / "c", size=SIZE, lease_ttl=LEASE_TTL, external_etcd=MEMBERS,
             cpus=1, pki=self.root / "pki", public_etcd=True, client_only=CLIENT_ONLY,
@@ -119,6 +124,7 @@ class Soak:
             side.setup()
             result = self._soak(cluster, side, disk_dir)
             ok = not result["violations"]
+            result["path"] = str(self._write(results, result))
             return result
         finally:
             side.close()
@@ -129,7 +135,7 @@ class Soak:
             else:
                 print(f"soak: node logs kept in {self.root}", file=sys.stderr)
 
-    def _soak(self, cluster: NetCluster, side: SideNet, disk_dir: Path) -> dict[str, object]:
+    def _soak(self, cluster: NetCluster, side: SideNet, disk_dir: Path) -> dict[str, Any]:
         collector = Collector(ip=side.ip, path=self.root / "collector.jsonl")
         recorder = Recorder(cluster=cluster, members=MEMBERS, path=self.root / "events.jsonl")
         collector.start()
@@ -196,10 +202,23 @@ class Soak:
                 "schedule": [item.to_json() for item in nemesis.applied],
                 "jobs": [job.to_json() for job in workload.jobs],
                 "cancels": workload.cancels,
-                "history": {"events": str(self.root / "events.jsonl"),
-                            "collector": str(self.root / "collector.jsonl"),
-                            "tasks": {i: _task_json(task) for i, (task, _) in
-                                      workload_records.items()}}}
+                "history": {"tasks": {i: _task_json(task) for i, (task, _) in
+                                      workload_records.items()},
+                            "attempts": [vars(trace) for _, trace in sorted(traces.items())]}}
+
+    def _write(self, results: Path, result: dict[str, Any]) -> Path:
+        results.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+        path = results / f"{stamp}-{self.seed}.json"
+        for name in ("events", "collector"):
+            raw = self.root / f"{name}.jsonl"
+            if raw.exists():
+                target = results / f"{stamp}-{self.seed}.{name}.jsonl.gz"
+                with raw.open("rb") as source, gzip.open(target, "wb") as sink:
+                    shutil.copyfileobj(source, sink)
+                result["history"][name] = target.name
+        path.write_text(json.dumps(result, indent=1, default=str))
+        return path
 
     def _settle(self, cluster: NetCluster, workload: Workload) -> tuple[dict[str, Job], str]:
         """Every workload task (also those whose submit answer was lost: found by
@@ -240,8 +259,7 @@ class Soak:
             spec = pb.TaskSpec(command="bash", args=task_script(collector, 0.2)[1:],
                                network="host", constraints=[f"soak-node={node.name}"])
             try:
-                ids[node.name] = cluster._retrying(lambda stub, spec=spec: stub.Submit(
-                    pb.SubmitRequest(spec=spec), timeout=10).task.id, None, 30)
+                ids[node.name] = cluster._retrying(functools.partial(_submit, spec), None, 30)
             except grpc.RpcError as exc:
                 problems[node.name] = f"probe submit failed: {exc.details()}"
         try:
@@ -267,23 +285,28 @@ class Soak:
 
     @staticmethod
     def _waits(records: dict[str, tuple[pb.Task, int]],
-               traces: dict[tuple[str, int], object]) -> dict[str, float]:
+               traces: dict[tuple[str, int], AttemptTrace]) -> dict[str, float]:
         """The longest submit -> first start, and the longest gap between an attempt's
         last report and the next attempt's start (a fault's cost to a task)."""
         first_start = 0.0
         gap = 0.0
-        by_task: dict[str, list[object]] = collections.defaultdict(list)
+        by_task: dict[str, list[AttemptTrace]] = collections.defaultdict(list)
         for (task_id, _), trace in sorted(traces.items()):
             by_task[task_id].append(trace)
         for task_id, (task, _) in records.items():
-            runs = [t for t in by_task.get(task_id, []) if t.start is not None]  # type: ignore[attr-defined]
-            if runs:
+            starts = [(t.start, t.last) for t in by_task.get(task_id, [])
+                      if t.start is not None and t.last is not None]
+            if starts:
                 submitted = task.submitted_at.ToDatetime(datetime.UTC).timestamp()
-                first_start = max(first_start, runs[0].start - submitted)  # type: ignore[attr-defined]
-            for before, after in itertools.pairwise(runs):
-                gap = max(gap, after.start - before.last)  # type: ignore[attr-defined]
+                first_start = max(first_start, starts[0][0] - submitted)
+            for (_, last), (start, _) in itertools.pairwise(starts):
+                gap = max(gap, start - last)
         return {"longest_wait_to_start": round(first_start, 2),
                 "longest_gap_between_attempts": round(gap, 2)}
+
+
+def _submit(spec: pb.TaskSpec, stub: pb_grpc.SchedulerStub) -> str:
+    return str(stub.Submit(pb.SubmitRequest(spec=spec), timeout=10).task.id)
 
 
 def _registered(cluster: NetCluster) -> int:
