@@ -220,19 +220,26 @@ class Nemesis:
                     fill.write(chunk)
 
     def _drain(self, fault: Fault, record: Applied) -> None:
+        """DrainNode until it reports done or the fault's time is up. UNAVAILABLE (another
+        fault holds etcd) is retried through another node: the drain is this fault."""
         name = self.cluster.nodes[fault.target].name
-        request = pb.DrainNodeRequest(name=name, deadline_seconds=max(1.0, fault.duration - 1))
-        stub = self.cluster.any_stub()
+        deadline = time.monotonic() + fault.duration
         last: pb.DrainNodeProgress | None = None
-        try:
-            for progress in stub.DrainNode(request, timeout=fault.duration + 5):
-                last = progress
-        except grpc.RpcError as exc:
-            record.notes["drain_error"] = f"{exc.code().name}: {exc.details()}"
-            if last is None and exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise
-        if last is not None:
-            record.notes["drain"] = {"finished": last.finished, "handed_back": last.handed_back}
+        while last is None and time.monotonic() < deadline:
+            left = deadline - time.monotonic()
+            request = pb.DrainNodeRequest(name=name, deadline_seconds=max(1.0, left - 1))
+            try:
+                for progress in self.cluster.any_stub().DrainNode(request, timeout=left + 5):
+                    last = progress
+            except grpc.RpcError as exc:
+                record.notes["drain_error"] = f"{exc.code().name}: {exc.details()}"
+                if last is None and (exc.code() != grpc.StatusCode.UNAVAILABLE
+                                     or time.monotonic() > deadline - 1):
+                    raise
+                time.sleep(0.5)
+        if last is None:
+            raise RuntimeError(f"DrainNode of {name} reported nothing in {fault.duration}s")
+        record.notes["drain"] = {"finished": last.finished, "handed_back": last.handed_back}
 
     def _uncordon(self, index: int) -> None:
         name = self.cluster.nodes[index].name
