@@ -277,10 +277,10 @@ class Soak:
 
     @staticmethod
     def _windows_15247(applied: list[Applied], ttl: int) -> list[tuple[float, float]]:
-        """Around the thaw of a leading member paused past the lease TTL: etcd#15247
-        revokes every lease then (every node fences once)."""
+        """Around the thaw of a leading member (or one not known not to lead) paused past
+        the lease TTL: etcd#15247 revokes every lease then (every node fences once)."""
         return [(item.healed_at - 1.0, item.healed_at + ttl + 3.0) for item in applied
-                if item.fault.kind == "pause_etcd" and item.notes.get("leader")
+                if item.fault.kind == "pause_etcd" and item.notes.get("leader") is not False
                 and item.notes.get("past_ttl") and item.healed_at]
 
     @staticmethod
