@@ -137,3 +137,22 @@ def test_keys_outside_the_schema_and_leftover_index_keys_are_reported() -> None:
     check.check_keyspace(clean, {f"/task/{TASK}", f"/task/status/complete/0001/{TASK}",
                                  f"/lock/release/{TASK}"}, {TASK: done})
     assert not clean.violations
+
+
+def test_a_restart_false_task_handed_back_unstarted_keeps_i4_but_a_second_start_breaks_it() -> None:
+    spec = pb.TaskSpec(command="bash", args=["-c", "FILCH-TRACE"], restart=False)
+    final = pb.Task(id=TASK, spec=spec, state=pb.TASK_STATE_COMPLETE, attempt=3,
+                    reason=pb.REASON_EXITED, node_id=NODE, node_name="n1", fencing_token=7)
+    job = Job("r", "once", spec, [TASK])
+    once = parse([f"FILCH-TRACE start {TASK} 3 n1 10.0", f"FILCH-TRACE end {TASK} 3 n1 11.0"])
+    twice = parse([f"FILCH-TRACE start {TASK} 1 n1 5.0", f"FILCH-TRACE start {TASK} 3 n1 10.0",
+                   f"FILCH-TRACE end {TASK} 3 n1 11.0"])
+    found = {}
+    for name, traces in (("once", once), ("twice", twice)):
+        report = check.Report()
+        check.check_history(report=report, tasks={TASK: job}, canceled=set(),
+                            records={TASK: (final, 12)}, recorded=History([], 1, 1),
+                            first_seen={}, traces=traces, windows_15247=[])
+        found[name] = {v["invariant"] for v in report.violations}
+    assert "I4" not in found["once"]
+    assert "I4" in found["twice"]
