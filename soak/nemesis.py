@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import threading
@@ -199,11 +200,25 @@ class Nemesis:
         return None
 
     def _transfer(self, record: Applied) -> None:
+        """Move etcd leadership to another member: the first that takes it (a member
+        another fault holds down cannot)."""
         leader = self._leader()
         if leader is None:
             raise RuntimeError("no member leads etcd now")
-        record.notes["from"] = self.cluster.nodes[leader].name
-        self.cluster.nodes[leader].hand_off_etcd_leadership(timeout=10)
+        node = self.cluster.nodes[leader]
+        record.notes["from"] = node.name
+        own = node.etcd_member_id()
+        listed = json.loads(node.etcdctl("member", "list", "-w", "json").stdout)["members"]
+        errors = []
+        for member in listed:
+            if int(member["ID"]) == own:
+                continue
+            moved = node.etcdctl("move-leader", f"{int(member['ID']):x}", check=False)
+            if moved.returncode == 0:
+                record.notes["to"] = member.get("name", "")
+                return
+            errors.append(moved.stderr.strip()[-200:])
+        raise RuntimeError(f"no member took the leadership: {errors}")
 
     def _compact(self, index: int, record: Applied) -> None:
         revision = self.compact_at()
