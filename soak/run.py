@@ -117,7 +117,7 @@ class Soak:
         disk_dir = cluster.nodes[DISK_NODE].data_dir
         disk_dir.mkdir(parents=True)
         run("mount", "-t", "tmpfs", "-o", f"size={DISK_SIZE}", "soak-disk", str(disk_dir))
-        side = SideNet(cluster)
+        side = SideNet(cluster=cluster)
         ok = False
         try:
             cluster.__enter__()

@@ -19,7 +19,7 @@ BRIDGE_HOST = 254
 class SideNet:
     """The collector bridge of one cluster; close() removes it (and the veths with it)."""
 
-    def __init__(self, cluster: NetCluster) -> None:
+    def __init__(self, *, cluster: NetCluster) -> None:
         self.cluster = cluster
         self.bridge = f"fcbr{cluster.k}"
         self.ip = f"{SUBNET_PREFIX}.{cluster.k}.{BRIDGE_HOST}"
