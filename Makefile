@@ -5,6 +5,8 @@
 #                  installs only what running needs (no test or dev toolchain)
 #   make image     the node image localhost/filch-node (podman/buildah; see images/README.md)
 #   make bench     filch vs tuned Slurm vs this machine's ceilings (see bench/README.md)
+#   make soak      the nemesis soak: random overlapping faults under a mixed workload, every
+#                  invariant checked (SEED=N MINUTES=M; default a random seed, 10 minutes)
 #   make bench-scale  fill one cluster to SCALE_N (1,000,000) pending, measuring on the way
 #   make lint      ruff + mypy --strict + lint-imports (the package layers of node/)
 #   make proto     regenerate node/_gen/ from proto/ (commit the result)
@@ -119,6 +121,14 @@ SCALE_QUOTA ?= 8589934592
 bench-scale: deps venv
 	timeout --signal=TERM $$(( $(SCALE_TIME) + 1800 )) $(VENV)/bin/python -m bench.scale \
 	  --n $(SCALE_N) --time-bound $(SCALE_TIME) --quota $(SCALE_QUOTA)
+
+# The nemesis soak (soak/run.py): writes soak/results/<date>-<seed>.json and ends with
+# `soak: seed N, T tasks, A attempts, F faults, V violations`; fails unless V is 0.
+SEED ?=
+MINUTES ?= 10
+.PHONY: soak
+soak: deps venv
+	$(VENV)/bin/python -m soak.run $(if $(SEED),--seed $(SEED)) --minutes $(MINUTES)
 
 clean:
 	@if [ -f run/supervisord.pid ] && kill -0 "$$(cat run/supervisord.pid)" 2>/dev/null; then \
