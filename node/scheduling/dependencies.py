@@ -87,6 +87,10 @@ class Resolver:
         self.check = check
         self._state = state
         self._marked: dict[str, None] = {}
+        # Parents whose /release/ mark exists (as the mark watch last said): a lock given
+        # back re-marks only these. Re-marking on every lock deletion made the nodes take
+        # and give back a finished parent's lock forever (each unlock woke them all).
+        self._live_marks: set[str] = set()
         self._wake = asyncio.Event()
         self._cursor = b""
         self._flag_cursor = b""
@@ -117,24 +121,32 @@ class Resolver:
 
     async def _relist_marks(self) -> None:
         after = b""
+        live: set[str] = set()
         while True:
             page = await self._store.list_ids(keys.RELEASES, after=after, limit=DEPENDENCY_PAGE)
             for key in page:
+                live.add(keys.last_segment(key))
                 self._marked[keys.last_segment(key)] = None
             if len(page) < DEPENDENCY_PAGE:
                 break
             after = page[-1]
+        self._live_marks = live
         self._wake.set()
 
     async def _on_mark(self, event: WatchEvent) -> None:
-        if not event.deleted:
-            self._marked[keys.last_segment(event.key)] = None
-            self._wake.set()
+        parent_id = keys.last_segment(event.key)
+        if event.deleted:
+            self._live_marks.discard(parent_id)
+            return
+        self._live_marks.add(parent_id)
+        self._marked[parent_id] = None
+        self._wake.set()
 
     async def _on_lock(self, event: WatchEvent) -> None:
         # A pass ended, or its node died: a mark still there needs another pass.
-        if event.deleted:
-            self._marked[keys.last_segment(event.key)] = None
+        parent_id = keys.last_segment(event.key)
+        if event.deleted and parent_id in self._live_marks:
+            self._marked[parent_id] = None
             self._wake.set()
 
     async def _work(self) -> NoReturn:

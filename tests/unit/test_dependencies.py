@@ -183,3 +183,37 @@ async def test_a_child_waiting_for_two_parents_is_released_by_the_second_pass(
     assert await store.list_ids(keys.DEPENDENTS) == [keys.has_dependents(first.id)]
     await resolver.mark_missed()        # no dependent of the first is left: its flag goes
     assert await store.list_ids(keys.DEPENDENTS) == []
+
+
+async def test_a_finished_release_leaves_no_lock_traffic_between_nodes(store: Store) -> None:
+    """Soak seed 1 (issue 22): once a parent's release ended, every node took and gave back
+    its /lock/release/ key forever (a lock's deletion re-marked the parent on every node,
+    whose pass found no mark and unlocked, waking them all again). Two resolvers (two
+    nodes) release one parent; then etcd must stay still."""
+    config = Config(name="n", sweep_interval=3600.0)
+    first, second = await resolver_of(store, config), await resolver_of(store, config)
+    parent = pb.Task(id=keys.new_task_id(), state=pb.TASK_STATE_PENDING,
+                     spec=pb.TaskSpec(command="true"))
+    child = held(pb.HOLD_DEPENDENCIES)
+    child.spec.after.add(id=parent.id, kind=pb.DEPENDENCY_KIND_SUCCESS)
+    await create(store, parent, child)
+    running = [asyncio.create_task(resolver.run()) for resolver in (first, second)]
+    try:
+        await end(store, parent.id)
+        deadline = time.monotonic() + 10
+        while (released := await store.get_task(child.id)) is not None \
+                and released.task.hold != pb.HOLD_NONE or await store.list_ids(keys.RELEASES):
+            assert time.monotonic() < deadline, "the child was not released"
+            await asyncio.sleep(0.02)
+        # Let the last lock deletions reach both watches, then watch etcd stand still.
+        await asyncio.sleep(0.5)
+        idle_from = await store.current_revision()
+        await asyncio.sleep(1.5)
+        writes = await store.current_revision() - idle_from
+    finally:
+        for task in running:
+            task.cancel()
+        for task in running:
+            with pytest.raises(asyncio.CancelledError):
+                await task
+    assert writes == 0, f"{writes} etcd writes in 1.5 s after the release ended"
