@@ -94,7 +94,7 @@ check-proto: venv
 	  || { echo "node/_gen/ is stale: run 'make proto' and commit it" >&2; exit 1; }
 
 lint: venv
-	$(VENV)/bin/ruff check node tests
+	$(VENV)/bin/ruff check node tests soak bench
 	$(VENV)/bin/mypy --strict node
 	$(VENV)/bin/lint-imports
 

@@ -201,8 +201,8 @@ async def test_a_finished_release_leaves_no_lock_traffic_between_nodes(store: St
     try:
         await end(store, parent.id)
         deadline = time.monotonic() + 10
-        while (released := await store.get_task(child.id)) is not None \
-                and released.task.hold != pb.HOLD_NONE or await store.list_ids(keys.RELEASES):
+        while ((released := await store.get_task(child.id)) is not None \
+                and released.task.hold != pb.HOLD_NONE) or await store.list_ids(keys.RELEASES):
             assert time.monotonic() < deadline, "the child was not released"
             await asyncio.sleep(0.02)
         # Let the last lock deletions reach both watches, then watch etcd stand still.
