@@ -18,6 +18,8 @@ reports), the final records and the nodes themselves:
   ORPHANS  no live container, task process, task namespace, scratch mount or container
          cgroup on any node
   NODES  every node registered, uncordoned, and stealing (a probe task pinned to each runs)
+  QUOTA  at no revision did a user's running tasks (its /charge/ keys) request more CPU or
+         memory than its quota
 A violation in a window where a frozen etcd leader revoked every lease when it thawed
 (etcd#15247, Debian 12's etcd 3.4.23) is counted as `allowed_15247`, not as a violation.
 """
@@ -214,6 +216,31 @@ def describe(recorded: History, task_id: str, first_seen: dict[tuple[int, str], 
             lines.append(f"attempt {attempt} on {trace.node}: start {trace.start} last "
                          f"{trace.last} end {trace.end} ({trace.starts} starts)")
     return lines
+
+
+def check_quotas(report: Report, recorded: History, quotas: dict[str, pb.Quota]) -> None:
+    """QUOTA: replay every /charge/ key's puts and deletes in revision order; after each
+    revision, every user's sum must be within its running quota."""
+    held: dict[str, dict[str, tuple[int, int]]] = collections.defaultdict(dict)
+    events = [event for event in recorded.events if event.key.startswith("/charge/")]
+    for index, event in enumerate(events):
+        owner, _, cpu, memory = keys.parse_charge(event.key.encode())
+        if event.deleted:
+            held[owner].pop(event.key, None)
+        else:
+            held[owner][event.key] = (cpu, memory)
+        if index + 1 < len(events) and events[index + 1].revision == event.revision:
+            continue        # the rest of this revision first
+        quota = quotas.get(owner)
+        if quota is None:
+            continue
+        used_cpu = sum(cpu for cpu, _ in held[owner].values())
+        used_memory = sum(memory for _, memory in held[owner].values())
+        if (quota.max_cpu_millis and used_cpu > quota.max_cpu_millis) or \
+                (quota.max_memory_bytes and used_memory > quota.max_memory_bytes):
+            report.add("QUOTA", f"{owner} held {used_cpu} millicores and {used_memory} bytes "
+                                f"at revision {event.revision} (quota {quota.max_cpu_millis} / "
+                                f"{quota.max_memory_bytes})", sorted(held[owner]))
 
 
 def check_keyspace(report: Report, all_keys: set[str], records: dict[str, pb.Task]) -> None:

@@ -38,7 +38,7 @@ from soak.collector import Collector, task_script
 from soak.nemesis import Applied, Nemesis
 from soak.recorder import Recorder
 from soak.sidenet import SideNet
-from soak.workload import Job, Workload
+from soak.workload import QUOTAS, Job, Workload
 from tests.e2e.cluster import FINISHED, wait_for
 from tests.e2e.faults import history
 from tests.e2e.faults.history import AttemptTrace
@@ -144,6 +144,7 @@ class Soak:
                             rate=self.rate, limit=int(self.seconds * self.rate * 2) + 10)
         nemesis = Nemesis(cluster=cluster, schedule=self.schedule, members=MEMBERS,
                           disk_dir=disk_dir, compact_at=recorder.covered)
+        workload.add_users()
         started = time.monotonic()
         began = time.time()
         loader = threading.Thread(target=workload.run, args=(self.seconds,), daemon=True)
@@ -183,6 +184,7 @@ class Soak:
             records=workload_records, recorded=recorder.history(),
             first_seen=recorder.first_seen, traces=traces, windows_15247=windows)
         check.check_quiet(report, recorder.history(), quiet_from, revision, QUIET_WINDOW)
+        check.check_quotas(report, recorder.history(), QUOTAS)
         check.check_keyspace(report, all_keys, {i: task for i, (task, _) in records.items()})
         check.check_orphans(report, cluster, disk_dir)
         fences = {node.name: history.fences(node) for node in cluster.nodes}

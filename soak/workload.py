@@ -28,6 +28,11 @@ from tests.e2e.faults.netcluster import NetCluster
 
 KINDS = {"short": 6, "long": 2, "once": 2, "retry": 1, "limit": 1, "array": 1, "dependent": 1}
 OWNERS = ("alice", "bob", "carol")
+# Every owner is a user with a quota (issue 21), so its tasks are accounted and the soak
+# checks the quota at every revision (check.check_quotas): alice's running CPU, bob's
+# running memory, carol's pending tasks (a refused submit is no task, not a lost one).
+QUOTAS = {"alice": pb.Quota(max_cpu_millis=300), "bob": pb.Quota(max_memory_bytes=96 << 20),
+          "carol": pb.Quota(max_pending=40)}
 # Fraction of ticks that also cancel one earlier task.
 CANCEL_RATE = 0.06
 # Seconds a submit is retried (UNAVAILABLE, DEADLINE_EXCEEDED) under its request_id.
@@ -70,6 +75,23 @@ class Workload:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def add_users(self) -> None:
+        """Make every owner a user with its quota (retried while the cluster settles)."""
+        for name, quota in QUOTAS.items():
+            deadline = time.monotonic() + SUBMIT_RETRY
+            while True:
+                _, stub = self._stub()
+                try:
+                    stub.AddUser(pb.AddUserRequest(  # type: ignore[attr-defined]
+                        name=name, role=pb.ROLE_USER, quota=quota), timeout=RPC_TIMEOUT)
+                    break
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.ALREADY_EXISTS:
+                        break
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
 
     def run(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

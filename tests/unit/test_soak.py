@@ -156,3 +156,18 @@ def test_a_restart_false_task_handed_back_unstarted_keeps_i4_but_a_second_start_
         found[name] = {v["invariant"] for v in report.violations}
     assert "I4" not in found["once"]
     assert "I4" in found["twice"]
+
+
+def test_a_user_past_its_running_quota_at_any_revision_is_reported() -> None:
+    other = "0192f0c4-0000-7000-8000-000000000002"
+    quota = {"alice": pb.Quota(max_cpu_millis=300)}
+    within = [_put(5, f"/charge/alice/{TASK}/200/1"), _delete(6, f"/charge/alice/{TASK}/200/1"),
+              _put(6, f"/charge/alice/{other}/200/1")]     # one revision: moved, not added
+    report = check.Report()
+    check.check_quotas(report, History(within, 1, 6), quota)
+    assert not report.violations
+    past = [_put(5, f"/charge/alice/{TASK}/200/1"), _put(7, f"/charge/alice/{other}/200/1"),
+            _delete(8, f"/charge/alice/{TASK}/200/1")]
+    check.check_quotas(report, History(past, 1, 8), quota)
+    assert [v["invariant"] for v in report.violations] == ["QUOTA"]
+    assert "revision 7" in report.violations[0]["problem"]  # type: ignore[operator]
