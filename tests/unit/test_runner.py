@@ -19,7 +19,7 @@ from node.core.config import Config
 from node.etcd import failpoints
 from node.etcd.store import Store
 from node.running.runner import Runner
-from node.running.runtime.base import AttemptSpec, ExitStatus, Executor
+from node.running.runtime.base import AttemptSpec, Executor, ExitStatus
 from node.running.runtime.process import ProcessExecutor
 from node.scheduling.node_state import NodeState, Registration
 from tests.unit.etcd_fixture import require_etcd
