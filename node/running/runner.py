@@ -110,7 +110,6 @@ class Runner:
                 # it may have run.
                 local.started = True
                 handle = await self._executor.start(spec)
-                self._state.backoff.succeeded()
                 await failpoints.hit("runner.after_start")
                 local.handle = handle
             except (ExecutorError, OSError) as exc:
@@ -122,11 +121,7 @@ class Runner:
                             message)
                 metrics.START_FAILURES.inc()
                 if isinstance(exc, NodeStartError | OSError):
-                    # This node's fault: the task goes back to the queue, its retries
-                    # untouched, and the node backs off after a few in a row.
-                    self._state.backoff.failed(message)
-                    await self._record_end(local, lifecycle.start_refused(
-                        task, self._config.name, message))
+                    await self._refuse_start(local, message)
                     return
                 await self._record_end(local, retries.attempt_ended(
                     task, pb.REASON_START_FAILED, message=message))
@@ -141,6 +136,17 @@ class Runner:
             status, timed_out = await self._wait_within_limit(local, local.handle)
             local.exited = True
             metrics.RUN_TIME.observe(time.monotonic() - started)
+            if status.not_started:
+                # runc failed before the container existed: the task never ran, as if
+                # start() had raised NodeStartError (runc_created.py).
+                log.warning("task %s attempt %d never started: %s", task.id, task.attempt,
+                            status.not_started)
+                metrics.START_FAILURES.inc()
+                if not local.revoked:
+                    await self._refuse_start(local, status.not_started)
+                return
+            # Reset only now: a runc attempt may still fail to start after start().
+            self._state.backoff.succeeded()
             if local.revoked:
                 log.info("task %s attempt %d stopped: it was taken away", task.id, task.attempt)
                 if self._copies is not None:
@@ -190,6 +196,13 @@ class Runner:
         finally:
             local.stopping = False
         return await handle.wait(), True
+
+    async def _refuse_start(self, local: LocalAttempt, message: str) -> None:
+        """A start failed for a reason of this node: the task goes back to the queue, its
+        retries untouched, and the node backs off after a few in a row."""
+        self._state.backoff.failed(message)
+        await self._record_end(local, lifecycle.start_refused(
+            local.task, self._config.name, message))
 
     async def _record_end(self, local: LocalAttempt, new: pb.Task) -> None:
         """Write an attempt's end; a retry it became is released by this node at its

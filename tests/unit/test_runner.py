@@ -19,6 +19,7 @@ from node.core.config import Config
 from node.etcd import failpoints
 from node.etcd.store import Store
 from node.running.runner import Runner
+from node.running.runtime.base import AttemptSpec, Executor, ExitStatus
 from node.running.runtime.process import ProcessExecutor
 from node.scheduling.node_state import NodeState, Registration
 from tests.unit.etcd_fixture import require_etcd
@@ -50,15 +51,16 @@ async def _steal(store: Store, state: NodeState, runner: Runner, *, restart: boo
 
 
 @contextlib.asynccontextmanager
-async def _running(store: Store, tmp_path: Path) -> AsyncIterator[tuple[NodeState, Runner]]:
-    """A registered node's runner, running (process executor)."""
+async def _running(store: Store, tmp_path: Path, executor: Executor | None = None,
+                   ) -> AsyncIterator[tuple[NodeState, Runner]]:
+    """A registered node's runner, running (default: the process executor)."""
     config = Config(name="n", data_dir=str(tmp_path), executor="process",
                     shutdown_grace=0.2, cancel_grace=1.0)
     state = NodeState.for_config(config)
     state.registration = Registration(keys.new_node_id(), await store.grant_lease(60))
     state.live.set()
-    runner = Runner(config=config, store=store, executor=ProcessExecutor(task_uid=None),
-                    state=state)
+    runner = Runner(config=config, store=store,
+                    executor=executor or ProcessExecutor(task_uid=None), state=state)
     loop = asyncio.create_task(runner.run())
     await asyncio.sleep(0)      # run() enters its task group
     try:
@@ -186,3 +188,38 @@ async def test_drain_hands_back_a_running_key_without_an_attempt_and_starts_noth
         assert not runner.runs(again)
         found = await store.get_task(again)
         assert found is not None and found.task.state == pb.TASK_STATE_PENDING, found.task
+
+
+class _NeverCreated:
+    """An executor whose every `runc run` fails before it creates the container: start()
+    returns, the attempt ends not started (runc_created.py)."""
+
+    name = "runc"
+    WHY = "runc exited 1 before creating container c-a1: no space left on device"
+
+    async def start(self, spec: AttemptSpec) -> _NeverCreated:
+        return self
+
+    async def wait(self) -> ExitStatus:
+        return ExitStatus(exit_code=1, not_started=self.WHY)
+
+    async def stop(self, grace: float) -> None:
+        return None
+
+    async def reap_stale(self) -> int:
+        return 0
+
+
+async def test_an_attempt_whose_container_was_never_created_is_requeued_even_without_restart(
+        store: Store, tmp_path: Path) -> None:
+    """Issue 22, bug B: not COMPLETE / EXITED / 1; handled as a NodeStartError from start()
+    is: back to the queue, no retry spent, the node's start failures counted."""
+    async with _running(store, tmp_path, _NeverCreated()) as (state, runner):
+        task_id = await _steal(store, state, runner, restart=False)
+        task = await _until(store, task_id, lambda task: task.state != pb.TASK_STATE_RUNNING)
+        assert (task.state, task.retries_used) == (pb.TASK_STATE_PENDING, 0), task
+        assert task.message == (f"requeued: attempt 1 could not start on node n (a problem "
+                                f"of that node, not of the task): {_NeverCreated.WHY}")
+        [attempt] = task.attempts
+        assert (attempt.reason, attempt.message) == (pb.REASON_START_FAILED, _NeverCreated.WHY)
+        assert (state.backoff.failures, state.backoff.last_failure) == (1, _NeverCreated.WHY)

@@ -44,6 +44,10 @@ class ExitStatus:
     """The process's exit status; 128+N when killed by signal N."""
     oom_killed: bool = False
     """True when the kernel's OOM killer ended it for exceeding memory_bytes."""
+    not_started: str = ""
+    """Non-empty (why) when the task's process never existed: runc failed before it
+    created the container (runc_created.py). exit_code is then runc's, not the task's;
+    the runner requeues the task as a node-side start failure."""
 
 
 class Attempt(Protocol):
@@ -87,3 +91,10 @@ async def exits_within(process: asyncio.subprocess.Process, seconds: float) -> b
     except TimeoutError:
         return False
     return True
+
+
+def exit_code(returncode: int | None) -> int:
+    """A shell-style exit status of a process's returncode: 128+N when killed by signal N."""
+    if returncode is None:
+        raise ValueError("the process has not exited")
+    return 128 - returncode if returncode < 0 else returncode

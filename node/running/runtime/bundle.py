@@ -347,3 +347,11 @@ def _is_executable_by(path: str, uid: int) -> bool:
     else:
         bit = stat.S_IXOTH
     return stat.S_ISREG(info.st_mode) and bool(info.st_mode & bit)
+
+
+def looks_like_bundle(path: str) -> bool:
+    """Whether path is plausibly one of our bundles, so removing it cannot hurt the host."""
+    parts = Path(path).parts
+    return os.path.isabs(path) and len(parts) >= 3 and os.path.isfile(
+        os.path.join(path, "config.json")
+    )

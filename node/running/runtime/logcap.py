@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 # Bytes per read from the pipe: large enough that a fast writer costs few wake-ups.
 READ_BYTES = 1024 * 1024
 
+# Bytes of the latest output also kept in memory (CappedLog.last): runc's error message
+# must reach the task's record even when the log file cannot be written (a full disk).
+LAST_BYTES = 4096
+
 # The marker line is padded to this width so that it can be rewritten in place as the
 # count grows (a 20-digit count still fits).
 MARKER_WIDTH = 64
@@ -97,6 +101,7 @@ class CappedLog:
         self._size = os.fstat(self._fd).st_size
         self._cut = 0
         self._full = False
+        self._last = b""
         self._lock = threading.Lock()
         self._closed: asyncio.Future[None] | None = None
         self._cutting: asyncio.Task[None] | None = None
@@ -105,6 +110,11 @@ class CappedLog:
     def cut(self) -> int:
         """Bytes of output cut out so far."""
         return self._cut
+
+    @property
+    def last(self) -> bytes:
+        """The last LAST_BYTES of output read from the pipe, written to the file or not."""
+        return self._last
 
     def started(self) -> None:
         """The child holds its end now: close ours and start draining the pipe."""
@@ -145,6 +155,7 @@ class CappedLog:
         if not data:
             self._finish()
             return
+        self._last = (self._last + data[-LAST_BYTES:])[-LAST_BYTES:]
         if self._full:
             return      # the disk is full: drain and drop, so the task is not blocked
         if self._size + len(data) <= self._layout.cap:

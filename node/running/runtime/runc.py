@@ -1,10 +1,12 @@
 """Run each attempt in its own runc container: the isolating executor (needs root).
 
 Per attempt: write a bundle (bundle.py) into spec.attempt_dir, then `runc run --keep` in
-the foreground; its exit status is the task's. --keep leaves the stopped container and its
-cgroup so the OOM-kill counter can be read (cgroup v1 counts them only in the task's own
-cgroup), then it is removed as `runc delete` would, without spawning runc again (~15% of
-a container's CPU); `runc delete --force` is the fallback. /work images: workpool.py.
+the foreground; its exit status is the task's if runc created the container, else the
+attempt never started (runc_created.py: a node-side start failure). --keep leaves the
+stopped container and its cgroup so the OOM-kill counter can be read (cgroup v1 counts
+them only in the task's own cgroup), then it is removed as `runc delete` would, without
+spawning runc again (~15% of a container's CPU); `runc delete --force` is the fallback.
+/work images: workpool.py.
 Cgroups: /filch/<container_id> (cgroups.py: OOM kills, removal of cgroups and state).
 Network: an "isolated" attempt joins a namespace network.py prepares (removed once the
 container is gone); "none" gets a fresh one with loopback only; "host" shares the host's
@@ -24,15 +26,16 @@ from pathlib import Path
 
 from node.core.errors import ExecutorError, InvalidArgument, NodeStartError
 from node.etcd import failpoints
-from node.running.runtime import cgroups, scratch, steps, workpool
+from node.running.runtime import cgroups, runc_created, scratch, steps, workpool
 from node.running.runtime import network as net
-from node.running.runtime.base import AttemptSpec, ExitStatus, exits_within
+from node.running.runtime.base import AttemptSpec, ExitStatus, exit_code, exits_within
 from node.running.runtime.bundle import (
     DEFAULT_PATH,
     NOFILE_HARD,
     WORK_DIR,
     HostLayout,
     build_config,
+    looks_like_bundle,
     write_bundle,
 )
 from node.running.runtime.kill import kill_processes_with_args
@@ -107,8 +110,9 @@ class RuncExecutor:
     async def start(self, spec: AttemptSpec) -> RuncAttempt:
         """Write the attempt's bundle into spec.attempt_dir and start `runc run` on it.
 
-        Returns once runc is spawned; runc's own failures (a broken config, cgroup
-        errors) end the attempt with exit code 1 and runc's message in the log. Raises
+        Returns once runc is spawned; runc failing before it creates the container (a
+        full disk, cgroup errors) ends the attempt with ExitStatus.not_started saying
+        why (runc's message, also in the log). Raises
         ExecutorError when the attempt cannot start: a bad container id or workdir, a
         command not executable in the bound host directories along the task's PATH, an
         existing container of that id, an isolated attempt whose namespace cannot be
@@ -197,6 +201,7 @@ class RuncExecutor:
                     ready = self._pool.take(spec.disk_bytes) if self._pool else None
                     await scratch.mount(bundle / "work", spec.disk_bytes, self._task_uid,
                                         self._disk_reserve, ready)
+            await runc_created.failpoint_before_run(bundle)
             process = await asyncio.create_subprocess_exec(
                 self._runc, "--root", str(self._state_root),
                 "run", "--keep", "--bundle", str(bundle), cid,
@@ -248,7 +253,7 @@ class RuncExecutor:
                 if not await self.delete(cid):
                     return False
                 bundle = entry.get("bundle")
-                if isinstance(bundle, str) and _looks_like_bundle(bundle):
+                if isinstance(bundle, str) and looks_like_bundle(bundle):
                     await scratch.unmount(Path(bundle) / "work")
                     await asyncio.to_thread(shutil.rmtree, bundle, True)
                 log.info("reaped stale container %s", cid)
@@ -310,6 +315,10 @@ class RuncExecutor:
         """Whether the kernel OOM-killed a process in the container's cgroup."""
         return self._cgroups.oom_killed(cid)
 
+    def created(self, cid: str) -> bool:
+        """Whether runc created the container (runc_created.py); before its removal."""
+        return runc_created.created(self._state_root, cid)
+
     async def _list(self) -> list[dict[str, object]]:
         """The containers under this node's state root, as `runc list` describes them.
         Raises ExecutorError when runc fails or prints no JSON list."""
@@ -343,7 +352,7 @@ class RuncExecutor:
             stderr=asyncio.subprocess.STDOUT,
         )
         output, _ = await process.communicate()
-        return _exit_code(process.returncode), output.decode(errors="replace")
+        return exit_code(process.returncode), output.decode(errors="replace")
 
 
 class RuncAttempt:
@@ -416,9 +425,10 @@ class RuncAttempt:
 
     async def _finish(self) -> ExitStatus:
         with steps.step(steps.RUN):
-            code = _exit_code(await self._process.wait())
+            code = exit_code(await self._process.wait())
         with steps.step(steps.TEARDOWN):
-            oom_killed = self._executor.oom_killed(self._cid)
+            created = self._executor.created(self._cid)
+            oom_killed = created and self._executor.oom_killed(self._cid)
             if not self._executor.remove_stopped(self._cid):
                 await self._executor.delete(self._cid)
             await self._output.closed(LOG_DRAIN_SECONDS)
@@ -431,20 +441,8 @@ class RuncAttempt:
                 pass  # removed already (by reap_stale() or the runner): nothing left to do
             except OSError as exc:
                 log.warning("cannot remove the bundle of %s: %s", self._cid, exc)
+            if not created:
+                return ExitStatus(exit_code=code, not_started=runc_created.not_started(
+                    self._cid, code, self._output.last))
             return ExitStatus(exit_code=code, oom_killed=oom_killed)
-
-
-def _exit_code(returncode: int | None) -> int:
-    """A shell-style exit status: 128+N for a process killed by signal N."""
-    if returncode is None:
-        raise ValueError("the process has not exited")
-    return 128 - returncode if returncode < 0 else returncode
-
-
-def _looks_like_bundle(path: str) -> bool:
-    """Whether path is plausibly one of our bundles, so removing it cannot hurt the host."""
-    parts = Path(path).parts
-    return os.path.isabs(path) and len(parts) >= 3 and os.path.isfile(
-        os.path.join(path, "config.json")
-    )
 
