@@ -88,7 +88,8 @@ def test_a_plain_restart_after_the_wipe_is_refused_and_changes_nothing(
     cluster = fresh_three_nodes
     third = cluster.nodes[2]
     old_id = members(cluster, 0)["node-3"]["ID"]
-    assert (third.data_dir / MARKER_NAME).exists()
+    # The agent records its member once etcd answers, after it started serving.
+    wait_for("node-3's member marker", (third.data_dir / MARKER_NAME).exists)
     wipe(third)
 
     line = start_refused(third)

@@ -51,6 +51,18 @@ def runc_ids(state_root: Path) -> list[str]:
     return [entry["id"] for entry in json.loads(out) or []]
 
 
+def container_cgroups(cid: str) -> list[Path]:
+    """The container's cgroup directories (v2: one; v1: one per controller), looked up by
+    path: a glob over /sys/fs/cgroup walks other containers' cgroups, which may vanish
+    while it walks them (FileNotFoundError)."""
+    parent = CGROUP_PARENT.lstrip("/")
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        candidates = [CGROUP_ROOT / parent / cid]
+    else:
+        candidates = [hierarchy / parent / cid for hierarchy in CGROUP_ROOT.iterdir()]
+    return [path for path in candidates if path.is_dir()]
+
+
 def cgroup_dir(controller: str, cid: str) -> Path:
     if (CGROUP_ROOT / "cgroup.controllers").exists():
         return CGROUP_ROOT / CGROUP_PARENT.lstrip("/") / cid
@@ -68,7 +80,7 @@ async def test_echo_exits_zero_and_logs_and_cleans_up(
     assert spec.container_id not in runc_ids(data_dir / "runc")
     assert not (data_dir / "runc" / spec.container_id).exists()
     # Every hierarchy's cgroup is gone, not just the memory one.
-    assert list(CGROUP_ROOT.glob(f"**/{CGROUP_PARENT.lstrip('/')}/{spec.container_id}")) == []
+    assert container_cgroups(spec.container_id) == []
 
 
 async def test_log_is_appended_not_truncated(executor: RuncExecutor, data_dir: Path) -> None:
@@ -199,7 +211,7 @@ async def test_remove_stopped_leaves_a_running_container_alone(
             await asyncio.sleep(0.05)
         assert executor.remove_stopped(spec.container_id) is False
         assert runc_states(data_dir / "runc").get(spec.container_id) == "running"
-        assert list(CGROUP_ROOT.glob(f"**/{CGROUP_PARENT.lstrip('/')}/{spec.container_id}"))
+        assert container_cgroups(spec.container_id)
     finally:
         await attempt.stop(grace=0)
     assert (await attempt.wait()).exit_code == 137
