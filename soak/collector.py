@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from tests.e2e.faults import history
 from tests.e2e.faults.history import AttemptTrace
 from tests.e2e.faults.netcluster import TICK, TRACE_MARKER
 
@@ -87,16 +88,5 @@ def parse(lines: object) -> dict[tuple[str, int], AttemptTrace]:
         if len(parts) != 6 or parts[0] != TRACE_MARKER:
             continue
         _, kind, task_id, attempt, name, stamp = parts
-        key = (task_id, int(attempt))
-        trace = traces.setdefault(key, AttemptTrace(task_id, int(attempt), name))
-        if trace.node != name and name not in trace.node.split("+"):
-            trace.node = f"{trace.node}+{name}"
-        when = float(stamp)
-        trace.lines += 1
-        trace.last = max(trace.last or when, when)
-        if kind == "start":
-            trace.starts += 1
-            trace.start = min(trace.start or when, when)
-        elif kind == "end":
-            trace.end = when
+        history.add_report(traces, task_id, int(attempt), name, kind, float(stamp))
     return traces

@@ -75,19 +75,23 @@ def read_traces(cluster: NetCluster) -> dict[tuple[str, int], AttemptTrace]:
                 if len(parts) != 6 or parts[0] != TRACE_MARKER:
                     continue
                 _, kind, task_id, attempt, name, stamp = parts
-                key = (task_id, int(attempt))
-                trace = traces.setdefault(key, AttemptTrace(task_id, int(attempt), name))
-                if trace.node != name:
-                    trace.node = f"{trace.node}+{name}"    # one attempt on two nodes: I3 says so
-                when = float(stamp)
-                trace.lines += 1
-                trace.last = max(trace.last or when, when)
-                if kind == "start":
-                    trace.starts += 1
-                    trace.start = min(trace.start or when, when)
-                elif kind == "end":
-                    trace.end = when
+                add_report(traces, task_id, int(attempt), name, kind, float(stamp))
     return traces
+
+
+def add_report(traces: dict[tuple[str, int], AttemptTrace], task_id: str, attempt: int,
+               node: str, kind: str, when: float) -> None:
+    """Fold one report of an attempt (start, tick or end, from node at when) into traces."""
+    trace = traces.setdefault((task_id, attempt), AttemptTrace(task_id, attempt, node))
+    if trace.node != node and node not in trace.node.split("+"):
+        trace.node = f"{trace.node}+{node}"    # one attempt on two nodes: I3 says so
+    trace.lines += 1
+    trace.last = max(trace.last or when, when)
+    if kind == "start":
+        trace.starts += 1
+        trace.start = min(trace.start or when, when)
+    elif kind == "end":
+        trace.end = when
 
 
 # -- etcd -----------------------------------------------------------------------------------
