@@ -149,8 +149,9 @@ def run_probe(cluster: Cluster, network: str, *urls: str) -> tuple[str, dict[str
 
 
 # Keys the nodes rewrite by themselves: their records, chore claims, published counts, and
-# what they record of the probe task (its submit's audit entry, its owner's past usage).
-NODES_OWN = ("/node/", "/lock/", "/stats/", "/audit/", "/usage/")
+# what they record of the probe task (its submit's audit entry, its owner's past usage, the
+# queue group mark its submit puts and a chore deletes once the group is empty).
+NODES_OWN = ("/node/", "/lock/", "/stats/", "/audit/", "/usage/", "/groups/")
 
 
 def keyspace(cluster: Cluster) -> dict[str, tuple[object, object]]:

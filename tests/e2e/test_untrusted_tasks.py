@@ -167,9 +167,10 @@ def test_a_task_cannot_reach_the_control_plane(
         assert not reached, f"the task reached a node:\n{table}"
 
     # The task's own keys may change, and the nodes' own chores (claims, counts) and records
-    # of the task (its submit's audit entry, its owner's past usage).
+    # of the task (its submit's audit entry, its owner's past usage, its queue group's mark).
     own_keys = {key for key in cluster.etcd_keys() ^ before
-                if task.id in key or key.startswith(("/lock/", "/stats/", "/audit/", "/usage/"))}
+                if task.id in key
+                or key.startswith(("/lock/", "/stats/", "/audit/", "/usage/", "/groups/"))}
     assert cluster.etcd_keys() ^ before <= own_keys, "the keyspace changed beyond the task"
     assert not any(key.startswith("/probe") for key in cluster.etcd_keys())
 
