@@ -88,7 +88,8 @@ def group_marks(added: set[bytes]) -> list[bytes]:
 
 def move_bytes(move: Move) -> int:
     """What one move adds to a transaction, for limits.batches: its record and keys."""
-    return move.new.ByteSize() + MOVE_KEYS_BYTES
+    return (move.new.ByteSize() + MOVE_KEYS_BYTES
+            + sum(len(key) + len(value) for key, value in move.also))
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,8 @@ class Move:
     owner_gone: bool = False
     requires: tuple[bytes, ...] = ()
     """Keys that must exist for the move to happen (a submit's parents)."""
+    also: tuple[tuple[bytes, bytes], ...] = ()
+    """Keys put with the move when it happens and only then (a submit's audit entry)."""
 
 
 def append_move(move: Move, lease_id: int, compare: list[Any], success: list[Any]) -> None:
@@ -140,6 +143,8 @@ def append_move(move: Move, lease_id: int, compare: list[Any], success: list[Any
         # key put twice in one transaction.
         if not any(op.request_put.key == key for op in success if op.HasField("request_put")):
             success.append(rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=b"")))
+    for key, value in move.also:
+        success.append(rpc.RequestOp(request_put=rpc.PutRequest(key=key, value=value)))
     success.append(rpc.RequestOp(
         request_put=rpc.PutRequest(key=record_key, value=new.SerializeToString())))
 

@@ -74,7 +74,11 @@ class SchedulerServicer(pb_grpc.SchedulerServicer):
         if request.HasField("array"):
             return await self._tasks.submit_array(spec, validation.array(request.array),
                                                   request_id)
-        task, created = await self._tasks.submit(spec, request_id)
+        trail = self.audit
+        task, created = await self._tasks.submit(spec, request_id, None if trail is None else (
+            lambda task: trail.written_with("submit", audit.task_submitted(task))))
+        if created and trail is not None:
+            trail.counted("submit")
         return pb.SubmitResponse(task=task, created=created)
 
     @unary

@@ -83,6 +83,18 @@ class AuditLog:
         entry.at.FromNanoseconds(int(self._clock() * 1e9))
         return entry
 
+    def written_with(self, action: str, change: Change) -> tuple[bytes, bytes]:
+        """The (key, value) of an entry the change's own transaction writes (a submit's):
+        one write, not two, and no entry when the change did not happen. The caller counts
+        it (counted) once the transaction succeeded."""
+        entry = self.entry(action, change)
+        return (audit_records.entry_key(entry.at.ToNanoseconds() / 1e9, secrets.token_hex(8)),
+                entry.SerializeToString())
+
+    @staticmethod
+    def counted(action: str) -> None:
+        metrics.AUDIT_ENTRIES.labels(action).inc()
+
     async def record(self, action: str, change: Change) -> None:
         """Write the entry once the running call made its change. Never raises but
         CancelledError: a failure is logged and counted."""
@@ -189,17 +201,23 @@ def _command(spec: pb.TaskSpec) -> str:
     return " ".join([spec.command, *spec.args])
 
 
+def _submit_said(spec: pb.TaskSpec) -> str:
+    return f"owner {spec.owner}, priority {spec.priority}: {_command(spec)}"
+
+
+def task_submitted(task: pb.Task) -> Change:
+    """A single task's entry, written in the task's own transaction (AuditLog.written_with)."""
+    return Change(task.id, _submit_said(task.spec))
+
+
 def submitted(request: pb.SubmitRequest, response: pb.SubmitResponse) -> Change | None:
-    if not response.created:
-        return None     # the request id of an earlier submit: nothing new
-    task = response.task
-    said = f"owner {task.spec.owner or request.spec.owner}, priority {task.spec.priority}"
-    if response.array_id:
-        array = request.array
-        step = f":{array.step}" if array.step > 1 else ""
-        return Change(response.array_id, f"array {array.start}-{array.end}{step} of "
-                      f"{len(response.task_ids)} tasks, {said}: {_command(task.spec)}")
-    return Change(task.id, f"{said}: {_command(task.spec)}")
+    """An array's entry (one for all its tasks); a single task's went with it."""
+    if not response.created or not response.array_id:
+        return None     # nothing new (an earlier request id), or written with the task
+    array = request.array
+    step = f":{array.step}" if array.step > 1 else ""
+    return Change(response.array_id, f"array {array.start}-{array.end}{step} of "
+                  f"{len(response.task_ids)} tasks, {_submit_said(response.task.spec)}")
 
 
 def canceled(request: pb.CancelRequest, response: pb.CancelResponse) -> Change:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from node._gen.filch.v1 import filch_pb2 as pb
 from node.core import keys, metrics
@@ -34,6 +35,9 @@ from node.scheduling.arrays import Arrays
 from node.scheduling.conditions import FAILED, WAITING, DependencyCheck, failed, prepare
 from node.scheduling.paging import Page, decode_token, encode_token
 from node.scheduling.quotas import SubmitQuotas
+
+# A created task's audit entry: its key and value (node/faces/audit.py).
+AuditEntryOf = Callable[[pb.Task], tuple[bytes, bytes]]
 
 # How often submit and cancel retry when another node moved the task in between.
 CONFLICT_RETRIES = 5
@@ -73,8 +77,11 @@ class TaskService:
         self.arrays = Arrays(store=store, admission=self.admission, check=check,
                              quotas=self.quotas)
 
-    async def submit(self, spec: pb.TaskSpec, request_id: str = "") -> tuple[pb.Task, bool]:
-        """Store a new task; returns (task, created).
+    async def submit(self, spec: pb.TaskSpec, request_id: str = "",
+                     audit_entry: AuditEntryOf | None = None) -> tuple[pb.Task, bool]:
+        """Store a new task; returns (task, created). audit_entry(task): the (key, value) of
+        the task's audit entry, written in the task's own transaction (no write of its own,
+        and no entry when nothing was created).
 
         Without dependencies, or with all of them met, it is queued; with some left it is
         held (HOLD_DEPENDENCIES, message naming them); when one can no longer be met it is
@@ -101,7 +108,9 @@ class TaskService:
                 requires = prepared.requires
             elif prepared.state == FAILED:
                 task = failed(task, prepared.message)
-            revision = await self._create(Move(None, task, requires=requires), request_id)
+            also = (audit_entry(task),) if audit_entry is not None else ()
+            revision = await self._create(Move(None, task, requires=requires, also=also),
+                                          request_id)
             if revision is None:
                 existing = await self.store.get_task(task.id)
                 if existing is None:

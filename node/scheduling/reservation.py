@@ -38,10 +38,14 @@ from node.scheduling.queue_view import Group, QueueView
 
 log = logging.getLogger(__name__)
 
-# How often a node looks at the head of its queue view and, holding a reservation, reads
-# the reserved task's record: a reservation starts within this of reserve-after, ends
-# within this of its task leaving the queue. One read a second, by the holder only.
+# How often a node looks at the head of its queue view and, holding a reservation, at
+# the reserved task: a reservation starts within this of reserve-after, ends within this
+# of the watch taking its task out of the queue view.
 CHECK_INTERVAL = 1.0
+# The holder reads the reserved task's record when the view lost it (and to learn when it
+# started), else at most this often: a deletion the view missed costs a late end, never a
+# wrong one, and holding room costs no read a second.
+RECORD_READ_INTERVAL = 10.0
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class Held:
     since: float
     """Wall clock (s) when it was made."""
     spec: pb.TaskSpec
+    group: Group
+    """Its queue group, where the queue view holds it while it is queued."""
 
 
 def never_blocked(task: pb.Task) -> bool:
@@ -128,6 +134,8 @@ class Reservations:
         self._head_id = ""
         self._head_at = 0.0
         self._head_task: pb.Task | None = None
+        # When (monotonic) the holder last read the reserved task's record.
+        self._read_at = 0.0
 
     def follow(self, *, queue: QueueView, nodes: Callable[[], Mapping[str, pb.Node]],
                wake: Callable[[], None],
@@ -172,7 +180,7 @@ class Reservations:
             self._end(None, "this node is cordoned or not registered")
             return
         if self.held is not None:
-            await self._keep(registration.node_id)
+            await self._keep(registration.node_id, now)
             return
         found = head(self._queue)
         if found is None:
@@ -201,18 +209,23 @@ class Reservations:
         records = await self._store.get_tasks([task_id])
         if (records and records[0].task.state == pb.TASK_STATE_PENDING
                 and records[0].task.hold == pb.HOLD_NONE):
-            self._reserve(records[0].task)
+            self._reserve(records[0].task, group, now)
         else:
             self._queue.forget(group, task_id)
 
-    async def _keep(self, node_id: str) -> None:
+    async def _keep(self, node_id: str, now: float) -> None:
         held = self.held
         assert held is not None
-        records = await self._store.get_tasks([held.task_id])
-        task = records[0].task if records else None
-        if task is None or task.state != pb.TASK_STATE_PENDING or task.hold != pb.HOLD_NONE:
-            self._end(task, "its task left the queue")
-            return
+        viewed = self._queue.groups.get(held.group)
+        if (viewed is None or held.task_id not in viewed
+                or now - self._read_at >= RECORD_READ_INTERVAL):
+            self._read_at = now
+            records = await self._store.get_tasks([held.task_id])
+            task = records[0].task if records else None
+            if (task is None or task.state != pb.TASK_STATE_PENDING
+                    or task.hold != pb.HOLD_NONE):
+                self._end(task, "its task left the queue")
+                return
         nodes = self._nodes()
         me = nodes.get(node_id)
         if me is not None and not could_hold(me, held.spec):
@@ -225,8 +238,9 @@ class Reservations:
                      "this node lets go", held.task_id, choice.name)
             self._end(None, f"node {choice.name} holds it")
 
-    def _reserve(self, task: pb.Task) -> None:
-        self.held = Held(task.id, task.spec.priority, time.time(), task.spec)
+    def _reserve(self, task: pb.Task, group: Group, now: float) -> None:
+        self.held = Held(task.id, task.spec.priority, time.time(), task.spec, group)
+        self._read_at = now
         self._state.set_reservation(task.id, task.spec.priority, self.held.since)
         metrics.RESERVATIONS.set(1)
         log.info("task %s (priority %d, %g CPUs) has waited past reserve-after (%gs): "

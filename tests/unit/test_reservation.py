@@ -96,8 +96,10 @@ class FakeStore:
 
     def __init__(self) -> None:
         self.tasks: dict[str, pb.Task] = {}
+        self.reads = 0
 
     async def get_tasks(self, task_ids: list[str]) -> list[Versioned]:
+        self.reads += 1
         return [Versioned(self.tasks[task_id], 1) for task_id in task_ids
                 if task_id in self.tasks]
 
@@ -156,6 +158,7 @@ async def test_the_chosen_node_reserves_after_reserve_after_and_takes_only_it_or
     task = setup.store.tasks[setup.task_id]
     task.state = pb.TASK_STATE_RUNNING
     task.started_at.GetCurrentTime()
+    setup.queue.forget((100, "alice"), setup.task_id)    # the watch saw its queue key go
     await reservations.check(now=104.0)
     assert reservations.held is None and setup.state.reserved_task == ""
     assert setup.wakes == 1
@@ -170,6 +173,7 @@ async def test_a_canceled_task_or_a_cordon_ends_the_reservation() -> None:
     await setup.reservations.check(now=5.0)
     assert setup.reservations.held is not None
     del setup.store.tasks[setup.task_id]
+    setup.queue.forget((100, "alice"), setup.task_id)
     await setup.reservations.check(now=6.0)
     assert setup.reservations.held is None
     setup = Setup()
@@ -226,3 +230,20 @@ async def test_a_held_or_vanished_head_reserves_nothing_and_leaves_the_view() ->
     assert setup.reservations.held is None and setup.state.reserved_task == ""
     assert setup.task_id not in setup.queue.ids((100, "alice"))
     assert head(setup.queue) is not None and head(setup.queue)[0] == (0, "bob")  # type: ignore[index]
+
+
+async def test_the_holder_reads_the_record_only_when_the_view_lost_it_or_every_ten_seconds(
+        ) -> None:
+    setup = Setup()
+    await setup.reservations.check(now=0.0)
+    await setup.reservations.check(now=5.0)
+    assert setup.reservations.held is not None
+    reads = setup.store.reads
+    for second in range(6, 15):     # still in the view: holding room reads nothing
+        await setup.reservations.check(now=float(second))
+    assert setup.store.reads == reads
+    # A deletion the view missed (the task was canceled, the view still holds it): the
+    # periodic read ends the reservation, ten seconds after the last read at the latest.
+    del setup.store.tasks[setup.task_id]
+    await setup.reservations.check(now=15.0)
+    assert setup.reservations.held is None and setup.store.reads == reads + 1

@@ -103,6 +103,28 @@ async def test_reusing_a_request_id_with_another_spec_conflicts(
     assert await store.count(keys.QUEUED) == 1
 
 
+async def test_a_submits_audit_entry_is_written_in_the_tasks_own_transaction(
+        service: TaskService, store: Store) -> None:
+    def entry(task: pb.Task) -> tuple[bytes, bytes]:
+        return keys.audit("0001700000000000", task.id[-8:]), task.id.encode()
+
+    async def entries() -> list[Any]:
+        return list((await store._range(keys.AUDIT, keys.prefix_end(keys.AUDIT))).kvs)
+
+    revision = await store.current_revision()
+    first, created = await service.submit(spec(), request_id="audited", audit_entry=entry)
+    assert created
+    [written] = await entries()
+    assert written.value == first.id.encode()
+    # One transaction: the entry and the task record carry the same revision, the next one.
+    record = await store.get_task(first.id)
+    assert record is not None and record.mod_revision == written.mod_revision == revision + 1
+    # The same request id again creates nothing, so it records nothing either.
+    _, created = await service.submit(spec(), request_id="audited", audit_entry=entry)
+    assert not created
+    assert len(await entries()) == 1
+
+
 # -- get ---------------------------------------------------------------------------------
 
 
