@@ -1,6 +1,9 @@
 """The audit trail: one entry per change made through the API (who, when, from where,
 what), written after the change succeeded, read newest first by ListAudit from any node.
 
+- A single task's submit is the exception: its entry goes in the task's own transaction
+  (AuditLog.written_with), so the commonest change costs no write of its own.
+
 - A servicer method is marked `@audited(action, describe)` (below @unary): the entry is
   written only when the method returned, so a refused call (PERMISSION_DENIED,
   INVALID_ARGUMENT, ...) leaves none. Reads are not marked.
