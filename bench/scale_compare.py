@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.scale_report import _raw_figures
+from bench.util import percentile
 
 # Figures compared (key of _raw_figures, what it says, True when higher is better).
 FIGURES = (
@@ -56,10 +57,6 @@ def _pooled_probe(runs: list[dict[str, Any]], pending: int) -> list[float]:
                   if level for sample in (level.get("probe") or {}).get("samples", []))
 
 
-def _quantile(samples: list[float], q: float) -> float:
-    return samples[min(len(samples) - 1, int(q * len(samples)))] if samples else math.nan
-
-
 def change(before: list[float], after: list[float]) -> tuple[float, float]:
     """(change of the medians, spread of before's runs), as fractions."""
     low, high = min(before), max(before)
@@ -91,8 +88,8 @@ def compare(before: list[dict[str, Any]], after: list[dict[str, Any]],
         pooled = [_pooled_probe(side, pending) for side in (before, after)]
         if all(pooled):
             lines.append("  probe submit->start, pooled (ms): " + "; ".join(
-                f"p{int(q * 100)} {_quantile(pooled[0], q) * 1e3:.1f} -> "
-                f"{_quantile(pooled[1], q) * 1e3:.1f}" for q in (0.5, 0.9, 0.99))
+                f"p{q} {percentile(pooled[0], q) * 1e3:.1f} -> "
+                f"{percentile(pooled[1], q) * 1e3:.1f}" for q in (50, 90, 99))
                 + f"  (n {len(pooled[0])} / {len(pooled[1])})")
     return lines, worse
 
